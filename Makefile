@@ -1,0 +1,27 @@
+# `make test` and `make demo` build their own virtual environment in .venv.
+# torch 2.13.0 is pinned because pip installs its CPU build from local disk on our CI machines;
+# any torch >= 2.4 works for the package itself (see pyproject.toml).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+
+.PHONY: venv test demo clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+demo: venv
+	$(PY) -m ivt.demo --out runs/demo
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
