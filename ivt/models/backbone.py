@@ -1,0 +1,166 @@
+"""What every IV-tuning backbone shares: the tuning modes, the freezing rule, input checks and
+checkpoint loading. The families (`swin.py`, `eva02.py`) only define their layers and a pure
+`checkpoint_filter_fn` that maps a foreign state dict onto their own names.
+"""
+import os
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .ivtuning import IVTConfig
+
+TUNINGS = ("full", "freeze", "ivt")
+StateDict = Dict[str, torch.Tensor]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that does not fit the model; the message lists the offending keys."""
+
+
+def read_state_dict(path: str) -> StateDict:
+    """Load a checkpoint's tensors without unpickling code.
+
+    `.safetensors` through safetensors; anything else through `torch.load(weights_only=True)`.
+    A wrapping dict (`{'model': ...}` as in the Swin release, `{'module': ...}` as in EVA02's,
+    `{'state_dict': ...}`) is unwrapped.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pretrained checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        sd = load_file(path, device="cpu")
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # an old pickle with objects, a truncated file, not a checkpoint
+            raise CheckpointError(f"cannot read {path} as a tensor checkpoint "
+                                  f"(torch.load weights_only=True): {e}") from e
+    for wrapper in ("model", "module", "state_dict"):
+        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
+            sd = sd[wrapper]
+            break
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    return sd
+
+
+def _key_list(keys) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:20])
+    return shown + (f", ... ({len(keys) - 20} more)" if len(keys) > 20 else "")
+
+
+class IVTBackbone(nn.Module):
+    """Base class: `forward(vis, ir=None)` returns feature maps; tuning decides what trains.
+
+    Subclasses set `self.ivt_cfg` (None unless tuning == 'ivt'), build their layers, register
+    their IV-tuning modules under the names listed by `ivt_module_names()`, and implement
+    `checkpoint_filter_fn(state_dict) -> state_dict` (pure, no I/O) and `forward_features`.
+    """
+
+    tuning: str
+    ivt_cfg: Optional[IVTConfig]
+
+    def ivt_module_names(self) -> List[str]:
+        """Names (prefixes) of the modules IV-tuning adds; everything else is the visible model."""
+        raise NotImplementedError
+
+    def checkpoint_filter_fn(self, state_dict: StateDict) -> StateDict:
+        raise NotImplementedError
+
+    # -- which parameters train -------------------------------------------------------------
+    def is_ivt_name(self, name: str) -> bool:
+        return any(name == p or name.startswith(p + ".") for p in self.ivt_module_names())
+
+    def apply_tuning(self) -> None:
+        """Freeze by one rule: `full` trains everything, `freeze` nothing, `ivt` only its modules
+        (IR patch embedding, EMPG with its LayerNorm, every HA and IPA)."""
+        for name, p in self.named_parameters():
+            p.requires_grad = self.tuning == "full" or (self.tuning == "ivt" and self.is_ivt_name(name))
+
+    def visible_state_keys(self) -> List[str]:
+        """State-dict keys a visible-model checkpoint must provide."""
+        return [k for k in self.state_dict() if not self.is_ivt_name(k)]
+
+    # -- pretrained weights -----------------------------------------------------------------
+    def load_pretrained(self, path: str) -> None:
+        """Load a visible-model checkpoint (original release or timm layout) into the frozen part.
+
+        Any key that the model expects and the file lacks, or that the file has and the model
+        does not know, is an error listing the keys; so is a shape mismatch.
+        """
+        sd = self.checkpoint_filter_fn(read_state_dict(path))
+        expected = self.visible_state_keys()
+        missing = set(expected) - set(sd)
+        unexpected = set(sd) - set(expected)
+        if missing or unexpected:
+            lines = [f"checkpoint {path} does not match {type(self).__name__} "
+                     f"({getattr(self, 'name', '')}):"]
+            if missing:
+                lines.append(f"  missing keys ({len(missing)}): {_key_list(missing)}")
+            if unexpected:
+                lines.append(f"  unexpected keys ({len(unexpected)}): {_key_list(unexpected)}")
+            raise CheckpointError("\n".join(lines))
+        own = self.state_dict()
+        bad = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+               for k in expected if sd[k].shape != own[k].shape]
+        if bad:
+            raise CheckpointError(f"checkpoint {path} has shape mismatches "
+                                  f"({len(bad)}): " + "; ".join(bad[:20]))
+        self.load_state_dict(sd, strict=False)
+
+    # -- input checks -----------------------------------------------------------------------
+    def check_inputs(self, vis: torch.Tensor, ir: Optional[torch.Tensor]
+                     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Validate (vis, ir) and return the infrared input the model will use (or None).
+
+        vis: (B, 3, H, W). ir: (B, 3, H, W) or (B, 1, H, W) (one thermal channel is repeated).
+        In `ivt` mode ir is required, except for the `ir_missing` variant, which uses vis.
+        """
+        if not torch.is_tensor(vis) or vis.dim() != 4 or vis.shape[1] != 3:
+            raise ValueError(f"vis must be a (B, 3, H, W) tensor, got "
+                             f"{tuple(vis.shape) if torch.is_tensor(vis) else type(vis).__name__}")
+        if self.tuning != "ivt":
+            return vis, None                       # the visible model alone ignores infrared
+        if self.ivt_cfg.ir_from_visible:           # Fig. 4(h)
+            return vis, vis
+        if ir is None:
+            raise ValueError("IV-tuning needs the infrared image: call forward(vis, ir) "
+                             "(or build with variant='ir_missing' to feed vis instead)")
+        if not torch.is_tensor(ir) or ir.dim() != 4 or ir.shape[1] not in (1, 3):
+            raise ValueError(f"ir must be a (B, 1 or 3, H, W) tensor, got "
+                             f"{tuple(ir.shape) if torch.is_tensor(ir) else type(ir).__name__}")
+        if ir.shape[0] != vis.shape[0] or ir.shape[2:] != vis.shape[2:]:
+            raise ValueError(f"ir {tuple(ir.shape)} and vis {tuple(vis.shape)} must have the same "
+                             f"batch size and spatial size")
+        if ir.shape[1] == 1:
+            ir = ir.expand(-1, 3, -1, -1)
+        return vis, ir
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def make_ivt_config(tuning: str, options: dict) -> Tuple[Optional[IVTConfig], dict]:
+    """Split build options into an IVTConfig (for tuning='ivt') and the family's own options.
+
+    IV-tuning options passed with tuning 'full'/'freeze' are an error unless they equal the
+    defaults (so scripts may pass their defaults through unconditionally).
+    """
+    if tuning not in TUNINGS:
+        raise ValueError(f"tuning must be one of {', '.join(TUNINGS)}, got {tuning!r}")
+    names = ("d1", "d2", "d3", "variant", "layers", "dropout", "lam", "zero_init_up")
+    ivt_opts = {k: options.pop(k) for k in names if k in options}
+    if tuning == "ivt":
+        return IVTConfig(**ivt_opts), options
+    default = IVTConfig()
+    changed = [k for k, v in ivt_opts.items() if v is not None and v != getattr(default, k)]
+    if changed:
+        raise ValueError(f"options {', '.join(changed)} only apply to tuning='ivt' "
+                         f"(got tuning={tuning!r})")
+    return None, options
+
+

@@ -1,0 +1,356 @@
+"""Swin Transformer (Liu et al., 2021) in plain PyTorch, with IV-tuning wired in (spec sec. 2, 5).
+
+Bottom-up: patch embedding, window attention with relative position bias, shifted-window block,
+patch merging, stage, backbone, checkpoint conversion. Parameter names follow timm's layout
+(patch merging at the start of stages 2-4), so timm files load as they are and the original
+release's files after `checkpoint_filter_fn`.
+
+Any input size works: the image is padded to a multiple of the patch size, every block pads its
+grid to a multiple of its window (then shifts, as the detection/segmentation Swin does), and a
+grid no larger than the window in one dimension uses a window of the grid's size there and no
+shift (as the classification Swin and timm do, so outputs at their native sizes are identical).
+"""
+import math
+import re
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .backbone import IVTBackbone, StateDict
+from .ivtuning import EMPG, BlockAdapters, Grid, IVTConfig, tokens_to_map
+
+
+@dataclass
+class SwinConfig:
+    embed_dim: int
+    depths: Tuple[int, ...]
+    num_heads: Tuple[int, ...]
+    window_size: int
+    mlp_ratio: float = 4.0
+    patch_size: int = 4
+    drop_path_rate: float = 0.1
+
+
+SWIN_CONFIGS: Dict[str, SwinConfig] = {
+    "swin_t": SwinConfig(96, (2, 2, 6, 2), (3, 6, 12, 24), 7),
+    "swin_s": SwinConfig(96, (2, 2, 18, 2), (3, 6, 12, 24), 7),
+    "swin_b": SwinConfig(128, (2, 2, 18, 2), (4, 8, 16, 32), 12),
+    "swin_l": SwinConfig(192, (2, 2, 18, 2), (6, 12, 24, 48), 12),   # the paper's 384/22K model
+}
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample while training."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class PatchEmbed(nn.Module):
+    """Conv k = s = patch, then LayerNorm. (B, 3, H, W) -> (B, N, C) tokens and their grid."""
+
+    def __init__(self, dim: int, patch: int = 4):
+        super().__init__()
+        self.patch = patch
+        self.proj = nn.Conv2d(3, dim, patch, stride=patch)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Grid]:
+        p = self.patch
+        x = F.pad(x, (0, (-x.shape[3]) % p, 0, (-x.shape[2]) % p))   # right/bottom to the patch
+        x = self.proj(x)                                                  # (B, C, H/4, W/4)
+        hw = (x.shape[2], x.shape[3])
+        return self.norm(x.flatten(2).transpose(1, 2)), hw               # (B, N, C)
+
+
+def relative_position_index(wh: int, ww: int, table_window: int) -> torch.Tensor:
+    """(wh*ww, wh*ww) indices into a ((2w-1)^2, heads) bias table built for a w x w window.
+
+    A smaller window (wh, ww <= w) uses the sub-table of its own offsets.
+    """
+    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)
+    rel = coords[:, :, None] - coords[:, None, :] + (table_window - 1)    # (2, N, N), >= 0
+    return rel[0] * (2 * table_window - 1) + rel[1]
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside windows, with a learned relative position bias."""
+
+    def __init__(self, dim: int, num_heads: int, window_size: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.window_size = window_size
+        self.scale = (dim // num_heads) ** -0.5
+        self.relative_position_bias_table = nn.Parameter(
+            torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        self._index: Dict[Grid, torch.Tensor] = {}
+
+    def position_bias(self, window: Grid) -> torch.Tensor:
+        """(heads, N, N) bias for a window of (wh, ww) tokens, N = wh * ww."""
+        if window not in self._index:
+            self._index[window] = relative_position_index(*window, self.window_size)
+        idx = self._index[window].to(self.relative_position_bias_table.device)
+        n = window[0] * window[1]
+        return self.relative_position_bias_table[idx.view(-1)].view(n, n, -1).permute(2, 0, 1)
+
+    def forward(self, x: torch.Tensor, window: Grid, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """x: (B, nW, N, C) windows; mask: (nW, N, N) or None -> (B, nW, N, C)."""
+        B, nW, N, C = x.shape
+        qkv = self.qkv(x).view(B, nW, N, 3, self.num_heads, C // self.num_heads)
+        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)                # each (B, nW, h, N, d)
+        bias = self.position_bias(window).to(q.dtype)                    # (h, N, N)
+        if mask is not None:
+            bias = bias + mask.to(q.dtype)[:, None]                       # (nW, h, N, N)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        return self.proj(out.transpose(2, 3).reshape(B, nW, N, C))
+
+
+def window_and_shift(hw: Grid, window: int, shifted: bool) -> Tuple[Grid, Grid]:
+    """Per dimension: a grid no larger than the window is one window, unshifted."""
+    win = tuple(min(s, window) for s in hw)
+    shift = tuple(window // 2 if shifted and s > window else 0 for s in hw)
+    return win, shift
+
+
+def shifted_window_mask(padded: Grid, window: Grid, shift: Grid, device) -> torch.Tensor:
+    """(nW, N, N) mask: -100 between tokens that the cyclic shift brought from different regions."""
+    Hp, Wp = padded
+    region = torch.zeros(Hp, Wp, device=device)
+    label = 0
+    for hs in (slice(0, -window[0]), slice(-window[0], -shift[0] or None), slice(-shift[0] or Hp, None)):
+        for ws in (slice(0, -window[1]), slice(-window[1], -shift[1] or None),
+                   slice(-shift[1] or Wp, None)):
+            region[hs, ws] = label
+            label += 1
+    r = partition(region[None, :, :, None], window).squeeze(-1)[0]      # (nW, N)
+    return (r[:, None, :] != r[:, :, None]).float() * -100.0
+
+
+def partition(x: torch.Tensor, window: Grid) -> torch.Tensor:
+    """(B, Hp, Wp, C) -> (B, nW, wh*ww, C), windows in row-major order."""
+    B, H, W, C = x.shape
+    wh, ww = window
+    x = x.view(B, H // wh, wh, W // ww, ww, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(B, (H // wh) * (W // ww), wh * ww, C)
+
+
+def unpartition(x: torch.Tensor, window: Grid, padded: Grid) -> torch.Tensor:
+    """Inverse of `partition`: (B, nW, wh*ww, C) -> (B, Hp, Wp, C)."""
+    B, _, _, C = x.shape
+    (wh, ww), (H, W) = window, padded
+    x = x.view(B, H // wh, W // ww, wh, ww, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(B, H, W, C)
+
+
+class SwinBlock(nn.Module):
+    """(S)W-MSA and MLP, each pre-norm with a residual; IV-tuning's adapters after each."""
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, shifted: bool,
+                 mlp_ratio: float, drop_path: float):
+        super().__init__()
+        self.window_size, self.shifted = window_size, shifted
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, num_heads, window_size)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential()
+        self.mlp.fc1 = nn.Linear(dim, int(dim * mlp_ratio))
+        self.mlp.act = nn.GELU()
+        self.mlp.fc2 = nn.Linear(int(dim * mlp_ratio), dim)
+        self.drop_path = DropPath(drop_path)
+        self.adapters: Optional[BlockAdapters] = None
+        self._masks: Dict[tuple, torch.Tensor] = {}
+
+    def window_attention(self, z: torch.Tensor, hw: Grid) -> torch.Tensor:
+        """z: (B, N, C) normed tokens -> (B, N, C) attention output on (shifted) windows."""
+        B, N, C = z.shape
+        (H, W), (win, shift) = hw, window_and_shift(hw, self.window_size, self.shifted)
+        x = F.pad(z.view(B, H, W, C), (0, 0, 0, (-W) % win[1], 0, (-H) % win[0]))
+        padded = (x.shape[1], x.shape[2])
+        mask = None
+        if any(shift):
+            x = torch.roll(x, (-shift[0], -shift[1]), dims=(1, 2))
+            key = (padded, win, shift, x.device)
+            if key not in self._masks:
+                self._masks[key] = shifted_window_mask(padded, win, shift, x.device)
+            mask = self._masks[key]
+        x = unpartition(self.attn(partition(x, win), win, mask), win, padded)
+        if any(shift):
+            x = torch.roll(x, shift, dims=(1, 2))
+        return x[:, :H, :W].reshape(B, N, C)
+
+    def forward(self, z: torch.Tensor, hw: Grid, prompt: Optional[torch.Tensor]
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        z_in, z = z, z + self.drop_path(self.window_attention(self.norm1(z), hw))
+        if self.adapters is not None:                                    # HA1, IPA1 (Eq. 5-6)
+            z, prompt = self.adapters(0, z_in, z, prompt, hw)
+        z_in, z = z, z + self.drop_path(self.mlp(self.norm2(z)))
+        if self.adapters is not None:                                    # HA2, IPA2
+            z, prompt = self.adapters(1, z_in, z, prompt, hw)
+        return z, prompt
+
+
+class PatchMerging(nn.Module):
+    """2x2 neighbourhood concat (x0, x1, x2, x3 order of the release), LayerNorm, Linear 4C -> 2C."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, z: torch.Tensor, hw: Grid) -> Tuple[torch.Tensor, Grid]:
+        B, N, C = z.shape
+        H, W = hw
+        x = F.pad(z.view(B, H, W, C), (0, 0, 0, W % 2, 0, H % 2))
+        H2, W2 = x.shape[1] // 2, x.shape[2] // 2
+        # (B, H2, 2[h], W2, 2[w], C) -> (B, H2, W2, 2[w], 2[h], C): order (0,0) (1,0) (0,1) (1,1)
+        x = x.view(B, H2, 2, W2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, H2 * W2, 4 * C)
+        return self.reduction(self.norm(x)), (H2, W2)
+
+
+class SwinStage(nn.Module):
+    def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, mlp_ratio: float,
+                 drop_path: List[float], downsample: bool):
+        super().__init__()
+        self.downsample = PatchMerging(dim // 2) if downsample else None
+        self.blocks = nn.ModuleList(
+            SwinBlock(dim, num_heads, window_size, i % 2 == 1, mlp_ratio, drop_path[i])
+            for i in range(depth))
+
+
+class SwinBackbone(IVTBackbone):
+    """Swin-T/S/B/L returning the four stage outputs as NCHW maps at strides 4, 8, 16, 32.
+
+    With tuning='ivt' (spec sec. 2): Zv = PE_vis(vis), Zi = PE_ir(ir), P_E = EMPG(Zv, Zi),
+    Z0 = Zv + P_E (Eq. 2); stage 1's blocks take P_E as their external prompt, stage s > 1's
+    blocks take the stage's input after patch merging.
+    """
+
+    def __init__(self, name: str, cfg: SwinConfig, tuning: str = "ivt",
+                 ivt_cfg: Optional[IVTConfig] = None):
+        super().__init__()
+        self.name, self.cfg, self.tuning, self.ivt_cfg = name, cfg, tuning, ivt_cfg
+        dims = [cfg.embed_dim * 2 ** i for i in range(len(cfg.depths))]
+        self.out_channels = dims
+        self.out_strides = [cfg.patch_size * 2 ** i for i in range(len(dims))]
+        self.patch_embed = PatchEmbed(dims[0], cfg.patch_size)
+        n = sum(cfg.depths)
+        dpr = [cfg.drop_path_rate * i / max(n - 1, 1) for i in range(n)]       # linear in depth
+        starts = [sum(cfg.depths[:i]) for i in range(len(dims))]
+        self.layers = nn.ModuleList(
+            SwinStage(dims[i], cfg.depths[i], cfg.num_heads[i], cfg.window_size, cfg.mlp_ratio,
+                      dpr[starts[i]:starts[i] + cfg.depths[i]], downsample=i > 0)
+            for i in range(len(dims)))
+        self.apply(_init_visible)
+        if tuning == "ivt":
+            self._add_ivt_modules(dims)
+        self.apply_tuning()
+
+    def _add_ivt_modules(self, dims: List[int]) -> None:
+        c = self.ivt_cfg
+        self.ir_patch_embed = PatchEmbed(dims[0], self.cfg.patch_size)     # fresh, trainable
+        self.empg = EMPG(dims[0], c.d1, c.use_simam, c.empg_visible, c.lam)
+        blocks = [(dims[i], b) for i, stage in enumerate(self.layers) for b in stage.blocks]
+        if c.layers is not None and (c.layers and max(c.layers) >= len(blocks)):
+            raise ValueError(f"layers={c.layers}: {self.name} has blocks 0..{len(blocks) - 1}")
+        for index, (dim, block) in enumerate(blocks):
+            if c.block_has_adapters(index) and (c.has_ha or c.has_ipa):
+                block.adapters = BlockAdapters(dim, c)
+
+    def ivt_module_names(self) -> List[str]:
+        return ["ir_patch_embed", "empg"] + [
+            f"layers.{i}.blocks.{j}.adapters" for i, s in enumerate(self.layers)
+            for j, b in enumerate(s.blocks) if b.adapters is not None]
+
+    def checkpoint_filter_fn(self, state_dict: StateDict) -> StateDict:
+        return checkpoint_filter_fn(state_dict, self.cfg.window_size)
+
+    def forward(self, vis: torch.Tensor, ir: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+        """vis: (B, 3, H, W), ir: (B, 3 or 1, H, W) -> [(B, C_s, H/4/2^s, W/4/2^s)] for s = 0..3."""
+        vis, ir = self.check_inputs(vis, ir)
+        z, hw = self.patch_embed(vis)                                    # (B, N, C0)
+        prompt = None
+        if self.tuning == "ivt":
+            zi, _ = self.ir_patch_embed(ir)
+            prompt = self.empg(z, zi, hw)                                # P_E, Eq. 7
+            z = z + prompt                                               # Eq. 2
+        outs = []
+        for stage in self.layers:
+            if stage.downsample is not None:
+                z, hw = stage.downsample(z, hw)
+                prompt = z if self.tuning == "ivt" else None             # stage input as prompt
+            for block in stage.blocks:
+                z, prompt = block(z, hw, prompt)
+            outs.append(tokens_to_map(z, hw).contiguous())               # (B, C, H, W)
+        return outs
+
+
+def _init_visible(m: nn.Module) -> None:
+    """timm's init for the visible model (overwritten by any pretrained checkpoint)."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, WindowAttention):
+        nn.init.trunc_normal_(m.relative_position_bias_table, std=0.02)
+
+
+def resize_relative_position_table(table: torch.Tensor, window: int) -> torch.Tensor:
+    """((2w'-1)^2, heads) -> ((2w-1)^2, heads) by bicubic interpolation (Swin's own recipe)."""
+    L, heads = table.shape
+    src, dst = int(math.isqrt(L)), 2 * window - 1
+    if src * src != L:
+        raise ValueError(f"relative position table with {L} rows is not square")
+    if src == dst:
+        return table
+    t = table.T.reshape(1, heads, src, src).float()
+    t = F.interpolate(t, size=(dst, dst), mode="bicubic", align_corners=False)
+    return t.reshape(heads, dst * dst).T.to(table.dtype)
+
+
+def checkpoint_filter_fn(state_dict: StateDict, window_size: int) -> StateDict:
+    """Map a Swin checkpoint (original release or timm) onto this module's names. Pure.
+
+    Dropped on purpose: the classifier (`head.*`) and the final `norm.*` that only feeds it
+    (the backbone returns stage outputs), and the stored buffers `relative_position_index` and
+    `attn_mask` (recomputed here for every input size). The original release keeps patch merging
+    at the end of stage i (`layers.i.downsample`); here it opens stage i+1. Relative position
+    tables are resized when the checkpoint's window differs from the model's.
+    """
+    original = any(k.startswith("layers.0.downsample.") for k in state_dict)
+    out = {}
+    for k, v in state_dict.items():
+        if (k.startswith(("head.", "norm.")) or k.endswith(("relative_position_index", "attn_mask"))):
+            continue
+        if original:
+            m = re.match(r"layers\.(\d+)\.downsample\.(.*)", k)
+            if m:
+                k = f"layers.{int(m.group(1)) + 1}.downsample.{m.group(2)}"
+        if k.endswith("relative_position_bias_table"):
+            v = resize_relative_position_table(v, window_size)
+        out[k] = v
+    return out
+
+
+def build_swin(name: str, tuning: str, ivt_cfg: Optional[IVTConfig], window_size: Optional[int] = None,
+               drop_path_rate: Optional[float] = None) -> SwinBackbone:
+    cfg = SWIN_CONFIGS[name]
+    if window_size is not None or drop_path_rate is not None:
+        cfg = SwinConfig(**{**cfg.__dict__,
+                            **({"window_size": window_size} if window_size is not None else {}),
+                            **({"drop_path_rate": drop_path_rate} if drop_path_rate is not None else {})})
+    return SwinBackbone(name, cfg, tuning, ivt_cfg)
