@@ -3,36 +3,78 @@
 `simam` and `partial_conv_residual` pick an implementation per call:
 * `IVT_KERNELS=torch` forces the pure-PyTorch reference (`kernels/reference.py`);
 * `IVT_KERNELS=triton` forces the Triton kernels (on CUDA tensors, or on CPU tensors when
-  `TRITON_INTERPRET=1` runs Triton's interpreter);
+  `TRITON_INTERPRET=1` runs Triton's interpreter; otherwise it raises);
 * unset (`auto`): Triton for CUDA tensors when Triton imports, the reference otherwise.
-On a CPU without the interpreter flag the product never launches Triton.
+On a CPU without the interpreter flag the product never launches Triton. Triton is optional: the
+kernel modules are imported only when it is installed, and the references run everywhere.
+Train scripts expose the choice as `--kernels {auto,torch,triton}` and call `set_backend`.
 """
+import importlib.util
 import os
 
 import torch
 
 from .reference import partial_conv_residual_reference, simam_reference
 
-__all__ = ["simam", "partial_conv_residual", "backend", "simam_reference",
-           "partial_conv_residual_reference"]
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+if TRITON_INSTALLED:
+    # Imported before `simam` below is defined: the function, not the submodule of the same name,
+    # is what `kernels.simam` means.
+    from .partial_conv import partial_conv_residual_triton
+    from .simam import simam_triton
 
-_CHOICES = ("auto", "torch", "triton")
+__all__ = ["simam", "partial_conv_residual", "backend", "set_backend", "BACKENDS", "use_triton",
+           "simam_reference", "partial_conv_residual_reference"]
+
+BACKENDS = ("auto", "torch", "triton")
 
 
 def backend() -> str:
     """The requested backend: 'auto', 'torch' or 'triton' (from IVT_KERNELS)."""
     choice = os.environ.get("IVT_KERNELS", "auto").lower()
-    if choice not in _CHOICES:
-        raise ValueError(f"IVT_KERNELS={choice!r}: expected one of {', '.join(_CHOICES)}")
+    if choice not in BACKENDS:
+        raise ValueError(f"IVT_KERNELS={choice!r}: expected one of {', '.join(BACKENDS)}")
     return choice
+
+
+def set_backend(name: str) -> None:
+    """Select the backend for this process (and its children): the `--kernels` flag's action."""
+    if name not in BACKENDS:
+        raise ValueError(f"kernels backend {name!r}: expected one of {', '.join(BACKENDS)}")
+    os.environ["IVT_KERNELS"] = name
+
+
+def triton_interpreter_on() -> bool:
+    """Whether TRITON_INTERPRET asks Triton to run kernels on the CPU, as Triton reads it."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether this call runs the Triton kernels, by the rules in the module docstring."""
+    choice = backend()
+    if choice == "torch":
+        return False
+    if choice == "auto":
+        return x.is_cuda and TRITON_INSTALLED
+    if not TRITON_INSTALLED:
+        raise RuntimeError("IVT_KERNELS=triton, but Triton is not installed (pip install triton)")
+    if not x.is_cuda and not triton_interpreter_on():
+        raise RuntimeError(f"IVT_KERNELS=triton on a {x.device.type} tensor needs a CUDA tensor, "
+                           "or TRITON_INTERPRET=1 (Triton's CPU interpreter) set before "
+                           "`kernels` is imported")
+    return True
 
 
 def simam(x: torch.Tensor, lam: float = 1e-4) -> torch.Tensor:
     """SimAM (Eq. 11-12) of a (B, C, H, W) map; see `kernels.reference.simam_reference`."""
+    if use_triton(x):
+        return simam_triton(x, lam)
     return simam_reference(x, lam)
 
 
 def partial_conv_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                           cp: int) -> torch.Tensor:
     """x + concat(dwconv3x3(x[:, :cp]), x[:, cp:]); see `kernels.reference`."""
+    if use_triton(x):
+        return partial_conv_residual_triton(x, weight, bias, cp)
     return partial_conv_residual_reference(x, weight, bias, cp)

@@ -28,7 +28,9 @@ def partial_conv_residual_reference(x: torch.Tensor, weight: torch.Tensor, bias:
 
     x: (B, C, H, W); weight: (cp, 1, 3, 3); bias: (cp,). The depthwise 3x3 convolution (padding 1)
     touches only the first cp channels; the other C - cp channels pass through, so after the outer
-    residual they come out doubled.
+    residual they come out doubled. cp == 0 (no conv channels) returns 2x.
     """
+    if cp == 0:
+        return x + x
     conv = F.conv2d(x[:, :cp], weight, bias, padding=1, groups=cp)
     return x + torch.cat([conv, x[:, cp:]], dim=1)

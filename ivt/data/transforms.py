@@ -35,7 +35,7 @@ def thermal_to_gray(ir: np.ndarray) -> np.ndarray:
     if ir.ndim == 2:
         return ir
     if ir.ndim == 3 and ir.shape[2] == 3:
-        return np.asarray(Image.fromarray(ir, mode="RGB").convert("L"))
+        return np.asarray(Image.fromarray(ir).convert("L"))
     raise ValueError(f"thermal image must be (H, W) or (H, W, 3), got shape {ir.shape}")
 
 
@@ -91,7 +91,7 @@ def visible_to_tensor(vis: np.ndarray) -> torch.Tensor:
 
 
 def thermal_to_tensor(ir: np.ndarray) -> torch.Tensor:
-    """(H, W) uint8 -> (3, H, W) float32: thermal normalisation ((x / 255 - 0.5) / 0.25), repeated."""
+    """(H, W) uint8 -> (3, H, W) float32: thermal normalisation (x / 255 - 0.5) / 0.25, repeated."""
     x = torch.from_numpy(np.ascontiguousarray(ir, dtype=np.float32) / 255.0)
     x = (x - THERMAL_MEAN) / THERMAL_STD
     return x.unsqueeze(0).repeat(3, 1, 1)
@@ -133,20 +133,22 @@ class TrainTransform:
             ir = resize(ir, size, Image.BILINEAR)
             label = resize(label, size, Image.NEAREST)
 
-        vis = pad_to(vis, self.crop, IMAGE_PAD)
-        ir = pad_to(ir, self.crop, IMAGE_PAD)
-        label = pad_to(label, self.crop, LABEL_PAD)
+        # Cropping before padding equals padding first (padding is bottom/right) and keeps the
+        # jitter off the padded pixels.
         ch, cw = self.crop
-        y0 = int(rng.integers(0, label.shape[0] - ch + 1))
-        x0 = int(rng.integers(0, label.shape[1] - cw + 1))
+        y0 = int(rng.integers(0, max(label.shape[0] - ch, 0) + 1))
+        x0 = int(rng.integers(0, max(label.shape[1] - cw, 0) + 1))
         vis = vis[y0:y0 + ch, x0:x0 + cw]
         ir = ir[y0:y0 + ch, x0:x0 + cw]
         label = label[y0:y0 + ch, x0:x0 + cw]
+        if self.jitter:
+            vis = photometric_jitter(vis, rng)
+        vis = pad_to(vis, self.crop, IMAGE_PAD)
+        ir = pad_to(ir, self.crop, IMAGE_PAD)
+        label = pad_to(label, self.crop, LABEL_PAD)
 
         if rng.random() < self.flip_prob:
             vis, ir, label = vis[:, ::-1], ir[:, ::-1], label[:, ::-1]
-        if self.jitter:
-            vis = photometric_jitter(vis, rng)
         return {"vis": visible_to_tensor(vis), "ir": thermal_to_tensor(ir),
                 "label": label_to_tensor(label)}
 

@@ -1,4 +1,4 @@
-"""Evaluation metrics, one file per task: segmentation (`seg.py`), and beside it SOD and detection."""
+"""Evaluation metrics, one file per task: segmentation (`seg.py`), SOD and detection beside it."""
 from .seg import SegMetric
 
 __all__ = ["SegMetric"]

@@ -54,7 +54,7 @@ class SegMetric:
         self.confusion[:] = 0
 
     def update(self, pred: ArrayLike, gt: ArrayLike) -> None:
-        """Add a batch. `pred` and `gt`: integer class ids of one shape, e.g. (B, H, W) or (H, W)."""
+        """Add a batch: `pred`, `gt` integer class ids of one shape, e.g. (B, H, W) or (H, W)."""
         pred = _to_numpy(pred, "pred")
         gt = _to_numpy(gt, "gt")
         if pred.shape != gt.shape:
@@ -80,7 +80,7 @@ class SegMetric:
         self.confusion += other.confusion
 
     def compute(self) -> Dict[str, object]:
-        """Scores in percent: mIoU, mAcc, aAcc (floats) and per-class IoU, Acc (lists, NaN = undefined)."""
+        """Percent: mIoU, mAcc, aAcc (floats); per-class IoU, Acc (lists, NaN where undefined)."""
         cm = self.confusion.astype(np.float64)
         tp = np.diag(cm)
         gt_total = cm.sum(axis=1)    # TP + FN

@@ -2,32 +2,38 @@
 from typing import Optional
 
 from .backbone import TUNINGS, CheckpointError, IVTBackbone, count_parameters, make_ivt_config
+from .eva02 import EVA02_CONFIGS, build_eva02
 from .ivtuning import VARIANTS, IVTConfig
 from .swin import SWIN_CONFIGS, build_swin
 
 __all__ = ["build_backbone", "BACKBONES", "TUNINGS", "VARIANTS", "IVTConfig", "IVTBackbone",
            "CheckpointError", "count_parameters"]
 
-BACKBONES = tuple(SWIN_CONFIGS)
+BACKBONES = tuple(SWIN_CONFIGS) + tuple(EVA02_CONFIGS)
 
 
 def build_backbone(name: str, tuning: str = "ivt", pretrained: Optional[str] = None,
                    img_size=None, **options) -> IVTBackbone:
     """Build a backbone whose `forward(vis, ir=None)` returns four NCHW maps (strides 4-32).
 
-    name: one of `BACKBONES` ('swin_t', 'swin_s', 'swin_b', 'swin_l').
+    name: one of `BACKBONES` ('swin_t', 'swin_s', 'swin_b', 'swin_l', 'eva02_b', 'eva02_l').
     tuning: 'full' (visible model alone, all trainable: the paper's baseline), 'freeze'
         (visible model alone, nothing trainable) or 'ivt' (IV-tuning; only its modules train).
     pretrained: path to a visible-model checkpoint (the original release or timm's layout,
         .pth/.pt/.safetensors); loaded into the frozen part.
-    img_size: nominal input size (int or (H, W)); Swin accepts any size, so it is recorded only.
+    img_size: nominal input size (int or (H, W)); Swin accepts any size, so it is recorded only;
+        EVA02 builds its position-embedding grid for it (default 224) and resizes it for other
+        sizes (multiples of the patch).
     options: IV-tuning's `d1`, `d2`, `d3`, `layers`, `variant`, `dropout`, `zero_init_up`, and the
-        family's own (`window_size`, `drop_path_rate` for Swin).
+        family's own (`window_size`, `drop_path_rate` for Swin; `patch_size` (16, or the release's
+        14), `drop_path_rate` for EVA02).
     After building, exactly the trainable set has requires_grad=True.
     """
     ivt_cfg, family_options = make_ivt_config(tuning, dict(options))
     if name in SWIN_CONFIGS:
         model = build_swin(name, tuning, ivt_cfg, **family_options)
+    elif name in EVA02_CONFIGS:
+        model = build_eva02(name, tuning, ivt_cfg, img_size=img_size, **family_options)
     else:
         raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(BACKBONES)}")
     model.img_size = img_size

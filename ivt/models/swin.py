@@ -5,10 +5,12 @@ patch merging, stage, backbone, checkpoint conversion. Parameter names follow ti
 (patch merging at the start of stages 2-4), so timm files load as they are and the original
 release's files after `checkpoint_filter_fn`.
 
-Any input size works: the image is padded to a multiple of the patch size, every block pads its
-grid to a multiple of its window (then shifts, as the detection/segmentation Swin does), and a
-grid no larger than the window in one dimension uses a window of the grid's size there and no
-shift (as the classification Swin and timm do, so outputs at their native sizes are identical).
+Any input size works: the image is padded to a multiple of the patch size; every block shifts
+its grid cyclically and then pads it to a multiple of its window, with the shifted-window mask
+computed on the padded grid, exactly as timm does (the mmseg/mmdet Swin pads before shifting,
+which gives different numbers wherever padding occurs); a grid no larger than the window in one
+dimension uses a window of the grid's size there and no shift (as the classification Swin and
+timm do). Outputs equal timm's at every size on identical weights.
 """
 import math
 import re
@@ -179,19 +181,21 @@ class SwinBlock(nn.Module):
         """z: (B, N, C) normed tokens -> (B, N, C) attention output on (shifted) windows."""
         B, N, C = z.shape
         (H, W), (win, shift) = hw, window_and_shift(hw, self.window_size, self.shifted)
-        x = F.pad(z.view(B, H, W, C), (0, 0, 0, (-W) % win[1], 0, (-H) % win[0]))
+        x = z.view(B, H, W, C)
+        if any(shift):                                                   # cyclic shift, then pad
+            x = torch.roll(x, (-shift[0], -shift[1]), dims=(1, 2))
+        x = F.pad(x, (0, 0, 0, (-W) % win[1], 0, (-H) % win[0]))        # (B, Hp, Wp, C)
         padded = (x.shape[1], x.shape[2])
         mask = None
         if any(shift):
-            x = torch.roll(x, (-shift[0], -shift[1]), dims=(1, 2))
             key = (padded, win, shift, x.device)
             if key not in self._masks:
                 self._masks[key] = shifted_window_mask(padded, win, shift, x.device)
             mask = self._masks[key]
-        x = unpartition(self.attn(partition(x, win), win, mask), win, padded)
+        x = unpartition(self.attn(partition(x, win), win, mask), win, padded)[:, :H, :W]
         if any(shift):
             x = torch.roll(x, shift, dims=(1, 2))
-        return x[:, :H, :W].reshape(B, N, C)
+        return x.reshape(B, N, C)
 
     def forward(self, z: torch.Tensor, hw: Grid, prompt: Optional[torch.Tensor]
                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:

@@ -1,0 +1,175 @@
+"""Benchmark SimAM and the partial conv: eager reference vs torch.compile(reference) vs Triton.
+
+    python bench/kernels.py                      # on a GPU; writes docs/benchmarks.md
+    python bench/kernels.py --dtype bfloat16 --out /tmp/bf16.md
+    python bench/kernels.py --tiny --out /tmp/t.md   # CPU under TRITON_INTERPRET=1: checks the
+                                                     # script end to end, no timing claims
+
+Inputs are channels-last views of random token tensors, as the model makes them. Times are
+medians of triton.testing.do_bench after its warm-up, in microseconds. The floor is the bytes an
+ideal kernel must move (forward: read x, write y; forward + backward adds read x, read grad,
+write grad_x) at the copy bandwidth measured in the same run (a large tensor copy, read + write).
+"""
+import argparse
+import datetime
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (B, C, H, W), where it occurs in Swin-L IV-tuning
+REAL_SHAPES = [((8, 8, 96, 96), "EMPG (d1=8) and stage-1 IPA (d3=8), 384 input, batch 8"),
+               ((8, 64, 96, 96), "stage-1 HA (d2=64), 384 input, batch 8"),
+               ((2, 8, 128, 128), "EMPG (d1=8) and stage-1 IPA (d3=8), 512 input, batch 2"),
+               ((2, 64, 128, 128), "stage-1 HA (d2=64), 512 input, batch 2")]
+LARGE_SHAPES = [((8, 64, 256, 256), "large"), ((32, 64, 256, 256), "large")]
+TINY_SHAPES = [((2, 8, 7, 9), "tiny")]
+PASSES = {"forward": 2, "forward+backward": 5}  # tensor-sized reads + writes of an ideal kernel
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"),
+                        help="markdown file the table is written to")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny shapes on the CPU under TRITON_INTERPRET=1, no torch.compile")
+    return parser.parse_args()
+
+
+def timer(tiny: bool):
+    """A function (fn, grad_to_none) -> microseconds: do_bench's median, or one call on the CPU."""
+    if tiny:
+        def time_once(fn, grad_to_none):
+            fn()
+            start = time.perf_counter()
+            fn()
+            return (time.perf_counter() - start) * 1e6
+        return time_once
+
+    import triton.testing
+
+    def time_cuda(fn, grad_to_none):
+        return triton.testing.do_bench(fn, grad_to_none=grad_to_none, return_mode="median") * 1e3
+    return time_cuda
+
+
+def copy_bandwidth(device, measure) -> float:
+    """Bytes per second of a large device-to-device copy, counting read + write."""
+    import torch
+
+    numel = 1 << 14 if device.type == "cpu" else 1 << 28  # 1 GiB of float32 on the GPU
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    us = measure(lambda: dst.copy_(src), None)
+    return 2 * src.numel() * src.element_size() / (us * 1e-6)
+
+
+def channels_last_map(shape, dtype, device, requires_grad):
+    """A random (B, C, H, W) map viewed from a (B, H*W, C) token tensor, as the model does."""
+    import torch
+
+    B, C, H, W = shape
+    z = torch.randn(B, H * W, C, device=device, dtype=dtype)
+    return z.view(B, H, W, C).permute(0, 3, 1, 2).detach().requires_grad_(requires_grad)
+
+
+def benchmark_rows(args):
+    """Measure every (op, shape, direction); returns (rows, copy bandwidth, device name)."""
+    import torch
+
+    import kernels
+
+    device = torch.device("cpu" if args.tiny else "cuda")
+    dtype = getattr(torch, args.dtype)
+    measure = timer(args.tiny)
+    bandwidth = copy_bandwidth(device, measure)
+    torch._dynamo.config.recompile_limit = 64  # one graph per shape and direction
+    ops = {"simam": (kernels.simam_reference, kernels.simam_triton),
+           "partial_conv": (kernels.partial_conv_residual_reference,
+                            kernels.partial_conv_residual_triton)}
+    shapes = TINY_SHAPES if args.tiny else REAL_SHAPES + LARGE_SHAPES
+    rows = []
+    print(HEADER, flush=True)
+    for op_name, (reference, fused) in ops.items():
+        impls = {"eager": reference, "compile": None if args.tiny else torch.compile(reference),
+                 "triton": fused}
+        for shape, where in shapes:
+            for direction, passes in PASSES.items():
+                backward = direction != "forward"
+                x = channels_last_map(shape, dtype, device, backward)
+                inputs = [x]
+                if op_name == "partial_conv":
+                    cp = shape[1] // 4
+                    inputs += [torch.randn(cp, 1, 3, 3, device=device, dtype=dtype,
+                                           requires_grad=backward),
+                               torch.randn(cp, device=device, dtype=dtype,
+                                           requires_grad=backward), cp]
+                grad = torch.randn_like(x)
+                tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+
+                def run(fn):
+                    if backward:
+                        fn(*inputs).backward(grad)
+                    else:
+                        with torch.no_grad():
+                            fn(*inputs)
+
+                times = {name: None if fn is None else measure(lambda fn=fn: run(fn), tensors)
+                         for name, fn in impls.items()}
+                moved = passes * x.numel() * x.element_size()
+                rows.append(dict(op=op_name, shape=shape, where=where, direction=direction,
+                                 times=times, floor_us=moved / bandwidth * 1e6,
+                                 gbps=moved / (times["triton"] * 1e-6) / 1e9))
+                print(format_row(rows[-1], bandwidth), flush=True)
+    name = "CPU (Triton interpreter)" if args.tiny else torch.cuda.get_device_name(device)
+    return rows, bandwidth, name
+
+
+HEADER = ("| op | shape (B, C, H, W) | where | direction | eager us | compile us | triton us "
+          "| floor us | triton GB/s | % of copy BW |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
+
+
+def format_row(row, bandwidth) -> str:
+    t = row["times"]
+    cells = [row["op"], "x".join(map(str, row["shape"])), row["where"], row["direction"]]
+    cells += ["-" if t[k] is None else f"{t[k]:,.1f}" for k in ("eager", "compile", "triton")]
+    cells += [f"{row['floor_us']:,.1f}", f"{row['gbps']:,.0f}",
+              f"{100 * row['gbps'] * 1e9 / bandwidth:.0f}%"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def render(rows, bandwidth, device_name, args) -> str:
+    import torch
+    import triton
+
+    lines = ["# Kernel benchmarks", "",
+             f"Measured by `python bench/kernels.py{' --tiny' if args.tiny else ''}` on "
+             f"{device_name}, {datetime.date.today().isoformat()}; torch {torch.__version__}, "
+             f"triton {triton.__version__}; {args.dtype}, channels-last inputs.", "",
+             "Copy bandwidth measured in the same run (read + write): "
+             f"{bandwidth / 1e9:,.0f} GB/s. The floor is the bytes an ideal kernel moves at that "
+             "bandwidth (forward: x read, y written; forward + backward also reads x and grad and "
+             "writes grad_x); launch latency is not included.", ""]
+    if args.tiny:
+        lines += ["Tiny shapes on the CPU under the Triton interpreter: this run only checks that "
+                  "the script works. The times mean nothing.", ""]
+    lines += [HEADER] + [format_row(row, bandwidth) for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    args = parse_args()
+    if args.tiny:
+        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels' modules are imported
+    sys.path[0] = str(ROOT)  # `import kernels` is the package, not this file
+    rows, bandwidth, device_name = benchmark_rows(args)
+    Path(args.out).write_text(render(rows, bandwidth, device_name, args))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

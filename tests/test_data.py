@@ -1,0 +1,292 @@
+"""MFNet / MSRS loaders and the paired transforms, on real sample files (tests/data) and on
+fixtures written into tmp_path in the real layouts."""
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ivt.data import MFNetDataset, MSRSDataset, build_seg_dataset
+from ivt.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, THERMAL_MEAN, THERMAL_STD,
+                                 TrainTransform)
+
+MFNET_SAMPLE = Path(__file__).parent / "data" / "mfnet_sample"
+
+
+def denorm_vis(x: torch.Tensor) -> np.ndarray:
+    """(3, H, W) normalised -> (H, W, 3) in [0, 255]."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return ((x * std + mean) * 255).permute(1, 2, 0).numpy()
+
+
+def denorm_ir(x: torch.Tensor) -> np.ndarray:
+    """(3, H, W) normalised -> (H, W) in [0, 255]; the 3 channels are copies."""
+    assert torch.equal(x[0], x[1]) and torch.equal(x[0], x[2])
+    return ((x[0] * THERMAL_STD + THERMAL_MEAN) * 255).numpy()
+
+
+# ---------------------------------------------------------------- MFNet, real files
+
+def test_mfnet_eval_items_are_native_size_rgb_plus_thermal():
+    ds = MFNetDataset(MFNET_SAMPLE, split="test", train=False)
+    assert len(ds) == 2
+    for i, item in enumerate(ds):
+        name = ds.samples[i].name
+        rgbt = np.array(Image.open(MFNET_SAMPLE / "images" / f"{name}.png"))
+        assert rgbt.shape == (480, 640, 4)
+        assert item["name"] == name and item["is_night"] == name.endswith("N")
+        assert item["vis"].shape == item["ir"].shape == (3, 480, 640)
+        assert item["label"].shape == (480, 640) and item["label"].dtype == torch.int64
+        assert 0 <= int(item["label"].min()) and int(item["label"].max()) <= 8
+        np.testing.assert_allclose(denorm_vis(item["vis"]), rgbt[..., :3], atol=1e-3)
+        np.testing.assert_allclose(denorm_ir(item["ir"]), rgbt[..., 3], atol=1e-3)
+    assert [MFNetDataset(MFNET_SAMPLE, s, train=False)[0]["is_night"]
+            for s in ("test_day", "test_night")] == [False, True]
+
+
+def test_mfnet_train_plus_val_concatenates_lists():
+    ds = MFNetDataset(MFNET_SAMPLE, split="train+val", validate=False)
+    assert [s.name for s in ds.samples] == ["00105D", "00704N", "00706N"]
+
+
+def test_mfnet_train_crops_are_deterministic_per_seed_epoch_index():
+    ds = MFNetDataset(MFNET_SAMPLE, split="train", crop=(128, 160), seed=3)
+    a = ds[1]
+    assert a["vis"].shape == a["ir"].shape == (3, 128, 160) and a["label"].shape == (128, 160)
+    b = ds[1]
+    assert all(torch.equal(a[k], b[k]) for k in ("vis", "ir", "label"))
+    ds.set_epoch(1)
+    c = ds[1]
+    assert not torch.equal(a["vis"], c["vis"])
+    other_seed = MFNetDataset(MFNET_SAMPLE, split="train", crop=(128, 160), seed=4, validate=False)
+    assert not torch.equal(a["vis"], other_seed[1]["vis"])
+
+
+def test_mfnet_padding_coincides_in_images_and_label():
+    # Crop larger than the down-scaled image: padding on the bottom/right (left after a flip).
+    t = TrainTransform(crop=(400, 500), scale_range=(0.5, 0.6))
+    ds = MFNetDataset(MFNET_SAMPLE, split="train", transform=t, validate=False)
+    zero_vis = torch.tensor([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(3, 1)
+    zero_ir = -THERMAL_MEAN / THERMAL_STD
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        for item in ds:
+            pad = item["label"] == 255
+            assert 0.2 < pad.float().mean() < 0.7
+            ir = item["ir"][:, pad]
+            assert torch.all(ir == zero_ir)
+            assert torch.allclose(item["vis"][:, pad], zero_vis.expand(3, int(pad.sum())))
+            # Real labels have no 255: the padded band is a full-height or full-width block.
+            rows, cols = pad.all(dim=1), pad.all(dim=0)
+            assert torch.equal(pad, rows[:, None] | cols[None, :])
+
+
+def write_mfnet_fixture(root: Path, names, size=(48, 64), make=None):
+    """MFNet layout with `make(i) -> (rgbt (H,W,4), label (H,W))`, every name in every list."""
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(names):
+        if make is None:
+            rgbt = rng.integers(0, 256, (*size, 4), dtype=np.uint8)
+            label = rng.integers(0, 9, size, dtype=np.uint8)
+        else:
+            rgbt, label = make(i)
+        Image.fromarray(rgbt).save(root / "images" / f"{name}.png")
+        Image.fromarray(label).save(root / "labels" / f"{name}.png")
+    for split in ("train", "val", "test"):
+        (root / f"{split}.txt").write_text("\n".join(names) + "\n")
+    return root
+
+
+def test_geometry_is_shared_by_visible_thermal_and_label(tmp_path):
+    # Thermal and visible both equal 20 * label, an asymmetric pattern: any crop or flip applied
+    # differently to one of the three breaks the equality.
+    h, w = 60, 80
+    yy, xx = np.mgrid[0:h, 0:w]
+    label = ((xx // 13 + 2 * (yy // 17)) % 9).astype(np.uint8)
+    label[:, :5] = 3
+    rgbt = np.repeat((label * 20)[..., None], 4, axis=2).astype(np.uint8)
+    root = write_mfnet_fixture(tmp_path / "mf", ["00001D"], make=lambda i: (rgbt, label))
+
+    exact = MFNetDataset(root, transform=TrainTransform((40, 50), scale_range=(1.0, 1.0), jitter=False))
+    flipped = 0
+    for epoch in range(12):
+        exact.set_epoch(epoch)
+        item = exact[0]
+        lab = item["label"].numpy()
+        np.testing.assert_allclose(denorm_ir(item["ir"]), lab * 20.0, atol=1e-3)
+        np.testing.assert_allclose(denorm_vis(item["vis"])[..., 1], lab * 20.0, atol=1e-3)
+        crops = [label[y:y + 40, x:x + 50] for y in range(21) for x in range(31)]
+        flipped += any(np.array_equal(lab, c[:, ::-1]) for c in crops)
+        assert any(np.array_equal(lab, c) or np.array_equal(lab, c[:, ::-1]) for c in crops)
+    assert 0 < flipped < 12
+
+    scaled = MFNetDataset(root, transform=TrainTransform((40, 50), jitter=False))
+    for epoch in range(6):
+        scaled.set_epoch(epoch)
+        item = scaled[0]
+        lab = item["label"].numpy()
+        keep = lab != 255
+        # Bilinear images vs NEAREST labels differ only along class borders.
+        agree = np.abs(denorm_ir(item["ir"])[keep] - lab[keep] * 20.0) < 1.0
+        assert agree.mean() > 0.6
+        assert set(np.unique(lab)) <= set(range(9)) | {255}
+
+
+# ---------------------------------------------------------------- bad data fails early, naming the file
+
+def test_three_channel_image_is_rejected(tmp_path):
+    root = write_mfnet_fixture(tmp_path / "mf", ["00001D", "00002N"])
+    Image.new("RGB", (64, 48)).save(root / "images" / "00002N.png")
+    with pytest.raises(ValueError, match="00002N.png.*thermal channel is missing"):
+        MFNetDataset(root, "train")
+    ds = MFNetDataset(root, "train", validate=False)
+    with pytest.raises(ValueError, match="00002N.png"):
+        ds[1]
+
+
+def test_missing_label_is_rejected(tmp_path):
+    root = write_mfnet_fixture(tmp_path / "mf", ["00001D", "00002N"])
+    (root / "labels" / "00001D.png").unlink()
+    with pytest.raises(FileNotFoundError, match="label.*labels/00001D.png"):
+        MFNetDataset(root, "test", validate=False)
+
+
+def test_missing_image_is_rejected(tmp_path):
+    root = write_mfnet_fixture(tmp_path / "mf", ["00001D"])
+    (root / "images" / "00001D.png").unlink()
+    with pytest.raises(FileNotFoundError, match="images/00001D.png"):
+        MFNetDataset(root, "test")
+
+
+def test_label_value_outside_classes_is_rejected(tmp_path):
+    root = write_mfnet_fixture(tmp_path / "mf", ["00001D", "00002N"])
+    bad = np.zeros((48, 64), np.uint8)
+    bad[3, 4] = 12
+    Image.fromarray(bad).save(root / "labels" / "00002N.png")
+    with pytest.raises(ValueError, match=r"00002N.png.*\[12\]"):
+        MFNetDataset(root, "val")
+
+
+def test_size_mismatch_is_rejected(tmp_path):
+    root = write_mfnet_fixture(tmp_path / "mf", ["00001D"])
+    Image.fromarray(np.zeros((40, 64), np.uint8)).save(root / "labels" / "00001D.png")
+    with pytest.raises(ValueError, match="00001D.png.*differs"):
+        MFNetDataset(root, "val")
+
+
+def test_empty_or_missing_split_list_is_rejected(tmp_path):
+    root = write_mfnet_fixture(tmp_path / "mf", ["00001D"])
+    (root / "val.txt").write_text("\n\n")
+    with pytest.raises(ValueError, match="val.txt is empty"):
+        MFNetDataset(root, "val")
+    with pytest.raises(FileNotFoundError, match="test_night.txt"):
+        MFNetDataset(root, "test_night")
+    with pytest.raises(ValueError, match="unknown MFNet split"):
+        MFNetDataset(root, "trainval")
+
+
+def test_flipped_copies_only_in_training_lists(tmp_path):
+    root = write_mfnet_fixture(tmp_path / "mf", ["00001D", "00001D_flip"])
+    assert len(MFNetDataset(root, "train")) == 2
+    with pytest.raises(ValueError, match="test.txt.*00001D_flip"):
+        MFNetDataset(root, "test")
+    (root / "val.txt").write_text("00001X\n")
+    with pytest.raises(ValueError, match="val.txt.*00001X"):
+        MFNetDataset(root, "val")
+
+
+# ---------------------------------------------------------------- MSRS, both layouts
+
+def _msrs_pair(rng, size=(40, 56)):
+    vis = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+    ir = rng.integers(0, 256, size, dtype=np.uint8)
+    label = rng.integers(0, 9, size, dtype=np.uint8)
+    return vis, ir, label
+
+
+def write_msrs_folders(root: Path, names_by_split, ir_as_rgb=False):
+    """Layout (a): <root>/{train,test}/{vi,ir,Segmentation_labels}/<name>.png."""
+    rng = np.random.default_rng(1)
+    for split, names in names_by_split.items():
+        for sub in ("vi", "ir", "Segmentation_labels"):
+            (root / split / sub).mkdir(parents=True)
+        for name in names:
+            vis, ir, label = _msrs_pair(rng)
+            Image.fromarray(vis).save(root / split / "vi" / f"{name}.png")
+            Image.fromarray(np.repeat(ir[..., None], 3, 2) if ir_as_rgb else ir).save(
+                root / split / "ir" / f"{name}.png")
+            Image.fromarray(label).save(root / split / "Segmentation_labels" / f"{name}.png")
+    return root
+
+
+def write_msrs_lists(root: Path, names_by_split):
+    """Layout (b): <root>/{Visible,Infrared,Label}/<name>.png, <root>/split/{train,test}.txt."""
+    rng = np.random.default_rng(2)
+    for sub in ("Visible", "Infrared", "Label", "split"):
+        (root / sub).mkdir(parents=True)
+    for split, names in names_by_split.items():
+        for name in names:
+            vis, ir, label = _msrs_pair(rng)
+            Image.fromarray(vis).save(root / "Visible" / f"{name}.png")
+            Image.fromarray(ir).save(root / "Infrared" / f"{name}.png")
+            Image.fromarray(label).save(root / "Label" / f"{name}.png")
+        (root / "split" / f"{split}.txt").write_text("\n".join(names) + "\n")
+    return root
+
+
+NAMES = {"train": ["00001D", "00002N", "00003D"], "test": ["00004D", "00005N"]}
+
+
+@pytest.mark.parametrize("layout", ["folders", "folders_rgb_ir", "lists"])
+def test_msrs_layouts(tmp_path, layout):
+    if layout == "lists":
+        root = write_msrs_lists(tmp_path / "msrs", NAMES)
+        vis_path, ir_path = root / "Visible" / "00005N.png", root / "Infrared" / "00005N.png"
+    else:
+        root = write_msrs_folders(tmp_path / "msrs", NAMES, ir_as_rgb=layout == "folders_rgb_ir")
+        vis_path, ir_path = root / "test" / "vi" / "00005N.png", root / "test" / "ir" / "00005N.png"
+    test = MSRSDataset(root, "test", train=False)
+    assert [s.name for s in test.samples] == NAMES["test"]
+    item = test[1]
+    assert item["name"] == "00005N" and item["is_night"]
+    assert item["vis"].shape == item["ir"].shape == (3, 40, 56) and item["label"].shape == (40, 56)
+    np.testing.assert_allclose(denorm_vis(item["vis"]), np.array(Image.open(vis_path)), atol=1e-3)
+    np.testing.assert_allclose(denorm_ir(item["ir"]), np.array(Image.open(ir_path).convert("L")), atol=1e-3)
+    assert [s.name for s in MSRSDataset(root, "test_night", train=False).samples] == ["00005N"]
+    train = build_seg_dataset("msrs", root, "train", train=True, crop=(32, 32))
+    assert len(train) == 3 and train[0]["vis"].shape == (3, 32, 32)
+
+
+def test_msrs_bad_data_names_the_file(tmp_path):
+    root = write_msrs_folders(tmp_path / "a", NAMES)
+    (root / "test" / "ir" / "00004D.png").unlink()
+    with pytest.raises(FileNotFoundError, match="ir/00004D.png"):
+        MSRSDataset(root, "test")
+    Image.new("L", (56, 40)).save(root / "train" / "vi" / "00002N.png")
+    with pytest.raises(ValueError, match="vi/00002N.png.*RGB"):
+        MSRSDataset(root, "train")
+
+    root = write_msrs_lists(tmp_path / "b", NAMES)
+    Image.new("L", (50, 40)).save(root / "Infrared" / "00001D.png")
+    with pytest.raises(ValueError, match="Infrared/00001D.png.*differs"):
+        MSRSDataset(root, "train")
+    (root / "split" / "test.txt").write_text("")
+    with pytest.raises(ValueError, match="test.txt is empty"):
+        MSRSDataset(root, "test")
+    with pytest.raises(FileNotFoundError, match="neither MSRS layout"):
+        MSRSDataset(tmp_path / "nowhere", "test")
+
+
+def test_mfnet_sample_copy_loads_with_flip_names(tmp_path):
+    root = tmp_path / "mf"
+    shutil.copytree(MFNET_SAMPLE, root)
+    for sub in ("images", "labels"):
+        shutil.copy(root / sub / "00105D.png", root / sub / "00105D_flip.png")
+    (root / "train.txt").write_text("00105D\n00105D_flip\n")
+    ds = build_seg_dataset("mfnet", root, "train", train=True, crop=(64, 64))
+    assert ds[1]["name"] == "00105D_flip" and not ds[1]["is_night"]

@@ -1,0 +1,279 @@
+"""EVA02 backbone: parameter counts (spec sec. 3), IV-tuning wiring, every variant forward/backward,
+checkpoint layouts (original release and timm, patch 14 into patch 16). Tiny configurations keep
+this CPU-only file fast; EVA02-L is built on the meta device, EVA02-B once on the CPU."""
+import math
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from ivt.models import BACKBONES, CheckpointError, build_backbone, count_parameters
+from ivt.models.eva02 import (EVA02Backbone, EVA02Config, apply_rope, feature_blocks,
+                              resize_patch_kernel, rope_sin_cos)
+from ivt.models.ivtuning import VARIANTS, IVTConfig
+
+
+def tiny(tuning="ivt", patch=16, img=64, depth=4, **ivt_options):
+    cfg = EVA02Config(embed_dim=64, depth=depth, num_heads=2, mlp_hidden=int(64 * 4 * 2 / 3),
+                      patch_size=patch, img_size=(img, img) if isinstance(img, int) else img)
+    return EVA02Backbone("tiny", cfg, tuning, IVTConfig(**ivt_options) if tuning == "ivt" else None)
+
+
+def randomize(model):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def visible_state(model, extra=None):
+    sd = {k: v.clone() for k, v in model.state_dict().items() if not model.is_ivt_name(k)}
+    return {**sd, **(extra or {})}
+
+
+def to_original_layout(sd):
+    """timm names -> the EVA02 release's names, with its leftovers and stored rope buffers."""
+    out = {}
+    for k, v in sd.items():
+        k = (k.replace(".mlp.norm.", ".mlp.ffn_ln.").replace(".mlp.fc1_g.", ".mlp.w1.")
+              .replace(".mlp.fc1_x.", ".mlp.w2.").replace(".mlp.fc2.", ".mlp.w3.")
+              .replace(".attn.q_proj.bias", ".attn.q_bias").replace(".attn.v_proj.bias", ".attn.v_bias"))
+        out[k] = v
+    C = sd["cls_token"].shape[-1]
+    n = sd["pos_embed"].shape[1] - 1
+    out.update({"mask_token": torch.zeros(1, 1, C), "lm_head.weight": torch.zeros(10, C),
+                "lm_head.bias": torch.zeros(10), "norm.weight": torch.ones(C), "norm.bias": torch.zeros(C),
+                "rope.freqs_cos": torch.zeros(n, 32), "rope.freqs_sin": torch.zeros(n, 32),
+                "blocks.0.attn.rope.freqs_cos": torch.zeros(n, 32)})
+    return out
+
+
+# -- sizes and counts ---------------------------------------------------------------------------
+def test_registered_and_feature_blocks():
+    assert "eva02_b" in BACKBONES and "eva02_l" in BACKBONES
+    assert feature_blocks(24) == [7, 11, 15, 23]          # blocks 8, 12, 16, 24 (1-based)
+    assert feature_blocks(12) == [3, 5, 7, 11]
+
+
+def test_eva02_l_parameter_counts():
+    """Spec sec. 3: 336,848 per layer x 24 + IR patch embed 787,456 + EMPG 25,796 + LN 2,048."""
+    with torch.device("meta"):
+        ivt = build_backbone("eva02_l", tuning="ivt", img_size=512)
+        first10 = build_backbone("eva02_l", tuning="ivt", img_size=512, layers=range(10))
+        frozen = build_backbone("eva02_l", tuning="freeze", img_size=512)
+    assert count_parameters(ivt, trainable_only=True) == 8_899_652
+    assert count_parameters(ivt.blocks[0].adapters) == 336_848
+    assert count_parameters(ivt.ir_patch_embed) == 787_456
+    assert count_parameters(ivt.empg) == 25_796 + 2_048
+    assert count_parameters(first10, trainable_only=True) == 4_183_780
+    assert count_parameters(frozen, trainable_only=True) == 0
+    assert count_parameters(frozen) == 304_237_504       # the paper's 304.24M: EVA02-L at 512
+    assert ivt.blocks[0].mlp.fc1_g.out_features == 2730 and ivt.pos_embed.shape == (1, 1025, 1024)
+    assert ivt.out_channels == [1024] * 4 and ivt.out_strides == [4, 8, 16, 32]
+
+
+def test_eva02_l_meta_forward_shapes():
+    with torch.device("meta"):
+        model = build_backbone("eva02_l", tuning="ivt", img_size=512)
+        outs = model(torch.empty(1, 3, 224, 224), torch.empty(1, 1, 224, 224))
+    assert [tuple(o.shape) for o in outs] == [(1, 1024, 56, 56), (1, 1024, 28, 28),
+                                              (1, 1024, 14, 14), (1, 1024, 7, 7)]
+
+
+def test_eva02_b_layers_subset_forward_backward():
+    model = build_backbone("eva02_b", tuning="ivt", layers=[0, 6, 11], img_size=(64, 96))
+    assert model.blocks[0].mlp.fc1_g.out_features == 2048
+    assert [b.adapters is not None for b in model.blocks].count(True) == 3
+    vis, ir = torch.randn(2, 3, 48, 80), torch.randn(2, 1, 48, 80)   # 3 x 5 grid, pos embed resized
+    outs = model(vis, ir)
+    assert [tuple(o.shape) for o in outs] == [(2, 768, 12, 20), (2, 768, 6, 10), (2, 768, 3, 5),
+                                              (2, 768, 2, 3)]
+    sum(o.square().mean() for o in outs).backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == p.requires_grad, name
+
+
+# -- rotary embedding ---------------------------------------------------------------------------
+def test_rope_layout_and_relative_positions():
+    sin, cos = rope_sin_cos((16, 16), 64)
+    assert sin.shape == (256, 64)
+    # token (i, j): first half row angles i * f_k, second half column angles j * f_k, pairs repeated
+    f = 1.0 / 10000 ** (torch.arange(16) / 16)
+    i, j = 3, 5
+    expected = torch.cat([i * f, j * f]).repeat_interleave(2)
+    assert torch.allclose(torch.atan2(sin[i * 16 + j], cos[i * 16 + j]),
+                          torch.atan2(expected.sin(), expected.cos()), atol=1e-5)
+    # on the reference grid the rotated dot product depends only on the offset between tokens
+    q, k = torch.randn(64), torch.randn(64)
+    rq, rk = apply_rope(q.expand(256, 64), sin, cos), apply_rope(k.expand(256, 64), sin, cos)
+    dot = lambda a, b: (rq[a] * rk[b]).sum()              # noqa: E731
+    assert torch.allclose(dot(0 * 16 + 0, 2 * 16 + 3), dot(5 * 16 + 7, 7 * 16 + 10), atol=1e-4)
+    # other grids are scaled onto the reference grid: a 32-grid's row 2 is the 16-grid's row 1
+    sin32, _ = rope_sin_cos((32, 8), 64)
+    assert torch.allclose(sin32[2 * 8, :32], sin[1 * 16, :32], atol=1e-6)
+
+
+# -- every variant, square and non-square ---------------------------------------------------------
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variants_forward_backward(variant):
+    torch.manual_seed(0)
+    model = tiny(variant=variant).train()
+    for H, W in ((64, 64), (48, 80), (16, 16)):
+        vis, ir = torch.randn(2, 3, H, W), torch.randn(2, 1, H, W)
+        outs = model(vis, None if variant == "ir_missing" else ir)
+        h, w = H // 16, W // 16
+        assert [tuple(o.shape) for o in outs] == [(2, 64, 4 * h, 4 * w), (2, 64, 2 * h, 2 * w),
+                                                  (2, 64, h, w), (2, 64, math.ceil(h / 2),
+                                                                     math.ceil(w / 2))]
+        assert all(torch.isfinite(o).all() for o in outs)
+        model.zero_grad(set_to_none=True)
+        sum(o.square().mean() for o in outs).backward()
+        for name, p in model.named_parameters():
+            assert (p.grad is not None) == p.requires_grad, (variant, (H, W), name)
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable <= {"ir_patch_embed", "empg", "blocks"}
+
+
+@pytest.mark.parametrize("tuning", ["full", "freeze"])
+def test_visible_only_tunings(tuning):
+    model = tiny(tuning)
+    outs = model(torch.randn(2, 3, 32, 48))
+    assert [tuple(o.shape) for o in outs][2] == (2, 64, 2, 3)
+    if tuning == "full":
+        sum(o.mean() for o in outs).backward()
+        assert all(p.grad is not None for p in model.parameters())
+    else:
+        assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_input_checks():
+    model = tiny()
+    with pytest.raises(ValueError, match="multiples of the patch"):
+        model(torch.randn(1, 3, 40, 64), torch.randn(1, 3, 40, 64))
+    with pytest.raises(ValueError, match="infrared"):
+        model(torch.randn(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="blocks 0..3"):
+        tiny(layers=[4])
+
+
+# -- IV-tuning wiring -----------------------------------------------------------------------------
+def test_silenced_adapters_give_the_visible_model():
+    """With zero up-projections and a zero EMPG output, IV-tuning must reproduce the frozen model:
+    the adapters touch patch tokens only and the prompt enters before cls and position embedding."""
+    ivt = randomize(tiny()).eval()
+    with torch.no_grad():
+        silenced = [ivt.empg.s3] + [m for b in ivt.blocks for m in (
+            b.adapters.ha1.up, b.adapters.ha2.up, b.adapters.ipa1.up, b.adapters.ipa2.up)]
+        for linear in silenced:
+            linear.weight.zero_()
+            linear.bias.zero_()
+        for b in ivt.blocks:
+            b.adapters.ipa1.sft_out.beta.zero_()                   # IPA = gelu(0 * gamma + 0)
+            b.adapters.ipa2.sft_out.beta.zero_()
+    frozen = tiny("freeze")
+    frozen.load_state_dict(visible_state(ivt))
+    frozen.eval()
+    vis, ir = torch.randn(2, 3, 48, 64), torch.randn(2, 3, 48, 64)
+    with torch.no_grad():
+        for a, b in zip(ivt(vis, ir), frozen(vis)):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("variant", ["ivt", "ipa_deep"])
+def test_external_prompt_per_block(variant):
+    """Block 0 gets P_E; block l > 0 its input tokens without cls (ivt), or the previous IPA's
+    output (ipa_deep, Fig. 4(e))."""
+    model = tiny(variant=variant).eval()
+    seen = {}
+
+    def record(name):
+        def hook(module, args, output):
+            seen[name] = (args, output)
+        return hook
+
+    model.empg.register_forward_hook(record("empg"))
+    for i, b in enumerate(model.blocks):
+        b.register_forward_hook(record(f"block{i}"))
+        b.adapters.ipa1.register_forward_hook(record(f"ipa1_{i}"))
+        b.adapters.ipa2.register_forward_hook(record(f"ipa2_{i}"))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 48), torch.randn(2, 3, 32, 48))
+    assert torch.equal(seen["ipa1_0"][0][0], seen["empg"][1])
+    for i in range(1, len(model.blocks)):
+        prompt = seen[f"ipa1_{i}"][0][0]
+        if variant == "ipa_deep":
+            assert torch.equal(prompt, seen[f"ipa2_{i - 1}"][1])
+            assert torch.equal(seen[f"ipa2_{i}"][0][0], seen[f"ipa1_{i}"][1])
+        else:
+            block_input = seen[f"block{i - 1}"][1][0]           # previous block's output
+            assert torch.equal(prompt, block_input[:, 1:])
+            assert torch.equal(seen[f"ipa2_{i}"][0][0], prompt)
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+def test_patch_kernel_resize_preserves_tokens():
+    """Pseudo-inverse resize: embedding a bicubically upsampled 14x14 patch with the 16x16 kernel
+    gives the token of the original patch with the 14x14 kernel."""
+    w14 = torch.randn(8, 3, 14, 14)
+    w16 = resize_patch_kernel(w14, 16)
+    x = torch.randn(4, 3, 14, 14)
+    x16 = F.interpolate(x, size=(16, 16), mode="bicubic", align_corners=False, antialias=True)
+    torch.testing.assert_close(F.conv2d(x16, w16), F.conv2d(x, w14), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["timm.safetensors", "timm.pth", "original.pt", "original.pth"])
+def test_checkpoint_layouts_patch14_into_patch16(tmp_path, layout):
+    source = randomize(tiny("freeze", patch=14, img=56))               # release-like: patch 14, 4x4
+    sd = visible_state(source, {"fc_norm.weight": torch.ones(64), "fc_norm.bias": torch.zeros(64)})
+    path = tmp_path / layout
+    if layout.startswith("original"):
+        torch.save({"module": to_original_layout(sd)}, path)
+    elif layout.endswith(".safetensors"):
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    else:
+        torch.save(sd, path)
+
+    same = tiny("freeze", patch=14, img=56)                            # same patch: exact copy
+    same.load_pretrained(str(path))
+    for k, v in source.state_dict().items():
+        assert torch.equal(same.state_dict()[k], v), k
+
+    model = tiny("ivt", patch=16, img=(64, 96))                        # paper's patch, 4x6 grid
+    before = {k: v.clone() for k, v in model.state_dict().items() if model.is_ivt_name(k)}
+    model.load_pretrained(str(path))
+    own = model.state_dict()
+    assert own["patch_embed.proj.weight"].shape == (64, 3, 16, 16)
+    torch.testing.assert_close(own["patch_embed.proj.weight"],
+                               resize_patch_kernel(sd["patch_embed.proj.weight"], 16))
+    assert own["pos_embed"].shape == (1, 1 + 4 * 6, 64)
+    assert torch.equal(own["pos_embed"][:, 0], sd["pos_embed"][:, 0])   # cls entry kept
+    assert torch.equal(own["blocks.1.attn.q_proj.bias"], sd["blocks.1.attn.q_proj.bias"])
+    assert torch.equal(own["blocks.2.mlp.norm.weight"], sd["blocks.2.mlp.norm.weight"])
+    for k, v in before.items():                                        # IV-tuning modules untouched
+        assert torch.equal(own[k], v), k
+    outs = model(torch.randn(1, 3, 64, 96), torch.randn(1, 3, 64, 96))
+    assert outs[2].shape == (1, 64, 4, 6)
+
+
+def test_wrong_checkpoints_name_the_keys(tmp_path):
+    deeper = visible_state(tiny("freeze", depth=5))
+    torch.save(deeper, tmp_path / "deeper.pth")
+    with pytest.raises(CheckpointError, match=r"unexpected keys .*blocks\.4\.attn\.k_proj\.weight"):
+        tiny("freeze").load_pretrained(str(tmp_path / "deeper.pth"))
+
+    missing = visible_state(tiny("freeze"))
+    del missing["blocks.0.mlp.norm.weight"]
+    missing["blocks.0.attn.inner_attn_ln.weight"] = torch.ones(64)
+    save_file(missing, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(CheckpointError) as err:
+        tiny("freeze").load_pretrained(str(tmp_path / "missing.safetensors"))
+    assert re.search(r"missing keys \(1\): blocks\.0\.mlp\.norm\.weight", str(err.value))
+    assert "blocks.0.attn.inner_attn_ln.weight" in str(err.value)
+
+    wider = EVA02Backbone("wider", EVA02Config(96, 4, 2, 256, img_size=(64, 64)), "freeze")
+    torch.save({"module": visible_state(wider)}, tmp_path / "wider.pt")
+    with pytest.raises(CheckpointError, match="shape mismatches"):
+        tiny("freeze").load_pretrained(str(tmp_path / "wider.pt"))

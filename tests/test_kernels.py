@@ -1,0 +1,244 @@
+"""The Triton kernels against their PyTorch references, the dispatch rules, and the benchmark.
+
+On a CPU the kernels run under Triton's interpreter (`TRITON_INTERPRET=1`, as `make test` sets);
+with a GPU the same comparisons also run on it in float32 and bfloat16. Inputs are fresh random
+numbers on every run; a failure prints the seed, and KERNELS_TEST_SEED=<seed> replays it.
+"""
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels
+from kernels.reference import partial_conv_residual_reference, simam_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED = int(os.environ.get("KERNELS_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+
+# (device, dtype, relative tolerance vs the float64 reference)
+TARGETS = []
+if kernels.TRITON_INSTALLED and kernels.triton_interpreter_on():
+    TARGETS += [("cpu", torch.float64, 1e-10), ("cpu", torch.float32, 1e-5)]
+if kernels.TRITON_INSTALLED and torch.cuda.is_available():
+    TARGETS += [("cuda", torch.float32, 1e-5), ("cuda", torch.bfloat16, 2e-2)]
+needs_triton = pytest.mark.skipif(not TARGETS, reason="needs a GPU or TRITON_INTERPRET=1")
+target_ids = [f"{device}-{str(dtype)[6:]}" for device, dtype, _ in TARGETS]
+
+def random_map(shape, layout, gen):
+    """A float64 (B, C, H, W) map in a given memory layout; never constant, never zeros.
+
+    channels_last is how the model makes its maps: a (B, H*W, C) token tensor viewed as a map.
+    hw_transposed has H and W swapped in memory, a layout the kernels must copy to read.
+    """
+    B, C, H, W = shape
+    if layout == "channels_last":
+        z = torch.randn(B, H * W, C, generator=gen, dtype=torch.float64)
+        x = z.view(B, H, W, C).permute(0, 3, 1, 2)
+    elif layout == "hw_transposed":
+        x = torch.randn(B, C, W, H, generator=gen, dtype=torch.float64).transpose(2, 3)
+    else:
+        x = torch.randn(B, C, H, W, generator=gen, dtype=torch.float64)
+    return x * 2.0 + 0.5
+
+
+def max_rel_err(actual, expected):
+    """max |actual - expected| / max |expected| (0 for empty tensors)."""
+    if expected.numel() == 0:
+        return 0.0
+    scale = expected.abs().max().clamp_min(1e-30)
+    return ((actual.double() - expected).abs().max() / scale).item()
+
+
+def run_both(op, ref, inputs, gen, device, dtype, extra=()):
+    """Output and input gradients of the kernel (on device, dtype) and of the float64 reference.
+
+    The map is cast to dtype, parameters (inputs after the first) too except that bfloat16 maps
+    keep float32 parameters, as under autocast. The reference sees the same rounded values in
+    float64, so only the arithmetic differs. `.to` keeps each input's memory layout.
+    """
+    param_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    dtypes = [dtype] + [param_dtype] * (len(inputs) - 1)
+    rounded = [t.to(d).double() for t, d in zip(inputs, dtypes)]
+    ref_in = [t.clone().requires_grad_() for t in rounded]
+    ker_in = [t.to(device, d).requires_grad_() for t, d in zip(rounded, dtypes)]
+    ref_out = ref(*ref_in, *extra)
+    out = op(*ker_in, *extra)
+    grad = torch.randn(ref_out.shape, generator=gen, dtype=torch.float64).to(dtype).double()
+    ref_out.backward(grad)
+    out.backward(grad.to(device, dtype))
+    ref_grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in ref_in]
+    return (out, ref_out), [(t.grad.cpu(), g) for t, g in zip(ker_in, ref_grads)]
+
+
+def cases(shapes, extra):
+    """Every shape contiguous and channels-last, plus the extra (shape, layout) pairs."""
+    return [(s, layout) for s in shapes for layout in ("contiguous", "channels_last")] + extra
+
+
+def case_id(value):
+    return "x".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+# H*W == 1, odd H and W, the real shapes scaled down, and H and W stored transposed (copied).
+# (1, 16, 65, 65) has more tiles than MAX_CHUNKS, so each program loops over several tiles.
+SIMAM_CASES = cases([(1, 4, 1, 9), (1, 3, 1, 1), (2, 5, 7, 9), (2, 8, 24, 24), (2, 64, 12, 12)],
+                    [((2, 5, 7, 9), "hw_transposed"), ((2, 8, 24, 24), "hw_transposed"),
+                     ((1, 16, 65, 65), "channels_last")])
+
+
+@needs_triton
+@pytest.mark.parametrize("shape,layout", SIMAM_CASES, ids=case_id)
+@pytest.mark.parametrize("device,dtype,tol", TARGETS, ids=target_ids)
+def test_simam_matches_reference(shape, layout, device, dtype, tol):
+    gen = torch.Generator().manual_seed(SEED)
+    x = random_map(shape, layout, gen)
+    (out, ref_out), grads = run_both(kernels.simam_triton, simam_reference, [x], gen, device,
+                                     dtype)
+    msg = f"KERNELS_TEST_SEED={SEED}, shape {shape}, {layout}, {device} {dtype}"
+    assert out.shape == ref_out.shape and out.dtype == dtype, msg
+    if layout == "channels_last" and shape[2] * shape[3] > 1:
+        assert out.is_contiguous(memory_format=torch.channels_last), msg
+    assert max_rel_err(out.cpu(), ref_out) < tol, f"forward: {msg}"
+    (grad_x, ref_grad_x), = grads
+    assert max_rel_err(grad_x, ref_grad_x) < tol, f"grad x: {msg}"
+
+
+# cp = 0 (2x), C not divisible by 4, cp not a multiple of the channel block, the real shapes
+# (cp = C // 4) scaled down.
+PARTIAL_CONV_CASES = cases([((1, 4, 1, 9), 1), ((1, 3, 1, 1), 0), ((2, 6, 5, 3), 0),
+                            ((2, 10, 7, 9), 2), ((1, 20, 9, 7), 17), ((2, 8, 24, 24), 2),
+                            ((2, 64, 12, 12), 16)],
+                           [(((2, 10, 7, 9), 2), "hw_transposed"),
+                            (((1, 20, 9, 7), 17), "hw_transposed")])
+
+
+@needs_triton
+@pytest.mark.parametrize("case,layout", PARTIAL_CONV_CASES,
+                         ids=lambda v: v if isinstance(v, str) else f"{case_id(v[0])}-cp{v[1]}")
+@pytest.mark.parametrize("device,dtype,tol", TARGETS, ids=target_ids)
+def test_partial_conv_residual_matches_reference(case, layout, device, dtype, tol):
+    shape, cp = case
+    gen = torch.Generator().manual_seed(SEED)
+    x = random_map(shape, layout, gen)
+    weight = torch.randn(cp, 1, 3, 3, generator=gen, dtype=torch.float64)
+    bias = torch.randn(cp, generator=gen, dtype=torch.float64)
+    (out, ref_out), grads = run_both(kernels.partial_conv_residual_triton,
+                                     partial_conv_residual_reference, [x, weight, bias], gen,
+                                     device, dtype, extra=(cp,))
+    msg = f"KERNELS_TEST_SEED={SEED}, shape {shape}, cp {cp}, {layout}, {device} {dtype}"
+    assert out.shape == ref_out.shape and out.dtype == dtype, msg
+    if layout == "channels_last" and shape[2] * shape[3] > 1:
+        assert out.is_contiguous(memory_format=torch.channels_last), msg
+    assert max_rel_err(out.cpu(), ref_out) < tol, f"forward: {msg}"
+    for name, (grad, ref_grad) in zip(("x", "weight", "bias"), grads):
+        assert grad.shape == ref_grad.shape, f"grad {name} shape: {msg}"
+        assert max_rel_err(grad, ref_grad) < tol, f"grad {name}: {msg}"
+
+
+@needs_triton
+def test_backward_accepts_broadcast_gradients():
+    """`y.sum().backward()` hands back a gradient with all strides 0; no copy, same result."""
+    device, dtype, tol = TARGETS[0]
+    gen = torch.Generator().manual_seed(SEED)
+    x = random_map((2, 6, 5, 7), "channels_last", gen).to(device=device, dtype=dtype)
+    weight = torch.randn(1, 1, 3, 3, generator=gen, dtype=torch.float64).to(device, dtype)
+    bias = torch.randn(1, generator=gen, dtype=torch.float64).to(device, dtype)
+    for op, args in ((kernels.simam_triton, ()),
+                     (kernels.partial_conv_residual_triton, (weight, bias, 1))):
+        x_ker = x.clone().requires_grad_()
+        op(x_ker, *args).sum().backward()
+        x_full = x.clone().requires_grad_()
+        op(x_full, *args).backward(torch.ones_like(x))
+        msg = f"KERNELS_TEST_SEED={SEED}, {op.__name__}"
+        assert max_rel_err(x_ker.grad, x_full.grad.double()) < tol, msg
+
+
+@pytest.fixture
+def spy_triton(monkeypatch):
+    """Replace both Triton entry points by recorders; returns the list of calls."""
+    calls = []
+    monkeypatch.setattr(kernels, "TRITON_INSTALLED", True)
+    monkeypatch.setattr(kernels, "simam_triton", lambda x, lam: calls.append("simam") or x,
+                        raising=False)
+    monkeypatch.setattr(kernels, "partial_conv_residual_triton",
+                        lambda x, w, b, cp: calls.append("partial_conv") or x, raising=False)
+    monkeypatch.delenv("IVT_KERNELS", raising=False)
+    return calls
+
+
+def call_both():
+    x = torch.randn(1, 4, 3, 3)
+    kernels.simam(x)
+    kernels.partial_conv_residual(x, torch.randn(1, 1, 3, 3), torch.randn(1), 1)
+
+
+@pytest.mark.parametrize("interpret", ["0", "1"])
+def test_torch_backend_never_calls_triton(spy_triton, monkeypatch, interpret):
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    kernels.set_backend("torch")
+    call_both()
+    assert spy_triton == []
+
+
+@pytest.mark.parametrize("interpret", ["0", "1"])
+def test_auto_backend_uses_reference_on_cpu(spy_triton, monkeypatch, interpret):
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    assert kernels.backend() == "auto"
+    x = torch.randn(2, 4, 5, 5)
+    torch.testing.assert_close(kernels.simam(x), simam_reference(x), rtol=0, atol=0)
+    call_both()
+    assert spy_triton == []
+
+
+def test_triton_backend_on_cpu(spy_triton, monkeypatch):
+    monkeypatch.setenv("IVT_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        kernels.simam(torch.randn(1, 4, 3, 3))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    call_both()
+    assert spy_triton == ["simam", "partial_conv"]
+
+
+def test_simam_is_the_function_not_the_submodule():
+    """`kernels/simam.py` shares its name with `kernels.simam`; the dispatcher must win."""
+    importlib.import_module("kernels.simam")
+    assert callable(kernels.simam) and callable(kernels.partial_conv_residual)
+
+
+def test_bad_backend_raises(monkeypatch):
+    monkeypatch.setenv("IVT_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="IVT_KERNELS"):
+        kernels.simam(torch.randn(1, 4, 3, 3))
+    with pytest.raises(ValueError):
+        kernels.set_backend("fast")
+
+
+def test_imports_and_runs_without_triton():
+    """With Triton missing, `import kernels` works and the auto backend runs the reference."""
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, kernels\n"
+            "x = torch.randn(1, 4, 3, 3)\n"
+            "assert torch.equal(kernels.simam(x), kernels.simam_reference(x))\n"
+            "kernels.partial_conv_residual(x, torch.randn(1, 1, 3, 3), torch.randn(1), 1)\n")
+    env = {k: v for k, v in os.environ.items() if k != "IVT_KERNELS"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(not kernels.TRITON_INSTALLED, reason="needs Triton")
+def test_benchmark_script_runs_tiny(tmp_path):
+    """bench/kernels.py --tiny runs every row on the CPU interpreter and writes its table."""
+    out = tmp_path / "benchmarks.md"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "bench/kernels.py", "--tiny", "--out", str(out)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    text = out.read_text()
+    assert "| op |" in text and "simam" in text and "partial_conv" in text
+    assert "interpreter" in text
