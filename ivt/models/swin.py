@@ -41,6 +41,8 @@ SWIN_CONFIGS: Dict[str, SwinConfig] = {
     "swin_s": SwinConfig(96, (2, 2, 18, 2), (3, 6, 12, 24), 7),
     "swin_b": SwinConfig(128, (2, 2, 18, 2), (4, 8, 16, 32), 12),
     "swin_l": SwinConfig(192, (2, 2, 18, 2), (6, 12, 24, 48), 12),   # the paper's 384/22K model
+    # Not a released model: a CPU-sized Swin for the demo and the tests (`make demo`).
+    "swin_nano": SwinConfig(32, (2, 2, 2, 2), (1, 2, 4, 8), 4),
 }
 
 

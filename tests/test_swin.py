@@ -1,0 +1,356 @@
+"""Swin backbones with IV-tuning: parameter counts, forward/backward, checkpoints, input checks,
+and the window attention against a brute-force float64 formulation."""
+import re
+
+import pytest
+import torch
+
+from ivt.models import VARIANTS, CheckpointError, build_backbone
+from ivt.models.swin import SwinBlock, checkpoint_filter_fn
+
+# The paper's #TP for Swin-L (spec sec. 3), exact.
+SWIN_L_COUNTS = [
+    ({}, 6_062_788),
+    (dict(variant="empg_only"), 15_172),
+    (dict(variant="empg_ha"), 5_232_196),
+    (dict(variant="mhsa_only"), 3_038_980),
+    (dict(variant="ffn_only"), 3_038_980),
+    (dict(variant="ipa_wo_projection"), 5_448_772),
+    (dict(d2=16), 2_211_652),
+    (dict(d2=32), 3_446_212),
+    (dict(d1=16, d3=16), 6_645_768),
+    (dict(d1=32, d3=32), 7_812_496),
+    (dict(tuning="freeze"), 0),
+]
+SWIN_L_VISIBLE = 195_195_444   # + the classifier's final LayerNorm (3,072) = 195,198,516
+
+
+def meta_backbone(name, **kw):
+    with torch.device("meta"):
+        return build_backbone(name, **kw)
+
+
+def trainable(m):
+    return sum(p.numel() for p in m.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("options,expected", SWIN_L_COUNTS)
+def test_swin_l_trainable_parameters_match_paper(options, expected):
+    assert trainable(meta_backbone("swin_l", **options)) == expected
+
+
+def test_swin_l_full_trains_every_parameter():
+    bb = meta_backbone("swin_l", tuning="full")
+    total = sum(p.numel() for p in bb.parameters())
+    assert total == SWIN_L_VISIBLE and trainable(bb) == total
+
+
+def test_trainable_set_is_exactly_the_ivt_modules():
+    bb = meta_backbone("swin_l")
+    for name, p in bb.named_parameters():
+        is_new = name.startswith(("ir_patch_embed.", "empg.")) or ".adapters." in name
+        assert p.requires_grad == is_new, name
+    assert sum(p.numel() for n, p in bb.named_parameters() if not p.requires_grad) == SWIN_L_VISIBLE
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_runs_forward_backward(variant):
+    torch.manual_seed(0)
+    bb = build_backbone("swin_nano", variant=variant)
+    for B, H, W in [(2, 48, 48), (1, 200, 328), (2, 35, 45)]:
+        outs = bb(torch.randn(B, 3, H, W), torch.randn(B, 1, H, W))
+        dims = [32, 64, 128, 256]
+        grid = (-(-H // 4), -(-W // 4))
+        for s, (o, c) in enumerate(zip(outs, dims)):
+            assert o.shape == (B, c, *grid), (variant, s, o.shape)
+            assert torch.isfinite(o).all()
+            grid = (-(-grid[0] // 2), -(-grid[1] // 2))
+        sum(o.pow(2).mean() for o in outs).backward()
+        for name, p in bb.named_parameters():
+            assert (p.grad is not None) == p.requires_grad, (variant, name)
+            if p.grad is not None:
+                assert torch.isfinite(p.grad).all()
+        bb.zero_grad(set_to_none=True)
+
+
+def test_swin_t_non_square_not_window_multiple():
+    torch.manual_seed(0)
+    bb = build_backbone("swin_t", layers=[0, 1, 2, 3, 10])
+    outs = bb(torch.randn(1, 3, 200, 328), torch.randn(1, 3, 200, 328))
+    assert [tuple(o.shape[1:]) for o in outs] == [(96, 50, 82), (192, 25, 41), (384, 13, 21),
+                                                  (768, 7, 11)]
+    outs[-1].sum().backward()
+    assert all((p.grad is not None) == p.requires_grad for p in bb.parameters())
+
+
+@pytest.mark.parametrize("tuning", ["full", "freeze"])
+def test_visible_only_modes_ignore_infrared(tuning):
+    bb = build_backbone("swin_nano", tuning=tuning).eval()
+    x = torch.randn(1, 3, 32, 48)
+    a, b = bb(x), bb(x, torch.randn(1, 3, 32, 48))
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+# -- the wiring -------------------------------------------------------------------------------
+
+def test_zero_prompt_and_adapters_reduce_to_the_frozen_model():
+    """With P_E = 0, HA branches = 0 and IPA outputs = 0, IV-tuning is the visible model."""
+    torch.manual_seed(0)
+    vis_model = build_backbone("swin_nano", tuning="freeze").eval()
+    ivt = build_backbone("swin_nano", tuning="ivt").eval()
+    ivt.load_state_dict(vis_model.state_dict(), strict=False)
+    with torch.no_grad():
+        ivt.empg.s3.weight.zero_(); ivt.empg.s3.bias.zero_()
+        for name, p in ivt.named_parameters():
+            if re.search(r"\.ha\d\.up\.|\.ipa\d\.sft_out\.", name):
+                p.zero_()
+    x, ir = torch.randn(2, 3, 40, 56), torch.randn(2, 3, 40, 56)
+    for a, b in zip(vis_model(x), ivt(x, ir)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    # and the infrared changes the output once the prompt is live again
+    with torch.no_grad():
+        torch.nn.init.normal_(ivt.empg.s3.weight)
+    assert not torch.allclose(vis_model(x)[0], ivt(x, ir)[0])
+
+
+def test_external_prompt_per_stage():
+    """Stage 1's IPAs see P_E; later stages' IPAs see the stage input after patch merging."""
+    torch.manual_seed(0)
+    bb = build_backbone("swin_nano").eval()
+    seen, stage_inputs = {}, {}
+    for i, stage in enumerate(bb.layers):
+        for j, block in enumerate(stage.blocks):
+            for k in (1, 2):
+                getattr(block.adapters, f"ipa{k}").register_forward_hook(
+                    lambda m, a, o, key=(i, j, k): seen.__setitem__(key, a[0].clone()))
+        if stage.downsample is not None:
+            stage.downsample.register_forward_hook(
+                lambda m, a, o, i=i: stage_inputs.__setitem__(i, o[0].clone()))
+    bb.empg.register_forward_hook(lambda m, a, o: stage_inputs.__setitem__(0, o.clone()))
+    x = torch.randn(1, 3, 48, 64)
+    bb(x, torch.randn(1, 3, 48, 64))
+    assert len(seen) == 16
+    for (i, j, k), p in seen.items():
+        assert torch.equal(p, stage_inputs[i]), (i, j, k)
+
+
+def test_ipa_deep_chains_prompts_within_a_stage():
+    torch.manual_seed(0)
+    bb = build_backbone("swin_nano", variant="ipa_deep").eval()
+    calls = []
+    for block in bb.layers[0].blocks:
+        for ipa in (block.adapters.ipa1, block.adapters.ipa2):
+            ipa.register_forward_hook(lambda m, a, o: calls.append((a[0].clone(), o.clone())))
+    bb(torch.randn(1, 3, 32, 32), torch.randn(1, 3, 32, 32))
+    for (_, prev_out), (next_in, _) in zip(calls, calls[1:]):
+        assert torch.equal(prev_out, next_in)
+
+
+def test_layers_option_places_adapters():
+    bb = meta_backbone("swin_l", layers=[0, 5, 23])
+    blocks = [b for s in bb.layers for b in s.blocks]
+    assert [i for i, b in enumerate(blocks) if b.adapters is not None] == [0, 5, 23]
+    with pytest.raises(ValueError, match="blocks 0..23"):
+        meta_backbone("swin_l", layers=[24])
+
+
+def test_adapter_initialisation_is_not_zero():
+    bb = build_backbone("swin_t", layers=[0])
+    up = bb.layers[0].blocks[0].adapters.ha1.up.weight
+    assert 0.015 < up.std().item() < 0.025
+
+
+# -- window attention vs brute force ------------------------------------------------------------
+
+def brute_force_window_attention(block: SwinBlock, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """Full attention over all H*W tokens where token pairs outside the same (shifted) window,
+    or from different regions of the cyclic shift, are excluded; bias from relative offsets.
+    x: (H*W, C) normed tokens, H and W multiples of the window. Independent of partition/roll."""
+    attn, w = block.attn, block.window_size
+    s = w // 2 if block.shifted and min(H, W) > w else 0
+    heads, C = attn.num_heads, x.shape[1]
+    hh, ww = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    hh, ww = hh.flatten(), ww.flatten()
+    hs, ws = (hh - s) % H, (ww - s) % W                       # coordinates after the roll
+    win = (hs // w) * (W // w) + ws // w
+    def region(c, n):
+        return (c >= n - w).long() + (c >= n - s).long() if s else torch.zeros_like(c)
+    reg = region(hs, H) * 3 + region(ws, W)
+    allowed = (win[:, None] == win[None, :]) & (reg[:, None] == reg[None, :])
+    dh = hs[:, None] - hs[None, :] + w - 1
+    dw = ws[:, None] - ws[None, :] + w - 1
+    bias = attn.relative_position_bias_table[(dh * (2 * w - 1) + dw).clamp(0, (2 * w - 1) ** 2 - 1)]
+    qkv = attn.qkv(x).view(-1, 3, heads, C // heads).permute(1, 2, 0, 3)  # (3, h, N, d)
+    logits = qkv[0] @ qkv[1].transpose(-1, -2) * attn.scale + bias.permute(2, 0, 1)
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    out = (logits.softmax(-1) @ qkv[2]).transpose(0, 1).reshape(-1, C)
+    return attn.proj(out)
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+@pytest.mark.parametrize("hw", [(8, 12), (12, 8), (16, 16)])
+def test_window_attention_matches_brute_force(shifted, hw):
+    torch.manual_seed(1)
+    block = SwinBlock(dim=16, num_heads=2, window_size=4, shifted=shifted, mlp_ratio=2,
+                      drop_path=0.0).double()
+    torch.nn.init.normal_(block.attn.relative_position_bias_table)
+    H, W = hw
+    x = torch.randn(1, H * W, 16, dtype=torch.float64)
+    ours = block.window_attention(x, hw)[0]
+    ref = brute_force_window_attention(block, x[0], H, W)
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_small_grid_uses_one_unshifted_window():
+    """A grid no larger than the window in both dimensions is plain attention with its bias."""
+    torch.manual_seed(2)
+    block = SwinBlock(dim=8, num_heads=2, window_size=7, shifted=True, mlp_ratio=2,
+                      drop_path=0.0).double()
+    x = torch.randn(1, 15, 8, dtype=torch.float64)
+    ours = block.window_attention(x, (3, 5))[0]
+    attn = block.attn
+    qkv = attn.qkv(x[0]).view(15, 3, 2, 4).permute(1, 2, 0, 3)
+    hh, ww = torch.meshgrid(torch.arange(3), torch.arange(5), indexing="ij")
+    hh, ww = hh.flatten(), ww.flatten()
+    idx = (hh[:, None] - hh[None, :] + 6) * 13 + (ww[:, None] - ww[None, :] + 6)
+    logits = qkv[0] @ qkv[1].transpose(-1, -2) * attn.scale + \
+        attn.relative_position_bias_table[idx].permute(2, 0, 1)
+    ref = attn.proj((logits.softmax(-1) @ qkv[2]).transpose(0, 1).reshape(15, 8))
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+
+def _to_original_layout(sd):
+    """timm layout -> the original release's: downsample at the end of the previous stage,
+    stored buffers, classifier head and final norm."""
+    out = {}
+    for k, v in sd.items():
+        m = re.match(r"layers\.(\d+)\.downsample\.(.*)", k)
+        out[f"layers.{int(m.group(1)) - 1}.downsample.{m.group(2)}" if m else k] = v
+    for k in list(out):
+        if k.endswith("relative_position_bias_table"):
+            out[k.replace("bias_table", "index")] = torch.zeros(4, dtype=torch.long)
+    out["layers.0.blocks.1.attn_mask"] = torch.zeros(2, 2)
+    out["norm.weight"], out["norm.bias"] = torch.ones(3), torch.zeros(3)
+    out["head.weight"], out["head.bias"] = torch.zeros(5, 3), torch.zeros(5)
+    return out
+
+
+def _random_visible_state(name, compact=False):
+    """Random weights for `name`'s visible model. compact: every tensor is a broadcast view of
+    one random row, so torch.save stores a few KB even for Swin-L."""
+    torch.manual_seed(3)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in build_backbone(name, tuning="freeze").state_dict().items()}
+    if compact:
+        return {k: torch.randn(s[-1]).expand(s) for k, s in shapes.items()}
+    return {k: torch.randn(s) * 0.02 for k, s in shapes.items()}
+
+
+@pytest.mark.parametrize("name", ["swin_t", "swin_l"])
+def test_both_checkpoint_layouts_load(name, tmp_path):
+    sd = _random_visible_state(name, compact=name == "swin_l")
+    files = {"original.pth": {"model": _to_original_layout(sd)}, "timm.pth": sd}
+    for fname, obj in files.items():
+        torch.save(obj, tmp_path / fname)
+    if name == "swin_t":
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "timm.safetensors"))
+    bb = build_backbone(name, tuning="ivt")
+    for f in sorted(tmp_path.iterdir()):
+        for p in bb.parameters():
+            p.data.zero_()
+        bb.load_pretrained(str(f))
+        own = bb.state_dict()
+        for k, v in sd.items():
+            assert torch.equal(own[k], v), (f.name, k)
+        assert trainable(bb) > 0 and not any(p.requires_grad for n, p in bb.named_parameters()
+                                             if not bb.is_ivt_name(n))
+
+
+def test_relative_position_table_is_resized_for_another_window(tmp_path):
+    sd = _random_visible_state("swin_t")            # window 7: 13x13 tables
+    torch.save({"model": _to_original_layout(sd)}, tmp_path / "w7.pth")
+    bb = build_backbone("swin_t", tuning="freeze", window_size=12, pretrained=str(tmp_path / "w7.pth"))
+    table = bb.layers[0].blocks[0].attn.relative_position_bias_table
+    assert table.shape == (23 * 23, 3)
+    # bicubic resize keeps a constant table constant
+    const = checkpoint_filter_fn({"layers.0.blocks.0.attn.relative_position_bias_table":
+                                  torch.full((169, 3), 0.5)}, 12)
+    torch.testing.assert_close(const["layers.0.blocks.0.attn.relative_position_bias_table"],
+                               torch.full((529, 3), 0.5))
+
+
+def test_wrong_model_checkpoint_names_the_keys(tmp_path):
+    torch.save(_random_visible_state("swin_t"), tmp_path / "t.pth")
+    with pytest.raises(CheckpointError, match=r"missing keys \(\d+\): layers\.2\.blocks\.10\."):
+        build_backbone("swin_s", pretrained=str(tmp_path / "t.pth"))
+    sd = _random_visible_state("swin_t")
+    sd["layers.0.blocks.0.attn.extra.weight"] = torch.zeros(1)
+    torch.save(sd, tmp_path / "extra.pth")
+    with pytest.raises(CheckpointError, match=r"unexpected keys \(1\): layers\.0\.blocks\.0\.attn\.extra"):
+        build_backbone("swin_t", pretrained=str(tmp_path / "extra.pth"))
+
+
+def test_shape_mismatch_names_the_keys(tmp_path):
+    bb = build_backbone("swin_nano", tuning="freeze")
+    sd = dict(bb.state_dict())
+    sd["layers.1.downsample.reduction.weight"] = torch.zeros(3, 3)
+    torch.save(sd, tmp_path / "wide.pth")
+    with pytest.raises(CheckpointError, match=r"layers\.1\.downsample\.reduction\.weight: "
+                                              r"checkpoint \(3, 3\) vs model \(64, 128\)"):
+        bb.load_pretrained(str(tmp_path / "wide.pth"))
+
+
+def test_missing_checkpoint_names_the_path(tmp_path):
+    missing = tmp_path / "nowhere" / "swin_large_patch4_window12_384_22k.pth"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+        build_backbone("swin_t", pretrained=str(missing))
+
+
+def test_unreadable_checkpoint_is_reported(tmp_path):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="bad.pth"):
+        build_backbone("swin_t", pretrained=str(bad))
+
+
+# -- bad input ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def nano():
+    return build_backbone("swin_nano")
+
+
+def test_ir_missing_is_an_error(nano):
+    with pytest.raises(ValueError, match="needs the infrared image"):
+        nano(torch.randn(1, 3, 32, 32))
+
+
+def test_ir_missing_variant_uses_visible():
+    bb = build_backbone("swin_nano", variant="ir_missing")
+    assert len(bb(torch.randn(1, 3, 64, 64))) == 4
+
+
+@pytest.mark.parametrize("vis,ir,message", [
+    ((1, 3, 32, 32), (1, 3, 32, 48), "same batch size and spatial size"),
+    ((1, 3, 32, 32), (2, 3, 32, 32), "same batch size and spatial size"),
+    ((1, 4, 32, 32), (1, 3, 32, 32), r"vis must be a \(B, 3, H, W\) tensor, got \(1, 4, 32, 32\)"),
+    ((1, 3, 32, 32), (1, 2, 32, 32), r"ir must be a \(B, 1 or 3, H, W\) tensor, got \(1, 2, 32, 32\)"),
+    ((3, 32, 32), (1, 3, 32, 32), r"vis must be a \(B, 3, H, W\) tensor, got \(3, 32, 32\)"),
+])
+def test_bad_inputs_fail_clearly(nano, vis, ir, message):
+    with pytest.raises(ValueError, match=message):
+        nano(torch.randn(*vis), torch.randn(*ir))
+
+
+def test_bad_build_options():
+    with pytest.raises(ValueError, match="unknown backbone 'swin_xl'"):
+        build_backbone("swin_xl")
+    with pytest.raises(ValueError, match="unknown IV-tuning variant 'deep'"):
+        build_backbone("swin_nano", variant="deep")
+    with pytest.raises(ValueError, match="tuning must be one of"):
+        build_backbone("swin_nano", tuning="lora")
+    with pytest.raises(ValueError, match="only apply to tuning='ivt'"):
+        build_backbone("swin_nano", tuning="full", d2=16)
