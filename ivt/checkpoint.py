@@ -1,0 +1,161 @@
+"""Resumable training state: delta checkpoints, the pretrained file's hash, atomic writes.
+
+A checkpoint is a dict saved with `torch.save` and read back with `weights_only=True` (tensors and
+plain Python values only):
+
+    format              CHECKPOINT_FORMAT
+    config              the full flat configuration of the run (argparse's namespace as a dict)
+    iter                iterations completed
+    model               tensors of the model (see `model_state`)
+    delta               True when `model` holds only what was trained (a pretrained file exists)
+    pretrained          path of the pretrained visible-model file (None without one)
+    pretrained_sha256   its SHA-256 (None without one)
+    optimizer           the optimizer's state_dict
+    rng                 python, numpy, torch (and cuda) RNG states at the moment of saving
+    best_miou, metrics  validation results so far (task scripts may add more keys)
+
+With a pretrained file, only the parameters that train plus every persistent buffer are stored
+(tens of MB for Swin-L instead of 800 MB); loading re-reads the pretrained file and checks its hash.
+Without one, the frozen (randomly initialised) weights are stored too.
+"""
+import hashlib
+import os
+import random
+import tempfile
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .models.backbone import CheckpointError, _key_list
+
+CHECKPOINT_FORMAT = "ivt-checkpoint-1"
+
+
+def sha256_file(path: str, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_save(obj, path: str) -> None:
+    """`torch.save` to a temporary file in the same folder, fsync, then `os.replace`: a reader (or
+    a run killed mid-write) sees either the old file or the complete new one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# -- model tensors ---------------------------------------------------------------------------
+def model_state(model: nn.Module, include_frozen: bool) -> Dict[str, torch.Tensor]:
+    """Every parameter with requires_grad plus every persistent buffer (BatchNorm running stats
+    of the adapters and the head); with `include_frozen`, the whole state_dict."""
+    sd = model.state_dict()
+    if include_frozen:
+        return {k: v.detach().clone() for k, v in sd.items()}
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    return {k: v.detach().clone() for k, v in sd.items() if k not in frozen}
+
+
+def load_model_state(model: nn.Module, state: Dict[str, torch.Tensor], delta: bool,
+                     source: str) -> None:
+    """Load `state` into `model`. Unexpected keys are an error; so are missing keys, except the
+    frozen parameters of a delta checkpoint (they come from the pretrained file)."""
+    own = model.state_dict()
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    missing = set(own) - set(state) - (frozen if delta else set())
+    unexpected = set(state) - set(own)
+    bad = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+           for k in set(state) & set(own) if state[k].shape != own[k].shape]
+    if missing or unexpected or bad:
+        lines = [f"checkpoint {source} does not match the model built from its configuration:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {_key_list(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {_key_list(unexpected)}")
+        if bad:
+            lines.append(f"  shape mismatches ({len(bad)}): " + "; ".join(sorted(bad)[:20]))
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(state, strict=False)
+
+
+def check_pretrained(ckpt: dict, pretrained: Optional[str], source: str) -> None:
+    """A delta checkpoint is only meaningful with the very pretrained file it was trained on."""
+    expected = ckpt.get("pretrained_sha256")
+    if expected is None:
+        return
+    if pretrained is None:
+        raise CheckpointError(f"checkpoint {source} holds only the trained weights; it needs the "
+                              f"pretrained file it was trained on (SHA-256 {expected}), "
+                              f"e.g. --pretrained FILE")
+    if not os.path.isfile(pretrained):
+        raise FileNotFoundError(f"pretrained file {pretrained} (needed by checkpoint {source}) not "
+                                f"found; pass --pretrained FILE")
+    actual = sha256_file(pretrained)
+    if actual != expected:
+        raise CheckpointError(f"pretrained file {pretrained} has SHA-256 {actual}, but checkpoint "
+                              f"{source} was trained with a pretrained file of SHA-256 {expected}")
+
+
+# -- RNG ---------------------------------------------------------------------------------------
+def rng_state() -> dict:
+    """Python, numpy, torch and (when present) CUDA generator states, as plain values/tensors."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- whole checkpoints -------------------------------------------------------------------------
+def make_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, iteration: int,
+                    config: dict, pretrained: Optional[str], pretrained_sha256: Optional[str],
+                    **extra) -> dict:
+    """The state to resume exactly after `iteration` iterations (call it at that moment: the RNG
+    states are captured now). `pretrained_sha256` is computed once per run by the caller."""
+    return {"format": CHECKPOINT_FORMAT, "config": dict(config), "iter": iteration,
+            "model": model_state(model, include_frozen=pretrained is None),
+            "delta": pretrained is not None, "pretrained": pretrained,
+            "pretrained_sha256": pretrained_sha256, "optimizer": optimizer.state_dict(),
+            "rng": rng_state(), **extra}
+
+
+def load_checkpoint(path: str) -> dict:
+    """Read a checkpoint written by `make_checkpoint` + `atomic_save` (no code is unpickled)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not an ivt training checkpoint "
+                              f"(expected format {CHECKPOINT_FORMAT!r})")
+    return ckpt
+

@@ -1,0 +1,164 @@
+"""Checkpoints: atomic writes, delta state (trained tensors + persistent buffers), the pretrained
+file's SHA-256, RNG capture, and loading for evaluation."""
+import hashlib
+import os
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the scripts live at the root
+import evaluate  # noqa: E402
+import train_seg  # noqa: E402
+from ivt.checkpoint import (atomic_save, check_pretrained, load_checkpoint, load_model_state,
+                            model_state, rng_state, set_rng_state, sha256_file)
+from ivt.data.synthetic import write_mfnet
+from ivt.models import CheckpointError, build_backbone
+from ivt.models.segmentor import build_segmentor
+
+
+def write_pretrained(path, seed):
+    """A swin_nano visible-model checkpoint (what a user downloads), random weights."""
+    torch.manual_seed(seed)
+    bb = build_backbone("swin_nano", tuning="freeze")
+    keys = set(bb.visible_state_keys())
+    torch.save({k: v for k, v in bb.state_dict().items() if k in keys}, path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    monkeypatch.setenv("IVT_KERNELS", "auto")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_atomic_save_replaces_whole_file_or_nothing(tmp_path):
+    path = tmp_path / "ck.pt"
+    atomic_save({"a": torch.ones(3)}, str(path))
+    with pytest.raises(Exception):
+        atomic_save({"a": lambda: 0}, str(path))              # cannot be pickled: write fails
+    assert torch.equal(torch.load(path)["a"], torch.ones(3))  # the old file is intact
+    assert os.listdir(tmp_path) == ["ck.pt"]                   # no temporary file left behind
+
+
+def test_model_state_delta_holds_trained_tensors_and_buffers():
+    model = build_segmentor("swin_nano", 9, tuning="ivt", d2=8, head_dim=16)
+    delta = model_state(model, include_frozen=False)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert trained <= set(delta) and not frozen & set(delta)
+    assert "head.fuse.1.running_mean" in delta                       # head BatchNorm
+    assert any(k.endswith("ho.bn.running_var") for k in delta)        # adapters' BatchNorms
+    assert set(model_state(model, include_frozen=True)) == set(model.state_dict())
+
+
+def test_load_model_state_names_bad_keys():
+    model = build_segmentor("swin_nano", 9, tuning="ivt", d2=8, head_dim=16)
+    delta = model_state(model, include_frozen=False)
+    other = build_segmentor("swin_nano", 9, tuning="ivt", d2=8, head_dim=16)
+    load_model_state(other, delta, delta=True, source="x.pt")
+    for k in delta:
+        assert torch.equal(other.state_dict()[k], delta[k])
+    with pytest.raises(CheckpointError, match=r"missing keys \(117\): backbone\.layers"):
+        load_model_state(other, delta, delta=False, source="x.pt")  # a full one needs all
+    bad = dict(delta, **{"head.extra.weight": torch.zeros(1)})
+    bad.pop("head.classifier.bias")
+    with pytest.raises(CheckpointError, match=r"x\.pt(.|\n)*head\.classifier\.bias(.|\n)*"
+                                              r"head\.extra\.weight"):
+        load_model_state(other, bad, delta=True, source="x.pt")
+    wrong = dict(delta, **{"head.classifier.bias": torch.zeros(3)})
+    with pytest.raises(CheckpointError, match="shape mismatches"):
+        load_model_state(other, wrong, delta=True, source="x.pt")
+
+
+def test_rng_state_round_trip(tmp_path):
+    state = rng_state()
+    draws = (random.random(), np.random.rand(), torch.rand(3))
+    atomic_save({"rng": state}, str(tmp_path / "r.pt"))
+    set_rng_state(torch.load(tmp_path / "r.pt", weights_only=True)["rng"])
+    assert random.random() == draws[0] and np.random.rand() == draws[1]
+    assert torch.equal(torch.rand(3), draws[2])
+
+
+def test_sha256_and_pretrained_check(tmp_path):
+    a = write_pretrained(tmp_path / "a.pt", 0)
+    b = write_pretrained(tmp_path / "b.pt", 1)
+    ha, hb = sha256_file(str(a)), sha256_file(str(b))
+    assert ha == hashlib.sha256(a.read_bytes()).hexdigest() and ha != hb
+    ckpt = {"pretrained_sha256": ha}
+    check_pretrained(ckpt, str(a), "c.pt")
+    with pytest.raises(CheckpointError) as e:
+        check_pretrained(ckpt, str(b), "c.pt")
+    assert ha in str(e.value) and hb in str(e.value) and str(b) in str(e.value)
+    with pytest.raises(CheckpointError, match="--pretrained"):
+        check_pretrained(ckpt, None, "c.pt")
+    check_pretrained({"pretrained_sha256": None}, None, "c.pt")      # a full checkpoint
+
+
+@pytest.fixture(scope="module")
+def delta_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("delta")
+    data = tmp / "mfnet"
+    write_mfnet(data, n_train=4, n_val=2, n_test=2, size=(32, 48))
+    pretrained = write_pretrained(tmp / "swin_nano_pretrained.pt", 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        summary = train_seg.main([
+            "--data", str(data), "--out", str(tmp / "run"), "--backbone", "swin_nano",
+            "--d2", "8", "--head-dim", "16", "--crop", "32", "--iters", "2", "--eval-every", "2",
+            "--workers", "0", "--device", "cpu", "--pretrained", str(pretrained)])
+    finally:
+        torch.set_num_threads(threads)
+    return tmp, data, pretrained, summary
+
+
+def test_delta_checkpoint_is_small_and_names_pretrained_hash(delta_run, tmp_path):
+    tmp, data, pretrained, summary = delta_run
+    ckpt = load_checkpoint(summary["last"])
+    assert ckpt["delta"] and ckpt["pretrained_sha256"] == sha256_file(str(pretrained))
+    assert ckpt["iter"] == 2 and ckpt["config"]["pretrained"] == str(pretrained)
+    full = tmp_path / "full.pt"
+    model = build_segmentor("swin_nano", 9, tuning="ivt", d2=8, head_dim=16)
+    torch.save(model.state_dict(), full)
+    assert os.path.getsize(summary["last"]) < 0.2 * os.path.getsize(full)
+    assert os.path.getsize(summary["last"]) < os.path.getsize(pretrained)
+
+
+def test_evaluate_loads_pretrained_and_rejects_another(delta_run, tmp_path, capsys):
+    tmp, data, pretrained, summary = delta_run
+    args = ["--data", str(data), "--checkpoint", summary["last"], "--split", "val",
+            "--device", "cpu", "--workers", "0"]
+    result = evaluate.main(args)                                       # path from the config
+    assert result["miou_all"] == pytest.approx(summary["metrics"]["mIoU"], abs=1e-9)
+    moved = tmp_path / "moved.pt"
+    moved.write_bytes(pretrained.read_bytes())
+    again = evaluate.main(args + ["--pretrained", str(moved)])         # override the path
+    assert again["miou_all"] == result["miou_all"]
+
+    other = write_pretrained(tmp_path / "other.pt", 1)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(args + ["--pretrained", str(other)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(other) in err
+    assert sha256_file(str(other)) in err and sha256_file(str(pretrained)) in err
+
+
+def test_resume_with_another_pretrained_fails(delta_run, tmp_path, capsys):
+    tmp, data, pretrained, summary = delta_run
+    other = write_pretrained(tmp_path / "other.pt", 1)
+    with pytest.raises(SystemExit) as e:
+        train_seg.main(["--data", str(data), "--out", str(tmp / "run"), "--backbone",
+                        "swin_nano", "--d2", "8", "--head-dim", "16", "--crop", "32", "--iters",
+                        "4", "--eval-every", "2", "--workers", "0", "--device", "cpu",
+                        "--pretrained", str(other), "--resume"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert sha256_file(str(other)) in err and sha256_file(str(pretrained)) in err

@@ -1,0 +1,230 @@
+"""train_seg.py and evaluate.py end to end on tiny synthetic MFNet data (swin_nano, 32x32 crops):
+exact resumption after kill -9, torchrun with two CPU processes, clean errors, the NaN guard,
+--help, and the evaluation outputs."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))                    # the scripts live at the root
+import evaluate  # noqa: E402
+import train_seg  # noqa: E402
+from ivt.checkpoint import load_checkpoint
+from ivt.data.synthetic import write_mfnet
+
+
+def tiny_args(data, out, iters=16, eval_every=4, *extra):
+    return ["--data", str(data), "--out", str(out), "--backbone", "swin_nano", "--d2", "8",
+            "--head-dim", "16", "--crop", "32", "--batch-size", "2", "--iters", str(iters),
+            "--eval-every", str(eval_every), "--log-every", "1", "--workers", "0",
+            "--device", "cpu", "--kernels", "torch", *extra]
+
+
+def read_log(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def losses_after_last_start(records):
+    """{iter: loss} of the train records written after the last start/resume record."""
+    last = max(i for i, r in enumerate(records) if r["event"] in ("start", "resume"))
+    return {r["iter"]: r["loss"] for r in records[last:] if r["event"] == "train"}
+
+
+def child_env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mfnet")
+    write_mfnet(root, n_train=6, n_val=2, n_test=4, size=(32, 48))
+    return root
+
+
+@pytest.fixture(autouse=True)
+def one_thread_and_kernel_choice(monkeypatch):
+    """One intra-op thread, as the children get (OMP_NUM_THREADS=1): identical arithmetic for
+    the resume comparison, and no oversubscription of a 2-core machine."""
+    monkeypatch.setenv("IVT_KERNELS", "auto")       # main() sets it from --kernels
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_help_explains_every_flag(capsys):
+    parser = train_seg.get_parser()
+    for action in parser._actions:
+        assert action.help and len(action.help) > 10, action.option_strings
+    with pytest.raises(SystemExit) as e:
+        train_seg.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--backbone", "--tuning", "--variant", "--d1", "--d2", "--d3", "--layers",
+                 "--pretrained", "--data", "--train-split", "--val-split", "--iters",
+                 "--batch-size", "--crop", "--lr", "--weight-decay", "--amp", "--device",
+                 "--workers", "--seed", "--out", "--resume", "--eval-every", "--dataset",
+                 "--kernels", "--log-every", "--head-dim", "--momentum"):
+        assert flag in text, flag
+    assert "train+val" in text                       # the paper's protocol is documented
+    for action in evaluate.get_parser()._actions:
+        assert action.help, action.option_strings
+
+
+def test_kill_and_resume_reproduces_losses(data, tmp_path):
+    # The uninterrupted run, in this process.
+    full = train_seg.main(tiny_args(data, tmp_path / "full"))
+    reference = losses_after_last_start(read_log(tmp_path / "full" / "log.jsonl"))
+    assert sorted(reference) == list(range(1, 17))
+
+    # The same run in a child, killed with SIGKILL at a random moment after its first checkpoint.
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_seg.py"), *tiny_args(data, out)],
+                            cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not (out / "last.pt").exists():
+            assert proc.poll() is None, "training exited before writing a checkpoint"
+            assert time.time() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.02)
+        time.sleep(random.uniform(0.0, 0.4))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    killed_at = max(r["iter"] for r in read_log(out / "log.jsonl") if r["event"] == "train")
+    assert killed_at < 16, "the child finished before it was killed"
+    resumed_from = load_checkpoint(str(out / "last.pt"))["iter"]
+    assert resumed_from in (4, 8, 12)
+
+    summary = train_seg.main(tiny_args(data, out, 16, 4, "--resume"))
+    records = read_log(out / "log.jsonl")
+    assert [r for r in records if r["event"] == "resume"][-1]["iter"] == resumed_from
+    resumed = losses_after_last_start(records)
+    assert sorted(resumed) == list(range(resumed_from + 1, 17))
+    for it, loss in resumed.items():
+        assert loss == pytest.approx(reference[it], abs=1e-6), it
+    assert summary["metrics"]["mIoU"] == pytest.approx(full["metrics"]["mIoU"], abs=1e-6)
+    a = load_checkpoint(str(tmp_path / "full" / "last.pt"))["model"]
+    b = load_checkpoint(str(out / "last.pt"))["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_torchrun_two_cpu_processes_agree(data, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train_seg.py"), *tiny_args(data, out, 4, 2, "--save-rank-weights")]
+    run = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    records = read_log(out / "log.jsonl")
+    assert records[0]["world_size"] == 2
+    assert [r["iter"] for r in records if r["event"] == "eval"] == [2, 4]
+    ranks = [torch.load(out / f"trained_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    saved = load_checkpoint(str(out / "last.pt"))["model"]
+    # Parameters are all-reduced; BatchNorm running statistics (updated per process) are
+    # broadcast from rank 0 before each evaluation, the last one after the final step.
+    assert ranks[0].keys() == ranks[1].keys() and set(ranks[0]) < set(saved)  # + frozen ones
+    for k in ranks[0]:
+        assert torch.equal(ranks[0][k], ranks[1][k]), k
+        assert torch.equal(ranks[0][k], saved[k]), k
+    # The sharded evaluation (confusion matrices all-reduced) equals one process evaluating
+    # the saved checkpoint on the whole validation split.
+    logged = [r for r in records if r["event"] == "eval"][-1]
+    single = evaluate.main(["--data", str(data), "--checkpoint", str(out / "last.pt"),
+                            "--split", "val", "--device", "cpu", "--workers", "0"])
+    assert single["miou_all"] == pytest.approx(logged["mIoU"], abs=1e-9)
+
+
+def test_amp_bf16_runs(data, tmp_path):
+    summary = train_seg.main(tiny_args(data, tmp_path / "amp", 2, 2, "--amp"))
+    assert np.isfinite(summary["metrics"]["mIoU"])
+    assert load_checkpoint(summary["last"])["config"]["amp"] is True
+
+
+def test_bad_data_fails_early_with_file_named(data, tmp_path):
+    bad = tmp_path / "bad"
+    write_mfnet(bad, n_train=4, n_val=2, n_test=2, size=(32, 48))
+    name = (bad / "train.txt").read_text().split()[2]
+    broken = bad / "images" / f"{name}.png"
+    Image.new("RGB", (48, 32)).save(broken)                 # thermal channel lost
+    run = subprocess.run([sys.executable, str(ROOT / "train_seg.py"),
+                          *tiny_args(bad, tmp_path / "out")], cwd=ROOT, env=child_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert "Traceback" not in run.stderr
+    assert run.stderr.startswith("error: ") and str(broken) in run.stderr
+    assert not (tmp_path / "out" / "log.jsonl").exists()    # failed before training
+
+
+def test_missing_data_and_resume_file(data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_seg.main(tiny_args(tmp_path / "nowhere", tmp_path / "out"))
+    assert e.value.code == 2 and "nowhere" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        train_seg.main(tiny_args(data, tmp_path / "out", 4, 4, "--resume"))
+    assert e.value.code == 2 and "last.pt" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+    real_loss = train_seg.seg_loss
+
+    def loss_turning_nan(model, batch, device):
+        calls["n"] += 1
+        loss = real_loss(model, batch, device)
+        return loss * float("nan") if calls["n"] == 6 else loss
+
+    monkeypatch.setattr(train_seg, "seg_loss", loss_turning_nan)
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit) as e:
+        train_seg.main(tiny_args(data, out, 12, 4))
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "loss is nan at iteration 6" in err and str(out / "last.pt") in err
+    assert "iteration 4" in err
+    ckpt = load_checkpoint(str(out / "last.pt"))
+    assert ckpt["iter"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert read_log(out / "log.jsonl")[-1]["event"] == "diverged"
+
+
+def test_evaluate_outputs(data, tmp_path):
+    summary = train_seg.main(tiny_args(data, tmp_path / "run", 2, 2))
+    assert Path(summary["best"]).exists() and summary["best_miou"] is not None
+    metrics_file, vis_dir = tmp_path / "m.json", tmp_path / "vis"
+    result = evaluate.main(["--task", "seg", "--data", str(data), "--checkpoint",
+                            summary["last"], "--split", "test", "--json", str(metrics_file),
+                            "--save-vis", str(vis_dir), "--device", "cpu", "--workers", "0"])
+    saved = json.loads(metrics_file.read_text())
+    assert saved["num_images"] == 4 == saved["num_day"] + saved["num_night"]
+    for key in ("miou_all", "miou_day", "miou_night"):
+        assert saved[key] == pytest.approx(result[key])
+    assert saved["miou_all"] == pytest.approx(saved["all"]["mIoU"])
+    assert set(saved["all"]["IoU"]) == {"unlabeled", "car", "person", "bike", "curve", "car_stop",
+                                        "guardrail", "color_cone", "bump"}
+    # Day and night confusion matrices partition the whole set's pixels.
+    assert saved["all"]["num_pixels"] == saved["day"]["num_pixels"] + saved["night"]["num_pixels"]
+    assert saved["all"]["num_pixels"] == 4 * 32 * 48                # native resolution
+    pngs = sorted(vis_dir.glob("*.png"))
+    assert len(pngs) == 4
+    with Image.open(pngs[0]) as im:
+        assert im.size == (4 * 48, 32) and im.mode == "RGB"
+    # Evaluating the validation split reproduces the training script's final evaluation.
+    val = evaluate.main(["--data", str(data), "--checkpoint", summary["last"], "--split", "val",
+                         "--device", "cpu", "--workers", "0"])
+    assert val["miou_all"] == pytest.approx(summary["metrics"]["mIoU"], abs=1e-9)
