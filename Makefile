@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 venv: $(VENV)/.installed
 
 test: venv
-	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
 demo: venv
 	$(PY) -m ivt.demo --out runs/demo
