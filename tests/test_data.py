@@ -186,8 +186,12 @@ def test_empty_or_missing_split_list_is_rejected(tmp_path):
         MFNetDataset(root, "val")
     with pytest.raises(FileNotFoundError, match="test_night.txt"):
         MFNetDataset(root, "test_night")
-    with pytest.raises(ValueError, match="unknown MFNet split"):
+    with pytest.raises(FileNotFoundError, match="trainval.txt"):
         MFNetDataset(root, "trainval")
+    with pytest.raises(ValueError, match="split '../x': expected a list name"):
+        MFNetDataset(root, "../x")
+    (root / "my_day.txt").write_text("00001D\n")
+    assert len(MFNetDataset(root, "my_day")) == 1
 
 
 def test_flipped_copies_only_in_training_lists(tmp_path):

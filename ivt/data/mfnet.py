@@ -27,7 +27,7 @@ CLASSES = ("unlabeled", "car", "person", "bike", "curve", "car_stop", "guardrail
 PALETTE = ((0, 0, 0), (64, 0, 128), (64, 64, 0), (0, 128, 192), (0, 0, 192), (128, 128, 0),
            (64, 64, 128), (192, 128, 128), (192, 64, 0))
 NUM_CLASSES = len(CLASSES)
-MFNET_SPLITS = ("train", "val", "test", "test_day", "test_night", "train+val")
+MFNET_SPLITS = ("train", "val", "test", "test_day", "test_night", "train+val")   # the usual ones
 
 _NAME = re.compile(r"^\d+([DN])(_flip)?$")
 
@@ -160,8 +160,9 @@ class MFNetDataset(RGBTSegmentationDataset):
 
     Args:
         root: folder holding `images/`, `labels/` and the split lists.
-        split: 'train', 'val', 'test', 'test_day', 'test_night', or 'train+val' (the paper's
-            1176 training images).
+        split: the name of a list file `<root>/<split>.txt` ('train', 'val', 'test', 'test_day',
+            'test_night', or one of your own), or names joined by '+' ('train+val': the paper's
+            1176 training images). Flipped copies are allowed only in lists named 'train*'.
         train: random scale/crop/flip/jitter (`TrainTransform`) instead of native-size eval.
         crop: training crop (H, W).
         seed: base seed of the per-sample augmentation stream.
@@ -172,13 +173,14 @@ class MFNetDataset(RGBTSegmentationDataset):
     def __init__(self, root: Union[str, Path], split: str = "train", train: bool = True,
                  crop: Tuple[int, int] = (512, 512), seed: int = 0,
                  transform: Optional[Callable] = None, validate: bool = True):
-        if split not in MFNET_SPLITS:
-            raise ValueError(f"unknown MFNet split {split!r}; expected one of {MFNET_SPLITS}")
+        if not re.fullmatch(r"[\w.-]+(\+[\w.-]+)*", split):
+            raise ValueError(f"split {split!r}: expected a list name such as "
+                             f"{', '.join(MFNET_SPLITS)}, or names joined by '+'")
         self.root = Path(root)
         self.split = split
         names = []
         for part in split.split("+"):
-            names += read_split_list(self.root / f"{part}.txt", allow_flip=part == "train")
+            names += read_split_list(self.root / f"{part}.txt", allow_flip=part.startswith("train"))
         samples = [Sample(n, self.root / "images" / f"{n}.png", self.root / "images" / f"{n}.png",
                           self.root / "labels" / f"{n}.png") for n in names]
         super().__init__(samples, train, crop, seed, transform, validate)
