@@ -166,17 +166,24 @@ def _simam_backward_tile(x_ptr, g_ptr, b, c, hw, mask, mu, k,
 
 
 @triton.jit
+def _backward_program(stats_ptr, C, n_rows, BLOCK_C: tl.constexpr):
+    """This backward program's batch index, channel block, chunk, channel mask, (b, c) row
+    indices, and the rows' saved statistics mu and k = 1 / (4 (v + lam))."""
+    b, c = _program_rows(C, BLOCK_C)
+    c_mask = c < C
+    rows = b * C + c
+    mu = tl.load(stats_ptr + rows, mask=c_mask, other=0.0)
+    k = tl.load(stats_ptr + n_rows + rows, mask=c_mask, other=0.0)
+    return b, c, tl.program_id(1), c_mask, rows, mu, k
+
+
+@triton.jit
 def _simam_backward_partial_kernel(x_ptr, g_ptr, stats_ptr, part_ptr, C, HW, n_rows, n_chunks,
                                    stride_b, stride_c, stride_hw, g_b, g_c, g_hw,
                                    CHUNK_TILES: tl.constexpr, BLOCK_C: tl.constexpr,
                                    BLOCK_HW: tl.constexpr):
     """part[0, row, chunk] = sum(q (x - mu)), part[1, row, chunk] = sum(q (x - mu)^2)."""
-    b, c = _program_rows(C, BLOCK_C)
-    chunk = tl.program_id(1)
-    c_mask = c < C
-    rows = b * C + c
-    mu = tl.load(stats_ptr + rows, mask=c_mask, other=0.0)
-    k = tl.load(stats_ptr + n_rows + rows, mask=c_mask, other=0.0)
+    b, c, chunk, c_mask, rows, mu, k = _backward_program(stats_ptr, C, n_rows, BLOCK_C)
     sum_qx = tl.zeros([BLOCK_C], dtype=mu.dtype)
     sum_qd = tl.zeros([BLOCK_C], dtype=mu.dtype)
     for t in range(CHUNK_TILES):
@@ -202,12 +209,7 @@ def _simam_backward_kernel(x_ptr, g_ptr, stats_ptr, part_ptr, dx_ptr, C, HW, n, 
     the path through mu adds -sum(2 (x - mu) dL/dd) / N to every element, and sum(x - mu) = 0
     leaves only the sum(q (x - mu)) term.
     """
-    b, c = _program_rows(C, BLOCK_C)
-    chunk = tl.program_id(1)
-    c_mask = c < C
-    rows = b * C + c
-    mu = tl.load(stats_ptr + rows, mask=c_mask, other=0.0)
-    k = tl.load(stats_ptr + n_rows + rows, mask=c_mask, other=0.0)
+    b, c, chunk, c_mask, rows, mu, k = _backward_program(stats_ptr, C, n_rows, BLOCK_C)
     sum_qx = _sum_chunks(part_ptr, rows, c_mask, n_chunks, CHUNKS)
     sum_qd = _sum_chunks(part_ptr + n_rows * n_chunks, rows, c_mask, n_chunks, CHUNKS)
     dv = -4.0 * k * k * sum_qd / n  # dL/dv / n
