@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from ivt import engine
+from ivt.tasks.seg import evaluate_seg
 from ivt.checkpoint import check_pretrained, load_checkpoint, load_model_state
 from ivt.data import CLASSES, PALETTE, SEG_DATASETS, build_seg_dataset
 from ivt.data.mfnet import parse_name
@@ -112,7 +113,7 @@ def evaluate_seg_checkpoint(args, ckpt: dict, dist: engine.DistInfo) -> dict:
             panel(vis, ir, pred.numpy().astype(np.uint8),
                   label.numpy().astype(np.uint8)).save(out / f"{sample.name}.png")
 
-    metrics = engine.evaluate_seg(model, dataset, dist,
+    metrics = evaluate_seg(model, dataset, dist,
                                   engine.autocast_context(dist.device, args.amp),
                                   args.workers, on_prediction)
     night = sum(parse_name(s.name, s.label)[0] for s in dataset.samples)

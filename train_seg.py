@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import kernels
 from ivt import engine
+from ivt.tasks.seg import evaluate_seg
 from ivt.checkpoint import (atomic_save, check_pretrained, load_checkpoint, load_model_state,
                             make_checkpoint, model_state, set_rng_state, sha256_file)
 from ivt.data import CLASSES, SEG_DATASETS, build_seg_dataset
@@ -193,7 +194,7 @@ def train(args, dist: engine.DistInfo) -> dict:
     saved_iter = start_iter if ckpt else None
 
     def evaluate(it: int) -> dict:
-        r = engine.evaluate_seg(net, val_set, dist, autocast, args.workers)["all"].compute()
+        r = evaluate_seg(net, val_set, dist, autocast, args.workers)["all"].compute()
         logger.log("eval", iter=it, split=args.val_split, mIoU=r["mIoU"], mAcc=r["mAcc"],
                    aAcc=r["aAcc"], IoU=dict(zip(CLASSES, r["IoU"])))
         if dist.is_main:

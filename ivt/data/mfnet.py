@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .transforms import LABEL_PAD, EvalTransform, TrainTransform
+from .transforms import IMAGENET, LABEL_PAD, EvalTransform, Normalization, TrainTransform
 
 CLASSES = ("unlabeled", "car", "person", "bike", "curve", "car_stop", "guardrail",
            "color_cone", "bump")
@@ -109,13 +109,13 @@ class RGBTSegmentationDataset(Dataset):
     num_classes = NUM_CLASSES
 
     def __init__(self, samples: List[Sample], train: bool, crop: Tuple[int, int], seed: int,
-                 transform: Optional[Callable], validate: bool):
+                 transform: Optional[Callable], validate: bool, norm: Normalization = IMAGENET):
         self.samples = samples
         self.train = train
         self.seed = seed
         self.epoch = 0
         if transform is None:
-            transform = TrainTransform(crop) if train else EvalTransform()
+            transform = TrainTransform(crop, norm=norm) if train else EvalTransform(norm)
         self.transform = transform
         for s in samples:
             require_file(s.vis, "visible image")
@@ -168,11 +168,13 @@ class MFNetDataset(RGBTSegmentationDataset):
         seed: base seed of the per-sample augmentation stream.
         transform: overrides the transform chosen by `train`.
         validate: scan all files at construction (a few seconds for the full dataset).
+        norm: the backbone's input normalisation (`ivt.models.normalization_for(name)`).
     """
 
     def __init__(self, root: Union[str, Path], split: str = "train", train: bool = True,
                  crop: Tuple[int, int] = (512, 512), seed: int = 0,
-                 transform: Optional[Callable] = None, validate: bool = True):
+                 transform: Optional[Callable] = None, validate: bool = True,
+                 norm: Normalization = IMAGENET):
         if not re.fullmatch(r"[\w.-]+(\+[\w.-]+)*", split):
             raise ValueError(f"split {split!r}: expected a list name such as "
                              f"{', '.join(MFNET_SPLITS)}, or names joined by '+'")
@@ -183,7 +185,7 @@ class MFNetDataset(RGBTSegmentationDataset):
             names += read_split_list(self.root / f"{part}.txt", allow_flip=part.startswith("train"))
         samples = [Sample(n, self.root / "images" / f"{n}.png", self.root / "images" / f"{n}.png",
                           self.root / "labels" / f"{n}.png") for n in names]
-        super().__init__(samples, train, crop, seed, transform, validate)
+        super().__init__(samples, train, crop, seed, transform, validate, norm)
 
     def check_pair(self, sample: Sample) -> Tuple[int, int]:
         with Image.open(sample.vis) as im:

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from .mfnet import RGBTSegmentationDataset, Sample, check_names, parse_name, read_split_list
+from .transforms import IMAGENET, Normalization
 
 MSRS_SPLITS = ("train", "test", "test_day", "test_night")
 
@@ -49,7 +50,8 @@ class MSRSDataset(RGBTSegmentationDataset):
 
     def __init__(self, root: Union[str, Path], split: str = "train", train: bool = True,
                  crop: Tuple[int, int] = (512, 512), seed: int = 0,
-                 transform: Optional[Callable] = None, validate: bool = True):
+                 transform: Optional[Callable] = None, validate: bool = True,
+                 norm: Normalization = IMAGENET):
         if split not in MSRS_SPLITS:
             raise ValueError(f"unknown MSRS split {split!r}; expected one of {MSRS_SPLITS}")
         self.root = Path(root)
@@ -67,7 +69,7 @@ class MSRSDataset(RGBTSegmentationDataset):
         if split in ("test_day", "test_night"):
             want_night = split == "test_night"
             samples = [s for s in samples if parse_name(s.name, s.label)[0] == want_night]
-        super().__init__(samples, train, crop, seed, transform, validate)
+        super().__init__(samples, train, crop, seed, transform, validate, norm)
 
     def check_pair(self, sample: Sample) -> Tuple[int, int]:
         with Image.open(sample.vis) as vis, Image.open(sample.ir) as ir:

@@ -11,11 +11,14 @@ image (thermal intensities are temperatures). Inputs are numpy arrays:
 Randomness comes only from the `numpy.random.Generator` passed to the call; datasets build it
 from (seed, epoch, index), so an epoch replays exactly after a resume.
 
-Outputs are tensors: `vis` (3, H, W) float normalised with the ImageNet mean/std the frozen
-backbone was trained with; `ir` (3, H, W) float (thermal normalisation: the single channel is
-scaled to [0, 1], normalised with mean 0.5 and std 0.25, then repeated to 3 channels so the RGB
-patch embedding accepts it); `label` (H, W) int64.
+Outputs are tensors: `vis` (3, H, W) float normalised with the mean/std the frozen backbone was
+pre-trained with (a `Normalization`: ImageNet's for Swin, OpenAI CLIP's for EVA02; the backbone
+says which, `ivt.models.normalization_for`); `ir` (3, H, W) float (thermal normalisation: the
+single channel is scaled to [0, 1], normalised with mean 0.5 and std 0.25, then repeated to 3
+channels so the RGB patch embedding accepts it: no pre-trained model has seen thermal images, so
+this only centres them, for every backbone); `label` (H, W) int64.
 """
+from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import numpy as np
@@ -24,8 +27,32 @@ from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)     # OpenAI CLIP; EVA02's MIM pre-training
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 THERMAL_MEAN = 0.5
 THERMAL_STD = 0.25
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Input scaling of one backbone: visible (x/255 - mean)/std per RGB channel (the statistics
+    its checkpoint was pre-trained with), thermal (x/255 - thermal_mean)/thermal_std."""
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+    thermal_mean: float = THERMAL_MEAN
+    thermal_std: float = THERMAL_STD
+
+    def as_dict(self) -> dict:
+        return {"mean": list(self.mean), "std": list(self.std),
+                "thermal_mean": self.thermal_mean, "thermal_std": self.thermal_std}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Normalization":
+        return cls(tuple(d["mean"]), tuple(d["std"]), d["thermal_mean"], d["thermal_std"])
+
+
+IMAGENET = Normalization(IMAGENET_MEAN, IMAGENET_STD)   # Swin (ImageNet-22K)
+CLIP = Normalization(CLIP_MEAN, CLIP_STD)               # EVA02 (MIM on Merged-38M)
 IMAGE_PAD = 0     # pad value for visible and thermal images
 LABEL_PAD = 255   # pad value for labels: ignored by the loss and the metric (data.md)
 
@@ -82,18 +109,18 @@ def photometric_jitter(vis: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(img, 0.0, 255.0)
 
 
-def visible_to_tensor(vis: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) in [0, 255] -> (3, H, W) float32, ImageNet-normalised."""
+def visible_to_tensor(vis: np.ndarray, norm: Normalization = IMAGENET) -> torch.Tensor:
+    """(H, W, 3) in [0, 255] -> (3, H, W) float32, normalised with `norm.mean`, `norm.std`."""
     x = torch.from_numpy(np.ascontiguousarray(vis, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    mean = torch.tensor(norm.mean).view(3, 1, 1)
+    std = torch.tensor(norm.std).view(3, 1, 1)
     return (x - mean) / std
 
 
-def thermal_to_tensor(ir: np.ndarray) -> torch.Tensor:
-    """(H, W) uint8 -> (3, H, W) float32: thermal normalisation (x / 255 - 0.5) / 0.25, repeated."""
+def thermal_to_tensor(ir: np.ndarray, norm: Normalization = IMAGENET) -> torch.Tensor:
+    """(H, W) uint8 -> (3, H, W) float32: (x / 255 - 0.5) / 0.25 (`norm.thermal_*`), repeated."""
     x = torch.from_numpy(np.ascontiguousarray(ir, dtype=np.float32) / 255.0)
-    x = (x - THERMAL_MEAN) / THERMAL_STD
+    x = (x - norm.thermal_mean) / norm.thermal_std
     return x.unsqueeze(0).repeat(3, 1, 1)
 
 
@@ -112,11 +139,13 @@ class TrainTransform:
             bilinear for images and NEAREST for the label (Pillow's default for mode L is not).
         flip_prob: probability of a horizontal flip.
         jitter: apply `photometric_jitter` to the visible image.
+        norm: input normalisation of the backbone (`Normalization`).
     """
 
     def __init__(self, crop: Tuple[int, int] = (512, 512),
                  scale_range: Tuple[float, float] = (0.5, 2.0),
-                 flip_prob: float = 0.5, jitter: bool = True):
+                 flip_prob: float = 0.5, jitter: bool = True, norm: Normalization = IMAGENET):
+        self.norm = norm
         self.crop = tuple(crop)
         self.scale_range = tuple(scale_range)
         self.flip_prob = flip_prob
@@ -149,14 +178,18 @@ class TrainTransform:
 
         if rng.random() < self.flip_prob:
             vis, ir, label = vis[:, ::-1], ir[:, ::-1], label[:, ::-1]
-        return {"vis": visible_to_tensor(vis), "ir": thermal_to_tensor(ir),
+        return {"vis": visible_to_tensor(vis, self.norm), "ir": thermal_to_tensor(ir, self.norm),
                 "label": label_to_tensor(label)}
 
 
 class EvalTransform:
     """No augmentation: native size, normalisation only (metrics are computed at native size)."""
 
+    def __init__(self, norm: Normalization = IMAGENET):
+        self.norm = norm
+
     def __call__(self, vis: np.ndarray, ir: np.ndarray, label: np.ndarray,
                  rng: Optional[np.random.Generator] = None) -> Dict[str, torch.Tensor]:
-        return {"vis": visible_to_tensor(vis), "ir": thermal_to_tensor(thermal_to_gray(ir)),
+        return {"vis": visible_to_tensor(vis, self.norm),
+                "ir": thermal_to_tensor(thermal_to_gray(ir), self.norm),
                 "label": label_to_tensor(label)}

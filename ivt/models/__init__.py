@@ -1,15 +1,28 @@
 """Model entry points: `build_backbone(name, tuning=..., pretrained=..., img_size=..., **options)`."""
 from typing import Optional
 
+from ..data.transforms import CLIP, IMAGENET, Normalization
+
 from .backbone import TUNINGS, CheckpointError, IVTBackbone, count_parameters, make_ivt_config
 from .eva02 import EVA02_CONFIGS, build_eva02
 from .ivtuning import VARIANTS, IVTConfig
 from .swin import SWIN_CONFIGS, build_swin
 
-__all__ = ["build_backbone", "BACKBONES", "TUNINGS", "VARIANTS", "IVTConfig", "IVTBackbone",
+__all__ = ["build_backbone", "normalization_for", "BACKBONES", "TUNINGS", "VARIANTS", "IVTConfig", "IVTBackbone",
            "CheckpointError", "count_parameters"]
 
 BACKBONES = tuple(SWIN_CONFIGS) + tuple(EVA02_CONFIGS)
+
+
+def normalization_for(name: str) -> Normalization:
+    """The input normalisation a backbone family was pre-trained with (timm's `pretrained_cfg`
+    mean/std): ImageNet's for Swin (ImageNet-22K), OpenAI CLIP's for EVA02 (the EVA release and
+    timm's `eva02_*.mim_m38m`). A frozen backbone cannot adapt to inputs scaled otherwise."""
+    if name in SWIN_CONFIGS:
+        return IMAGENET
+    if name in EVA02_CONFIGS:
+        return CLIP
+    raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(BACKBONES)}")
 
 
 def build_backbone(name: str, tuning: str = "ivt", pretrained: Optional[str] = None,
