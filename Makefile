@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 
-.PHONY: venv test demo clean
+.PHONY: venv test demo demo-sod demo-det demo-methods clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,15 @@ test: venv
 
 demo: venv
 	$(PY) -m ivt.demo --out runs/demo
+
+demo-sod: venv
+	$(PY) -m ivt.demo --task sod --out runs/demo
+
+demo-det: venv
+	$(PY) -m ivt.demo --task det --out runs/demo
+
+demo-methods: venv
+	$(PY) -m ivt.demo --methods --out runs/demo_methods
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

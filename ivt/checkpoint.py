@@ -12,7 +12,9 @@ plain Python values only):
     pretrained_sha256   its SHA-256 (None without one)
     optimizer           the optimizer's state_dict
     rng                 python, numpy, torch (and cuda) RNG states at the moment of saving
-    best_miou, metrics  validation results so far (task scripts may add more keys)
+    task                'seg', 'sod' or 'det'
+    metric, best        the validation score that selects best.pt, and its best value so far
+    metrics             the latest validation results
 
 With a pretrained file, only the parameters that train plus every persistent buffer are stored
 (tens of MB for Swin-L instead of 800 MB); loading re-reads the pretrained file and checks its hash.

@@ -31,12 +31,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .checkpoint import load_checkpoint, load_model_state
-from .data import NUM_CLASSES, PALETTE, MFNetDataset
+from .checkpoint import load_checkpoint
+from .data import PALETTE, MFNetDataset
 from .data.synthetic import write_mfnet
 from .engine import jsonable
 from .models import build_backbone, count_parameters
-from .models.segmentor import build_from_config
+from .tasks import load_trained
 
 RUNS = ("full_vis", "ivt", "ivt_ir_missing")
 BACKBONE = "swin_nano"
@@ -130,6 +130,17 @@ def train_args(s: Settings, data: Path, out: Path, seed: int, tuning: str, iters
     return args
 
 
+def pretrain_visible(out: Path, data: Path, s: Settings, seed: int) -> Path:
+    """Stage 2: train swin_nano + Segformer head on day-only visible images (`--tuning full`)
+    and export its backbone as the "visible-light pre-trained model"; returns the file."""
+    train_seg, _ = _repo_scripts()
+    train_seg.main(train_args(s, data, out / "pretrain", seed, "full", s.pretrain_iters,
+                              s.pretrain_lr))
+    pretrained = out / f"{BACKBONE}_visible_pretrained.pth"
+    export_backbone(out / "pretrain" / "last.pt", pretrained)
+    return pretrained
+
+
 def export_backbone(checkpoint: Path, dest: Path) -> None:
     """The pre-training run's backbone as a plain state dict (timm layout, no IV-tuning keys)."""
     model = load_checkpoint(str(checkpoint))["model"]
@@ -145,10 +156,7 @@ def colourise(label: np.ndarray) -> np.ndarray:
 
 
 def load_segmentor(checkpoint: Path, pretrained: Path):
-    ckpt = load_checkpoint(str(checkpoint))
-    model = build_from_config(ckpt["config"], NUM_CLASSES, str(pretrained) if ckpt["delta"] else None)
-    load_model_state(model, ckpt["model"], ckpt["delta"], str(checkpoint))
-    return model.eval()
+    return load_trained(str(checkpoint), str(pretrained))[1]
 
 
 def night_figure(data: Path, checkpoints: Dict[str, Path], pretrained: Path, dest: Path,
@@ -211,10 +219,7 @@ def run(out: Path, seed: int = 0, settings: Settings = PRESETS["default"], quiet
 
     log(f"pre-training {BACKBONE} on day-time visible images ({s.pretrain_iters} iterations)")
     t0 = time.perf_counter()
-    train_seg.main(train_args(s, data["pretrain"], out / "pretrain", seed, "full",
-                              s.pretrain_iters, s.pretrain_lr))
-    pretrained = out / f"{BACKBONE}_visible_pretrained.pth"
-    export_backbone(out / "pretrain" / "last.pt", pretrained)
+    pretrained = pretrain_visible(out, data["pretrain"], s, seed)
     timings["pretrain"] = time.perf_counter() - t0
 
     summary, checkpoints = {}, {}
@@ -285,6 +290,15 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--smoke", action="store_true",
                    help="tiny images, a few iterations: checks the plumbing in seconds; the "
                         "numbers mean nothing (used by the tests) (default: off)")
+    p.add_argument("--task", default="seg", choices=("seg", "sod", "det"),
+                   help="seg: the MFNet-layout segmentation demo above; sod: the same argument "
+                        "for salient object detection (VT layout, S-measure; ivt/demo_sod.py); "
+                        "det: for detection (M3FD layout, COCO AP; ivt/demo_det.py) "
+                        "(default: %(default)s)")
+    p.add_argument("--methods", action="store_true",
+                   help="instead, compare IV-tuning with the PETL methods of the paper's "
+                        "Table 4 (full, freeze, VPT, AdaptFormer, Bi-AdaptFormer, Rein) on the "
+                        "segmentation scenes (ivt/demo_methods.py)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads. A fixed count keeps reruns identical (float "
                         "sums depend on it); one also avoids OpenMP's slowdown on a busy "
@@ -298,6 +312,15 @@ def main(argv=None) -> dict:
         raise SystemExit("error: --threads must be at least 1")
     torch.set_num_threads(args.threads)
     preset = "smoke" if args.smoke else "fast" if args.fast else "default"
+    if args.methods:
+        from .demo_methods import run as run_methods
+        return run_methods(Path(args.out), args.seed, preset=preset)
+    if args.task == "sod":
+        from .demo_sod import run as run_sod
+        return run_sod(Path(args.out), args.seed, preset)
+    if args.task == "det":
+        from .demo_det import run as run_det
+        return run_det(Path(args.out), args.seed, preset)
     return run(Path(args.out), args.seed, PRESETS[preset])
 
 

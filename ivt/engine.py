@@ -1,8 +1,7 @@
-"""The training loop the task scripts share: devices and DDP, seeding, optimizer, poly schedule,
-bf16 autocast, an infinite epoch-aware batch stream, JSONL logging, evaluation, a NaN guard.
-
-A script builds its datasets and model, then hands `train_loop` a loss function, an `evaluate`
-callback and a `save` callback; everything task-specific stays in the script.
+"""The task-agnostic machinery of training: devices and DDP, seeding, the poly schedule, bf16
+autocast, an infinite epoch-aware batch stream, JSONL logging, the optimisation step and the loop
+with its NaN guard. Nothing here knows about a task: `ivt.trainer` drives it with a task's
+loss, evaluation and checkpointing callbacks.
 
 Distributed runs are detected from the environment torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK):
 gloo on CPU, nccl on CUDA. All ranks use the same seed, so their RNG streams (dropout, drop-path)
@@ -94,15 +93,6 @@ def autocast_context(device: torch.device, amp: bool) -> Callable:
 
 
 # -- optimisation --------------------------------------------------------------------------------
-def build_sgd(model: nn.Module, lr: float, momentum: float, weight_decay: float
-              ) -> torch.optim.SGD:
-    """SGD over the parameters with requires_grad only (frozen weights get no state)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters")
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-
-
 def poly_lr(base_lr: float, iteration: int, total: int, power: float = 1.0) -> float:
     """Learning rate for (0-based) `iteration` of `total`: base_lr * (1 - it/total)^power."""
     return base_lr * (1.0 - iteration / total) ** power
@@ -144,6 +134,7 @@ class InfiniteBatches:
             batches = [indices[i * bs:(i + 1) * bs] for i in range(skip, self.per_epoch)]
             loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers,
                                 pin_memory=self.pin,
+                                collate_fn=getattr(self.dataset, "collate_fn", None),
                                 generator=torch.Generator().manual_seed(self.seed + epoch))
             yield from loader
             epoch, skip = epoch + 1, 0
@@ -196,58 +187,93 @@ def params_finite(model: nn.Module) -> bool:
     return all_reduce_sum_(torch.tensor(float(bad))).item() == 0
 
 
-def train_loop(model: nn.Module, batches: Iterator[dict], loss_fn: Callable,
-               optimizer: torch.optim.Optimizer, *, dist: DistInfo, autocast: Callable,
-               start_iter: int, iters: int, base_lr: float, lr_power: float, log_every: int,
+def describe_parameters(model: nn.Module) -> str:
+    """One line: trainable / total parameters of the model and of its backbone."""
+    net = unwrap(model)
+    count = lambda m, t: sum(p.numel() for p in m.parameters() if p.requires_grad or not t)  # noqa: E731
+    total_t, total = count(net, True), count(net, False)
+    line = f"parameters: {total_t:,} / {total:,} trainable ({100.0 * total_t / total:.2f}%)"
+    backbone = getattr(net, "backbone", None)
+    if backbone is not None:
+        line += f"; backbone {count(backbone, True):,} / {count(backbone, False):,} trainable"
+    return line
+
+
+class EagerStep:
+    """One optimisation step in eager mode: `step(batch, lr) -> loss` (detached, on the device;
+    reading it is left to the caller, so nothing here waits for the GPU).
+
+    Sets every parameter group's lr to `lr * group['lr_mult']`, computes `loss_fn(model, batch)`
+    under `autocast`, backpropagates, clips the gradient norm to `clip_grad` (0: off), steps.
+    `ivt.graph_step.GraphedTrainStep` is the same step captured in a CUDA graph.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, optimizer: torch.optim.Optimizer,
+                 autocast: Callable, clip_grad: float = 0.0):
+        self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
+        self.autocast, self.clip_grad = autocast, clip_grad
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def __call__(self, batch: dict, lr: float) -> torch.Tensor:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+        with self.autocast():
+            loss = self.loss_fn(self.model, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad)
+        self.optimizer.step()
+        return loss.detach().float()
+
+
+def train_loop(model: nn.Module, batches: Iterator[dict], step: Callable, *, dist: DistInfo,
+               start_iter: int, iters: int, lr_at: Callable[[int], float], log_every: int,
                eval_every: int, evaluate: Callable, save: Callable,
                logger: JSONLLogger) -> Optional[dict]:
     """Iterations start_iter+1 .. iters; returns the last `evaluate` result (None if none ran).
 
-    Per iteration: poly learning rate, `loss = loss_fn(model, batch)` under `autocast`, the loss
-    averaged over processes (the logged value; a non-finite one raises TrainingDiverged before
-    any update), backward, step. Every `log_every` iterations a `train` record
-    (iter, loss, lr, time per iteration, elapsed). Every `eval_every` iterations (0: only at the
-    end) and at the end: `result = evaluate(it)`, then, if the trained weights are finite,
-    `save(it, result)` (otherwise TrainingDiverged, leaving the previous checkpoint in place).
+    Per iteration: `loss = step(batch, lr_at(it))` (a device tensor), added to a device-side sum;
+    nothing is read back from the device. Every `log_every` iterations, before every evaluation
+    and at the end, the mean loss since the last record is averaged over processes and read
+    once: a `train` record (iter, loss, lr, time per iteration, elapsed), and a non-finite loss
+    raises TrainingDiverged. Every `eval_every` iterations (0: only at the end) and at the end:
+    `result = evaluate(it)`, then, if the trained weights are finite, `save(it, result)`; so
+    the last checkpoint written is always the last finite one.
     """
     model.train()
     result = None
     bar = tqdm(total=iters, initial=start_iter, disable=not dist.is_main, dynamic_ncols=True,
                desc="train")
     start = window_start = time.perf_counter()
-    window = 0
+    window, loss_sum = 0, None
     try:
         for it in range(start_iter, iters):
-            lr = poly_lr(base_lr, it, iters, lr_power)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batch = next(batches)
-            with autocast():
-                loss = loss_fn(model, batch)
-            reduced = all_reduce_sum_(loss.detach().float().clone()) / dist.world_size
-            loss_value = reduced.item()
-            if not math.isfinite(loss_value):
-                raise TrainingDiverged(f"loss is {loss_value} at iteration {it + 1} "
-                                       f"(lr {lr:.3g}); training stopped")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
+            lr = lr_at(it)
+            loss = step(next(batches), lr)
+            loss_sum = loss if loss_sum is None else loss_sum + loss
             done, window = it + 1, window + 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-            if done % log_every == 0 or done == iters:
+            evaluate_now = (eval_every > 0 and done % eval_every == 0) or done == iters
+            if done % log_every == 0 or evaluate_now:
+                mean = (all_reduce_sum_(loss_sum.clone()) / (window * dist.world_size)).item()
+                if not math.isfinite(mean):
+                    where = (f"at iteration {done}" if window == 1 else
+                             f"in iterations {done - window + 1}..{done}")
+                    raise TrainingDiverged(f"loss is {mean} {where} (lr {lr:.3g}); "
+                                           f"training stopped")
                 now = time.perf_counter()
-                logger.log("train", iter=done, loss=loss_value, lr=lr,
+                logger.log("train", iter=done, loss=mean, lr=lr,
                            time=(now - window_start) / window, elapsed=now - start)
-                window_start, window = now, 0
-            if (eval_every > 0 and done % eval_every == 0) or done == iters:
+                bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
+                window_start, window, loss_sum = now, 0, None
+            if evaluate_now:
                 result = evaluate(done)
                 if not params_finite(model):
                     raise TrainingDiverged(f"trained weights are not finite after iteration "
                                            f"{done}; training stopped")
                 save(done, result)
-                window_start, window = time.perf_counter(), 0   # keep evaluation out of `time`
+                window_start = time.perf_counter()   # keep evaluation out of `time`
     finally:
         bar.close()
     return result

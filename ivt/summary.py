@@ -1,5 +1,5 @@
 """`python -m ivt.summary`: trainable and total backbone parameters, per component, and the paper's
-#TP values beside ours (Tables 2, 5, 6 and 8).
+#TP values beside ours (Tables 2, 5, 6 and 8); `--methods`: the compared PETL methods (Table 4).
 
 Models are built on the meta device, so even EVA02-L is counted in a couple of seconds without
 allocating its weights.
@@ -11,7 +11,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .models import BACKBONES, TUNINGS, VARIANTS, build_backbone
+from .models import BACKBONES, TUNINGS, VARIANTS, PETLConfig, build_backbone
+from .models.petl import METHOD_OPTIONS
 
 # Component of a trainable parameter, from its name (first match wins).
 _COMPONENTS = [
@@ -27,6 +28,10 @@ _COMPONENTS = [
     (r"\.ipa\d\.sft_in\.", "IPA SFT1 gamma/beta"),
     (r"\.ipa\d\.sft_out\.", "IPA SFT2 gamma/beta"),
     (r"\.ipa\d\.(down|up)\.", "IPA linears (down, up)"),
+    (r"\.prompts$", "VPT prompts"),
+    (r"\.adapters\.(down|up)\.", "(Bi-)AdaptFormer linears (down, up)"),
+    (r"^rein\.\d+\.tokens_", "Rein tokens (A, B)"),
+    (r"^rein\.", "Rein MLPs and scale"),
     (r"", "visible model"),
 ]
 
@@ -73,6 +78,75 @@ NOTES = """Notes on the paper's numbers:
 * The supplement's 6.01M matches no variant."""
 
 
+# Table 4 (Swin-L): the compared methods with the options that build them (defaults).
+METHOD_ROWS: List[Tuple[str, str, dict, float]] = [
+    ("Full fine-tuning", "full", dict(), 192.50),
+    ("Freeze", "freeze", dict(), 0.00),
+    ("VPT", "vpt", dict(), 0.20),
+    ("AdaptFormer", "adaptformer", dict(), 2.34),
+    ("Bi-AdaptFormer", "bi_adaptformer", dict(), 1.16),
+    ("Rein", "rein", dict(), 14.72),
+    ("IV-tuning", "ivt", dict(), 6.06),
+]
+
+METHOD_NOTES = """Notes on Table 4 (Swin-L):
+* Every PETL method has the independent IR patch embedding of Sec. 4.5 (9,792 parameters: conv
+  4x4 3->192 with bias, LayerNorm), counted in "ours". AdaptFormer's 2.34M needs it
+  (2,329,728 without it = 2.33M), so the paper counts it; both round to 1.16M for Bi-AdaptFormer.
+  The paper's Freeze (0.00M) has none; `freeze`/`full` get it with ir_embed=True (+9,792).
+* Full: 192.50M matches no Swin-L count (195,195,444 here; 195.20M in Table 5(a)).
+* VPT: p prompts per block cost p x 18,048 (the 24 blocks' widths). With the IR embedding,
+  p = 10 gives 190,272 (0.19M, -4.9%) and p = 11 gives 208,320 (0.21M, +4.2%): no prompt length
+  lands within 2%. Without it, p = 11 gives 198,528 = 0.20M. Default p = 10.
+* Bi-AdaptFormer: Binary Adapters reports storage, not a reduced parameter count; 1.16M counts
+  each 1-bit weight as one parameter: 2 C r per block, r = 32, no biases, s fixed = 1,155,072
+  (+ IR embedding). Stored at 1 bit plus fp32 mean and std per matrix: 144,768 bytes.
+* Rein: Rein's defaults (m = 100 tokens of rank 16 per block, the two MLPs and alpha shared by
+  the blocks of a stage, as the release does for ConvNeXt; no Mask2Former query link with a
+  Segformer head) give 6,609,604. 14.72M is not reached by any natural variant: full-rank tokens
+  8,087,236; plus the Mask2Former link (transform, merge) per stage 9,612,996; MLPs per block
+  instead of per stage 31,781,188 (all with the IR embedding)."""
+
+
+def methods_table(backbone: str = "swin_l", overrides: Optional[dict] = None
+                  ) -> List[Dict[str, object]]:
+    """Table 4's rows: our trainable count (IR embedding included where the mode has one), the
+    IR embedding's share, the paper's value and the hyperparameters. `overrides`: PETL options
+    (`prompt_length`, `bottleneck`, `scale`, `rein_tokens`, `rein_rank`) for the methods that
+    take them, e.g. {'prompt_length': 11}."""
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    rows = []
+    for setting, tuning, options, paper in METHOD_ROWS:
+        own = {k: v for k, v in overrides.items() if k in METHOD_OPTIONS.get(tuning, ())}
+        options = {**options, **own}
+        c = count(backbone, img_size=_default_size(backbone), tuning=tuning, **options)
+        ir = sum(n for label, n in c["components"].items() if label.startswith("IR patch"))
+        if tuning == "ivt":
+            hyper = "d1-d2-d3 8-64-8"
+        elif tuning in ("full", "freeze"):
+            hyper = "visible model only"
+        else:
+            hyper = PETLConfig(method=tuning, **own).describe()
+        paper = paper if backbone == "swin_l" else None       # Table 4 is Swin-L
+        rows.append({"setting": setting, "tuning": tuning, "hyperparameters": hyper,
+                     "ours": c["trainable"], "ir_embed": ir, "paper_M": paper,
+                     "ratio": c["trainable"] / (paper * 1e6) if paper else None})
+    return rows
+
+
+def print_methods(backbone: str = "swin_l", overrides: Optional[dict] = None) -> None:
+    print(f"Table 4: trainable backbone parameters of the compared methods ({backbone})")
+    print(f"{'method':<18}{'tuning':<16}{'hyperparameters':<34}{'ours':>13}{'of which IR':>13}"
+          f"{'paper':>9}{'ours/paper':>12}")
+    for r in methods_table(backbone, overrides):
+        ratio = "" if r["ratio"] is None else f"{100 * (r['ratio'] - 1):+.1f}%"
+        paper = "-" if r["paper_M"] is None else f"{r['paper_M']:.2f}M"
+        print(f"{r['setting']:<18}{r['tuning']:<16}{r['hyperparameters']:<34}{r['ours']:>13,}"
+              f"{r['ir_embed']:>13,}{paper:>9}{ratio:>12}")
+    print()
+    print(METHOD_NOTES if backbone == "swin_l" else "(Table 4 reports Swin-L only.)")
+
+
 def component_of(name: str) -> str:
     return next(label for pattern, label in _COMPONENTS if re.search(pattern, name))
 
@@ -87,7 +161,7 @@ def count(name: str, img_size=None, **options) -> Dict[str, object]:
             parts[component_of(pname)] += p.numel()
     trainable = sum(parts.values())
     total = sum(p.numel() for p in bb.parameters())
-    visible = sum(p.numel() for n, p in bb.named_parameters() if not bb.is_ivt_name(n))
+    visible = sum(p.numel() for n, p in bb.named_parameters() if not bb.is_added_name(n))
     return {"trainable": trainable, "total": total, "visible": visible,
             "components": {k: v for k, v in parts.items() if v}}
 
@@ -111,7 +185,9 @@ def main(argv=None) -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", default="swin_l", choices=BACKBONES, help="backbone name")
     ap.add_argument("--tuning", default="ivt", choices=TUNINGS,
-                    help="full: all trainable; freeze: nothing; ivt: IV-tuning modules only")
+                    help="full: all trainable; freeze: nothing; ivt: IV-tuning modules only; "
+                         "vpt, adaptformer, bi_adaptformer, rein: the compared PETL methods "
+                         "(their modules and an IR patch embedding)")
     ap.add_argument("--variant", default="ivt", choices=VARIANTS, help="IV-tuning ablation")
     ap.add_argument("--d1", type=int, default=8, help="EMPG hidden width")
     ap.add_argument("--d2", type=int, default=64, help="Hybrid Adapter hidden width")
@@ -120,18 +196,40 @@ def main(argv=None) -> None:
                     help="0-based block indices that get adapters (default: all)")
     ap.add_argument("--img-size", type=int, default=None,
                     help="input size (matters for EVA02's position embedding; default 512 for EVA02)")
+    ap.add_argument("--methods", action="store_true",
+                    help="print the compared PETL methods' counts beside Table 4's (with the "
+                         "options below where given) and exit")
+    ap.add_argument("--prompt-length", type=int, default=None, help="vpt: prompts per block (10)")
+    ap.add_argument("--bottleneck", type=int, default=None,
+                    help="adaptformer / bi_adaptformer: hidden width (64 / 32)")
+    ap.add_argument("--adapter-scale", type=float, default=None,
+                    help="adaptformer / bi_adaptformer: the branch's scale s (0.1 / 1)")
+    ap.add_argument("--rein-tokens", type=int, default=None, help="rein: tokens per block (100)")
+    ap.add_argument("--rein-rank", type=int, default=None, help="rein: token rank (16)")
+    ap.add_argument("--ir-embed", action="store_true",
+                    help="full / freeze: add the independent IR patch embedding of Sec. 4.5")
     ap.add_argument("--paper", action="store_true",
                     help="also print every #TP row of the paper's Tables 2, 5, 6 and 8 beside ours")
     args = ap.parse_args(argv)
+    petl = dict(prompt_length=args.prompt_length, bottleneck=args.bottleneck,
+                scale=args.adapter_scale, rein_tokens=args.rein_tokens, rein_rank=args.rein_rank)
+    if args.methods:
+        print_methods(args.backbone, petl)
+        return
 
-    options = {}
+    options = {k: v for k, v in petl.items() if v is not None}
     if args.tuning == "ivt":
         options = dict(variant=args.variant, d1=args.d1, d2=args.d2, d3=args.d3, layers=args.layers)
+    elif args.tuning in ("full", "freeze") and args.ir_embed:
+        options = dict(ir_embed=True)
     c = count(args.backbone, img_size=args.img_size or _default_size(args.backbone),
               tuning=args.tuning, **options)
-    print(f"{args.backbone}, tuning={args.tuning}" +
-          (f", variant={args.variant}, d1-d2-d3={args.d1}-{args.d2}-{args.d3}"
-           if args.tuning == "ivt" else ""))
+    detail = ""
+    if args.tuning == "ivt":
+        detail = f", variant={args.variant}, d1-d2-d3={args.d1}-{args.d2}-{args.d3}"
+    elif args.tuning in METHOD_OPTIONS:
+        detail = ", " + PETLConfig(method=args.tuning, **options).describe()
+    print(f"{args.backbone}, tuning={args.tuning}{detail}")
     print(f"{'component':<32}{'trainable':>14}")
     for label, n in c["components"].items():
         print(f"{label:<32}{n:>14,}")

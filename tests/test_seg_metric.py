@@ -28,19 +28,21 @@ def reference_scores(preds, gts, num_classes, ignore_index=255):
     defined_iou = [v for v in iou if not math.isnan(v)]
     defined_acc = [v for v in acc if not math.isnan(v)]
     return {"mIoU": 100 * sum(defined_iou) / len(defined_iou),
+            "mIoU_nan0": 100 * sum(defined_iou) / num_classes,
             "mAcc": 100 * sum(defined_acc) / len(defined_acc),
             "aAcc": 100 * tp_all / n_all,
             "IoU": [100 * v for v in iou], "Acc": [100 * v for v in acc]}
 
 
 def assert_scores_close(got, want):
-    for key in ("mIoU", "mAcc", "aAcc"):
+    for key in ("mIoU", "mIoU_nan0", "mAcc", "aAcc"):
         assert got[key] == pytest.approx(want[key], abs=1e-9), key
     for key in ("IoU", "Acc"):
         np.testing.assert_allclose(got[key], want[key], atol=1e-9, equal_nan=True)
 
 
-@pytest.mark.parametrize("num_classes,shape", [(2, (7, 5)), (9, (3, 13, 17)), (5, (2, 1, 31))])
+@pytest.mark.parametrize("num_classes,shape", [(2, (7, 5)), (9, (3, 13, 17)), (5, (2, 1, 31)),
+                                               (12, (1, 1, 3))])   # classes absent: means differ
 def test_matches_reference_on_random_batches(num_classes, shape):
     rng = np.random.default_rng(num_classes)
     metric = SegMetric(num_classes)
@@ -83,6 +85,34 @@ def test_absent_class_is_nan_and_left_out_of_the_mean():
     assert out["IoU"][3] == 0.0 and math.isnan(out["Acc"][3])        # predicted, never in gt
     assert out["mIoU"] == pytest.approx((100 + 50 + 0) / 3)
     assert out["mAcc"] == pytest.approx((100 + 50) / 2)
+
+
+def test_miou_nan0_counts_absent_classes_as_zero():
+    """Day and night subsets of 4 classes, hand computed. mmseg's mIoU leaves a class absent from
+    both ground truth and prediction out of the mean; RTFNet's mIoU_nan0 counts it as 0. On the
+    whole set every class occurs and the two agree."""
+    night_pred, night_gt = np.array([0, 0, 0, 1, 0]), np.array([0, 0, 1, 1, 3])
+    day_pred, day_gt = np.array([2, 2, 0, 1]), np.array([2, 0, 0, 1])
+    night, day, both = SegMetric(4), SegMetric(4), SegMetric(4)
+    night.update(night_pred, night_gt)
+    day.update(day_pred, day_gt)
+    both.update(np.concatenate([night_pred, day_pred]), np.concatenate([night_gt, day_gt]))
+    # night: class 0 TP 2 FP 2 FN 0 -> 1/2; class 1 TP 1 FN 1 -> 1/2; class 2 absent -> NaN;
+    # class 3 FN 1 -> 0
+    out = night.compute()
+    assert math.isnan(out["IoU"][2])
+    assert out["mIoU"] == pytest.approx(100 * (1 / 2 + 1 / 2 + 0) / 3)
+    assert out["mIoU_nan0"] == pytest.approx(100 * (1 / 2 + 1 / 2 + 0 + 0) / 4)
+    # day: class 0 TP 1 FN 1 -> 1/2; class 1 -> 1; class 2 TP 1 FP 1 -> 1/2; class 3 absent
+    out = day.compute()
+    assert math.isnan(out["IoU"][3])
+    assert out["mIoU"] == pytest.approx(100 * (1 / 2 + 1 + 1 / 2) / 3)
+    assert out["mIoU_nan0"] == pytest.approx(100 * (1 / 2 + 1 + 1 / 2 + 0) / 4)
+    # all: class 0 TP 3 FP 2 FN 1 -> 1/2; class 1 TP 2 FN 1 -> 2/3; class 2 -> 1/2; class 3 -> 0
+    out = both.compute()
+    assert out["mIoU"] == pytest.approx(100 * (1 / 2 + 2 / 3 + 1 / 2 + 0) / 4)
+    assert out["mIoU_nan0"] == pytest.approx(out["mIoU"])
+    assert math.isnan(SegMetric(3).compute()["mIoU_nan0"])      # no pixels at all
 
 
 def test_unlabeled_class_zero_counts():

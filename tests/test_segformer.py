@@ -5,7 +5,8 @@ import torch.nn.functional as F
 
 from ivt.models import count_parameters
 from ivt.models.heads import SegformerHead
-from ivt.models.segmentor import Segmentor, build_from_config, build_segmentor
+from ivt.models.segmentor import Segmentor, build_segmentor
+from ivt.tasks.seg import build_model
 
 
 @pytest.mark.parametrize("size", [(32, 32), (40, 56), (37, 45)])
@@ -87,5 +88,5 @@ def test_options_pass_through():
         build_segmentor("swin_nano", 9, tuning="full", d2=8)
     cfg = {"backbone": "swin_nano", "tuning": "ivt", "crop": 32, "head_dim": 16, "d1": 8,
            "d2": 8, "d3": 8, "variant": "empg_only", "layers": None}
-    m = build_from_config(cfg, 9, pretrained=None)
+    m = build_model(cfg, pretrained=None)
     assert m.backbone.ivt_cfg.variant == "empg_only" and m.head.embed_dim == 16

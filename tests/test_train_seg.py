@@ -21,6 +21,7 @@ import evaluate  # noqa: E402
 import train_seg  # noqa: E402
 from ivt.checkpoint import load_checkpoint
 from ivt.data.synthetic import write_mfnet
+from ivt.tasks.seg import SegTask
 
 
 def tiny_args(data, out, iters=16, eval_every=4, *extra):
@@ -182,14 +183,14 @@ def test_missing_data_and_resume_file(data, tmp_path, capsys):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, monkeypatch, capsys):
     calls = {"n": 0}
-    real_loss = train_seg.seg_loss
+    real_loss = SegTask.loss
 
-    def loss_turning_nan(model, batch, device):
+    def loss_turning_nan(self, model, batch, device):
         calls["n"] += 1
-        loss = real_loss(model, batch, device)
+        loss = real_loss(self, model, batch, device)
         return loss * float("nan") if calls["n"] == 6 else loss
 
-    monkeypatch.setattr(train_seg, "seg_loss", loss_turning_nan)
+    monkeypatch.setattr(SegTask, "loss", loss_turning_nan)
     out = tmp_path / "nan"
     with pytest.raises(SystemExit) as e:
         train_seg.main(tiny_args(data, out, 12, 4))
@@ -205,7 +206,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, monkeypat
 
 def test_evaluate_outputs(data, tmp_path):
     summary = train_seg.main(tiny_args(data, tmp_path / "run", 2, 2))
-    assert Path(summary["best"]).exists() and summary["best_miou"] is not None
+    assert Path(summary["best_path"]).exists() and summary["best"] is not None
     metrics_file, vis_dir = tmp_path / "m.json", tmp_path / "vis"
     result = evaluate.main(["--task", "seg", "--data", str(data), "--checkpoint",
                             summary["last"], "--split", "test", "--json", str(metrics_file),

@@ -1,7 +1,9 @@
 """Datasets in their real on-disk layouts (data.md), paired transforms, a synthetic generator."""
+from .m3fd import M3FD_CLASSES, M3FDDataset
 from .mfnet import CLASSES, NUM_CLASSES, PALETTE, MFNetDataset, RGBTSegmentationDataset
 from .msrs import MSRSDataset
 from .transforms import CLIP, IMAGENET, EvalTransform, Normalization, TrainTransform
+from .vt import VTDataset, list_vt_stems, split_train_val
 
 SEG_DATASETS = {"mfnet": MFNetDataset, "msrs": MSRSDataset}
 
@@ -20,4 +22,5 @@ def build_seg_dataset(name: str, root, split: str, train: bool, crop=(512, 512),
 __all__ = ["CLASSES", "NUM_CLASSES", "PALETTE", "MFNetDataset", "MSRSDataset",
            "RGBTSegmentationDataset", "TrainTransform", "EvalTransform", "Normalization",
            "IMAGENET", "CLIP", "SEG_DATASETS",
-           "build_seg_dataset"]
+           "build_seg_dataset", "VTDataset", "list_vt_stems", "split_train_val",
+           "M3FD_CLASSES", "M3FDDataset"]

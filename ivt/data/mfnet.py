@@ -9,7 +9,11 @@ On-disk layout (data.md, "MFNet"):
 
 The 4th channel is thermal, not alpha: the image is never passed through `convert('RGB')`.
 Names are digits + `D` (day) or `N` (night); `<name>_flip` copies may appear in train lists only.
-Bad data fails at construction, with the offending file named, rather than mid-training.
+Bad data fails at construction, with the offending file named, rather than mid-training: the
+construction-time scan reads image headers (`image_size`) and decodes labels; `verify()` decodes
+every image too, which finds truncated files whose header is intact. Pixels are read through
+`ivt.data.io.open_image`, so a file that cannot be decoded raises `BadImageError("<path>: ...")`
+(a ValueError) at construction, in `verify()` or in `__getitem__`, never a PIL traceback.
 """
 import re
 from dataclasses import dataclass
@@ -20,6 +24,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .io import image_size, open_image, verify_images
 from .transforms import IMAGENET, LABEL_PAD, EvalTransform, Normalization, TrainTransform
 
 CLASSES = ("unlabeled", "car", "person", "bike", "curve", "car_stop", "guardrail",
@@ -67,14 +72,14 @@ def require_file(path: Path, what: str) -> None:
 
 def check_label(path: Path, size: Tuple[int, int], num_classes: int = NUM_CLASSES) -> None:
     """A label is single-channel, of image size (H, W), with values < num_classes or 255."""
-    with Image.open(path) as im:
-        if im.mode not in ("L", "P"):
-            raise ValueError(f"{path}: label must be single-channel (mode L), got mode {im.mode}")
-        label_size = (im.height, im.width)
-        if label_size != size:
-            raise ValueError(f"{path}: label size (H, W) = {label_size} differs from image "
-                             f"size {size}")
-        counts = np.bincount(np.asarray(im).ravel(), minlength=256)
+    im = open_image(path)
+    if im.mode not in ("L", "P"):
+        raise ValueError(f"{path}: label must be single-channel (mode L), got mode {im.mode}")
+    label_size = (im.height, im.width)
+    if label_size != size:
+        raise ValueError(f"{path}: label size (H, W) = {label_size} differs from image "
+                         f"size {size}")
+    counts = np.bincount(np.asarray(im).ravel(), minlength=256)
     bad = [int(v) for v in np.flatnonzero(counts) if v >= num_classes and v != LABEL_PAD]
     if bad:
         raise ValueError(f"{path}: label values {bad} outside the classes 0..{num_classes - 1} "
@@ -82,9 +87,15 @@ def check_label(path: Path, size: Tuple[int, int], num_classes: int = NUM_CLASSE
 
 
 def read_label(path: Path) -> np.ndarray:
-    """(H, W) uint8 class ids."""
+    """(H, W) uint8 class ids; `BadImageError` naming the file if it cannot be decoded."""
+    return np.array(open_image(path), dtype=np.uint8)
+
+
+def header(path: Path) -> Tuple[Tuple[int, int], str]:
+    """(H, W) and PIL mode from the header only; `BadImageError` if it cannot be read."""
+    size = image_size(path)
     with Image.open(path) as im:
-        return np.array(im, dtype=np.uint8)
+        return size, im.mode
 
 
 @dataclass(frozen=True)
@@ -99,7 +110,8 @@ class RGBTSegmentationDataset(Dataset):
     """Base class: samples -> dict(vis (3,H,W), ir (3,H,W), label (H,W) int64, name, is_night).
 
     Subclasses list the `Sample`s and implement `check_pair` (header-level checks of the image
-    files, returning (H, W)) and `read_pair` (pixels: vis (H,W,3) uint8, ir (H,W) uint8).
+    files, returning (H, W)) and `read_pair` (pixels: vis (H,W,3) uint8, ir (H,W) uint8, read
+    with `open_image`). Unreadable files raise `BadImageError` naming the file.
     Random augmentation draws from `np.random.default_rng([seed, epoch, index])`: call
     `set_epoch` before each epoch; a resumed run replays the same crops and flips.
     """
@@ -131,9 +143,15 @@ class RGBTSegmentationDataset(Dataset):
         raise NotImplementedError
 
     def validate(self) -> None:
-        """Scan every sample: image channels and sizes, label size and values."""
+        """Scan every sample: image channels and sizes (headers), label size and values."""
         for s in self.samples:
             check_label(s.label, self.check_pair(s), self.num_classes)
+
+    def verify(self, quiet: bool = False) -> int:
+        """Decode every image and label file (`--verify-images`): `BadImageError` names the first
+        that fails, e.g. a truncated PNG whose header passed `validate`. Returns the file count."""
+        files = [p for s in self.samples for p in (s.vis, s.ir, s.label)]
+        return verify_images(files, desc=f"verify {type(self).__name__} images", quiet=quiet)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -188,19 +206,19 @@ class MFNetDataset(RGBTSegmentationDataset):
         super().__init__(samples, train, crop, seed, transform, validate, norm)
 
     def check_pair(self, sample: Sample) -> Tuple[int, int]:
-        with Image.open(sample.vis) as im:
-            _check_four_channels(im, sample.vis)
-            return im.height, im.width
+        size, mode = header(sample.vis)
+        _check_four_channels(mode, sample.vis)
+        return size
 
     def read_pair(self, sample: Sample) -> Tuple[np.ndarray, np.ndarray]:
-        with Image.open(sample.vis) as im:
-            _check_four_channels(im, sample.vis)
-            rgbt = np.array(im, dtype=np.uint8)  # (H, W, 4)
+        im = open_image(sample.vis)
+        _check_four_channels(im.mode, sample.vis)
+        rgbt = np.array(im, dtype=np.uint8)  # (H, W, 4)
         return rgbt[..., :3], rgbt[..., 3]
 
 
-def _check_four_channels(im: Image.Image, path: Path) -> None:
-    bands = im.getbands()
-    if len(bands) != 4:
-        raise ValueError(f"{path}: image has mode {im.mode} ({len(bands)} channels); MFNet images "
+def _check_four_channels(mode: str, path: Path) -> None:
+    channels = Image.getmodebands(mode)
+    if channels != 4:
+        raise ValueError(f"{path}: image has mode {mode} ({channels} channels); MFNet images "
                          f"are 4-channel (R, G, B, thermal): the thermal channel is missing")

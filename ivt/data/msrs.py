@@ -6,16 +6,18 @@ Two layouts are in circulation (data.md, "MSRS"):
     (b) <root>/{Visible,Infrared,Label}/<name>.png with <root>/split/{train,test}.txt
 
 Visible is RGB; infrared is one channel, sometimes stored as RGB (converted to L here). The
-dataset logic (validation, transforms, item format) is `RGBTSegmentationDataset`'s, in mfnet.py.
+dataset logic (validation, `verify()`, transforms, item format, `BadImageError` naming a file
+that cannot be decoded) is `RGBTSegmentationDataset`'s, in mfnet.py.
 'test_day' / 'test_night' select the test names ending in D / N.
 """
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple, Union
 
 import numpy as np
-from PIL import Image
 
-from .mfnet import RGBTSegmentationDataset, Sample, check_names, parse_name, read_split_list
+from .io import open_image
+from .mfnet import (RGBTSegmentationDataset, Sample, check_names, header, parse_name,
+                    read_split_list)
 from .transforms import IMAGENET, Normalization
 
 MSRS_SPLITS = ("train", "test", "test_day", "test_night")
@@ -72,17 +74,21 @@ class MSRSDataset(RGBTSegmentationDataset):
         super().__init__(samples, train, crop, seed, transform, validate, norm)
 
     def check_pair(self, sample: Sample) -> Tuple[int, int]:
-        with Image.open(sample.vis) as vis, Image.open(sample.ir) as ir:
-            if vis.mode != "RGB":
-                raise ValueError(f"{sample.vis}: visible image must be RGB, got mode {vis.mode}")
-            if ir.size != vis.size:
-                raise ValueError(f"{sample.ir}: infrared size (W, H) = {ir.size} differs from "
-                                 f"visible size {vis.size}")
-            return vis.height, vis.width
+        vis_size, vis_mode = header(sample.vis)
+        ir_size, _ = header(sample.ir)
+        _check_visible(vis_mode, sample.vis)
+        if ir_size != vis_size:
+            raise ValueError(f"{sample.ir}: infrared size (H, W) = {ir_size} differs from "
+                             f"visible size {vis_size}")
+        return vis_size
 
     def read_pair(self, sample: Sample) -> Tuple[np.ndarray, np.ndarray]:
-        with Image.open(sample.vis) as vis, Image.open(sample.ir) as ir:
-            if vis.mode != "RGB":
-                raise ValueError(f"{sample.vis}: visible image must be RGB, got mode {vis.mode}")
-            ir_l = ir if ir.mode == "L" else ir.convert("L")
-            return np.array(vis, dtype=np.uint8), np.array(ir_l, dtype=np.uint8)
+        vis, ir = open_image(sample.vis), open_image(sample.ir)
+        _check_visible(vis.mode, sample.vis)
+        ir_l = ir if ir.mode == "L" else ir.convert("L")
+        return np.array(vis, dtype=np.uint8), np.array(ir_l, dtype=np.uint8)
+
+
+def _check_visible(mode: str, path: Path) -> None:
+    if mode != "RGB":
+        raise ValueError(f"{path}: visible image must be RGB, got mode {mode}")

@@ -15,7 +15,8 @@ the paper's point measurable: the infrared image carries information the visible
   have one with probability 0.2. A visible-only model is fooled; the infrared disambiguates.
 
 Everything is numpy and deterministic given the seed (one generator per image, seeded with
-[seed, image index]). Writers: `write_mfnet`, `write_vt` (SOD) and `write_m3fd` (detection).
+[seed, image index]). Writers: `write_mfnet`, `write_vt` / `write_vt_set` (SOD) and
+`write_m3fd` (detection).
 """
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -288,33 +289,46 @@ def _ironbow(ir: np.ndarray) -> np.ndarray:
     return (rgb * 255).round().astype(np.uint8)
 
 
+def write_vt_set(folder: Union[str, Path], n: int, size: Tuple[int, int] = (96, 128),
+                 seed: int = 0, night_fraction: float = 0.3,
+                 first_index: int = 1) -> Dict[str, List[str]]:
+    """One SOD set in the VT layout: <folder>/{RGB,T,GT}/<stem>, stems `first_index`,
+    `first_index` + 1, ... as 5 digits. RGB and T (colour-mapped) as .jpg, GT as .png 0/255 masks
+    of the warm objects (the salient ones). `night_fraction` of the scenes are night scenes
+    (0: a day-only set, 1: a night-only set), the draw seeded with [seed, first_index]; scene k
+    is rendered from [seed, k], so sets with disjoint index ranges hold different scenes.
+    Returns {'day': stems, 'night': stems}."""
+    folder = Path(folder)
+    for sub in ("RGB", "T", "GT"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    stems: Dict[str, List[str]] = {"day": [], "night": []}
+    flags = _night_flags(np.random.default_rng([seed, first_index]), n, night_fraction)
+    for index, night in enumerate(flags, start=first_index):
+        stem = f"{index:05d}"
+        scene = render_scene(np.random.default_rng([seed, index]), size, bool(night),
+                             kinds=DET_KINDS, kind_prob=[1 / len(DET_KINDS)] * len(DET_KINDS),
+                             n_objects=(1, 2), depth_range=(0.7, 1.0))
+        Image.fromarray(scene["vis"]).save(folder / "RGB" / f"{stem}.jpg", quality=95)
+        Image.fromarray(_ironbow(scene["ir"])).save(folder / "T" / f"{stem}.jpg", quality=95)
+        gt = np.where(scene["instances"] > 0, 255, 0).astype(np.uint8)
+        Image.fromarray(gt).save(folder / "GT" / f"{stem}.png")
+        stems["night" if night else "day"].append(stem)
+    return stems
+
+
 def write_vt(root: Union[str, Path], n_train: int = 16, n_test: int = 8, n_vt1000: int = 4,
              n_vt821: int = 4, size: Tuple[int, int] = (96, 128), seed: int = 0,
              night_fraction: float = 0.3) -> Dict[str, List[str]]:
-    """SOD layout: VT5000/{Train,Test}/{RGB,T,GT}, VT1000/{RGB,T,GT}, VT821/{RGB,T,GT}.
-    RGB and T (colour-mapped) as .jpg, GT as .png 0/255 masks of the warm objects.
-    Returns {folder: stems}."""
+    """SOD layout: VT5000/{Train,Test}/{RGB,T,GT}, VT1000/{RGB,T,GT}, VT821/{RGB,T,GT}, each
+    written by `write_vt_set` (stems numbered on across the sets). Returns {folder: stems}."""
     root = Path(root)
-    rng = np.random.default_rng(seed)
     folders = {}
-    index = 0
+    index = 1
     for folder, n in (("VT5000/Train", n_train), ("VT5000/Test", n_test), ("VT1000", n_vt1000),
                       ("VT821", n_vt821)):
-        for sub in ("RGB", "T", "GT"):
-            (root / folder / sub).mkdir(parents=True, exist_ok=True)
-        folders[folder] = []
-        for night in _night_flags(rng, n, night_fraction):
-            index += 1
-            stem = f"{index:05d}"
-            scene = render_scene(np.random.default_rng([seed, index]), size, bool(night),
-                                 kinds=DET_KINDS, kind_prob=[1 / len(DET_KINDS)] * len(DET_KINDS),
-                                 n_objects=(1, 2), depth_range=(0.7, 1.0))
-            Image.fromarray(scene["vis"]).save(root / folder / "RGB" / f"{stem}.jpg", quality=95)
-            Image.fromarray(_ironbow(scene["ir"])).save(root / folder / "T" / f"{stem}.jpg",
-                                                        quality=95)
-            gt = np.where(scene["instances"] > 0, 255, 0).astype(np.uint8)
-            Image.fromarray(gt).save(root / folder / "GT" / f"{stem}.png")
-            folders[folder].append(stem)
+        stems = write_vt_set(root / folder, n, size, seed, night_fraction, first_index=index)
+        folders[folder] = sorted(stems["day"] + stems["night"])
+        index += n
     return folders
 
 
@@ -345,14 +359,16 @@ def _voc_xml(stem: str, size: Tuple[int, int], objects: List[dict]) -> ET.Elemen
 def write_m3fd(root: Union[str, Path], n: int, size: Tuple[int, int] = (96, 128), seed: int = 0,
                night_fraction: float = 0.3, min_pixels: int = 10) -> Dict[str, List[str]]:
     """M3FD layout: Vis/<05d>.png, Ir/<05d>.png (3 equal channels), Annotation/<05d>.xml (VOC),
-    train/val/test.txt (60/20/20 %). Objects with fewer than `min_pixels` visible pixels after
-    occlusion are not annotated. Returns the split lists."""
+    train/val/test.txt (60/20/20 %) and test_day/test_night.txt (the test ids by scene type;
+    `night_fraction` 0 or 1 writes day-only or night-only data). Objects with fewer than
+    `min_pixels` visible pixels after occlusion are not annotated. Returns the split lists."""
     root = Path(root)
     for sub in ("Vis", "Ir", "Annotation"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     stems = []
-    for index, night in enumerate(_night_flags(rng, n, night_fraction)):
+    night_flags = _night_flags(rng, n, night_fraction)
+    for index, night in enumerate(night_flags):
         stem = f"{index:05d}"
         scene = render_scene(np.random.default_rng([seed, index]), size, bool(night),
                              kinds=DET_KINDS, kind_prob=[1 / len(DET_KINDS)] * len(DET_KINDS))
@@ -367,6 +383,9 @@ def write_m3fd(root: Union[str, Path], n: int, size: Tuple[int, int] = (96, 128)
     splits = {"train": sorted(stems[i] for i in order[:n_train]),
               "val": sorted(stems[i] for i in order[n_train:n_train + n_val]),
               "test": sorted(stems[i] for i in order[n_train + n_val:])}
+    is_night = dict(zip(stems, night_flags))
+    splits["test_day"] = [t for t in splits["test"] if not is_night[t]]
+    splits["test_night"] = [t for t in splits["test"] if is_night[t]]
     for split, names in splits.items():
         _write_list(root / f"{split}.txt", names)
     return splits

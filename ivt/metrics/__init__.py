@@ -1,4 +1,6 @@
 """Evaluation metrics, one file per task: segmentation (`seg.py`), SOD and detection beside it."""
+from .det import DetMetric
 from .seg import SegMetric
+from .sod import SODMetric
 
-__all__ = ["SegMetric"]
+__all__ = ["DetMetric", "SegMetric", "SODMetric"]

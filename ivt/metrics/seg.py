@@ -7,7 +7,13 @@ per-image scores). From it, per class c:
 
 mIoU and mAcc are the NaN-ignoring means over ALL classes, the unlabeled class 0 included; a class
 whose score is undefined (0 / 0, e.g. absent from both ground truth and prediction) is NaN and left
-out of the mean. Pixels whose ground truth is `ignore_index` (255, crop padding only) are skipped.
+out of the mean. This is mmseg's convention, which the paper's numbers use. Pixels whose ground
+truth is `ignore_index` (255, crop padding only) are skipped.
+
+`mIoU_nan0` is the other mean found in RGB-T papers (RTFNet's test script: `nan_to_num` before
+the mean): undefined IoUs count as 0 and the sum is divided by the number of classes. The two agree
+whenever every class occurs in the ground truth or the prediction; they differ on subsets where a
+class is absent from both, as MFNet's day and night test sets are for some classes.
 """
 from typing import Dict, List, Union
 
@@ -33,6 +39,13 @@ def _percent(values: np.ndarray) -> List[float]:
 def _nanmean_percent(values: np.ndarray) -> float:
     defined = values[~np.isnan(values)]
     return float(defined.mean()) * 100.0 if defined.size else float("nan")
+
+
+def _nan0_mean_percent(values: np.ndarray) -> float:
+    """Mean over all entries with NaN counted as 0; NaN when every entry is (no pixels at all)."""
+    if np.isnan(values).all():
+        return float("nan")
+    return float(np.nan_to_num(values, nan=0.0).mean()) * 100.0
 
 
 class SegMetric:
@@ -80,7 +93,8 @@ class SegMetric:
         self.confusion += other.confusion
 
     def compute(self) -> Dict[str, object]:
-        """Percent: mIoU, mAcc, aAcc (floats); per-class IoU, Acc (lists, NaN where undefined)."""
+        """Percent: mIoU, mIoU_nan0, mAcc, aAcc (floats); per-class IoU, Acc (lists, NaN where
+        undefined). mIoU skips undefined classes (mmseg), mIoU_nan0 counts them as 0 (RTFNet)."""
         cm = self.confusion.astype(np.float64)
         tp = np.diag(cm)
         gt_total = cm.sum(axis=1)    # TP + FN
@@ -92,6 +106,7 @@ class SegMetric:
         total = cm.sum()
         return {
             "mIoU": _nanmean_percent(iou),
+            "mIoU_nan0": _nan0_mean_percent(iou),
             "mAcc": _nanmean_percent(acc),
             "aAcc": float(tp.sum() / total) * 100.0 if total > 0 else float("nan"),
             "IoU": _percent(iou),

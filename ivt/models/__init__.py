@@ -3,13 +3,16 @@ from typing import Optional
 
 from ..data.transforms import CLIP, IMAGENET, Normalization
 
-from .backbone import TUNINGS, CheckpointError, IVTBackbone, count_parameters, make_ivt_config
+from .backbone import (TUNINGS, CheckpointError, IVTBackbone, count_parameters, make_ivt_config,
+                       make_petl_config)
 from .eva02 import EVA02_CONFIGS, build_eva02
 from .ivtuning import VARIANTS, IVTConfig
+from .petl import METHODS as PETL_METHODS
+from .petl import PETLConfig
 from .swin import SWIN_CONFIGS, build_swin
 
 __all__ = ["build_backbone", "normalization_for", "BACKBONES", "TUNINGS", "VARIANTS", "IVTConfig", "IVTBackbone",
-           "CheckpointError", "count_parameters"]
+           "CheckpointError", "count_parameters", "PETL_METHODS", "PETLConfig"]
 
 BACKBONES = tuple(SWIN_CONFIGS) + tuple(EVA02_CONFIGS)
 
@@ -31,7 +34,10 @@ def build_backbone(name: str, tuning: str = "ivt", pretrained: Optional[str] = N
 
     name: one of `BACKBONES` ('swin_t', 'swin_s', 'swin_b', 'swin_l', 'eva02_b', 'eva02_l').
     tuning: 'full' (visible model alone, all trainable: the paper's baseline), 'freeze'
-        (visible model alone, nothing trainable) or 'ivt' (IV-tuning; only its modules train).
+        (visible model alone, nothing trainable), 'ivt' (IV-tuning; only its modules train), or
+        one of the compared PETL methods of Table 4, 'vpt', 'adaptformer', 'bi_adaptformer',
+        'rein' (only the method's modules and an independent IR patch embedding train; see
+        `ivt.models.petl`).
     pretrained: path to a visible-model checkpoint (the original release or timm's layout,
         .pth/.pt/.safetensors); loaded into the frozen part.
     img_size: nominal input size (int or (H, W)); Swin accepts any size, so it is recorded only;
@@ -39,10 +45,13 @@ def build_backbone(name: str, tuning: str = "ivt", pretrained: Optional[str] = N
         sizes (multiples of the patch).
     options: IV-tuning's `d1`, `d2`, `d3`, `layers`, `variant`, `dropout`, `zero_init_up`, and the
         family's own (`window_size`, `drop_path_rate` for Swin; `patch_size` (16, or the release's
-        14), `drop_path_rate` for EVA02).
+        14), `drop_path_rate` for EVA02); the PETL methods' `prompt_length` (vpt), `bottleneck`,
+        `scale` ((bi_)adaptformer), `rein_tokens`, `rein_rank` (rein); `ir_embed=True` gives
+        'full'/'freeze' the independent IR patch embedding of Sec. 4.5 (then forward needs ir).
     After building, exactly the trainable set has requires_grad=True.
     """
     ivt_cfg, family_options = make_ivt_config(tuning, dict(options))
+    petl_cfg, family_options = make_petl_config(tuning, family_options)
     if name in SWIN_CONFIGS:
         model = build_swin(name, tuning, ivt_cfg, **family_options)
     elif name in EVA02_CONFIGS:
@@ -50,6 +59,8 @@ def build_backbone(name: str, tuning: str = "ivt", pretrained: Optional[str] = N
     else:
         raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(BACKBONES)}")
     model.img_size = img_size
+    if petl_cfg is not None:
+        model.add_petl(petl_cfg)
     if pretrained is not None:
         model.load_pretrained(pretrained)
     return model

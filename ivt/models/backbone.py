@@ -1,6 +1,11 @@
 """What every IV-tuning backbone shares: the tuning modes, the freezing rule, input checks and
 checkpoint loading. The families (`swin.py`, `eva02.py`) only define their layers and a pure
 `checkpoint_filter_fn` that maps a foreign state dict onto their own names.
+
+Tuning modes: `full` and `freeze` (the visible model alone, all or nothing trainable), `ivt`
+(IV-tuning) and the PETL methods of Table 4 (`vpt`, `adaptformer`, `bi_adaptformer`, `rein`,
+see `petl/`). One rule decides what trains: `full` trains everything, every other mode exactly the
+modules it added to the visible model (`added_module_names`).
 """
 import os
 from typing import Dict, List, Optional, Tuple
@@ -9,8 +14,10 @@ import torch
 import torch.nn as nn
 
 from .ivtuning import IVTConfig
+from .petl import METHOD_OPTIONS, PETLConfig, attach
+from .petl import METHODS as PETL_METHODS
 
-TUNINGS = ("full", "freeze", "ivt")
+TUNINGS = ("full", "freeze", "ivt") + PETL_METHODS
 StateDict = Dict[str, torch.Tensor]
 
 
@@ -57,32 +64,54 @@ class IVTBackbone(nn.Module):
 
     Subclasses set `self.ivt_cfg` (None unless tuning == 'ivt'), build their layers, register
     their IV-tuning modules under the names listed by `ivt_module_names()`, and implement
-    `checkpoint_filter_fn(state_dict) -> state_dict` (pure, no I/O) and `forward_features`.
+    `block_stages()`, `checkpoint_filter_fn(state_dict) -> state_dict` (pure, no I/O) and
+    `forward`. A PETL method's modules (and the independent IR patch embedding) are added after
+    construction by `add_petl` (`build_backbone` does it).
     """
 
     tuning: str
     ivt_cfg: Optional[IVTConfig]
+    petl_cfg: Optional[PETLConfig] = None
+    petl_names: Tuple[str, ...] = ()
 
     def ivt_module_names(self) -> List[str]:
         """Names (prefixes) of the modules IV-tuning adds; everything else is the visible model."""
+        raise NotImplementedError
+
+    def block_stages(self) -> List[List[nn.Module]]:
+        """The transformer blocks grouped by stage (one group for a plain ViT)."""
         raise NotImplementedError
 
     def checkpoint_filter_fn(self, state_dict: StateDict) -> StateDict:
         raise NotImplementedError
 
     # -- which parameters train -------------------------------------------------------------
-    def is_ivt_name(self, name: str) -> bool:
-        return any(name == p or name.startswith(p + ".") for p in self.ivt_module_names())
+    def add_petl(self, cfg: PETLConfig) -> None:
+        """Add a PETL method's modules and/or the independent IR patch embedding (Sec. 4.5)."""
+        self.petl_cfg = cfg
+        self.petl_names = tuple(attach(self, cfg))
+        self.apply_tuning()
+
+    def added_module_names(self) -> List[str]:
+        """Names (prefixes) of what the tuning mode added to the visible model: IV-tuning's
+        modules, or a PETL method's plus the IR patch embedding; everything else is visible."""
+        return self.ivt_module_names() if self.tuning == "ivt" else list(self.petl_names)
+
+    def is_added_name(self, name: str) -> bool:
+        return any(name == p or name.startswith(p + ".") for p in self.added_module_names())
+
+    is_ivt_name = is_added_name     # the name existing callers use
 
     def apply_tuning(self) -> None:
-        """Freeze by one rule: `full` trains everything, `freeze` nothing, `ivt` only its modules
-        (IR patch embedding, EMPG with its LayerNorm, every HA and IPA)."""
+        """Freeze by one rule: `full` trains everything, every other mode exactly what it added
+        (`freeze`: nothing, or only the IR patch embedding; `ivt`: IR patch embedding, EMPG with
+        its LayerNorm, every HA and IPA; a PETL method: its modules and the IR patch embedding)."""
         for name, p in self.named_parameters():
-            p.requires_grad = self.tuning == "full" or (self.tuning == "ivt" and self.is_ivt_name(name))
+            p.requires_grad = self.tuning == "full" or self.is_added_name(name)
 
     def visible_state_keys(self) -> List[str]:
         """State-dict keys a visible-model checkpoint must provide."""
-        return [k for k in self.state_dict() if not self.is_ivt_name(k)]
+        return [k for k in self.state_dict() if not self.is_added_name(k)]
 
     # -- pretrained weights -----------------------------------------------------------------
     def load_pretrained(self, path: str) -> None:
@@ -117,18 +146,23 @@ class IVTBackbone(nn.Module):
         """Validate (vis, ir) and return the infrared input the model will use (or None).
 
         vis: (B, 3, H, W). ir: (B, 3, H, W) or (B, 1, H, W) (one thermal channel is repeated).
-        In `ivt` mode ir is required, except for the `ir_missing` variant, which uses vis.
+        ir is required whenever the model has an IR patch embedding (`ivt`, the PETL methods,
+        `full`/`freeze` built with ir_embed=True), except for IV-tuning's `ir_missing` variant,
+        which uses vis; the visible model alone ignores it.
         """
         if not torch.is_tensor(vis) or vis.dim() != 4 or vis.shape[1] != 3:
             raise ValueError(f"vis must be a (B, 3, H, W) tensor, got "
                              f"{tuple(vis.shape) if torch.is_tensor(vis) else type(vis).__name__}")
-        if self.tuning != "ivt":
+        if getattr(self, "ir_patch_embed", None) is None:
             return vis, None                       # the visible model alone ignores infrared
-        if self.ivt_cfg.ir_from_visible:           # Fig. 4(h)
+        if self.tuning == "ivt" and self.ivt_cfg.ir_from_visible:           # Fig. 4(h)
             return vis, vis
         if ir is None:
-            raise ValueError("IV-tuning needs the infrared image: call forward(vis, ir) "
-                             "(or build with variant='ir_missing' to feed vis instead)")
+            if self.tuning == "ivt":
+                raise ValueError("IV-tuning needs the infrared image: call forward(vis, ir) "
+                                 "(or build with variant='ir_missing' to feed vis instead)")
+            raise ValueError(f"tuning={self.tuning!r} with an infrared patch embedding needs the "
+                             f"infrared image: call forward(vis, ir)")
         if not torch.is_tensor(ir) or ir.dim() != 4 or ir.shape[1] not in (1, 3):
             raise ValueError(f"ir must be a (B, 1 or 3, H, W) tensor, got "
                              f"{tuple(ir.shape) if torch.is_tensor(ir) else type(ir).__name__}")
@@ -164,3 +198,32 @@ def make_ivt_config(tuning: str, options: dict) -> Tuple[Optional[IVTConfig], di
     return None, options
 
 
+PETL_OPTIONS = ("prompt_length", "bottleneck", "scale", "rein_tokens", "rein_rank", "ir_embed")
+
+
+def make_petl_config(tuning: str, options: dict) -> Tuple[Optional[PETLConfig], dict]:
+    """Split build options into a PETLConfig and the family's own options.
+
+    The PETL methods always have the IR patch embedding; `full`/`freeze` have it with
+    `ir_embed=True`; `ivt` has its own. A method's options (`prompt_length` for vpt,
+    `bottleneck`/`scale` for (bi_)adaptformer, `rein_tokens`/`rein_rank` for rein) passed with
+    another mode are an error unless None.
+    """
+    opts = {k: options.pop(k) for k in PETL_OPTIONS if k in options}
+    opts = {k: v for k, v in opts.items() if v is not None}
+    ir_embed = opts.pop("ir_embed", None)
+    own = METHOD_OPTIONS.get(tuning, ())
+    stray = [k for k in opts if k not in own]
+    if stray:
+        raise ValueError(f"options {', '.join(stray)} do not apply to tuning={tuning!r}")
+    if tuning in PETL_METHODS:
+        if ir_embed is False:
+            raise ValueError(f"tuning={tuning!r} always has the IR patch embedding (Sec. 4.5); "
+                             f"ir_embed=False is not available")
+        return PETLConfig(method=tuning, **opts), options
+    if tuning == "ivt":
+        if ir_embed is False:
+            raise ValueError("IV-tuning always has its IR patch embedding; ir_embed=False is not "
+                             "available (variant='ir_missing' feeds the visible image instead)")
+        return None, options
+    return (PETLConfig(method=None) if ir_embed else None), options

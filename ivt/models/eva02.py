@@ -24,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backbone import CheckpointError, IVTBackbone, StateDict
-from .ivtuning import EMPG, BlockAdapters, Grid, IVTConfig, tokens_to_map
+from .ivtuning import (EMPG, BlockAdapters, Grid, IVTConfig, block_internal_prompts, checkpointed,
+                       fast_options, tokens_to_map)
 from .swin import DropPath
 
 FEATURE_SCALES = (4.0, 2.0, 1.0, 0.5)       # bilinear resize of the four block outputs
@@ -108,14 +109,23 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x: (B, 1 + N, C) normed tokens, rope: (N, d) sin and cos -> (B, 1 + N, C)."""
+    def forward(self, x: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor],
+                extra_kv: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (B, 1 + N, C) normed tokens, rope: (N, d) sin and cos -> (B, 1 + N, C).
+
+        extra_kv: optional (B, P, C) extra tokens, already normed (VPT-deep prompts): their keys
+        and values, projected with this attention's own k/v weights and not rotated, join the
+        sequence as extra columns; their outputs are not returned.
+        """
         B, L, C = x.shape
-        heads = lambda t: t.view(B, L, self.num_heads, -1).transpose(1, 2)    # noqa: E731
+        heads = lambda t: t.view(B, t.shape[1], self.num_heads, -1).transpose(1, 2)  # noqa: E731
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
         # q, k, v: (B, heads, L, d); rotate the patch tokens' q and k
         q = torch.cat([q[:, :, :1], apply_rope(q[:, :, 1:], *rope)], dim=2)
         k = torch.cat([k[:, :, :1], apply_rope(k[:, :, 1:], *rope)], dim=2)
+        if extra_kv is not None:                                             # (B, h, L + P, d)
+            k = torch.cat([k, heads(self.k_proj(extra_kv))], dim=2)
+            v = torch.cat([v, heads(self.v_proj(extra_kv))], dim=2)
         x = F.scaled_dot_product_attention(q, k, v)                          # scale d^-0.5
         return self.proj(x.transpose(1, 2).reshape(B, L, C))
 
@@ -146,6 +156,7 @@ class EVA02Block(nn.Module):
         self.mlp = SwiGLU(dim, mlp_hidden)
         self.drop_path = DropPath(drop_path)
         self.adapters: Optional[BlockAdapters] = None
+        self.prompts: Optional[nn.Parameter] = None                      # VPT-deep's (P, C)
 
     def adapt(self, pos: int, z_in: torch.Tensor, z: torch.Tensor, prompt: torch.Tensor,
               hw: Grid) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -156,12 +167,38 @@ class EVA02Block(nn.Module):
     def forward(self, z: torch.Tensor, hw: Grid, rope: Tuple[torch.Tensor, torch.Tensor],
                 prompt: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """z: (B, 1 + N, C); prompt: (B, N, C) or None -> (z, prompt for the next IPA)."""
-        z_in, z = z, z + self.drop_path(self.attn(self.norm1(z), rope))
+        extra = (None if self.prompts is None                            # VPT-deep prompts
+                 else self.norm1(self.prompts).expand(z.shape[0], -1, -1))
+        z_in, z = z, z + self.drop_path(self.attn(self.norm1(z), rope, extra))
         if self.adapters is not None:                                    # HA1, IPA1 (Eq. 5-6)
             z, prompt = self.adapt(0, z_in, z, prompt, hw)
         z_in, z = z, z + self.drop_path(self.mlp(self.norm2(z)))
         if self.adapters is not None:                                    # HA2, IPA2
             z, prompt = self.adapt(1, z_in, z, prompt, hw)
+        return z, prompt
+
+    def forward_fast(self, z: torch.Tensor, hw: Grid, rope: Tuple[torch.Tensor, torch.Tensor],
+                     prompt: Optional[torch.Tensor], checkpoint: bool
+                     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """`forward` for IV-tuning's `BlockAdapters`, same parameters and result: IPA1 and IPA2,
+        which read the same prompt, computed together (`block_internal_prompts`), the adapters'
+        `fast` forms, and with `checkpoint` the whole block keeps only its inputs and is
+        recomputed in backward (`checkpointed`)."""
+        if checkpoint:
+            return checkpointed(self._forward_fast, z, hw, rope, prompt)
+        return self._forward_fast(z, hw, rope, prompt)
+
+    def _forward_fast(self, z: torch.Tensor, hw: Grid, rope: Tuple[torch.Tensor, torch.Tensor],
+                      prompt: Optional[torch.Tensor]
+                      ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        internal = block_internal_prompts([self.adapters], prompt, hw)[0]
+        sublayers = (lambda t: self.attn(self.norm1(t), rope), lambda t: self.mlp(self.norm2(t)))
+        for pos, sublayer in enumerate(sublayers):
+            z_in, z = z, z + self.drop_path(sublayer(z))
+            if self.adapters is not None:                                # {HA, IPA} at pos
+                patches, prompt = self.adapters.fast(pos, z_in[:, 1:], z[:, 1:], prompt, hw,
+                                                     internal[pos])
+                z = torch.cat([z[:, :1], patches], dim=1)
         return z, prompt
 
 
@@ -185,12 +222,18 @@ class EVA02Backbone(IVTBackbone):
     With tuning='ivt' (spec sec. 2): Zv = PE_vis(vis), Zi = PE_ir(ir), P_E = EMPG(Zv, Zi),
     Z0 = Zv + P_E (Eq. 2) on the patch tokens, then the cls token is prepended and the position
     embedding added. Block 0's external prompt is P_E, block l > 0's is its input without cls.
+
+    `fast=True` (IV-tuning only; other tunings run the reference forward) takes the fast path
+    (`EVA02Block.forward_fast`); `checkpoint_blocks=True` also checkpoints the frozen
+    sub-layers. Same parameters, state dict, outputs and gradients as the reference path.
     """
 
     def __init__(self, name: str, cfg: EVA02Config, tuning: str = "ivt",
-                 ivt_cfg: Optional[IVTConfig] = None):
+                 ivt_cfg: Optional[IVTConfig] = None, fast: bool = False,
+                 checkpoint_blocks: bool = False):
         super().__init__()
         self.name, self.cfg, self.tuning, self.ivt_cfg = name, cfg, tuning, ivt_cfg
+        self.fast, self.checkpoint_blocks = fast_options(tuning, fast, checkpoint_blocks)
         C, p = cfg.embed_dim, cfg.patch_size
         if cfg.depth < 3:
             raise ValueError(f"EVA02 needs 3 or more blocks for its features, got {cfg.depth}")
@@ -239,6 +282,9 @@ class EVA02Backbone(IVTBackbone):
             if c.block_has_adapters(index) and (c.has_ha or c.has_ipa):
                 block.adapters = BlockAdapters(C, c)
 
+    def block_stages(self) -> List[List[nn.Module]]:
+        return [list(self.blocks)]
+
     def ivt_module_names(self) -> List[str]:
         return ["ir_patch_embed", "empg"] + [
             f"blocks.{i}.adapters" for i, b in enumerate(self.blocks) if b.adapters is not None]
@@ -256,6 +302,8 @@ class EVA02Backbone(IVTBackbone):
             zi, _ = self.ir_patch_embed(ir)
             prompt = self.empg(z, zi, hw)                                # P_E, Eq. 7
             z = z + prompt                                               # Eq. 2, patch tokens
+        elif ir is not None:                          # PETL / ir_embed: Zv + PE_ir(ir), Sec. 4.5
+            z = z + self.ir_patch_embed(ir)[0]
         z = torch.cat([self.cls_token.expand(z.shape[0], -1, -1), z], dim=1)
         z = z + resize_pos_embed(self.pos_embed, self.pos_grid, hw)      # (B, 1 + N, C)
         key = (hw, z.device)
@@ -269,7 +317,10 @@ class EVA02Backbone(IVTBackbone):
             # the chain of IPA outputs instead carries on across blocks, from P_E at block 0.
             if prompt is not None and index > 0 and not self.ivt_cfg.ipa_deep:
                 prompt = z[:, 1:]
-            z, prompt = block(z, hw, rope, prompt)
+            if self.fast:
+                z, prompt = block.forward_fast(z, hw, rope, prompt, self.checkpoint_blocks)
+            else:
+                z, prompt = block(z, hw, rope, prompt)
             if index in self.feature_blocks:
                 maps[index] = tokens_to_map(z[:, 1:], hw).contiguous()      # (B, C, H/p, W/p)
         return [maps[i] for i in self.feature_blocks]
@@ -340,7 +391,8 @@ def checkpoint_filter_fn(state_dict: StateDict, patch_size: int, pos_grid: Grid)
 
 def build_eva02(name: str, tuning: str, ivt_cfg: Optional[IVTConfig],
                 img_size: Union[None, int, Sequence[int]] = None, patch_size: Optional[int] = None,
-                drop_path_rate: Optional[float] = None) -> EVA02Backbone:
+                drop_path_rate: Optional[float] = None, fast: bool = False,
+                checkpoint_blocks: bool = False) -> EVA02Backbone:
     """img_size (int or (H, W), default 224) sets the stored position-embedding grid; patch_size
     16 (the paper's) or 14 (the release's); other input sizes work at run time."""
     cfg = EVA02_CONFIGS[name]
@@ -352,4 +404,5 @@ def build_eva02(name: str, tuning: str, ivt_cfg: Optional[IVTConfig],
         changes["patch_size"] = int(patch_size)
     if drop_path_rate is not None:
         changes["drop_path_rate"] = float(drop_path_rate)
-    return EVA02Backbone(name, EVA02Config(**{**cfg.__dict__, **changes}), tuning, ivt_cfg)
+    return EVA02Backbone(name, EVA02Config(**{**cfg.__dict__, **changes}), tuning, ivt_cfg, fast,
+                         checkpoint_blocks)

@@ -14,12 +14,14 @@ Modules, bottom-up:
   EMPG                   external modal prompt generator (Eq. 7-13)
   BlockAdapters          the four modules of one transformer block and their wiring (Eq. 5-6)
 """
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import kernels
 
@@ -108,6 +110,48 @@ class IVTConfig:
         return self.layers is None or index in self.layers
 
 
+def fast_options(tuning: str, fast: bool, checkpoint_blocks: bool) -> Tuple[bool, bool]:
+    """Validate the build options `fast` and `checkpoint_blocks`; returns whether the fast path
+    runs (IV-tuning only: other tunings have nothing it changes) and whether it checkpoints."""
+    if checkpoint_blocks and not (fast and tuning == "ivt"):
+        raise ValueError(f"checkpoint_blocks=True needs fast=True and tuning='ivt' "
+                         f"(got fast={fast}, tuning={tuning!r})")
+    return bool(fast) and tuning == "ivt", bool(checkpoint_blocks)
+
+
+class _Recomputation:
+    """Whether a checkpoint is recomputing its forward (`checkpointed` sets it)."""
+    active = False
+
+
+@contextmanager
+def _recomputing():
+    previous, _Recomputation.active = _Recomputation.active, True
+    try:
+        yield
+    finally:
+        _Recomputation.active = previous
+
+
+def checkpointed(fn: Callable[..., Any], *args) -> Any:
+    """fn(*args) under activation checkpointing when grad is enabled: only the inputs are kept
+    and fn is recomputed in backward, with dropout/drop-path RNG state replayed (so exactly)
+    and BatchNorm running statistics left alone during the recomputation (`batch_norm`)."""
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    return torch.utils.checkpoint.checkpoint(
+        fn, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), _recomputing()))
+
+
+def batch_norm(bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
+    """bn(x); inside a checkpoint's recomputation the same batch statistics, with copies of the
+    running statistics absorbing the second update."""
+    if bn.training and _Recomputation.active:
+        return F.batch_norm(x, bn.running_mean.clone(), bn.running_var.clone(), bn.weight,
+                            bn.bias, True, 0.0, bn.eps)
+    return bn(x)
+
+
 class SimAM(nn.Module):
     """SimAM (Eq. 11-12) on a (B, C, H, W) map; Triton-fused on GPU (see `kernels`)."""
 
@@ -145,6 +189,14 @@ class HybridOperation(nn.Module):
                                           self.dwconv.bias, self.cp)
         y = map_to_tokens(y)                                           # (B, N, c)
         h = self.bn(self.pw1(y).flatten(0, 1)).view_as(y)              # BN over all B*N tokens
+        return y + self.pw2(F.relu(h))
+
+    def fast(self, z: torch.Tensor, hw: Grid) -> torch.Tensor:
+        """`forward`, safe to recompute under `checkpointed` (`batch_norm`)."""
+        y = kernels.partial_conv_residual(tokens_to_map(z, hw), self.dwconv.weight,
+                                          self.dwconv.bias, self.cp)
+        y = map_to_tokens(y)                                           # (B, N, c)
+        h = batch_norm(self.bn, self.pw1(y).flatten(0, 1)).view_as(y)
         return y + self.pw2(F.relu(h))
 
 
@@ -191,6 +243,16 @@ class HybridAdapter(nn.Module):
     def forward(self, z: torch.Tensor, hw: Grid) -> torch.Tensor:
         return z + self.branch(z, hw)
 
+    def fast_branch(self, z: torch.Tensor, hw: Grid) -> torch.Tensor:
+        """`branch` with SFT's affine folded into its LayerNorm's: (n(z) * w + b) * gamma + beta
+        = n(z) * (w * gamma) + (b * gamma + beta), one layer_norm instead of three passes."""
+        sft = self.sft
+        weight = sft.norm.weight * sft.gamma
+        bias = torch.addcmul(sft.beta, sft.norm.bias, sft.gamma)
+        s = F.layer_norm(z, z.shape[-1:], weight, bias, sft.norm.eps)   # Eq. 14
+        h = self.ho.fast(self.down(s), hw)                              # (B, N, d2)
+        return self.up(self.drop(F.gelu(h)))
+
 
 class InternalPromptAdapter(nn.Module):
     """IPA (Sec. 3.4) on the external prompt P: gelu(SFT'(up(gelu(simam(down(SFT(P))))))).
@@ -216,6 +278,87 @@ class InternalPromptAdapter(nn.Module):
         if self.simam is not None:
             h = map_to_tokens(self.simam(tokens_to_map(h, hw)))
         return F.gelu(self.sft_out(self.up(F.gelu(h))))
+
+
+class _StackTransposed(torch.autograd.Function):
+    """torch.stack([w.t() for w in weights]): (k, in, out) from k (out, in) weights, with the
+    backward returning each weight's gradient already in the weight's own (contiguous) layout,
+    one transpose-copy for all k instead of one copy per weight."""
+
+    @staticmethod
+    def forward(ctx, *weights: torch.Tensor) -> torch.Tensor:
+        return torch.stack([w.t() for w in weights])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.transpose(1, 2).contiguous().unbind(0)
+
+
+def internal_prompts(ipas: Sequence[InternalPromptAdapter], p: torch.Tensor, hw: Grid
+                     ) -> torch.Tensor:
+    """k IPAs that read the same prompt P, computed together: (k, B, N, C), exactly
+    `torch.stack([ipa(p, hw) for ipa in ipas])`.
+
+    With n(P) the LayerNorm of P without affine, IPA_i's first SFT and down-projection are one
+    affine map of n(P): down_i(n(P) * a_i + c_i) = n(P) @ (W_i * a_i)^T + (W_i c_i + b_i), where
+    a_i = w_i * gamma_i, c_i = b_i * gamma_i + beta_i (LN affine (w_i, b_i), Eq. 14's gamma_i,
+    beta_i). So: one LayerNorm of P, one matmul against the k stacked folded down-projections
+    (C -> k * d3), SimAM on all k * d3 channels at once (it is per channel, Eq. 11-12), one GELU,
+    one batched matmul for the k up-projections with the second SFT (z * gamma' + beta') folded
+    in, one GELU. Without projections (Fig. 4(f)) the k SFTs give a (k, B, N, C) stack that
+    SimAM treats as k*B samples. All IPAs must share one configuration.
+    """
+    first = ipas[0]
+    k, (B, N, C) = len(ipas), p.shape
+
+    def stacked(get):
+        return torch.stack([get(m) for m in ipas])
+
+    gamma = stacked(lambda m: m.sft_in.gamma)                                         # (k, C)
+    a = stacked(lambda m: m.sft_in.norm.weight) * gamma                               # (k, C)
+    c = torch.addcmul(stacked(lambda m: m.sft_in.beta), stacked(lambda m: m.sft_in.norm.bias),
+                      gamma)                                                          # (k, C)
+    n = F.layer_norm(p, (C,), eps=first.sft_in.norm.eps)                              # (B, N, C)
+    g_out = stacked(lambda m: m.sft_out.gamma)[:, None, :]                            # (k, 1, C)
+    b_out = stacked(lambda m: m.sft_out.beta)[:, None, :]
+    if isinstance(first.down, nn.Linear):
+        W = stacked(lambda m: m.down.weight)                                          # (k, d3, C)
+        d3 = W.shape[1]
+        w_fold = (W * a[:, None, :]).reshape(k * d3, C)
+        b_fold = torch.baddbmm(stacked(lambda m: m.down.bias)[:, :, None], W,
+                               c[:, :, None]).reshape(k * d3)
+        h = F.linear(n, w_fold, b_fold)                                               # (B, N, k*d3)
+        if first.simam is not None:
+            h = map_to_tokens(first.simam(tokens_to_map(h, hw)))
+        h = F.gelu(h).view(B * N, k, d3).transpose(0, 1)                              # (k, BN, d3)
+        u_t = _StackTransposed.apply(*[m.up.weight for m in ipas])                    # (k, d3, C)
+        u_bias = stacked(lambda m: m.up.bias)[:, None, :]                             # (k, 1, C)
+        out = torch.baddbmm(u_bias * g_out + b_out, h, u_t * g_out)
+        return F.gelu(out).view(k, B, N, C)
+    e = torch.addcmul(c[:, None, None, :], n, a[:, None, None, :])                  # (k, B, N, C)
+    if first.simam is not None:
+        e = map_to_tokens(first.simam(tokens_to_map(e.view(k * B, N, C), hw))).view(k, B, N, C)
+    e = F.gelu(e).view(k, B * N, C)
+    return F.gelu(torch.addcmul(b_out, e, g_out)).view(k, B, N, C)
+
+
+def block_internal_prompts(adapters: Sequence[Optional[nn.Module]], p: Optional[torch.Tensor],
+                           hw: Grid) -> List[List[Optional[torch.Tensor]]]:
+    """IPA1(P), IPA2(P) of every block in `adapters` (their `block.adapters` hooks), all read
+    from the same external prompt P and computed together by `internal_prompts`.
+
+    Returns per block [IPA1 output or None, IPA2 output or None], each (B, N, C). Hooks that are
+    not `BlockAdapters`, absent IPAs and `ipa_deep` (whose IPAs form a chain) give None.
+    """
+    out: List[List[Optional[torch.Tensor]]] = [[None, None] for _ in adapters]
+    slots = [(j, pos, ipa) for j, hook in enumerate(adapters)
+             if isinstance(hook, BlockAdapters) and not hook.cfg.ipa_deep
+             for pos, ipa in enumerate((hook.ipa1, hook.ipa2)) if ipa is not None]
+    if slots:
+        stacked = internal_prompts([ipa for _, _, ipa in slots], p, hw)       # (k, B, N, C)
+        for i, (j, pos, _) in enumerate(slots):
+            out[j][pos] = stacked[i]
+    return out
 
 
 class EMPG(nn.Module):
@@ -289,4 +432,20 @@ class BlockAdapters(nn.Module):
             z = z + p_internal                                          # Eq. 6
             if self.cfg.ipa_deep:
                 prompt = p_internal
+        return z, prompt
+
+    def fast(self, pos: int, z_in: torch.Tensor, z_out: torch.Tensor, prompt: torch.Tensor,
+             hw: Grid, p_internal: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """`forward` with HA's `fast_branch` and, unless `ipa_deep`, this position's IPA output
+        `p_internal` (B, N, C) already computed by `internal_prompts` for all IPAs that read
+        `prompt`. With `ipa_deep` the IPA chain is sequential and runs here, as in `forward`."""
+        ha, ipa = (self.ha1, self.ipa1) if pos == 0 else (self.ha2, self.ipa2)
+        z = z_out
+        if ha is not None:
+            z = z + ha.fast_branch(z_in if self.cfg.parallel else z_out, hw)
+        if ipa is not None and self.cfg.ipa_deep:
+            p_internal = internal_prompts([ipa], prompt, hw)[0]
+            prompt = p_internal
+        if p_internal is not None:
+            z = z + p_internal                                          # Eq. 6
         return z, prompt

@@ -1,5 +1,5 @@
 """A segmentation model: an IV-tuning backbone (`build_backbone`) plus the Segformer head."""
-from typing import Mapping, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -53,15 +53,6 @@ def build_segmentor(backbone: str, num_classes: int, tuning: str = "ivt",
     bb = build_backbone(backbone, tuning=tuning, pretrained=pretrained, img_size=img_size,
                         **backbone_options)
     return Segmentor(bb, SegformerHead(bb.out_channels, num_classes, head_dim, head_dropout))
-
-
-def build_from_config(cfg: Mapping, num_classes: int, pretrained: Optional[str]) -> Segmentor:
-    """Rebuild the model a `train_seg.py` configuration describes (the dict saved in every
-    checkpoint), loading `pretrained` into the frozen part when given."""
-    return build_segmentor(cfg["backbone"], num_classes, tuning=cfg["tuning"],
-                           pretrained=pretrained, img_size=cfg["crop"], head_dim=cfg["head_dim"],
-                           d1=cfg["d1"], d2=cfg["d2"], d3=cfg["d3"], variant=cfg["variant"],
-                           layers=cfg["layers"])
 
 
 def describe(model: Segmentor) -> str:

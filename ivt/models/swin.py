@@ -15,14 +15,15 @@ timm do). Outputs equal timm's at every size on identical weights.
 import math
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .backbone import IVTBackbone, StateDict
-from .ivtuning import EMPG, BlockAdapters, Grid, IVTConfig, tokens_to_map
+from .ivtuning import (EMPG, BlockAdapters, Grid, IVTConfig, block_internal_prompts, checkpointed,
+                       fast_options, tokens_to_map)
 
 
 @dataclass
@@ -91,7 +92,17 @@ def relative_position_index(wh: int, ww: int, table_window: int) -> torch.Tensor
 
 
 class WindowAttention(nn.Module):
-    """Multi-head self-attention inside windows, with a learned relative position bias."""
+    """Multi-head self-attention inside windows, with a learned relative position bias.
+
+    Windows are folded into the batch, so `scaled_dot_product_attention` sees 4-D
+    (B*nW, heads, N, d) q/k/v, the layout its fused kernels accept. The relative position bias
+    plus the shifted-window mask is combined once and cached while the bias table cannot change
+    under autograd (frozen table, or no grad): keyed by (window, mask, batch, device, dtype) and
+    the table's storage and version, so loading new weights invalidates it.
+
+    `relative_position_index` is a non-persistent buffer (it moves with `.to(device)`, is never
+    copied from the host during forward, and stays out of the state dict, as in timm).
+    """
 
     def __init__(self, dim: int, num_heads: int, window_size: int):
         super().__init__()
@@ -102,26 +113,64 @@ class WindowAttention(nn.Module):
             torch.zeros((2 * window_size - 1) ** 2, num_heads))
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
-        self._index: Dict[Grid, torch.Tensor] = {}
+        self.register_buffer("relative_position_index",
+                             relative_position_index(window_size, window_size, window_size),
+                             persistent=False)
+        self._bias: Dict[tuple, Tuple[tuple, torch.Tensor]] = {}
 
     def position_bias(self, window: Grid) -> torch.Tensor:
-        """(heads, N, N) bias for a window of (wh, ww) tokens, N = wh * ww."""
-        if window not in self._index:
-            self._index[window] = relative_position_index(*window, self.window_size)
-        idx = self._index[window].to(self.relative_position_bias_table.device)
-        n = window[0] * window[1]
-        return self.relative_position_bias_table[idx.view(-1)].view(n, n, -1).permute(2, 0, 1)
+        """(heads, N, N) bias for a window of (wh, ww) tokens, N = wh * ww.
 
-    def forward(self, x: torch.Tensor, window: Grid, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """x: (B, nW, N, C) windows; mask: (nW, N, N) or None -> (B, nW, N, C)."""
+        A smaller window's offsets are the top-left (wh, ww) corner of the full window's index.
+        """
+        (wh, ww), w, n = window, self.window_size, window[0] * window[1]
+        idx = self.relative_position_index.view(w, w, w, w)[:wh, :ww, :wh, :ww].reshape(n * n)
+        return self.relative_position_bias_table[idx].view(n, n, -1).permute(2, 0, 1)
+
+    def attention_bias(self, window: Grid, mask: Optional[torch.Tensor], batch: int,
+                       dtype: torch.dtype) -> torch.Tensor:
+        """Additive attention mask: (1, heads, N, N) without a shift mask, else (B*nW, heads, N, N).
+
+        mask: (nW, N, N) shifted-window mask or None.
+        """
+        table = self.relative_position_bias_table
+        cacheable = not (table.requires_grad and torch.is_grad_enabled())
+        key = (window, None if mask is None else (mask.data_ptr(), mask.shape), batch,
+               table.device, dtype)
+        stamp = (table.data_ptr(), table._version)
+        if cacheable and key in self._bias and self._bias[key][0] == stamp:
+            return self._bias[key][1]
+        bias = self.position_bias(window).to(dtype)[None]                  # (1, h, N, N)
+        if mask is not None:                                               # (B*nW, h, N, N)
+            nW, N = mask.shape[0], mask.shape[1]
+            bias = (bias + mask.to(dtype)[:, None]).expand(batch, nW, -1, N, N).flatten(0, 1)
+        if cacheable:
+            self._bias[key] = (stamp, bias.contiguous())
+            return self._bias[key][1]
+        return bias
+
+    def forward(self, x: torch.Tensor, window: Grid, mask: Optional[torch.Tensor],
+                extra_kv: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (B, nW, N, C) windows; mask: (nW, N, N) or None -> (B, nW, N, C).
+
+        extra_kv: optional (B, P, C) extra tokens, already normed (VPT-deep prompts): their keys
+        and values, projected with this attention's own qkv weights, join every window, with zero
+        relative-position bias and no shift mask on their columns; their outputs are not returned.
+        """
         B, nW, N, C = x.shape
-        qkv = self.qkv(x).view(B, nW, N, 3, self.num_heads, C // self.num_heads)
-        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)                # each (B, nW, h, N, d)
-        bias = self.position_bias(window).to(q.dtype)                    # (h, N, N)
-        if mask is not None:
-            bias = bias + mask.to(q.dtype)[:, None]                       # (nW, h, N, N)
+        h = self.num_heads
+        qkv = self.qkv(x).view(B * nW, N, 3, h, C // h)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                  # each (B*nW, h, N, d)
+        bias = self.attention_bias(window, mask, B, q.dtype)            # (1 or B*nW, h, N, N)
+        if extra_kv is not None:
+            P = extra_kv.shape[1]
+            kv = self.qkv(extra_kv).view(B, 1, P, 3, h, C // h)[:, :, :, 1:]
+            kv = kv.expand(B, nW, P, 2, h, C // h).reshape(B * nW, P, 2, h, C // h)
+            k_e, v_e = kv.permute(2, 0, 3, 1, 4).unbind(0)              # each (B*nW, h, P, d)
+            k, v = torch.cat([k, k_e], dim=2), torch.cat([v, v_e], dim=2)
+            bias = F.pad(bias, (0, P))                                   # (.., N, N + P)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
-        return self.proj(out.transpose(2, 3).reshape(B, nW, N, C))
+        return self.proj(out.transpose(1, 2).reshape(B, nW, N, C))
 
 
 def window_and_shift(hw: Grid, window: int, shifted: bool) -> Tuple[Grid, Grid]:
@@ -177,10 +226,15 @@ class SwinBlock(nn.Module):
         self.mlp.fc2 = nn.Linear(int(dim * mlp_ratio), dim)
         self.drop_path = DropPath(drop_path)
         self.adapters: Optional[BlockAdapters] = None
+        self.prompts: Optional[nn.Parameter] = None                      # VPT-deep's (P, C)
         self._masks: Dict[tuple, torch.Tensor] = {}
 
-    def window_attention(self, z: torch.Tensor, hw: Grid) -> torch.Tensor:
-        """z: (B, N, C) normed tokens -> (B, N, C) attention output on (shifted) windows."""
+    def window_attention(self, z: torch.Tensor, hw: Grid,
+                         extra_kv: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """z: (B, N, C) normed tokens -> (B, N, C) attention output on (shifted) windows.
+
+        extra_kv: optional (B, P, C) normed prompt tokens every window also attends to
+        (see `WindowAttention.forward`)."""
         B, N, C = z.shape
         (H, W), (win, shift) = hw, window_and_shift(hw, self.window_size, self.shifted)
         x = z.view(B, H, W, C)
@@ -194,19 +248,43 @@ class SwinBlock(nn.Module):
             if key not in self._masks:
                 self._masks[key] = shifted_window_mask(padded, win, shift, x.device)
             mask = self._masks[key]
-        x = unpartition(self.attn(partition(x, win), win, mask), win, padded)[:, :H, :W]
+        x = unpartition(self.attn(partition(x, win), win, mask, extra_kv), win, padded)[:, :H, :W]
         if any(shift):
             x = torch.roll(x, shift, dims=(1, 2))
         return x.reshape(B, N, C)
 
     def forward(self, z: torch.Tensor, hw: Grid, prompt: Optional[torch.Tensor]
                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        z_in, z = z, z + self.drop_path(self.window_attention(self.norm1(z), hw))
+        extra = (None if self.prompts is None                            # VPT-deep prompts
+                 else self.norm1(self.prompts).expand(z.shape[0], -1, -1))
+        z_in, z = z, z + self.drop_path(self.window_attention(self.norm1(z), hw, extra))
         if self.adapters is not None:                                    # HA1, IPA1 (Eq. 5-6)
             z, prompt = self.adapters(0, z_in, z, prompt, hw)
         z_in, z = z, z + self.drop_path(self.mlp(self.norm2(z)))
         if self.adapters is not None:                                    # HA2, IPA2
             z, prompt = self.adapters(1, z_in, z, prompt, hw)
+        return z, prompt
+
+    def forward_fast(self, z: torch.Tensor, hw: Grid, prompt: torch.Tensor,
+                     internal: Sequence[Optional[torch.Tensor]], checkpoint: bool
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """`forward` for IV-tuning's `BlockAdapters`, same parameters and result: the adapters'
+        `fast` forms with this block's IPA outputs `internal` = [IPA1(P), IPA2(P)] computed for
+        the whole stage at once (`block_internal_prompts`); with `checkpoint` the whole block
+        keeps only its inputs and is recomputed in backward (`checkpointed`)."""
+        if checkpoint:
+            return checkpointed(self._forward_fast, z, hw, prompt, *internal)
+        return self._forward_fast(z, hw, prompt, *internal)
+
+    def _forward_fast(self, z: torch.Tensor, hw: Grid, prompt: torch.Tensor,
+                      ipa1: Optional[torch.Tensor], ipa2: Optional[torch.Tensor]
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+        z_in, z = z, z + self.drop_path(self.window_attention(self.norm1(z), hw))
+        if self.adapters is not None:                                    # HA1, IPA1 (Eq. 5-6)
+            z, prompt = self.adapters.fast(0, z_in, z, prompt, hw, ipa1)
+        z_in, z = z, z + self.drop_path(self.mlp(self.norm2(z)))
+        if self.adapters is not None:                                    # HA2, IPA2
+            z, prompt = self.adapters.fast(1, z_in, z, prompt, hw, ipa2)
         return z, prompt
 
 
@@ -244,12 +322,20 @@ class SwinBackbone(IVTBackbone):
     With tuning='ivt' (spec sec. 2): Zv = PE_vis(vis), Zi = PE_ir(ir), P_E = EMPG(Zv, Zi),
     Z0 = Zv + P_E (Eq. 2); stage 1's blocks take P_E as their external prompt, stage s > 1's
     blocks take the stage's input after patch merging.
+
+    `fast=True` (IV-tuning only; other tunings run the reference forward) takes the fast path:
+    the IPAs of a stage, which all read the same prompt, computed together
+    (`block_internal_prompts`), HAs with SFT folded into their LayerNorm, and with
+    `checkpoint_blocks=True` the frozen sub-layers checkpointed. Same parameters and state dict
+    as the reference path, same outputs and gradients (tests/test_fast_path.py).
     """
 
     def __init__(self, name: str, cfg: SwinConfig, tuning: str = "ivt",
-                 ivt_cfg: Optional[IVTConfig] = None):
+                 ivt_cfg: Optional[IVTConfig] = None, fast: bool = False,
+                 checkpoint_blocks: bool = False):
         super().__init__()
         self.name, self.cfg, self.tuning, self.ivt_cfg = name, cfg, tuning, ivt_cfg
+        self.fast, self.checkpoint_blocks = fast_options(tuning, fast, checkpoint_blocks)
         dims = [cfg.embed_dim * 2 ** i for i in range(len(cfg.depths))]
         self.out_channels = dims
         self.out_strides = [cfg.patch_size * 2 ** i for i in range(len(dims))]
@@ -277,6 +363,9 @@ class SwinBackbone(IVTBackbone):
             if c.block_has_adapters(index) and (c.has_ha or c.has_ipa):
                 block.adapters = BlockAdapters(dim, c)
 
+    def block_stages(self) -> List[List[nn.Module]]:
+        return [list(stage.blocks) for stage in self.layers]
+
     def ivt_module_names(self) -> List[str]:
         return ["ir_patch_embed", "empg"] + [
             f"layers.{i}.blocks.{j}.adapters" for i, s in enumerate(self.layers)
@@ -294,13 +383,22 @@ class SwinBackbone(IVTBackbone):
             zi, _ = self.ir_patch_embed(ir)
             prompt = self.empg(z, zi, hw)                                # P_E, Eq. 7
             z = z + prompt                                               # Eq. 2
+        elif ir is not None:                          # PETL / ir_embed: Zv + PE_ir(ir), Sec. 4.5
+            z = z + self.ir_patch_embed(ir)[0]
         outs = []
         for stage in self.layers:
             if stage.downsample is not None:
                 z, hw = stage.downsample(z, hw)
                 prompt = z if self.tuning == "ivt" else None             # stage input as prompt
-            for block in stage.blocks:
-                z, prompt = block(z, hw, prompt)
+            if self.fast:                    # all IPAs of the stage read `prompt`: at once
+                hooks = [b.adapters for b in stage.blocks]
+                internal = (checkpointed(block_internal_prompts, hooks, prompt, hw)
+                            if self.checkpoint_blocks else block_internal_prompts(hooks, prompt, hw))
+                for block, ipa_out in zip(stage.blocks, internal):
+                    z, prompt = block.forward_fast(z, hw, prompt, ipa_out, self.checkpoint_blocks)
+            else:
+                for block in stage.blocks:
+                    z, prompt = block(z, hw, prompt)
             outs.append(tokens_to_map(z, hw).contiguous())               # (B, C, H, W)
         return outs
 
@@ -353,10 +451,11 @@ def checkpoint_filter_fn(state_dict: StateDict, window_size: int) -> StateDict:
 
 
 def build_swin(name: str, tuning: str, ivt_cfg: Optional[IVTConfig], window_size: Optional[int] = None,
-               drop_path_rate: Optional[float] = None) -> SwinBackbone:
+               drop_path_rate: Optional[float] = None, fast: bool = False,
+               checkpoint_blocks: bool = False) -> SwinBackbone:
     cfg = SWIN_CONFIGS[name]
     if window_size is not None or drop_path_rate is not None:
         cfg = SwinConfig(**{**cfg.__dict__,
                             **({"window_size": window_size} if window_size is not None else {}),
                             **({"drop_path_rate": drop_path_rate} if drop_path_rate is not None else {})})
-    return SwinBackbone(name, cfg, tuning, ivt_cfg)
+    return SwinBackbone(name, cfg, tuning, ivt_cfg, fast, checkpoint_blocks)

@@ -1,2 +1,47 @@
 """The three tasks (segmentation, salient object detection, detection): per task, its datasets,
-model, loss, evaluation and report, plugged into the shared engine and trainer."""
+model, loss, evaluation and report, plugged into the shared engine and trainer.
+
+Each task module (`seg`, `sod`, `det`) provides `build_model(config, pretrained) -> nn.Module`,
+rebuilding the model a training configuration (the dict saved in every checkpoint) describes.
+"""
+import importlib
+from typing import Optional, Tuple
+
+import torch.nn as nn
+
+from ..checkpoint import check_pretrained, load_checkpoint, load_model_state
+from ..data.transforms import Normalization
+from ..models import normalization_for
+
+TASK_NAMES = ("seg", "sod", "det")
+
+
+def task_module(name: str):
+    """The module `ivt.tasks.<name>` for a task name in TASK_NAMES."""
+    if name not in TASK_NAMES:
+        raise ValueError(f"unknown task {name!r}; expected one of {', '.join(TASK_NAMES)}")
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def config_normalization(config: dict) -> Normalization:
+    """The input normalisation saved in a run's configuration (older runs: the backbone's)."""
+    if config.get("normalization"):
+        return Normalization.from_dict(config["normalization"])
+    return normalization_for(config["backbone"])
+
+
+def load_trained(path: str, pretrained: Optional[str] = None) -> Tuple[str, nn.Module, dict]:
+    """Rebuild a trained model from a checkpoint written by a training script.
+
+    Returns (task name, model in eval mode on the CPU, the checkpoint dict). `pretrained`
+    overrides the pretrained-file path saved in the configuration; a delta checkpoint checks the
+    file's SHA-256 against its own.
+    """
+    ckpt = load_checkpoint(path)
+    task = ckpt.get("task", "seg")
+    cfg = ckpt["config"]
+    pretrained = pretrained or cfg.get("pretrained")
+    check_pretrained(ckpt, pretrained, path)
+    model = task_module(task).build_model(cfg, pretrained if ckpt["delta"] else None)
+    load_model_state(model, ckpt["model"], ckpt["delta"], path)
+    return task, model.eval(), ckpt

@@ -1,13 +1,39 @@
-"""Segmentation (MFNet, MSRS): what the task adds to the shared engine."""
+"""Segmentation (MFNet, MSRS): the Segformer-head model, cross-entropy, mIoU at native size.
+
+What the task adds to the shared trainer (`ivt.trainer`): its flags, datasets, model, loss and
+evaluation. Recipe (paper): SGD lr 1e-3, momentum 0.9, weight decay 1e-2, poly schedule, 160k
+iterations, batch 2, 512x512 crops.
+"""
+from pathlib import Path
 from typing import Callable, Dict, Optional
 
+import numpy as np
 import torch
 import torch.distributed as torch_dist
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..data import CLASSES, NUM_CLASSES, PALETTE, SEG_DATASETS, build_seg_dataset
+from ..data.mfnet import parse_name
 from ..engine import DistInfo, all_reduce_sum_, unwrap
 from ..metrics import SegMetric
+from ..engine import autocast_context
+from ..trainer import Recipe, Task, backbone_kwargs
+
+DESCRIPTION = """Train a segmentation model (IV-tuning backbone + Segformer head) on MFNet or MSRS.
+
+    python train_seg.py --data data/MFNet --backbone swin_l --pretrained swin_large_22k.pth
+    torchrun --nproc_per_node=4 train_seg.py --data data/MFNet ...        # DDP, same flags
+    python train_seg.py --data data/MFNet ... --resume                    # continue <out>/last.pt
+
+Defaults are the paper's recipe (SGD lr 1e-3, weight decay 1e-2, momentum 0.9, poly schedule,
+160k iterations, batch 2, 512x512 crops). The paper trains on train+val (--train-split
+train+val, 1176 MFNet images) and reports on test; the default here keeps val held out to select
+best.pt. Writes to --out: log.jsonl (configuration, training steps, evaluations), last.pt
+(resumable; every --eval-every iterations and at the end) and best.pt (best validation mIoU).
+With --pretrained, checkpoints hold only the trained tensors plus the pretrained file's SHA-256.
+"""
 
 
 @torch.no_grad()
@@ -48,3 +74,156 @@ def evaluate_seg(model: nn.Module, dataset: Dataset, dist: DistInfo, autocast: C
         m.confusion[:] = all_reduce_sum_(torch.from_numpy(m.confusion.copy())).numpy()
     net.train(was_training)
     return metrics
+
+
+def build_model(config: dict, pretrained: Optional[str] = None) -> nn.Module:
+    """The Segmentor a `train_seg.py` configuration describes (backbone + Segformer head)."""
+    from ..models.segmentor import build_segmentor
+    return build_segmentor(config["backbone"], config.get("num_classes", NUM_CLASSES),
+                           tuning=config["tuning"], pretrained=pretrained,
+                           img_size=config["crop"], head_dim=config["head_dim"],
+                           **backbone_kwargs(config))
+
+
+class SegTask(Task):
+    name = "seg"
+    metric = "mIoU"
+    recipe = Recipe(optimizer="sgd", lr=1e-3, weight_decay=1e-2, batch_size=2, iters=160_000,
+                    schedule="poly", momentum=0.9, eval_every=8000)
+    description = DESCRIPTION
+
+    def add_arguments(self, p) -> None:
+        g = p.add_argument_group("segmentation")
+        g.add_argument("--head-dim", type=int, default=256,
+                       help="Segformer head width; the paper does not state it, 256 follows "
+                            "mmsegmentation for large backbones, the original Segformer-B5 uses "
+                            "768 (default: %(default)s)")
+        g.add_argument("--dataset", default="mfnet", choices=sorted(SEG_DATASETS),
+                       help="on-disk layout of --data (default: %(default)s)")
+        g.add_argument("--data", required=True, metavar="DIR", help="dataset root folder")
+        g.add_argument("--train-split", default="train",
+                       help="training split; the paper's protocol trains on 'train+val' (1176 "
+                            "MFNet images) and reports on 'test' with evaluate.py. The default "
+                            "keeps 'val' held out for checkpoint selection (default: %(default)s)")
+        g.add_argument("--val-split", default="val",
+                       help="split evaluated every --eval-every iterations to pick best.pt; "
+                            "never select on the test split; MSRS ships only train and test "
+                            "lists, so hold out your own list there (default: %(default)s)")
+        g.add_argument("--crop", type=int, default=512,
+                       help="square training crop size in pixels (default: %(default)s)")
+
+    def input_size(self, args):
+        if args.crop < 1:
+            raise ValueError(f"--crop must be at least 1, got {args.crop}")
+        return args.crop, args.crop
+
+    def build_datasets(self, args, norm, out: Path, is_main: bool):
+        crop = (args.crop, args.crop)
+        train = build_seg_dataset(args.dataset, args.data, args.train_split, train=True,
+                                  crop=crop, seed=args.seed, norm=norm)
+        val = build_seg_dataset(args.dataset, args.data, args.val_split, train=False,
+                                seed=args.seed, norm=norm)
+        return train, val
+
+    def build_model(self, config, pretrained):
+        return build_model(config, pretrained)
+
+    def loss(self, model, batch, device) -> torch.Tensor:
+        """Cross-entropy (ignore 255) of the logits upsampled from stride 4 to the crop size."""
+        vis = batch["vis"].to(device, non_blocking=True)               # (B, 3, H, W)
+        ir = batch["ir"].to(device, non_blocking=True)                 # (B, 3, H, W)
+        label = batch["label"].to(device, non_blocking=True)           # (B, H, W)
+        logits = model(vis, ir)                                        # (B, K, H/4, W/4)
+        logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear",
+                               align_corners=False)
+        return F.cross_entropy(logits.float(), label, ignore_index=255)
+
+    def evaluate(self, model, dataset, dist, autocast, workers) -> dict:
+        r = evaluate_seg(model, dataset, dist, autocast, workers)["all"].compute()
+        return {"mIoU": r["mIoU"], "mAcc": r["mAcc"], "aAcc": r["aAcc"],
+                "IoU": dict(zip(CLASSES, r["IoU"]))}
+
+    def format_eval(self, r: dict) -> str:
+        return f"mIoU {r['mIoU']:.2f}  mAcc {r['mAcc']:.2f}"
+
+
+# -- evaluate.py ---------------------------------------------------------------------------------
+IGNORE_COLOUR = (255, 255, 255)     # label 255 (padding) in visualisations
+
+
+def colourise(label: np.ndarray) -> np.ndarray:
+    """(H, W) class ids -> (H, W, 3) uint8 in the MFNet palette (255 = white)."""
+    lut = np.zeros((256, 3), np.uint8)
+    lut[:len(PALETTE)] = np.asarray(PALETTE, np.uint8)
+    lut[255] = IGNORE_COLOUR
+    return lut[label]
+
+
+def panel(vis: np.ndarray, ir: np.ndarray, pred: np.ndarray, gt: np.ndarray):
+    """visible (H, W, 3), thermal (H, W), prediction and ground truth (H, W) -> (H, 4W, 3) image."""
+    from PIL import Image
+    thermal = np.repeat(ir[..., None], 3, axis=2)
+    return Image.fromarray(np.concatenate(
+        [vis.astype(np.uint8), thermal.astype(np.uint8), colourise(pred), colourise(gt)], axis=1))
+
+
+def metric_summary(metric: SegMetric) -> dict:
+    """mIoU (mmseg convention: classes absent from both prediction and ground truth skipped),
+    mIoU_nan0 (RTFNet convention: they count as 0) where the metric reports it, mAcc, aAcc and
+    the per-class IoU and accuracy."""
+    r = metric.compute()
+    out = {"num_pixels": int(metric.confusion.sum()), "mIoU": r["mIoU"]}
+    if "mIoU_nan0" in r:
+        out["mIoU_nan0"] = r["mIoU_nan0"]
+    return {**out, "mAcc": r["mAcc"], "aAcc": r["aAcc"], "IoU": dict(zip(CLASSES, r["IoU"])),
+            "Acc": dict(zip(CLASSES, r["Acc"]))}
+
+
+def print_report(m: dict) -> None:
+    print(f"{m['checkpoint']} on {m['split']} ({m['num_images']} images: "
+          f"{m['num_day']} day, {m['num_night']} night)")
+    print(f"{'class':<12}" + "".join(f"{k:>9}" for k in ("all", "day", "night")))
+    for c in CLASSES:
+        print(f"{c:<12}" + "".join(f"{m[k]['IoU'][c]:9.2f}" for k in ("all", "day", "night")))
+    names = ["mIoU"] + (["mIoU_nan0"] if "mIoU_nan0" in m["all"] else []) + ["mAcc"]
+    for name in names:
+        print(f"{name:<12}" + "".join(f"{m[k][name]:9.2f}" for k in ("all", "day", "night")))
+    if "mIoU_nan0" in m["all"]:
+        print("mIoU skips classes absent from prediction and ground truth (mmseg, the paper); "
+              "mIoU_nan0 counts them as 0 (RTFNet)")
+
+
+def evaluate_checkpoint(args, model: nn.Module, ckpt: dict, dist: DistInfo, norm) -> dict:
+    """evaluate.py for a segmentation checkpoint: one --data folder, one --split."""
+    cfg = ckpt["config"]
+    if len(args.data) != 1:
+        raise ValueError("segmentation evaluates one --data folder at a time")
+    layout = args.dataset or cfg["dataset"]
+    if layout not in SEG_DATASETS:
+        raise ValueError(f"--dataset {layout!r}: expected one of {sorted(SEG_DATASETS)}")
+    dataset = build_seg_dataset(layout, args.data[0], args.split,
+                                train=False, seed=cfg["seed"], norm=norm)
+    if args.verify_images:
+        dataset.verify()
+    on_prediction = None
+    if args.save_vis:
+        out = Path(args.save_vis)
+        out.mkdir(parents=True, exist_ok=True)
+
+        def on_prediction(index: int, pred: torch.Tensor, label: torch.Tensor) -> None:
+            sample = dataset.samples[index]
+            vis, ir = dataset.read_pair(sample)            # uint8 (H, W, 3), (H, W)
+            panel(vis, ir, pred.numpy().astype(np.uint8),
+                  label.numpy().astype(np.uint8)).save(out / f"{sample.name}.png")
+
+    metrics = evaluate_seg(model, dataset, dist, autocast_context(dist.device, args.amp),
+                           args.workers, on_prediction)
+    night = sum(parse_name(s.name, s.label)[0] for s in dataset.samples)
+    result = {"task": "seg", "checkpoint": args.checkpoint, "split": args.split,
+              "iter": ckpt["iter"], "num_images": len(dataset),
+              "num_day": len(dataset) - night, "num_night": night,
+              **{k: metric_summary(m) for k, m in metrics.items()}}
+    for k in ("all", "day", "night"):
+        result[f"miou_{k}"] = result[k]["mIoU"]
+    print_report(result)
+    return result

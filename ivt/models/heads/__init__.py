@@ -1,4 +1,6 @@
-"""Task heads that sit on the backbone's four feature maps: `segformer.py` (segmentation)."""
+"""Task heads that sit on the backbone's four feature maps: `segformer.py` (segmentation),
+`cpnet.py` (salient object detection)."""
+from .cpnet import CPNetDecoder
 from .segformer import SegformerHead
 
-__all__ = ["SegformerHead"]
+__all__ = ["CPNetDecoder", "SegformerHead"]

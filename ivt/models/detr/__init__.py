@@ -1,0 +1,11 @@
+"""A small DETR-style detector (DINO / RT-DETR family) in plain PyTorch, one concept per file:
+`box_ops`, `position_encoding`, `deformable_attention`, `neck`, `encoder`, `query_selection`,
+`decoder`, `denoising`, `matcher`, `criterion`, `detector`, and `coco_backbone` (loading a
+COCO-trained DINO's Swin backbone)."""
+from .criterion import SetCriterion
+from .coco_backbone import load_detector_backbone
+from .detector import Detector, DetectorConfig, build_detector, describe
+from .matcher import HungarianMatcher
+
+__all__ = ["Detector", "DetectorConfig", "build_detector", "describe", "load_detector_backbone",
+           "SetCriterion", "HungarianMatcher"]

@@ -1,0 +1,210 @@
+"""Salient object detection (VT5000 / VT1000 / VT821): the CPNet decoder, BCE + IoU, S/F/E/MAE.
+
+What the task adds to the shared trainer (`ivt.trainer`): its flags, datasets, model, loss and
+evaluation. Recipe (paper): Adam lr 5e-5, weight decay 0.1, 200 epochs, batch 8, 384x384 input,
+lr x0.1 at epoch 100; train on VT5000/Train, test on VT5000/Test, VT1000 and VT821. The paper
+does not say how it chose its checkpoint (the authors' release chose it on the test set); here
+best.pt is chosen on a validation list carved from VT5000/Train by a seeded, saved list.
+"""
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from ..data.vt import VTDataset, list_vt_stems, split_train_val
+from ..engine import DistInfo, autocast_context, unwrap
+from ..metrics import SODMetric
+from ..models.saliency import build_saliency_model, sod_loss
+from ..trainer import Recipe, Task, backbone_kwargs
+
+DESCRIPTION = """Train a salient object detection model (IV-tuning backbone + CPNet decoder) on VT5000.
+
+    python train_sod.py --data VT5000/Train --backbone swin_l --pretrained swin_large_22k.pth
+    python evaluate.py --checkpoint runs/sod/best.pt --data VT5000/Test --data VT1000 --data VT821
+
+Defaults are the paper's recipe (Adam lr 5e-5, weight decay 0.1, 200 epochs, batch 8, 384x384,
+lr x0.1 at epoch 100; loss: BCE-with-logits + IoU on the main and three side outputs). The
+thermal image (a colour-mapped .jpg in the VT datasets) is converted to grayscale and repeated to
+3 channels, as the authors' code does. --val-count images of --data are held out (a seeded list,
+saved as <out>/val_list.txt and reused on --resume) to choose best.pt by S-measure; the test sets
+are never used for selection.
+"""
+
+METRIC_KEYS = ("S", "maxF", "meanF", "adpF", "wF", "maxE", "meanE", "adpE", "MAE")
+TABLE_HEADER = ("S", "adpF", "maxF", "meanF", "wF", "adpE", "meanE", "maxE", "MAE")
+
+
+def build_model(config: dict, pretrained: Optional[str] = None) -> nn.Module:
+    """The saliency model a `train_sod.py` configuration describes (backbone + CPNet decoder)."""
+    size = config["size"]
+    return build_saliency_model(config["backbone"], tuning=config["tuning"],
+                                pretrained=pretrained, img_size=(size, size),
+                                **backbone_kwargs(config))
+
+
+@torch.no_grad()
+def evaluate_sod(model: nn.Module, dataset: Dataset, dist: DistInfo, autocast: Callable,
+                 workers: int = 0, on_prediction: Optional[Callable] = None) -> SODMetric:
+    """S/F/E/MAE of the main output over `dataset` (an evaluation `VTDataset`).
+
+    Per image: sigmoid of the main output at the input size (size x size), resized bilinearly to
+    the ground truth's size; the metric min-max normalises it (data.md). Each process scores every
+    world_size-th image; the per-image records are gathered so every rank returns the whole set's
+    metric. `on_prediction(index, pred (H, W) float in [0, 1])` is called per image.
+    """
+    net = unwrap(model)
+    if torch_dist.is_initialized():
+        for buffer in net.buffers():
+            torch_dist.broadcast(buffer, src=0)
+    was_training = net.training
+    net.eval()
+    indices = list(range(dist.rank, len(dataset), dist.world_size))
+    loader = DataLoader(Subset(dataset, indices), batch_size=1, num_workers=workers,
+                        generator=torch.Generator())
+    metric = SODMetric()
+    for index, item in zip(indices, loader):
+        vis = item["vis"].to(dist.device, non_blocking=True)
+        ir = item["ir"].to(dist.device, non_blocking=True)
+        gt = item["gt"][0].numpy()                                    # (H, W) uint8 0/255
+        with autocast():
+            prob = net.predict(vis, ir).float()                       # (1, 1, S, S)
+        prob = F.interpolate(prob, size=gt.shape, mode="bilinear", align_corners=False)
+        pred = prob[0, 0].clamp(0, 1).cpu().numpy()                   # (H, W)
+        metric.update(pred, gt)
+        if on_prediction is not None:
+            on_prediction(index, pred)
+    if torch_dist.is_initialized():
+        parts: List[SODMetric] = [None] * dist.world_size
+        torch_dist.all_gather_object(parts, metric)
+        metric = SODMetric()
+        for part in parts:
+            metric.merge(part)
+    net.train(was_training)
+    return metric
+
+
+class SODTask(Task):
+    name = "sod"
+    metric = "S"
+    recipe = Recipe(optimizer="adam", lr=5e-5, weight_decay=0.1, batch_size=8, epochs=200,
+                    schedule="step", lr_drop_epoch=100, eval_every=2000)
+    description = DESCRIPTION
+
+    def add_arguments(self, p) -> None:
+        g = p.add_argument_group("salient object detection")
+        g.add_argument("--data", required=True, metavar="DIR",
+                       help="training folder holding RGB/, T/, GT/ (VT5000/Train)")
+        g.add_argument("--val-count", type=int, default=250,
+                       help="images of --data held out to choose best.pt (a seeded list saved "
+                            "as <out>/val_list.txt); 0 trains on all and selects on the "
+                            "training images themselves (default: %(default)s)")
+        g.add_argument("--val-list", default=None, metavar="FILE",
+                       help="use the stems in FILE (one per line) as the validation images "
+                            "instead of drawing --val-count of them")
+        g.add_argument("--size", type=int, default=384,
+                       help="square input size of training and evaluation (default: %(default)s)")
+
+    def input_size(self, args):
+        if args.size < 32:
+            raise ValueError(f"--size must be at least 32, got {args.size}")
+        return args.size, args.size
+
+    def build_datasets(self, args, norm, out: Path, is_main: bool):
+        stems = list_vt_stems(args.data)
+        saved = out / "val_list.txt"
+        if args.val_list or (args.resume and saved.is_file()):
+            path = Path(args.val_list) if args.val_list else saved
+            val = [s for s in path.read_text().split()]
+            unknown = sorted(set(val) - set(stems))
+            if unknown:
+                raise ValueError(f"{path}: stems not in {args.data}: {', '.join(unknown[:10])}")
+            train = [s for s in stems if s not in set(val)]
+        elif args.val_count > 0:
+            if args.val_count >= len(stems):
+                raise ValueError(f"--val-count {args.val_count} leaves no training images "
+                                 f"({len(stems)} in {args.data})")
+            train, val = split_train_val(stems, args.val_count, args.seed)
+        else:
+            train, val = stems, stems
+        if is_main and not args.val_list:
+            saved.write_text("".join(f"{s}\n" for s in val))
+        size = args.size
+        return (VTDataset(args.data, train=True, size=size, seed=args.seed, norm=norm,
+                          stems=train),
+                VTDataset(args.data, train=False, size=size, seed=args.seed, norm=norm,
+                          stems=val))
+
+    def build_model(self, config, pretrained):
+        return build_model(config, pretrained)
+
+    def loss(self, model, batch, device) -> torch.Tensor:
+        """BCE-with-logits + IoU loss on the main and three side outputs (method.md sec. 6)."""
+        vis = batch["vis"].to(device, non_blocking=True)              # (B, 3, S, S)
+        ir = batch["ir"].to(device, non_blocking=True)                # (B, 3, S, S)
+        mask = batch["mask"].to(device, non_blocking=True)            # (B, 1, S, S) 0/1
+        return sod_loss([o.float() for o in model(vis, ir)], mask)
+
+    def evaluate(self, model, dataset, dist, autocast, workers) -> dict:
+        r = evaluate_sod(model, dataset, dist, autocast, workers).compute()
+        return {k: r[k] for k in METRIC_KEYS}
+
+    def format_eval(self, r: dict) -> str:
+        return f"S {r['S']:.4f}  maxF {r['maxF']:.4f}  maxE {r['maxE']:.4f}  MAE {r['MAE']:.4f}"
+
+
+# -- evaluate.py ---------------------------------------------------------------------------------
+def saliency_png(pred: np.ndarray) -> Image.Image:
+    """(H, W) float in [0, 1] -> 8-bit PNG image, min-max normalised as the toolboxes read it."""
+    lo, hi = float(pred.min()), float(pred.max())
+    scaled = (pred - lo) / (hi - lo) if hi > lo else pred
+    return Image.fromarray(np.round(scaled * 255).astype(np.uint8))
+
+
+def figure(vis: np.ndarray, ir: np.ndarray, gt: np.ndarray, pred: Image.Image) -> Image.Image:
+    """RGB | T | GT | prediction side by side, (H, 4W, 3)."""
+    grey = lambda a: np.repeat(a[..., None], 3, axis=2)                 # noqa: E731
+    return Image.fromarray(np.concatenate(
+        [vis, grey(ir), grey(gt), grey(np.asarray(pred))], axis=1).astype(np.uint8))
+
+
+def format_table(results: dict) -> str:
+    """Paper Table 1's columns, one row per test set."""
+    lines = [f"{'set':<24}" + "".join(f"{k:>8}" for k in TABLE_HEADER)]
+    for name, r in results.items():
+        lines.append(f"{name:<24}" + "".join(f"{r[k]:8.4f}" for k in TABLE_HEADER))
+    return "\n".join(lines)
+
+
+def evaluate_checkpoint(args, model: nn.Module, ckpt: dict, dist: DistInfo, norm) -> dict:
+    """evaluate.py for a SOD checkpoint: every --data folder (RGB/, T/, GT/) in turn."""
+    size = ckpt["config"]["size"]
+    autocast = autocast_context(dist.device, args.amp)
+    sets = {}
+    for root in args.data:
+        name = Path(root).as_posix().rstrip("/")
+        dataset = VTDataset(root, train=False, size=size, norm=norm)
+        if args.verify_images:
+            dataset.verify()
+        on_prediction = None
+        if args.save_vis:
+            folder = Path(args.save_vis) / name.replace("/", "_").lstrip("._")
+            (folder / "figures").mkdir(parents=True, exist_ok=True)
+
+            def on_prediction(index: int, pred: np.ndarray, dataset=dataset, folder=folder):
+                png = saliency_png(pred)
+                stem = dataset.stems[index]
+                png.save(folder / f"{stem}.png")
+                figure(*dataset.read_images(index), png).save(folder / "figures" / f"{stem}.png")
+
+        r = evaluate_sod(model, dataset, dist, autocast, args.workers, on_prediction).compute()
+        sets[name] = {"num_images": len(dataset), **{k: r[k] for k in METRIC_KEYS}}
+    print(f"{args.checkpoint} (iteration {ckpt['iter']}): main output, per-image min-max, "
+          f"at ground-truth size")
+    print(format_table(sets))
+    return {"task": "sod", "checkpoint": args.checkpoint, "iter": ckpt["iter"], "sets": sets}

@@ -1,0 +1,445 @@
+"""One training run, for any task: flags, checks, resume, checkpoints, the loop.
+
+`train_seg.py`, `train_sod.py` and `train_det.py` are thin: each hands `main` a `Task`, the object
+that knows its datasets, model, loss, optimizer recipe and evaluation. Everything else lives here,
+once: the shared flags (backbone, tuning, optimisation, run), the checks made before anything
+expensive starts, the resume rules, delta checkpoints (`ivt.checkpoint`), best-checkpoint
+selection on a validation split, the training loop (`ivt.engine`), DDP, and the `error:` exits.
+
+Files written to `--out`: `log.jsonl` (configuration, training records, evaluations), `last.pt`
+(resumable; every `--eval-every` iterations and at the end) and `best.pt` (best validation score).
+"""
+import argparse
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+import kernels
+from . import engine
+from .checkpoint import (atomic_save, check_pretrained, load_checkpoint, load_model_state,
+                         make_checkpoint, model_state, set_rng_state, sha256_file)
+from .data.io import BadImageError
+from .models import BACKBONES, TUNINGS, VARIANTS, CheckpointError, normalization_for
+
+# Settings that only say how a run is executed; anything else in the configuration changes the
+# run, so `--resume` refuses to change it (unless --allow-changes).
+RUN_ONLY = ("device", "workers", "out", "resume", "allow_changes", "log_every", "kernels",
+            "verify_images", "save_rank_weights", "eval_every", "total_iters", "cuda_graph",
+            "impl", "checkpoint_blocks")
+# Settings the saved weights depend on: never changeable on resume.
+MODEL_KEYS = ("task", "backbone", "tuning", "variant", "d1", "d2", "d3", "layers", "patch_size")
+
+
+@dataclass
+class Recipe:
+    """A task's defaults (the paper's recipe), shown in `--help`."""
+    optimizer: str                      # 'sgd', 'adam' or 'adamw'
+    lr: float
+    weight_decay: float
+    batch_size: int
+    iters: Optional[int] = None         # iteration-based schedule (segmentation) ...
+    epochs: Optional[int] = None        # ... or epoch-based (SOD, detection)
+    schedule: str = "poly"              # 'poly' or 'step'
+    lr_drop_epoch: Optional[int] = None  # 'step': lr x0.1 from this epoch on
+    momentum: float = 0.9
+    clip_grad: float = 0.0
+    eval_every: int = 8000
+    extra: Dict[str, object] = field(default_factory=dict)
+
+
+class Task:
+    """What one task adds to the shared trainer. Subclasses set the class attributes and
+    implement the methods; see `ivt/tasks/seg.py` for a complete example.
+
+    name        'seg', 'sod' or 'det' (saved in checkpoints; `evaluate.py` and `predict.py` use it)
+    metric      the validation score that selects best.pt (higher is better)
+    recipe      the paper's defaults
+    """
+    name: str
+    metric: str
+    recipe: Recipe
+    description: str = ""
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Task flags (data layout, splits, input size, head)."""
+        raise NotImplementedError
+
+    def input_size(self, args) -> Tuple[int, int]:
+        """(H, W) of the training input: checked against the backbone's patch before building."""
+        raise NotImplementedError
+
+    def build_datasets(self, args, norm, out: Path, is_main: bool):
+        """(train set, validation set); may write split lists into `out` (main process only)."""
+        raise NotImplementedError
+
+    def build_model(self, config: dict, pretrained: Optional[str]) -> nn.Module:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, dataset, dist: engine.DistInfo, autocast: Callable,
+                 workers: int) -> dict:
+        """Validation metrics as a flat dict of numbers holding `self.metric`."""
+        raise NotImplementedError
+
+    def format_eval(self, result: dict) -> str:
+        return f"{self.metric} {result[self.metric]:.4f}"
+
+    def param_groups(self, model: nn.Module, args) -> list:
+        """Optimizer parameter groups (trainable parameters only); `lr_mult` scales the lr."""
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr_mult": 1.0}]
+
+
+# -- flags ---------------------------------------------------------------------------------------
+def backbone_kwargs(config: dict) -> dict:
+    """`build_backbone` options a run's configuration describes."""
+    kw = {k: config[k] for k in ("d1", "d2", "d3", "variant", "layers") if k in config}
+    if config.get("patch_size") is not None:
+        kw["patch_size"] = config["patch_size"]
+    if config.get("impl") == "fast":
+        kw["fast"] = True
+    if config.get("checkpoint_blocks"):
+        kw["checkpoint_blocks"] = True
+    return kw
+
+
+def get_parser(task: Task) -> argparse.ArgumentParser:
+    r = task.recipe
+    p = argparse.ArgumentParser(description=task.description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--backbone", default="swin_l", choices=BACKBONES,
+                   help="visible-light backbone (swin_nano is a tiny CPU demo size) "
+                        "(default: %(default)s)")
+    g.add_argument("--tuning", default="ivt", choices=TUNINGS,
+                   help="ivt: train only IV-tuning's modules + head; full: the visible model "
+                        "alone, all trainable (the paper's baseline); freeze: the visible model "
+                        "alone, only the head trains; the other modes are the PETL methods "
+                        "the paper compares (Table 4) (default: %(default)s)")
+    g.add_argument("--variant", default="ivt", choices=VARIANTS,
+                   help="IV-tuning ablation variant (only with --tuning ivt) (default: %(default)s)")
+    g.add_argument("--d1", type=int, default=8, help="EMPG hidden width (default: %(default)s)")
+    g.add_argument("--d2", type=int, default=64,
+                   help="Hybrid Adapter hidden width (default: %(default)s)")
+    g.add_argument("--d3", type=int, default=8,
+                   help="Internal Prompt Adapter hidden width (default: %(default)s)")
+    g.add_argument("--layers", type=int, nargs="+", default=None,
+                   help="0-based block indices that get adapters (default: all blocks)")
+    g.add_argument("--patch-size", type=int, default=None,
+                   help="EVA02 only: patch size, 16 as in the paper (the released 14 is resized "
+                        "on loading) (default: the backbone's)")
+    g.add_argument("--pretrained", default=None, metavar="FILE",
+                   help="visible-model checkpoint (original release or timm layout) loaded into "
+                        "the frozen part; checkpoints then store only trained tensors and this "
+                        "file's SHA-256 (default: none, random init, frozen weights saved too)")
+    g.add_argument("--impl", default="reference", choices=("reference", "fast"),
+                   help="forward implementation: the readable reference, or the fused fast path "
+                        "(same parameters, equal results) (default: %(default)s)")
+    g.add_argument("--checkpoint-blocks", action="store_true",
+                   help="recompute the frozen blocks' activations in the backward pass instead "
+                        "of storing them (less memory, more compute)")
+    task.add_arguments(p)
+    g = p.add_argument_group("optimisation (defaults: the paper's recipe)")
+    if r.epochs is not None:
+        g.add_argument("--epochs", type=int, default=r.epochs,
+                       help="training epochs (default: %(default)s)")
+        g.add_argument("--lr-drop-epoch", type=int, default=r.lr_drop_epoch,
+                       help="learning rate x0.1 from this epoch on (default: %(default)s)")
+    g.add_argument("--iters", type=int, default=r.iters,
+                   help="training iterations" + (" (default: %(default)s)" if r.iters else
+                                                 "; overrides --epochs when given, the lr drop "
+                                                 "moves proportionally (default: from --epochs)"))
+    g.add_argument("--batch-size", type=int, default=r.batch_size,
+                   help="images per iteration per process (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=r.lr,
+                   help=f"{r.optimizer} base learning rate"
+                        + (", decayed by the poly schedule every iteration" if r.schedule == "poly"
+                           else "") + " (default: %(default)s)")
+    if r.schedule == "poly":
+        g.add_argument("--poly-power", type=float, default=1.0,
+                       help="poly schedule: lr = base * (1 - it/iters)^power (default: %(default)s)")
+    if r.optimizer == "sgd":
+        g.add_argument("--momentum", type=float, default=r.momentum,
+                       help="SGD momentum (default: %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=r.weight_decay,
+                   help=f"{r.optimizer} weight decay (default: %(default)s)")
+    g.add_argument("--clip-grad", type=float, default=r.clip_grad,
+                   help="clip the gradient norm to this value; 0: no clipping "
+                        "(default: %(default)s)")
+    g.add_argument("--amp", action="store_true",
+                   help="bf16 autocast for forward and loss (default: off, float32)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of weights, shuffling and augmentation (default: %(default)s)")
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default="auto",
+                   help="auto (CUDA if available), cpu, cuda or cuda:N; under torchrun each "
+                        "process uses cuda:LOCAL_RANK, or the CPU with gloo (default: %(default)s)")
+    g.add_argument("--kernels", default="auto", choices=kernels.BACKENDS,
+                   help="SimAM / partial-conv implementation: auto (Triton on CUDA), torch "
+                        "(reference), triton (default: %(default)s)")
+    g.add_argument("--cuda-graph", action="store_true",
+                   help="capture the whole training step (forward, backward, optimizer) once in "
+                        "a CUDA graph and replay it: removes the host overhead of IV-tuning's "
+                        "many small kernels. Needs CUDA and fixed input shapes; falls back to "
+                        "eager steps with a message when a batch's shapes differ")
+    g.add_argument("--workers", type=int, default=4,
+                   help="data-loading worker processes per training process (default: %(default)s)")
+    g.add_argument("--out", default=f"runs/{task.name}", metavar="DIR",
+                   help="output folder for log.jsonl, last.pt, best.pt (default: %(default)s)")
+    g.add_argument("--resume", nargs="?", const="last", default=None, metavar="FILE",
+                   help="continue from a checkpoint: FILE, or <out>/last.pt when given alone; "
+                        "reproduces the uninterrupted run (weights, optimizer, schedule, RNG). "
+                        "Every setting must equal the checkpoint's, except how the run executes "
+                        "(device, workers, kernels, logging, evaluation interval)")
+    g.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: accept changed training settings (iterations, lr, ...); "
+                        "each change is printed and logged. The model's settings never change")
+    g.add_argument("--eval-every", type=int, default=r.eval_every,
+                   help="evaluate on the validation split and write last.pt (and best.pt) every "
+                        "N iterations; 0: only at the end (default: %(default)s)")
+    g.add_argument("--log-every", type=int, default=50,
+                   help="write a training record (mean loss since the last one) to log.jsonl "
+                        "every N iterations; the loss is read from the device only then "
+                        "(default: %(default)s)")
+    g.add_argument("--verify-images", action="store_true",
+                   help="decode every training image before training starts, so a corrupt file "
+                        "is named now rather than mid-run (validation images are always "
+                        "decoded up front)")
+    g.add_argument("--save-rank-weights", action="store_true",
+                   help="test aid: at the end every process also writes its trainable weights "
+                        "to <out>/trained_rank<RANK>.pt (to check that DDP ranks agree)")
+    return p
+
+
+# -- checks made before anything expensive ------------------------------------------------------
+def check_args(task: Task, args) -> None:
+    for name in ("batch_size", "log_every"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, "
+                             f"got {getattr(args, name)}")
+    if args.iters is not None and args.iters < 1:
+        raise ValueError(f"--iters must be at least 1, got {args.iters}")
+    if getattr(args, "epochs", 1) < 1:
+        raise ValueError(f"--epochs must be at least 1, got {args.epochs}")
+    if args.eval_every < 0 or args.workers < 0:
+        raise ValueError("--eval-every and --workers must not be negative")
+    if args.pretrained is not None and not os.path.isfile(args.pretrained):
+        raise FileNotFoundError(f"--pretrained {args.pretrained}: file not found")
+    if args.cuda_graph and not torch.cuda.is_available():
+        raise ValueError("--cuda-graph needs a CUDA device")
+    if args.resume and args.resume != "last" and not os.path.isfile(args.resume):
+        raise FileNotFoundError(f"--resume {args.resume}: file not found")
+    if args.backbone.startswith("eva02"):
+        patch = args.patch_size or 16
+        h, w = task.input_size(args)
+        if h % patch or w % patch:
+            raise ValueError(f"EVA02 with patch {patch} needs an input size that is a multiple "
+                             f"of {patch}; the training input is {h}x{w}")
+    last = Path(args.out) / "last.pt"
+    if not args.resume and last.exists():
+        raise ValueError(f"{args.out} already holds a run ({last}); continue it with --resume, "
+                         f"or choose another --out")
+
+
+def resume_checkpoint(args, config: dict, log: Callable[[str], None]) -> Tuple[dict, list]:
+    """Load the checkpoint to resume from and compare configurations; returns (checkpoint,
+    the accepted changes as 'key: old -> new' strings)."""
+    path = os.path.join(args.out, "last.pt") if args.resume == "last" else args.resume
+    ckpt = load_checkpoint(path)
+    saved = ckpt["config"]
+    differ = [k for k in sorted(set(saved) | set(config))
+              if k not in RUN_ONLY and saved.get(k) != config.get(k)]
+    changes = [f"{k}: checkpoint {saved.get(k)!r} vs now {config.get(k)!r}" for k in differ]
+    fixed = [c for k, c in zip(differ, changes) if k in MODEL_KEYS]
+    if fixed or (changes and not args.allow_changes):
+        hint = "" if fixed else " (pass --allow-changes to accept them)"
+        raise ValueError(f"cannot resume from {path}, the configuration differs{hint}: "
+                         + "; ".join(fixed or changes))
+    for c in changes:
+        log(f"resuming with a changed setting, {c}")
+    check_pretrained(ckpt, args.pretrained, path)
+    ckpt["path"] = path
+    return ckpt, changes
+
+
+def short_error(e: BaseException) -> str:
+    """The message of `e`; for an error re-raised from a DataLoader worker, just its last line
+    (the original exception) instead of the worker's traceback."""
+    text = str(e)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
+# -- the run -------------------------------------------------------------------------------------
+def build_optimizer(task: Task, model: nn.Module, args) -> torch.optim.Optimizer:
+    groups = task.param_groups(model, args)
+    if not any(g["params"] for g in groups):
+        raise ValueError("the model has no trainable parameters")
+    kind = task.recipe.optimizer
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum,
+                               weight_decay=args.weight_decay)
+    if kind == "adam":        # L2 weight decay, as the paper's SOD recipe (Adam, wd 0.1)
+        return torch.optim.Adam(groups, lr=args.lr, weight_decay=args.weight_decay)
+    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def schedule(task: Task, args, per_epoch: int) -> Tuple[int, Callable[[int], float]]:
+    """(total iterations, lr at a 0-based iteration)."""
+    r = task.recipe
+    if r.schedule == "poly":
+        iters = args.iters
+        return iters, lambda it: engine.poly_lr(args.lr, it, iters, args.poly_power)
+    epochs_iters = args.epochs * per_epoch
+    iters = args.iters or epochs_iters
+    drop = None
+    if args.lr_drop_epoch is not None:
+        drop = round(args.lr_drop_epoch * per_epoch * iters / epochs_iters)
+    return iters, lambda it: args.lr * (0.1 if drop is not None and it >= drop else 1.0)
+
+
+def graphed_step(model, loss_fn, optimizer, autocast, clip_grad: float, eager: Callable,
+                 say: Callable) -> Callable:
+    """`--cuda-graph`: the step captured in a CUDA graph (`ivt.graph_step`), or the eager step
+    from the first batch whose shapes differ from the captured ones, with a message."""
+    from .graph_step import GraphedTrainStep
+    graphed = GraphedTrainStep(model, loss_fn, optimizer, autocast, clip_grad)
+    state = {"step": graphed}
+
+    def step(batch: dict, lr: float) -> torch.Tensor:
+        try:
+            return state["step"](batch, lr)
+        except ValueError as e:
+            if state["step"] is eager:
+                raise
+            say(f"--cuda-graph: {e}; continuing with eager steps")
+            state["step"] = eager
+            return eager(batch, lr)
+    return step
+
+
+def train(task: Task, args, dist: engine.DistInfo) -> dict:
+    check_args(task, args)
+    config = {"task": task.name, **vars(args)}
+    norm = normalization_for(args.backbone)
+    config["normalization"] = norm.as_dict()
+    out = Path(args.out)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    say = print if dist.is_main else (lambda *a, **k: None)
+    ckpt, changes = (resume_checkpoint(args, config, say) if args.resume else (None, []))
+    engine.seed_everything(args.seed)
+    train_set, val_set = task.build_datasets(args, norm, out, dist.is_main)
+    if args.verify_images:
+        train_set.verify()
+    val_set.verify()
+    if len(train_set) < args.batch_size * dist.world_size:
+        raise ValueError(f"--batch-size {args.batch_size} on {dist.world_size} process(es) needs "
+                         f"at least {args.batch_size * dist.world_size} training images; the "
+                         f"training set has {len(train_set)}")
+    pretrained_sha256 = sha256_file(args.pretrained) if args.pretrained else None
+
+    model = task.build_model(config, args.pretrained)
+    if ckpt is not None:
+        load_model_state(model, ckpt["model"], ckpt["delta"], ckpt["path"])
+    model.to(dist.device)
+    optimizer = build_optimizer(task, model, args)
+    start_iter, best, result = 0, -math.inf, None
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_iter, best, result = ckpt["iter"], ckpt["best"], ckpt["metrics"]
+    net = (DistributedDataParallel(model, device_ids=[dist.device.index]
+                                   if dist.device.type == "cuda" else None)
+           if dist.distributed else model)
+    autocast = engine.autocast_context(dist.device, args.amp)
+    stream = engine.InfiniteBatches(train_set, args.batch_size, dist, args.seed, args.workers,
+                                    start_iter)
+    iters, lr_at = schedule(task, args, stream.per_epoch)
+    config["total_iters"] = iters
+    batches = iter(stream)
+    logger = engine.JSONLLogger(str(out / "log.jsonl"), dist.is_main)
+    logger.log("resume" if ckpt else "start", iter=start_iter, config=config,
+               world_size=dist.world_size, device=str(dist.device),
+               train_images=len(train_set), val_images=len(val_set), changes=changes)
+    say(engine.describe_parameters(model))
+    say(f"{len(train_set)} training images, {len(val_set)} validation; {iters} iterations "
+        f"({stream.per_epoch} per epoch); {dist.world_size} process(es) on {dist.device}"
+        + (f"; resuming at iteration {start_iter}" if ckpt else ""))
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    saved_iter = start_iter if ckpt else None
+
+    def evaluate(it: int) -> dict:
+        r = task.evaluate(net, val_set, dist, autocast, args.workers)
+        logger.log("eval", iter=it, **r)
+        say(f"\niter {it}: validation {task.format_eval(r)}")
+        return r
+
+    def save(it: int, r: dict) -> None:
+        nonlocal best, saved_iter
+        is_best = r[task.metric] > best          # NaN (nothing to score) is never best
+        best = r[task.metric] if is_best else best
+        if dist.is_main:
+            state = make_checkpoint(model, optimizer, it, config, args.pretrained,
+                                    pretrained_sha256, task=task.name, metric=task.metric,
+                                    best=best, metrics=r)
+            atomic_save(state, str(last_path))
+            if is_best:
+                atomic_save(state, str(best_path))
+        saved_iter = it
+
+    loss_fn = lambda m, b: task.loss(m, b, dist.device)                   # noqa: E731
+    step = engine.EagerStep(net, loss_fn, optimizer, autocast, args.clip_grad)
+    if args.cuda_graph:
+        step = graphed_step(net, loss_fn, optimizer, autocast, args.clip_grad, step, say)
+    # Restored last, so that nothing between here and the first iteration draws from it.
+    if ckpt is not None:
+        set_rng_state(ckpt["rng"])
+    try:
+        result = engine.train_loop(
+            net, batches, step, dist=dist, start_iter=start_iter, iters=iters, lr_at=lr_at,
+            log_every=args.log_every, eval_every=args.eval_every, evaluate=evaluate, save=save,
+            logger=logger) or result
+    except (engine.TrainingDiverged, BadImageError) as e:
+        kept = (f"the last good checkpoint is {last_path} (iteration {saved_iter})"
+                if saved_iter is not None else "no checkpoint was written")
+        logger.log("diverged" if isinstance(e, engine.TrainingDiverged) else "bad_image",
+                   message=short_error(e))
+        raise type(e)(f"{short_error(e)}; {kept}") from None
+    finally:
+        logger.close()
+    if args.save_rank_weights:
+        torch.save(model_state(model, include_frozen=False), out / f"trained_rank{dist.rank}.pt")
+    return {"iters": iters, "metrics": result, "best": best if math.isfinite(best) else None,
+            "out": str(out), "last": str(last_path),
+            "best_path": str(best_path) if best_path.exists() else None,
+            "log": str(out / "log.jsonl")}
+
+
+def main(task: Task, argv=None) -> dict:
+    """Parse `argv` (default: sys.argv), train, return a summary: final validation metrics, the
+    best score and the paths written. Bad data or configuration exits with status 2 and an
+    `error:` line; a diverged run (NaN loss) exits with status 1."""
+    args = get_parser(task).parse_args(argv)
+    kernels.set_backend(args.kernels)
+    try:
+        dist = engine.setup_distributed(args.device)
+        try:
+            return train(task, args, dist)
+        finally:
+            engine.cleanup_distributed()
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        print(f"error: {short_error(e)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except engine.TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -1,0 +1,474 @@
+"""Run a trained IV-tuning checkpoint on your own visible + thermal image pairs.
+
+    python predict.py --checkpoint runs/seg/best.pt --vis my/vis --ir my/ir --out predictions
+    python predict.py --checkpoint runs/seg/best.pt --pairs pairs.txt --out predictions
+    python predict.py --checkpoint runs/seg/best.pt --rgbt data/mfnet/images --out predictions
+
+The task (segmentation, salient object detection, detection) comes from the checkpoint. Per pair
+<name> (the visible file's stem) it writes into --out:
+
+    seg  <name>_classes.png    class ids (8-bit grey, one value per class), at the input's size
+         <name>_overlay.png    class colours (MFNet palette) over the visible image, legend right
+    sod  <name>_saliency.png   round(255 x probability), 8-bit grey, at the input's size (not
+                               min-max stretched; the SOD toolboxes do that on reading)
+         <name>_overlay.png    saliency as a red tint over the visible image
+    det  <name>_boxes.json     {"boxes": [{"box": [x0, y0, x1, y1], "class", "label", "score"}]},
+                               pixel corners in the input image
+         <name>_vis_boxes.png, <name>_ir_boxes.png   the boxes drawn on both images
+
+Inputs. Any size: segmentation runs at the native size (padded to a multiple of the patch size
+for EVA02 and cropped back); SOD and detection models run at the square size they were trained at
+(`size` in the run's configuration), and their outputs are mapped back to the input's size. The
+two images of a pair must have the same size. Thermal images may be 8-bit grey, 3-channel
+(colour-mapped or repeated grey, reduced to grey with PIL's 'L' weights, as in training) or
+high bit depth (16-bit PNG/TIFF, 32-bit integer or float TIFF). THERMAL NORMALISATION RULE for
+high-bit-depth images: per image, the 1st..99th percentile range of the values is mapped linearly
+onto 0..255 and clipped (the min..max range when those percentiles are equal; 0 for a constant
+image). A high-bit-depth grey visible image gets the same rule.
+
+Failures. A pair whose images differ in size, an unreadable or missing file, a stem present in
+only one of the two folders, or a second pair with the same output name is reported by name
+(stderr, then again in the summary) and skipped; the others still run. Nothing already in --out
+is overwritten unless --overwrite: a pair whose outputs all exist is skipped, a partly written
+one gets only its missing files (each file is written to a temporary name, then renamed, so an
+interrupted run leaves no half-written file). Exit status: the number of failed pairs, at most
+100 (0: all succeeded); 2 also for a usage error (bad flags, unreadable checkpoint), reported
+before any pair is read.
+"""
+import argparse
+import json
+import os
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from ivt.data import CLASSES
+from ivt.data.io import BadImageError, open_image
+from ivt.data.transforms import (pad_to, resize, thermal_to_gray, thermal_to_tensor,
+                                 visible_to_tensor)
+from ivt.engine import autocast_context
+from ivt.models.eva02 import EVA02Backbone
+from ivt.tasks import config_normalization, load_trained
+from ivt.visualize import (distinct_colours, draw_boxes, overlay_saliency, overlay_segmentation,
+                           palette_for)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+THERMAL_PERCENTILES = (1.0, 99.0)
+MAX_EXIT_STATUS = 100
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, metavar="FILE",
+                   help="a checkpoint written by a training script (best.pt or last.pt)")
+    p.add_argument("--pretrained", default=None, metavar="FILE",
+                   help="the pre-trained backbone file a delta checkpoint was trained from "
+                        "(default: the path saved in the checkpoint's configuration)")
+    src = p.add_argument_group("inputs (one of --vis/--ir, --pairs, --rgbt)")
+    src.add_argument("--vis", default=None, metavar="PATH",
+                     help="a visible image, or a folder of them (paired with --ir by file stem)")
+    src.add_argument("--ir", default=None, metavar="PATH",
+                     help="a thermal image, or a folder of them (1 or 3 channels, 8 or 16 bits)")
+    src.add_argument("--pairs", default=None, metavar="LIST",
+                     help="a text file with one 'vis_path ir_path' pair per line (relative paths "
+                          "are relative to the file's folder; quote paths with spaces; '#' "
+                          "starts a comment)")
+    src.add_argument("--rgbt", default=None, metavar="PATH",
+                     help="a 4-channel PNG (R, G, B, thermal: MFNet's images/*.png), or a folder "
+                          "of them")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace outputs that already exist (default: keep them, write only "
+                        "missing ones)")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA if available), cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=1,
+                   help="pairs per forward pass; segmentation batches only pairs of the same "
+                        "size (default: %(default)s)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (default: float32)")
+    p.add_argument("--score-threshold", type=float, default=0.3,
+                   help="detection only: keep boxes scoring at least this (default: %(default)s)")
+    p.add_argument("--max-dets", type=int, default=100,
+                   help="detection only: at most this many boxes per image (default: "
+                        "%(default)s)")
+    return p
+
+
+# -- finding the pairs ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Pair:
+    """One input: `name` names the outputs; `ir` is None when `vis` is a 4-channel RGB-T file."""
+    name: str
+    vis: Path
+    ir: Optional[Path]
+
+
+def list_images(folder: Path) -> Tuple[Dict[str, Path], List[str]]:
+    """{stem: path} of the image files directly in `folder`, and the problems (a stem twice)."""
+    found: Dict[str, Path] = {}
+    problems = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in IMAGE_SUFFIXES or path.name.startswith("."):
+            continue
+        if path.stem in found:
+            problems.append(f"{path}: stem {path.stem!r} also used by {found[path.stem].name}")
+            continue
+        found[path.stem] = path
+    return found, problems
+
+
+def pairs_from_paths(vis: Path, ir: Path) -> Tuple[List[Pair], List[str]]:
+    """Two files (one pair) or two folders (pairs by stem; unmatched stems are problems)."""
+    if vis.is_file() and ir.is_file():
+        return [Pair(vis.stem, vis, ir)], []
+    if not (vis.is_dir() and ir.is_dir()):
+        raise ValueError(f"--vis {vis} and --ir {ir} must both be files or both be folders")
+    vis_images, problems = list_images(vis)
+    ir_images, ir_problems = list_images(ir)
+    problems += ir_problems
+    problems += [f"{vis_images[s]}: no thermal image with stem {s!r} in {ir}"
+                 for s in sorted(set(vis_images) - set(ir_images))]
+    problems += [f"{ir_images[s]}: no visible image with stem {s!r} in {vis}"
+                 for s in sorted(set(ir_images) - set(vis_images))]
+    return [Pair(s, vis_images[s], ir_images[s])
+            for s in sorted(set(vis_images) & set(ir_images))], problems
+
+
+def pairs_from_list(list_file: Path) -> Tuple[List[Pair], List[str]]:
+    """`vis_path ir_path` per line, relative to the list's folder; bad lines are problems."""
+    pairs, problems = [], []
+    for number, line in enumerate(list_file.read_text().splitlines(), 1):
+        try:
+            fields = shlex.split(line, comments=True)
+        except ValueError as e:
+            problems.append(f"{list_file}:{number}: {e}")
+            continue
+        if not fields:
+            continue
+        if len(fields) != 2:
+            problems.append(f"{list_file}:{number}: expected 'vis_path ir_path', got {line!r}")
+            continue
+        vis, ir = (list_file.parent / f for f in fields)
+        pairs.append(Pair(vis.stem, vis, ir))
+    return pairs, problems
+
+
+def pairs_from_rgbt(path: Path) -> Tuple[List[Pair], List[str]]:
+    """One 4-channel file, or every image in a folder."""
+    if path.is_file():
+        return [Pair(path.stem, path, None)], []
+    if not path.is_dir():
+        raise ValueError(f"--rgbt {path}: no such file or folder")
+    images, problems = list_images(path)
+    return [Pair(s, p, None) for s, p in images.items()], problems
+
+
+def find_pairs(args) -> Tuple[List[Pair], List[str]]:
+    """The pairs the flags name, and the problems found while pairing (each names its file);
+    a second pair with an output name already taken is a problem too."""
+    if args.pairs:
+        pairs, problems = pairs_from_list(Path(args.pairs))
+    elif args.rgbt:
+        pairs, problems = pairs_from_rgbt(Path(args.rgbt))
+    else:
+        pairs, problems = pairs_from_paths(Path(args.vis), Path(args.ir))
+    unique: Dict[str, Pair] = {}
+    for pair in pairs:
+        if pair.name in unique:
+            problems.append(f"{pair.vis}: output name {pair.name!r} already used by "
+                            f"{unique[pair.name].vis}")
+        else:
+            unique[pair.name] = pair
+    return list(unique.values()), problems
+
+
+# -- reading -------------------------------------------------------------------------------------
+class PairError(ValueError):
+    """A pair that cannot be used; the message names the file(s)."""
+
+
+def stretch_to_uint8(values: np.ndarray) -> np.ndarray:
+    """High-bit-depth (H, W) -> uint8: the 1st..99th percentile range onto 0..255, clipped
+    (min..max when the percentiles are equal; zeros for a constant image)."""
+    x = values.astype(np.float64)
+    lo, hi = np.percentile(x, THERMAL_PERCENTILES)
+    if hi <= lo:
+        lo, hi = x.min(), x.max()
+    if hi <= lo:
+        return np.zeros(x.shape, np.uint8)
+    return np.clip((x - lo) * (255.0 / (hi - lo)), 0, 255).round().astype(np.uint8)
+
+
+def read_thermal(path: Path) -> np.ndarray:
+    """(H, W) uint8 from a grey (8-bit or high-bit-depth) or 3-channel thermal image."""
+    im = open_image(path)
+    if im.mode in HIGH_DEPTH_MODES:
+        return stretch_to_uint8(np.asarray(im))
+    if im.mode in ("L", "1", "P", "LA"):
+        return np.asarray(im.convert("L"))
+    return thermal_to_gray(np.asarray(im.convert("RGB")))
+
+
+def read_visible(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8; grey images are repeated to 3 channels."""
+    im = open_image(path)
+    if im.mode in HIGH_DEPTH_MODES:
+        return np.repeat(stretch_to_uint8(np.asarray(im))[..., None], 3, axis=2)
+    return np.asarray(im.convert("RGB"))
+
+
+def read_pair(pair: Pair) -> Tuple[np.ndarray, np.ndarray]:
+    """(vis (H, W, 3), ir (H, W)) uint8; PairError / BadImageError / FileNotFoundError."""
+    if pair.ir is None:
+        rgbt = np.asarray(open_image(pair.vis))
+        if rgbt.ndim != 3 or rgbt.shape[2] != 4:
+            raise PairError(f"{pair.vis}: expected 4 channels (R, G, B, thermal), got shape "
+                            f"{rgbt.shape}")
+        return rgbt[..., :3], rgbt[..., 3]
+    vis, ir = read_visible(pair.vis), read_thermal(pair.ir)
+    if vis.shape[:2] != ir.shape:
+        raise PairError(f"{pair.vis} is {vis.shape[1]}x{vis.shape[0]} but {pair.ir} is "
+                        f"{ir.shape[1]}x{ir.shape[0]} (width x height): sizes differ")
+    return vis, ir
+
+
+# -- the three tasks -----------------------------------------------------------------------------
+class Predictor:
+    """What a task adds: input tensors, the forward pass, and the files written per pair."""
+    suffixes: Tuple[str, ...] = ()
+
+    def __init__(self, model: torch.nn.Module, config: dict, args):
+        self.model, self.config, self.args = model, config, args
+        self.norm = config_normalization(config)
+
+    def outputs(self, out: Path, name: str) -> Dict[str, Path]:
+        return {s: out / f"{name}{s}" for s in self.suffixes}
+
+    def prepare(self, vis: np.ndarray, ir: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(vis (3, h, w), ir (3, h, w)) model inputs; pairs with equal shapes share a batch."""
+        raise NotImplementedError
+
+    def run(self, vis: torch.Tensor, ir: torch.Tensor, sizes: List[Tuple[int, int]]) -> list:
+        """One forward pass on (B, 3, h, w) inputs -> B results at the original `sizes`."""
+        raise NotImplementedError
+
+    def render(self, vis: np.ndarray, ir: np.ndarray, result, pair: Pair) -> dict:
+        """{suffix: PIL image or JSON-able dict} for one pair."""
+        raise NotImplementedError
+
+
+class SegPredictor(Predictor):
+    suffixes = ("_classes.png", "_overlay.png")
+
+    def __init__(self, model, config, args):
+        super().__init__(model, config, args)
+        # EVA02 cuts the image into patch_size x patch_size patches; Swin pads by itself.
+        self.multiple = next((m.cfg.patch_size for m in model.modules()
+                              if isinstance(m, EVA02Backbone)), 1)
+        self.class_names = list(config.get("class_names") or CLASSES)
+        self.palette = palette_for(len(self.class_names))
+
+    def prepare(self, vis, ir):
+        h, w = ir.shape
+        m = self.multiple
+        size = (-(-h // m) * m, -(-w // m) * m)
+        return (visible_to_tensor(pad_to(vis, size, 0), self.norm),
+                thermal_to_tensor(pad_to(ir, size, 0), self.norm))
+
+    def run(self, vis, ir, sizes):
+        classes = self.model.predict(vis, ir).cpu()                  # (B, h, w) int64
+        return [classes[i, :h, :w].numpy().astype(np.uint8) for i, (h, w) in enumerate(sizes)]
+
+    def render(self, vis, ir, classes, pair):
+        return {"_classes.png": Image.fromarray(classes),
+                "_overlay.png": overlay_segmentation(vis, classes, self.class_names,
+                                                     self.palette)}
+
+
+class SquarePredictor(Predictor):
+    """SOD and detection: both images resized (bilinear) to the square training size."""
+    default_size = 0
+
+    def __init__(self, model, config, args):
+        super().__init__(model, config, args)
+        self.size = int(config.get("size", self.default_size))
+
+    def prepare(self, vis, ir):
+        s = (self.size, self.size)
+        return (visible_to_tensor(resize(vis, s, Image.BILINEAR), self.norm),
+                thermal_to_tensor(resize(ir, s, Image.BILINEAR), self.norm))
+
+
+class SodPredictor(SquarePredictor):
+    suffixes = ("_saliency.png", "_overlay.png")
+    default_size = 384
+
+    def run(self, vis, ir, sizes):
+        prob = self.model.predict(vis, ir).float().cpu()             # (B, 1, size, size)
+        return [(F.interpolate(prob[i:i + 1], size=hw, mode="bilinear", align_corners=False)
+                 [0, 0].clamp(0, 1) * 255).round().numpy().astype(np.uint8)
+                for i, hw in enumerate(sizes)]
+
+    def render(self, vis, ir, saliency, pair):
+        return {"_saliency.png": Image.fromarray(saliency),
+                "_overlay.png": overlay_saliency(vis, saliency)}
+
+
+class DetPredictor(SquarePredictor):
+    suffixes = ("_boxes.json", "_vis_boxes.png", "_ir_boxes.png")
+    default_size = 640
+
+    def __init__(self, model, config, args):
+        super().__init__(model, config, args)
+        names = config.get("class_names")
+        if not names:
+            from ivt.data.m3fd import M3FD_CLASSES
+            names = M3FD_CLASSES
+        self.class_names = list(names)
+        self.colours = distinct_colours(len(self.class_names))
+
+    def run(self, vis, ir, sizes):
+        dets = self.model.predict(vis, ir, orig_sizes=sizes,
+                                  score_threshold=self.args.score_threshold,
+                                  max_dets=self.args.max_dets)
+        return [{k: v.float().cpu().numpy() if k != "labels" else v.cpu().numpy()
+                 for k, v in d.items()} for d in dets]
+
+    def render(self, vis, ir, det, pair):
+        labels = det["labels"].astype(int).tolist()
+        names = [self.class_names[k] for k in labels]
+        boxes = det["boxes"].reshape(-1, 4)
+        record = {"vis": str(pair.vis), "ir": str(pair.ir or pair.vis),
+                  "width": int(vis.shape[1]), "height": int(vis.shape[0]),
+                  "score_threshold": self.args.score_threshold,
+                  "boxes": [{"box": [round(float(c), 2) for c in box], "class": name,
+                             "label": label, "score": round(float(score), 4)}
+                            for box, name, label, score in zip(boxes, names, labels,
+                                                               det["scores"])]}
+        colours = [self.colours[k] for k in labels]
+        return {"_boxes.json": record,
+                "_vis_boxes.png": draw_boxes(vis, boxes, names, det["scores"], colours),
+                "_ir_boxes.png": draw_boxes(ir, boxes, names, det["scores"], colours)}
+
+
+PREDICTORS = {"seg": SegPredictor, "sod": SodPredictor, "det": DetPredictor}
+
+
+# -- writing -------------------------------------------------------------------------------------
+def save_atomically(obj, path: Path) -> None:
+    """A PIL image as PNG or a dict as JSON, written to a temporary name and renamed."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    if isinstance(obj, dict):
+        tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    else:
+        obj.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+# -- the run -------------------------------------------------------------------------------------
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available")
+    return device
+
+
+@dataclass
+class Job:
+    """A pair read and prepared: images (H, W, 3) and (H, W) uint8, model inputs (3, h, w), and
+    the output files still to write ({suffix: path})."""
+    pair: Pair
+    vis: np.ndarray
+    ir: np.ndarray
+    vis_input: torch.Tensor
+    ir_input: torch.Tensor
+    files: Dict[str, Path]
+
+
+def chunks(items: Sequence, n: int):
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+def main(argv=None) -> int:
+    """Returns the exit status: the number of failed pairs, at most MAX_EXIT_STATUS."""
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    sources = [bool(args.vis or args.ir), bool(args.pairs), bool(args.rgbt)]
+    if sum(sources) != 1 or (sources[0] and not (args.vis and args.ir)):
+        parser.error("give exactly one input: --vis and --ir, --pairs, or --rgbt")
+    if args.batch < 1:
+        parser.error(f"--batch must be at least 1, got {args.batch}")
+    try:
+        device = select_device(args.device)
+        task, model, ckpt = load_trained(args.checkpoint, args.pretrained)
+        pairs, failures = find_pairs(args)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        parser.error(str(e))
+    predictor = PREDICTORS[task](model.to(device), ckpt["config"], args)
+    autocast = autocast_context(device, args.amp)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for problem in failures:
+        tqdm.write(f"skipped: {problem}", file=sys.stderr)
+
+    written = kept = 0
+    bar = tqdm(total=len(pairs), desc=f"predict ({task})", unit="pair", dynamic_ncols=True)
+    for chunk in chunks(pairs, args.batch):
+        jobs: List[Job] = []
+        for pair in chunk:
+            files = predictor.outputs(out, pair.name)
+            if not args.overwrite:
+                files = {s: p for s, p in files.items() if not p.exists()}
+            if not files:
+                kept += 1
+                bar.update(1)
+                continue
+            try:
+                vis, ir = read_pair(pair)
+            except FileNotFoundError as e:
+                failures.append(f"{e.filename}: no such file")
+            except (BadImageError, PairError) as e:
+                failures.append(str(e))
+            else:
+                jobs.append(Job(pair, vis, ir, *predictor.prepare(vis, ir), files))
+                continue
+            tqdm.write(f"skipped: {failures[-1]}", file=sys.stderr)
+            bar.update(1)
+        groups: Dict[tuple, List[Job]] = {}          # one forward pass per input shape
+        for job in jobs:
+            groups.setdefault(tuple(job.vis_input.shape), []).append(job)
+        for group in groups.values():
+            vis_b = torch.stack([j.vis_input for j in group]).to(device)    # (B, 3, h, w)
+            ir_b = torch.stack([j.ir_input for j in group]).to(device)
+            with torch.no_grad(), autocast():
+                results = predictor.run(vis_b, ir_b, [j.ir.shape for j in group])
+            for job, result in zip(group, results):
+                rendered = predictor.render(job.vis, job.ir, result, job.pair)
+                for suffix, path in job.files.items():
+                    save_atomically(rendered[suffix], path)
+                written += 1
+                bar.update(1)
+    bar.close()
+
+    print(f"{written} pairs written, {kept} already written (kept; --overwrite replaces them), "
+          f"{len(failures)} failed -> {out}")
+    for f in failures:
+        print(f"  failed: {f}")
+    return min(len(failures), MAX_EXIT_STATUS)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

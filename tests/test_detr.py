@@ -1,0 +1,371 @@
+"""The detector's parts against independent references: box utilities against hand-computed
+values, the Hungarian matcher against brute force over all assignments, the grid_sample
+deformable attention against a float64 bilinear-sampling loop; then a tiny detector end to end."""
+import itertools
+import math
+
+import pytest
+import torch
+
+from ivt.models import count_parameters
+from ivt.models.detr import DetectorConfig, HungarianMatcher, build_detector, describe
+from ivt.models.detr.box_ops import (box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh,
+                                     generalized_box_iou, normalize_boxes)
+from ivt.models.detr.deformable_attention import (MultiScaleDeformableAttention,
+                                                  multi_scale_deformable_attention)
+from ivt.models.detr.decoder import build_decoder
+from ivt.models.detr.denoising import Denoising, denoising_attention_mask
+from ivt.models.detr.neck import ChannelMapper
+
+# -- box utilities ---------------------------------------------------------------------------
+
+
+def test_box_conversions_round_trip():
+    g = torch.Generator().manual_seed(0)
+    cxcywh = torch.rand(50, 4, generator=g, dtype=torch.float64)
+    xyxy = box_cxcywh_to_xyxy(cxcywh)
+    assert torch.allclose(box_xyxy_to_cxcywh(xyxy), cxcywh, atol=1e-12)
+    assert torch.equal(box_cxcywh_to_xyxy(torch.tensor([[5.0, 4.0, 2.0, 6.0]])),
+                       torch.tensor([[4.0, 1.0, 6.0, 7.0]]))
+    # pixels of a 100 x 200 (H x W) image -> normalised cxcywh
+    assert torch.allclose(normalize_boxes(torch.tensor([[20.0, 10.0, 60.0, 50.0]]), (100, 200)),
+                          torch.tensor([[0.2, 0.3, 0.2, 0.4]]))
+
+
+@pytest.mark.parametrize("a, b, iou, giou", [
+    ([0, 0, 2, 2], [1, 1, 3, 3], 1 / 7, 1 / 7 - 2 / 9),      # overlap 1, union 7, hull 9
+    ([0, 0, 1, 1], [2, 0, 3, 1], 0.0, -1 / 3),               # disjoint: union 2, hull 3
+    ([0, 0, 4, 4], [1, 1, 2, 2], 1 / 16, 1 / 16),             # contained: hull = union
+    ([0, 0, 2, 2], [0, 0, 2, 2], 1.0, 1.0),                   # identical
+    ([1, 0, 1, 2], [0, 0, 2, 2], 0.0, 0.0),                   # zero width inside: union 4 = hull
+    ([3, 3, 3, 3], [0, 0, 1, 1], 0.0, -8 / 9),                # a point outside: union 1, hull 9
+])
+def test_giou_hand_computed(a, b, iou, giou):
+    a, b = torch.tensor([a], dtype=torch.float64), torch.tensor([b], dtype=torch.float64)
+    assert box_iou(a, b)[0].item() == pytest.approx(iou, abs=1e-9)
+    assert generalized_box_iou(a, b).item() == pytest.approx(giou, abs=1e-9)
+    assert generalized_box_iou(b, a).item() == pytest.approx(giou, abs=1e-9)
+
+
+def test_giou_degenerate_boxes():
+    point = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
+    out = generalized_box_iou(point, point)                   # 0 / 0 everywhere: defined as 0
+    assert torch.isfinite(out).all() and out.item() == 0.0
+    with pytest.raises(ValueError, match="x1 < x0"):
+        generalized_box_iou(torch.tensor([[2.0, 0.0, 1.0, 1.0]]), point)
+
+
+# -- matcher ---------------------------------------------------------------------------------
+
+
+def reference_cost(logits, boxes, labels, tgt_boxes, alpha=0.25, gamma=2.0, wc=2.0, wb=5.0, wg=2.0):
+    """The DINO matching cost, written out per pair in float64 with plain Python loops."""
+    p = torch.sigmoid(logits.double())
+    C = torch.zeros(len(boxes), len(tgt_boxes), dtype=torch.float64)
+    for i in range(len(boxes)):
+        for j in range(len(tgt_boxes)):
+            q = p[i, labels[j]].item()
+            pos = alpha * (1 - q) ** gamma * -math.log(q + 1e-8)
+            neg = (1 - alpha) * q ** gamma * -math.log(1 - q + 1e-8)
+            l1 = (boxes[i].double() - tgt_boxes[j].double()).abs().sum().item()
+            (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = [
+                [c[0] - c[2] / 2, c[1] - c[3] / 2, c[0] + c[2] / 2, c[1] + c[3] / 2]
+                for c in (boxes[i].double().tolist(), tgt_boxes[j].double().tolist())]
+            inter = max(0, min(ax1, bx1) - max(ax0, bx0)) * max(0, min(ay1, by1) - max(ay0, by0))
+            union = (ax1 - ax0) * (ay1 - ay0) + (bx1 - bx0) * (by1 - by0) - inter
+            hull = (max(ax1, bx1) - min(ax0, bx0)) * (max(ay1, by1) - min(ay0, by0))
+            giou = inter / union - (hull - union) / hull
+            C[i, j] = wc * (pos - neg) + wb * l1 - wg * giou
+    return C
+
+
+def brute_force_min(C):
+    """Minimum total cost over all one-to-one assignments of min(Q, n) pairs."""
+    Q, n = C.shape
+    if Q >= n:
+        return min(sum(C[q, j] for j, q in enumerate(perm)) for perm in itertools.permutations(range(Q), n))
+    return min(sum(C[i, t] for i, t in enumerate(perm)) for perm in itertools.permutations(range(n), Q))
+
+
+def random_boxes(n, g):
+    c = 0.2 + 0.6 * torch.rand(n, 2, generator=g)
+    return torch.cat([c, 0.05 + 0.3 * torch.rand(n, 2, generator=g)], dim=1)
+
+
+@pytest.mark.parametrize("Q, sizes", [(5, [3, 0, 4]), (3, [5, 1, 0])])
+def test_matcher_optimal_against_brute_force(Q, sizes):
+    """Includes an image without targets and an image with more targets than queries."""
+    g = torch.Generator().manual_seed(Q)
+    B, K = len(sizes), 4
+    outputs = {"pred_logits": torch.randn(B, Q, K, generator=g), "pred_boxes": random_boxes(B * Q, g).view(B, Q, 4)}
+    targets = [{"labels": torch.randint(0, K, (n,), generator=g), "boxes": random_boxes(n, g)} for n in sizes]
+    indices = HungarianMatcher()(outputs, targets)
+    assert len(indices) == B
+    for b, ((q, t), tgt) in enumerate(zip(indices, targets)):
+        n = len(tgt["labels"])
+        assert len(q) == len(t) == min(Q, n)
+        assert q.dtype == t.dtype == torch.int64
+        if n == 0:
+            continue
+        assert len(set(q.tolist())) == len(q) and len(set(t.tolist())) == len(t)
+        C = reference_cost(outputs["pred_logits"][b], outputs["pred_boxes"][b], tgt["labels"], tgt["boxes"])
+        assert C[q, t].sum().item() == pytest.approx(brute_force_min(C).item(), abs=1e-5)
+
+
+def test_matcher_zero_targets():
+    outputs = {"pred_logits": torch.randn(2, 4, 3), "pred_boxes": torch.rand(2, 4, 4) * 0.5 + 0.25}
+    empty = {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}
+    for q, t in HungarianMatcher()(outputs, [empty, empty]):
+        assert q.numel() == 0 and t.numel() == 0 and q.dtype == torch.int64
+
+
+def test_matcher_ties():
+    """Identical queries and identical targets: every assignment costs the same; the result must
+    still be one-to-one and complete."""
+    outputs = {"pred_logits": torch.zeros(1, 4, 2), "pred_boxes": torch.full((1, 4, 4), 0.5)}
+    box = torch.tensor([[0.5, 0.5, 0.2, 0.2]])
+    targets = [{"labels": torch.tensor([1, 1, 1]), "boxes": box.repeat(3, 1)}]
+    (q, t), = HungarianMatcher()(outputs, targets)
+    assert len(q) == 3 and len(set(q.tolist())) == 3 and sorted(t.tolist()) == [0, 1, 2]
+
+
+def test_matcher_rejects_nan():
+    outputs = {"pred_logits": torch.full((1, 2, 2), float("nan")), "pred_boxes": torch.full((1, 2, 4), 0.5)}
+    targets = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        HungarianMatcher()(outputs, targets)
+
+
+# -- deformable attention ----------------------------------------------------------------------
+
+
+def bilinear_loop(value, shapes, locations, weights):
+    """Direct float64 reference: for every (b, q, head, level, point) read the four neighbours of
+    pixel position (x W - 0.5, y H - 0.5), zeros outside the map."""
+    B, S, M, D = value.shape
+    _, Q, _, L, P, _ = locations.shape
+    starts = [0]
+    for h, w in shapes:
+        starts.append(starts[-1] + h * w)
+    out = torch.zeros(B, Q, M, D, dtype=torch.float64)
+    for b, q, m, l, p in itertools.product(range(B), range(Q), range(M), range(L), range(P)):
+        h, w = shapes[l]
+        x = locations[b, q, m, l, p, 0].item() * w - 0.5
+        y = locations[b, q, m, l, p, 1].item() * h - 0.5
+        x0, y0 = math.floor(x), math.floor(y)
+        acc = torch.zeros(D, dtype=torch.float64)
+        for yy, xx in ((y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1)):
+            if 0 <= yy < h and 0 <= xx < w:
+                acc += (1 - abs(x - xx)) * (1 - abs(y - yy)) * value[b, starts[l] + yy * w + xx, m].double()
+        out[b, q, m] += weights[b, q, m, l, p].item() * acc
+    return out.view(B, Q, M * D)
+
+
+def test_deformable_attention_matches_bilinear_loop():
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3, 5), (2, 7), (4, 1)]                         # non-square, different aspects
+    B, Q, M, D, P = 2, 3, 2, 3, 2
+    S = sum(h * w for h, w in shapes)
+    value = torch.randn(B, S, M, D, generator=g, dtype=torch.float64)
+    locations = torch.rand(B, Q, M, len(shapes), P, 2, generator=g, dtype=torch.float64) * 1.3 - 0.15
+    weights = torch.rand(B, Q, M, len(shapes), P, generator=g, dtype=torch.float64)
+    out = multi_scale_deformable_attention(value, shapes, locations, weights)
+    assert torch.allclose(out, bilinear_loop(value, shapes, locations, weights), atol=1e-12)
+
+
+def test_deformable_attention_offsets_count_in_pixels_of_each_level():
+    """With offsets fixed at (+1, 0) pixel for every point and a reference at a pixel centre, the
+    module reads exactly the right-hand neighbour on every level, whatever the level's aspect."""
+    torch.manual_seed(0)
+    shapes = [(4, 6), (3, 2)]
+    attn = MultiScaleDeformableAttention(dim=4, num_heads=1, num_levels=2, num_points=1).double()
+    with torch.no_grad():
+        attn.sampling_offsets.bias.copy_(torch.tensor([1.0, 0.0, 1.0, 0.0]))
+        attn.value_proj.weight.copy_(torch.eye(4))
+        attn.output_proj.weight.copy_(torch.eye(4))
+    value = torch.randn(1, 24 + 6, 4, dtype=torch.float64)
+    # reference = centre of pixel (row 1, col 0) on level 0 and (row 1, col 0) on level 1
+    reference = torch.tensor([[[[0.5 / 6, 1.5 / 4], [0.5 / 2, 1.5 / 3]]]], dtype=torch.float64)
+    out = attn(torch.randn(1, 1, 4, dtype=torch.float64), reference, value, shapes)
+    expected = 0.5 * value[0, 1 * 6 + 1] + 0.5 * value[0, 24 + 1 * 2 + 1]
+    assert torch.allclose(out[0, 0], expected, atol=1e-12)
+
+
+# -- neck ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("levels, first, expected", [
+    (4, 0, [(16, 24), (8, 12), (4, 6), (2, 3)]),            # the four backbone levels, strides 4-32
+    (5, 0, [(16, 24), (8, 12), (4, 6), (2, 3), (1, 2)]),    # DINO 5-scale: + a stride-64 level
+    (4, 1, [(8, 12), (4, 6), (2, 3), (1, 2)]),              # DINO 4-scale: strides 8-64
+    (2, 3, [(2, 3), (1, 2)]),
+])
+def test_neck_levels(levels, first, expected):
+    feats = [torch.randn(2, c, 64 // s, 96 // s) for c, s in zip((8, 16, 24, 32), (4, 8, 16, 32))]
+    neck = ChannelMapper([8, 16, 24, 32], dim=16, num_levels=levels, first_level=first, groups=4)
+    outs = neck(feats)
+    assert [tuple(o.shape[-2:]) for o in outs] == expected and all(o.shape[:2] == (2, 16) for o in outs)
+
+
+# -- denoising -------------------------------------------------------------------------------
+
+
+def test_denoising_attention_mask():
+    m = denoising_attention_mask(num_groups=2, group_size=2, num_queries=3, device="cpu")
+    T, F_ = True, False
+    expected = torch.tensor([[F_, F_, T, T, F_, F_, F_],
+                             [F_, F_, T, T, F_, F_, F_],
+                             [T, T, F_, F_, F_, F_, F_],
+                             [T, T, F_, F_, F_, F_, F_],
+                             [T, T, T, T, F_, F_, F_],
+                             [T, T, T, T, F_, F_, F_],
+                             [T, T, T, T, F_, F_, F_]])
+    assert torch.equal(m, expected)
+
+
+def test_denoising_noise_bounds():
+    """Positive copies move each corner by less than half the box size, negative ones by one to
+    two half sizes (unless their corners crossed); labels are untouched without label noise; padding slots stay zero."""
+    torch.manual_seed(0)
+    dn = Denoising(num_classes=3, dim=8, dn_number=6, label_noise_ratio=0.0, box_noise_scale=1.0)
+    gt = torch.tensor([[0.5, 0.5, 0.2, 0.1], [0.4, 0.6, 0.1, 0.2]])
+    targets = [{"labels": torch.tensor([2, 0]), "boxes": gt}, {"labels": torch.tensor([1]), "boxes": gt[:1]}]
+    q = dn(targets, num_queries=5)
+    assert q.meta == {"pad_size": 12, "num_groups": 3, "group_size": 4}
+    boxes = box_cxcywh_to_xyxy(q.boxes_unact.sigmoid())
+    half = gt[:, 2:].repeat(1, 2) / 2
+    for g in range(3):
+        for b, n in ((0, 2), (1, 1)):
+            pos = slice(4 * g, 4 * g + n)
+            neg = slice(4 * g + 2, 4 * g + 2 + n)
+            dev_pos = (boxes[b, pos] - box_cxcywh_to_xyxy(gt[:n])).abs() / half[:n]
+            dev_neg = (boxes[b, neg] - box_cxcywh_to_xyxy(gt[:n])).abs() / half[:n]
+            # negative corners may cross (x0 past x1): the box then collapses to zero size
+            wh = q.boxes_unact.sigmoid()[b, neg, 2:].repeat(1, 2)
+            dev_neg = dev_neg[wh > 1e-3]
+            assert (dev_pos <= 1 + 1e-3).all() and (dev_neg >= 1 - 1e-3).all() and (dev_neg <= 2 + 1e-3).all()
+            assert torch.allclose(q.content[b, pos], dn.label_embed(targets[b]["labels"]))
+    assert (q.content[1, 1] == 0).all() and (q.content[1, 3] == 0).all()   # image 1 pads slots 1, 3
+
+
+# -- the detector ------------------------------------------------------------------------------
+
+H, W = 64, 96                                                  # non-square input
+
+
+def tiny_config(**kw):
+    base = dict(num_classes=3, hidden_dim=32, num_queries=12, enc_layers=1, dec_layers=2, num_heads=4,
+                num_points=2, ffn_dim=64, dn_number=6)
+    return DetectorConfig(**{**base, **kw})
+
+
+def batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    vis, ir = torch.randn(2, 3, H, W, generator=g), torch.randn(2, 1, H, W, generator=g)
+    targets = [{"boxes": torch.tensor([[10.0, 5.0, 40.0, 30.0], [50.0, 20.0, 90.0, 60.0]]),
+                "labels": torch.tensor([0, 2])},
+               {"boxes": torch.tensor([[30.0, 30.0, 70.0, 50.0]]), "labels": torch.tensor([1])}]
+    return vis, ir, targets
+
+
+@pytest.mark.parametrize("denoising", [True, False])
+def test_detector_forward_backward_only_trainable_get_grads(denoising):
+    torch.manual_seed(0)
+    model = build_detector("swin_nano", tiny_config(denoising=denoising), tuning="ivt")
+    model.train()
+    vis, ir, targets = batch()
+    out = model(vis, ir, targets)
+    assert out["pred_logits"].shape == (2, 12, 3) and out["pred_boxes"].shape == (2, 12, 4)
+    assert len(out["aux_outputs"]) == 1 and out["enc_outputs"]["pred_boxes"].shape == (2, 12, 4)
+    assert ((out["pred_boxes"] >= 0) & (out["pred_boxes"] <= 1)).all()
+    assert ("dn_outputs" in out) == denoising
+    losses = model.loss(out, targets)
+    assert torch.isfinite(losses["loss"])
+    suffixes = ["", "_0", "_enc"] + (["_dn", "_dn_0"] if denoising else [])
+    assert {f"loss_{n}{s}" for n in ("cls", "l1", "giou") for s in suffixes} | {"loss"} == set(losses)
+    expected = sum({"cls": 1.0, "l1": 5.0, "giou": 2.0}[k.split("_")[1]] * v for k, v in losses.items() if k != "loss")
+    assert losses["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    losses["loss"].backward()
+    for name, p in model.named_parameters():
+        frozen_backbone = name.startswith("backbone.") and not model.backbone.is_ivt_name(name[len("backbone."):])
+        assert p.requires_grad == (not frozen_backbone), name
+        assert (p.grad is not None) == p.requires_grad, name
+    assert 0 < count_parameters(model, trainable_only=True) < count_parameters(model)
+    assert describe(model).startswith("parameters: backbone ")
+
+
+def test_denoising_queries_do_not_leak_into_matching_queries():
+    """The attention mask makes the matching queries' outputs independent of the denoising ones."""
+    torch.manual_seed(0)
+    decoder = build_decoder(tiny_config(num_feature_levels=2)).eval()
+    memory, shapes = torch.randn(1, 6 * 4 + 3 * 2, 32), [(6, 4), (3, 2)]
+    tgt, boxes = torch.randn(1, 5, 32), torch.randn(1, 5, 4)
+    alone, _ = decoder(tgt, boxes, memory, shapes)
+    mask = denoising_attention_mask(2, 3, 5, "cpu")
+    with_dn, _ = decoder(torch.cat([torch.randn(1, 6, 32), tgt], 1),
+                         torch.cat([torch.randn(1, 6, 4), boxes], 1), memory, shapes, mask)
+    for a, b in zip(alone, with_dn):
+        assert torch.allclose(a, b[:, 6:], atol=1e-5)
+    unmasked, _ = decoder(torch.cat([torch.randn(1, 6, 32), tgt], 1),
+                          torch.cat([torch.randn(1, 6, 4), boxes], 1), memory, shapes)
+    assert not torch.allclose(alone[0], unmasked[0][:, 6:], atol=1e-5)   # the mask is what isolates
+
+
+def test_detector_batch_without_objects_and_bad_targets():
+    torch.manual_seed(0)
+    model = build_detector("swin_nano", tiny_config(), tuning="ivt").train()
+    vis, ir, _ = batch()
+    empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}] * 2
+    out = model(vis, ir, empty)
+    assert "dn_outputs" not in out
+    losses = model.loss(out, empty)
+    assert torch.isfinite(losses["loss"]) and losses["loss_l1"].item() == 0.0
+    losses["loss"].backward()
+    assert model.denoising.label_embed.weight.grad is not None
+    with pytest.raises(ValueError, match=r"targets\[1\].*labels must lie in \[0, 3\)"):
+        model(vis, ir, [empty[0], {"boxes": torch.tensor([[0.0, 0, 5, 5]]), "labels": torch.tensor([3])}])
+    with pytest.raises(ValueError, match="fewer than num_queries"):
+        build_detector("swin_nano", tiny_config(num_queries=1000), tuning="ivt")(vis, ir)
+
+
+def test_detector_overfits_a_fixed_batch():
+    torch.manual_seed(0)
+    model = build_detector("swin_nano", tiny_config(), tuning="ivt").train()
+    vis, ir, targets = batch()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    history = []
+    for _ in range(60):
+        loss = model.loss(model(vis, ir, targets), targets)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append(loss.item())
+    assert sum(history[-3:]) / 3 < 0.5 * sum(history[:3]) / 3, history
+
+
+def test_predict_returns_boxes_in_original_pixels():
+    torch.manual_seed(0)
+    model = build_detector("swin_nano", tiny_config(), tuning="ivt").eval()
+    vis, ir, _ = batch()
+    orig = [(768, 1024), (300, 200)]                            # aspect differs from the input's
+    out = model(vis, ir)
+    dets = model.predict(vis, ir, orig, max_dets=10)
+    prob = out["pred_logits"].detach().sigmoid()
+    for b, (h0, w0) in enumerate(orig):
+        d = dets[b]
+        assert d["boxes"].shape == (10, 4) and d["scores"].shape == d["labels"].shape == (10,)
+        assert torch.all(d["scores"][:-1] >= d["scores"][1:])
+        top = prob[b].flatten().sort(descending=True).values[:10]
+        assert torch.allclose(d["scores"], top)
+        # find each detection's query by its score and check the scaling by hand
+        for box, score, label in zip(d["boxes"], d["scores"], d["labels"]):
+            q = (prob[b, :, label] == score).nonzero()[0, 0]
+            cx, cy, w, h = out["pred_boxes"][b, q].tolist()
+            expect = [max(0.0, cx - w / 2) * w0, max(0.0, cy - h / 2) * h0,
+                      min(1.0, cx + w / 2) * w0, min(1.0, cy + h / 2) * h0]
+            assert box.tolist() == pytest.approx(expect, rel=1e-5, abs=1e-3)
+    threshold = prob.median().item()
+    few = model.predict(vis, ir, orig, score_threshold=threshold, max_dets=10)
+    assert all((d["scores"] > threshold).all() for d in few)
+    with pytest.raises(ValueError, match="orig_sizes"):
+        model.predict(vis, ir, [(10, 10)])

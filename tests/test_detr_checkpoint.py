@@ -1,0 +1,122 @@
+"""Loading a COCO-trained DINO's Swin backbone (mmdet and detrex layouts) into our Swin: the
+mmdet file is made with mmdet's own converter logic (written out below) from known weights, and
+the patch-merging order is checked functionally against mmdet's `nn.Unfold` formulation."""
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ivt.models import CheckpointError, build_backbone
+from ivt.models.detr.coco_backbone import load_detector_backbone
+
+
+def release_layout(own: dict) -> dict:
+    """Our names (patch merging opens stage i+1) -> the Swin release's (it closes stage i)."""
+    out = {}
+    for k, v in own.items():
+        m = re.match(r"layers\.(\d+)\.downsample\.(.*)", k)
+        out[f"layers.{int(m.group(1)) - 1}.downsample.{m.group(2)}" if m else k] = v
+    return out
+
+
+def mmdet_swin_converter(ckpt: dict) -> dict:
+    """mmdet's `swin_converter` (mmdet/models/utils/ckpt_convert.py): release -> mmdet names."""
+    def reduction_order(x):
+        o, i = x.shape
+        return x.reshape(o, 4, i // 4)[:, [0, 2, 1, 3], :].transpose(1, 2).reshape(o, i)
+
+    def norm_order(x):
+        i = x.shape[0]
+        return x.reshape(4, i // 4)[[0, 2, 1, 3], :].transpose(0, 1).reshape(i)
+
+    new = {}
+    for k, v in ckpt.items():
+        if k.startswith("layers"):
+            if "attn." in k:
+                k = k.replace("attn.", "attn.w_msa.")
+            elif "mlp.fc1." in k:
+                k = k.replace("mlp.fc1.", "ffn.layers.0.0.")
+            elif "mlp.fc2." in k:
+                k = k.replace("mlp.fc2.", "ffn.layers.1.")
+            elif "downsample" in k:
+                v = reduction_order(v) if "reduction." in k else norm_order(v)
+            k = k.replace("layers", "stages", 1)
+        elif k.startswith("patch_embed") and "proj" in k:
+            k = k.replace("proj", "projection")
+        new["backbone." + k] = v
+    return new
+
+
+def detector_extras(dims):
+    """What a whole DINO checkpoint holds beside the backbone's visible weights."""
+    extras = {f"backbone.norm{i}.weight": torch.ones(d) for i, d in enumerate(dims)}
+    extras.update({f"backbone.norm{i}.bias": torch.zeros(d) for i, d in enumerate(dims)})
+    extras.update({"neck.convs.0.conv.weight": torch.zeros(4, 4, 1, 1), "bbox_head.cls.weight": torch.zeros(80, 4)})
+    return extras
+
+
+@pytest.fixture(scope="module")
+def source():
+    torch.manual_seed(0)
+    src = build_backbone("swin_nano", tuning="full")
+    return src, {k: v.clone() for k, v in src.state_dict().items()}
+
+
+def check_loaded(model, own):
+    for k, v in own.items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_load_mmdet_dino_backbone(source, tmp_path):
+    src, own = source
+    sd = mmdet_swin_converter(release_layout(own))
+    sd["backbone.stages.0.blocks.0.attn.w_msa.relative_position_index"] = torch.zeros(49, 49, dtype=torch.int64)
+    sd.update(detector_extras(src.out_channels))
+    path = tmp_path / "dino_mmdet.pth"
+    torch.save({"meta": {"mmdet_version": "3.3.0"}, "state_dict": sd}, path)
+    model = build_backbone("swin_nano", tuning="ivt")
+    ignored = load_detector_backbone(model, str(path))
+    check_loaded(model, own)
+    assert ignored == sorted(f"backbone.norm{i}.{p}" for i in range(4) for p in ("weight", "bias"))
+
+    # patch merging as mmdet computes it (nn.Unfold), with mmdet's weights, equals ours
+    merge = model.layers[1].downsample
+    z = torch.randn(2, 6 * 4, 32)
+    unfold = nn.Unfold(kernel_size=2, stride=2)(z.view(2, 6, 4, 32).permute(0, 3, 1, 2)).transpose(1, 2)
+    ref = F.linear(F.layer_norm(unfold, (128,), sd["backbone.stages.0.downsample.norm.weight"],
+                                sd["backbone.stages.0.downsample.norm.bias"]),
+                   sd["backbone.stages.0.downsample.reduction.weight"])
+    assert torch.allclose(merge(z, (6, 4))[0], ref, atol=1e-5)
+
+
+def test_load_detrex_dino_backbone(source, tmp_path):
+    src, own = source
+    sd = {"backbone." + k: v for k, v in release_layout(own).items()}
+    sd.update(detector_extras(src.out_channels))
+    path = tmp_path / "dino_detrex.pth"
+    torch.save({"model": sd, "iteration": 90000}, path)
+    model = build_backbone("swin_nano", tuning="full")
+    load_detector_backbone(model, str(path))
+    check_loaded(model, own)
+
+
+def test_detector_checkpoint_errors_name_keys(source, tmp_path):
+    src, own = source
+    sd = mmdet_swin_converter(release_layout(own))
+    del sd["backbone.stages.2.blocks.1.ffn.layers.1.weight"]
+    sd["backbone.stages.0.blocks.0.extra.weight"] = torch.zeros(1)
+    torch.save({"state_dict": sd}, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match=r"(?s)missing keys \(1\): layers\.2\.blocks\.1\.mlp\.fc2\.weight"
+                                              r".*unexpected keys \(1\): layers\.0\.blocks\.0\.extra\.weight"):
+        load_detector_backbone(build_backbone("swin_nano", tuning="ivt"), str(tmp_path / "bad.pth"))
+    torch.save({"state_dict": {"neck.w": torch.zeros(1)}}, tmp_path / "nobackbone.pth")
+    with pytest.raises(CheckpointError, match="no 'backbone"):
+        load_detector_backbone(build_backbone("swin_nano", tuning="ivt"), str(tmp_path / "nobackbone.pth"))
+    sd = mmdet_swin_converter(release_layout(own))
+    sd["backbone.stages.1.blocks.0.norm1.weight"] = torch.ones(65)
+    torch.save({"state_dict": sd}, tmp_path / "wide.pth")
+    with pytest.raises(CheckpointError, match=r"shape mismatches \(1\): layers\.1\.blocks\.0\.norm1\.weight: "
+                                              r"checkpoint \(65,\) vs model \(64,\)"):
+        load_detector_backbone(build_backbone("swin_nano", tuning="ivt"), str(tmp_path / "wide.pth"))

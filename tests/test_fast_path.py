@@ -1,0 +1,218 @@
+"""The fast path (`fast=True`) is a different forward over the same parameters: its outputs, a
+loss and every trainable gradient must equal the reference path's, for every IV-tuning variant,
+on Swin and EVA02, in float64, with dropout, drop-path and BatchNorm in training mode.
+
+Also: the stage-batched IPAs equal the per-IPA modules, window attention's `extra_kv` equals
+attention over the window plus the extra tokens written out by hand, and the relative-position
+index stays out of the state dict.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ivt.models import VARIANTS, build_backbone
+from ivt.models.eva02 import EVA02Backbone, EVA02Config
+from ivt.models.ivtuning import InternalPromptAdapter, IVTConfig, internal_prompts
+from ivt.models.swin import SwinBlock
+
+
+def randomize(model):
+    """Non-trivial values for every parameter (gamma/beta, LN affine, BN affine included)."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.05)
+    return model
+
+
+def tiny_eva(fast, variant="ivt", layers=None, checkpoint_blocks=False):
+    cfg = EVA02Config(embed_dim=32, depth=3, num_heads=2, mlp_hidden=48, patch_size=8,
+                      img_size=(24, 32), drop_path_rate=0.2)
+    return EVA02Backbone("tiny", cfg, "ivt", IVTConfig(variant=variant, layers=layers, d2=16),
+                         fast=fast, checkpoint_blocks=checkpoint_blocks)
+
+
+def run(model, vis, ir):
+    """Outputs, a loss and the gradient of every trainable parameter, training mode, seed 1."""
+    model.train()
+    torch.manual_seed(1)                      # same dropout and drop-path draws in both paths
+    outs = model(vis, ir)
+    weights = [torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o) for o in outs]
+    loss = sum((o * w).sum() + o.pow(2).mean() for o, w in zip(outs, weights))
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return outs, loss, grads
+
+
+def assert_same(ref, fast):
+    (o1, l1, g1), (o2, l2, g2) = ref, fast
+    for a, b in zip(o1, o2):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(l2, l1, rtol=1e-10, atol=0)
+    assert set(g1) == set(g2)
+    # Gradients that are zero in exact arithmetic (a bias before train-mode BatchNorm) are
+    # rounding noise on both paths: the absolute tolerance follows the largest gradient.
+    scale = max(g.abs().max().item() for g in g1.values())
+    for name in g1:
+        assert g2[name] is not None, name
+        torch.testing.assert_close(g2[name], g1[name], rtol=1e-8, atol=1e-11 * scale,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+def assert_same_buffers(ref, fast):
+    """BatchNorm running statistics and batch counts: updated once per forward on both paths
+    (a checkpoint's recomputation must not update them again)."""
+    for (n1, b1), (n2, b2) in zip(ref.named_buffers(), fast.named_buffers()):
+        assert n1 == n2
+        torch.testing.assert_close(b2, b1, rtol=1e-12, atol=1e-14, msg=n1)
+
+
+def pair(build):
+    ref = randomize(build(False).double())
+    fast = build(True).double()
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_swin_fast_equals_reference(variant):
+    ref, fast = pair(lambda f: build_backbone("swin_nano", "ivt", variant=variant, d2=16,
+                                              fast=f, drop_path_rate=0.2))
+    torch.manual_seed(0)
+    vis = torch.randn(2, 3, 44, 60, dtype=torch.float64)       # 11 x 15 tokens: odd, padded
+    ir = torch.randn(2, 1, 44, 60, dtype=torch.float64)
+    assert_same(run(ref, vis, ir), run(fast, vis, ir))
+    assert_same_buffers(ref, fast)
+
+
+@pytest.mark.parametrize("layers, checkpoint", [([0, 3, 5], False), (None, True), ([2], True)])
+def test_swin_fast_layers_and_checkpointing(layers, checkpoint):
+    ref, fast = pair(lambda f: build_backbone("swin_nano", "ivt", layers=layers, d2=16, fast=f,
+                                              checkpoint_blocks=f and checkpoint,
+                                              drop_path_rate=0.2))
+    torch.manual_seed(0)
+    vis, ir = torch.randn(1, 3, 36, 28, dtype=torch.float64), torch.randn(1, 3, 36, 28,
+                                                                          dtype=torch.float64)
+    assert_same(run(ref, vis, ir), run(fast, vis, ir))
+    assert_same_buffers(ref, fast)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_eva02_fast_equals_reference(variant):
+    ref, fast = pair(lambda f: tiny_eva(f, variant))
+    torch.manual_seed(0)
+    vis, ir = torch.randn(2, 3, 24, 40, dtype=torch.float64), torch.randn(2, 3, 24, 40,
+                                                                          dtype=torch.float64)
+    assert_same(run(ref, vis, ir), run(fast, vis, ir))
+
+
+@pytest.mark.parametrize("layers, checkpoint", [([1], False), (None, True)])
+def test_eva02_fast_layers_and_checkpointing(layers, checkpoint):
+    ref, fast = pair(lambda f: tiny_eva(f, layers=layers, checkpoint_blocks=f and checkpoint))
+    torch.manual_seed(0)
+    vis, ir = torch.randn(1, 3, 32, 24, dtype=torch.float64), torch.randn(1, 3, 32, 24,
+                                                                          dtype=torch.float64)
+    assert_same(run(ref, vis, ir), run(fast, vis, ir))
+    assert_same_buffers(ref, fast)
+
+
+def test_fast_and_reference_share_state_dict_keys_and_shapes():
+    for name in ("swin_nano",):
+        a = build_backbone(name, "ivt").state_dict()
+        b = build_backbone(name, "ivt", fast=True, checkpoint_blocks=True).state_dict()
+        assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+        assert not any(k.endswith("relative_position_index") for k in a)
+
+
+def test_checkpoint_blocks_needs_fast_ivt():
+    with pytest.raises(ValueError, match="checkpoint_blocks"):
+        build_backbone("swin_nano", "ivt", checkpoint_blocks=True)
+    with pytest.raises(ValueError, match="checkpoint_blocks"):
+        build_backbone("swin_nano", "full", fast=True, checkpoint_blocks=True)
+
+
+@pytest.mark.parametrize("projection, simam", [(True, True), (False, True), (True, False)])
+def test_batched_ipas_equal_each_ipa(projection, simam):
+    torch.manual_seed(3)
+    ipas = [randomize(InternalPromptAdapter(12, 4, simam, projection)).double() for _ in range(3)]
+    p = torch.randn(2, 5 * 7, 12, dtype=torch.float64)
+    stacked = internal_prompts(ipas, p, (5, 7))
+    for ipa, out in zip(ipas, stacked):
+        torch.testing.assert_close(out, ipa(p, (5, 7)), rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_window_attention_extra_kv(shifted):
+    """Each window attends to its own tokens (bias, shift mask) plus P extra tokens (no bias,
+    no mask): written out window by window with explicit softmax."""
+    torch.manual_seed(4)
+    block = SwinBlock(dim=8, num_heads=2, window_size=4, shifted=shifted, mlp_ratio=2,
+                      drop_path=0.0).double()
+    torch.nn.init.normal_(block.attn.relative_position_bias_table)
+    attn = block.attn
+    B, H, W, C, P = 2, 8, 8, 8, 3
+    x = torch.randn(B, H * W, C, dtype=torch.float64)
+    extra = torch.randn(B, P, C, dtype=torch.float64)
+    ours = block.window_attention(x, (H, W), extra)
+    s = 2 if shifted else 0
+    grid = torch.roll(x.view(B, H, W, C), (-s, -s), dims=(1, 2))
+    region = torch.zeros(H, W, dtype=torch.long)                 # the shift's regions
+    if s:
+        for i, hs in enumerate((slice(0, -4), slice(-4, -s), slice(-s, None))):
+            for j, ws in enumerate((slice(0, -4), slice(-4, -s), slice(-s, None))):
+                region[hs, ws] = 3 * i + j
+    out = torch.zeros_like(grid)
+    d = C // 2
+    ke = attn.qkv(extra)[..., C:2 * C].view(B, P, 2, d)
+    ve = attn.qkv(extra)[..., 2 * C:].view(B, P, 2, d)
+    hh, ww = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
+    hh, ww = hh.flatten(), ww.flatten()
+    idx = (hh[:, None] - hh[None, :] + 3) * 7 + (ww[:, None] - ww[None, :] + 3)
+    for b in range(B):
+        for wi in range(0, H, 4):
+            for wj in range(0, W, 4):
+                t = grid[b, wi:wi + 4, wj:wj + 4].reshape(16, C)
+                r = region[wi:wi + 4, wj:wj + 4].reshape(16)
+                qkv = attn.qkv(t).view(16, 3, 2, d)
+                for h in range(2):
+                    logits = qkv[:, 0, h] @ qkv[:, 1, h].T * attn.scale
+                    logits = logits + attn.relative_position_bias_table[idx, h]
+                    logits = logits - 100.0 * (r[:, None] != r[None, :])   # Swin's mask value
+                    le = qkv[:, 0, h] @ ke[b, :, h].T * attn.scale            # (16, P)
+                    prob = torch.cat([logits, le], 1).softmax(-1)
+                    vals = torch.cat([qkv[:, 2, h], ve[b, :, h]], 0)
+                    out[b, wi:wi + 4, wj:wj + 4, h * d:(h + 1) * d] = (prob @ vals).view(4, 4, d)
+    ref = attn.proj(torch.roll(out, (s, s), dims=(1, 2)).reshape(B, H * W, C))
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_eva02_attention_extra_kv():
+    torch.manual_seed(5)
+    model = tiny_eva(False).double()
+    attn = model.blocks[0].attn
+    B, N, C, P = 2, 12, 32, 3
+    x = torch.randn(B, 1 + N, C, dtype=torch.float64)
+    extra = torch.randn(B, P, C, dtype=torch.float64)
+    sin, cos = torch.randn(N, 16, dtype=torch.float64), torch.randn(N, 16, dtype=torch.float64)
+    ours = attn(x, (sin, cos), extra)
+    # The same attention over the sequence [x, extra], keeping the first 1 + N outputs, with the
+    # extra tokens' rotary angles zero (sin 0, cos 1: not rotated) and their queries discarded.
+    full = attn(torch.cat([x, extra], 1),
+                (torch.cat([sin, torch.zeros(P, 16, dtype=torch.float64)]),
+                 torch.cat([cos, torch.ones(P, 16, dtype=torch.float64)])))[:, :1 + N]
+    torch.testing.assert_close(ours, full, rtol=1e-10, atol=1e-12)
+
+
+def test_frozen_linear_saves_no_input():
+    """The fast path relies on autograd not saving a Linear's input when its weight is frozen
+    (dx = dy W needs only W): what is saved must be the weight's storage alone."""
+    lin = torch.nn.Linear(8, 16).requires_grad_(False)
+    x = torch.randn(4, 5, 8, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        F.gelu(lin(x * 2))
+    storages = {t.untyped_storage().data_ptr() for t in saved}
+    assert lin.weight.untyped_storage().data_ptr() in storages
+    activation = [t for t in saved if t.untyped_storage().data_ptr()
+                  != lin.weight.untyped_storage().data_ptr()]
+    assert [tuple(t.shape) for t in activation] == [(4, 5, 16)]     # GELU's input only

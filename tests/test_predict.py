@@ -1,0 +1,369 @@
+"""predict.py end to end on the CPU with tiny checkpoints (swin_nano trained for 1-2 iterations on
+synthetic data by the real training scripts): outputs at the input's size for every task,
+1-channel, 3-channel and 16-bit thermal inputs, bad pairs named and skipped while the rest
+complete, --pairs, --rgbt, batching, and no overwriting without --overwrite.
+
+Reference predictions come from the model itself (`load_trained` + `model.predict`) on inputs the
+tests prepare with the documented rules, never from predict.py's own helpers."""
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))                    # the scripts live at the root
+import predict  # noqa: E402
+from ivt.data.synthetic import render_scene, write_m3fd, write_mfnet, write_vt  # noqa: E402
+from ivt.data.transforms import thermal_to_tensor, visible_to_tensor  # noqa: E402
+from ivt.tasks import config_normalization, load_trained  # noqa: E402
+
+TINY = ["--backbone", "swin_nano", "--d2", "8", "--batch-size", "2", "--eval-every", "1",
+        "--log-every", "1", "--workers", "0", "--device", "cpu", "--kernels", "torch"]
+
+
+# -- references, written from the documented rules ------------------------------------------------
+def stretch_reference(x: np.ndarray) -> np.ndarray:
+    """The documented 16-bit rule: 1st..99th percentile onto 0..255, clipped."""
+    x = x.astype(np.float64)
+    lo, hi = np.percentile(x, [1, 99])
+    return np.clip(np.round((x - lo) / (hi - lo) * 255), 0, 255).astype(np.uint8)
+
+
+def model_inputs(vis, ir8, norm, size=None):
+    if size is not None:
+        vis = np.asarray(Image.fromarray(vis).resize((size, size), Image.BILINEAR))
+        ir8 = np.asarray(Image.fromarray(ir8).resize((size, size), Image.BILINEAR))
+    return visible_to_tensor(vis, norm)[None], thermal_to_tensor(ir8, norm)[None]
+
+
+def scene(seed, size, night=False):
+    s = render_scene(np.random.default_rng(seed), size, night)
+    return s["vis"], s["ir"]
+
+
+def truncated_png(path: Path, like: np.ndarray) -> None:
+    Image.fromarray(like).save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def run(capsys, *argv):
+    """predict.main -> (exit status, stdout + stderr)."""
+    status = predict.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return status, captured.out + captured.err
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def seg_checkpoint(tmp_path_factory):
+    import train_seg
+    root = tmp_path_factory.mktemp("seg")
+    write_mfnet(root / "mfnet", n_train=4, n_val=2, n_test=2, size=(32, 48))
+    train_seg.main([str(a) for a in ["--data", root / "mfnet", "--out", root / "run",
+                                     "--head-dim", "16", "--crop", "32", "--iters", "2", *TINY]])
+    return root / "run" / "best.pt"
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """vis/ and ir/ folders: four good pairs (8-bit grey, 3-channel, 16-bit PNG, 16-bit TIFF
+    thermal; three sizes), a pair whose sizes differ, a corrupt thermal file, a visible image
+    without a partner and a text file. Returns (root, {name: (vis, expected 8-bit thermal)})."""
+    root = tmp_path_factory.mktemp("pairs")
+    (root / "vis").mkdir()
+    (root / "ir").mkdir()
+    good = {}
+    vis, ir = scene(1, (32, 48))
+    Image.fromarray(vis).save(root / "vis" / "grey8.png")
+    Image.fromarray(ir).save(root / "ir" / "grey8.png")
+    good["grey8"] = (vis, ir)
+
+    vis, ir = scene(2, (37, 53), night=True)
+    Image.fromarray(vis).save(root / "vis" / "three.jpg", quality=100)
+    Image.fromarray(np.repeat(ir[..., None], 3, axis=2)).save(root / "ir" / "three.png")
+    good["three"] = (np.asarray(Image.open(root / "vis" / "three.jpg").convert("RGB")), ir)
+
+    vis, ir = scene(3, (32, 48))
+    ir16 = (ir.astype(np.uint16) * 40 + 3000)
+    ir16[0, :5] = 65535                                # hot pixels: the percentiles ignore them
+    ir16[-1, :5] = 0
+    Image.fromarray(ir16).save(root / "ir" / "deep16.png")
+    assert Image.open(root / "ir" / "deep16.png").mode.startswith("I")
+    Image.fromarray(vis).save(root / "vis" / "deep16.png")
+    good["deep16"] = (vis, stretch_reference(ir16))
+
+    vis, ir = scene(4, (30, 40), night=True)
+    ir16 = (ir.astype(np.uint16) * 200 + 500)
+    Image.fromarray(ir16).save(root / "ir" / "tiff16.tif")
+    Image.fromarray(vis).save(root / "vis" / "tiff16.png")
+    good["tiff16"] = (vis, stretch_reference(ir16))
+
+    vis, ir = scene(5, (32, 48))
+    Image.fromarray(vis).save(root / "vis" / "mismatch.png")
+    Image.fromarray(ir[:24]).save(root / "ir" / "mismatch.png")
+    Image.fromarray(vis).save(root / "vis" / "corrupt.png")
+    truncated_png(root / "ir" / "corrupt.png", ir)
+    Image.fromarray(vis).save(root / "vis" / "lonely.png")
+    (root / "vis" / "notes.txt").write_text("not an image\n")
+    return root, good
+
+
+BAD = {"mismatch": "sizes differ", "corrupt": "corrupt.png", "lonely": "no thermal image"}
+
+
+# -- segmentation --------------------------------------------------------------------------------
+def test_help_explains_every_flag(capsys):
+    parser = predict.get_parser()
+    for action in parser._actions:
+        assert action.help and len(action.help) > 10, action.option_strings
+    with pytest.raises(SystemExit) as e:
+        predict.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--checkpoint", "--pretrained", "--vis", "--ir", "--pairs", "--rgbt", "--out",
+                 "--overwrite", "--device", "--batch", "--amp", "--score-threshold"):
+        assert flag in text, flag
+    assert "percentile" in text and "Exit status" in text
+
+
+def test_seg_folder(seg_checkpoint, pairs, tmp_path, capsys):
+    root, good = pairs
+    status, text = run(capsys, "--checkpoint", seg_checkpoint, "--vis", root / "vis",
+                       "--ir", root / "ir", "--out", tmp_path, "--device", "cpu")
+    assert status == len(BAD)
+    for name, words in BAD.items():
+        assert any(name in line and words in line for line in text.splitlines()), name
+    assert "notes" not in text
+    _, model, ckpt = load_trained(str(seg_checkpoint))
+    norm = config_normalization(ckpt["config"])
+    for name, (vis, ir8) in good.items():
+        classes = np.asarray(Image.open(tmp_path / f"{name}_classes.png"))
+        assert classes.shape == ir8.shape, name
+        expected = model.predict(*model_inputs(vis, ir8, norm))[0].numpy()
+        np.testing.assert_array_equal(classes, expected, err_msg=name)
+        overlay = np.asarray(Image.open(tmp_path / f"{name}_overlay.png").convert("RGB"))
+        h, w = ir8.shape
+        assert overlay.shape[0] >= h and overlay.shape[1] > w        # legend on the right
+        background = classes == 0
+        np.testing.assert_array_equal(overlay[:h, :w][background], vis[background])
+        if (~background).any():
+            assert (overlay[:h, :w][~background] != vis[~background]).any()
+    for name in BAD:
+        assert not list(tmp_path.glob(f"{name}_*")), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"{n}{s}" for n in good for s in ("_classes.png", "_overlay.png"))
+
+
+def test_read_thermal_rule(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 65536, size=(20, 30)).astype(np.uint16)
+    Image.fromarray(x).save(tmp_path / "a.png")
+    Image.fromarray(x).save(tmp_path / "a.tif")
+    Image.fromarray(x.astype(np.float32) / 7).save(tmp_path / "f.tif")
+    for name, ref in (("a.png", x), ("a.tif", x), ("f.tif", x.astype(np.float32) / 7)):
+        np.testing.assert_array_equal(predict.read_thermal(tmp_path / name),
+                                      stretch_reference(ref), err_msg=name)
+    Image.fromarray(np.full((8, 8), 1234, np.uint16)).save(tmp_path / "flat.png")
+    np.testing.assert_array_equal(predict.read_thermal(tmp_path / "flat.png"), 0)
+    colour = rng.integers(0, 256, size=(10, 12, 3)).astype(np.uint8)
+    Image.fromarray(colour).save(tmp_path / "c.png")
+    np.testing.assert_array_equal(predict.read_thermal(tmp_path / "c.png"),
+                                  np.asarray(Image.fromarray(colour).convert("L")))
+
+
+def test_no_overwrite_and_batching(seg_checkpoint, pairs, tmp_path, capsys):
+    root, good = pairs
+    args = ["--checkpoint", seg_checkpoint, "--vis", root / "vis", "--ir", root / "ir",
+            "--out", tmp_path, "--device", "cpu"]
+    run(capsys, *args)
+    single = {n: np.asarray(Image.open(tmp_path / f"{n}_classes.png")) for n in good}
+    (tmp_path / "grey8_classes.png").write_bytes(b"kept")
+    (tmp_path / "three_overlay.png").unlink()
+    status, text = run(capsys, *args, "--batch", "4")
+    assert status == len(BAD)
+    assert (tmp_path / "grey8_classes.png").read_bytes() == b"kept"
+    assert (tmp_path / "three_overlay.png").is_file()             # a missing file is written
+    assert "3 already written" in text
+    status, _ = run(capsys, *args, "--batch", "4", "--overwrite")
+    assert status == len(BAD)
+    for name, expected in single.items():       # batched pairs of equal size: same classes
+        batched = np.asarray(Image.open(tmp_path / f"{name}_classes.png"))
+        assert (batched == expected).mean() > 0.995, name
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_pairs_list(seg_checkpoint, pairs, tmp_path, capsys):
+    root, good = pairs
+    spaced = tmp_path / "with space"
+    spaced.mkdir()
+    shutil.copy(root / "ir" / "grey8.png", spaced / "grey8 ir.png")
+    listing = tmp_path / "list.txt"
+    listing.write_text("# visible thermal\n"
+                       f"{root / 'vis' / 'grey8.png'} 'with space/grey8 ir.png'\n"
+                       "\n"
+                       f"{root / 'vis' / 'tiff16.png'} {root / 'ir' / 'tiff16.tif'}  # 16 bit\n"
+                       "only_one_field.png\n"
+                       f"{root / 'vis' / 'three.jpg'} missing.png\n")
+    out = tmp_path / "out"
+    status, text = run(capsys, "--checkpoint", seg_checkpoint, "--pairs", listing,
+                       "--out", out, "--device", "cpu")
+    assert status == 2
+    assert "list.txt:5" in text and "missing.png" in text
+    assert sorted(p.name for p in out.iterdir()) == [
+        "grey8_classes.png", "grey8_overlay.png", "tiff16_classes.png", "tiff16_overlay.png"]
+    a = np.asarray(Image.open(out / "tiff16_classes.png"))
+    assert a.shape == good["tiff16"][1].shape
+
+
+def test_rgbt_folder(seg_checkpoint, tmp_path, capsys):
+    images = seg_checkpoint.parents[1] / "mfnet" / "images"
+    status, _ = run(capsys, "--checkpoint", seg_checkpoint, "--rgbt", images, "--out", tmp_path,
+                    "--device", "cpu")
+    assert status == 0
+    _, model, ckpt = load_trained(str(seg_checkpoint))
+    norm = config_normalization(ckpt["config"])
+    for path in sorted(images.glob("*.png"))[:3]:
+        rgbt = np.asarray(Image.open(path))
+        expected = model.predict(*model_inputs(rgbt[..., :3], rgbt[..., 3], norm))[0].numpy()
+        got = np.asarray(Image.open(tmp_path / f"{path.stem}_classes.png"))
+        np.testing.assert_array_equal(got, expected, err_msg=path.name)
+
+
+def test_exit_status_is_capped(seg_checkpoint, tmp_path, capsys):
+    (tmp_path / "vis").mkdir()
+    (tmp_path / "ir").mkdir()
+    for k in range(predict.MAX_EXIT_STATUS + 5):
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "vis" / f"{k}.png")
+    status, text = run(capsys, "--checkpoint", seg_checkpoint, "--vis", tmp_path / "vis",
+                       "--ir", tmp_path / "ir", "--out", tmp_path / "out", "--device", "cpu")
+    assert status == predict.MAX_EXIT_STATUS
+    assert f"{predict.MAX_EXIT_STATUS + 5} failed" in text
+
+
+def test_usage_errors(seg_checkpoint, tmp_path, capsys):
+    for argv in (["--vis", tmp_path],                                 # --ir missing
+                 ["--vis", tmp_path, "--ir", tmp_path, "--rgbt", tmp_path],
+                 ["--vis", tmp_path / "nothing", "--ir", tmp_path]):
+        with pytest.raises(SystemExit) as e:
+            predict.main(["--checkpoint", str(seg_checkpoint), "--out", str(tmp_path / "o"),
+                          *map(str, argv)])
+        assert e.value.code == 2
+    with pytest.raises(SystemExit):
+        predict.main(["--checkpoint", str(tmp_path / "none.pt"), "--rgbt", str(tmp_path),
+                      "--out", str(tmp_path / "o")])
+    assert "none.pt" in capsys.readouterr().err
+
+
+def test_seg_pads_to_the_patch_size():
+    """EVA02 needs sides that are multiples of its patch: inputs are padded, outputs cropped."""
+    class Stub(torch.nn.Module):
+        def predict(self, vis, ir):
+            assert vis.shape[-2] % 16 == 0 and vis.shape[-1] % 16 == 0 and ir.shape == vis.shape
+            b, _, h, w = vis.shape
+            yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+            return ((yy + 2 * xx) % 9).expand(b, h, w)
+
+    p = predict.SegPredictor(Stub(), {"backbone": "swin_nano"}, None)
+    p.multiple = 16
+    vis, ir = scene(0, (37, 53))
+    v, i = p.prepare(vis, ir)
+    assert v.shape == i.shape == (3, 48, 64)
+    [classes] = p.run(v[None], i[None], [(37, 53)])
+    yy, xx = np.mgrid[0:37, 0:53]
+    np.testing.assert_array_equal(classes, (yy + 2 * xx) % 9)
+
+
+def test_drawing_helpers():
+    from ivt.visualize import colourise, draw_boxes, overlay_saliency
+    label = np.array([[0, 1, 8], [255, 2, 0]])
+    np.testing.assert_array_equal(colourise(label), [[(0, 0, 0), (64, 0, 128), (192, 64, 0)],
+                                                     [(255, 255, 255), (64, 64, 0), (0, 0, 0)]])
+    vis = np.full((4, 1, 3), 100, np.uint8)
+    sal = np.array([[0], [255], [128], [51]], np.uint8)
+    out = np.asarray(overlay_saliency(vis, sal, alpha=0.5, colour=(200, 0, 100))).astype(float)
+    w = 0.5 * sal.astype(float) / 255
+    np.testing.assert_allclose(out[:, 0], (1 - w) * 100 + w * np.array([200, 0, 100]), atol=0.5)
+    canvas = np.asarray(draw_boxes(np.zeros((100, 200), np.uint8), np.array([[40, 50, 120, 90]]),
+                                   ["Car"], [0.87], [(0, 255, 0)]))
+    assert canvas.shape == (100, 200, 3)
+    assert (canvas[50:91, 40] == (0, 255, 0)).all() and (canvas[90, 40:121] == (0, 255, 0)).all()
+    assert (canvas[60:85, 45:115] == 0).all()                        # the inside is untouched
+    assert (canvas[:50, 40:] == (0, 255, 0)).all(axis=-1).any()      # the tag sits above
+
+
+# -- salient object detection and detection ------------------------------------------------------
+@pytest.fixture(scope="module")
+def sod_checkpoint(tmp_path_factory):
+    pytest.importorskip("ivt.tasks.sod")
+    import train_sod
+    root = tmp_path_factory.mktemp("sod")
+    write_vt(root / "vt", n_train=4, n_test=0, n_vt1000=0, n_vt821=0, size=(32, 48))
+    train_sod.main([str(a) for a in ["--data", root / "vt" / "VT5000" / "Train",
+                                     "--out", root / "run", "--size", "32", "--val-count", "2",
+                                     "--iters", "1", *TINY]])
+    return root / "run" / "best.pt"
+
+
+@pytest.fixture(scope="module")
+def det_checkpoint(tmp_path_factory):
+    pytest.importorskip("ivt.tasks.det")
+    import train_det
+    root = tmp_path_factory.mktemp("det")
+    write_m3fd(root / "m3fd", n=6, size=(32, 48))
+    train_det.main([str(a) for a in ["--data", root / "m3fd", "--split-dir", root / "m3fd",
+                                     "--out", root / "run", "--size", "64", "--hidden-dim", "16",
+                                     "--num-queries", "10", "--dec-layers", "1", "--iters", "1",
+                                     *TINY]])
+    return root / "run" / "best.pt"
+
+
+def test_sod_folder(sod_checkpoint, pairs, tmp_path, capsys):
+    root, good = pairs
+    status, text = run(capsys, "--checkpoint", sod_checkpoint, "--vis", root / "vis",
+                       "--ir", root / "ir", "--out", tmp_path, "--device", "cpu")
+    assert status == len(BAD)
+    assert all(name in text for name in BAD)
+    _, model, ckpt = load_trained(str(sod_checkpoint))
+    norm, size = config_normalization(ckpt["config"]), ckpt["config"]["size"]
+    for name, (vis, ir8) in good.items():
+        saliency = np.asarray(Image.open(tmp_path / f"{name}_saliency.png"))
+        assert saliency.shape == ir8.shape and saliency.dtype == np.uint8, name
+        prob = model.predict(*model_inputs(vis, ir8, norm, size)).float()
+        prob = F.interpolate(prob, size=ir8.shape, mode="bilinear", align_corners=False)[0, 0]
+        expected = np.round(prob.clamp(0, 1).numpy() * 255)
+        assert np.abs(saliency - expected).max() <= 1, name
+        overlay = Image.open(tmp_path / f"{name}_overlay.png")
+        assert overlay.size == (ir8.shape[1], ir8.shape[0])
+
+
+def test_det_folder(det_checkpoint, pairs, tmp_path, capsys):
+    root, good = pairs
+    status, text = run(capsys, "--checkpoint", det_checkpoint, "--vis", root / "vis",
+                       "--ir", root / "ir", "--out", tmp_path, "--device", "cpu",
+                       "--score-threshold", "0")
+    assert status == len(BAD)
+    assert all(name in text for name in BAD)
+    _, model, ckpt = load_trained(str(det_checkpoint))
+    norm, size = config_normalization(ckpt["config"]), ckpt["config"]["size"]
+    from ivt.data.m3fd import M3FD_CLASSES
+    for name, (vis, ir8) in good.items():
+        record = json.loads((tmp_path / f"{name}_boxes.json").read_text())
+        assert (record["height"], record["width"]) == ir8.shape
+        expected = model.predict(*model_inputs(vis, ir8, norm, size), orig_sizes=[ir8.shape],
+                                 score_threshold=0.0, max_dets=100)[0]
+        assert len(record["boxes"]) == len(expected["scores"]) > 0, name
+        for got, box, score, label in zip(record["boxes"], expected["boxes"],
+                                          expected["scores"], expected["labels"]):
+            np.testing.assert_allclose(got["box"], box.numpy(), atol=0.01)
+            assert got["score"] == pytest.approx(float(score), abs=1e-4)
+            assert got["class"] == M3FD_CLASSES[int(label)] and got["label"] == int(label)
+        for suffix in ("_vis_boxes.png", "_ir_boxes.png"):
+            drawn = Image.open(tmp_path / f"{name}{suffix}")
+            assert drawn.size == (ir8.shape[1], ir8.shape[0]) and drawn.mode == "RGB"

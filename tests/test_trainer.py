@@ -1,0 +1,147 @@
+"""The shared trainer's guarantees, through train_seg.py on tiny synthetic MFNet data:
+refused resumes that would silently change the run, errors raised before the model is built,
+a corrupt image met mid-training (also inside a DataLoader worker) named with last.pt intact,
+and the lr schedules."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train_seg  # noqa: E402
+from ivt import trainer  # noqa: E402
+from ivt.checkpoint import load_checkpoint  # noqa: E402
+from ivt.data.synthetic import write_mfnet  # noqa: E402
+from ivt.tasks.seg import SegTask  # noqa: E402
+
+
+def tiny_args(data, out, iters=4, *extra):
+    return ["--data", str(data), "--out", str(out), "--backbone", "swin_nano", "--d2", "8",
+            "--head-dim", "16", "--crop", "32", "--batch-size", "2", "--iters", str(iters),
+            "--eval-every", "2", "--log-every", "1", "--workers", "0", "--device", "cpu",
+            "--kernels", "torch", *extra]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mfnet")
+    write_mfnet(root, n_train=6, n_val=2, n_test=2, size=(32, 48))
+    return root
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    monkeypatch.setenv("IVT_KERNELS", "auto")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def fails_with(argv, capsys, code=2) -> str:
+    with pytest.raises(SystemExit) as e:
+        train_seg.main(argv)
+    assert e.value.code == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]                 # after any progress bars
+    assert last.startswith("error: "), err
+    return last
+
+
+def test_resume_refuses_changed_settings(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    train_seg.main(tiny_args(data, out, 2))
+    err = fails_with(tiny_args(data, out, 4, "--resume", "--lr", "0.5", "--amp"), capsys)
+    assert "iters: checkpoint 2 vs now 4" in err and "lr: checkpoint 0.001 vs now 0.5" in err
+    assert "amp: checkpoint False vs now True" in err and "--allow-changes" in err
+    err = fails_with(tiny_args(data, out, 2, "--resume", "--crop", "64", "--batch-size", "3",
+                               "--weight-decay", "0"), capsys)
+    for key in ("crop", "batch_size", "weight_decay"):
+        assert f"{key}: checkpoint" in err, key
+    # The model's settings never change, even with --allow-changes.
+    err = fails_with(tiny_args(data, out, 2, "--resume", "--allow-changes", "--d2", "16"), capsys)
+    assert "d2: checkpoint 8 vs now 16" in err
+    # --allow-changes accepts a training setting and logs it; how the run executes may change.
+    summary = train_seg.main(tiny_args(data, out, 4, "--resume", "--allow-changes",
+                                       "--log-every", "2"))
+    assert summary["iters"] == 4
+    assert "iters: checkpoint 2 vs now 4" in capsys.readouterr().out
+
+
+def test_new_run_refuses_a_folder_holding_a_run(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    train_seg.main(tiny_args(data, out, 2))
+    log = (out / "log.jsonl").read_text()
+    err = fails_with(tiny_args(data, out, 2), capsys)
+    assert "already holds a run" in err and "--resume" in err
+    assert (out / "log.jsonl").read_text() == log                  # nothing appended
+
+
+def test_errors_before_the_model_is_built(data, tmp_path, capsys, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the error was found")
+    monkeypatch.setattr(SegTask, "build_model", no_model)
+    err = fails_with(tiny_args(data, tmp_path / "a", 2, "--batch-size", "7"), capsys)
+    assert "--batch-size 7" in err and "has 6" in err
+    err = fails_with(tiny_args(data, tmp_path / "b", 2, "--pretrained", str(tmp_path / "x.pth")),
+                     capsys)
+    assert "x.pth" in err and "not found" in err
+    args = tiny_args(data, tmp_path / "c", 2)
+    args[args.index("swin_nano")] = "eva02_b"
+    err = fails_with(args + ["--crop", "40"], capsys)
+    assert "multiple of 16" in err and "40x40" in err
+
+
+def test_corrupt_image_mid_training_is_named_and_last_checkpoint_kept(data, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    write_mfnet(bad, n_train=4, n_val=2, n_test=0, size=(32, 48))
+    out = tmp_path / "run"
+    train_seg.main(tiny_args(bad, out, 2))                          # last.pt at iteration 2
+    saved = load_checkpoint(str(out / "last.pt"))
+    for name in (bad / "train.txt").read_text().split():           # truncate every training image
+        path = bad / "images" / f"{name}.png"
+        path.write_bytes(path.read_bytes()[:200])
+    for workers in ("0", "1"):
+        args = tiny_args(bad, out, 6, "--resume", "--allow-changes")
+        args[args.index("--workers") + 1] = workers
+        err = fails_with(args, capsys)
+        assert str(bad / "images") in err and ".png" in err
+        assert "last good checkpoint" in err and "iteration 2" in err
+        assert "Original Traceback" not in err
+        assert load_checkpoint(str(out / "last.pt"))["iter"] == saved["iter"] == 2
+
+
+def test_verify_images_names_a_corrupt_training_file_before_training(data, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    write_mfnet(bad, n_train=4, n_val=2, n_test=0, size=(32, 48))
+    name = (bad / "train.txt").read_text().split()[1]
+    path = bad / "images" / f"{name}.png"
+    path.write_bytes(path.read_bytes()[:200])                       # header intact, pixels cut
+    err = fails_with(tiny_args(bad, tmp_path / "run", 2, "--verify-images"), capsys)
+    assert str(path) in err
+    assert not (tmp_path / "run" / "log.jsonl").exists()
+
+
+def test_schedules():
+    seg = SegTask()
+    args = trainer.get_parser(seg).parse_args(["--data", "x", "--iters", "10", "--lr", "0.1",
+                                               "--poly-power", "0.9"])
+    iters, lr_at = trainer.schedule(seg, args, per_epoch=3)
+    assert iters == 10
+    for it in (0, 3, 9):
+        assert lr_at(it) == pytest.approx(0.1 * (1 - it / 10) ** 0.9)
+    from ivt.tasks.sod import SODTask
+    sod = SODTask()
+    args = trainer.get_parser(sod).parse_args(["--data", "x", "--epochs", "4",
+                                               "--lr-drop-epoch", "2", "--lr", "1.0"])
+    iters, lr_at = trainer.schedule(sod, args, per_epoch=5)
+    assert iters == 20 and [lr_at(i) for i in (0, 9, 10, 19)] == [1.0, 1.0, 0.1, 0.1]
+    # --iters overrides --epochs; the drop moves proportionally (half-way here).
+    args = trainer.get_parser(sod).parse_args(["--data", "x", "--epochs", "4",
+                                               "--lr-drop-epoch", "2", "--iters", "8"])
+    iters, lr_at = trainer.schedule(sod, args, per_epoch=5)
+    assert iters == 8 and lr_at(3) == args.lr and lr_at(4) == pytest.approx(0.1 * args.lr)

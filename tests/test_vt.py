@@ -1,0 +1,292 @@
+"""VT5000 / VT1000 / VT821 loader (ivt/data/vt.py) on fixtures written into tmp_path in the exact
+released layouts: VT5000/{Train,Test}/{RGB,T,GT} and VT821/{RGB,T,GT}, RGB and T as .jpg, GT as
+.png or .jpg. Each stem draws its own shape at its own place, so a mispaired file is visible."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.ndimage import binary_dilation, binary_erosion
+
+from ivt.data import VTDataset, list_vt_stems, split_train_val
+from ivt.data.io import BadImageError
+from ivt.data.synthetic import write_vt, write_vt_set
+from ivt.data.transforms import IMAGENET_MEAN, IMAGENET_STD, THERMAL_MEAN, THERMAL_STD
+from ivt.data.vt import SODTrainTransform
+
+H, W = 48, 64
+
+
+def shape_mask(k: int, h: int = H, w: int = W) -> np.ndarray:
+    """An asymmetric 'L' (a flip or rotation changes it) whose position depends on k."""
+    m = np.zeros((h, w), bool)
+    y0, x0 = 6 + (k * 5) % 14, 4 + (k * 11) % 30
+    m[y0:y0 + 24, x0:x0 + 8] = True          # vertical bar
+    m[y0 + 16:y0 + 24, x0:x0 + 22] = True    # foot to the right
+    return m
+
+
+def ironbow(gray: np.ndarray) -> np.ndarray:
+    """A colour map like the datasets' (every channel rises with heat)."""
+    x = gray.astype(np.float64) / 255
+    rgb = np.stack([np.clip(2 * x, 0, 1), np.clip(2 * x - 0.7, 0, 1), x], -1)
+    return (rgb * 255).astype(np.uint8)
+
+
+def write_triple(folder: Path, stem: str, k: int, gt_ext: str = ".png",
+                 size=(H, W)) -> np.ndarray:
+    """RGB (.jpg, a green shape on dark blue), T (.jpg, colour-mapped hot shape), GT (0/255)."""
+    m = shape_mask(k, *size)
+    rgb = np.zeros(size + (3,), np.uint8)
+    rgb[...] = (10, 20, 60)
+    rgb[m] = (40, 230, 90)
+    t = ironbow(np.where(m, 230, 40).astype(np.uint8))
+    for sub in ("RGB", "T", "GT"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb).save(folder / "RGB" / f"{stem}.jpg", quality=95)
+    Image.fromarray(t).save(folder / "T" / f"{stem}.jpg", quality=95)
+    gt = np.where(m, 255, 0).astype(np.uint8)
+    Image.fromarray(gt).save(folder / "GT" / f"{stem}{gt_ext}", **({"quality": 95}
+                                                                    if gt_ext == ".jpg" else {}))
+    return gt
+
+
+# Non-sequential names, written in a different order in each folder (pairing must use stems).
+STEMS = {"1": 0, "10": 1, "2": 2, "img_0007": 3, "b-3": 4}
+
+
+def write_vt5000(root: Path, gt_jpg=("10",)) -> dict:
+    gts = {}
+    items = list(STEMS.items())
+    for seed, part in enumerate(("Train", "Test")):
+        folder = root / "VT5000" / part
+        for j in np.random.default_rng(seed).permutation(len(items)):
+            stem, k = items[j]
+            gts[part, stem] = write_triple(folder, stem, k, ".jpg" if stem in gt_jpg else ".png")
+    (root / "VT5000" / "Train" / "GT" / "Thumbs.db").write_bytes(b"not an image")
+    return gts
+
+
+def denorm_vis_gray(x: torch.Tensor) -> np.ndarray:
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    rgb = ((x * std + mean) * 255).numpy()
+    return rgb.mean(0)
+
+
+def denorm_ir(x: torch.Tensor) -> np.ndarray:
+    assert torch.equal(x[0], x[1]) and torch.equal(x[0], x[2])   # gray repeated to 3 channels
+    return ((x[0] * THERMAL_STD + THERMAL_MEAN) * 255).numpy()
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return (a & b).sum() / max((a | b).sum(), 1)
+
+
+# ---------------------------------------------------------------- layout and pairing
+
+def test_vt5000_pairs_by_stem_in_natural_order(tmp_path):
+    gts = write_vt5000(tmp_path)
+    for part in ("Train", "Test"):
+        root = tmp_path / "VT5000" / part
+        assert list_vt_stems(root) == ["1", "2", "10", "b-3", "img_0007"]
+        ds = VTDataset(root, train=False, size=32)
+        assert ds.stems == list_vt_stems(root) and len(ds) == 5
+        for i, stem in enumerate(ds.stems):
+            vis, ir, gt = ds.read_images(i)
+            assert vis.shape == (H, W, 3) and ir.shape == gt.shape == (H, W)
+            assert vis.dtype == ir.dtype == gt.dtype == np.uint8
+            m = shape_mask(STEMS[stem])
+            # every image of the triple shows this stem's shape
+            assert iou(gt > 128, m) == 1.0
+            assert iou(vis[..., 1] > 128, m) > 0.97 and iou(ir > 128, m) > 0.97
+            item = ds[i]
+            assert item["name"] == stem
+            np.testing.assert_array_equal(item["gt"].numpy(),
+                                          np.where(gts[part, stem] > 128, 255, 0))
+
+
+def test_missing_t_file_is_named_with_its_folder(tmp_path):
+    write_vt5000(tmp_path)
+    vt821 = tmp_path / "VT821"
+    for stem, k in STEMS.items():
+        write_triple(vt821, stem, k)
+    (vt821 / "T" / "img_0007.jpg").unlink()
+    with pytest.raises(ValueError, match=r"VT821/T: no file for stem\(s\) img_0007"):
+        list_vt_stems(vt821)
+    with pytest.raises(ValueError, match="img_0007"):
+        VTDataset(vt821, train=False)
+    # stems missing from several folders: all named, each with its folder
+    train = tmp_path / "VT5000" / "Train"
+    (train / "RGB" / "2.jpg").unlink()
+    (train / "GT" / "b-3.png").unlink()
+    with pytest.raises(ValueError) as e:
+        VTDataset(train, train=True)
+    assert "Train/RGB: no file for stem(s) 2" in str(e.value)
+    assert "Train/GT: no file for stem(s) b-3" in str(e.value)
+    # a stem list that avoids the missing files works; one naming a missing stem does not
+    assert VTDataset(train, train=False, stems=["1", "10"]).stems == ["1", "10"]
+    with pytest.raises(ValueError, match=r"RGB: no file for stem\(s\) 2"):
+        VTDataset(train, train=False, stems=["1", "2"])
+
+
+def test_vt821_jpg_gt_is_binarised_above_128(tmp_path):
+    vt821 = tmp_path / "VT821"
+    write_triple(vt821, "5", 0, gt_ext=".jpg")
+    write_triple(vt821, "6", 1)
+    levels = np.array([0, 100, 128, 129, 200, 255], np.uint8)
+    gt = np.repeat(np.repeat(levels[None], H, 0), W // len(levels) + 1, 1)[:, :W]
+    Image.fromarray(gt).save(vt821 / "GT" / "6.png")
+    ds = VTDataset(vt821, train=False, size=32)
+    assert ds.stems == ["5", "6"]
+    expected = np.where(gt > 128, 255, 0)
+    np.testing.assert_array_equal(ds.read_images(1)[2], expected)
+    np.testing.assert_array_equal(ds[1]["gt"].numpy(), expected)
+    jpg = np.asarray(Image.open(vt821 / "GT" / "5.jpg").convert("L"))
+    assert set(np.unique(jpg)) - {0, 255}                 # JPEG GT: not exactly 0/255 on disk
+    assert set(np.unique(ds[0]["gt"].numpy())) == {0, 255}
+    np.testing.assert_array_equal(ds[0]["gt"].numpy(), np.where(jpg > 128, 255, 0))
+    # training masks are 0/1 as well
+    train = VTDataset(vt821, train=True, size=32)
+    assert set(np.unique(train[1]["mask"].numpy())) <= {0.0, 1.0}
+
+
+def test_duplicate_stem_and_size_mismatch_are_errors(tmp_path):
+    vt = tmp_path / "VT1000"
+    write_triple(vt, "1", 0)
+    write_triple(vt, "2", 1)
+    Image.new("RGB", (W, H)).save(vt / "RGB" / "1.png")
+    with pytest.raises(ValueError, match=r"stem '1' appears twice \(1.jpg and 1.png\)"):
+        VTDataset(vt, train=False)
+    (vt / "RGB" / "1.png").unlink()
+    Image.new("L", (W + 2, H)).save(vt / "GT" / "2.png")
+    with pytest.raises(ValueError, match=r"GT/2.png \(H, W\) = \(48, 66\)"):
+        VTDataset(vt, train=False)
+    ds = VTDataset(vt, train=False, validate=False)        # header checks skipped ...
+    with pytest.raises(ValueError, match="sizes differ"):  # ... but reading still refuses
+        ds[1]
+
+
+def test_verify_names_a_truncated_file(tmp_path):
+    vt = tmp_path / "VT821"
+    write_triple(vt, "1", 0)
+    data = (vt / "T" / "1.jpg").read_bytes()
+    (vt / "T" / "1.jpg").write_bytes(data[: len(data) // 2])
+    ds = VTDataset(vt, train=False)                        # headers still read
+    with pytest.raises(BadImageError, match=r"VT821/T/1.jpg"):
+        ds.verify()
+    with pytest.raises(BadImageError, match=r"VT821/T/1.jpg"):
+        VTDataset(vt, train=False, verify=True)
+
+
+def test_thermal_is_pil_grayscale_repeated(tmp_path):
+    vt = tmp_path / "VT821"
+    write_triple(vt, "1", 0)
+    rgb = np.asarray(Image.open(vt / "T" / "1.jpg")).astype(np.float64)
+    ds = VTDataset(vt, train=False, size=32)
+    _, ir, _ = ds.read_images(0)
+    # ITU-R 601-2 luma, as Pillow's convert('L') defines it
+    ref = rgb[..., 0] * 299 / 1000 + rgb[..., 1] * 587 / 1000 + rgb[..., 2] * 114 / 1000
+    assert np.abs(ir - ref).max() <= 1.0
+    item = ds[0]
+    assert item["ir"].shape == item["vis"].shape == (3, 32, 32)
+    denorm_ir(item["ir"])
+
+
+# ---------------------------------------------------------------- items and augmentation
+
+def test_eval_items_are_resized_inputs_and_gt_at_its_own_size(tmp_path):
+    vt = tmp_path / "VT821"
+    write_triple(vt, "a", 0, size=(40, 72))
+    write_triple(vt, "b", 1)
+    ds = VTDataset(vt, train=False, size=24)
+    for i, (h, w) in enumerate([(40, 72), (H, W)]):
+        item = ds[i]
+        assert set(item) == {"vis", "ir", "gt", "name"}
+        assert item["vis"].shape == item["ir"].shape == (3, 24, 24)
+        assert item["vis"].dtype == torch.float32
+        assert item["gt"].shape == (h, w) and item["gt"].dtype == torch.uint8
+    ref = np.asarray(Image.open(vt / "RGB" / "a.jpg").resize((24, 24), Image.BILINEAR))
+    np.testing.assert_allclose(denorm_vis_gray(ds[0]["vis"]), ref.mean(-1), atol=1e-3)
+
+
+def test_augmentation_keeps_rgb_t_and_gt_aligned(tmp_path):
+    vt = tmp_path / "VT5000" / "Train"
+    for stem, k in STEMS.items():
+        write_triple(vt, stem, k)
+    ds = VTDataset(vt, train=True, size=40, seed=1)
+    masks = []
+    for epoch in range(4):
+        ds.set_epoch(epoch)
+        for i in range(len(ds)):
+            item = ds[i]
+            assert set(item) == {"vis", "ir", "mask", "name"}
+            assert item["vis"].shape == item["ir"].shape == (3, 40, 40)
+            assert item["mask"].shape == (1, 40, 40) and item["mask"].dtype == torch.float32
+            mask = item["mask"][0].numpy() > 0.5
+            ir = denorm_ir(item["ir"]) > 135                # shape 230, background 40, fill 0
+            vis = denorm_vis_gray(item["vis"])              # jitter moves the levels:
+            inside, outside = binary_erosion(mask), ~binary_dilation(mask)
+            vis = vis > (np.median(vis[inside]) + np.median(vis[outside])) / 2
+            assert mask.sum() > 50
+            for other in (ir, vis):   # equal up to a one-pixel band along the boundary
+                assert not (binary_erosion(mask) & ~other).any(), (epoch, i)
+                assert not (binary_erosion(other) & ~mask).any(), (epoch, i)
+            masks.append(mask)
+    assert len({m.tobytes() for m in masks}) == len(masks)  # geometry differs every time
+
+    ds.set_epoch(2)
+    a, b = ds[3], ds[3]
+    assert all(torch.equal(a[k], b[k]) for k in ("vis", "ir", "mask"))
+    ds.set_epoch(3)
+    assert not torch.equal(a["mask"], ds[3]["mask"])
+
+
+def test_flip_only_transform_matches_a_mirrored_resize(tmp_path):
+    vt = tmp_path / "VT821"
+    gt = write_triple(vt, "1", 2)
+    ds = VTDataset(vt, train=True, size=32)
+    ds.transform = SODTrainTransform(32, flip_prob=1.0, rotate_deg=0.0, crop_scale=(1.0, 1.0),
+                                     aspect=(1.0, 1.0), jitter=False)
+    ref = np.asarray(Image.fromarray(gt).resize((32, 32), Image.NEAREST))[:, ::-1] > 128
+    np.testing.assert_array_equal(ds[0]["mask"][0].numpy() > 0.5, ref)
+    # and the L's foot now points left: its lowest rows extend left of the bar
+    cols = np.nonzero(ref[ref.any(1).nonzero()[0].max()])[0]
+    bar = np.nonzero(ref[ref.any(1).nonzero()[0].min()])[0]
+    assert cols.min() < bar.min() and cols.max() == bar.max()
+
+
+# ---------------------------------------------------------------- validation split
+
+def test_split_train_val_is_seeded_sorted_and_disjoint():
+    stems = [str(i) for i in range(1, 41)]
+    train, val = split_train_val(stems[::-1], 0.1, seed=3)
+    assert len(val) == 4 and len(train) == 36
+    assert sorted(train + val, key=int) == stems
+    assert train == sorted(train, key=int) and val == sorted(val, key=int)
+    assert split_train_val(stems, 0.1, seed=3) == (train, val)
+    assert split_train_val(stems, 4, seed=3) == (train, val)
+    assert split_train_val(stems, 4, seed=4)[1] != val
+    for bad in (0.0, 1.0, 0, 40):
+        with pytest.raises(ValueError):
+            split_train_val(stems, bad)
+    with pytest.raises(ValueError, match="duplicates"):
+        split_train_val(["1", "1", "2"], 1)
+
+
+# ---------------------------------------------------------------- synthetic generator
+
+def test_synthetic_vt_layout_loads(tmp_path):
+    folders = write_vt(tmp_path, n_train=4, n_test=2, n_vt1000=2, n_vt821=2, size=(48, 64))
+    for folder, stems in folders.items():
+        ds = VTDataset(tmp_path / folder, train=folder == "VT5000/Train", size=32, verify=True)
+        assert ds.stems == stems
+        assert ds[0]["vis"].shape == (3, 32, 32)
+    night = write_vt_set(tmp_path / "night", 3, size=(48, 64), night_fraction=1.0, first_index=101)
+    day = write_vt_set(tmp_path / "day", 3, size=(48, 64), night_fraction=0.0, first_index=201)
+    assert night == {"day": [], "night": ["00101", "00102", "00103"]}
+    assert day == {"day": ["00201", "00202", "00203"], "night": []}
+    dark = VTDataset(tmp_path / "night", train=False).read_images(0)[0].mean()
+    bright = VTDataset(tmp_path / "day", train=False).read_images(0)[0].mean()
+    assert dark < 0.3 * bright
