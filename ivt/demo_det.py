@@ -45,7 +45,7 @@ class DetSettings:
 
 DET_PRESETS = {"default": DetSettings(),
                "fast": DetSettings(n_images=150, iters=150),
-               "smoke": DetSettings(n_images=10, size=64, batch_size=2, iters=2,
+               "smoke": DetSettings(n_images=20, size=64, batch_size=2, iters=2,
                                     hidden_dim=16, num_queries=5, dec_layers=1, figure_scenes=2)}
 
 
@@ -117,8 +117,8 @@ def format_table(summary: dict) -> str:
     for name, r in summary.items():
         tp = f"{r['trainable_params']:,} ({100 * r['trainable_fraction']:.1f}%)"
         lines.append(f"{name:<16}{r['tuning']:<8}{r['ir_input']:<17}{tp:>27}"
-                     f"{r['day']['mAP']:>9.3f}{r['day']['mAP50']:>10.3f}"
-                     f"{r['night']['mAP']:>11.3f}{r['night']['mAP50']:>12.3f}"
+                     f"{r['day']['mAP']:>9.1f}{r['day']['mAP50']:>10.1f}"
+                     f"{r['night']['mAP']:>11.1f}{r['night']['mAP50']:>12.1f}"
                      f"{r['train_seconds']:>9.0f}")
     return "\n".join(lines)
 
@@ -174,7 +174,7 @@ def run(out: Path, seed: int = 0, preset: str = "default") -> dict:
           f"day+night scenes (60/20/20% train/val/test; seed {seed}; COCO AP, at most 100 "
           f"detections per image)")
     print(format_table(summary))
-    print(f"night AP50, ivt - full_vis: {margin:+.3f}")
+    print(f"night AP50, ivt - full_vis: {margin:+.1f} points")
     print("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     print(f"wrote {out / 'det_summary.json'}, {figure}")
     return summary

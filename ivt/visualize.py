@@ -105,13 +105,15 @@ def colour_for_name(name: str) -> Colour:
 
 
 def draw_boxes(image: np.ndarray, boxes: np.ndarray, names: Sequence[str],
-               scores: Sequence[float], colours: Optional[Sequence[Colour]] = None
-               ) -> Image.Image:
+               scores: Optional[Sequence[float]] = None,
+               colours: Optional[Sequence[Colour]] = None) -> Image.Image:
     """Rectangles with a "name 0.87" tag above each (inside when there is no room above).
 
-    image (H, W, 3) or (H, W) uint8; boxes (n, 4) xyxy pixels; names, scores and colours (default:
-    `colour_for_name`) n each.
+    image (H, W, 3) or (H, W) uint8; boxes (n, 4) xyxy pixels; names, scores (None: ground
+    truth, names only) and colours (default: `colour_for_name`) n each.
     """
+    if scores is None:
+        scores = [None] * len(names)
     if colours is None:
         colours = [colour_for_name(n) for n in names]
     canvas = Image.fromarray(grey_to_rgb(image))
@@ -123,7 +125,7 @@ def draw_boxes(image: np.ndarray, boxes: np.ndarray, names: Sequence[str],
         colour = tuple(int(c) for c in colour)
         x0, x1, y0, y1 = min(x0, x1), max(x0, x1), min(y0, y1), max(y0, y1)
         draw.rectangle([x0, y0, x1, y1], outline=colour, width=width)
-        text = f"{name} {score:.2f}"
+        text = name if score is None else f"{name} {score:.2f}"
         l, t, r, b = draw.textbbox((0, 0), text, font=f)
         ty = y0 - (b - t) - 2 if y0 - (b - t) - 2 >= 0 else y0 + width
         tx = max(0, min(x0, canvas.width - (r - l) - 2))     # keep the tag inside the image

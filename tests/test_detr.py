@@ -97,7 +97,8 @@ def test_matcher_optimal_against_brute_force(Q, sizes):
     """Includes an image without targets and an image with more targets than queries."""
     g = torch.Generator().manual_seed(Q)
     B, K = len(sizes), 4
-    outputs = {"pred_logits": torch.randn(B, Q, K, generator=g), "pred_boxes": random_boxes(B * Q, g).view(B, Q, 4)}
+    outputs = {"pred_logits": torch.randn(B, Q, K, generator=g),
+               "pred_boxes": random_boxes(B * Q, g).view(B, Q, 4)}
     targets = [{"labels": torch.randint(0, K, (n,), generator=g), "boxes": random_boxes(n, g)} for n in sizes]
     indices = HungarianMatcher()(outputs, targets)
     assert len(indices) == B
@@ -225,7 +226,8 @@ def test_denoising_attention_mask():
 
 def test_denoising_noise_bounds():
     """Positive copies move each corner by less than half the box size, negative ones by one to
-    two half sizes (unless their corners crossed); labels are untouched without label noise; padding slots stay zero."""
+    two half sizes (unless their corners crossed); labels are untouched without label noise;
+    padding slots stay zero."""
     torch.manual_seed(0)
     dn = Denoising(num_classes=3, dim=8, dn_number=6, label_noise_ratio=0.0, box_noise_scale=1.0)
     gt = torch.tensor([[0.5, 0.5, 0.2, 0.1], [0.4, 0.6, 0.1, 0.2]])
@@ -283,11 +285,13 @@ def test_detector_forward_backward_only_trainable_get_grads(denoising):
     assert torch.isfinite(losses["loss"])
     suffixes = ["", "_0", "_enc"] + (["_dn", "_dn_0"] if denoising else [])
     assert {f"loss_{n}{s}" for n in ("cls", "l1", "giou") for s in suffixes} | {"loss"} == set(losses)
-    expected = sum({"cls": 1.0, "l1": 5.0, "giou": 2.0}[k.split("_")[1]] * v for k, v in losses.items() if k != "loss")
+    weight = {"cls": 1.0, "l1": 5.0, "giou": 2.0}                                      # DINO's
+    expected = sum(weight[k.split("_")[1]] * v for k, v in losses.items() if k != "loss")
     assert losses["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
     losses["loss"].backward()
     for name, p in model.named_parameters():
-        frozen_backbone = name.startswith("backbone.") and not model.backbone.is_ivt_name(name[len("backbone."):])
+        frozen_backbone = (name.startswith("backbone.")
+                           and not model.backbone.is_ivt_name(name[len("backbone."):]))
         assert p.requires_grad == (not frozen_backbone), name
         assert (p.grad is not None) == p.requires_grad, name
     assert 0 < count_parameters(model, trainable_only=True) < count_parameters(model)

@@ -53,7 +53,8 @@ def detector_extras(dims):
     """What a whole DINO checkpoint holds beside the backbone's visible weights."""
     extras = {f"backbone.norm{i}.weight": torch.ones(d) for i, d in enumerate(dims)}
     extras.update({f"backbone.norm{i}.bias": torch.zeros(d) for i, d in enumerate(dims)})
-    extras.update({"neck.convs.0.conv.weight": torch.zeros(4, 4, 1, 1), "bbox_head.cls.weight": torch.zeros(80, 4)})
+    extras.update({"neck.convs.0.conv.weight": torch.zeros(4, 4, 1, 1),
+                   "bbox_head.cls.weight": torch.zeros(80, 4)})
     return extras
 
 
@@ -72,7 +73,8 @@ def check_loaded(model, own):
 def test_load_mmdet_dino_backbone(source, tmp_path):
     src, own = source
     sd = mmdet_swin_converter(release_layout(own))
-    sd["backbone.stages.0.blocks.0.attn.w_msa.relative_position_index"] = torch.zeros(49, 49, dtype=torch.int64)
+    index_key = "backbone.stages.0.blocks.0.attn.w_msa.relative_position_index"   # a buffer
+    sd[index_key] = torch.zeros(49, 49, dtype=torch.int64)
     sd.update(detector_extras(src.out_channels))
     path = tmp_path / "dino_mmdet.pth"
     torch.save({"meta": {"mmdet_version": "3.3.0"}, "state_dict": sd}, path)
@@ -108,8 +110,9 @@ def test_detector_checkpoint_errors_name_keys(source, tmp_path):
     del sd["backbone.stages.2.blocks.1.ffn.layers.1.weight"]
     sd["backbone.stages.0.blocks.0.extra.weight"] = torch.zeros(1)
     torch.save({"state_dict": sd}, tmp_path / "bad.pth")
-    with pytest.raises(CheckpointError, match=r"(?s)missing keys \(1\): layers\.2\.blocks\.1\.mlp\.fc2\.weight"
-                                              r".*unexpected keys \(1\): layers\.0\.blocks\.0\.extra\.weight"):
+    expected = (r"(?s)missing keys \(1\): layers\.2\.blocks\.1\.mlp\.fc2\.weight"
+                r".*unexpected keys \(1\): layers\.0\.blocks\.0\.extra\.weight")
+    with pytest.raises(CheckpointError, match=expected):
         load_detector_backbone(build_backbone("swin_nano", tuning="ivt"), str(tmp_path / "bad.pth"))
     torch.save({"state_dict": {"neck.w": torch.zeros(1)}}, tmp_path / "nobackbone.pth")
     with pytest.raises(CheckpointError, match="no 'backbone"):

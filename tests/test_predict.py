@@ -236,6 +236,16 @@ def test_rgbt_folder(seg_checkpoint, tmp_path, capsys):
         np.testing.assert_array_equal(got, expected, err_msg=path.name)
 
 
+def test_one_pair_of_files_with_amp(seg_checkpoint, pairs, tmp_path, capsys):
+    root, good = pairs
+    status, text = run(capsys, "--checkpoint", seg_checkpoint, "--vis", root / "vis" / "three.jpg",
+                       "--ir", root / "ir" / "three.png", "--out", tmp_path, "--amp",
+                       "--device", "cpu")
+    assert status == 0 and "1 pairs written" in text
+    classes = np.asarray(Image.open(tmp_path / "three_classes.png"))
+    assert classes.shape == good["three"][1].shape and classes.max() < 9
+
+
 def test_exit_status_is_capped(seg_checkpoint, tmp_path, capsys):
     (tmp_path / "vis").mkdir()
     (tmp_path / "ir").mkdir()

@@ -1,0 +1,361 @@
+"""Benchmark one training step: full fine-tuning, frozen backbone, IV-tuning reference and fast.
+
+    python bench/train_step.py                        # on a GPU: Swin-L 384 batch 8 and
+                                                      # EVA02-L 512 batch 2; writes its section
+                                                      # of docs/benchmarks.md and --json if given
+    python bench/train_step.py --device cpu --json proxies.json   # CPU proxies, tiny backbone
+
+Every model is this repository's `build_segmentor(backbone, 9, tuning, ...)` with random weights
+(the numbers do not depend on the values), a 9-class Segformer head, cross-entropy on random
+labels, AdamW (fused), bf16 autocast on the GPU. Modes:
+
+    full           all parameters train (the paper's baseline)
+    freeze         the backbone is frozen, only the head trains (the floor of any PETL method)
+    ivt            IV-tuning, the readable reference forward (`fast=False`)
+    ivt_fast       IV-tuning, the fast forward (`fast=True`): same parameters, same results
+    ivt_fast_ckpt  the fast forward with `checkpoint_blocks=True`
+
+GPU, per mode: eager step (the trainer's `EagerStep`) and the whole step in one CUDA graph
+(`ivt.graph_step.GraphedTrainStep`): median wall ms over `--steps` steps after `--warmup`
+warm-up steps (CUDA events); GPU busy ms (sum of CUDA kernel durations in one profiled eager
+step); CUDA kernels per step; peak memory; then inference latency (no grad, bf16, eager and
+graphed) of the frozen visible model against the IV-tuned models.
+
+CPU proxies (`--device cpu`), per mode, for anyone without a GPU:
+* aten ops per training step: operators dispatched in one step (forward, backward, optimizer),
+  counted with a TorchDispatchMode, views and detach excluded (they launch no kernel);
+* bytes held for backward: after the forward and the loss, the storages of every tensor the
+  step produced that is still alive (so held by the autograd graph or a checkpoint), without
+  parameters, buffers and inputs; each storage counted once.
+Targets (issue 10): ivt_fast's bytes <= 0.5x full's, its ops <= 1.5x full's.
+"""
+import argparse
+import datetime
+import gc
+import json
+import statistics
+import sys
+import weakref
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[0] = str(ROOT)             # the repository's packages, not this folder's scripts
+
+from ivt.models.segmentor import build_segmentor  # noqa: E402
+
+MODES = {"full": ("full", {}), "freeze": ("freeze", {}), "ivt": ("ivt", {}),
+         "ivt_fast": ("ivt", {"fast": True}),
+         "ivt_fast_ckpt": ("ivt", {"fast": True, "checkpoint_blocks": True})}
+GPU_CASES = [("swin_l", 384, 8), ("eva02_l", 512, 2)]
+NUM_CLASSES = 9
+BEGIN, END = "<!-- bench/train_step.py: begin -->", "<!-- bench/train_step.py: end -->"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the numbers here")
+    p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"),
+                   help="markdown file whose train-step section is (re)written (GPU runs)")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument("--steps", type=int, default=10, help="timed steps (median; default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="warm-up steps (default 3)")
+    p.add_argument("--cases", nargs="+", default=None, metavar="NAME:SIZE:BATCH",
+                   help="GPU cases (default: swin_l:384:8 eva02_l:512:2)")
+    p.add_argument("--backbone", default="swin_t", help="CPU proxy backbone (default swin_t)")
+    p.add_argument("--size", type=int, nargs=2, default=(128, 96), metavar=("H", "W"),
+                   help="CPU proxy input size (default 128 96)")
+    p.add_argument("--batch", type=int, default=2, help="CPU proxy batch (default 2)")
+    p.add_argument("--head-dim", type=int, default=256, help="Segformer head width")
+    return p.parse_args(argv)
+
+
+# -- one case ------------------------------------------------------------------------------------
+def build(backbone: str, mode: str, size, device, head_dim: int):
+    """(model, optimizer) on `device`, random weights, seed 0."""
+    tuning, options = MODES[mode]
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = build_segmentor(backbone, NUM_CLASSES, tuning, img_size=tuple(size),
+                                head_dim=head_dim, **options)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2, fused=True)
+
+
+def make_batch(size, batch: int, device, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    H, W = size
+    return {"vis": torch.randn(batch, 3, H, W, generator=g).to(device),
+            "ir": torch.randn(batch, 3, H, W, generator=g).to(device),
+            "label": torch.randint(0, NUM_CLASSES, (batch, H // 4, W // 4), generator=g).to(device)}
+
+
+def loss_fn(model, batch: dict) -> torch.Tensor:
+    return F.cross_entropy(model(batch["vis"], batch["ir"]).float(), batch["label"])
+
+
+def eager_step(model, optimizer, autocast):
+    def step(batch, lr):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with autocast():
+            loss = loss_fn(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+    return step
+
+
+# -- CPU proxies ---------------------------------------------------------------------------------
+class OpCounter(TorchDispatchMode):
+    """Counts dispatched aten operators, views and detach excluded."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func is not torch.ops.aten.detach.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+class TensorTracker(TorchDispatchMode):
+    """Weak references to every tensor an operator produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.refs.append(weakref.ref(t))
+        return out
+
+
+def bytes_held_for_backward(model, batch: dict) -> int:
+    """Bytes of the storages that the forward + loss produced and that are still alive before
+    backward: what the autograd graph (or a checkpoint) keeps for the backward pass."""
+    own = list(model.parameters()) + list(model.buffers()) + list(batch.values())
+    excluded = {t.untyped_storage().data_ptr() for t in own}
+    tracker = TensorTracker()
+    with tracker:
+        loss = loss_fn(model, batch)
+    gc.collect()
+    storages = {}
+    for ref in tracker.refs:
+        t = ref()
+        if t is not None and t.untyped_storage().data_ptr() not in excluded:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(storages.values())
+
+
+def cpu_proxies(backbone: str, size, batch: int, modes, head_dim: int = 256) -> dict:
+    """{mode: {aten_ops, bytes_for_backward, trainable}} plus ratios to full fine-tuning."""
+    result = {"backbone": backbone, "size": list(size), "batch": batch, "head_dim": head_dim,
+              "torch": torch.__version__, "modes": {}}
+    data = make_batch(size, batch, "cpu")
+    for mode in modes:
+        model, optimizer = build(backbone, mode, size, "cpu", head_dim)
+        step = eager_step(model, optimizer, nullcontext)
+        step(data, 1e-4)                                       # optimizer state, caches
+        counter = OpCounter()
+        with counter:
+            step(data, 1e-4)
+        held = bytes_held_for_backward(model, data)
+        result["modes"][mode] = {
+            "aten_ops": counter.count, "bytes_for_backward": held,
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    if "full" in result["modes"]:
+        full = result["modes"]["full"]
+        for row in result["modes"].values():
+            row["ops_vs_full"] = row["aten_ops"] / full["aten_ops"]
+            row["bytes_vs_full"] = row["bytes_for_backward"] / full["bytes_for_backward"]
+    return result
+
+
+def proxy_table(result: dict) -> str:
+    lines = [f"CPU proxies: `{result['backbone']}`, {result['size'][0]}x{result['size'][1]}, "
+             f"batch {result['batch']}, head width {result['head_dim']}, torch {result['torch']}",
+             "", "| mode | aten ops / step | vs full | MB held for backward | vs full | trainable |",
+             "|---|---|---|---|---|---|"]
+    for mode, r in result["modes"].items():
+        lines.append(f"| {mode} | {r['aten_ops']:,} | {r.get('ops_vs_full', 0):.2f}x | "
+                     f"{r['bytes_for_backward'] / 1e6:,.2f} | {r.get('bytes_vs_full', 0):.2f}x | "
+                     f"{r['trainable']:,} |")
+    return "\n".join(lines)
+
+
+# -- GPU -----------------------------------------------------------------------------------------
+def median_ms(fn, steps: int) -> float:
+    times = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def kernel_time(fn) -> tuple:
+    """(GPU busy ms, CUDA kernels) of one call: the profiler's kernel durations summed."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.time_range.elapsed_us() for e in kernels) / 1e3, len(kernels)
+
+
+def gpu_train_case(backbone: str, size: int, batch: int, mode: str, args) -> dict:
+    from ivt.graph_step import GraphedTrainStep
+    device = torch.device("cuda")
+    autocast = partial(torch.autocast, device_type="cuda", dtype=torch.bfloat16)
+    data = make_batch((size, size), batch, device)
+    row = {}
+    for kind in ("eager", "graph"):
+        model, optimizer = build(backbone, mode, (size, size), device, args.head_dim)
+        step = (eager_step(model, optimizer, autocast) if kind == "eager"
+                else GraphedTrainStep(model, loss_fn, optimizer, autocast))
+        for _ in range(max(args.warmup, 2)):
+            step(data, 1e-4)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        row[f"{kind}_ms"] = median_ms(lambda: step(data, 1e-4), args.steps)
+        row[f"{kind}_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        if kind == "eager":
+            row["gpu_busy_ms"], row["kernels"] = kernel_time(lambda: step(data, 1e-4))
+            row["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        del model, optimizer, step
+        gc.collect()
+        torch.cuda.empty_cache()
+    return row
+
+
+def gpu_inference_case(backbone: str, size: int, batch: int, mode: str, args) -> dict:
+    device = torch.device("cuda")
+    model, _ = build(backbone, mode, (size, size), device, args.head_dim)
+    model.eval()
+    data = make_batch((size, size), batch, device)
+    autocast = partial(torch.autocast, device_type="cuda", dtype=torch.bfloat16)
+
+    def forward():
+        with torch.no_grad(), autocast():
+            return model(data["vis"], data["ir"])
+
+    for _ in range(args.warmup):
+        forward()
+    row = {"eager_ms": median_ms(forward, args.steps)}
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        forward()
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+        with torch.cuda.graph(graph):
+            model(data["vis"], data["ir"])
+    row["graph_ms"] = median_ms(graph.replay, args.steps)
+    del model, graph
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+def gpu_benchmark(args) -> dict:
+    import triton
+    cases = ([(n, int(s), int(b)) for n, s, b in (c.split(":") for c in args.cases)]
+             if args.cases else GPU_CASES)
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "triton": triton.__version__, "date": datetime.date.today().isoformat(),
+              "cases": []}
+    for backbone, size, batch in cases:
+        case = {"backbone": backbone, "size": size, "batch": batch, "train": {}, "inference": {}}
+        for mode in args.modes:
+            case["train"][mode] = gpu_train_case(backbone, size, batch, mode, args)
+            print(backbone, mode, case["train"][mode], flush=True)
+        for mode in ("freeze", "ivt", "ivt_fast"):
+            case["inference"][mode] = gpu_inference_case(backbone, size, batch, mode, args)
+            print(backbone, "inference", mode, case["inference"][mode], flush=True)
+        result["cases"].append(case)
+    return result
+
+
+def gpu_tables(result: dict) -> str:
+    lines = [f"Train step, measured by `python bench/train_step.py` on {result['device']}, "
+             f"{result['date']}; torch {result['torch']}, triton {result['triton']}. Random "
+             f"weights, 9-class Segformer head, bf16 autocast, fused AdamW; median of the timed "
+             f"steps after warm-up (CUDA events); GPU busy = CUDA kernel time summed over one "
+             f"profiled eager step; graph = the whole step in one CUDA graph "
+             f"(`ivt.graph_step.GraphedTrainStep`).", ""]
+    for case in result["cases"]:
+        train = case["train"]
+        full = train.get("full")
+        lines += [f"**{case['backbone']}, {case['size']}x{case['size']}, batch {case['batch']}**",
+                  "", "| mode | eager ms | graph ms | GPU busy ms | kernels | peak GB (eager / "
+                  "graph) | best vs full's best | trainable |", "|---|---|---|---|---|---|---|---|"]
+        best_full = min(full["eager_ms"], full["graph_ms"]) if full else None
+        for mode, r in train.items():
+            best = min(r["eager_ms"], r["graph_ms"])
+            ratio = f"{best / best_full:.2f}x" if best_full else "-"
+            lines.append(f"| {mode} | {r['eager_ms']:.1f} | {r['graph_ms']:.1f} | "
+                         f"{r['gpu_busy_ms']:.1f} | {r['kernels']:,} | {r['eager_peak_gb']:.2f} / "
+                         f"{r['graph_peak_gb']:.2f} | {ratio} | {r['trainable']:,} |")
+        inf = case["inference"]
+        lines += ["", "| inference (no grad, bf16) | eager ms | graph ms | vs frozen (graph) |",
+                  "|---|---|---|---|"]
+        for mode, r in inf.items():
+            lines.append(f"| {mode} | {r['eager_ms']:.1f} | {r['graph_ms']:.1f} | "
+                         f"{r['graph_ms'] / inf['freeze']['graph_ms']:.2f}x |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_section(path: Path, body: str) -> None:
+    """Replace this script's section of the markdown file (or append it)."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    section = f"{BEGIN}\n## Training step\n\n{body}\n{END}"
+    if BEGIN in text and END in text:
+        text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.device == "cpu":
+        result = cpu_proxies(args.backbone, args.size, args.batch, args.modes, args.head_dim)
+        print(proxy_table(result))
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("no CUDA device: run with --device cpu for the CPU proxies")
+        result = gpu_benchmark(args)
+        proxies = cpu_proxies("swin_t", (128, 96), 2, list(MODES))
+        result["cpu_proxies"] = proxies
+        body = gpu_tables(result) + "\n" + proxy_table(proxies) + "\n"
+        write_section(Path(args.out), body)
+        print(body)
+        print(f"wrote {args.out}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
