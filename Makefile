@@ -1,17 +1,20 @@
 # `make test` and `make demo` build their own virtual environment in .venv.
-# torch 2.13.0 is pinned because pip installs its CPU build from local disk on our CI machines;
-# any torch >= 2.4 works for the package itself (see pyproject.toml).
-PYTHON ?= python3
-VENV   := .venv
-PY     := $(VENV)/bin/python
-TORCH  ?= torch==2.13.0
+# torch 2.13.0 is pinned because our CI machines hold its CPU build on local disk; from PyPI on
+# Linux x86-64 the same pin resolves to a CUDA build of several GB. For the CPU wheel elsewhere:
+#   make test TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu"
+# Any torch >= 2.4 works for the package itself (see pyproject.toml).
+PYTHON      ?= python3
+VENV        := .venv
+PY          := $(VENV)/bin/python
+TORCH       ?= torch==2.13.0
+TORCH_INDEX ?=
 
 .PHONY: venv test demo demo-sod demo-det demo-methods clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q "$(TORCH)" $(TORCH_INDEX)
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 

@@ -6,9 +6,12 @@
                                                      # script end to end, no timing claims
 
 Inputs are channels-last views of random token tensors, as the model makes them. Times are
-medians of triton.testing.do_bench after its warm-up, in microseconds. The floor is the bytes an
-ideal kernel must move (forward: read x, write y; forward + backward adds read x, read grad,
-write grad_x) at the copy bandwidth measured in the same run (a large tensor copy, read + write).
+device times in microseconds: the CUDA kernel durations of one call, summed from the profiler
+and averaged over 20 calls after warm-up (the wall time of a small autograd call measures the
+host, not the kernels). The floor is the bytes an ideal kernel must move (forward: read x,
+write y; forward + backward adds read x, read grad, write grad_x) at the copy bandwidth measured
+in the same run (a large tensor copy, read + write). The script rewrites only its own section
+of the output file.
 """
 import argparse
 import datetime
@@ -27,6 +30,7 @@ REAL_SHAPES = [((8, 8, 96, 96), "EMPG (d1=8) and stage-1 IPA (d3=8), 384 input, 
 LARGE_SHAPES = [((8, 64, 256, 256), "large"), ((32, 64, 256, 256), "large")]
 TINY_SHAPES = [((2, 8, 7, 9), "tiny")]
 PASSES = {"forward": 2, "forward+backward": 5}  # tensor-sized reads + writes of an ideal kernel
+BEGIN, END = "<!-- bench/kernels.py: begin -->", "<!-- bench/kernels.py: end -->"
 
 
 def parse_args():
@@ -40,7 +44,8 @@ def parse_args():
 
 
 def timer(tiny: bool):
-    """A function (fn, grad_to_none) -> microseconds: do_bench's median, or one call on the CPU."""
+    """A function (fn, grad_to_none) -> microseconds: CUDA kernel time per call from the
+    profiler, or the wall time of one call on the CPU."""
     if tiny:
         def time_once(fn, grad_to_none):
             fn()
@@ -49,11 +54,25 @@ def timer(tiny: bool):
             return (time.perf_counter() - start) * 1e6
         return time_once
 
-    import triton.testing
+    import torch
+    from torch.profiler import ProfilerActivity, profile
 
-    def time_cuda(fn, grad_to_none):
-        return triton.testing.do_bench(fn, grad_to_none=grad_to_none, return_mode="median") * 1e3
-    return time_cuda
+    def time_device(fn, grad_to_none, calls=20):
+        """Microseconds of CUDA kernel time per call (profiler), after 3 warm-up calls."""
+        def call():
+            for t in grad_to_none or ():
+                t.grad = None
+            fn()
+        for _ in range(3):
+            call()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                call()
+            torch.cuda.synchronize()
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        return sum(e.time_range.elapsed_us() for e in kernels) / calls
+    return time_device
 
 
 def copy_bandwidth(device, measure) -> float:
@@ -146,10 +165,12 @@ def render(rows, bandwidth, device_name, args) -> str:
     import torch
     import triton
 
-    lines = ["# Kernel benchmarks", "",
+    lines = ["## Kernels", "",
              f"Measured by `python bench/kernels.py{' --tiny' if args.tiny else ''}` on "
              f"{device_name}, {datetime.date.today().isoformat()}; torch {torch.__version__}, "
-             f"triton {triton.__version__}; {args.dtype}, channels-last inputs.", "",
+             f"triton {triton.__version__}; {args.dtype}, channels-last inputs; times are "
+             "device time per call (CUDA kernel durations from the profiler, mean of 20 calls).",
+             "",
              "Copy bandwidth measured in the same run (read + write): "
              f"{bandwidth / 1e9:,.0f} GB/s. The floor is the bytes an ideal kernel moves at that "
              "bandwidth (forward: x read, y written; forward + backward also reads x and grad and "
@@ -167,8 +188,19 @@ def main():
         os.environ["TRITON_INTERPRET"] = "1"  # before the kernels' modules are imported
     sys.path[0] = str(ROOT)  # `import kernels` is the package, not this file
     rows, bandwidth, device_name = benchmark_rows(args)
-    Path(args.out).write_text(render(rows, bandwidth, device_name, args))
+    write_section(Path(args.out), render(rows, bandwidth, device_name, args))
     print(f"wrote {args.out}")
+
+
+def write_section(path: Path, body: str) -> None:
+    """Replace this script's section of the markdown file (or append it)."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    section = f"{BEGIN}\n{body}{END}"
+    if BEGIN in text and END in text:
+        text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
 
 
 if __name__ == "__main__":

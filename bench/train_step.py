@@ -189,8 +189,8 @@ def cpu_proxies(backbone: str, size, batch: int, modes, head_dim: int = 256) -> 
 def proxy_table(result: dict) -> str:
     lines = [f"CPU proxies: `{result['backbone']}`, {result['size'][0]}x{result['size'][1]}, "
              f"batch {result['batch']}, head width {result['head_dim']}, torch {result['torch']}",
-             "", "| mode | aten ops / step | vs full | MB held for backward | vs full | trainable |",
-             "|---|---|---|---|---|---|"]
+             "", "| mode | aten ops / step | vs full | MB held for backward | vs full "
+             "| trainable |", "|---|---|---|---|---|---|"]
     for mode, r in result["modes"].items():
         lines.append(f"| {mode} | {r['aten_ops']:,} | {r.get('ops_vs_full', 0):.2f}x | "
                      f"{r['bytes_for_backward'] / 1e6:,.2f} | {r.get('bytes_vs_full', 0):.2f}x | "

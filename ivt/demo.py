@@ -314,7 +314,7 @@ def main(argv=None) -> dict:
     preset = "smoke" if args.smoke else "fast" if args.fast else "default"
     if args.methods:
         from .demo_methods import run as run_methods
-        return run_methods(Path(args.out), args.seed, preset=preset)
+        return run_methods(Path(args.out), args.seed, settings=PRESETS[preset])
     if args.task == "sod":
         from .demo_sod import run as run_sod
         return run_sod(Path(args.out), args.seed, preset)

@@ -71,7 +71,8 @@ def run(out: Path, seed: int = 0, quiet: bool = False, settings: Settings = DEFA
         if not quiet:
             print(f"[methods {time.perf_counter() - t_start:6.0f}s] {msg}", flush=True)
 
-    scripts_output = contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext()
+    scripts_output = (contextlib.redirect_stdout(io.StringIO()) if quiet
+                      else contextlib.nullcontext())
     log(f"writing synthetic data ({s.n_train}/{s.n_val}/{s.n_test} train/val/test, "
         f"{s.size[0]}x{s.size[1]})")
     data = make_data(out, s, seed)

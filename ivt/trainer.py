@@ -31,10 +31,13 @@ from .models import BACKBONES, TUNINGS, VARIANTS, CheckpointError, normalization
 # Settings that only say how a run is executed; anything else in the configuration changes the
 # run, so `--resume` refuses to change it (unless --allow-changes).
 RUN_ONLY = ("device", "workers", "out", "resume", "allow_changes", "log_every", "kernels",
+            "pretrained",      # a moved file is fine: its SHA-256 is checked against the run's
             "verify_images", "save_rank_weights", "eval_every", "total_iters", "cuda_graph",
             "impl", "checkpoint_blocks")
 # Settings the saved weights depend on: never changeable on resume.
-MODEL_KEYS = ("task", "backbone", "tuning", "variant", "d1", "d2", "d3", "layers", "patch_size")
+MODEL_KEYS = ("task", "backbone", "tuning", "variant", "d1", "d2", "d3", "layers", "patch_size",
+              "prompt_length", "bottleneck", "adapter_scale", "rein_tokens", "rein_rank",
+              "ir_embed")
 
 
 @dataclass
@@ -102,6 +105,14 @@ class Task:
 def backbone_kwargs(config: dict) -> dict:
     """`build_backbone` options a run's configuration describes."""
     kw = {k: config[k] for k in ("d1", "d2", "d3", "variant", "layers") if k in config}
+    # The compared methods' options: None (not given) is left to the method's default.
+    for key, option in (("prompt_length", "prompt_length"), ("bottleneck", "bottleneck"),
+                        ("adapter_scale", "scale"), ("rein_tokens", "rein_tokens"),
+                        ("rein_rank", "rein_rank")):
+        if config.get(key) is not None:
+            kw[option] = config[key]
+    if config.get("ir_embed"):
+        kw["ir_embed"] = True
     if config.get("patch_size") is not None:
         kw["patch_size"] = config["patch_size"]
     if config.get("impl") == "fast":
@@ -136,6 +147,22 @@ def get_parser(task: Task) -> argparse.ArgumentParser:
     g.add_argument("--patch-size", type=int, default=None,
                    help="EVA02 only: patch size, 16 as in the paper (the released 14 is resized "
                         "on loading) (default: the backbone's)")
+    g.add_argument("--prompt-length", type=int, default=None,
+                   help="--tuning vpt: prompt tokens per block (default: 10)")
+    g.add_argument("--bottleneck", type=int, default=None,
+                   help="--tuning adaptformer / bi_adaptformer: bottleneck width "
+                        "(default: 64 / 32)")
+    g.add_argument("--adapter-scale", type=float, default=None,
+                   help="--tuning adaptformer / bi_adaptformer: the scale s of the adapter's "
+                        "output (default: 0.1 / 1.0)")
+    g.add_argument("--rein-tokens", type=int, default=None,
+                   help="--tuning rein: learnable tokens per block (default: 100)")
+    g.add_argument("--rein-rank", type=int, default=None,
+                   help="--tuning rein: rank of the token factorisation (default: 16)")
+    g.add_argument("--ir-embed", action="store_true",
+                   help="--tuning full / freeze: add the independent infrared patch embedding "
+                        "(its tokens added to the visible ones, paper Sec. 4.5), so the "
+                        "baselines see the thermal image too (the PETL methods always have it)")
     g.add_argument("--pretrained", default=None, metavar="FILE",
                    help="visible-model checkpoint (original release or timm layout) loaded into "
                         "the frozen part; checkpoints then store only trained tensors and this "
@@ -254,6 +281,7 @@ def resume_checkpoint(args, config: dict, log: Callable[[str], None]) -> Tuple[d
     the accepted changes as 'key: old -> new' strings)."""
     path = os.path.join(args.out, "last.pt") if args.resume == "last" else args.resume
     ckpt = load_checkpoint(path)
+    check_pretrained(ckpt, args.pretrained, path)
     saved = ckpt["config"]
     differ = [k for k in sorted(set(saved) | set(config))
               if k not in RUN_ONLY and saved.get(k) != config.get(k)]
@@ -265,7 +293,6 @@ def resume_checkpoint(args, config: dict, log: Callable[[str], None]) -> Tuple[d
                          + "; ".join(fixed or changes))
     for c in changes:
         log(f"resuming with a changed setting, {c}")
-    check_pretrained(ckpt, args.pretrained, path)
     ckpt["path"] = path
     return ckpt, changes
 

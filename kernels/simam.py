@@ -4,13 +4,18 @@ Per row r = (b, c) of a (B, C, H, W) map, with N = H*W and n = max(N - 1, 1):
     mu = mean(x),  v = sum((x - mu)^2) / n,  k = 1 / (4 (v + lam)),
     y = x * s,  s = sigmoid((x - mu)^2 k + 0.5).
 
-The op is memory-bound (see docs/benchmarks.md), and the real rows are long and few (16 rows of 16k
-elements), so one program per row would leave most of the GPU idle. Each direction therefore runs
-as two launches over the same grid of (b, channel block, chunk of H*W) programs:
+The op is memory-bound (see docs/benchmarks.md). Two strategies, chosen per call by the row length:
+* the row fits one program (next_power_of_2(H*W) <= ROW_TILE elements): one launch per direction,
+  one program per (b, block of channels) holding its rows in registers, reading x (and the
+  gradient) exactly once: the statistics, then y (or grad_x), from the same registers;
+* longer rows (the stage-1 maps at 384/512 input: 16 rows of 16k elements), where one program
+  per row would leave most of the GPU idle: two launches per direction over the same grid of
+  (b, channel block, chunk of H*W) programs:
     forward:  partial sums per (row, chunk)  ->  finish the statistics, write y (and mu, k once);
     backward: partial sums of the two gradient reductions  ->  finish them, write grad_x.
-The statistics are accumulated around a shift (the row's first element), so that sum((x - s)^2)
-does not cancel catastrophically when |mean| >> std. Autograd saves only x and (mu, k) per row.
+  The statistics are accumulated around a shift (the row's first element), so that
+  sum((x - s)^2) does not cancel catastrophically when |mean| >> std.
+Autograd saves only x and (mu, k) per row; either backward works with either forward's stats.
 
 Both contiguous and channels-last maps are read in place: every map is addressed as
     base + b * stride_b + c * stride_c + (h * W + w) * stride_hw,
@@ -22,6 +27,7 @@ import triton.language as tl
 
 MAX_CHUNKS = 32  # chunks per row: enough programs to fill a GPU, few partials to finish
 TILE = 2048  # elements a program holds per tile, BLOCK_C * BLOCK_HW
+ROW_TILE = 8192  # the most elements a one-pass program holds (whole rows, BLOCK_C * BLOCK_HW)
 
 
 def merged_hw_stride(t: torch.Tensor):
@@ -73,6 +79,16 @@ def row_grid(x: torch.Tensor):
     wanted = min(n_tiles, MAX_CHUNKS, triton.cdiv(num_programs_target(x.device), row_blocks))
     chunk_tiles = triton.cdiv(n_tiles, wanted)
     return block_c, block_hw, chunk_tiles, triton.cdiv(n_tiles, chunk_tiles)
+
+
+def one_pass_blocks(x: torch.Tensor):
+    """(BLOCK_C, BLOCK_HW, num_warps) when whole rows fit one program, else None."""
+    B, C, H, W = x.shape
+    block_hw = triton.next_power_of_2(H * W)
+    if block_hw > ROW_TILE:
+        return None
+    block_c = min(triton.next_power_of_2(C), 16, max(ROW_TILE // block_hw, 1))
+    return block_c, block_hw, min(16, max(4, block_c * block_hw // 512))
 
 
 @triton.jit
@@ -152,6 +168,29 @@ def _simam_forward_kernel(x_ptr, part_ptr, stats_ptr, y_ptr, lam, C, HW, n, n_ro
 
 
 @triton.jit
+def _simam_row_forward_kernel(x_ptr, stats_ptr, y_ptr, lam, C, HW, n, n_rows,
+                              stride_b, stride_c, stride_hw, out_b, out_c, out_hw,
+                              BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Whole rows in one program: (mu, k) and y = x * sigmoid((x - mu)^2 k + 0.5), x read once."""
+    acc_dtype = stats_ptr.dtype.element_ty
+    b, c = _program_rows(C, BLOCK_C)
+    c_mask = c < C
+    hw = tl.arange(0, BLOCK_HW)
+    mask = c_mask[:, None] & (hw < HW)[None, :]
+    x = tl.load(x_ptr + b * stride_b + c[:, None] * stride_c + hw[None, :] * stride_hw,
+                mask=mask, other=0.0).to(acc_dtype)
+    mu = tl.sum(x, axis=1) / HW
+    xc = tl.where(mask, x - mu[:, None], 0.0)
+    k = 1.0 / (4.0 * (tl.sum(xc * xc, axis=1) / n + lam))     # Eq. 11: v = sum((x - mu)^2) / n
+    rows = b * C + c
+    tl.store(stats_ptr + rows, mu, mask=c_mask)
+    tl.store(stats_ptr + n_rows + rows, k, mask=c_mask)
+    s = 1.0 / (1.0 + tl.exp(-(xc * xc * k[:, None] + 0.5)))     # Eq. 12: sigmoid(1 / e*)
+    tl.store(y_ptr + b * out_b + c[:, None] * out_c + hw[None, :] * out_hw,
+             (x * s).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _simam_backward_tile(x_ptr, g_ptr, b, c, hw, mask, mu, k,
                          stride_b, stride_c, stride_hw, g_b, g_c, g_hw):
     """(x - mu, s, g, q) of one tile, with q = dL/de = g x s (1 - s)."""
@@ -224,17 +263,44 @@ def _simam_backward_kernel(x_ptr, g_ptr, stats_ptr, part_ptr, dx_ptr, C, HW, n, 
         tl.store(out + hw[None, :] * dx_hw, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _simam_row_backward_kernel(x_ptr, g_ptr, stats_ptr, dx_ptr, C, HW, n, n_rows,
+                               stride_b, stride_c, stride_hw, g_b, g_c, g_hw, dx_b, dx_c, dx_hw,
+                               BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Whole rows in one program: both reductions and grad_x (formula of
+    `_simam_backward_kernel`) from one read of x and of the gradient."""
+    b, c, _, c_mask, rows, mu, k = _backward_program(stats_ptr, C, n_rows, BLOCK_C)
+    hw = tl.arange(0, BLOCK_HW)
+    mask = c_mask[:, None] & (hw < HW)[None, :]
+    xc, s, g, q = _simam_backward_tile(x_ptr, g_ptr, b, c, hw, mask, mu, k,
+                                       stride_b, stride_c, stride_hw, g_b, g_c, g_hw)
+    xc = tl.where(mask, xc, 0.0)
+    dv = -4.0 * k * k * tl.sum(q * xc * xc, axis=1) / n      # dL/dv / n
+    dmu = -2.0 * k * tl.sum(q * xc, axis=1) / HW              # the path through mu
+    dx = g * s + 2.0 * xc * (q * k[:, None] + dv[:, None]) + dmu[:, None]
+    tl.store(dx_ptr + b * dx_b + c[:, None] * dx_c + hw[None, :] * dx_hw,
+             dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
 def simam_forward(x: torch.Tensor, lam: float):
     """Launch the forward pass: returns (y in x's memory format, stats (2, B*C): mu and k)."""
     x, stride_hw = with_merged_hw(x)
     B, C, H, W = x.shape
-    block_c, block_hw, chunk_tiles, n_chunks = row_grid(x)
-    grid = (B * triton.cdiv(C, block_c), n_chunks)
     acc_dtype = accumulator_dtype(x.dtype)
-    part = torch.empty(2, B * C, n_chunks, device=x.device, dtype=acc_dtype)
     stats = torch.empty(2, B * C, device=x.device, dtype=acc_dtype)
     y = torch.empty_like(x)
     y_stride_hw = merged_hw_stride(y)
+    one_pass = one_pass_blocks(x)
+    if one_pass is not None:
+        block_c, block_hw, warps = one_pass
+        _simam_row_forward_kernel[(B * triton.cdiv(C, block_c),)](
+            x, stats, y, lam, C, H * W, max(H * W - 1, 1), B * C, x.stride(0), x.stride(1),
+            stride_hw, y.stride(0), y.stride(1), y_stride_hw, BLOCK_C=block_c, BLOCK_HW=block_hw,
+            num_warps=warps)
+        return y, stats
+    block_c, block_hw, chunk_tiles, n_chunks = row_grid(x)
+    grid = (B * triton.cdiv(C, block_c), n_chunks)
+    part = torch.empty(2, B * C, n_chunks, device=x.device, dtype=acc_dtype)
     _simam_stats_partial_kernel[grid](x, part, C, H * W, B * C, n_chunks,
                                       x.stride(0), x.stride(1), stride_hw,
                                       CHUNK_TILES=chunk_tiles, BLOCK_C=block_c, BLOCK_HW=block_hw)
@@ -251,11 +317,19 @@ def simam_backward(x: torch.Tensor, stats: torch.Tensor, grad: torch.Tensor) -> 
     x, stride_hw = with_merged_hw(x)
     grad, g_stride_hw = with_merged_hw(grad)
     B, C, H, W = x.shape
+    dx = torch.empty_like(x)
+    strides = (x.stride(0), x.stride(1), stride_hw, grad.stride(0), grad.stride(1), g_stride_hw)
+    one_pass = one_pass_blocks(x)
+    if one_pass is not None:
+        block_c, block_hw, warps = one_pass
+        _simam_row_backward_kernel[(B * triton.cdiv(C, block_c),)](
+            x, grad, stats, dx, C, H * W, max(H * W - 1, 1), B * C, *strides, dx.stride(0),
+            dx.stride(1), merged_hw_stride(dx), BLOCK_C=block_c, BLOCK_HW=block_hw,
+            num_warps=warps)
+        return dx
     block_c, block_hw, chunk_tiles, n_chunks = row_grid(x)
     grid = (B * triton.cdiv(C, block_c), n_chunks)
     part = torch.empty(2, B * C, n_chunks, device=x.device, dtype=stats.dtype)
-    dx = torch.empty_like(x)
-    strides = (x.stride(0), x.stride(1), stride_hw, grad.stride(0), grad.stride(1), g_stride_hw)
     _simam_backward_partial_kernel[grid](x, grad, stats, part, C, H * W, B * C, n_chunks, *strides,
                                          CHUNK_TILES=chunk_tiles, BLOCK_C=block_c,
                                          BLOCK_HW=block_hw)

@@ -18,35 +18,37 @@ NAMES = ("00001D", "00002N")
 H, W = 24, 40
 
 
-def write_png(path, mode, seed):
-    """A noise image (incompressible, so half of the file holds half of the pixel data)."""
+def write_png(path, mode, seed, label=False):
+    """A noise image (incompressible, so half of the file holds half of the pixel data), or a
+    label of random class ids 0..8."""
     rng = np.random.default_rng(seed)
-    channels = {"RGBA": 4, "RGB": 3, "L": 1}[mode]
-    if mode == "L" and path.parent.name.lower().startswith(("label", "segmentation")):
-        pixels = rng.integers(0, 9, (H, W), dtype=np.uint8)               # class ids
-    else:
-        pixels = rng.integers(0, 256, (H, W, channels) if channels > 1 else (H, W), dtype=np.uint8)
+    shape = {"RGBA": (H, W, 4), "RGB": (H, W, 3), "L": (H, W)}[mode]
+    pixels = rng.integers(0, 9 if label else 256, shape, dtype=np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels, mode).save(path)
 
 
 def make_mfnet(root):
+    """Two samples; returns the files of the second one, by role."""
     for i, name in enumerate(NAMES):
         write_png(root / "images" / f"{name}.png", "RGBA", i)
-        write_png(root / "labels" / f"{name}.png", "L", 10 + i)
+        write_png(root / "labels" / f"{name}.png", "L", 10 + i, label=True)
     (root / "test.txt").write_text("\n".join(NAMES) + "\n")
-    return {"vis": root / "images" / f"{NAMES[1]}.png", "label": root / "labels" / f"{NAMES[1]}.png"}
+    name = f"{NAMES[1]}.png"
+    return {"vis": root / "images" / name, "label": root / "labels" / name}
 
 
 def make_msrs(root):
+    """Layout (b), two test samples; returns the files of the second one, by role."""
     for i, name in enumerate(NAMES):
         write_png(root / "Visible" / f"{name}.png", "RGB", i)
         write_png(root / "Infrared" / f"{name}.png", "L", 20 + i)
-        write_png(root / "Label" / f"{name}.png", "L", 10 + i)
+        write_png(root / "Label" / f"{name}.png", "L", 10 + i, label=True)
     (root / "split").mkdir()
     (root / "split" / "test.txt").write_text("\n".join(NAMES) + "\n")
-    return {"vis": root / "Visible" / f"{NAMES[1]}.png", "ir": root / "Infrared" / f"{NAMES[1]}.png",
-            "label": root / "Label" / f"{NAMES[1]}.png"}
+    name = f"{NAMES[1]}.png"
+    return {"vis": root / "Visible" / name, "ir": root / "Infrared" / name,
+            "label": root / "Label" / name}
 
 
 def corrupt(path, kind):

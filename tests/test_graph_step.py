@@ -27,13 +27,14 @@ def batches(device, n, size=(64, 96)):
     for _ in range(n):
         yield {"vis": torch.randn(2, 3, *size, generator=g).to(device),
                "ir": torch.randn(2, 1, *size, generator=g).to(device),
-               "label": torch.randint(0, 5, (2, size[0] // 4, size[1] // 4), generator=g).to(device),
+               "label": torch.randint(0, 5, (2, size[0] // 4, size[1] // 4),
+                                      generator=g).to(device),
                "name": ["a", "b"]}
 
 
 def test_refuses_cpu_model():
+    m = model("cpu")
     with pytest.raises(ValueError, match="CUDA"):
-        m = model("cpu")
         GraphedTrainStep(m, loss_fn, torch.optim.SGD(m.parameters(), lr=0.1), lambda: None)
 
 

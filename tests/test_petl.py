@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 
 from ivt.checkpoint import atomic_save, load_checkpoint, load_model_state, make_checkpoint
 from ivt.models import PETL_METHODS, PETLConfig, build_backbone, count_parameters

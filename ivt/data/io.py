@@ -44,9 +44,9 @@ def image_size(path: PathLike) -> Tuple[int, int]:
 
 def verify_images(paths: Iterable[PathLike], desc: str = "verify images",
                   quiet: bool = False) -> int:
-    """Decode every file in `paths` (a progress bar unless `quiet`); raise `BadImageError` naming
-    the first file that fails. Returns the number of files checked."""
+    """Decode every file in `paths` (a progress bar on a terminal, unless `quiet`); raise
+    `BadImageError` naming the first file that fails. Returns the number of files checked."""
     paths = list(dict.fromkeys(paths))          # MFNet reads vis and ir from one file
-    for p in tqdm(paths, desc=desc, disable=quiet, leave=False):
+    for p in tqdm(paths, desc=desc, disable=True if quiet else None, leave=False):
         open_image(p)
     return len(paths)

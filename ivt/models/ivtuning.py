@@ -334,7 +334,8 @@ def internal_prompts(ipas: Sequence[InternalPromptAdapter], p: torch.Tensor, hw:
         u_t = _StackTransposed.apply(*[m.up.weight for m in ipas])                    # (k, d3, C)
         u_bias = stacked(lambda m: m.up.bias)[:, None, :]                             # (k, 1, C)
         out = torch.baddbmm(u_bias * g_out + b_out, h, u_t * g_out)
-        return F.gelu(out).view(k, B, N, C)
+        # under autocast the reference's SFT' (bf16 * fp32 gamma) returns fp32: so does this
+        return F.gelu(out.to(torch.result_type(out, g_out))).view(k, B, N, C)
     e = torch.addcmul(c[:, None, None, :], n, a[:, None, None, :])                  # (k, B, N, C)
     if first.simam is not None:
         e = map_to_tokens(first.simam(tokens_to_map(e.view(k * B, N, C), hw))).view(k, B, N, C)

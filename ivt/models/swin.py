@@ -248,7 +248,8 @@ class SwinBlock(nn.Module):
             if key not in self._masks:
                 self._masks[key] = shifted_window_mask(padded, win, shift, x.device)
             mask = self._masks[key]
-        x = unpartition(self.attn(partition(x, win), win, mask, extra_kv), win, padded)[:, :H, :W]
+        x = self.attn(partition(x, win), win, mask, extra_kv)
+        x = unpartition(x, win, padded)[:, :H, :W]
         if any(shift):
             x = torch.roll(x, shift, dims=(1, 2))
         return x.reshape(B, N, C)
@@ -393,7 +394,8 @@ class SwinBackbone(IVTBackbone):
             if self.fast:                    # all IPAs of the stage read `prompt`: at once
                 hooks = [b.adapters for b in stage.blocks]
                 internal = (checkpointed(block_internal_prompts, hooks, prompt, hw)
-                            if self.checkpoint_blocks else block_internal_prompts(hooks, prompt, hw))
+                            if self.checkpoint_blocks
+                            else block_internal_prompts(hooks, prompt, hw))
                 for block, ipa_out in zip(stage.blocks, internal):
                     z, prompt = block.forward_fast(z, hw, prompt, ipa_out, self.checkpoint_blocks)
             else:

@@ -8,13 +8,13 @@ W_down: C -> r and W_up: r -> C with biases, dropout 0.1 on the hidden units, s 
 init as the release's "lora" option: W_down kaiming-uniform, W_up and both biases zero, so the
 frozen model is unchanged at step 0. Trainable parameters: 2 C r + r + C per block.
 """
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-Grid = Tuple[int, int]
+from ..ivtuning import Grid
 
 
 class AdaptFormer(nn.Module):

@@ -14,13 +14,13 @@ Counting (Table 4's 1.16M): every 1-bit weight counts as one parameter, 2 C r pe
 r = 32: 1,155,072; with the IR patch embedding 1,164,864). Binary Adapters itself reports the
 storage, not a reduced count: each weight costs 1 bit plus two fp32 numbers (mean, std) per matrix.
 """
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .adaptformer import Grid
+from ..ivtuning import Grid
 
 CODE = 0.6744897501960817          # Phi^-1(3/4): the 1-bit levels +-CODE of a standard normal
 

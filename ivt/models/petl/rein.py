@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .adaptformer import Grid
+from ..ivtuning import Grid
 
 
 class Rein(nn.Module):
@@ -60,7 +60,8 @@ class ReinHook:
         self.rein, self.layer = rein, layer
 
     def __call__(self, pos: int, z_in: torch.Tensor, z_out: torch.Tensor,
-                 prompt: Optional[torch.Tensor], hw: Grid) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                 prompt: Optional[torch.Tensor], hw: Grid
+                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         if pos == 0:
             return z_out, prompt
         return self.rein(z_out, self.layer), prompt

@@ -1,0 +1,52 @@
+"""Both SimAM kernel strategies against the float64 reference: whole rows in one program (one
+read per direction) and the chunked two-launch path for long rows, each forced through
+`kernels.simam.ROW_TILE`; and the choice between them. CPU under TRITON_INTERPRET=1, or a GPU."""
+import importlib
+
+import pytest
+import torch
+
+import kernels
+from kernels.reference import simam_reference
+
+DEVICES = []
+if kernels.TRITON_INSTALLED and kernels.triton_interpreter_on():
+    DEVICES.append("cpu")
+if kernels.TRITON_INSTALLED and torch.cuda.is_available():
+    DEVICES.append("cuda")
+pytestmark = pytest.mark.skipif(not DEVICES, reason="needs a GPU or TRITON_INTERPRET=1")
+
+
+def simam_module():
+    """The kernel module (`kernels.simam` as an attribute is the function)."""
+    return importlib.import_module("kernels.simam")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("row_tile", [0, 8192], ids=["chunked", "one-pass"])
+@pytest.mark.parametrize("shape", [(2, 5, 7, 9), (1, 3, 1, 1), (2, 20, 12, 16), (1, 33, 5, 3)])
+def test_simam_paths_match_reference(monkeypatch, device, row_tile, shape):
+    simam = simam_module()
+    monkeypatch.setattr(simam, "ROW_TILE", row_tile)
+    assert (simam.one_pass_blocks(torch.empty(shape)) is None) == (row_tile == 0)
+    gen = torch.Generator().manual_seed(11)
+    B, C, H, W = shape
+    tokens = torch.randn(B, H * W, C, generator=gen, dtype=torch.float64) * 3 + 5
+    x = tokens.view(B, H, W, C).permute(0, 3, 1, 2)              # channels-last, as the model
+    grad = torch.randn(shape, generator=gen, dtype=torch.float64)
+    ref_in = x.clone().requires_grad_()
+    ref = simam_reference(ref_in)
+    ref.backward(grad)
+    ker_in = x.to(device).requires_grad_()
+    out = kernels.simam_triton(ker_in)
+    out.backward(grad.to(device))
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ker_in.grad.cpu(), ref_in.grad, rtol=1e-9, atol=1e-11)
+
+
+def test_one_pass_only_where_rows_fit():
+    simam = simam_module()
+    assert simam.one_pass_blocks(torch.empty(8, 8, 48, 48)) is not None        # 2,304 per row
+    assert simam.one_pass_blocks(torch.empty(8, 8, 96, 96)) is None            # 9,216 per row
+    block_c, block_hw, _ = simam.one_pass_blocks(torch.empty(2, 64, 24, 24))
+    assert block_hw == 1024 and block_c * block_hw <= simam.ROW_TILE
