@@ -42,6 +42,9 @@ class GraphedTrainStep:
     def __init__(self, model: nn.Module, loss_fn: Callable, optimizer: torch.optim.Optimizer,
                  autocast: Callable, clip_grad: float = 0.0):
         device = next(model.parameters()).device
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            raise ValueError("GraphedTrainStep does not capture DistributedDataParallel's "
+                             "gradient all-reduce; use one process, or run without --cuda-graph")
         if device.type != "cuda" or not torch.cuda.is_available():
             raise ValueError(f"GraphedTrainStep captures a CUDA graph and needs the model on a "
                              f"CUDA device; the model is on {device} (run without --cuda-graph)")

@@ -171,8 +171,9 @@ def get_parser(task: Task) -> argparse.ArgumentParser:
                    help="forward implementation: the readable reference, or the fused fast path "
                         "(same parameters, equal results) (default: %(default)s)")
     g.add_argument("--checkpoint-blocks", action="store_true",
-                   help="recompute the frozen blocks' activations in the backward pass instead "
-                        "of storing them (less memory, more compute)")
+                   help="with --impl fast and --tuning ivt: recompute the frozen blocks' "
+                        "activations in the backward pass instead of storing them (under half of "
+                        "full fine-tuning's activation memory, more compute)")
     task.add_arguments(p)
     g = p.add_argument_group("optimisation (defaults: the paper's recipe)")
     if r.epochs is not None:
@@ -262,6 +263,8 @@ def check_args(task: Task, args) -> None:
         raise FileNotFoundError(f"--pretrained {args.pretrained}: file not found")
     if args.cuda_graph and not torch.cuda.is_available():
         raise ValueError("--cuda-graph needs a CUDA device")
+    if args.checkpoint_blocks and (args.impl != "fast" or args.tuning != "ivt"):
+        raise ValueError("--checkpoint-blocks needs --impl fast and --tuning ivt")
     if args.resume and args.resume != "last" and not os.path.isfile(args.resume):
         raise FileNotFoundError(f"--resume {args.resume}: file not found")
     if args.backbone.startswith("eva02"):
@@ -340,7 +343,11 @@ def graphed_step(model, loss_fn, optimizer, autocast, clip_grad: float, eager: C
     """`--cuda-graph`: the step captured in a CUDA graph (`ivt.graph_step`), or the eager step
     from the first batch whose shapes differ from the captured ones, with a message."""
     from .graph_step import GraphedTrainStep
-    graphed = GraphedTrainStep(model, loss_fn, optimizer, autocast, clip_grad)
+    try:
+        graphed = GraphedTrainStep(model, loss_fn, optimizer, autocast, clip_grad)
+    except ValueError as e:                     # e.g. under DDP
+        say(f"--cuda-graph: {e}; using eager steps")
+        return eager
     state = {"step": graphed}
 
     def step(batch: dict, lr: float) -> torch.Tensor:

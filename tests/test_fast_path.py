@@ -117,9 +117,11 @@ def test_eva02_fast_layers_and_checkpointing(layers, checkpoint):
 
 
 def test_fast_and_reference_share_state_dict_keys_and_shapes():
-    for name in ("swin_nano",):
-        a = build_backbone(name, "ivt").state_dict()
-        b = build_backbone(name, "ivt", fast=True, checkpoint_blocks=True).state_dict()
+    pairs = [(build_backbone("swin_nano", "ivt"),
+              build_backbone("swin_nano", "ivt", fast=True, checkpoint_blocks=True)),
+             (tiny_eva(False), tiny_eva(True, checkpoint_blocks=True))]
+    for ref, fast in pairs:
+        a, b = ref.state_dict(), fast.state_dict()
         assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
         assert not any(k.endswith("relative_position_index") for k in a)
 
@@ -216,3 +218,25 @@ def test_frozen_linear_saves_no_input():
     activation = [t for t in saved if t.untyped_storage().data_ptr()
                   != lin.weight.untyped_storage().data_ptr()]
     assert [tuple(t.shape) for t in activation] == [(4, 5, 16)]     # GELU's input only
+
+
+class ScaleHook(torch.nn.Module):
+    """A block hook that is not `BlockAdapters` (as the PETL methods plug in)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+
+    def forward(self, pos, z_in, z_out, prompt, hw):
+        return z_in + (z_out - z_in) * self.scale, prompt
+
+
+def test_fast_path_calls_other_hooks_as_usual():
+    ref, fast = pair(lambda f: build_backbone("swin_nano", "ivt", d2=16, fast=f,
+                                              drop_path_rate=0.0))
+    for model in (ref, fast):
+        model.layers[1].blocks[0].adapters = ScaleHook()
+    torch.manual_seed(0)
+    vis, ir = torch.randn(2, 3, 32, 48, dtype=torch.float64), torch.randn(2, 3, 32, 48,
+                                                                          dtype=torch.float64)
+    assert_same(run(ref, vis, ir), run(fast, vis, ir))

@@ -2,6 +2,7 @@
 refused resumes that would silently change the run, errors raised before the model is built,
 a corrupt image met mid-training (also inside a DataLoader worker) named with last.pt intact,
 and the lr schedules."""
+import json
 import sys
 from pathlib import Path
 
@@ -145,3 +146,17 @@ def test_schedules():
                                                "--lr-drop-epoch", "2", "--iters", "8"])
     iters, lr_at = trainer.schedule(sod, args, per_epoch=5)
     assert iters == 8 and lr_at(3) == args.lr and lr_at(4) == pytest.approx(0.1 * args.lr)
+
+
+def test_fast_impl_trains_like_the_reference(data, tmp_path, capsys):
+    logs = {}
+    for impl in ("reference", "fast"):
+        extra = ["--impl", impl] + (["--checkpoint-blocks"] if impl == "fast" else [])
+        train_seg.main(tiny_args(data, tmp_path / impl, 2, *extra))
+        logs[impl] = [r for r in map(json.loads,
+                                     (tmp_path / impl / "log.jsonl").read_text().splitlines())
+                      if r["event"] == "train"]
+    for a, b in zip(logs["reference"], logs["fast"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    err = fails_with(tiny_args(data, tmp_path / "x", 2, "--checkpoint-blocks"), capsys)
+    assert "--impl fast" in err

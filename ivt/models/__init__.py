@@ -47,7 +47,11 @@ def build_backbone(name: str, tuning: str = "ivt", pretrained: Optional[str] = N
         family's own (`window_size`, `drop_path_rate` for Swin; `patch_size` (16, or the release's
         14), `drop_path_rate` for EVA02); the PETL methods' `prompt_length` (vpt), `bottleneck`,
         `scale` ((bi_)adaptformer), `rein_tokens`, `rein_rank` (rein); `ir_embed=True` gives
-        'full'/'freeze' the independent IR patch embedding of Sec. 4.5 (then forward needs ir).
+        'full'/'freeze' the independent IR patch embedding of Sec. 4.5 (then forward needs ir);
+        `fast=True` selects IV-tuning's fast forward (stage-batched IPAs, folded SFT; the same
+        parameters and state dict, equal outputs and gradients; no effect for other tunings),
+        and `checkpoint_blocks=True` (with fast=True, tuning='ivt') recomputes every block in
+        the backward pass instead of keeping its activations.
     After building, exactly the trainable set has requires_grad=True.
     """
     ivt_cfg, family_options = make_ivt_config(tuning, dict(options))

@@ -24,8 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backbone import CheckpointError, IVTBackbone, StateDict
-from .ivtuning import (EMPG, BlockAdapters, Grid, IVTConfig, block_internal_prompts, checkpointed,
-                       fast_options, tokens_to_map)
+from .ivtuning import (EMPG, BlockAdapters, Grid, IVTConfig, adapt_fast, block_internal_prompts,
+                       checkpointed, fast_options, tokens_to_map)
 from .swin import DropPath
 
 FEATURE_SCALES = (4.0, 2.0, 1.0, 0.5)       # bilinear resize of the four block outputs
@@ -196,8 +196,8 @@ class EVA02Block(nn.Module):
         for pos, sublayer in enumerate(sublayers):
             z_in, z = z, z + self.drop_path(sublayer(z))
             if self.adapters is not None:                                # {HA, IPA} at pos
-                patches, prompt = self.adapters.fast(pos, z_in[:, 1:], z[:, 1:], prompt, hw,
-                                                     internal[pos])
+                patches, prompt = adapt_fast(self.adapters, pos, z_in[:, 1:], z[:, 1:], prompt,
+                                             hw, internal[pos])
                 z = torch.cat([z[:, :1], patches], dim=1)
         return z, prompt
 
@@ -224,8 +224,9 @@ class EVA02Backbone(IVTBackbone):
     embedding added. Block 0's external prompt is P_E, block l > 0's is its input without cls.
 
     `fast=True` (IV-tuning only; other tunings run the reference forward) takes the fast path
-    (`EVA02Block.forward_fast`); `checkpoint_blocks=True` also checkpoints the frozen
-    sub-layers. Same parameters, state dict, outputs and gradients as the reference path.
+    (`EVA02Block.forward_fast`); `checkpoint_blocks=True` also checkpoints every block (only
+    its inputs are kept for backward). Same parameters, state dict, outputs and gradients as the
+    reference path.
     """
 
     def __init__(self, name: str, cfg: EVA02Config, tuning: str = "ivt",

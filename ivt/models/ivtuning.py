@@ -223,6 +223,35 @@ def _init_linear(linear: nn.Linear, zero: bool = False) -> nn.Linear:
     return linear
 
 
+class _FoldedSFT(torch.autograd.Function):
+    """SFT with LayerNorm (Eq. 14), (n(z) * w + b) * gamma + beta, as one layer_norm with the
+    folded affine (w * gamma, b * gamma + beta): one pass over z forward, one backward.
+
+    The backward takes LayerNorm's own gradients of the folded affine (dw', db') and chains
+    them to the four parameters: dw = dw' gamma, db = db' gamma, dgamma = dw' w + db' b,
+    dbeta = db'. Computed in the parameters' precision (float32 under autocast, as the
+    reference's LayerNorm)."""
+
+    @staticmethod
+    def forward(ctx, z, w, b, gamma, beta, eps):
+        x = z if z.dtype == w.dtype else z.to(w.dtype)        # bf16 under autocast -> float32
+        w_fold, b_fold = w * gamma, torch.addcmul(beta, b, gamma)
+        out, mean, rstd = torch.native_layer_norm(x, x.shape[-1:], w_fold, b_fold, eps)
+        ctx.save_for_backward(x, mean, rstd, w, b, gamma, w_fold, b_fold)
+        ctx.z_dtype = z.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, mean, rstd, w, b, gamma, w_fold, b_fold = ctx.saved_tensors
+        dx, dw_fold, db_fold = torch.ops.aten.native_layer_norm_backward(
+            grad.to(x.dtype), x, x.shape[-1:], mean, rstd, w_fold, b_fold,
+            [ctx.needs_input_grad[0], True, True])
+        dgamma = torch.addcmul(dw_fold * w, db_fold, b)
+        dz = None if dx is None else dx.to(ctx.z_dtype)
+        return dz, dw_fold * gamma, db_fold * gamma, dgamma, db_fold, None
+
+
 class HybridAdapter(nn.Module):
     """HA (Eq. 5, 15): z + up(dropout(gelu(HO(down(SFT(z)))))), hidden width d2."""
 
@@ -244,12 +273,11 @@ class HybridAdapter(nn.Module):
         return z + self.branch(z, hw)
 
     def fast_branch(self, z: torch.Tensor, hw: Grid) -> torch.Tensor:
-        """`branch` with SFT's affine folded into its LayerNorm's: (n(z) * w + b) * gamma + beta
-        = n(z) * (w * gamma) + (b * gamma + beta), one layer_norm instead of three passes."""
+        """`branch` with SFT's affine folded into its LayerNorm's (`_FoldedSFT`), and the
+        Hybrid Operation's `fast` form (safe to recompute under `checkpointed`)."""
         sft = self.sft
-        weight = sft.norm.weight * sft.gamma
-        bias = torch.addcmul(sft.beta, sft.norm.bias, sft.gamma)
-        s = F.layer_norm(z, z.shape[-1:], weight, bias, sft.norm.eps)   # Eq. 14
+        s = _FoldedSFT.apply(z, sft.norm.weight, sft.norm.bias, sft.gamma, sft.beta,
+                             sft.norm.eps)                              # Eq. 14
         h = self.ho.fast(self.down(s), hw)                              # (B, N, d2)
         return self.up(self.drop(F.gelu(h)))
 
@@ -296,8 +324,8 @@ class _StackTransposed(torch.autograd.Function):
 
 def internal_prompts(ipas: Sequence[InternalPromptAdapter], p: torch.Tensor, hw: Grid
                      ) -> torch.Tensor:
-    """k IPAs that read the same prompt P, computed together: (k, B, N, C), exactly
-    `torch.stack([ipa(p, hw) for ipa in ipas])`.
+    """k IPAs that read the same prompt P, computed together: (k, B, N, C), equal (up to
+    rounding) to `torch.stack([ipa(p, hw) for ipa in ipas])`.
 
     With n(P) the LayerNorm of P without affine, IPA_i's first SFT and down-projection are one
     affine map of n(P): down_i(n(P) * a_i + c_i) = n(P) @ (W_i * a_i)^T + (W_i c_i + b_i), where
@@ -341,6 +369,16 @@ def internal_prompts(ipas: Sequence[InternalPromptAdapter], p: torch.Tensor, hw:
         e = map_to_tokens(first.simam(tokens_to_map(e.view(k * B, N, C), hw))).view(k, B, N, C)
     e = F.gelu(e).view(k, B * N, C)
     return F.gelu(torch.addcmul(b_out, e, g_out)).view(k, B, N, C)
+
+
+def adapt_fast(hook: nn.Module, pos: int, z_in: torch.Tensor, z_out: torch.Tensor,
+               prompt: Optional[torch.Tensor], hw: Grid, p_internal: Optional[torch.Tensor]
+               ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A block hook on the fast path: `BlockAdapters.fast` with the precomputed IPA output, any
+    other module through its usual call `hook(pos, z_in, z_out, prompt, hw)`."""
+    if isinstance(hook, BlockAdapters):
+        return hook.fast(pos, z_in, z_out, prompt, hw, p_internal)
+    return hook(pos, z_in, z_out, prompt, hw)
 
 
 def block_internal_prompts(adapters: Sequence[Optional[nn.Module]], p: Optional[torch.Tensor],

@@ -22,8 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backbone import IVTBackbone, StateDict
-from .ivtuning import (EMPG, BlockAdapters, Grid, IVTConfig, block_internal_prompts, checkpointed,
-                       fast_options, tokens_to_map)
+from .ivtuning import (EMPG, BlockAdapters, Grid, IVTConfig, adapt_fast, block_internal_prompts,
+                       checkpointed, fast_options, tokens_to_map)
 
 
 @dataclass
@@ -282,10 +282,10 @@ class SwinBlock(nn.Module):
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
         z_in, z = z, z + self.drop_path(self.window_attention(self.norm1(z), hw))
         if self.adapters is not None:                                    # HA1, IPA1 (Eq. 5-6)
-            z, prompt = self.adapters.fast(0, z_in, z, prompt, hw, ipa1)
+            z, prompt = adapt_fast(self.adapters, 0, z_in, z, prompt, hw, ipa1)
         z_in, z = z, z + self.drop_path(self.mlp(self.norm2(z)))
         if self.adapters is not None:                                    # HA2, IPA2
-            z, prompt = self.adapters.fast(1, z_in, z, prompt, hw, ipa2)
+            z, prompt = adapt_fast(self.adapters, 1, z_in, z, prompt, hw, ipa2)
         return z, prompt
 
 
@@ -327,8 +327,9 @@ class SwinBackbone(IVTBackbone):
     `fast=True` (IV-tuning only; other tunings run the reference forward) takes the fast path:
     the IPAs of a stage, which all read the same prompt, computed together
     (`block_internal_prompts`), HAs with SFT folded into their LayerNorm, and with
-    `checkpoint_blocks=True` the frozen sub-layers checkpointed. Same parameters and state dict
-    as the reference path, same outputs and gradients (tests/test_fast_path.py).
+    `checkpoint_blocks=True` every block (frozen layers and adapters) checkpointed: only its
+    inputs are kept for backward. Same parameters and state dict as the reference path, same
+    outputs and gradients (tests/test_fast_path.py).
     """
 
     def __init__(self, name: str, cfg: SwinConfig, tuning: str = "ivt",
