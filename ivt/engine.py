@@ -13,10 +13,10 @@ import math
 import os
 import random
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -138,6 +138,48 @@ class InfiniteBatches:
                                 generator=torch.Generator().manual_seed(self.seed + epoch))
             yield from loader
             epoch, skip = epoch + 1, 0
+
+
+# -- evaluation ----------------------------------------------------------------------------------
+@contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """`with evaluation_mode(model) as net:` the module inside any DDP wrapper, in eval mode
+    (the previous mode is restored after). Under DDP, rank 0's buffers (BatchNorm running
+    statistics, which each process updates from its own batches) are broadcast first, so every
+    process evaluates the weights rank 0 checkpoints."""
+    net = unwrap(model)
+    if torch_dist.is_initialized():
+        for buffer in net.buffers():
+            torch_dist.broadcast(buffer, src=0)
+    was_training = net.training
+    net.eval()
+    try:
+        yield net
+    finally:
+        net.train(was_training)
+
+
+def shard(dataset: Dataset, dist: DistInfo, workers: int = 0,
+          collate_fn: Optional[Callable] = None) -> Iterator[Tuple[int, dict]]:
+    """(index, batch of one) for every world_size-th item of `dataset`, this process's share.
+    Batches of one, so that evaluation images may differ in size."""
+    indices = list(range(dist.rank, len(dataset), dist.world_size))
+    loader = DataLoader(Subset(dataset, indices), batch_size=1, num_workers=workers,
+                        collate_fn=collate_fn, generator=torch.Generator())
+    return zip(indices, loader)
+
+
+def gather_metric(metric, empty: Callable):
+    """A metric holding every process's records: each process's `metric` (per-image records with
+    a `merge` method) gathered and merged into `empty()`; the metric itself in one process."""
+    if not torch_dist.is_initialized():
+        return metric
+    parts = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(parts, metric)
+    merged = empty()
+    for part in parts:
+        merged.merge(part)
+    return merged
 
 
 # -- logging -------------------------------------------------------------------------------------

@@ -20,6 +20,9 @@ from ivt.models import CheckpointError, build_backbone
 from ivt.models.segmentor import build_segmentor
 
 
+pytestmark = pytest.mark.usefixtures("script_env")
+
+
 def write_pretrained(path, seed):
     """A swin_nano visible-model checkpoint (what a user downloads), random weights."""
     torch.manual_seed(seed)
@@ -27,15 +30,6 @@ def write_pretrained(path, seed):
     keys = set(bb.visible_state_keys())
     torch.save({k: v for k, v in bb.state_dict().items() if k in keys}, path)
     return path
-
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    monkeypatch.setenv("IVT_KERNELS", "auto")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_atomic_save_replaces_whole_file_or_nothing(tmp_path):

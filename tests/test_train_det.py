@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -21,6 +20,9 @@ from ivt.checkpoint import load_checkpoint  # noqa: E402
 from ivt.data.synthetic import write_m3fd  # noqa: E402
 
 SAMPLE = ROOT / "tests" / "data" / "m3fd_sample"
+
+
+pytestmark = pytest.mark.usefixtures("script_env")
 
 
 def tiny_args(data, out, iters=6, *extra):
@@ -40,15 +42,6 @@ def m3fd(tmp_path_factory):
     root = tmp_path_factory.mktemp("m3fd")
     write_m3fd(root, 10, size=(48, 64))
     return root
-
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    monkeypatch.setenv("IVT_KERNELS", "auto")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_help_shows_the_recipe(capsys):

@@ -24,6 +24,9 @@ from ivt.data.synthetic import write_mfnet
 from ivt.tasks.seg import SegTask
 
 
+pytestmark = pytest.mark.usefixtures("script_env")
+
+
 def tiny_args(data, out, iters=16, eval_every=4, *extra):
     return ["--data", str(data), "--out", str(out), "--backbone", "swin_nano", "--d2", "8",
             "--head-dim", "16", "--crop", "32", "--batch-size", "2", "--iters", str(iters),
@@ -52,17 +55,6 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("mfnet")
     write_mfnet(root, n_train=6, n_val=2, n_test=4, size=(32, 48))
     return root
-
-
-@pytest.fixture(autouse=True)
-def one_thread_and_kernel_choice(monkeypatch):
-    """One intra-op thread, as the children get (OMP_NUM_THREADS=1): identical arithmetic for
-    the resume comparison, and no oversubscription of a 2-core machine."""
-    monkeypatch.setenv("IVT_KERNELS", "auto")       # main() sets it from --kernels
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_help_explains_every_flag(capsys):

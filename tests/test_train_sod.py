@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,6 +18,9 @@ import evaluate  # noqa: E402
 import train_sod  # noqa: E402
 from ivt.checkpoint import load_checkpoint  # noqa: E402
 from ivt.data.synthetic import write_vt  # noqa: E402
+
+
+pytestmark = pytest.mark.usefixtures("script_env")
 
 
 def tiny_args(data, out, iters=8, *extra):
@@ -37,15 +39,6 @@ def vt(tmp_path_factory):
     root = tmp_path_factory.mktemp("vt")
     write_vt(root, n_train=8, n_test=3, n_vt1000=2, n_vt821=2, size=(32, 40))
     return root
-
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    monkeypatch.setenv("IVT_KERNELS", "auto")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_help_shows_the_recipe(capsys):

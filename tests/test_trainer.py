@@ -7,8 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -17,6 +15,9 @@ from ivt import trainer  # noqa: E402
 from ivt.checkpoint import load_checkpoint  # noqa: E402
 from ivt.data.synthetic import write_mfnet  # noqa: E402
 from ivt.tasks.seg import SegTask  # noqa: E402
+
+
+pytestmark = pytest.mark.usefixtures("script_env")
 
 
 def tiny_args(data, out, iters=4, *extra):
@@ -31,15 +32,6 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("mfnet")
     write_mfnet(root, n_train=6, n_val=2, n_test=2, size=(32, 48))
     return root
-
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    monkeypatch.setenv("IVT_KERNELS", "auto")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def fails_with(argv, capsys, code=2) -> str:

@@ -120,12 +120,17 @@ class IVTBackbone(nn.Module):
         Any key that the model expects and the file lacks, or that the file has and the model
         does not know, is an error listing the keys; so is a shape mismatch.
         """
-        sd = self.checkpoint_filter_fn(read_state_dict(path))
+        self.load_visible_state(self.checkpoint_filter_fn(read_state_dict(path)),
+                                f"checkpoint {path}")
+
+    def load_visible_state(self, sd: StateDict, source: str) -> None:
+        """Load a state dict already in this model's names into the visible (frozen) part:
+        exactly the visible keys, with their shapes, else a CheckpointError listing the keys."""
         expected = self.visible_state_keys()
         missing = set(expected) - set(sd)
         unexpected = set(sd) - set(expected)
         if missing or unexpected:
-            lines = [f"checkpoint {path} does not match {type(self).__name__} "
+            lines = [f"{source} does not match {type(self).__name__} "
                      f"({getattr(self, 'name', '')}):"]
             if missing:
                 lines.append(f"  missing keys ({len(missing)}): {_key_list(missing)}")
@@ -136,7 +141,7 @@ class IVTBackbone(nn.Module):
         bad = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
                for k in expected if sd[k].shape != own[k].shape]
         if bad:
-            raise CheckpointError(f"checkpoint {path} has shape mismatches "
+            raise CheckpointError(f"{source} has shape mismatches "
                                   f"({len(bad)}): " + "; ".join(bad[:20]))
         self.load_state_dict(sd, strict=False)
 

@@ -7,16 +7,15 @@ weight decay 1e-4, 36 epochs with lr x0.1 at epoch 30 (DINO's 36-epoch schedule)
 0.1x the lr, as DINO does; modules that start from scratch (IV-tuning's, the detector) get 1x.
 """
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 
 from ..data.m3fd import M3FD_CLASSES, M3FDDataset
-from ..engine import DistInfo, autocast_context, unwrap
+from ..engine import DistInfo, autocast_context, evaluation_mode, gather_metric, shard, unwrap
 from ..metrics import DetMetric
 from ..metrics.det import format_det_table
 from ..models.detr import DetectorConfig, build_detector
@@ -61,35 +60,24 @@ def evaluate_det(model: nn.Module, dataset: Dataset, dist: DistInfo, autocast: C
     Each process scores every world_size-th image; the per-image records are gathered so every
     rank returns the whole set's metric. `on_prediction(index, prediction dict)` per image.
     """
-    net = unwrap(model)
-    if torch_dist.is_initialized():
-        for buffer in net.buffers():
-            torch_dist.broadcast(buffer, src=0)
-    was_training = net.training
-    net.eval()
-    indices = list(range(dist.rank, len(dataset), dist.world_size))
-    loader = DataLoader(Subset(dataset, indices), batch_size=1, num_workers=workers,
-                        collate_fn=dataset.collate_fn, generator=torch.Generator())
-    metric = DetMetric(len(dataset.classes), max_dets=max_dets, class_names=dataset.classes)
-    for index, batch in zip(indices, loader):
-        vis = batch["vis"].to(dist.device, non_blocking=True)
-        ir = batch["ir"].to(dist.device, non_blocking=True)
-        target = batch["targets"][0]
-        with autocast():
-            pred = net.predict(vis, ir, [target["orig_size"]], max_dets=max_dets)[0]
-        pred = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in pred.items()}
-        boxes, labels, ignore = dataset.gt(index)
-        metric.update(target["image_id"], pred["boxes"], pred["scores"], pred["labels"],
-                      boxes, labels, ignore)
-        if on_prediction is not None:
-            on_prediction(index, pred)
-    if torch_dist.is_initialized():
-        parts: List[DetMetric] = [None] * dist.world_size
-        torch_dist.all_gather_object(parts, metric)
-        metric = DetMetric(len(dataset.classes), max_dets=max_dets, class_names=dataset.classes)
-        for part in parts:
-            metric.merge(part)
-    net.train(was_training)
+    new_metric = lambda: DetMetric(len(dataset.classes), max_dets=max_dets,  # noqa: E731
+                                   class_names=dataset.classes)
+    metric = new_metric()
+    with evaluation_mode(model) as net:
+        for index, batch in shard(dataset, dist, workers, dataset.collate_fn):
+            vis = batch["vis"].to(dist.device, non_blocking=True)
+            ir = batch["ir"].to(dist.device, non_blocking=True)
+            target = batch["targets"][0]
+            with autocast():
+                pred = net.predict(vis, ir, [target["orig_size"]], max_dets=max_dets)[0]
+            pred = {k: v.float().cpu() if v.is_floating_point() else v.cpu()
+                    for k, v in pred.items()}
+            boxes, labels, ignore = dataset.gt(index)
+            metric.update(target["image_id"], pred["boxes"], pred["scores"], pred["labels"],
+                          boxes, labels, ignore)
+            if on_prediction is not None:
+                on_prediction(index, pred)
+    metric = gather_metric(metric, new_metric)
     return metric
 
 

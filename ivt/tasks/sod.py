@@ -7,18 +7,17 @@ does not say how it chose its checkpoint (the authors' release chose it on the t
 best.pt is chosen on a validation list carved from VT5000/Train by a seeded, saved list.
 """
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 
 from ..data.vt import VTDataset, list_vt_stems, split_train_val
-from ..engine import DistInfo, autocast_context, unwrap
+from ..engine import DistInfo, autocast_context, evaluation_mode, gather_metric, shard
 from ..metrics import SODMetric
 from ..models.saliency import build_saliency_model, sod_loss
 from ..trainer import Recipe, Task, backbone_kwargs
@@ -58,34 +57,20 @@ def evaluate_sod(model: nn.Module, dataset: Dataset, dist: DistInfo, autocast: C
     world_size-th image; the per-image records are gathered so every rank returns the whole set's
     metric. `on_prediction(index, pred (H, W) float in [0, 1])` is called per image.
     """
-    net = unwrap(model)
-    if torch_dist.is_initialized():
-        for buffer in net.buffers():
-            torch_dist.broadcast(buffer, src=0)
-    was_training = net.training
-    net.eval()
-    indices = list(range(dist.rank, len(dataset), dist.world_size))
-    loader = DataLoader(Subset(dataset, indices), batch_size=1, num_workers=workers,
-                        generator=torch.Generator())
     metric = SODMetric()
-    for index, item in zip(indices, loader):
-        vis = item["vis"].to(dist.device, non_blocking=True)
-        ir = item["ir"].to(dist.device, non_blocking=True)
-        gt = item["gt"][0].numpy()                                    # (H, W) uint8 0/255
-        with autocast():
-            prob = net.predict(vis, ir).float()                       # (1, 1, S, S)
-        prob = F.interpolate(prob, size=gt.shape, mode="bilinear", align_corners=False)
-        pred = prob[0, 0].clamp(0, 1).cpu().numpy()                   # (H, W)
-        metric.update(pred, gt)
-        if on_prediction is not None:
-            on_prediction(index, pred)
-    if torch_dist.is_initialized():
-        parts: List[SODMetric] = [None] * dist.world_size
-        torch_dist.all_gather_object(parts, metric)
-        metric = SODMetric()
-        for part in parts:
-            metric.merge(part)
-    net.train(was_training)
+    with evaluation_mode(model) as net:
+        for index, item in shard(dataset, dist, workers):
+            vis = item["vis"].to(dist.device, non_blocking=True)
+            ir = item["ir"].to(dist.device, non_blocking=True)
+            gt = item["gt"][0].numpy()                                # (H, W) uint8 0/255
+            with autocast():
+                prob = net.predict(vis, ir).float()                   # (1, 1, S, S)
+            prob = F.interpolate(prob, size=gt.shape, mode="bilinear", align_corners=False)
+            pred = prob[0, 0].clamp(0, 1).cpu().numpy()               # (H, W)
+            metric.update(pred, gt)
+            if on_prediction is not None:
+                on_prediction(index, pred)
+    metric = gather_metric(metric, SODMetric)
     return metric
 
 

@@ -6,7 +6,7 @@ from typing import List, Tuple
 
 import torch
 
-from ..backbone import CheckpointError, IVTBackbone, StateDict, _key_list, read_state_dict
+from ..backbone import CheckpointError, IVTBackbone, StateDict, read_state_dict
 
 OUTPUT_NORM = re.compile(r"norm\d\.(weight|bias)")
 
@@ -60,21 +60,5 @@ def load_detector_backbone(backbone: IVTBackbone, path: str) -> List[str]:
         raise CheckpointError(f"detector checkpoints are supported for Swin backbones, "
                               f"not {type(backbone).__name__}")
     sd, ignored = dino_backbone_filter_fn(read_state_dict(path))
-    sd = backbone.checkpoint_filter_fn(sd)
-    expected = backbone.visible_state_keys()
-    missing, unexpected = set(expected) - set(sd), set(sd) - set(expected)
-    if missing or unexpected:
-        lines = [f"detector checkpoint {path} does not match {backbone.name}'s backbone:"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {_key_list(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {_key_list(unexpected)}")
-        raise CheckpointError("\n".join(lines))
-    own = backbone.state_dict()
-    bad = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-           for k in expected if sd[k].shape != own[k].shape]
-    if bad:
-        raise CheckpointError(f"detector checkpoint {path} has shape mismatches ({len(bad)}): "
-                              + "; ".join(bad[:20]))
-    backbone.load_state_dict(sd, strict=False)
+    backbone.load_visible_state(backbone.checkpoint_filter_fn(sd), f"detector checkpoint {path}")
     return ignored

@@ -14,13 +14,11 @@ Counting (Table 4's 1.16M): every 1-bit weight counts as one parameter, 2 C r pe
 r = 32: 1,155,072; with the IR patch embedding 1,164,864). Binary Adapters itself reports the
 storage, not a reduced count: each weight costs 1 bit plus two fp32 numbers (mean, std) per matrix.
 """
-from typing import Optional
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ivtuning import Grid
+from .adaptformer import AdaptFormer
 
 CODE = 0.6744897501960817          # Phi^-1(3/4): the 1-bit levels +-CODE of a standard normal
 
@@ -43,27 +41,14 @@ class BinaryLinear(nn.Linear):
         return F.linear(x, binarize(self.weight))
 
 
-class BiAdaptFormer(nn.Module):
-    """One block's Bi-AdaptFormer: the `adapters` hook, acting after the MLP (pos 1)."""
+class BiAdaptFormer(AdaptFormer):
+    """One block's Bi-AdaptFormer: AdaptFormer's hook and wiring with binarised, bias-free
+    projections (Eq. 3 of AdaptFormer with Q(W) in place of W)."""
 
     def __init__(self, dim: int, bottleneck: int = 32, scale: float = 1.0, dropout: float = 0.1):
-        super().__init__()
+        nn.Module.__init__(self)
         self.scale = scale
         self.down = BinaryLinear(dim, bottleneck)
         self.drop = nn.Dropout(dropout)
         self.up = BinaryLinear(bottleneck, dim)
         nn.init.trunc_normal_(self.up.weight, std=0.001, a=-0.002, b=0.002)
-
-    def branch(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, C) -> (B, N, C)."""
-        return self.up(self.drop(F.relu(self.down(x))))
-
-    def forward(self, pos: int, z_in: torch.Tensor, z_out: torch.Tensor,
-                prompt: Optional[torch.Tensor], hw: Grid):
-        """z_in: the MLP's input x'_l, z_out = x'_l + MLP(LN(x'_l)); both (B, N, C)."""
-        if pos == 0:
-            return z_out, prompt
-        return z_out + self.scale * self.branch(z_in), prompt
-
-    def extra_repr(self) -> str:
-        return f"s={self.scale}"
