@@ -175,17 +175,24 @@ def night_figure(data: Path, checkpoints: Dict[str, Path], pretrained: Path, des
             pred = model.predict(item["vis"][None], item["ir"][None])[0].numpy().astype(np.uint8)
             cells.append(colourise(pred))
         rows.append(np.concatenate(cells, axis=1))
-    grid = np.concatenate(rows, axis=0)
-    w = vis.shape[1]
-    img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    titled_grid(rows, ["visible", "thermal", "ground truth"] + list(models), dest, scale)
+    return [ds.samples[i].name for i in idx]
+
+
+def titled_grid(rows: List[np.ndarray], titles: List[str], dest: Path, scale: int = 2) -> None:
+    """Stack `rows` ((H, n*W, 3) uint8, n cells of width W each) into one figure enlarged by
+    `scale` (nearest), with a white header naming the n columns; saved to `dest`."""
+    grid = np.concatenate(rows, axis=0).astype(np.uint8)
+    w = grid.shape[1] // len(titles)
+    img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale),
+                                       Image.NEAREST)
     header = 16
     canvas = Image.new("RGB", (img.width, img.height + header), "white")
     canvas.paste(img, (0, header))
     draw = ImageDraw.Draw(canvas)
-    for c, title in enumerate(["visible", "thermal", "ground truth"] + list(models)):
+    for c, title in enumerate(titles):
         draw.text((c * w * scale + 3, 2), title, fill="black")
     canvas.save(dest)
-    return [ds.samples[i].name for i in idx]
 
 
 # -- table --------------------------------------------------------------------------------------

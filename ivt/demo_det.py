@@ -20,11 +20,11 @@ from typing import Dict, List
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 from .data.m3fd import M3FDDataset
 from .data.synthetic import write_m3fd, write_mfnet
-from .demo import BACKBONE, PRESETS, RUNS, Settings, _repo_scripts, backbone_counts, pretrain_visible, run_spec
+from .demo import (BACKBONE, PRESETS, RUNS, Settings, _repo_scripts, backbone_counts,
+                   pretrain_visible, run_spec, titled_grid)
 from .engine import jsonable
 from .tasks import load_trained
 from .visualize import draw_boxes
@@ -99,16 +99,7 @@ def night_figure(data: Path, checkpoints: Dict[str, Path], pretrained: Path, des
                                                [ds.classes[int(c)] for c in pred["labels"][keep]],
                                                pred["scores"][keep].numpy())))
         rows.append(np.concatenate(cells, axis=1))
-    grid = np.concatenate(rows, axis=0).astype(np.uint8)
-    w = rows[0].shape[1] // len(cells)
-    img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale),
-                                       Image.NEAREST)
-    canvas = Image.new("RGB", (img.width, img.height + 16), "white")
-    canvas.paste(img, (0, 16))
-    draw = ImageDraw.Draw(canvas)
-    for c, title in enumerate(["thermal + ground truth"] + list(models)):
-        draw.text((c * w * scale + 3, 2), title, fill="black")
-    canvas.save(dest)
+    titled_grid(rows, ["thermal + ground truth"] + list(models), dest, scale)
 
 
 def format_table(summary: dict) -> str:

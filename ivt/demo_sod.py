@@ -20,11 +20,11 @@ from typing import Dict, List
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 from .data.synthetic import write_mfnet, write_vt_set
 from .data.vt import VTDataset
-from .demo import BACKBONE, PRESETS, RUNS, Settings, _repo_scripts, backbone_counts, pretrain_visible, run_spec
+from .demo import (BACKBONE, PRESETS, RUNS, Settings, _repo_scripts, backbone_counts,
+                   pretrain_visible, run_spec, titled_grid)
 from .engine import jsonable
 from .tasks import load_trained
 from .tasks.sod import saliency_png
@@ -97,16 +97,7 @@ def night_figure(data: Path, checkpoints: Dict[str, Path], pretrained: Path, des
                                                    align_corners=False)[0, 0].numpy()
             cells.append(np.repeat(np.asarray(saliency_png(prob))[..., None], 3, axis=2))
         rows.append(np.concatenate(cells, axis=1))
-    grid = np.concatenate(rows, axis=0).astype(np.uint8)
-    w = rows[0].shape[1] // len(cells)
-    img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale),
-                                       Image.NEAREST)
-    canvas = Image.new("RGB", (img.width, img.height + 16), "white")
-    canvas.paste(img, (0, 16))
-    draw = ImageDraw.Draw(canvas)
-    for c, title in enumerate(["visible", "thermal", "ground truth"] + list(models)):
-        draw.text((c * w * scale + 3, 2), title, fill="black")
-    canvas.save(dest)
+    titled_grid(rows, ["visible", "thermal", "ground truth"] + list(models), dest, scale)
 
 
 def format_table(summary: dict) -> str:

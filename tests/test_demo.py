@@ -69,3 +69,20 @@ def test_deterministic_given_seed(smoke_run, tmp_path):
 def test_every_flag_has_help():
     for action in demo.get_parser()._actions:
         assert action.help, action.option_strings
+
+
+@pytest.mark.parametrize("task, keys", [("sod", ("S", "maxF", "maxE", "MAE")),
+                                        ("det", ("mAP", "mAP50", "mAP75"))])
+def test_task_demo_smoke(tmp_path, task, keys):
+    returned = demo.main(["--task", task, "--out", str(tmp_path), "--smoke"])
+    saved = json.loads((tmp_path / f"{task}_summary.json").read_text())
+    assert list(saved["runs"]) == list(returned) == ["full_vis", "ivt", "ivt_ir_missing"]
+    for name, r in saved["runs"].items():
+        for part in ("day", "night"):
+            for key in keys:
+                value = r[part][key]
+                assert value is None or value == pytest.approx(returned[name][part][key]), \
+                    (name, part, key)
+    assert saved["runs"]["ivt"]["trainable_fraction"] < 0.1
+    with Image.open(tmp_path / f"{task}_night_predictions.png") as im:
+        assert im.mode == "RGB" and im.width > im.height
