@@ -122,7 +122,7 @@ def train_args(s: Settings, data: Path, out: Path, seed: int, tuning: str, iters
             "--batch-size", str(s.batch_size), "--crop", str(s.crop), "--lr", str(lr),
             "--weight-decay", str(s.weight_decay), "--head-dim", str(s.head_dim),
             "--device", "cpu", "--workers", "0", "--seed", str(seed), "--out", str(out),
-            "--eval-every", "0", "--log-every", str(max(1, iters // 4))]
+            "--eval-every", str(max(1, iters // 6)), "--log-every", str(max(1, iters // 30))]
     if tuning == "ivt":
         args += ["--variant", variant, "--d1", str(s.d1), "--d2", str(s.d2), "--d3", str(s.d3)]
     if pretrained is not None:

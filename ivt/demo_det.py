@@ -30,6 +30,9 @@ from .tasks import load_trained
 from .visualize import draw_boxes
 
 
+TOP_K = 4          # detections drawn per model and scene in the figure
+
+
 @dataclass(frozen=True)
 class DetSettings:
     n_images: int = 300              # M3FD-layout scenes, half night: 60/20/20% train/val/test
@@ -79,7 +82,7 @@ def train_args(t: DetSettings, s: Settings, data: Path, out: Path, seed: int, na
 def night_figure(data: Path, checkpoints: Dict[str, Path], pretrained: Path, dest: Path,
                  n_scenes: int, scale: int = 2) -> None:
     """Rows: night test scenes; columns: the thermal image with ground truth, then each run's
-    detections (score >= 0.3) on the visible image."""
+    TOP_K highest-scoring detections (with their scores) on the visible image."""
     models = {name: load_trained(str(path), str(pretrained)) for name, path in checkpoints.items()}
     size = next(iter(models.values()))[2]["config"]["size"]
     ds = M3FDDataset(data, split="test_night", split_dir=data, train=False, size=size)
@@ -94,7 +97,7 @@ def night_figure(data: Path, checkpoints: Dict[str, Path], pretrained: Path, des
             with torch.no_grad():
                 pred = model.predict(batch["vis"], batch["ir"],
                                      [batch["targets"][0]["orig_size"]])[0]
-            keep = pred["scores"] >= 0.3
+            keep = pred["scores"].argsort(descending=True)[:TOP_K]
             cells.append(np.asarray(draw_boxes(vis, pred["boxes"][keep].numpy(),
                                                [ds.classes[int(c)] for c in pred["labels"][keep]],
                                                pred["scores"][keep].numpy())))
