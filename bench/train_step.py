@@ -59,11 +59,15 @@ BEGIN, END = "<!-- bench/train_step.py: begin -->", "<!-- bench/train_step.py: e
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="cuda: time the real models; cpu: the CPU proxies (aten ops per step, "
+                        "bytes held for backward) on a small backbone (default: cuda)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the numbers here")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"),
                    help="markdown file whose train-step section is (re)written (GPU runs)")
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
+                   help="what to measure: full fine-tuning, frozen backbone, IV-tuning "
+                        "reference, fast, fast with checkpointed frozen blocks (default: all)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (median; default 10)")
     p.add_argument("--warmup", type=int, default=3, help="warm-up steps (default 3)")
     p.add_argument("--cases", nargs="+", default=None, metavar="NAME:SIZE:BATCH",

@@ -89,8 +89,8 @@ def test_train_resume_and_evaluate(m3fd, tmp_path):
     shutil.copytree(SAMPLE, data)
     (data / "test.txt").write_text("00471\n")
     metrics, vis = tmp_path / "m.json", tmp_path / "vis"
-    result = evaluate.main(["--checkpoint", full["last"], "--data", str(data), "--split-dir",
-                            str(data), "--split", "test", "--json", str(metrics),
+    result = evaluate.main(["--task", "det", "--checkpoint", full["last"], "--data", str(data),
+                            "--split-dir", str(data), "--split", "test", "--json", str(metrics),
                             "--save-vis", str(vis), "--device", "cpu", "--workers", "0"])
     saved = json.loads(metrics.read_text())
     assert saved["task"] == "det" and saved["num_images"] == 1

@@ -208,6 +208,8 @@ def test_evaluate_outputs(data, tmp_path):
     for key in ("miou_all", "miou_day", "miou_night"):
         assert saved[key] == pytest.approx(result[key])
     assert saved["miou_all"] == pytest.approx(saved["all"]["mIoU"])
+    for part in ("all", "day", "night"):      # both averaging conventions, the RTFNet one <= mmseg's
+        assert saved[part]["mIoU_nan0"] <= saved[part]["mIoU"] + 1e-9
     assert set(saved["all"]["IoU"]) == {"unlabeled", "car", "person", "bike", "curve", "car_stop",
                                         "guardrail", "color_cone", "bump"}
     # Day and night confusion matrices partition the whole set's pixels.

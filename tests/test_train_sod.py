@@ -87,9 +87,9 @@ def test_train_resume_after_kill_and_evaluate_two_sets(vt, tmp_path):
 
     metrics, vis = tmp_path / "m.json", tmp_path / "vis"
     sets = [vt / "VT1000", vt / "VT821"]
-    result = evaluate.main(["--checkpoint", full["last"], "--data", str(sets[0]), "--data",
-                            str(sets[1]), "--json", str(metrics), "--save-vis", str(vis),
-                            "--device", "cpu", "--workers", "0"])
+    result = evaluate.main(["--task", "sod", "--checkpoint", full["last"], "--data",
+                            str(sets[0]), "--data", str(sets[1]), "--json", str(metrics),
+                            "--save-vis", str(vis), "--device", "cpu", "--workers", "0"])
     saved = json.loads(metrics.read_text())
     assert saved["task"] == "sod" and len(saved["sets"]) == 2
     for key in ("S", "wF", "adpE", "meanE", "maxE", "adpF", "meanF", "maxF", "MAE"):

@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_seg  # noqa: E402
-from ivt import trainer  # noqa: E402
+from ivt import engine, trainer  # noqa: E402
 from ivt.checkpoint import load_checkpoint  # noqa: E402
 from ivt.data.synthetic import write_mfnet  # noqa: E402
 from ivt.tasks.seg import SegTask  # noqa: E402
@@ -152,3 +152,79 @@ def test_fast_impl_trains_like_the_reference(data, tmp_path, capsys):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
     err = fails_with(tiny_args(data, tmp_path / "x", 2, "--checkpoint-blocks"), capsys)
     assert "--impl fast" in err
+
+
+def test_eva02_runs_get_clip_normalisation(data, tmp_path, monkeypatch):
+    """The backbone decides the input statistics: CLIP's for EVA02, saved in the configuration
+    (which evaluate.py and predict.py read) and used by the datasets."""
+    from ivt.data import CLIP, IMAGENET
+    from ivt.tasks import config_normalization
+    seen = {}
+
+    class Built(Exception):
+        pass
+
+    real = SegTask.build_datasets
+
+    def capture_datasets(self, args, norm, out, is_main):
+        train, val = real(self, args, norm, out, is_main)
+        seen["train"], seen["val"] = train.transform.norm, val.transform.norm
+        return train, val
+
+    def stop(self, config, pretrained):
+        seen["config"] = config
+        raise Built
+
+    monkeypatch.setattr(SegTask, "build_datasets", capture_datasets)
+    monkeypatch.setattr(SegTask, "build_model", stop)
+    for backbone, expected in (("eva02_b", CLIP), ("swin_nano", IMAGENET)):
+        args = tiny_args(data, tmp_path / backbone, 2)
+        args[args.index("swin_nano")] = backbone
+        with pytest.raises(Built):
+            trainer.train(SegTask(), train_seg.get_parser().parse_args(args),
+                          engine.setup_distributed("cpu"))
+        assert seen["train"] == seen["val"] == expected, backbone
+        assert config_normalization(seen["config"]) == expected
+        assert seen["config"]["normalization"]["mean"] == list(expected.mean)
+    assert CLIP.mean == (0.48145466, 0.4578275, 0.40821073)
+    assert CLIP.std == (0.26862954, 0.26130258, 0.27577711)
+
+
+def test_evaluate_names_a_corrupt_test_image(tmp_path, capsys):
+    import evaluate
+    bad = tmp_path / "bad"
+    write_mfnet(bad, n_train=4, n_val=2, n_test=2, size=(32, 48))
+    summary = train_seg.main(tiny_args(bad, tmp_path / "run", 2))
+    name = (bad / "test.txt").read_text().split()[0]
+    path = bad / "images" / f"{name}.png"
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--data", str(bad), "--checkpoint", summary["last"], "--split", "test",
+                       "--device", "cpu", "--workers", "0"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"error: {path}")
+
+
+def test_readme_commands_use_existing_flags():
+    """Every --flag the README passes to a script exists in that script's parser."""
+    import re
+
+    import evaluate
+    import predict
+    import train_det
+    import train_sod
+    parsers = {"train_seg.py": train_seg.get_parser(), "train_sod.py": train_sod.get_parser(),
+               "train_det.py": train_det.get_parser(), "evaluate.py": evaluate.get_parser(),
+               "predict.py": predict.get_parser()}
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    checked = 0
+    for line in text.splitlines():
+        for script, parser in parsers.items():
+            if f"python {script}" in line or f"python -m {script}" in line:
+                known = {o for a in parser._actions for o in a.option_strings}
+                command = line.split(script, 1)[1].split("#")[0]
+                for flag in re.findall(r"(?<![\w-])--[a-z][\w-]*", command):
+                    assert flag in known, (script, flag, line)
+                    checked += 1
+    assert checked > 20
