@@ -120,9 +120,6 @@ class DetTask(Task):
         g.add_argument("--backbone-lr-mult", type=float, default=0.1,
                        help="lr factor of pretrained backbone weights that train (full "
                             "fine-tuning), as DINO; new modules get 1x (default: %(default)s)")
-        g.add_argument("--eval-max-dets", type=int, default=100,
-                       help="detections per image scored during validation (pycocotools' 100) "
-                            "(default: %(default)s)")
 
     def input_size(self, args):
         if args.size < 32:
