@@ -196,15 +196,23 @@ def titled_grid(rows: List[np.ndarray], titles: List[str], dest: Path, scale: in
 
 
 # -- table --------------------------------------------------------------------------------------
-def format_table(summary: dict) -> str:
+def format_runs(summary: dict, columns: List[tuple]) -> str:
+    """One row per run: name, tuning, IR input and trainable backbone parameters, then each of
+    `columns` = (title, width, value(run record) -> number, format spec)."""
     lines = [f"{'run':<16}{'tuning':<8}{'IR input':<17}{'trainable backbone params':>27}"
-             f"{'mIoU all':>10}{'day':>8}{'night':>8}{'train s':>9}"]
+             + "".join(f"{title:>{width}}" for title, width, _, _ in columns)]
     for name, r in summary.items():
         tp = f"{r['trainable_params']:,} ({100 * r['trainable_fraction']:.1f}%)"
         lines.append(f"{name:<16}{r['tuning']:<8}{r['ir_input']:<17}{tp:>27}"
-                     f"{r['miou_all']:>10.1f}{r['miou_day']:>8.1f}{r['miou_night']:>8.1f}"
-                     f"{r['train_seconds']:>9.0f}")
+                     + "".join(f"{value(r):>{width}{spec}}" for _, width, value, spec in columns))
     return "\n".join(lines)
+
+
+def format_table(summary: dict) -> str:
+    return format_runs(summary, [("mIoU all", 10, lambda r: r["miou_all"], ".1f"),
+                                 ("day", 8, lambda r: r["miou_day"], ".1f"),
+                                 ("night", 8, lambda r: r["miou_night"], ".1f"),
+                                 ("train s", 9, lambda r: r["train_seconds"], ".0f")])
 
 
 def run(out: Path, seed: int = 0, settings: Settings = PRESETS["default"], quiet: bool = False

@@ -24,7 +24,7 @@ import torch
 from .data.m3fd import M3FDDataset
 from .data.synthetic import write_m3fd, write_mfnet
 from .demo import (BACKBONE, PRESETS, RUNS, Settings, _repo_scripts, backbone_counts,
-                   pretrain_visible, run_spec, titled_grid)
+                   format_runs, pretrain_visible, run_spec, titled_grid)
 from .engine import jsonable
 from .tasks import load_trained
 from .visualize import draw_boxes
@@ -106,15 +106,11 @@ def night_figure(data: Path, checkpoints: Dict[str, Path], pretrained: Path, des
 
 
 def format_table(summary: dict) -> str:
-    lines = [f"{'run':<16}{'tuning':<8}{'IR input':<17}{'trainable backbone params':>27}"
-             f"{'mAP day':>9}{'AP50 day':>10}{'mAP night':>11}{'AP50 night':>12}{'train s':>9}"]
-    for name, r in summary.items():
-        tp = f"{r['trainable_params']:,} ({100 * r['trainable_fraction']:.1f}%)"
-        lines.append(f"{name:<16}{r['tuning']:<8}{r['ir_input']:<17}{tp:>27}"
-                     f"{r['day']['mAP']:>9.1f}{r['day']['mAP50']:>10.1f}"
-                     f"{r['night']['mAP']:>11.1f}{r['night']['mAP50']:>12.1f}"
-                     f"{r['train_seconds']:>9.0f}")
-    return "\n".join(lines)
+    return format_runs(summary, [("mAP day", 9, lambda r: r["day"]["mAP"], ".1f"),
+                                 ("AP50 day", 10, lambda r: r["day"]["mAP50"], ".1f"),
+                                 ("mAP night", 11, lambda r: r["night"]["mAP"], ".1f"),
+                                 ("AP50 night", 12, lambda r: r["night"]["mAP50"], ".1f"),
+                                 ("train s", 9, lambda r: r["train_seconds"], ".0f")])
 
 
 def run(out: Path, seed: int = 0, preset: str = "default") -> dict:

@@ -24,7 +24,7 @@ import torch
 from .data.synthetic import write_mfnet, write_vt_set
 from .data.vt import VTDataset
 from .demo import (BACKBONE, PRESETS, RUNS, Settings, _repo_scripts, backbone_counts,
-                   pretrain_visible, run_spec, titled_grid)
+                   format_runs, pretrain_visible, run_spec, titled_grid)
 from .engine import jsonable
 from .tasks import load_trained
 from .tasks.sod import saliency_png
@@ -101,14 +101,11 @@ def night_figure(data: Path, checkpoints: Dict[str, Path], pretrained: Path, des
 
 
 def format_table(summary: dict) -> str:
-    lines = [f"{'run':<16}{'tuning':<8}{'IR input':<17}{'trainable backbone params':>27}"
-             f"{'S day':>8}{'S night':>9}{'maxF night':>11}{'MAE night':>10}{'train s':>9}"]
-    for name, r in summary.items():
-        tp = f"{r['trainable_params']:,} ({100 * r['trainable_fraction']:.1f}%)"
-        lines.append(f"{name:<16}{r['tuning']:<8}{r['ir_input']:<17}{tp:>27}"
-                     f"{r['day']['S']:>8.3f}{r['night']['S']:>9.3f}{r['night']['maxF']:>11.3f}"
-                     f"{r['night']['MAE']:>10.3f}{r['train_seconds']:>9.0f}")
-    return "\n".join(lines)
+    return format_runs(summary, [("S day", 8, lambda r: r["day"]["S"], ".3f"),
+                                 ("S night", 9, lambda r: r["night"]["S"], ".3f"),
+                                 ("maxF night", 11, lambda r: r["night"]["maxF"], ".3f"),
+                                 ("MAE night", 10, lambda r: r["night"]["MAE"], ".3f"),
+                                 ("train s", 9, lambda r: r["train_seconds"], ".0f")])
 
 
 def run(out: Path, seed: int = 0, preset: str = "default") -> dict:
