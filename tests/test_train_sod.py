@@ -102,3 +102,30 @@ def test_train_resume_after_kill_and_evaluate_two_sets(vt, tmp_path):
     with Image.open(pngs[0]) as p, Image.open(gt) as g:
         assert p.size == g.size and p.mode == "L"                 # 8-bit, at GT size
     assert len(list(vis.glob("*/figures/*.png"))) == 4
+
+
+def test_torchrun_two_cpu_processes_gather_the_whole_validation_set(vt, tmp_path):
+    out = tmp_path / "ddp"
+    train = vt / "VT5000" / "Train"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=2", str(ROOT / "train_sod.py"),
+                          *tiny_args(train, out, 2, "--val-count", "3")],
+                         cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    logged = [r for r in read_log(out / "log.jsonl") if r["event"] == "eval"][-1]
+    # The validation images were split over two processes and gathered; one process scoring
+    # the same list with the saved checkpoint gets the same metrics.
+    val = tmp_path / "val"
+    for sub in ("RGB", "T", "GT"):
+        (val / sub).mkdir(parents=True)
+    for stem in (out / "val_list.txt").read_text().split():
+        for sub in ("RGB", "T", "GT"):
+            src = next((train / sub).glob(f"{stem}.*"))
+            (val / sub / src.name).write_bytes(src.read_bytes())
+    single = evaluate.main(["--checkpoint", str(out / "last.pt"), "--data", str(val),
+                            "--device", "cpu", "--workers", "0"])
+    (name, result), = single["sets"].items()
+    assert result["num_images"] == 3
+    for key in ("S", "maxF", "MAE", "wF"):
+        assert result[key] == pytest.approx(logged[key], abs=1e-6), key
