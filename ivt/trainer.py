@@ -13,9 +13,9 @@ import argparse
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -54,7 +54,6 @@ class Recipe:
     momentum: float = 0.9
     clip_grad: float = 0.0
     eval_every: int = 8000
-    extra: Dict[str, object] = field(default_factory=dict)
 
 
 class Task:

@@ -12,6 +12,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import torch.nn as nn
+from PIL import Image
 from torch.utils.data import Dataset
 
 from ..data.m3fd import M3FD_CLASSES, M3FDDataset
@@ -20,6 +21,7 @@ from ..metrics import DetMetric
 from ..metrics.det import format_det_table
 from ..models.detr import DetectorConfig, build_detector
 from ..trainer import Recipe, Task, backbone_kwargs
+from ..visualize import draw_boxes
 
 DESCRIPTION = """Train a detector (IV-tuning backbone + DETR-style detector) on M3FD.
 
@@ -166,7 +168,6 @@ class DetTask(Task):
 # -- evaluate.py ---------------------------------------------------------------------------------
 def evaluate_checkpoint(args, model: nn.Module, ckpt: dict, dist: DistInfo, norm) -> dict:
     """evaluate.py for a detection checkpoint: one --data folder, one --split."""
-    from ..visualize import draw_boxes
     cfg = ckpt["config"]
     if len(args.data) != 1:
         raise ValueError("detection evaluates one --data folder at a time")
@@ -175,24 +176,22 @@ def evaluate_checkpoint(args, model: nn.Module, ckpt: dict, dist: DistInfo, norm
                           size=cfg["size"], norm=norm, bad_boxes=cfg.get("bad_boxes", "skip"))
     if args.verify_images:
         dataset.verify()
-    on_prediction = None
+    folder = Path(args.save_vis or ".")
+
+    def save_boxes(index: int, pred: dict) -> None:
+        """Detections scoring >= 0.3 on the visible and the thermal image, side by side."""
+        vis, ir = dataset.read_images(index)
+        keep = pred["scores"] >= 0.3
+        boxes, scores = pred["boxes"][keep].numpy(), pred["scores"][keep].numpy()
+        names = [dataset.classes[int(c)] for c in pred["labels"][keep]]
+        panels = [np.asarray(draw_boxes(img, boxes, names, scores))
+                  for img in (vis, np.repeat(ir[..., None], 3, axis=2))]
+        Image.fromarray(np.concatenate(panels, axis=1)).save(folder / f"{dataset.names[index]}.png")
+
     if args.save_vis:
-        folder = Path(args.save_vis)
         folder.mkdir(parents=True, exist_ok=True)
-
-        def on_prediction(index: int, pred: dict) -> None:
-            vis, ir = dataset.read_images(index)
-            keep = pred["scores"] >= 0.3
-            boxes, scores = pred["boxes"][keep].numpy(), pred["scores"][keep].numpy()
-            names = [dataset.classes[int(c)] for c in pred["labels"][keep]]
-            panels = [np.asarray(draw_boxes(img, boxes, names, scores))
-                      for img in (vis, np.repeat(ir[..., None], 3, axis=2))]
-            from PIL import Image
-            Image.fromarray(np.concatenate(panels, axis=1)).save(
-                folder / f"{dataset.names[index]}.png")
-
     metric = evaluate_det(model, dataset, dist, autocast_context(dist.device, args.amp),
-                          args.workers, args.max_dets, on_prediction)
+                          args.workers, args.max_dets, save_boxes if args.save_vis else None)
     r = metric.compute()
     print(f"{args.checkpoint} (iteration {ckpt['iter']}) on {args.split} "
           f"({len(dataset)} images)")

@@ -192,19 +192,19 @@ def evaluate_checkpoint(args, model: nn.Module, ckpt: dict, dist: DistInfo, norm
                                 train=False, seed=cfg["seed"], norm=norm)
     if args.verify_images:
         dataset.verify()
-    on_prediction = None
+    out = Path(args.save_vis or ".")
+
+    def save_panel(index: int, pred: torch.Tensor, label: torch.Tensor) -> None:
+        sample = dataset.samples[index]
+        vis, ir = dataset.read_pair(sample)                # uint8 (H, W, 3), (H, W)
+        panel(vis, ir, pred.numpy().astype(np.uint8),
+              label.numpy().astype(np.uint8)).save(out / f"{sample.name}.png")
+
     if args.save_vis:
-        out = Path(args.save_vis)
         out.mkdir(parents=True, exist_ok=True)
 
-        def on_prediction(index: int, pred: torch.Tensor, label: torch.Tensor) -> None:
-            sample = dataset.samples[index]
-            vis, ir = dataset.read_pair(sample)            # uint8 (H, W, 3), (H, W)
-            panel(vis, ir, pred.numpy().astype(np.uint8),
-                  label.numpy().astype(np.uint8)).save(out / f"{sample.name}.png")
-
     metrics = evaluate_seg(model, dataset, dist, autocast_context(dist.device, args.amp),
-                           args.workers, on_prediction)
+                           args.workers, save_panel if args.save_vis else None)
     night = sum(parse_name(s.name, s.label)[0] for s in dataset.samples)
     result = {"task": "seg", "checkpoint": args.checkpoint, "split": args.split,
               "iter": ckpt["iter"], "num_images": len(dataset),

@@ -176,18 +176,18 @@ def evaluate_checkpoint(args, model: nn.Module, ckpt: dict, dist: DistInfo, norm
         dataset = VTDataset(root, train=False, size=size, norm=norm)
         if args.verify_images:
             dataset.verify()
-        on_prediction = None
+        folder = Path(args.save_vis or ".") / name.replace("/", "_").lstrip("._")
+
+        def save_maps(index: int, pred: np.ndarray, dataset=dataset, folder=folder) -> None:
+            png = saliency_png(pred)
+            stem = dataset.stems[index]
+            png.save(folder / f"{stem}.png")
+            figure(*dataset.read_images(index), png).save(folder / "figures" / f"{stem}.png")
+
         if args.save_vis:
-            folder = Path(args.save_vis) / name.replace("/", "_").lstrip("._")
             (folder / "figures").mkdir(parents=True, exist_ok=True)
-
-            def on_prediction(index: int, pred: np.ndarray, dataset=dataset, folder=folder):
-                png = saliency_png(pred)
-                stem = dataset.stems[index]
-                png.save(folder / f"{stem}.png")
-                figure(*dataset.read_images(index), png).save(folder / "figures" / f"{stem}.png")
-
-        r = evaluate_sod(model, dataset, dist, autocast, args.workers, on_prediction).compute()
+        r = evaluate_sod(model, dataset, dist, autocast, args.workers,
+                         save_maps if args.save_vis else None).compute()
         sets[name] = {"num_images": len(dataset), **{k: r[k] for k in METRIC_KEYS}}
     print(f"{args.checkpoint} (iteration {ckpt['iter']}): main output, per-image min-max, "
           f"at ground-truth size")
