@@ -106,13 +106,33 @@ def backbone_counts(s: Settings, tuning: str, variant: str) -> dict:
             "visible_params": visible, "trainable_fraction": trainable / visible}
 
 
-def make_data(out: Path, s: Settings, seed: int) -> Dict[str, Path]:
-    pre, down = out / "data" / "pretrain_day", out / "data" / "mfnet_synthetic"
-    # Distinct seeds: no pre-training scene repeats a downstream one.
+def write_pretrain_data(out: Path, s: Settings, seed: int) -> Path:
+    """The day-only visible images standing in for the pre-training data (every demo's)."""
+    pre = out / "data" / "pretrain_day"
+    # A distinct seed: no pre-training scene repeats a downstream one.
     write_mfnet(pre, s.n_pretrain, s.n_pretrain_val, 0, size=s.size, seed=10_000 + seed,
                 night_fraction=0.0)
+    return pre
+
+
+def make_data(out: Path, s: Settings, seed: int) -> Dict[str, Path]:
+    down = out / "data" / "mfnet_synthetic"
     write_mfnet(down, s.n_train, s.n_val, s.n_test, size=s.size, seed=seed, night_fraction=0.5)
-    return {"pretrain": pre, "downstream": down}
+    return {"pretrain": write_pretrain_data(out, s, seed), "downstream": down}
+
+
+class StageLog:
+    """`log(msg)` prints `[<prefix> <seconds since start>s] msg` (nothing when `quiet`)."""
+
+    def __init__(self, prefix: str, quiet: bool = False):
+        self.prefix, self.quiet, self.start = prefix, quiet, time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def __call__(self, msg: str) -> None:
+        if not self.quiet:
+            print(f"[{self.prefix} {self.elapsed():6.0f}s] {msg}", flush=True)
 
 
 def train_args(s: Settings, data: Path, out: Path, seed: int, tuning: str, iters: int,
@@ -222,10 +242,8 @@ def run(out: Path, seed: int = 0, settings: Settings = PRESETS["default"], quiet
     s = settings
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
-    t_start = t0 = time.perf_counter()
-
-    def log(msg: str) -> None:
-        print(f"[demo {time.perf_counter() - t_start:6.0f}s] {msg}", flush=True)
+    log = StageLog("demo")
+    t0 = time.perf_counter()
 
     log(f"writing synthetic data ({s.n_pretrain} day-only pre-training images; "
         f"{s.n_train}/{s.n_val}/{s.n_test} train/val/test day+night images, {s.size[0]}x{s.size[1]})")
@@ -268,7 +286,7 @@ def run(out: Path, seed: int = 0, settings: Settings = PRESETS["default"], quiet
     figure = out / "night_predictions.png"
     scenes = night_figure(data["downstream"], checkpoints, pretrained, figure, s.figure_scenes)
     timings["figure"] = time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - t_start
+    timings["total"] = log.elapsed()
 
     (out / "summary.json").write_text(json.dumps(jsonable(summary), indent=2) + "\n")
     margin = summary["ivt"]["miou_night"] - summary["full_vis"]["miou_night"]

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 from .data.m3fd import M3FDDataset
-from .data.synthetic import write_m3fd, write_mfnet
+from .data.synthetic import write_m3fd
 from .demo import (BACKBONE, PRESETS, RUNS, Settings, _repo_scripts, backbone_counts,
-                   format_runs, pretrain_visible, run_spec, titled_grid)
+                   StageLog, format_runs, pretrain_visible, run_spec, titled_grid,
+                   write_pretrain_data)
 from .engine import jsonable
 from .tasks import load_trained
 from .visualize import draw_boxes
@@ -56,10 +57,8 @@ def make_data(out: Path, s: Settings, t: DetSettings, seed: int) -> Dict[str, Pa
     """Pre-training images (as the segmentation demo) and one M3FD-layout dataset (half night)
     with train/val/test lists and the test list split into test_day and test_night."""
     root = out / "data"
-    write_mfnet(root / "pretrain_day", s.n_pretrain, s.n_pretrain_val, 0, size=s.size,
-                seed=10_000 + seed, night_fraction=0.0)
     write_m3fd(root / "m3fd", t.n_images, size=s.size, seed=seed, night_fraction=0.5)
-    return {"pretrain": root / "pretrain_day", "m3fd": root / "m3fd"}
+    return {"pretrain": write_pretrain_data(out, s, seed), "m3fd": root / "m3fd"}
 
 
 def train_args(t: DetSettings, s: Settings, data: Path, out: Path, seed: int, name: str,
@@ -119,11 +118,8 @@ def run(out: Path, seed: int = 0, preset: str = "default") -> dict:
     import train_det
     s, t = PRESETS[preset], DET_PRESETS[preset]
     out.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
+    log = StageLog("demo det")
     timings = {}
-
-    def log(msg: str) -> None:
-        print(f"[demo det {time.perf_counter() - t_start:6.0f}s] {msg}", flush=True)
 
     log(f"writing synthetic data ({t.n_images} day and night scenes)")
     data = make_data(out, s, t, seed)
@@ -154,7 +150,7 @@ def run(out: Path, seed: int = 0, preset: str = "default") -> dict:
         timings[name] = time.perf_counter() - t0
     figure = out / "det_night_predictions.png"
     night_figure(data["m3fd"], checkpoints, pretrained, figure, t.figure_scenes)
-    timings["total"] = time.perf_counter() - t_start
+    timings["total"] = log.elapsed()
     margin = summary["ivt"]["night"]["mAP50"] - summary["full_vis"]["night"]["mAP50"]
     (out / "det_summary.json").write_text(json.dumps(jsonable(
         {"runs": summary, "seed": seed, "settings": asdict(t), "timings_s": timings,

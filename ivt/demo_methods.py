@@ -24,7 +24,8 @@ from typing import Dict
 
 import torch
 
-from .demo import BACKBONE, PRESETS, Settings, _repo_scripts, export_backbone, make_data, train_args
+from .demo import (BACKBONE, PRESETS, Settings, StageLog, _repo_scripts, make_data,
+                   pretrain_visible, train_args)
 from .engine import jsonable
 from .models import build_backbone, count_parameters
 
@@ -65,11 +66,7 @@ def run(out: Path, seed: int = 0, quiet: bool = False, settings: Settings = DEFA
     s = settings
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-
-    def log(msg: str) -> None:
-        if not quiet:
-            print(f"[methods {time.perf_counter() - t_start:6.0f}s] {msg}", flush=True)
+    log = StageLog("methods", quiet)
 
     scripts_output = (contextlib.redirect_stdout(io.StringIO()) if quiet
                       else contextlib.nullcontext())
@@ -78,10 +75,7 @@ def run(out: Path, seed: int = 0, quiet: bool = False, settings: Settings = DEFA
     data = make_data(out, s, seed)
     log(f"pre-training {BACKBONE} on day-time visible images ({s.pretrain_iters} iterations)")
     with scripts_output:
-        train_seg.main(train_args(s, data["pretrain"], out / "pretrain", seed, "full",
-                                  s.pretrain_iters, s.pretrain_lr))
-    pretrained = out / f"{BACKBONE}_visible_pretrained.pth"
-    export_backbone(out / "pretrain" / "last.pt", pretrained)
+        pretrained = pretrain_visible(out, data["pretrain"], s, seed)
 
     summary = {}
     for name in RUNS:
@@ -108,7 +102,7 @@ def run(out: Path, seed: int = 0, quiet: bool = False, settings: Settings = DEFA
         print()
         print(f"Table 4 on synthetic data: {BACKBONE} pre-trained on day-time visible images, "
               f"fine-tuned on {s.n_train} day+night scenes, tested on {s.n_test} (seed {seed}, "
-              f"{torch.get_num_threads()} threads, {time.perf_counter() - t_start:.0f}s)")
+              f"{torch.get_num_threads()} threads, {log.elapsed():.0f}s)")
         print(format_table(summary))
         print(f"wrote {out / 'methods_summary.json'}")
     return summary

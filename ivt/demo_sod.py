@@ -21,10 +21,11 @@ from typing import Dict, List
 import numpy as np
 import torch
 
-from .data.synthetic import write_mfnet, write_vt_set
+from .data.synthetic import write_vt_set
 from .data.vt import VTDataset
 from .demo import (BACKBONE, PRESETS, RUNS, Settings, _repo_scripts, backbone_counts,
-                   format_runs, pretrain_visible, run_spec, titled_grid)
+                   StageLog, format_runs, pretrain_visible, run_spec, titled_grid,
+                   write_pretrain_data)
 from .engine import jsonable
 from .tasks import load_trained
 from .tasks.sod import saliency_png
@@ -52,14 +53,12 @@ SOD_PRESETS = {"default": SODSettings(),
 def make_data(out: Path, s: Settings, t: SODSettings, seed: int) -> Dict[str, Path]:
     """Pre-training images (as the segmentation demo) and three VT-layout folders."""
     root = out / "data"
-    write_mfnet(root / "pretrain_day", s.n_pretrain, s.n_pretrain_val, 0, size=s.size,
-                seed=10_000 + seed, night_fraction=0.0)
     write_vt_set(root / "vt_train", t.n_train, size=s.size, seed=seed, night_fraction=0.5)
     write_vt_set(root / "vt_test_day", t.n_test, size=s.size, seed=seed, night_fraction=0.0,
                  first_index=t.n_train + 1)
     write_vt_set(root / "vt_test_night", t.n_test, size=s.size, seed=seed, night_fraction=1.0,
                  first_index=t.n_train + t.n_test + 1)
-    return {"pretrain": root / "pretrain_day", "train": root / "vt_train",
+    return {"pretrain": write_pretrain_data(out, s, seed), "train": root / "vt_train",
             "day": root / "vt_test_day", "night": root / "vt_test_night"}
 
 
@@ -114,11 +113,8 @@ def run(out: Path, seed: int = 0, preset: str = "default") -> dict:
     import train_sod
     s, t = PRESETS[preset], SOD_PRESETS[preset]
     out.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
+    log = StageLog("demo sod")
     timings = {}
-
-    def log(msg: str) -> None:
-        print(f"[demo sod {time.perf_counter() - t_start:6.0f}s] {msg}", flush=True)
 
     log(f"writing synthetic data ({t.n_train} training scenes, {t.n_test} day and {t.n_test} "
         f"night test scenes)")
@@ -149,7 +145,7 @@ def run(out: Path, seed: int = 0, preset: str = "default") -> dict:
         timings[name] = time.perf_counter() - t0
     figure = out / "sod_night_predictions.png"
     night_figure(data["night"], checkpoints, pretrained, figure, t.figure_scenes)
-    timings["total"] = time.perf_counter() - t_start
+    timings["total"] = log.elapsed()
     margin = summary["ivt"]["night"]["S"] - summary["full_vis"]["night"]["S"]
     (out / "sod_summary.json").write_text(json.dumps(jsonable(
         {"runs": summary, "seed": seed, "settings": asdict(t), "timings_s": timings,

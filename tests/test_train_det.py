@@ -2,12 +2,8 @@
 on synthetic M3FD data for a few iterations, exact resumption after a kill, evaluation on the
 real M3FD sample pair with --json and --save-vis, and --help showing the recipe."""
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +14,7 @@ import evaluate  # noqa: E402
 import train_det  # noqa: E402
 from ivt.checkpoint import load_checkpoint  # noqa: E402
 from ivt.data.synthetic import write_m3fd  # noqa: E402
+from script_runs import read_log, run_killed_after_first_checkpoint  # noqa: E402
 
 SAMPLE = ROOT / "tests" / "data" / "m3fd_sample"
 
@@ -32,9 +29,6 @@ def tiny_args(data, out, iters=6, *extra):
             "--iters", str(iters), "--eval-every", "3", "--log-every", "1", "--workers", "0",
             "--device", "cpu", "--kernels", "torch", *extra]
 
-
-def read_log(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -63,18 +57,7 @@ def test_train_resume_and_evaluate(m3fd, tmp_path):
     assert all(v > 0 for v in reference.values())
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train_det.py"), *tiny_args(m3fd, out)],
-                            cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 240
-        while not (out / "last.pt").exists():
-            assert proc.poll() is None, "training exited before writing a checkpoint"
-            assert time.time() < deadline
-            time.sleep(0.02)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    run_killed_after_first_checkpoint("train_det.py", tiny_args(m3fd, out), out)
     assert load_checkpoint(str(out / "last.pt"))["iter"] in (3, 6)
     summary = train_det.main(tiny_args(m3fd, out, 6, "--resume"))
     records = read_log(out / "log.jsonl")

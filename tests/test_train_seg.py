@@ -3,11 +3,8 @@ exact resumption after kill -9, torchrun with two CPU processes, clean errors, t
 --help, and the evaluation outputs."""
 import json
 import os
-import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +19,7 @@ import train_seg  # noqa: E402
 from ivt.checkpoint import load_checkpoint
 from ivt.data.synthetic import write_mfnet
 from ivt.tasks.seg import SegTask
+from script_runs import read_log, run_killed_after_first_checkpoint  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("script_env")
@@ -33,9 +31,6 @@ def tiny_args(data, out, iters=16, eval_every=4, *extra):
             "--eval-every", str(eval_every), "--log-every", "1", "--workers", "0",
             "--device", "cpu", "--kernels", "torch", *extra]
 
-
-def read_log(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
 def losses_after_last_start(records):
@@ -84,19 +79,7 @@ def test_kill_and_resume_reproduces_losses(data, tmp_path):
 
     # The same run in a child, killed with SIGKILL at a random moment after its first checkpoint.
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train_seg.py"), *tiny_args(data, out)],
-                            cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 240
-        while not (out / "last.pt").exists():
-            assert proc.poll() is None, "training exited before writing a checkpoint"
-            assert time.time() < deadline, "no checkpoint within 240 s"
-            time.sleep(0.02)
-        time.sleep(random.uniform(0.0, 0.4))
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    run_killed_after_first_checkpoint("train_seg.py", tiny_args(data, out), out)
     killed_at = max(r["iter"] for r in read_log(out / "log.jsonl") if r["event"] == "train")
     assert killed_at < 16, "the child finished before it was killed"
     resumed_from = load_checkpoint(str(out / "last.pt"))["iter"]

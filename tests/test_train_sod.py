@@ -3,10 +3,8 @@ a short run, the saved validation list, exact resumption after kill -9, two test
 evaluate call with --json and --save-vis, and --help showing the paper's recipe."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ import evaluate  # noqa: E402
 import train_sod  # noqa: E402
 from ivt.checkpoint import load_checkpoint  # noqa: E402
 from ivt.data.synthetic import write_vt  # noqa: E402
+from script_runs import read_log, run_killed_after_first_checkpoint  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("script_env")
@@ -29,9 +28,6 @@ def tiny_args(data, out, iters=8, *extra):
             "--eval-every", "4", "--log-every", "1", "--workers", "0", "--device", "cpu",
             "--kernels", "torch", "--lr", "1e-3", *extra]
 
-
-def read_log(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -62,19 +58,7 @@ def test_train_resume_after_kill_and_evaluate_two_sets(vt, tmp_path):
     assert sorted(reference) == list(range(1, 9))
 
     out = tmp_path / "killed"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train_sod.py"), *tiny_args(train, out)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 240
-        while not (out / "last.pt").exists():
-            assert proc.poll() is None, "training exited before writing a checkpoint"
-            assert time.time() < deadline
-            time.sleep(0.02)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    run_killed_after_first_checkpoint("train_sod.py", tiny_args(train, out), out)
     resumed_from = load_checkpoint(str(out / "last.pt"))["iter"]
     assert resumed_from in (4, 8)
     summary = train_sod.main(tiny_args(train, out, 8, "--resume"))

@@ -1,0 +1,35 @@
+"""Helpers for the tests that run the training scripts: reading a run's log, and starting a run
+in a child process that is killed with SIGKILL at a random moment after its first checkpoint."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def read_log(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def run_killed_after_first_checkpoint(script: str, args, out: Path, timeout: float = 240) -> None:
+    """Run `python <script> <args>` (writing to `out`) and SIGKILL it within 0.4 s of its first
+    `last.pt`; fails if it exits or writes nothing before that."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)
+    proc = subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + timeout
+        while not (Path(out) / "last.pt").exists():
+            assert proc.poll() is None, "training exited before writing a checkpoint"
+            assert time.time() < deadline, f"no checkpoint within {timeout} s"
+            time.sleep(0.02)
+        time.sleep(random.uniform(0.0, 0.4))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
