@@ -14,6 +14,10 @@ labels, AdamW (fused), bf16 autocast on the GPU. Modes:
     ivt            IV-tuning, the readable reference forward (`fast=False`)
     ivt_fast       IV-tuning, the fast forward (`fast=True`): same parameters, same results
     ivt_fast_ckpt  the fast forward with `checkpoint_blocks=True`
+and, for the CPU proxies only, where the fast step's operators go:
+    fast_empg      the fast forward of the `empg_only` variant: the IR stem and EMPG, no HA/IPA
+                   (so the frozen blocks' forward and input-gradient backward, plus the head)
+    fast_empg_ha   the `empg_ha` variant: that plus every Hybrid Adapter (ivt_fast adds the IPAs)
 
 GPU, per mode: eager step (the trainer's `EagerStep`) and the whole step in one CUDA graph
 (`ivt.graph_step.GraphedTrainStep`): median wall ms over `--steps` steps after `--warmup`
@@ -52,6 +56,8 @@ from ivt.models.segmentor import build_segmentor  # noqa: E402
 MODES = {"full": ("full", {}), "freeze": ("freeze", {}), "ivt": ("ivt", {}),
          "ivt_fast": ("ivt", {"fast": True}),
          "ivt_fast_ckpt": ("ivt", {"fast": True, "checkpoint_blocks": True})}
+DECOMPOSITION = {"fast_empg": ("ivt", {"fast": True, "variant": "empg_only"}),
+                 "fast_empg_ha": ("ivt", {"fast": True, "variant": "empg_ha"})}
 GPU_CASES = [("swin_l", 384, 8), ("eva02_l", 512, 2)]
 NUM_CLASSES = 9
 BEGIN, END = "<!-- bench/train_step.py: begin -->", "<!-- bench/train_step.py: end -->"
@@ -65,9 +71,11 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, metavar="FILE", help="also write the numbers here")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"),
                    help="markdown file whose train-step section is (re)written (GPU runs)")
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
+    p.add_argument("--modes", nargs="+", default=None, choices=list(MODES) + list(DECOMPOSITION),
                    help="what to measure: full fine-tuning, frozen backbone, IV-tuning "
-                        "reference, fast, fast with checkpointed frozen blocks (default: all)")
+                        "reference, fast, fast with checkpointed frozen blocks; with --device "
+                        "cpu also the decomposition fast_empg, fast_empg_ha (default: all "
+                        "that apply to the device)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (median; default 10)")
     p.add_argument("--warmup", type=int, default=3, help="warm-up steps (default 3)")
     p.add_argument("--cases", nargs="+", default=None, metavar="NAME:SIZE:BATCH",
@@ -83,7 +91,7 @@ def parse_args(argv=None):
 # -- one case ------------------------------------------------------------------------------------
 def build(backbone: str, mode: str, size, device, head_dim: int):
     """(model, optimizer) on `device`, random weights, seed 0."""
-    tuning, options = MODES[mode]
+    tuning, options = {**MODES, **DECOMPOSITION}[mode]
     torch.manual_seed(0)
     with torch.device(device):
         model = build_segmentor(backbone, NUM_CLASSES, tuning, img_size=tuple(size),
@@ -290,14 +298,28 @@ def gpu_benchmark(args) -> dict:
               "cases": []}
     for backbone, size, batch in cases:
         case = {"backbone": backbone, "size": size, "batch": batch, "train": {}, "inference": {}}
-        for mode in args.modes:
-            case["train"][mode] = gpu_train_case(backbone, size, batch, mode, args)
+        for mode in args.modes or list(MODES):
+            case["train"][mode] = out_of_memory_guard(gpu_train_case, backbone, size, batch,
+                                                      mode, args)
             print(backbone, mode, case["train"][mode], flush=True)
         for mode in ("freeze", "ivt", "ivt_fast"):
-            case["inference"][mode] = gpu_inference_case(backbone, size, batch, mode, args)
+            case["inference"][mode] = out_of_memory_guard(gpu_inference_case, backbone, size,
+                                                          batch, mode, args)
             print(backbone, "inference", mode, case["inference"][mode], flush=True)
         result["cases"].append(case)
     return result
+
+
+def out_of_memory_guard(case_fn, *args) -> dict:
+    """case_fn(*args), or {"error": ...} when the card runs out of memory: the other modes and
+    cases are still measured and the table says which one did not fit."""
+    try:
+        return case_fn(*args)
+    except torch.cuda.OutOfMemoryError:
+        gc.collect()
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(0).total_memory / 1e9
+        return {"error": f"out of memory ({total:.0f} GB card)"}
 
 
 def gpu_tables(result: dict) -> str:
@@ -313,19 +335,27 @@ def gpu_tables(result: dict) -> str:
         lines += [f"**{case['backbone']}, {case['size']}x{case['size']}, batch {case['batch']}**",
                   "", "| mode | eager ms | graph ms | GPU busy ms | kernels | peak GB (eager / "
                   "graph) | best vs full's best | trainable |", "|---|---|---|---|---|---|---|---|"]
-        best_full = min(full["eager_ms"], full["graph_ms"]) if full else None
+        measured = full is not None and "error" not in full
+        best_full = min(full["eager_ms"], full["graph_ms"]) if measured else None
         for mode, r in train.items():
+            if "error" in r:
+                lines.append(f"| {mode} | {r['error']} | | | | | | |")
+                continue
             best = min(r["eager_ms"], r["graph_ms"])
             ratio = f"{best / best_full:.2f}x" if best_full else "-"
             lines.append(f"| {mode} | {r['eager_ms']:.1f} | {r['graph_ms']:.1f} | "
                          f"{r['gpu_busy_ms']:.1f} | {r['kernels']:,} | {r['eager_peak_gb']:.2f} / "
                          f"{r['graph_peak_gb']:.2f} | {ratio} | {r['trainable']:,} |")
         inf = case["inference"]
+        frozen = inf.get("freeze", {}).get("graph_ms")
         lines += ["", "| inference (no grad, bf16) | eager ms | graph ms | vs frozen (graph) |",
                   "|---|---|---|---|"]
         for mode, r in inf.items():
-            lines.append(f"| {mode} | {r['eager_ms']:.1f} | {r['graph_ms']:.1f} | "
-                         f"{r['graph_ms'] / inf['freeze']['graph_ms']:.2f}x |")
+            if "error" in r:
+                lines.append(f"| {mode} | {r['error']} | | |")
+                continue
+            ratio = f"{r['graph_ms'] / frozen:.2f}x" if frozen else "-"
+            lines.append(f"| {mode} | {r['eager_ms']:.1f} | {r['graph_ms']:.1f} | {ratio} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -344,13 +374,14 @@ def write_section(path: Path, body: str) -> None:
 def main(argv=None):
     args = parse_args(argv)
     if args.device == "cpu":
-        result = cpu_proxies(args.backbone, args.size, args.batch, args.modes, args.head_dim)
+        modes = args.modes or list(MODES) + list(DECOMPOSITION)
+        result = cpu_proxies(args.backbone, args.size, args.batch, modes, args.head_dim)
         print(proxy_table(result))
     else:
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA device: run with --device cpu for the CPU proxies")
         result = gpu_benchmark(args)
-        proxies = cpu_proxies("swin_t", (128, 96), 2, list(MODES))
+        proxies = cpu_proxies("swin_t", (128, 96), 2, list(MODES) + list(DECOMPOSITION))
         result["cpu_proxies"] = proxies
         body = gpu_tables(result) + "\n" + proxy_table(proxies) + "\n"
         write_section(Path(args.out), body)

@@ -278,8 +278,12 @@ class HybridAdapter(nn.Module):
         sft = self.sft
         s = _FoldedSFT.apply(z, sft.norm.weight, sft.norm.bias, sft.gamma, sft.beta,
                              sft.norm.eps)                              # Eq. 14
-        h = self.ho.fast(self.down(s), hw)                              # (B, N, d2)
-        return self.up(self.drop(F.gelu(h)))
+        h = F.gelu(self.ho.fast(self.down(s), hw))                      # (B, N, d2)
+        if self.training and self.drop.p > 0:
+            # F.dropout's CUDA operator, here on every device: one operator, not four on the
+            # CPU, with the same mask and values (tests/test_fast_path.py)
+            h = torch.native_dropout(h, self.drop.p, True)[0]
+        return self.up(h)
 
 
 class InternalPromptAdapter(nn.Module):
@@ -320,6 +324,21 @@ class _StackTransposed(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return grad.transpose(1, 2).contiguous().unbind(0)
+
+
+class _Unstack(torch.autograd.Function):
+    """stacked.unbind(0): k (B, N, C) tensors from a (k, B, N, C) stack, with the backward
+    stacking the k gradients in one operator (autograd's own unbind backward writes each
+    gradient into a zero stack and sums the stacks: 2k - 1 operators). Unused outputs get zero
+    gradients (autograd materialises them)."""
+
+    @staticmethod
+    def forward(ctx, stacked: torch.Tensor):
+        return stacked.unbind(0)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:
+        return torch.stack(grads)
 
 
 def internal_prompts(ipas: Sequence[InternalPromptAdapter], p: torch.Tensor, hw: Grid
@@ -395,8 +414,8 @@ def block_internal_prompts(adapters: Sequence[Optional[nn.Module]], p: Optional[
              for pos, ipa in enumerate((hook.ipa1, hook.ipa2)) if ipa is not None]
     if slots:
         stacked = internal_prompts([ipa for _, _, ipa in slots], p, hw)       # (k, B, N, C)
-        for i, (j, pos, _) in enumerate(slots):
-            out[j][pos] = stacked[i]
+        for (j, pos, _), p_internal in zip(slots, _Unstack.apply(stacked)):
+            out[j][pos] = p_internal
     return out
 
 
