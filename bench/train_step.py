@@ -3,7 +3,8 @@
     python bench/train_step.py                        # on a GPU: Swin-L 384 batch 8 and
                                                       # EVA02-L 512 batch 2; writes its section
                                                       # of docs/benchmarks.md and --json if given
-    python bench/train_step.py --device cpu --json proxies.json   # CPU proxies, tiny backbone
+    python bench/train_step.py --device cpu --out docs/benchmarks.md   # CPU proxies of the
+                                                      # documented small cases (2-3 minutes)
 
 Every model is this repository's `build_segmentor(backbone, 9, tuning, ...)` with random weights
 (the numbers do not depend on the values), a 9-class Segformer head, cross-entropy on random
@@ -39,6 +40,7 @@ import gc
 import json
 import statistics
 import sys
+import textwrap
 import weakref
 from contextlib import nullcontext
 from functools import partial
@@ -59,8 +61,19 @@ MODES = {"full": ("full", {}), "freeze": ("freeze", {}), "ivt": ("ivt", {}),
 DECOMPOSITION = {"fast_empg": ("ivt", {"fast": True, "variant": "empg_only"}),
                  "fast_empg_ha": ("ivt", {"fast": True, "variant": "empg_ha"})}
 GPU_CASES = [("swin_l", 384, 8), ("eva02_l", 512, 2)]
+# (backbone, (H, W), batch, head width, what the case shows)
+CPU_CASES = [("swin_t", (128, 96), 2, 256, "the default case"),
+             ("swin_nano", (64, 96), 2, 64, "what `tests/test_bench_proxies.py` measures"),
+             ("swin_l", (64, 64), 1, 256, "the real model's operator count; the tiny input makes "
+              "its byte ratios unrepresentative"),
+             ("eva02_b", (64, 64), 1, 256, "EVA02's prompt changes every block, so only a "
+              "block's two IPAs are batched")]
 NUM_CLASSES = 9
-BEGIN, END = "<!-- bench/train_step.py: begin -->", "<!-- bench/train_step.py: end -->"
+# the markdown sections this script (re)writes: (begin marker, end marker, title)
+GPU_SECTION = ("<!-- bench/train_step.py: begin -->", "<!-- bench/train_step.py: end -->",
+               "Training step")
+CPU_SECTION = ("<!-- bench/train_step.py --device cpu: begin -->",
+               "<!-- bench/train_step.py --device cpu: end -->", "Training step: CPU proxies")
 
 
 def parse_args(argv=None):
@@ -68,9 +81,13 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="cuda: time the real models; cpu: the CPU proxies (aten ops per step, "
                         "bytes held for backward) on a small backbone (default: cuda)")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write the numbers here")
-    p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"),
-                   help="markdown file whose train-step section is (re)written (GPU runs)")
+    p.add_argument("--json", default=None, metavar="FILE",
+                   help="also write the numbers here (GPU runs: after every measured mode)")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="markdown file whose section this run (re)writes: the GPU section, "
+                        "after every measured mode so an interrupted run keeps what it measured, "
+                        "or with --device cpu the CPU-proxy section (default: "
+                        "docs/benchmarks.md on a GPU; with --device cpu, print only)")
     p.add_argument("--modes", nargs="+", default=None, choices=list(MODES) + list(DECOMPOSITION),
                    help="what to measure: full fine-tuning, frozen backbone, IV-tuning "
                         "reference, fast, fast with checkpointed frozen blocks; with --device "
@@ -80,11 +97,16 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="warm-up steps (default 3)")
     p.add_argument("--cases", nargs="+", default=None, metavar="NAME:SIZE:BATCH",
                    help="GPU cases (default: swin_l:384:8 eva02_l:512:2)")
-    p.add_argument("--backbone", default="swin_t", help="CPU proxy backbone (default swin_t)")
+    p.add_argument("--backbone", default=None,
+                   help="CPU proxies of this one backbone (with --size, --batch, --head-dim) "
+                        "instead of the documented cases: " + ", ".join(
+                            f"{n} {h}x{w} batch {b} head {d}" for n, (h, w), b, d, _ in CPU_CASES))
     p.add_argument("--size", type=int, nargs=2, default=(128, 96), metavar=("H", "W"),
-                   help="CPU proxy input size (default 128 96)")
-    p.add_argument("--batch", type=int, default=2, help="CPU proxy batch (default 2)")
-    p.add_argument("--head-dim", type=int, default=256, help="Segformer head width")
+                   help="CPU proxy input size with --backbone (default 128 96)")
+    p.add_argument("--batch", type=int, default=2, help="CPU proxy batch with --backbone "
+                                                        "(default 2)")
+    p.add_argument("--head-dim", type=int, default=256,
+                   help="Segformer head width (GPU cases, and --backbone; default 256)")
     return p.parse_args(argv)
 
 
@@ -198,15 +220,35 @@ def cpu_proxies(backbone: str, size, batch: int, modes, head_dim: int = 256) -> 
     return result
 
 
-def proxy_table(result: dict) -> str:
-    lines = [f"CPU proxies: `{result['backbone']}`, {result['size'][0]}x{result['size'][1]}, "
-             f"batch {result['batch']}, head width {result['head_dim']}, torch {result['torch']}",
-             "", "| mode | aten ops / step | vs full | MB held for backward | vs full "
+def proxy_table(result: dict, note: str = "") -> str:
+    caption = (f"`{result['backbone']}`, {result['size'][0]}x{result['size'][1]}, batch "
+               f"{result['batch']}, head width {result['head_dim']}"
+               + (f" ({note})" if note else "") + ":")
+    lines = [textwrap.fill(caption, 100), "", "| mode | aten ops / step | vs full | MB held for backward | vs full "
              "| trainable |", "|---|---|---|---|---|---|"]
     for mode, r in result["modes"].items():
         lines.append(f"| {mode} | {r['aten_ops']:,} | {r.get('ops_vs_full', 0):.2f}x | "
                      f"{r['bytes_for_backward'] / 1e6:,.2f} | {r.get('bytes_vs_full', 0):.2f}x | "
                      f"{r['trainable']:,} |")
+    return "\n".join(lines)
+
+
+def cpu_tables(results, notes) -> str:
+    """The CPU-proxy section: how the numbers are counted, then one table per case."""
+    text = ("Measured by `python bench/train_step.py --device cpu` on "
+            f"{datetime.date.today().isoformat()}, torch {torch.__version__}, reference "
+            "PyTorch kernels, no GPU. aten ops = operators dispatched in one training step "
+            "(forward, backward, fused AdamW), views and detach excluded; MB held for backward = "
+            "storages produced by the forward that are still alive before backward (what the "
+            "autograd graph and the checkpoints keep), parameters and inputs excluded. "
+            "`ivt_fast_ckpt` is `fast=True, checkpoint_blocks=True`. `fast_empg` and "
+            "`fast_empg_ha` decompose `ivt_fast`: the fast forward of the `empg_only` variant "
+            "(IR stem and EMPG, no adapters: the frozen blocks' forward and input-gradient "
+            "backward plus the head) and of `empg_ha` (that plus every Hybrid Adapter); "
+            "`ivt_fast` adds the Internal Prompt Adapters.")
+    lines = [textwrap.fill(text, 100), ""]
+    for result, note in zip(results, notes):
+        lines += [proxy_table(result, note), ""]
     return "\n".join(lines)
 
 
@@ -289,7 +331,7 @@ def gpu_inference_case(backbone: str, size: int, batch: int, mode: str, args) ->
     return row
 
 
-def gpu_benchmark(args) -> dict:
+def gpu_benchmark(args, on_progress=lambda result: None) -> dict:
     import triton
     cases = ([(n, int(s), int(b)) for n, s, b in (c.split(":") for c in args.cases)]
              if args.cases else GPU_CASES)
@@ -298,15 +340,17 @@ def gpu_benchmark(args) -> dict:
               "cases": []}
     for backbone, size, batch in cases:
         case = {"backbone": backbone, "size": size, "batch": batch, "train": {}, "inference": {}}
+        result["cases"].append(case)
         for mode in args.modes or list(MODES):
             case["train"][mode] = out_of_memory_guard(gpu_train_case, backbone, size, batch,
                                                       mode, args)
             print(backbone, mode, case["train"][mode], flush=True)
+            on_progress(result)
         for mode in ("freeze", "ivt", "ivt_fast"):
             case["inference"][mode] = out_of_memory_guard(gpu_inference_case, backbone, size,
                                                           batch, mode, args)
             print(backbone, "inference", mode, case["inference"][mode], flush=True)
-        result["cases"].append(case)
+            on_progress(result)
     return result
 
 
@@ -360,14 +404,16 @@ def gpu_tables(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, body: str) -> None:
-    """Replace this script's section of the markdown file (or append it)."""
+def write_section(path: Path, section, body: str) -> None:
+    """Replace one of this script's sections (GPU_SECTION or CPU_SECTION) of the markdown file,
+    or append it."""
+    begin, end, title = section
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"{BEGIN}\n## Training step\n\n{body}\n{END}"
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
+    block = f"{begin}\n## {title}\n\n{body.rstrip()}\n{end}"
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
     else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text)
 
 
@@ -375,21 +421,33 @@ def main(argv=None):
     args = parse_args(argv)
     if args.device == "cpu":
         modes = args.modes or list(MODES) + list(DECOMPOSITION)
-        result = cpu_proxies(args.backbone, args.size, args.batch, modes, args.head_dim)
-        print(proxy_table(result))
-    else:
-        if not torch.cuda.is_available():
-            raise SystemExit("no CUDA device: run with --device cpu for the CPU proxies")
-        result = gpu_benchmark(args)
-        proxies = cpu_proxies("swin_t", (128, 96), 2, list(MODES) + list(DECOMPOSITION))
-        result["cpu_proxies"] = proxies
-        body = gpu_tables(result) + "\n" + proxy_table(proxies) + "\n"
-        write_section(Path(args.out), body)
-        print(body)
-        print(f"wrote {args.out}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
-        print(f"wrote {args.json}")
+        cases = ([(args.backbone, tuple(args.size), args.batch, args.head_dim, "")]
+                 if args.backbone else CPU_CASES)
+        results = []
+        for backbone, size, batch, head_dim, note in cases:
+            results.append(cpu_proxies(backbone, size, batch, modes, head_dim))
+            print(proxy_table(results[-1], note) + "\n", flush=True)
+        result = {"cases": results}
+        if args.out:
+            write_section(Path(args.out), CPU_SECTION,
+                          cpu_tables(results, [case[-1] for case in cases]))
+            print(f"wrote {args.out}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+            print(f"wrote {args.json}")
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --device cpu for the CPU proxies")
+    out = Path(args.out or ROOT / "docs" / "benchmarks.md")
+
+    def save(result):
+        write_section(out, GPU_SECTION, gpu_tables(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+
+    result = gpu_benchmark(args, on_progress=save)
+    print(gpu_tables(result))
+    print(f"wrote {out}" + (f" and {args.json}" if args.json else ""))
 
 
 if __name__ == "__main__":

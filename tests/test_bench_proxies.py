@@ -84,7 +84,21 @@ def test_gpu_tables_ratios_and_a_mode_that_did_not_fit(tmp_path):
     assert inference["freeze"].endswith("| 1.00x |")
     out = tmp_path / "benchmarks.md"
     out.write_text("# Benchmarks\n\nkept\n")
-    bench.write_section(out, text)
-    bench.write_section(out, text)                              # rewritten, not appended twice
+    bench.write_section(out, bench.CPU_SECTION, "cpu tables")
+    bench.write_section(out, bench.GPU_SECTION, "an earlier, interrupted run")
+    bench.write_section(out, bench.GPU_SECTION, text)          # rewritten, not appended twice
     written = out.read_text()
-    assert written.count(bench.BEGIN) == 1 and "kept" in written and "1.57x" in written
+    assert written.count(bench.GPU_SECTION[0]) == 1 and "interrupted" not in written
+    assert "kept" in written and "1.57x" in written and "cpu tables" in written
+
+
+def test_cpu_command_writes_only_its_own_section(tmp_path):
+    out = tmp_path / "benchmarks.md"
+    bench = _bench()
+    out.write_text("# Benchmarks\n\n" + "\n".join(bench.GPU_SECTION[:2]) + "\n")
+    bench.main(["--device", "cpu", "--backbone", "swin_nano", "--size", "32", "48", "--batch", "1",
+                "--head-dim", "16", "--modes", "full", "ivt_fast", "--out", str(out)])
+    text = out.read_text()
+    assert text.count(bench.CPU_SECTION[0]) == 1 and bench.GPU_SECTION[0] in text
+    assert "`swin_nano`, 32x48, batch 1, head width 16:" in text
+    assert "| full | " in text and "| ivt_fast | " in text and "| ivt |" not in text
