@@ -21,6 +21,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path[0] = str(ROOT)  # `import kernels` is the package, not this file
+
+from bench.sections import write_section  # noqa: E402
 
 # (B, C, H, W), where it occurs in Swin-L IV-tuning
 REAL_SHAPES = [((8, 8, 96, 96), "EMPG (d1=8) and stage-1 IPA (d3=8), 384 input, batch 8"),
@@ -101,6 +104,8 @@ def benchmark_rows(args):
 
     import kernels
 
+    if not args.tiny and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --tiny to check the script on the CPU")
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = getattr(torch, args.dtype)
     measure = timer(args.tiny)
@@ -186,21 +191,9 @@ def main():
     args = parse_args()
     if args.tiny:
         os.environ["TRITON_INTERPRET"] = "1"  # before the kernels' modules are imported
-    sys.path[0] = str(ROOT)  # `import kernels` is the package, not this file
     rows, bandwidth, device_name = benchmark_rows(args)
-    write_section(Path(args.out), render(rows, bandwidth, device_name, args))
+    write_section(Path(args.out), BEGIN, END, render(rows, bandwidth, device_name, args))
     print(f"wrote {args.out}")
-
-
-def write_section(path: Path, body: str) -> None:
-    """Replace this script's section of the markdown file (or append it)."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"{BEGIN}\n{body}{END}"
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
 
 
 if __name__ == "__main__":

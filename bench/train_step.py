@@ -53,6 +53,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[0] = str(ROOT)             # the repository's packages, not this folder's scripts
 
+from bench.sections import write_section  # noqa: E402
 from ivt.models.segmentor import build_segmentor  # noqa: E402
 
 MODES = {"full": ("full", {}), "freeze": ("freeze", {}), "ivt": ("ivt", {}),
@@ -69,11 +70,10 @@ CPU_CASES = [("swin_t", (128, 96), 2, 256, "the default case"),
              ("eva02_b", (64, 64), 1, 256, "EVA02's prompt changes every block, so only a "
               "block's two IPAs are batched")]
 NUM_CLASSES = 9
-# the markdown sections this script (re)writes: (begin marker, end marker, title)
-GPU_SECTION = ("<!-- bench/train_step.py: begin -->", "<!-- bench/train_step.py: end -->",
-               "Training step")
+# the markdown sections this script (re)writes: (begin marker, end marker)
+GPU_SECTION = ("<!-- bench/train_step.py: begin -->", "<!-- bench/train_step.py: end -->")
 CPU_SECTION = ("<!-- bench/train_step.py --device cpu: begin -->",
-               "<!-- bench/train_step.py --device cpu: end -->", "Training step: CPU proxies")
+               "<!-- bench/train_step.py --device cpu: end -->")
 
 
 def parse_args(argv=None):
@@ -246,7 +246,7 @@ def cpu_tables(results, notes) -> str:
             "(IR stem and EMPG, no adapters: the frozen blocks' forward and input-gradient "
             "backward plus the head) and of `empg_ha` (that plus every Hybrid Adapter); "
             "`ivt_fast` adds the Internal Prompt Adapters.")
-    lines = [textwrap.fill(text, 100), ""]
+    lines = ["## Training step: CPU proxies", "", textwrap.fill(text, 100), ""]
     for result, note in zip(results, notes):
         lines += [proxy_table(result, note), ""]
     return "\n".join(lines)
@@ -367,7 +367,7 @@ def out_of_memory_guard(case_fn, *args) -> dict:
 
 
 def gpu_tables(result: dict) -> str:
-    lines = [f"Train step, measured by `python bench/train_step.py` on {result['device']}, "
+    lines = ["## Training step", "", f"Train step, measured by `python bench/train_step.py` on {result['device']}, "
              f"{result['date']}; torch {result['torch']}, triton {result['triton']}. Random "
              f"weights, 9-class Segformer head, bf16 autocast, fused AdamW; median of the timed "
              f"steps after warm-up (CUDA events); GPU busy = CUDA kernel time summed over one "
@@ -404,19 +404,6 @@ def gpu_tables(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, section, body: str) -> None:
-    """Replace one of this script's sections (GPU_SECTION or CPU_SECTION) of the markdown file,
-    or append it."""
-    begin, end, title = section
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{begin}\n## {title}\n\n{body.rstrip()}\n{end}"
-    if begin in text and end in text:
-        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.device == "cpu":
@@ -429,7 +416,7 @@ def main(argv=None):
             print(proxy_table(results[-1], note) + "\n", flush=True)
         result = {"cases": results}
         if args.out:
-            write_section(Path(args.out), CPU_SECTION,
+            write_section(Path(args.out), *CPU_SECTION,
                           cpu_tables(results, [case[-1] for case in cases]))
             print(f"wrote {args.out}")
         if args.json:
@@ -441,7 +428,7 @@ def main(argv=None):
     out = Path(args.out or ROOT / "docs" / "benchmarks.md")
 
     def save(result):
-        write_section(out, GPU_SECTION, gpu_tables(result))
+        write_section(out, *GPU_SECTION, gpu_tables(result))
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))
 

@@ -84,9 +84,9 @@ def test_gpu_tables_ratios_and_a_mode_that_did_not_fit(tmp_path):
     assert inference["freeze"].endswith("| 1.00x |")
     out = tmp_path / "benchmarks.md"
     out.write_text("# Benchmarks\n\nkept\n")
-    bench.write_section(out, bench.CPU_SECTION, "cpu tables")
-    bench.write_section(out, bench.GPU_SECTION, "an earlier, interrupted run")
-    bench.write_section(out, bench.GPU_SECTION, text)          # rewritten, not appended twice
+    bench.write_section(out, *bench.CPU_SECTION, "cpu tables")
+    bench.write_section(out, *bench.GPU_SECTION, "an earlier, interrupted run")
+    bench.write_section(out, *bench.GPU_SECTION, text)        # rewritten, not appended twice
     written = out.read_text()
     assert written.count(bench.GPU_SECTION[0]) == 1 and "interrupted" not in written
     assert "kept" in written and "1.57x" in written and "cpu tables" in written
@@ -95,7 +95,7 @@ def test_gpu_tables_ratios_and_a_mode_that_did_not_fit(tmp_path):
 def test_cpu_command_writes_only_its_own_section(tmp_path):
     out = tmp_path / "benchmarks.md"
     bench = _bench()
-    out.write_text("# Benchmarks\n\n" + "\n".join(bench.GPU_SECTION[:2]) + "\n")
+    out.write_text("# Benchmarks\n\n" + "\n".join(bench.GPU_SECTION) + "\n")
     bench.main(["--device", "cpu", "--backbone", "swin_nano", "--size", "32", "48", "--batch", "1",
                 "--head-dim", "16", "--modes", "full", "ivt_fast", "--out", str(out)])
     text = out.read_text()

@@ -1,0 +1,194 @@
+"""This repository's visible backbones against timm's, on the same architecture and input.
+
+    python bench/vs_timm.py [--json FILE]        # on a GPU with timm installed: Swin-L 384
+                                                 # batch 8 and EVA02-L (patch 16) 512 batch 2;
+                                                 # rewrites its section of docs/benchmarks.md
+    python bench/vs_timm.py --tiny --device cpu  # small models: checks the script, times nothing
+
+Issue 10 asks for this repository's Swin and EVA02 to be at least as fast as timm's. Both sides
+are built with the same configuration and random weights (timm's parameter names are ours, and
+`tests/test_timm_golden.py` checks that the outputs are equal on the same weights); drop-path is
+0 on both, so both do identical work. Per model: a full fine-tuning forward + backward of the
+backbone alone (loss = the sum of the four feature maps' means: ours are the backbone's four
+NCHW maps, timm's are `forward_intermediates` at the same stages or blocks, so the backward runs
+through every block) and an inference forward (no grad), both under bf16 autocast on the GPU:
+median wall ms over `--steps` calls after `--warmup` (CUDA events). EVA02's maps differ in one
+respect: ours are resized to strides 4-32 (four bilinear interpolations), timm's are not.
+
+timm is not a dependency of the project; this script is for machines that have it.
+"""
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[0] = str(ROOT)             # the repository's packages, not this folder's scripts
+
+from bench.sections import write_section  # noqa: E402
+from ivt.models import build_backbone  # noqa: E402
+from ivt.models.eva02 import EVA02_CONFIGS, feature_blocks  # noqa: E402
+from ivt.models.swin import SWIN_CONFIGS  # noqa: E402
+
+BEGIN, END = "<!-- bench/vs_timm.py: begin -->", "<!-- bench/vs_timm.py: end -->"
+# (our backbone name, input size, batch): the GPU cases, and the --tiny ones
+CASES = [("swin_l", 384, 8), ("eva02_l", 512, 2)]
+TINY_CASES = [("swin_nano", 128, 1), ("eva02_b", 64, 1)]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="where to run (default cuda; cpu only makes sense with --tiny)")
+    p.add_argument("--tiny", action="store_true",
+                   help="small models (swin_nano 128, eva02_b 64, batch 1): checks the script")
+    p.add_argument("--steps", type=int, default=10, help="timed calls (median; default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="warm-up calls (default 3)")
+    p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"),
+                   help="markdown file whose vs-timm section is (re)written (GPU runs only)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the numbers here")
+    return p.parse_args(argv)
+
+
+def timm_twin(name: str, size: int) -> tuple:
+    """(timm model, its forward to the four feature maps) with our backbone's configuration."""
+    from timm.models.eva import Eva
+    from timm.models.swin_transformer import SwinTransformer
+    if name in SWIN_CONFIGS:
+        c = SWIN_CONFIGS[name]
+        model = SwinTransformer(img_size=size, patch_size=4, embed_dim=c.embed_dim,
+                                depths=c.depths, num_heads=c.num_heads,
+                                window_size=c.window_size, drop_path_rate=0.0, num_classes=0)
+        return model, partial(model.forward_intermediates, intermediates_only=True)
+    c = EVA02_CONFIGS[name]
+    model = Eva(img_size=size, patch_size=c.patch_size, embed_dim=c.embed_dim, depth=c.depth,
+                num_heads=c.num_heads, qkv_fused=False, mlp_ratio=c.mlp_hidden / c.embed_dim,
+                swiglu_mlp=True, scale_mlp=True, use_rot_pos_emb=True,
+                ref_feat_shape=(c.rope_ref_grid, c.rope_ref_grid), drop_path_rate=0.0,
+                num_classes=0)
+    return model, partial(model.forward_intermediates, indices=feature_blocks(c.depth),
+                          intermediates_only=True)
+
+
+def ours(name: str, size: int) -> tuple:
+    """(our backbone, its forward to the four feature maps), full fine-tuning, drop-path 0."""
+    model = build_backbone(name, tuning="full", img_size=size, drop_path_rate=0.0)
+    return model, model
+
+
+def timer(device: torch.device):
+    """A function returning the wall ms of one call of fn (CUDA events on a GPU)."""
+    if device.type == "cuda":
+        def ms(fn):
+            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+    else:
+        def ms(fn):
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+    return ms
+
+
+def measure(build, name: str, size: int, batch: int, args, device: torch.device) -> dict:
+    """Median ms of a forward + backward and of an inference forward; parameters; peak GB."""
+    torch.manual_seed(0)
+    with device:
+        model, features = build(name, size)
+    model.train()
+    x = torch.randn(batch, 3, size, size, device=device)
+    autocast = (partial(torch.autocast, device_type="cuda", dtype=torch.bfloat16)
+                if device.type == "cuda" else nullcontext)
+
+    def train_step():
+        with autocast():
+            loss = sum(f.float().mean() for f in features(x))
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    def inference():
+        with torch.no_grad(), autocast():
+            features(x)
+
+    # timm's final norm (`norm`, or `fc_norm` of EVA's pooled head) is built but not applied by
+    # forward_intermediates: not counted
+    ms, row = timer(device), {"parameters": sum(p.numel() for n, p in model.named_parameters()
+                                                if not n.startswith(("norm.", "fc_norm.")))}
+    for key, fn in (("train_ms", train_step), ("inference_ms", inference)):
+        for _ in range(args.warmup):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        row[key] = statistics.median(ms(fn) for _ in range(args.steps))
+        if device.type == "cuda" and key == "train_ms":
+            row["train_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return row
+
+
+def table(result: dict) -> str:
+    lines = ["## This repository's backbones against timm's", "",
+             f"Measured by `python bench/vs_timm.py{' --tiny' if result['tiny'] else ''}` on "
+             f"{result['device']}, {result['date']}; torch {result['torch']}, timm "
+             f"{result['timm']}. Random weights, same configuration on both sides, drop-path 0"
+             + (", bf16 autocast" if result["device"] != "cpu" else "") + "; median of the "
+             "timed calls after warm-up. Train = forward + backward of the backbone alone "
+             "(full fine-tuning, no optimizer).", "",
+             "| backbone | input, batch | ours train ms | timm train ms | ours / timm | ours "
+             "inference ms | timm inference ms | ours / timm |", "|---|---|---|---|---|---|---|---|"]
+    for case in result["cases"]:
+        o, t = case["ours"], case["timm"]
+        lines.append(f"| {case['backbone']} | {case['size']}, {case['batch']} | "
+                     f"{o['train_ms']:.1f} | {t['train_ms']:.1f} | "
+                     f"{o['train_ms'] / t['train_ms']:.2f}x | {o['inference_ms']:.1f} | "
+                     f"{t['inference_ms']:.1f} | {o['inference_ms'] / t['inference_ms']:.2f}x |")
+    if result["tiny"]:
+        lines += ["", "Tiny models: this run only checks that the script works."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        import timm
+    except ImportError:
+        raise SystemExit("timm is not installed: this benchmark compares against it "
+                         "(pip install timm; it is not a dependency of the project)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --device cpu --tiny to check the script")
+    device = torch.device(args.device)
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+              "timm": timm.__version__, "tiny": args.tiny, "cases": []}
+    for name, size, batch in TINY_CASES if args.tiny else CASES:
+        case = {"backbone": name, "size": size, "batch": batch}
+        for side, build in (("ours", ours), ("timm", timm_twin)):
+            case[side] = measure(build, name, size, batch, args, device)
+            print(name, side, case[side], flush=True)
+        if case["ours"]["parameters"] != case["timm"]["parameters"]:
+            raise SystemExit(f"{name}: {case['ours']['parameters']:,} parameters here, "
+                             f"{case['timm']['parameters']:,} in timm's: not the same model")
+        result["cases"].append(case)
+    body = table(result)
+    print(body)
+    if device.type == "cuda":
+        write_section(Path(args.out), BEGIN, END, body)
+        print(f"wrote {args.out}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
