@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU measurement of issue 10 in one command, most important first, each part under its own
 # time limit so that one slow part cannot starve the others (about 9 minutes in all):
-#   1. the CUDA tests (CUDA graph step == eager step, Triton kernels and SimAM paths on the GPU)
+#   1. the CUDA tests (CUDA graph step == eager step, every Triton kernel against its reference)
 #   2. bench/train_step.py: Swin-L 384 b8 and EVA02-L 512 b2, every mode, eager and graphed
 #      (rewrites its section of docs/benchmarks.md after every mode)
-#   3. bench/kernels.py: SimAM and the partial conv, device time per call
+#   3. bench/kernels.py: SimAM, the partial conv, the inference Hybrid Adapter: device time
 #   4. bench/vs_timm.py: this repository's Swin-L and EVA02-L against timm's (when timm imports)
 # Logs, the JSON files and the rewritten docs/benchmarks.md go to $OUT (default ./gpu_out).
 #
@@ -30,8 +30,8 @@ part() {  # part SECONDS NAME COMMAND...: run one part under a time limit, log i
 } > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 part 120 tests $PY -m pytest -q tests/test_graph_step.py tests/test_simam_paths.py \
-    tests/test_kernels.py tests/test_kernels_model.py
-part 330 train_step $PY bench/train_step.py --json "$OUT/train_step.json"
-part 60 kernels $PY bench/kernels.py
+    tests/test_kernels.py tests/test_kernels_model.py tests/test_hybrid_adapter_kernel.py
+part 300 train_step $PY bench/train_step.py --json "$OUT/train_step.json"
+part 90 kernels $PY bench/kernels.py
 part 60 vs_timm $PY bench/vs_timm.py --json "$OUT/vs_timm.json"
 cp docs/benchmarks.md "$OUT/benchmarks.md"

@@ -1,4 +1,6 @@
-"""Benchmark SimAM and the partial conv: eager reference vs torch.compile(reference) vs Triton.
+"""Benchmark the Triton kernels against the eager reference and torch.compile of it.
+
+SimAM and the partial conv (forward, forward + backward) and the inference Hybrid Adapter.
 
     python bench/kernels.py                      # on a GPU; writes docs/benchmarks.md
     python bench/kernels.py --dtype bfloat16 --out /tmp/bf16.md
@@ -32,6 +34,11 @@ REAL_SHAPES = [((8, 8, 96, 96), "EMPG (d1=8) and stage-1 IPA (d3=8), 384 input, 
                ((2, 64, 128, 128), "stage-1 HA (d2=64), 512 input, batch 2")]
 LARGE_SHAPES = [((8, 64, 256, 256), "large"), ((32, 64, 256, 256), "large")]
 TINY_SHAPES = [((2, 8, 7, 9), "tiny")]
+# the inference Hybrid Adapter (d2 = 64) on (B, H*W, C) tokens, given as (B, C, H, W)
+ADAPTER_SHAPES = [((8, 192, 96, 96), "Swin-L stage-1 HA, 384 input, batch 8"),
+                  ((8, 768, 24, 24), "Swin-L stage-3 HA, 384 input, batch 8"),
+                  ((2, 1024, 32, 32), "EVA02-L HA, 512 input, batch 2")]
+TINY_ADAPTER_SHAPES = [((2, 24, 7, 9), "tiny")]
 PASSES = {"forward": 2, "forward+backward": 5}  # tensor-sized reads + writes of an ideal kernel
 BEGIN, END = "<!-- bench/kernels.py: begin -->", "<!-- bench/kernels.py: end -->"
 
@@ -148,8 +155,38 @@ def benchmark_rows(args):
                                  times=times, floor_us=moved / bandwidth * 1e6,
                                  gbps=moved / (times["triton"] * 1e-6) / 1e9))
                 print(format_row(rows[-1], bandwidth), flush=True)
+    rows += adapter_rows(args, device, dtype, measure, bandwidth)
     name = "CPU (Triton interpreter)" if args.tiny else torch.cuda.get_device_name(device)
     return rows, bandwidth, name
+
+
+def adapter_rows(args, device, dtype, measure, bandwidth):
+    """The Hybrid Adapter at inference with its residual and the internal prompt added:
+    residual + HA(x) + extra with residual = x, as the sequential block calls it. Its floor
+    moves x, extra and the output once (three token tensors)."""
+    import torch
+
+    import kernels
+    from ivt.models.ivtuning import HybridAdapter
+
+    reference = kernels.hybrid_adapter_eval_reference
+    impls = {"eager": reference, "compile": None if args.tiny else torch.compile(reference),
+             "triton": kernels.hybrid_adapter_eval_triton}
+    rows = []
+    for shape, where in TINY_ADAPTER_SHAPES if args.tiny else ADAPTER_SHAPES:
+        B, C, H, W = shape
+        weights = HybridAdapter(C, 16 if args.tiny else 64).to(device).eval().eval_weights()
+        x, extra = (torch.randn(B, H * W, C, device=device, dtype=dtype) for _ in range(2))
+        with torch.no_grad():
+            times = {name: None if fn is None else
+                     measure(lambda fn=fn: fn(x, x, extra, (H, W), weights), None)
+                     for name, fn in impls.items()}
+        moved = 3 * x.numel() * x.element_size()
+        rows.append(dict(op="hybrid_adapter_eval", shape=shape, where=where,
+                         direction="inference", times=times, floor_us=moved / bandwidth * 1e6,
+                         gbps=moved / (times["triton"] * 1e-6) / 1e9))
+        print(format_row(rows[-1], bandwidth), flush=True)
+    return rows
 
 
 HEADER = ("| op | shape (B, C, H, W) | where | direction | eager us | compile us | triton us "

@@ -226,8 +226,9 @@ def proxy_table(result: dict, note: str = "") -> str:
     caption = (f"`{result['backbone']}`, {result['size'][0]}x{result['size'][1]}, batch "
                f"{result['batch']}, head width {result['head_dim']}"
                + (f" ({note})" if note else "") + ":")
-    lines = [textwrap.fill(caption, 100), "", "| mode | aten ops / step | vs full | MB held for backward | vs full "
-             "| trainable |", "|---|---|---|---|---|---|"]
+    lines = [textwrap.fill(caption, 100), "",
+             "| mode | aten ops / step | vs full | MB held for backward | vs full | trainable |",
+             "|---|---|---|---|---|---|"]
     for mode, r in result["modes"].items():
         lines.append(f"| {mode} | {r['aten_ops']:,} | {r.get('ops_vs_full', 0):.2f}x | "
                      f"{r['bytes_for_backward'] / 1e6:,.2f} | {r.get('bytes_vs_full', 0):.2f}x | "
@@ -297,7 +298,7 @@ def gpu_train_case(backbone: str, size: int, batch: int, mode: str, args) -> dic
         if kind == "eager":
             row["gpu_busy_ms"], row["kernels"] = kernel_time(lambda: step(data, 1e-4))
             row["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        del model, optimizer, step
+        model = optimizer = step = None          # free this kind's model before the next
         gc.collect()
         torch.cuda.empty_cache()
     return row
@@ -327,7 +328,7 @@ def gpu_inference_case(backbone: str, size: int, batch: int, mode: str, args) ->
         with torch.cuda.graph(graph):
             model(data["vis"], data["ir"])
     row["graph_ms"] = median_ms(graph.replay, args.steps)
-    del model, graph
+    model = graph = None
     gc.collect()
     torch.cuda.empty_cache()
     return row
@@ -369,7 +370,8 @@ def out_of_memory_guard(case_fn, *args) -> dict:
 
 
 def gpu_tables(result: dict) -> str:
-    lines = ["## Training step", "", f"Train step, measured by `python bench/train_step.py` on {result['device']}, "
+    lines = ["## Training step", "",
+             f"Train step, measured by `python bench/train_step.py` on {result['device']}, "
              f"{result['date']}; torch {result['torch']}, triton {result['triton']}. Random "
              f"weights, 9-class Segformer head, bf16 autocast, fused AdamW; median of the timed "
              f"steps after warm-up (CUDA events); GPU busy = CUDA kernel time summed over one "

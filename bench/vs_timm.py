@@ -146,7 +146,8 @@ def table(result: dict) -> str:
              "timed calls after warm-up. Train = forward + backward of the backbone alone "
              "(full fine-tuning, no optimizer).", "",
              "| backbone | input, batch | ours train ms | timm train ms | ours / timm | ours "
-             "inference ms | timm inference ms | ours / timm |", "|---|---|---|---|---|---|---|---|"]
+             "inference ms | timm inference ms | ours / timm |",
+             "|---|---|---|---|---|---|---|---|"]
     for case in result["cases"]:
         o, t = case["ours"], case["timm"]
         lines.append(f"| {case['backbone']} | {case['size']}, {case['batch']} | "

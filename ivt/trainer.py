@@ -210,8 +210,9 @@ def get_parser(task: Task) -> argparse.ArgumentParser:
                    help="auto (CUDA if available), cpu, cuda or cuda:N; under torchrun each "
                         "process uses cuda:LOCAL_RANK, or the CPU with gloo (default: %(default)s)")
     g.add_argument("--kernels", default="auto", choices=kernels.BACKENDS,
-                   help="SimAM / partial-conv implementation: auto (Triton on CUDA), torch "
-                        "(reference), triton (default: %(default)s)")
+                   help="SimAM, partial conv and (--impl fast, at inference) Hybrid Adapter "
+                        "implementation: auto (Triton on CUDA), torch (reference), triton "
+                        "(default: %(default)s)")
     g.add_argument("--cuda-graph", action="store_true",
                    help="capture the whole training step (forward, backward, optimizer) once in "
                         "a CUDA graph and replay it: removes the host overhead of IV-tuning's "

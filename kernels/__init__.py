@@ -1,6 +1,7 @@
 """Fused kernels for IV-tuning's memory-bound operations, with automatic fallback.
 
-`simam` and `partial_conv_residual` pick an implementation per call:
+`simam`, `partial_conv_residual` and `hybrid_adapter_eval` (a whole Hybrid Adapter at inference,
+used by the fast path, `build_backbone(..., fast=True)`) pick an implementation per call:
 * `IVT_KERNELS=torch` forces the pure-PyTorch reference (`kernels/reference.py`);
 * `IVT_KERNELS=triton` forces the Triton kernels (on CUDA tensors, or on CPU tensors when
   `TRITON_INTERPRET=1` runs Triton's interpreter; otherwise it raises);
@@ -14,17 +15,20 @@ import os
 
 import torch
 
-from .reference import partial_conv_residual_reference, simam_reference
+from .reference import (HybridAdapterWeights, hybrid_adapter_eval_reference,
+                        partial_conv_residual_reference, simam_reference)
 
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 if TRITON_INSTALLED:
     # Imported before `simam` below is defined: the function, not the submodule of the same name,
     # is what `kernels.simam` means.
+    from .hybrid_adapter import hybrid_adapter_eval_triton
     from .partial_conv import partial_conv_residual_triton
     from .simam import simam_triton
 
-__all__ = ["simam", "partial_conv_residual", "backend", "set_backend", "BACKENDS", "use_triton",
-           "simam_reference", "partial_conv_residual_reference"]
+__all__ = ["simam", "partial_conv_residual", "hybrid_adapter_eval", "HybridAdapterWeights",
+           "backend", "set_backend", "BACKENDS", "use_triton", "simam_reference",
+           "partial_conv_residual_reference", "hybrid_adapter_eval_reference"]
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -78,3 +82,12 @@ def partial_conv_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     if use_triton(x):
         return partial_conv_residual_triton(x, weight, bias, cp)
     return partial_conv_residual_reference(x, weight, bias, cp)
+
+
+def hybrid_adapter_eval(x: torch.Tensor, residual: torch.Tensor, extra, hw,
+                        weights: HybridAdapterWeights) -> torch.Tensor:
+    """residual + Hybrid Adapter branch(x) (+ extra) at inference, (B, N, C) tokens; see
+    `kernels.reference.hybrid_adapter_eval_reference` (two Triton launches on a GPU)."""
+    if use_triton(x):
+        return hybrid_adapter_eval_triton(x, residual, extra, hw, weights)
+    return hybrid_adapter_eval_reference(x, residual, extra, hw, weights)

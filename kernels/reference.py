@@ -1,8 +1,11 @@
-"""Pure-PyTorch references for the two memory-bound IV-tuning operations.
+"""Pure-PyTorch references for the IV-tuning operations that have Triton kernels.
 
 These are the ground truth the Triton kernels are tested against, and the path the product takes
-wherever Triton or a GPU is missing. Both accept contiguous or channels-last (B, C, H, W) maps.
+wherever Triton or a GPU is missing. SimAM and the partial conv accept contiguous or channels-last
+(B, C, H, W) maps; the inference Hybrid Adapter works on (B, N, C) tokens.
 """
+from typing import NamedTuple, Optional, Tuple
+
 import torch
 import torch.nn.functional as F
 
@@ -34,3 +37,48 @@ def partial_conv_residual_reference(x: torch.Tensor, weight: torch.Tensor, bias:
         return x + x
     conv = F.conv2d(x[:, :cp], weight, bias, padding=1, groups=cp)
     return x + torch.cat([conv, x[:, cp:]], dim=1)
+
+
+class HybridAdapterWeights(NamedTuple):
+    """A Hybrid Adapter's tensors for `hybrid_adapter_eval` (18 tensors, then 3 numbers)."""
+    ln_weight: torch.Tensor      # (C,)  SFT's LayerNorm affine
+    ln_bias: torch.Tensor
+    gamma: torch.Tensor          # (C,)  SFT's gamma, beta (Eq. 14)
+    beta: torch.Tensor
+    down_weight: torch.Tensor    # (d2, C)
+    down_bias: torch.Tensor
+    conv_weight: torch.Tensor    # (cp, 1, 3, 3)  the partial depthwise conv
+    conv_bias: torch.Tensor
+    pw1_weight: torch.Tensor     # (d2, d2)
+    pw1_bias: torch.Tensor
+    bn_mean: torch.Tensor        # (d2,)  BatchNorm running statistics and affine
+    bn_var: torch.Tensor
+    bn_weight: torch.Tensor
+    bn_bias: torch.Tensor
+    pw2_weight: torch.Tensor     # (d2, d2)
+    pw2_bias: torch.Tensor
+    up_weight: torch.Tensor      # (C, d2)
+    up_bias: torch.Tensor
+    ln_eps: float
+    bn_eps: float
+    cp: int
+
+
+def hybrid_adapter_eval_reference(x: torch.Tensor, residual: torch.Tensor,
+                                  extra: Optional[torch.Tensor], hw: Tuple[int, int],
+                                  w: HybridAdapterWeights) -> torch.Tensor:
+    """residual + up(gelu(HO(down(SFT(x))))) (+ extra): a Hybrid Adapter at inference (Eq. 15,
+    dropout off, BatchNorm on its running statistics) with the block's residual and the internal
+    prompt (Eq. 6) added. x, residual, extra: (B, N, C) tokens on an (H, W) grid."""
+    B, N, C = x.shape
+    s = F.layer_norm(x, (C,), w.ln_weight, w.ln_bias, w.ln_eps) * w.gamma + w.beta   # Eq. 14
+    h = F.linear(s, w.down_weight, w.down_bias)                                     # (B, N, d2)
+    d2 = h.shape[-1]
+    y = partial_conv_residual_reference(h.reshape(B, *hw, d2).permute(0, 3, 1, 2),
+                                        w.conv_weight, w.conv_bias, w.cp)
+    y = y.permute(0, 2, 3, 1).reshape(B, N, d2)                                     # Eq. 10
+    p = F.batch_norm(F.linear(y, w.pw1_weight, w.pw1_bias).reshape(B * N, d2), w.bn_mean,
+                     w.bn_var, w.bn_weight, w.bn_bias, False, 0.0, w.bn_eps)
+    o = y + F.linear(F.relu(p).reshape(B, N, d2), w.pw2_weight, w.pw2_bias)
+    out = residual + F.linear(F.gelu(o), w.up_weight, w.up_bias)
+    return out if extra is None else out + extra

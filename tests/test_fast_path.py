@@ -2,6 +2,9 @@
 loss and every trainable gradient must equal the reference path's, for every IV-tuning variant,
 on Swin and EVA02, in float64, with dropout, drop-path and BatchNorm in training mode.
 
+At inference (eval mode, no autograd) the fast path's outputs equal the reference path's too,
+with random BatchNorm running statistics.
+
 Also: the stage-batched IPAs equal the per-IPA modules, window attention's `extra_kv` equals
 attention over the window plus the extra tokens written out by hand, and the relative-position
 index stays out of the state dict.
@@ -114,6 +117,48 @@ def test_eva02_fast_layers_and_checkpointing(layers, checkpoint):
                                                                           dtype=torch.float64)
     assert_same(run(ref, vis, ir), run(fast, vis, ir))
     assert_same_buffers(ref, fast)
+
+
+def run_eval(model, vis, ir):
+    """Inference outputs: eval mode (BatchNorm on its running statistics), no autograd."""
+    model.eval()
+    with torch.no_grad():
+        return model(vis, ir)
+
+
+def eval_pair(build):
+    """Reference and fast models sharing random weights and random BatchNorm running stats."""
+    ref, fast = pair(build)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, buffer in ref.named_buffers():
+            if name.endswith("running_mean"):
+                buffer.copy_(torch.randn(buffer.shape, generator=g) * 0.3)
+            elif name.endswith("running_var"):
+                buffer.copy_(torch.rand(buffer.shape, generator=g) + 0.5)
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_swin_fast_inference_equals_reference(variant):
+    """At inference the fast path runs each Hybrid Adapter, its residual and the internal prompt
+    as one `kernels.hybrid_adapter_eval` call (its PyTorch reference here, on the CPU)."""
+    ref, fast = eval_pair(lambda f: build_backbone("swin_nano", "ivt", variant=variant, d2=16,
+                                                   fast=f))
+    vis = torch.randn(2, 3, 44, 60, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ir = torch.randn(2, 1, 44, 60, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for a, b in zip(run_eval(ref, vis, ir), run_eval(fast, vis, ir)):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("variant", ["ivt", "parallel", "ipa_deep", "ffn_only"])
+def test_eva02_fast_inference_equals_reference(variant):
+    ref, fast = eval_pair(lambda f: tiny_eva(f, variant))
+    vis = torch.randn(2, 3, 24, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ir = torch.randn(2, 3, 24, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for a, b in zip(run_eval(ref, vis, ir), run_eval(fast, vis, ir)):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11)
 
 
 def test_fast_and_reference_share_state_dict_keys_and_shapes():

@@ -272,6 +272,15 @@ class HybridAdapter(nn.Module):
     def forward(self, z: torch.Tensor, hw: Grid) -> torch.Tensor:
         return z + self.branch(z, hw)
 
+    def eval_weights(self) -> kernels.HybridAdapterWeights:
+        """This adapter's tensors for `kernels.hybrid_adapter_eval` (inference)."""
+        sft, ho = self.sft, self.ho
+        return kernels.HybridAdapterWeights(
+            sft.norm.weight, sft.norm.bias, sft.gamma, sft.beta, self.down.weight, self.down.bias,
+            ho.dwconv.weight, ho.dwconv.bias, ho.pw1.weight, ho.pw1.bias, ho.bn.running_mean,
+            ho.bn.running_var, ho.bn.weight, ho.bn.bias, ho.pw2.weight, ho.pw2.bias,
+            self.up.weight, self.up.bias, sft.norm.eps, ho.bn.eps, ho.cp)
+
     def fast_branch(self, z: torch.Tensor, hw: Grid) -> torch.Tensor:
         """`branch` with SFT's affine folded into its LayerNorm's (`_FoldedSFT`), and the
         Hybrid Operation's `fast` form (safe to recompute under `checkpointed`)."""
@@ -496,14 +505,21 @@ class BlockAdapters(nn.Module):
              hw: Grid, p_internal: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """`forward` with HA's `fast_branch` and, unless `ipa_deep`, this position's IPA output
         `p_internal` (B, N, C) already computed by `internal_prompts` for all IPAs that read
-        `prompt`. With `ipa_deep` the IPA chain is sequential and runs here, as in `forward`."""
+        `prompt`. With `ipa_deep` the IPA chain is sequential and runs here, as in `forward`.
+        At inference (adapter in eval mode, no autograd) the HA, both residual adds and the
+        internal prompt are one `kernels.hybrid_adapter_eval` call."""
         ha, ipa = (self.ha1, self.ipa1) if pos == 0 else (self.ha2, self.ipa2)
-        z = z_out
-        if ha is not None:
-            z = z + ha.fast_branch(z_in if self.cfg.parallel else z_out, hw)
         if ipa is not None and self.cfg.ipa_deep:
             p_internal = internal_prompts([ipa], prompt, hw)[0]
             prompt = p_internal
+        z = z_out
+        if ha is not None and not (ha.training or torch.is_grad_enabled()):
+            # inference: the adapter, its residual and the internal prompt in one call
+            # (two Triton launches on a GPU, `kernels.hybrid_adapter_eval`)
+            x = z_in if self.cfg.parallel else z_out
+            return kernels.hybrid_adapter_eval(x, z, p_internal, hw, ha.eval_weights()), prompt
+        if ha is not None:
+            z = z + ha.fast_branch(z_in if self.cfg.parallel else z_out, hw)
         if p_internal is not None:
             z = z + p_internal                                          # Eq. 6
         return z, prompt
