@@ -50,7 +50,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto",
                    help="auto (CUDA if available), cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--kernels", default="auto", choices=kernels.BACKENDS,
-                   help="SimAM, partial conv and (runs trained with --impl fast) Hybrid Adapter "
+                   help="SimAM, partial conv and (runs trained with --impl fused) Hybrid Adapter "
                         "implementation: auto (Triton on CUDA), torch (reference), triton "
                         "(default: %(default)s)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (default: float32)")

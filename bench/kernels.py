@@ -175,7 +175,7 @@ def adapter_rows(args, device, dtype, measure, bandwidth):
     rows = []
     for shape, where in TINY_ADAPTER_SHAPES if args.tiny else ADAPTER_SHAPES:
         B, C, H, W = shape
-        weights = HybridAdapter(C, 16 if args.tiny else 64).to(device).eval().eval_weights()
+        weights = HybridAdapter(C, 16 if args.tiny else 64).to(device).eval().kernel_weights()
         x, extra = (torch.randn(B, H * W, C, device=device, dtype=dtype) for _ in range(2))
         with torch.no_grad():
             times = {name: None if fn is None else

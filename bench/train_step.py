@@ -15,6 +15,9 @@ labels, AdamW (fused), bf16 autocast on the GPU. Modes:
     ivt            IV-tuning, the readable reference forward (`fast=False`)
     ivt_fast       IV-tuning, the fast forward (`fast=True`): same parameters, same results
     ivt_fast_ckpt  the fast forward with `checkpoint_blocks=True`
+    ivt_fused      (GPU) the fast forward with `fused_adapters=True`: every Hybrid Adapter, its
+                   residual and internal prompt as Triton kernels (`kernels/hybrid_adapter.py`)
+    ivt_fused_ckpt (GPU) that with `checkpoint_blocks=True`
 and, for the CPU proxies only, where the fast step's operators go:
     fast_empg      the fast forward of the `empg_only` variant: the IR stem and EMPG, no HA/IPA
                    (so the frozen blocks' forward and input-gradient backward, plus the head)
@@ -61,9 +64,13 @@ MODES = {"full": ("full", {}), "freeze": ("freeze", {}), "ivt": ("ivt", {}),
          "ivt_fast_ckpt": ("ivt", {"fast": True, "checkpoint_blocks": True})}
 DECOMPOSITION = {"fast_empg": ("ivt", {"fast": True, "variant": "empg_only"}),
                  "fast_empg_ha": ("ivt", {"fast": True, "variant": "empg_ha"})}
+# GPU only (on the CPU it is ivt_fast): the Hybrid Adapters as Triton kernels
+FUSED = {"ivt_fused": ("ivt", {"fast": True, "fused_adapters": True}),
+         "ivt_fused_ckpt": ("ivt", {"fast": True, "fused_adapters": True,
+                                    "checkpoint_blocks": True})}
 GPU_CASES = [("swin_l", 384, 8), ("eva02_l", 512, 2)]
 # most wanted first, so that a run cut short has the comparisons that matter
-GPU_ORDER = ["full", "ivt_fast", "ivt_fast_ckpt", "freeze", "ivt"]
+GPU_ORDER = ["full", "ivt_fused", "ivt_fast", "ivt_fused_ckpt", "ivt_fast_ckpt", "freeze", "ivt"]
 # (backbone, (H, W), batch, head width, what the case shows)
 CPU_CASES = [("swin_t", (128, 96), 2, 256, "the default case"),
              ("swin_nano", (64, 96), 2, 64, "what `tests/test_bench_proxies.py` measures"),
@@ -90,11 +97,13 @@ def parse_args(argv=None):
                         "after every measured mode so an interrupted run keeps what it measured, "
                         "or with --device cpu the CPU-proxy section (default: "
                         "docs/benchmarks.md on a GPU; with --device cpu, print only)")
-    p.add_argument("--modes", nargs="+", default=None, choices=list(MODES) + list(DECOMPOSITION),
+    p.add_argument("--modes", nargs="+", default=None,
+                   choices=list(MODES) + list(DECOMPOSITION) + list(FUSED),
                    help="what to measure: full fine-tuning, frozen backbone, IV-tuning "
-                        "reference, fast, fast with checkpointed frozen blocks; with --device "
-                        "cpu also the decomposition fast_empg, fast_empg_ha (default: all "
-                        "that apply to the device)")
+                        "reference, fast, fast with checkpointed frozen blocks; on a GPU also "
+                        "ivt_fused, ivt_fused_ckpt (the Hybrid Adapters as Triton kernels); with "
+                        "--device cpu also the decomposition fast_empg, fast_empg_ha (default: "
+                        "all that apply to the device)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (median; default 10)")
     p.add_argument("--warmup", type=int, default=3, help="warm-up steps (default 3)")
     p.add_argument("--cases", nargs="+", default=None, metavar="NAME:SIZE:BATCH",
@@ -115,7 +124,7 @@ def parse_args(argv=None):
 # -- one case ------------------------------------------------------------------------------------
 def build(backbone: str, mode: str, size, device, head_dim: int):
     """(model, optimizer) on `device`, random weights, seed 0."""
-    tuning, options = {**MODES, **DECOMPOSITION}[mode]
+    tuning, options = {**MODES, **DECOMPOSITION, **FUSED}[mode]
     torch.manual_seed(0)
     with torch.device(device):
         model = build_segmentor(backbone, NUM_CLASSES, tuning, img_size=tuple(size),
@@ -349,7 +358,7 @@ def gpu_benchmark(args, on_progress=lambda result: None) -> dict:
                                                       mode, args)
             print(backbone, mode, case["train"][mode], flush=True)
             on_progress(result)
-        for mode in ("freeze", "ivt", "ivt_fast"):
+        for mode in ("freeze", "ivt", "ivt_fast", "ivt_fused"):
             case["inference"][mode] = out_of_memory_guard(gpu_inference_case, backbone, size,
                                                           batch, mode, args)
             print(backbone, "inference", mode, case["inference"][mode], flush=True)

@@ -114,8 +114,10 @@ def backbone_kwargs(config: dict) -> dict:
         kw["ir_embed"] = True
     if config.get("patch_size") is not None:
         kw["patch_size"] = config["patch_size"]
-    if config.get("impl") == "fast":
+    if config.get("impl") in ("fast", "fused"):
         kw["fast"] = True
+    if config.get("impl") == "fused" and config.get("tuning", "ivt") == "ivt":
+        kw["fused_adapters"] = True
     if config.get("checkpoint_blocks"):
         kw["checkpoint_blocks"] = True
     return kw
@@ -166,11 +168,13 @@ def get_parser(task: Task) -> argparse.ArgumentParser:
                    help="visible-model checkpoint (original release or timm layout) loaded into "
                         "the frozen part; checkpoints then store only trained tensors and this "
                         "file's SHA-256 (default: none, random init, frozen weights saved too)")
-    g.add_argument("--impl", default="reference", choices=("reference", "fast"),
-                   help="forward implementation: the readable reference, or the fused fast path "
-                        "(same parameters, equal results) (default: %(default)s)")
+    g.add_argument("--impl", default="reference", choices=("reference", "fast", "fused"),
+                   help="forward implementation: the readable reference; fast (stage-batched "
+                        "prompt adapters, folded affines: same parameters, equal results); or "
+                        "fused: fast with every Hybrid Adapter as Triton kernels on a GPU "
+                        "(kernels/hybrid_adapter.py; fast elsewhere) (default: %(default)s)")
     g.add_argument("--checkpoint-blocks", action="store_true",
-                   help="with --impl fast and --tuning ivt: recompute the frozen blocks' "
+                   help="with --impl fast or fused and --tuning ivt: recompute the frozen blocks' "
                         "activations in the backward pass instead of storing them (under half of "
                         "full fine-tuning's activation memory, more compute)")
     task.add_arguments(p)
@@ -210,7 +214,7 @@ def get_parser(task: Task) -> argparse.ArgumentParser:
                    help="auto (CUDA if available), cpu, cuda or cuda:N; under torchrun each "
                         "process uses cuda:LOCAL_RANK, or the CPU with gloo (default: %(default)s)")
     g.add_argument("--kernels", default="auto", choices=kernels.BACKENDS,
-                   help="SimAM, partial conv and (--impl fast, at inference) Hybrid Adapter "
+                   help="SimAM, partial conv and (--impl fused) Hybrid Adapter "
                         "implementation: auto (Triton on CUDA), torch (reference), triton "
                         "(default: %(default)s)")
     g.add_argument("--cuda-graph", action="store_true",
@@ -263,8 +267,8 @@ def check_args(task: Task, args) -> None:
         raise FileNotFoundError(f"--pretrained {args.pretrained}: file not found")
     if args.cuda_graph and not torch.cuda.is_available():
         raise ValueError("--cuda-graph needs a CUDA device")
-    if args.checkpoint_blocks and (args.impl != "fast" or args.tuning != "ivt"):
-        raise ValueError("--checkpoint-blocks needs --impl fast and --tuning ivt")
+    if args.checkpoint_blocks and (args.impl == "reference" or args.tuning != "ivt"):
+        raise ValueError("--checkpoint-blocks needs --impl fast (or fused) and --tuning ivt")
     if args.resume and args.resume != "last" and not os.path.isfile(args.resume):
         raise FileNotFoundError(f"--resume {args.resume}: file not found")
     if args.backbone.startswith("eva02"):

@@ -1,7 +1,9 @@
 """Fused kernels for IV-tuning's memory-bound operations, with automatic fallback.
 
 `simam`, `partial_conv_residual` and `hybrid_adapter_eval` (a whole Hybrid Adapter at inference,
-used by the fast path, `build_backbone(..., fast=True)`) pick an implementation per call:
+used with `build_backbone(..., fast=True, fused_adapters=True)`) pick an implementation per call.
+`hybrid_adapter_train` (the same in training, forward and backward) is Triton only: the model calls
+it where `use_triton` holds and its autograd modules otherwise. The rules:
 * `IVT_KERNELS=torch` forces the pure-PyTorch reference (`kernels/reference.py`);
 * `IVT_KERNELS=triton` forces the Triton kernels (on CUDA tensors, or on CPU tensors when
   `TRITON_INTERPRET=1` runs Triton's interpreter; otherwise it raises);
@@ -16,19 +18,21 @@ import os
 import torch
 
 from .reference import (HybridAdapterWeights, hybrid_adapter_eval_reference,
-                        partial_conv_residual_reference, simam_reference)
+                        hybrid_adapter_train_reference, partial_conv_residual_reference,
+                        simam_reference)
 
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 if TRITON_INSTALLED:
     # Imported before `simam` below is defined: the function, not the submodule of the same name,
     # is what `kernels.simam` means.
-    from .hybrid_adapter import hybrid_adapter_eval_triton
+    from .hybrid_adapter import hybrid_adapter_eval_triton, hybrid_adapter_train
     from .partial_conv import partial_conv_residual_triton
     from .simam import simam_triton
 
-__all__ = ["simam", "partial_conv_residual", "hybrid_adapter_eval", "HybridAdapterWeights",
-           "backend", "set_backend", "BACKENDS", "use_triton", "simam_reference",
-           "partial_conv_residual_reference", "hybrid_adapter_eval_reference"]
+__all__ = ["simam", "partial_conv_residual", "hybrid_adapter_eval", "hybrid_adapter_train",
+           "HybridAdapterWeights", "backend", "set_backend", "BACKENDS", "use_triton",
+           "simam_reference", "partial_conv_residual_reference", "hybrid_adapter_eval_reference",
+           "hybrid_adapter_train_reference"]
 
 BACKENDS = ("auto", "torch", "triton")
 

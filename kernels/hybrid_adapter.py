@@ -1,25 +1,40 @@
-"""A Hybrid Adapter at inference (Eq. 15, BatchNorm on running statistics, dropout off) as two
-Triton kernels, with the block's residual and the internal prompt added in the second:
+"""A whole Hybrid Adapter (Eq. 15) in a few Triton kernels, with the block's residual and the
+internal prompt added in the last one:
 
-    out = residual + up(gelu(HO(down(SFT(x))))) + extra              (B, N, C) tokens
+    out = residual + up(dropout(gelu(HO(down(SFT(x)))))) + extra        (B, N, C) tokens
     HO(h) = y + pw2(relu(bn(pw1(y)))),  y = h + concat(dwconv3x3(h[:, :cp]) + bias, h[:, cp:])
 
-Written plainly that is about 13 kernels (LayerNorm, four Linear layers, the partial conv, the
-BatchNorm, ReLU, GELU and three residual adds); the adapter's hidden width d2 (64) is small, so
-each row of tokens can carry its whole hidden vector through the chain in registers:
+Written plainly that is about 20 operators forward and 28 backward (LayerNorm, four Linear
+layers, the partial conv, BatchNorm, ReLU, GELU, dropout, residual adds, and their gradients).
+The adapter's hidden width d2 (64) is small, so a tile of BLOCK_M tokens carries its whole hidden
+vector through the chain in registers, and only the C-wide ends touch memory in C-sized chunks.
 
-1. `_sft_down_kernel`: per tile of BLOCK_M tokens, the LayerNorm statistics of x (two passes
-   over C), then SFT (Eq. 14, its two affines applied on the fly) and the down-projection as one
-   tile matmul accumulated over C: h (M, d2) in float32.
-2. `_ho_up_kernel`: per tile of tokens, the partial depthwise conv reads h at the tile's 3x3
-   neighbours on the (H, W) grid, then pw1, BatchNorm (running statistics), ReLU, pw2 and its
-   residual, GELU, and the up-projection in chunks of C with `residual + extra` added before the
-   store.
+Inference (`hybrid_adapter_eval_triton`, BatchNorm on running statistics, no dropout):
+  1. `_sft_down_kernel`  LayerNorm statistics (two passes over C), SFT (Eq. 14) on the fly, the
+                         down-projection as a tile matmul over C: h (M, d2), float32;
+  2. `_ho_up_kernel`     partial conv from the tile's 3x3 neighbours on the (H, W) grid, pw1,
+                         BatchNorm, ReLU, pw2 + residual, GELU, the up-projection over C in
+                         chunks, `residual + extra` added before the store.
+
+Training (`hybrid_adapter_train`, an autograd Function; BatchNorm on the batch's statistics over
+all M = B*N tokens, dropout with a mask drawn by torch so that it is replayed exactly under
+activation checkpointing). It keeps only h, the LayerNorm statistics, the BatchNorm statistics
+and the mask; everything else is recomputed from h in registers:
+  forward:  `_sft_down_kernel` (and the row statistics) -> `_bn_partial_kernel` (per-tile
+            mean and M2 of pw1's output) -> `_bn_finalize_kernel` (Chan's merge; running
+            statistics) -> `_ho_up_kernel`;
+  backward: `_up_backward_kernel` (grad of the up-projection, dropout, GELU, pw2, ReLU; the
+            BatchNorm output gradient and its two reductions) -> `_ho_backward_kernel` (BatchNorm
+            and pw1 backward: grad y) -> `_down_backward_kernel` (partial conv backward from the
+            neighbours' grad y, the down-projection and LayerNorm backward, grad x).
+  Weight gradients are sums over tokens: each backward kernel runs a fixed number of programs
+  that loop over tiles and keep their own partial sums, and one `torch.sum` over programs per
+  kernel finishes them.
 
 Tokens are addressed as base + b * stride_b + n * stride_n + c (channels contiguous), so the
-patch tokens of EVA02 (a view that skips the cls token) are read in place. Matmuls accumulate in
-float32 (TF32 on GPUs that have it: this is an inference path). The float32 reference is
-`kernels.reference.hybrid_adapter_eval_reference`; the training path keeps autograd's modules.
+patch tokens of EVA02 (a view that skips the cls token) are read in place. Arithmetic is float32
+(float64 for float64 inputs); matmuls use TF32 on GPUs that have it. The references are
+`kernels.reference.hybrid_adapter_eval_reference` and `hybrid_adapter_train_reference`.
 """
 import torch
 import triton
@@ -27,10 +42,12 @@ import triton.language as tl
 
 from .reference import HybridAdapterWeights
 
-BLOCK_M = 32   # tokens per program
+BLOCK_M = 32   # tokens per tile
 BLOCK_C = 32   # channels per step of the loops over C
+PARTIAL_FLOATS = 1 << 22   # the most floats of per-program partial sums one backward kernel keeps
 
 
+# -- tile helpers ---------------------------------------------------------------------------------
 @triton.jit
 def _token_offsets(rows, N, stride_b, stride_n):
     """Offsets of tokens `rows` (flat index b * N + n) in a (B, N, C) tensor."""
@@ -38,91 +55,202 @@ def _token_offsets(rows, N, stride_b, stride_n):
 
 
 @triton.jit
-def _sft_down_kernel(x_ptr, x_b, x_n, lnw_ptr, lnb_ptr, gamma_ptr, beta_ptr, wd_ptr, bd_ptr,
-                     h_ptr, M, N, C, D, eps,
-                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    """h = down(LN(x) * gamma + beta) for one tile of tokens; h is (M, D) contiguous."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    x_rows = x_ptr + _token_offsets(rows, N, x_b, x_n)
+def _tile(t, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, M, D):
+    """Token rows of tile t, their mask, the hidden channels and theirs."""
+    rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
-    total = tl.zeros([BLOCK_M], dtype=tl.float32)
+    return rows, rows < M, d, d < D
+
+
+@triton.jit
+def _neighbour(rows, row_ok, N, H, W, di, dj):
+    """Flat index of each token's neighbour at (i + di, j + dj) on its image's grid, and whether
+    it lies inside (padding 1)."""
+    n = rows % N
+    i, j = n // W + di, n % W + dj
+    return rows - n + i * W + j, row_ok & (i >= 0) & (i < H) & (j >= 0) & (j < W)
+
+
+@triton.jit
+def _partial_conv(h_ptr, rows, row_ok, d, d_ok, N, H, W, D, cp, dww_ptr, dwb_ptr,
+                  TRANSPOSE: tl.constexpr):
+    """Fig. 3 step 1 on a tile of the (M, D) map at h_ptr: h + (dwconv3x3(h) + bias for c < cp,
+    h otherwise); with TRANSPOSE the input gradient of that map for the gradient at h_ptr."""
+    h = tl.load(h_ptr + rows[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0)
+    is_conv = d < cp
+    conv = tl.zeros(h.shape, dtype=h.dtype)
+    for i in tl.static_range(3):
+        for j in tl.static_range(3):
+            if TRANSPOSE:
+                nb, inside = _neighbour(rows, row_ok, N, H, W, 1 - i, 1 - j)
+            else:
+                nb, inside = _neighbour(rows, row_ok, N, H, W, i - 1, j - 1)
+            tap = tl.load(h_ptr + nb[:, None] * D + d[None, :],
+                          mask=inside[:, None] & is_conv[None, :], other=0.0)
+            conv += tap * tl.load(dww_ptr + d * 9 + i * 3 + j, mask=is_conv, other=0.0)[None, :]
+    if not TRANSPOSE:
+        conv += tl.load(dwb_ptr + d, mask=is_conv, other=0.0)[None, :]
+    return h + tl.where(is_conv[None, :], conv, h)
+
+
+@triton.jit
+def _linear_dd(a, w_ptr, b_ptr, d, d_ok, D):
+    """a @ W^T + b for a (D, D) weight W: the hidden-to-hidden pw1 and pw2."""
+    w_t = tl.load(w_ptr + d[None, :] * D + d[:, None], mask=d_ok[:, None] & d_ok[None, :],
+                  other=0.0)
+    return tl.dot(a, w_t.to(a.dtype)) + tl.load(b_ptr + d, mask=d_ok, other=0.0)[None, :]
+
+
+@triton.jit
+def _gelu(o):
+    return 0.5 * o * (1.0 + tl.math.erf(o * 0.7071067811865476))
+
+
+@triton.jit
+def _normalised(h_ptr, rows, row_ok, d, d_ok, N, H, W, D, cp, dww_ptr, dwb_ptr, w1_ptr, b1_ptr,
+                mean_ptr, scale_ptr, bn_eps, SCALE_FROM_VAR: tl.constexpr):
+    """The Hybrid Operation on a tile up to its BatchNorm: y (partial conv) and x_hat, pw1(y)
+    normalised by the statistics at mean_ptr and scale_ptr (1/std, or with SCALE_FROM_VAR the
+    variance, as the running statistics are stored)."""
+    y = _partial_conv(h_ptr, rows, row_ok, d, d_ok, N, H, W, D, cp, dww_ptr, dwb_ptr, False)
+    q = _linear_dd(y, w1_ptr, b1_ptr, d, d_ok, D)
+    if SCALE_FROM_VAR:
+        scale = 1.0 / tl.sqrt(tl.load(scale_ptr + d, mask=d_ok, other=1.0) + bn_eps)
+    else:
+        scale = tl.load(scale_ptr + d, mask=d_ok, other=0.0)
+    return y, (q - tl.load(mean_ptr + d, mask=d_ok, other=0.0)[None, :]) * scale[None, :]
+
+
+@triton.jit
+def _hidden_out(y, x_hat, d, d_ok, bnw_ptr, bnb_ptr, w2_ptr, b2_ptr, D):
+    """From y and x_hat: the ReLU's input bn and o = y + pw2(relu(bn)) (Fig. 3 step 2)."""
+    bn = x_hat * tl.load(bnw_ptr + d, mask=d_ok, other=0.0)[None, :] \
+        + tl.load(bnb_ptr + d, mask=d_ok, other=0.0)[None, :]
+    return bn, y + _linear_dd(tl.maximum(bn, 0.0), w2_ptr, b2_ptr, d, d_ok, D)
+
+
+# -- forward ---------------------------------------------------------------------------------------
+@triton.jit
+def _sft_down_kernel(x_ptr, x_b, x_n, lnw_ptr, lnb_ptr, gamma_ptr, beta_ptr, wd_ptr, bd_ptr,
+                     h_ptr, stats_ptr, M, N, C, D, eps, STORE_STATS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """h = down(LN(x) * gamma + beta) for tile program_id(0); h is (M, D) contiguous. With
+    STORE_STATS the rows' LayerNorm mean and 1/std go to stats (2, M)."""
+    rows, row_ok, d, d_ok = _tile(tl.program_id(0), BLOCK_M, BLOCK_D, M, D)
+    x_rows = x_ptr + _token_offsets(rows, N, x_b, x_n)
+    acc_t = h_ptr.dtype.element_ty
+    total = tl.zeros([BLOCK_M], dtype=acc_t)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         mask = row_ok[:, None] & (c < C)[None, :]
-        total += tl.sum(tl.load(x_rows[:, None] + c[None, :], mask=mask, other=0.0)
-                        .to(tl.float32), axis=1)
+        total += tl.sum(tl.load(x_rows[:, None] + c[None, :], mask=mask, other=0.0).to(acc_t),
+                        axis=1)
     mean = total / C
-    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+    squares = tl.zeros([BLOCK_M], dtype=acc_t)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         mask = row_ok[:, None] & (c < C)[None, :]
-        x = tl.load(x_rows[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_rows[:, None] + c[None, :], mask=mask, other=0.0).to(acc_t)
         diff = tl.where(mask, x - mean[:, None], 0.0)
         squares += tl.sum(diff * diff, axis=1)
     rstd = 1.0 / tl.sqrt(squares / C + eps)                            # LayerNorm: biased var
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if STORE_STATS:
+        tl.store(stats_ptr + rows, mean, mask=row_ok)
+        tl.store(stats_ptr + M + rows, rstd, mask=row_ok)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=acc_t)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         c_ok = c < C
         mask = row_ok[:, None] & c_ok[None, :]
-        x = tl.load(x_rows[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_rows[:, None] + c[None, :], mask=mask, other=0.0).to(acc_t)
         gamma = tl.load(gamma_ptr + c, mask=c_ok, other=0.0)
         scale = tl.load(lnw_ptr + c, mask=c_ok, other=0.0) * gamma      # Eq. 14, folded
         shift = tl.load(lnb_ptr + c, mask=c_ok, other=0.0) * gamma + tl.load(
             beta_ptr + c, mask=c_ok, other=0.0)
-        s = (x - mean[:, None]) * rstd[:, None] * scale[None, :] + shift[None, :]
-        s = tl.where(mask, s, 0.0)
+        s = tl.where(mask, (x - mean[:, None]) * rstd[:, None] * scale[None, :] + shift[None, :],
+                     0.0)
         wd_t = tl.load(wd_ptr + d[None, :] * C + c[:, None],                # (BLOCK_C, BLOCK_D)
                        mask=c_ok[:, None] & d_ok[None, :], other=0.0)
-        acc += tl.dot(s, wd_t)
+        acc += tl.dot(s, wd_t.to(acc_t))
     acc += tl.load(bd_ptr + d, mask=d_ok, other=0.0)[None, :]
     tl.store(h_ptr + rows[:, None] * D + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
-def _ho_up_kernel(h_ptr, dww_ptr, dwb_ptr, w1_ptr, b1_ptr, mean_ptr, var_ptr, bnw_ptr, bnb_ptr,
-                  w2_ptr, b2_ptr, wu_ptr, bu_ptr, res_ptr, res_b, res_n, ext_ptr, ext_b, ext_n,
-                  out_ptr, out_b, out_n, M, N, H, W, C, D, cp, bn_eps,
-                  HAS_EXTRA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                  BLOCK_D: tl.constexpr):
-    """out = residual + up(gelu(HO(h))) (+ extra) for one tile of tokens."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
+def _bn_partial_kernel(h_ptr, dww_ptr, dwb_ptr, w1_ptr, b1_ptr, part_ptr, M, N, H, W, D, cp,
+                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per tile: the mean and the sum of squared deviations (M2) of pw1's output per channel,
+    part (tiles, 2, D)."""
+    t = tl.program_id(0)
+    rows, row_ok, d, d_ok = _tile(t, BLOCK_M, BLOCK_D, M, D)
+    y = _partial_conv(h_ptr, rows, row_ok, d, d_ok, N, H, W, D, cp, dww_ptr, dwb_ptr, False)
+    q = _linear_dd(y, w1_ptr, b1_ptr, d, d_ok, D)
+    count = tl.minimum(M - t * BLOCK_M, BLOCK_M)
+    mean = tl.sum(tl.where(row_ok[:, None], q, 0.0), axis=0) / count
+    dev = tl.where(row_ok[:, None], q - mean[None, :], 0.0)
+    tl.store(part_ptr + t * 2 * D + d, mean, mask=d_ok)
+    tl.store(part_ptr + t * 2 * D + D + d, tl.sum(dev * dev, axis=0), mask=d_ok)
+
+
+@triton.jit
+def _bn_finalize_kernel(part_ptr, stats_ptr, running_mean_ptr, running_var_ptr, n_tiles, M, D,
+                        eps, momentum, UPDATE: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Merge the tiles' (mean, M2) into the batch mean and 1/std, stats (2, D), BLOCK_T tiles
+    at a time (each group exactly, then into the running total: Chan et al.'s parallel
+    variance); with UPDATE also the running statistics (unbiased variance), as BatchNorm does."""
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
+    mean = tl.zeros([BLOCK_D], dtype=stats_ptr.dtype.element_ty)
+    m2 = tl.zeros([BLOCK_D], dtype=stats_ptr.dtype.element_ty)
+    count = tl.zeros([BLOCK_D], dtype=stats_ptr.dtype.element_ty)
+    for t0 in range(0, n_tiles, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        t_ok = t < n_tiles
+        n_t = tl.where(t_ok, tl.minimum(M - t * BLOCK_M, BLOCK_M), 0).to(mean.dtype)[:, None]
+        mask = t_ok[:, None] & d_ok[None, :]
+        mean_t = tl.load(part_ptr + t[:, None] * 2 * D + d[None, :], mask=mask, other=0.0)
+        m2_t = tl.load(part_ptr + t[:, None] * 2 * D + D + d[None, :], mask=mask, other=0.0)
+        n_group = tl.sum(n_t, axis=0)
+        mean_group = tl.sum(n_t * mean_t, axis=0) / n_group
+        dev = mean_t - mean_group[None, :]
+        m2_group = tl.sum(m2_t + n_t * dev * dev, axis=0)
+        delta = mean_group - mean
+        total = count + n_group
+        mean += delta * (n_group / total)
+        m2 += m2_group + delta * delta * (count * n_group / total)
+        count = total
+    var = m2 / M
+    tl.store(stats_ptr + d, mean, mask=d_ok)
+    tl.store(stats_ptr + D + d, 1.0 / tl.sqrt(var + eps), mask=d_ok)
+    if UPDATE:
+        running_mean = tl.load(running_mean_ptr + d, mask=d_ok, other=0.0)
+        running_var = tl.load(running_var_ptr + d, mask=d_ok, other=0.0)
+        unbiased = m2 / tl.maximum(M - 1, 1)
+        tl.store(running_mean_ptr + d, running_mean + momentum * (mean - running_mean),
+                 mask=d_ok)
+        tl.store(running_var_ptr + d, running_var + momentum * (unbiased - running_var),
+                 mask=d_ok)
+
+
+@triton.jit
+def _ho_up_kernel(h_ptr, dww_ptr, dwb_ptr, w1_ptr, b1_ptr, mean_ptr, scale_ptr, bn_eps, bnw_ptr,
+                  bnb_ptr, w2_ptr, b2_ptr, mask_ptr, keep_scale, wu_ptr, bu_ptr,
+                  res_ptr, res_b, res_n, ext_ptr, ext_b, ext_n, out_ptr, out_b, out_n,
+                  M, N, H, W, C, D, cp, SCALE_FROM_VAR: tl.constexpr, HAS_MASK: tl.constexpr,
+                  HAS_EXTRA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    """out = residual + up(dropout(gelu(HO(h)))) (+ extra) for tile program_id(0)."""
+    rows, row_ok, d, d_ok = _tile(tl.program_id(0), BLOCK_M, BLOCK_D, M, D)
+    y, x_hat = _normalised(h_ptr, rows, row_ok, d, d_ok, N, H, W, D, cp, dww_ptr, dwb_ptr,
+                           w1_ptr, b1_ptr, mean_ptr, scale_ptr, bn_eps, SCALE_FROM_VAR)
+    bn, o = _hidden_out(y, x_hat, d, d_ok, bnw_ptr, bnb_ptr, w2_ptr, b2_ptr, D)
     tile_ok = row_ok[:, None] & d_ok[None, :]
-    h = tl.load(h_ptr + rows[:, None] * D + d[None, :], mask=tile_ok, other=0.0)
-    # Fig. 3 step 1: the depthwise 3x3 conv (padding 1) on channels c < cp, from the neighbours
-    n = rows % N
-    first = rows - n                                                     # the image's token 0
-    gi, gj = n // W, n % W
-    is_conv = d < cp
-    conv = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for i in tl.static_range(3):
-        for j in tl.static_range(3):
-            ni, nj = gi + i - 1, gj + j - 1
-            inside = row_ok & (ni >= 0) & (ni < H) & (nj >= 0) & (nj < W)
-            tap = tl.load(h_ptr + (first + ni * W + nj)[:, None] * D + d[None, :],
-                          mask=inside[:, None] & is_conv[None, :], other=0.0)
-            weight = tl.load(dww_ptr + d * 9 + i * 3 + j, mask=is_conv, other=0.0)
-            conv += tap * weight[None, :]
-    conv += tl.load(dwb_ptr + d, mask=is_conv, other=0.0)[None, :]
-    y = h + tl.where(is_conv[None, :], conv, h)
-    # step 2: y + pw2(relu(bn(pw1(y)))), BatchNorm on its running statistics
-    square = d_ok[:, None] & d_ok[None, :]
-    w1_t = tl.load(w1_ptr + d[None, :] * D + d[:, None], mask=square, other=0.0)
-    p = tl.dot(y, w1_t) + tl.load(b1_ptr + d, mask=d_ok, other=0.0)[None, :]
-    bn_scale = tl.load(bnw_ptr + d, mask=d_ok, other=0.0) / tl.sqrt(
-        tl.load(var_ptr + d, mask=d_ok, other=1.0) + bn_eps)
-    p = (p - tl.load(mean_ptr + d, mask=d_ok, other=0.0)[None, :]) * bn_scale[None, :] \
-        + tl.load(bnb_ptr + d, mask=d_ok, other=0.0)[None, :]
-    w2_t = tl.load(w2_ptr + d[None, :] * D + d[:, None], mask=square, other=0.0)
-    o = y + tl.dot(tl.maximum(p, 0.0), w2_t) + tl.load(b2_ptr + d, mask=d_ok, other=0.0)[None, :]
-    g = 0.5 * o * (1.0 + tl.math.erf(o * 0.7071067811865476))           # exact GELU
-    g = tl.where(tile_ok, g, 0.0)
-    # the up-projection, residual and internal prompt, BLOCK_C output channels at a time
+    a = tl.where(tile_ok, _gelu(o), 0.0)
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + rows[:, None] * D + d[None, :], mask=tile_ok, other=0)
+        a = a * keep.to(a.dtype) * keep_scale
     res_rows = res_ptr + _token_offsets(rows, N, res_b, res_n)
     out_rows = out_ptr + _token_offsets(rows, N, out_b, out_n)
     for c0 in range(0, C, BLOCK_C):
@@ -131,14 +259,202 @@ def _ho_up_kernel(h_ptr, dww_ptr, dwb_ptr, w1_ptr, b1_ptr, mean_ptr, var_ptr, bn
         mask = row_ok[:, None] & c_ok[None, :]
         wu_t = tl.load(wu_ptr + c[None, :] * D + d[:, None],                # (BLOCK_D, BLOCK_C)
                        mask=d_ok[:, None] & c_ok[None, :], other=0.0)
-        u = tl.dot(g, wu_t) + tl.load(bu_ptr + c, mask=c_ok, other=0.0)[None, :]
-        u += tl.load(res_rows[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        u = tl.dot(a, wu_t.to(a.dtype)) + tl.load(bu_ptr + c, mask=c_ok, other=0.0)[None, :]
+        u += tl.load(res_rows[:, None] + c[None, :], mask=mask, other=0.0).to(u.dtype)
         if HAS_EXTRA:
             ext_rows = ext_ptr + _token_offsets(rows, N, ext_b, ext_n)
-            u += tl.load(ext_rows[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            u += tl.load(ext_rows[:, None] + c[None, :], mask=mask, other=0.0).to(u.dtype)
         tl.store(out_rows[:, None] + c[None, :], u.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+# -- backward --------------------------------------------------------------------------------------
+@triton.jit
+def _add_partial(ptr, value, mask):
+    """Accumulate into this program's partial sums (zeroed before the launch)."""
+    tl.store(ptr, tl.load(ptr, mask=mask, other=0.0) + value, mask=mask)
+
+
+@triton.jit
+def _gelu_grad(o):
+    """d gelu(o) / do = Phi(o) + o phi(o)."""
+    return 0.5 * (1.0 + tl.math.erf(o * 0.7071067811865476)) \
+        + o * 0.3989422804014327 * tl.exp(-0.5 * o * o)
+
+
+@triton.jit
+def _up_backward_kernel(g_ptr, g_b, g_n, h_ptr, dww_ptr, dwb_ptr, w1_ptr, b1_ptr, bn_ptr,
+                        bnw_ptr, bnb_ptr, w2_ptr, b2_ptr, mask_ptr, keep_scale, wu_ptr,
+                        do_ptr, dbn_ptr, part_ptr, n_tiles, M, N, H, W, C, D, cp,
+                        HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
+    """From grad out (g): the gradients of the up-projection, dropout, GELU, pw2 and ReLU.
+    Writes do = dL/do (pw2's residual sum o), dbn = dL/d(BatchNorm output), both (M, D), and this
+    program's partial sums part[pid] = [dWu (C*D), dbu (C), dW2 (D*D), db2, dbnw, dbnb (D)]."""
+    pid = tl.program_id(0)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    part = part_ptr + pid * (C * D + C + D * D + 3 * D)
+    dw2 = tl.zeros([BLOCK_D, BLOCK_D], dtype=do_ptr.dtype.element_ty)
+    db2 = tl.zeros([BLOCK_D], dtype=do_ptr.dtype.element_ty)
+    dbnw = tl.zeros([BLOCK_D], dtype=do_ptr.dtype.element_ty)
+    dbnb = tl.zeros([BLOCK_D], dtype=do_ptr.dtype.element_ty)
+    for t in range(pid, n_tiles, tl.num_programs(0)):
+        rows, row_ok, d, d_ok = _tile(t, BLOCK_M, BLOCK_D, M, D)
+        tile_ok = row_ok[:, None] & d_ok[None, :]
+        y, x_hat = _normalised(h_ptr, rows, row_ok, d, d_ok, N, H, W, D, cp, dww_ptr, dwb_ptr,
+                               w1_ptr, b1_ptr, bn_ptr, bn_ptr + D, 0.0, False)
+        bn, o = _hidden_out(y, x_hat, d, d_ok, bnw_ptr, bnb_ptr, w2_ptr, b2_ptr, D)
+        a = tl.where(tile_ok, _gelu(o), 0.0)
+        keep = tl.full(a.shape, 1.0, a.dtype)
+        if HAS_MASK:
+            keep = tl.load(mask_ptr + rows[:, None] * D + d[None, :], mask=tile_ok,
+                           other=0).to(a.dtype) * keep_scale
+        dropped = a * keep
+        g_rows = g_ptr + _token_offsets(rows, N, g_b, g_n)
+        da = tl.zeros(a.shape, dtype=a.dtype)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            c_ok = c < C
+            g = tl.load(g_rows[:, None] + c[None, :], mask=row_ok[:, None] & c_ok[None, :],
+                        other=0.0).to(a.dtype)
+            wu = tl.load(wu_ptr + c[:, None] * D + d[None, :],              # (BLOCK_C, BLOCK_D)
+                         mask=c_ok[:, None] & d_ok[None, :], other=0.0).to(a.dtype)
+            da += tl.dot(g, wu)
+            chunk = c_ok[:, None] & d_ok[None, :]
+            _add_partial(part + c[:, None] * D + d[None, :], tl.dot(tl.trans(g), dropped), chunk)
+            _add_partial(part + C * D + c, tl.sum(g, axis=0), c_ok)
+        do = da * keep * _gelu_grad(o)
+        dw2 += tl.dot(tl.trans(do), tl.maximum(bn, 0.0))
+        db2 += tl.sum(do, axis=0)
+        w2 = tl.load(w2_ptr + d[:, None] * D + d[None, :], mask=d_ok[:, None] & d_ok[None, :],
+                     other=0.0).to(a.dtype)
+        dbn = tl.where(bn > 0.0, tl.dot(do, w2), 0.0)
+        dbnw += tl.sum(dbn * x_hat, axis=0)
+        dbnb += tl.sum(dbn, axis=0)
+        tl.store(do_ptr + rows[:, None] * D + d[None, :], do, mask=tile_ok)
+        tl.store(dbn_ptr + rows[:, None] * D + d[None, :], dbn, mask=tile_ok)
+    square = d_ok[:, None] & d_ok[None, :]
+    tail = part + C * D + C
+    tl.store(tail + d[:, None] * D + d[None, :], dw2, mask=square)
+    tl.store(tail + D * D + d, db2, mask=d_ok)
+    tl.store(tail + D * D + D + d, dbnw, mask=d_ok)
+    tl.store(tail + D * D + 2 * D + d, dbnb, mask=d_ok)
+
+
+@triton.jit
+def _ho_backward_kernel(h_ptr, dww_ptr, dwb_ptr, w1_ptr, b1_ptr, bn_ptr, bnw_ptr, sums_ptr,
+                        do_ptr, dbn_ptr, dy_ptr, part_ptr, n_tiles, M, N, H, W, D, cp,
+                        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """BatchNorm backward (batch statistics; sums = the totals of dbnw and dbnb over all tokens)
+    and pw1 backward: dy = do + dq W1, (M, D); part[pid] = [dW1 (D*D), db1 (D)]."""
+    pid = tl.program_id(0)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    dw1 = tl.zeros([BLOCK_D, BLOCK_D], dtype=dy_ptr.dtype.element_ty)
+    db1 = tl.zeros([BLOCK_D], dtype=dy_ptr.dtype.element_ty)
+    sum_xhat = tl.load(sums_ptr + d, mask=d_ok, other=0.0) / M        # mean of dbn * x_hat
+    sum_one = tl.load(sums_ptr + D + d, mask=d_ok, other=0.0) / M     # mean of dbn
+    gain = tl.load(bnw_ptr + d, mask=d_ok, other=0.0) * tl.load(bn_ptr + D + d, mask=d_ok,
+                                                                 other=0.0)
+    w1 = tl.load(w1_ptr + d[:, None] * D + d[None, :], mask=d_ok[:, None] & d_ok[None, :],
+                 other=0.0)
+    for t in range(pid, n_tiles, tl.num_programs(0)):
+        rows, row_ok, d, d_ok = _tile(t, BLOCK_M, BLOCK_D, M, D)
+        tile_ok = row_ok[:, None] & d_ok[None, :]
+        y, x_hat = _normalised(h_ptr, rows, row_ok, d, d_ok, N, H, W, D, cp, dww_ptr, dwb_ptr,
+                               w1_ptr, b1_ptr, bn_ptr, bn_ptr + D, 0.0, False)
+        dbn = tl.load(dbn_ptr + rows[:, None] * D + d[None, :], mask=tile_ok, other=0.0)
+        dq = tl.where(tile_ok, gain[None, :] * (dbn - sum_one[None, :]
+                                                 - x_hat * sum_xhat[None, :]), 0.0)
+        dw1 += tl.dot(tl.trans(dq), y)
+        db1 += tl.sum(dq, axis=0)
+        dy = tl.load(do_ptr + rows[:, None] * D + d[None, :], mask=tile_ok, other=0.0) \
+            + tl.dot(dq, w1.to(dq.dtype))
+        tl.store(dy_ptr + rows[:, None] * D + d[None, :], dy, mask=tile_ok)
+    part = part_ptr + pid * (D * D + D)
+    tl.store(part + d[:, None] * D + d[None, :], dw1, mask=d_ok[:, None] & d_ok[None, :])
+    tl.store(part + D * D + d, db1, mask=d_ok)
+
+
+@triton.jit
+def _down_backward_kernel(x_ptr, x_b, x_n, ln_ptr, lnw_ptr, lnb_ptr, gamma_ptr, beta_ptr,
+                          wd_ptr, h_ptr, dww_ptr, dy_ptr, g_ptr, g_b, g_n, dx_ptr, part_ptr,
+                          n_tiles, M, N, H, W, C, D, cp, ADD_G: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Partial conv backward (dh from dy at the 3x3 neighbours), then the down-projection and
+    LayerNorm + SFT backward: dx (B, N, C) contiguous, plus g when ADD_G (x is the residual).
+    part[pid] = [dconv_w (cp*9), dconv_b (cp), dbd (D), dWd (D*C), dlnw, dlnb, dgamma, dbeta
+    (C each)]."""
+    pid = tl.program_id(0)
+    part = part_ptr + pid * (cp * 10 + D + D * C + 4 * C)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    is_conv = d < cp
+    for t in range(pid, n_tiles, tl.num_programs(0)):
+        rows, row_ok, d, d_ok = _tile(t, BLOCK_M, BLOCK_D, M, D)
+        tile_ok = row_ok[:, None] & d_ok[None, :]
+        dh = _partial_conv(dy_ptr, rows, row_ok, d, d_ok, N, H, W, D, cp, dww_ptr, dww_ptr, True)
+        dy = tl.load(dy_ptr + rows[:, None] * D + d[None, :], mask=tile_ok, other=0.0)
+        for i in tl.static_range(3):                 # grad of the conv weight: dy * shifted h
+            for j in tl.static_range(3):
+                nb, inside = _neighbour(rows, row_ok, N, H, W, i - 1, j - 1)
+                tap = tl.load(h_ptr + nb[:, None] * D + d[None, :],
+                              mask=inside[:, None] & is_conv[None, :], other=0.0)
+                _add_partial(part + d * 9 + i * 3 + j, tl.sum(dy * tap, axis=0), is_conv)
+        _add_partial(part + cp * 9 + d, tl.sum(dy, axis=0), is_conv)
+        _add_partial(part + cp * 10 + d, tl.sum(dh, axis=0), d_ok)
+        x_rows = x_ptr + _token_offsets(rows, N, x_b, x_n)
+        mean = tl.load(ln_ptr + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(ln_ptr + M + rows, mask=row_ok, other=0.0)
+        dwd_part = part + cp * 10 + D
+        ln_part = dwd_part + D * C
+        dot_w = tl.zeros([BLOCK_M], dtype=dh.dtype)     # sum over C of ds * w'
+        dot_wn = tl.zeros([BLOCK_M], dtype=dh.dtype)    # sum over C of ds * w' * n_hat
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            c_ok = c < C
+            mask = row_ok[:, None] & c_ok[None, :]
+            n_hat = tl.where(mask, (tl.load(x_rows[:, None] + c[None, :], mask=mask, other=0.0)
+                                    .to(dh.dtype) - mean[:, None]) * rstd[:, None], 0.0)
+            lnw = tl.load(lnw_ptr + c, mask=c_ok, other=0.0)
+            lnb = tl.load(lnb_ptr + c, mask=c_ok, other=0.0)
+            gamma = tl.load(gamma_ptr + c, mask=c_ok, other=0.0)
+            s = tl.where(mask, n_hat * (lnw * gamma)[None, :]
+                         + (lnb * gamma + tl.load(beta_ptr + c, mask=c_ok, other=0.0))[None, :],
+                         0.0)
+            wd = tl.load(wd_ptr + d[:, None] * C + c[None, :],              # (BLOCK_D, BLOCK_C)
+                         mask=d_ok[:, None] & c_ok[None, :], other=0.0).to(dh.dtype)
+            ds = tl.dot(dh, wd)
+            _add_partial(dwd_part + d[:, None] * C + c[None, :], tl.dot(tl.trans(dh), s),
+                         d_ok[:, None] & c_ok[None, :])
+            _add_partial(ln_part + c, tl.sum(ds * n_hat, axis=0) * gamma, c_ok)
+            _add_partial(ln_part + C + c, tl.sum(ds, axis=0) * gamma, c_ok)
+            _add_partial(ln_part + 2 * C + c, tl.sum(ds * n_hat, axis=0) * lnw
+                         + tl.sum(ds, axis=0) * lnb, c_ok)
+            _add_partial(ln_part + 3 * C + c, tl.sum(ds, axis=0), c_ok)
+            dsw = ds * (lnw * gamma)[None, :]
+            dot_w += tl.sum(dsw, axis=1)
+            dot_wn += tl.sum(dsw * n_hat, axis=1)
+        g_rows = g_ptr + _token_offsets(rows, N, g_b, g_n)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            c_ok = c < C
+            mask = row_ok[:, None] & c_ok[None, :]
+            n_hat = (tl.load(x_rows[:, None] + c[None, :], mask=mask, other=0.0).to(dh.dtype)
+                     - mean[:, None]) * rstd[:, None]
+            wd = tl.load(wd_ptr + d[:, None] * C + c[None, :],
+                         mask=d_ok[:, None] & c_ok[None, :], other=0.0).to(dh.dtype)
+            w_fold = tl.load(lnw_ptr + c, mask=c_ok, other=0.0) * tl.load(gamma_ptr + c,
+                                                                           mask=c_ok, other=0.0)
+            dx = rstd[:, None] * (tl.dot(dh, wd) * w_fold[None, :]
+                                  - (dot_w[:, None] + n_hat * dot_wn[:, None]) / C)
+            if ADD_G:
+                dx += tl.load(g_rows[:, None] + c[None, :], mask=mask, other=0.0).to(dx.dtype)
+            tl.store(dx_ptr + rows[:, None] * C + c[None, :], dx.to(dx_ptr.dtype.element_ty),
+                     mask=mask)
+
+
+# -- host side -------------------------------------------------------------------------------------
 def _token_strides(t: torch.Tensor):
     """(t, stride_b, stride_n) with channels contiguous (copying only when they are not)."""
     if t.stride(2) != 1:
@@ -146,33 +462,152 @@ def _token_strides(t: torch.Tensor):
     return t, t.stride(0), t.stride(1)
 
 
-def hybrid_adapter_eval_triton(x: torch.Tensor, residual: torch.Tensor,
-                               extra: torch.Tensor, hw, w: HybridAdapterWeights
-                               ) -> torch.Tensor:
-    """residual + HA branch(x) (+ extra), x/residual/extra (B, N, C); see the module docstring."""
+def _parameters(w: HybridAdapterWeights, dtype: torch.dtype):
+    """The 18 tensors of `w` detached, contiguous, in the arithmetic's dtype."""
+    return [t.detach().to(dtype).contiguous() for t in w[:18]]
+
+
+def _output_dtype(residual: torch.Tensor, extra) -> torch.dtype:
+    return residual.dtype if extra is None else torch.promote_types(residual.dtype, extra.dtype)
+
+
+def _sizes(x: torch.Tensor, w: HybridAdapterWeights):
+    """(B, N, C, D, M, BLOCK_D, arithmetic dtype, number of tiles)."""
     B, N, C = x.shape
-    H, W = hw
     D = w.down_weight.shape[0]
-    M = B * N
-    block_d = max(16, triton.next_power_of_2(D))            # tl.dot needs 16 or more
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return B, N, C, D, B * N, max(16, triton.next_power_of_2(D)), acc, triton.cdiv(B * N, BLOCK_M)
+
+
+def _sft_down(x, w, params, store_stats: bool):
+    """Launch `_sft_down_kernel`: (h (M, D), LayerNorm stats (2, M) or None)."""
+    B, N, C, D, M, block_d, acc, n_tiles = _sizes(x, w)
     x, x_b, x_n = _token_strides(x)
+    h = torch.empty((M, D), device=x.device, dtype=acc)
+    stats = torch.empty((2, M), device=x.device, dtype=acc) if store_stats else h
+    lnw, lnb, gamma, beta, wd, bd = params[:6]
+    _sft_down_kernel[(n_tiles,)](x, x_b, x_n, lnw, lnb, gamma, beta, wd, bd, h, stats, M, N, C,
+                                 D, w.ln_eps, STORE_STATS=store_stats, BLOCK_M=BLOCK_M,
+                                 BLOCK_C=BLOCK_C, BLOCK_D=block_d)
+    return h, (stats if store_stats else None)
+
+
+def _ho_up(h, x, residual, extra, hw, w, params, mean, scale, scale_from_var, mask, keep_scale):
+    """Launch `_ho_up_kernel`: residual + up(dropout(gelu(HO(h)))) (+ extra), (B, N, C)."""
+    B, N, C, D, M, block_d, acc, n_tiles = _sizes(x, w)
     residual, res_b, res_n = _token_strides(residual)
     has_extra = extra is not None
-    out_dtype = (torch.promote_types(residual.dtype, extra.dtype) if has_extra
-                 else residual.dtype)
-    extra, ext_b, ext_n = _token_strides(extra) if has_extra else (residual, 0, 0)  # unread
-    params = [p.detach() for p in w[:-3]]
-    if any(not p.is_contiguous() or p.dtype != torch.float32 for p in params):
-        params = [p.float().contiguous() for p in params]
-    (lnw, lnb, gamma, beta, wd, bd, dww, dwb, w1, b1, mean, var, bnw, bnb, w2, b2, wu, bu) = params
-    h = torch.empty((M, D), device=x.device, dtype=torch.float32)
-    out = torch.empty((B, N, C), device=x.device, dtype=out_dtype)
-    grid = (triton.cdiv(M, BLOCK_M),)
-    _sft_down_kernel[grid](x, x_b, x_n, lnw, lnb, gamma, beta, wd, bd, h, M, N, C, D,
-                           w.ln_eps, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, BLOCK_D=block_d)
-    _ho_up_kernel[grid](h, dww, dwb, w1, b1, mean, var, bnw, bnb, w2, b2, wu, bu,
-                        residual, res_b, res_n, extra, ext_b, ext_n, out, out.stride(0),
-                        out.stride(1), M, N, H, W, C, D, w.cp, w.bn_eps,
-                        HAS_EXTRA=has_extra, BLOCK_M=BLOCK_M,
-                        BLOCK_C=BLOCK_C, BLOCK_D=block_d)
+    out = torch.empty((B, N, C), device=x.device, dtype=_output_dtype(residual, extra))
+    extra, ext_b, ext_n = _token_strides(extra) if has_extra else (residual, 0, 0)
+    dww, dwb, w1, b1, bn_mean, bn_var, bnw, bnb, w2, b2, wu, bu = params[6:]
+    _ho_up_kernel[(n_tiles,)](h, dww, dwb, w1, b1, mean, scale, w.bn_eps, bnw, bnb, w2, b2,
+                              h if mask is None else mask, keep_scale, wu, bu, residual, res_b,
+                              res_n, extra, ext_b, ext_n, out, out.stride(0), out.stride(1), M,
+                              N, hw[0], hw[1], C, D, w.cp, SCALE_FROM_VAR=scale_from_var,
+                              HAS_MASK=mask is not None, HAS_EXTRA=has_extra, BLOCK_M=BLOCK_M,
+                              BLOCK_C=BLOCK_C, BLOCK_D=block_d)
     return out
+
+
+def hybrid_adapter_eval_triton(x: torch.Tensor, residual: torch.Tensor, extra, hw,
+                               w: HybridAdapterWeights) -> torch.Tensor:
+    """residual + HA branch(x) (+ extra) at inference, (B, N, C) tokens: two launches."""
+    params = _parameters(w, _sizes(x, w)[6])
+    h, _ = _sft_down(x, w, params, store_stats=False)
+    return _ho_up(h, x, residual, extra, hw, w, params, params[10], params[11], True, None, 1.0)
+
+
+def _programs(n_tiles: int, floats_per_program: int) -> int:
+    """Programs of a backward kernel: at most one per tile, and partial sums within budget."""
+    return max(1, min(n_tiles, PARTIAL_FLOATS // floats_per_program))
+
+
+class _TrainingHybridAdapter(torch.autograd.Function):
+    """residual + HA branch(x) (+ extra) in training mode; see the module docstring.
+
+    forward(x, residual, extra, hw, w, keep, p, momentum, update, *tensors): `keep` is the
+    dropout mask (M, d2) of kept units (or None without dropout), `update` whether the BatchNorm
+    running statistics (w.bn_mean, w.bn_var, updated in place) take this batch; `tensors` are the
+    18 tensors of `w`, listed so that autograd returns their gradients."""
+
+    @staticmethod
+    def forward(ctx, x, residual, extra, hw, w, keep, p, momentum, update, *tensors):
+        B, N, C, D, M, block_d, acc, n_tiles = _sizes(x, w)
+        params = _parameters(w, acc)
+        h, ln_stats = _sft_down(x, w, params, store_stats=True)
+        dww, dwb, w1, b1 = params[6:10]
+        partial = torch.empty((n_tiles, 2, D), device=x.device, dtype=acc)
+        _bn_partial_kernel[(n_tiles,)](h, dww, dwb, w1, b1, partial, M, N, hw[0], hw[1], D, w.cp,
+                                       BLOCK_M=BLOCK_M, BLOCK_D=block_d)
+        bn_stats = torch.empty((2, D), device=x.device, dtype=acc)
+        _bn_finalize_kernel[(1,)](partial, bn_stats, w.bn_mean, w.bn_var, n_tiles, M, D,
+                                  w.bn_eps, momentum, UPDATE=update, BLOCK_M=BLOCK_M,
+                                  BLOCK_T=32, BLOCK_D=block_d)
+        keep_scale = 1.0 / (1.0 - p) if keep is not None else 1.0
+        out = _ho_up(h, x, residual, extra, hw, w, params, bn_stats[0], bn_stats[1], False, keep,
+                     keep_scale)
+        ctx.save_for_backward(x, h, ln_stats, bn_stats, keep, *params)
+        ctx.hw, ctx.w, ctx.keep_scale = hw, w, keep_scale
+        ctx.x_is_residual = x is residual
+        ctx.has_extra = extra is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, h, ln_stats, bn_stats, keep, *params = ctx.saved_tensors
+        (lnw, lnb, gamma, beta, wd, bd, dww, dwb, w1, b1, bn_mean, bn_var, bnw, bnb, w2, b2, wu,
+         bu) = params
+        w, (H, W) = ctx.w, ctx.hw
+        B, N, C, D, M, block_d, acc, n_tiles = _sizes(x, w)
+        cp = w.cp
+        g, g_b, g_n = _token_strides(g)
+        device = x.device
+        # the three kernels' per-program partial sums, in one zeroed workspace
+        size1, size2, size3 = C * D + C + D * D + 3 * D, D * D + D, cp * 10 + D + D * C + 4 * C
+        p1, p2, p3 = (_programs(n_tiles, size) for size in (size1, size2, size3))
+        work = torch.zeros(p1 * size1 + p2 * size2 + p3 * size3, device=device, dtype=acc)
+        part1, part2, part3 = (t.view(n, size) for t, n, size in zip(
+            work.split([p1 * size1, p2 * size2, p3 * size3]), (p1, p2, p3),
+            (size1, size2, size3)))
+        # 1. up-projection, dropout, GELU, pw2, ReLU -> do, dbn and their parameter sums
+        do, dbn = (torch.empty((M, D), device=device, dtype=acc) for _ in range(2))
+        _up_backward_kernel[(p1,)](g, g_b, g_n, h, dww, dwb, w1, b1, bn_stats, bnw, bnb, w2, b2,
+                                   h if keep is None else keep, ctx.keep_scale, wu, do, dbn,
+                                   part1, n_tiles, M, N, H, W, C, D, cp,
+                                   HAS_MASK=keep is not None, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C,
+                                   BLOCK_D=block_d)
+        sums1 = part1.sum(0)
+        d_wu, d_bu, d_w2, d_b2, d_bnw, d_bnb = sums1.split([C * D, C, D * D, D, D, D])
+        # 2. BatchNorm and pw1 -> dy
+        dy = torch.empty((M, D), device=device, dtype=acc)
+        _ho_backward_kernel[(p2,)](h, dww, dwb, w1, b1, bn_stats, bnw, sums1[-2 * D:], do, dbn,
+                                   dy, part2, n_tiles, M, N, H, W, D, cp, BLOCK_M=BLOCK_M,
+                                   BLOCK_D=block_d)
+        d_w1, d_b1 = part2.sum(0).split([D * D, D])
+        # 3. partial conv, down-projection, LayerNorm and SFT -> dx
+        x_, x_b, x_n = _token_strides(x)
+        dx = torch.empty((B, N, C), device=device, dtype=x.dtype)
+        _down_backward_kernel[(p3,)](x_, x_b, x_n, ln_stats, lnw, lnb, gamma, beta, wd, h, dww,
+                                     dy, g, g_b, g_n, dx, part3, n_tiles, M, N, H, W, C, D, cp,
+                                     ADD_G=ctx.x_is_residual, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C,
+                                     BLOCK_D=block_d)
+        (d_dww, d_dwb, d_bd, d_wd, d_lnw, d_lnb, d_gamma, d_beta) = part3.sum(0).split(
+            [cp * 9, cp, D, D * C, C, C, C, C])
+        grads = [d_lnw, d_lnb, d_gamma, d_beta, d_wd.view(D, C), d_bd, d_dww.view(cp, 1, 3, 3),
+                 d_dwb, d_w1.view(D, D), d_b1, None, None, d_bnw, d_bnb, d_w2.view(D, D), d_b2,
+                 d_wu.view(C, D), d_bu]
+        grads = [None if gr is None or not need else gr.to(t.dtype)
+                 for gr, t, need in zip(grads, w[:18], ctx.needs_input_grad[9:])]
+        d_residual = None if ctx.x_is_residual else g
+        d_extra = g if ctx.has_extra else None
+        return (dx, d_residual, d_extra, None, None, None, None, None, None, *grads)
+
+
+def hybrid_adapter_train(x: torch.Tensor, residual: torch.Tensor, extra, hw,
+                         w: HybridAdapterWeights, keep, p: float, momentum: float,
+                         update: bool) -> torch.Tensor:
+    """residual + HA branch(x) (+ extra) in training mode, differentiable in x, residual, extra
+    and the adapter's parameters; `keep` (M, d2) the dropout mask or None, p its drop
+    probability; BatchNorm's running statistics take this batch (momentum) when `update`."""
+    return _TrainingHybridAdapter.apply(x, residual, extra, tuple(hw), w, keep, p, momentum,
+                                        update, *w[:18])

@@ -64,12 +64,10 @@ class HybridAdapterWeights(NamedTuple):
     cp: int
 
 
-def hybrid_adapter_eval_reference(x: torch.Tensor, residual: torch.Tensor,
-                                  extra: Optional[torch.Tensor], hw: Tuple[int, int],
-                                  w: HybridAdapterWeights) -> torch.Tensor:
-    """residual + up(gelu(HO(down(SFT(x))))) (+ extra): a Hybrid Adapter at inference (Eq. 15,
-    dropout off, BatchNorm on its running statistics) with the block's residual and the internal
-    prompt (Eq. 6) added. x, residual, extra: (B, N, C) tokens on an (H, W) grid."""
+def _adapter_hidden(x: torch.Tensor, hw: Tuple[int, int], w: HybridAdapterWeights,
+                    batch_norm) -> torch.Tensor:
+    """gelu(HO(down(SFT(x)))): (B, N, d2) from (B, N, C) tokens; `batch_norm` maps pw1's output
+    (B*N, d2) to the BatchNorm's output."""
     B, N, C = x.shape
     s = F.layer_norm(x, (C,), w.ln_weight, w.ln_bias, w.ln_eps) * w.gamma + w.beta   # Eq. 14
     h = F.linear(s, w.down_weight, w.down_bias)                                     # (B, N, d2)
@@ -77,8 +75,34 @@ def hybrid_adapter_eval_reference(x: torch.Tensor, residual: torch.Tensor,
     y = partial_conv_residual_reference(h.reshape(B, *hw, d2).permute(0, 3, 1, 2),
                                         w.conv_weight, w.conv_bias, w.cp)
     y = y.permute(0, 2, 3, 1).reshape(B, N, d2)                                     # Eq. 10
-    p = F.batch_norm(F.linear(y, w.pw1_weight, w.pw1_bias).reshape(B * N, d2), w.bn_mean,
-                     w.bn_var, w.bn_weight, w.bn_bias, False, 0.0, w.bn_eps)
-    o = y + F.linear(F.relu(p).reshape(B, N, d2), w.pw2_weight, w.pw2_bias)
-    out = residual + F.linear(F.gelu(o), w.up_weight, w.up_bias)
+    p = batch_norm(F.linear(y, w.pw1_weight, w.pw1_bias).reshape(B * N, d2))
+    return F.gelu(y + F.linear(F.relu(p).reshape(B, N, d2), w.pw2_weight, w.pw2_bias))
+
+
+def hybrid_adapter_eval_reference(x: torch.Tensor, residual: torch.Tensor,
+                                  extra: Optional[torch.Tensor], hw: Tuple[int, int],
+                                  w: HybridAdapterWeights) -> torch.Tensor:
+    """residual + up(gelu(HO(down(SFT(x))))) (+ extra): a Hybrid Adapter at inference (Eq. 15,
+    dropout off, BatchNorm on its running statistics) with the block's residual and the internal
+    prompt (Eq. 6) added. x, residual, extra: (B, N, C) tokens on an (H, W) grid."""
+    hidden = _adapter_hidden(x, hw, w, lambda q: F.batch_norm(
+        q, w.bn_mean, w.bn_var, w.bn_weight, w.bn_bias, False, 0.0, w.bn_eps))
+    out = residual + F.linear(hidden, w.up_weight, w.up_bias)
+    return out if extra is None else out + extra
+
+
+def hybrid_adapter_train_reference(x: torch.Tensor, residual: torch.Tensor,
+                                   extra: Optional[torch.Tensor], hw: Tuple[int, int],
+                                   w: HybridAdapterWeights, keep: Optional[torch.Tensor], p: float,
+                                   momentum: float, update: bool) -> torch.Tensor:
+    """`hybrid_adapter_eval_reference` in training mode: BatchNorm on the batch's statistics
+    over all B*N tokens (its running statistics, w.bn_mean and w.bn_var, take the batch in place
+    when `update`), dropout with the mask `keep` (B*N, d2) of kept units scaled by 1 / (1 - p)."""
+    B, N, _ = x.shape
+    running = (w.bn_mean, w.bn_var) if update else (w.bn_mean.clone(), w.bn_var.clone())
+    hidden = _adapter_hidden(x, hw, w, lambda q: F.batch_norm(
+        q, *running, w.bn_weight, w.bn_bias, True, momentum, w.bn_eps))
+    if keep is not None:
+        hidden = hidden * keep.reshape(B, N, -1).to(hidden.dtype) / (1.0 - p)
+    out = residual + F.linear(hidden, w.up_weight, w.up_bias)
     return out if extra is None else out + extra

@@ -28,10 +28,11 @@ def randomize(model):
     return model
 
 
-def tiny_eva(fast, variant="ivt", layers=None, checkpoint_blocks=False):
+def tiny_eva(fast, variant="ivt", layers=None, checkpoint_blocks=False, fused=False):
     cfg = EVA02Config(embed_dim=32, depth=3, num_heads=2, mlp_hidden=48, patch_size=8,
                       img_size=(24, 32), drop_path_rate=0.2)
-    return EVA02Backbone("tiny", cfg, "ivt", IVTConfig(variant=variant, layers=layers, d2=16),
+    return EVA02Backbone("tiny", cfg, "ivt", IVTConfig(variant=variant, layers=layers, d2=16,
+                                                       fused_adapters=fused),
                          fast=fast, checkpoint_blocks=checkpoint_blocks)
 
 
@@ -140,21 +141,23 @@ def eval_pair(build):
     return ref, fast
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["fast", "fused"])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_swin_fast_inference_equals_reference(variant):
-    """At inference the fast path runs each Hybrid Adapter, its residual and the internal prompt
-    as one `kernels.hybrid_adapter_eval` call (its PyTorch reference here, on the CPU)."""
+def test_swin_fast_inference_equals_reference(variant, fused):
+    """At inference; with fused_adapters each Hybrid Adapter, its residual and the internal
+    prompt are one `kernels.hybrid_adapter_eval` call (its PyTorch reference here, on the CPU)."""
     ref, fast = eval_pair(lambda f: build_backbone("swin_nano", "ivt", variant=variant, d2=16,
-                                                   fast=f))
+                                                   fast=f, fused_adapters=f and fused))
     vis = torch.randn(2, 3, 44, 60, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     ir = torch.randn(2, 1, 44, 60, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     for a, b in zip(run_eval(ref, vis, ir), run_eval(fast, vis, ir)):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["fast", "fused"])
 @pytest.mark.parametrize("variant", ["ivt", "parallel", "ipa_deep", "ffn_only"])
-def test_eva02_fast_inference_equals_reference(variant):
-    ref, fast = eval_pair(lambda f: tiny_eva(f, variant))
+def test_eva02_fast_inference_equals_reference(variant, fused):
+    ref, fast = eval_pair(lambda f: tiny_eva(f, variant, fused=f and fused))
     vis = torch.randn(2, 3, 24, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     ir = torch.randn(2, 3, 24, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     for a, b in zip(run_eval(ref, vis, ir), run_eval(fast, vis, ir)):
@@ -171,7 +174,9 @@ def test_fast_and_reference_share_state_dict_keys_and_shapes():
         assert not any(k.endswith("relative_position_index") for k in a)
 
 
-def test_checkpoint_blocks_needs_fast_ivt():
+def test_checkpoint_blocks_and_fused_adapters_need_fast_ivt():
+    with pytest.raises(ValueError, match="fused_adapters"):
+        build_backbone("swin_nano", "ivt", fused_adapters=True)
     with pytest.raises(ValueError, match="checkpoint_blocks"):
         build_backbone("swin_nano", "ivt", checkpoint_blocks=True)
     with pytest.raises(ValueError, match="checkpoint_blocks"):

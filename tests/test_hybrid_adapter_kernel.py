@@ -70,6 +70,92 @@ def test_kernel_matches_reference(draw, device, dtype, tol):
     assert err < tol, f"relative error {err:.2e}: {msg}"
 
 
+# (token dtype, relative tolerance) of the training kernels under the interpreter: float64 is
+# limited by the scalars Triton passes as float32 (1 / (1 - p), BatchNorm's momentum)
+TRAIN_TARGETS = ([(torch.float64, 1e-6), (torch.float32, 1e-4)]
+                 if kernels.TRITON_INSTALLED and kernels.triton_interpreter_on() else [])
+if kernels.TRITON_INSTALLED and torch.cuda.is_available():
+    TRAIN_TARGETS += [(torch.float32, 1e-2)]                                   # TF32 matmuls
+
+
+def training_run(fn, case, dtype, device, seed):
+    """Output, every input and parameter gradient, and the running statistics of one training
+    forward + backward of `fn` (the kernel or the reference) on the case's random inputs."""
+    B, H, W, C, d2, x_is_residual, with_extra, with_dropout = case
+    gen = torch.Generator().manual_seed(seed)
+    w64 = random_weights(C, d2, gen)
+    tensors = [t.to(device, dtype).requires_grad_(i not in (10, 11))
+               for i, t in enumerate(w64[:18])]
+    w = HybridAdapterWeights(*tensors, *w64[18:])
+    x_full = torch.randn(B, H * W + 1, C, generator=gen, dtype=torch.float64).to(device, dtype)
+    x_full.requires_grad_()
+    x = x_full[:, 1:]                                   # EVA02's patch tokens: a strided view
+    inputs = [x_full]
+    residual = x
+    if not x_is_residual:
+        residual = torch.randn(B, H * W, C, generator=gen, dtype=torch.float64).to(device, dtype)
+        inputs.append(residual.requires_grad_())
+    extra = None
+    if with_extra:
+        extra = torch.randn(B, H * W, C, generator=gen, dtype=torch.float64).to(device, dtype)
+        inputs.append(extra.requires_grad_())
+    keep = (torch.rand(B * H * W, d2, generator=gen) > 0.1).to(device) if with_dropout else None
+    out = fn(x, residual, extra, (H, W), w, keep, 0.1, 0.1, True)
+    out.backward(torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device, dtype))
+    grads = [t.grad for t in inputs] + [t.grad for t in tensors if t.requires_grad]
+    return out, grads, [w.bn_mean, w.bn_var]
+
+
+def random_training_case(rng: random.Random):
+    """(B, H, W, C, d2, x is the residual, with extra, with dropout); at least 2 tokens."""
+    H, W = rng.choice([(1, 2), (1, 6), (5, 7), (3, 4), (9, 2), (11, 13)])
+    return (rng.randint(1, 3), H, W, rng.choice([8, 24, 40, 72, 100]),
+            rng.choice([4, 16, 20, 64, 70]), rng.random() < 0.5, rng.random() < 0.7,
+            rng.random() < 0.7)
+
+
+@pytest.mark.skipif(not TRAIN_TARGETS, reason="needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("draw", range(4))
+@pytest.mark.parametrize("dtype,tol", TRAIN_TARGETS, ids=[str(t)[6:] for t, _ in TRAIN_TARGETS])
+def test_training_kernels_match_reference(draw, dtype, tol):
+    """Forward, every gradient and the BatchNorm running statistics of the training kernels
+    against autograd through the reference, with the same dropout mask."""
+    device = "cuda" if torch.cuda.is_available() and dtype == torch.float32 and tol > 1e-3 \
+        else "cpu"
+    case = random_training_case(random.Random(SEED * 17 + draw))
+    msg = f"KERNELS_TEST_SEED={SEED}, draw {draw}: {case}, {dtype}"
+    expected = training_run(kernels.hybrid_adapter_train_reference, case, dtype, device, SEED)
+    got = training_run(kernels.hybrid_adapter_train, case, dtype, device, SEED)
+    scale = max(g.abs().max().item() for g in expected[1])
+    for name, a, b in [("out", expected[0], got[0])] + [
+            (f"grad {i}", a, b) for i, (a, b) in enumerate(zip(expected[1], got[1]))] + [
+            ("running stats", a, b) for a, b in zip(expected[2], got[2])]:
+        # the pw1 bias has a zero gradient in exact arithmetic (BatchNorm follows): compared at
+        # the largest gradient's scale, as every gradient's absolute floor
+        ref_scale = a.abs().max().item() if name == "out" or "running" in name else scale
+        err = (b.double() - a.double()).abs().max().item() / max(ref_scale, 1e-30)
+        assert err < tol, f"{name}: relative error {err:.2e}; {msg}"
+
+
+@pytest.mark.skipif(not (kernels.TRITON_INSTALLED and kernels.triton_interpreter_on()),
+                    reason="needs TRITON_INTERPRET=1")
+def test_training_kernels_with_many_tiles_per_program(monkeypatch):
+    """1,152 tokens (36 tiles: more than one group of the BatchNorm merge) and a partial-sum
+    budget that leaves the backward kernels 3 to 11 programs, each looping over many tiles."""
+    import kernels.hybrid_adapter as fused
+    monkeypatch.setattr(fused, "PARTIAL_FLOATS", 3_000)     # 3, 11 and 3 programs
+    case = (2, 24, 24, 40, 16, False, True, True)
+    expected = training_run(kernels.hybrid_adapter_train_reference, case, torch.float64, "cpu",
+                            SEED)
+    got = training_run(kernels.hybrid_adapter_train, case, torch.float64, "cpu", SEED)
+    scale = max(g.abs().max().item() for g in expected[1])
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-6, atol=1e-6)
+    for i, (a, b) in enumerate(zip(expected[1], got[1])):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6 * scale, msg=lambda m: f"{i}: {m}")
+    for a, b in zip(expected[2], got[2]):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9)
+
+
 def test_reference_is_the_adapter_at_inference():
     """residual = x gives HA(x) (Eq. 15, its residual inside) plus the internal prompt."""
     torch.manual_seed(SEED % 2**31)
@@ -84,7 +170,7 @@ def test_reference_is_the_adapter_at_inference():
     prompt = torch.randn(2, 5 * 7, 40, dtype=torch.float64)
     with torch.no_grad():
         expected = ha(x, (5, 7)) + prompt
-        got = hybrid_adapter_eval_reference(x, x, prompt, (5, 7), ha.eval_weights())
+        got = hybrid_adapter_eval_reference(x, x, prompt, (5, 7), ha.kernel_weights())
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12,
                                msg=lambda m: f"KERNELS_TEST_SEED={SEED}: {m}")
 
@@ -122,3 +208,77 @@ def test_fast_model_inference_with_the_kernel(monkeypatch):
     for got, expected in zip(outputs["triton"], outputs["torch"]):
         err = ((got - expected).abs().max() / expected.abs().max()).item()
         assert err < 1e-5, f"KERNELS_TEST_SEED={SEED}: relative error {err:.2e}"
+
+
+def fused_training_run(model, vis, ir):
+    """Outputs, a loss, every trainable gradient and the buffers of one training step."""
+    model.train()
+    torch.manual_seed(1)
+    outs = model(vis, ir)
+    loss = sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum()
+               for o in outs)
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return outs, grads, {n: b.clone() for n, b in model.named_buffers()}
+
+
+def assert_runs_equal(expected, got, rtol):
+    (o1, g1, b1), (o2, g2, b2) = expected, got
+    for a, b in zip(o1, o2):
+        torch.testing.assert_close(b, a, rtol=rtol, atol=rtol * a.abs().max().item())
+    scale = max(g.abs().max().item() for g in g1.values())    # pw1 biases: zero, plus rounding
+    for name in g1:
+        torch.testing.assert_close(g2[name], g1[name], rtol=rtol, atol=rtol * scale,
+                                   msg=lambda m: f"{name}: {m}")
+    for name in b1:
+        torch.testing.assert_close(b2[name], b1[name], rtol=rtol, atol=rtol, msg=name)
+
+
+@pytest.mark.skipif(not (kernels.TRITON_INSTALLED and kernels.triton_interpreter_on()),
+                    reason="needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("variant, checkpoint", [("ivt", False), ("parallel", True)])
+def test_fused_training_step_equals_reference_path(variant, checkpoint, monkeypatch):
+    """A whole Swin training step with every Hybrid Adapter in the Triton training kernels
+    (interpreter, float64, dropout off so that both paths draw nothing): outputs, every
+    gradient and the BatchNorm running statistics equal the reference path's; under
+    checkpoint_blocks the recomputation leaves the running statistics alone."""
+    from ivt.models import build_backbone
+
+    def build(fused):
+        torch.manual_seed(0)
+        return build_backbone("swin_nano", "ivt", variant=variant, d2=20, dropout=0.0,
+                              drop_path_rate=0.0, fast=fused, fused_adapters=fused,
+                              checkpoint_blocks=fused and checkpoint).double()
+
+    reference, fused = build(False), build(True)
+    fused.load_state_dict(reference.state_dict())
+    gen = torch.Generator().manual_seed(SEED)
+    vis = torch.randn(2, 3, 36, 28, generator=gen, dtype=torch.float64)       # 9 x 7 tokens
+    ir = torch.randn(2, 3, 36, 28, generator=gen, dtype=torch.float64)
+    monkeypatch.setenv("IVT_KERNELS", "torch")            # the reference path, all PyTorch
+    expected = fused_training_run(reference, vis, ir)
+    monkeypatch.setenv("IVT_KERNELS", "triton")           # every kernel in the interpreter
+    assert_runs_equal(expected, fused_training_run(fused, vis, ir), 1e-6)
+
+
+@pytest.mark.skipif(not (kernels.TRITON_INSTALLED and kernels.triton_interpreter_on()),
+                    reason="needs TRITON_INTERPRET=1")
+def test_fused_training_with_dropout_replays_its_mask_under_checkpointing(monkeypatch):
+    """With dropout on, the fused adapters draw their masks from torch's generator: a
+    checkpointed step recomputes the same masks, so it equals the step that keeps its
+    activations (outputs, gradients, running statistics)."""
+    from ivt.models import build_backbone
+    monkeypatch.setenv("IVT_KERNELS", "triton")
+
+    def build(checkpoint):
+        torch.manual_seed(0)
+        return build_backbone("swin_nano", "ivt", d2=16, fast=True, fused_adapters=True,
+                              checkpoint_blocks=checkpoint).double()
+
+    plain, checkpointed = build(False), build(True)
+    checkpointed.load_state_dict(plain.state_dict())
+    gen = torch.Generator().manual_seed(SEED)
+    vis = torch.randn(1, 3, 32, 40, generator=gen, dtype=torch.float64)
+    ir = torch.randn(1, 3, 32, 40, generator=gen, dtype=torch.float64)
+    assert_runs_equal(fused_training_run(plain, vis, ir),
+                      fused_training_run(checkpointed, vis, ir), 1e-10)

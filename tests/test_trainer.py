@@ -141,15 +141,17 @@ def test_schedules():
 
 
 def test_fast_impl_trains_like_the_reference(data, tmp_path, capsys):
+    """--impl fast (checkpointed) and --impl fused (on the CPU: the fast path, Triton needing a
+    GPU) train like the reference."""
     logs = {}
-    for impl in ("reference", "fast"):
+    for impl in ("reference", "fast", "fused"):
         extra = ["--impl", impl] + (["--checkpoint-blocks"] if impl == "fast" else [])
         train_seg.main(tiny_args(data, tmp_path / impl, 2, *extra))
         logs[impl] = [r for r in map(json.loads,
                                      (tmp_path / impl / "log.jsonl").read_text().splitlines())
                       if r["event"] == "train"]
-    for a, b in zip(logs["reference"], logs["fast"]):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    for a, b, c in zip(logs["reference"], logs["fast"], logs["fused"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) == c["loss"]
     err = fails_with(tiny_args(data, tmp_path / "x", 2, "--checkpoint-blocks"), capsys)
     assert "--impl fast" in err
 

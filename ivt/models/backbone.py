@@ -191,7 +191,8 @@ def make_ivt_config(tuning: str, options: dict) -> Tuple[Optional[IVTConfig], di
     """
     if tuning not in TUNINGS:
         raise ValueError(f"tuning must be one of {', '.join(TUNINGS)}, got {tuning!r}")
-    names = ("d1", "d2", "d3", "variant", "layers", "dropout", "lam", "zero_init_up")
+    names = ("d1", "d2", "d3", "variant", "layers", "dropout", "lam", "zero_init_up",
+             "fused_adapters")
     ivt_opts = {k: options.pop(k) for k in names if k in options}
     if tuning == "ivt":
         return IVTConfig(**ivt_opts), options

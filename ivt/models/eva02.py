@@ -234,7 +234,8 @@ class EVA02Backbone(IVTBackbone):
                  checkpoint_blocks: bool = False):
         super().__init__()
         self.name, self.cfg, self.tuning, self.ivt_cfg = name, cfg, tuning, ivt_cfg
-        self.fast, self.checkpoint_blocks = fast_options(tuning, fast, checkpoint_blocks)
+        self.fast, self.checkpoint_blocks = fast_options(tuning, fast, checkpoint_blocks,
+                                                         ivt_cfg)
         C, p = cfg.embed_dim, cfg.patch_size
         if cfg.depth < 3:
             raise ValueError(f"EVA02 needs 3 or more blocks for its features, got {cfg.depth}")

@@ -57,6 +57,8 @@ class IVTConfig:
     dropout: float = 0.1        # inside the Hybrid Adapter
     lam: float = 1e-4           # SimAM's lambda
     zero_init_up: bool = False  # extra (not the paper): zero-init HA/IPA up-projections
+    fused_adapters: bool = False  # implementation (needs fast=True): each Hybrid Adapter as
+    #                               Triton kernels where they run (`kernels.hybrid_adapter`)
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -110,12 +112,16 @@ class IVTConfig:
         return self.layers is None or index in self.layers
 
 
-def fast_options(tuning: str, fast: bool, checkpoint_blocks: bool) -> Tuple[bool, bool]:
-    """Validate the build options `fast` and `checkpoint_blocks`; returns whether the fast path
-    runs (IV-tuning only: other tunings have nothing it changes) and whether it checkpoints."""
+def fast_options(tuning: str, fast: bool, checkpoint_blocks: bool,
+                 ivt_cfg: Optional[IVTConfig] = None) -> Tuple[bool, bool]:
+    """Validate the build options `fast`, `checkpoint_blocks` and `fused_adapters`; returns
+    whether the fast path runs (IV-tuning only: other tunings have nothing it changes) and
+    whether it checkpoints."""
     if checkpoint_blocks and not (fast and tuning == "ivt"):
         raise ValueError(f"checkpoint_blocks=True needs fast=True and tuning='ivt' "
                          f"(got fast={fast}, tuning={tuning!r})")
+    if ivt_cfg is not None and ivt_cfg.fused_adapters and not fast:
+        raise ValueError("fused_adapters=True needs fast=True")
     return bool(fast) and tuning == "ivt", bool(checkpoint_blocks)
 
 
@@ -272,14 +278,31 @@ class HybridAdapter(nn.Module):
     def forward(self, z: torch.Tensor, hw: Grid) -> torch.Tensor:
         return z + self.branch(z, hw)
 
-    def eval_weights(self) -> kernels.HybridAdapterWeights:
-        """This adapter's tensors for `kernels.hybrid_adapter_eval` (inference)."""
+    def kernel_weights(self) -> kernels.HybridAdapterWeights:
+        """This adapter's tensors for `kernels.hybrid_adapter_eval` / `hybrid_adapter_train`."""
         sft, ho = self.sft, self.ho
         return kernels.HybridAdapterWeights(
             sft.norm.weight, sft.norm.bias, sft.gamma, sft.beta, self.down.weight, self.down.bias,
             ho.dwconv.weight, ho.dwconv.bias, ho.pw1.weight, ho.pw1.bias, ho.bn.running_mean,
             ho.bn.running_var, ho.bn.weight, ho.bn.bias, ho.pw2.weight, ho.pw2.bias,
             self.up.weight, self.up.bias, sft.norm.eps, ho.bn.eps, ho.cp)
+
+    def fused_train(self, x: torch.Tensor, residual: torch.Tensor,
+                    extra: Optional[torch.Tensor], hw: Grid) -> torch.Tensor:
+        """residual + psi(x) (+ extra) in training mode as Triton kernels
+        (`kernels.hybrid_adapter_train`): BatchNorm on the batch's statistics, updating its
+        running statistics except inside a checkpoint's recomputation, and the dropout mask
+        drawn from torch's generator (so a recomputation draws it again identically)."""
+        bn, p = self.ho.bn, self.drop.p
+        keep = None
+        if p > 0:
+            keep = torch.empty(x.shape[0] * x.shape[1], self.down.out_features, dtype=torch.bool,
+                               device=x.device).bernoulli_(1 - p)
+        update = bn.track_running_stats and not _Recomputation.active
+        if update:
+            bn.num_batches_tracked.add_(1)
+        return kernels.hybrid_adapter_train(x, residual, extra, hw, self.kernel_weights(), keep,
+                                            p, bn.momentum, update)
 
     def fast_branch(self, z: torch.Tensor, hw: Grid) -> torch.Tensor:
         """`branch` with SFT's affine folded into its LayerNorm's (`_FoldedSFT`), and the
@@ -506,20 +529,24 @@ class BlockAdapters(nn.Module):
         """`forward` with HA's `fast_branch` and, unless `ipa_deep`, this position's IPA output
         `p_internal` (B, N, C) already computed by `internal_prompts` for all IPAs that read
         `prompt`. With `ipa_deep` the IPA chain is sequential and runs here, as in `forward`.
-        At inference (adapter in eval mode, no autograd) the HA, both residual adds and the
-        internal prompt are one `kernels.hybrid_adapter_eval` call."""
+        With `fused_adapters` the HA, both residual adds and the internal prompt are one call:
+        `kernels.hybrid_adapter_eval` at inference (adapter in eval mode, no autograd), and in
+        training, where Triton runs, `HybridAdapter.fused_train`."""
         ha, ipa = (self.ha1, self.ipa1) if pos == 0 else (self.ha2, self.ipa2)
         if ipa is not None and self.cfg.ipa_deep:
             p_internal = internal_prompts([ipa], prompt, hw)[0]
             prompt = p_internal
         z = z_out
-        if ha is not None and not (ha.training or torch.is_grad_enabled()):
-            # inference: the adapter, its residual and the internal prompt in one call
-            # (two Triton launches on a GPU, `kernels.hybrid_adapter_eval`)
-            x = z_in if self.cfg.parallel else z_out
-            return kernels.hybrid_adapter_eval(x, z, p_internal, hw, ha.eval_weights()), prompt
+        x = z_in if self.cfg.parallel else z_out
+        if ha is not None and self.cfg.fused_adapters:
+            if not (ha.training or torch.is_grad_enabled()):
+                weights = ha.kernel_weights()
+                return kernels.hybrid_adapter_eval(x, z, p_internal, hw, weights), prompt
+            if ha.training and ha.ho.bn.training and ha.ho.bn.momentum is not None \
+                    and kernels.use_triton(x):
+                return ha.fused_train(x, z, p_internal, hw), prompt
         if ha is not None:
-            z = z + ha.fast_branch(z_in if self.cfg.parallel else z_out, hw)
+            z = z + ha.fast_branch(x, hw)
         if p_internal is not None:
             z = z + p_internal                                          # Eq. 6
         return z, prompt

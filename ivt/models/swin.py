@@ -337,7 +337,8 @@ class SwinBackbone(IVTBackbone):
                  checkpoint_blocks: bool = False):
         super().__init__()
         self.name, self.cfg, self.tuning, self.ivt_cfg = name, cfg, tuning, ivt_cfg
-        self.fast, self.checkpoint_blocks = fast_options(tuning, fast, checkpoint_blocks)
+        self.fast, self.checkpoint_blocks = fast_options(tuning, fast, checkpoint_blocks,
+                                                         ivt_cfg)
         dims = [cfg.embed_dim * 2 ** i for i in range(len(cfg.depths))]
         self.out_channels = dims
         self.out_strides = [cfg.patch_size * 2 ** i for i in range(len(dims))]
