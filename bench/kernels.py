@@ -105,8 +105,9 @@ def channels_last_map(shape, dtype, device, requires_grad):
     return z.view(B, H, W, C).permute(0, 3, 1, 2).detach().requires_grad_(requires_grad)
 
 
-def benchmark_rows(args):
-    """Measure every (op, shape, direction); returns (rows, copy bandwidth, device name)."""
+def benchmark_rows(args, on_row=lambda rows, bandwidth, name: None):
+    """Measure every (op, shape, direction), the fused Hybrid Adapter first; calls
+    on_row(rows so far, copy bandwidth, device name) after each; returns the same three."""
     import torch
 
     import kernels
@@ -122,7 +123,15 @@ def benchmark_rows(args):
            "partial_conv": (kernels.partial_conv_residual_reference,
                             kernels.partial_conv_residual_triton)}
     shapes = TINY_SHAPES if args.tiny else REAL_SHAPES + LARGE_SHAPES
+    name = "CPU (Triton interpreter)" if args.tiny else torch.cuda.get_device_name(device)
     rows = []
+
+    def add(row):
+        rows.append(row)
+        print(format_row(row, bandwidth), flush=True)
+        on_row(rows, bandwidth, name)
+
+    adapter_rows(args, device, dtype, measure, bandwidth, add)
     print(HEADER, flush=True)
     for op_name, (reference, fused) in ops.items():
         impls = {"eager": reference, "compile": None if args.tiny else torch.compile(reference),
@@ -151,42 +160,58 @@ def benchmark_rows(args):
                 times = {name: None if fn is None else measure(lambda fn=fn: run(fn), tensors)
                          for name, fn in impls.items()}
                 moved = passes * x.numel() * x.element_size()
-                rows.append(dict(op=op_name, shape=shape, where=where, direction=direction,
-                                 times=times, floor_us=moved / bandwidth * 1e6,
-                                 gbps=moved / (times["triton"] * 1e-6) / 1e9))
-                print(format_row(rows[-1], bandwidth), flush=True)
-    rows += adapter_rows(args, device, dtype, measure, bandwidth)
-    name = "CPU (Triton interpreter)" if args.tiny else torch.cuda.get_device_name(device)
+                add(dict(op=op_name, shape=shape, where=where, direction=direction,
+                         times=times, floor_us=moved / bandwidth * 1e6,
+                         gbps=moved / (times["triton"] * 1e-6) / 1e9))
     return rows, bandwidth, name
 
 
-def adapter_rows(args, device, dtype, measure, bandwidth):
-    """The Hybrid Adapter at inference with its residual and the internal prompt added:
-    residual + HA(x) + extra with residual = x, as the sequential block calls it. Its floor
-    moves x, extra and the output once (three token tensors)."""
+def adapter_rows(args, device, dtype, measure, bandwidth, add):
+    """The Hybrid Adapter with its residual and the internal prompt added, residual + HA(x) +
+    extra with residual = x as the sequential block calls it: at inference, and a training
+    forward + backward (batch-statistics BatchNorm, dropout mask given, gradients of x, extra
+    and every parameter). The floor moves x, extra and the output once at inference, and also
+    reads the output gradient and writes x's in training. Each row goes to `add`."""
     import torch
 
     import kernels
     from ivt.models.ivtuning import HybridAdapter
 
-    reference = kernels.hybrid_adapter_eval_reference
-    impls = {"eager": reference, "compile": None if args.tiny else torch.compile(reference),
-             "triton": kernels.hybrid_adapter_eval_triton}
-    rows = []
+    inference = {"eager": kernels.hybrid_adapter_eval_reference,
+                 "compile": None if args.tiny else torch.compile(
+                     kernels.hybrid_adapter_eval_reference),
+                 "triton": kernels.hybrid_adapter_eval_triton}
+    training = {"eager": kernels.hybrid_adapter_train_reference,
+                "compile": None if args.tiny else torch.compile(
+                    kernels.hybrid_adapter_train_reference),
+                "triton": kernels.hybrid_adapter_train}
     for shape, where in TINY_ADAPTER_SHAPES if args.tiny else ADAPTER_SHAPES:
         B, C, H, W = shape
-        weights = HybridAdapter(C, 16 if args.tiny else 64).to(device).eval().kernel_weights()
+        adapter = HybridAdapter(C, 16 if args.tiny else 64).to(device)
+        weights = adapter.kernel_weights()
         x, extra = (torch.randn(B, H * W, C, device=device, dtype=dtype) for _ in range(2))
-        with torch.no_grad():
-            times = {name: None if fn is None else
-                     measure(lambda fn=fn: fn(x, x, extra, (H, W), weights), None)
-                     for name, fn in impls.items()}
-        moved = 3 * x.numel() * x.element_size()
-        rows.append(dict(op="hybrid_adapter_eval", shape=shape, where=where,
-                         direction="inference", times=times, floor_us=moved / bandwidth * 1e6,
-                         gbps=moved / (times["triton"] * 1e-6) / 1e9))
-        print(format_row(rows[-1], bandwidth), flush=True)
-    return rows
+        keep = torch.rand(B * H * W, adapter.down.out_features, device=device) > 0.1
+        grad = torch.randn_like(x)
+        leaves = [x, extra] + [p for p in adapter.parameters()]
+
+        def train(fn):
+            for t in leaves:
+                t.requires_grad_(True)
+            fn(x, x, extra, (H, W), weights, keep, 0.1, 0.1, False).backward(grad)
+
+        for direction, impls, passes in (("inference", inference, 3), ("training", training, 6)):
+            if direction == "inference":
+                with torch.no_grad():
+                    times = {name: None if fn is None else measure(
+                        lambda fn=fn: fn(x, x, extra, (H, W), weights), None)
+                        for name, fn in impls.items()}
+            else:
+                times = {name: None if fn is None else measure(lambda fn=fn: train(fn), leaves)
+                         for name, fn in impls.items()}
+            moved = passes * x.numel() * x.element_size()
+            add(dict(op="hybrid_adapter", shape=shape, where=where, direction=direction,
+                     times=times, floor_us=moved / bandwidth * 1e6,
+                     gbps=moved / (times["triton"] * 1e-6) / 1e9))
 
 
 HEADER = ("| op | shape (B, C, H, W) | where | direction | eager us | compile us | triton us "
@@ -228,8 +253,10 @@ def main():
     args = parse_args()
     if args.tiny:
         os.environ["TRITON_INTERPRET"] = "1"  # before the kernels' modules are imported
-    rows, bandwidth, device_name = benchmark_rows(args)
-    write_section(Path(args.out), BEGIN, END, render(rows, bandwidth, device_name, args))
+    def save(rows, bandwidth, device_name):     # after every row: a run cut short keeps them
+        write_section(Path(args.out), BEGIN, END, render(rows, bandwidth, device_name, args))
+
+    benchmark_rows(args, save)
     print(f"wrote {args.out}")
 
 

@@ -3,8 +3,9 @@
     python bench/train_step.py                        # on a GPU: Swin-L 384 batch 8 and
                                                       # EVA02-L 512 batch 2; writes its section
                                                       # of docs/benchmarks.md and --json if given
-    python bench/train_step.py --device cpu --out docs/benchmarks.md   # CPU proxies of the
-                                                      # documented small cases (2-3 minutes)
+    TRITON_INTERPRET=1 python bench/train_step.py --device cpu --out docs/benchmarks.md
+                                                      # CPU proxies of the documented small
+                                                      # cases (ivt_fused under the interpreter)
 
 Every model is this repository's `build_segmentor(backbone, 9, tuning, ...)` with random weights
 (the numbers do not depend on the values), a 9-class Segformer head, cross-entropy on random
@@ -30,12 +31,14 @@ step); CUDA kernels per step; peak memory; then inference latency (no grad, bf16
 graphed) of the frozen visible model against the IV-tuned models.
 
 CPU proxies (`--device cpu`), per mode, for anyone without a GPU:
-* aten ops per training step: operators dispatched in one step (forward, backward, optimizer),
-  counted with a TorchDispatchMode, views and detach excluded (they launch no kernel);
+* operators per training step: aten operators dispatched in one step (forward, backward,
+  optimizer), counted with a TorchDispatchMode, views and detach excluded (they launch no
+  kernel), plus one per Triton launch for ivt_fused, whose kernels run under Triton's CPU
+  interpreter (TRITON_INTERPRET=1; the interpreter's own tensor copies are not counted);
 * bytes held for backward: after the forward and the loss, the storages of every tensor the
   step produced that is still alive (so held by the autograd graph or a checkpoint), without
   parameters, buffers and inputs; each storage counted once.
-Targets (issue 10): ivt_fast's bytes <= 0.5x full's, its ops <= 1.5x full's.
+Targets (issue 10): the fast path's bytes held <= 0.5x full's, its operators <= 1.5x full's.
 """
 import argparse
 import datetime
@@ -49,6 +52,8 @@ from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -56,6 +61,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[0] = str(ROOT)             # the repository's packages, not this folder's scripts
 
+import kernels  # noqa: E402
 from bench.sections import write_section  # noqa: E402
 from ivt.models.segmentor import build_segmentor  # noqa: E402
 
@@ -160,15 +166,43 @@ def eager_step(model, optimizer, autocast):
 
 
 # -- CPU proxies ---------------------------------------------------------------------------------
-class OpCounter(TorchDispatchMode):
-    """Counts dispatched aten operators, views and detach excluded."""
+class TritonLaunches:
+    """Counts Triton kernel launches run by Triton's CPU interpreter (TRITON_INTERPRET=1), and
+    tells whether one is running (`inside`): the interpreter's own tensor copies are operators
+    of no GPU kernel and are not counted."""
 
     def __init__(self):
+        self.count, self.inside = 0, 0
+
+    def __enter__(self):
+        from triton.runtime.interpreter import InterpretedFunction
+        self._cls, self._run = InterpretedFunction, InterpretedFunction.run
+        counter = self
+
+        def run(fn, *args, **kwargs):
+            counter.count += 1
+            counter.inside += 1
+            try:
+                return counter._run(fn, *args, **kwargs)
+            finally:
+                counter.inside -= 1
+        InterpretedFunction.run = run
+        return self
+
+    def __exit__(self, *exc):
+        self._cls.run = self._run
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts dispatched aten operators, views and detach excluded, outside Triton launches."""
+
+    def __init__(self, launches: Optional[TritonLaunches] = None):
         super().__init__()
-        self.count = 0
+        self.count, self.launches = 0, launches
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view and func is not torch.ops.aten.detach.default:
+        inside = self.launches is not None and self.launches.inside
+        if not inside and not func.is_view and func is not torch.ops.aten.detach.default:
             self.count += 1
         return func(*args, **(kwargs or {}))
 
@@ -207,26 +241,45 @@ def bytes_held_for_backward(model, batch: dict) -> int:
     return sum(storages.values())
 
 
+def interpreter_available() -> bool:
+    """Whether the fused modes can run on the CPU: Triton installed, TRITON_INTERPRET=1."""
+    return kernels.TRITON_INSTALLED and kernels.triton_interpreter_on()
+
+
 def cpu_proxies(backbone: str, size, batch: int, modes, head_dim: int = 256) -> dict:
-    """{mode: {aten_ops, bytes_for_backward, trainable}} plus ratios to full fine-tuning."""
+    """{mode: {operators, aten_ops, triton_launches, bytes_for_backward, trainable}} plus ratios
+    to full fine-tuning. Modes run the PyTorch reference kernels, except the fused modes, whose
+    Triton kernels run under the interpreter (each launch counts as one operator)."""
     result = {"backbone": backbone, "size": list(size), "batch": batch, "head_dim": head_dim,
               "torch": torch.__version__, "modes": {}}
     data = make_batch(size, batch, "cpu")
-    for mode in modes:
-        model, optimizer = build(backbone, mode, size, "cpu", head_dim)
-        step = eager_step(model, optimizer, nullcontext)
-        step(data, 1e-4)                                       # optimizer state, caches
-        counter = OpCounter()
-        with counter:
-            step(data, 1e-4)
-        held = bytes_held_for_backward(model, data)
-        result["modes"][mode] = {
-            "aten_ops": counter.count, "bytes_for_backward": held,
-            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    previous = kernels.backend()
+    try:
+        for mode in modes:
+            if mode in FUSED and not interpreter_available():
+                raise SystemExit(f"mode {mode} on the CPU runs its Triton kernels under the "
+                                 "interpreter: set TRITON_INTERPRET=1 (and install triton)")
+            kernels.set_backend("triton" if mode in FUSED else "torch")
+            model, optimizer = build(backbone, mode, size, "cpu", head_dim)
+            step = eager_step(model, optimizer, nullcontext)
+            step(data, 1e-4)                                       # optimizer state, caches
+            launches = TritonLaunches() if mode in FUSED else nullcontext(None)
+            with launches:
+                counter = OpCounter(launches if mode in FUSED else None)
+                with counter:
+                    step(data, 1e-4)
+            n_launches = launches.count if mode in FUSED else 0
+            held = bytes_held_for_backward(model, data)
+            result["modes"][mode] = {
+                "operators": counter.count + n_launches, "aten_ops": counter.count,
+                "triton_launches": n_launches, "bytes_for_backward": held,
+                "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    finally:
+        kernels.set_backend(previous)
     if "full" in result["modes"]:
         full = result["modes"]["full"]
         for row in result["modes"].values():
-            row["ops_vs_full"] = row["aten_ops"] / full["aten_ops"]
+            row["ops_vs_full"] = row["operators"] / full["operators"]
             row["bytes_vs_full"] = row["bytes_for_backward"] / full["bytes_for_backward"]
     return result
 
@@ -236,10 +289,10 @@ def proxy_table(result: dict, note: str = "") -> str:
                f"{result['batch']}, head width {result['head_dim']}"
                + (f" ({note})" if note else "") + ":")
     lines = [textwrap.fill(caption, 100), "",
-             "| mode | aten ops / step | vs full | MB held for backward | vs full | trainable |",
+             "| mode | operators / step | vs full | MB held for backward | vs full | trainable |",
              "|---|---|---|---|---|---|"]
     for mode, r in result["modes"].items():
-        lines.append(f"| {mode} | {r['aten_ops']:,} | {r.get('ops_vs_full', 0):.2f}x | "
+        lines.append(f"| {mode} | {r['operators']:,} | {r.get('ops_vs_full', 0):.2f}x | "
                      f"{r['bytes_for_backward'] / 1e6:,.2f} | {r.get('bytes_vs_full', 0):.2f}x | "
                      f"{r['trainable']:,} |")
     return "\n".join(lines)
@@ -247,10 +300,14 @@ def proxy_table(result: dict, note: str = "") -> str:
 
 def cpu_tables(results, notes) -> str:
     """The CPU-proxy section: how the numbers are counted, then one table per case."""
-    text = ("Measured by `python bench/train_step.py --device cpu` on "
-            f"{datetime.date.today().isoformat()}, torch {torch.__version__}, reference "
-            "PyTorch kernels, no GPU. aten ops = operators dispatched in one training step "
-            "(forward, backward, fused AdamW), views and detach excluded; MB held for backward = "
+    text = ("Measured by `TRITON_INTERPRET=1 python bench/train_step.py --device cpu` on "
+            f"{datetime.date.today().isoformat()}, torch {torch.__version__}, no GPU; every mode "
+            "but `ivt_fused` on the PyTorch reference kernels. Operators = aten operators "
+            "dispatched in one training step (forward, backward, fused AdamW), views and detach "
+            "excluded, plus one per Triton "
+            "kernel launch for `ivt_fused` (`--impl fused`), whose kernels run under Triton's CPU "
+            "interpreter (TRITON_INTERPRET=1; the interpreter's own tensor copies, which no GPU "
+            "would run, are not counted); MB held for backward = "
             "storages produced by the forward that are still alive before backward (what the "
             "autograd graph and the checkpoints keep), parameters and inputs excluded. "
             "`ivt_fast_ckpt` is `fast=True, checkpoint_blocks=True`. `fast_empg` and "
@@ -420,7 +477,8 @@ def gpu_tables(result: dict) -> str:
 def main(argv=None):
     args = parse_args(argv)
     if args.device == "cpu":
-        modes = args.modes or list(MODES) + list(DECOMPOSITION)
+        modes = args.modes or (list(MODES) + (["ivt_fused"] if interpreter_available() else [])
+                               + list(DECOMPOSITION))
         cases = ([(args.backbone, tuple(args.size), args.batch, args.head_dim, "")]
                  if args.backbone else CPU_CASES)
         results = []

@@ -343,10 +343,12 @@ def _up_backward_kernel(g_ptr, g_b, g_n, h_ptr, dww_ptr, dwb_ptr, w1_ptr, b1_ptr
 
 @triton.jit
 def _ho_backward_kernel(h_ptr, dww_ptr, dwb_ptr, w1_ptr, b1_ptr, bn_ptr, bnw_ptr, sums_ptr,
-                        do_ptr, dbn_ptr, dy_ptr, part_ptr, n_tiles, M, N, H, W, D, cp,
+                        do_ptr, dbn_ptr, dy_ptr, part_ptr, part_stride, n_tiles, M, N, H, W, D,
+                        cp,
                         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """BatchNorm backward (batch statistics; sums = the totals of dbnw and dbnb over all tokens)
-    and pw1 backward: dy = do + dq W1, (M, D); part[pid] = [dW1 (D*D), db1 (D)]."""
+    and pw1 backward: dy = do + dq W1, (M, D); this program's partial sums [dW1 (D*D), db1 (D)]
+    at part_ptr + pid * part_stride."""
     pid = tl.program_id(0)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
@@ -371,7 +373,7 @@ def _ho_backward_kernel(h_ptr, dww_ptr, dwb_ptr, w1_ptr, b1_ptr, bn_ptr, bnw_ptr
         dy = tl.load(do_ptr + rows[:, None] * D + d[None, :], mask=tile_ok, other=0.0) \
             + tl.dot(dq, w1.to(dq.dtype))
         tl.store(dy_ptr + rows[:, None] * D + d[None, :], dy, mask=tile_ok)
-    part = part_ptr + pid * (D * D + D)
+    part = part_ptr + pid * part_stride
     tl.store(part + d[:, None] * D + d[None, :], dw1, mask=d_ok[:, None] & d_ok[None, :])
     tl.store(part + D * D + d, db1, mask=d_ok)
 
@@ -379,14 +381,15 @@ def _ho_backward_kernel(h_ptr, dww_ptr, dwb_ptr, w1_ptr, b1_ptr, bn_ptr, bnw_ptr
 @triton.jit
 def _down_backward_kernel(x_ptr, x_b, x_n, ln_ptr, lnw_ptr, lnb_ptr, gamma_ptr, beta_ptr,
                           wd_ptr, h_ptr, dww_ptr, dy_ptr, g_ptr, g_b, g_n, dx_ptr, part_ptr,
+                          part_stride,
                           n_tiles, M, N, H, W, C, D, cp, ADD_G: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     """Partial conv backward (dh from dy at the 3x3 neighbours), then the down-projection and
     LayerNorm + SFT backward: dx (B, N, C) contiguous, plus g when ADD_G (x is the residual).
-    part[pid] = [dconv_w (cp*9), dconv_b (cp), dbd (D), dWd (D*C), dlnw, dlnb, dgamma, dbeta
-    (C each)]."""
+    This program's partial sums at part_ptr + pid * part_stride: [dconv_w (cp*9), dconv_b (cp),
+    dbd (D), dWd (D*C), dlnw, dlnb, dgamma, dbeta (C each)]."""
     pid = tl.program_id(0)
-    part = part_ptr + pid * (cp * 10 + D + D * C + 4 * C)
+    part = part_ptr + pid * part_stride
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     is_conv = d < cp
@@ -479,17 +482,15 @@ def _sizes(x: torch.Tensor, w: HybridAdapterWeights):
     return B, N, C, D, B * N, max(16, triton.next_power_of_2(D)), acc, triton.cdiv(B * N, BLOCK_M)
 
 
-def _sft_down(x, w, params, store_stats: bool):
-    """Launch `_sft_down_kernel`: (h (M, D), LayerNorm stats (2, M) or None)."""
+def _sft_down(x, w, params, h, stats=None):
+    """Launch `_sft_down_kernel` into h (M, D) and, if given, the LayerNorm stats (2, M)."""
     B, N, C, D, M, block_d, acc, n_tiles = _sizes(x, w)
     x, x_b, x_n = _token_strides(x)
-    h = torch.empty((M, D), device=x.device, dtype=acc)
-    stats = torch.empty((2, M), device=x.device, dtype=acc) if store_stats else h
     lnw, lnb, gamma, beta, wd, bd = params[:6]
-    _sft_down_kernel[(n_tiles,)](x, x_b, x_n, lnw, lnb, gamma, beta, wd, bd, h, stats, M, N, C,
-                                 D, w.ln_eps, STORE_STATS=store_stats, BLOCK_M=BLOCK_M,
-                                 BLOCK_C=BLOCK_C, BLOCK_D=block_d)
-    return h, (stats if store_stats else None)
+    _sft_down_kernel[(n_tiles,)](x, x_b, x_n, lnw, lnb, gamma, beta, wd, bd, h,
+                                 h if stats is None else stats, M, N, C, D, w.ln_eps,
+                                 STORE_STATS=stats is not None, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C,
+                                 BLOCK_D=block_d)
 
 
 def _ho_up(h, x, residual, extra, hw, w, params, mean, scale, scale_from_var, mask, keep_scale):
@@ -512,8 +513,10 @@ def _ho_up(h, x, residual, extra, hw, w, params, mean, scale, scale_from_var, ma
 def hybrid_adapter_eval_triton(x: torch.Tensor, residual: torch.Tensor, extra, hw,
                                w: HybridAdapterWeights) -> torch.Tensor:
     """residual + HA branch(x) (+ extra) at inference, (B, N, C) tokens: two launches."""
-    params = _parameters(w, _sizes(x, w)[6])
-    h, _ = _sft_down(x, w, params, store_stats=False)
+    B, N, C, D, M, block_d, acc, n_tiles = _sizes(x, w)
+    params = _parameters(w, acc)
+    h = torch.empty((M, D), device=x.device, dtype=acc)
+    _sft_down(x, w, params, h)
     return _ho_up(h, x, residual, extra, hw, w, params, params[10], params[11], True, None, 1.0)
 
 
@@ -534,12 +537,14 @@ class _TrainingHybridAdapter(torch.autograd.Function):
     def forward(ctx, x, residual, extra, hw, w, keep, p, momentum, update, *tensors):
         B, N, C, D, M, block_d, acc, n_tiles = _sizes(x, w)
         params = _parameters(w, acc)
-        h, ln_stats = _sft_down(x, w, params, store_stats=True)
+        # one allocation: h, the LayerNorm and BatchNorm statistics, the per-tile BN partials
+        work = torch.empty(M * D + 2 * M + 2 * D + n_tiles * 2 * D, device=x.device, dtype=acc)
+        h, ln_stats, bn_stats, partial = work.split([M * D, 2 * M, 2 * D, n_tiles * 2 * D])
+        h, ln_stats, bn_stats = h.view(M, D), ln_stats.view(2, M), bn_stats.view(2, D)
+        _sft_down(x, w, params, h, ln_stats)
         dww, dwb, w1, b1 = params[6:10]
-        partial = torch.empty((n_tiles, 2, D), device=x.device, dtype=acc)
         _bn_partial_kernel[(n_tiles,)](h, dww, dwb, w1, b1, partial, M, N, hw[0], hw[1], D, w.cp,
                                        BLOCK_M=BLOCK_M, BLOCK_D=block_d)
-        bn_stats = torch.empty((2, D), device=x.device, dtype=acc)
         _bn_finalize_kernel[(1,)](partial, bn_stats, w.bn_mean, w.bn_var, n_tiles, M, D,
                                   w.bn_eps, momentum, UPDATE=update, BLOCK_M=BLOCK_M,
                                   BLOCK_T=32, BLOCK_D=block_d)
@@ -562,15 +567,15 @@ class _TrainingHybridAdapter(torch.autograd.Function):
         cp = w.cp
         g, g_b, g_n = _token_strides(g)
         device = x.device
-        # the three kernels' per-program partial sums, in one zeroed workspace
+        # the kernels' per-program partial sums in one zeroed workspace: kernel 1's, then rows
+        # shared by kernels 2 and 3 (finished by one sum), and do, dbn, dy (M, D) in another
         size1, size2, size3 = C * D + C + D * D + 3 * D, D * D + D, cp * 10 + D + D * C + 4 * C
-        p1, p2, p3 = (_programs(n_tiles, size) for size in (size1, size2, size3))
-        work = torch.zeros(p1 * size1 + p2 * size2 + p3 * size3, device=device, dtype=acc)
-        part1, part2, part3 = (t.view(n, size) for t, n, size in zip(
-            work.split([p1 * size1, p2 * size2, p3 * size3]), (p1, p2, p3),
-            (size1, size2, size3)))
+        p1, p23 = _programs(n_tiles, size1), _programs(n_tiles, size2 + size3)
+        part1, part23 = torch.zeros(p1 * size1 + p23 * (size2 + size3), device=device,
+                                    dtype=acc).split([p1 * size1, p23 * (size2 + size3)])
+        part1, part23 = part1.view(p1, size1), part23.view(p23, size2 + size3)
+        do, dbn, dy = torch.empty((3, M, D), device=device, dtype=acc).unbind(0)
         # 1. up-projection, dropout, GELU, pw2, ReLU -> do, dbn and their parameter sums
-        do, dbn = (torch.empty((M, D), device=device, dtype=acc) for _ in range(2))
         _up_backward_kernel[(p1,)](g, g_b, g_n, h, dww, dwb, w1, b1, bn_stats, bnw, bnb, w2, b2,
                                    h if keep is None else keep, ctx.keep_scale, wu, do, dbn,
                                    part1, n_tiles, M, N, H, W, C, D, cp,
@@ -579,20 +584,18 @@ class _TrainingHybridAdapter(torch.autograd.Function):
         sums1 = part1.sum(0)
         d_wu, d_bu, d_w2, d_b2, d_bnw, d_bnb = sums1.split([C * D, C, D * D, D, D, D])
         # 2. BatchNorm and pw1 -> dy
-        dy = torch.empty((M, D), device=device, dtype=acc)
-        _ho_backward_kernel[(p2,)](h, dww, dwb, w1, b1, bn_stats, bnw, sums1[-2 * D:], do, dbn,
-                                   dy, part2, n_tiles, M, N, H, W, D, cp, BLOCK_M=BLOCK_M,
-                                   BLOCK_D=block_d)
-        d_w1, d_b1 = part2.sum(0).split([D * D, D])
+        _ho_backward_kernel[(p23,)](h, dww, dwb, w1, b1, bn_stats, bnw, sums1[-2 * D:], do, dbn,
+                                    dy, part23, size2 + size3, n_tiles, M, N, H, W, D, cp,
+                                    BLOCK_M=BLOCK_M, BLOCK_D=block_d)
         # 3. partial conv, down-projection, LayerNorm and SFT -> dx
         x_, x_b, x_n = _token_strides(x)
         dx = torch.empty((B, N, C), device=device, dtype=x.dtype)
-        _down_backward_kernel[(p3,)](x_, x_b, x_n, ln_stats, lnw, lnb, gamma, beta, wd, h, dww,
-                                     dy, g, g_b, g_n, dx, part3, n_tiles, M, N, H, W, C, D, cp,
-                                     ADD_G=ctx.x_is_residual, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C,
-                                     BLOCK_D=block_d)
-        (d_dww, d_dwb, d_bd, d_wd, d_lnw, d_lnb, d_gamma, d_beta) = part3.sum(0).split(
-            [cp * 9, cp, D, D * C, C, C, C, C])
+        _down_backward_kernel[(p23,)](x_, x_b, x_n, ln_stats, lnw, lnb, gamma, beta, wd, h, dww,
+                                      dy, g, g_b, g_n, dx, part23[:, size2:], size2 + size3,
+                                      n_tiles, M, N, H, W, C, D, cp, ADD_G=ctx.x_is_residual,
+                                      BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, BLOCK_D=block_d)
+        (d_w1, d_b1, d_dww, d_dwb, d_bd, d_wd, d_lnw, d_lnb, d_gamma, d_beta) = part23.sum(
+            0).split([D * D, D, cp * 9, cp, D, D * C, C, C, C, C])
         grads = [d_lnw, d_lnb, d_gamma, d_beta, d_wd.view(D, C), d_bd, d_dww.view(cp, 1, 3, 3),
                  d_dwb, d_w1.view(D, D), d_b1, None, None, d_bnw, d_bnb, d_w2.view(D, D), d_b2,
                  d_wu.view(C, D), d_bu]
