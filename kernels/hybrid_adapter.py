@@ -28,8 +28,9 @@ and the mask; everything else is recomputed from h in registers:
             and pw1 backward: grad y) -> `_down_backward_kernel` (partial conv backward from the
             neighbours' grad y, the down-projection and LayerNorm backward, grad x).
   Weight gradients are sums over tokens: each backward kernel runs a fixed number of programs
-  that loop over tiles and keep their own partial sums, and one `torch.sum` over programs per
-  kernel finishes them.
+  that loop over tiles and accumulate their own partial sums in one zeroed workspace, and a
+  `torch.sum` over programs finishes them (one after kernel 1, whose BatchNorm sums kernel 2
+  needs, and one for kernels 2 and 3 together).
 
 Tokens are addressed as base + b * stride_b + n * stride_n + c (channels contiguous), so the
 patch tokens of EVA02 (a view that skips the cls token) are read in place. Arithmetic is float32
