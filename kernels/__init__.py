@@ -25,7 +25,7 @@ TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 if TRITON_INSTALLED:
     # Imported before `simam` below is defined: the function, not the submodule of the same name,
     # is what `kernels.simam` means.
-    from .hybrid_adapter import hybrid_adapter_eval_triton, hybrid_adapter_train
+    from .hybrid_adapter import hybrid_adapter_eval_triton, hybrid_adapter_train_triton
     from .partial_conv import partial_conv_residual_triton
     from .simam import simam_triton
 
@@ -95,3 +95,14 @@ def hybrid_adapter_eval(x: torch.Tensor, residual: torch.Tensor, extra, hw,
     if use_triton(x):
         return hybrid_adapter_eval_triton(x, residual, extra, hw, weights)
     return hybrid_adapter_eval_reference(x, residual, extra, hw, weights)
+
+
+def hybrid_adapter_train(x: torch.Tensor, residual: torch.Tensor, extra, hw,
+                         weights: HybridAdapterWeights, keep, p: float, momentum: float,
+                         update: bool) -> torch.Tensor:
+    """The same in training mode, differentiable: Triton kernels only (callers check
+    `use_triton`); see `kernels.hybrid_adapter` and `hybrid_adapter_train_reference`."""
+    if not TRITON_INSTALLED:
+        raise RuntimeError("the fused Hybrid Adapter's training kernels need Triton "
+                           "(pip install triton)")
+    return hybrid_adapter_train_triton(x, residual, extra, hw, weights, keep, p, momentum, update)

@@ -16,7 +16,7 @@ Inference (`hybrid_adapter_eval_triton`, BatchNorm on running statistics, no dro
                          BatchNorm, ReLU, pw2 + residual, GELU, the up-projection over C in
                          chunks, `residual + extra` added before the store.
 
-Training (`hybrid_adapter_train`, an autograd Function; BatchNorm on the batch's statistics over
+Training (`hybrid_adapter_train_triton`, an autograd Function; BatchNorm on the batch's statistics over
 all M = B*N tokens, dropout with a mask drawn by torch so that it is replayed exactly under
 activation checkpointing). It keeps only h, the LayerNorm statistics, the BatchNorm statistics
 and the mask; everything else is recomputed from h in registers:
@@ -607,9 +607,9 @@ class _TrainingHybridAdapter(torch.autograd.Function):
         return (dx, d_residual, d_extra, None, None, None, None, None, None, *grads)
 
 
-def hybrid_adapter_train(x: torch.Tensor, residual: torch.Tensor, extra, hw,
-                         w: HybridAdapterWeights, keep, p: float, momentum: float,
-                         update: bool) -> torch.Tensor:
+def hybrid_adapter_train_triton(x: torch.Tensor, residual: torch.Tensor, extra, hw,
+                                w: HybridAdapterWeights, keep, p: float, momentum: float,
+                                update: bool) -> torch.Tensor:
     """residual + HA branch(x) (+ extra) in training mode, differentiable in x, residual, extra
     and the adapter's parameters; `keep` (M, d2) the dropout mask or None, p its drop
     probability; BatchNorm's running statistics take this batch (momentum) when `update`."""
