@@ -16,9 +16,9 @@ Inference (`hybrid_adapter_eval_triton`, BatchNorm on running statistics, no dro
                          BatchNorm, ReLU, pw2 + residual, GELU, the up-projection over C in
                          chunks, `residual + extra` added before the store.
 
-Training (`hybrid_adapter_train_triton`, an autograd Function; BatchNorm on the batch's statistics over
-all M = B*N tokens, dropout with a mask drawn by torch so that it is replayed exactly under
-activation checkpointing). It keeps only h, the LayerNorm statistics, the BatchNorm statistics
+Training (`hybrid_adapter_train_triton`, an autograd Function; BatchNorm on the batch's
+statistics over all M = B*N tokens, dropout with a mask drawn by torch so that it is replayed
+exactly under activation checkpointing). It keeps only h, the LayerNorm statistics, the BatchNorm statistics
 and the mask; everything else is recomputed from h in registers:
   forward:  `_sft_down_kernel` (and the row statistics) -> `_bn_partial_kernel` (per-tile
             mean and M2 of pw1's output) -> `_bn_finalize_kernel` (Chan's merge; running
