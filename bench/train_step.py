@@ -19,6 +19,8 @@ labels, AdamW (fused), bf16 autocast on the GPU. Modes:
     ivt_fused      (GPU) the fast forward with `fused_adapters=True`: every Hybrid Adapter, its
                    residual and internal prompt as Triton kernels (`kernels/hybrid_adapter.py`)
     ivt_fused_ckpt (GPU) that with `checkpoint_blocks=True`
+    ivt_fused_ckpt4 that with `checkpoint_blocks=4`: only the first 4 blocks (on Swin, stages 1
+                   and 2, where most of the activations are) are recomputed
 and, for the CPU proxies only, where the fast step's operators go:
     fast_empg      the fast forward of the `empg_only` variant: the IR stem and EMPG, no HA/IPA
                    (so the frozen blocks' forward and input-gradient backward, plus the head)
@@ -73,10 +75,13 @@ DECOMPOSITION = {"fast_empg": ("ivt", {"fast": True, "variant": "empg_only"}),
 # GPU only (on the CPU it is ivt_fast): the Hybrid Adapters as Triton kernels
 FUSED = {"ivt_fused": ("ivt", {"fast": True, "fused_adapters": True}),
          "ivt_fused_ckpt": ("ivt", {"fast": True, "fused_adapters": True,
-                                    "checkpoint_blocks": True})}
+                                    "checkpoint_blocks": True}),
+         "ivt_fused_ckpt4": ("ivt", {"fast": True, "fused_adapters": True,
+                                     "checkpoint_blocks": 4})}
 GPU_CASES = [("swin_l", 384, 8), ("eva02_l", 512, 2)]
 # most wanted first, so that a run cut short has the comparisons that matter
-GPU_ORDER = ["full", "ivt_fused", "ivt_fast", "ivt_fused_ckpt", "ivt_fast_ckpt", "freeze", "ivt"]
+GPU_ORDER = ["full", "ivt_fused", "ivt_fused_ckpt4", "ivt_fast", "ivt_fused_ckpt", "ivt_fast_ckpt",
+             "freeze", "ivt"]
 # (backbone, (H, W), batch, head width, what the case shows)
 CPU_CASES = [("swin_t", (128, 96), 2, 256, "the default case"),
              ("swin_nano", (64, 96), 2, 64, "what `tests/test_bench_proxies.py` measures"),
@@ -107,7 +112,8 @@ def parse_args(argv=None):
                    choices=list(MODES) + list(DECOMPOSITION) + list(FUSED),
                    help="what to measure: full fine-tuning, frozen backbone, IV-tuning "
                         "reference, fast, fast with checkpointed frozen blocks; on a GPU also "
-                        "ivt_fused, ivt_fused_ckpt (the Hybrid Adapters as Triton kernels); with "
+                        "ivt_fused, ivt_fused_ckpt, ivt_fused_ckpt4 (the Hybrid Adapters as Triton "
+                        "kernels; the last two checkpointing every block or the first 4); with "
                         "--device cpu also the decomposition fast_empg, fast_empg_ha (default: "
                         "all that apply to the device)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (median; default 10)")
@@ -302,10 +308,11 @@ def cpu_tables(results, notes) -> str:
     """The CPU-proxy section: how the numbers are counted, then one table per case."""
     text = ("Measured by `TRITON_INTERPRET=1 python bench/train_step.py --device cpu` on "
             f"{datetime.date.today().isoformat()}, torch {torch.__version__}, no GPU; every mode "
-            "but `ivt_fused` on the PyTorch reference kernels. Operators = aten operators "
+            "but the fused ones on the PyTorch reference kernels. Operators = aten operators "
             "dispatched in one training step (forward, backward, fused AdamW), views and detach "
-            "excluded, plus one per Triton "
-            "kernel launch for `ivt_fused` (`--impl fused`), whose kernels run under Triton's CPU "
+            "excluded, plus one per Triton kernel launch for `ivt_fused` (`--impl fused`) and "
+            "`ivt_fused_ckpt4` (that with `checkpoint_blocks=4`, the first four blocks "
+            "recomputed in backward), whose kernels run under Triton's CPU "
             "interpreter (TRITON_INTERPRET=1; the interpreter's own tensor copies, which no GPU "
             "would run, are not counted); MB held for backward = "
             "storages produced by the forward that are still alive before backward (what the "
@@ -477,7 +484,8 @@ def gpu_tables(result: dict) -> str:
 def main(argv=None):
     args = parse_args(argv)
     if args.device == "cpu":
-        modes = args.modes or (list(MODES) + (["ivt_fused"] if interpreter_available() else [])
+        modes = args.modes or (list(MODES) + (["ivt_fused", "ivt_fused_ckpt4"]
+                                              if interpreter_available() else [])
                                + list(DECOMPOSITION))
         cases = ([(args.backbone, tuple(args.size), args.batch, args.head_dim, "")]
                  if args.backbone else CPU_CASES)

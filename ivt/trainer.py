@@ -118,9 +118,23 @@ def backbone_kwargs(config: dict) -> dict:
         kw["fast"] = True
     if config.get("impl") == "fused" and config.get("tuning", "ivt") == "ivt":
         kw["fused_adapters"] = True
-    if config.get("checkpoint_blocks"):
-        kw["checkpoint_blocks"] = True
+    blocks = config.get("checkpoint_blocks")          # "all" (True in older runs) or a count
+    if blocks:
+        kw["checkpoint_blocks"] = True if blocks == "all" or isinstance(blocks, bool) else blocks
     return kw
+
+
+def _checkpoint_blocks(text: str):
+    """--checkpoint-blocks' value: 'all' or a number of blocks >= 1."""
+    if text == "all":
+        return text
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of blocks >= 1 or 'all', got {text!r}")
+    return count
 
 
 def get_parser(task: Task) -> argparse.ArgumentParser:
@@ -173,10 +187,13 @@ def get_parser(task: Task) -> argparse.ArgumentParser:
                         "prompt adapters, folded affines: same parameters, equal results); or "
                         "fused: fast with every Hybrid Adapter as Triton kernels on a GPU "
                         "(kernels/hybrid_adapter.py; fast elsewhere) (default: %(default)s)")
-    g.add_argument("--checkpoint-blocks", action="store_true",
-                   help="with --impl fast or fused and --tuning ivt: recompute the frozen blocks' "
-                        "activations in the backward pass instead of storing them (under half of "
-                        "full fine-tuning's activation memory, more compute)")
+    g.add_argument("--checkpoint-blocks", nargs="?", const="all", default=None, metavar="N",
+                   type=_checkpoint_blocks,
+                   help="with --impl fast or fused and --tuning ivt: recompute blocks' "
+                        "activations in the backward pass instead of storing them; alone, every "
+                        "block (under half of full fine-tuning's activation memory, one more "
+                        "forward of compute); with N, the first N blocks (on Swin the "
+                        "high-resolution ones, which hold most of the memory)")
     task.add_arguments(p)
     g = p.add_argument_group("optimisation (defaults: the paper's recipe)")
     if r.epochs is not None:

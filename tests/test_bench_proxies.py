@@ -27,7 +27,8 @@ INTERPRETER = kernels.TRITON_INSTALLED and kernels.triton_interpreter_on()
 
 @pytest.fixture(scope="module")
 def proxies():
-    modes = ["full", "ivt", "ivt_fast", "ivt_fast_ckpt"] + (["ivt_fused"] if INTERPRETER else [])
+    modes = ["full", "ivt", "ivt_fast", "ivt_fast_ckpt"] + (["ivt_fused", "ivt_fused_ckpt4"]
+                                                            if INTERPRETER else [])
     return _bench().cpu_proxies("swin_nano", (64, 96), 2, modes, head_dim=64)
 
 
@@ -109,3 +110,15 @@ def test_fused_adapters_operators_within_one_and_a_half_of_full_fine_tuning(prox
     """--impl fused: each Hybrid Adapter as Triton kernels. Operators + launches per step."""
     fused = proxies["modes"]["ivt_fused"]
     assert fused["triton_launches"] > 0 and fused["ops_vs_full"] <= 1.5, proxies["modes"]
+
+
+@pytest.mark.skipif(not INTERPRETER, reason="needs TRITON_INTERPRET=1 (the fused kernels)")
+def test_checkpointing_the_first_blocks_trades_operators_for_memory(proxies):
+    """checkpoint_blocks=4 (swin_nano's stages 1 and 2) sits between no and full checkpointing:
+    it holds well under half of what the uncheckpointed step holds, for fewer extra operators
+    than recomputing every block costs."""
+    modes = proxies["modes"]
+    fused, ckpt4 = modes["ivt_fused"], modes["ivt_fused_ckpt4"]
+    assert ckpt4["bytes_for_backward"] < 0.55 * fused["bytes_for_backward"], modes
+    extra_all = modes["ivt_fast_ckpt"]["operators"] - modes["ivt_fast"]["operators"]
+    assert 0 < ckpt4["operators"] - fused["operators"] < 0.5 * extra_all, modes

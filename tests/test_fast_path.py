@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ivt.models import VARIANTS, build_backbone
 from ivt.models.eva02 import EVA02Backbone, EVA02Config
-from ivt.models.ivtuning import InternalPromptAdapter, IVTConfig, internal_prompts
+from ivt.models.ivtuning import InternalPromptAdapter, IVTConfig, _UpGelu, internal_prompts
 from ivt.models.swin import SwinBlock
 
 
@@ -89,7 +89,8 @@ def test_swin_fast_equals_reference(variant):
     assert_same_buffers(ref, fast)
 
 
-@pytest.mark.parametrize("layers, checkpoint", [([0, 3, 5], False), (None, True), ([2], True)])
+@pytest.mark.parametrize("layers, checkpoint", [([0, 3, 5], False), (None, True), ([2], True),
+                                               (None, 3)])
 def test_swin_fast_layers_and_checkpointing(layers, checkpoint):
     ref, fast = pair(lambda f: build_backbone("swin_nano", "ivt", layers=layers, d2=16, fast=f,
                                               checkpoint_blocks=f and checkpoint,
@@ -110,7 +111,7 @@ def test_eva02_fast_equals_reference(variant):
     assert_same(run(ref, vis, ir), run(fast, vis, ir))
 
 
-@pytest.mark.parametrize("layers, checkpoint", [([1], False), (None, True)])
+@pytest.mark.parametrize("layers, checkpoint", [([1], False), (None, True), (None, 2)])
 def test_eva02_fast_layers_and_checkpointing(layers, checkpoint):
     ref, fast = pair(lambda f: tiny_eva(f, layers=layers, checkpoint_blocks=f and checkpoint))
     torch.manual_seed(0)
@@ -174,6 +175,22 @@ def test_fast_and_reference_share_state_dict_keys_and_shapes():
         assert not any(k.endswith("relative_position_index") for k in a)
 
 
+@pytest.mark.parametrize("count", [0, 1, 3, 5, True])
+def test_checkpoint_blocks_count_recomputes_the_first_blocks(count, monkeypatch):
+    """checkpoint_blocks=n runs the first n blocks' forward twice (again in backward), the others
+    once; True all 8 of swin_nano's; 3 crosses from stage 1 (2 blocks) into stage 2."""
+    calls = []
+    original = SwinBlock._forward_fast
+    monkeypatch.setattr(SwinBlock, "_forward_fast",
+                        lambda self, *a: calls.append(self) or original(self, *a))
+    model = build_backbone("swin_nano", "ivt", d2=16, fast=True, checkpoint_blocks=count)
+    blocks = [b for stage in model.layers for b in stage.blocks]
+    vis, ir = torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64)
+    sum(o.sum() for o in model(vis, ir)).backward()
+    n = len(blocks) if count is True else count
+    assert [sum(c is b for c in calls) for b in blocks] == [2] * n + [1] * (len(blocks) - n)
+
+
 def test_checkpoint_blocks_and_fused_adapters_need_fast_ivt():
     with pytest.raises(ValueError, match="fused_adapters"):
         build_backbone("swin_nano", "ivt", fused_adapters=True)
@@ -181,6 +198,11 @@ def test_checkpoint_blocks_and_fused_adapters_need_fast_ivt():
         build_backbone("swin_nano", "ivt", checkpoint_blocks=True)
     with pytest.raises(ValueError, match="checkpoint_blocks"):
         build_backbone("swin_nano", "full", fast=True, checkpoint_blocks=True)
+    with pytest.raises(ValueError, match="checkpoint_blocks=2 needs fast"):
+        build_backbone("swin_nano", "ivt", checkpoint_blocks=2)
+    for bad in (-1, 1.5, "all"):
+        with pytest.raises(ValueError, match="number of blocks"):
+            build_backbone("swin_nano", "ivt", fast=True, checkpoint_blocks=bad)
 
 
 @pytest.mark.parametrize("projection, simam", [(True, True), (False, True), (True, False)])
@@ -191,6 +213,42 @@ def test_batched_ipas_equal_each_ipa(projection, simam):
     stacked = internal_prompts(ipas, p, (5, 7))
     for ipa, out in zip(ipas, stacked):
         torch.testing.assert_close(out, ipa(p, (5, 7)), rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+def test_up_projection_gelu_keeps_only_its_inputs(autocast):
+    """The IPAs' up-projection + GELU (`_UpGelu`) equals autograd through baddbmm, the float32
+    cast autocast needs, and GELU (forward and every gradient), while holding for backward only
+    its inputs: no (k, BN, C) pre-activation."""
+    g = torch.Generator().manual_seed(5)
+    k, n, d3, c = 3, 50, 8, 40
+    b, h, w = (torch.randn(shape, generator=g, requires_grad=True)
+               for shape in ((k, 1, c), (k, n, d3), (k, d3, c)))
+    r = torch.randn(k, n, c, generator=g)
+    held = []
+
+    def pack(t):
+        held.append(t)
+        return t
+
+    results = []
+    for fn in ("reference", "recomputing"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if fn == "reference":
+                pre = torch.baddbmm(b, h, w)
+                out = F.gelu(pre.float() if pre.dtype != w.dtype else pre)
+            else:
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    out = _UpGelu.apply(b, h, w)
+        grads = torch.autograd.grad((out * r).sum(), (b, h, w))
+        results.append((out, grads))
+    (o1, g1), (o2, g2) = results
+    assert o2.dtype == o1.dtype == torch.float32
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(o2, o1, **tol)
+    for a, e in zip(g2, g1):
+        torch.testing.assert_close(a, e, **tol)
+    assert sorted(t.numel() for t in held) == sorted(t.numel() for t in (b, h, w))
 
 
 @pytest.mark.parametrize("shifted", [False, True])

@@ -141,19 +141,36 @@ def test_schedules():
 
 
 def test_fast_impl_trains_like_the_reference(data, tmp_path, capsys):
-    """--impl fast (checkpointed) and --impl fused (on the CPU: the fast path, Triton needing a
-    GPU) train like the reference."""
+    """--impl fast (every block checkpointed, or the first 3) and --impl fused (on the CPU: the
+    fast path, Triton needing a GPU) train like the reference."""
+    runs = {"reference": ["--impl", "reference"],
+            "fast": ["--impl", "fast", "--checkpoint-blocks"],
+            "fast_3": ["--impl", "fast", "--checkpoint-blocks", "3"],
+            "fused": ["--impl", "fused"]}
     logs = {}
-    for impl in ("reference", "fast", "fused"):
-        extra = ["--impl", impl] + (["--checkpoint-blocks"] if impl == "fast" else [])
-        train_seg.main(tiny_args(data, tmp_path / impl, 2, *extra))
-        logs[impl] = [r for r in map(json.loads,
-                                     (tmp_path / impl / "log.jsonl").read_text().splitlines())
+    for name, extra in runs.items():
+        train_seg.main(tiny_args(data, tmp_path / name, 2, *extra))
+        logs[name] = [r for r in map(json.loads,
+                                     (tmp_path / name / "log.jsonl").read_text().splitlines())
                       if r["event"] == "train"]
-    for a, b, c in zip(logs["reference"], logs["fast"], logs["fused"]):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) == c["loss"]
+    for a, b, c, d in zip(logs["reference"], logs["fast"], logs["fast_3"], logs["fused"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) == c["loss"] == d["loss"]
     err = fails_with(tiny_args(data, tmp_path / "x", 2, "--checkpoint-blocks"), capsys)
     assert "--impl fast" in err
+    with pytest.raises(SystemExit) as e:
+        train_seg.main(tiny_args(data, tmp_path / "x", 2, "--impl", "fast",
+                                 "--checkpoint-blocks", "0"))
+    assert e.value.code == 2
+    assert "--checkpoint-blocks: expected a number of blocks >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("saved, built", [("all", True), (True, True), (3, 3), (None, None)])
+def test_checkpoint_blocks_setting_reaches_the_backbone(saved, built):
+    """A run's --checkpoint-blocks ('all' or N; True in runs saved before N existed) is what the
+    backbone gets."""
+    kw = trainer.backbone_kwargs({"backbone": "swin_nano", "tuning": "ivt", "impl": "fast",
+                          "checkpoint_blocks": saved})
+    assert kw.get("checkpoint_blocks") == built and type(kw.get("checkpoint_blocks")) is type(built)
 
 
 def test_eva02_runs_get_clip_normalisation(data, tmp_path, monkeypatch):

@@ -51,7 +51,8 @@ def build_backbone(name: str, tuning: str = "ivt", pretrained: Optional[str] = N
         `fast=True` selects IV-tuning's fast forward (stage-batched IPAs, folded SFT; the same
         parameters and state dict, equal outputs and gradients; no effect for other tunings),
         and `checkpoint_blocks=True` (with fast=True, tuning='ivt') recomputes every block in
-        the backward pass instead of keeping its activations.
+        the backward pass instead of keeping its activations, `checkpoint_blocks=n` the first n
+        blocks (in forward order).
     After building, exactly the trainable set has requires_grad=True.
     """
     ivt_cfg, family_options = make_ivt_config(tuning, dict(options))

@@ -24,8 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backbone import CheckpointError, IVTBackbone, StateDict
-from .ivtuning import (EMPG, BlockAdapters, Grid, IVTConfig, adapt_fast, block_internal_prompts,
-                       checkpointed, fast_options, tokens_to_map)
+from .ivtuning import (EMPG, BlockAdapters, FoldedIPAs, Grid, IVTConfig, adapt_fast,
+                       block_internal_prompts, checkpointed, fast_options, fold_block_ipas,
+                       tokens_to_map)
 from .swin import DropPath
 
 FEATURE_SCALES = (4.0, 2.0, 1.0, 0.5)       # bilinear resize of the four block outputs
@@ -178,20 +179,22 @@ class EVA02Block(nn.Module):
         return z, prompt
 
     def forward_fast(self, z: torch.Tensor, hw: Grid, rope: Tuple[torch.Tensor, torch.Tensor],
-                     prompt: Optional[torch.Tensor], checkpoint: bool
+                     prompt: Optional[torch.Tensor], checkpoint: bool,
+                     folded: Optional[FoldedIPAs] = None
                      ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """`forward` for IV-tuning's `BlockAdapters`, same parameters and result: IPA1 and IPA2,
-        which read the same prompt, computed together (`block_internal_prompts`), the adapters'
-        `fast` forms, and with `checkpoint` the whole block keeps only its inputs and is
-        recomputed in backward (`checkpointed`)."""
+        which read the same prompt, computed together (`block_internal_prompts`, with their
+        weights `folded` for all blocks at once by `fold_block_ipas`), the adapters' `fast`
+        forms, and with `checkpoint` the whole block keeps only its inputs and is recomputed in
+        backward (`checkpointed`)."""
         if checkpoint:
-            return checkpointed(self._forward_fast, z, hw, rope, prompt)
-        return self._forward_fast(z, hw, rope, prompt)
+            return checkpointed(self._forward_fast, z, hw, rope, prompt, folded)
+        return self._forward_fast(z, hw, rope, prompt, folded)
 
     def _forward_fast(self, z: torch.Tensor, hw: Grid, rope: Tuple[torch.Tensor, torch.Tensor],
-                      prompt: Optional[torch.Tensor]
+                      prompt: Optional[torch.Tensor], folded: Optional[FoldedIPAs]
                       ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        internal = block_internal_prompts([self.adapters], prompt, hw)[0]
+        internal = block_internal_prompts([self.adapters], prompt, hw, folded)[0]
         sublayers = (lambda t: self.attn(self.norm1(t), rope), lambda t: self.mlp(self.norm2(t)))
         for pos, sublayer in enumerate(sublayers):
             z_in, z = z, z + self.drop_path(sublayer(z))
@@ -225,13 +228,13 @@ class EVA02Backbone(IVTBackbone):
 
     `fast=True` (IV-tuning only; other tunings run the reference forward) takes the fast path
     (`EVA02Block.forward_fast`); `checkpoint_blocks=True` also checkpoints every block (only
-    its inputs are kept for backward). Same parameters, state dict, outputs and gradients as the
+    its inputs are kept for backward), `checkpoint_blocks=n` the first n. Same parameters, state dict, outputs and gradients as the
     reference path.
     """
 
     def __init__(self, name: str, cfg: EVA02Config, tuning: str = "ivt",
                  ivt_cfg: Optional[IVTConfig] = None, fast: bool = False,
-                 checkpoint_blocks: bool = False):
+                 checkpoint_blocks: Union[bool, int] = False):
         super().__init__()
         self.name, self.cfg, self.tuning, self.ivt_cfg = name, cfg, tuning, ivt_cfg
         self.fast, self.checkpoint_blocks = fast_options(tuning, fast, checkpoint_blocks,
@@ -313,6 +316,8 @@ class EVA02Backbone(IVTBackbone):
             self._rope[key] = rope_sin_cos(hw, self.cfg.embed_dim // self.cfg.num_heads,
                                            self.cfg.rope_ref_grid, device=z.device)
         rope = self._rope[key]                                           # (N, d) sin, cos
+        if self.fast:                               # every block's IPA weights, folded at once
+            folded = fold_block_ipas([block.adapters for block in self.blocks])
         maps = {}
         for index, block in enumerate(self.blocks):
             # Block l > 0 takes its input tokens as the external prompt. With ipa_deep (Fig. 4(e))
@@ -320,7 +325,8 @@ class EVA02Backbone(IVTBackbone):
             if prompt is not None and index > 0 and not self.ivt_cfg.ipa_deep:
                 prompt = z[:, 1:]
             if self.fast:
-                z, prompt = block.forward_fast(z, hw, rope, prompt, self.checkpoint_blocks)
+                z, prompt = block.forward_fast(z, hw, rope, prompt,
+                                               index < self.checkpoint_blocks, folded[index])
             else:
                 z, prompt = block(z, hw, rope, prompt)
             if index in self.feature_blocks:
@@ -394,7 +400,7 @@ def checkpoint_filter_fn(state_dict: StateDict, patch_size: int, pos_grid: Grid)
 def build_eva02(name: str, tuning: str, ivt_cfg: Optional[IVTConfig],
                 img_size: Union[None, int, Sequence[int]] = None, patch_size: Optional[int] = None,
                 drop_path_rate: Optional[float] = None, fast: bool = False,
-                checkpoint_blocks: bool = False) -> EVA02Backbone:
+                checkpoint_blocks: Union[bool, int] = False) -> EVA02Backbone:
     """img_size (int or (H, W), default 224) sets the stored position-embedding grid; patch_size
     16 (the paper's) or 14 (the release's); other input sizes work at run time."""
     cfg = EVA02_CONFIGS[name]

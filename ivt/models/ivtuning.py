@@ -14,9 +14,10 @@ Modules, bottom-up:
   EMPG                   external modal prompt generator (Eq. 7-13)
   BlockAdapters          the four modules of one transformer block and their wiring (Eq. 5-6)
 """
+import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -112,17 +113,27 @@ class IVTConfig:
         return self.layers is None or index in self.layers
 
 
-def fast_options(tuning: str, fast: bool, checkpoint_blocks: bool,
-                 ivt_cfg: Optional[IVTConfig] = None) -> Tuple[bool, bool]:
+def fast_options(tuning: str, fast: bool, checkpoint_blocks: Union[bool, int],
+                 ivt_cfg: Optional[IVTConfig] = None) -> Tuple[bool, float]:
     """Validate the build options `fast`, `checkpoint_blocks` and `fused_adapters`; returns
-    whether the fast path runs (IV-tuning only: other tunings have nothing it changes) and
-    whether it checkpoints."""
-    if checkpoint_blocks and not (fast and tuning == "ivt"):
-        raise ValueError(f"checkpoint_blocks=True needs fast=True and tuning='ivt' "
-                         f"(got fast={fast}, tuning={tuning!r})")
+    whether the fast path runs (IV-tuning only: other tunings have nothing it changes) and how
+    many blocks, counted from the input, it checkpoints: `checkpoint_blocks=True` all of them
+    (`math.inf`), an integer n the first n (a hierarchical backbone keeps most of its activations
+    in its first, high-resolution blocks, so a few of them buy most of the memory for a fraction
+    of the recomputation), False or 0 none."""
+    if isinstance(checkpoint_blocks, bool):
+        count = math.inf if checkpoint_blocks else 0
+    elif isinstance(checkpoint_blocks, int) and checkpoint_blocks >= 0:
+        count = checkpoint_blocks
+    else:
+        raise ValueError(f"checkpoint_blocks={checkpoint_blocks!r}: expected True, False or a "
+                         f"number of blocks >= 0")
+    if count and not (fast and tuning == "ivt"):
+        raise ValueError(f"checkpoint_blocks={checkpoint_blocks!r} needs fast=True and "
+                         f"tuning='ivt' (got fast={fast}, tuning={tuning!r})")
     if ivt_cfg is not None and ivt_cfg.fused_adapters and not fast:
         raise ValueError("fused_adapters=True needs fast=True")
-    return bool(fast) and tuning == "ivt", bool(checkpoint_blocks)
+    return bool(fast) and tuning == "ivt", count
 
 
 class _Recomputation:
@@ -373,8 +384,106 @@ class _Unstack(torch.autograd.Function):
         return torch.stack(grads)
 
 
-def internal_prompts(ipas: Sequence[InternalPromptAdapter], p: torch.Tensor, hw: Grid
-                     ) -> torch.Tensor:
+class FoldedIPAs(NamedTuple):
+    """The weights of k IPAs with one configuration, folded for `internal_prompts` (see there).
+
+    With projections: in_w (k, d3, C) and in_b (k, d3), each first SFT folded into its
+    down-projection; out_w (k, d3, C) and out_b (k, 1, C), each SFT' folded into its transposed
+    up-projection. Without (Fig. 4(f)): in_w, in_b (k, C) the first SFTs' scale and shift on the
+    normalised prompt; out_w, out_b (k, 1, C) the SFT's gamma and beta.
+    """
+    in_w: torch.Tensor
+    in_b: torch.Tensor
+    out_w: torch.Tensor
+    out_b: torch.Tensor
+
+
+def fold_ipas(ipas: Sequence[InternalPromptAdapter]) -> FoldedIPAs:
+    """Fold k IPAs' SFTs into their projections (`FoldedIPAs`), one operator per parameter kind
+    for all k: `internal_prompts` explains the algebra."""
+    first = ipas[0]
+
+    def stacked(get):
+        return torch.stack([get(m) for m in ipas])
+
+    gamma = stacked(lambda m: m.sft_in.gamma)                                         # (k, C)
+    a = stacked(lambda m: m.sft_in.norm.weight) * gamma                               # (k, C)
+    c = torch.addcmul(stacked(lambda m: m.sft_in.beta), stacked(lambda m: m.sft_in.norm.bias),
+                      gamma)                                                          # (k, C)
+    g_out = stacked(lambda m: m.sft_out.gamma)[:, None, :]                            # (k, 1, C)
+    b_out = stacked(lambda m: m.sft_out.beta)[:, None, :]
+    if not isinstance(first.down, nn.Linear):
+        return FoldedIPAs(a, c, g_out, b_out)
+    W = stacked(lambda m: m.down.weight)                                              # (k, d3, C)
+    in_b = torch.baddbmm(stacked(lambda m: m.down.bias)[:, :, None], W, c[:, :, None]).squeeze(2)
+    u_t = _StackTransposed.apply(*[m.up.weight for m in ipas])                        # (k, d3, C)
+    u_bias = stacked(lambda m: m.up.bias)[:, None, :]                                 # (k, 1, C)
+    return FoldedIPAs(W * a[:, None, :], in_b, u_t * g_out, u_bias * g_out + b_out)
+
+
+class _Split(torch.autograd.Function):
+    """Each of the given tensors split along dim 0 into `sizes`; returns the pieces tensor by
+    tensor. The backward concatenates each tensor's gradients in one operator (autograd's own
+    split backward writes every piece into a zero tensor)."""
+
+    @staticmethod
+    def forward(ctx, sizes: Sequence[int], *tensors: torch.Tensor):
+        ctx.groups = len(sizes)
+        return tuple(piece for t in tensors for piece in t.split(list(sizes)))
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        n = ctx.groups
+        return (None,) + tuple(torch.cat(grads[i:i + n]) for i in range(0, len(grads), n))
+
+
+def fold_block_ipas(hooks: Sequence[Optional[nn.Module]]) -> List[Optional[FoldedIPAs]]:
+    """`fold_ipas` for the IPAs of many blocks at once, split into one `FoldedIPAs` per block (for
+    `block_internal_prompts([hook], ..., folded)`; None where a block has no batched IPA): used
+    where each block reads its own prompt (EVA02), so a step folds its weights once, not block by
+    block."""
+    groups = [[ipa for _, ipa in _batched_ipas(hook)] for hook in hooks]
+    sizes = [len(g) for g in groups if g]
+    if not sizes:
+        return [None] * len(hooks)
+    folded = fold_ipas([ipa for g in groups for ipa in g])
+    pieces = _Split.apply(sizes, *folded)                       # field by field, group by group
+    per_group = iter([FoldedIPAs(*pieces[i::len(sizes)]) for i in range(len(sizes))])
+    return [next(per_group) if g else None for g in groups]
+
+
+class _UpGelu(torch.autograd.Function):
+    """gelu(baddbmm(b, h, W)): the k IPAs' up-projections with SFT' folded in, and their GELU.
+    b (k, 1, C), h (k, BN, d3), W (k, d3, C) -> (k, BN, C). Keeps only its inputs: GELU's
+    backward needs the (k, BN, C) pre-activation, C / d3 = 24-192 times the size of h, so the
+    backward recomputes it (one batched matmul) instead of holding it (for Swin-L at 384, batch
+    8, about 0.9 GB of the step's activations). Under autocast the matmul runs in its autocast
+    dtype and, as the reference's SFT' (bf16 * fp32 gamma) does, the GELU in float32."""
+
+    @staticmethod
+    def forward(ctx, b: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        pre = torch.baddbmm(b, h, w)                                    # (k, BN, C)
+        ctx.matmul_dtype = pre.dtype
+        if pre.dtype != w.dtype:
+            pre = pre.to(torch.result_type(pre, w))
+        ctx.save_for_backward(b, h, w)
+        return F.gelu(pre)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        b, h, w = ctx.saved_tensors
+        t = ctx.matmul_dtype
+        with torch.autocast(grad.device.type, enabled=False):
+            pre = torch.baddbmm(b.to(t), h.to(t), w.to(t)).to(grad.dtype)
+            g = torch.ops.aten.gelu_backward(grad, pre).to(t)               # (k, BN, C)
+            dh = torch.bmm(g, w.to(t).transpose(1, 2))                      # (k, BN, d3)
+            dw = torch.bmm(h.to(t).transpose(1, 2), g)                      # (k, d3, C)
+            db = g.sum(1, keepdim=True)                                     # (k, 1, C)
+        return db.to(b.dtype), dh.to(h.dtype), dw.to(w.dtype)
+
+
+def internal_prompts(ipas: Sequence[InternalPromptAdapter], p: torch.Tensor, hw: Grid,
+                     folded: Optional[FoldedIPAs] = None) -> torch.Tensor:
     """k IPAs that read the same prompt P, computed together: (k, B, N, C), equal (up to
     rounding) to `torch.stack([ipa(p, hw) for ipa in ipas])`.
 
@@ -385,41 +494,25 @@ def internal_prompts(ipas: Sequence[InternalPromptAdapter], p: torch.Tensor, hw:
     (C -> k * d3), SimAM on all k * d3 channels at once (it is per channel, Eq. 11-12), one GELU,
     one batched matmul for the k up-projections with the second SFT (z * gamma' + beta') folded
     in, one GELU. Without projections (Fig. 4(f)) the k SFTs give a (k, B, N, C) stack that
-    SimAM treats as k*B samples. All IPAs must share one configuration.
+    SimAM treats as k*B samples. All IPAs must share one configuration. `folded`: the IPAs'
+    `fold_ipas`, if already computed.
     """
     first = ipas[0]
     k, (B, N, C) = len(ipas), p.shape
-
-    def stacked(get):
-        return torch.stack([get(m) for m in ipas])
-
-    gamma = stacked(lambda m: m.sft_in.gamma)                                         # (k, C)
-    a = stacked(lambda m: m.sft_in.norm.weight) * gamma                               # (k, C)
-    c = torch.addcmul(stacked(lambda m: m.sft_in.beta), stacked(lambda m: m.sft_in.norm.bias),
-                      gamma)                                                          # (k, C)
+    in_w, in_b, out_w, out_b = fold_ipas(ipas) if folded is None else folded
     n = F.layer_norm(p, (C,), eps=first.sft_in.norm.eps)                              # (B, N, C)
-    g_out = stacked(lambda m: m.sft_out.gamma)[:, None, :]                            # (k, 1, C)
-    b_out = stacked(lambda m: m.sft_out.beta)[:, None, :]
     if isinstance(first.down, nn.Linear):
-        W = stacked(lambda m: m.down.weight)                                          # (k, d3, C)
-        d3 = W.shape[1]
-        w_fold = (W * a[:, None, :]).reshape(k * d3, C)
-        b_fold = torch.baddbmm(stacked(lambda m: m.down.bias)[:, :, None], W,
-                               c[:, :, None]).reshape(k * d3)
-        h = F.linear(n, w_fold, b_fold)                                               # (B, N, k*d3)
+        d3 = in_w.shape[1]
+        h = F.linear(n, in_w.reshape(k * d3, C), in_b.reshape(k * d3))                # (B, N, k*d3)
         if first.simam is not None:
             h = map_to_tokens(first.simam(tokens_to_map(h, hw)))
         h = F.gelu(h).view(B * N, k, d3).transpose(0, 1)                              # (k, BN, d3)
-        u_t = _StackTransposed.apply(*[m.up.weight for m in ipas])                    # (k, d3, C)
-        u_bias = stacked(lambda m: m.up.bias)[:, None, :]                             # (k, 1, C)
-        out = torch.baddbmm(u_bias * g_out + b_out, h, u_t * g_out)
-        # under autocast the reference's SFT' (bf16 * fp32 gamma) returns fp32: so does this
-        return F.gelu(out.to(torch.result_type(out, g_out))).view(k, B, N, C)
-    e = torch.addcmul(c[:, None, None, :], n, a[:, None, None, :])                  # (k, B, N, C)
+        return _UpGelu.apply(out_b, h, out_w).view(k, B, N, C)
+    e = torch.addcmul(in_b[:, None, None, :], n, in_w[:, None, None, :])             # (k, B, N, C)
     if first.simam is not None:
         e = map_to_tokens(first.simam(tokens_to_map(e.view(k * B, N, C), hw))).view(k, B, N, C)
     e = F.gelu(e).view(k, B * N, C)
-    return F.gelu(torch.addcmul(b_out, e, g_out)).view(k, B, N, C)
+    return F.gelu(torch.addcmul(out_b, e, out_w)).view(k, B, N, C)
 
 
 def adapt_fast(hook: nn.Module, pos: int, z_in: torch.Tensor, z_out: torch.Tensor,
@@ -432,20 +525,28 @@ def adapt_fast(hook: nn.Module, pos: int, z_in: torch.Tensor, z_out: torch.Tenso
     return hook(pos, z_in, z_out, prompt, hw)
 
 
+def _batched_ipas(hook: Optional[nn.Module]) -> List[Tuple[int, InternalPromptAdapter]]:
+    """(position, IPA) of a block hook's IPAs that `internal_prompts` batches: those of
+    `BlockAdapters` without `ipa_deep` (whose IPAs form a chain)."""
+    if not isinstance(hook, BlockAdapters) or hook.cfg.ipa_deep:
+        return []
+    return [(pos, ipa) for pos, ipa in enumerate((hook.ipa1, hook.ipa2)) if ipa is not None]
+
+
 def block_internal_prompts(adapters: Sequence[Optional[nn.Module]], p: Optional[torch.Tensor],
-                           hw: Grid) -> List[List[Optional[torch.Tensor]]]:
+                           hw: Grid, folded: Optional[FoldedIPAs] = None
+                           ) -> List[List[Optional[torch.Tensor]]]:
     """IPA1(P), IPA2(P) of every block in `adapters` (their `block.adapters` hooks), all read
-    from the same external prompt P and computed together by `internal_prompts`.
+    from the same external prompt P and computed together by `internal_prompts`; `folded`: their
+    weights already folded (`fold_block_ipas`).
 
     Returns per block [IPA1 output or None, IPA2 output or None], each (B, N, C). Hooks that are
     not `BlockAdapters`, absent IPAs and `ipa_deep` (whose IPAs form a chain) give None.
     """
     out: List[List[Optional[torch.Tensor]]] = [[None, None] for _ in adapters]
-    slots = [(j, pos, ipa) for j, hook in enumerate(adapters)
-             if isinstance(hook, BlockAdapters) and not hook.cfg.ipa_deep
-             for pos, ipa in enumerate((hook.ipa1, hook.ipa2)) if ipa is not None]
+    slots = [(j, pos, ipa) for j, hook in enumerate(adapters) for pos, ipa in _batched_ipas(hook)]
     if slots:
-        stacked = internal_prompts([ipa for _, _, ipa in slots], p, hw)       # (k, B, N, C)
+        stacked = internal_prompts([ipa for _, _, ipa in slots], p, hw, folded)    # (k, B, N, C)
         for (j, pos, _), p_internal in zip(slots, _Unstack.apply(stacked)):
             out[j][pos] = p_internal
     return out

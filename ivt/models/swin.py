@@ -15,7 +15,7 @@ timm do). Outputs equal timm's at every size on identical weights.
 import math
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -328,13 +328,16 @@ class SwinBackbone(IVTBackbone):
     the IPAs of a stage, which all read the same prompt, computed together
     (`block_internal_prompts`), HAs with SFT folded into their LayerNorm, and with
     `checkpoint_blocks=True` every block (frozen layers and adapters) checkpointed: only its
-    inputs are kept for backward. Same parameters and state dict as the reference path, same
+    inputs are kept for backward; `checkpoint_blocks=n` the first n blocks, in forward order
+    (a block's activations scale with tokens x channels, halving from stage to stage, while its
+    compute stays about the same: Swin-L's first 4 blocks, stages 1 and 2, hold about 40% of its
+    block activations and are 4 of its 24 blocks to recompute). Same parameters and state dict as the reference path, same
     outputs and gradients (tests/test_fast_path.py).
     """
 
     def __init__(self, name: str, cfg: SwinConfig, tuning: str = "ivt",
                  ivt_cfg: Optional[IVTConfig] = None, fast: bool = False,
-                 checkpoint_blocks: bool = False):
+                 checkpoint_blocks: Union[bool, int] = False):
         super().__init__()
         self.name, self.cfg, self.tuning, self.ivt_cfg = name, cfg, tuning, ivt_cfg
         self.fast, self.checkpoint_blocks = fast_options(tuning, fast, checkpoint_blocks,
@@ -388,7 +391,7 @@ class SwinBackbone(IVTBackbone):
             z = z + prompt                                               # Eq. 2
         elif ir is not None:                          # PETL / ir_embed: Zv + PE_ir(ir), Sec. 4.5
             z = z + self.ir_patch_embed(ir)[0]
-        outs = []
+        outs, index = [], 0                                              # index: of a block
         for stage in self.layers:
             if stage.downsample is not None:
                 z, hw = stage.downsample(z, hw)
@@ -396,10 +399,12 @@ class SwinBackbone(IVTBackbone):
             if self.fast:                    # all IPAs of the stage read `prompt`: at once
                 hooks = [b.adapters for b in stage.blocks]
                 internal = (checkpointed(block_internal_prompts, hooks, prompt, hw)
-                            if self.checkpoint_blocks
+                            if index < self.checkpoint_blocks      # the stage's first block
                             else block_internal_prompts(hooks, prompt, hw))
                 for block, ipa_out in zip(stage.blocks, internal):
-                    z, prompt = block.forward_fast(z, hw, prompt, ipa_out, self.checkpoint_blocks)
+                    z, prompt = block.forward_fast(z, hw, prompt, ipa_out,
+                                                   index < self.checkpoint_blocks)
+                    index += 1
             else:
                 for block in stage.blocks:
                     z, prompt = block(z, hw, prompt)
@@ -456,7 +461,7 @@ def checkpoint_filter_fn(state_dict: StateDict, window_size: int) -> StateDict:
 
 def build_swin(name: str, tuning: str, ivt_cfg: Optional[IVTConfig], window_size: Optional[int] = None,
                drop_path_rate: Optional[float] = None, fast: bool = False,
-               checkpoint_blocks: bool = False) -> SwinBackbone:
+               checkpoint_blocks: Union[bool, int] = False) -> SwinBackbone:
     cfg = SWIN_CONFIGS[name]
     if window_size is not None or drop_path_rate is not None:
         cfg = SwinConfig(**{**cfg.__dict__,

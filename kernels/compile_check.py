@@ -1,0 +1,231 @@
+"""Compile every Triton kernel as the IV-tuning models launch it, for a GPU this machine need not have.
+
+    python -m kernels.compile_check                          # Swin-L 384 b8, EVA02-L 512 b2; sm_90
+    python -m kernels.compile_check --arch 80 90 --backbone swin_l
+
+The kernel tests run the kernels under Triton's CPU interpreter, which runs programs a GPU cannot:
+one that needs more shared memory than a block may have (the fused adapter's pw1 backward needed
+260 KB on sm_90 until this check found it), or that the GPU compiler rejects. This check closes
+that gap on a machine without a GPU, in two steps:
+
+1. record, in a child process with TRITON_INTERPRET=1 (so the wrappers take their Triton path on
+   CPU tensors): build the backbone with `fast=True, fused_adapters=True` as fake tensors
+   (`FakeTensorMode`: shapes and dtypes, no storage, no arithmetic) and run a training forward and
+   backward and an inference forward, in float32 and under bfloat16 autocast, with the
+   interpreter's launch entry point replaced by a recorder: it keeps each distinct launch (kernel,
+   argument types, constexpr values, launch options) and executes nothing;
+2. compile, in a child process without the interpreter: `triton.compile` of every recorded launch
+   for `GPUTarget("cuda", arch, 32)`, through PTX to a cubin with the ptxas that Triton bundles,
+   and check the shared memory it needs against the architecture's per-block limit.
+
+CPU autocast casts the matmuls, convolutions and attention to bfloat16 as CUDA autocast does, so
+the recorded dtypes are the GPU run's. Integer arguments are compiled unspecialised (on a GPU the
+JIT also specialises values of 1 and multiples of 16: same program, different constants).
+"""
+import argparse
+import concurrent.futures
+import importlib
+import inspect
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from contextlib import nullcontext
+from typing import Dict, List, Optional
+
+# Per-block shared memory limit (bytes, opt-in maximum) by compute capability.
+SHARED_LIMIT = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
+# backbone: (image size, batch); Swin-L and EVA02-L as `bench/train_step.py` measures them, two
+# small Swins for a quick check.
+CONFIGS = {"swin_l": (384, 8), "eva02_l": (512, 2), "swin_t": (224, 2), "swin_nano": (64, 2)}
+TRITON_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "bool": "i1",
+                 "int64": "i64", "int32": "i32", "uint8": "u8", "int8": "i8"}
+
+
+def _launch_record(fn, args: tuple, kwargs: dict) -> dict:
+    """One launch as {module, kernel, signature, constexprs, options} (JSON-ready)."""
+    import torch
+    import triton.language as tl
+
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "num_ctas") if k in kwargs}
+    signature_of_fn = inspect.signature(fn)
+    params = signature_of_fn.parameters
+    bound = signature_of_fn.bind(*args, **kwargs)
+    bound.apply_defaults()
+    signature, constexprs = {}, {}
+    for name, value in bound.arguments.items():
+        annotation = params[name].annotation
+        if annotation is tl.constexpr or annotation == "tl.constexpr" or value is None:
+            signature[name], constexprs[name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = "*" + TRITON_DTYPES[str(value.dtype).replace("torch.", "")]
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            signature[name] = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: argument {name} of type {type(value).__name__}")
+    return {"module": fn.__module__, "kernel": fn.__name__, "signature": signature,
+            "constexprs": constexprs, "options": options}
+
+
+def record(backbone: str, size: int, batch: int) -> List[dict]:
+    """The distinct Triton launches of a fused IV-tuning training step and inference forward of
+    `backbone` (float32 and bfloat16 autocast); needs TRITON_INTERPRET=1 (see the module
+    docstring). Nothing runs: the tensors are fake and the launches only recorded."""
+    import torch
+    import triton.runtime.interpreter as interpreter
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import kernels
+    from ivt.models import build_backbone
+
+    if not kernels.triton_interpreter_on():
+        raise RuntimeError("recording needs TRITON_INTERPRET=1 (set before `kernels` is imported)")
+    launches: Dict[str, dict] = {}
+
+    def recorder(self, *args, grid, warmup, **kwargs):
+        launch = _launch_record(self.fn, args, dict(kwargs))
+        launches.setdefault(json.dumps(launch, sort_keys=True), launch)
+
+    original, interpreter.InterpretedFunction.run = interpreter.InterpretedFunction.run, recorder
+    previous = kernels.backend()
+    kernels.set_backend("triton")
+    try:
+        with torch.device("meta"):                 # then storage-less CPU tensors
+            model = build_backbone(backbone, tuning="ivt", img_size=size, fast=True,
+                                   fused_adapters=True)
+        with FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings():
+            # the attention-bias cache stamps tables by data pointer, which fake tensors warn about
+            warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
+            model.to_empty(device="cpu")
+            vis, ir = torch.randn(batch, 3, size, size), torch.randn(batch, 3, size, size)
+            for autocast in (nullcontext, lambda: torch.autocast("cpu", dtype=torch.bfloat16)):
+                model.train()
+                with autocast():
+                    loss = sum(m.float().mean() for m in model(vis, ir))
+                loss.backward()
+                model.eval()
+                with autocast(), torch.no_grad():
+                    model(vis, ir)
+    finally:
+        interpreter.InterpretedFunction.run = original
+        kernels.set_backend(previous)
+    return list(launches.values())
+
+
+def compile_launch(launch: dict, arch: int) -> dict:
+    """`triton.compile` one recorded launch for sm_<arch>; returns its shared memory and time.
+    Raises what the compiler raises, or ValueError when the shared memory is over the limit."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(importlib.import_module(launch["module"]), launch["kernel"])
+    source = ASTSource(fn=fn, signature=launch["signature"], constexprs=launch["constexprs"])
+    t0 = time.perf_counter()
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=launch["options"])
+    shared = compiled.metadata.shared
+    limit = SHARED_LIMIT.get(arch)
+    if limit is not None and shared > limit:
+        raise ValueError(f"{launch['kernel']}: {shared} bytes of shared memory, sm_{arch} allows "
+                         f"{limit} per block")
+    return {"shared": shared, "seconds": time.perf_counter() - t0,
+            "cubin_bytes": len(compiled.asm["cubin"])}
+
+
+def describe(launch: dict) -> str:
+    """kernel[CONST=value, ...] with the pointer dtypes, for the report."""
+    consts = ", ".join(f"{k}={v}" for k, v in launch["constexprs"].items() if v is not None)
+    dtypes = sorted({t[1:] for t in launch["signature"].values() if t.startswith("*")})
+    opts = "".join(f", {k}={v}" for k, v in launch["options"].items())
+    return f"{launch['kernel']}[{consts}{opts}] ({'/'.join(dtypes)})"
+
+
+def _compile_one(item):
+    launch, arch = item
+    try:
+        return launch, arch, compile_launch(launch, arch), None
+    except Exception as error:                                        # reported, then exit 1
+        return launch, arch, None, f"{type(error).__name__}: {error}"
+
+
+def compile_all(launches: List[dict], archs: List[int], workers: int) -> List[tuple]:
+    """(launch, arch, result or None, error or None) for every launch and architecture."""
+    items = [(launch, arch) for arch in archs for launch in launches]
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(_compile_one, items))
+
+
+def _child(args: List[str], interpret: bool) -> None:
+    """This module with `args` in a child process, Triton's interpreter on or off; exits with
+    the child's status if it fails (its output says why)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1" if interpret else "0"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    status = subprocess.run([sys.executable, "-m", "kernels.compile_check", *args],
+                            env=env).returncode
+    if status:
+        raise SystemExit(status)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m kernels.compile_check",
+        description="Compile every Triton kernel launch of a fused IV-tuning training step and "
+                    "inference forward for NVIDIA GPUs, without a GPU (see the module docstring).")
+    p.add_argument("--backbone", nargs="+", default=["swin_l", "eva02_l"], choices=sorted(CONFIGS),
+                   help="backbones to record, at the image size and batch of bench/train_step.py "
+                        "(default: swin_l eva02_l)")
+    p.add_argument("--arch", nargs="+", type=int, default=[90],
+                   help="compute capabilities to compile for: 90 = H100/H200, 80 = A100 "
+                        "(default: 90)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="parallel compiler processes (default: the CPU count)")
+    p.add_argument("--record-to", metavar="FILE", help=argparse.SUPPRESS)     # child: step 1
+    p.add_argument("--compile-from", metavar="FILE", help=argparse.SUPPRESS)  # child: step 2
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = get_parser().parse_args(argv)
+    if args.record_to:
+        launches: Dict[str, dict] = {}
+        for name in args.backbone:
+            for launch in record(name, *CONFIGS[name]):
+                launches.setdefault(json.dumps(launch, sort_keys=True), launch)
+        with open(args.record_to, "w") as f:
+            json.dump(list(launches.values()), f)
+        return
+    if args.compile_from:
+        with open(args.compile_from) as f:
+            launches = json.load(f)
+        print(f"compiling {len(launches)} distinct launches for sm_"
+              + ", sm_".join(map(str, args.arch)), flush=True)
+        failures = 0
+        for launch, arch, result, error in compile_all(launches, args.arch, args.workers):
+            if error is None:
+                print(f"  ok   sm_{arch} {describe(launch)}: {result['shared']} B shared, "
+                      f"{result['seconds']:.1f} s")
+            else:
+                failures += 1
+                print(f"  FAIL sm_{arch} {describe(launch)}: {error}")
+        print(f"{failures} of {len(launches) * len(args.arch)} compilations failed")
+        if failures:
+            raise SystemExit(1)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "launches.json")
+        common = ["--backbone", *args.backbone, "--arch", *map(str, args.arch)]
+        _child([*common, "--record-to", path], interpret=True)
+        _child([*common, "--compile-from", path, "--workers", str(args.workers)],
+               interpret=False)
+
+
+if __name__ == "__main__":
+    main()
