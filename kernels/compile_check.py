@@ -16,7 +16,9 @@ that gap on a machine without a GPU, in two steps:
    argument types, constexpr values, launch options) and executes nothing;
 2. compile, in a child process without the interpreter: `triton.compile` of every recorded launch
    for `GPUTarget("cuda", arch, 32)`, through PTX to a cubin with the ptxas that Triton bundles,
-   and check the shared memory it needs against the architecture's per-block limit.
+   and check the shared memory it needs against the architecture's per-block limit (a failure);
+   report the registers per thread and the register spills `ptxas -v` finds (a slow kernel, not
+   a failure: the fused adapter's backward kernels spilled up to 3 KB a thread at 4 warps).
 
 CPU autocast casts the matmuls, convolutions and attention to bfloat16 as CUDA autocast does, so
 the recorded dtypes are the GPU run's. Integer arguments are compiled unspecialised (on a GPU the
@@ -28,13 +30,14 @@ import importlib
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
 from contextlib import nullcontext
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 # Per-block shared memory limit (bytes, opt-in maximum) by compute capability.
 SHARED_LIMIT = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
@@ -119,9 +122,29 @@ def record(backbone: str, size: int, batch: int) -> List[dict]:
     return list(launches.values())
 
 
+def ptxas_usage(ptx: str, arch: int) -> Tuple[int, int]:
+    """(registers per thread, bytes of register spill stores + loads per thread) that `ptxas -v`
+    reports for the PTX, with the ptxas Triton itself uses for sm_<arch>."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source, binary = os.path.join(tmp, "kernel.ptx"), os.path.join(tmp, "kernel.cubin")
+        with open(source, "w") as f:
+            f.write(ptx)
+        gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"      # as Triton names it
+        log = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={gpu}", source, "-o",
+                              binary], capture_output=True, text=True, check=True).stderr
+    registers = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if registers is None or spills is None:
+        raise RuntimeError(f"unexpected ptxas -v output:\n{log}")
+    return int(registers.group(1)), int(spills.group(1)) + int(spills.group(2))
+
+
 def compile_launch(launch: dict, arch: int) -> dict:
-    """`triton.compile` one recorded launch for sm_<arch>; returns its shared memory and time.
-    Raises what the compiler raises, or ValueError when the shared memory is over the limit."""
+    """`triton.compile` one recorded launch for sm_<arch>; returns its shared memory, registers
+    and register spills (ptxas -v), and the time it took. Raises what the compiler raises, or
+    ValueError when the shared memory is over the limit."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -135,8 +158,9 @@ def compile_launch(launch: dict, arch: int) -> dict:
     if limit is not None and shared > limit:
         raise ValueError(f"{launch['kernel']}: {shared} bytes of shared memory, sm_{arch} allows "
                          f"{limit} per block")
-    return {"shared": shared, "seconds": time.perf_counter() - t0,
-            "cubin_bytes": len(compiled.asm["cubin"])}
+    registers, spills = ptxas_usage(compiled.asm["ptx"], arch)
+    return {"shared": shared, "registers": registers, "spill_bytes": spills,
+            "seconds": time.perf_counter() - t0}
 
 
 def describe(launch: dict) -> str:
@@ -207,15 +231,19 @@ def main(argv: Optional[List[str]] = None) -> None:
             launches = json.load(f)
         print(f"compiling {len(launches)} distinct launches for sm_"
               + ", sm_".join(map(str, args.arch)), flush=True)
-        failures = 0
+        failures = spilling = 0
         for launch, arch, result, error in compile_all(launches, args.arch, args.workers):
             if error is None:
+                spilling += result["spill_bytes"] > 0
+                spills = (f", SPILLS {result['spill_bytes']} B/thread" if result["spill_bytes"]
+                          else "")
                 print(f"  ok   sm_{arch} {describe(launch)}: {result['shared']} B shared, "
-                      f"{result['seconds']:.1f} s")
+                      f"{result['registers']} registers{spills}, {result['seconds']:.1f} s")
             else:
                 failures += 1
                 print(f"  FAIL sm_{arch} {describe(launch)}: {error}")
-        print(f"{failures} of {len(launches) * len(args.arch)} compilations failed")
+        print(f"{failures} of {len(launches) * len(args.arch)} compilations failed; "
+              f"{spilling} spill registers")
         if failures:
             raise SystemExit(1)
         return

@@ -46,6 +46,11 @@ from .reference import HybridAdapterWeights
 BLOCK_M = 32   # tokens per tile
 BLOCK_C = 32   # channels per step of the loops over C
 PARTIAL_FLOATS = 1 << 22   # the most floats of per-program partial sums one backward kernel keeps
+# Warps per backward program: their tiles need more than 255 registers a thread with 4 warps. At
+# d2 = 64 on sm_90, ptxas's register spill traffic (stores + loads, per thread) is 3.0 KB (up/pw2
+# backward), 1.6 KB (down backward) and 0.9 KB (pw1 backward) with 4 warps, and 0.8 KB, 0 and 0
+# with 8 (`python -m kernels.compile_check`).
+BACKWARD_WARPS = 8
 
 
 # -- tile helpers ---------------------------------------------------------------------------------
@@ -583,7 +588,7 @@ class _TrainingHybridAdapter(torch.autograd.Function):
                                    h if keep is None else keep, ctx.keep_scale, wu, do, dbn,
                                    part1, n_tiles, M, N, H, W, C, D, cp,
                                    HAS_MASK=keep is not None, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C,
-                                   BLOCK_D=block_d)
+                                   BLOCK_D=block_d, num_warps=BACKWARD_WARPS)
         sums1 = part1.sum(0)
         d_wu, d_bu, d_w2, d_b2, d_bnw, d_bnb = sums1.split([C * D, C, D * D, D, D, D])
         # 2. BatchNorm and pw1 -> dy. Not software-pipelined: at d2 = 64 in float32 its tile loop
@@ -591,14 +596,16 @@ class _TrainingHybridAdapter(torch.autograd.Function):
         # block), 150 KB at 2 (over sm_86/89's 99 KB), 48 KB at 1 (`python -m kernels.compile_check`).
         _ho_backward_kernel[(p23,)](h, dww, dwb, w1, b1, bn_stats, bnw, sums1[-2 * D:], do, dbn,
                                     dy, part23, size2 + size3, n_tiles, M, N, H, W, D, cp,
-                                    BLOCK_M=BLOCK_M, BLOCK_D=block_d, num_stages=1)
+                                    BLOCK_M=BLOCK_M, BLOCK_D=block_d, num_stages=1,
+                                    num_warps=BACKWARD_WARPS)
         # 3. partial conv, down-projection, LayerNorm and SFT -> dx
         x_, x_b, x_n = _token_strides(x)
         dx = torch.empty((B, N, C), device=device, dtype=x.dtype)
         _down_backward_kernel[(p23,)](x_, x_b, x_n, ln_stats, lnw, lnb, gamma, beta, wd, h, dww,
                                       dy, g, g_b, g_n, dx, part23[:, size2:], size2 + size3,
                                       n_tiles, M, N, H, W, C, D, cp, ADD_G=ctx.x_is_residual,
-                                      BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, BLOCK_D=block_d)
+                                      BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, BLOCK_D=block_d,
+                                      num_warps=BACKWARD_WARPS)
         (d_w1, d_b1, d_dww, d_dwb, d_bd, d_wd, d_lnw, d_lnb, d_gamma, d_beta) = part23.sum(
             0).split([D * D, D, cp * 9, cp, D, D * C, C, C, C, C])
         grads = [d_lnw, d_lnb, d_gamma, d_beta, d_wd.view(D, C), d_bd, d_dww.view(cp, 1, 3, 3),
