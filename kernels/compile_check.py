@@ -1,4 +1,4 @@
-"""Compile every Triton kernel as the IV-tuning models launch it, for a GPU this machine need not have.
+"""Compile every Triton kernel as the IV-tuning models launch it, for GPUs this machine lacks.
 
     python -m kernels.compile_check                          # Swin-L 384 b8, EVA02-L 512 b2; sm_90
     python -m kernels.compile_check --arch 80 90 --backbone swin_l

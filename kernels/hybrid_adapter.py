@@ -593,7 +593,7 @@ class _TrainingHybridAdapter(torch.autograd.Function):
         d_wu, d_bu, d_w2, d_b2, d_bnw, d_bnb = sums1.split([C * D, C, D * D, D, D, D])
         # 2. BatchNorm and pw1 -> dy. Not software-pipelined: at d2 = 64 in float32 its tile loop
         # needs 260 KB of shared memory at Triton's default 3 stages (over sm_90's 227 KB per
-        # block), 150 KB at 2 (over sm_86/89's 99 KB), 48 KB at 1 (`python -m kernels.compile_check`).
+        # block), 150 KB at 2 (over sm_86/89's 99 KB), 48 KB at 1 (kernels/compile_check.py).
         _ho_backward_kernel[(p23,)](h, dww, dwb, w1, b1, bn_stats, bnw, sums1[-2 * D:], do, dbn,
                                     dy, part23, size2 + size3, n_tiles, M, N, H, W, D, cp,
                                     BLOCK_M=BLOCK_M, BLOCK_D=block_d, num_stages=1,

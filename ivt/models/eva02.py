@@ -228,8 +228,8 @@ class EVA02Backbone(IVTBackbone):
 
     `fast=True` (IV-tuning only; other tunings run the reference forward) takes the fast path
     (`EVA02Block.forward_fast`); `checkpoint_blocks=True` also checkpoints every block (only
-    its inputs are kept for backward), `checkpoint_blocks=n` the first n. Same parameters, state dict, outputs and gradients as the
-    reference path.
+    its inputs are kept for backward), `checkpoint_blocks=n` the first n. Same parameters,
+    state dict, outputs and gradients as the reference path.
     """
 
     def __init__(self, name: str, cfg: EVA02Config, tuning: str = "ivt",

@@ -331,8 +331,8 @@ class SwinBackbone(IVTBackbone):
     inputs are kept for backward; `checkpoint_blocks=n` the first n blocks, in forward order
     (a block's activations scale with tokens x channels, halving from stage to stage, while its
     compute stays about the same: Swin-L's first 4 blocks, stages 1 and 2, hold about 40% of its
-    block activations and are 4 of its 24 blocks to recompute). Same parameters and state dict as the reference path, same
-    outputs and gradients (tests/test_fast_path.py).
+    block activations and are 4 of its 24 blocks to recompute). Same parameters and state dict
+    as the reference path, same outputs and gradients (tests/test_fast_path.py).
     """
 
     def __init__(self, name: str, cfg: SwinConfig, tuning: str = "ivt",
