@@ -204,8 +204,9 @@ def get_parser() -> argparse.ArgumentParser:
         description="Compile every Triton kernel launch of a fused IV-tuning training step and "
                     "inference forward for NVIDIA GPUs, without a GPU (see the module docstring).")
     p.add_argument("--backbone", nargs="+", default=["swin_l", "eva02_l"], choices=sorted(CONFIGS),
-                   help="backbones to record, at the image size and batch of bench/train_step.py "
-                        "(default: swin_l eva02_l)")
+                   help="backbones to record: swin_l (384, batch 8) and eva02_l (512, batch 2) "
+                        "as bench/train_step.py measures them, swin_t (224, batch 2) and "
+                        "swin_nano (64, batch 2) for a quick check (default: swin_l eva02_l)")
     p.add_argument("--arch", nargs="+", type=int, default=[90],
                    help="compute capabilities to compile for: 90 = H100/H200, 80 = A100 "
                         "(default: 90)")
