@@ -65,6 +65,7 @@ sys.path[0] = str(ROOT)             # the repository's packages, not this folder
 
 import kernels  # noqa: E402
 from bench.sections import write_section  # noqa: E402
+from kernels.compile_check import interpreter_launches  # noqa: E402
 from ivt.models.segmentor import build_segmentor  # noqa: E402
 
 MODES = {"full": ("full", {}), "freeze": ("freeze", {}), "ivt": ("ivt", {}),
@@ -180,23 +181,21 @@ class TritonLaunches:
     def __init__(self):
         self.count, self.inside = 0, 0
 
-    def __enter__(self):
-        from triton.runtime.interpreter import InterpretedFunction
-        self._cls, self._run = InterpretedFunction, InterpretedFunction.run
-        counter = self
+    def _launch(self, run, fn, args, kwargs):
+        self.count += 1
+        self.inside += 1
+        try:
+            return run()
+        finally:
+            self.inside -= 1
 
-        def run(fn, *args, **kwargs):
-            counter.count += 1
-            counter.inside += 1
-            try:
-                return counter._run(fn, *args, **kwargs)
-            finally:
-                counter.inside -= 1
-        InterpretedFunction.run = run
+    def __enter__(self):
+        self._hook = interpreter_launches(self._launch)
+        self._hook.__enter__()
         return self
 
     def __exit__(self, *exc):
-        self._cls.run = self._run
+        return self._hook.__exit__(*exc)
 
 
 class OpCounter(TorchDispatchMode):

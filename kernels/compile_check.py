@@ -36,8 +36,8 @@ import sys
 import tempfile
 import time
 import warnings
-from contextlib import nullcontext
-from typing import Dict, List, Optional, Tuple
+from contextlib import contextmanager, nullcontext
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 # Per-block shared memory limit (bytes, opt-in maximum) by compute capability.
 SHARED_LIMIT = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
@@ -77,12 +77,32 @@ def _launch_record(fn, args: tuple, kwargs: dict) -> dict:
             "constexprs": constexprs, "options": options}
 
 
+@contextmanager
+def interpreter_launches(handler: Callable[[Callable[[], Any], Any, tuple, dict], Any]):
+    """Within it, every kernel launch Triton's CPU interpreter (TRITON_INTERPRET=1) receives goes
+    to handler(run, fn, args, kwargs): fn the kernel's Python function, args and kwargs its
+    launch arguments (grid and launch options included), run() the launch as usual. The one
+    place that hooks the interpreter's entry point: `record` keeps launches without running them,
+    `bench/train_step.py` counts them."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    original = InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        return handler(lambda: original(self, *args, **kwargs), self.fn, args, kwargs)
+
+    InterpretedFunction.run = run
+    try:
+        yield
+    finally:
+        InterpretedFunction.run = original
+
+
 def record(backbone: str, size: int, batch: int) -> List[dict]:
     """The distinct Triton launches of a fused IV-tuning training step and inference forward of
     `backbone` (float32 and bfloat16 autocast); needs TRITON_INTERPRET=1 (see the module
     docstring). Nothing runs: the tensors are fake and the launches only recorded."""
     import torch
-    import triton.runtime.interpreter as interpreter
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     import kernels
@@ -92,18 +112,19 @@ def record(backbone: str, size: int, batch: int) -> List[dict]:
         raise RuntimeError("recording needs TRITON_INTERPRET=1 (set before `kernels` is imported)")
     launches: Dict[str, dict] = {}
 
-    def recorder(self, *args, grid, warmup, **kwargs):
-        launch = _launch_record(self.fn, args, dict(kwargs))
+    def recorder(run, fn, args, kwargs):                    # records, never calls run()
+        named = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+        launch = _launch_record(fn, args, named)
         launches.setdefault(json.dumps(launch, sort_keys=True), launch)
 
-    original, interpreter.InterpretedFunction.run = interpreter.InterpretedFunction.run, recorder
     previous = kernels.backend()
     kernels.set_backend("triton")
     try:
         with torch.device("meta"):                 # then storage-less CPU tensors
             model = build_backbone(backbone, tuning="ivt", img_size=size, fast=True,
                                    fused_adapters=True)
-        with FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings():
+        with FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings(), \
+                interpreter_launches(recorder):
             # the attention-bias cache stamps tables by data pointer, which fake tensors warn about
             warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
             model.to_empty(device="cpu")
@@ -117,7 +138,6 @@ def record(backbone: str, size: int, batch: int) -> List[dict]:
                 with autocast(), torch.no_grad():
                     model(vis, ir)
     finally:
-        interpreter.InterpretedFunction.run = original
         kernels.set_backend(previous)
     return list(launches.values())
 

@@ -316,8 +316,8 @@ class EVA02Backbone(IVTBackbone):
             self._rope[key] = rope_sin_cos(hw, self.cfg.embed_dim // self.cfg.num_heads,
                                            self.cfg.rope_ref_grid, device=z.device)
         rope = self._rope[key]                                           # (N, d) sin, cos
-        if self.fast:                               # every block's IPA weights, folded at once
-            folded = fold_block_ipas([block.adapters for block in self.blocks])
+        folded = (fold_block_ipas([block.adapters for block in self.blocks])  # all at once
+                  if self.fast else None)
         maps = {}
         for index, block in enumerate(self.blocks):
             # Block l > 0 takes its input tokens as the external prompt. With ipa_deep (Fig. 4(e))
