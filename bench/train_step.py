@@ -16,11 +16,14 @@ labels, AdamW (fused), bf16 autocast on the GPU. Modes:
     ivt            IV-tuning, the readable reference forward (`fast=False`)
     ivt_fast       IV-tuning, the fast forward (`fast=True`): same parameters, same results
     ivt_fast_ckpt  the fast forward with `checkpoint_blocks=True`
+    ivt_fast_lean  the fast forward with `recompute_frozen=True`: the frozen sub-layers keep only
+                   their inputs and are recomputed, up to their last Linear, in backward
     ivt_fused      (GPU) the fast forward with `fused_adapters=True`: every Hybrid Adapter, its
                    residual and internal prompt as Triton kernels (`kernels/hybrid_adapter.py`)
     ivt_fused_ckpt (GPU) that with `checkpoint_blocks=True`
     ivt_fused_ckpt4 that with `checkpoint_blocks=4`: only the first 4 blocks (on Swin, stages 1
                    and 2, where most of the activations are) are recomputed
+    ivt_fused_lean ivt_fused with `recompute_frozen=True`
 and, for the CPU proxies only, where the fast step's operators go:
     fast_empg      the fast forward of the `empg_only` variant: the IR stem and EMPG, no HA/IPA
                    (so the frozen blocks' forward and input-gradient backward, plus the head)
@@ -70,7 +73,8 @@ from ivt.models.segmentor import build_segmentor  # noqa: E402
 
 MODES = {"full": ("full", {}), "freeze": ("freeze", {}), "ivt": ("ivt", {}),
          "ivt_fast": ("ivt", {"fast": True}),
-         "ivt_fast_ckpt": ("ivt", {"fast": True, "checkpoint_blocks": True})}
+         "ivt_fast_ckpt": ("ivt", {"fast": True, "checkpoint_blocks": True}),
+         "ivt_fast_lean": ("ivt", {"fast": True, "recompute_frozen": True})}
 DECOMPOSITION = {"fast_empg": ("ivt", {"fast": True, "variant": "empg_only"}),
                  "fast_empg_ha": ("ivt", {"fast": True, "variant": "empg_ha"})}
 # GPU only (on the CPU it is ivt_fast): the Hybrid Adapters as Triton kernels
@@ -78,11 +82,15 @@ FUSED = {"ivt_fused": ("ivt", {"fast": True, "fused_adapters": True}),
          "ivt_fused_ckpt": ("ivt", {"fast": True, "fused_adapters": True,
                                     "checkpoint_blocks": True}),
          "ivt_fused_ckpt4": ("ivt", {"fast": True, "fused_adapters": True,
-                                     "checkpoint_blocks": 4})}
+                                     "checkpoint_blocks": 4}),
+         "ivt_fused_lean": ("ivt", {"fast": True, "fused_adapters": True,
+                                    "recompute_frozen": True})}
 GPU_CASES = [("swin_l", 384, 8), ("eva02_l", 512, 2)]
 # most wanted first, so that a run cut short has the comparisons that matter
-GPU_ORDER = ["full", "ivt_fused", "ivt_fused_ckpt4", "ivt_fast", "ivt_fused_ckpt", "ivt_fast_ckpt",
-             "freeze", "ivt"]
+GPU_ORDER = ["full", "ivt_fused", "ivt_fused_lean", "ivt_fused_ckpt4", "ivt", "ivt_fast",
+             "ivt_fused_ckpt", "ivt_fast_lean", "ivt_fast_ckpt", "freeze"]
+# the CPU proxies of the fused modes (their kernels under Triton's interpreter)
+CPU_FUSED = ["ivt_fused", "ivt_fused_ckpt4", "ivt_fused_lean"]
 # (backbone, (H, W), batch, head width, what the case shows)
 CPU_CASES = [("swin_t", (128, 96), 2, 256, "the default case"),
              ("swin_nano", (64, 96), 2, 64, "what `tests/test_bench_proxies.py` measures"),
@@ -112,11 +120,12 @@ def parse_args(argv=None):
     p.add_argument("--modes", nargs="+", default=None,
                    choices=list(MODES) + list(DECOMPOSITION) + list(FUSED),
                    help="what to measure: full fine-tuning, frozen backbone, IV-tuning "
-                        "reference, fast, fast with checkpointed frozen blocks; on a GPU also "
-                        "ivt_fused, ivt_fused_ckpt, ivt_fused_ckpt4 (the Hybrid Adapters as Triton "
-                        "kernels; the last two checkpointing every block or the first 4); with "
-                        "--device cpu also the decomposition fast_empg, fast_empg_ha (default: "
-                        "all that apply to the device)")
+                        "reference, fast, fast with checkpointed blocks or recomputed frozen "
+                        "sub-layers; ivt_fused, ivt_fused_ckpt, ivt_fused_ckpt4, ivt_fused_lean "
+                        "(the Hybrid Adapters as Triton kernels; checkpointing every block or "
+                        "the first 4, or recomputing the frozen sub-layers; on the CPU under "
+                        "TRITON_INTERPRET=1); with --device cpu also the decomposition "
+                        "fast_empg, fast_empg_ha (default: all that apply to the device)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (median; default 10)")
     p.add_argument("--warmup", type=int, default=3, help="warm-up steps (default 3)")
     p.add_argument("--cases", nargs="+", default=None, metavar="NAME:SIZE:BATCH",
@@ -160,11 +169,12 @@ def loss_fn(model, batch: dict) -> torch.Tensor:
 
 
 def eager_step(model, optimizer, autocast):
-    def step(batch, lr):
+    def step(batch, lr, before_backward=lambda: None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         with autocast():
             loss = loss_fn(model, batch)
+        before_backward()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -219,31 +229,23 @@ class TensorTracker(TorchDispatchMode):
         super().__init__()
         self.refs = []
 
+    def alive_bytes(self, excluded) -> int:
+        """Bytes of the storages produced so far that are still alive, each counted once, those
+        whose data pointer is in `excluded` left out."""
+        gc.collect()
+        storages = {}
+        for ref in self.refs:
+            t = ref()
+            if t is not None and t.untyped_storage().data_ptr() not in excluded:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return sum(storages.values())
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):
                 self.refs.append(weakref.ref(t))
         return out
-
-
-def bytes_held_for_backward(model, batch: dict) -> int:
-    """Bytes of the storages that the forward + loss produced and that are still alive before
-    backward: what the autograd graph (or a checkpoint) keeps for the backward pass."""
-    own = list(model.parameters()) + list(model.buffers()) + list(batch.values())
-    excluded = {t.untyped_storage().data_ptr() for t in own}
-    tracker = TensorTracker()
-    with tracker:
-        loss = loss_fn(model, batch)
-    gc.collect()
-    storages = {}
-    for ref in tracker.refs:
-        t = ref()
-        if t is not None and t.untyped_storage().data_ptr() not in excluded:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    return sum(storages.values())
 
 
 def interpreter_available() -> bool:
@@ -268,13 +270,18 @@ def cpu_proxies(backbone: str, size, batch: int, modes, head_dim: int = 256) -> 
             model, optimizer = build(backbone, mode, size, "cpu", head_dim)
             step = eager_step(model, optimizer, nullcontext)
             step(data, 1e-4)                                       # optimizer state, caches
+            # bytes held for backward: what the forward + loss produced that is still alive
+            # before backward (kept by the autograd graph or a checkpoint)
+            own = list(model.parameters()) + list(model.buffers()) + list(data.values())
+            excluded = {t.untyped_storage().data_ptr() for t in own}
             launches = TritonLaunches() if mode in FUSED else nullcontext(None)
+            held = []
             with launches:
-                counter = OpCounter(launches if mode in FUSED else None)
-                with counter:
-                    step(data, 1e-4)
+                counter, tracker = OpCounter(launches if mode in FUSED else None), TensorTracker()
+                with counter, tracker:
+                    step(data, 1e-4, lambda: held.append(tracker.alive_bytes(excluded)))
             n_launches = launches.count if mode in FUSED else 0
-            held = bytes_held_for_backward(model, data)
+            held = held[0]
             result["modes"][mode] = {
                 "operators": counter.count + n_launches, "aten_ops": counter.count,
                 "triton_launches": n_launches, "bytes_for_backward": held,
@@ -309,14 +316,17 @@ def cpu_tables(results, notes) -> str:
             f"{datetime.date.today().isoformat()}, torch {torch.__version__}, no GPU; every mode "
             "but the fused ones on the PyTorch reference kernels. Operators = aten operators "
             "dispatched in one training step (forward, backward, fused AdamW), views and detach "
-            "excluded, plus one per Triton kernel launch for `ivt_fused` (`--impl fused`) and "
+            "excluded, plus one per Triton kernel launch for `ivt_fused` (`--impl fused`), "
             "`ivt_fused_ckpt4` (that with `checkpoint_blocks=4`, the first four blocks "
-            "recomputed in backward), whose kernels run under Triton's CPU "
+            "recomputed in backward) and `ivt_fused_lean` (with `recompute_frozen=True`: the "
+            "frozen attention and MLP sub-layers keep only their inputs and are recomputed, up "
+            "to their last Linear, in backward), whose kernels run under Triton's CPU "
             "interpreter (TRITON_INTERPRET=1; the interpreter's own tensor copies, which no GPU "
             "would run, are not counted); MB held for backward = "
             "storages produced by the forward that are still alive before backward (what the "
             "autograd graph and the checkpoints keep), parameters and inputs excluded. "
-            "`ivt_fast_ckpt` is `fast=True, checkpoint_blocks=True`. `fast_empg` and "
+            "`ivt_fast_ckpt` is `fast=True, checkpoint_blocks=True`, `ivt_fast_lean` "
+            "`fast=True, recompute_frozen=True`. `fast_empg` and "
             "`fast_empg_ha` decompose `ivt_fast`: the fast forward of the `empg_only` variant "
             "(IR stem and EMPG, no adapters: the frozen blocks' forward and input-gradient "
             "backward plus the head) and of `empg_ha` (that plus every Hybrid Adapter); "
@@ -483,8 +493,7 @@ def gpu_tables(result: dict) -> str:
 def main(argv=None):
     args = parse_args(argv)
     if args.device == "cpu":
-        modes = args.modes or (list(MODES) + (["ivt_fused", "ivt_fused_ckpt4"]
-                                              if interpreter_available() else [])
+        modes = args.modes or (list(MODES) + (CPU_FUSED if interpreter_available() else [])
                                + list(DECOMPOSITION))
         cases = ([(args.backbone, tuple(args.size), args.batch, args.head_dim, "")]
                  if args.backbone else CPU_CASES)

@@ -33,7 +33,7 @@ from .models import BACKBONES, TUNINGS, VARIANTS, CheckpointError, normalization
 RUN_ONLY = ("device", "workers", "out", "resume", "allow_changes", "log_every", "kernels",
             "pretrained",      # a moved file is fine: its SHA-256 is checked against the run's
             "verify_images", "save_rank_weights", "eval_every", "total_iters", "cuda_graph",
-            "impl", "checkpoint_blocks")
+            "impl", "checkpoint_blocks", "recompute_frozen")
 # Settings the saved weights depend on: never changeable on resume.
 MODEL_KEYS = ("task", "backbone", "tuning", "variant", "d1", "d2", "d3", "layers", "patch_size",
               "prompt_length", "bottleneck", "adapter_scale", "rein_tokens", "rein_rank",
@@ -121,6 +121,8 @@ def backbone_kwargs(config: dict) -> dict:
     blocks = config.get("checkpoint_blocks")          # "all" (True in older runs) or a count
     if blocks:
         kw["checkpoint_blocks"] = True if blocks == "all" or isinstance(blocks, bool) else blocks
+    if config.get("recompute_frozen"):
+        kw["recompute_frozen"] = True
     return kw
 
 
@@ -194,6 +196,12 @@ def get_parser(task: Task) -> argparse.ArgumentParser:
                         "block (under half of full fine-tuning's activation memory, one more "
                         "forward of compute); with N, the first N blocks (on Swin the "
                         "high-resolution ones, which hold most of the memory)")
+    g.add_argument("--recompute-frozen", action="store_true",
+                   help="with --impl fast or fused and --tuning ivt: the blocks not checkpointed "
+                        "keep only the inputs of their frozen attention and MLP sub-layers and "
+                        "recompute them, up to their last Linear, in the backward pass (under "
+                        "half of full fine-tuning's activation memory on Swin-T, a few "
+                        "operators a block; the adapters keep their activations)")
     task.add_arguments(p)
     g = p.add_argument_group("optimisation (defaults: the paper's recipe)")
     if r.epochs is not None:
@@ -284,8 +292,10 @@ def check_args(task: Task, args) -> None:
         raise FileNotFoundError(f"--pretrained {args.pretrained}: file not found")
     if args.cuda_graph and not torch.cuda.is_available():
         raise ValueError("--cuda-graph needs a CUDA device")
-    if args.checkpoint_blocks and (args.impl == "reference" or args.tuning != "ivt"):
-        raise ValueError("--checkpoint-blocks needs --impl fast (or fused) and --tuning ivt")
+    for flag, value in (("--checkpoint-blocks", args.checkpoint_blocks),
+                        ("--recompute-frozen", args.recompute_frozen)):
+        if value and (args.impl == "reference" or args.tuning != "ivt"):
+            raise ValueError(f"{flag} needs --impl fast (or fused) and --tuning ivt")
     if args.resume and args.resume != "last" and not os.path.isfile(args.resume):
         raise FileNotFoundError(f"--resume {args.resume}: file not found")
     if args.backbone.startswith("eva02"):

@@ -28,12 +28,14 @@ def randomize(model):
     return model
 
 
-def tiny_eva(fast, variant="ivt", layers=None, checkpoint_blocks=False, fused=False):
+def tiny_eva(fast, variant="ivt", layers=None, checkpoint_blocks=False, fused=False,
+             recompute_frozen=False):
     cfg = EVA02Config(embed_dim=32, depth=3, num_heads=2, mlp_hidden=48, patch_size=8,
                       img_size=(24, 32), drop_path_rate=0.2)
     return EVA02Backbone("tiny", cfg, "ivt", IVTConfig(variant=variant, layers=layers, d2=16,
                                                        fused_adapters=fused),
-                         fast=fast, checkpoint_blocks=checkpoint_blocks)
+                         fast=fast, checkpoint_blocks=checkpoint_blocks,
+                         recompute_frozen=fast and recompute_frozen)
 
 
 def run(model, vis, ir):
@@ -89,11 +91,13 @@ def test_swin_fast_equals_reference(variant):
     assert_same_buffers(ref, fast)
 
 
-@pytest.mark.parametrize("layers, checkpoint", [([0, 3, 5], False), (None, True), ([2], True),
-                                               (None, 3)])
-def test_swin_fast_layers_and_checkpointing(layers, checkpoint):
+@pytest.mark.parametrize("layers, checkpoint, recompute",
+                         [([0, 3, 5], False, False), (None, True, False), ([2], True, False),
+                          (None, 3, False), (None, False, True), ([0, 3, 5], 3, True)])
+def test_swin_fast_layers_and_checkpointing(layers, checkpoint, recompute):
     ref, fast = pair(lambda f: build_backbone("swin_nano", "ivt", layers=layers, d2=16, fast=f,
                                               checkpoint_blocks=f and checkpoint,
+                                              recompute_frozen=f and recompute,
                                               drop_path_rate=0.2))
     torch.manual_seed(0)
     vis, ir = torch.randn(1, 3, 36, 28, dtype=torch.float64), torch.randn(1, 3, 36, 28,
@@ -111,9 +115,12 @@ def test_eva02_fast_equals_reference(variant):
     assert_same(run(ref, vis, ir), run(fast, vis, ir))
 
 
-@pytest.mark.parametrize("layers, checkpoint", [([1], False), (None, True), (None, 2)])
-def test_eva02_fast_layers_and_checkpointing(layers, checkpoint):
-    ref, fast = pair(lambda f: tiny_eva(f, layers=layers, checkpoint_blocks=f and checkpoint))
+@pytest.mark.parametrize("layers, checkpoint, recompute",
+                         [([1], False, False), (None, True, False), (None, 2, False),
+                          (None, False, True), ([0, 2], 1, True)])
+def test_eva02_fast_layers_and_checkpointing(layers, checkpoint, recompute):
+    ref, fast = pair(lambda f: tiny_eva(f, layers=layers, checkpoint_blocks=f and checkpoint,
+                                        recompute_frozen=recompute))
     torch.manual_seed(0)
     vis, ir = torch.randn(1, 3, 32, 24, dtype=torch.float64), torch.randn(1, 3, 32, 24,
                                                                           dtype=torch.float64)
@@ -191,7 +198,59 @@ def test_checkpoint_blocks_count_recomputes_the_first_blocks(count, monkeypatch)
     assert [sum(c is b for c in calls) for b in blocks] == [2] * n + [1] * (len(blocks) - n)
 
 
-def test_checkpoint_blocks_and_fused_adapters_need_fast_ivt():
+def forward_counts(model, names):
+    """{name: forward calls} summed over every module whose qualified name ends with it."""
+    counts = dict.fromkeys(names, 0)
+    for qualified, module in model.named_modules():
+        for name in names:
+            if qualified.endswith("." + name):
+                module.register_forward_hook(
+                    lambda *_, n=name: counts.__setitem__(n, counts[n] + 1))
+    return counts
+
+
+@pytest.mark.parametrize("family", ["swin", "eva02"])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_recompute_frozen_reruns_each_sublayer_up_to_its_last_linear(family, recompute):
+    """recompute_frozen: in backward each block reruns its frozen sub-layers up to, not including,
+    their last Linear (which keeps nothing for backward): q/k/v and the MLP's first Linear(s)
+    run twice, the output projections and fc2 once; the adapters are not rerun."""
+    if family == "swin":
+        model = build_backbone("swin_nano", "ivt", d2=16, fast=True, recompute_frozen=recompute)
+        names, vis = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "ha1.down"], (1, 3, 64, 64)
+        blocks = sum(len(stage.blocks) for stage in model.layers)
+    else:
+        model = tiny_eva(True, recompute_frozen=recompute)
+        names = ["attn.k_proj", "attn.proj", "mlp.fc1_g", "mlp.fc2", "ha1.down"]
+        vis = (1, 3, 24, 32)
+        blocks = len(model.blocks)
+    counts = forward_counts(model, names)
+    model.train()
+    sum(o.sum() for o in model(torch.randn(vis), torch.randn(vis))).backward()
+    twice = 2 if recompute else 1
+    assert counts == dict(zip(names, [twice * blocks, blocks, twice * blocks, blocks, blocks]))
+
+
+@pytest.mark.parametrize("variant", ["parallel", "ipa_deep", "mhsa_only", "ir_missing"])
+def test_recompute_frozen_equals_reference(variant):
+    ref, fast = pair(lambda f: build_backbone("swin_nano", "ivt", variant=variant, d2=16,
+                                              fast=f, recompute_frozen=f, drop_path_rate=0.2))
+    torch.manual_seed(0)
+    vis = torch.randn(2, 3, 44, 60, dtype=torch.float64)
+    ir = torch.randn(2, 1, 44, 60, dtype=torch.float64)
+    assert_same(run(ref, vis, ir), run(fast, vis, ir))
+    ref, fast = pair(lambda f: tiny_eva(f, variant, recompute_frozen=True))
+    vis, ir = torch.randn(2, 3, 24, 40, dtype=torch.float64), torch.randn(2, 3, 24, 40,
+                                                                          dtype=torch.float64)
+    assert_same(run(ref, vis, ir), run(fast, vis, ir))
+
+
+def test_checkpointing_recomputation_and_fused_adapters_need_fast_ivt():
+    with pytest.raises(ValueError, match="recompute_frozen=True needs fast"):
+        build_backbone("swin_nano", "ivt", recompute_frozen=True)
+    cfg = EVA02Config(embed_dim=32, depth=3, num_heads=2, mlp_hidden=48, patch_size=8)
+    with pytest.raises(ValueError, match="recompute_frozen=True needs fast=True and tuning='ivt'"):
+        EVA02Backbone("tiny", cfg, "full", None, fast=True, recompute_frozen=True)
     with pytest.raises(ValueError, match="fused_adapters"):
         build_backbone("swin_nano", "ivt", fused_adapters=True)
     with pytest.raises(ValueError, match="checkpoint_blocks"):

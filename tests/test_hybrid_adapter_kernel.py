@@ -236,19 +236,22 @@ def assert_runs_equal(expected, got, rtol):
 
 @pytest.mark.skipif(not (kernels.TRITON_INSTALLED and kernels.triton_interpreter_on()),
                     reason="needs TRITON_INTERPRET=1")
-@pytest.mark.parametrize("variant, checkpoint", [("ivt", False), ("parallel", True)])
-def test_fused_training_step_equals_reference_path(variant, checkpoint, monkeypatch):
+@pytest.mark.parametrize("variant, options", [("ivt", {}),
+                                              ("parallel", {"checkpoint_blocks": True}),
+                                              ("ivt", {"recompute_frozen": True})])
+def test_fused_training_step_equals_reference_path(variant, options, monkeypatch):
     """A whole Swin training step with every Hybrid Adapter in the Triton training kernels
     (interpreter, float64, dropout off so that both paths draw nothing): outputs, every
     gradient and the BatchNorm running statistics equal the reference path's; under
-    checkpoint_blocks the recomputation leaves the running statistics alone."""
+    checkpoint_blocks the recomputation leaves the running statistics alone; recompute_frozen
+    recomputes the frozen sub-layers around the adapters' kernels."""
     from ivt.models import build_backbone
 
     def build(fused):
         torch.manual_seed(0)
         return build_backbone("swin_nano", "ivt", variant=variant, d2=20, dropout=0.0,
                               drop_path_rate=0.0, fast=fused, fused_adapters=fused,
-                              checkpoint_blocks=fused and checkpoint).double()
+                              **(options if fused else {})).double()
 
     reference, fused = build(False), build(True)
     fused.load_state_dict(reference.state_dict())

@@ -141,11 +141,13 @@ def test_schedules():
 
 
 def test_fast_impl_trains_like_the_reference(data, tmp_path, capsys):
-    """--impl fast (every block checkpointed, or the first 3) and --impl fused (on the CPU: the
-    fast path, Triton needing a GPU) train like the reference."""
+    """--impl fast (every block checkpointed, or the first 3, or the frozen sub-layers
+    recomputed) and --impl fused (on the CPU: the fast path, Triton needing a GPU) train like the
+    reference."""
     runs = {"reference": ["--impl", "reference"],
             "fast": ["--impl", "fast", "--checkpoint-blocks"],
             "fast_3": ["--impl", "fast", "--checkpoint-blocks", "3"],
+            "lean": ["--impl", "fast", "--recompute-frozen"],
             "fused": ["--impl", "fused"]}
     logs = {}
     for name, extra in runs.items():
@@ -153,10 +155,14 @@ def test_fast_impl_trains_like_the_reference(data, tmp_path, capsys):
         logs[name] = [r for r in map(json.loads,
                                      (tmp_path / name / "log.jsonl").read_text().splitlines())
                       if r["event"] == "train"]
-    for a, b, c, d in zip(logs["reference"], logs["fast"], logs["fast_3"], logs["fused"]):
+    for a, b, c, d, e in zip(logs["reference"], logs["fast"], logs["fast_3"], logs["fused"],
+                             logs["lean"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) == c["loss"] == d["loss"]
+        assert d["loss"] == e["loss"]
     err = fails_with(tiny_args(data, tmp_path / "x", 2, "--checkpoint-blocks"), capsys)
-    assert "--impl fast" in err
+    assert "--checkpoint-blocks needs --impl fast" in err
+    err = fails_with(tiny_args(data, tmp_path / "x", 2, "--recompute-frozen"), capsys)
+    assert "--recompute-frozen needs --impl fast" in err
     with pytest.raises(SystemExit) as e:
         train_seg.main(tiny_args(data, tmp_path / "x", 2, "--impl", "fast",
                                  "--checkpoint-blocks", "0"))
@@ -171,6 +177,14 @@ def test_checkpoint_blocks_setting_reaches_the_backbone(saved, built):
     kw = trainer.backbone_kwargs({"backbone": "swin_nano", "tuning": "ivt", "impl": "fast",
                           "checkpoint_blocks": saved})
     assert kw.get("checkpoint_blocks") == built and type(kw.get("checkpoint_blocks")) is type(built)
+
+
+def test_recompute_frozen_setting_reaches_the_backbone():
+    kw = trainer.backbone_kwargs({"backbone": "swin_nano", "tuning": "ivt", "impl": "fused",
+                                  "recompute_frozen": True})
+    assert kw["recompute_frozen"] is True and kw["fast"] and kw["fused_adapters"]
+    assert "recompute_frozen" not in trainer.backbone_kwargs({"backbone": "swin_nano",
+                                                              "impl": "fast"})
 
 
 def test_eva02_runs_get_clip_normalisation(data, tmp_path, monkeypatch):

@@ -52,7 +52,9 @@ def build_backbone(name: str, tuning: str = "ivt", pretrained: Optional[str] = N
         parameters and state dict, equal outputs and gradients; no effect for other tunings),
         and `checkpoint_blocks=True` (with fast=True, tuning='ivt') recomputes every block in
         the backward pass instead of keeping its activations, `checkpoint_blocks=n` the first n
-        blocks (in forward order).
+        blocks (in forward order), and `recompute_frozen=True` (with fast=True, tuning='ivt')
+        keeps only the inputs of the other blocks' frozen attention and MLP sub-layers and
+        recomputes them up to their last Linear in the backward pass.
     After building, exactly the trainable set has requires_grad=True.
     """
     ivt_cfg, family_options = make_ivt_config(tuning, dict(options))

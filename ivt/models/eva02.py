@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .backbone import CheckpointError, IVTBackbone, StateDict
 from .ivtuning import (EMPG, BlockAdapters, FoldedIPAs, Grid, IVTConfig, adapt_fast,
                        block_internal_prompts, checkpointed, fast_options, fold_block_ipas,
-                       tokens_to_map)
+                       recomputed, tokens_to_map)
 from .swin import DropPath
 
 FEATURE_SCALES = (4.0, 2.0, 1.0, 0.5)       # bilinear resize of the four block outputs
@@ -112,7 +112,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor],
                 extra_kv: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: (B, 1 + N, C) normed tokens, rope: (N, d) sin and cos -> (B, 1 + N, C).
+        """x: (B, 1 + N, C) normed tokens, rope: (N, d) sin and cos -> (B, 1 + N, C): `heads`,
+        then the output projection."""
+        return self.proj(self.heads(x, rope, extra_kv))
+
+    def heads(self, x: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor],
+              extra_kv: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The attention heads' outputs concatenated, before the output projection `proj`:
+        x: (B, 1 + N, C) normed tokens, rope: (N, d) sin and cos -> (B, 1 + N, C).
 
         extra_kv: optional (B, P, C) extra tokens, already normed (VPT-deep prompts): their keys
         and values, projected with this attention's own k/v weights and not rotated, join the
@@ -128,7 +135,7 @@ class Attention(nn.Module):
             k = torch.cat([k, heads(self.k_proj(extra_kv))], dim=2)
             v = torch.cat([v, heads(self.v_proj(extra_kv))], dim=2)
         x = F.scaled_dot_product_attention(q, k, v)                          # scale d^-0.5
-        return self.proj(x.transpose(1, 2).reshape(B, L, C))
+        return x.transpose(1, 2).reshape(B, L, C)
 
 
 class SwiGLU(nn.Module):
@@ -142,7 +149,11 @@ class SwiGLU(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.norm(F.silu(self.fc1_g(x)) * self.fc1_x(x)))
+        return self.fc2(self.hidden(x))
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """(.., C) -> (.., hidden): everything before fc2."""
+        return self.norm(F.silu(self.fc1_g(x)) * self.fc1_x(x))
 
 
 class EVA02Block(nn.Module):
@@ -180,24 +191,28 @@ class EVA02Block(nn.Module):
 
     def forward_fast(self, z: torch.Tensor, hw: Grid, rope: Tuple[torch.Tensor, torch.Tensor],
                      prompt: Optional[torch.Tensor], checkpoint: bool,
-                     folded: Optional[FoldedIPAs] = None
+                     folded: Optional[FoldedIPAs] = None, recompute: bool = False
                      ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """`forward` for IV-tuning's `BlockAdapters`, same parameters and result: IPA1 and IPA2,
         which read the same prompt, computed together (`block_internal_prompts`, with their
         weights `folded` for all blocks at once by `fold_block_ipas`), the adapters' `fast`
         forms, and with `checkpoint` the whole block keeps only its inputs and is recomputed in
-        backward (`checkpointed`)."""
+        backward (`checkpointed`), else with `recompute` its frozen attention and MLP sub-layers
+        do (`recomputed`)."""
         if checkpoint:
             return checkpointed(self._forward_fast, z, hw, rope, prompt, folded)
-        return self._forward_fast(z, hw, rope, prompt, folded)
+        return self._forward_fast(z, hw, rope, prompt, folded, recompute)
 
     def _forward_fast(self, z: torch.Tensor, hw: Grid, rope: Tuple[torch.Tensor, torch.Tensor],
-                      prompt: Optional[torch.Tensor], folded: Optional[FoldedIPAs]
-                      ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                      prompt: Optional[torch.Tensor], folded: Optional[FoldedIPAs],
+                      recompute: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         internal = block_internal_prompts([self.adapters], prompt, hw, folded)[0]
-        sublayers = (lambda t: self.attn(self.norm1(t), rope), lambda t: self.mlp(self.norm2(t)))
-        for pos, sublayer in enumerate(sublayers):
-            z_in, z = z, z + self.drop_path(sublayer(z))
+        # the sub-layers up to their last frozen Linear (applied after), which keeps nothing for
+        # backward
+        sublayers = ((lambda t: self.attn.heads(self.norm1(t), rope), self.attn.proj),
+                     (lambda t: self.mlp.hidden(self.norm2(t)), self.mlp.fc2))
+        for pos, (sublayer, last) in enumerate(sublayers):
+            z_in, z = z, z + self.drop_path(last(recomputed(sublayer, z, recompute)))
             if self.adapters is not None:                                # {HA, IPA} at pos
                 patches, prompt = adapt_fast(self.adapters, pos, z_in[:, 1:], z[:, 1:], prompt,
                                              hw, internal[pos])
@@ -228,17 +243,19 @@ class EVA02Backbone(IVTBackbone):
 
     `fast=True` (IV-tuning only; other tunings run the reference forward) takes the fast path
     (`EVA02Block.forward_fast`); `checkpoint_blocks=True` also checkpoints every block (only
-    its inputs are kept for backward), `checkpoint_blocks=n` the first n. Same parameters,
-    state dict, outputs and gradients as the reference path.
+    its inputs are kept for backward), `checkpoint_blocks=n` the first n, and
+    `recompute_frozen=True` makes the other blocks keep only the inputs of their frozen attention
+    and MLP sub-layers (`recomputed`). Same parameters, state dict, outputs and gradients as the
+    reference path.
     """
 
     def __init__(self, name: str, cfg: EVA02Config, tuning: str = "ivt",
                  ivt_cfg: Optional[IVTConfig] = None, fast: bool = False,
-                 checkpoint_blocks: Union[bool, int] = False):
+                 checkpoint_blocks: Union[bool, int] = False, recompute_frozen: bool = False):
         super().__init__()
         self.name, self.cfg, self.tuning, self.ivt_cfg = name, cfg, tuning, ivt_cfg
-        self.fast, self.checkpoint_blocks = fast_options(tuning, fast, checkpoint_blocks,
-                                                         ivt_cfg)
+        self.fast, self.checkpoint_blocks, self.recompute_frozen = fast_options(
+            tuning, fast, checkpoint_blocks, ivt_cfg, recompute_frozen)
         C, p = cfg.embed_dim, cfg.patch_size
         if cfg.depth < 3:
             raise ValueError(f"EVA02 needs 3 or more blocks for its features, got {cfg.depth}")
@@ -326,7 +343,8 @@ class EVA02Backbone(IVTBackbone):
                 prompt = z[:, 1:]
             if self.fast:
                 z, prompt = block.forward_fast(z, hw, rope, prompt,
-                                               index < self.checkpoint_blocks, folded[index])
+                                               index < self.checkpoint_blocks, folded[index],
+                                               self.recompute_frozen)
             else:
                 z, prompt = block(z, hw, rope, prompt)
             if index in self.feature_blocks:
@@ -400,7 +418,8 @@ def checkpoint_filter_fn(state_dict: StateDict, patch_size: int, pos_grid: Grid)
 def build_eva02(name: str, tuning: str, ivt_cfg: Optional[IVTConfig],
                 img_size: Union[None, int, Sequence[int]] = None, patch_size: Optional[int] = None,
                 drop_path_rate: Optional[float] = None, fast: bool = False,
-                checkpoint_blocks: Union[bool, int] = False) -> EVA02Backbone:
+                checkpoint_blocks: Union[bool, int] = False,
+                recompute_frozen: bool = False) -> EVA02Backbone:
     """img_size (int or (H, W), default 224) sets the stored position-embedding grid; patch_size
     16 (the paper's) or 14 (the release's); other input sizes work at run time."""
     cfg = EVA02_CONFIGS[name]
@@ -413,4 +432,4 @@ def build_eva02(name: str, tuning: str, ivt_cfg: Optional[IVTConfig],
     if drop_path_rate is not None:
         changes["drop_path_rate"] = float(drop_path_rate)
     return EVA02Backbone(name, EVA02Config(**{**cfg.__dict__, **changes}), tuning, ivt_cfg, fast,
-                         checkpoint_blocks)
+                         checkpoint_blocks, recompute_frozen)

@@ -114,13 +114,16 @@ class IVTConfig:
 
 
 def fast_options(tuning: str, fast: bool, checkpoint_blocks: Union[bool, int],
-                 ivt_cfg: Optional[IVTConfig] = None) -> Tuple[bool, float]:
-    """Validate the build options `fast`, `checkpoint_blocks` and `fused_adapters`; returns
-    whether the fast path runs (IV-tuning only: other tunings have nothing it changes) and how
-    many blocks, counted from the input, it checkpoints: `checkpoint_blocks=True` all of them
-    (`math.inf`), an integer n the first n (a hierarchical backbone keeps most of its activations
-    in its first, high-resolution blocks, so a few of them buy most of the memory for a fraction
-    of the recomputation), False or 0 none."""
+                 ivt_cfg: Optional[IVTConfig] = None, recompute_frozen: bool = False
+                 ) -> Tuple[bool, float, bool]:
+    """Validate the build options `fast`, `checkpoint_blocks`, `recompute_frozen` and
+    `fused_adapters`; returns whether the fast path runs (IV-tuning only: other tunings have
+    nothing it changes), how many blocks, counted from the input, it checkpoints, and whether the
+    other blocks recompute their frozen sub-layers (`recomputed`).
+
+    `checkpoint_blocks=True` checkpoints all blocks (`math.inf`), an integer n the first n (a
+    hierarchical backbone keeps most of its activations in its first, high-resolution blocks, so
+    a few of them buy most of the memory for a fraction of the recomputation), False or 0 none."""
     if isinstance(checkpoint_blocks, bool):
         count = math.inf if checkpoint_blocks else 0
     elif isinstance(checkpoint_blocks, int) and checkpoint_blocks >= 0:
@@ -128,12 +131,14 @@ def fast_options(tuning: str, fast: bool, checkpoint_blocks: Union[bool, int],
     else:
         raise ValueError(f"checkpoint_blocks={checkpoint_blocks!r}: expected True, False or a "
                          f"number of blocks >= 0")
-    if count and not (fast and tuning == "ivt"):
-        raise ValueError(f"checkpoint_blocks={checkpoint_blocks!r} needs fast=True and "
-                         f"tuning='ivt' (got fast={fast}, tuning={tuning!r})")
+    for name, value in (("checkpoint_blocks", checkpoint_blocks),
+                        ("recompute_frozen", recompute_frozen)):
+        if value and not (fast and tuning == "ivt"):
+            raise ValueError(f"{name}={value!r} needs fast=True and tuning='ivt' (got "
+                             f"fast={fast}, tuning={tuning!r})")
     if ivt_cfg is not None and ivt_cfg.fused_adapters and not fast:
         raise ValueError("fused_adapters=True needs fast=True")
-    return bool(fast) and tuning == "ivt", count
+    return bool(fast) and tuning == "ivt", count, bool(recompute_frozen)
 
 
 class _Recomputation:
@@ -158,6 +163,23 @@ def checkpointed(fn: Callable[..., Any], *args) -> Any:
         return fn(*args)
     return torch.utils.checkpoint.checkpoint(
         fn, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), _recomputing()))
+
+
+def recomputed(sublayer: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+               enabled: bool = True) -> torch.Tensor:
+    """sublayer(x) for a frozen sub-layer of the backbone (LayerNorm + attention, or LayerNorm +
+    MLP), keeping only its input x (B, N, C) for backward when `enabled` and grad is on: its
+    intermediates (the LayerNorm's statistics, q, k, v and the attention output, or the MLP's
+    4C hidden layer) are recomputed in backward.
+
+    A frozen sub-layer needs no weight gradients, so backward only needs what its input-gradient
+    chain reads; recomputing that costs the sub-layer's forward once more (a few operators: no
+    adapter, no dropout inside, so no RNG state to replay), while the adapters keep their own
+    activations."""
+    if not (enabled and torch.is_grad_enabled()):
+        return sublayer(x)
+    return torch.utils.checkpoint.checkpoint(sublayer, x, use_reentrant=False,
+                                             preserve_rng_state=False)
 
 
 def batch_norm(bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .backbone import IVTBackbone, StateDict
 from .ivtuning import (EMPG, BlockAdapters, Grid, IVTConfig, adapt_fast, block_internal_prompts,
-                       checkpointed, fast_options, tokens_to_map)
+                       checkpointed, fast_options, recomputed, tokens_to_map)
 
 
 @dataclass
@@ -151,7 +151,14 @@ class WindowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, window: Grid, mask: Optional[torch.Tensor],
                 extra_kv: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: (B, nW, N, C) windows; mask: (nW, N, N) or None -> (B, nW, N, C).
+        """x: (B, nW, N, C) windows; mask: (nW, N, N) or None -> (B, nW, N, C): `heads`, then
+        the output projection."""
+        return self.proj(self.heads(x, window, mask, extra_kv))
+
+    def heads(self, x: torch.Tensor, window: Grid, mask: Optional[torch.Tensor],
+              extra_kv: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The attention heads' outputs concatenated, before the output projection `proj`:
+        x: (B, nW, N, C) windows; mask: (nW, N, N) or None -> (B, nW, N, C).
 
         extra_kv: optional (B, P, C) extra tokens, already normed (VPT-deep prompts): their keys
         and values, projected with this attention's own qkv weights, join every window, with zero
@@ -170,7 +177,7 @@ class WindowAttention(nn.Module):
             k, v = torch.cat([k, k_e], dim=2), torch.cat([v, v_e], dim=2)
             bias = F.pad(bias, (0, P))                                   # (.., N, N + P)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
-        return self.proj(out.transpose(1, 2).reshape(B, nW, N, C))
+        return out.transpose(1, 2).reshape(B, nW, N, C)
 
 
 def window_and_shift(hw: Grid, window: int, shifted: bool) -> Tuple[Grid, Grid]:
@@ -229,12 +236,14 @@ class SwinBlock(nn.Module):
         self.prompts: Optional[nn.Parameter] = None                      # VPT-deep's (P, C)
         self._masks: Dict[tuple, torch.Tensor] = {}
 
-    def window_attention(self, z: torch.Tensor, hw: Grid,
-                         extra_kv: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def window_attention(self, z: torch.Tensor, hw: Grid, extra_kv: Optional[torch.Tensor] = None,
+                         project: bool = True) -> torch.Tensor:
         """z: (B, N, C) normed tokens -> (B, N, C) attention output on (shifted) windows.
 
         extra_kv: optional (B, P, C) normed prompt tokens every window also attends to
-        (see `WindowAttention.forward`)."""
+        (see `WindowAttention.forward`). With project=False, the heads' outputs before the output
+        projection (`WindowAttention.heads`), which acts on each token alone, so that
+        `attn.proj(window_attention(z, hw, project=False))` is the same attention output."""
         B, N, C = z.shape
         (H, W), (win, shift) = hw, window_and_shift(hw, self.window_size, self.shifted)
         x = z.view(B, H, W, C)
@@ -248,7 +257,8 @@ class SwinBlock(nn.Module):
             if key not in self._masks:
                 self._masks[key] = shifted_window_mask(padded, win, shift, x.device)
             mask = self._masks[key]
-        x = self.attn(partition(x, win), win, mask, extra_kv)
+        attention = self.attn if project else self.attn.heads
+        x = attention(partition(x, win), win, mask, extra_kv)
         x = unpartition(x, win, padded)[:, :H, :W]
         if any(shift):
             x = torch.roll(x, shift, dims=(1, 2))
@@ -267,23 +277,27 @@ class SwinBlock(nn.Module):
         return z, prompt
 
     def forward_fast(self, z: torch.Tensor, hw: Grid, prompt: torch.Tensor,
-                     internal: Sequence[Optional[torch.Tensor]], checkpoint: bool
-                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+                     internal: Sequence[Optional[torch.Tensor]], checkpoint: bool,
+                     recompute: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         """`forward` for IV-tuning's `BlockAdapters`, same parameters and result: the adapters'
         `fast` forms with this block's IPA outputs `internal` = [IPA1(P), IPA2(P)] computed for
         the whole stage at once (`block_internal_prompts`); with `checkpoint` the whole block
-        keeps only its inputs and is recomputed in backward (`checkpointed`)."""
+        keeps only its inputs and is recomputed in backward (`checkpointed`), else with
+        `recompute` its frozen attention and MLP sub-layers do (`recomputed`)."""
         if checkpoint:
             return checkpointed(self._forward_fast, z, hw, prompt, *internal)
-        return self._forward_fast(z, hw, prompt, *internal)
+        return self._forward_fast(z, hw, prompt, *internal, recompute)
 
     def _forward_fast(self, z: torch.Tensor, hw: Grid, prompt: torch.Tensor,
-                      ipa1: Optional[torch.Tensor], ipa2: Optional[torch.Tensor]
-                      ) -> Tuple[torch.Tensor, torch.Tensor]:
-        z_in, z = z, z + self.drop_path(self.window_attention(self.norm1(z), hw))
+                      ipa1: Optional[torch.Tensor], ipa2: Optional[torch.Tensor],
+                      recompute: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        # the sub-layers up to their last frozen Linear, which keeps nothing for backward
+        heads = lambda t: self.window_attention(self.norm1(t), hw, project=False)  # noqa: E731
+        hidden = lambda t: self.mlp.act(self.mlp.fc1(self.norm2(t)))     # noqa: E731
+        z_in, z = z, z + self.drop_path(self.attn.proj(recomputed(heads, z, recompute)))
         if self.adapters is not None:                                    # HA1, IPA1 (Eq. 5-6)
             z, prompt = adapt_fast(self.adapters, 0, z_in, z, prompt, hw, ipa1)
-        z_in, z = z, z + self.drop_path(self.mlp(self.norm2(z)))
+        z_in, z = z, z + self.drop_path(self.mlp.fc2(recomputed(hidden, z, recompute)))
         if self.adapters is not None:                                    # HA2, IPA2
             z, prompt = adapt_fast(self.adapters, 1, z_in, z, prompt, hw, ipa2)
         return z, prompt
@@ -331,17 +345,20 @@ class SwinBackbone(IVTBackbone):
     inputs are kept for backward; `checkpoint_blocks=n` the first n blocks, in forward order
     (a block's activations scale with tokens x channels, halving from stage to stage, while its
     compute stays about the same: Swin-L's first 4 blocks, stages 1 and 2, hold about 40% of its
-    block activations and are 4 of its 24 blocks to recompute). Same parameters and state dict
-    as the reference path, same outputs and gradients (tests/test_fast_path.py).
+    block activations and are 4 of its 24 blocks to recompute); `recompute_frozen=True` makes the
+    other blocks keep only the inputs of their frozen attention and MLP sub-layers
+    (`recomputed`: one more forward of the frozen layers, a few operators a block, the adapters'
+    activations kept). Same parameters and state dict as the reference path, same outputs and
+    gradients (tests/test_fast_path.py).
     """
 
     def __init__(self, name: str, cfg: SwinConfig, tuning: str = "ivt",
                  ivt_cfg: Optional[IVTConfig] = None, fast: bool = False,
-                 checkpoint_blocks: Union[bool, int] = False):
+                 checkpoint_blocks: Union[bool, int] = False, recompute_frozen: bool = False):
         super().__init__()
         self.name, self.cfg, self.tuning, self.ivt_cfg = name, cfg, tuning, ivt_cfg
-        self.fast, self.checkpoint_blocks = fast_options(tuning, fast, checkpoint_blocks,
-                                                         ivt_cfg)
+        self.fast, self.checkpoint_blocks, self.recompute_frozen = fast_options(
+            tuning, fast, checkpoint_blocks, ivt_cfg, recompute_frozen)
         dims = [cfg.embed_dim * 2 ** i for i in range(len(cfg.depths))]
         self.out_channels = dims
         self.out_strides = [cfg.patch_size * 2 ** i for i in range(len(dims))]
@@ -403,7 +420,8 @@ class SwinBackbone(IVTBackbone):
                             else block_internal_prompts(hooks, prompt, hw))
                 for block, ipa_out in zip(stage.blocks, internal):
                     z, prompt = block.forward_fast(z, hw, prompt, ipa_out,
-                                                   index < self.checkpoint_blocks)
+                                                   index < self.checkpoint_blocks,
+                                                   self.recompute_frozen)
                     index += 1
             else:
                 for block in stage.blocks:
@@ -461,10 +479,11 @@ def checkpoint_filter_fn(state_dict: StateDict, window_size: int) -> StateDict:
 
 def build_swin(name: str, tuning: str, ivt_cfg: Optional[IVTConfig], window_size: Optional[int] = None,
                drop_path_rate: Optional[float] = None, fast: bool = False,
-               checkpoint_blocks: Union[bool, int] = False) -> SwinBackbone:
+               checkpoint_blocks: Union[bool, int] = False,
+               recompute_frozen: bool = False) -> SwinBackbone:
     cfg = SWIN_CONFIGS[name]
     if window_size is not None or drop_path_rate is not None:
         cfg = SwinConfig(**{**cfg.__dict__,
                             **({"window_size": window_size} if window_size is not None else {}),
                             **({"drop_path_rate": drop_path_rate} if drop_path_rate is not None else {})})
-    return SwinBackbone(name, cfg, tuning, ivt_cfg, fast, checkpoint_blocks)
+    return SwinBackbone(name, cfg, tuning, ivt_cfg, fast, checkpoint_blocks, recompute_frozen)
