@@ -161,6 +161,27 @@ def pretrain_visible(out: Path, data: Path, s: Settings, seed: int) -> Path:
     return pretrained
 
 
+def pretrain_stage(log: StageLog, out: Path, data: Path, s: Settings, seed: int,
+                   timings: Dict[str, float]) -> Path:
+    """`pretrain_visible`, logged, its time in timings["pretrain"]: every demo starts here."""
+    log(f"pre-training {BACKBONE} on day-time visible images ({s.pretrain_iters} iterations)")
+    t0 = time.perf_counter()
+    pretrained = pretrain_visible(out, data, s, seed)
+    timings["pretrain"] = time.perf_counter() - t0
+    return pretrained
+
+
+def print_report(headline: str, table: str, margin: str, timings: Dict[str, float],
+                 written: str) -> None:
+    """A demo's closing lines: what ran, the table, the night margin, stage times, files."""
+    print()
+    print(headline)
+    print(table)
+    print(margin)
+    print("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
+    print(f"wrote {written}")
+
+
 def export_backbone(checkpoint: Path, dest: Path) -> None:
     """The pre-training run's backbone as a plain state dict (timm layout, no IV-tuning keys)."""
     model = load_checkpoint(str(checkpoint))["model"]
@@ -250,10 +271,7 @@ def run(out: Path, seed: int = 0, settings: Settings = PRESETS["default"], quiet
     data = make_data(out, s, seed)
     timings["data"] = time.perf_counter() - t0
 
-    log(f"pre-training {BACKBONE} on day-time visible images ({s.pretrain_iters} iterations)")
-    t0 = time.perf_counter()
-    pretrained = pretrain_visible(out, data["pretrain"], s, seed)
-    timings["pretrain"] = time.perf_counter() - t0
+    pretrained = pretrain_stage(log, out, data["pretrain"], s, seed, timings)
 
     summary, checkpoints = {}, {}
     for name in RUNS:
@@ -296,14 +314,12 @@ def run(out: Path, seed: int = 0, settings: Settings = PRESETS["default"], quiet
             "figure_scenes": scenes, "pretrained": str(pretrained)}
     (out / "demo_info.json").write_text(json.dumps(jsonable(info), indent=2) + "\n")
 
-    print()
-    print(f"IV-tuning demo: {BACKBONE} pre-trained on day-time visible images, fine-tuned on "
-          f"{s.n_train} day+night scenes, tested on {s.n_test} (seed {seed})")
-    print(format_table(summary))
-    print(f"night mIoU, ivt - full_vis: {margin:+.1f} points, training "
-          f"{100 * summary['ivt']['trainable_fraction']:.1f}% of the backbone's parameters")
-    print("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
-    print(f"wrote {out / 'summary.json'}, {figure}")
+    print_report(f"IV-tuning demo: {BACKBONE} pre-trained on day-time visible images, fine-tuned "
+                 f"on {s.n_train} day+night scenes, tested on {s.n_test} (seed {seed})",
+                 format_table(summary),
+                 f"night mIoU, ivt - full_vis: {margin:+.1f} points, training "
+                 f"{100 * summary['ivt']['trainable_fraction']:.1f}% of the backbone's "
+                 "parameters", timings, f"{out / 'summary.json'}, {figure}")
     return summary
 
 

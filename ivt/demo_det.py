@@ -24,7 +24,7 @@ import torch
 from .data.m3fd import M3FDDataset
 from .data.synthetic import write_m3fd
 from .demo import (BACKBONE, PRESETS, RUNS, Settings, _repo_scripts, backbone_counts,
-                   StageLog, format_runs, pretrain_visible, run_spec, titled_grid,
+                   StageLog, format_runs, pretrain_stage, print_report, run_spec, titled_grid,
                    write_pretrain_data)
 from .engine import jsonable
 from .tasks import load_trained
@@ -123,10 +123,7 @@ def run(out: Path, seed: int = 0, preset: str = "default") -> dict:
 
     log(f"writing synthetic data ({t.n_images} day and night scenes)")
     data = make_data(out, s, t, seed)
-    log(f"pre-training {BACKBONE} on day-time visible images ({s.pretrain_iters} iterations)")
-    t0 = time.perf_counter()
-    pretrained = pretrain_visible(out, data["pretrain"], s, seed)
-    timings["pretrain"] = time.perf_counter() - t0
+    pretrained = pretrain_stage(log, out, data["pretrain"], s, seed, timings)
     summary, checkpoints = {}, {}
     for name in RUNS:
         spec = run_spec(name)
@@ -155,12 +152,9 @@ def run(out: Path, seed: int = 0, preset: str = "default") -> dict:
     (out / "det_summary.json").write_text(json.dumps(jsonable(
         {"runs": summary, "seed": seed, "settings": asdict(t), "timings_s": timings,
          "night_AP50_margin_ivt_minus_full_vis": margin}), indent=2) + "\n")
-    print()
-    print(f"IV-tuning detection demo: {BACKBONE} + a small DETR-style detector, {t.n_images} "
-          f"day+night scenes (60/20/20% train/val/test; seed {seed}; COCO AP, at most 100 "
-          f"detections per image)")
-    print(format_table(summary))
-    print(f"night AP50, ivt - full_vis: {margin:+.1f} points")
-    print("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
-    print(f"wrote {out / 'det_summary.json'}, {figure}")
+    print_report(f"IV-tuning detection demo: {BACKBONE} + a small DETR-style detector, "
+                 f"{t.n_images} day+night scenes (60/20/20% train/val/test; seed {seed}; COCO "
+                 "AP, at most 100 detections per image)", format_table(summary),
+                 f"night AP50, ivt - full_vis: {margin:+.1f} points", timings,
+                 f"{out / 'det_summary.json'}, {figure}")
     return summary

@@ -25,7 +25,7 @@ from typing import Dict
 import torch
 
 from .demo import (BACKBONE, PRESETS, Settings, StageLog, _repo_scripts, make_data,
-                   pretrain_visible, train_args)
+                   pretrain_stage, train_args)
 from .engine import jsonable
 from .models import build_backbone, count_parameters
 
@@ -73,9 +73,8 @@ def run(out: Path, seed: int = 0, quiet: bool = False, settings: Settings = DEFA
     log(f"writing synthetic data ({s.n_train}/{s.n_val}/{s.n_test} train/val/test, "
         f"{s.size[0]}x{s.size[1]})")
     data = make_data(out, s, seed)
-    log(f"pre-training {BACKBONE} on day-time visible images ({s.pretrain_iters} iterations)")
     with scripts_output:
-        pretrained = pretrain_visible(out, data["pretrain"], s, seed)
+        pretrained = pretrain_stage(log, out, data["pretrain"], s, seed, {})
 
     summary = {}
     for name in RUNS:

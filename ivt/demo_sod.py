@@ -24,7 +24,7 @@ import torch
 from .data.synthetic import write_vt_set
 from .data.vt import VTDataset
 from .demo import (BACKBONE, PRESETS, RUNS, Settings, _repo_scripts, backbone_counts,
-                   StageLog, format_runs, pretrain_visible, run_spec, titled_grid,
+                   StageLog, format_runs, pretrain_stage, print_report, run_spec, titled_grid,
                    write_pretrain_data)
 from .engine import jsonable
 from .tasks import load_trained
@@ -119,10 +119,7 @@ def run(out: Path, seed: int = 0, preset: str = "default") -> dict:
     log(f"writing synthetic data ({t.n_train} training scenes, {t.n_test} day and {t.n_test} "
         f"night test scenes)")
     data = make_data(out, s, t, seed)
-    log(f"pre-training {BACKBONE} on day-time visible images ({s.pretrain_iters} iterations)")
-    t0 = time.perf_counter()
-    pretrained = pretrain_visible(out, data["pretrain"], s, seed)
-    timings["pretrain"] = time.perf_counter() - t0
+    pretrained = pretrain_stage(log, out, data["pretrain"], s, seed, timings)
     summary, checkpoints = {}, {}
     for name in RUNS:
         spec = run_spec(name)
@@ -150,11 +147,8 @@ def run(out: Path, seed: int = 0, preset: str = "default") -> dict:
     (out / "sod_summary.json").write_text(json.dumps(jsonable(
         {"runs": summary, "seed": seed, "settings": asdict(t), "timings_s": timings,
          "night_S_margin_ivt_minus_full_vis": margin}), indent=2) + "\n")
-    print()
-    print(f"IV-tuning SOD demo: {BACKBONE}, {t.n_train} day+night training scenes, "
-          f"{t.n_test} day and {t.n_test} night test scenes (seed {seed})")
-    print(format_table(summary))
-    print(f"night S-measure, ivt - full_vis: {margin:+.3f}")
-    print("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
-    print(f"wrote {out / 'sod_summary.json'}, {figure}")
+    print_report(f"IV-tuning SOD demo: {BACKBONE}, {t.n_train} day+night training scenes, "
+                 f"{t.n_test} day and {t.n_test} night test scenes (seed {seed})",
+                 format_table(summary), f"night S-measure, ivt - full_vis: {margin:+.3f}",
+                 timings, f"{out / 'sod_summary.json'}, {figure}")
     return summary
