@@ -372,6 +372,26 @@ def test_eva02_attention_extra_kv():
     torch.testing.assert_close(ours, full, rtol=1e-10, atol=1e-12)
 
 
+def test_eva02_heads_fast_rotates_q_and_k_at_once_and_leaves_cls_alone():
+    """`heads_fast` with `with_cls_row` tables equals `heads` (which splits the cls token off,
+    rotates the patch tokens' q and k one after the other and puts cls back), value and input
+    gradient, on real rotary tables."""
+    from ivt.models.eva02 import rope_sin_cos, with_cls_row
+    torch.manual_seed(6)
+    attn = randomize(tiny_eva(False).double()).blocks[1].attn
+    rope = rope_sin_cos((3, 4), 16, device="cpu")
+    x = torch.randn(2, 1 + 12, 32, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(2, 1 + 12, 32, dtype=torch.float64)
+    ours = attn.heads_fast(x, with_cls_row(rope))
+    (g_ours,) = torch.autograd.grad((ours * r).sum(), x)
+    reference = attn.heads(x, rope)
+    (g_ref,) = torch.autograd.grad((reference * r).sum(), x)
+    torch.testing.assert_close(ours, reference, rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-12, atol=1e-13)
+    sin, cos = with_cls_row(rope)
+    assert sin.shape == cos.shape == (13, 16) and not sin[0].any() and (cos[0] == 1).all()
+
+
 def test_frozen_linear_saves_no_input():
     """The fast path relies on autograd not saving a Linear's input when its weight is frozen
     (dx = dy W needs only W): what is saved must be the weight's storage alone."""

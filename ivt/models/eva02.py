@@ -75,6 +75,14 @@ def rope_sin_cos(hw: Grid, head_dim: int, ref_grid: int = 16, temperature: float
     return angles.sin(), angles.cos()
 
 
+def with_cls_row(rope: Tuple[torch.Tensor, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(N, d) sin and cos -> (1 + N, d) with an identity rotation (sin 0, cos 1) for the cls
+    token first: `apply_rope` then leaves the cls token exactly as it is (x * 1 + r * 0 = x), so
+    the whole sequence is rotated at once, without splitting the cls token off and back."""
+    sin, cos = rope
+    return (torch.cat([torch.zeros_like(sin[:1]), sin]), torch.cat([torch.ones_like(cos[:1]), cos]))
+
+
 def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs: (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin). x: (..., N, d)."""
     rotated = torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).reshape(x.shape)
@@ -137,6 +145,17 @@ class Attention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v)                          # scale d^-0.5
         return x.transpose(1, 2).reshape(B, L, C)
 
+    def heads_fast(self, x: torch.Tensor, rope_cls: Tuple[torch.Tensor, torch.Tensor]
+                   ) -> torch.Tensor:
+        """`heads` (without extra_kv) with q and k rotated together, in one `apply_rope` over the
+        whole sequence: rope_cls is (1 + N, d) sin and cos from `with_cls_row`. Same result."""
+        B, L, C = x.shape
+        heads = lambda t: t.view(B, L, self.num_heads, -1).transpose(1, 2)  # noqa: E731
+        qk = torch.stack([heads(self.q_proj(x)), heads(self.k_proj(x))])   # (2, B, h, L, d)
+        q, k = apply_rope(qk, *rope_cls).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, heads(self.v_proj(x)))      # scale d^-0.5
+        return x.transpose(1, 2).reshape(B, L, C)
+
 
 class SwiGLU(nn.Module):
     """fc2(LN(silu(fc1_g(x)) * fc1_x(x))): SwiGLU with the "subln" LayerNorm before fc2."""
@@ -193,7 +212,8 @@ class EVA02Block(nn.Module):
                      prompt: Optional[torch.Tensor], checkpoint: bool,
                      folded: Optional[FoldedIPAs] = None, recompute: bool = False
                      ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """`forward` for IV-tuning's `BlockAdapters`, same parameters and result: IPA1 and IPA2,
+        """`forward` for IV-tuning's `BlockAdapters`, same parameters and result, with `rope`
+        from `with_cls_row` (q and k rotated together, `Attention.heads_fast`); IPA1 and IPA2,
         which read the same prompt, computed together (`block_internal_prompts`, with their
         weights `folded` for all blocks at once by `fold_block_ipas`), the adapters' `fast`
         forms, and with `checkpoint` the whole block keeps only its inputs and is recomputed in
@@ -209,7 +229,7 @@ class EVA02Block(nn.Module):
         internal = block_internal_prompts([self.adapters], prompt, hw, folded)[0]
         # the sub-layers up to their last frozen Linear (applied after), which keeps nothing for
         # backward
-        sublayers = ((lambda t: self.attn.heads(self.norm1(t), rope), self.attn.proj),
+        sublayers = ((lambda t: self.attn.heads_fast(self.norm1(t), rope), self.attn.proj),
                      (lambda t: self.mlp.hidden(self.norm2(t)), self.mlp.fc2))
         for pos, (sublayer, last) in enumerate(sublayers):
             z_in, z = z, z + self.drop_path(last(recomputed(sublayer, z, recompute)))
@@ -328,11 +348,12 @@ class EVA02Backbone(IVTBackbone):
             z = z + self.ir_patch_embed(ir)[0]
         z = torch.cat([self.cls_token.expand(z.shape[0], -1, -1), z], dim=1)
         z = z + resize_pos_embed(self.pos_embed, self.pos_grid, hw)      # (B, 1 + N, C)
-        key = (hw, z.device)
+        key = (hw, z.device, self.fast)
         if key not in self._rope:
-            self._rope[key] = rope_sin_cos(hw, self.cfg.embed_dim // self.cfg.num_heads,
-                                           self.cfg.rope_ref_grid, device=z.device)
-        rope = self._rope[key]                                           # (N, d) sin, cos
+            rope = rope_sin_cos(hw, self.cfg.embed_dim // self.cfg.num_heads,
+                                self.cfg.rope_ref_grid, device=z.device)
+            self._rope[key] = with_cls_row(rope) if self.fast else rope
+        rope = self._rope[key]              # (N, d) sin, cos; (1 + N, d) on the fast path
         folded = (fold_block_ipas([block.adapters for block in self.blocks])  # all at once
                   if self.fast else None)
         maps = {}
