@@ -199,9 +199,10 @@ def get_parser(task: Task) -> argparse.ArgumentParser:
     g.add_argument("--recompute-frozen", action="store_true",
                    help="with --impl fast or fused and --tuning ivt: the blocks not checkpointed "
                         "keep only the inputs of their frozen attention and MLP sub-layers and "
-                        "recompute them, up to their last Linear, in the backward pass (under "
-                        "half of full fine-tuning's activation memory on Swin-T, a few "
-                        "operators a block; the adapters keep their activations)")
+                        "recompute them, up to their last Linear, in the backward pass (with "
+                        "--impl fused under half of full fine-tuning's activation memory on "
+                        "Swin-T, for a few operators a block; the adapters keep their "
+                        "activations)")
     task.add_arguments(p)
     g = p.add_argument_group("optimisation (defaults: the paper's recipe)")
     if r.epochs is not None:
