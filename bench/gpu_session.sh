@@ -29,9 +29,9 @@ part() {  # part SECONDS NAME COMMAND...: run one part under a time limit, log i
   $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
-part 120 tests $PY -m pytest -q tests/test_graph_step.py tests/test_simam_paths.py \
+part 110 tests $PY -m pytest -q tests/test_graph_step.py tests/test_simam_paths.py \
     tests/test_kernels.py tests/test_kernels_model.py tests/test_hybrid_adapter_kernel.py
-part 270 train_step $PY bench/train_step.py --json "$OUT/train_step.json"
-part 120 kernels $PY bench/kernels.py
+part 300 train_step $PY bench/train_step.py --json "$OUT/train_step.json"
+part 110 kernels $PY bench/kernels.py
 part 60 vs_timm $PY bench/vs_timm.py --json "$OUT/vs_timm.json"
 cp docs/benchmarks.md "$OUT/benchmarks.md"

@@ -52,6 +52,7 @@ import json
 import statistics
 import sys
 import textwrap
+import traceback
 import weakref
 from contextlib import nullcontext
 from functools import partial
@@ -89,6 +90,7 @@ GPU_CASES = [("swin_l", 384, 8), ("eva02_l", 512, 2)]
 # most wanted first, so that a run cut short has the comparisons that matter
 GPU_ORDER = ["full", "ivt_fused", "ivt_fused_lean", "ivt_fused_ckpt4", "ivt", "ivt_fast",
              "ivt_fused_ckpt", "ivt_fast_lean", "ivt_fast_ckpt", "freeze"]
+INFERENCE_MODES = ["freeze", "ivt_fused", "ivt_fast", "ivt"]
 # the CPU proxies of the fused modes (their kernels under Triton's interpreter)
 CPU_FUSED = ["ivt_fused", "ivt_fused_ckpt4", "ivt_fused_lean"]
 # (backbone, (H, W), batch, head width, what the case shows)
@@ -416,39 +418,50 @@ def gpu_inference_case(backbone: str, size: int, batch: int, mode: str, args) ->
     return row
 
 
+def gpu_jobs(cases: list, modes: list) -> list:
+    """(case index, "train" or "inference", mode) in the order they are measured: the first three
+    training modes of every case, then every case's inference, then the other training modes, so
+    that a run cut short by a time limit still holds the comparisons that matter for both cases."""
+    first, rest = modes[:3], modes[3:]
+    indices = range(len(cases))
+    return ([(i, "train", m) for i in indices for m in first]
+            + [(i, "inference", m) for i in indices for m in INFERENCE_MODES]
+            + [(i, "train", m) for i in indices for m in rest])
+
+
 def gpu_benchmark(args, on_progress=lambda result: None) -> dict:
     import triton
     cases = ([(n, int(s), int(b)) for n, s, b in (c.split(":") for c in args.cases)]
              if args.cases else GPU_CASES)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": triton.__version__, "date": datetime.date.today().isoformat(),
-              "cases": []}
-    for backbone, size, batch in cases:
-        case = {"backbone": backbone, "size": size, "batch": batch, "train": {}, "inference": {}}
-        result["cases"].append(case)
-        for mode in args.modes or GPU_ORDER:
-            case["train"][mode] = out_of_memory_guard(gpu_train_case, backbone, size, batch,
-                                                      mode, args)
-            print(backbone, mode, case["train"][mode], flush=True)
-            on_progress(result)
-        for mode in ("freeze", "ivt", "ivt_fast", "ivt_fused"):
-            case["inference"][mode] = out_of_memory_guard(gpu_inference_case, backbone, size,
-                                                          batch, mode, args)
-            print(backbone, "inference", mode, case["inference"][mode], flush=True)
-            on_progress(result)
+              "cases": [{"backbone": n, "size": s, "batch": b, "train": {}, "inference": {}}
+                        for n, s, b in cases]}
+    measure = {"train": gpu_train_case, "inference": gpu_inference_case}
+    for i, kind, mode in gpu_jobs(cases, args.modes or GPU_ORDER):
+        backbone, size, batch = cases[i]
+        row = out_of_memory_guard(measure[kind], backbone, size, batch, mode, args)
+        result["cases"][i][kind][mode] = row
+        print(backbone, kind, mode, row, flush=True)
+        on_progress(result)
     return result
 
 
 def out_of_memory_guard(case_fn, *args) -> dict:
-    """case_fn(*args), or {"error": ...} when the card runs out of memory: the other modes and
-    cases are still measured and the table says which one did not fit."""
+    """case_fn(*args), or {"error": ...} when the card runs out of memory or the mode fails: the
+    other modes and cases are still measured and the table says which one did not run (a
+    failure's traceback goes to stderr)."""
     try:
         return case_fn(*args)
     except torch.cuda.OutOfMemoryError:
-        gc.collect()
-        torch.cuda.empty_cache()
-        total = torch.cuda.get_device_properties(0).total_memory / 1e9
-        return {"error": f"out of memory ({total:.0f} GB card)"}
+        error = (f"out of memory ({torch.cuda.get_device_properties(0).total_memory / 1e9:.0f} "
+                 "GB card)")
+    except Exception as exc:                 # one broken mode must not cost the whole run
+        traceback.print_exc()
+        error = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"error": error}
 
 
 def gpu_tables(result: dict) -> str:

@@ -1,6 +1,7 @@
 """`GraphedTrainStep`: on CUDA, steps replayed from a CUDA graph equal eager steps (same
 parameters after every step, same losses), with a changing learning rate, SGD and AdamW; a batch
-of another shape is refused by name. Without CUDA only the refusal on the CPU is testable."""
+of another shape is refused by name; the fast path, the fused adapters with recomputed frozen
+sub-layers and with a checkpointed block are all capturable. Without CUDA only the refusal on the CPU is testable."""
 import copy
 
 import pytest
@@ -15,11 +16,18 @@ def loss_fn(model, batch):
     return F.cross_entropy(model(batch["vis"], batch["ir"]), batch["label"], ignore_index=255)
 
 
-def model(device):
+# the fast path; the fused Hybrid Adapters with the frozen sub-layers recomputed in backward;
+# the fused adapters with the first block checkpointed
+OPTIONS = {"fast": {"fast": True},
+           "fused_lean": {"fast": True, "fused_adapters": True, "recompute_frozen": True},
+           "fused_ckpt1": {"fast": True, "fused_adapters": True, "checkpoint_blocks": 1}}
+
+
+def model(device, options=OPTIONS["fast"]):
     torch.manual_seed(0)
     # no dropout / drop-path: eager and graphed steps draw different random numbers
     return build_segmentor("swin_nano", 5, "ivt", head_dim=32, head_dropout=0.0, dropout=0.0,
-                           drop_path_rate=0.0, fast=True).to(device)
+                           drop_path_rate=0.0, **options).to(device)
 
 
 def batches(device, n, size=(64, 96)):
@@ -40,13 +48,14 @@ def test_refuses_cpu_model():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("optim", ["sgd", "adamw"])
-def test_graphed_steps_equal_eager_steps(optim):
+@pytest.mark.parametrize("options", list(OPTIONS))
+def test_graphed_steps_equal_eager_steps(optim, options):
     from ivt.engine import EagerStep
     from contextlib import nullcontext
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    eager_model = model(device)
+    eager_model = model(device, OPTIONS[options])
     graph_model = copy.deepcopy(eager_model)
 
     def make(m):
