@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Every GPU measurement of issue 10 in one command, most important first, each part under its own
-# time limit so that one slow part cannot starve the others (about 9 minutes in all):
-#   1. the CUDA tests (CUDA graph step == eager step, every Triton kernel against its reference)
+# time limit so that one slow part cannot starve the others (about 10 minutes in all):
+#   1. the CUDA tests (CUDA graph step == eager step, every Triton kernel against its reference),
+#      in 4 processes where pytest-xdist is installed
 #   2. bench/train_step.py: Swin-L 384 b8 and EVA02-L 512 b2, every mode, eager and graphed
-#      (rewrites its section of docs/benchmarks.md after every mode)
-#   3. bench/kernels.py: SimAM, the partial conv, the inference Hybrid Adapter: device time
+#      (rewrites its section of docs/benchmarks.md after every mode; `--merge` an earlier run's
+#      JSON to keep its rows)
+#   3. bench/kernels.py: the fused Hybrid Adapter (with its split by kernel), the partial conv,
+#      SimAM: device time
 #   4. bench/vs_timm.py: this repository's Swin-L and EVA02-L against timm's (when timm imports)
-# Logs, the JSON files and the rewritten docs/benchmarks.md go to $OUT (default ./gpu_out).
+# Logs, the JSON files and the rewritten docs/benchmarks.md go to $OUT (default ./gpu_out): eight
+# files, the most the device tool brings back.
 #
 #   bash bench/gpu_session.sh            # on a machine with a CUDA GPU, from the repository root
 set -u
@@ -29,9 +33,12 @@ part() {  # part SECONDS NAME COMMAND...: run one part under a time limit, log i
   $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
-part 110 tests $PY -m pytest -q tests/test_graph_step.py tests/test_simam_paths.py \
-    tests/test_kernels.py tests/test_kernels_model.py tests/test_hybrid_adapter_kernel.py
+PARALLEL=()
+$PY -c "import xdist" 2>/dev/null && PARALLEL=(-n 4)
+part 150 tests $PY -m pytest -q -rf --tb=short "${PARALLEL[@]}" tests/test_graph_step.py \
+    tests/test_simam_paths.py tests/test_kernels.py tests/test_kernels_model.py \
+    tests/test_hybrid_adapter_kernel.py
 part 300 train_step $PY bench/train_step.py --json "$OUT/train_step.json"
-part 110 kernels $PY bench/kernels.py
-part 60 vs_timm $PY bench/vs_timm.py --json "$OUT/vs_timm.json"
+part 90 kernels $PY bench/kernels.py --ops hybrid_adapter partial_conv simam
+part 45 vs_timm $PY bench/vs_timm.py --json "$OUT/vs_timm.json"
 cp docs/benchmarks.md "$OUT/benchmarks.md"

@@ -40,6 +40,7 @@ ADAPTER_SHAPES = [((8, 192, 96, 96), "Swin-L stage-1 HA, 384 input, batch 8"),
                   ((2, 1024, 32, 32), "EVA02-L HA, 512 input, batch 2")]
 TINY_ADAPTER_SHAPES = [((2, 24, 7, 9), "tiny")]
 PASSES = {"forward": 2, "forward+backward": 5}  # tensor-sized reads + writes of an ideal kernel
+OPS = ["hybrid_adapter", "simam", "partial_conv"]
 BEGIN, END = "<!-- bench/kernels.py: begin -->", "<!-- bench/kernels.py: end -->"
 
 
@@ -50,6 +51,11 @@ def parse_args():
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--tiny", action="store_true",
                         help="tiny shapes on the CPU under TRITON_INTERPRET=1, no torch.compile")
+    parser.add_argument("--ops", nargs="+", default=OPS, choices=OPS,
+                        help=f"what to measure, in this order (default: {' '.join(OPS)})")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip the torch.compile column (its compilation takes most of a "
+                             "run's time)")
     return parser.parse_args()
 
 
@@ -81,7 +87,11 @@ def timer(tiny: bool):
                 call()
             torch.cuda.synchronize()
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        return sum(e.time_range.elapsed_us() for e in kernels) / calls
+        per_kernel = {}
+        for e in kernels:
+            per_kernel[e.name] = per_kernel.get(e.name, 0.0) + e.time_range.elapsed_us() / calls
+        time_device.per_kernel = per_kernel        # the last call's split, by kernel name
+        return sum(per_kernel.values())
     return time_device
 
 
@@ -103,6 +113,12 @@ def channels_last_map(shape, dtype, device, requires_grad):
     B, C, H, W = shape
     z = torch.randn(B, H * W, C, device=device, dtype=dtype)
     return z.view(B, H, W, C).permute(0, 3, 1, 2).detach().requires_grad_(requires_grad)
+
+
+def compiled(fn, args):
+    """torch.compile(fn), or None (a "-" column) with --tiny or --no-compile."""
+    import torch
+    return None if args.tiny or args.no_compile else torch.compile(fn)
 
 
 def benchmark_rows(args, on_row=lambda rows, bandwidth, name: None):
@@ -131,11 +147,13 @@ def benchmark_rows(args, on_row=lambda rows, bandwidth, name: None):
         print(format_row(row, bandwidth), flush=True)
         on_row(rows, bandwidth, name)
 
-    adapter_rows(args, device, dtype, measure, bandwidth, add)
     print(HEADER, flush=True)
-    for op_name, (reference, fused) in ops.items():
-        impls = {"eager": reference, "compile": None if args.tiny else torch.compile(reference),
-                 "triton": fused}
+    for op_name in args.ops:
+        if op_name == "hybrid_adapter":
+            adapter_rows(args, device, dtype, measure, bandwidth, add)
+            continue
+        reference, fused = ops[op_name]
+        impls = {"eager": reference, "compile": compiled(reference, args), "triton": fused}
         for shape, where in shapes:
             for direction, passes in PASSES.items():
                 backward = direction != "forward"
@@ -178,12 +196,10 @@ def adapter_rows(args, device, dtype, measure, bandwidth, add):
     from ivt.models.ivtuning import HybridAdapter
 
     inference = {"eager": kernels.hybrid_adapter_eval_reference,
-                 "compile": None if args.tiny else torch.compile(
-                     kernels.hybrid_adapter_eval_reference),
+                 "compile": compiled(kernels.hybrid_adapter_eval_reference, args),
                  "triton": kernels.hybrid_adapter_eval_triton}
     training = {"eager": kernels.hybrid_adapter_train_reference,
-                "compile": None if args.tiny else torch.compile(
-                    kernels.hybrid_adapter_train_reference),
+                "compile": compiled(kernels.hybrid_adapter_train_reference, args),
                 "triton": kernels.hybrid_adapter_train}
     for shape, where in TINY_ADAPTER_SHAPES if args.tiny else ADAPTER_SHAPES:
         B, C, H, W = shape
@@ -211,7 +227,8 @@ def adapter_rows(args, device, dtype, measure, bandwidth, add):
             moved = passes * x.numel() * x.element_size()
             add(dict(op="hybrid_adapter", shape=shape, where=where, direction=direction,
                      times=times, floor_us=moved / bandwidth * 1e6,
-                     gbps=moved / (times["triton"] * 1e-6) / 1e9))
+                     gbps=moved / (times["triton"] * 1e-6) / 1e9,
+                     per_kernel=getattr(measure, "per_kernel", {})))   # Triton's, timed last
 
 
 HEADER = ("| op | shape (B, C, H, W) | where | direction | eager us | compile us | triton us "
@@ -246,6 +263,15 @@ def render(rows, bandwidth, device_name, args) -> str:
         lines += ["Tiny shapes on the CPU under the Triton interpreter: this run only checks that "
                   "the script works. The times mean nothing.", ""]
     lines += [HEADER] + [format_row(row, bandwidth) for row in rows]
+    split = [row for row in rows if row.get("per_kernel")]
+    if split:
+        lines += ["", "Where the fused Hybrid Adapter's time goes (Triton column; us per call, "
+                  "by kernel, largest first):", "",
+                  "| shape | direction | kernels |", "|---|---|---|"]
+        for row in split:
+            ranked = sorted(row["per_kernel"].items(), key=lambda kv: -kv[1])
+            lines.append(f"| {'x'.join(map(str, row['shape']))} | {row['direction']} | "
+                         + ", ".join(f"`{name[:40]}` {us:,.1f}" for name, us in ranked) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -88,8 +88,8 @@ FUSED = {"ivt_fused": ("ivt", {"fast": True, "fused_adapters": True}),
                                     "recompute_frozen": True})}
 GPU_CASES = [("swin_l", 384, 8), ("eva02_l", 512, 2)]
 # most wanted first, so that a run cut short has the comparisons that matter
-GPU_ORDER = ["full", "ivt_fused", "ivt_fused_lean", "ivt_fused_ckpt4", "ivt", "ivt_fast",
-             "ivt_fused_ckpt", "ivt_fast_lean", "ivt_fast_ckpt", "freeze"]
+GPU_ORDER = ["full", "ivt_fused", "ivt_fused_lean", "ivt", "freeze", "ivt_fast",
+             "ivt_fused_ckpt4", "ivt_fast_lean", "ivt_fused_ckpt", "ivt_fast_ckpt"]
 INFERENCE_MODES = ["freeze", "ivt_fused", "ivt_fast", "ivt"]
 # the CPU proxies of the fused modes (their kernels under Triton's interpreter)
 CPU_FUSED = ["ivt_fused", "ivt_fused_ckpt4", "ivt_fused_lean"]
@@ -128,6 +128,15 @@ def parse_args(argv=None):
                         "the first 4, or recomputing the frozen sub-layers; on the CPU under "
                         "TRITON_INTERPRET=1); with --device cpu also the decomposition "
                         "fast_empg, fast_empg_ha (default: all that apply to the device)")
+    p.add_argument("--inference-modes", nargs="*", default=INFERENCE_MODES, metavar="MODE",
+                   choices=INFERENCE_MODES,
+                   help="GPU inference latency of these models (default: "
+                        f"{' '.join(INFERENCE_MODES)}; none: no inference)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="GPU: merge these earlier runs' --json files (same card) under this "
+                        "run's rows, or with --render alone, write their table without measuring")
+    p.add_argument("--render", action="store_true",
+                   help="measure nothing: write the GPU section of --out from the --merge files")
     p.add_argument("--steps", type=int, default=10, help="timed steps (median; default 10)")
     p.add_argument("--warmup", type=int, default=3, help="warm-up steps (default 3)")
     p.add_argument("--cases", nargs="+", default=None, metavar="NAME:SIZE:BATCH",
@@ -370,18 +379,25 @@ def gpu_train_case(backbone: str, size: int, batch: int, mode: str, args) -> dic
     data = make_batch((size, size), batch, device)
     row = {}
     for kind in ("eager", "graph"):
-        model, optimizer = build(backbone, mode, (size, size), device, args.head_dim)
-        step = (eager_step(model, optimizer, autocast) if kind == "eager"
-                else GraphedTrainStep(model, loss_fn, optimizer, autocast))
-        for _ in range(max(args.warmup, 2)):
-            step(data, 1e-4)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        row[f"{kind}_ms"] = median_ms(lambda: step(data, 1e-4), args.steps)
-        row[f"{kind}_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
-        if kind == "eager":
-            row["gpu_busy_ms"], row["kernels"] = kernel_time(lambda: step(data, 1e-4))
-            row["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        try:
+            model, optimizer = build(backbone, mode, (size, size), device, args.head_dim)
+            step = (eager_step(model, optimizer, autocast) if kind == "eager"
+                    else GraphedTrainStep(model, loss_fn, optimizer, autocast))
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()     # before warm-up: the graph's capture counts
+            for _ in range(max(args.warmup, 2)):
+                step(data, 1e-4)
+            torch.cuda.synchronize()
+            row[f"{kind}_ms"] = median_ms(lambda: step(data, 1e-4), args.steps)
+            row[f"{kind}_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            if kind == "eager":
+                row["gpu_busy_ms"], row["kernels"] = kernel_time(lambda: step(data, 1e-4))
+                row["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        except Exception as exc:     # a failed capture keeps the eager figures (OOM included)
+            if kind == "eager":
+                raise
+            traceback.print_exc()
+            row["graph_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
         model = optimizer = step = None          # free this kind's model before the next
         gc.collect()
         torch.cuda.empty_cache()
@@ -418,15 +434,16 @@ def gpu_inference_case(backbone: str, size: int, batch: int, mode: str, args) ->
     return row
 
 
-def gpu_jobs(cases: list, modes: list) -> list:
+def gpu_jobs(cases: list, modes: list, inference: list = INFERENCE_MODES) -> list:
     """(case index, "train" or "inference", mode) in the order they are measured: the first three
-    training modes of every case, then every case's inference, then the other training modes, so
-    that a run cut short by a time limit still holds the comparisons that matter for both cases."""
+    training modes of every case, then every case's inference, then the other training modes,
+    each for every case, so that a run cut short by a time limit still holds the comparisons
+    that matter for both cases."""
     first, rest = modes[:3], modes[3:]
     indices = range(len(cases))
     return ([(i, "train", m) for i in indices for m in first]
-            + [(i, "inference", m) for i in indices for m in INFERENCE_MODES]
-            + [(i, "train", m) for i in indices for m in rest])
+            + [(i, "inference", m) for i in indices for m in inference]
+            + [(i, "train", m) for m in rest for i in indices])
 
 
 def gpu_benchmark(args, on_progress=lambda result: None) -> dict:
@@ -438,7 +455,7 @@ def gpu_benchmark(args, on_progress=lambda result: None) -> dict:
               "cases": [{"backbone": n, "size": s, "batch": b, "train": {}, "inference": {}}
                         for n, s, b in cases]}
     measure = {"train": gpu_train_case, "inference": gpu_inference_case}
-    for i, kind, mode in gpu_jobs(cases, args.modes or GPU_ORDER):
+    for i, kind, mode in gpu_jobs(cases, args.modes or GPU_ORDER, args.inference_modes):
         backbone, size, batch = cases[i]
         row = out_of_memory_guard(measure[kind], backbone, size, batch, mode, args)
         result["cases"][i][kind][mode] = row
@@ -464,6 +481,32 @@ def out_of_memory_guard(case_fn, *args) -> dict:
     return {"error": error}
 
 
+def best_ms(row: dict) -> float:
+    """A measured training mode's best step time: eager, or graphed where the capture worked."""
+    return min(row["eager_ms"], row.get("graph_ms", row["eager_ms"]))
+
+
+def merge_results(results: list) -> dict:
+    """Several GPU runs' JSON as one: per case and mode the later run's row wins; the header
+    (card, versions, date) is the last run's. Runs on different cards are refused."""
+    devices = {r["device"] for r in results}
+    if len(devices) > 1:
+        raise SystemExit(f"--merge: runs on different cards ({', '.join(sorted(devices))}) "
+                         "cannot share a table")
+    merged = {**results[-1], "cases": [], "runs": sum(r.get("runs", 1) for r in results)}
+    for result in results:
+        for case in result["cases"]:
+            key = (case["backbone"], case["size"], case["batch"])
+            into = next((c for c in merged["cases"]
+                         if (c["backbone"], c["size"], c["batch"]) == key), None)
+            if into is None:
+                into = {**case, "train": {}, "inference": {}}
+                merged["cases"].append(into)
+            for kind in ("train", "inference"):
+                into[kind].update(case[kind])
+    return merged
+
+
 def gpu_tables(result: dict) -> str:
     lines = ["## Training step", "",
              f"Train step, measured by `python bench/train_step.py` on {result['device']}, "
@@ -471,24 +514,34 @@ def gpu_tables(result: dict) -> str:
              f"weights, 9-class Segformer head, bf16 autocast, fused AdamW; median of the timed "
              f"steps after warm-up (CUDA events); GPU busy = CUDA kernel time summed over one "
              f"profiled eager step; graph = the whole step in one CUDA graph "
-             f"(`ivt.graph_step.GraphedTrainStep`).", ""]
+             f"(`ivt.graph_step.GraphedTrainStep`); peak = `torch.cuda.max_memory_allocated` "
+             f"over the warm-up and timed steps (the graph's capture included)."
+             + (f" Merged from {result['runs']} runs of the script on this card model "
+                "(`--merge`): a ratio may compare rows of different runs."
+                if result.get("runs", 1) > 1 else ""), ""]
     for case in result["cases"]:
         train = case["train"]
         full = train.get("full")
         lines += [f"**{case['backbone']}, {case['size']}x{case['size']}, batch {case['batch']}**",
-                  "", "| mode | eager ms | graph ms | GPU busy ms | kernels | peak GB (eager / "
-                  "graph) | best vs full's best | trainable |", "|---|---|---|---|---|---|---|---|"]
+                  "", "| mode | eager ms | graph ms | best vs full's best | GPU busy ms | kernels "
+                  "| kernels vs full | peak GB (eager / graph) | eager peak vs full | trainable |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         measured = full is not None and "error" not in full
-        best_full = min(full["eager_ms"], full["graph_ms"]) if measured else None
+        best_full = best_ms(full) if measured else None
         for mode, r in train.items():
             if "error" in r:
-                lines.append(f"| {mode} | {r['error']} | | | | | | |")
+                lines.append(f"| {mode} | {r['error']} | | | | | | | | |")
                 continue
-            best = min(r["eager_ms"], r["graph_ms"])
-            ratio = f"{best / best_full:.2f}x" if best_full else "-"
-            lines.append(f"| {mode} | {r['eager_ms']:.1f} | {r['graph_ms']:.1f} | "
-                         f"{r['gpu_busy_ms']:.1f} | {r['kernels']:,} | {r['eager_peak_gb']:.2f} / "
-                         f"{r['graph_peak_gb']:.2f} | {ratio} | {r['trainable']:,} |")
+            ratio, kernels, peak = (
+                (f"{best_ms(r) / best_full:.2f}x", f"{r['kernels'] / full['kernels']:.2f}x",
+                 f"{r['eager_peak_gb'] / full['eager_peak_gb']:.2f}x") if measured
+                else ("-", "-", "-"))
+            graph = ((f"{r['graph_ms']:.1f}", f"{r['graph_peak_gb']:.2f}"
+                      if "graph_peak_gb" in r else "-") if "graph_ms" in r
+                     else ("capture failed", "-"))
+            lines.append(f"| {mode} | {r['eager_ms']:.1f} | {graph[0]} | {ratio} | "
+                         f"{r['gpu_busy_ms']:.1f} | {r['kernels']:,} | {kernels} | "
+                         f"{r['eager_peak_gb']:.2f} / {graph[1]} | {peak} | {r['trainable']:,} |")
         inf = case["inference"]
         frozen = inf.get("freeze", {}).get("graph_ms")
         lines += ["", "| inference (no grad, bf16) | eager ms | graph ms | vs frozen (graph) |",
@@ -523,16 +576,25 @@ def main(argv=None):
             Path(args.json).write_text(json.dumps(result, indent=1))
             print(f"wrote {args.json}")
         return
-    if not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: run with --device cpu for the CPU proxies")
     out = Path(args.out or ROOT / "docs" / "benchmarks.md")
+    earlier = [json.loads(Path(f).read_text()) for f in args.merge or []]
 
-    def save(result):
+    def save(result, runs=None):
+        result = merge_results(runs or earlier + [result])
         write_section(out, *GPU_SECTION, gpu_tables(result))
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))
+        return result
 
-    result = gpu_benchmark(args, on_progress=save)
+    if args.render:
+        if not earlier:
+            raise SystemExit("--render writes the table of the --merge files: name at least one")
+        print(gpu_tables(save(None, runs=earlier)))
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --device cpu for the CPU proxies")
+
+    result = save(gpu_benchmark(args, on_progress=save))
     print(gpu_tables(result))
     print(f"wrote {out}" + (f" and {args.json}" if args.json else ""))
 

@@ -132,9 +132,8 @@ def _make_capture_safe(optimizer: torch.optim.Optimizer, device: torch.device):
     """Switch `optimizer` to its capture-safe form in place and give every parameter group a
     device tensor as its lr; returns those tensors (one per group)."""
     if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-        for group in optimizer.param_groups:
-            if not group.get("fused"):
-                group["capturable"] = True
+        for group in optimizer.param_groups:              # the fused form needs it too
+            group["capturable"] = True
         for state in optimizer.state.values():        # resumed state: counters to the device
             if torch.is_tensor(state.get("step")):
                 state["step"] = state["step"].to(device=device, dtype=torch.float32)

@@ -7,6 +7,7 @@ and on Swin-T (128 x 96, batch 2, head width 256), the benchmark's default case,
 meets both targets of issue 10.
 """
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,58 @@ def test_gpu_tables_ratios_and_a_mode_that_did_not_fit(tmp_path):
     written = out.read_text()
     assert written.count(bench.GPU_SECTION[0]) == 1 and "interrupted" not in written
     assert "kept" in written and "1.57x" in written and "cpu tables" in written
+
+
+def test_gpu_runs_merge_and_a_failed_capture_keeps_the_eager_figures(tmp_path):
+    """`--merge` lays a later run's rows over an earlier run's (per case and mode), refuses runs
+    on different cards, and `--render` writes the merged table without a GPU; a mode whose graph
+    capture failed keeps its eager figures and is compared on them."""
+    bench = _bench()
+    row = dict(eager_ms=200.0, graph_ms=80.0, gpu_busy_ms=70.0, kernels=3000,
+               eager_peak_gb=5.0, graph_peak_gb=5.5, trainable=7)
+    first = {"device": "Some GPU", "date": "2026-11-26", "torch": "2.11", "triton": "3.6",
+             "cases": [{"backbone": "swin_l", "size": 384, "batch": 8,
+                        "train": {"full": dict(row, eager_ms=100.0, graph_ms=50.0,
+                                               eager_peak_gb=10.0),
+                                  "ivt": {"error": "failed: RuntimeError: stale"}},
+                        "inference": {"freeze": {"eager_ms": 20.0, "graph_ms": 10.0}}}]}
+    no_graph = {k: v for k, v in row.items() if not k.startswith("graph")}
+    second = dict(first, date="2026-11-27", cases=[
+        {"backbone": "swin_l", "size": 384, "batch": 8, "inference": {},
+         "train": {"ivt": row, "ivt_fused": dict(no_graph, eager_ms=60.0,
+                                                 graph_error="RuntimeError: capture")}}])
+    merged = bench.merge_results([first, second])
+    case = merged["cases"][0]
+    assert list(case["train"]) == ["full", "ivt", "ivt_fused"] and merged["runs"] == 2
+    assert case["train"]["ivt"] == row and case["inference"]["freeze"]["graph_ms"] == 10.0
+    assert merged["date"] == "2026-11-27"
+    with pytest.raises(SystemExit, match="different cards"):
+        bench.merge_results([first, dict(second, device="Other GPU")])
+    files = []
+    for i, run in enumerate((first, second)):
+        files.append(tmp_path / f"run{i}.json")
+        files[-1].write_text(json.dumps(run))
+    out = tmp_path / "benchmarks.md"
+    bench.main(["--render", "--merge", *map(str, files), "--out", str(out)])
+    lines = {line.split("|")[1].strip(): line for line in out.read_text().splitlines()
+             if line.startswith("| ")}
+    assert "| 1.60x |" in lines["ivt"]                 # min(200, 80) / min(100, 50)
+    assert "| 0.50x |" in lines["ivt"]                 # eager peak 5 / 10
+    assert "| 1.20x |" in lines["ivt_fused"]           # eager 60 / 50: no graph figure
+    assert "capture failed" in lines["ivt_fused"] and "Merged from 2 runs" in out.read_text()
+
+
+def test_gpu_jobs_put_both_cases_key_modes_before_the_rest():
+    """A GPU run cut short by its time limit keeps the comparisons that matter for every case:
+    the first three training modes of each case, then inference, then the rest mode by mode."""
+    bench = _bench()
+    jobs = bench.gpu_jobs(["a", "b"], ["full", "fused", "lean", "ivt", "freeze"], ["freeze"])
+    assert jobs[:6] == [(0, "train", "full"), (0, "train", "fused"), (0, "train", "lean"),
+                        (1, "train", "full"), (1, "train", "fused"), (1, "train", "lean")]
+    assert jobs[6:8] == [(0, "inference", "freeze"), (1, "inference", "freeze")]
+    assert jobs[8:] == [(0, "train", "ivt"), (1, "train", "ivt"), (0, "train", "freeze"),
+                        (1, "train", "freeze")]
+    assert bench.gpu_jobs(["a"], ["full"], []) == [(0, "train", "full")]
 
 
 def test_cpu_command_writes_only_its_own_section(tmp_path):
