@@ -18,23 +18,33 @@ Inference (`hybrid_adapter_eval_triton`, BatchNorm on running statistics, no dro
 
 Training (`hybrid_adapter_train_triton`, an autograd Function; BatchNorm on the batch's
 statistics over all M = B*N tokens, dropout with a mask drawn by torch so that it is replayed
-exactly under activation checkpointing). It keeps only h, the LayerNorm statistics, the BatchNorm statistics
-and the mask; everything else is recomputed from h in registers:
+exactly under activation checkpointing). It keeps only h, the LayerNorm statistics, the
+BatchNorm statistics and the mask; everything else is recomputed from h in registers:
   forward:  `_sft_down_kernel` (and the row statistics) -> `_bn_partial_kernel` (per-tile
             mean and M2 of pw1's output) -> `_bn_finalize_kernel` (Chan's merge; running
             statistics) -> `_ho_up_kernel`;
-  backward: `_up_backward_kernel` (grad of the up-projection, dropout, GELU, pw2, ReLU; the
-            BatchNorm output gradient and its two reductions) -> `_ho_backward_kernel` (BatchNorm
-            and pw1 backward: grad y) -> `_down_backward_kernel` (partial conv backward from the
-            neighbours' grad y, the down-projection and LayerNorm backward, grad x).
-  Weight gradients are sums over tokens: each backward kernel runs a fixed number of programs
-  that loop over tiles and accumulate their own partial sums in one zeroed workspace, and a
-  `torch.sum` over programs finishes them (one after kernel 1, whose BatchNorm sums kernel 2
-  needs, and one for kernels 2 and 3 together).
+  backward: `_up_backward_kernel` (grad of the up-projection's input, dropout, GELU, pw2,
+            ReLU; the BatchNorm output gradient and its two reductions) -> `_ho_backward_kernel`
+            (BatchNorm and pw1 backward: grad y) -> `_down_backward_kernel` (partial conv
+            backward from the neighbours' grad y, the down-projection and LayerNorm backward,
+            grad x) -> `_ln_down_grads_kernel` (the C-wide parameters' gradients, below).
+  Weight gradients are sums over tokens. The D-wide ones (pw1, pw2, BatchNorm, the partial
+  conv, the biases of d2 channels): each backward kernel runs a fixed number of programs that
+  loop over tiles, accumulate their own partial sums in registers and store them once, and a
+  `torch.sum` over programs finishes them (one after kernel 1, whose BatchNorm sums
+  kernel 2 needs, and one for kernels 2 and 3 together). The C-wide ones are matmuls over the
+  tokens, done by the matmul library on maps the kernels write: the up-projection's
+  dWu = g^T dropout(gelu(o)) and dbu = the sum of g; the down-projection's and the LayerNorm/SFT
+  parameters' from one matmul P = dh^T n_hat (n_hat the normalised input, written by kernel 3),
+  `_ln_down_grads_kernel` applying the folded affine. (Accumulating these C x d2 sums inside
+  the tile loops, as an earlier version did, made each tile read and write them in global
+  memory: on an H200 that backward ran at 2-5% of copy bandwidth.)
 
 Tokens are addressed as base + b * stride_b + n * stride_n + c (channels contiguous), so the
 patch tokens of EVA02 (a view that skips the cls token) are read in place. Arithmetic is float32
-(float64 for float64 inputs); matmuls use TF32 on GPUs that have it. The references are
+(float64 for float64 inputs); the kernels' matmuls use TF32 on GPUs that have it, the weight
+gradients' library matmuls PyTorch's float32 setting, in bfloat16 for bfloat16 tokens (as
+autocast runs a Linear layer's). The references are
 `kernels.reference.hybrid_adapter_eval_reference` and `hybrid_adapter_train_reference`.
 """
 import torch
@@ -45,7 +55,7 @@ from .reference import HybridAdapterWeights
 
 BLOCK_M = 32   # tokens per tile
 BLOCK_C = 32   # channels per step of the loops over C
-PARTIAL_FLOATS = 1 << 22   # the most floats of per-program partial sums one backward kernel keeps
+PARTIAL_FLOATS = 1 << 20   # the most floats of per-program partial sums one backward kernel keeps
 # Warps per backward program: their tiles need more than 255 registers a thread with 4 warps. At
 # d2 = 64 on sm_90, ptxas's register spill traffic (stores + loads, per thread) is 3.0 KB (up/pw2
 # backward), 1.6 KB (down backward) and 0.9 KB (pw1 backward) with 4 warps, and 0.8 KB, 0 and 0
@@ -275,12 +285,6 @@ def _ho_up_kernel(h_ptr, dww_ptr, dwb_ptr, w1_ptr, b1_ptr, mean_ptr, scale_ptr, 
 
 # -- backward --------------------------------------------------------------------------------------
 @triton.jit
-def _add_partial(ptr, value, mask):
-    """Accumulate into this program's partial sums (zeroed before the launch)."""
-    tl.store(ptr, tl.load(ptr, mask=mask, other=0.0) + value, mask=mask)
-
-
-@triton.jit
 def _gelu_grad(o):
     """d gelu(o) / do = Phi(o) + o phi(o)."""
     return 0.5 * (1.0 + tl.math.erf(o * 0.7071067811865476)) \
@@ -290,16 +294,17 @@ def _gelu_grad(o):
 @triton.jit
 def _up_backward_kernel(g_ptr, g_b, g_n, h_ptr, dww_ptr, dwb_ptr, w1_ptr, b1_ptr, bn_ptr,
                         bnw_ptr, bnb_ptr, w2_ptr, b2_ptr, mask_ptr, keep_scale, wu_ptr,
-                        do_ptr, dbn_ptr, part_ptr, n_tiles, M, N, H, W, C, D, cp,
+                        do_ptr, dbn_ptr, dropped_ptr, part_ptr, n_tiles, M, N, H, W, C, D, cp,
                         HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                         BLOCK_D: tl.constexpr):
-    """From grad out (g): the gradients of the up-projection, dropout, GELU, pw2 and ReLU.
-    Writes do = dL/do (pw2's residual sum o), dbn = dL/d(BatchNorm output), both (M, D), and this
-    program's partial sums part[pid] = [dWu (C*D), dbu (C), dW2 (D*D), db2, dbnw, dbnb (D)]."""
+    """From grad out (g): the gradients of the up-projection's input, dropout, GELU, pw2 and
+    ReLU. Writes do = dL/do (pw2's residual sum o), dbn = dL/d(BatchNorm output) and the
+    up-projection's input dropout(gelu(o)) (for its weight gradient, one matmul on the host), all
+    (M, D), and this program's partial sums part[pid] = [dW2 (D*D), db2, dbnw, dbnb (D)]."""
     pid = tl.program_id(0)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
-    part = part_ptr + pid * (C * D + C + D * D + 3 * D)
+    part = part_ptr + pid * (D * D + 3 * D)
     dw2 = tl.zeros([BLOCK_D, BLOCK_D], dtype=do_ptr.dtype.element_ty)
     db2 = tl.zeros([BLOCK_D], dtype=do_ptr.dtype.element_ty)
     dbnw = tl.zeros([BLOCK_D], dtype=do_ptr.dtype.element_ty)
@@ -315,10 +320,10 @@ def _up_backward_kernel(g_ptr, g_b, g_n, h_ptr, dww_ptr, dwb_ptr, w1_ptr, b1_ptr
         if HAS_MASK:
             keep = tl.load(mask_ptr + rows[:, None] * D + d[None, :], mask=tile_ok,
                            other=0).to(a.dtype) * keep_scale
-        dropped = a * keep
+        tl.store(dropped_ptr + rows[:, None] * D + d[None, :], a * keep, mask=tile_ok)
         g_rows = g_ptr + _token_offsets(rows, N, g_b, g_n)
         da = tl.zeros(a.shape, dtype=a.dtype)
-        for c0 in range(0, C, BLOCK_C):
+        for c0 in range(0, C, BLOCK_C):              # da = g Wu: registers only, no stores
             c = c0 + tl.arange(0, BLOCK_C)
             c_ok = c < C
             g = tl.load(g_rows[:, None] + c[None, :], mask=row_ok[:, None] & c_ok[None, :],
@@ -326,9 +331,6 @@ def _up_backward_kernel(g_ptr, g_b, g_n, h_ptr, dww_ptr, dwb_ptr, w1_ptr, b1_ptr
             wu = tl.load(wu_ptr + c[:, None] * D + d[None, :],              # (BLOCK_C, BLOCK_D)
                          mask=c_ok[:, None] & d_ok[None, :], other=0.0).to(a.dtype)
             da += tl.dot(g, wu)
-            chunk = c_ok[:, None] & d_ok[None, :]
-            _add_partial(part + c[:, None] * D + d[None, :], tl.dot(tl.trans(g), dropped), chunk)
-            _add_partial(part + C * D + c, tl.sum(g, axis=0), c_ok)
         do = da * keep * _gelu_grad(o)
         dw2 += tl.dot(tl.trans(do), tl.maximum(bn, 0.0))
         db2 += tl.sum(do, axis=0)
@@ -340,11 +342,10 @@ def _up_backward_kernel(g_ptr, g_b, g_n, h_ptr, dww_ptr, dwb_ptr, w1_ptr, b1_ptr
         tl.store(do_ptr + rows[:, None] * D + d[None, :], do, mask=tile_ok)
         tl.store(dbn_ptr + rows[:, None] * D + d[None, :], dbn, mask=tile_ok)
     square = d_ok[:, None] & d_ok[None, :]
-    tail = part + C * D + C
-    tl.store(tail + d[:, None] * D + d[None, :], dw2, mask=square)
-    tl.store(tail + D * D + d, db2, mask=d_ok)
-    tl.store(tail + D * D + D + d, dbnw, mask=d_ok)
-    tl.store(tail + D * D + 2 * D + d, dbnb, mask=d_ok)
+    tl.store(part + d[:, None] * D + d[None, :], dw2, mask=square)
+    tl.store(part + D * D + d, db2, mask=d_ok)
+    tl.store(part + D * D + D + d, dbnw, mask=d_ok)
+    tl.store(part + D * D + 2 * D + d, dbnb, mask=d_ok)
 
 
 @triton.jit
@@ -385,38 +386,42 @@ def _ho_backward_kernel(h_ptr, dww_ptr, dwb_ptr, w1_ptr, b1_ptr, bn_ptr, bnw_ptr
 
 
 @triton.jit
-def _down_backward_kernel(x_ptr, x_b, x_n, ln_ptr, lnw_ptr, lnb_ptr, gamma_ptr, beta_ptr,
-                          wd_ptr, h_ptr, dww_ptr, dy_ptr, g_ptr, g_b, g_n, dx_ptr, part_ptr,
-                          part_stride,
-                          n_tiles, M, N, H, W, C, D, cp, ADD_G: tl.constexpr,
+def _down_backward_kernel(x_ptr, x_b, x_n, ln_ptr, lnw_ptr, gamma_ptr, wd_ptr, h_ptr, dww_ptr,
+                          dy_ptr, g_ptr, g_b, g_n, dx_ptr, dh_ptr, nhat_ptr, part_ptr,
+                          part_stride, n_tiles, M, N, H, W, C, D, cp, ADD_G: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Partial conv backward (dh from dy at the 3x3 neighbours), then the down-projection and
-    LayerNorm + SFT backward: dx (B, N, C) contiguous, plus g when ADD_G (x is the residual).
-    This program's partial sums at part_ptr + pid * part_stride: [dconv_w (cp*9), dconv_b (cp),
-    dbd (D), dWd (D*C), dlnw, dlnb, dgamma, dbeta (C each)]."""
+    """Partial conv backward (dh from dy at the 3x3 neighbours), then the down-projection's and
+    LayerNorm + SFT's input gradient: dx (B, N, C) contiguous, plus g when ADD_G (x is the
+    residual). Also writes dh (M, D) and the normalised input n_hat (M, C), from which the host
+    makes the down-projection's and the LayerNorm/SFT parameters' gradients with one matmul
+    (`_ln_down_grads_kernel`), and this program's partial sums at part_ptr + pid * part_stride:
+    [dconv_w (cp*9), dconv_b (cp), dbd (D)]."""
     pid = tl.program_id(0)
-    part = part_ptr + pid * part_stride
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     is_conv = d < cp
+    taps = tl.arange(0, 16)                          # the 9 taps of the 3x3 kernel, padded
+    dconv_w = tl.zeros([BLOCK_D, 16], dtype=dh_ptr.dtype.element_ty)
+    dconv_b = tl.zeros([BLOCK_D], dtype=dh_ptr.dtype.element_ty)
+    dbd = tl.zeros([BLOCK_D], dtype=dh_ptr.dtype.element_ty)
     for t in range(pid, n_tiles, tl.num_programs(0)):
         rows, row_ok, d, d_ok = _tile(t, BLOCK_M, BLOCK_D, M, D)
         tile_ok = row_ok[:, None] & d_ok[None, :]
         dh = _partial_conv(dy_ptr, rows, row_ok, d, d_ok, N, H, W, D, cp, dww_ptr, dww_ptr, True)
+        tl.store(dh_ptr + rows[:, None] * D + d[None, :], dh, mask=tile_ok)
         dy = tl.load(dy_ptr + rows[:, None] * D + d[None, :], mask=tile_ok, other=0.0)
         for i in tl.static_range(3):                 # grad of the conv weight: dy * shifted h
             for j in tl.static_range(3):
                 nb, inside = _neighbour(rows, row_ok, N, H, W, i - 1, j - 1)
                 tap = tl.load(h_ptr + nb[:, None] * D + d[None, :],
                               mask=inside[:, None] & is_conv[None, :], other=0.0)
-                _add_partial(part + d * 9 + i * 3 + j, tl.sum(dy * tap, axis=0), is_conv)
-        _add_partial(part + cp * 9 + d, tl.sum(dy, axis=0), is_conv)
-        _add_partial(part + cp * 10 + d, tl.sum(dh, axis=0), d_ok)
+                dconv_w += tl.where(taps[None, :] == i * 3 + j,
+                                    tl.sum(dy * tap, axis=0)[:, None], 0.0)
+        dconv_b += tl.sum(dy, axis=0)
+        dbd += tl.sum(dh, axis=0)
         x_rows = x_ptr + _token_offsets(rows, N, x_b, x_n)
         mean = tl.load(ln_ptr + rows, mask=row_ok, other=0.0)
         rstd = tl.load(ln_ptr + M + rows, mask=row_ok, other=0.0)
-        dwd_part = part + cp * 10 + D
-        ln_part = dwd_part + D * C
         dot_w = tl.zeros([BLOCK_M], dtype=dh.dtype)     # sum over C of ds * w'
         dot_wn = tl.zeros([BLOCK_M], dtype=dh.dtype)    # sum over C of ds * w' * n_hat
         for c0 in range(0, C, BLOCK_C):
@@ -425,23 +430,13 @@ def _down_backward_kernel(x_ptr, x_b, x_n, ln_ptr, lnw_ptr, lnb_ptr, gamma_ptr, 
             mask = row_ok[:, None] & c_ok[None, :]
             n_hat = tl.where(mask, (tl.load(x_rows[:, None] + c[None, :], mask=mask, other=0.0)
                                     .to(dh.dtype) - mean[:, None]) * rstd[:, None], 0.0)
-            lnw = tl.load(lnw_ptr + c, mask=c_ok, other=0.0)
-            lnb = tl.load(lnb_ptr + c, mask=c_ok, other=0.0)
-            gamma = tl.load(gamma_ptr + c, mask=c_ok, other=0.0)
-            s = tl.where(mask, n_hat * (lnw * gamma)[None, :]
-                         + (lnb * gamma + tl.load(beta_ptr + c, mask=c_ok, other=0.0))[None, :],
-                         0.0)
+            tl.store(nhat_ptr + rows[:, None] * C + c[None, :],
+                     n_hat.to(nhat_ptr.dtype.element_ty), mask=mask)
+            w_fold = tl.load(lnw_ptr + c, mask=c_ok, other=0.0) * tl.load(gamma_ptr + c,
+                                                                           mask=c_ok, other=0.0)
             wd = tl.load(wd_ptr + d[:, None] * C + c[None, :],              # (BLOCK_D, BLOCK_C)
                          mask=d_ok[:, None] & c_ok[None, :], other=0.0).to(dh.dtype)
-            ds = tl.dot(dh, wd)
-            _add_partial(dwd_part + d[:, None] * C + c[None, :], tl.dot(tl.trans(dh), s),
-                         d_ok[:, None] & c_ok[None, :])
-            _add_partial(ln_part + c, tl.sum(ds * n_hat, axis=0) * gamma, c_ok)
-            _add_partial(ln_part + C + c, tl.sum(ds, axis=0) * gamma, c_ok)
-            _add_partial(ln_part + 2 * C + c, tl.sum(ds * n_hat, axis=0) * lnw
-                         + tl.sum(ds, axis=0) * lnb, c_ok)
-            _add_partial(ln_part + 3 * C + c, tl.sum(ds, axis=0), c_ok)
-            dsw = ds * (lnw * gamma)[None, :]
+            dsw = tl.dot(dh, wd) * w_fold[None, :]
             dot_w += tl.sum(dsw, axis=1)
             dot_wn += tl.sum(dsw * n_hat, axis=1)
         g_rows = g_ptr + _token_offsets(rows, N, g_b, g_n)
@@ -461,6 +456,43 @@ def _down_backward_kernel(x_ptr, x_b, x_n, ln_ptr, lnw_ptr, lnb_ptr, gamma_ptr, 
                 dx += tl.load(g_rows[:, None] + c[None, :], mask=mask, other=0.0).to(dx.dtype)
             tl.store(dx_ptr + rows[:, None] * C + c[None, :], dx.to(dx_ptr.dtype.element_ty),
                      mask=mask)
+    part = part_ptr + pid * part_stride
+    tl.store(part + d[:, None] * 9 + taps[None, :], dconv_w,
+             mask=is_conv[:, None] & (taps < 9)[None, :])
+    tl.store(part + cp * 9 + d, dconv_b, mask=is_conv)
+    tl.store(part + cp * 10 + d, dbd, mask=d_ok)
+
+
+@triton.jit
+def _ln_down_grads_kernel(p_ptr, sum_dh_ptr, wd_ptr, lnw_ptr, lnb_ptr, gamma_ptr, beta_ptr,
+                          out_ptr, C, D, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The down-projection's and LayerNorm/SFT parameters' gradients for channels c of program
+    program_id(0), from P = dh^T n_hat (D, C) and sum_dh = sum over tokens of dh (D). With
+    s = n_hat w' + b' (w' = lnw gamma, b' = lnb gamma + beta: Eq. 14 folded) and ds = dh Wd:
+      dWd = dh^T s = P w' + sum_dh b'^T,
+      sum_m ds n_hat = sum_d Wd * P,   sum_m ds = sum_dh Wd,
+    out = [dWd (D*C), dlnw, dlnb, dgamma, dbeta (C each)]."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    square = d_ok[:, None] & c_ok[None, :]
+    p = tl.load(p_ptr + d[:, None] * C + c[None, :], mask=square, other=0.0)
+    wd = tl.load(wd_ptr + d[:, None] * C + c[None, :], mask=square, other=0.0).to(p.dtype)
+    sum_dh = tl.load(sum_dh_ptr + d, mask=d_ok, other=0.0)
+    lnw = tl.load(lnw_ptr + c, mask=c_ok, other=0.0)
+    lnb = tl.load(lnb_ptr + c, mask=c_ok, other=0.0)
+    gamma = tl.load(gamma_ptr + c, mask=c_ok, other=0.0)
+    shift = lnb * gamma + tl.load(beta_ptr + c, mask=c_ok, other=0.0)
+    tl.store(out_ptr + d[:, None] * C + c[None, :],
+             p * (lnw * gamma)[None, :] + sum_dh[:, None] * shift[None, :], mask=square)
+    ds_nhat = tl.sum(wd * p, axis=0)
+    ds = tl.sum(wd * sum_dh[:, None], axis=0)
+    tail = out_ptr + D * C
+    tl.store(tail + c, ds_nhat * gamma, mask=c_ok)
+    tl.store(tail + C + c, ds * gamma, mask=c_ok)
+    tl.store(tail + 2 * C + c, ds_nhat * lnw + ds * lnb, mask=c_ok)
+    tl.store(tail + 3 * C + c, ds, mask=c_ok)
 
 
 # -- host side -------------------------------------------------------------------------------------
@@ -575,22 +607,31 @@ class _TrainingHybridAdapter(torch.autograd.Function):
         cp = w.cp
         g, g_b, g_n = _token_strides(g)
         device = x.device
-        # the kernels' per-program partial sums in one zeroed workspace: kernel 1's, then rows
-        # shared by kernels 2 and 3 (finished by one sum), and do, dbn, dy (M, D) in another
-        size1, size2, size3 = C * D + C + D * D + 3 * D, D * D + D, cp * 10 + D + D * C + 4 * C
+        # one workspace for what lives only in this backward: the kernels' per-program partial
+        # sums (D-wide, every entry written: kernel 1's, then rows shared by kernels 2 and 3,
+        # finished by one sum), five (M, D) maps and the normalised input n_hat (M, C)
+        size1, size2, size3 = D * D + 3 * D, D * D + D, cp * 10 + D
         p1, p23 = _programs(n_tiles, size1), _programs(n_tiles, size2 + size3)
-        part1, part23 = torch.zeros(p1 * size1 + p23 * (size2 + size3), device=device,
-                                    dtype=acc).split([p1 * size1, p23 * (size2 + size3)])
-        part1, part23 = part1.view(p1, size1), part23.view(p23, size2 + size3)
-        do, dbn, dy = torch.empty((3, M, D), device=device, dtype=acc).unbind(0)
-        # 1. up-projection, dropout, GELU, pw2, ReLU -> do, dbn and their parameter sums
+        nhat_dtype = _matmul_dtype(x.dtype, acc)
+        sizes = [p1 * size1, p23 * (size2 + size3), 5 * M * D] + (
+            [M * C] if nhat_dtype == acc else [])
+        work = torch.empty(sum(sizes), device=device, dtype=acc).split(sizes)
+        part1, part23 = work[0].view(p1, size1), work[1].view(p23, size2 + size3)
+        do, dbn, dy, dropped, dh = work[2].view(5, M, D).unbind(0)
+        n_hat = (work[3] if nhat_dtype == acc else torch.empty(
+            M * C, device=device, dtype=nhat_dtype)).view(M, C)
+        # 1. up-projection's input, dropout, GELU, pw2, ReLU -> do, dbn, and the up-projection's
+        # input for its weight gradient: dWu = g^T dropped, dbu = sum of g (one matmul, one sum)
         _up_backward_kernel[(p1,)](g, g_b, g_n, h, dww, dwb, w1, b1, bn_stats, bnw, bnb, w2, b2,
                                    h if keep is None else keep, ctx.keep_scale, wu, do, dbn,
-                                   part1, n_tiles, M, N, H, W, C, D, cp,
+                                   dropped, part1, n_tiles, M, N, H, W, C, D, cp,
                                    HAS_MASK=keep is not None, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C,
                                    BLOCK_D=block_d, num_warps=BACKWARD_WARPS)
         sums1 = part1.sum(0)
-        d_wu, d_bu, d_w2, d_b2, d_bnw, d_bnb = sums1.split([C * D, C, D * D, D, D, D])
+        d_w2, d_b2, d_bnw, d_bnb = sums1.split([D * D, D, D, D])
+        tokens = g.reshape(M, C)                                            # (M, C)
+        d_wu = _matmul_t(tokens, dropped, acc)                              # (C, D)
+        d_bu = tokens.sum(0, dtype=acc)
         # 2. BatchNorm and pw1 -> dy. Not software-pipelined: at d2 = 64 in float32 its tile loop
         # needs 260 KB of shared memory at Triton's default 3 stages (over sm_90's 227 KB per
         # block), 150 KB at 2 (over sm_86/89's 99 KB), 48 KB at 1 (kernels/compile_check.py).
@@ -598,24 +639,43 @@ class _TrainingHybridAdapter(torch.autograd.Function):
                                     dy, part23, size2 + size3, n_tiles, M, N, H, W, D, cp,
                                     BLOCK_M=BLOCK_M, BLOCK_D=block_d, num_stages=1,
                                     num_warps=BACKWARD_WARPS)
-        # 3. partial conv, down-projection, LayerNorm and SFT -> dx
+        # 3. partial conv, down-projection, LayerNorm and SFT -> dx, dh and n_hat
         x_, x_b, x_n = _token_strides(x)
         dx = torch.empty((B, N, C), device=device, dtype=x.dtype)
-        _down_backward_kernel[(p23,)](x_, x_b, x_n, ln_stats, lnw, lnb, gamma, beta, wd, h, dww,
-                                      dy, g, g_b, g_n, dx, part23[:, size2:], size2 + size3,
+        _down_backward_kernel[(p23,)](x_, x_b, x_n, ln_stats, lnw, gamma, wd, h, dww, dy, g,
+                                      g_b, g_n, dx, dh, n_hat, part23[:, size2:], size2 + size3,
                                       n_tiles, M, N, H, W, C, D, cp, ADD_G=ctx.x_is_residual,
                                       BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, BLOCK_D=block_d,
                                       num_warps=BACKWARD_WARPS)
-        (d_w1, d_b1, d_dww, d_dwb, d_bd, d_wd, d_lnw, d_lnb, d_gamma, d_beta) = part23.sum(
-            0).split([D * D, D, cp * 9, cp, D, D * C, C, C, C, C])
+        d_w1, d_b1, d_dww, d_dwb, d_bd = part23.sum(0).split([D * D, D, cp * 9, cp, D])
+        # 4. the down-projection's and LayerNorm/SFT's parameter gradients from P = dh^T n_hat
+        grads_c = torch.empty(D * C + 4 * C, device=device, dtype=acc)
+        _ln_down_grads_kernel[(triton.cdiv(C, BLOCK_C),)](
+            _matmul_t(dh, n_hat, acc), d_bd, wd, lnw, lnb, gamma, beta, grads_c, C, D,
+            BLOCK_C=BLOCK_C, BLOCK_D=block_d)
+        d_wd, d_lnw, d_lnb, d_gamma, d_beta = grads_c.split([D * C, C, C, C, C])
         grads = [d_lnw, d_lnb, d_gamma, d_beta, d_wd.view(D, C), d_bd, d_dww.view(cp, 1, 3, 3),
                  d_dwb, d_w1.view(D, D), d_b1, None, None, d_bnw, d_bnb, d_w2.view(D, D), d_b2,
-                 d_wu.view(C, D), d_bu]
+                 d_wu, d_bu]
         grads = [None if gr is None or not need else gr.to(t.dtype)
                  for gr, t, need in zip(grads, w[:18], ctx.needs_input_grad[9:])]
         d_residual = None if ctx.x_is_residual else g
         d_extra = g if ctx.has_extra else None
         return (dx, d_residual, d_extra, None, None, None, None, None, None, *grads)
+
+
+def _matmul_dtype(tokens: torch.dtype, acc: torch.dtype) -> torch.dtype:
+    """The dtype of a weight gradient's matmul over tokens: the tokens' own when they are of
+    lower precision (bfloat16/float16 under autocast, as autocast runs a Linear's), else acc."""
+    return tokens if tokens.itemsize < torch.finfo(acc).bits // 8 else acc
+
+
+def _matmul_t(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """a^T b over the token dimension, (M, P)^T (M, Q) -> (P, Q) in acc: one library matmul in
+    the lower precision of the two operands' dtypes (see `_matmul_dtype`)."""
+    dtype = _matmul_dtype(min(a.dtype, b.dtype, key=lambda t: t.itemsize), acc)
+    with torch.autocast(a.device.type, enabled=False):
+        return torch.mm(a.t().to(dtype), b.to(dtype)).to(acc)
 
 
 def hybrid_adapter_train_triton(x: torch.Tensor, residual: torch.Tensor, extra, hw,

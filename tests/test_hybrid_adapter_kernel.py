@@ -141,9 +141,9 @@ def test_training_kernels_match_reference(draw, dtype, tol):
                     reason="needs TRITON_INTERPRET=1")
 def test_training_kernels_with_many_tiles_per_program(monkeypatch):
     """1,152 tokens (36 tiles: more than one group of the BatchNorm merge) and a partial-sum
-    budget that leaves the backward kernels 3 to 11 programs, each looping over many tiles."""
+    budget that leaves the backward kernels 9 programs, each looping over 4 tiles."""
     import kernels.hybrid_adapter as fused
-    monkeypatch.setattr(fused, "PARTIAL_FLOATS", 3_000)     # 3, 11 and 3 programs
+    monkeypatch.setattr(fused, "PARTIAL_FLOATS", 3_000)     # 3,000 // 304 and // 328 floats
     case = (2, 24, 24, 40, 16, False, True, True)
     expected = training_run(kernels.hybrid_adapter_train_reference, case, torch.float64, "cpu",
                             SEED)
@@ -154,6 +154,33 @@ def test_training_kernels_with_many_tiles_per_program(monkeypatch):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6 * scale, msg=lambda m: f"{i}: {m}")
     for a, b in zip(expected[2], got[2]):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.skipif(not (kernels.TRITON_INSTALLED and kernels.triton_interpreter_on()),
+                    reason="needs TRITON_INTERPRET=1")
+def test_training_kernels_write_every_element_they_read(monkeypatch):
+    """The backward's workspace (per-program partial sums, the (M, D) maps, n_hat) and every
+    output come from torch.empty, poisoned here with NaN: an element a kernel reads before
+    writing it, or a partial sum a program leaves unwritten, turns a gradient into NaN. Several
+    programs with several tiles each (a partial-sum budget of 3,000 floats)."""
+    import kernels.hybrid_adapter as fused
+    monkeypatch.setattr(fused, "PARTIAL_FLOATS", 3_000)
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    case = (2, 9, 14, 40, 16, True, True, True)        # 252 tokens: 8 tiles
+    expected = training_run(kernels.hybrid_adapter_train_reference, case, torch.float64, "cpu",
+                            SEED)
+    monkeypatch.setattr(torch, "empty", poisoned)
+    got = training_run(kernels.hybrid_adapter_train, case, torch.float64, "cpu", SEED)
+    monkeypatch.setattr(torch, "empty", real_empty)
+    scale = max(g.abs().max().item() for g in expected[1])
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-6, atol=1e-6)
+    for i, (a, b) in enumerate(zip(expected[1], got[1])):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6 * scale, msg=lambda m: f"{i}: {m}")
 
 
 def test_reference_is_the_adapter_at_inference():
