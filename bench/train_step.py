@@ -536,12 +536,12 @@ def gpu_tables(result: dict) -> str:
                 (f"{best_ms(r) / best_full:.2f}x", f"{r['kernels'] / full['kernels']:.2f}x",
                  f"{r['eager_peak_gb'] / full['eager_peak_gb']:.2f}x") if measured
                 else ("-", "-", "-"))
-            graph = ((f"{r['graph_ms']:.1f}", f"{r['graph_peak_gb']:.2f}"
-                      if "graph_peak_gb" in r else "-") if "graph_ms" in r
-                     else ("capture failed", "-"))
-            lines.append(f"| {mode} | {r['eager_ms']:.1f} | {graph[0]} | {ratio} | "
+            graph_ms = f"{r['graph_ms']:.1f}" if "graph_ms" in r else "capture failed"
+            graph_peak = f"{r['graph_peak_gb']:.2f}" if "graph_peak_gb" in r else "-"
+            lines.append(f"| {mode} | {r['eager_ms']:.1f} | {graph_ms} | {ratio} | "
                          f"{r['gpu_busy_ms']:.1f} | {r['kernels']:,} | {kernels} | "
-                         f"{r['eager_peak_gb']:.2f} / {graph[1]} | {peak} | {r['trainable']:,} |")
+                         f"{r['eager_peak_gb']:.2f} / {graph_peak} | {peak} | "
+                         f"{r['trainable']:,} |")
         inf = case["inference"]
         frozen = inf.get("freeze", {}).get("graph_ms")
         lines += ["", "| inference (no grad, bf16) | eager ms | graph ms | vs frozen (graph) |",
@@ -579,8 +579,9 @@ def main(argv=None):
     out = Path(args.out or ROOT / "docs" / "benchmarks.md")
     earlier = [json.loads(Path(f).read_text()) for f in args.merge or []]
 
-    def save(result, runs=None):
-        result = merge_results(runs or earlier + [result])
+    def write(runs: list) -> dict:
+        """Merge `runs`, write their section of --out (and --json); returns the merged run."""
+        result = merge_results(runs)
         write_section(out, *GPU_SECTION, gpu_tables(result))
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))
@@ -589,12 +590,12 @@ def main(argv=None):
     if args.render:
         if not earlier:
             raise SystemExit("--render writes the table of the --merge files: name at least one")
-        print(gpu_tables(save(None, runs=earlier)))
+        print(gpu_tables(write(earlier)))
         return
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --device cpu for the CPU proxies")
 
-    result = save(gpu_benchmark(args, on_progress=save))
+    result = write(earlier + [gpu_benchmark(args, on_progress=lambda r: write(earlier + [r]))])
     print(gpu_tables(result))
     print(f"wrote {out}" + (f" and {args.json}" if args.json else ""))
 
