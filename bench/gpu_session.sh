@@ -6,8 +6,8 @@
 #   2. bench/train_step.py: Swin-L 384 b8 and EVA02-L 512 b2, every mode, eager and graphed
 #      (rewrites its section of docs/benchmarks.md after every mode; `--merge` an earlier run's
 #      JSON to keep its rows)
-#   3. bench/kernels.py: the fused Hybrid Adapter (with its split by kernel), the partial conv,
-#      SimAM: device time
+#   3. bench/kernels.py: the fused Hybrid Adapter (with its split by kernel, and at two other tile
+#      sizes), the partial conv, SimAM: device time
 #   4. bench/vs_timm.py: this repository's Swin-L and EVA02-L against timm's (when timm imports)
 # Logs, the JSON files and the rewritten docs/benchmarks.md go to $OUT (default ./gpu_out): eight
 # files, the most the device tool brings back.
@@ -38,7 +38,8 @@ $PY -c "import xdist" 2>/dev/null && PARALLEL=(-n 4)
 part 150 tests $PY -m pytest -q -rf --tb=short "${PARALLEL[@]}" tests/test_graph_step.py \
     tests/test_simam_paths.py tests/test_kernels.py tests/test_kernels_model.py \
     tests/test_hybrid_adapter_kernel.py
-part 300 train_step $PY bench/train_step.py --json "$OUT/train_step.json"
-part 90 kernels $PY bench/kernels.py --ops hybrid_adapter partial_conv simam
+part 290 train_step $PY bench/train_step.py --json "$OUT/train_step.json"
+part 100 kernels $PY bench/kernels.py --ops hybrid_adapter partial_conv simam \
+    --adapter-tiles 64:32 32:64
 part 45 vs_timm $PY bench/vs_timm.py --json "$OUT/vs_timm.json"
 cp docs/benchmarks.md "$OUT/benchmarks.md"

@@ -20,6 +20,8 @@ import datetime
 import os
 import sys
 import time
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +55,11 @@ def parse_args():
                         help="tiny shapes on the CPU under TRITON_INTERPRET=1, no torch.compile")
     parser.add_argument("--ops", nargs="+", default=OPS, choices=OPS,
                         help=f"what to measure, in this order (default: {' '.join(OPS)})")
+    parser.add_argument("--adapter-tiles", nargs="+", type=tile_sizes, default=[],
+                        metavar="M:C",
+                        help="also time the fused Hybrid Adapter (Triton column only) with tiles "
+                             "of M tokens and channel steps of C, e.g. 64:32 32:64 (default: "
+                             "the kernels' own, 32:32, only)")
     parser.add_argument("--no-compile", action="store_true",
                         help="skip the torch.compile column (its compilation takes most of a "
                              "run's time)")
@@ -115,6 +122,31 @@ def channels_last_map(shape, dtype, device, requires_grad):
     return z.view(B, H, W, C).permute(0, 3, 1, 2).detach().requires_grad_(requires_grad)
 
 
+@contextmanager
+def adapter_tile_sizes(block_m: int, block_c: int):
+    """The fused Hybrid Adapter's kernels launched with tiles of block_m tokens and channel
+    steps of block_c (module constants, read at every launch), restored afterwards."""
+    import kernels.hybrid_adapter as fused
+
+    saved = fused.BLOCK_M, fused.BLOCK_C
+    fused.BLOCK_M, fused.BLOCK_C = block_m, block_c
+    try:
+        yield
+    finally:
+        fused.BLOCK_M, fused.BLOCK_C = saved
+
+
+def tile_sizes(text: str) -> tuple:
+    """'64:32' -> (64, 32), powers of two of at least 16 (Triton's matmul tiles)."""
+    try:
+        m, c = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not BLOCK_M:BLOCK_C, e.g. 64:32")
+    if any(v < 16 or v & (v - 1) for v in (m, c)):
+        raise argparse.ArgumentTypeError(f"{text!r}: tile sizes are powers of two >= 16")
+    return m, c
+
+
 def compiled(fn, args):
     """torch.compile(fn), or None (a "-" column) with --tiny or --no-compile."""
     import torch
@@ -151,6 +183,13 @@ def benchmark_rows(args, on_row=lambda rows, bandwidth, name: None):
     for op_name in args.ops:
         if op_name == "hybrid_adapter":
             adapter_rows(args, device, dtype, measure, bandwidth, add)
+            for tiles in args.adapter_tiles:
+                try:
+                    with adapter_tile_sizes(*tiles):
+                        adapter_rows(args, device, dtype, measure, bandwidth, add, tiles)
+                except Exception:      # a tile size the GPU cannot run: say so, measure the rest
+                    print(f"tiles {tiles[0]}:{tiles[1]} failed:", flush=True)
+                    traceback.print_exc()
             continue
         reference, fused = ops[op_name]
         impls = {"eager": reference, "compile": compiled(reference, args), "triton": fused}
@@ -184,12 +223,13 @@ def benchmark_rows(args, on_row=lambda rows, bandwidth, name: None):
     return rows, bandwidth, name
 
 
-def adapter_rows(args, device, dtype, measure, bandwidth, add):
+def adapter_rows(args, device, dtype, measure, bandwidth, add, tiles=None):
     """The Hybrid Adapter with its residual and the internal prompt added, residual + HA(x) +
     extra with residual = x as the sequential block calls it: at inference, and a training
     forward + backward (batch-statistics BatchNorm, dropout mask given, gradients of x, extra
     and every parameter). The floor moves x, extra and the output once at inference, and also
-    reads the output gradient and writes x's in training. Each row goes to `add`."""
+    reads the output gradient and writes x's in training. Each row goes to `add`. With
+    tiles = (BLOCK_M, BLOCK_C), only the Triton column, with the kernels' tile sizes set so."""
     import torch
 
     import kernels
@@ -201,7 +241,12 @@ def adapter_rows(args, device, dtype, measure, bandwidth, add):
     training = {"eager": kernels.hybrid_adapter_train_reference,
                 "compile": compiled(kernels.hybrid_adapter_train_reference, args),
                 "triton": kernels.hybrid_adapter_train}
+    if tiles is not None:
+        inference, training = ({"eager": None, "compile": None, "triton": impls["triton"]}
+                               for impls in (inference, training))
     for shape, where in TINY_ADAPTER_SHAPES if args.tiny else ADAPTER_SHAPES:
+        if tiles is not None:
+            where = f"{where}; tiles of {tiles[0]} tokens x {tiles[1]} channels"
         B, C, H, W = shape
         adapter = HybridAdapter(C, 16 if args.tiny else 64).to(device)
         weights = adapter.kernel_weights()

@@ -183,6 +183,30 @@ def test_training_kernels_write_every_element_they_read(monkeypatch):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6 * scale, msg=lambda m: f"{i}: {m}")
 
 
+@pytest.mark.skipif(not (kernels.TRITON_INSTALLED and kernels.triton_interpreter_on()),
+                    reason="needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("block_m,block_c", [(16, 16), (64, 64)])
+def test_kernels_at_other_tile_sizes(monkeypatch, block_m, block_c):
+    """`bench/kernels.py --adapter-tiles` times other tile sizes; the kernels compute the same
+    function at them (training and inference, against the reference in float64)."""
+    import kernels.hybrid_adapter as fused
+    monkeypatch.setattr(fused, "BLOCK_M", block_m)
+    monkeypatch.setattr(fused, "BLOCK_C", block_c)
+    case = (2, 9, 14, 72, 20, True, True, True)        # 252 tokens, C off the channel step
+    expected = training_run(kernels.hybrid_adapter_train_reference, case, torch.float64, "cpu",
+                            SEED)
+    got = training_run(kernels.hybrid_adapter_train, case, torch.float64, "cpu", SEED)
+    scale = max(g.abs().max().item() for g in expected[1])
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-6, atol=1e-6)
+    for i, (a, b) in enumerate(zip(expected[1], got[1])):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6 * scale, msg=lambda m: f"{i}: {m}")
+    gen = torch.Generator().manual_seed(SEED)
+    w = random_weights(72, 20, gen)
+    x, extra = (torch.randn(2, 9 * 14, 72, generator=gen, dtype=torch.float64) for _ in range(2))
+    torch.testing.assert_close(kernels.hybrid_adapter_eval_triton(x, x, extra, (9, 14), w),
+                               hybrid_adapter_eval_reference(x, x, extra, (9, 14), w))
+
+
 def test_reference_is_the_adapter_at_inference():
     """residual = x gives HA(x) (Eq. 15, its residual inside) plus the internal prompt."""
     torch.manual_seed(SEED % 2**31)
