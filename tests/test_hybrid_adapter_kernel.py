@@ -137,6 +137,24 @@ def test_training_kernels_match_reference(draw, dtype, tol):
         assert err < tol, f"{name}: relative error {err:.2e}; {msg}"
 
 
+def float64_runs(case, while_fused=lambda: None):
+    """`training_run` of the reference and then of the kernels, float64 on the CPU, with
+    `while_fused()` called in between (to patch what only the kernels' run should see)."""
+    expected = training_run(kernels.hybrid_adapter_train_reference, case, torch.float64, "cpu",
+                            SEED)
+    while_fused()
+    return expected, training_run(kernels.hybrid_adapter_train, case, torch.float64, "cpu", SEED)
+
+
+def assert_same_training(expected, got):
+    """Output and every gradient equal to float64 rounding, gradients at the largest one's
+    scale (the pw1 bias has a zero gradient in exact arithmetic)."""
+    scale = max(g.abs().max().item() for g in expected[1])
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-6, atol=1e-6)
+    for i, (a, b) in enumerate(zip(expected[1], got[1])):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6 * scale, msg=lambda m: f"{i}: {m}")
+
+
 @pytest.mark.skipif(not (kernels.TRITON_INSTALLED and kernels.triton_interpreter_on()),
                     reason="needs TRITON_INTERPRET=1")
 def test_training_kernels_with_many_tiles_per_program(monkeypatch):
@@ -145,13 +163,8 @@ def test_training_kernels_with_many_tiles_per_program(monkeypatch):
     import kernels.hybrid_adapter as fused
     monkeypatch.setattr(fused, "PARTIAL_FLOATS", 3_000)     # 3,000 // 304 and // 328 floats
     case = (2, 24, 24, 40, 16, False, True, True)
-    expected = training_run(kernels.hybrid_adapter_train_reference, case, torch.float64, "cpu",
-                            SEED)
-    got = training_run(kernels.hybrid_adapter_train, case, torch.float64, "cpu", SEED)
-    scale = max(g.abs().max().item() for g in expected[1])
-    torch.testing.assert_close(got[0], expected[0], rtol=1e-6, atol=1e-6)
-    for i, (a, b) in enumerate(zip(expected[1], got[1])):
-        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6 * scale, msg=lambda m: f"{i}: {m}")
+    expected, got = float64_runs(case)
+    assert_same_training(expected, got)
     for a, b in zip(expected[2], got[2]):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9)
 
@@ -172,15 +185,10 @@ def test_training_kernels_write_every_element_they_read(monkeypatch):
         return t.fill_(float("nan")) if t.is_floating_point() else t
 
     case = (2, 9, 14, 40, 16, True, True, True)        # 252 tokens: 8 tiles
-    expected = training_run(kernels.hybrid_adapter_train_reference, case, torch.float64, "cpu",
-                            SEED)
-    monkeypatch.setattr(torch, "empty", poisoned)
-    got = training_run(kernels.hybrid_adapter_train, case, torch.float64, "cpu", SEED)
+    expected, got = float64_runs(case, while_fused=lambda: monkeypatch.setattr(
+        torch, "empty", poisoned))
     monkeypatch.setattr(torch, "empty", real_empty)
-    scale = max(g.abs().max().item() for g in expected[1])
-    torch.testing.assert_close(got[0], expected[0], rtol=1e-6, atol=1e-6)
-    for i, (a, b) in enumerate(zip(expected[1], got[1])):
-        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6 * scale, msg=lambda m: f"{i}: {m}")
+    assert_same_training(expected, got)
 
 
 @pytest.mark.skipif(not (kernels.TRITON_INSTALLED and kernels.triton_interpreter_on()),
@@ -193,13 +201,7 @@ def test_kernels_at_other_tile_sizes(monkeypatch, block_m, block_c):
     monkeypatch.setattr(fused, "BLOCK_M", block_m)
     monkeypatch.setattr(fused, "BLOCK_C", block_c)
     case = (2, 9, 14, 72, 20, True, True, True)        # 252 tokens, C off the channel step
-    expected = training_run(kernels.hybrid_adapter_train_reference, case, torch.float64, "cpu",
-                            SEED)
-    got = training_run(kernels.hybrid_adapter_train, case, torch.float64, "cpu", SEED)
-    scale = max(g.abs().max().item() for g in expected[1])
-    torch.testing.assert_close(got[0], expected[0], rtol=1e-6, atol=1e-6)
-    for i, (a, b) in enumerate(zip(expected[1], got[1])):
-        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6 * scale, msg=lambda m: f"{i}: {m}")
+    assert_same_training(*float64_runs(case))
     gen = torch.Generator().manual_seed(SEED)
     w = random_weights(72, 20, gen)
     x, extra = (torch.randn(2, 9 * 14, 72, generator=gen, dtype=torch.float64) for _ in range(2))
