@@ -457,14 +457,14 @@ def gpu_benchmark(args, on_progress=lambda result: None) -> dict:
     measure = {"train": gpu_train_case, "inference": gpu_inference_case}
     for i, kind, mode in gpu_jobs(cases, args.modes or GPU_ORDER, args.inference_modes):
         backbone, size, batch = cases[i]
-        row = out_of_memory_guard(measure[kind], backbone, size, batch, mode, args)
+        row = row_or_error(measure[kind], backbone, size, batch, mode, args)
         result["cases"][i][kind][mode] = row
         print(backbone, kind, mode, row, flush=True)
         on_progress(result)
     return result
 
 
-def out_of_memory_guard(case_fn, *args) -> dict:
+def row_or_error(case_fn, *args) -> dict:
     """case_fn(*args), or {"error": ...} when the card runs out of memory or the mode fails: the
     other modes and cases are still measured and the table says which one did not run (a
     failure's traceback goes to stderr)."""
