@@ -6,8 +6,9 @@
 #   2. bench/train_step.py: Swin-L 384 b8 and EVA02-L 512 b2, every mode, eager and graphed
 #      (rewrites its section of docs/benchmarks.md after every mode; `--merge` an earlier run's
 #      JSON to keep its rows)
-#   3. bench/kernels.py: the fused Hybrid Adapter (with its split by kernel, and at two other tile
-#      sizes), the partial conv, SimAM: device time
+#   3. bench/kernels.py: the fused Hybrid Adapter (with its split by kernel; at the tile sizes
+#      `kernels.hybrid_adapter.tile_sizes` chooses, and at fixed 32 x 32 tiles, its earlier
+#      default, and 32 x 128), the partial conv, SimAM: device time
 #   4. bench/vs_timm.py: this repository's Swin-L and EVA02-L against timm's (when timm imports)
 # Logs, the JSON files and the rewritten docs/benchmarks.md go to $OUT (default ./gpu_out): eight
 # files, the most the device tool brings back.
@@ -40,6 +41,6 @@ part 150 tests $PY -m pytest -q -rf --tb=short "${PARALLEL[@]}" tests/test_graph
     tests/test_hybrid_adapter_kernel.py
 part 290 train_step $PY bench/train_step.py --json "$OUT/train_step.json"
 part 100 kernels $PY bench/kernels.py --ops hybrid_adapter partial_conv simam \
-    --adapter-tiles 64:32 32:64
+    --adapter-tiles 32:32 32:128
 part 45 vs_timm $PY bench/vs_timm.py --json "$OUT/vs_timm.json"
 cp docs/benchmarks.md "$OUT/benchmarks.md"

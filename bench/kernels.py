@@ -233,6 +233,7 @@ def adapter_rows(args, device, dtype, measure, bandwidth, add, tiles=None):
     import torch
 
     import kernels
+    import kernels.hybrid_adapter as fused
     from ivt.models.ivtuning import HybridAdapter
 
     inference = {"eager": kernels.hybrid_adapter_eval_reference,
@@ -245,9 +246,10 @@ def adapter_rows(args, device, dtype, measure, bandwidth, add, tiles=None):
         inference, training = ({"eager": None, "compile": None, "triton": impls["triton"]}
                                for impls in (inference, training))
     for shape, where in TINY_ADAPTER_SHAPES if args.tiny else ADAPTER_SHAPES:
-        if tiles is not None:
-            where = f"{where}; tiles of {tiles[0]} tokens x {tiles[1]} channels"
         B, C, H, W = shape
+        chosen = tiles or fused.tile_sizes(B * H * W, C, device)
+        where = f"{where}; tiles of {chosen[0]} tokens x {chosen[1]} channels" + (
+            "" if tiles else " (chosen)")
         adapter = HybridAdapter(C, 16 if args.tiny else 64).to(device)
         weights = adapter.kernel_weights()
         x, extra = (torch.randn(B, H * W, C, device=device, dtype=dtype) for _ in range(2))

@@ -98,14 +98,16 @@ def interpreter_launches(handler: Callable[[Callable[[], Any], Any, tuple, dict]
         InterpretedFunction.run = original
 
 
-def record(backbone: str, size: int, batch: int) -> List[dict]:
+def record(backbone: str, size: int, batch: int, multiprocessors: int) -> List[dict]:
     """The distinct Triton launches of a fused IV-tuning training step and inference forward of
-    `backbone` (float32 and bfloat16 autocast); needs TRITON_INTERPRET=1 (see the module
+    `backbone` (float32 and bfloat16 autocast) on a GPU with that many streaming multiprocessors
+    (the fused adapter's tile size depends on it); needs TRITON_INTERPRET=1 (see the module
     docstring). Nothing runs: the tensors are fake and the launches only recorded."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     import kernels
+    import kernels.hybrid_adapter as fused
     from ivt.models import build_backbone
 
     if not kernels.triton_interpreter_on():
@@ -117,8 +119,9 @@ def record(backbone: str, size: int, batch: int) -> List[dict]:
         launch = _launch_record(fn, args, named)
         launches.setdefault(json.dumps(launch, sort_keys=True), launch)
 
-    previous = kernels.backend()
+    previous, previous_count = kernels.backend(), fused._multiprocessors
     kernels.set_backend("triton")
+    fused._multiprocessors = lambda device: multiprocessors
     try:
         with torch.device("meta"):                 # then storage-less CPU tensors
             model = build_backbone(backbone, tuning="ivt", img_size=size, fast=True,
@@ -139,6 +142,7 @@ def record(backbone: str, size: int, batch: int) -> List[dict]:
                     model(vis, ir)
     finally:
         kernels.set_backend(previous)
+        fused._multiprocessors = previous_count
     return list(launches.values())
 
 
@@ -230,6 +234,10 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", nargs="+", type=int, default=[90],
                    help="compute capabilities to compile for: 90 = H100/H200, 80 = A100 "
                         "(default: 90)")
+    p.add_argument("--multiprocessors", type=int, default=132,
+                   help="streaming multiprocessors of the GPU the launches are recorded for: the "
+                        "fused adapter takes smaller tiles where a kernel would have too few "
+                        "programs for them (default: 132, an H100 SXM or H200; an A100 has 108)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="parallel compiler processes (default: the CPU count)")
     p.add_argument("--record-to", metavar="FILE", help=argparse.SUPPRESS)     # child: step 1
@@ -242,7 +250,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.record_to:
         launches: Dict[str, dict] = {}
         for name in args.backbone:
-            for launch in record(name, *CONFIGS[name]):
+            for launch in record(name, *CONFIGS[name], args.multiprocessors):
                 launches.setdefault(json.dumps(launch, sort_keys=True), launch)
         with open(args.record_to, "w") as f:
             json.dump(list(launches.values()), f)
@@ -270,7 +278,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "launches.json")
-        common = ["--backbone", *args.backbone, "--arch", *map(str, args.arch)]
+        common = ["--backbone", *args.backbone, "--arch", *map(str, args.arch),
+                  "--multiprocessors", str(args.multiprocessors)]
         _child([*common, "--record-to", path], interpret=True)
         _child([*common, "--compile-from", path, "--workers", str(args.workers)],
                interpret=False)

@@ -7,11 +7,13 @@ internal prompt added in the last one:
 Written plainly that is about 20 operators forward and 28 backward (LayerNorm, four Linear
 layers, the partial conv, BatchNorm, ReLU, GELU, dropout, residual adds, and their gradients).
 The adapter's hidden width d2 (64) is small, so a tile of BLOCK_M tokens carries its whole hidden
-vector through the chain in registers, and only the C-wide ends touch memory in C-sized chunks.
+vector through the chain in registers, and only the C-wide ends touch memory in C-sized chunks;
+each kernel reads its C-wide inputs once (`tile_sizes` chooses BLOCK_M and the chunk BLOCK_C).
 
 Inference (`hybrid_adapter_eval_triton`, BatchNorm on running statistics, no dropout):
-  1. `_sft_down_kernel`  LayerNorm statistics (two passes over C), SFT (Eq. 14) on the fly, the
-                         down-projection as a tile matmul over C: h (M, d2), float32;
+  1. `_sft_down_kernel`  LayerNorm statistics, SFT (Eq. 14) folded into the down-projection,
+                         the down-projection as a tile matmul over C, all in one pass over x:
+                         h (M, d2), float32;
   2. `_ho_up_kernel`     partial conv from the tile's 3x3 neighbours on the (H, W) grid, pw1,
                          BatchNorm, ReLU, pw2 + residual, GELU, the up-projection over C in
                          chunks, `residual + extra` added before the store.
@@ -19,7 +21,8 @@ Inference (`hybrid_adapter_eval_triton`, BatchNorm on running statistics, no dro
 Training (`hybrid_adapter_train_triton`, an autograd Function; BatchNorm on the batch's
 statistics over all M = B*N tokens, dropout with a mask drawn by torch so that it is replayed
 exactly under activation checkpointing). It keeps only h, the LayerNorm statistics, the
-BatchNorm statistics and the mask; everything else is recomputed from h in registers:
+BatchNorm statistics, the mask and two D-wide vectors of the folded down-projection; everything
+else is recomputed from h in registers:
   forward:  `_sft_down_kernel` (and the row statistics) -> `_bn_partial_kernel` (per-tile
             mean and M2 of pw1's output) -> `_bn_finalize_kernel` (Chan's merge; running
             statistics) -> `_ho_up_kernel`;
@@ -47,20 +50,28 @@ gradients' library matmuls PyTorch's float32 setting, in bfloat16 for bfloat16 t
 autocast runs a Linear layer's). The references are
 `kernels.reference.hybrid_adapter_eval_reference` and `hybrid_adapter_train_reference`.
 """
+from typing import NamedTuple, Tuple
+
 import torch
 import triton
 import triton.language as tl
 
 from .reference import HybridAdapterWeights
 
-BLOCK_M = 32   # tokens per tile
-BLOCK_C = 32   # channels per step of the loops over C
+# Tile sizes: tokens per tile and channels per step of the loops over C; None chooses them per
+# launch (`tile_sizes`), an int fixes them (`bench/kernels.py --adapter-tiles`, the tests).
+BLOCK_M = None
+BLOCK_C = None
 PARTIAL_FLOATS = 1 << 20   # the most floats of per-program partial sums one backward kernel keeps
 # Warps per backward program: their tiles need more than 255 registers a thread with 4 warps. At
-# d2 = 64 on sm_90, ptxas's register spill traffic (stores + loads, per thread) is 3.0 KB (up/pw2
-# backward), 1.6 KB (down backward) and 0.9 KB (pw1 backward) with 4 warps, and 0.8 KB, 0 and 0
-# with 8 (`python -m kernels.compile_check`).
+# d2 = 64 on sm_90 with 32 x 32 tiles, ptxas's register spill traffic (stores + loads, per
+# thread) was 3.0 KB (up/pw2 backward), 1.6 KB (down backward) and 0.9 KB (pw1 backward) with 4
+# warps, and 0.8 KB, 0 and 0 with 8; at today's 32 x 64 tiles with 8 it is 1.3 KB, 0.1 KB and 0
+# (16 x 64: 0.7 KB, 0, 0) (`python -m kernels.compile_check`).
 BACKWARD_WARPS = 8
+# Warps of `_sft_down_kernel`: with 4, its one-pass loop (x, the weight tile, two matmul
+# accumulators) spills 400 B a thread on sm_90 in float32 at 32 x 64 tiles; with 8, none.
+SFT_DOWN_WARPS = 8
 
 
 # -- tile helpers ---------------------------------------------------------------------------------
@@ -149,48 +160,62 @@ def _hidden_out(y, x_hat, d, d_ok, bnw_ptr, bnb_ptr, w2_ptr, b2_ptr, D):
 # -- forward ---------------------------------------------------------------------------------------
 @triton.jit
 def _sft_down_kernel(x_ptr, x_b, x_n, lnw_ptr, lnb_ptr, gamma_ptr, beta_ptr, wd_ptr, bd_ptr,
-                     h_ptr, stats_ptr, M, N, C, D, eps, STORE_STATS: tl.constexpr,
+                     h_ptr, stats_ptr, fold_ptr, M, N, C, D, eps, STORE_STATS: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    """h = down(LN(x) * gamma + beta) for tile program_id(0); h is (M, D) contiguous. With
-    STORE_STATS the rows' LayerNorm mean and 1/std go to stats (2, M)."""
+    """h = down(LN(x) * gamma + beta) for tile program_id(0), in one pass over x; h is (M, D)
+    contiguous. With w' = lnw * gamma and b' = lnb * gamma + beta (Eq. 14 folded into the
+    LayerNorm's affine), and any per-row shift K,
+        h = rstd * ((x - K) Wd'^T - (mean - K) v) + hb,   Wd' = Wd diag(w'),
+        v = Wd w',  hb = Wd b' + bd,  mean - K = sum(x - K) / C,
+        var = sum((x - K)^2) / C - (mean - K)^2,
+    so the row statistics and the matmul accumulate in the same loop. K is the row's mean over
+    the first channel step: |mean - K| stays of the order of the row's standard deviation, so
+    the two differences lose nothing to cancellation. With STORE_STATS the rows' LayerNorm mean
+    and 1/std go to stats (2, M), and program 0 stores [v, hb] to fold (2, D) for the
+    backward."""
     rows, row_ok, d, d_ok = _tile(tl.program_id(0), BLOCK_M, BLOCK_D, M, D)
     x_rows = x_ptr + _token_offsets(rows, N, x_b, x_n)
     acc_t = h_ptr.dtype.element_ty
-    total = tl.zeros([BLOCK_M], dtype=acc_t)
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        mask = row_ok[:, None] & (c < C)[None, :]
-        total += tl.sum(tl.load(x_rows[:, None] + c[None, :], mask=mask, other=0.0).to(acc_t),
-                        axis=1)
-    mean = total / C
-    squares = tl.zeros([BLOCK_M], dtype=acc_t)
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        mask = row_ok[:, None] & (c < C)[None, :]
-        x = tl.load(x_rows[:, None] + c[None, :], mask=mask, other=0.0).to(acc_t)
-        diff = tl.where(mask, x - mean[:, None], 0.0)
-        squares += tl.sum(diff * diff, axis=1)
-    rstd = 1.0 / tl.sqrt(squares / C + eps)                            # LayerNorm: biased var
-    if STORE_STATS:
-        tl.store(stats_ptr + rows, mean, mask=row_ok)
-        tl.store(stats_ptr + M + rows, rstd, mask=row_ok)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=acc_t)
+    c = tl.arange(0, BLOCK_C)
+    first = tl.load(x_rows[:, None] + c[None, :], mask=row_ok[:, None] & (c < C)[None, :],
+                    other=0.0).to(acc_t)
+    shift = tl.sum(first, axis=1) / tl.minimum(C, BLOCK_C)             # K, (BLOCK_M,)
+    total = tl.zeros([BLOCK_M], dtype=acc_t)                            # sum of x - K
+    squares = tl.zeros([BLOCK_M], dtype=acc_t)                          # sum of (x - K)^2
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=acc_t)                     # (x - K) Wd'^T
+    # v and hb as one more tile matmul on the same weight tile: rows 0 and 1 of `folds` are
+    # w'^T Wd^T and b'^T Wd^T (a matmul tile has at least 16 rows; the others stay zero)
+    r = tl.arange(0, 16)[:, None]
+    folds = tl.zeros([16, BLOCK_D], dtype=acc_t)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         c_ok = c < C
         mask = row_ok[:, None] & c_ok[None, :]
-        x = tl.load(x_rows[:, None] + c[None, :], mask=mask, other=0.0).to(acc_t)
+        xk = tl.where(mask, tl.load(x_rows[:, None] + c[None, :], mask=mask, other=0.0)
+                      .to(acc_t) - shift[:, None], 0.0)
+        total += tl.sum(xk, axis=1)
+        squares += tl.sum(xk * xk, axis=1)
         gamma = tl.load(gamma_ptr + c, mask=c_ok, other=0.0)
-        scale = tl.load(lnw_ptr + c, mask=c_ok, other=0.0) * gamma      # Eq. 14, folded
-        shift = tl.load(lnb_ptr + c, mask=c_ok, other=0.0) * gamma + tl.load(
-            beta_ptr + c, mask=c_ok, other=0.0)
-        s = tl.where(mask, (x - mean[:, None]) * rstd[:, None] * scale[None, :] + shift[None, :],
-                     0.0)
+        scale = tl.load(lnw_ptr + c, mask=c_ok, other=0.0) * gamma      # w'
+        bias = tl.load(lnb_ptr + c, mask=c_ok, other=0.0) * gamma + tl.load(
+            beta_ptr + c, mask=c_ok, other=0.0)                         # b'
         wd_t = tl.load(wd_ptr + d[None, :] * C + c[:, None],                # (BLOCK_C, BLOCK_D)
-                       mask=c_ok[:, None] & d_ok[None, :], other=0.0)
-        acc += tl.dot(s, wd_t.to(acc_t))
-    acc += tl.load(bd_ptr + d, mask=d_ok, other=0.0)[None, :]
-    tl.store(h_ptr + rows[:, None] * D + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+                       mask=c_ok[:, None] & d_ok[None, :], other=0.0).to(acc_t)
+        acc += tl.dot(xk * scale[None, :], wd_t)
+        coefficients = tl.where(r == 0, scale[None, :], tl.where(r == 1, bias[None, :], 0.0))
+        folds += tl.dot(coefficients.to(acc_t), wd_t)
+    v = tl.sum(tl.where(r == 0, folds, 0.0), axis=0)
+    hb = tl.sum(tl.where(r == 1, folds, 0.0), axis=0) + tl.load(bd_ptr + d, mask=d_ok, other=0.0)
+    centre = total / C                                                  # mean - K
+    rstd = 1.0 / tl.sqrt(tl.maximum(squares / C - centre * centre, 0.0) + eps)  # biased var
+    if STORE_STATS:
+        tl.store(stats_ptr + rows, shift + centre, mask=row_ok)
+        tl.store(stats_ptr + M + rows, rstd, mask=row_ok)
+        if tl.program_id(0) == 0:
+            tl.store(fold_ptr + d, v, mask=d_ok)
+            tl.store(fold_ptr + D + d, hb, mask=d_ok)
+    h = rstd[:, None] * (acc - centre[:, None] * v[None, :]) + hb[None, :]
+    tl.store(h_ptr + rows[:, None] * D + d[None, :], h, mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -386,8 +411,8 @@ def _ho_backward_kernel(h_ptr, dww_ptr, dwb_ptr, w1_ptr, b1_ptr, bn_ptr, bnw_ptr
 
 
 @triton.jit
-def _down_backward_kernel(x_ptr, x_b, x_n, ln_ptr, lnw_ptr, gamma_ptr, wd_ptr, h_ptr, dww_ptr,
-                          dy_ptr, g_ptr, g_b, g_n, dx_ptr, dh_ptr, nhat_ptr, part_ptr,
+def _down_backward_kernel(x_ptr, x_b, x_n, ln_ptr, lnw_ptr, gamma_ptr, wd_ptr, fold_ptr, h_ptr,
+                          dww_ptr, dy_ptr, g_ptr, g_b, g_n, dx_ptr, dh_ptr, nhat_ptr, part_ptr,
                           part_stride, n_tiles, M, N, H, W, C, D, cp, ADD_G: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     """Partial conv backward (dh from dy at the 3x3 neighbours), then the down-projection's and
@@ -395,7 +420,13 @@ def _down_backward_kernel(x_ptr, x_b, x_n, ln_ptr, lnw_ptr, gamma_ptr, wd_ptr, h
     residual). Also writes dh (M, D) and the normalised input n_hat (M, C), from which the host
     makes the down-projection's and the LayerNorm/SFT parameters' gradients with one matmul
     (`_ln_down_grads_kernel`), and this program's partial sums at part_ptr + pid * part_stride:
-    [dconv_w (cp*9), dconv_b (cp), dbd (D)]."""
+    [dconv_w (cp*9), dconv_b (cp), dbd (D)].
+
+    LayerNorm backward, with ds = dh Wd the gradient of s = n_hat w' + b' (w', b' as in
+    `_sft_down_kernel`): dx = rstd (ds w' - (sum_c ds w' + n_hat sum_c ds w' n_hat) / C). Its two
+    row sums over C are D-wide dot products, from the forward's fold = [v, hb] (2, D) and h:
+        sum_c ds w' = dh . v,   sum_c ds w' n_hat = dh . (Wd (n_hat w')) = dh . (h - hb),
+    so one pass over C makes dx."""
     pid = tl.program_id(0)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
@@ -404,6 +435,8 @@ def _down_backward_kernel(x_ptr, x_b, x_n, ln_ptr, lnw_ptr, gamma_ptr, wd_ptr, h
     dconv_w = tl.zeros([BLOCK_D, 16], dtype=dh_ptr.dtype.element_ty)
     dconv_b = tl.zeros([BLOCK_D], dtype=dh_ptr.dtype.element_ty)
     dbd = tl.zeros([BLOCK_D], dtype=dh_ptr.dtype.element_ty)
+    v = tl.load(fold_ptr + d, mask=d_ok, other=0.0)
+    hb = tl.load(fold_ptr + D + d, mask=d_ok, other=0.0)
     for t in range(pid, n_tiles, tl.num_programs(0)):
         rows, row_ok, d, d_ok = _tile(t, BLOCK_M, BLOCK_D, M, D)
         tile_ok = row_ok[:, None] & d_ok[None, :]
@@ -419,34 +452,22 @@ def _down_backward_kernel(x_ptr, x_b, x_n, ln_ptr, lnw_ptr, gamma_ptr, wd_ptr, h
                                     tl.sum(dy * tap, axis=0)[:, None], 0.0)
         dconv_b += tl.sum(dy, axis=0)
         dbd += tl.sum(dh, axis=0)
+        h = tl.load(h_ptr + rows[:, None] * D + d[None, :], mask=tile_ok, other=0.0)
+        dot_w = tl.sum(dh * v[None, :], axis=1)                 # sum over C of ds * w'
+        dot_wn = tl.sum(dh * (h - hb[None, :]), axis=1)         # sum over C of ds * w' * n_hat
         x_rows = x_ptr + _token_offsets(rows, N, x_b, x_n)
+        g_rows = g_ptr + _token_offsets(rows, N, g_b, g_n)
         mean = tl.load(ln_ptr + rows, mask=row_ok, other=0.0)
         rstd = tl.load(ln_ptr + M + rows, mask=row_ok, other=0.0)
-        dot_w = tl.zeros([BLOCK_M], dtype=dh.dtype)     # sum over C of ds * w'
-        dot_wn = tl.zeros([BLOCK_M], dtype=dh.dtype)    # sum over C of ds * w' * n_hat
-        for c0 in range(0, C, BLOCK_C):
-            c = c0 + tl.arange(0, BLOCK_C)
-            c_ok = c < C
-            mask = row_ok[:, None] & c_ok[None, :]
-            n_hat = tl.where(mask, (tl.load(x_rows[:, None] + c[None, :], mask=mask, other=0.0)
-                                    .to(dh.dtype) - mean[:, None]) * rstd[:, None], 0.0)
-            tl.store(nhat_ptr + rows[:, None] * C + c[None, :],
-                     n_hat.to(nhat_ptr.dtype.element_ty), mask=mask)
-            w_fold = tl.load(lnw_ptr + c, mask=c_ok, other=0.0) * tl.load(gamma_ptr + c,
-                                                                           mask=c_ok, other=0.0)
-            wd = tl.load(wd_ptr + d[:, None] * C + c[None, :],              # (BLOCK_D, BLOCK_C)
-                         mask=d_ok[:, None] & c_ok[None, :], other=0.0).to(dh.dtype)
-            dsw = tl.dot(dh, wd) * w_fold[None, :]
-            dot_w += tl.sum(dsw, axis=1)
-            dot_wn += tl.sum(dsw * n_hat, axis=1)
-        g_rows = g_ptr + _token_offsets(rows, N, g_b, g_n)
         for c0 in range(0, C, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
             c_ok = c < C
             mask = row_ok[:, None] & c_ok[None, :]
             n_hat = (tl.load(x_rows[:, None] + c[None, :], mask=mask, other=0.0).to(dh.dtype)
                      - mean[:, None]) * rstd[:, None]
-            wd = tl.load(wd_ptr + d[:, None] * C + c[None, :],
+            tl.store(nhat_ptr + rows[:, None] * C + c[None, :],
+                     n_hat.to(nhat_ptr.dtype.element_ty), mask=mask)
+            wd = tl.load(wd_ptr + d[:, None] * C + c[None, :],              # (BLOCK_D, BLOCK_C)
                          mask=d_ok[:, None] & c_ok[None, :], other=0.0).to(dh.dtype)
             w_fold = tl.load(lnw_ptr + c, mask=c_ok, other=0.0) * tl.load(gamma_ptr + c,
                                                                            mask=c_ok, other=0.0)
@@ -514,50 +535,91 @@ def _output_dtype(residual: torch.Tensor, extra) -> torch.dtype:
     return torch.promote_types(residual.dtype, extra.dtype)
 
 
-def _sizes(x: torch.Tensor, w: HybridAdapterWeights):
-    """(B, N, C, D, M, BLOCK_D, arithmetic dtype, number of tiles)."""
+def tile_sizes(M: int, C: int, device: torch.device) -> Tuple[int, int]:
+    """(tokens per tile, channels per step over C) for M tokens of C channels, unless BLOCK_M /
+    BLOCK_C fix them. Each program walks its tile's C channels in a serial loop, so:
+      * channels: 64 where 64 divides C (every Swin-L and EVA02-L width), else 32: half the loop
+        steps of 32, each with twice the loads in flight. (128 would halve them again, but the
+        forward kernels' tiles then spill registers on sm_90: `python -m kernels.compile_check`.)
+      * tokens: 32, or 16 where tiles of 32 would give a GPU fewer than two programs per
+        streaming multiprocessor (Swin-L's stages 3 and 4 at batch 8, EVA02-L at batch 2): the
+        adapter is then bound by one program's latency, and halving the tile halves it."""
+    block_c = BLOCK_C or (64 if C % 64 == 0 else 32)
+    block_m = BLOCK_M
+    if block_m is None:
+        sms = _multiprocessors(device)
+        block_m = 16 if sms is not None and triton.cdiv(M, 32) < 2 * sms else 32
+    return block_m, block_c
+
+
+def _multiprocessors(device: torch.device):
+    """The GPU's streaming multiprocessors, None off a GPU (`kernels.compile_check` replaces
+    this to record the launches a GPU would make)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+class _Sizes(NamedTuple):
+    B: int
+    N: int
+    C: int
+    D: int                 # the adapter's hidden width d2
+    M: int                 # tokens, B * N
+    block_d: int           # D rounded up to a power of two (at least 16, for tl.dot)
+    acc: torch.dtype       # the arithmetic's dtype
+    block_m: int
+    block_c: int
+    n_tiles: int
+
+
+def _sizes(x: torch.Tensor, w: HybridAdapterWeights) -> _Sizes:
     B, N, C = x.shape
     D = w.down_weight.shape[0]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return B, N, C, D, B * N, max(16, triton.next_power_of_2(D)), acc, triton.cdiv(B * N, BLOCK_M)
+    block_m, block_c = tile_sizes(B * N, C, x.device)
+    return _Sizes(B, N, C, D, B * N, max(16, triton.next_power_of_2(D)), acc, block_m, block_c,
+                  triton.cdiv(B * N, block_m))
 
 
-def _sft_down(x, w, params, h, stats=None):
-    """Launch `_sft_down_kernel` into h (M, D) and, if given, the LayerNorm stats (2, M)."""
-    B, N, C, D, M, block_d, acc, n_tiles = _sizes(x, w)
+def _sft_down(x, s: _Sizes, w, params, h, stats=None, fold=None):
+    """Launch `_sft_down_kernel` into h (M, D) and, if given, the LayerNorm stats (2, M) and the
+    folded down-projection's [v, hb] (2, D)."""
     x, x_b, x_n = _token_strides(x)
     lnw, lnb, gamma, beta, wd, bd = params[:6]
-    _sft_down_kernel[(n_tiles,)](x, x_b, x_n, lnw, lnb, gamma, beta, wd, bd, h,
-                                 h if stats is None else stats, M, N, C, D, w.ln_eps,
-                                 STORE_STATS=stats is not None, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C,
-                                 BLOCK_D=block_d)
+    _sft_down_kernel[(s.n_tiles,)](x, x_b, x_n, lnw, lnb, gamma, beta, wd, bd, h,
+                                   h if stats is None else stats, h if fold is None else fold,
+                                   s.M, s.N, s.C, s.D, w.ln_eps, STORE_STATS=stats is not None,
+                                   BLOCK_M=s.block_m, BLOCK_C=s.block_c, BLOCK_D=s.block_d,
+                                   num_warps=SFT_DOWN_WARPS)
 
 
-def _ho_up(h, x, residual, extra, hw, w, params, mean, scale, scale_from_var, mask, keep_scale):
+def _ho_up(h, s: _Sizes, residual, extra, hw, w, params, mean, scale, scale_from_var, mask,
+           keep_scale):
     """Launch `_ho_up_kernel`: residual + up(dropout(gelu(HO(h)))) (+ extra), (B, N, C)."""
-    B, N, C, D, M, block_d, acc, n_tiles = _sizes(x, w)
     residual, res_b, res_n = _token_strides(residual)
     has_extra = extra is not None
-    out = torch.empty((B, N, C), device=x.device, dtype=_output_dtype(residual, extra))
+    out = torch.empty((s.B, s.N, s.C), device=h.device, dtype=_output_dtype(residual, extra))
     extra, ext_b, ext_n = _token_strides(extra) if has_extra else (residual, 0, 0)
     dww, dwb, w1, b1, bn_mean, bn_var, bnw, bnb, w2, b2, wu, bu = params[6:]
-    _ho_up_kernel[(n_tiles,)](h, dww, dwb, w1, b1, mean, scale, w.bn_eps, bnw, bnb, w2, b2,
-                              h if mask is None else mask, keep_scale, wu, bu, residual, res_b,
-                              res_n, extra, ext_b, ext_n, out, out.stride(0), out.stride(1), M,
-                              N, hw[0], hw[1], C, D, w.cp, SCALE_FROM_VAR=scale_from_var,
-                              HAS_MASK=mask is not None, HAS_EXTRA=has_extra, BLOCK_M=BLOCK_M,
-                              BLOCK_C=BLOCK_C, BLOCK_D=block_d)
+    _ho_up_kernel[(s.n_tiles,)](h, dww, dwb, w1, b1, mean, scale, w.bn_eps, bnw, bnb, w2, b2,
+                                h if mask is None else mask, keep_scale, wu, bu, residual, res_b,
+                                res_n, extra, ext_b, ext_n, out, out.stride(0), out.stride(1),
+                                s.M, s.N, hw[0], hw[1], s.C, s.D, w.cp,
+                                SCALE_FROM_VAR=scale_from_var, HAS_MASK=mask is not None,
+                                HAS_EXTRA=has_extra, BLOCK_M=s.block_m, BLOCK_C=s.block_c,
+                                BLOCK_D=s.block_d)
     return out
 
 
 def hybrid_adapter_eval_triton(x: torch.Tensor, residual: torch.Tensor, extra, hw,
                                w: HybridAdapterWeights) -> torch.Tensor:
     """residual + HA branch(x) (+ extra) at inference, (B, N, C) tokens: two launches."""
-    B, N, C, D, M, block_d, acc, n_tiles = _sizes(x, w)
-    params = _parameters(w, acc)
-    h = torch.empty((M, D), device=x.device, dtype=acc)
-    _sft_down(x, w, params, h)
-    return _ho_up(h, x, residual, extra, hw, w, params, params[10], params[11], True, None, 1.0)
+    s = _sizes(x, w)
+    params = _parameters(w, s.acc)
+    h = torch.empty((s.M, s.D), device=x.device, dtype=s.acc)
+    _sft_down(x, s, w, params, h)
+    return _ho_up(h, s, residual, extra, hw, w, params, params[10], params[11], True, None, 1.0)
 
 
 def _programs(n_tiles: int, floats_per_program: int) -> int:
@@ -575,35 +637,39 @@ class _TrainingHybridAdapter(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, residual, extra, hw, w, keep, p, momentum, update, *tensors):
-        B, N, C, D, M, block_d, acc, n_tiles = _sizes(x, w)
-        params = _parameters(w, acc)
-        # one allocation: h, the LayerNorm and BatchNorm statistics, the per-tile BN partials
-        work = torch.empty(M * D + 2 * M + 2 * D + n_tiles * 2 * D, device=x.device, dtype=acc)
-        h, ln_stats, bn_stats, partial = work.split([M * D, 2 * M, 2 * D, n_tiles * 2 * D])
+        s = _sizes(x, w)
+        M, D, n_tiles = s.M, s.D, s.n_tiles
+        params = _parameters(w, s.acc)
+        # one allocation: h, the LayerNorm and BatchNorm statistics, the folded down-projection's
+        # [v, hb] (for the backward), the per-tile BN partials
+        sizes = [M * D, 2 * M, 2 * D, 2 * D, n_tiles * 2 * D]
+        work = torch.empty(sum(sizes), device=x.device, dtype=s.acc)
+        h, ln_stats, bn_stats, fold, partial = work.split(sizes)
         h, ln_stats, bn_stats = h.view(M, D), ln_stats.view(2, M), bn_stats.view(2, D)
-        _sft_down(x, w, params, h, ln_stats)
+        _sft_down(x, s, w, params, h, ln_stats, fold)
         dww, dwb, w1, b1 = params[6:10]
-        _bn_partial_kernel[(n_tiles,)](h, dww, dwb, w1, b1, partial, M, N, hw[0], hw[1], D, w.cp,
-                                       BLOCK_M=BLOCK_M, BLOCK_D=block_d)
+        _bn_partial_kernel[(n_tiles,)](h, dww, dwb, w1, b1, partial, M, s.N, hw[0], hw[1], D,
+                                       w.cp, BLOCK_M=s.block_m, BLOCK_D=s.block_d)
         _bn_finalize_kernel[(1,)](partial, bn_stats, w.bn_mean, w.bn_var, n_tiles, M, D,
-                                  w.bn_eps, momentum, UPDATE=update, BLOCK_M=BLOCK_M,
-                                  BLOCK_T=32, BLOCK_D=block_d)
+                                  w.bn_eps, momentum, UPDATE=update, BLOCK_M=s.block_m,
+                                  BLOCK_T=32, BLOCK_D=s.block_d)
         keep_scale = 1.0 / (1.0 - p) if keep is not None else 1.0
-        out = _ho_up(h, x, residual, extra, hw, w, params, bn_stats[0], bn_stats[1], False, keep,
+        out = _ho_up(h, s, residual, extra, hw, w, params, bn_stats[0], bn_stats[1], False, keep,
                      keep_scale)
-        ctx.save_for_backward(x, h, ln_stats, bn_stats, keep, *params)
-        ctx.hw, ctx.w, ctx.keep_scale = hw, w, keep_scale
+        ctx.save_for_backward(x, h, ln_stats, bn_stats, fold, keep, *params)
+        ctx.sizes, ctx.hw, ctx.w, ctx.keep_scale = s, hw, w, keep_scale
         ctx.x_is_residual = x is residual
         ctx.has_extra = extra is not None
         return out
 
     @staticmethod
     def backward(ctx, g):
-        x, h, ln_stats, bn_stats, keep, *params = ctx.saved_tensors
+        x, h, ln_stats, bn_stats, fold, keep, *params = ctx.saved_tensors
         (lnw, lnb, gamma, beta, wd, bd, dww, dwb, w1, b1, bn_mean, bn_var, bnw, bnb, w2, b2, wu,
          bu) = params
-        w, (H, W) = ctx.w, ctx.hw
-        B, N, C, D, M, block_d, acc, n_tiles = _sizes(x, w)
+        s, w, (H, W) = ctx.sizes, ctx.w, ctx.hw
+        B, N, C, D, M, acc, n_tiles = s.B, s.N, s.C, s.D, s.M, s.acc, s.n_tiles
+        tiles = dict(BLOCK_M=s.block_m, BLOCK_D=s.block_d)
         cp = w.cp
         g, g_b, g_n = _token_strides(g)
         device = x.device
@@ -625,8 +691,8 @@ class _TrainingHybridAdapter(torch.autograd.Function):
         _up_backward_kernel[(p1,)](g, g_b, g_n, h, dww, dwb, w1, b1, bn_stats, bnw, bnb, w2, b2,
                                    h if keep is None else keep, ctx.keep_scale, wu, do, dbn,
                                    dropped, part1, n_tiles, M, N, H, W, C, D, cp,
-                                   HAS_MASK=keep is not None, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C,
-                                   BLOCK_D=block_d, num_warps=BACKWARD_WARPS)
+                                   HAS_MASK=keep is not None, BLOCK_C=s.block_c, **tiles,
+                                   num_warps=BACKWARD_WARPS)
         sums1 = part1.sum(0)
         d_w2, d_b2, d_bnw, d_bnb = sums1.split([D * D, D, D, D])
         tokens = g.reshape(M, C)                                            # (M, C)
@@ -637,22 +703,21 @@ class _TrainingHybridAdapter(torch.autograd.Function):
         # block), 150 KB at 2 (over sm_86/89's 99 KB), 48 KB at 1 (kernels/compile_check.py).
         _ho_backward_kernel[(p23,)](h, dww, dwb, w1, b1, bn_stats, bnw, sums1[-2 * D:], do, dbn,
                                     dy, part23, size2 + size3, n_tiles, M, N, H, W, D, cp,
-                                    BLOCK_M=BLOCK_M, BLOCK_D=block_d, num_stages=1,
-                                    num_warps=BACKWARD_WARPS)
+                                    **tiles, num_stages=1, num_warps=BACKWARD_WARPS)
         # 3. partial conv, down-projection, LayerNorm and SFT -> dx, dh and n_hat
         x_, x_b, x_n = _token_strides(x)
         dx = torch.empty((B, N, C), device=device, dtype=x.dtype)
-        _down_backward_kernel[(p23,)](x_, x_b, x_n, ln_stats, lnw, gamma, wd, h, dww, dy, g,
-                                      g_b, g_n, dx, dh, n_hat, part23[:, size2:], size2 + size3,
-                                      n_tiles, M, N, H, W, C, D, cp, ADD_G=ctx.x_is_residual,
-                                      BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, BLOCK_D=block_d,
+        _down_backward_kernel[(p23,)](x_, x_b, x_n, ln_stats, lnw, gamma, wd, fold, h, dww, dy,
+                                      g, g_b, g_n, dx, dh, n_hat, part23[:, size2:],
+                                      size2 + size3, n_tiles, M, N, H, W, C, D, cp,
+                                      ADD_G=ctx.x_is_residual, BLOCK_C=s.block_c, **tiles,
                                       num_warps=BACKWARD_WARPS)
         d_w1, d_b1, d_dww, d_dwb, d_bd = part23.sum(0).split([D * D, D, cp * 9, cp, D])
         # 4. the down-projection's and LayerNorm/SFT's parameter gradients from P = dh^T n_hat
         grads_c = torch.empty(D * C + 4 * C, device=device, dtype=acc)
-        _ln_down_grads_kernel[(triton.cdiv(C, BLOCK_C),)](
+        _ln_down_grads_kernel[(triton.cdiv(C, s.block_c),)](
             _matmul_t(dh, n_hat, acc), d_bd, wd, lnw, lnb, gamma, beta, grads_c, C, D,
-            BLOCK_C=BLOCK_C, BLOCK_D=block_d)
+            BLOCK_C=s.block_c, BLOCK_D=s.block_d)
         d_wd, d_lnw, d_lnb, d_gamma, d_beta = grads_c.split([D * C, C, C, C, C])
         grads = [d_lnw, d_lnb, d_gamma, d_beta, d_wd.view(D, C), d_bd, d_dww.view(cp, 1, 3, 3),
                  d_dwb, d_w1.view(D, D), d_b1, None, None, d_bnw, d_bnb, d_w2.view(D, D), d_b2,

@@ -193,7 +193,7 @@ def test_training_kernels_write_every_element_they_read(monkeypatch):
 
 @pytest.mark.skipif(not (kernels.TRITON_INSTALLED and kernels.triton_interpreter_on()),
                     reason="needs TRITON_INTERPRET=1")
-@pytest.mark.parametrize("block_m,block_c", [(16, 16), (64, 64)])
+@pytest.mark.parametrize("block_m,block_c", [(16, 16), (64, 64), (32, 128)])
 def test_kernels_at_other_tile_sizes(monkeypatch, block_m, block_c):
     """`bench/kernels.py --adapter-tiles` times other tile sizes; the kernels compute the same
     function at them (training and inference, against the reference in float64)."""
@@ -207,6 +207,46 @@ def test_kernels_at_other_tile_sizes(monkeypatch, block_m, block_c):
     x, extra = (torch.randn(2, 9 * 14, 72, generator=gen, dtype=torch.float64) for _ in range(2))
     torch.testing.assert_close(kernels.hybrid_adapter_eval_triton(x, x, extra, (9, 14), w),
                                hybrid_adapter_eval_reference(x, x, extra, (9, 14), w))
+
+
+@pytest.mark.skipif(not (kernels.TRITON_INSTALLED and kernels.triton_interpreter_on()),
+                    reason="needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+def test_layer_norm_of_tokens_far_from_zero(training):
+    """The kernels take the LayerNorm statistics and the down-projection in one pass over C,
+    from sums of x - K (K a per-row shift): in float32, tokens with a mean of 1,000 and a
+    standard deviation of 1, and one channel 30 standard deviations out, give the float64
+    reference's output and gradients (sums of raw x and x^2 would lose every digit of the
+    variance to cancellation). A zero residual: the output is the adapter's branch alone."""
+    gen = torch.Generator().manual_seed(SEED)
+    B, H, W, C, d2 = 2, 5, 7, 200, 16
+    w = random_weights(C, d2, gen)
+    x = torch.randn(B, H * W, C, generator=gen, dtype=torch.float64) + 1000.0
+    x[..., 3] += 30.0
+    x = x.float().double()                        # the same tokens in both precisions
+    grad = torch.randn(B, H * W, C, generator=gen, dtype=torch.float64)
+    runs = []
+    for dtype in (torch.float64, torch.float32):
+        tensors = [t.to(dtype).detach().requires_grad_(i not in (10, 11))
+                   for i, t in enumerate(w[:18])]
+        wt = HybridAdapterWeights(*tensors, *w[18:])
+        xt = x.to(dtype).detach().requires_grad_()
+        if not training:
+            fn = kernels.hybrid_adapter_eval_triton if dtype == torch.float32 \
+                else hybrid_adapter_eval_reference
+            runs.append([fn(xt, torch.zeros_like(xt), None, (H, W), wt).detach()])
+            continue
+        fn = kernels.hybrid_adapter_train if dtype == torch.float32 \
+            else kernels.hybrid_adapter_train_reference
+        out = fn(xt, torch.zeros_like(xt), None, (H, W), wt, None, 0.0, 0.1, False)
+        out.backward(grad.to(dtype))
+        runs.append([out.detach(), xt.grad] + [t.grad for t in tensors if t.requires_grad])
+    # gradients at the largest one's scale (the pw1 bias's is zero in exact arithmetic)
+    grad_scale = max([g.abs().max().item() for g in runs[0][1:]], default=0.0)
+    for i, (a, b) in enumerate(zip(*runs)):
+        scale = a.abs().max().item() if i == 0 else grad_scale
+        err = (b.double() - a).abs().max().item() / scale
+        assert err < 1e-4, f"tensor {i}: relative error {err:.2e}, KERNELS_TEST_SEED={SEED}"
 
 
 def test_reference_is_the_adapter_at_inference():
