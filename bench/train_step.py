@@ -33,7 +33,10 @@ GPU, per mode: eager step (the trainer's `EagerStep`) and the whole step in one 
 (`ivt.graph_step.GraphedTrainStep`): median wall ms over `--steps` steps after `--warmup`
 warm-up steps (CUDA events); GPU busy ms (sum of CUDA kernel durations in one profiled eager
 step); CUDA kernels per step; peak memory; then inference latency (no grad, bf16, eager and
-graphed) of the frozen visible model against the IV-tuned models.
+graphed) of the frozen visible model against the IV-tuned models, with the GPU busy ms and
+kernels of one profiled eager forward. Each profiled call also keeps its costliest kernels
+(grouped by name: total us and launches; TOP_KERNELS of them in the JSON, 8 in the markdown),
+which say where a mode's extra GPU time goes.
 
 CPU proxies (`--device cpu`), per mode, for anyone without a GPU:
 * operators per training step: aten operators dispatched in one step (forward, backward,
@@ -46,6 +49,7 @@ CPU proxies (`--device cpu`), per mode, for anyone without a GPU:
 Targets (issue 10): the fast path's bytes held <= 0.5x full's, its operators <= 1.5x full's.
 """
 import argparse
+import collections
 import datetime
 import gc
 import json
@@ -101,6 +105,7 @@ CPU_CASES = [("swin_t", (128, 96), 2, 256, "the default case"),
              ("eva02_b", (64, 64), 1, 256, "EVA02's prompt changes every block, so only a "
               "block's two IPAs are batched")]
 NUM_CLASSES = 9
+TOP_KERNELS = 25     # the costliest kernels of each profiled call kept in the JSON
 # the markdown sections this script (re)writes: (begin marker, end marker)
 GPU_SECTION = ("<!-- bench/train_step.py: begin -->", "<!-- bench/train_step.py: end -->")
 CPU_SECTION = ("<!-- bench/train_step.py --device cpu: begin -->",
@@ -361,15 +366,22 @@ def median_ms(fn, steps: int) -> float:
     return statistics.median(times)
 
 
-def kernel_time(fn) -> tuple:
-    """(GPU busy ms, CUDA kernels) of one call: the profiler's kernel durations summed."""
+def kernel_time(fn, top: int = TOP_KERNELS) -> tuple:
+    """(GPU busy ms, CUDA kernels, the `top` kernels by their total time) of one call: the
+    profiler's kernel durations, summed, and grouped by kernel name as [name, us, launches]."""
     from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return sum(e.time_range.elapsed_us() for e in kernels) / 1e3, len(kernels)
+    by_name = collections.defaultdict(lambda: [0.0, 0])
+    for e in kernels:
+        by_name[e.name][0] += e.time_range.elapsed_us()
+        by_name[e.name][1] += 1
+    ranked = sorted(by_name.items(), key=lambda item: -item[1][0])[:top]
+    return (sum(e.time_range.elapsed_us() for e in kernels) / 1e3, len(kernels),
+            [[name[:120], round(us, 1), launches] for name, (us, launches) in ranked])
 
 
 def gpu_train_case(backbone: str, size: int, batch: int, mode: str, args) -> dict:
@@ -391,7 +403,8 @@ def gpu_train_case(backbone: str, size: int, batch: int, mode: str, args) -> dic
             row[f"{kind}_ms"] = median_ms(lambda: step(data, 1e-4), args.steps)
             row[f"{kind}_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
             if kind == "eager":
-                row["gpu_busy_ms"], row["kernels"] = kernel_time(lambda: step(data, 1e-4))
+                row["gpu_busy_ms"], row["kernels"], row["top_kernels"] = kernel_time(
+                    lambda: step(data, 1e-4))
                 row["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         except Exception as exc:     # a failed capture keeps the eager figures (OOM included)
             if kind == "eager":
@@ -418,6 +431,7 @@ def gpu_inference_case(backbone: str, size: int, batch: int, mode: str, args) ->
     for _ in range(args.warmup):
         forward()
     row = {"eager_ms": median_ms(forward, args.steps)}
+    row["gpu_busy_ms"], row["kernels"], row["top_kernels"] = kernel_time(forward)
     graph = torch.cuda.CUDAGraph()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -544,16 +558,34 @@ def gpu_tables(result: dict) -> str:
                          f"{r['trainable']:,} |")
         inf = case["inference"]
         frozen = inf.get("freeze", {}).get("graph_ms")
-        lines += ["", "| inference (no grad, bf16) | eager ms | graph ms | vs frozen (graph) |",
-                  "|---|---|---|---|"]
+        lines += ["", "| inference (no grad, bf16) | eager ms | graph ms | GPU busy ms | kernels "
+                  "| vs frozen (graph) |", "|---|---|---|---|---|---|"]
         for mode, r in inf.items():
             if "error" in r:
-                lines.append(f"| {mode} | {r['error']} | | |")
+                lines.append(f"| {mode} | {r['error']} | | | | |")
                 continue
             ratio = f"{r['graph_ms'] / frozen:.2f}x" if frozen else "-"
-            lines.append(f"| {mode} | {r['eager_ms']:.1f} | {r['graph_ms']:.1f} | {ratio} |")
-        lines.append("")
+            busy = f"{r['gpu_busy_ms']:.1f} | {r['kernels']:,}" if "kernels" in r else "- | -"
+            lines.append(f"| {mode} | {r['eager_ms']:.1f} | {r['graph_ms']:.1f} | {busy} | "
+                         f"{ratio} |")
+        lines += [""] + top_kernel_lines(case)
     return "\n".join(lines)
+
+
+def top_kernel_lines(case: dict, shown: int = 8) -> list:
+    """Where each mode's GPU time goes: its `shown` costliest kernels (from the profiled eager
+    step or forward; the JSON keeps the top TOP_KERNELS), as markdown lines."""
+    lines = []
+    for kind in ("train", "inference"):
+        for mode, r in case[kind].items():
+            if r.get("top_kernels"):
+                lines.append(f"* {kind} `{mode}`: " + ", ".join(
+                    f"`{name[:48]}` {us / 1e3:.2f} ms ({launches})"
+                    for name, us, launches in r["top_kernels"][:shown]))
+    if lines:
+        lines = ["Costliest kernels (name, total ms in one profiled eager call, launches):", ""] \
+            + lines + [""]
+    return lines
 
 
 def main(argv=None):

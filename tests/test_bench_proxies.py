@@ -74,9 +74,13 @@ def test_gpu_tables_ratios_and_a_mode_that_did_not_fit(tmp_path):
                          "train": {"full": full, "ivt_fast": row,
                                    "ivt": {"error": "out of memory (80 GB card)"}},
                          "inference": {"freeze": {"eager_ms": 20.0, "graph_ms": 10.0},
-                                       "ivt_fast": {"eager_ms": 40.0, "graph_ms": 11.5}}}]}
+                                       "ivt_fast": {"eager_ms": 40.0, "graph_ms": 11.5,
+                                                    "gpu_busy_ms": 9.0, "kernels": 1234}}}]}
+    row["top_kernels"] = [["_ho_backward_kernel", 1500.0, 48], ["sm90_gemm_bf16", 750.0, 96]]
     text = bench.gpu_tables(result)
-    train_part, inference_part = text.split("| inference")
+    assert "* train `ivt_fast`: `_ho_backward_kernel` 1.50 ms (48), `sm90_gemm_bf16` 0.75 ms " \
+        "(96)" in text
+    train_part, inference_part = text.split("Costliest")[0].split("| inference")
     rows = lambda part: {line.split("|")[1].strip(): line  # noqa: E731
                          for line in part.splitlines() if line.startswith("| ")}
     train, inference = rows(train_part), rows(inference_part)
@@ -84,8 +88,8 @@ def test_gpu_tables_ratios_and_a_mode_that_did_not_fit(tmp_path):
     assert "| 1.00x |" in train["full"]
     assert "out of memory (80 GB card)" in train["ivt"]
     assert train["ivt_fast"].count("|") == train["full"].count("|")
-    assert inference["ivt_fast"].endswith("| 1.15x |")          # 11.5 / 10
-    assert inference["freeze"].endswith("| 1.00x |")
+    assert inference["ivt_fast"].endswith("| 9.0 | 1,234 | 1.15x |")     # 11.5 / 10
+    assert inference["freeze"].endswith("| - | - | 1.00x |")     # an earlier run: no profile
     out = tmp_path / "benchmarks.md"
     out.write_text("# Benchmarks\n\nkept\n")
     bench.write_section(out, *bench.CPU_SECTION, "cpu tables")
