@@ -1,6 +1,7 @@
 """Benchmark the Triton kernels against the eager reference and torch.compile of it.
 
-SimAM and the partial conv (forward, forward + backward) and the inference Hybrid Adapter.
+SimAM and the partial conv (forward, forward + backward), and the fused Hybrid Adapter (inference,
+and training forward + backward; its time also split by kernel).
 
     python bench/kernels.py                      # on a GPU; writes docs/benchmarks.md
     python bench/kernels.py --dtype bfloat16 --out /tmp/bf16.md
@@ -58,8 +59,9 @@ def parse_args():
     parser.add_argument("--adapter-tiles", nargs="+", type=tile_sizes, default=[],
                         metavar="M:C",
                         help="also time the fused Hybrid Adapter (Triton column only) with tiles "
-                             "of M tokens and channel steps of C, e.g. 64:32 32:64 (default: "
-                             "the kernels' own, 32:32, only)")
+                             "of M tokens and channel steps of C, e.g. 32:32 32:128 (default: "
+                             "only the sizes the kernels choose per shape, "
+                             "kernels.hybrid_adapter.tile_sizes)")
     parser.add_argument("--no-compile", action="store_true",
                         help="skip the torch.compile column (its compilation takes most of a "
                              "run's time)")
@@ -67,38 +69,32 @@ def parse_args():
 
 
 def timer(tiny: bool):
-    """A function (fn, grad_to_none) -> microseconds: CUDA kernel time per call from the
-    profiler, or the wall time of one call on the CPU."""
+    """A function (fn, grad_to_none) -> (microseconds per call, {kernel name: us per call}):
+    CUDA kernel time from the profiler, or on the CPU the wall time of one call (and no split)."""
     if tiny:
         def time_once(fn, grad_to_none):
             fn()
             start = time.perf_counter()
             fn()
-            return (time.perf_counter() - start) * 1e6
+            return (time.perf_counter() - start) * 1e6, {}
         return time_once
 
-    import torch
-    from torch.profiler import ProfilerActivity, profile
+    from bench.profiling import kernel_time
 
     def time_device(fn, grad_to_none, calls=20):
-        """Microseconds of CUDA kernel time per call (profiler), after 3 warm-up calls."""
+        """CUDA kernel time per call (profiler) over `calls` calls, after 3 warm-up calls."""
         def call():
             for t in grad_to_none or ():
                 t.grad = None
             fn()
         for _ in range(3):
             call()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+
+        def calls_in_a_row():
             for _ in range(calls):
                 call()
-            torch.cuda.synchronize()
-        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        per_kernel = {}
-        for e in kernels:
-            per_kernel[e.name] = per_kernel.get(e.name, 0.0) + e.time_range.elapsed_us() / calls
-        time_device.per_kernel = per_kernel        # the last call's split, by kernel name
-        return sum(per_kernel.values())
+        busy_ms, _, by_kernel = kernel_time(calls_in_a_row)
+        return busy_ms * 1e3 / calls, {name: us / calls for name, us, _ in by_kernel}
     return time_device
 
 
@@ -109,7 +105,7 @@ def copy_bandwidth(device, measure) -> float:
     numel = 1 << 14 if device.type == "cpu" else 1 << 28  # 1 GiB of float32 on the GPU
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
-    us = measure(lambda: dst.copy_(src), None)
+    us, _ = measure(lambda: dst.copy_(src), None)
     return 2 * src.numel() * src.element_size() / (us * 1e-6)
 
 
@@ -214,7 +210,7 @@ def benchmark_rows(args, on_row=lambda rows, bandwidth, name: None):
                         with torch.no_grad():
                             fn(*inputs)
 
-                times = {name: None if fn is None else measure(lambda fn=fn: run(fn), tensors)
+                times = {name: None if fn is None else measure(lambda fn=fn: run(fn), tensors)[0]
                          for name, fn in impls.items()}
                 moved = passes * x.numel() * x.element_size()
                 add(dict(op=op_name, shape=shape, where=where, direction=direction,
@@ -265,17 +261,18 @@ def adapter_rows(args, device, dtype, measure, bandwidth, add, tiles=None):
         for direction, impls, passes in (("inference", inference, 3), ("training", training, 6)):
             if direction == "inference":
                 with torch.no_grad():
-                    times = {name: None if fn is None else measure(
+                    timings = {name: None if fn is None else measure(
                         lambda fn=fn: fn(x, x, extra, (H, W), weights), None)
                         for name, fn in impls.items()}
             else:
-                times = {name: None if fn is None else measure(lambda fn=fn: train(fn), leaves)
-                         for name, fn in impls.items()}
+                timings = {name: None if fn is None else measure(lambda fn=fn: train(fn), leaves)
+                           for name, fn in impls.items()}
+            times = {name: None if t is None else t[0] for name, t in timings.items()}
             moved = passes * x.numel() * x.element_size()
             add(dict(op="hybrid_adapter", shape=shape, where=where, direction=direction,
                      times=times, floor_us=moved / bandwidth * 1e6,
                      gbps=moved / (times["triton"] * 1e-6) / 1e9,
-                     per_kernel=getattr(measure, "per_kernel", {})))   # Triton's, timed last
+                     per_kernel=timings["triton"][1]))
 
 
 HEADER = ("| op | shape (B, C, H, W) | where | direction | eager us | compile us | triton us "

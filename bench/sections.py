@@ -1,4 +1,4 @@
-"""The one helper the benchmark scripts share: each owns sections of `docs/benchmarks.md`,
+"""A helper the benchmark scripts share: each owns sections of `docs/benchmarks.md`,
 delimited by its own HTML-comment markers, and rewrites only those."""
 from pathlib import Path
 

@@ -49,7 +49,6 @@ CPU proxies (`--device cpu`), per mode, for anyone without a GPU:
 Targets (issue 10): the fast path's bytes held <= 0.5x full's, its operators <= 1.5x full's.
 """
 import argparse
-import collections
 import datetime
 import gc
 import json
@@ -72,6 +71,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[0] = str(ROOT)             # the repository's packages, not this folder's scripts
 
 import kernels  # noqa: E402
+from bench.profiling import kernel_time  # noqa: E402
 from bench.sections import write_section  # noqa: E402
 from kernels.compile_check import interpreter_launches  # noqa: E402
 from ivt.models.segmentor import build_segmentor  # noqa: E402
@@ -366,24 +366,6 @@ def median_ms(fn, steps: int) -> float:
     return statistics.median(times)
 
 
-def kernel_time(fn, top: int = TOP_KERNELS) -> tuple:
-    """(GPU busy ms, CUDA kernels, the `top` kernels by their total time) of one call: the
-    profiler's kernel durations, summed, and grouped by kernel name as [name, us, launches]."""
-    from torch.profiler import ProfilerActivity, profile
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    by_name = collections.defaultdict(lambda: [0.0, 0])
-    for e in kernels:
-        by_name[e.name][0] += e.time_range.elapsed_us()
-        by_name[e.name][1] += 1
-    ranked = sorted(by_name.items(), key=lambda item: -item[1][0])[:top]
-    return (sum(e.time_range.elapsed_us() for e in kernels) / 1e3, len(kernels),
-            [[name[:120], round(us, 1), launches] for name, (us, launches) in ranked])
-
-
 def gpu_train_case(backbone: str, size: int, batch: int, mode: str, args) -> dict:
     from ivt.graph_step import GraphedTrainStep
     device = torch.device("cuda")
@@ -404,7 +386,7 @@ def gpu_train_case(backbone: str, size: int, batch: int, mode: str, args) -> dic
             row[f"{kind}_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
             if kind == "eager":
                 row["gpu_busy_ms"], row["kernels"], row["top_kernels"] = kernel_time(
-                    lambda: step(data, 1e-4))
+                    lambda: step(data, 1e-4), TOP_KERNELS)
                 row["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         except Exception as exc:     # a failed capture keeps the eager figures (OOM included)
             if kind == "eager":
@@ -431,7 +413,7 @@ def gpu_inference_case(backbone: str, size: int, batch: int, mode: str, args) ->
     for _ in range(args.warmup):
         forward()
     row = {"eager_ms": median_ms(forward, args.steps)}
-    row["gpu_busy_ms"], row["kernels"], row["top_kernels"] = kernel_time(forward)
+    row["gpu_busy_ms"], row["kernels"], row["top_kernels"] = kernel_time(forward, TOP_KERNELS)
     graph = torch.cuda.CUDAGraph()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

@@ -12,7 +12,9 @@ are built with the same configuration and random weights (timm's parameter names
 backbone alone (loss = the sum of the four feature maps' means: ours are the backbone's four
 NCHW maps, timm's are `forward_intermediates` at the same stages or blocks, so the backward runs
 through every block) and an inference forward (no grad), both under bf16 autocast on the GPU:
-median wall ms over `--steps` calls after `--warmup` (CUDA events). EVA02's maps differ in one
+median wall ms over `--steps` calls after `--warmup` (CUDA events); on the GPU also one
+profiled training call per side, its kernels grouped by name, and the table of the kernels whose
+time differs most between the two sides (where our backbone loses time to timm's). EVA02's maps differ in one
 respect: ours are resized to strides 4-32 (four bilinear interpolations), timm's are not.
 
 timm is not a dependency of the project; this script is for machines that have it.
@@ -32,6 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[0] = str(ROOT)             # the repository's packages, not this folder's scripts
 
+from bench.profiling import kernel_time  # noqa: E402
 from bench.sections import write_section  # noqa: E402
 from ivt.models import build_backbone  # noqa: E402
 from ivt.models.eva02 import EVA02_CONFIGS, feature_blocks  # noqa: E402
@@ -134,7 +137,19 @@ def measure(build, name: str, size: int, batch: int, args, device: torch.device)
         row[key] = statistics.median(ms(fn) for _ in range(args.steps))
         if device.type == "cuda" and key == "train_ms":
             row["train_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            row["train_busy_ms"], row["train_kernels"], row["train_by_kernel"] = kernel_time(
+                train_step)
     return row
+
+
+def kernel_differences(ours: list, theirs: list, shown: int = 10) -> list:
+    """The kernels whose GPU time differs most between the two sides' training calls, as
+    (name, ours [us, launches], theirs [us, launches]), largest |difference| first."""
+    a = {name: (us, n) for name, us, n in ours}
+    b = {name: (us, n) for name, us, n in theirs}
+    names = sorted(a.keys() | b.keys(),
+                   key=lambda k: -abs(a.get(k, (0.0, 0))[0] - b.get(k, (0.0, 0))[0]))
+    return [(k, a.get(k, (0.0, 0)), b.get(k, (0.0, 0))) for k in names[:shown]]
 
 
 def table(result: dict) -> str:
@@ -154,6 +169,20 @@ def table(result: dict) -> str:
                      f"{o['train_ms']:.1f} | {t['train_ms']:.1f} | "
                      f"{o['train_ms'] / t['train_ms']:.2f}x | {o['inference_ms']:.1f} | "
                      f"{t['inference_ms']:.1f} | {o['inference_ms'] / t['inference_ms']:.2f}x |")
+    for case in result["cases"]:
+        o, t = case["ours"], case["timm"]
+        if "train_by_kernel" not in o or "train_by_kernel" not in t:
+            continue
+        lines += ["", f"Where {case['backbone']}'s training calls differ (one profiled call each: "
+                  f"GPU busy {o['train_busy_ms']:.1f} ms in {o['train_kernels']:,} kernels here, "
+                  f"{t['train_busy_ms']:.1f} ms in {t['train_kernels']:,} in timm's; the "
+                  "kernels with the largest differences):", "",
+                  "| kernel | ours ms (launches) | timm ms (launches) | ours - timm ms |",
+                  "|---|---|---|---|"]
+        for name, (us_o, n_o), (us_t, n_t) in kernel_differences(o["train_by_kernel"],
+                                                                 t["train_by_kernel"]):
+            lines.append(f"| `{name[:70]}` | {us_o / 1e3:.2f} ({n_o}) | {us_t / 1e3:.2f} ({n_t}) "
+                         f"| {(us_o - us_t) / 1e3:+.2f} |")
     if result["tiny"]:
         lines += ["", "Tiny models: this run only checks that the script works."]
     return "\n".join(lines) + "\n"

@@ -28,6 +28,26 @@ def test_table_gives_ours_over_timm():
     assert row == "| swin_l | 384, 8 | 90.0 | 100.0 | 0.90x | 30.0 | 24.0 | 1.25x |"
 
 
+def test_table_lists_the_kernels_whose_time_differs_most():
+    """With a profiled training call per side, the kernels with the largest time differences,
+    either way, come first; a kernel only one side launches counts as 0 on the other."""
+    ours = {"train_ms": 90.0, "inference_ms": 30.0, "train_busy_ms": 8.0, "train_kernels": 300,
+            "train_by_kernel": [["gemm", 5000.0, 100], ["softmax", 2000.0, 24],
+                                ["copy", 1000.0, 48]]}
+    theirs = {"train_ms": 80.0, "inference_ms": 30.0, "train_busy_ms": 7.5, "train_kernels": 280,
+              "train_by_kernel": [["gemm", 5100.0, 100], ["fused_attention", 2400.0, 24]]}
+    result = {"device": "Some GPU", "date": "2026-11-27", "torch": "2.11", "timm": "1.0",
+              "tiny": False, "cases": [{"backbone": "swin_l", "size": 384, "batch": 8,
+                                        "ours": ours, "timm": theirs}]}
+    text = _vs_timm().table(result)
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert rows == ["| `fused_attention` | 0.00 (0) | 2.40 (24) | -2.40 |",
+                    "| `softmax` | 2.00 (24) | 0.00 (0) | +2.00 |",
+                    "| `copy` | 1.00 (48) | 0.00 (0) | +1.00 |",
+                    "| `gemm` | 5.00 (100) | 5.10 (100) | -0.10 |"]
+    assert "GPU busy 8.0 ms in 300 kernels here, 7.5 ms in 280 in timm's" in text
+
+
 @pytest.mark.skipif(importlib.util.find_spec("timm") is not None, reason="timm is installed")
 def test_without_timm_the_script_says_so():
     run = subprocess.run([sys.executable, "bench/vs_timm.py", "--tiny", "--device", "cpu"],

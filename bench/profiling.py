@@ -1,0 +1,24 @@
+"""GPU time of one call by kernel, from the profiler (shared by the GPU benchmarks)."""
+import collections
+from typing import Callable, Optional
+
+import torch
+
+
+def kernel_time(fn: Callable[[], object], top: Optional[int] = None) -> tuple:
+    """(GPU busy ms, CUDA kernels launched, the kernels grouped by name as [name, us, launches],
+    costliest first: the first `top` of them, or all) of one call of fn, from the profiler's
+    CUDA kernel durations. Wall time of a call measures the host as well; this is the device."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name = collections.defaultdict(lambda: [0.0, 0])
+    for e in kernels:
+        by_name[e.name][0] += e.time_range.elapsed_us()
+        by_name[e.name][1] += 1
+    ranked = sorted(by_name.items(), key=lambda item: -item[1][0])[:top]
+    return (sum(e.time_range.elapsed_us() for e in kernels) / 1e3, len(kernels),
+            [[name[:120], round(us, 1), launches] for name, (us, launches) in ranked])
