@@ -24,6 +24,8 @@ labels, AdamW (fused), bf16 autocast on the GPU. Modes:
     ivt_fused_ckpt4 that with `checkpoint_blocks=4`: only the first 4 blocks (on Swin, stages 1
                    and 2, where most of the activations are) are recomputed
     ivt_fused_lean ivt_fused with `recompute_frozen=True`
+    full_math, ivt_fused_math (GPU, Swin only) full and ivt_fused with the window attention
+                   computed explicitly, as timm's Swin does (`attention="math"`)
 and, for the CPU proxies only, where the fast step's operators go:
     fast_empg      the fast forward of the `empg_only` variant: the IR stem and EMPG, no HA/IPA
                    (so the frozen blocks' forward and input-gradient backward, plus the head)
@@ -90,10 +92,16 @@ FUSED = {"ivt_fused": ("ivt", {"fast": True, "fused_adapters": True}),
                                      "checkpoint_blocks": 4}),
          "ivt_fused_lean": ("ivt", {"fast": True, "fused_adapters": True,
                                     "recompute_frozen": True})}
+# Swin only: its window attention computed explicitly, as timm's Swin does (`attention="math"`)
+# instead of with scaled_dot_product_attention
+SWIN_ONLY = {"full_math": ("full", {"attention": "math"}),
+             "ivt_fused_math": ("ivt", {"fast": True, "fused_adapters": True,
+                                        "attention": "math"})}
 GPU_CASES = [("swin_l", 384, 8), ("eva02_l", 512, 2)]
 # most wanted first, so that a run cut short has the comparisons that matter
-GPU_ORDER = ["full", "ivt_fused", "ivt_fused_lean", "ivt", "freeze", "ivt_fast",
-             "ivt_fused_ckpt4", "ivt_fast_lean", "ivt_fused_ckpt", "ivt_fast_ckpt"]
+GPU_ORDER = ["full", "ivt_fused", "ivt_fused_lean", "full_math", "ivt_fused_math", "ivt",
+             "freeze", "ivt_fast", "ivt_fused_ckpt4", "ivt_fast_lean", "ivt_fused_ckpt",
+             "ivt_fast_ckpt"]
 INFERENCE_MODES = ["freeze", "ivt_fused", "ivt_fast", "ivt"]
 # the CPU proxies of the fused modes (their kernels under Triton's interpreter)
 CPU_FUSED = ["ivt_fused", "ivt_fused_ckpt4", "ivt_fused_lean"]
@@ -125,7 +133,7 @@ def parse_args(argv=None):
                         "or with --device cpu the CPU-proxy section (default: "
                         "docs/benchmarks.md on a GPU; with --device cpu, print only)")
     p.add_argument("--modes", nargs="+", default=None,
-                   choices=list(MODES) + list(DECOMPOSITION) + list(FUSED),
+                   choices=list(MODES) + list(DECOMPOSITION) + list(FUSED) + list(SWIN_ONLY),
                    help="what to measure: full fine-tuning, frozen backbone, IV-tuning "
                         "reference, fast, fast with checkpointed blocks or recomputed frozen "
                         "sub-layers; ivt_fused, ivt_fused_ckpt, ivt_fused_ckpt4, ivt_fused_lean "
@@ -162,7 +170,7 @@ def parse_args(argv=None):
 # -- one case ------------------------------------------------------------------------------------
 def build(backbone: str, mode: str, size, device, head_dim: int):
     """(model, optimizer) on `device`, random weights, seed 0."""
-    tuning, options = {**MODES, **DECOMPOSITION, **FUSED}[mode]
+    tuning, options = {**MODES, **DECOMPOSITION, **FUSED, **SWIN_ONLY}[mode]
     torch.manual_seed(0)
     with torch.device(device):
         model = build_segmentor(backbone, NUM_CLASSES, tuning, img_size=tuple(size),
@@ -437,9 +445,11 @@ def gpu_jobs(cases: list, modes: list, inference: list = INFERENCE_MODES) -> lis
     that matter for both cases."""
     first, rest = modes[:3], modes[3:]
     indices = range(len(cases))
-    return ([(i, "train", m) for i in indices for m in first]
+    jobs = ([(i, "train", m) for i in indices for m in first]
             + [(i, "inference", m) for i in indices for m in inference]
             + [(i, "train", m) for m in rest for i in indices])
+    return [(i, kind, m) for i, kind, m in jobs
+            if m not in SWIN_ONLY or cases[i][0].startswith("swin")]
 
 
 def gpu_benchmark(args, on_progress=lambda result: None) -> dict:

@@ -41,6 +41,9 @@ from ivt.models.eva02 import EVA02_CONFIGS, feature_blocks  # noqa: E402
 from ivt.models.swin import SWIN_CONFIGS  # noqa: E402
 
 BEGIN, END = "<!-- bench/vs_timm.py: begin -->", "<!-- bench/vs_timm.py: end -->"
+# our sides of a case and their label in the table: the default build, and (Swin) the window
+# attention computed explicitly, as timm's Swin does
+SIDES = [("ours", ""), ("ours_math", ", explicit attention")]
 # (our backbone name, input size, batch): the GPU cases, and the --tiny ones
 CASES = [("swin_l", 384, 8), ("eva02_l", 512, 2)]
 TINY_CASES = [("swin_nano", 128, 1), ("eva02_b", 64, 1)]
@@ -80,10 +83,16 @@ def timm_twin(name: str, size: int) -> tuple:
                           intermediates_only=True)
 
 
-def ours(name: str, size: int) -> tuple:
+def ours(name: str, size: int, **options) -> tuple:
     """(our backbone, its forward to the four feature maps), full fine-tuning, drop-path 0."""
-    model = build_backbone(name, tuning="full", img_size=size, drop_path_rate=0.0)
+    model = build_backbone(name, tuning="full", img_size=size, drop_path_rate=0.0, **options)
     return model, model
+
+
+def ours_math(name: str, size: int) -> tuple:
+    """`ours` with Swin's window attention computed explicitly, as timm's Swin computes it
+    (`attention="math"`; timm's fused path is experimental and off by default)."""
+    return ours(name, size, attention="math")
 
 
 def timer(device: torch.device):
@@ -164,19 +173,24 @@ def table(result: dict) -> str:
              "inference ms | timm inference ms | ours / timm |",
              "|---|---|---|---|---|---|---|---|"]
     for case in result["cases"]:
-        o, t = case["ours"], case["timm"]
-        lines.append(f"| {case['backbone']} | {case['size']}, {case['batch']} | "
-                     f"{o['train_ms']:.1f} | {t['train_ms']:.1f} | "
-                     f"{o['train_ms'] / t['train_ms']:.2f}x | {o['inference_ms']:.1f} | "
-                     f"{t['inference_ms']:.1f} | {o['inference_ms'] / t['inference_ms']:.2f}x |")
-    for case in result["cases"]:
-        o, t = case["ours"], case["timm"]
+        t = case["timm"]
+        for side, label in SIDES:
+            if side not in case:
+                continue
+            o = case[side]
+            lines.append(f"| {case['backbone']}{label} | {case['size']}, {case['batch']} | "
+                         f"{o['train_ms']:.1f} | {t['train_ms']:.1f} | "
+                         f"{o['train_ms'] / t['train_ms']:.2f}x | {o['inference_ms']:.1f} | "
+                         f"{t['inference_ms']:.1f} | {o['inference_ms'] / t['inference_ms']:.2f}x |")
+    for case, (side, label) in ((c, s) for c in result["cases"] for s in SIDES):
+        o, t = case.get(side, {}), case["timm"]
         if "train_by_kernel" not in o or "train_by_kernel" not in t:
             continue
-        lines += ["", f"Where {case['backbone']}'s training calls differ (one profiled call each: "
-                  f"GPU busy {o['train_busy_ms']:.1f} ms in {o['train_kernels']:,} kernels here, "
-                  f"{t['train_busy_ms']:.1f} ms in {t['train_kernels']:,} in timm's; the "
-                  "kernels with the largest differences):", "",
+        lines += ["", f"Where {case['backbone']}{label}'s training call differs from timm's (one "
+                  f"profiled call each: GPU busy {o['train_busy_ms']:.1f} ms in "
+                  f"{o['train_kernels']:,} kernels here, {t['train_busy_ms']:.1f} ms in "
+                  f"{t['train_kernels']:,} in timm's; the kernels with the largest differences):",
+                  "",
                   "| kernel | ours ms (launches) | timm ms (launches) | ours - timm ms |",
                   "|---|---|---|---|"]
         for name, (us_o, n_o), (us_t, n_t) in kernel_differences(o["train_by_kernel"],
@@ -203,7 +217,10 @@ def main(argv=None):
               "timm": timm.__version__, "tiny": args.tiny, "cases": []}
     for name, size, batch in TINY_CASES if args.tiny else CASES:
         case = {"backbone": name, "size": size, "batch": batch}
-        for side, build in (("ours", ours), ("timm", timm_twin)):
+        sides = [("ours", ours), ("timm", timm_twin)]
+        if name in SWIN_CONFIGS:
+            sides.append(("ours_math", ours_math))
+        for side, build in sides:
             case[side] = measure(build, name, size, batch, args, device)
             print(name, side, case[side], flush=True)
         if case["ours"]["parameters"] != case["timm"]["parameters"]:

@@ -48,6 +48,20 @@ def test_table_lists_the_kernels_whose_time_differs_most():
     assert "GPU busy 8.0 ms in 300 kernels here, 7.5 ms in 280 in timm's" in text
 
 
+def test_table_has_a_row_for_the_explicit_attention_build():
+    result = {"device": "Some GPU", "date": "2026-11-27", "torch": "2.11", "timm": "1.0",
+              "tiny": False,
+              "cases": [{"backbone": "swin_l", "size": 384, "batch": 8,
+                         "ours": {"train_ms": 90.0, "inference_ms": 30.0},
+                         "ours_math": {"train_ms": 70.0, "inference_ms": 36.0},
+                         "timm": {"train_ms": 100.0, "inference_ms": 24.0}}]}
+    rows = [line for line in _vs_timm().table(result).splitlines()
+            if line.startswith("| swin_l")]
+    assert rows == ["| swin_l | 384, 8 | 90.0 | 100.0 | 0.90x | 30.0 | 24.0 | 1.25x |",
+                    "| swin_l, explicit attention | 384, 8 | 70.0 | 100.0 | 0.70x | 36.0 | 24.0 "
+                    "| 1.50x |"]
+
+
 @pytest.mark.skipif(importlib.util.find_spec("timm") is not None, reason="timm is installed")
 def test_without_timm_the_script_says_so():
     run = subprocess.run([sys.executable, "bench/vs_timm.py", "--tiny", "--device", "cpu"],

@@ -187,18 +187,49 @@ def brute_force_window_attention(block: SwinBlock, x: torch.Tensor, H: int, W: i
     return attn.proj(out)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "math"])
 @pytest.mark.parametrize("shifted", [False, True])
 @pytest.mark.parametrize("hw", [(8, 12), (12, 8), (16, 16)])
-def test_window_attention_matches_brute_force(shifted, hw):
+def test_window_attention_matches_brute_force(shifted, hw, attention):
     torch.manual_seed(1)
     block = SwinBlock(dim=16, num_heads=2, window_size=4, shifted=shifted, mlp_ratio=2,
-                      drop_path=0.0).double()
+                      drop_path=0.0, attention=attention).double()
     torch.nn.init.normal_(block.attn.relative_position_bias_table)
     H, W = hw
     x = torch.randn(1, H * W, 16, dtype=torch.float64)
     ours = block.window_attention(x, hw)[0]
     ref = brute_force_window_attention(block, x[0], H, W)
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("tuning,options", [("full", {}), ("ivt", {"fast": True}),
+                                            ("vpt", {}), ("ivt", {"recompute_frozen": True,
+                                                                  "fast": True})])
+def test_explicit_attention_equals_sdpa(tuning, options):
+    """attention="math" (softmax(q k^T / sqrt(d) + bias) v, the bias broadcast over a batch of
+    3) and the default "sdpa" are the same function: outputs and every gradient, the relative
+    position tables' too where they train (full) and where the prompts join the keys (vpt)."""
+    vis, ir = torch.randn(3, 3, 64, 48, dtype=torch.float64), torch.randn(3, 3, 64, 48,
+                                                                          dtype=torch.float64)
+    runs = []
+    for attention in ("sdpa", "math"):
+        torch.manual_seed(0)
+        model = build_backbone("swin_nano", tuning=tuning, attention=attention,
+                               drop_path_rate=0.0, **options).double()
+        for table in (m for n, m in model.named_parameters() if "relative_position" in n):
+            torch.nn.init.normal_(table)
+        outs = model(vis, ir)
+        sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum()
+            for o in outs).backward()
+        runs.append((outs, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (outs_a, grads_a), (outs_b, grads_b) = runs
+    for a, b in zip(outs_a, outs_b):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    assert any("relative_position" in n for n in grads_a) == (tuning == "full")
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-9, atol=1e-10,
+                                   msg=lambda m: f"{name}: {m}")
 
 
 def test_small_grid_uses_one_unshifted_window():
@@ -352,5 +383,7 @@ def test_bad_build_options():
         build_backbone("swin_nano", variant="deep")
     with pytest.raises(ValueError, match="tuning must be one of"):
         build_backbone("swin_nano", tuning="lora")
+    with pytest.raises(ValueError, match="attention='flash': expected one of sdpa, math"):
+        build_backbone("swin_nano", attention="flash")
     with pytest.raises(ValueError, match="only apply to tuning='ivt'"):
         build_backbone("swin_nano", tuning="full", d2=16)

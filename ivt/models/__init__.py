@@ -44,7 +44,9 @@ def build_backbone(name: str, tuning: str = "ivt", pretrained: Optional[str] = N
         EVA02 builds its position-embedding grid for it (default 224) and resizes it for other
         sizes (multiples of the patch).
     options: IV-tuning's `d1`, `d2`, `d3`, `layers`, `variant`, `dropout`, `zero_init_up`, and the
-        family's own (`window_size`, `drop_path_rate` for Swin; `patch_size` (16, or the release's
+        family's own (`window_size`, `drop_path_rate`, `attention` ('sdpa', the default, or
+        'math': the window attention as explicit matmuls and softmax, as timm's Swin computes it;
+        the same function) for Swin; `patch_size` (16, or the release's
         14), `drop_path_rate` for EVA02); the PETL methods' `prompt_length` (vpt), `bottleneck`,
         `scale` ((bi_)adaptformer), `rein_tokens`, `rein_rank` (rein); `ir_embed=True` gives
         'full'/'freeze' the independent IR patch embedding of Sec. 4.5 (then forward needs ir);

@@ -35,6 +35,7 @@ class SwinConfig:
     mlp_ratio: float = 4.0
     patch_size: int = 4
     drop_path_rate: float = 0.1
+    attention: str = "sdpa"          # how WindowAttention computes its heads: "sdpa" or "math"
 
 
 SWIN_CONFIGS: Dict[str, SwinConfig] = {
@@ -102,10 +103,22 @@ class WindowAttention(nn.Module):
 
     `relative_position_index` is a non-persistent buffer (it moves with `.to(device)`, is never
     copied from the host during forward, and stays out of the state dict, as in timm).
+
+    `attention` chooses how the heads are computed: "sdpa" (the default) with
+    `scaled_dot_product_attention`, or "math", the explicit softmax(q k^T / sqrt(d) + bias) v
+    that timm's Swin runs (its fused path is experimental): it keeps the (B*nW, heads, N, N)
+    probabilities for backward, but adds the bias broadcast over the batch instead of reading a
+    (B*nW, heads, N, N) copy of it. Same function; which is faster is a measurement
+    (`bench/vs_timm.py`, `bench/train_step.py`).
     """
 
-    def __init__(self, dim: int, num_heads: int, window_size: int):
+    ATTENTION = ("sdpa", "math")
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, attention: str = "sdpa"):
         super().__init__()
+        if attention not in self.ATTENTION:
+            raise ValueError(f"attention={attention!r}: expected one of {', '.join(self.ATTENTION)}")
+        self.attention = attention
         self.num_heads = num_heads
         self.window_size = window_size
         self.scale = (dim // num_heads) ** -0.5
@@ -127,9 +140,11 @@ class WindowAttention(nn.Module):
         idx = self.relative_position_index.view(w, w, w, w)[:wh, :ww, :wh, :ww].reshape(n * n)
         return self.relative_position_bias_table[idx].view(n, n, -1).permute(2, 0, 1)
 
-    def attention_bias(self, window: Grid, mask: Optional[torch.Tensor], batch: int,
+    def attention_bias(self, window: Grid, mask: Optional[torch.Tensor], batch: Optional[int],
                        dtype: torch.dtype) -> torch.Tensor:
-        """Additive attention mask: (1, heads, N, N) without a shift mask, else (B*nW, heads, N, N).
+        """Additive attention mask, the position bias plus the shift mask: (1, heads, N, N)
+        without a shift mask, else (B*nW, heads, N, N) for `scaled_dot_product_attention`, or,
+        with batch=None, (nW, heads, N, N) to broadcast over the batch.
 
         mask: (nW, N, N) shifted-window mask or None.
         """
@@ -141,9 +156,10 @@ class WindowAttention(nn.Module):
         if cacheable and key in self._bias and self._bias[key][0] == stamp:
             return self._bias[key][1]
         bias = self.position_bias(window).to(dtype)[None]                  # (1, h, N, N)
-        if mask is not None:                                               # (B*nW, h, N, N)
-            nW, N = mask.shape[0], mask.shape[1]
-            bias = (bias + mask.to(dtype)[:, None]).expand(batch, nW, -1, N, N).flatten(0, 1)
+        if mask is not None:
+            bias = bias + mask.to(dtype)[:, None]                          # (nW, h, N, N)
+            if batch is not None:                                          # (B*nW, h, N, N)
+                bias = bias.expand(batch, *bias.shape).flatten(0, 1)
         if cacheable:
             self._bias[key] = (stamp, bias.contiguous())
             return self._bias[key][1]
@@ -168,7 +184,8 @@ class WindowAttention(nn.Module):
         h = self.num_heads
         qkv = self.qkv(x).view(B * nW, N, 3, h, C // h)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                  # each (B*nW, h, N, d)
-        bias = self.attention_bias(window, mask, B, q.dtype)            # (1 or B*nW, h, N, N)
+        explicit = self.attention == "math"
+        bias = self.attention_bias(window, mask, None if explicit else B, q.dtype)
         if extra_kv is not None:
             P = extra_kv.shape[1]
             kv = self.qkv(extra_kv).view(B, 1, P, 3, h, C // h)[:, :, :, 1:]
@@ -176,7 +193,12 @@ class WindowAttention(nn.Module):
             k_e, v_e = kv.permute(2, 0, 3, 1, 4).unbind(0)              # each (B*nW, h, P, d)
             k, v = torch.cat([k, k_e], dim=2), torch.cat([v, v_e], dim=2)
             bias = F.pad(bias, (0, P))                                   # (.., N, N + P)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        if explicit:                                 # softmax(q k^T / sqrt(d) + bias) v
+            logits = (q * self.scale) @ k.transpose(-2, -1)              # (B*nW, h, N, N + P)
+            logits = logits.view(B, -1, *logits.shape[1:]) + bias        # bias: (1 or nW, ...)
+            out = logits.softmax(-1).flatten(0, 1) @ v
+        else:                                        # bias: (1 or B*nW, h, N, N + P)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         return out.transpose(1, 2).reshape(B, nW, N, C)
 
 
@@ -221,11 +243,11 @@ class SwinBlock(nn.Module):
     """(S)W-MSA and MLP, each pre-norm with a residual; IV-tuning's adapters after each."""
 
     def __init__(self, dim: int, num_heads: int, window_size: int, shifted: bool,
-                 mlp_ratio: float, drop_path: float):
+                 mlp_ratio: float, drop_path: float, attention: str = "sdpa"):
         super().__init__()
         self.window_size, self.shifted = window_size, shifted
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, num_heads, window_size)
+        self.attn = WindowAttention(dim, num_heads, window_size, attention)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential()
         self.mlp.fc1 = nn.Linear(dim, int(dim * mlp_ratio))
@@ -323,11 +345,11 @@ class PatchMerging(nn.Module):
 
 class SwinStage(nn.Module):
     def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, mlp_ratio: float,
-                 drop_path: List[float], downsample: bool):
+                 drop_path: List[float], downsample: bool, attention: str = "sdpa"):
         super().__init__()
         self.downsample = PatchMerging(dim // 2) if downsample else None
         self.blocks = nn.ModuleList(
-            SwinBlock(dim, num_heads, window_size, i % 2 == 1, mlp_ratio, drop_path[i])
+            SwinBlock(dim, num_heads, window_size, i % 2 == 1, mlp_ratio, drop_path[i], attention)
             for i in range(depth))
 
 
@@ -368,7 +390,8 @@ class SwinBackbone(IVTBackbone):
         starts = [sum(cfg.depths[:i]) for i in range(len(dims))]
         self.layers = nn.ModuleList(
             SwinStage(dims[i], cfg.depths[i], cfg.num_heads[i], cfg.window_size, cfg.mlp_ratio,
-                      dpr[starts[i]:starts[i] + cfg.depths[i]], downsample=i > 0)
+                      dpr[starts[i]:starts[i] + cfg.depths[i]], downsample=i > 0,
+                      attention=cfg.attention)
             for i in range(len(dims)))
         self.apply(_init_visible)
         if tuning == "ivt":
@@ -480,10 +503,9 @@ def checkpoint_filter_fn(state_dict: StateDict, window_size: int) -> StateDict:
 def build_swin(name: str, tuning: str, ivt_cfg: Optional[IVTConfig], window_size: Optional[int] = None,
                drop_path_rate: Optional[float] = None, fast: bool = False,
                checkpoint_blocks: Union[bool, int] = False,
-               recompute_frozen: bool = False) -> SwinBackbone:
-    cfg = SWIN_CONFIGS[name]
-    if window_size is not None or drop_path_rate is not None:
-        cfg = SwinConfig(**{**cfg.__dict__,
-                            **({"window_size": window_size} if window_size is not None else {}),
-                            **({"drop_path_rate": drop_path_rate} if drop_path_rate is not None else {})})
+               recompute_frozen: bool = False, attention: str = "sdpa") -> SwinBackbone:
+    overrides = {"window_size": window_size, "drop_path_rate": drop_path_rate,
+                 "attention": attention}
+    cfg = SwinConfig(**{**SWIN_CONFIGS[name].__dict__,
+                        **{k: v for k, v in overrides.items() if v is not None}})
     return SwinBackbone(name, cfg, tuning, ivt_cfg, fast, checkpoint_blocks, recompute_frozen)
