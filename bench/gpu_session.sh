@@ -11,7 +11,8 @@
 #      default, and 32 x 128), the partial conv, SimAM: device time, without the torch.compile
 #      column (its compilations took most of the last run's time, which ended before the partial
 #      conv)
-#   4. bench/vs_timm.py: this repository's Swin-L and EVA02-L against timm's (when timm imports)
+#   4. bench/vs_timm.py: this repository's Swin-L and EVA02-L against timm's (when timm imports),
+#      Swin-L also with the explicit window attention; the kernels whose time differs most
 # Logs, the JSON files and the rewritten docs/benchmarks.md go to $OUT (default ./gpu_out): eight
 # files, the most the device tool brings back.
 #
@@ -41,8 +42,8 @@ $PY -c "import xdist" 2>/dev/null && PARALLEL=(-n 4)
 part 150 tests $PY -m pytest -q -rf --tb=short "${PARALLEL[@]}" tests/test_graph_step.py \
     tests/test_simam_paths.py tests/test_kernels.py tests/test_kernels_model.py \
     tests/test_hybrid_adapter_kernel.py
-part 290 train_step $PY bench/train_step.py --json "$OUT/train_step.json"
+part 275 train_step $PY bench/train_step.py --json "$OUT/train_step.json"
 part 100 kernels $PY bench/kernels.py --ops hybrid_adapter partial_conv simam --no-compile \
     --adapter-tiles 32:32 32:128
-part 45 vs_timm $PY bench/vs_timm.py --json "$OUT/vs_timm.json"
+part 60 vs_timm $PY bench/vs_timm.py --json "$OUT/vs_timm.json"
 cp docs/benchmarks.md "$OUT/benchmarks.md"
