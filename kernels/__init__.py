@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from .reference import (HybridAdapterWeights, hybrid_adapter_eval_reference,
+from .reference import (HybridAdapterWeights, LowRankExtra, hybrid_adapter_eval_reference,
                         hybrid_adapter_train_reference, partial_conv_residual_reference,
                         simam_reference)
 
@@ -30,7 +30,7 @@ if TRITON_INSTALLED:
     from .simam import simam_triton
 
 __all__ = ["simam", "partial_conv_residual", "hybrid_adapter_eval", "hybrid_adapter_train",
-           "HybridAdapterWeights", "backend", "set_backend", "BACKENDS", "use_triton",
+           "HybridAdapterWeights", "LowRankExtra", "backend", "set_backend", "BACKENDS", "use_triton",
            "simam_reference", "partial_conv_residual_reference", "hybrid_adapter_eval_reference",
            "hybrid_adapter_train_reference"]
 
@@ -90,8 +90,9 @@ def partial_conv_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 def hybrid_adapter_eval(x: torch.Tensor, residual: torch.Tensor, extra, hw,
                         weights: HybridAdapterWeights) -> torch.Tensor:
-    """residual + Hybrid Adapter branch(x) (+ extra) at inference, (B, N, C) tokens; see
-    `kernels.reference.hybrid_adapter_eval_reference` (two Triton launches on a GPU)."""
+    """residual + Hybrid Adapter branch(x) (+ extra) at inference, (B, N, C) tokens, extra None,
+    tokens or a `LowRankExtra`; see `kernels.reference.hybrid_adapter_eval_reference` (two
+    Triton launches on a GPU)."""
     if use_triton(x):
         return hybrid_adapter_eval_triton(x, residual, extra, hw, weights)
     return hybrid_adapter_eval_reference(x, residual, extra, hw, weights)

@@ -16,7 +16,8 @@ Inference (`hybrid_adapter_eval_triton`, BatchNorm on running statistics, no dro
                          h (M, d2), float32;
   2. `_ho_up_kernel`     partial conv from the tile's 3x3 neighbours on the (H, W) grid, pw1,
                          BatchNorm, ReLU, pw2 + residual, GELU, the up-projection over C in
-                         chunks, `residual + extra` added before the store.
+                         chunks, `residual + extra` added before the store (an internal prompt
+                         given as its factors, `LowRankExtra`, made chunk by chunk here).
 
 Training (`hybrid_adapter_train_triton`, an autograd Function; BatchNorm on the batch's
 statistics over all M = B*N tokens, dropout with a mask drawn by torch so that it is replayed
@@ -56,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import HybridAdapterWeights
+from .reference import HybridAdapterWeights, LowRankExtra
 
 # Tile sizes: tokens per tile and channels per step of the loops over C; None chooses them per
 # launch (`tile_sizes`), an int fixes them (`bench/kernels.py --adapter-tiles`, the tests).
@@ -278,11 +279,15 @@ def _bn_finalize_kernel(part_ptr, stats_ptr, running_mean_ptr, running_var_ptr, 
 @triton.jit
 def _ho_up_kernel(h_ptr, dww_ptr, dwb_ptr, w1_ptr, b1_ptr, mean_ptr, scale_ptr, bn_eps, bnw_ptr,
                   bnb_ptr, w2_ptr, b2_ptr, mask_ptr, keep_scale, wu_ptr, bu_ptr,
-                  res_ptr, res_b, res_n, ext_ptr, ext_b, ext_n, out_ptr, out_b, out_n,
-                  M, N, H, W, C, D, cp, SCALE_FROM_VAR: tl.constexpr, HAS_MASK: tl.constexpr,
-                  HAS_EXTRA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                  BLOCK_D: tl.constexpr):
-    """out = residual + up(dropout(gelu(HO(h)))) (+ extra) for tile program_id(0)."""
+                  res_ptr, res_b, res_n, ext_ptr, ext_b, ext_n, lr_h_ptr, lr_h_stride, lr_w_ptr,
+                  lr_b_ptr, R, out_ptr, out_b, out_n, M, N, H, W, C, D, cp,
+                  SCALE_FROM_VAR: tl.constexpr, HAS_MASK: tl.constexpr,
+                  HAS_EXTRA: tl.constexpr, LOW_RANK: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """out = residual + up(dropout(gelu(HO(h)))) (+ extra) for tile program_id(0): extra read
+    as tokens (HAS_EXTRA), or with LOW_RANK made here, chunk by chunk of C, from its factors
+    (`LowRankExtra`): gelu(h_e w_e + b_e), h_e (M, R) at lr_h (row stride lr_h_stride), w_e (R, C),
+    b_e (C)."""
     rows, row_ok, d, d_ok = _tile(tl.program_id(0), BLOCK_M, BLOCK_D, M, D)
     y, x_hat = _normalised(h_ptr, rows, row_ok, d, d_ok, N, H, W, D, cp, dww_ptr, dwb_ptr,
                            w1_ptr, b1_ptr, mean_ptr, scale_ptr, bn_eps, SCALE_FROM_VAR)
@@ -294,6 +299,10 @@ def _ho_up_kernel(h_ptr, dww_ptr, dwb_ptr, w1_ptr, b1_ptr, mean_ptr, scale_ptr, 
         a = a * keep.to(a.dtype) * keep_scale
     res_rows = res_ptr + _token_offsets(rows, N, res_b, res_n)
     out_rows = out_ptr + _token_offsets(rows, N, out_b, out_n)
+    if LOW_RANK:
+        r = tl.arange(0, BLOCK_R)
+        lr_h = tl.load(lr_h_ptr + rows[:, None] * lr_h_stride + r[None, :],     # (BLOCK_M, BLOCK_R)
+                       mask=row_ok[:, None] & (r < R)[None, :], other=0.0).to(a.dtype)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         c_ok = c < C
@@ -305,6 +314,11 @@ def _ho_up_kernel(h_ptr, dww_ptr, dwb_ptr, w1_ptr, b1_ptr, mean_ptr, scale_ptr, 
         if HAS_EXTRA:
             ext_rows = ext_ptr + _token_offsets(rows, N, ext_b, ext_n)
             u += tl.load(ext_rows[:, None] + c[None, :], mask=mask, other=0.0).to(u.dtype)
+        if LOW_RANK:
+            lr_w = tl.load(lr_w_ptr + r[:, None] * C + c[None, :],          # (BLOCK_R, BLOCK_C)
+                           mask=(r < R)[:, None] & c_ok[None, :], other=0.0).to(a.dtype)
+            u += _gelu(tl.dot(lr_h, lr_w) + tl.load(lr_b_ptr + c, mask=c_ok, other=0.0)
+                       .to(a.dtype)[None, :])
         tl.store(out_rows[:, None] + c[None, :], u.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -530,9 +544,15 @@ def _parameters(w: HybridAdapterWeights, dtype: torch.dtype):
 
 
 def _output_dtype(residual: torch.Tensor, extra) -> torch.dtype:
-    if extra is None or extra.dtype == residual.dtype:
+    """residual + extra's dtype; a `LowRankExtra`'s is its factors' promoted dtype (that of
+    `LowRankExtra.dense` without autocast: float32 for bfloat16 h and float32 w)."""
+    if isinstance(extra, LowRankExtra):
+        extra_dtype = torch.promote_types(extra.h.dtype, extra.w.dtype)
+    elif extra is None:
         return residual.dtype
-    return torch.promote_types(residual.dtype, extra.dtype)
+    else:
+        extra_dtype = extra.dtype
+    return torch.promote_types(residual.dtype, extra_dtype)
 
 
 def tile_sizes(M: int, C: int, device: torch.device) -> Tuple[int, int]:
@@ -596,25 +616,35 @@ def _sft_down(x, s: _Sizes, w, params, h, stats=None, fold=None):
 
 def _ho_up(h, s: _Sizes, residual, extra, hw, w, params, mean, scale, scale_from_var, mask,
            keep_scale):
-    """Launch `_ho_up_kernel`: residual + up(dropout(gelu(HO(h)))) (+ extra), (B, N, C)."""
+    """Launch `_ho_up_kernel`: residual + up(dropout(gelu(HO(h)))) (+ extra), (B, N, C); extra
+    None, tokens or a `LowRankExtra`."""
     residual, res_b, res_n = _token_strides(residual)
-    has_extra = extra is not None
+    low_rank = isinstance(extra, LowRankExtra)
+    has_extra = extra is not None and not low_rank
     out = torch.empty((s.B, s.N, s.C), device=h.device, dtype=_output_dtype(residual, extra))
-    extra, ext_b, ext_n = _token_strides(extra) if has_extra else (residual, 0, 0)
+    extra_tokens, ext_b, ext_n = _token_strides(extra) if has_extra else (residual, 0, 0)
+    lr_h, lr_w, lr_b = (h, h, h)
+    if low_rank:
+        lr_h = extra.h if extra.h.stride(1) == 1 else extra.h.contiguous()
+        lr_w, lr_b = extra.w.contiguous(), extra.b.contiguous()
+    R = lr_w.shape[0] if low_rank else 0
     dww, dwb, w1, b1, bn_mean, bn_var, bnw, bnb, w2, b2, wu, bu = params[6:]
     _ho_up_kernel[(s.n_tiles,)](h, dww, dwb, w1, b1, mean, scale, w.bn_eps, bnw, bnb, w2, b2,
                                 h if mask is None else mask, keep_scale, wu, bu, residual, res_b,
-                                res_n, extra, ext_b, ext_n, out, out.stride(0), out.stride(1),
+                                res_n, extra_tokens, ext_b, ext_n, lr_h, lr_h.stride(0), lr_w,
+                                lr_b, R, out, out.stride(0), out.stride(1),
                                 s.M, s.N, hw[0], hw[1], s.C, s.D, w.cp,
                                 SCALE_FROM_VAR=scale_from_var, HAS_MASK=mask is not None,
-                                HAS_EXTRA=has_extra, BLOCK_M=s.block_m, BLOCK_C=s.block_c,
-                                BLOCK_D=s.block_d)
+                                HAS_EXTRA=has_extra, LOW_RANK=low_rank, BLOCK_M=s.block_m,
+                                BLOCK_C=s.block_c, BLOCK_D=s.block_d,
+                                BLOCK_R=max(16, triton.next_power_of_2(R)))
     return out
 
 
 def hybrid_adapter_eval_triton(x: torch.Tensor, residual: torch.Tensor, extra, hw,
                                w: HybridAdapterWeights) -> torch.Tensor:
-    """residual + HA branch(x) (+ extra) at inference, (B, N, C) tokens: two launches."""
+    """residual + HA branch(x) (+ extra) at inference, (B, N, C) tokens, extra None, tokens or a
+    `LowRankExtra` (made in the second kernel): two launches."""
     s = _sizes(x, w)
     params = _parameters(w, s.acc)
     h = torch.empty((s.M, s.D), device=x.device, dtype=s.acc)
@@ -749,5 +779,8 @@ def hybrid_adapter_train_triton(x: torch.Tensor, residual: torch.Tensor, extra, 
     """residual + HA branch(x) (+ extra) in training mode, differentiable in x, residual, extra
     and the adapter's parameters; `keep` (M, d2) the dropout mask or None, p its drop
     probability; BatchNorm's running statistics take this batch (momentum) when `update`."""
+    if isinstance(extra, LowRankExtra):
+        raise TypeError("hybrid_adapter_train takes extra as tokens (LowRankExtra.dense), not "
+                        "as factors: those are an inference path")
     return _TrainingHybridAdapter.apply(x, residual, extra, tuple(hw), w, keep, p, momentum,
                                         update, *w[:18])

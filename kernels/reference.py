@@ -39,6 +39,24 @@ def partial_conv_residual_reference(x: torch.Tensor, weight: torch.Tensor, bias:
     return x + torch.cat([conv, x[:, cp:]], dim=1)
 
 
+class LowRankExtra(NamedTuple):
+    """A term added to a Hybrid Adapter's output, gelu(h w + b), given by its factors instead of
+    as (B, N, C) tokens: h (B*N, r) (rows of any stride), w (r, C), b (C,). An internal prompt
+    (`ivt.models.ivtuning.internal_prompts`, r = d3 = 8) is of this form; the fused adapter's
+    inference kernel computes it in registers, chunk by chunk of C, where the tokens would cost
+    B*N*C values written by two kernels and read by a third."""
+    h: torch.Tensor
+    w: torch.Tensor
+    b: torch.Tensor
+
+    def dense(self, shape) -> torch.Tensor:
+        """The term as tokens of `shape` (B, N, C): the matmul in autocast's dtype where autocast
+        is on (as a Linear's), the GELU in the promoted dtype of that and w's (float32 for
+        bfloat16 activations and float32 weights, as the reference IPA's SFT' makes it)."""
+        pre = torch.addmm(self.b, self.h, self.w)
+        return F.gelu(pre.to(torch.promote_types(pre.dtype, self.w.dtype))).view(shape)
+
+
 class HybridAdapterWeights(NamedTuple):
     """A Hybrid Adapter's tensors for `hybrid_adapter_eval` (18 tensors, then 3 numbers)."""
     ln_weight: torch.Tensor      # (C,)  SFT's LayerNorm affine
@@ -80,14 +98,17 @@ def _adapter_hidden(x: torch.Tensor, hw: Tuple[int, int], w: HybridAdapterWeight
 
 
 def hybrid_adapter_eval_reference(x: torch.Tensor, residual: torch.Tensor,
-                                  extra: Optional[torch.Tensor], hw: Tuple[int, int],
+                                  extra, hw: Tuple[int, int],
                                   w: HybridAdapterWeights) -> torch.Tensor:
     """residual + up(gelu(HO(down(SFT(x))))) (+ extra): a Hybrid Adapter at inference (Eq. 15,
     dropout off, BatchNorm on its running statistics) with the block's residual and the internal
-    prompt (Eq. 6) added. x, residual, extra: (B, N, C) tokens on an (H, W) grid."""
+    prompt (Eq. 6) added. x, residual: (B, N, C) tokens on an (H, W) grid; extra: None, (B, N, C)
+    tokens or a `LowRankExtra`."""
     hidden = _adapter_hidden(x, hw, w, lambda q: F.batch_norm(
         q, w.bn_mean, w.bn_var, w.bn_weight, w.bn_bias, False, 0.0, w.bn_eps))
     out = residual + F.linear(hidden, w.up_weight, w.up_bias)
+    if isinstance(extra, LowRankExtra):
+        extra = extra.dense(out.shape)
     return out if extra is None else out + extra
 
 

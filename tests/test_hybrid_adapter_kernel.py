@@ -70,6 +70,36 @@ def test_kernel_matches_reference(draw, device, dtype, tol):
     assert err < tol, f"relative error {err:.2e}: {msg}"
 
 
+@needs_triton
+@pytest.mark.parametrize("draw", range(4))
+@pytest.mark.parametrize("device,dtype,tol", TARGETS,
+                         ids=[f"{d}-{str(t)[6:]}" for d, t, _ in TARGETS])
+def test_low_rank_extra_matches_reference(draw, device, dtype, tol):
+    """extra given as factors, gelu(h w + b) (`LowRankExtra`, an internal prompt), made in the
+    kernel chunk by chunk of C: h a strided view, as `internal_prompts` slices it from its
+    (B*N, k*r) map; ranks below, at and above the kernel's 16-wide matmul tile."""
+    rng = random.Random(SEED * 37 + draw)
+    gen = torch.Generator().manual_seed(SEED + 100 + draw)
+    B, H, W, C, d2, _ = random_case(rng)
+    r, k = rng.choice([1, 5, 8, 20]), rng.randint(1, 3)
+    msg = f"KERNELS_TEST_SEED={SEED}, draw {draw}: B={B} grid {H}x{W} C={C} d2={d2} r={r}"
+    w = random_weights(C, d2, gen)
+    x, residual = (torch.randn(B, H * W, C, generator=gen, dtype=torch.float64) for _ in range(2))
+    h_all = torch.randn(B * H * W, k * r, generator=gen, dtype=torch.float64)
+    factors = (h_all.view(-1, k, r).transpose(0, 1)[k - 1],                 # (B*N, r), strided
+               torch.randn(r, C, generator=gen, dtype=torch.float64) * r ** -0.5,
+               torch.randn(C, generator=gen, dtype=torch.float64))
+    rounded = [t.to(dtype).double() for t in (x, residual)]
+    expected = hybrid_adapter_eval_reference(*rounded, kernels.LowRankExtra(*factors), (H, W), w)
+    extra = kernels.LowRankExtra(*(t.to(device, torch.float32) for t in factors))
+    w32 = HybridAdapterWeights(*[t.to(device, torch.float32) for t in w[:-3]], *w[-3:])
+    out = kernels.hybrid_adapter_eval_triton(*(t.to(device, dtype) for t in rounded), extra,
+                                             (H, W), w32)
+    assert out.shape == expected.shape and out.dtype == torch.float32, msg
+    err = ((out.double().cpu() - expected).abs().max() / expected.abs().max()).item()
+    assert err < tol, f"relative error {err:.2e}: {msg}"
+
+
 # (token dtype, relative tolerance) of the training kernels under the interpreter: float64 is
 # limited by the scalars Triton passes as float32 (1 / (1 - p), BatchNorm's momentum)
 TRAIN_TARGETS = ([(torch.float64, 1e-6), (torch.float32, 1e-4)]
@@ -279,12 +309,14 @@ def test_dispatch_uses_the_reference_without_triton(monkeypatch):
 
 @pytest.mark.skipif(not (kernels.TRITON_INSTALLED and kernels.triton_interpreter_on()),
                     reason="needs TRITON_INTERPRET=1")
-def test_fast_model_inference_with_the_kernel(monkeypatch):
-    """A whole IV-tuned Swin at inference, fast path: every Hybrid Adapter through the Triton
-    kernel (interpreter) gives the outputs of the PyTorch reference, in float32."""
+@pytest.mark.parametrize("fused", [False, True], ids=["fast", "fused"])
+def test_fast_model_inference_with_the_kernel(monkeypatch, fused):
+    """A whole IV-tuned Swin at inference, fast path: the Triton kernels (interpreter) give the
+    outputs of the PyTorch reference, in float32; `fused`: every Hybrid Adapter in the fused
+    inference kernel, its internal prompt passed as `LowRankExtra` factors."""
     from ivt.models import build_backbone
     torch.manual_seed(SEED % 2**31)
-    model = build_backbone("swin_nano", "ivt", fast=True, d2=20)
+    model = build_backbone("swin_nano", "ivt", fast=True, fused_adapters=fused, d2=20)
     with torch.no_grad():
         for name, t in model.named_buffers():
             if name.endswith("running_mean"):

@@ -505,9 +505,12 @@ class _UpGelu(torch.autograd.Function):
 
 
 def internal_prompts(ipas: Sequence[InternalPromptAdapter], p: torch.Tensor, hw: Grid,
-                     folded: Optional[FoldedIPAs] = None) -> torch.Tensor:
+                     folded: Optional[FoldedIPAs] = None, factored: bool = False
+                     ) -> Union[torch.Tensor, List[kernels.LowRankExtra]]:
     """k IPAs that read the same prompt P, computed together: (k, B, N, C), equal (up to
-    rounding) to `torch.stack([ipa(p, hw) for ipa in ipas])`.
+    rounding) to `torch.stack([ipa(p, hw) for ipa in ipas])`. With `factored` (and the
+    projections) the last step is left undone: k `kernels.LowRankExtra` factors (h_i, W_i, b_i)
+    of gelu(h_i W_i + b_i), which the fused adapter's inference kernel computes as it adds them.
 
     With n(P) the LayerNorm of P without affine, IPA_i's first SFT and down-projection are one
     affine map of n(P): down_i(n(P) * a_i + c_i) = n(P) @ (W_i * a_i)^T + (W_i c_i + b_i), where
@@ -529,6 +532,8 @@ def internal_prompts(ipas: Sequence[InternalPromptAdapter], p: torch.Tensor, hw:
         if first.simam is not None:
             h = map_to_tokens(first.simam(tokens_to_map(h, hw)))
         h = F.gelu(h).view(B * N, k, d3).transpose(0, 1)                              # (k, BN, d3)
+        if factored:
+            return [kernels.LowRankExtra(h[i], out_w[i], out_b[i, 0]) for i in range(k)]
         return _UpGelu.apply(out_b, h, out_w).view(k, B, N, C)
     e = torch.addcmul(in_b[:, None, None, :], n, in_w[:, None, None, :])             # (k, B, N, C)
     if first.simam is not None:
@@ -562,16 +567,26 @@ def block_internal_prompts(adapters: Sequence[Optional[nn.Module]], p: Optional[
     from the same external prompt P and computed together by `internal_prompts`; `folded`: their
     weights already folded (`fold_block_ipas`).
 
-    Returns per block [IPA1 output or None, IPA2 output or None], each (B, N, C). Hooks that are
-    not `BlockAdapters`, absent IPAs and `ipa_deep` (whose IPAs form a chain) give None.
+    Returns per block [IPA1 output or None, IPA2 output or None], each (B, N, C), or, where
+    every hook runs its adapters as the fused inference kernel (`_fused_inference`), as the
+    `kernels.LowRankExtra` factors that kernel takes. Hooks that are not `BlockAdapters`, absent
+    IPAs and `ipa_deep` (whose IPAs form a chain) give None.
     """
     out: List[List[Optional[torch.Tensor]]] = [[None, None] for _ in adapters]
     slots = [(j, pos, ipa) for j, hook in enumerate(adapters) for pos, ipa in _batched_ipas(hook)]
     if slots:
-        stacked = internal_prompts([ipa for _, _, ipa in slots], p, hw, folded)    # (k, B, N, C)
-        for (j, pos, _), p_internal in zip(slots, _Unstack.apply(stacked)):
+        factored = all(_fused_inference(adapters[j]) for j, _, _ in slots)
+        stacked = internal_prompts([ipa for _, _, ipa in slots], p, hw, folded, factored)
+        for (j, pos, _), p_internal in zip(slots, stacked if isinstance(stacked, list)
+                                           else _Unstack.apply(stacked)):  # (k, B, N, C)
             out[j][pos] = p_internal
     return out
+
+
+def _fused_inference(hook: "BlockAdapters") -> bool:
+    """Whether `BlockAdapters.fast` runs its Hybrid Adapters as the fused inference kernel."""
+    return (hook.cfg.fused_adapters and not torch.is_grad_enabled()
+            and all(not ha.training for ha in (hook.ha1, hook.ha2) if ha is not None))
 
 
 class EMPG(nn.Module):
@@ -651,7 +666,7 @@ class BlockAdapters(nn.Module):
              hw: Grid, p_internal: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """`forward` with HA's `fast_branch` and, unless `ipa_deep`, this position's IPA output
         `p_internal` (B, N, C) already computed by `internal_prompts` for all IPAs that read
-        `prompt`. With `ipa_deep` the IPA chain is sequential and runs here, as in `forward`.
+        `prompt` (for the fused inference kernel, as its `kernels.LowRankExtra` factors). With `ipa_deep` the IPA chain is sequential and runs here, as in `forward`.
         With `fused_adapters` the HA, both residual adds and the internal prompt are one call:
         `kernels.hybrid_adapter_eval` at inference (adapter in eval mode, no autograd), and in
         training, where Triton runs, `HybridAdapter.fused_train`."""
@@ -661,10 +676,12 @@ class BlockAdapters(nn.Module):
             prompt = p_internal
         z = z_out
         x = z_in if self.cfg.parallel else z_out
+        if ha is not None and _fused_inference(self):
+            weights = ha.kernel_weights()
+            return kernels.hybrid_adapter_eval(x, z, p_internal, hw, weights), prompt
+        if isinstance(p_internal, kernels.LowRankExtra):        # factors, but no fused kernel
+            p_internal = p_internal.dense(z.shape)
         if ha is not None and self.cfg.fused_adapters:
-            if not (ha.training or torch.is_grad_enabled()):
-                weights = ha.kernel_weights()
-                return kernels.hybrid_adapter_eval(x, z, p_internal, hw, weights), prompt
             if ha.training and ha.ho.bn.training and ha.ho.bn.momentum is not None \
                     and kernels.use_triton(x):
                 return ha.fused_train(x, z, p_internal, hw), prompt
