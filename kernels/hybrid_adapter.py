@@ -546,12 +546,12 @@ def _parameters(w: HybridAdapterWeights, dtype: torch.dtype):
 def _output_dtype(residual: torch.Tensor, extra) -> torch.dtype:
     """residual + extra's dtype; a `LowRankExtra`'s is its factors' promoted dtype (that of
     `LowRankExtra.dense` without autocast: float32 for bfloat16 h and float32 w)."""
-    if isinstance(extra, LowRankExtra):
-        extra_dtype = torch.promote_types(extra.h.dtype, extra.w.dtype)
-    elif extra is None:
+    if extra is None:
         return residual.dtype
-    else:
-        extra_dtype = extra.dtype
+    extra_dtype = (torch.promote_types(extra.h.dtype, extra.w.dtype)
+                   if isinstance(extra, LowRankExtra) else extra.dtype)
+    if extra_dtype == residual.dtype:         # (torch.promote_types is an operator call)
+        return residual.dtype
     return torch.promote_types(residual.dtype, extra_dtype)
 
 
