@@ -14,8 +14,10 @@ NCHW maps, timm's are `forward_intermediates` at the same stages or blocks, so t
 through every block) and an inference forward (no grad), both under bf16 autocast on the GPU:
 median wall ms over `--steps` calls after `--warmup` (CUDA events); on the GPU also one
 profiled training call per side, its kernels grouped by name, and the table of the kernels whose
-time differs most between the two sides (where our backbone loses time to timm's). EVA02's maps differ in one
-respect: ours are resized to strides 4-32 (four bilinear interpolations), timm's are not.
+time differs most between the two sides (where our backbone loses time to timm's). Swin is also
+measured with `attention="math"`, the window attention computed as timm's Swin computes it.
+EVA02's maps differ in one respect: ours are resized to strides 4-32 (four bilinear
+interpolations), timm's are not.
 
 timm is not a dependency of the project; this script is for machines that have it.
 """
@@ -181,7 +183,8 @@ def table(result: dict) -> str:
             lines.append(f"| {case['backbone']}{label} | {case['size']}, {case['batch']} | "
                          f"{o['train_ms']:.1f} | {t['train_ms']:.1f} | "
                          f"{o['train_ms'] / t['train_ms']:.2f}x | {o['inference_ms']:.1f} | "
-                         f"{t['inference_ms']:.1f} | {o['inference_ms'] / t['inference_ms']:.2f}x |")
+                         f"{t['inference_ms']:.1f} | "
+                         f"{o['inference_ms'] / t['inference_ms']:.2f}x |")
     for case, (side, label) in ((c, s) for c in result["cases"] for s in SIDES):
         o, t = case.get(side, {}), case["timm"]
         if "train_by_kernel" not in o or "train_by_kernel" not in t:

@@ -666,7 +666,8 @@ class BlockAdapters(nn.Module):
              hw: Grid, p_internal: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """`forward` with HA's `fast_branch` and, unless `ipa_deep`, this position's IPA output
         `p_internal` (B, N, C) already computed by `internal_prompts` for all IPAs that read
-        `prompt` (for the fused inference kernel, as its `kernels.LowRankExtra` factors). With `ipa_deep` the IPA chain is sequential and runs here, as in `forward`.
+        `prompt` (for the fused inference kernel, as its `kernels.LowRankExtra` factors). With
+        `ipa_deep` the IPA chain is sequential and runs here, as in `forward`.
         With `fused_adapters` the HA, both residual adds and the internal prompt are one call:
         `kernels.hybrid_adapter_eval` at inference (adapter in eval mode, no autograd), and in
         training, where Triton runs, `HybridAdapter.fused_train`."""

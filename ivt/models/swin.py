@@ -117,7 +117,8 @@ class WindowAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, window_size: int, attention: str = "sdpa"):
         super().__init__()
         if attention not in self.ATTENTION:
-            raise ValueError(f"attention={attention!r}: expected one of {', '.join(self.ATTENTION)}")
+            raise ValueError(f"attention={attention!r}: expected one of "
+                             f"{', '.join(self.ATTENTION)}")
         self.attention = attention
         self.num_heads = num_heads
         self.window_size = window_size
