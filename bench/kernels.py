@@ -221,10 +221,11 @@ def benchmark_rows(args, on_row=lambda rows, bandwidth, name: None):
 
 def adapter_rows(args, device, dtype, measure, bandwidth, add, tiles=None):
     """The Hybrid Adapter with its residual and the internal prompt added, residual + HA(x) +
-    extra with residual = x as the sequential block calls it: at inference, and a training
-    forward + backward (batch-statistics BatchNorm, dropout mask given, gradients of x, extra
-    and every parameter). The floor moves x, extra and the output once at inference, and also
-    reads the output gradient and writes x's in training. Each row goes to `add`. With
+    extra with residual = x as the sequential block calls it: at inference (extra as tokens, and
+    as the rank-8 factors the fused model passes), and a training forward + backward
+    (batch-statistics BatchNorm, dropout mask given, gradients of x, extra and every parameter).
+    The floor moves x, extra (as tokens) and the output once at inference, and also reads the
+    output gradient and writes x's in training. Each row goes to `add`. With
     tiles = (BLOCK_M, BLOCK_C), only the Triton column, with the kernels' tile sizes set so."""
     import torch
 
@@ -258,11 +259,19 @@ def adapter_rows(args, device, dtype, measure, bandwidth, add, tiles=None):
                 t.requires_grad_(True)
             fn(x, x, extra, (H, W), weights, keep, 0.1, 0.1, False).backward(grad)
 
-        for direction, impls, passes in (("inference", inference, 3), ("training", training, 6)):
-            if direction == "inference":
+        # the internal prompt as the model passes it at inference: rank-8 factors, made in the
+        # kernel (the floor moves x and the output only)
+        factors = kernels.LowRankExtra(torch.randn(B * H * W, 8, device=device, dtype=dtype),
+                                       torch.randn(8, C, device=device) * 8 ** -0.5,
+                                       torch.randn(C, device=device))
+        for direction, impls, passes, ext in (
+                ("inference", inference, 3, extra),
+                ("inference, prompt as factors", inference, 2, factors),
+                ("training", training, 6, extra)):
+            if direction.startswith("inference"):
                 with torch.no_grad():
                     timings = {name: None if fn is None else measure(
-                        lambda fn=fn: fn(x, x, extra, (H, W), weights), None)
+                        lambda fn=fn: fn(x, x, ext, (H, W), weights), None)
                         for name, fn in impls.items()}
             else:
                 timings = {name: None if fn is None else measure(lambda fn=fn: train(fn), leaves)
