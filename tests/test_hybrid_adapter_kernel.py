@@ -279,6 +279,28 @@ def test_layer_norm_of_tokens_far_from_zero(training):
         assert err < 1e-4, f"tensor {i}: relative error {err:.2e}, KERNELS_TEST_SEED={SEED}"
 
 
+@pytest.mark.skipif(not kernels.TRITON_INSTALLED, reason="needs Triton")
+def test_tile_sizes_on_the_benchmarked_shapes(monkeypatch):
+    """The tile rule on a 132-SM GPU (H100 SXM, H200): 16-token tiles where 32-token tiles
+    would give fewer than 264 programs (Swin-L 384 batch 8's stages 3 and 4, EVA02-L 512 batch
+    2), 32 elsewhere; channel steps of 64 where 64 divides C, else 32; BLOCK_M / BLOCK_C fix
+    them; off a GPU the tiles are 32 tokens."""
+    import kernels.hybrid_adapter as fused
+    gpu = torch.device("cuda")
+    monkeypatch.setattr(fused, "_multiprocessors", lambda device: 132)
+    shapes = {"swin_l stage 1": (8 * 96 * 96, 192), "stage 2": (8 * 48 * 48, 384),
+              "stage 3": (8 * 24 * 24, 768), "stage 4": (8 * 12 * 12, 1536),
+              "eva02_l": (2 * 32 * 32, 1024), "odd width": (8 * 96 * 96, 100)}
+    chosen = {name: fused.tile_sizes(M, C, gpu) for name, (M, C) in shapes.items()}
+    assert chosen == {"swin_l stage 1": (32, 64), "stage 2": (32, 64), "stage 3": (16, 64),
+                      "stage 4": (16, 64), "eva02_l": (16, 64), "odd width": (32, 32)}
+    monkeypatch.setattr(fused, "_multiprocessors", lambda device: None)       # no GPU
+    assert fused.tile_sizes(8 * 24 * 24, 768, torch.device("cpu")) == (32, 64)
+    monkeypatch.setattr(fused, "BLOCK_M", 64)
+    monkeypatch.setattr(fused, "BLOCK_C", 16)
+    assert fused.tile_sizes(8 * 24 * 24, 768, gpu) == (64, 16)
+
+
 def test_reference_is_the_adapter_at_inference():
     """residual = x gives HA(x) (Eq. 15, its residual inside) plus the internal prompt."""
     torch.manual_seed(SEED % 2**31)
