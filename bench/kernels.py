@@ -221,9 +221,9 @@ def benchmark_rows(args, on_row=lambda rows, bandwidth, name: None):
 
 def adapter_rows(args, device, dtype, measure, bandwidth, add, tiles=None):
     """The Hybrid Adapter with its residual and the internal prompt added, residual + HA(x) +
-    extra with residual = x as the sequential block calls it: at inference (extra as tokens, and
-    as the rank-8 factors the fused model passes), and a training forward + backward
-    (batch-statistics BatchNorm, dropout mask given, gradients of x, extra and every parameter).
+    extra with residual = x as the sequential block calls it: at inference and in a training
+    forward + backward (batch-statistics BatchNorm, dropout mask given, gradients of x, extra and
+    every parameter), each with extra as tokens and as the rank-8 factors the model passes.
     The floor moves x, extra (as tokens) and the output once at inference, and also reads the
     output gradient and writes x's in training. Each row goes to `add`. With
     tiles = (BLOCK_M, BLOCK_C), only the Triton column, with the kernels' tile sizes set so."""
@@ -252,30 +252,31 @@ def adapter_rows(args, device, dtype, measure, bandwidth, add, tiles=None):
         x, extra = (torch.randn(B, H * W, C, device=device, dtype=dtype) for _ in range(2))
         keep = torch.rand(B * H * W, adapter.down.out_features, device=device) > 0.1
         grad = torch.randn_like(x)
-        leaves = [x, extra] + [p for p in adapter.parameters()]
-
-        def train(fn):
-            for t in leaves:
-                t.requires_grad_(True)
-            fn(x, x, extra, (H, W), weights, keep, 0.1, 0.1, False).backward(grad)
-
-        # the internal prompt as the model passes it at inference: rank-8 factors, made in the
-        # kernel (the floor moves x and the output only)
+        # the internal prompt as the model passes it: rank-8 factors, made in the kernel (the
+        # floor moves x and the output only), in training with their gradients
         factors = kernels.LowRankExtra(torch.randn(B * H * W, 8, device=device, dtype=dtype),
                                        torch.randn(8, C, device=device) * 8 ** -0.5,
                                        torch.randn(C, device=device))
+        leaves = [x, extra, *factors] + list(adapter.parameters())
+
+        def train(fn, ext):
+            for t in leaves:
+                t.requires_grad_(True)
+            fn(x, x, ext, (H, W), weights, keep, 0.1, 0.1, False).backward(grad)
+
         for direction, impls, passes, ext in (
                 ("inference", inference, 3, extra),
                 ("inference, prompt as factors", inference, 2, factors),
-                ("training", training, 6, extra)):
+                ("training", training, 6, extra),
+                ("training, prompt as factors", training, 5, factors)):
             if direction.startswith("inference"):
                 with torch.no_grad():
                     timings = {name: None if fn is None else measure(
                         lambda fn=fn: fn(x, x, ext, (H, W), weights), None)
                         for name, fn in impls.items()}
             else:
-                timings = {name: None if fn is None else measure(lambda fn=fn: train(fn), leaves)
-                           for name, fn in impls.items()}
+                timings = {name: None if fn is None else measure(
+                    lambda fn=fn, ext=ext: train(fn, ext), leaves) for name, fn in impls.items()}
             times = {name: None if t is None else t[0] for name, t in timings.items()}
             moved = passes * x.numel() * x.element_size()
             add(dict(op="hybrid_adapter", shape=shape, where=where, direction=direction,

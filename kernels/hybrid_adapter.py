@@ -31,7 +31,14 @@ else is recomputed from h in registers:
             ReLU; the BatchNorm output gradient and its two reductions) -> `_ho_backward_kernel`
             (BatchNorm and pw1 backward: grad y) -> `_down_backward_kernel` (partial conv
             backward from the neighbours' grad y, the down-projection and LayerNorm backward,
-            grad x) -> `_ln_down_grads_kernel` (the C-wide parameters' gradients, below).
+            grad x) -> `_ln_down_grads_kernel` (the C-wide parameters' gradients, below);
+            for an extra given as its factors, `_low_rank_backward_kernel` (its pre-activation
+            made again from the factors, GELU backward, the rank-wide gradient of h_e).
+  The extra (an internal prompt) is best given as its factors (`LowRankExtra`) in training
+  too: as tokens it is a (B, N, C) float32 map written by three operators before this forward
+  and read here, and its gradient (g itself) goes through three more; as factors it is made in
+  `_ho_up_kernel`'s registers and its backward writes one (M, C) map, dz, for its weight
+  gradient.
   Weight gradients are sums over tokens. The D-wide ones (pw1, pw2, BatchNorm, the partial
   conv, the biases of d2 channels): each backward kernel runs a fixed number of programs that
   loop over tiles, accumulate their own partial sums in registers and store them once, and a
@@ -51,7 +58,7 @@ gradients' library matmuls PyTorch's float32 setting, in bfloat16 for bfloat16 t
 autocast runs a Linear layer's). The references are
 `kernels.reference.hybrid_adapter_eval_reference` and `hybrid_adapter_train_reference`.
 """
-from typing import NamedTuple, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -236,12 +243,13 @@ def _bn_partial_kernel(h_ptr, dww_ptr, dwb_ptr, w1_ptr, b1_ptr, part_ptr, M, N, 
 
 
 @triton.jit
-def _bn_finalize_kernel(part_ptr, stats_ptr, running_mean_ptr, running_var_ptr, n_tiles, M, D,
-                        eps, momentum, UPDATE: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _bn_finalize_kernel(part_ptr, stats_ptr, running_mean_ptr, running_var_ptr, batches_ptr,
+                        n_tiles, M, D, eps, momentum, UPDATE: tl.constexpr, COUNT: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """Merge the tiles' (mean, M2) into the batch mean and 1/std, stats (2, D), BLOCK_T tiles
     at a time (each group exactly, then into the running total: Chan et al.'s parallel
-    variance); with UPDATE also the running statistics (unbiased variance), as BatchNorm does."""
+    variance); with UPDATE also the running statistics (unbiased variance), as BatchNorm does,
+    and with COUNT its count of batches (num_batches_tracked, one int64) + 1."""
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     mean = tl.zeros([BLOCK_D], dtype=stats_ptr.dtype.element_ty)
@@ -274,6 +282,8 @@ def _bn_finalize_kernel(part_ptr, stats_ptr, running_mean_ptr, running_var_ptr, 
                  mask=d_ok)
         tl.store(running_var_ptr + d, running_var + momentum * (unbiased - running_var),
                  mask=d_ok)
+        if COUNT:
+            tl.store(batches_ptr, tl.load(batches_ptr) + 1)
 
 
 @triton.jit
@@ -530,6 +540,39 @@ def _ln_down_grads_kernel(p_ptr, sum_dh_ptr, wd_ptr, lnw_ptr, lnb_ptr, gamma_ptr
     tl.store(tail + 3 * C + c, ds, mask=c_ok)
 
 
+@triton.jit
+def _low_rank_backward_kernel(g_ptr, g_b, g_n, lr_h_ptr, lr_h_stride, lr_w_ptr, lr_b_ptr, R,
+                              dz_ptr, dh_ptr, h1_ptr, R1, M, N, C, BLOCK_M: tl.constexpr,
+                              BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The backward of an extra given as its factors (`LowRankExtra`), e = gelu(z) with
+    z = h_e w_e + b_e, for tile program_id(0): e is added to the output, so its gradient is g.
+    Makes z again chunk by chunk of C in registers (R = 8 products a value), dz = g gelu'(z),
+    stores dz (M, C) and h_e with a column of ones and zeros up to R1 columns (`_with_ones`),
+    h1 (M, R1), for the weight and bias gradients ([dw_e; db_e] = the first R + 1 rows of
+    h1^T dz, one matmul on the host), and sums dh_e = dz w_e^T (M, R) over C in registers."""
+    rows, row_ok, r, r_ok = _tile(tl.program_id(0), BLOCK_M, BLOCK_R, M, R)
+    h = tl.load(lr_h_ptr + rows[:, None] * lr_h_stride + r[None, :],       # (BLOCK_M, BLOCK_R)
+                mask=row_ok[:, None] & r_ok[None, :], other=0.0).to(dh_ptr.dtype.element_ty)
+    tl.store(h1_ptr + rows[:, None] * R1 + r[None, :],                  # BLOCK_R >= R1
+             tl.where(r_ok[None, :], h, tl.where(r == R, 1.0, 0.0)[None, :].to(h.dtype))
+             .to(h1_ptr.dtype.element_ty), mask=row_ok[:, None] & (r < R1)[None, :])
+    dh = tl.zeros(h.shape, dtype=h.dtype)
+    g_rows = g_ptr + _token_offsets(rows, N, g_b, g_n)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        mask = row_ok[:, None] & c_ok[None, :]
+        w = tl.load(lr_w_ptr + r[:, None] * C + c[None, :],                 # (BLOCK_R, BLOCK_C)
+                    mask=r_ok[:, None] & c_ok[None, :], other=0.0).to(h.dtype)
+        z = tl.dot(h, w) + tl.load(lr_b_ptr + c, mask=c_ok, other=0.0).to(h.dtype)[None, :]
+        g = tl.load(g_rows[:, None] + c[None, :], mask=mask, other=0.0).to(h.dtype)
+        dz = g * _gelu_grad(z)
+        tl.store(dz_ptr + rows[:, None] * C + c[None, :], dz.to(dz_ptr.dtype.element_ty),
+                 mask=mask)
+        dh += tl.dot(dz, tl.trans(w))
+    tl.store(dh_ptr + rows[:, None] * R + r[None, :], dh, mask=row_ok[:, None] & r_ok[None, :])
+
+
 # -- host side -------------------------------------------------------------------------------------
 def _token_strides(t: torch.Tensor):
     """(t, stride_b, stride_n) with channels contiguous (copying only when they are not)."""
@@ -548,11 +591,14 @@ def _output_dtype(residual: torch.Tensor, extra) -> torch.dtype:
     `LowRankExtra.dense` without autocast: float32 for bfloat16 h and float32 w)."""
     if extra is None:
         return residual.dtype
-    extra_dtype = (torch.promote_types(extra.h.dtype, extra.w.dtype)
-                   if isinstance(extra, LowRankExtra) else extra.dtype)
-    if extra_dtype == residual.dtype:         # (torch.promote_types is an operator call)
-        return residual.dtype
-    return torch.promote_types(residual.dtype, extra_dtype)
+    extra_dtype = (_promoted(extra.h.dtype, extra.w.dtype) if isinstance(extra, LowRankExtra)
+                   else extra.dtype)
+    return _promoted(residual.dtype, extra_dtype)
+
+
+def _promoted(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """torch.promote_types(a, b), which is an operator call, made only where a != b."""
+    return a if a == b else torch.promote_types(a, b)
 
 
 def tile_sizes(M: int, C: int, device: torch.device) -> Tuple[int, int]:
@@ -652,6 +698,14 @@ def hybrid_adapter_eval_triton(x: torch.Tensor, residual: torch.Tensor, extra, h
     return _ho_up(h, s, residual, extra, hw, w, params, params[10], params[11], True, None, 1.0)
 
 
+def _with_ones(width: int) -> int:
+    """Columns of a map of `width` columns with a column of ones appended (so that one matmul
+    over the tokens makes a weight's gradient and, from the ones, its bias's), padded with
+    zeros to a multiple of 8 (rows 32-byte aligned in float32, as the matmul library's fast
+    paths want)."""
+    return (width + 1 + 7) // 8 * 8
+
+
 def _programs(n_tiles: int, floats_per_program: int) -> int:
     """Programs of a backward kernel: at most one per tile, and partial sums within budget."""
     return max(1, min(n_tiles, PARTIAL_FLOATS // floats_per_program))
@@ -660,13 +714,16 @@ def _programs(n_tiles: int, floats_per_program: int) -> int:
 class _TrainingHybridAdapter(torch.autograd.Function):
     """residual + HA branch(x) (+ extra) in training mode; see the module docstring.
 
-    forward(x, residual, extra, hw, w, keep, p, momentum, update, *tensors): `keep` is the
-    dropout mask (M, d2) of kept units (or None without dropout), `update` whether the BatchNorm
-    running statistics (w.bn_mean, w.bn_var, updated in place) take this batch; `tensors` are the
-    18 tensors of `w`, listed so that autograd returns their gradients."""
+    forward(x, residual, extra, hw, w, keep, p, momentum, update, batches, *tensors): `extra`
+    None or tokens, `keep` the dropout mask (M, d2) of kept units (or None without dropout),
+    `update` whether the BatchNorm running statistics (w.bn_mean, w.bn_var, updated in place)
+    take this batch, and then the count `batches` (None or an int64 tensor) too; `tensors` are
+    the 18 tensors of `w`, then, for an extra given as its factors, the three of its
+    `LowRankExtra`: listed so that autograd returns their gradients."""
 
     @staticmethod
-    def forward(ctx, x, residual, extra, hw, w, keep, p, momentum, update, *tensors):
+    def forward(ctx, x, residual, extra, hw, w, keep, p, momentum, update, batches, *tensors):
+        low_rank = LowRankExtra(*tensors[18:]) if len(tensors) > 18 else None
         s = _sizes(x, w)
         M, D, n_tiles = s.M, s.D, s.n_tiles
         params = _parameters(w, s.acc)
@@ -680,13 +737,14 @@ class _TrainingHybridAdapter(torch.autograd.Function):
         dww, dwb, w1, b1 = params[6:10]
         _bn_partial_kernel[(n_tiles,)](h, dww, dwb, w1, b1, partial, M, s.N, hw[0], hw[1], D,
                                        w.cp, BLOCK_M=s.block_m, BLOCK_D=s.block_d)
-        _bn_finalize_kernel[(1,)](partial, bn_stats, w.bn_mean, w.bn_var, n_tiles, M, D,
-                                  w.bn_eps, momentum, UPDATE=update, BLOCK_M=s.block_m,
-                                  BLOCK_T=32, BLOCK_D=s.block_d)
+        _bn_finalize_kernel[(1,)](partial, bn_stats, w.bn_mean, w.bn_var,
+                                  w.bn_mean if batches is None else batches, n_tiles, M, D,
+                                  w.bn_eps, momentum, UPDATE=update, COUNT=batches is not None,
+                                  BLOCK_M=s.block_m, BLOCK_T=32, BLOCK_D=s.block_d)
         keep_scale = 1.0 / (1.0 - p) if keep is not None else 1.0
-        out = _ho_up(h, s, residual, extra, hw, w, params, bn_stats[0], bn_stats[1], False, keep,
-                     keep_scale)
-        ctx.save_for_backward(x, h, ln_stats, bn_stats, fold, keep, *params)
+        out = _ho_up(h, s, residual, extra if low_rank is None else low_rank, hw, w, params,
+                     bn_stats[0], bn_stats[1], False, keep, keep_scale)
+        ctx.save_for_backward(x, h, ln_stats, bn_stats, fold, keep, *params, *(low_rank or ()))
         ctx.sizes, ctx.hw, ctx.w, ctx.keep_scale = s, hw, w, keep_scale
         ctx.x_is_residual = x is residual
         ctx.has_extra = extra is not None
@@ -695,6 +753,8 @@ class _TrainingHybridAdapter(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, h, ln_stats, bn_stats, fold, keep, *params = ctx.saved_tensors
+        low_rank = LowRankExtra(*params[18:]) if len(params) > 18 else None
+        params = params[:18]
         (lnw, lnb, gamma, beta, wd, bd, dww, dwb, w1, b1, bn_mean, bn_var, bnw, bnb, w2, b2, wu,
          bu) = params
         s, w, (H, W) = ctx.sizes, ctx.w, ctx.hw
@@ -705,19 +765,34 @@ class _TrainingHybridAdapter(torch.autograd.Function):
         device = x.device
         # one workspace for what lives only in this backward: the kernels' per-program partial
         # sums (D-wide, every entry written: kernel 1's, then rows shared by kernels 2 and 3,
-        # finished by one sum), five (M, D) maps and the normalised input n_hat (M, C)
+        # finished by one sum), five (M, D) maps, the normalised input n_hat (M, C) and, for an
+        # extra given as factors (rank R), the map dz (M, C) and h_e with a column of ones
+        # (M, R1)
         size1, size2, size3 = D * D + 3 * D, D * D + D, cp * 10 + D
         p1, p23 = _programs(n_tiles, size1), _programs(n_tiles, size2 + size3)
+        R = 0 if low_rank is None else low_rank.w.shape[0]
         nhat_dtype = _matmul_dtype(x.dtype, acc)
-        sizes = [p1 * size1, p23 * (size2 + size3), 5 * M * D] + (
-            [M * C] if nhat_dtype == acc else [])
+        dz_dtype = None if low_rank is None else _matmul_dtype(low_rank.h.dtype, acc)
+        R1 = _with_ones(R)
+        maps = [(M * C, nhat_dtype)] + ([] if low_rank is None else [(M * (C + R1), dz_dtype)])
+        sizes = [p1 * size1, p23 * (size2 + size3), 5 * M * D] + [
+            size for size, dtype in maps if dtype == acc]
         work = torch.empty(sum(sizes), device=device, dtype=acc).split(sizes)
         part1, part23 = work[0].view(p1, size1), work[1].view(p23, size2 + size3)
         do, dbn, dy, dropped, dh = work[2].view(5, M, D).unbind(0)
-        n_hat = (work[3] if nhat_dtype == acc else torch.empty(
-            M * C, device=device, dtype=nhat_dtype)).view(M, C)
+        in_work = iter(work[3:])
+
+        def own_map(size, dtype):                    # in the workspace if in acc
+            return next(in_work) if dtype == acc else torch.empty(size, device=device,
+                                                                  dtype=dtype)
+        n_hat = own_map(*maps[0]).view(M, C)
+        if low_rank is not None:
+            dz_h1 = own_map(*maps[1])
+            dz, lr_h_1 = dz_h1[:M * C].view(M, C), dz_h1[M * C:].view(M, R1)
         # 1. up-projection's input, dropout, GELU, pw2, ReLU -> do, dbn, and the up-projection's
-        # input for its weight gradient: dWu = g^T dropped, dbu = sum of g (one matmul, one sum)
+        # input for its weight gradient: dWu = g^T dropped, dbu = sum of g (one matmul, one sum).
+        # (Not one matmul with a column of ones: dWu would be a strided slice of its result, and
+        # a parameter's gradient is copied to the parameter's layout.)
         _up_backward_kernel[(p1,)](g, g_b, g_n, h, dww, dwb, w1, b1, bn_stats, bnw, bnb, w2, b2,
                                    h if keep is None else keep, ctx.keep_scale, wu, do, dbn,
                                    dropped, part1, n_tiles, M, N, H, W, C, D, cp,
@@ -744,19 +819,32 @@ class _TrainingHybridAdapter(torch.autograd.Function):
                                       num_warps=BACKWARD_WARPS)
         d_w1, d_b1, d_dww, d_dwb, d_bd = part23.sum(0).split([D * D, D, cp * 9, cp, D])
         # 4. the down-projection's and LayerNorm/SFT's parameter gradients from P = dh^T n_hat
-        grads_c = torch.empty(D * C + 4 * C, device=device, dtype=acc)
+        # (one allocation for the returned gradients: those, and an extra's dh_e (M, R), which
+        # the parameters' .grad may then keep, M x R floats an adapter: 17 MB for Swin-L 384 b8)
+        grads_c = torch.empty(D * C + 4 * C + M * R, device=device, dtype=acc)
         _ln_down_grads_kernel[(triton.cdiv(C, s.block_c),)](
             _matmul_t(dh, n_hat, acc), d_bd, wd, lnw, lnb, gamma, beta, grads_c, C, D,
             BLOCK_C=s.block_c, BLOCK_D=s.block_d)
-        d_wd, d_lnw, d_lnb, d_gamma, d_beta = grads_c.split([D * C, C, C, C, C])
+        d_wd, d_lnw, d_lnb, d_gamma, d_beta = grads_c[:D * C + 4 * C].split([D * C, C, C, C, C])
         grads = [d_lnw, d_lnb, d_gamma, d_beta, d_wd.view(D, C), d_bd, d_dww.view(cp, 1, 3, 3),
                  d_dwb, d_w1.view(D, D), d_b1, None, None, d_bnw, d_bnb, d_w2.view(D, D), d_b2,
                  d_wu, d_bu]
         grads = [None if gr is None or not need else gr.to(t.dtype)
-                 for gr, t, need in zip(grads, w[:18], ctx.needs_input_grad[9:])]
+                 for gr, t, need in zip(grads, w[:18], ctx.needs_input_grad[10:])]
+        if low_rank is not None:
+            # 5. the extra's factors: dz and dh_e in one kernel, [dw_e; db_e] = [h_e, 1]^T dz
+            lr_h, lr_w, lr_b = low_rank
+            d_lr_h = grads_c[D * C + 4 * C:].view(M, R)
+            _low_rank_backward_kernel[(n_tiles,)](
+                g, g_b, g_n, lr_h, lr_h.stride(0), lr_w, lr_b, R, dz, d_lr_h, lr_h_1, R1, M, N,
+                C, BLOCK_M=s.block_m, BLOCK_C=s.block_c,
+                BLOCK_R=max(16, triton.next_power_of_2(R1)))
+            d_lr_wb = _matmul_t(lr_h_1, dz, acc)                          # (R1, C)
+            grads += [gr.to(t.dtype) if need else None for gr, t, need in zip(
+                (d_lr_h, d_lr_wb[:R], d_lr_wb[R]), low_rank, ctx.needs_input_grad[28:])]
         d_residual = None if ctx.x_is_residual else g
         d_extra = g if ctx.has_extra else None
-        return (dx, d_residual, d_extra, None, None, None, None, None, None, *grads)
+        return (dx, d_residual, d_extra, None, None, None, None, None, None, None, *grads)
 
 
 def _matmul_dtype(tokens: torch.dtype, acc: torch.dtype) -> torch.dtype:
@@ -775,12 +863,16 @@ def _matmul_t(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tenso
 
 def hybrid_adapter_train_triton(x: torch.Tensor, residual: torch.Tensor, extra, hw,
                                 w: HybridAdapterWeights, keep, p: float, momentum: float,
-                                update: bool) -> torch.Tensor:
+                                update: bool, batches: Optional[torch.Tensor] = None
+                                ) -> torch.Tensor:
     """residual + HA branch(x) (+ extra) in training mode, differentiable in x, residual, extra
-    and the adapter's parameters; `keep` (M, d2) the dropout mask or None, p its drop
-    probability; BatchNorm's running statistics take this batch (momentum) when `update`."""
+    (None, tokens or a `LowRankExtra`: then in its factors) and the adapter's parameters; `keep`
+    (M, d2) the dropout mask or None, p its drop probability; BatchNorm's running statistics take
+    this batch (momentum) when `update`, and its count of batches `batches` (num_batches_tracked,
+    if given) goes up by one, in the kernel that updates them."""
+    batches = batches if update else None
     if isinstance(extra, LowRankExtra):
-        raise TypeError("hybrid_adapter_train takes extra as tokens (LowRankExtra.dense), not "
-                        "as factors: those are an inference path")
+        return _TrainingHybridAdapter.apply(x, residual, None, tuple(hw), w, keep, p, momentum,
+                                            update, batches, *w[:18], *extra)
     return _TrainingHybridAdapter.apply(x, residual, extra, tuple(hw), w, keep, p, momentum,
-                                        update, *w[:18])
+                                        update, batches, *w[:18])

@@ -43,8 +43,8 @@ class LowRankExtra(NamedTuple):
     """A term added to a Hybrid Adapter's output, gelu(h w + b), given by its factors instead of
     as (B, N, C) tokens: h (B*N, r) (rows of any stride), w (r, C), b (C,). An internal prompt
     (`ivt.models.ivtuning.internal_prompts`, r = d3 = 8) is of this form; the fused adapter's
-    inference kernel computes it in registers, chunk by chunk of C, where the tokens would cost
-    B*N*C values written by two kernels and read by a third."""
+    kernels compute it in registers, chunk by chunk of C (and in training its gradients), where
+    the tokens would cost B*N*C values written by two kernels and read by a third."""
     h: torch.Tensor
     w: torch.Tensor
     b: torch.Tensor
@@ -113,12 +113,17 @@ def hybrid_adapter_eval_reference(x: torch.Tensor, residual: torch.Tensor,
 
 
 def hybrid_adapter_train_reference(x: torch.Tensor, residual: torch.Tensor,
-                                   extra: Optional[torch.Tensor], hw: Tuple[int, int],
+                                   extra, hw: Tuple[int, int],
                                    w: HybridAdapterWeights, keep: Optional[torch.Tensor], p: float,
-                                   momentum: float, update: bool) -> torch.Tensor:
+                                   momentum: float, update: bool,
+                                   batches: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`hybrid_adapter_eval_reference` in training mode: BatchNorm on the batch's statistics
     over all B*N tokens (its running statistics, w.bn_mean and w.bn_var, take the batch in place
-    when `update`), dropout with the mask `keep` (B*N, d2) of kept units scaled by 1 / (1 - p)."""
+    when `update`, and then the count `batches`, BatchNorm's num_batches_tracked, if given, goes
+    up by one), dropout with the mask `keep` (B*N, d2) of kept units scaled by 1 / (1 - p);
+    extra: None, (B, N, C) tokens or a `LowRankExtra`."""
+    if update and batches is not None:
+        batches.add_(1)
     B, N, _ = x.shape
     running = (w.bn_mean, w.bn_var) if update else (w.bn_mean.clone(), w.bn_var.clone())
     hidden = _adapter_hidden(x, hw, w, lambda q: F.batch_norm(
@@ -126,4 +131,6 @@ def hybrid_adapter_train_reference(x: torch.Tensor, residual: torch.Tensor,
     if keep is not None:
         hidden = hidden * keep.reshape(B, N, -1).to(hidden.dtype) / (1.0 - p)
     out = residual + F.linear(hidden, w.up_weight, w.up_bias)
+    if isinstance(extra, LowRankExtra):
+        extra = extra.dense(out.shape)
     return out if extra is None else out + extra

@@ -167,6 +167,54 @@ def test_training_kernels_match_reference(draw, dtype, tol):
         assert err < tol, f"{name}: relative error {err:.2e}; {msg}"
 
 
+def low_rank_training_run(fn, case, r, dtype, seed):
+    """`training_run` with the extra given as factors (`LowRankExtra`: h a strided view, as
+    `internal_prompts` makes it, w and b), the gradients of the three factors last."""
+    B, H, W, C, d2, x_is_residual, _, with_dropout = case
+    gen = torch.Generator().manual_seed(seed)
+    w64 = random_weights(C, d2, gen)
+    tensors = [t.to(dtype).requires_grad_(i not in (10, 11)) for i, t in enumerate(w64[:18])]
+    w = HybridAdapterWeights(*tensors, *w64[18:])
+    x = torch.randn(B, H * W, C, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    h_all = torch.randn(B * H * W, 3 * r, generator=gen, dtype=torch.float64).to(dtype)
+    factors = [h_all.requires_grad_(),
+               (torch.randn(r, C, generator=gen, dtype=torch.float64) * r ** -0.5).to(dtype)
+               .requires_grad_(),
+               torch.randn(C, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()]
+    extra = kernels.LowRankExtra(h_all.view(-1, 3, r)[:, 1], *factors[1:])   # (B*N, r), strided
+    keep = (torch.rand(B * H * W, d2, generator=gen) > 0.1) if with_dropout else None
+    out = fn(x, x, extra, (H, W), w, keep, 0.1, 0.1, True)
+    out.backward(torch.randn(out.shape, generator=gen, dtype=torch.float64).to(dtype))
+    return out, [x.grad] + [t.grad for t in tensors if t.requires_grad] + [
+        f.grad for f in factors]
+
+
+@pytest.mark.skipif(not (kernels.TRITON_INSTALLED and kernels.triton_interpreter_on()),
+                    reason="needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("draw", range(3))
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-6), (torch.float32, 1e-4)],
+                         ids=["float64", "float32"])
+def test_training_kernels_with_low_rank_extra(draw, dtype, tol):
+    """The extra as its factors in training: made in the forward kernel, its backward in
+    `_low_rank_backward_kernel`: the output and every gradient, the factors' included (h's at
+    the rows of the strided view and zero elsewhere), against autograd through the reference
+    (the extra as `LowRankExtra.dense`). Ranks below, at and above the 16-wide matmul tile."""
+    rng = random.Random(SEED * 29 + draw)
+    case = random_training_case(rng)
+    r = rng.choice([1, 5, 8, 20])
+    msg = f"KERNELS_TEST_SEED={SEED}, draw {draw}: {case}, r={r}, {dtype}"
+    expected = low_rank_training_run(kernels.hybrid_adapter_train_reference, case, r, dtype, SEED)
+    got = low_rank_training_run(kernels.hybrid_adapter_train, case, r, dtype, SEED)
+    scale = max(g.abs().max().item() for g in expected[1])
+    for name, a, b in [("out", expected[0], got[0])] + [
+            (f"grad {i}", a, b) for i, (a, b) in enumerate(zip(expected[1], got[1]))]:
+        ref_scale = a.abs().max().item() if name == "out" else scale
+        err = (b - a).abs().max().item() / max(ref_scale, 1e-30)
+        assert err < tol, f"{name}: relative error {err:.2e}; {msg}"
+    for a in expected[1][-3:]:
+        assert a.abs().max() > 1e-3 * scale, f"a factor's gradient is ~0, the test is void; {msg}"
+
+
 def float64_runs(case, while_fused=lambda: None):
     """`training_run` of the reference and then of the kernels, float64 on the CPU, with
     `while_fused()` called in between (to patch what only the kernels' run should see)."""
@@ -408,6 +456,34 @@ def test_fused_training_step_equals_reference_path(variant, options, monkeypatch
     monkeypatch.setenv("IVT_KERNELS", "torch")            # the reference path, all PyTorch
     expected = fused_training_run(reference, vis, ir)
     monkeypatch.setenv("IVT_KERNELS", "triton")           # every kernel in the interpreter
+    assert_runs_equal(expected, fused_training_run(fused, vis, ir), 1e-6)
+
+
+@pytest.mark.skipif(not (kernels.TRITON_INSTALLED and kernels.triton_interpreter_on()),
+                    reason="needs TRITON_INTERPRET=1")
+def test_fused_eva02_training_step_equals_reference_path(monkeypatch):
+    """The same for EVA02, whose adapters read the patch tokens as a view that skips the cls
+    token and whose internal prompts (each block's own, as factors) come from weights folded
+    for all blocks at once."""
+    from ivt.models.eva02 import EVA02Backbone, EVA02Config
+    from ivt.models.ivtuning import IVTConfig
+
+    def build(fused):
+        torch.manual_seed(0)
+        cfg = EVA02Config(embed_dim=32, depth=3, num_heads=2, mlp_hidden=48, patch_size=8,
+                          img_size=(24, 32), drop_path_rate=0.0)
+        return EVA02Backbone("tiny", cfg, "ivt", IVTConfig(d2=16, dropout=0.0,
+                                                           fused_adapters=fused),
+                             fast=fused).double()
+
+    reference, fused = build(False), build(True)
+    fused.load_state_dict(reference.state_dict())
+    gen = torch.Generator().manual_seed(SEED)
+    vis = torch.randn(2, 3, 24, 32, generator=gen, dtype=torch.float64)
+    ir = torch.randn(2, 3, 24, 32, generator=gen, dtype=torch.float64)
+    monkeypatch.setenv("IVT_KERNELS", "torch")
+    expected = fused_training_run(reference, vis, ir)
+    monkeypatch.setenv("IVT_KERNELS", "triton")
     assert_runs_equal(expected, fused_training_run(fused, vis, ir), 1e-6)
 
 

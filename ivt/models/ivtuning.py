@@ -320,22 +320,21 @@ class HybridAdapter(nn.Module):
             ho.bn.running_var, ho.bn.weight, ho.bn.bias, ho.pw2.weight, ho.pw2.bias,
             self.up.weight, self.up.bias, sft.norm.eps, ho.bn.eps, ho.cp)
 
-    def fused_train(self, x: torch.Tensor, residual: torch.Tensor,
-                    extra: Optional[torch.Tensor], hw: Grid) -> torch.Tensor:
-        """residual + psi(x) (+ extra) in training mode as Triton kernels
-        (`kernels.hybrid_adapter_train`): BatchNorm on the batch's statistics, updating its
-        running statistics except inside a checkpoint's recomputation, and the dropout mask
-        drawn from torch's generator (so a recomputation draws it again identically)."""
+    def fused_train(self, x: torch.Tensor, residual: torch.Tensor, extra, hw: Grid
+                    ) -> torch.Tensor:
+        """residual + psi(x) (+ extra: None, tokens or a `kernels.LowRankExtra`) in training
+        mode as Triton kernels (`kernels.hybrid_adapter_train`): BatchNorm on the batch's
+        statistics, updating its running statistics and num_batches_tracked except inside a
+        checkpoint's recomputation, and the dropout mask drawn from torch's generator (so a
+        recomputation draws it again identically)."""
         bn, p = self.ho.bn, self.drop.p
         keep = None
         if p > 0:
             keep = torch.empty(x.shape[0] * x.shape[1], self.down.out_features, dtype=torch.bool,
                                device=x.device).bernoulli_(1 - p)
         update = bn.track_running_stats and not _Recomputation.active
-        if update:
-            bn.num_batches_tracked.add_(1)
         return kernels.hybrid_adapter_train(x, residual, extra, hw, self.kernel_weights(), keep,
-                                            p, bn.momentum, update)
+                                            p, bn.momentum, update, bn.num_batches_tracked)
 
     def fast_branch(self, z: torch.Tensor, hw: Grid) -> torch.Tensor:
         """`branch` with SFT's affine folded into its LayerNorm's (`_FoldedSFT`), and the
@@ -510,7 +509,8 @@ def internal_prompts(ipas: Sequence[InternalPromptAdapter], p: torch.Tensor, hw:
     """k IPAs that read the same prompt P, computed together: (k, B, N, C), equal (up to
     rounding) to `torch.stack([ipa(p, hw) for ipa in ipas])`. With `factored` (and the
     projections) the last step is left undone: k `kernels.LowRankExtra` factors (h_i, W_i, b_i)
-    of gelu(h_i W_i + b_i), which the fused adapter's inference kernel computes as it adds them.
+    of gelu(h_i W_i + b_i), which the fused adapter's kernels compute as they add them (and in
+    training make their gradients from).
 
     With n(P) the LayerNorm of P without affine, IPA_i's first SFT and down-projection are one
     affine map of n(P): down_i(n(P) * a_i + c_i) = n(P) @ (W_i * a_i)^T + (W_i c_i + b_i), where
@@ -532,8 +532,9 @@ def internal_prompts(ipas: Sequence[InternalPromptAdapter], p: torch.Tensor, hw:
         if first.simam is not None:
             h = map_to_tokens(first.simam(tokens_to_map(h, hw)))
         h = F.gelu(h).view(B * N, k, d3).transpose(0, 1)                              # (k, BN, d3)
-        if factored:
-            return [kernels.LowRankExtra(h[i], out_w[i], out_b[i, 0]) for i in range(k)]
+        if factored:                        # (one operator each for the k factors' gradients)
+            return [kernels.LowRankExtra(*f) for f in zip(
+                _Unstack.apply(h), _Unstack.apply(out_w), _Unstack.apply(out_b.view(k, C)))]
         return _UpGelu.apply(out_b, h, out_w).view(k, B, N, C)
     e = torch.addcmul(in_b[:, None, None, :], n, in_w[:, None, None, :])             # (k, B, N, C)
     if first.simam is not None:
@@ -568,14 +569,15 @@ def block_internal_prompts(adapters: Sequence[Optional[nn.Module]], p: Optional[
     weights already folded (`fold_block_ipas`).
 
     Returns per block [IPA1 output or None, IPA2 output or None], each (B, N, C), or, where
-    every hook runs its adapters as the fused inference kernel (`_fused_inference`), as the
-    `kernels.LowRankExtra` factors that kernel takes. Hooks that are not `BlockAdapters`, absent
-    IPAs and `ipa_deep` (whose IPAs form a chain) give None.
+    every IPA's output goes to a Hybrid Adapter that runs as fused kernels
+    (`BlockAdapters.fused_kernels`), as the `kernels.LowRankExtra` factors those kernels take.
+    Hooks that are not `BlockAdapters`, absent IPAs and `ipa_deep` (whose IPAs form a chain)
+    give None.
     """
     out: List[List[Optional[torch.Tensor]]] = [[None, None] for _ in adapters]
     slots = [(j, pos, ipa) for j, hook in enumerate(adapters) for pos, ipa in _batched_ipas(hook)]
     if slots:
-        factored = all(_fused_inference(adapters[j]) for j, _, _ in slots)
+        factored = all(adapters[j].fused_kernels(pos, p) is not None for j, pos, _ in slots)
         stacked = internal_prompts([ipa for _, _, ipa in slots], p, hw, folded, factored)
         for (j, pos, _), p_internal in zip(slots, stacked if isinstance(stacked, list)
                                            else _Unstack.apply(stacked)):  # (k, B, N, C)
@@ -662,30 +664,43 @@ class BlockAdapters(nn.Module):
                 prompt = p_internal
         return z, prompt
 
+    def fused_kernels(self, pos: int, x: torch.Tensor) -> Optional[str]:
+        """Which fused kernels `fast` runs the Hybrid Adapter at `pos` as, for tokens on x's
+        device: "eval" (`kernels.hybrid_adapter_eval`: adapters in eval mode, no autograd),
+        "train" (`HybridAdapter.fused_train`: in training mode, BatchNorm on batch statistics
+        with a momentum, where Triton runs) or None (the PyTorch `fast_branch`)."""
+        ha = self.ha1 if pos == 0 else self.ha2
+        if ha is None or not self.cfg.fused_adapters:
+            return None
+        if _fused_inference(self):
+            return "eval"
+        bn = ha.ho.bn
+        if ha.training and bn.training and bn.momentum is not None and kernels.use_triton(x):
+            return "train"
+        return None
+
     def fast(self, pos: int, z_in: torch.Tensor, z_out: torch.Tensor, prompt: torch.Tensor,
              hw: Grid, p_internal: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """`forward` with HA's `fast_branch` and, unless `ipa_deep`, this position's IPA output
         `p_internal` (B, N, C) already computed by `internal_prompts` for all IPAs that read
-        `prompt` (for the fused inference kernel, as its `kernels.LowRankExtra` factors). With
+        `prompt` (for the fused kernels, as their `kernels.LowRankExtra` factors). With
         `ipa_deep` the IPA chain is sequential and runs here, as in `forward`.
-        With `fused_adapters` the HA, both residual adds and the internal prompt are one call:
-        `kernels.hybrid_adapter_eval` at inference (adapter in eval mode, no autograd), and in
-        training, where Triton runs, `HybridAdapter.fused_train`."""
+        With `fused_adapters` the HA, both residual adds and the internal prompt are one call
+        (`fused_kernels`): `kernels.hybrid_adapter_eval` at inference, and in training, where
+        Triton runs, `HybridAdapter.fused_train`."""
         ha, ipa = (self.ha1, self.ipa1) if pos == 0 else (self.ha2, self.ipa2)
         if ipa is not None and self.cfg.ipa_deep:
             p_internal = internal_prompts([ipa], prompt, hw)[0]
             prompt = p_internal
         z = z_out
         x = z_in if self.cfg.parallel else z_out
-        if ha is not None and _fused_inference(self):
-            weights = ha.kernel_weights()
-            return kernels.hybrid_adapter_eval(x, z, p_internal, hw, weights), prompt
+        fused = self.fused_kernels(pos, x)
+        if fused == "eval":
+            return kernels.hybrid_adapter_eval(x, z, p_internal, hw, ha.kernel_weights()), prompt
+        if fused == "train":
+            return ha.fused_train(x, z, p_internal, hw), prompt
         if isinstance(p_internal, kernels.LowRankExtra):        # factors, but no fused kernel
             p_internal = p_internal.dense(z.shape)
-        if ha is not None and self.cfg.fused_adapters:
-            if ha.training and ha.ho.bn.training and ha.ho.bn.momentum is not None \
-                    and kernels.use_triton(x):
-                return ha.fused_train(x, z, p_internal, hw), prompt
         if ha is not None:
             z = z + ha.fast_branch(x, hw)
         if p_internal is not None:
