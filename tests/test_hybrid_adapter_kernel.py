@@ -236,9 +236,12 @@ def assert_same_training(expected, got):
 @pytest.mark.skipif(not (kernels.TRITON_INSTALLED and kernels.triton_interpreter_on()),
                     reason="needs TRITON_INTERPRET=1")
 def test_training_kernels_with_many_tiles_per_program(monkeypatch):
-    """1,152 tokens (36 tiles: more than one group of the BatchNorm merge) and a partial-sum
-    budget that leaves the backward kernels 9 programs, each looping over 4 tiles."""
+    """1,152 tokens (36 tiles), a BatchNorm merge of 8 tiles a step (4 full groups, then 4 tiles)
+    in two programs of 8 channels each, and a partial-sum budget that leaves the backward
+    kernels 9 programs, each looping over 4 tiles."""
     import kernels.hybrid_adapter as fused
+    monkeypatch.setattr(fused, "BN_MERGE_TILES", 8)
+    monkeypatch.setattr(fused, "BN_MERGE_CHANNELS", 8)
     monkeypatch.setattr(fused, "PARTIAL_FLOATS", 3_000)     # 3,000 // 304 and // 328 floats
     case = (2, 24, 24, 40, 16, False, True, True)
     expected, got = float64_runs(case)
@@ -429,6 +432,20 @@ def assert_runs_equal(expected, got, rtol):
         torch.testing.assert_close(b2[name], b1[name], rtol=rtol, atol=rtol, msg=name)
 
 
+def assert_fused_step_equals_reference(build, size, monkeypatch):
+    """One float64 training step, on the same weights and a batch of 2 (H, W) = size images, of
+    build(False) on the reference path (all PyTorch) and of build(True) with every kernel in the
+    interpreter: equal outputs, gradients and buffers."""
+    reference, fused = build(False), build(True)
+    fused.load_state_dict(reference.state_dict())
+    gen = torch.Generator().manual_seed(SEED)
+    vis, ir = (torch.randn(2, 3, *size, generator=gen, dtype=torch.float64) for _ in range(2))
+    monkeypatch.setenv("IVT_KERNELS", "torch")
+    expected = fused_training_run(reference, vis, ir)
+    monkeypatch.setenv("IVT_KERNELS", "triton")
+    assert_runs_equal(expected, fused_training_run(fused, vis, ir), 1e-6)
+
+
 @pytest.mark.skipif(not (kernels.TRITON_INSTALLED and kernels.triton_interpreter_on()),
                     reason="needs TRITON_INTERPRET=1")
 @pytest.mark.parametrize("variant, options", [("ivt", {}),
@@ -448,15 +465,7 @@ def test_fused_training_step_equals_reference_path(variant, options, monkeypatch
                               drop_path_rate=0.0, fast=fused, fused_adapters=fused,
                               **(options if fused else {})).double()
 
-    reference, fused = build(False), build(True)
-    fused.load_state_dict(reference.state_dict())
-    gen = torch.Generator().manual_seed(SEED)
-    vis = torch.randn(2, 3, 36, 28, generator=gen, dtype=torch.float64)       # 9 x 7 tokens
-    ir = torch.randn(2, 3, 36, 28, generator=gen, dtype=torch.float64)
-    monkeypatch.setenv("IVT_KERNELS", "torch")            # the reference path, all PyTorch
-    expected = fused_training_run(reference, vis, ir)
-    monkeypatch.setenv("IVT_KERNELS", "triton")           # every kernel in the interpreter
-    assert_runs_equal(expected, fused_training_run(fused, vis, ir), 1e-6)
+    assert_fused_step_equals_reference(build, (36, 28), monkeypatch)    # 9 x 7 tokens
 
 
 @pytest.mark.skipif(not (kernels.TRITON_INSTALLED and kernels.triton_interpreter_on()),
@@ -476,15 +485,7 @@ def test_fused_eva02_training_step_equals_reference_path(monkeypatch):
                                                            fused_adapters=fused),
                              fast=fused).double()
 
-    reference, fused = build(False), build(True)
-    fused.load_state_dict(reference.state_dict())
-    gen = torch.Generator().manual_seed(SEED)
-    vis = torch.randn(2, 3, 24, 32, generator=gen, dtype=torch.float64)
-    ir = torch.randn(2, 3, 24, 32, generator=gen, dtype=torch.float64)
-    monkeypatch.setenv("IVT_KERNELS", "torch")
-    expected = fused_training_run(reference, vis, ir)
-    monkeypatch.setenv("IVT_KERNELS", "triton")
-    assert_runs_equal(expected, fused_training_run(fused, vis, ir), 1e-6)
+    assert_fused_step_equals_reference(build, (24, 32), monkeypatch)
 
 
 @pytest.mark.skipif(not (kernels.TRITON_INSTALLED and kernels.triton_interpreter_on()),
