@@ -585,12 +585,6 @@ def block_internal_prompts(adapters: Sequence[Optional[nn.Module]], p: Optional[
     return out
 
 
-def _fused_inference(hook: "BlockAdapters") -> bool:
-    """Whether `BlockAdapters.fast` runs its Hybrid Adapters as the fused inference kernel."""
-    return (hook.cfg.fused_adapters and not torch.is_grad_enabled()
-            and all(not ha.training for ha in (hook.ha1, hook.ha2) if ha is not None))
-
-
 class EMPG(nn.Module):
     """External Modal Prompt Generator (Eq. 7-13), hidden width d1.
 
@@ -672,7 +666,8 @@ class BlockAdapters(nn.Module):
         ha = self.ha1 if pos == 0 else self.ha2
         if ha is None or not self.cfg.fused_adapters:
             return None
-        if _fused_inference(self):
+        if not torch.is_grad_enabled() and all(not a.training for a in (self.ha1, self.ha2)
+                                               if a is not None):
             return "eval"
         bn = ha.ho.bn
         if ha.training and bn.training and bn.momentum is not None and kernels.use_triton(x):
