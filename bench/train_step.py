@@ -9,7 +9,8 @@
 
 Every model is this repository's `build_segmentor(backbone, 9, tuning, ...)` with random weights
 (the numbers do not depend on the values), a 9-class Segformer head, cross-entropy on random
-labels, AdamW (fused), bf16 autocast on the GPU. Modes:
+labels, AdamW (fused), bf16 autocast on the GPU with the frozen Linear and conv weights stored in
+bf16, as the train scripts' --amp does (`ivt.precision`: the same results). Modes:
 
     full           all parameters train (the paper's baseline)
     freeze         the backbone is frozen, only the head trains (the floor of any PETL method)
@@ -77,6 +78,7 @@ from bench.profiling import kernel_time  # noqa: E402
 from bench.sections import write_section  # noqa: E402
 from kernels.compile_check import interpreter_launches  # noqa: E402
 from ivt.models.segmentor import build_segmentor  # noqa: E402
+from ivt.precision import store_frozen_weights  # noqa: E402
 
 MODES = {"full": ("full", {}), "freeze": ("freeze", {}), "ivt": ("ivt", {}),
          "ivt_fast": ("ivt", {"fast": True}),
@@ -175,6 +177,8 @@ def build(backbone: str, mode: str, size, device, head_dim: int):
     with torch.device(device):
         model = build_segmentor(backbone, NUM_CLASSES, tuning, img_size=tuple(size),
                                 head_dim=head_dim, **options)
+    if torch.device(device).type == "cuda":       # bf16 autocast: as the scripts' --amp does
+        store_frozen_weights(model, torch.bfloat16)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     return model, torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2, fused=True)
@@ -458,6 +462,7 @@ def gpu_benchmark(args, on_progress=lambda result: None) -> dict:
              if args.cases else GPU_CASES)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": triton.__version__, "date": datetime.date.today().isoformat(),
+              "frozen_weights": "bfloat16",
               "cases": [{"backbone": n, "size": s, "batch": b, "train": {}, "inference": {}}
                         for n, s, b in cases]}
     measure = {"train": gpu_train_case, "inference": gpu_inference_case}
@@ -517,11 +522,14 @@ def gpu_tables(result: dict) -> str:
     lines = ["## Training step", "",
              f"Train step, measured by `python bench/train_step.py` on {result['device']}, "
              f"{result['date']}; torch {result['torch']}, triton {result['triton']}. Random "
-             f"weights, 9-class Segformer head, bf16 autocast, fused AdamW; median of the timed "
-             f"steps after warm-up (CUDA events); GPU busy = CUDA kernel time summed over one "
-             f"profiled eager step; graph = the whole step in one CUDA graph "
-             f"(`ivt.graph_step.GraphedTrainStep`); peak = `torch.cuda.max_memory_allocated` "
-             f"over the warm-up and timed steps (the graph's capture included)."
+             "weights, 9-class Segformer head, bf16 autocast"
+             + (" with the frozen Linear and conv weights stored in bf16 (`ivt.precision`, as "
+                "`--amp` does)" if result.get("frozen_weights") == "bfloat16" else "")
+             + ", fused AdamW; median of the timed steps after warm-up (CUDA events); GPU busy = "
+             "CUDA kernel time summed over one profiled eager step; graph = the whole step in "
+             "one CUDA graph (`ivt.graph_step.GraphedTrainStep`); peak = "
+             "`torch.cuda.max_memory_allocated` over the warm-up and timed steps (the graph's "
+             "capture included)."
              + (f" Merged from {result['runs']} runs of the script on this card model "
                 "(`--merge`): a ratio may compare rows of different runs."
                 if result.get("runs", 1) > 1 else ""), ""]

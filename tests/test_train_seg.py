@@ -127,9 +127,17 @@ def test_torchrun_two_cpu_processes_agree(data, tmp_path):
 
 
 def test_amp_bf16_runs(data, tmp_path):
+    """--amp trains and evaluates with the frozen weights stored in bf16 (`ivt.precision`); the
+    checkpoint evaluated by evaluate.py --amp (float32 model, its frozen weights stored in bf16
+    again) scores exactly what the run logged."""
     summary = train_seg.main(tiny_args(data, tmp_path / "amp", 2, 2, "--amp"))
     assert np.isfinite(summary["metrics"]["mIoU"])
-    assert load_checkpoint(summary["last"])["config"]["amp"] is True
+    ckpt = load_checkpoint(summary["last"])
+    assert ckpt["config"]["amp"] is True
+    assert ckpt["model"]["backbone.layers.0.blocks.0.attn.qkv.weight"].dtype == torch.bfloat16
+    single = evaluate.main(["--data", str(data), "--checkpoint", summary["last"], "--split", "val",
+                            "--device", "cpu", "--workers", "0", "--amp"])
+    assert single["miou_all"] == pytest.approx(summary["metrics"]["mIoU"], abs=1e-9)
 
 
 def test_bad_data_fails_early_with_file_named(data, tmp_path):

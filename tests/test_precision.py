@@ -1,0 +1,87 @@
+"""Frozen matmul weights stored in bfloat16 (`ivt.precision`): under bf16 autocast the training
+step is bit for bit the one the float32 weights give, for IV-tuning's paths and every PETL
+method."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from ivt.models import build_backbone
+from ivt.models.eva02 import EVA02Backbone, EVA02Config
+from ivt.models.ivtuning import IVTConfig
+from ivt.models.segmentor import build_segmentor
+from ivt.precision import MATMUL_LAYERS, store_frozen_weights
+
+
+def tiny_eva02(fast: bool) -> nn.Module:
+    cfg = EVA02Config(embed_dim=32, depth=3, num_heads=2, mlp_hidden=48, patch_size=8,
+                      img_size=(24, 32), drop_path_rate=0.0)
+    return EVA02Backbone("tiny", cfg, "ivt", IVTConfig(d2=16), fast=fast)
+
+
+CASES = {
+    "ivt reference": lambda: build_backbone("swin_nano", "ivt"),
+    "ivt fast, recompute_frozen": lambda: build_backbone("swin_nano", "ivt", fast=True,
+                                                         recompute_frozen=True),
+    "ivt fast, checkpoint_blocks": lambda: build_backbone("swin_nano", "ivt", fast=True,
+                                                          checkpoint_blocks=True),
+    "eva02 ivt fast": lambda: tiny_eva02(True),
+    "freeze + head": lambda: build_segmentor("swin_nano", 9, "freeze", head_dim=32),
+    "vpt": lambda: build_backbone("swin_nano", "vpt"),
+    "adaptformer": lambda: build_backbone("swin_nano", "adaptformer"),
+    "bi_adaptformer": lambda: build_backbone("swin_nano", "bi_adaptformer"),
+    "rein": lambda: build_backbone("swin_nano", "rein"),
+}
+
+
+def bf16_step(model: nn.Module, vis: torch.Tensor, ir: torch.Tensor):
+    """Output and every trainable gradient of one forward + backward under CPU bf16 autocast
+    (random draws from seed 0: dropout and drop-path draw the same masks in both runs)."""
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(vis, ir)
+    maps = out if isinstance(out, (list, tuple)) else [out]
+    loss = sum((m.float() * torch.linspace(-1, 1, m.numel()).view(m.shape)).sum() for m in maps)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [p for _, p in trainable])
+    return maps, dict(zip([n for n, _ in trainable], grads))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bf16_frozen_weights_give_the_same_step(case):
+    """The fused adapters (`fused_adapters=True`) are left out: their kernels read only the
+    adapters' own float32 weights, and the frozen layers around them are the fast path's."""
+    torch.manual_seed(1)
+    model = CASES[case]().train()
+    stored = copy.deepcopy(model)
+    frozen = [m for m in stored.modules() if isinstance(m, MATMUL_LAYERS)
+              and not any(p.requires_grad for p in m.parameters(recurse=False))]
+    trainable_before = {n: p.dtype for n, p in stored.named_parameters() if p.requires_grad}
+    cast = store_frozen_weights(stored, torch.bfloat16)
+
+    assert frozen and cast == sum(p.numel() for m in frozen for p in m.parameters())
+    for n, p in stored.named_parameters():       # only the frozen Linear/conv weights changed
+        expected = trainable_before.get(n, torch.bfloat16 if any(
+            p is q for m in frozen for q in m.parameters()) else torch.float32)
+        assert p.dtype == expected, n
+    assert store_frozen_weights(stored, torch.bfloat16) == 0          # nothing left to cast
+
+    g = torch.Generator().manual_seed(2)
+    size = (24, 32) if case.startswith("eva02") else (40, 56)     # 3 x 4 patches; padded windows
+    vis, ir = (torch.randn(2, 3, *size, generator=g) for _ in range(2))
+    (maps, grads), (maps_bf16, grads_bf16) = bf16_step(model, vis, ir), bf16_step(stored, vis, ir)
+    for a, b in zip(maps, maps_bf16):
+        assert torch.equal(a, b)
+    assert grads.keys() == grads_bf16.keys() and grads
+    for n in grads:
+        assert torch.equal(grads[n], grads_bf16[n]), n
+
+
+def test_stored_weights_need_autocast():
+    """Outside autocast a float32 input meets a bfloat16 weight: the Linear refuses, it does not
+    compute in some other precision silently."""
+    model = build_backbone("swin_nano", "ivt")
+    store_frozen_weights(model, torch.bfloat16)
+    with pytest.raises(RuntimeError):
+        model(torch.randn(1, 3, 32, 32), torch.randn(1, 3, 32, 32))
