@@ -18,9 +18,9 @@ from typing import Optional
 
 import torch
 
-from .reference import (HybridAdapterWeights, LowRankExtra, hybrid_adapter_eval_reference,
-                        hybrid_adapter_train_reference, partial_conv_residual_reference,
-                        simam_reference)
+from .reference import (HybridAdapterWeights, LowRankExtra, NextNorm,
+                        hybrid_adapter_eval_reference, hybrid_adapter_train_reference,
+                        partial_conv_residual_reference, simam_reference)
 
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 if TRITON_INSTALLED:
@@ -31,7 +31,8 @@ if TRITON_INSTALLED:
     from .simam import simam_triton
 
 __all__ = ["simam", "partial_conv_residual", "hybrid_adapter_eval", "hybrid_adapter_train",
-           "HybridAdapterWeights", "LowRankExtra", "backend", "set_backend", "BACKENDS", "use_triton",
+           "HybridAdapterWeights", "LowRankExtra", "NextNorm", "backend", "set_backend", "BACKENDS",
+           "use_triton",
            "simam_reference", "partial_conv_residual_reference", "hybrid_adapter_eval_reference",
            "hybrid_adapter_train_reference"]
 
@@ -90,13 +91,13 @@ def partial_conv_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 
 def hybrid_adapter_eval(x: torch.Tensor, residual: torch.Tensor, extra, hw,
-                        weights: HybridAdapterWeights) -> torch.Tensor:
+                        weights: HybridAdapterWeights, norm: Optional[NextNorm] = None):
     """residual + Hybrid Adapter branch(x) (+ extra) at inference, (B, N, C) tokens, extra None,
-    tokens or a `LowRankExtra`; see `kernels.reference.hybrid_adapter_eval_reference` (two
-    Triton launches on a GPU)."""
+    tokens or a `LowRankExtra`, and with `norm` the next sub-layer's LayerNorm of it too; see
+    `kernels.reference.hybrid_adapter_eval_reference` (two Triton launches on a GPU)."""
     if use_triton(x):
-        return hybrid_adapter_eval_triton(x, residual, extra, hw, weights)
-    return hybrid_adapter_eval_reference(x, residual, extra, hw, weights)
+        return hybrid_adapter_eval_triton(x, residual, extra, hw, weights, norm)
+    return hybrid_adapter_eval_reference(x, residual, extra, hw, weights, norm)
 
 
 def hybrid_adapter_train(x: torch.Tensor, residual: torch.Tensor, extra, hw,

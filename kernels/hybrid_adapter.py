@@ -64,7 +64,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import HybridAdapterWeights, LowRankExtra
+from .reference import HybridAdapterWeights, LowRankExtra, NextNorm
 
 # Tile sizes: tokens per tile and channels per step of the loops over C; None chooses them per
 # launch (`tile_sizes`), an int fixes them (`bench/kernels.py --adapter-tiles`, the tests).
@@ -298,14 +298,20 @@ def _bn_finalize_kernel(part_ptr, stats_ptr, running_mean_ptr, running_var_ptr, 
 def _ho_up_kernel(h_ptr, dww_ptr, dwb_ptr, w1_ptr, b1_ptr, mean_ptr, scale_ptr, bn_eps, bnw_ptr,
                   bnb_ptr, w2_ptr, b2_ptr, mask_ptr, keep_scale, wu_ptr, bu_ptr,
                   res_ptr, res_b, res_n, ext_ptr, ext_b, ext_n, lr_h_ptr, lr_h_stride, lr_w_ptr,
-                  lr_b_ptr, R, out_ptr, out_b, out_n, M, N, H, W, C, D, cp,
+                  lr_b_ptr, R, out_ptr, out_b, out_n, nw_ptr, nb_ptr, n_eps, normed_ptr,
+                  M, N, H, W, C, D, cp,
                   SCALE_FROM_VAR: tl.constexpr, HAS_MASK: tl.constexpr,
-                  HAS_EXTRA: tl.constexpr, LOW_RANK: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+                  HAS_EXTRA: tl.constexpr, LOW_RANK: tl.constexpr, NORM: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_R: tl.constexpr):
     """out = residual + up(dropout(gelu(HO(h)))) (+ extra) for tile program_id(0): extra read
     as tokens (HAS_EXTRA), or with LOW_RANK made here, chunk by chunk of C, from its factors
     (`LowRankExtra`): gelu(h_e w_e + b_e), h_e (M, R) at lr_h (row stride lr_h_stride), w_e (R, C),
-    b_e (C)."""
+    b_e (C). With NORM also normed = LayerNorm(out) (weight nw, bias nb; (M, C) contiguous, in
+    normed's dtype), the next sub-layer's input (`NextNorm`): the rows' mean and variance are
+    merged chunk by chunk (Chan et al.: each chunk's own mean and squared deviations, so
+    nothing cancels), then a second pass over this tile's output, just written and still in
+    cache, writes the normalised rows."""
     rows, row_ok, d, d_ok = _tile(tl.program_id(0), BLOCK_M, BLOCK_D, M, D)
     y, x_hat = _normalised(h_ptr, rows, row_ok, d, d_ok, N, H, W, D, cp, dww_ptr, dwb_ptr,
                            w1_ptr, b1_ptr, mean_ptr, scale_ptr, bn_eps, SCALE_FROM_VAR)
@@ -321,6 +327,8 @@ def _ho_up_kernel(h_ptr, dww_ptr, dwb_ptr, w1_ptr, b1_ptr, mean_ptr, scale_ptr, 
         r = tl.arange(0, BLOCK_R)
         lr_h = tl.load(lr_h_ptr + rows[:, None] * lr_h_stride + r[None, :],     # (BLOCK_M, BLOCK_R)
                        mask=row_ok[:, None] & (r < R)[None, :], other=0.0).to(a.dtype)
+    row_mean = tl.zeros([BLOCK_M], dtype=a.dtype)       # of out's first c0 channels (NORM)
+    row_m2 = tl.zeros([BLOCK_M], dtype=a.dtype)         # their squared deviations from it
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         c_ok = c < C
@@ -337,7 +345,30 @@ def _ho_up_kernel(h_ptr, dww_ptr, dwb_ptr, w1_ptr, b1_ptr, mean_ptr, scale_ptr, 
                            mask=(r < R)[:, None] & c_ok[None, :], other=0.0).to(a.dtype)
             u += _gelu(tl.dot(lr_h, lr_w) + tl.load(lr_b_ptr + c, mask=c_ok, other=0.0)
                        .to(a.dtype)[None, :])
-        tl.store(out_rows[:, None] + c[None, :], u.to(out_ptr.dtype.element_ty), mask=mask)
+        u = u.to(out_ptr.dtype.element_ty)
+        tl.store(out_rows[:, None] + c[None, :], u, mask=mask)
+        if NORM:                                         # merge this chunk's statistics
+            n_c = tl.minimum(C - c0, BLOCK_C).to(a.dtype)
+            u = u.to(a.dtype)
+            chunk_mean = tl.sum(tl.where(mask, u, 0.0), axis=1) / n_c
+            dev = tl.where(mask, u - chunk_mean[:, None], 0.0)
+            delta = chunk_mean - row_mean
+            total = c0 + n_c
+            row_mean += delta * (n_c / total)
+            row_m2 += tl.sum(dev * dev, axis=1) + delta * delta * (c0 * n_c / total)
+    if NORM:
+        rstd = 1.0 / tl.sqrt(row_m2 / C + n_eps)                        # biased variance
+        tl.debug_barrier()                               # this tile's output stores are visible
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            c_ok = c < C
+            mask = row_ok[:, None] & c_ok[None, :]
+            u = tl.load(out_rows[:, None] + c[None, :], mask=mask, other=0.0).to(a.dtype)
+            normed = (u - row_mean[:, None]) * rstd[:, None] \
+                * tl.load(nw_ptr + c, mask=c_ok, other=0.0)[None, :] \
+                + tl.load(nb_ptr + c, mask=c_ok, other=0.0)[None, :]
+            tl.store(normed_ptr + rows[:, None] * C + c[None, :],
+                     normed.to(normed_ptr.dtype.element_ty), mask=mask)
 
 
 # -- backward --------------------------------------------------------------------------------------
@@ -669,9 +700,9 @@ def _sft_down(x, s: _Sizes, w, params, h, stats=None, fold=None):
 
 
 def _ho_up(h, s: _Sizes, residual, extra, hw, w, params, mean, scale, scale_from_var, mask,
-           keep_scale):
+           keep_scale, norm: Optional[NextNorm] = None):
     """Launch `_ho_up_kernel`: residual + up(dropout(gelu(HO(h)))) (+ extra), (B, N, C); extra
-    None, tokens or a `LowRankExtra`."""
+    None, tokens or a `LowRankExtra`; with `norm`, (that, its LayerNorm in norm.dtype)."""
     residual, res_b, res_n = _token_strides(residual)
     low_rank = isinstance(extra, LowRankExtra)
     has_extra = extra is not None and not low_rank
@@ -683,27 +714,34 @@ def _ho_up(h, s: _Sizes, residual, extra, hw, w, params, mean, scale, scale_from
         lr_w, lr_b = extra.w.contiguous(), extra.b.contiguous()
     R = lr_w.shape[0] if low_rank else 0
     dww, dwb, w1, b1, bn_mean, bn_var, bnw, bnb, w2, b2, wu, bu = params[6:]
+    nw, nb, normed = (h, h, h)
+    if norm is not None:
+        nw, nb = (t.detach().to(s.acc).contiguous() for t in (norm.weight, norm.bias))
+        normed = torch.empty((s.B, s.N, s.C), device=h.device, dtype=norm.dtype)
     _ho_up_kernel[(s.n_tiles,)](h, dww, dwb, w1, b1, mean, scale, w.bn_eps, bnw, bnb, w2, b2,
                                 h if mask is None else mask, keep_scale, wu, bu, residual, res_b,
                                 res_n, extra_tokens, ext_b, ext_n, lr_h, lr_h.stride(0), lr_w,
-                                lr_b, R, out, out.stride(0), out.stride(1),
+                                lr_b, R, out, out.stride(0), out.stride(1), nw, nb,
+                                0.0 if norm is None else norm.eps, normed,
                                 s.M, s.N, hw[0], hw[1], s.C, s.D, w.cp,
                                 SCALE_FROM_VAR=scale_from_var, HAS_MASK=mask is not None,
-                                HAS_EXTRA=has_extra, LOW_RANK=low_rank, BLOCK_M=s.block_m,
-                                BLOCK_C=s.block_c, BLOCK_D=s.block_d,
+                                HAS_EXTRA=has_extra, LOW_RANK=low_rank, NORM=norm is not None,
+                                BLOCK_M=s.block_m, BLOCK_C=s.block_c, BLOCK_D=s.block_d,
                                 BLOCK_R=max(16, triton.next_power_of_2(R)))
-    return out
+    return out if norm is None else (out, normed)
 
 
 def hybrid_adapter_eval_triton(x: torch.Tensor, residual: torch.Tensor, extra, hw,
-                               w: HybridAdapterWeights) -> torch.Tensor:
+                               w: HybridAdapterWeights, norm: Optional[NextNorm] = None):
     """residual + HA branch(x) (+ extra) at inference, (B, N, C) tokens, extra None, tokens or a
-    `LowRankExtra` (made in the second kernel): two launches."""
+    `LowRankExtra` (made in the second kernel): two launches. With `norm`, (that, its
+    LayerNorm), the second made by the second kernel too."""
     s = _sizes(x, w)
     params = _parameters(w, s.acc)
     h = torch.empty((s.M, s.D), device=x.device, dtype=s.acc)
     _sft_down(x, s, w, params, h)
-    return _ho_up(h, s, residual, extra, hw, w, params, params[10], params[11], True, None, 1.0)
+    return _ho_up(h, s, residual, extra, hw, w, params, params[10], params[11], True, None, 1.0,
+                  norm)
 
 
 def _with_ones(width: int) -> int:

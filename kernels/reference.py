@@ -57,6 +57,17 @@ class LowRankExtra(NamedTuple):
         return F.gelu(pre.to(torch.promote_types(pre.dtype, self.w.dtype))).view(shape)
 
 
+class NextNorm(NamedTuple):
+    """The LayerNorm that the next sub-layer applies to a Hybrid Adapter's output, for the fused
+    inference kernel to make as well while it holds that output (`hybrid_adapter_eval`): weight
+    and bias (C,), eps, and the dtype the normalised tokens are wanted in (autocast's, where the
+    next layer is a Linear under autocast: it would cast them to that dtype itself)."""
+    weight: torch.Tensor
+    bias: torch.Tensor
+    eps: float
+    dtype: torch.dtype
+
+
 class HybridAdapterWeights(NamedTuple):
     """A Hybrid Adapter's tensors for `hybrid_adapter_eval` (18 tensors, then 3 numbers)."""
     ln_weight: torch.Tensor      # (C,)  SFT's LayerNorm affine
@@ -99,17 +110,21 @@ def _adapter_hidden(x: torch.Tensor, hw: Tuple[int, int], w: HybridAdapterWeight
 
 def hybrid_adapter_eval_reference(x: torch.Tensor, residual: torch.Tensor,
                                   extra, hw: Tuple[int, int],
-                                  w: HybridAdapterWeights) -> torch.Tensor:
+                                  w: HybridAdapterWeights, norm: Optional[NextNorm] = None):
     """residual + up(gelu(HO(down(SFT(x))))) (+ extra): a Hybrid Adapter at inference (Eq. 15,
     dropout off, BatchNorm on its running statistics) with the block's residual and the internal
     prompt (Eq. 6) added. x, residual: (B, N, C) tokens on an (H, W) grid; extra: None, (B, N, C)
-    tokens or a `LowRankExtra`."""
+    tokens or a `LowRankExtra`. With `norm` (a `NextNorm`): (that, its LayerNorm in
+    norm.dtype)."""
     hidden = _adapter_hidden(x, hw, w, lambda q: F.batch_norm(
         q, w.bn_mean, w.bn_var, w.bn_weight, w.bn_bias, False, 0.0, w.bn_eps))
     out = residual + F.linear(hidden, w.up_weight, w.up_bias)
     if isinstance(extra, LowRankExtra):
         extra = extra.dense(out.shape)
-    return out if extra is None else out + extra
+    out = out if extra is None else out + extra
+    if norm is None:
+        return out
+    return out, F.layer_norm(out, out.shape[-1:], norm.weight, norm.bias, norm.eps).to(norm.dtype)
 
 
 def hybrid_adapter_train_reference(x: torch.Tensor, residual: torch.Tensor,

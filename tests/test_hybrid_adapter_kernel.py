@@ -11,6 +11,7 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import kernels
 from ivt.models.ivtuning import HybridAdapter
@@ -98,6 +99,103 @@ def test_low_rank_extra_matches_reference(draw, device, dtype, tol):
     assert out.shape == expected.shape and out.dtype == torch.float32, msg
     err = ((out.double().cpu() - expected).abs().max() / expected.abs().max()).item()
     assert err < tol, f"relative error {err:.2e}: {msg}"
+
+
+@needs_triton
+@pytest.mark.parametrize("draw", range(4))
+@pytest.mark.parametrize("device,dtype,tol", TARGETS,
+                         ids=[f"{d}-{str(t)[6:]}" for d, t, _ in TARGETS])
+def test_next_norm_matches_reference(draw, device, dtype, tol):
+    """With a `NextNorm` the inference kernel also returns the LayerNorm of its output, made from
+    statistics merged chunk by chunk of C: against F.layer_norm of the kernel's own output in
+    float64 (so only the normalisation is measured), on tokens whose mean is 1,000 times their
+    spread (a sum of squares in float32 would lose the variance), in float32 and in bfloat16
+    (the dtype autocast hands the next Linear); and the output itself as without it."""
+    rng = random.Random(SEED * 41 + draw)
+    gen = torch.Generator().manual_seed(SEED + 200 + draw)
+    B, H, W, C, d2, with_extra = random_case(rng)
+    msg = f"KERNELS_TEST_SEED={SEED}, draw {draw}: B={B} grid {H}x{W} C={C} d2={d2}, {dtype}"
+    w = random_weights(C, d2, gen)
+    x = torch.randn(B, H * W, C, generator=gen, dtype=torch.float64)
+    residual = torch.randn(B, H * W, C, generator=gen, dtype=torch.float64) + 1000.0
+    extra = torch.randn(B, H * W, C, generator=gen, dtype=torch.float64) if with_extra else None
+    norm_w = torch.randn(C, generator=gen, dtype=torch.float64) * 0.3 + 1.0
+    norm_b = torch.randn(C, generator=gen, dtype=torch.float64) * 0.3
+    w32 = HybridAdapterWeights(*[t.to(device, torch.float32) for t in w[:-3]], *w[-3:])
+    on_device = [t if t is None else t.to(device, dtype) for t in (x, residual, extra)]
+    plain = kernels.hybrid_adapter_eval_triton(*on_device[:2], on_device[2], (H, W), w32)
+    for normed_dtype in (torch.float32, torch.bfloat16):
+        norm = kernels.NextNorm(norm_w.to(device, torch.float32), norm_b.to(device, torch.float32),
+                                1e-5, normed_dtype)
+        out, normed = kernels.hybrid_adapter_eval_triton(*on_device[:2], on_device[2], (H, W), w32,
+                                                         norm)
+        assert torch.equal(out, plain), msg
+        assert normed.shape == out.shape and normed.dtype == normed_dtype, msg
+        expected = F.layer_norm(out.double().cpu(), (C,), norm_w, norm_b, 1e-5)
+        # float32 holds tokens near 1,000 to about 6e-5, which the normalisation scales up by
+        # 1/std; bfloat16 keeps 8 bits
+        rounding = 1e-4 if normed_dtype == torch.float32 else 1e-2
+        err = ((normed.double().cpu() - expected).abs().max() / expected.abs().max()).item()
+        assert err < max(tol, rounding), f"relative error {err:.2e}: {msg}, {normed_dtype}"
+
+
+def test_next_norm_reference():
+    """The reference's (out, LayerNorm(out) in the asked dtype)."""
+    gen = torch.Generator().manual_seed(SEED)
+    w = random_weights(24, 16, gen)
+    x = torch.randn(2, 12, 24, generator=gen, dtype=torch.float64)
+    nw, nb = torch.rand(24, generator=gen, dtype=torch.float64), torch.randn(24, generator=gen)
+    out, normed = hybrid_adapter_eval_reference(x, x, None, (3, 4), w,
+                                                kernels.NextNorm(nw, nb.double(), 1e-6,
+                                                                 torch.float32))
+    torch.testing.assert_close(out, hybrid_adapter_eval_reference(x, x, None, (3, 4), w))
+    assert normed.dtype == torch.float32
+    torch.testing.assert_close(normed, F.layer_norm(out, (24,), nw, nb.double(), 1e-6).float())
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["float64", "bf16-autocast"])
+def test_fused_inference_hands_on_each_layer_norm(monkeypatch, autocast):
+    """At inference with fused adapters, each adapter's call also makes the LayerNorm that the
+    next sub-layer reads (`ivt.models.swin.fused_eval_stage`; here on the reference kernels):
+    12 of swin_nano's 16 adapters (the last of each stage hands on none), in bfloat16 under
+    bf16 autocast, and the model's outputs are the fast path's (float64: to rounding)."""
+    from ivt.models import build_backbone
+
+    def build(fused):
+        torch.manual_seed(SEED % 2**31)
+        return build_backbone("swin_nano", "ivt", fast=True, fused_adapters=fused, d2=20).eval()
+
+    fast, fused = build(False), build(True)
+    with torch.no_grad():
+        for name, t in fast.named_buffers():
+            if name.endswith("running_mean"):
+                t.normal_(0, 0.3)
+            elif name.endswith("running_var"):
+                t.uniform_(0.5, 1.5)
+        for m in fast.modules():                  # every LayerNorm its own affine
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.normal_(1.0, 0.3)
+                m.bias.normal_(0.0, 0.3)
+    fused.load_state_dict(fast.state_dict())
+    handed = []
+    plain_call = kernels.hybrid_adapter_eval
+
+    def spy(*args):
+        result = plain_call(*args)
+        handed.append(result[1].dtype if isinstance(result, tuple) else None)
+        return result
+
+    monkeypatch.setattr(kernels, "hybrid_adapter_eval", spy)
+    monkeypatch.setenv("IVT_KERNELS", "torch")
+    dtype = torch.float32 if autocast else torch.float64
+    fast, fused = fast.to(dtype), fused.to(dtype)
+    vis, ir = (torch.randn(2, 3, 52, 36, dtype=dtype) for _ in range(2))        # 13 x 9 tokens
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        expected, got = fast(vis, ir), fused(vis, ir)
+    assert handed == ([torch.bfloat16 if autocast else torch.float64] * 3 + [None]) * 4
+    for a, b in zip(got, expected):
+        err = ((a - b).abs().max() / b.abs().max()).item()
+        assert err < (3e-2 if autocast else 1e-10), f"KERNELS_TEST_SEED={SEED}: {err:.2e}"
 
 
 # (token dtype, relative tolerance) of the training kernels under the interpreter: float64 is

@@ -326,6 +326,36 @@ class SwinBlock(nn.Module):
         return z, prompt
 
 
+    def forward_fused_eval(self, z: torch.Tensor, zn: Optional[torch.Tensor], hw: Grid,
+                           internal: Sequence[Optional[object]],
+                           next_norm: Optional[nn.LayerNorm]
+                           ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """`_forward_fast` at inference where the adapters run as the fused inference kernels
+        (`BlockAdapters.fuses_norms`), same result: each adapter's kernel also makes the
+        LayerNorm of its output that the next sub-layer reads (norm2, then the next block's
+        norm1, `next_norm`, None at the stage's end), in the dtype the next Linear computes in,
+        so that LayerNorm is no pass of its own over the tokens and, under autocast, the
+        window partition moves bfloat16 instead of float32 tokens. zn: norm1(z), made by the
+        previous block's kernel, or None. -> (z, next_norm(z) or None)."""
+        zn = self.norm1(z) if zn is None else zn
+        z = z + self.drop_path(self.window_attention(zn, hw))
+        z, zn = self.adapters.fused_eval(0, z, hw, internal[0], self.norm2)   # HA1, IPA1
+        z = z + self.drop_path(self.mlp(zn))
+        return self.adapters.fused_eval(1, z, hw, internal[1], next_norm)     # HA2, IPA2
+
+
+def fused_eval_stage(blocks: Sequence[SwinBlock], z: torch.Tensor, hw: Grid,
+                     internal: Sequence[Sequence[Optional[object]]]) -> torch.Tensor:
+    """A stage's blocks by `SwinBlock.forward_fused_eval`, each adapter's kernel handing the
+    next sub-layer its LayerNorm (the last block's none: the next stage's patch merging
+    normalises 2x2 neighbourhoods). internal: per block, its IPAs' outputs as factors."""
+    zn = None
+    for i, (block, ipa_out) in enumerate(zip(blocks, internal)):
+        following = blocks[i + 1].norm1 if i + 1 < len(blocks) else None
+        z, zn = block.forward_fused_eval(z, zn, hw, ipa_out, following)
+    return z
+
+
 class PatchMerging(nn.Module):
     """2x2 neighbourhood concat (x0, x1, x2, x3 order of the release), LayerNorm, Linear 4C -> 2C."""
 
@@ -442,11 +472,15 @@ class SwinBackbone(IVTBackbone):
                 internal = (checkpointed(block_internal_prompts, hooks, prompt, hw)
                             if index < self.checkpoint_blocks      # the stage's first block
                             else block_internal_prompts(hooks, prompt, hw))
-                for block, ipa_out in zip(stage.blocks, internal):
-                    z, prompt = block.forward_fast(z, hw, prompt, ipa_out,
-                                                   index < self.checkpoint_blocks,
-                                                   self.recompute_frozen)
-                    index += 1
+                if all(isinstance(h, BlockAdapters) and h.fuses_norms(z) for h in hooks):
+                    z = fused_eval_stage(stage.blocks, z, hw, internal)  # inference, fused
+                    index += len(hooks)
+                else:
+                    for block, ipa_out in zip(stage.blocks, internal):
+                        z, prompt = block.forward_fast(z, hw, prompt, ipa_out,
+                                                       index < self.checkpoint_blocks,
+                                                       self.recompute_frozen)
+                        index += 1
             else:
                 for block in stage.blocks:
                     z, prompt = block(z, hw, prompt)
