@@ -223,9 +223,11 @@ def adapter_rows(args, device, dtype, measure, bandwidth, add, tiles=None):
     """The Hybrid Adapter with its residual and the internal prompt added, residual + HA(x) +
     extra with residual = x as the sequential block calls it: at inference and in a training
     forward + backward (batch-statistics BatchNorm, dropout mask given, gradients of x, extra and
-    every parameter), each with extra as tokens and as the rank-8 factors the model passes.
-    The floor moves x, extra (as tokens) and the output once at inference, and also reads the
-    output gradient and writes x's in training. Each row goes to `add`. With
+    every parameter), each with extra as tokens and as the rank-8 factors the model passes, and
+    at inference also with the next LayerNorm made in bfloat16 (`kernels.NextNorm`, as Swin's
+    blocks ask for it). The floor moves x, extra (as tokens) and the output once at inference
+    (and the normalised output, half a pass in bfloat16), and also reads the output gradient
+    and writes x's in training. Each row goes to `add`. With
     tiles = (BLOCK_M, BLOCK_C), only the Triton column, with the kernels' tile sizes set so."""
     import torch
 
@@ -257,6 +259,9 @@ def adapter_rows(args, device, dtype, measure, bandwidth, add, tiles=None):
         factors = kernels.LowRankExtra(torch.randn(B * H * W, 8, device=device, dtype=dtype),
                                        torch.randn(8, C, device=device) * 8 ** -0.5,
                                        torch.randn(C, device=device))
+        # and, on Swin, the next sub-layer's LayerNorm of the output, in bfloat16 (autocast's)
+        norm = kernels.NextNorm(torch.ones(C, device=device), torch.zeros(C, device=device),
+                                1e-5, torch.bfloat16)
         leaves = [x, extra, *factors] + list(adapter.parameters())
 
         def train(fn, ext):
@@ -264,16 +269,17 @@ def adapter_rows(args, device, dtype, measure, bandwidth, add, tiles=None):
                 t.requires_grad_(True)
             fn(x, x, ext, (H, W), weights, keep, 0.1, 0.1, False).backward(grad)
 
-        for direction, impls, passes, ext in (
-                ("inference", inference, 3, extra),
-                ("inference, prompt as factors", inference, 2, factors),
-                ("training", training, 6, extra),
-                ("training, prompt as factors", training, 5, factors)):
+        for direction, impls, passes, ext, nxt in (
+                ("inference", inference, 3, extra, None),
+                ("inference, prompt as factors", inference, 2, factors, None),
+                ("inference, factors, next LayerNorm", inference, 2.5, factors, norm),
+                ("training", training, 6, extra, None),
+                ("training, prompt as factors", training, 5, factors, None)):
             if direction.startswith("inference"):
                 with torch.no_grad():
                     timings = {name: None if fn is None else measure(
-                        lambda fn=fn: fn(x, x, ext, (H, W), weights), None)
-                        for name, fn in impls.items()}
+                        lambda fn=fn, ext=ext, nxt=nxt: fn(x, x, ext, (H, W), weights, nxt),
+                        None) for name, fn in impls.items()}
             else:
                 timings = {name: None if fn is None else measure(
                     lambda fn=fn, ext=ext: train(fn, ext), leaves) for name, fn in impls.items()}

@@ -677,7 +677,8 @@ class BlockAdapters(nn.Module):
     def fuses_norms(self, x: torch.Tensor) -> bool:
         """Whether `fused_eval` applies to tokens like x: the sequential form (not parallel, not
         `ipa_deep`) with both Hybrid Adapters, each run as the fused inference kernels."""
-        return (not self.cfg.parallel and not self.cfg.ipa_deep and None not in (self.ha1, self.ha2)
+        return (not self.cfg.parallel and not self.cfg.ipa_deep
+                and self.ha1 is not None and self.ha2 is not None
                 and self.fused_kernels(0, x) == self.fused_kernels(1, x) == "eval")
 
     def fused_eval(self, pos: int, z_out: torch.Tensor, hw: Grid,
@@ -688,15 +689,15 @@ class BlockAdapters(nn.Module):
         sub-layer applies to z, also returns norm(z), made while the kernel holds z, in the dtype
         the next Linear computes in (autocast's, else z's). -> (z, norm(z) or None)."""
         ha = self.ha1 if pos == 0 else self.ha2
-        if norm is None:
-            return kernels.hybrid_adapter_eval(z_out, z_out, p_internal, hw,
-                                               ha.kernel_weights()), None
-        device = z_out.device.type
-        dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
-                 else z_out.dtype)
-        return kernels.hybrid_adapter_eval(z_out, z_out, p_internal, hw, ha.kernel_weights(),
-                                           kernels.NextNorm(norm.weight, norm.bias, norm.eps,
-                                                            dtype))
+        next_norm = None
+        if norm is not None:
+            device = z_out.device.type
+            dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                     else z_out.dtype)
+            next_norm = kernels.NextNorm(norm.weight, norm.bias, norm.eps, dtype)
+        out = kernels.hybrid_adapter_eval(z_out, z_out, p_internal, hw, ha.kernel_weights(),
+                                          next_norm)
+        return out if next_norm is not None else (out, None)
 
     def fast(self, pos: int, z_in: torch.Tensor, z_out: torch.Tensor, prompt: torch.Tensor,
              hw: Grid, p_internal: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:

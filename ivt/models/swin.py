@@ -325,7 +325,6 @@ class SwinBlock(nn.Module):
             z, prompt = adapt_fast(self.adapters, 1, z_in, z, prompt, hw, ipa2)
         return z, prompt
 
-
     def forward_fused_eval(self, z: torch.Tensor, zn: Optional[torch.Tensor], hw: Grid,
                            internal: Sequence[Optional[object]],
                            next_norm: Optional[nn.LayerNorm]
