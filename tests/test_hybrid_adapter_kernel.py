@@ -101,6 +101,17 @@ def test_low_rank_extra_matches_reference(draw, device, dtype, tol):
     assert err < tol, f"relative error {err:.2e}: {msg}"
 
 
+def draw_running_statistics(model: torch.nn.Module) -> torch.nn.Module:
+    """model, its BatchNorm running statistics drawn away from their initial 0 and 1."""
+    with torch.no_grad():
+        for name, t in model.named_buffers():
+            if name.endswith("running_mean"):
+                t.normal_(0, 0.3)
+            elif name.endswith("running_var"):
+                t.uniform_(0.5, 1.5)
+    return model
+
+
 @needs_triton
 @pytest.mark.parametrize("draw", range(4))
 @pytest.mark.parametrize("device,dtype,tol", TARGETS,
@@ -165,13 +176,8 @@ def test_fused_inference_hands_on_each_layer_norm(monkeypatch, autocast):
         torch.manual_seed(SEED % 2**31)
         return build_backbone("swin_nano", "ivt", fast=True, fused_adapters=fused, d2=20).eval()
 
-    fast, fused = build(False), build(True)
+    fast, fused = draw_running_statistics(build(False)), build(True)
     with torch.no_grad():
-        for name, t in fast.named_buffers():
-            if name.endswith("running_mean"):
-                t.normal_(0, 0.3)
-            elif name.endswith("running_var"):
-                t.uniform_(0.5, 1.5)
         for m in fast.modules():                  # every LayerNorm its own affine
             if isinstance(m, torch.nn.LayerNorm):
                 m.weight.normal_(1.0, 0.3)
@@ -491,13 +497,8 @@ def test_fast_model_inference_with_the_kernel(monkeypatch, fused):
     inference kernel, its internal prompt passed as `LowRankExtra` factors."""
     from ivt.models import build_backbone
     torch.manual_seed(SEED % 2**31)
-    model = build_backbone("swin_nano", "ivt", fast=True, fused_adapters=fused, d2=20)
-    with torch.no_grad():
-        for name, t in model.named_buffers():
-            if name.endswith("running_mean"):
-                t.normal_(0, 0.3)
-            elif name.endswith("running_var"):
-                t.uniform_(0.5, 1.5)
+    model = draw_running_statistics(build_backbone("swin_nano", "ivt", fast=True,
+                                                   fused_adapters=fused, d2=20))
     model.eval()
     vis, ir = torch.randn(2, 3, 52, 36), torch.randn(2, 3, 52, 36)       # 13 x 9 tokens
     outputs = {}
