@@ -26,8 +26,8 @@ from . import engine
 from .checkpoint import (atomic_save, check_pretrained, load_checkpoint, load_model_state,
                          make_checkpoint, model_state, set_rng_state, sha256_file)
 from .data.io import BadImageError
-from .precision import store_frozen_weights
 from .models import BACKBONES, TUNINGS, VARIANTS, CheckpointError, normalization_for
+from .precision import store_frozen_weights
 
 # Settings that only say how a run is executed; anything else in the configuration changes the
 # run, so `--resume` refuses to change it (unless --allow-changes).
