@@ -20,8 +20,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 venv: $(VENV)/.installed
 
+# One test process per core (at most 4), one thread each; each test file runs in one process,
+# so a module's shared fixture is computed once.
 test: venv
-	OMP_NUM_THREADS=1 TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 TRITON_INTERPRET=1 $(PY) -m pytest -q -n auto --maxprocesses 4 \
+		--dist loadfile tests
 
 demo: venv
 	$(PY) -m ivt.demo --out runs/demo

@@ -22,7 +22,6 @@ import os
 import sys
 import time
 import traceback
-from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,20 +117,6 @@ def channels_last_map(shape, dtype, device, requires_grad):
     return z.view(B, H, W, C).permute(0, 3, 1, 2).detach().requires_grad_(requires_grad)
 
 
-@contextmanager
-def adapter_tile_sizes(block_m: int, block_c: int):
-    """The fused Hybrid Adapter's kernels launched with tiles of block_m tokens and channel
-    steps of block_c (module constants, read at every launch), restored afterwards."""
-    import kernels.hybrid_adapter as fused
-
-    saved = fused.BLOCK_M, fused.BLOCK_C
-    fused.BLOCK_M, fused.BLOCK_C = block_m, block_c
-    try:
-        yield
-    finally:
-        fused.BLOCK_M, fused.BLOCK_C = saved
-
-
 def tile_sizes(text: str) -> tuple:
     """'64:32' -> (64, 32), powers of two of at least 16 (Triton's matmul tiles)."""
     try:
@@ -155,6 +140,7 @@ def benchmark_rows(args, on_row=lambda rows, bandwidth, name: None):
     import torch
 
     import kernels
+    import kernels.hybrid_adapter
 
     if not args.tiny and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --tiny to check the script on the CPU")
@@ -181,7 +167,7 @@ def benchmark_rows(args, on_row=lambda rows, bandwidth, name: None):
             adapter_rows(args, device, dtype, measure, bandwidth, add)
             for tiles in args.adapter_tiles:
                 try:
-                    with adapter_tile_sizes(*tiles):
+                    with kernels.hybrid_adapter.fixed_tile_sizes(*tiles):
                         adapter_rows(args, device, dtype, measure, bandwidth, add, tiles)
                 except Exception:      # a tile size the GPU cannot run: say so, measure the rest
                     print(f"tiles {tiles[0]}:{tiles[1]} failed:", flush=True)

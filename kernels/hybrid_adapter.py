@@ -58,6 +58,7 @@ gradients' library matmuls PyTorch's float32 setting, in bfloat16 for bfloat16 t
 autocast runs a Linear layer's). The references are
 `kernels.reference.hybrid_adapter_eval_reference` and `hybrid_adapter_train_reference`.
 """
+from contextlib import contextmanager
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -656,6 +657,19 @@ def tile_sizes(M: int, C: int, device: torch.device) -> Tuple[int, int]:
         block_m = 16 if sms is not None and triton.cdiv(M, 32) < 2 * sms else 32
     return block_m, block_c
 
+
+
+@contextmanager
+def fixed_tile_sizes(block_m: int, block_c: int):
+    """Within it, every launch uses tiles of block_m tokens and channel steps of block_c (the
+    module's BLOCK_M / BLOCK_C, read at each launch), restored afterwards."""
+    global BLOCK_M, BLOCK_C
+    saved = BLOCK_M, BLOCK_C
+    BLOCK_M, BLOCK_C = block_m, block_c
+    try:
+        yield
+    finally:
+        BLOCK_M, BLOCK_C = saved
 
 def _multiprocessors(device: torch.device):
     """The GPU's streaming multiprocessors, None off a GPU (`kernels.compile_check` replaces
