@@ -65,7 +65,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import HybridAdapterWeights, LowRankExtra, NextNorm
+from .reference import HybridAdapterWeights, LowRankExtra, NextNorm, destination
 
 # Tile sizes: tokens per tile and channels per step of the loops over C; None chooses them per
 # launch (`tile_sizes`), an int fixes them (`bench/kernels.py --adapter-tiles`, the tests).
@@ -300,7 +300,7 @@ def _ho_up_kernel(h_ptr, dww_ptr, dwb_ptr, w1_ptr, b1_ptr, mean_ptr, scale_ptr, 
                   bnb_ptr, w2_ptr, b2_ptr, mask_ptr, keep_scale, wu_ptr, bu_ptr,
                   res_ptr, res_b, res_n, ext_ptr, ext_b, ext_n, lr_h_ptr, lr_h_stride, lr_w_ptr,
                   lr_b_ptr, R, out_ptr, out_b, out_n, nw_ptr, nb_ptr, n_eps, normed_ptr,
-                  M, N, H, W, C, D, cp,
+                  normed_b, normed_n, M, N, H, W, C, D, cp,
                   SCALE_FROM_VAR: tl.constexpr, HAS_MASK: tl.constexpr,
                   HAS_EXTRA: tl.constexpr, LOW_RANK: tl.constexpr, NORM: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -308,11 +308,11 @@ def _ho_up_kernel(h_ptr, dww_ptr, dwb_ptr, w1_ptr, b1_ptr, mean_ptr, scale_ptr, 
     """out = residual + up(dropout(gelu(HO(h)))) (+ extra) for tile program_id(0): extra read
     as tokens (HAS_EXTRA), or with LOW_RANK made here, chunk by chunk of C, from its factors
     (`LowRankExtra`): gelu(h_e w_e + b_e), h_e (M, R) at lr_h (row stride lr_h_stride), w_e (R, C),
-    b_e (C). With NORM also normed = LayerNorm(out) (weight nw, bias nb; (M, C) contiguous, in
-    normed's dtype), the next sub-layer's input (`NextNorm`): the rows' mean and variance are
-    merged chunk by chunk (Chan et al.: each chunk's own mean and squared deviations, so
-    nothing cancels), then a second pass over this tile's output, just written and still in
-    cache, writes the normalised rows."""
+    b_e (C). With NORM also normed = LayerNorm(out) (weight nw, bias nb; tokens addressed like
+    out's, in normed's dtype), the next sub-layer's input (`NextNorm`): the rows' mean and
+    variance are merged chunk by chunk (Chan et al.: each chunk's own mean and squared
+    deviations, so nothing cancels), then a second pass over this tile's output, just written
+    and still in cache, writes the normalised rows."""
     rows, row_ok, d, d_ok = _tile(tl.program_id(0), BLOCK_M, BLOCK_D, M, D)
     y, x_hat = _normalised(h_ptr, rows, row_ok, d, d_ok, N, H, W, D, cp, dww_ptr, dwb_ptr,
                            w1_ptr, b1_ptr, mean_ptr, scale_ptr, bn_eps, SCALE_FROM_VAR)
@@ -324,6 +324,7 @@ def _ho_up_kernel(h_ptr, dww_ptr, dwb_ptr, w1_ptr, b1_ptr, mean_ptr, scale_ptr, 
         a = a * keep.to(a.dtype) * keep_scale
     res_rows = res_ptr + _token_offsets(rows, N, res_b, res_n)
     out_rows = out_ptr + _token_offsets(rows, N, out_b, out_n)
+    normed_rows = normed_ptr + _token_offsets(rows, N, normed_b, normed_n)
     if LOW_RANK:
         r = tl.arange(0, BLOCK_R)
         lr_h = tl.load(lr_h_ptr + rows[:, None] * lr_h_stride + r[None, :],     # (BLOCK_M, BLOCK_R)
@@ -368,7 +369,7 @@ def _ho_up_kernel(h_ptr, dww_ptr, dwb_ptr, w1_ptr, b1_ptr, mean_ptr, scale_ptr, 
             normed = (u - row_mean[:, None]) * rstd[:, None] \
                 * tl.load(nw_ptr + c, mask=c_ok, other=0.0)[None, :] \
                 + tl.load(nb_ptr + c, mask=c_ok, other=0.0)[None, :]
-            tl.store(normed_ptr + rows[:, None] * C + c[None, :],
+            tl.store(normed_rows[:, None] + c[None, :],
                      normed.to(normed_ptr.dtype.element_ty), mask=mask)
 
 
@@ -714,13 +715,16 @@ def _sft_down(x, s: _Sizes, w, params, h, stats=None, fold=None):
 
 
 def _ho_up(h, s: _Sizes, residual, extra, hw, w, params, mean, scale, scale_from_var, mask,
-           keep_scale, norm: Optional[NextNorm] = None):
-    """Launch `_ho_up_kernel`: residual + up(dropout(gelu(HO(h)))) (+ extra), (B, N, C); extra
-    None, tokens or a `LowRankExtra`; with `norm`, (that, its LayerNorm in norm.dtype)."""
+           keep_scale, norm: Optional[NextNorm] = None, out: Optional[torch.Tensor] = None):
+    """Launch `_ho_up_kernel`: residual + up(dropout(gelu(HO(h)))) (+ extra), (B, N, C), into
+    `out` if given; extra None, tokens or a `LowRankExtra`; with `norm`, (that, its LayerNorm
+    in norm.dtype, into norm.out if given)."""
     residual, res_b, res_n = _token_strides(residual)
     low_rank = isinstance(extra, LowRankExtra)
     has_extra = extra is not None and not low_rank
-    out = torch.empty((s.B, s.N, s.C), device=h.device, dtype=_output_dtype(residual, extra))
+    shape, dtype = (s.B, s.N, s.C), _output_dtype(residual, extra)
+    out = (torch.empty(shape, device=h.device, dtype=dtype) if out is None
+           else destination(out, shape, dtype, "out"))
     extra_tokens, ext_b, ext_n = _token_strides(extra) if has_extra else (residual, 0, 0)
     lr_h, lr_w, lr_b = (h, h, h)
     if low_rank:
@@ -731,13 +735,14 @@ def _ho_up(h, s: _Sizes, residual, extra, hw, w, params, mean, scale, scale_from
     nw, nb, normed = (h, h, h)
     if norm is not None:
         nw, nb = (t.detach().to(s.acc).contiguous() for t in (norm.weight, norm.bias))
-        normed = torch.empty((s.B, s.N, s.C), device=h.device, dtype=norm.dtype)
+        normed = (torch.empty(shape, device=h.device, dtype=norm.dtype) if norm.out is None
+                  else destination(norm.out, shape, norm.dtype, "norm.out"))
     _ho_up_kernel[(s.n_tiles,)](h, dww, dwb, w1, b1, mean, scale, w.bn_eps, bnw, bnb, w2, b2,
                                 h if mask is None else mask, keep_scale, wu, bu, residual, res_b,
                                 res_n, extra_tokens, ext_b, ext_n, lr_h, lr_h.stride(0), lr_w,
                                 lr_b, R, out, out.stride(0), out.stride(1), nw, nb,
-                                0.0 if norm is None else norm.eps, normed,
-                                s.M, s.N, hw[0], hw[1], s.C, s.D, w.cp,
+                                0.0 if norm is None else norm.eps, normed, normed.stride(0),
+                                normed.stride(1), s.M, s.N, hw[0], hw[1], s.C, s.D, w.cp,
                                 SCALE_FROM_VAR=scale_from_var, HAS_MASK=mask is not None,
                                 HAS_EXTRA=has_extra, LOW_RANK=low_rank, NORM=norm is not None,
                                 BLOCK_M=s.block_m, BLOCK_C=s.block_c, BLOCK_D=s.block_d,
@@ -746,16 +751,20 @@ def _ho_up(h, s: _Sizes, residual, extra, hw, w, params, mean, scale, scale_from
 
 
 def hybrid_adapter_eval_triton(x: torch.Tensor, residual: torch.Tensor, extra, hw,
-                               w: HybridAdapterWeights, norm: Optional[NextNorm] = None):
+                               w: HybridAdapterWeights, norm: Optional[NextNorm] = None,
+                               out: Optional[torch.Tensor] = None):
     """residual + HA branch(x) (+ extra) at inference, (B, N, C) tokens, extra None, tokens or a
     `LowRankExtra` (made in the second kernel): two launches. With `norm`, (that, its
-    LayerNorm), the second made by the second kernel too."""
+    LayerNorm), the second made by the second kernel too. `out` and `norm.out`: where to write
+    them (views with channels contiguous), else new tensors; `out` may be x or residual: the
+    first kernel reads all of x before the second runs, and the second reads each token's
+    residual in the program that then writes it."""
     s = _sizes(x, w)
     params = _parameters(w, s.acc)
     h = torch.empty((s.M, s.D), device=x.device, dtype=s.acc)
     _sft_down(x, s, w, params, h)
     return _ho_up(h, s, residual, extra, hw, w, params, params[10], params[11], True, None, 1.0,
-                  norm)
+                  norm, out)
 
 
 def _with_ones(width: int) -> int:

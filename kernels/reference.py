@@ -60,12 +60,24 @@ class LowRankExtra(NamedTuple):
 class NextNorm(NamedTuple):
     """The LayerNorm that the next sub-layer applies to a Hybrid Adapter's output, for the fused
     inference kernel to make as well while it holds that output (`hybrid_adapter_eval`): weight
-    and bias (C,), eps, and the dtype the normalised tokens are wanted in (autocast's, where the
-    next layer is a Linear under autocast: it would cast them to that dtype itself)."""
+    and bias (C,), eps, the dtype the normalised tokens are wanted in (autocast's, where the
+    next layer is a Linear under autocast: it would cast them to that dtype itself), and `out`,
+    where to write them (as `hybrid_adapter_eval`'s `out`), else a new tensor."""
     weight: torch.Tensor
     bias: torch.Tensor
     eps: float
     dtype: torch.dtype
+    out: Optional[torch.Tensor] = None
+
+
+def destination(out: torch.Tensor, shape, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """`out`, a tensor given for a kernel's result (such as a view of the patch rows of EVA02's
+    (B, 1 + N, C) tokens), checked: the result's shape and dtype, channels contiguous."""
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.stride(-1) != 1:
+        raise ValueError(f"{name}: expected a {tuple(shape)} {dtype} tensor with contiguous "
+                         f"channels, got {tuple(out.shape)} {out.dtype} with strides "
+                         f"{out.stride()}")
+    return out
 
 
 class HybridAdapterWeights(NamedTuple):
@@ -110,21 +122,28 @@ def _adapter_hidden(x: torch.Tensor, hw: Tuple[int, int], w: HybridAdapterWeight
 
 def hybrid_adapter_eval_reference(x: torch.Tensor, residual: torch.Tensor,
                                   extra, hw: Tuple[int, int],
-                                  w: HybridAdapterWeights, norm: Optional[NextNorm] = None):
+                                  w: HybridAdapterWeights, norm: Optional[NextNorm] = None,
+                                  out: Optional[torch.Tensor] = None):
     """residual + up(gelu(HO(down(SFT(x))))) (+ extra): a Hybrid Adapter at inference (Eq. 15,
     dropout off, BatchNorm on its running statistics) with the block's residual and the internal
     prompt (Eq. 6) added. x, residual: (B, N, C) tokens on an (H, W) grid; extra: None, (B, N, C)
     tokens or a `LowRankExtra`. With `norm` (a `NextNorm`): (that, its LayerNorm in
-    norm.dtype)."""
+    norm.dtype). `out`: a (B, N, C) tensor to write the result into (`destination`), else a new
+    one; `norm.out` likewise."""
     hidden = _adapter_hidden(x, hw, w, lambda q: F.batch_norm(
         q, w.bn_mean, w.bn_var, w.bn_weight, w.bn_bias, False, 0.0, w.bn_eps))
-    out = residual + F.linear(hidden, w.up_weight, w.up_bias)
+    y = residual + F.linear(hidden, w.up_weight, w.up_bias)
     if isinstance(extra, LowRankExtra):
-        extra = extra.dense(out.shape)
-    out = out if extra is None else out + extra
+        extra = extra.dense(y.shape)
+    y = y if extra is None else y + extra
+    if out is not None:
+        y = destination(out, y.shape, y.dtype, "out").copy_(y)
     if norm is None:
-        return out
-    return out, F.layer_norm(out, out.shape[-1:], norm.weight, norm.bias, norm.eps).to(norm.dtype)
+        return y
+    normed = F.layer_norm(y, y.shape[-1:], norm.weight, norm.bias, norm.eps).to(norm.dtype)
+    if norm.out is not None:
+        normed = destination(norm.out, y.shape, norm.dtype, "norm.out").copy_(normed)
+    return y, normed
 
 
 def hybrid_adapter_train_reference(x: torch.Tensor, residual: torch.Tensor,

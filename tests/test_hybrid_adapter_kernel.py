@@ -101,6 +101,43 @@ def test_low_rank_extra_matches_reference(draw, device, dtype, tol):
     assert err < tol, f"relative error {err:.2e}: {msg}"
 
 
+IMPLS = ([("reference", hybrid_adapter_eval_reference)]
+         + [(f"triton-{device}", kernels.hybrid_adapter_eval_triton) for device in
+            sorted({device for device, _, _ in TARGETS})])
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=[name for name, _ in IMPLS])
+def test_eval_writes_into_given_views(impl):
+    """`out` and `NextNorm.out`: the result and its LayerNorm written into the patch rows of
+    (B, 1 + N, C) tensors: the same values as new tensors, the cls rows untouched; and over the
+    residual itself, as EVA02's fused inference writes them; a view of another shape or dtype
+    is refused, naming the argument."""
+    name, fn = impl
+    device = "cuda" if name == "triton-cuda" else "cpu"
+    gen = torch.Generator().manual_seed(SEED + 300)
+    B, H, W, C, d2 = 2, 5, 3, 40, 20
+    w64 = random_weights(C, d2, gen)
+    w = HybridAdapterWeights(*[t.to(device, torch.float32) for t in w64[:-3]], *w64[-3:])
+    x = torch.randn(B, 1 + H * W, C, generator=gen).to(device)[:, 1:]
+    nw, nb = (torch.randn(C, generator=gen).to(device) for _ in range(2))
+    norm = kernels.NextNorm(nw, nb, 1e-6, torch.bfloat16)
+    plain, plain_normed = fn(x, x, None, (H, W), w, norm)
+    out = torch.full((B, 1 + H * W, C), 7.0, device=device)
+    normed = torch.full((B, 1 + H * W, C), 7.0, device=device, dtype=torch.bfloat16)
+    got, got_normed = fn(x, x, None, (H, W), w, norm._replace(out=normed[:, 1:]), out[:, 1:])
+    assert got.data_ptr() == out[:, 1:].data_ptr() and torch.equal(out[:, 1:], plain)
+    assert got_normed.data_ptr() == normed[:, 1:].data_ptr()
+    assert torch.equal(normed[:, 1:], plain_normed)
+    assert (out[:, 0] == 7).all() and (normed[:, 0] == 7).all()
+    z = x.clone()                                                # residual = x = out
+    fn(z, z, None, (H, W), w, None, z)
+    assert torch.equal(z, plain)
+    with pytest.raises(ValueError, match="out: expected a"):
+        fn(x, x, None, (H, W), w, None, out[:, 1:].double())
+    with pytest.raises(ValueError, match="norm.out: expected a"):
+        fn(x, x, None, (H, W), w, norm._replace(out=normed[:, 2:]))
+
+
 def draw_running_statistics(model: torch.nn.Module) -> torch.nn.Module:
     """model, its BatchNorm running statistics drawn away from their initial 0 and 1."""
     with torch.no_grad():
@@ -164,17 +201,52 @@ def test_next_norm_reference():
     torch.testing.assert_close(normed, F.layer_norm(out, (24,), nw, nb.double(), 1e-6).float())
 
 
-@pytest.mark.parametrize("autocast", [False, True], ids=["float64", "bf16-autocast"])
-def test_fused_inference_hands_on_each_layer_norm(monkeypatch, autocast):
-    """At inference with fused adapters, each adapter's call also makes the LayerNorm that the
-    next sub-layer reads (`ivt.models.swin.fused_eval_stage`; here on the reference kernels):
-    12 of swin_nano's 16 adapters (the last of each stage hands on none), in bfloat16 under
-    bf16 autocast, and the model's outputs are the fast path's (float64: to rounding)."""
+def tiny_eva02(fused: bool, d2: int = 16, fast: bool = True, seed: int = 0):
+    """A 3-block EVA02 (width 32, 8 x 8 patches) with IV-tuning, its weights drawn from seed."""
+    from ivt.models.eva02 import EVA02Backbone, EVA02Config
+    from ivt.models.ivtuning import IVTConfig
+
+    torch.manual_seed(seed)
+    cfg = EVA02Config(embed_dim=32, depth=3, num_heads=2, mlp_hidden=48, patch_size=8,
+                      img_size=(24, 32), drop_path_rate=0.0)
+    return EVA02Backbone("tiny", cfg, "ivt", IVTConfig(d2=d2, dropout=0.0, fused_adapters=fused),
+                         fast=fast)
+
+
+def swin_nano(fused: bool):
     from ivt.models import build_backbone
+    return build_backbone("swin_nano", "ivt", fast=True, fused_adapters=fused, d2=20)
+
+
+# backbone: (build(fused) on the fast path, input (H, W): 13 x 9 tokens; 5 x 4 and a cls token)
+MODELS = {"swin_nano": (swin_nano, (52, 36)),
+          "eva02": (lambda fused: tiny_eva02(fused, d2=20, seed=SEED % 2**31), (40, 32))}
+# backbone: (whether each adapter's call hands on the LayerNorm of its output, concatenations of
+# a (B, 1, C) cls row with (B, N, C) tokens in the fused forward)
+HAND_OVERS = {
+    # the last block of each of the 4 stages hands on none (patch merging or the end)
+    "swin_nano": ([True, True, True, False] * 4, 0),
+    # all but the last block's second adapter; the two concatenations are the cls token's with
+    # the patch embeddings and the resized position embedding's (the fast path: 2 + one per
+    # adapter)
+    "eva02": ([True] * 5 + [False], 2),
+}
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["float64", "bf16-autocast"])
+@pytest.mark.parametrize("backbone", list(HAND_OVERS))
+def test_fused_inference_hands_on_each_layer_norm(monkeypatch, backbone, autocast):
+    """At inference with fused adapters, each adapter's call also makes the LayerNorm that the
+    next sub-layer reads (`ivt.models.swin.fused_eval_stage`, `EVA02Block.forward_fused_eval`;
+    here on the reference kernels), in bfloat16 under bf16 autocast, and the model's outputs are
+    the fast path's (float64: to rounding). EVA02's adapters write the patch rows of the
+    (B, 1 + N, C) results in place (`BlockAdapters.fused_eval`'s `lead`): no concatenation."""
+    (build_model, (height, width)), (hands_on, cls_rows_joined) = (MODELS[backbone],
+                                                                   HAND_OVERS[backbone])
 
     def build(fused):
         torch.manual_seed(SEED % 2**31)
-        return build_backbone("swin_nano", "ivt", fast=True, fused_adapters=fused, d2=20).eval()
+        return build_model(fused).eval()
 
     fast, fused = draw_running_statistics(build(False)), build(True)
     with torch.no_grad():
@@ -183,22 +255,32 @@ def test_fused_inference_hands_on_each_layer_norm(monkeypatch, autocast):
                 m.weight.normal_(1.0, 0.3)
                 m.bias.normal_(0.0, 0.3)
     fused.load_state_dict(fast.state_dict())
-    handed = []
-    plain_call = kernels.hybrid_adapter_eval
+    handed, concatenated = [], []
+    plain_call, plain_cat = kernels.hybrid_adapter_eval, torch.cat
 
     def spy(*args):
         result = plain_call(*args)
         handed.append(result[1].dtype if isinstance(result, tuple) else None)
         return result
 
+    def cat_spy(tensors, *args, **kwargs):
+        if tensors[0].dim() == 3 and tensors[0].shape[1] == 1:
+            concatenated.append([tuple(t.shape) for t in tensors])
+        return plain_cat(tensors, *args, **kwargs)
+
     monkeypatch.setattr(kernels, "hybrid_adapter_eval", spy)
     monkeypatch.setenv("IVT_KERNELS", "torch")
     dtype = torch.float32 if autocast else torch.float64
     fast, fused = fast.to(dtype), fused.to(dtype)
-    vis, ir = (torch.randn(2, 3, 52, 36, dtype=dtype) for _ in range(2))        # 13 x 9 tokens
+    vis, ir = (torch.randn(2, 3, height, width, dtype=dtype) for _ in range(2))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        expected, got = fast(vis, ir), fused(vis, ir)
-    assert handed == ([torch.bfloat16 if autocast else torch.float64] * 3 + [None]) * 4
+        expected = fast(vis, ir)
+        monkeypatch.setattr(torch, "cat", cat_spy)
+        got = fused(vis, ir)
+        monkeypatch.setattr(torch, "cat", plain_cat)
+    handed_dtype = torch.bfloat16 if autocast else torch.float64
+    assert handed == [handed_dtype if h else None for h in hands_on]
+    assert len(concatenated) == cls_rows_joined, concatenated
     for a, b in zip(got, expected):
         err = ((a - b).abs().max() / b.abs().max()).item()
         assert err < (3e-2 if autocast else 1e-10), f"KERNELS_TEST_SEED={SEED}: {err:.2e}"
@@ -491,16 +573,16 @@ def test_dispatch_uses_the_reference_without_triton(monkeypatch):
 @pytest.mark.skipif(not (kernels.TRITON_INSTALLED and kernels.triton_interpreter_on()),
                     reason="needs TRITON_INTERPRET=1")
 @pytest.mark.parametrize("fused", [False, True], ids=["fast", "fused"])
-def test_fast_model_inference_with_the_kernel(monkeypatch, fused):
-    """A whole IV-tuned Swin at inference, fast path: the Triton kernels (interpreter) give the
-    outputs of the PyTorch reference, in float32; `fused`: every Hybrid Adapter in the fused
-    inference kernel, its internal prompt passed as `LowRankExtra` factors."""
-    from ivt.models import build_backbone
+@pytest.mark.parametrize("backbone", list(MODELS))
+def test_fast_model_inference_with_the_kernel(monkeypatch, backbone, fused):
+    """A whole IV-tuned Swin or EVA02 at inference, fast path: the Triton kernels (interpreter)
+    give the outputs of the PyTorch reference, in float32; `fused`: every Hybrid Adapter in the
+    fused inference kernel, its internal prompt passed as `LowRankExtra` factors, handing on
+    the next LayerNorm (and in EVA02 writing over its input's patch rows)."""
+    build_model, (height, width) = MODELS[backbone]
     torch.manual_seed(SEED % 2**31)
-    model = draw_running_statistics(build_backbone("swin_nano", "ivt", fast=True,
-                                                   fused_adapters=fused, d2=20))
-    model.eval()
-    vis, ir = torch.randn(2, 3, 52, 36), torch.randn(2, 3, 52, 36)       # 13 x 9 tokens
+    model = draw_running_statistics(build_model(fused)).eval()
+    vis, ir = torch.randn(2, 3, height, width), torch.randn(2, 3, height, width)
     outputs = {}
     for backend in ("torch", "triton"):
         monkeypatch.setenv("IVT_KERNELS", backend)
@@ -577,18 +659,8 @@ def test_fused_eva02_training_step_equals_reference_path(monkeypatch):
     """The same for EVA02, whose adapters read the patch tokens as a view that skips the cls
     token and whose internal prompts (each block's own, as factors) come from weights folded
     for all blocks at once."""
-    from ivt.models.eva02 import EVA02Backbone, EVA02Config
-    from ivt.models.ivtuning import IVTConfig
-
-    def build(fused):
-        torch.manual_seed(0)
-        cfg = EVA02Config(embed_dim=32, depth=3, num_heads=2, mlp_hidden=48, patch_size=8,
-                          img_size=(24, 32), drop_path_rate=0.0)
-        return EVA02Backbone("tiny", cfg, "ivt", IVTConfig(d2=16, dropout=0.0,
-                                                           fused_adapters=fused),
-                             fast=fused).double()
-
-    assert_fused_step_equals_reference(build, (24, 32), monkeypatch)
+    assert_fused_step_equals_reference(lambda fused: tiny_eva02(fused, fast=fused).double(),
+                                       (24, 32), monkeypatch)
 
 
 @pytest.mark.skipif(not (kernels.TRITON_INSTALLED and kernels.triton_interpreter_on()),

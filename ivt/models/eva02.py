@@ -239,6 +239,24 @@ class EVA02Block(nn.Module):
                 z = torch.cat([z[:, :1], patches], dim=1)
         return z, prompt
 
+    def forward_fused_eval(self, z: torch.Tensor, zn: Optional[torch.Tensor], hw: Grid,
+                           rope: Tuple[torch.Tensor, torch.Tensor], prompt: torch.Tensor,
+                           folded: Optional[FoldedIPAs], next_norm: Optional[nn.LayerNorm]
+                           ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """`_forward_fast` at inference where the adapters run as the fused inference kernels
+        (`BlockAdapters.fuses_norms`), same result: each adapter's kernel writes its output
+        over the sub-layer's result's patch rows (the cls row stays; nothing is concatenated)
+        and also makes the LayerNorm the next sub-layer reads (norm2, then the next block's
+        norm1, `next_norm`, None after the last block), in the dtype the next Linear computes
+        in (`BlockAdapters.fused_eval`). zn: norm1(z), made by the previous block's kernel, or
+        None. -> (z, next_norm(z) or None)."""
+        internal = block_internal_prompts([self.adapters], prompt, hw, folded)[0]
+        zn = self.norm1(z) if zn is None else zn
+        z = z + self.drop_path(self.attn.proj(self.attn.heads_fast(zn, rope)))
+        z, zn = self.adapters.fused_eval(0, z, hw, internal[0], self.norm2, lead=1)  # HA1, IPA1
+        z = z + self.drop_path(self.mlp(zn))
+        return self.adapters.fused_eval(1, z, hw, internal[1], next_norm, lead=1)     # HA2, IPA2
+
 
 def resize_pos_embed(pos_embed: torch.Tensor, old: Grid, new: Grid) -> torch.Tensor:
     """(1, 1 + h*w, C) -> (1, 1 + H*W, C): the grid part bicubically (antialiased when shrinking,
@@ -356,13 +374,19 @@ class EVA02Backbone(IVTBackbone):
         rope = self._rope[key]              # (N, d) sin, cos; (1 + N, d) on the fast path
         folded = (fold_block_ipas([block.adapters for block in self.blocks])  # all at once
                   if self.fast else None)
-        maps = {}
+        fused = self.fast and all(isinstance(b.adapters, BlockAdapters) and
+                                  b.adapters.fuses_norms(z) for b in self.blocks)
+        maps, zn = {}, None
         for index, block in enumerate(self.blocks):
             # Block l > 0 takes its input tokens as the external prompt. With ipa_deep (Fig. 4(e))
             # the chain of IPA outputs instead carries on across blocks, from P_E at block 0.
             if prompt is not None and index > 0 and not self.ivt_cfg.ipa_deep:
                 prompt = z[:, 1:]
-            if self.fast:
+            if fused:                                                    # inference, fused
+                following = self.blocks[index + 1].norm1 if index + 1 < len(self.blocks) else None
+                z, zn = block.forward_fused_eval(z, zn, hw, rope, prompt, folded[index],
+                                                 following)
+            elif self.fast:
                 z, prompt = block.forward_fast(z, hw, rope, prompt,
                                                index < self.checkpoint_blocks, folded[index],
                                                self.recompute_frozen)

@@ -682,22 +682,35 @@ class BlockAdapters(nn.Module):
                 and self.fused_kernels(0, x) == self.fused_kernels(1, x) == "eval")
 
     def fused_eval(self, pos: int, z_out: torch.Tensor, hw: Grid,
-                   p_internal: Optional[kernels.LowRankExtra], norm: Optional[nn.LayerNorm]
-                   ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                   p_internal: Optional[kernels.LowRankExtra], norm: Optional[nn.LayerNorm],
+                   lead: int = 0) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """`fast` at inference where `fuses_norms`: z = z_out + HA branch(z_out) + IPA output in
         one `kernels.hybrid_adapter_eval` call, which, given the LayerNorm `norm` that the next
         sub-layer applies to z, also returns norm(z), made while the kernel holds z, in the dtype
-        the next Linear computes in (autocast's, else z's). -> (z, norm(z) or None)."""
+        the next Linear computes in (autocast's, else z's). -> (z, norm(z) or None).
+        With `lead` > 0, z_out is (B, lead + N, C) and its first `lead` tokens (EVA02's cls
+        token) pass the adapter unchanged: the kernel writes the other N over z_out's own (each
+        token read before it is written; at inference z_out is the block's own new tensor),
+        and their LayerNorm into a (B, lead + N, C) tensor, so nothing is concatenated."""
         ha = self.ha1 if pos == 0 else self.ha2
-        next_norm = None
+        patches = z_out[:, lead:]
+        next_norm = normed = None
         if norm is not None:
             device = z_out.device.type
             dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
                      else z_out.dtype)
-            next_norm = kernels.NextNorm(norm.weight, norm.bias, norm.eps, dtype)
-        out = kernels.hybrid_adapter_eval(z_out, z_out, p_internal, hw, ha.kernel_weights(),
-                                          next_norm)
-        return out if next_norm is not None else (out, None)
+            normed = torch.empty(z_out.shape, device=z_out.device, dtype=dtype) if lead else None
+            next_norm = kernels.NextNorm(norm.weight, norm.bias, norm.eps, dtype,
+                                         None if normed is None else normed[:, lead:])
+        result = kernels.hybrid_adapter_eval(patches, patches, p_internal, hw,
+                                             ha.kernel_weights(), next_norm,
+                                             patches if lead else None)
+        z, zn = result if next_norm is not None else (result, None)
+        if not lead:
+            return z, zn
+        if normed is not None:
+            normed[:, :lead] = norm(z_out[:, :lead])
+        return z_out, normed
 
     def fast(self, pos: int, z_in: torch.Tensor, z_out: torch.Tensor, prompt: torch.Tensor,
              hw: Grid, p_internal: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
