@@ -210,10 +210,10 @@ def adapter_rows(args, device, dtype, measure, bandwidth, add, tiles=None):
     extra with residual = x as the sequential block calls it: at inference and in a training
     forward + backward (batch-statistics BatchNorm, dropout mask given, gradients of x, extra and
     every parameter), each with extra as tokens and as the rank-8 factors the model passes, and
-    at inference also with the next LayerNorm made in bfloat16 (`kernels.NextNorm`, as Swin's
-    blocks ask for it). The floor moves x, extra (as tokens) and the output once at inference
-    (and the normalised output, half a pass in bfloat16), and also reads the output gradient
-    and writes x's in training. Each row goes to `add`. With
+    at inference also with the next LayerNorm made in bfloat16 (`kernels.NextNorm`, as the
+    Swin and EVA02 blocks ask for it). The floor moves x, extra (as tokens) and the output once
+    at inference (and the normalised output, half a pass in bfloat16), and also reads the
+    output gradient and writes x's in training. Each row goes to `add`. With
     tiles = (BLOCK_M, BLOCK_C), only the Triton column, with the kernels' tile sizes set so."""
     import torch
 
@@ -245,7 +245,7 @@ def adapter_rows(args, device, dtype, measure, bandwidth, add, tiles=None):
         factors = kernels.LowRankExtra(torch.randn(B * H * W, 8, device=device, dtype=dtype),
                                        torch.randn(8, C, device=device) * 8 ** -0.5,
                                        torch.randn(C, device=device))
-        # and, on Swin, the next sub-layer's LayerNorm of the output, in bfloat16 (autocast's)
+        # and the next sub-layer's LayerNorm of the output, in bfloat16 (autocast's)
         norm = kernels.NextNorm(torch.ones(C, device=device), torch.zeros(C, device=device),
                                 1e-5, torch.bfloat16)
         leaves = [x, extra, *factors] + list(adapter.parameters())
