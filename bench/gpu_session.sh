@@ -7,10 +7,10 @@
 #      (rewrites its section of docs/benchmarks.md after every mode; `--merge` an earlier run's
 #      JSON to keep its rows)
 #   3. bench/kernels.py: the fused Hybrid Adapter (with its split by kernel; at the tile sizes
-#      `kernels.hybrid_adapter.tile_sizes` chooses, and at fixed 32 x 32 tiles, its earlier
-#      default, and 32 x 128), the partial conv, SimAM: device time, without the torch.compile
-#      column (its compilations took most of the last run's time, which ended before the partial
-#      conv)
+#      `kernels.hybrid_adapter.tile_sizes` chooses, and at fixed 16 x 64 and 32 x 64 tiles at
+#      every shape, which tell whether its choice of 16 or 32 tokens is right), the partial
+#      conv, SimAM: device time, without the torch.compile column (its compilations took most
+#      of the last run's time, which ended before the partial conv)
 #   4. bench/vs_timm.py: this repository's Swin-L and EVA02-L against timm's (when timm imports),
 #      Swin-L also with the explicit window attention; the kernels whose time differs most
 # Logs, the JSON files and the rewritten docs/benchmarks.md go to $OUT (default ./gpu_out): eight
@@ -44,6 +44,6 @@ part 150 tests $PY -m pytest -q -rf --tb=short "${PARALLEL[@]}" tests/test_graph
     tests/test_hybrid_adapter_kernel.py
 part 275 train_step $PY bench/train_step.py --json "$OUT/train_step.json"
 part 100 kernels $PY bench/kernels.py --ops hybrid_adapter partial_conv simam --no-compile \
-    --adapter-tiles 32:32 32:128
+    --adapter-tiles 16:64 32:64
 part 60 vs_timm $PY bench/vs_timm.py --json "$OUT/vs_timm.json"
 cp docs/benchmarks.md "$OUT/benchmarks.md"

@@ -18,7 +18,12 @@ that gap on a machine without a GPU, in two steps:
    for `GPUTarget("cuda", arch, 32)`, through PTX to a cubin with the ptxas that Triton bundles,
    and check the shared memory it needs against the architecture's per-block limit (a failure);
    report the registers per thread and the register spills `ptxas -v` finds (a slow kernel, not
-   a failure: the fused adapter's backward kernels spilled up to 3 KB a thread at 4 warps).
+   a failure: the fused adapter's backward kernels spilled up to 3 KB a thread at 4 warps);
+3. from those registers and that shared memory, how many of a kernel's programs one streaming
+   multiprocessor holds at once (`programs_per_sm`, the occupancy calculator's rules), and so in
+   how many waves each recorded launch runs: 288 programs of which a multiprocessor holds one
+   at a time run in 3 waves on 132 multiprocessors, the last 18% full. The waves model the
+   launch; they are not a timing, which only a GPU measures (`bench/kernels.py`).
 
 CPU autocast casts the matmuls, convolutions and attention to bfloat16 as CUDA autocast does, so
 the recorded dtypes are the GPU run's. Integer arguments are compiled unspecialised (on a GPU the
@@ -29,6 +34,7 @@ import concurrent.futures
 import importlib
 import inspect
 import json
+import math
 import os
 import re
 import subprocess
@@ -41,6 +47,14 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 # Per-block shared memory limit (bytes, opt-in maximum) by compute capability.
 SHARED_LIMIT = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
+# Per-multiprocessor limits by compute capability (the CUDA C++ Programming Guide's technical
+# specifications): resident warps, resident blocks, shared memory (bytes). Every one of these
+# has 65,536 registers a multiprocessor, allocated to each warp in units of 256, and reserves
+# 1 KB of shared memory for each resident block, whose own is allocated in units of 128 bytes.
+SM_LIMITS = {80: (64, 32, 167_936), 86: (48, 16, 102_400), 89: (48, 24, 102_400),
+             90: (64, 32, 233_472)}
+REGISTERS_PER_SM, REGISTER_UNIT = 65_536, 256
+SHARED_RESERVED, SHARED_UNIT = 1024, 128
 # backbone: (image size, batch); Swin-L and EVA02-L as `bench/train_step.py` measures them, two
 # small Swins for a quick check.
 CONFIGS = {"swin_l": (384, 8), "eva02_l": (512, 2), "swin_t": (224, 2), "swin_nano": (64, 2)}
@@ -101,8 +115,9 @@ def interpreter_launches(handler: Callable[[Callable[[], Any], Any, tuple, dict]
 def record(backbone: str, size: int, batch: int, multiprocessors: int) -> List[dict]:
     """The distinct Triton launches of a fused IV-tuning training step and inference forward of
     `backbone` (float32 and bfloat16 autocast) on a GPU with that many streaming multiprocessors
-    (the fused adapter's tile size depends on it); needs TRITON_INTERPRET=1 (see the module
-    docstring). Nothing runs: the tensors are fake and the launches only recorded."""
+    (the fused adapter's tile size depends on it), each with its grids' program counts,
+    launch["programs"][backbone]; needs TRITON_INTERPRET=1 (see the module docstring). Nothing
+    runs: the tensors are fake and the launches only recorded."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -117,7 +132,11 @@ def record(backbone: str, size: int, batch: int, multiprocessors: int) -> List[d
     def recorder(run, fn, args, kwargs):                    # records, never calls run()
         named = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
         launch = _launch_record(fn, args, named)
-        launches.setdefault(json.dumps(launch, sort_keys=True), launch)
+        launch = launches.setdefault(json.dumps(launch, sort_keys=True), launch)
+        programs = math.prod(kwargs["grid"])
+        launch.setdefault("programs", {}).setdefault(backbone, [])
+        if programs not in launch["programs"][backbone]:
+            launch["programs"][backbone].append(programs)
 
     previous, previous_count = kernels.backend(), fused._multiprocessors
     kernels.set_backend("triton")
@@ -165,6 +184,25 @@ def ptxas_usage(ptx: str, arch: int) -> Tuple[int, int]:
     return int(registers.group(1)), int(spills.group(1)) + int(spills.group(2))
 
 
+def programs_per_sm(arch: int, warps: int, registers: int, shared: int) -> Tuple[int, str]:
+    """(programs of a kernel one multiprocessor of sm_<arch> holds at once, the limit that sets
+    it: "registers", "shared", "warps" or "blocks") for programs of `warps` warps, `registers`
+    registers a thread and `shared` bytes of shared memory."""
+    max_warps, max_blocks, shared_per_sm = SM_LIMITS[arch]
+    per_warp = -(-registers * 32 // REGISTER_UNIT) * REGISTER_UNIT
+    per_block = -(-shared // SHARED_UNIT) * SHARED_UNIT + SHARED_RESERVED
+    limits = {"registers": REGISTERS_PER_SM // per_warp // warps,
+              "shared": shared_per_sm // per_block, "warps": max_warps // warps,
+              "blocks": max_blocks}
+    limit = min(limits, key=limits.get)
+    return limits[limit], limit
+
+
+def waves(programs: int, resident: int, multiprocessors: int) -> float:
+    """Programs over the programs a GPU holds at once: 2.18 runs as 3 waves, the last 18% full."""
+    return programs / (resident * multiprocessors)
+
+
 def compile_launch(launch: dict, arch: int) -> dict:
     """`triton.compile` one recorded launch for sm_<arch>; returns its shared memory, registers
     and register spills (ptxas -v), and the time it took. Raises what the compiler raises, or
@@ -184,7 +222,7 @@ def compile_launch(launch: dict, arch: int) -> dict:
                          f"{limit} per block")
     registers, spills = ptxas_usage(compiled.asm["ptx"], arch)
     return {"shared": shared, "registers": registers, "spill_bytes": spills,
-            "seconds": time.perf_counter() - t0}
+            "warps": compiled.metadata.num_warps, "seconds": time.perf_counter() - t0}
 
 
 def describe(launch: dict) -> str:
@@ -193,6 +231,23 @@ def describe(launch: dict) -> str:
     dtypes = sorted({t[1:] for t in launch["signature"].values() if t.startswith("*")})
     opts = "".join(f", {k}={v}" for k, v in launch["options"].items())
     return f"{launch['kernel']}[{consts}{opts}] ({'/'.join(dtypes)})"
+
+
+def print_waves(compiled: List[tuple], multiprocessors: int) -> None:
+    """For each compiled (launch, arch, result) with recorded grids: programs a multiprocessor
+    holds (and what limits it), and each grid's waves on `multiprocessors` of them."""
+    print(f"programs a multiprocessor holds at once, and waves on {multiprocessors} "
+          "multiprocessors (programs / held at once; 2.18 runs as 3 waves, the last 18% full):")
+    for launch, arch, result in compiled:
+        if "programs" not in launch or arch not in SM_LIMITS:
+            continue
+        resident, limit = programs_per_sm(arch, result["warps"], result["registers"],
+                                          result["shared"])
+        grids = "; ".join(
+            f"{backbone} " + ", ".join(f"{n} = {waves(n, resident, multiprocessors):.2f}"
+                                       for n in sorted(counts))
+            for backbone, counts in launch["programs"].items())
+        print(f"  sm_{arch} {describe(launch)}: {resident} a multiprocessor ({limit}); {grids}")
 
 
 def _compile_one(item):
@@ -251,7 +306,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         launches: Dict[str, dict] = {}
         for name in args.backbone:
             for launch in record(name, *CONFIGS[name], args.multiprocessors):
-                launches.setdefault(json.dumps(launch, sort_keys=True), launch)
+                programs = launch.pop("programs")
+                launch = launches.setdefault(json.dumps(launch, sort_keys=True), launch)
+                launch.setdefault("programs", {}).update(programs)
         with open(args.record_to, "w") as f:
             json.dump(list(launches.values()), f)
         return
@@ -261,6 +318,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"compiling {len(launches)} distinct launches for sm_"
               + ", sm_".join(map(str, args.arch)), flush=True)
         failures = spilling = 0
+        compiled = []
         for launch, arch, result, error in compile_all(launches, args.arch, args.workers):
             if error is None:
                 spilling += result["spill_bytes"] > 0
@@ -268,11 +326,13 @@ def main(argv: Optional[List[str]] = None) -> None:
                           else "")
                 print(f"  ok   sm_{arch} {describe(launch)}: {result['shared']} B shared, "
                       f"{result['registers']} registers{spills}, {result['seconds']:.1f} s")
+                compiled.append((launch, arch, result))
             else:
                 failures += 1
                 print(f"  FAIL sm_{arch} {describe(launch)}: {error}")
         print(f"{failures} of {len(launches) * len(args.arch)} compilations failed; "
               f"{spilling} spill registers")
+        print_waves(compiled, args.multiprocessors)
         if failures:
             raise SystemExit(1)
         return

@@ -87,6 +87,11 @@ BN_MERGE_TILES = 128
 # Warps of `_sft_down_kernel`: with 4, its one-pass loop (x, the weight tile, two matmul
 # accumulators) spills 400 B a thread on sm_90 in float32 at 32 x 64 tiles; with 8, none.
 SFT_DOWN_WARPS = 8
+# Programs of the 8-warp kernels (`_sft_down_kernel` and the three backward kernels) that a
+# multiprocessor holds at once: with more than 128 registers a thread (138-255 on sm_90), one
+# 8-warp program takes over half of a multiprocessor's 65,536 (`python -m kernels.compile_check`
+# prints each launch's count and waves). `_ho_up_kernel` (4 warps) fits two.
+PROGRAMS_PER_SM = 1
 
 
 # -- tile helpers ---------------------------------------------------------------------------------
@@ -648,14 +653,17 @@ def tile_sizes(M: int, C: int, device: torch.device) -> Tuple[int, int]:
       * channels: 64 where 64 divides C (every Swin-L and EVA02-L width), else 32: half the loop
         steps of 32, each with twice the loads in flight. (128 would halve them again, but the
         forward kernels' tiles then spill registers on sm_90: `python -m kernels.compile_check`.)
-      * tokens: 32, or 16 where tiles of 32 would give a GPU fewer than two programs per
-        streaming multiprocessor (Swin-L's stages 3 and 4 at batch 8, EVA02-L at batch 2): the
-        adapter is then bound by one program's latency, and halving the tile halves it."""
+      * tokens: 32, or 16 where tiles of 16 still run in one wave (at most `PROGRAMS_PER_SM`
+        per multiprocessor: Swin-L's stage 4 at batch 8, EVA02-L at batch 2): a lone program's
+        latency then sets the time, and halving its tile shortens it. Where 16-token tiles would
+        take more waves they do not pay: Swin-L's stage 3 at batch 8 has 288 of them, 3 waves
+        of the 8-warp kernels on 132 multiprocessors, against 2 waves of 144 32-token tiles,
+        and a program's loop over C loads the same weight tile a step at either size."""
     block_c = BLOCK_C or (64 if C % 64 == 0 else 32)
     block_m = BLOCK_M
     if block_m is None:
         sms = _multiprocessors(device)
-        block_m = 16 if sms is not None and triton.cdiv(M, 32) < 2 * sms else 32
+        block_m = 16 if sms is not None and triton.cdiv(M, 16) <= PROGRAMS_PER_SM * sms else 32
     return block_m, block_c
 
 
@@ -775,9 +783,16 @@ def _with_ones(width: int) -> int:
     return (width + 1 + 7) // 8 * 8
 
 
-def _programs(n_tiles: int, floats_per_program: int) -> int:
-    """Programs of a backward kernel: at most one per tile, and partial sums within budget."""
-    return max(1, min(n_tiles, PARTIAL_FLOATS // floats_per_program))
+def _programs(n_tiles: int, floats_per_program: int, device: torch.device) -> int:
+    """Programs of a backward kernel, each looping over its share of the tiles: at most one per
+    tile, partial sums within budget and, on a GPU, no more than its multiprocessors hold at
+    once: a program beyond those waits for a first-wave program to finish all its tiles, so
+    with P held at once, P + 1 programs take about twice as long as P (Swin-L's stage 1 at
+    batch 8: 2,304 tiles in 132 programs, 18 tiles the longest; in 239 programs, as the budget
+    alone allows, 2 waves of 10)."""
+    sms = _multiprocessors(device)
+    held = n_tiles if sms is None else PROGRAMS_PER_SM * sms
+    return max(1, min(n_tiles, held, PARTIAL_FLOATS // floats_per_program))
 
 
 class _TrainingHybridAdapter(torch.autograd.Function):
@@ -838,7 +853,7 @@ class _TrainingHybridAdapter(torch.autograd.Function):
         # extra given as factors (rank R), the map dz (M, C) and h_e with a column of ones
         # (M, R1)
         size1, size2, size3 = D * D + 3 * D, D * D + D, cp * 10 + D
-        p1, p23 = _programs(n_tiles, size1), _programs(n_tiles, size2 + size3)
+        p1, p23 = _programs(n_tiles, size1, device), _programs(n_tiles, size2 + size3, device)
         R = 0 if low_rank is None else low_rank.w.shape[0]
         nhat_dtype = _matmul_dtype(x.dtype, acc)
         dz_dtype = None if low_rank is None else _matmul_dtype(low_rank.h.dtype, acc)

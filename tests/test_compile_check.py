@@ -42,10 +42,45 @@ def test_every_kernel_compiles_for_sm90_and_sm80(tmp_path):
     assert {launch["kernel"] for launch in recorded} == defined
     dtypes = {t for launch in recorded for t in launch["signature"].values()}
     assert {"*fp32", "*bf16"} <= dtypes                    # float32 and autocast launches
+    # every launch knows its grids' sizes, by backbone
+    assert all(set(launch["programs"]) <= {"swin_l", "eva02_l"} and launch["programs"]
+               and all(n >= 1 for counts in launch["programs"].values() for n in counts)
+               for launch in recorded)
     result = run(["-m", "kernels.compile_check", "--arch", "90", "80",
                   "--compile-from", str(launches)], interpret=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"0 of {2 * len(recorded)} compilations failed" in result.stdout
+    # and the waves of every compiled launch are reported
+    assert len(re.findall(r"^  sm_(?:90|80) .* a multiprocessor \(", result.stdout,
+                          re.MULTILINE)) == 2 * len(recorded)
+
+
+# (arch, warps, registers a thread, shared bytes) -> programs a multiprocessor holds, and the
+# limit, worked by hand from the CUDA Programming Guide's per-multiprocessor limits (65,536
+# registers in units of 256 a warp; 1 KB of shared memory reserved a block, units of 128 bytes)
+@pytest.mark.parametrize("arch, warps, registers, shared, held, limit", [
+    # 255 -> 256 registers: 8,192 a warp, 8 warps fit, 2 programs of 4 (shared: 4)
+    (90, 4, 255, 50_176, 2, "registers"),
+    # 178 -> 184 registers: 5,888 a warp, 11 warps fit, 1 program of 8
+    (90, 8, 178, 40_960, 1, "registers"),
+    # 100,000 -> 100,096 + 1,024 bytes: 233,472 // 101,120 = 2 (registers: 16)
+    (90, 4, 32, 100_000, 2, "shared"),
+    # 16 registers, 1 warp: 128 by registers, 228 by shared, 64 by warps, 32 by blocks
+    (90, 1, 16, 0, 32, "blocks"),
+    # sm_86 holds 48 warps: 3 programs of 16 (registers: 4)
+    (86, 16, 32, 0, 3, "warps"),
+    # sm_80: 167,936 // (81,920 + 1,024) = 2 (registers: 8)
+    (80, 4, 64, 81_920, 2, "shared"),
+])
+def test_programs_per_multiprocessor(arch, warps, registers, shared, held, limit):
+    from kernels.compile_check import programs_per_sm
+    assert programs_per_sm(arch, warps, registers, shared) == (held, limit)
+
+
+def test_waves():
+    from kernels.compile_check import waves
+    assert waves(288, 1, 132) == pytest.approx(288 / 132)      # 3 waves, the last 18% full
+    assert waves(264, 2, 132) == pytest.approx(1.0)
 
 
 TOY = '''

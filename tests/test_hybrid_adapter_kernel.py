@@ -522,10 +522,11 @@ def test_layer_norm_of_tokens_far_from_zero(training):
 
 @pytest.mark.skipif(not kernels.TRITON_INSTALLED, reason="needs Triton")
 def test_tile_sizes_on_the_benchmarked_shapes(monkeypatch):
-    """The tile rule on a 132-SM GPU (H100 SXM, H200): 16-token tiles where 32-token tiles
-    would give fewer than 264 programs (Swin-L 384 batch 8's stages 3 and 4, EVA02-L 512 batch
-    2), 32 elsewhere; channel steps of 64 where 64 divides C, else 32; BLOCK_M / BLOCK_C fix
-    them; off a GPU the tiles are 32 tokens."""
+    """The tile rule on a 132-SM GPU (H100 SXM, H200): 16-token tiles where at most 132 of
+    them cover the tokens, one wave of the kernels a multiprocessor holds one of (Swin-L 384
+    batch 8's stage 4, 72 tiles; EVA02-L 512 batch 2, 128), 32 elsewhere (stage 3: 288
+    16-token tiles would take 3 waves); channel steps of 64 where 64 divides C, else 32;
+    BLOCK_M / BLOCK_C fix them; off a GPU the tiles are 32 tokens."""
     import kernels.hybrid_adapter as fused
     gpu = torch.device("cuda")
     monkeypatch.setattr(fused, "_multiprocessors", lambda device: 132)
@@ -533,13 +534,30 @@ def test_tile_sizes_on_the_benchmarked_shapes(monkeypatch):
               "stage 3": (8 * 24 * 24, 768), "stage 4": (8 * 12 * 12, 1536),
               "eva02_l": (2 * 32 * 32, 1024), "odd width": (8 * 96 * 96, 100)}
     chosen = {name: fused.tile_sizes(M, C, gpu) for name, (M, C) in shapes.items()}
-    assert chosen == {"swin_l stage 1": (32, 64), "stage 2": (32, 64), "stage 3": (16, 64),
+    assert chosen == {"swin_l stage 1": (32, 64), "stage 2": (32, 64), "stage 3": (32, 64),
                       "stage 4": (16, 64), "eva02_l": (16, 64), "odd width": (32, 32)}
+    assert fused.tile_sizes(132 * 16, 1024, gpu)[0] == 16          # 132 tiles: one wave
+    assert fused.tile_sizes(132 * 16 + 1, 1024, gpu)[0] == 32      # 133 would need two
     monkeypatch.setattr(fused, "_multiprocessors", lambda device: None)       # no GPU
     assert fused.tile_sizes(8 * 24 * 24, 768, torch.device("cpu")) == (32, 64)
     monkeypatch.setattr(fused, "BLOCK_M", 64)
     monkeypatch.setattr(fused, "BLOCK_C", 16)
     assert fused.tile_sizes(8 * 24 * 24, 768, gpu) == (64, 16)
+
+
+@pytest.mark.skipif(not kernels.TRITON_INSTALLED, reason="needs Triton")
+def test_backward_programs_one_wave(monkeypatch):
+    """The backward kernels' programs, each looping over its tiles: at most one per tile and
+    within the partial-sum budget, and on a 132-SM GPU at most the 132 it holds at once (a
+    133rd would start only when one of those had finished all its tiles)."""
+    import kernels.hybrid_adapter as fused
+    monkeypatch.setattr(fused, "_multiprocessors", lambda device: 132)
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert fused._programs(2304, 4288, gpu) == 132              # Swin-L stage 1, batch 8
+    assert fused._programs(100, 4288, gpu) == 100               # one per tile
+    assert fused._programs(2304, 2 ** 20 // 50, gpu) == 50      # the budget
+    monkeypatch.setattr(fused, "_multiprocessors", lambda device: None)
+    assert fused._programs(2304, 4288, cpu) == 2 ** 20 // 4288  # 244: no GPU, the budget's
 
 
 def test_reference_is_the_adapter_at_inference():
