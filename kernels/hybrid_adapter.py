@@ -27,8 +27,9 @@ else is recomputed from h in registers:
   forward:  `_sft_down_kernel` (and the row statistics) -> `_bn_partial_kernel` (per-tile
             mean and M2 of pw1's output) -> `_bn_finalize_kernel` (Chan's merge; running
             statistics) -> `_ho_up_kernel`;
-  backward: `_up_backward_kernel` (grad of the up-projection's input, dropout, GELU, pw2,
-            ReLU; the BatchNorm output gradient and its two reductions) -> `_ho_backward_kernel`
+  backward: the up-projection's input gradient da = g Wu (a library matmul) ->
+            `_up_backward_kernel` (dropout, GELU, pw2, ReLU; the BatchNorm output gradient and
+            its two reductions) -> `_ho_backward_kernel`
             (BatchNorm and pw1 backward: grad y) -> `_down_backward_kernel` (partial conv
             backward from the neighbours' grad y, the down-projection and LayerNorm backward,
             grad x) -> `_ln_down_grads_kernel` (the C-wide parameters' gradients, below);
@@ -41,9 +42,9 @@ else is recomputed from h in registers:
   gradient.
   Weight gradients are sums over tokens. The D-wide ones (pw1, pw2, BatchNorm, the partial
   conv, the biases of d2 channels): each backward kernel runs a fixed number of programs that
-  loop over tiles, accumulate their own partial sums in registers and store them once, and a
-  `torch.sum` over programs finishes them (one after kernel 1, whose BatchNorm sums
-  kernel 2 needs, and one for kernels 2 and 3 together). The C-wide ones are matmuls over the
+  loop over tiles, accumulate their own partial sums in registers and store them once, and one
+  `torch.sum` over programs finishes them all (kernel 2, which needs two of kernel 1's, the
+  BatchNorm's sums, adds those up itself). The C-wide ones are matmuls over the
   tokens, done by the matmul library on maps the kernels write: the up-projection's
   dWu = g^T dropout(gelu(o)) and dbu = the sum of g; the down-projection's and the LayerNorm/SFT
   parameters' from one matmul P = dh^T n_hat (n_hat the normalised input, written by kernel 3),
@@ -71,12 +72,13 @@ from .reference import HybridAdapterWeights, LowRankExtra, NextNorm, destination
 # launch (`tile_sizes`), an int fixes them (`bench/kernels.py --adapter-tiles`, the tests).
 BLOCK_M = None
 BLOCK_C = None
-PARTIAL_FLOATS = 1 << 20   # the most floats of per-program partial sums one backward kernel keeps
+PARTIAL_FLOATS = 1 << 21   # the most floats of per-program partial sums the backward kernels keep
 # Warps per backward program: their tiles need more than 255 registers a thread with 4 warps. At
 # d2 = 64 on sm_90 with 32 x 32 tiles, ptxas's register spill traffic (stores + loads, per
 # thread) was 3.0 KB (up/pw2 backward), 1.6 KB (down backward) and 0.9 KB (pw1 backward) with 4
-# warps, and 0.8 KB, 0 and 0 with 8; at today's 32 x 64 tiles with 8 it is 1.3 KB, 0.1 KB and 0
-# (16 x 64: 0.7 KB, 0, 0) (`python -m kernels.compile_check`).
+# warps, and 0.8 KB, 0 and 0 with 8; at 32 x 64 tiles with 8, 1.3 KB, 0.1 KB and 0 (16 x 64:
+# 0.7 KB, 0, 0) while the up/pw2 backward made g Wu in a loop over C, and with that product a
+# library matmul 0.2 KB, 0.1 KB and 0 (16 x 64: none) (`python -m kernels.compile_check`).
 BACKWARD_WARPS = 8
 # The BatchNorm statistics' merge (`_bn_finalize_kernel`) is a loop over the tiles' partial
 # statistics, one step after the other: it runs one program per 16 channels, each merging 128
@@ -387,19 +389,31 @@ def _gelu_grad(o):
 
 
 @triton.jit
-def _up_backward_kernel(g_ptr, g_b, g_n, h_ptr, dww_ptr, dwb_ptr, w1_ptr, b1_ptr, bn_ptr,
-                        bnw_ptr, bnb_ptr, w2_ptr, b2_ptr, mask_ptr, keep_scale, wu_ptr,
-                        do_ptr, dbn_ptr, dropped_ptr, part_ptr, n_tiles, M, N, H, W, C, D, cp,
-                        HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+def _column_sums(ptr, stride, n_rows, d, d_ok):
+    """The sum over rows r < n_rows of the D-vectors at ptr + r * stride + d."""
+    total = tl.zeros(d.shape, dtype=ptr.dtype.element_ty)
+    for r0 in range(0, n_rows, 16):                   # 16 rows a step
+        r = r0 + tl.arange(0, 16)
+        total += tl.sum(tl.load(ptr + r[:, None] * stride + d[None, :],
+                                mask=(r < n_rows)[:, None] & d_ok[None, :], other=0.0), axis=0)
+    return total
+
+
+@triton.jit
+def _up_backward_kernel(da_ptr, h_ptr, dww_ptr, dwb_ptr, w1_ptr, b1_ptr, bn_ptr,
+                        bnw_ptr, bnb_ptr, w2_ptr, b2_ptr, mask_ptr, keep_scale,
+                        do_ptr, dbn_ptr, dropped_ptr, part_ptr, part_stride, n_tiles, M, N, H,
+                        W, D, cp, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_D: tl.constexpr):
-    """From grad out (g): the gradients of the up-projection's input, dropout, GELU, pw2 and
-    ReLU. Writes do = dL/do (pw2's residual sum o), dbn = dL/d(BatchNorm output) and the
-    up-projection's input dropout(gelu(o)) (for its weight gradient, one matmul on the host), all
-    (M, D), and this program's partial sums part[pid] = [dW2 (D*D), db2, dbnw, dbnb (D)]."""
+    """From da = g Wu (M, D), the gradient of the up-projection's input: the gradients of
+    dropout, GELU, pw2 and ReLU. Writes do = dL/do (pw2's residual sum o), dbn = dL/d(BatchNorm
+    output) and the up-projection's input dropout(gelu(o)) (for its weight gradient, one matmul
+    on the host), all (M, D), and this program's partial sums at part_ptr + pid * part_stride:
+    [dW2 (D*D), db2, dbnw, dbnb (D)]."""
     pid = tl.program_id(0)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
-    part = part_ptr + pid * (D * D + 3 * D)
+    part = part_ptr + pid * part_stride
     dw2 = tl.zeros([BLOCK_D, BLOCK_D], dtype=do_ptr.dtype.element_ty)
     db2 = tl.zeros([BLOCK_D], dtype=do_ptr.dtype.element_ty)
     dbnw = tl.zeros([BLOCK_D], dtype=do_ptr.dtype.element_ty)
@@ -416,16 +430,7 @@ def _up_backward_kernel(g_ptr, g_b, g_n, h_ptr, dww_ptr, dwb_ptr, w1_ptr, b1_ptr
             keep = tl.load(mask_ptr + rows[:, None] * D + d[None, :], mask=tile_ok,
                            other=0).to(a.dtype) * keep_scale
         tl.store(dropped_ptr + rows[:, None] * D + d[None, :], a * keep, mask=tile_ok)
-        g_rows = g_ptr + _token_offsets(rows, N, g_b, g_n)
-        da = tl.zeros(a.shape, dtype=a.dtype)
-        for c0 in range(0, C, BLOCK_C):              # da = g Wu: registers only, no stores
-            c = c0 + tl.arange(0, BLOCK_C)
-            c_ok = c < C
-            g = tl.load(g_rows[:, None] + c[None, :], mask=row_ok[:, None] & c_ok[None, :],
-                        other=0.0).to(a.dtype)
-            wu = tl.load(wu_ptr + c[:, None] * D + d[None, :],              # (BLOCK_C, BLOCK_D)
-                         mask=c_ok[:, None] & d_ok[None, :], other=0.0).to(a.dtype)
-            da += tl.dot(g, wu)
+        da = tl.load(da_ptr + rows[:, None] * D + d[None, :], mask=tile_ok, other=0.0)
         do = da * keep * _gelu_grad(o)
         dw2 += tl.dot(tl.trans(do), tl.maximum(bn, 0.0))
         db2 += tl.sum(do, axis=0)
@@ -446,18 +451,20 @@ def _up_backward_kernel(g_ptr, g_b, g_n, h_ptr, dww_ptr, dwb_ptr, w1_ptr, b1_ptr
 @triton.jit
 def _ho_backward_kernel(h_ptr, dww_ptr, dwb_ptr, w1_ptr, b1_ptr, bn_ptr, bnw_ptr, sums_ptr,
                         do_ptr, dbn_ptr, dy_ptr, part_ptr, part_stride, n_tiles, M, N, H, W, D,
-                        cp,
-                        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """BatchNorm backward (batch statistics; sums = the totals of dbnw and dbnb over all tokens)
-    and pw1 backward: dy = do + dq W1, (M, D); this program's partial sums [dW1 (D*D), db1 (D)]
-    at part_ptr + pid * part_stride."""
+                        cp, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """BatchNorm backward (batch statistics) and pw1 backward: dy = do + dq W1, (M, D); this
+    program's partial sums [dW1 (D*D), db1 (D)] at part_ptr + pid * part_stride. The
+    BatchNorm backward needs the totals over all tokens of dbnw and dbnb: this program sums
+    them from the first kernel's partials, at sums_ptr + q * part_stride (dbnw, D) and D further
+    on (dbnb), for every program q < num_programs (all three kernels run as many)."""
     pid = tl.program_id(0)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     dw1 = tl.zeros([BLOCK_D, BLOCK_D], dtype=dy_ptr.dtype.element_ty)
     db1 = tl.zeros([BLOCK_D], dtype=dy_ptr.dtype.element_ty)
-    sum_xhat = tl.load(sums_ptr + d, mask=d_ok, other=0.0) / M        # mean of dbn * x_hat
-    sum_one = tl.load(sums_ptr + D + d, mask=d_ok, other=0.0) / M     # mean of dbn
+    n_parts = tl.num_programs(0)
+    sum_xhat = _column_sums(sums_ptr, part_stride, n_parts, d, d_ok) / M      # mean of dbn x_hat
+    sum_one = _column_sums(sums_ptr + D, part_stride, n_parts, d, d_ok) / M   # mean of dbn
     gain = tl.load(bnw_ptr + d, mask=d_ok, other=0.0) * tl.load(bn_ptr + D + d, mask=d_ok,
                                                                  other=0.0)
     w1 = tl.load(w1_ptr + d[:, None] * D + d[None, :], mask=d_ok[:, None] & d_ok[None, :],
@@ -788,7 +795,7 @@ def _programs(n_tiles: int, floats_per_program: int, device: torch.device) -> in
     tile, partial sums within budget and, on a GPU, no more than its multiprocessors hold at
     once: a program beyond those waits for a first-wave program to finish all its tiles, so
     with P held at once, P + 1 programs take about twice as long as P (Swin-L's stage 1 at
-    batch 8: 2,304 tiles in 132 programs, 18 tiles the longest; in 239 programs, as the budget
+    batch 8: 2,304 tiles in 132 programs, 18 tiles the longest; in 241 programs, as the budget
     alone allows, 2 waves of 10)."""
     sms = _multiprocessors(device)
     held = n_tiles if sms is None else PROGRAMS_PER_SM * sms
@@ -848,23 +855,24 @@ class _TrainingHybridAdapter(torch.autograd.Function):
         g, g_b, g_n = _token_strides(g)
         device = x.device
         # one workspace for what lives only in this backward: the kernels' per-program partial
-        # sums (D-wide, every entry written: kernel 1's, then rows shared by kernels 2 and 3,
+        # sums (D-wide, every entry written; a row per program, shared by the three kernels, all
         # finished by one sum), five (M, D) maps, the normalised input n_hat (M, C) and, for an
         # extra given as factors (rank R), the map dz (M, C) and h_e with a column of ones
         # (M, R1)
         size1, size2, size3 = D * D + 3 * D, D * D + D, cp * 10 + D
-        p1, p23 = _programs(n_tiles, size1, device), _programs(n_tiles, size2 + size3, device)
+        row = size1 + size2 + size3
+        n_parts = _programs(n_tiles, row, device)
         R = 0 if low_rank is None else low_rank.w.shape[0]
         nhat_dtype = _matmul_dtype(x.dtype, acc)
         dz_dtype = None if low_rank is None else _matmul_dtype(low_rank.h.dtype, acc)
         R1 = _with_ones(R)
         maps = [(M * C, nhat_dtype)] + ([] if low_rank is None else [(M * (C + R1), dz_dtype)])
-        sizes = [p1 * size1, p23 * (size2 + size3), 5 * M * D] + [
+        sizes = [n_parts * row, 5 * M * D] + [
             size for size, dtype in maps if dtype == acc]
         work = torch.empty(sum(sizes), device=device, dtype=acc).split(sizes)
-        part1, part23 = work[0].view(p1, size1), work[1].view(p23, size2 + size3)
-        do, dbn, dy, dropped, dh = work[2].view(5, M, D).unbind(0)
-        in_work = iter(work[3:])
+        parts = work[0].view(n_parts, row)
+        do, dbn, dy, dropped, dh = work[1].view(5, M, D).unbind(0)
+        in_work = iter(work[2:])
 
         def own_map(size, dtype):                    # in the workspace if in acc
             return next(in_work) if dtype == acc else torch.empty(size, device=device,
@@ -873,35 +881,42 @@ class _TrainingHybridAdapter(torch.autograd.Function):
         if low_rank is not None:
             dz_h1 = own_map(*maps[1])
             dz, lr_h_1 = dz_h1[:M * C].view(M, C), dz_h1[M * C:].view(M, R1)
-        # 1. up-projection's input, dropout, GELU, pw2, ReLU -> do, dbn, and the up-projection's
-        # input for its weight gradient: dWu = g^T dropped, dbu = sum of g (one matmul, one sum).
-        # (Not one matmul with a column of ones: dWu would be a strided slice of its result, and
-        # a parameter's gradient is copied to the parameter's layout.)
-        _up_backward_kernel[(p1,)](g, g_b, g_n, h, dww, dwb, w1, b1, bn_stats, bnw, bnb, w2, b2,
-                                   h if keep is None else keep, ctx.keep_scale, wu, do, dbn,
-                                   dropped, part1, n_tiles, M, N, H, W, C, D, cp,
-                                   HAS_MASK=keep is not None, BLOCK_C=s.block_c, **tiles,
-                                   num_warps=BACKWARD_WARPS)
-        sums1 = part1.sum(0)
-        d_w2, d_b2, d_bnw, d_bnb = sums1.split([D * D, D, D, D])
+        # 1. the up-projection's input gradient da = g Wu, one library matmul (M, C) x (C, D);
+        # from it dropout, GELU, pw2, ReLU -> do, dbn, and the up-projection's input for its
+        # weight gradient: dWu = g^T dropped, dbu = sum of g (one matmul, one sum). (Made in the
+        # kernel's tile loop, da was a loop over C whose registers, with the d2-wide values the
+        # tile holds, spilled 0.7-1.3 KB a thread on sm_90 and made each program a chain of
+        # C / BLOCK_C dependent steps. Not one matmul with a column of ones for dWu and dbu: dWu
+        # would be a strided slice of its result, and a parameter's gradient is copied to the
+        # parameter's layout.) Not software-pipelined: with no loop over C left, Triton's default
+        # 3 stages pipeline the tile loop's loads into 200 KB of shared memory, over sm_80's
+        # 163 KB a block.
         tokens = g.reshape(M, C)                                            # (M, C)
+        da = _matmul(tokens, wu, acc)                                       # (M, D)
+        _up_backward_kernel[(n_parts,)](da, h, dww, dwb, w1, b1, bn_stats, bnw, bnb, w2, b2,
+                                        h if keep is None else keep, ctx.keep_scale, do, dbn,
+                                        dropped, parts, row, n_tiles, M, N, H, W, D, cp,
+                                        HAS_MASK=keep is not None, **tiles, num_stages=1,
+                                        num_warps=BACKWARD_WARPS)
         d_wu = _matmul_t(tokens, dropped, acc)                              # (C, D)
         d_bu = tokens.sum(0, dtype=acc)
         # 2. BatchNorm and pw1 -> dy. Not software-pipelined: at d2 = 64 in float32 its tile loop
         # needs 260 KB of shared memory at Triton's default 3 stages (over sm_90's 227 KB per
         # block), 150 KB at 2 (over sm_86/89's 99 KB), 48 KB at 1 (kernels/compile_check.py).
-        _ho_backward_kernel[(p23,)](h, dww, dwb, w1, b1, bn_stats, bnw, sums1[-2 * D:], do, dbn,
-                                    dy, part23, size2 + size3, n_tiles, M, N, H, W, D, cp,
-                                    **tiles, num_stages=1, num_warps=BACKWARD_WARPS)
+        _ho_backward_kernel[(n_parts,)](h, dww, dwb, w1, b1, bn_stats, bnw,
+                                        parts[:, D * D + D:], do, dbn, dy, parts[:, size1:], row,
+                                        n_tiles, M, N, H, W, D, cp, **tiles, num_stages=1,
+                                        num_warps=BACKWARD_WARPS)
         # 3. partial conv, down-projection, LayerNorm and SFT -> dx, dh and n_hat
         x_, x_b, x_n = _token_strides(x)
         dx = torch.empty((B, N, C), device=device, dtype=x.dtype)
-        _down_backward_kernel[(p23,)](x_, x_b, x_n, ln_stats, lnw, gamma, wd, fold, h, dww, dy,
-                                      g, g_b, g_n, dx, dh, n_hat, part23[:, size2:],
-                                      size2 + size3, n_tiles, M, N, H, W, C, D, cp,
-                                      ADD_G=ctx.x_is_residual, BLOCK_C=s.block_c, **tiles,
-                                      num_warps=BACKWARD_WARPS)
-        d_w1, d_b1, d_dww, d_dwb, d_bd = part23.sum(0).split([D * D, D, cp * 9, cp, D])
+        _down_backward_kernel[(n_parts,)](x_, x_b, x_n, ln_stats, lnw, gamma, wd, fold, h, dww,
+                                          dy, g, g_b, g_n, dx, dh, n_hat,
+                                          parts[:, size1 + size2:], row, n_tiles, M, N, H, W, C,
+                                          D, cp, ADD_G=ctx.x_is_residual, BLOCK_C=s.block_c,
+                                          **tiles, num_warps=BACKWARD_WARPS)
+        (d_w2, d_b2, d_bnw, d_bnb, d_w1, d_b1, d_dww, d_dwb, d_bd) = parts.sum(0).split(
+            [D * D, D, D, D, D * D, D, cp * 9, cp, D])
         # 4. the down-projection's and LayerNorm/SFT's parameter gradients from P = dh^T n_hat
         # (one allocation for the returned gradients: those, and an extra's dh_e (M, R), which
         # the parameters' .grad may then keep, M x R floats an adapter: 17 MB for Swin-L 384 b8)
@@ -937,12 +952,17 @@ def _matmul_dtype(tokens: torch.dtype, acc: torch.dtype) -> torch.dtype:
     return tokens if tokens.itemsize < torch.finfo(acc).bits // 8 else acc
 
 
-def _matmul_t(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """a^T b over the token dimension, (M, P)^T (M, Q) -> (P, Q) in acc: one library matmul in
-    the lower precision of the two operands' dtypes (see `_matmul_dtype`)."""
+def _matmul(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """a b, (M, P) (P, Q) -> (M, Q) in acc: one library matmul in the lower precision of the
+    two operands' dtypes (see `_matmul_dtype`)."""
     dtype = _matmul_dtype(min(a.dtype, b.dtype, key=lambda t: t.itemsize), acc)
     with torch.autocast(a.device.type, enabled=False):
-        return torch.mm(a.t().to(dtype), b.to(dtype)).to(acc)
+        return torch.mm(a.to(dtype), b.to(dtype)).to(acc)
+
+
+def _matmul_t(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """a^T b over the token dimension, (M, P)^T (M, Q) -> (P, Q) in acc (see `_matmul`)."""
+    return _matmul(a.t(), b, acc)
 
 
 def hybrid_adapter_train_triton(x: torch.Tensor, residual: torch.Tensor, extra, hw,

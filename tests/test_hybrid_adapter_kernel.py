@@ -425,14 +425,19 @@ def assert_same_training(expected, got):
 
 @pytest.mark.skipif(not (kernels.TRITON_INSTALLED and kernels.triton_interpreter_on()),
                     reason="needs TRITON_INTERPRET=1")
-def test_training_kernels_with_many_tiles_per_program(monkeypatch):
-    """1,152 tokens (36 tiles), a BatchNorm merge of 8 tiles a step (4 full groups, then 4 tiles)
-    in two programs of 8 channels each, and a partial-sum budget that leaves the backward
-    kernels 9 programs, each looping over 4 tiles."""
+@pytest.mark.parametrize("block_m, budget", [(32, 3_000), (16, 36 * 632)],
+                         ids=["4 programs", "36 programs"])
+def test_training_kernels_with_many_tiles_per_program(monkeypatch, block_m, budget):
+    """1,152 tokens (36 tiles of 32), a BatchNorm merge of 8 tiles a step (4 full groups, then 4
+    tiles) in two programs of 8 channels each, and a partial-sum budget (rows of 304 + 328
+    floats a program) that leaves the backward kernels 4 programs, each looping over 9 tiles;
+    or 72 tiles of 16 in 36 programs of 2 tiles, whose BatchNorm partials the second kernel sums
+    in three steps of 16 rows."""
     import kernels.hybrid_adapter as fused
     monkeypatch.setattr(fused, "BN_MERGE_TILES", 8)
     monkeypatch.setattr(fused, "BN_MERGE_CHANNELS", 8)
-    monkeypatch.setattr(fused, "PARTIAL_FLOATS", 3_000)     # 3,000 // 304 and // 328 floats
+    monkeypatch.setattr(fused, "BLOCK_M", block_m)
+    monkeypatch.setattr(fused, "PARTIAL_FLOATS", budget)
     case = (2, 24, 24, 40, 16, False, True, True)
     expected, got = float64_runs(case)
     assert_same_training(expected, got)
@@ -552,12 +557,14 @@ def test_backward_programs_one_wave(monkeypatch):
     133rd would start only when one of those had finished all its tiles)."""
     import kernels.hybrid_adapter as fused
     monkeypatch.setattr(fused, "_multiprocessors", lambda device: 132)
+    monkeypatch.setattr(fused, "PARTIAL_FLOATS", 2 ** 21)
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
-    assert fused._programs(2304, 4288, gpu) == 132              # Swin-L stage 1, batch 8
-    assert fused._programs(100, 4288, gpu) == 100               # one per tile
-    assert fused._programs(2304, 2 ** 20 // 50, gpu) == 50      # the budget
+    row = (64 * 64 + 3 * 64) + (64 * 64 + 64) + (16 * 10 + 64)      # d2 = 64: 8,672 floats
+    assert fused._programs(2304, row, gpu) == 132               # Swin-L stage 1, batch 8
+    assert fused._programs(100, row, gpu) == 100                # one per tile
+    assert fused._programs(2304, 2 ** 21 // 50, gpu) == 50      # the budget
     monkeypatch.setattr(fused, "_multiprocessors", lambda device: None)
-    assert fused._programs(2304, 4288, cpu) == 2 ** 20 // 4288  # 244: no GPU, the budget's
+    assert fused._programs(2304, row, cpu) == 241               # no GPU: the budget's
 
 
 def test_reference_is_the_adapter_at_inference():
