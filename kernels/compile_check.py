@@ -18,7 +18,9 @@ that gap on a machine without a GPU, in two steps:
    for `GPUTarget("cuda", arch, 32)`, through PTX to a cubin with the ptxas that Triton bundles,
    and check the shared memory it needs against the architecture's per-block limit (a failure);
    report the registers per thread and the register spills `ptxas -v` finds (a slow kernel, not
-   a failure: the fused adapter's backward kernels spilled up to 3 KB a thread at 4 warps);
+   a failure: the fused adapter's backward kernels spilled up to 3 KB a thread at 4 warps), and
+   for a kernel that spills, how many of the spill loads in its machine code (`cuobjdump -sass`)
+   lie inside a loop, where they run every iteration rather than once;
 3. from those registers and that shared memory, how many of a kernel's programs one streaming
    multiprocessor holds at once (`programs_per_sm`, the occupancy calculator's rules), and so in
    how many waves each recorded launch runs: 288 programs of which a multiprocessor holds one
@@ -203,10 +205,34 @@ def waves(programs: int, resident: int, multiprocessors: int) -> float:
     return programs / (resident * multiprocessors)
 
 
+def spill_loads_in_loops(sass: str) -> Tuple[int, int]:
+    """(local-memory loads, LDL, in a kernel's SASS as `cuobjdump -sass` prints it, how many of
+    them lie in a loop: between a branch back and its target, both included)."""
+    line = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*)$")
+    code = [(int(m.group(1), 16), m.group(2)) for m in map(line.match, sass.splitlines()) if m]
+    loops = [(int(target, 16), at) for at, text in code
+             for target in re.findall(r"\bBRA\s+0x([0-9a-f]+)", text) if int(target, 16) < at]
+    loads = [at for at, text in code if re.search(r"\bLDL\b", text)]
+    return len(loads), sum(any(start <= at <= end for start, end in loops) for at in loads)
+
+
+def sass(cubin: bytes) -> str:
+    """The machine code of a cubin, disassembled by the cuobjdump that Triton bundles."""
+    from triton import knobs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        return subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", path], capture_output=True,
+                              text=True, check=True).stdout
+
+
 def compile_launch(launch: dict, arch: int) -> dict:
     """`triton.compile` one recorded launch for sm_<arch>; returns its shared memory, registers
-    and register spills (ptxas -v), and the time it took. Raises what the compiler raises, or
-    ValueError when the shared memory is over the limit."""
+    and register spills (ptxas -v), for a kernel that spills its spill loads and how many of
+    them are in loops, its warps and the time it took. Raises what the compiler raises, or ValueError when the
+    shared memory is over the limit."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -221,7 +247,9 @@ def compile_launch(launch: dict, arch: int) -> dict:
         raise ValueError(f"{launch['kernel']}: {shared} bytes of shared memory, sm_{arch} allows "
                          f"{limit} per block")
     registers, spills = ptxas_usage(compiled.asm["ptx"], arch)
+    loads, in_loops = spill_loads_in_loops(sass(compiled.asm["cubin"])) if spills else (0, 0)
     return {"shared": shared, "registers": registers, "spill_bytes": spills,
+            "spill_loads": loads, "spill_loads_in_loops": in_loops,
             "warps": compiled.metadata.num_warps, "seconds": time.perf_counter() - t0}
 
 
@@ -322,8 +350,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         for launch, arch, result, error in compile_all(launches, args.arch, args.workers):
             if error is None:
                 spilling += result["spill_bytes"] > 0
-                spills = (f", SPILLS {result['spill_bytes']} B/thread" if result["spill_bytes"]
-                          else "")
+                spills = (f", SPILLS {result['spill_bytes']} B/thread ("
+                          f"{result['spill_loads_in_loops']} of {result['spill_loads']} spill "
+                          "loads in a loop)" if result["spill_bytes"] else "")
                 print(f"  ok   sm_{arch} {describe(launch)}: {result['shared']} B shared, "
                       f"{result['registers']} registers{spills}, {result['seconds']:.1f} s")
                 compiled.append((launch, arch, result))

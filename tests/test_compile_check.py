@@ -113,3 +113,24 @@ def test_shared_memory_over_the_limit_fails(tmp_path, block, ok):
     assert (result.returncode == 0) == ok, result.stderr[-2000:]
     if not ok:
         assert "bytes of shared memory, sm_80 allows 166912 per block" in result.stderr
+
+
+def test_spill_loads_in_loops():
+    """The SASS reader counts local-memory loads (LDL) and those between a branch back and its
+    target (a loop runs them every iteration); a forward branch makes no loop."""
+    from kernels.compile_check import spill_loads_in_loops
+    sass = """
+        Function : toy
+        .headerflags    @"EF_CUDA_SM90"
+        /*0000*/                   MOV R1, c[0x0][0x28] ;          /* 0x00000a0000017a02 */
+        /*0010*/                   LDL R2, [R1] ;                  /* 0x0000000001027983 */
+        /*0020*/                   IADD3 R3, R3, 0x1, RZ ;        /* 0x0000000103037810 */
+        /*0030*/                   LDL R4, [R1+0x4] ;              /* 0x0000040001047983 */
+        /*0040*/              @P0 BRA 0x20 ;                      /* 0xfffffffc00f40947 */
+        /*0050*/                   BRA 0x70 ;                      /* 0x0000000000047947 */
+        /*0060*/                   LDL.64 R6, [R1+0x8] ;           /* 0x0000080001067983 */
+        /*0070*/                   STL [R1+0xc], R6 ;              /* 0x00000c0601007387 */
+        /*0080*/                   EXIT ;                          /* 0x000000000000794d */
+    """
+    assert spill_loads_in_loops(sass) == (3, 1)
+    assert spill_loads_in_loops(sass.replace("BRA 0x20", "BRA 0x10")) == (3, 2)
