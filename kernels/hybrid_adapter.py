@@ -54,9 +54,9 @@ else is recomputed from h in registers:
 
 Tokens are addressed as base + b * stride_b + n * stride_n + c (channels contiguous), so the
 patch tokens of EVA02 (a view that skips the cls token) are read in place. Arithmetic is float32
-(float64 for float64 inputs); the kernels' matmuls use TF32 on GPUs that have it, the weight
-gradients' library matmuls PyTorch's float32 setting, in bfloat16 for bfloat16 tokens (as
-autocast runs a Linear layer's). The references are
+(float64 for float64 inputs); the kernels' matmuls use TF32 on GPUs that have it, the library
+matmuls of the backward (g Wu and the weight gradients) PyTorch's float32 setting, in bfloat16
+for bfloat16 tokens (as autocast runs a Linear layer's). The references are
 `kernels.reference.hybrid_adapter_eval_reference` and `hybrid_adapter_train_reference`.
 """
 from contextlib import contextmanager
@@ -881,16 +881,14 @@ class _TrainingHybridAdapter(torch.autograd.Function):
         if low_rank is not None:
             dz_h1 = own_map(*maps[1])
             dz, lr_h_1 = dz_h1[:M * C].view(M, C), dz_h1[M * C:].view(M, R1)
-        # 1. the up-projection's input gradient da = g Wu, one library matmul (M, C) x (C, D);
-        # from it dropout, GELU, pw2, ReLU -> do, dbn, and the up-projection's input for its
-        # weight gradient: dWu = g^T dropped, dbu = sum of g (one matmul, one sum). (Made in the
-        # kernel's tile loop, da was a loop over C whose registers, with the d2-wide values the
-        # tile holds, spilled 0.7-1.3 KB a thread on sm_90 and made each program a chain of
-        # C / BLOCK_C dependent steps. Not one matmul with a column of ones for dWu and dbu: dWu
-        # would be a strided slice of its result, and a parameter's gradient is copied to the
-        # parameter's layout.) Not software-pipelined: with no loop over C left, Triton's default
-        # 3 stages pipeline the tile loop's loads into 200 KB of shared memory, over sm_80's
-        # 163 KB a block.
+        # 1. the up-projection's input gradient da = g Wu, one library matmul (M, C) x (C, D)
+        # (made in the kernel, its loop over C spilled 0.7-1.3 KB of registers a thread on sm_90
+        # and made each program a chain of C / BLOCK_C dependent steps); from it dropout, GELU,
+        # pw2, ReLU -> do, dbn, and the up-projection's input for its weight gradient:
+        # dWu = g^T dropped, dbu = sum of g (one matmul, one sum; not one matmul with a column
+        # of ones: dWu would be a strided slice of its result, and a parameter's gradient is
+        # copied to the parameter's layout). Not software-pipelined: Triton's default 3 stages
+        # would stage the tile loop's loads in 200 KB of shared memory, over sm_80's 163 KB.
         tokens = g.reshape(M, C)                                            # (M, C)
         da = _matmul(tokens, wu, acc)                                       # (M, D)
         _up_backward_kernel[(n_parts,)](da, h, dww, dwb, w1, b1, bn_stats, bnw, bnb, w2, b2,
