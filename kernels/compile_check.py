@@ -231,8 +231,8 @@ def sass(cubin: bytes) -> str:
 def compile_launch(launch: dict, arch: int) -> dict:
     """`triton.compile` one recorded launch for sm_<arch>; returns its shared memory, registers
     and register spills (ptxas -v), for a kernel that spills its spill loads and how many of
-    them are in loops, its warps and the time it took. Raises what the compiler raises, or ValueError when the
-    shared memory is over the limit."""
+    them are in loops, its warps and the time it took. Raises what the compiler raises, or
+    ValueError when the shared memory is over the limit."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
