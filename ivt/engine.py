@@ -93,9 +93,21 @@ def autocast_context(device: torch.device, amp: bool) -> Callable:
 
 
 # -- optimisation --------------------------------------------------------------------------------
-def poly_lr(base_lr: float, iteration: int, total: int, power: float = 1.0) -> float:
-    """Learning rate for (0-based) `iteration` of `total`: base_lr * (1 - it/total)^power."""
-    return base_lr * (1.0 - iteration / total) ** power
+def poly_lr(base_lr: float, iteration: int, total: int, power: float = 1.0,
+            min_lr: float = 0.0) -> float:
+    """Learning rate for (0-based) `iteration` of `total`, mmseg's poly schedule:
+    (base_lr - min_lr) * (1 - it/total)^power + min_lr."""
+    return (base_lr - min_lr) * (1.0 - iteration / total) ** power + min_lr
+
+
+def clip_gradients(params: list, max_norm: float = 0.0, max_value: float = 0.0,
+                   foreach: Optional[bool] = None) -> None:
+    """Clamp every gradient value to +-`max_value`, then scale the gradients to a total norm of
+    at most `max_norm` (each 0: off)."""
+    if max_value > 0:
+        torch.nn.utils.clip_grad_value_(params, max_value, foreach=foreach)
+    if max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=foreach)
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -246,14 +258,15 @@ class EagerStep:
     reading it is left to the caller, so nothing here waits for the GPU).
 
     Sets every parameter group's lr to `lr * group['lr_mult']`, computes `loss_fn(model, batch)`
-    under `autocast`, backpropagates, clips the gradient norm to `clip_grad` (0: off), steps.
+    under `autocast`, backpropagates, clamps gradient values to +-`clip_value` and the gradient
+    norm to `clip_grad` (each 0: off), steps.
     `ivt.graph_step.GraphedTrainStep` is the same step captured in a CUDA graph.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, optimizer: torch.optim.Optimizer,
-                 autocast: Callable, clip_grad: float = 0.0):
+                 autocast: Callable, clip_grad: float = 0.0, clip_value: float = 0.0):
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
-        self.autocast, self.clip_grad = autocast, clip_grad
+        self.autocast, self.clip_grad, self.clip_value = autocast, clip_grad, clip_value
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
 
     def __call__(self, batch: dict, lr: float) -> torch.Tensor:
@@ -263,8 +276,7 @@ class EagerStep:
             loss = self.loss_fn(self.model, batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad)
+        clip_gradients(self.params, self.clip_grad, self.clip_value)
         self.optimizer.step()
         return loss.detach().float()
 

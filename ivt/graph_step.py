@@ -28,10 +28,13 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn as nn
 
+from .engine import clip_gradients
+
 
 class GraphedTrainStep:
     """`step(batch, lr) -> loss`: `loss_fn(model, batch)` under `autocast`, backward, optional
-    gradient-norm clipping to `clip_grad` (0: off), `optimizer.step()`, with every parameter
+    gradient clipping (values to +-`clip_value`, the norm to `clip_grad`; 0: off),
+    `optimizer.step()`, with every parameter
     group's lr set to `lr * group.get('lr_mult', 1.0)`; the loss is returned detached, float32,
     on the device, not synchronised. Same contract as `ivt.engine.EagerStep`.
 
@@ -40,7 +43,7 @@ class GraphedTrainStep:
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, optimizer: torch.optim.Optimizer,
-                 autocast: Callable, clip_grad: float = 0.0):
+                 autocast: Callable, clip_grad: float = 0.0, clip_value: float = 0.0):
         device = next(model.parameters()).device
         if isinstance(model, nn.parallel.DistributedDataParallel):
             raise ValueError("GraphedTrainStep does not capture DistributedDataParallel's "
@@ -49,7 +52,8 @@ class GraphedTrainStep:
             raise ValueError(f"GraphedTrainStep captures a CUDA graph and needs the model on a "
                              f"CUDA device; the model is on {device} (run without --cuda-graph)")
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
-        self.autocast, self.clip_grad, self.device = autocast, clip_grad, device
+        self.autocast, self.device = autocast, device
+        self.clip_grad, self.clip_value = clip_grad, clip_value
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.lrs = _make_capture_safe(optimizer, device)
         self.calls = 0
@@ -80,8 +84,7 @@ class GraphedTrainStep:
             finally:
                 torch.set_autocast_cache_enabled(previous)
         loss.backward()
-        if self.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad, foreach=True)
+        clip_gradients(self.params, self.clip_grad, self.clip_value, foreach=True)
         self.optimizer.step()
         return loss
 

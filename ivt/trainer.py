@@ -43,17 +43,21 @@ MODEL_KEYS = ("task", "backbone", "tuning", "variant", "d1", "d2", "d3", "layers
 
 @dataclass
 class Recipe:
-    """A task's defaults (the paper's recipe), shown in `--help`."""
+    """A task's defaults (the recipe of the runs behind the paper's tables), shown in `--help`."""
     optimizer: str                      # 'sgd', 'adam' or 'adamw'
     lr: float
     weight_decay: float
     batch_size: int
+    size: int                           # square training input (crop or resize) side
     iters: Optional[int] = None         # iteration-based schedule (segmentation) ...
     epochs: Optional[int] = None        # ... or epoch-based (SOD, detection)
     schedule: str = "poly"              # 'poly' or 'step'
+    poly_power: float = 1.0             # 'poly': (lr - min_lr) * (1 - it/iters)^power + min_lr
+    min_lr: float = 0.0
     lr_drop_epoch: Optional[int] = None  # 'step': lr x0.1 from this epoch on
     momentum: float = 0.9
-    clip_grad: float = 0.0
+    clip_grad: float = 0.0              # gradient-norm clipping (0: off)
+    clip_grad_value: float = 0.0        # gradient-value clamping (0: off)
     eval_every: int = 8000
 
 
@@ -63,19 +67,19 @@ class Task:
 
     name        'seg', 'sod' or 'det' (saved in checkpoints; `evaluate.py` and `predict.py` use it)
     metric      the validation score that selects best.pt (higher is better)
-    recipe      the paper's defaults
+    recipe      the defaults
+    size_help   what `--size` means for the task
+    size_aliases  other spellings of `--size` the task accepts
     """
     name: str
     metric: str
     recipe: Recipe
     description: str = ""
+    size_help: str = "square input size in pixels"
+    size_aliases: Tuple[str, ...] = ()
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        """Task flags (data layout, splits, input size, head)."""
-        raise NotImplementedError
-
-    def input_size(self, args) -> Tuple[int, int]:
-        """(H, W) of the training input: checked against the backbone's patch before building."""
+        """Task flags (data layout, splits, head)."""
         raise NotImplementedError
 
     def build_datasets(self, args, norm, out: Path, is_main: bool):
@@ -138,6 +142,15 @@ def _checkpoint_blocks(text: str):
     if count < 1:
         raise argparse.ArgumentTypeError(f"expected a number of blocks >= 1 or 'all', got {text!r}")
     return count
+
+
+def default_workers() -> int:
+    """Data-loading workers per process: 4, or fewer on a machine with fewer cores."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:                       # macOS, Windows
+        cores = os.cpu_count() or 1
+    return max(0, min(4, cores))
 
 
 def get_parser(task: Task) -> argparse.ArgumentParser:
@@ -205,6 +218,8 @@ def get_parser(task: Task) -> argparse.ArgumentParser:
                         "Swin-T, for a few operators a block; the adapters keep their "
                         "activations)")
     task.add_arguments(p)
+    p.add_argument("--size", *task.size_aliases, dest="size", type=int, default=r.size,
+                   help=task.size_help + " (default: %(default)s)")
     g = p.add_argument_group("optimisation (defaults: the paper's recipe)")
     if r.epochs is not None:
         g.add_argument("--epochs", type=int, default=r.epochs,
@@ -222,8 +237,11 @@ def get_parser(task: Task) -> argparse.ArgumentParser:
                         + (", decayed by the poly schedule every iteration" if r.schedule == "poly"
                            else "") + " (default: %(default)s)")
     if r.schedule == "poly":
-        g.add_argument("--poly-power", type=float, default=1.0,
-                       help="poly schedule: lr = base * (1 - it/iters)^power (default: %(default)s)")
+        g.add_argument("--poly-power", type=float, default=r.poly_power,
+                       help="poly schedule: lr = (base - min) * (1 - it/iters)^power + min "
+                            "(default: %(default)s)")
+        g.add_argument("--min-lr", type=float, default=r.min_lr,
+                       help="poly schedule: the learning rate it decays to (default: %(default)s)")
     if r.optimizer == "sgd":
         g.add_argument("--momentum", type=float, default=r.momentum,
                        help="SGD momentum (default: %(default)s)")
@@ -232,6 +250,9 @@ def get_parser(task: Task) -> argparse.ArgumentParser:
     g.add_argument("--clip-grad", type=float, default=r.clip_grad,
                    help="clip the gradient norm to this value; 0: no clipping "
                         "(default: %(default)s)")
+    g.add_argument("--clip-grad-value", type=float, default=r.clip_grad_value,
+                   help="clamp every gradient value to +-this (before any norm clipping); 0: "
+                        "no clamping (default: %(default)s)")
     g.add_argument("--amp", action="store_true",
                    help="bf16 autocast for forward and loss; the frozen Linear and conv weights "
                         "are then stored in bf16, which gives the same results with less "
@@ -251,8 +272,9 @@ def get_parser(task: Task) -> argparse.ArgumentParser:
                         "a CUDA graph and replay it: removes the host overhead of IV-tuning's "
                         "many small kernels. Needs CUDA and fixed input shapes; falls back to "
                         "eager steps with a message when a batch's shapes differ")
-    g.add_argument("--workers", type=int, default=4,
-                   help="data-loading worker processes per training process (default: %(default)s)")
+    g.add_argument("--workers", type=int, default=default_workers(),
+                   help="data-loading worker processes per training process (default: 4, or the "
+                        "number of cores if fewer: %(default)s here)")
     g.add_argument("--out", default=f"runs/{task.name}", metavar="DIR",
                    help="output folder for log.jsonl, last.pt, best.pt (default: %(default)s)")
     g.add_argument("--resume", nargs="?", const="last", default=None, metavar="FILE",
@@ -292,6 +314,10 @@ def check_args(task: Task, args) -> None:
         raise ValueError(f"--epochs must be at least 1, got {args.epochs}")
     if args.eval_every < 0 or args.workers < 0:
         raise ValueError("--eval-every and --workers must not be negative")
+    if args.size < 32:
+        raise ValueError(f"--size must be at least 32, got {args.size}")
+    if args.clip_grad < 0 or args.clip_grad_value < 0:
+        raise ValueError("--clip-grad and --clip-grad-value must not be negative")
     if args.pretrained is not None and not os.path.isfile(args.pretrained):
         raise FileNotFoundError(f"--pretrained {args.pretrained}: file not found")
     if args.cuda_graph and not torch.cuda.is_available():
@@ -304,7 +330,7 @@ def check_args(task: Task, args) -> None:
         raise FileNotFoundError(f"--resume {args.resume}: file not found")
     if args.backbone.startswith("eva02"):
         patch = args.patch_size or 16
-        h, w = task.input_size(args)
+        h = w = args.size
         if h % patch or w % patch:
             raise ValueError(f"EVA02 with patch {patch} needs an input size that is a multiple "
                              f"of {patch}; the training input is {h}x{w}")
@@ -354,7 +380,7 @@ def build_optimizer(task: Task, model: nn.Module, args) -> torch.optim.Optimizer
     if kind == "sgd":
         return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum,
                                weight_decay=args.weight_decay)
-    if kind == "adam":        # L2 weight decay, as the paper's SOD recipe (Adam, wd 0.1)
+    if kind == "adam":        # weight decay here is coupled L2, added to the gradient
         return torch.optim.Adam(groups, lr=args.lr, weight_decay=args.weight_decay)
     return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
 
@@ -364,7 +390,7 @@ def schedule(task: Task, args, per_epoch: int) -> Tuple[int, Callable[[int], flo
     r = task.recipe
     if r.schedule == "poly":
         iters = args.iters
-        return iters, lambda it: engine.poly_lr(args.lr, it, iters, args.poly_power)
+        return iters, lambda it: engine.poly_lr(args.lr, it, iters, args.poly_power, args.min_lr)
     epochs_iters = args.epochs * per_epoch
     iters = args.iters or epochs_iters
     drop = None
@@ -373,13 +399,13 @@ def schedule(task: Task, args, per_epoch: int) -> Tuple[int, Callable[[int], flo
     return iters, lambda it: args.lr * (0.1 if drop is not None and it >= drop else 1.0)
 
 
-def graphed_step(model, loss_fn, optimizer, autocast, clip_grad: float, eager: Callable,
-                 say: Callable) -> Callable:
+def graphed_step(model, loss_fn, optimizer, autocast, clip_grad: float, clip_value: float,
+                 eager: Callable, say: Callable) -> Callable:
     """`--cuda-graph`: the step captured in a CUDA graph (`ivt.graph_step`), or the eager step
     from the first batch whose shapes differ from the captured ones, with a message."""
     from .graph_step import GraphedTrainStep
     try:
-        graphed = GraphedTrainStep(model, loss_fn, optimizer, autocast, clip_grad)
+        graphed = GraphedTrainStep(model, loss_fn, optimizer, autocast, clip_grad, clip_value)
     except ValueError as e:                     # e.g. under DDP
         say(f"--cuda-graph: {e}; using eager steps")
         return eager
@@ -469,9 +495,11 @@ def train(task: Task, args, dist: engine.DistInfo) -> dict:
         saved_iter = it
 
     loss_fn = lambda m, b: task.loss(m, b, dist.device)                   # noqa: E731
-    step = engine.EagerStep(net, loss_fn, optimizer, autocast, args.clip_grad)
+    step = engine.EagerStep(net, loss_fn, optimizer, autocast, args.clip_grad,
+                            args.clip_grad_value)
     if args.cuda_graph:
-        step = graphed_step(net, loss_fn, optimizer, autocast, args.clip_grad, step, say)
+        step = graphed_step(net, loss_fn, optimizer, autocast, args.clip_grad,
+                            args.clip_grad_value, step, say)
     # Restored last, so that nothing between here and the first iteration draws from it.
     if ckpt is not None:
         set_rng_state(ckpt["rng"])

@@ -86,7 +86,7 @@ def test_options_pass_through():
     assert count_parameters(small.head) == count_parameters(large.head)
     with pytest.raises(ValueError, match="only apply to tuning='ivt'"):
         build_segmentor("swin_nano", 9, tuning="full", d2=8)
-    cfg = {"backbone": "swin_nano", "tuning": "ivt", "crop": 32, "head_dim": 16, "d1": 8,
+    cfg = {"backbone": "swin_nano", "tuning": "ivt", "size": 32, "head_dim": 16, "d1": 8,
            "d2": 8, "d3": 8, "variant": "empg_only", "layers": None}
     m = build_model(cfg, pretrained=None)
     assert m.backbone.ivt_cfg.variant == "empg_only" and m.head.embed_dim == 16

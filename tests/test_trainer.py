@@ -53,7 +53,7 @@ def test_resume_refuses_changed_settings(data, tmp_path, capsys):
     assert "amp: checkpoint False vs now True" in err and "--allow-changes" in err
     err = fails_with(tiny_args(data, out, 2, "--resume", "--crop", "64", "--batch-size", "3",
                                "--weight-decay", "0"), capsys)
-    for key in ("crop", "batch_size", "weight_decay"):
+    for key in ("size", "batch_size", "weight_decay"):
         assert f"{key}: checkpoint" in err, key
     # The model's settings never change, even with --allow-changes.
     err = fails_with(tiny_args(data, out, 2, "--resume", "--allow-changes", "--d2", "16"), capsys)

@@ -86,9 +86,10 @@ def evaluate_det(model: nn.Module, dataset: Dataset, dist: DistInfo, autocast: C
 class DetTask(Task):
     name = "det"
     metric = "mAP"
-    recipe = Recipe(optimizer="adamw", lr=1e-4, weight_decay=1e-4, batch_size=2, epochs=36,
-                    schedule="step", lr_drop_epoch=30, clip_grad=0.1, eval_every=5000)
+    recipe = Recipe(optimizer="adamw", lr=1e-4, weight_decay=1e-4, batch_size=2, size=640,
+                    epochs=36, schedule="step", lr_drop_epoch=30, clip_grad=0.1, eval_every=5000)
     description = DESCRIPTION
+    size_help = "images are resized to size x size pixels"
 
     def add_arguments(self, p) -> None:
         g = p.add_argument_group("detection")
@@ -107,8 +108,6 @@ class DetTask(Task):
                        help="boxes that are degenerate, outside the image or of an unknown "
                             "class: reported with file and object index, then skipped or "
                             "refused (default: %(default)s)")
-        g.add_argument("--size", type=int, default=640,
-                       help="images are resized to size x size (default: %(default)s)")
         g.add_argument("--hidden-dim", type=int, default=256,
                        help="detector width (neck, encoder, decoder) (default: %(default)s)")
         g.add_argument("--num-queries", type=int, default=300,
@@ -122,11 +121,6 @@ class DetTask(Task):
         g.add_argument("--backbone-lr-mult", type=float, default=0.1,
                        help="lr factor of pretrained backbone weights that train (full "
                             "fine-tuning), as DINO; new modules get 1x (default: %(default)s)")
-
-    def input_size(self, args):
-        if args.size < 32:
-            raise ValueError(f"--size must be at least 32, got {args.size}")
-        return args.size, args.size
 
     def build_datasets(self, args, norm, out: Path, is_main: bool):
         common = dict(split_dir=args.split_dir, size=args.size, seed=args.seed, norm=norm,

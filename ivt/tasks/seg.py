@@ -68,16 +68,19 @@ def build_model(config: dict, pretrained: Optional[str] = None) -> nn.Module:
     from ..models.segmentor import build_segmentor
     return build_segmentor(config["backbone"], config.get("num_classes", NUM_CLASSES),
                            tuning=config["tuning"], pretrained=pretrained,
-                           img_size=config["crop"], head_dim=config["head_dim"],
+                           img_size=config["size"], head_dim=config["head_dim"],
                            **backbone_kwargs(config))
 
 
 class SegTask(Task):
     name = "seg"
     metric = "mIoU"
-    recipe = Recipe(optimizer="sgd", lr=1e-3, weight_decay=1e-2, batch_size=2, iters=160_000,
-                    schedule="poly", momentum=0.9, eval_every=8000)
+    recipe = Recipe(optimizer="sgd", lr=1e-3, weight_decay=1e-2, batch_size=2, size=512,
+                    iters=160_000, schedule="poly", momentum=0.9, eval_every=8000)
     description = DESCRIPTION
+    size_help = ("square training crop in pixels (--crop is the same flag); evaluation runs at "
+                 "the images' native size")
+    size_aliases = ("--crop",)
 
     def add_arguments(self, p) -> None:
         g = p.add_argument_group("segmentation")
@@ -96,16 +99,9 @@ class SegTask(Task):
                        help="split evaluated every --eval-every iterations to pick best.pt; "
                             "never select on the test split; MSRS ships only train and test "
                             "lists, so hold out your own list there (default: %(default)s)")
-        g.add_argument("--crop", type=int, default=512,
-                       help="square training crop size in pixels (default: %(default)s)")
-
-    def input_size(self, args):
-        if args.crop < 1:
-            raise ValueError(f"--crop must be at least 1, got {args.crop}")
-        return args.crop, args.crop
 
     def build_datasets(self, args, norm, out: Path, is_main: bool):
-        crop = (args.crop, args.crop)
+        crop = (args.size, args.size)
         train = build_seg_dataset(args.dataset, args.data, args.train_split, train=True,
                                   crop=crop, seed=args.seed, norm=norm)
         val = build_seg_dataset(args.dataset, args.data, args.val_split, train=False,

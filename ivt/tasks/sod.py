@@ -77,9 +77,10 @@ def evaluate_sod(model: nn.Module, dataset: Dataset, dist: DistInfo, autocast: C
 class SODTask(Task):
     name = "sod"
     metric = "S"
-    recipe = Recipe(optimizer="adam", lr=5e-5, weight_decay=0.1, batch_size=8, epochs=200,
-                    schedule="step", lr_drop_epoch=100, eval_every=2000)
+    recipe = Recipe(optimizer="adam", lr=5e-5, weight_decay=0.1, batch_size=8, size=384,
+                    epochs=200, schedule="step", lr_drop_epoch=100, eval_every=2000)
     description = DESCRIPTION
+    size_help = "square input size of training and evaluation in pixels"
 
     def add_arguments(self, p) -> None:
         g = p.add_argument_group("salient object detection")
@@ -92,13 +93,6 @@ class SODTask(Task):
         g.add_argument("--val-list", default=None, metavar="FILE",
                        help="use the stems in FILE (one per line) as the validation images "
                             "instead of drawing --val-count of them")
-        g.add_argument("--size", type=int, default=384,
-                       help="square input size of training and evaluation (default: %(default)s)")
-
-    def input_size(self, args):
-        if args.size < 32:
-            raise ValueError(f"--size must be at least 32, got {args.size}")
-        return args.size, args.size
 
     def build_datasets(self, args, norm, out: Path, is_main: bool):
         stems = list_vt_stems(args.data)
