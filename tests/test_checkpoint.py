@@ -47,7 +47,7 @@ def test_model_state_delta_holds_trained_tensors_and_buffers():
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert trained <= set(delta) and not frozen & set(delta)
-    assert "head.fuse.1.running_mean" in delta                       # head BatchNorm
+    assert "head.fusion_conv.bn.running_mean" in delta               # head BatchNorm
     assert any(k.endswith("ho.bn.running_var") for k in delta)        # adapters' BatchNorms
     assert set(model_state(model, include_frozen=True)) == set(model.state_dict())
 
@@ -62,11 +62,11 @@ def test_load_model_state_names_bad_keys():
     with pytest.raises(CheckpointError, match=r"missing keys \(117\): backbone\.layers"):
         load_model_state(other, delta, delta=False, source="x.pt")  # a full one needs all
     bad = dict(delta, **{"head.extra.weight": torch.zeros(1)})
-    bad.pop("head.classifier.bias")
-    with pytest.raises(CheckpointError, match=r"x\.pt(.|\n)*head\.classifier\.bias(.|\n)*"
+    bad.pop("head.conv_seg.bias")
+    with pytest.raises(CheckpointError, match=r"x\.pt(.|\n)*head\.conv_seg\.bias(.|\n)*"
                                               r"head\.extra\.weight"):
         load_model_state(other, bad, delta=True, source="x.pt")
-    wrong = dict(delta, **{"head.classifier.bias": torch.zeros(3)})
+    wrong = dict(delta, **{"head.conv_seg.bias": torch.zeros(3)})
     with pytest.raises(CheckpointError, match="shape mismatches"):
         load_model_state(other, wrong, delta=True, source="x.pt")
 

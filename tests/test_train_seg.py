@@ -10,15 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))                    # the scripts live at the root
 import evaluate  # noqa: E402
 import train_seg  # noqa: E402
+from ivt import trainer
 from ivt.checkpoint import load_checkpoint
 from ivt.data.synthetic import write_mfnet
-from ivt.tasks.seg import SegTask
+from ivt.tasks.seg import SegTask, seg_loss
 from script_runs import read_log, run_killed_after_first_checkpoint  # noqa: E402
 
 
@@ -64,11 +66,83 @@ def test_help_explains_every_flag(capsys):
                  "--pretrained", "--data", "--train-split", "--val-split", "--iters",
                  "--batch-size", "--crop", "--lr", "--weight-decay", "--amp", "--device",
                  "--workers", "--seed", "--out", "--resume", "--eval-every", "--dataset",
-                 "--kernels", "--log-every", "--head-dim", "--momentum"):
+                 "--kernels", "--log-every", "--head-dim", "--momentum", "--loss-average",
+                 "--poly-power", "--min-lr"):
         assert flag in text, flag
     assert "train+val" in text                       # the paper's protocol is documented
+    assert "mmseg's CrossEntropyLoss default" in " ".join(text.split())
     for action in evaluate.get_parser()._actions:
         assert action.help, action.option_strings
+
+
+def hand_ce_sum(logits, label):
+    """float64 sum over the pixels with label != 255 of -log softmax(logits)[label], by hand."""
+    logits, total = logits.double(), 0.0
+    for b, i, j in (label != 255).nonzero().tolist():
+        z = logits[b, :, i, j]
+        total += (torch.log(torch.exp(z - z.max()).sum()) + z.max() - z[label[b, i, j]]).item()
+    return total
+
+
+def seg_batch(seed=0, k=4, h=6, w=5):
+    """(B=2) logits at full size and labels with some pixels 255 (two padded rows and a few
+    unlabelled pixels, as MFNet's 480x640 images padded to 512x512 crops)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = 3 * torch.randn(2, k, h, w, generator=g, dtype=torch.float64)
+    label = torch.randint(0, k, (2, h, w), generator=g)
+    label[:, -2:] = 255
+    label[0, 0, :3] = 255
+    return logits, label
+
+
+def test_loss_averages_over_all_pixels_by_default():
+    """mmseg's CrossEntropyLoss default (avg_non_ignore=False): the sum over the valid pixels
+    divided by ALL pixels; --loss-average valid divides by the valid ones (F.cross_entropy's
+    ignore_index mean), through the task's flag, configuration and loss."""
+    logits, label = seg_batch()
+    n_all, n_valid = label.numel(), int((label != 255).sum())
+    assert 0 < n_valid < n_all
+    by_hand = hand_ce_sum(logits, label)
+    assert seg_loss(logits, label).item() == pytest.approx(by_hand / n_all, rel=1e-12)
+    assert seg_loss(logits, label, "valid").item() == pytest.approx(by_hand / n_valid, rel=1e-12)
+    torch.testing.assert_close(seg_loss(logits, label, "valid"),
+                               F.cross_entropy(logits, label, ignore_index=255))
+    with pytest.raises(ValueError, match="'mean'"):
+        seg_loss(logits, label, "mean")
+
+    batch = {"vis": torch.zeros(2, 3, 6, 5), "ir": torch.zeros(2, 3, 6, 5), "label": label}
+    full_size = lambda vis, ir: logits.float()                 # noqa: E731 (no resizing)
+    for flags, want in (([], by_hand / n_all), (["--loss-average", "valid"], by_hand / n_valid)):
+        task = SegTask()
+        args = trainer.get_parser(task).parse_args(["--data", "x", "--backbone", "swin_nano",
+                                                    "--head-dim", "8", *flags])
+        assert args.loss_average == ("valid" if flags else "all")
+        task.build_model(vars(args), None)                      # the run's configuration
+        loss = task.loss(full_size, batch, torch.device("cpu"))
+        assert loss.item() == pytest.approx(want, rel=1e-5), flags
+
+
+def test_loss_of_an_all_ignored_batch_is_zero():
+    logits, label = seg_batch()
+    logits.requires_grad_(True)
+    for average in ("all", "valid"):
+        loss = seg_loss(logits, torch.full_like(label, 255), average)
+        assert loss.item() == 0.0, average
+        loss.backward()
+        assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_lr_follows_mmseg_160k_poly_schedule():
+    """mmseg's schedule_160k: PolyLR power 0.9, eta_min 1e-4, from the paper's lr 1e-3."""
+    task = SegTask()
+    for flags, total in (([], 160_000), (["--iters", "50", "--lr", "0.01"], 50)):
+        args = trainer.get_parser(task).parse_args(["--data", "x", *flags])
+        iters, lr_at = trainer.schedule(task, args, per_epoch=7)
+        base = 0.01 if flags else 1e-3
+        assert iters == total
+        for it in (0, total // 3, total - 1):
+            want = (base - 1e-4) * (1 - it / total) ** 0.9 + 1e-4
+            assert lr_at(it) == pytest.approx(want, rel=1e-12), (flags, it)
 
 
 def test_kill_and_resume_reproduces_losses(data, tmp_path):

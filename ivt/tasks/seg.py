@@ -1,8 +1,11 @@
 """Segmentation (MFNet, MSRS): the Segformer-head model, cross-entropy, mIoU at native size.
 
 What the task adds to the shared trainer (`ivt.trainer`): its flags, datasets, model, loss and
-evaluation. Recipe (paper): SGD lr 1e-3, momentum 0.9, weight decay 1e-2, poly schedule, 160k
-iterations, batch 2, 512x512 crops.
+evaluation. Recipe: SGD lr 1e-3, momentum 0.9, weight decay 1e-2, 160k iterations, batch 2,
+512x512 crops (the paper); the paper ran mmsegmentation's Segformer, so the rest is mmseg's: its
+SegformerHead (`ivt.models.heads.segformer`), its 160k schedule (poly, power 0.9, decaying to
+1e-4) and its CrossEntropyLoss default (ignore index 255, averaged over all pixels, ignored ones
+included).
 """
 from pathlib import Path
 from typing import Callable, Dict, Optional
@@ -21,17 +24,38 @@ from ..trainer import Recipe, Task, backbone_kwargs
 
 DESCRIPTION = """Train a segmentation model (IV-tuning backbone + Segformer head) on MFNet or MSRS.
 
-    python train_seg.py --data data/MFNet --backbone swin_l --pretrained swin_large_22k.pth
+    python train_seg.py --data data/MFNet --backbone swin_l
     torchrun --nproc_per_node=4 train_seg.py --data data/MFNet ...        # DDP, same flags
     python train_seg.py --data data/MFNet ... --resume                    # continue <out>/last.pt
 
-Defaults are the paper's recipe (SGD lr 1e-3, weight decay 1e-2, momentum 0.9, poly schedule,
-160k iterations, batch 2, 512x512 crops). The paper trains on train+val (--train-split
+Defaults are the paper's recipe (SGD lr 1e-3, weight decay 1e-2, momentum 0.9, 160k iterations,
+batch 2, 512x512 crops) with what the paper took from mmsegmentation: its SegformerHead, its 160k
+schedule (poly, power 0.9, lr decaying to 1e-4) and its cross-entropy (ignore index 255, averaged
+over all pixels of the batch, --loss-average). The paper trains on train+val (--train-split
 train+val, 1176 MFNet images) and reports on test; the default here keeps val held out to select
 best.pt. Writes to --out: log.jsonl (configuration, training steps, evaluations), last.pt
 (resumable; every --eval-every iterations and at the end) and best.pt (best validation mIoU).
 With --pretrained, checkpoints hold only the trained tensors plus the pretrained file's SHA-256.
 """
+
+
+IGNORE_INDEX = 255                  # padding and unlabelled pixels in the label maps
+
+
+def seg_loss(logits: torch.Tensor, label: torch.Tensor, average: str = "all") -> torch.Tensor:
+    """Pixel-wise cross-entropy, ignore index 255: logits (B, K, H, W), label (B, H, W) int64.
+
+    average 'all' (mmseg's CrossEntropyLoss default, avg_non_ignore=False): the sum over the
+    non-ignored pixels divided by all B*H*W pixels, so ignored pixels count as 0 in the mean.
+    average 'valid' (mmseg's avg_non_ignore=True, F.cross_entropy's ignore_index mean): divided by
+    the number of non-ignored pixels. A batch with every pixel ignored gives 0 either way.
+    """
+    total = F.cross_entropy(logits, label, ignore_index=IGNORE_INDEX, reduction="sum")
+    if average == "all":
+        return total / label.numel()
+    if average == "valid":
+        return total / (label != IGNORE_INDEX).sum().clamp(min=1)
+    raise ValueError(f"loss average {average!r}: expected 'all' or 'valid'")
 
 
 @torch.no_grad()
@@ -76,18 +100,26 @@ class SegTask(Task):
     name = "seg"
     metric = "mIoU"
     recipe = Recipe(optimizer="sgd", lr=1e-3, weight_decay=1e-2, batch_size=2, size=512,
-                    iters=160_000, schedule="poly", momentum=0.9, eval_every=8000)
+                    iters=160_000, schedule="poly", momentum=0.9, eval_every=8000,
+                    poly_power=0.9, min_lr=1e-4)          # mmseg's schedule_160k.py
     description = DESCRIPTION
     size_help = ("square training crop in pixels (--crop is the same flag); evaluation runs at "
                  "the images' native size")
     size_aliases = ("--crop",)
+    loss_average = "all"                # `seg_loss`'s average, the run's --loss-average
 
     def add_arguments(self, p) -> None:
         g = p.add_argument_group("segmentation")
         g.add_argument("--head-dim", type=int, default=256,
-                       help="Segformer head width; the paper does not state it, 256 follows "
-                            "mmsegmentation for large backbones, the original Segformer-B5 uses "
-                            "768 (default: %(default)s)")
+                       help="width of the Segformer head (mmseg's SegformerHead `channels`); the "
+                            "paper does not state it, 256 follows mmseg's Segformer configs "
+                            "(default: %(default)s)")
+        g.add_argument("--loss-average", default="all", choices=("all", "valid"),
+                       help="cross-entropy (ignore index 255) averaged over all pixels of the "
+                            "batch, the ignored ones counting 0 (mmseg's CrossEntropyLoss "
+                            "default), or over the non-ignored pixels only (mmseg's "
+                            "avg_non_ignore=True, PyTorch's ignore_index mean) "
+                            "(default: %(default)s)")
         g.add_argument("--dataset", default="mfnet", choices=sorted(SEG_DATASETS),
                        help="on-disk layout of --data (default: %(default)s)")
         g.add_argument("--data", required=True, metavar="DIR", help="dataset root folder")
@@ -109,17 +141,18 @@ class SegTask(Task):
         return train, val
 
     def build_model(self, config, pretrained):
+        self.loss_average = config.get("loss_average", "all")
         return build_model(config, pretrained)
 
     def loss(self, model, batch, device) -> torch.Tensor:
-        """Cross-entropy (ignore 255) of the logits upsampled from stride 4 to the crop size."""
+        """`seg_loss` of the logits upsampled from stride 4 to the crop size."""
         vis = batch["vis"].to(device, non_blocking=True)               # (B, 3, H, W)
         ir = batch["ir"].to(device, non_blocking=True)                 # (B, 3, H, W)
         label = batch["label"].to(device, non_blocking=True)           # (B, H, W)
         logits = model(vis, ir)                                        # (B, K, H/4, W/4)
         logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear",
                                align_corners=False)
-        return F.cross_entropy(logits.float(), label, ignore_index=255)
+        return seg_loss(logits.float(), label, self.loss_average)
 
     def evaluate(self, model, dataset, dist, autocast, workers) -> dict:
         r = evaluate_seg(model, dataset, dist, autocast, workers)["all"].compute()
