@@ -1,12 +1,15 @@
 """The CPNet decoder and the saliency model: shapes on Swin and EVA02 backbones (non-square and
-odd sizes), the loss against a float64 formula, gradients, and the parameter count from the
-spec's layer list (method.md sec. 6)."""
+odd sizes), the loss against a float64 formula (binary and soft targets), gradients, the
+parameter count from the spec's layer list (method.md sec. 6), and the feature taps: the stage
+outputs, or the release's (Z0 and the inputs of stages 2-4) computed by running the modules by
+hand."""
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ivt.models import build_backbone
 from ivt.models.eva02 import EVA02Backbone, EVA02Config
 from ivt.models.heads import CPNetDecoder
 from ivt.models.heads.cpnet import ConvNeXtBlock, upsample
@@ -109,6 +112,19 @@ def test_loss_against_float64_formula():
         sod_loss([logits[0], logits[1][:, :, :8]], mask)
 
 
+def test_loss_with_soft_targets_against_float64_formula():
+    """The release's augmentation gives soft GTs in [0, 1]: BCE against the soft target and the
+    IoU's sums with g's values, as the formula reads."""
+    g = torch.Generator().manual_seed(4)
+    logits = [torch.randn(2, 1, 7, 10, generator=g) * s for s in (0.5, 1.0, 2.0, 4.0)]
+    mask = torch.rand(2, 1, 7, 10, generator=g)
+    mask[0, 0, :3] = 0.0
+    mask[1, 0, 4:] = 1.0
+    want = reference_loss(logits, mask)
+    assert sod_loss([l.double() for l in logits], mask).item() == pytest.approx(want, rel=1e-12)
+    assert sod_loss(logits, mask).item() == pytest.approx(want, rel=1e-5)
+
+
 @pytest.mark.parametrize("tuning", ["ivt", "freeze", "full"])
 def test_only_trainable_parameters_get_gradients(tuning):
     torch.manual_seed(0)
@@ -161,3 +177,91 @@ def test_decoder_rejects_mismatched_features():
         dec(feats[:3], (32, 32))
     with pytest.raises(ValueError, match="4 positive"):
         CPNetDecoder([8, 16, 24])
+
+
+def to_map(z, hw):
+    """(B, N, C) tokens -> (B, C, H, W)."""
+    return z.transpose(1, 2).reshape(z.shape[0], z.shape[2], *hw)
+
+
+def swin_maps_by_hand(bb, vis, ir):
+    """Run an IV-tuning Swin's modules one by one: Z0 = PE_vis(vis) + EMPG(...) (Eq. 2) as a
+    map, each stage's input after patch merging (stages 2-4) and each stage's output."""
+    z, hw = bb.patch_embed(vis)
+    prompt = bb.empg(z, bb.ir_patch_embed(ir)[0], hw)
+    z = z + prompt
+    z0, inputs, outputs = to_map(z, hw), [], []
+    for stage in bb.layers:
+        if stage.downsample is not None:
+            z, hw = stage.downsample(z, hw)
+            prompt = z
+            inputs.append(to_map(z, hw))
+        for block in stage.blocks:
+            z, prompt = block(z, hw, prompt)
+        outputs.append(to_map(z, hw))
+    return z0, inputs, outputs
+
+
+def test_release_taps_are_z0_and_the_inputs_of_stages_2_to_4():
+    """taps='release' (SOD-IV-tuning/models/SwinTransformers_ivt.py, forward_features) returns
+    [Z0, stage 2's input, stage 3's input, stage 4's input], on the reference, fast and fused
+    paths; taps='stages' the four stage outputs. Same weights, float64, eval mode."""
+    torch.manual_seed(0)
+    stages = build_saliency_model("swin_nano", d2=16).double().eval()
+    assert stages.backbone.taps == "stages"
+    with torch.no_grad():
+        for p in stages.parameters():                      # away from the identity inits
+            p.add_(torch.randn_like(p) * 0.05)
+    vis, ir = (x.double() for x in inputs(2, 44, 60))
+    with torch.no_grad():
+        z0, stage_inputs, stage_outputs = swin_maps_by_hand(stages.backbone, vis, ir)
+        for got, want in zip(stages.backbone(vis, ir), stage_outputs, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        release = [z0] + stage_inputs
+        assert [m.shape[1] for m in release] == [32, 64, 128, 256]
+        assert [m.shape[2:] for m in release] == [(11, 15), (6, 8), (3, 4), (2, 2)]
+        for fast, fused in ((False, False), (True, False), (True, True)):
+            bb = build_backbone("swin_nano", "ivt", d2=16, taps="release", fast=fast,
+                                fused_adapters=fused).double().eval()
+            bb.load_state_dict(stages.backbone.state_dict())
+            for got, want in zip(bb(vis, ir), release, strict=True):
+                torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        model = build_saliency_model("swin_nano", d2=16, taps="release").double().eval()
+        model.load_state_dict(stages.state_dict())
+        torch.testing.assert_close(model(vis, ir)[0], stages.decoder(release, (44, 60))[0])
+
+
+@pytest.mark.parametrize("tuning", ["ivt", "full", "rein"])
+def test_release_taps_leave_stage_4_without_gradient(tuning):
+    """Stage 4 feeds no release tap: its adapters (or weights, or Rein tokens) get no gradient
+    and are frozen, everything else trainable gets one; the state dict keeps every key."""
+    torch.manual_seed(0)
+    model = build_saliency_model("swin_nano", tuning=tuning, taps="release")
+    stages = build_saliency_model("swin_nano", tuning=tuning)
+    assert model.state_dict().keys() == stages.state_dict().keys()
+    stage4 = {n for n, _ in model.backbone.named_parameters()
+              if n.startswith(("layers.3.blocks.", "rein.3."))}
+    trained = {"ivt": ".adapters.", "full": ".attn.", "rein": "rein.3."}[tuning]
+    assert any(trained in n for n in stage4)
+    vis, ir = inputs(2, 64, 64)
+    mask = (torch.rand(2, 1, 64, 64) < 0.4).float()
+    sod_loss(model(vis, ir), mask).backward()
+    for name, p in model.backbone.named_parameters():
+        if name in stage4:
+            assert not p.requires_grad and p.grad is None, name
+        else:
+            assert p.requires_grad == stages.backbone.get_parameter(name).requires_grad, name
+            assert (p.grad is not None) == p.requires_grad, name
+    if tuning == "ivt":       # every stage's adapters train with the stage taps
+        assert all(p.requires_grad for n, p in stages.backbone.named_parameters()
+                   if ".adapters." in n)
+
+
+def test_taps_option():
+    with pytest.raises(ValueError, match="taps='blocks'"):
+        build_saliency_model("swin_nano", taps="blocks")
+    with torch.device("meta"):            # EVA02: the release taps blocks 8/12/16/24, as we do
+        release = build_saliency_model("eva02_b", taps="release")
+        stages = build_saliency_model("eva02_b")
+    assert type(release.backbone) is type(stages.backbone)
+    assert release.state_dict().keys() == stages.state_dict().keys()

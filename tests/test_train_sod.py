@@ -1,13 +1,19 @@
 """train_sod.py and evaluate.py --task sod end to end on tiny synthetic VT data (swin_nano):
 a short run, the saved validation list, exact resumption after kill -9, two test sets in one
-evaluate call with --json and --save-vis, and --help showing the paper's recipe."""
+evaluate call with --json and --save-vis, --help showing the recipe, the default optimizer
+(Adam without weight decay on gradients clamped to +-0.5) against Adam written out by hand, and
+--taps as a saved model setting."""
+import contextlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+import torch.nn as nn
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,6 +22,10 @@ import evaluate  # noqa: E402
 import train_sod  # noqa: E402
 from ivt.checkpoint import load_checkpoint  # noqa: E402
 from ivt.data.synthetic import write_vt  # noqa: E402
+from ivt.engine import EagerStep  # noqa: E402
+from ivt.tasks import load_trained  # noqa: E402
+from ivt.tasks.sod import SODTask  # noqa: E402
+from ivt.trainer import build_optimizer  # noqa: E402
 from script_runs import read_log, run_killed_after_first_checkpoint  # noqa: E402
 
 
@@ -42,7 +52,9 @@ def test_help_shows_the_recipe(capsys):
         train_sod.main(["--help"])
     text = capsys.readouterr().out
     for piece in ("5e-05", "0.1", "200", "384", "--lr-drop-epoch", "100", "adam", "grayscale",
-                  "--val-count", "--resume", "--pretrained", "--variant", "--kernels", "--amp"):
+                  "--val-count", "--resume", "--pretrained", "--variant", "--kernels", "--amp",
+                  "--weight-decay 0.1", "clamped to +-0.5", "--augment", "--taps",
+                  "SOD-IV-tuning/data.py"):
         assert piece in text, piece
     for action in train_sod.get_parser()._actions:
         assert action.help, action.option_strings
@@ -93,10 +105,12 @@ def test_torchrun_two_cpu_processes_gather_the_whole_validation_set(vt, tmp_path
     train = vt / "VT5000" / "Train"
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                           "--nproc_per_node=2", str(ROOT / "train_sod.py"),
-                          *tiny_args(train, out, 2, "--val-count", "3")],
+                          *tiny_args(train, out, 2, "--val-count", "3", "--taps", "release")],
                          cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
+    # --taps release: stage 4 feeds no output, so nothing in it may be left trainable (DDP
+    # refuses parameters that get no gradient)
     logged = [r for r in read_log(out / "log.jsonl") if r["event"] == "eval"][-1]
     # The validation images were split over two processes and gathered; one process scoring
     # the same list with the saved checkpoint gets the same metrics.
@@ -113,3 +127,51 @@ def test_torchrun_two_cpu_processes_gather_the_whole_validation_set(vt, tmp_path
     assert result["num_images"] == 3
     for key in ("S", "maxF", "MAE", "wF"):
         assert result[key] == pytest.approx(logged[key], abs=1e-6), key
+
+
+def test_default_optimizer_is_adam_without_weight_decay_on_clamped_gradients():
+    """The SOD defaults (SOD-IV-tuning/CPNet_train.py: `torch.optim.Adam(params, lr)`,
+    `clip_gradient(optimizer, 0.5)` before each step): two steps of the trainer's own optimizer
+    and step on a linear loss whose gradient values lie on both sides of +-0.5 equal Adam written
+    out in float64 on the clamped gradients, with no weight-decay term."""
+    args = train_sod.get_parser().parse_args(["--data", "unused"])
+    assert (args.lr, args.weight_decay, args.clip_grad_value, args.clip_grad) == \
+        (5e-5, 0.0, 0.5, 0.0)
+    assert (args.augment, args.taps) == ("release", "stages")
+    model = nn.Module()
+    model.p = nn.Parameter(torch.tensor([1.0, -2.0, 3.0, 0.5, -0.25], dtype=torch.float64))
+    start = model.p.detach().numpy().copy()
+    optimizer = build_optimizer(SODTask(), model, args)
+    assert type(optimizer) is torch.optim.Adam
+    step = EagerStep(model, lambda m, b: (m.p * b["c"]).sum(), optimizer, contextlib.nullcontext,
+                     args.clip_grad, args.clip_grad_value)
+    slopes = [np.array([2.0, -0.3, -1.5, 0.1, 0.7]), np.array([0.2, 0.9, -0.6, -3.0, 0.45])]
+    for c in slopes:                                   # d loss / d p = c
+        step({"c": torch.from_numpy(c)}, args.lr)
+
+    b1, b2, eps, lr = 0.9, 0.999, 1e-8, 5e-5           # torch.optim.Adam's defaults
+    p, m, v = start, 0.0, 0.0
+    for t, c in enumerate(slopes, start=1):
+        g = np.minimum(np.maximum(c, -0.5), 0.5)
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        p = p - lr * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
+    np.testing.assert_allclose(model.p.detach().numpy(), p, rtol=0, atol=1e-15)
+
+
+def test_release_taps_are_saved_used_by_evaluate_and_fixed_on_resume(vt, tmp_path, capsys):
+    train = vt / "VT5000" / "Train"
+    out = tmp_path / "release"
+    summary = train_sod.main(tiny_args(train, out, 2, "--taps", "release",
+                                       "--eval-every", "0"))
+    ckpt = load_checkpoint(summary["last"])
+    assert ckpt["config"]["taps"] == "release" and ckpt["config"]["augment"] == "release"
+    _, model, _ = load_trained(summary["last"])
+    assert model.backbone.taps == "release"
+    stage4 = [p for n, p in model.backbone.named_parameters() if n.startswith("layers.3.blocks.")]
+    assert stage4 and not any(p.requires_grad for p in stage4)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        train_sod.main(tiny_args(train, out, 4, "--taps", "stages", "--eval-every", "0",
+                                 "--resume", "--allow-changes"))
+    assert "taps: checkpoint 'release' vs now 'stages'" in capsys.readouterr().err

@@ -6,14 +6,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from scipy.ndimage import binary_dilation, binary_erosion
+from PIL import Image, ImageEnhance
+from scipy.ndimage import binary_dilation, binary_erosion, median_filter
 
 from ivt.data import VTDataset, list_vt_stems, split_train_val
 from ivt.data.io import BadImageError
 from ivt.data.synthetic import write_vt, write_vt_set
 from ivt.data.transforms import IMAGENET_MEAN, IMAGENET_STD, THERMAL_MEAN, THERMAL_STD
-from ivt.data.vt import SODTrainTransform
+from ivt.data.vt import SODReleaseTransform, SODTrainTransform
 
 H, W = 48, 64
 
@@ -147,8 +147,8 @@ def test_vt821_jpg_gt_is_binarised_above_128(tmp_path):
     assert set(np.unique(jpg)) - {0, 255}                 # JPEG GT: not exactly 0/255 on disk
     assert set(np.unique(ds[0]["gt"].numpy())) == {0, 255}
     np.testing.assert_array_equal(ds[0]["gt"].numpy(), np.where(jpg > 128, 255, 0))
-    # training masks are 0/1 as well
-    train = VTDataset(vt821, train=True, size=32)
+    # training masks are 0/1 as well with --augment standard
+    train = VTDataset(vt821, train=True, size=32, augment="standard")
     assert set(np.unique(train[1]["mask"].numpy())) <= {0.0, 1.0}
 
 
@@ -211,11 +211,12 @@ def test_eval_items_are_resized_inputs_and_gt_at_its_own_size(tmp_path):
     np.testing.assert_allclose(denorm_vis_gray(ds[0]["vis"]), ref.mean(-1), atol=1e-3)
 
 
-def test_augmentation_keeps_rgb_t_and_gt_aligned(tmp_path):
+@pytest.mark.parametrize("augment", ["release", "standard"])
+def test_augmentation_keeps_rgb_t_and_gt_aligned(tmp_path, augment):
     vt = tmp_path / "VT5000" / "Train"
     for stem, k in STEMS.items():
         write_triple(vt, stem, k)
-    ds = VTDataset(vt, train=True, size=40, seed=1)
+    ds = VTDataset(vt, train=True, size=40, seed=1, augment=augment)
     masks = []
     for epoch in range(4):
         ds.set_epoch(epoch)
@@ -224,7 +225,10 @@ def test_augmentation_keeps_rgb_t_and_gt_aligned(tmp_path):
             assert set(item) == {"vis", "ir", "mask", "name"}
             assert item["vis"].shape == item["ir"].shape == (3, 40, 40)
             assert item["mask"].shape == (1, 40, 40) and item["mask"].dtype == torch.float32
-            mask = item["mask"][0].numpy() > 0.5
+            mask = item["mask"][0].numpy()
+            if augment == "release":              # without the GT's salt-and-pepper specks
+                mask = median_filter(mask, size=3)
+            mask = mask > 0.5
             ir = denorm_ir(item["ir"]) > 135                # shape 230, background 40, fill 0
             vis = denorm_vis_gray(item["vis"])              # jitter moves the levels:
             inside, outside = binary_erosion(mask), ~binary_dilation(mask)
@@ -255,6 +259,162 @@ def test_flip_only_transform_matches_a_mirrored_resize(tmp_path):
     cols = np.nonzero(ref[ref.any(1).nonzero()[0].max()])[0]
     bar = np.nonzero(ref[ref.any(1).nonzero()[0].min()])[0]
     assert cols.min() < bar.min() and cols.max() == bar.max()
+
+
+def release_reference(vis, ir, gt, rng, size, log):
+    """The authors' SOD augmentation (SOD-IV-tuning/data.py) written out step by step with PIL
+    and numpy, the release's Python `random` / `np.random` draws taken from `rng` in the order
+    `SODReleaseTransform` documents; `log` records each draw. -> vis (S, S, 3), ir (S, S) uint8,
+    mask (S, S) float32."""
+    if rng.integers(0, 2) == 1:                          # cv_random_flip: randint(0, 1) == 1
+        vis, ir, gt = (im.transpose(Image.FLIP_LEFT_RIGHT) for im in (vis, ir, gt))
+        log["flip"] += 1
+    width, height = vis.size                             # randomCrop, border 30
+    cw = rng.integers(width - 30, width)
+    ch = rng.integers(height - 30, height)
+    log["crop"].append((int(cw), int(ch)))
+    region = ((width - cw) // 2, (height - ch) // 2, (width + cw) // 2, (height + ch) // 2)
+    vis, ir, gt = (im.crop(region) for im in (vis, ir, gt))
+    if rng.random() > 0.8:                               # randomRotation
+        angle = rng.integers(-15, 15)
+        log["angle"].append(int(angle))
+        vis, ir, gt = (im.rotate(int(angle), Image.BICUBIC) for im in (vis, ir, gt))
+    factors = [rng.integers(5, 16) / 10.0, rng.integers(5, 16) / 10.0,      # colorEnhance
+               rng.integers(0, 21) / 10.0, rng.integers(0, 31) / 10.0]
+    log["factors"].append(factors)
+    vis = ImageEnhance.Brightness(vis).enhance(factors[0])
+    vis = ImageEnhance.Contrast(vis).enhance(factors[1])
+    vis = ImageEnhance.Color(vis).enhance(factors[2])
+    vis = ImageEnhance.Sharpness(vis).enhance(factors[3])
+    g = np.array(gt)                                     # randomPeper
+    count = int(0.0015 * g.shape[0] * g.shape[1])
+    xs = rng.integers(0, g.shape[0], count)
+    ys = rng.integers(0, g.shape[1], count)
+    salt = rng.integers(0, 2, count)
+    for i in range(count):
+        g[xs[i], ys[i]] = 255 if salt[i] == 1 else 0
+    log["pepper"].append(count)
+    vis, ir, gt = (im.resize((size, size), Image.BILINEAR) for im in (vis, ir, Image.fromarray(g)))
+    return np.asarray(vis), np.asarray(ir), np.asarray(gt, np.float32) / 255.0
+
+
+def test_release_augmentation_equals_a_step_by_step_reference(tmp_path):
+    """`--augment release` (the default) against `release_reference`: RGB, T and the soft GT
+    equal for 60 seeds that take every branch (flip, rotation, salt-and-pepper), on a 150 x 200
+    image (crop windows 120-149 high, 170-199 wide)."""
+    vt = tmp_path / "VT821"
+    write_triple(vt, "1", 3, size=(50, 67))
+    for sub in ("RGB", "T", "GT"):                       # the triple, 3x larger: 150 x 200
+        path = next((vt / sub).iterdir())
+        a = np.asarray(Image.open(path))
+        a = np.repeat(np.repeat(a, 3, axis=0), 3, axis=1)[:, :200]
+        Image.fromarray(a).save(path, **({"quality": 95} if path.suffix == ".jpg" else {}))
+    gt = a
+    ds = VTDataset(vt, train=True, size=64, seed=5)
+    assert isinstance(ds.transform, SODReleaseTransform)
+    vis_img, ir_img, gt_img = ds._open(0)
+    assert ir_img.mode == "L" and gt_img.mode == "L"
+    log = {"flip": 0, "crop": [], "angle": [], "factors": [], "pepper": []}
+    mean, std = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
+    for epoch in range(60):
+        ds.set_epoch(epoch)
+        item = ds[0]
+        vis, ir, mask = release_reference(vis_img, ir_img, gt_img,
+                                          np.random.default_rng([5, epoch, 0]), 64, log)
+        want_vis = ((vis / 255.0 - mean) / std).transpose(2, 0, 1)
+        np.testing.assert_allclose(item["vis"].numpy(), want_vis, rtol=0, atol=1e-5)
+        want_ir = (ir / 255.0 - THERMAL_MEAN) / THERMAL_STD
+        for c in range(3):
+            np.testing.assert_allclose(item["ir"][c].numpy(), want_ir, rtol=0, atol=1e-5)
+        np.testing.assert_array_equal(item["mask"][0].numpy(), mask)
+        m = item["mask"][0].numpy()
+        assert 0.0 <= m.min() and m.max() <= 1.0
+        assert ((m > 0.02) & (m < 0.98)).sum() > 20          # soft along the edges ...
+        inner = m > 0.5                                      # ... and the object in place
+        assert 0.5 * inner.sum() < (gt > 128).mean() * 64 * 64 < 2 * inner.sum()
+    assert 0 < log["flip"] < 60 and 0 < len(log["angle"]) < 60
+    assert all(170 <= w < 200 and 120 <= h < 150 for w, h in log["crop"])
+    assert all(n == int(0.0015 * h * w) and n >= 30 for n, (w, h) in zip(log["pepper"],
+                                                                         log["crop"]))
+
+
+def test_release_augmentation_statistics():
+    """Over 2000 items: flip in half, rotation in a fifth, integer angles over [-15, 14],
+    crop sides over [W - 30, W), the enhancement factors on their grids; measured by watching
+    the PIL calls the transform makes."""
+    calls = {"crop": [], "rotate": [], "flip": 0, "enhance": []}
+    crop, rotate, transpose = Image.Image.crop, Image.Image.rotate, Image.Image.transpose
+    enhance = ImageEnhance._Enhance.enhance
+
+    def spy_crop(im, box=None):
+        calls["crop"].append(box)
+        return crop(im, box)
+
+    def spy_rotate(im, angle, *args, **kwargs):
+        calls["rotate"].append((angle, kwargs.get("resample", args[0] if args else None)))
+        return rotate(im, angle, *args, **kwargs)
+
+    def spy_transpose(im, method):
+        calls["flip"] += method == Image.Transpose.FLIP_LEFT_RIGHT
+        return transpose(im, method)
+
+    def spy_enhance(self, factor):
+        calls["enhance"].append((type(self).__name__, factor))
+        return enhance(self, factor)
+
+    transform = SODReleaseTransform(size=8)
+    W, H = 44, 36
+    vis, ir, gt = Image.new("RGB", (W, H), (90, 40, 20)), Image.new("L", (W, H), 100), \
+        Image.new("L", (W, H), 0)
+    n = 2000
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Image.Image, "crop", spy_crop)
+        mp.setattr(Image.Image, "rotate", spy_rotate)
+        mp.setattr(Image.Image, "transpose", spy_transpose)
+        mp.setattr(ImageEnhance._Enhance, "enhance", spy_enhance)
+        rng = np.random.default_rng(0)
+        for _ in range(n):
+            transform(vis, ir, gt, rng)
+    assert len(calls["crop"]) == 3 * n                  # RGB, T, GT: one window each
+    boxes = calls["crop"][::3]
+    assert all(calls["crop"][3 * i:3 * i + 3] == [b] * 3 for i, b in enumerate(boxes))
+    widths = {x1 - x0 for x0, _, x1, _ in boxes}
+    heights = {y1 - y0 for _, y0, _, y1 in boxes}
+    assert widths == set(range(W - 30, W)) and heights == set(range(H - 30, H))
+    for x0, y0, x1, y1 in boxes:                        # centred
+        assert x0 == (W - (x1 - x0)) // 2 and y0 == (H - (y1 - y0)) // 2
+    assert calls["flip"] % 3 == 0 and abs(calls["flip"] / 3 / n - 0.5) < 0.04
+    rotations = calls["rotate"][::3]
+    assert len(calls["rotate"]) == 3 * len(rotations)
+    assert abs(len(rotations) / n - 0.2) < 0.03
+    assert {a for a, _ in rotations} == set(range(-15, 15))
+    assert {r for _, r in calls["rotate"]} == {Image.BICUBIC}
+    kinds = [k for k, _ in calls["enhance"]]
+    assert kinds == ["Brightness", "Contrast", "Color", "Sharpness"] * n
+    grids = {"Brightness": range(5, 16), "Contrast": range(5, 16), "Color": range(0, 21),
+             "Sharpness": range(0, 31)}
+    for kind, grid in grids.items():
+        seen = {round(f * 10) for k, f in calls["enhance"] if k == kind}
+        assert seen == set(grid), kind
+        assert all(f * 10 == round(f * 10) for k, f in calls["enhance"] if k == kind)
+
+
+def test_standard_augmentation_keeps_binary_masks(tmp_path):
+    vt = tmp_path / "VT821"
+    write_triple(vt, "1", 0)
+    write_triple(vt, "2", 1)
+    standard = VTDataset(vt, train=True, size=40, augment="standard")
+    assert isinstance(standard.transform, SODTrainTransform)
+    release = VTDataset(vt, train=True, size=40)
+    for epoch in range(3):
+        for ds in (standard, release):
+            ds.set_epoch(epoch)
+        for i in range(2):
+            assert set(np.unique(standard[i]["mask"].numpy())) == {0.0, 1.0}
+            soft = release[i]["mask"].numpy()
+            assert ((soft > 0) & (soft < 1)).any()
+    with pytest.raises(ValueError, match="augment='flip'"):
+        VTDataset(vt, train=True, augment="flip")
 
 
 # ---------------------------------------------------------------- validation split

@@ -11,11 +11,17 @@ RGB `.jpg`; T `.jpg` (3-channel colour-mapped thermal); GT `.png` (some VT821/VT
   any folder is an error that names it and the folder.
 * Thermal is converted to grayscale (Pillow's 'L') and repeated to 3 channels, as the authors'
   code does (`ivt.data.transforms.thermal_to_tensor`).
-* GT is binarised with `> 128` (JPEG GTs are not exactly 0/255).
-* Training items are S x S crops with paired augmentation (flip, random crop with scale and aspect
-  jitter, rotation of up to +-10 degrees) applied identically to RGB, T and GT, plus photometric
-  jitter on RGB only. Evaluation items are resized to S x S with the GT kept at its own size:
-  metrics are computed at GT size (data.md), so evaluate with batch size 1.
+* Evaluation GTs are binarised with `> 128` (JPEG GTs are not exactly 0/255).
+* Training items are S x S with paired augmentation, the same geometry for RGB, T and GT and
+  photometric changes on RGB only. Two recipes (`augment`):
+  `release` (the default), the authors' SOD release step for step (SOD-IV-tuning/data.py,
+  `SODReleaseTransform`): flip, a centred crop up to 30 pixels smaller per side, a rotation by
+  up to 15 degrees in one item of five, colour enhancement, salt-and-pepper noise on the GT, a
+  bilinear resize; its GT is SOFT (the grey values of the rotated and resized GT, in [0, 1]).
+  `standard` (`SODTrainTransform`): flip, a random crop with scale and aspect jitter, rotation of
+  up to +-10 degrees, photometric jitter; its GT is binary.
+  Evaluation items are resized to S x S with the GT kept at its own size: metrics are computed
+  at GT size (data.md), so evaluate with batch size 1.
 """
 import re
 from pathlib import Path
@@ -23,7 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageEnhance
 from torch.utils.data import Dataset
 
 from .geometry import crop_resize, random_window
@@ -34,6 +40,12 @@ from .transforms import (IMAGENET, Normalization, photometric_jitter, thermal_to
 FOLDERS = ("RGB", "T", "GT")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 GT_THRESHOLD = 128      # foreground = GT > 128 (data.md)
+AUGMENTATIONS = ("release", "standard")
+# The authors' SOD release, SOD-IV-tuning/data.py:
+CROP_BORDER = 30            # randomCrop: window sides drawn from [W - 30, W) and [H - 30, H)
+ROTATE_ABOVE = 0.8          # randomRotation rotates when `random.random() > 0.8` (p = 0.2)
+ROTATE_ANGLES = (-15, 15)   # ... `np.random.randint(-15, 15)`: integer degrees, 15 excluded
+PEPPER_FRACTION = 0.0015    # randomPeper: int(0.0015 * H * W) GT pixels set to 0 or 255
 
 
 def natural_key(stem: str) -> List[Union[int, str]]:
@@ -151,6 +163,77 @@ class SODTrainTransform:
                 "ir": thermal_to_tensor(ir_a, self.norm), "mask": mask}
 
 
+def _crop_side(rng: np.random.Generator, n: int) -> int:
+    """A centred-crop side for an image side of n pixels: uniform in [n - 30, n), at least 1."""
+    return int(rng.integers(max(n - CROP_BORDER, 1), max(n, 2)))
+
+
+class SODReleaseTransform:
+    """The authors' SOD training augmentation (SOD-IV-tuning/data.py, `SalObjDataset.__getitem__`)
+    step for step, with every draw from `rng`, in this order (the release's Python `random` and
+    `np.random` draws, same ranges):
+
+    1. flip: `rng.integers(0, 2) == 1` mirrors RGB, T and GT left-right (`cv_random_flip`).
+    2. crop: w = `rng.integers(W - 30, W)`, h = `rng.integers(H - 30, H)` (at least 1 pixel, for
+       images up to 30 pixels wide or high); RGB, T and GT are cropped to the centred window
+       ((W - w) >> 1, (H - h) >> 1, (W + w) >> 1, (H + h) >> 1) (`randomCrop`).
+    3. rotation: if `rng.random() > 0.8` (probability 0.2), angle = `rng.integers(-15, 15)`
+       degrees (counter-clockwise, 15 excluded), and RGB, T and GT are rotated by it about their
+       centre with bicubic resampling, the corners filled with 0 (`randomRotation`).
+    4. colour, RGB only: brightness `rng.integers(5, 16) / 10`, contrast `rng.integers(5, 16) / 10`,
+       colour `rng.integers(0, 21) / 10`, sharpness `rng.integers(0, 31) / 10` (Python's
+       inclusive `random.randint(5, 15)` etc.), applied in that order with PIL's ImageEnhance
+       (`colorEnhance`).
+    5. salt and pepper, GT only: n = int(0.0015 * h * w); rows = `rng.integers(0, h, n)`, then
+       cols = `rng.integers(0, w, n)`, then values = 255 * `rng.integers(0, 2, n)`; pixel
+       (rows[i], cols[i]) is set to values[i] for i = 0 .. n-1 in turn (`randomPeper`).
+    6. resize: RGB, T and GT to S x S, bilinear (PIL's, what torchvision's `Resize` runs on PIL
+       images).
+
+    The GT is read as grey values ('L') and not binarised: `mask` = GT / 255 (the release's
+    `ToTensor`) is a soft target in [0, 1], fractional along the edges the rotation and the
+    resize blend. RGB and T are normalised as everywhere else (`visible_to_tensor`,
+    `thermal_to_tensor`; the release fed thermal unnormalised).
+    """
+
+    def __init__(self, size: int = 384, norm: Normalization = IMAGENET):
+        self.size = (size, size)
+        self.norm = norm
+
+    def __call__(self, vis: Image.Image, ir: Image.Image, gt: Image.Image,
+                 rng: np.random.Generator) -> Dict[str, torch.Tensor]:
+        """vis 'RGB', ir 'L', gt 'L' (same size) -> vis, ir (3, S, S) float, mask (1, S, S)
+        float in [0, 1]."""
+        images = [vis, ir, gt]
+        if rng.integers(0, 2) == 1:
+            images = [img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for img in images]
+        W, H = gt.size
+        w, h = _crop_side(rng, W), _crop_side(rng, H)
+        window = ((W - w) >> 1, (H - h) >> 1, (W + w) >> 1, (H + h) >> 1)
+        images = [img.crop(window) for img in images]
+        if rng.random() > ROTATE_ABOVE:
+            angle = int(rng.integers(*ROTATE_ANGLES))
+            images = [img.rotate(angle, resample=Image.BICUBIC) for img in images]
+        vis, ir, gt = images
+        for enhance, (lo, hi) in ((ImageEnhance.Brightness, (5, 15)),
+                                  (ImageEnhance.Contrast, (5, 15)),
+                                  (ImageEnhance.Color, (0, 20)),
+                                  (ImageEnhance.Sharpness, (0, 30))):
+            vis = enhance(vis).enhance(int(rng.integers(lo, hi + 1)) / 10.0)
+        g = np.array(gt)                                                 # (h, w) uint8
+        n = int(PEPPER_FRACTION * g.shape[0] * g.shape[1])
+        rows, cols = rng.integers(0, g.shape[0], n), rng.integers(0, g.shape[1], n)
+        values = 255 * rng.integers(0, 2, n)
+        for r, c, v in zip(rows, cols, values):                          # a later draw wins
+            g[r, c] = v
+        s = (self.size[1], self.size[0])
+        vis_a, ir_a, gt_a = (np.asarray(img.resize(s, Image.BILINEAR))
+                             for img in (vis, ir, Image.fromarray(g)))
+        mask = torch.from_numpy(gt_a.astype(np.float32) / 255.0)[None]
+        return {"vis": visible_to_tensor(vis_a, self.norm),
+                "ir": thermal_to_tensor(ir_a, self.norm), "mask": mask}
+
+
 class SODEvalTransform:
     """RGB and T resized to S x S (bilinear); GT at its own size, binarised to 0/255 uint8."""
 
@@ -173,7 +256,7 @@ class VTDataset(Dataset):
 
     Args:
         root: the folder holding `RGB/`, `T/` and `GT/`.
-        train: augmented S x S items {'vis', 'ir', 'mask' (1, S, S) float 0/1, 'name'}; otherwise
+        train: augmented S x S items {'vis', 'ir', 'mask' (1, S, S) float, 'name'}; otherwise
             {'vis', 'ir' resized to S x S, 'gt' (H, W) uint8 0/255 at GT size, 'name'}.
         size: S, the network input side (the paper: 384).
         seed: base seed; augmentation draws from `np.random.default_rng([seed, epoch, index])`,
@@ -183,11 +266,15 @@ class VTDataset(Dataset):
             exist in all three folders.
         validate: header check at construction: RGB, T and GT of each stem have one size.
         verify: decode every file at construction (`ivt.data.io.verify_images`).
+        augment: the training augmentation: 'release' (`SODReleaseTransform`, the authors' SOD
+            release; soft masks in [0, 1]) or 'standard' (`SODTrainTransform`; masks 0/1).
     """
 
     def __init__(self, root: Union[str, Path], train: bool, size: int = 384, seed: int = 0,
                  norm: Normalization = IMAGENET, stems: Optional[Sequence[str]] = None,
-                 validate: bool = True, verify: bool = False):
+                 validate: bool = True, verify: bool = False, augment: str = "release"):
+        if augment not in AUGMENTATIONS:
+            raise ValueError(f"augment={augment!r}: expected one of {', '.join(AUGMENTATIONS)}")
         self.root = Path(root)
         self.train = train
         self.seed = seed
@@ -201,8 +288,12 @@ class VTDataset(Dataset):
         files = _pair_files(self.root, stems)
         self.stems: List[str] = stems if stems is not None else sorted(files["GT"], key=natural_key)
         self.files = [tuple(files[f][s] for f in FOLDERS) for s in self.stems]  # (rgb, t, gt)
-        self.transform = (SODTrainTransform(size, norm=norm) if train
-                          else SODEvalTransform(size, norm))
+        if not train:
+            self.transform = SODEvalTransform(size, norm)
+        elif augment == "release":
+            self.transform = SODReleaseTransform(size, norm)
+        else:
+            self.transform = SODTrainTransform(size, norm=norm)
         if validate:
             self.validate()
         if verify:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from . import build_backbone
 from .backbone import IVTBackbone
 from .heads import CPNetDecoder
+from .swin import SWIN_CONFIGS, TAPS
 
 
 class SaliencyModel(nn.Module):
@@ -40,9 +41,13 @@ class SaliencyModel(nn.Module):
 def sod_loss(logits_list: List[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
     """Sum over the outputs of BCE-with-logits + IoU loss (spec method.md sec. 6).
 
-    logits_list: [(B, 1, H, W)] logits; mask: (B, 1, H, W) or (B, H, W), 1 = salient, 0 = not.
-    BCE is the mean over all pixels of the batch; with p = sigmoid(logits) and g = mask, the IoU
-    loss of one image is 1 - (sum pg + 1) / (sum p + sum g - sum pg + 1), averaged over images.
+    logits_list: [(B, 1, H, W)] logits; mask: (B, 1, H, W) or (B, H, W), 1 = salient, 0 = not,
+    or a soft target in [0, 1] (the release's augmentation, `ivt.data.vt.SODReleaseTransform`).
+    BCE is the mean over all pixels of the batch of -(g log p + (1 - g) log(1 - p)), with
+    p = sigmoid(logits) and g = mask, which a soft g weighs between the two classes (the release's
+    `BCEWithLogitsLoss` on its soft GTs); the IoU loss of one image is
+    1 - (sum pg + 1) / (sum p + sum g - sum pg + 1) with g's values as they are (the release's
+    `iou_loss`), averaged over images.
     """
     if mask.dim() == 3:
         mask = mask.unsqueeze(1)
@@ -63,10 +68,22 @@ def sod_loss(logits_list: List[torch.Tensor], mask: torch.Tensor) -> torch.Tenso
 
 
 def build_saliency_model(backbone: str, tuning: str = "ivt", pretrained: Optional[str] = None,
-                         img_size=None, **backbone_options) -> SaliencyModel:
+                         img_size=None, taps: str = "stages",
+                         **backbone_options) -> SaliencyModel:
     """Backbone `backbone` (a name in `BACKBONES`, built by `build_backbone` with `tuning`,
     `pretrained`, `img_size` and `backbone_options` passed through) + the CPNet decoder on its
-    four levels. `ivt.engine.describe_parameters(model)` gives the one-line parameter count."""
+    four levels. `ivt.engine.describe_parameters(model)` gives the one-line parameter count.
+
+    taps: which backbone features the decoder reads. 'stages': the four stage outputs (Swin:
+    before patch merging, strides 4-32; EVA02: blocks 8, 12, 16, 24 resized to strides 4-32).
+    'release': the authors' SOD release; on Swin the external-prompted patch embedding Z0 and
+    stages 1-3's outputs after patch merging (`SwinBackbone`, taps='release'); on EVA02 the
+    release taps blocks 8, 12, 16, 24 as 'stages' does, so the two are the same model there.
+    """
+    if taps not in TAPS:
+        raise ValueError(f"taps={taps!r}: expected one of {', '.join(TAPS)}")
+    if backbone in SWIN_CONFIGS:
+        backbone_options["taps"] = taps
     bb = build_backbone(backbone, tuning=tuning, pretrained=pretrained, img_size=img_size,
                         **backbone_options)
     return SaliencyModel(bb, CPNetDecoder(bb.out_channels))
