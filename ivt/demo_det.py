@@ -43,14 +43,21 @@ class DetSettings:
     lr: float = 1e-3                 # AdamW, every run
     hidden_dim: int = 32
     num_queries: int = 20
+    encoder: str = "hybrid"          # RT-DETR's; "deformable" (6 layers) trails it on these scenes
+    enc_layers: int = 6              # deformable encoder layers (DINO's count)
     dec_layers: int = 3
+    ffn_dim: int = 256               # 8 x hidden_dim, DINO's ratio (2048 for 256)
+    # About 10 positive and 10 negative denoising queries per image: with the scenes' 1-6
+    # objects, 2 * (10 // n) * n <= 20 = num_queries (DINO: 100 for 900 queries).
+    dn_number: int = 10
     figure_scenes: int = 4
 
 
 DET_PRESETS = {"default": DetSettings(),
                "fast": DetSettings(n_images=150, iters=150),
                "smoke": DetSettings(n_images=20, size=64, batch_size=2, iters=2,
-                                    hidden_dim=16, num_queries=5, dec_layers=1, figure_scenes=2)}
+                                    hidden_dim=16, num_queries=12, enc_layers=1, dec_layers=1,
+                                    ffn_dim=32, dn_number=6, figure_scenes=2)}
 
 
 def make_data(out: Path, s: Settings, t: DetSettings, seed: int) -> Dict[str, Path]:
@@ -67,7 +74,9 @@ def train_args(t: DetSettings, s: Settings, data: Path, out: Path, seed: int, na
     args = ["--backbone", BACKBONE, "--tuning", spec["tuning"], "--data", str(data),
             "--split-dir", str(data), "--train-split", "train", "--val-split", "val",
             "--size", str(t.size), "--hidden-dim", str(t.hidden_dim),
-            "--num-queries", str(t.num_queries), "--dec-layers", str(t.dec_layers),
+            "--num-queries", str(t.num_queries), "--encoder", t.encoder,
+            "--enc-layers", str(t.enc_layers), "--dec-layers", str(t.dec_layers),
+            "--ffn-dim", str(t.ffn_dim), "--dn-number", str(t.dn_number),
             "--backbone-lr-mult", "1.0", "--iters", str(t.iters),
             "--batch-size", str(t.batch_size), "--lr", str(t.lr), "--device", "cpu",
             "--workers", "0", "--seed", str(seed), "--out", str(out), "--eval-every", "0",

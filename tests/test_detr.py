@@ -1,20 +1,27 @@
 """The detector's parts against independent references: box utilities against hand-computed
 values, the Hungarian matcher against brute force over all assignments, the grid_sample
-deformable attention against a float64 bilinear-sampling loop; then a tiny detector end to end."""
+deformable attention against a float64 bilinear-sampling loop (also under bf16 autocast), the two
+encoders (DINO's deformable one, RT-DETR's hybrid one: AIFI against a float64 attention written
+out, RepVGG blocks against the formula); then a tiny detector end to end."""
+import copy
 import itertools
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ivt.models import count_parameters
 from ivt.models.detr import DetectorConfig, HungarianMatcher, build_detector, describe
+from ivt.models.detr import deformable_attention
 from ivt.models.detr.box_ops import (box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh,
                                      generalized_box_iou, normalize_boxes)
 from ivt.models.detr.deformable_attention import (MultiScaleDeformableAttention,
                                                   multi_scale_deformable_attention)
 from ivt.models.detr.decoder import build_decoder
 from ivt.models.detr.denoising import Denoising, denoising_attention_mask
+from ivt.models.detr.encoder import build_encoder
+from ivt.models.detr.hybrid_encoder import AIFI, HybridEncoder, RepVGGBlock
 from ivt.models.detr.neck import ChannelMapper
 
 # -- box utilities ---------------------------------------------------------------------------
@@ -192,6 +199,70 @@ def test_deformable_attention_offsets_count_in_pixels_of_each_level():
     assert torch.allclose(out[0, 0], expected, atol=1e-12)
 
 
+def test_deformable_attention_samples_in_float32_under_bf16_autocast(monkeypatch):
+    """Under bf16 autocast (--amp) grid_sample gets float32 values and a float32 grid: a bf16
+    coordinate in [0.5, 1] is a multiple of 2^-8 (0.6 pixels of a 160-pixel level, 2.5 of a
+    640-pixel one). On a 160 x 160 level, with sampling offsets that are not on the bf16 grid, the
+    module stays within 2% of a float64 evaluation (a bf16 grid: 16% here)."""
+    torch.manual_seed(0)
+    shapes = [(160, 160), (20, 20)]
+    attn = MultiScaleDeformableAttention(dim=32, num_heads=2, num_levels=2, num_points=4)
+    with torch.no_grad():                       # offsets of several pixels, in every direction
+        attn.sampling_offsets.weight.normal_(0, 0.5)
+        attn.attention_weights.weight.normal_(0, 0.2)
+    g = torch.Generator().manual_seed(1)
+    value = torch.randn(1, sum(h * w for h, w in shapes), 32, generator=g)
+    query = torch.randn(1, 50, 32, generator=g)
+    reference = torch.rand(1, 50, 2, 2, generator=g) * 0.8 + 0.1
+    expected = copy.deepcopy(attn).double()(query.double(), reference.double(), value.double(), shapes)
+
+    seen, grid_sample = [], F.grid_sample
+
+    def recording(inp, grid, **kw):
+        seen.append((inp.dtype, grid.dtype))
+        return grid_sample(inp, grid, **kw)
+
+    monkeypatch.setattr(deformable_attention.F, "grid_sample", recording)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn(query, reference, value, shapes)
+    assert seen == [(torch.float32, torch.float32)] * len(shapes)
+    err = (out.double() - expected).abs().max().item()
+    assert err < 0.02 * expected.abs().max().item(), err
+
+
+def test_sampling_core_reads_bf16_values_at_exact_locations():
+    """bf16 values, float32 locations where bf16 is coarsest ([0.5, 1)): the bf16 result is the
+    float64 bilinear sampling of the same values, up to its own final rounding (2^-8 relative)."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(160, 160)]
+    value = torch.randn(1, 160 * 160, 1, 2, generator=g).bfloat16()
+    locations = torch.rand(1, 40, 1, 1, 2, 2, generator=g) * 0.5 + 0.5
+    weights = torch.rand(1, 40, 1, 1, 2, generator=g)
+    out = multi_scale_deformable_attention(value, shapes, locations, weights)
+    assert out.dtype == torch.bfloat16
+    expected = bilinear_loop(value.double(), shapes, locations.double(), weights.double())
+    assert ((out.double() - expected).abs() <= 2 ** -8 * expected.abs() + 1e-6).all()
+
+
+def test_detector_under_bf16_autocast_samples_with_float32_grids(monkeypatch):
+    """Every grid_sample of a training forward (encoder and decoder) gets float32 values and grid."""
+    seen, grid_sample = [], F.grid_sample
+
+    def recording(inp, grid, **kw):
+        seen.append((inp.dtype, grid.dtype))
+        return grid_sample(inp, grid, **kw)
+
+    monkeypatch.setattr(deformable_attention.F, "grid_sample", recording)
+    torch.manual_seed(0)
+    model = build_detector("swin_nano", tiny_config(), tuning="ivt").train()
+    vis, ir, targets = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(vis, ir, targets)
+    levels, layers = model.cfg.num_feature_levels, model.cfg.enc_layers + model.cfg.dec_layers
+    assert seen == [(torch.float32, torch.float32)] * (levels * layers)
+    assert torch.isfinite(model.loss(out, targets)["loss"])
+
+
 # -- neck ------------------------------------------------------------------------------------
 
 
@@ -206,6 +277,153 @@ def test_neck_levels(levels, first, expected):
     neck = ChannelMapper([8, 16, 24, 32], dim=16, num_levels=levels, first_level=first, groups=4)
     outs = neck(feats)
     assert [tuple(o.shape[-2:]) for o in outs] == expected and all(o.shape[:2] == (2, 16) for o in outs)
+
+
+# -- encoders --------------------------------------------------------------------------------
+
+
+def test_detector_config_defaults_are_dino():
+    """DINO's config/DINO/DINO_4scale.py: 6 deformable encoder layers (with --encoder deformable;
+    the default is RT-DETR's hybrid encoder), 6 decoder layers, FFN 2048, dropout 0, hidden 256,
+    8 heads, 4 points; dn_number 100, label noise 0.5, box noise 0.4."""
+    cfg = DetectorConfig(num_classes=6)
+    assert (cfg.encoder, cfg.enc_layers, cfg.dec_layers, cfg.ffn_dim, cfg.dropout) == (
+        "hybrid", 6, 6, 2048, 0.0)
+    assert (cfg.hidden_dim, cfg.num_heads, cfg.num_points) == (256, 8, 4)
+    assert (cfg.dn_number, cfg.label_noise_ratio, cfg.box_noise_scale) == (100, 0.5, 0.4)
+    for bad, message in (({"encoder": "dense"}, "encoder must be one of"),
+                         ({"dn_number": -1}, "dn_number must be >= 0"),
+                         ({"box_noise_scale": -0.1}, "box noise"),
+                         ({"label_noise_ratio": 1.5}, "label noise")):
+        with pytest.raises(ValueError, match=message):
+            DetectorConfig(num_classes=6, **bad)
+
+
+def test_deformable_encoder_runs_all_six_layers():
+    """DINO's 6 layers, chained: each layer's output is the next one's input, the last one's is
+    the memory, and every parameter of every layer gets a gradient."""
+    torch.manual_seed(0)
+    enc = build_encoder(DetectorConfig(num_classes=3, encoder="deformable", hidden_dim=16,
+                                       num_heads=2, num_points=2, ffn_dim=32, num_feature_levels=2))
+    assert len(enc.layers) == 6
+    shapes = [(6, 8), (3, 4)]
+    src, pos = torch.randn(2, 60, 16), torch.randn(1, 60, 16)
+    calls = []
+    for i, layer in enumerate(enc.layers):
+        layer.register_forward_hook(lambda m, args, out, i=i: calls.append((i, args[0], out)))
+    out = enc(src, pos, shapes)
+    assert [c[0] for c in calls] == list(range(6))
+    assert calls[0][1] is src and out is calls[-1][2]
+    assert all(nxt[1] is prev[2] for prev, nxt in zip(calls[:-1], calls[1:]))
+    (out * torch.randn_like(out)).sum().backward()
+    for name, p in enc.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+SWIN_LEVELS = {"64x96": [(16, 24), (8, 12), (4, 6), (2, 3)],
+               # strides 4-32 of a 100 x 60 input: patch merging pads odd sizes (rounds up)
+               "100x60": [(25, 15), (13, 8), (7, 4), (4, 2)]}
+
+
+@pytest.mark.parametrize("size", list(SWIN_LEVELS))
+def test_hybrid_encoder_shapes_gradients_and_cross_scale_fusion(size):
+    """Four levels in, the same four out; AIFI runs on the stride-32 level only; every parameter
+    gets a gradient; and every output level depends on every input level (top-down FPN, then
+    bottom-up PAN). RT-DETR's module counts: 3 fusions each way, 3 RepVGG blocks per CSP block."""
+    torch.manual_seed(0)
+    shapes = SWIN_LEVELS[size]
+    enc = HybridEncoder(num_levels=4, dim=16, num_heads=2, ffn_dim=32, dropout=0.0)
+    assert len(enc.lateral) == len(enc.fpn) == len(enc.downsample) == len(enc.pan) == 3
+    assert all(len(csp.blocks) == 3 for csp in list(enc.fpn) + list(enc.pan))
+    with pytest.raises(ValueError, match="hidden_dim divisible by 4"):
+        HybridEncoder(num_levels=4, dim=18, num_heads=2, ffn_dim=32, dropout=0.0)
+    aifi_inputs = []
+    enc.aifi.register_forward_hook(lambda m, args, out: aifi_inputs.append(tuple(args[0].shape)))
+    feats = [torch.randn(2, 16, h, w, requires_grad=True) for h, w in shapes]
+    outs = enc(feats)
+    assert [tuple(o.shape) for o in outs] == [(2, 16, h, w) for h, w in shapes]
+    assert aifi_inputs == [(2, 16) + shapes[-1]]
+    sum((o * torch.randn_like(o)).sum() for o in outs).backward()
+    for name, p in enc.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    enc.eval()
+    outs = enc(feats)
+    for i, o in enumerate(outs):
+        grads = torch.autograd.grad(o.sum(), feats, retain_graph=True)
+        assert all(g.abs().sum() > 0 for g in grads), i
+
+
+def test_aifi_matches_float64_attention_written_out():
+    """AIFI = one post-norm transformer encoder layer with RT-DETR's 2-D sin-cos position
+    ([sin x w_k, cos x w_k, sin y w_k, cos y w_k], w_k = 10000^(-k / (C/4)), x the column, y the
+    row) added to queries and keys only, GELU FFN; written out token by token in float64."""
+    torch.manual_seed(0)
+    C, heads, H_, W_ = 8, 2, 3, 4
+    aifi = AIFI(C, heads, ffn_dim=12, dropout=0.0).double()
+    with torch.no_grad():                    # no zero biases or unit norms that hide a mix-up
+        for p in aifi.parameters():
+            p.normal_(0, 0.5)
+    x = torch.randn(2, C, H_, W_, dtype=torch.float64)
+    out = aifi(x)
+
+    attn, ffn = aifi.self_attn, aifi.ffn
+    Wq, Wk, Wv = attn.in_proj_weight.detach().split(C)
+    bq, bk, bv = attn.in_proj_bias.detach().split(C)
+    W1, b1 = ffn.net[0].weight.detach(), ffn.net[0].bias.detach()
+    W2, b2 = ffn.net[3].weight.detach(), ffn.net[3].bias.detach()
+
+    def layer_norm(v, ln):
+        mean = v.mean()
+        return (v - mean) / math.sqrt(((v - mean) ** 2).mean() + ln.eps) * ln.weight.detach() + ln.bias.detach()
+
+    def gelu(v):
+        return torch.tensor([u * 0.5 * (1 + math.erf(u / math.sqrt(2))) for u in v.tolist()],
+                            dtype=torch.float64)
+
+    tokens = [(i, j) for i in range(H_) for j in range(W_)]
+    pos = [torch.tensor([f(c * 10000 ** (-k / (C // 4))) for f, c in
+                         ((math.sin, j), (math.cos, j), (math.sin, i), (math.cos, i))
+                         for k in range(C // 4)], dtype=torch.float64) for i, j in tokens]
+    d = C // heads
+    for b in range(2):
+        xs = [x[b, :, i, j] for i, j in tokens]
+        q = [Wq @ (t + p) + bq for t, p in zip(xs, pos)]
+        k = [Wk @ (t + p) + bk for t, p in zip(xs, pos)]
+        v = [Wv @ t + bv for t in xs]
+        for n, (i, j) in enumerate(tokens):
+            heads_out = []
+            for h in range(heads):
+                hs = slice(h * d, (h + 1) * d)
+                scores = [float(q[n][hs] @ k[m][hs]) / math.sqrt(d) for m in range(len(tokens))]
+                top = max(scores)
+                e = [math.exp(s_ - top) for s_ in scores]
+                heads_out.append(sum(e_ / sum(e) * v[m][hs] for m, e_ in enumerate(e)))
+            a = attn.out_proj.weight.detach() @ torch.cat(heads_out) + attn.out_proj.bias.detach()
+            y = layer_norm(xs[n] + a, aifi.norm)
+            z = layer_norm(y + W2 @ gelu(W1 @ y + b1) + b2, ffn.norm)
+            assert torch.allclose(out[b, :, i, j], z, atol=1e-10), (b, i, j)
+
+
+def test_repvgg_block_formula():
+    """SiLU(BN(conv3x3(x)) + BN(conv1x1(x))), convs without bias, BN with its running stats."""
+    torch.manual_seed(0)
+    block = RepVGGBlock(4).double().eval()
+    with torch.no_grad():
+        for bn in (block.conv3[1], block.conv1[1]):
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.normal_()
+            bn.bias.normal_()
+    assert block.conv3[0].bias is None and block.conv1[0].bias is None
+
+    def bn(y, m):
+        r = lambda t: t.detach()[:, None, None]  # noqa: E731
+        return (y - r(m.running_mean)) / torch.sqrt(r(m.running_var) + m.eps) * r(m.weight) + r(m.bias)
+
+    x = torch.randn(2, 4, 5, 6, dtype=torch.float64)
+    y = (bn(F.conv2d(x, block.conv3[0].weight.detach(), padding=1), block.conv3[1])
+         + bn(F.conv2d(x, block.conv1[0].weight.detach()), block.conv1[1]))
+    assert torch.allclose(block(x), y * torch.sigmoid(y), atol=1e-12)
 
 
 # -- denoising -------------------------------------------------------------------------------
@@ -224,12 +442,13 @@ def test_denoising_attention_mask():
     assert torch.equal(m, expected)
 
 
-def test_denoising_noise_bounds():
-    """Positive copies move each corner by less than half the box size, negative ones by one to
-    two half sizes (unless their corners crossed); labels are untouched without label noise;
+@pytest.mark.parametrize("scale", [0.4, 1.0])              # DINO's config; its training scripts
+def test_denoising_noise_bounds(scale):
+    """Positive copies move each corner by less than `scale` half box sizes, negative ones by one
+    to two times that (unless their corners crossed); labels are untouched without label noise;
     padding slots stay zero."""
     torch.manual_seed(0)
-    dn = Denoising(num_classes=3, dim=8, dn_number=6, label_noise_ratio=0.0, box_noise_scale=1.0)
+    dn = Denoising(num_classes=3, dim=8, dn_number=6, label_noise_ratio=0.0, box_noise_scale=scale)
     gt = torch.tensor([[0.5, 0.5, 0.2, 0.1], [0.4, 0.6, 0.1, 0.2]])
     targets = [{"labels": torch.tensor([2, 0]), "boxes": gt}, {"labels": torch.tensor([1]), "boxes": gt[:1]}]
     q = dn(targets, num_queries=5)
@@ -240,8 +459,8 @@ def test_denoising_noise_bounds():
         for b, n in ((0, 2), (1, 1)):
             pos = slice(4 * g, 4 * g + n)
             neg = slice(4 * g + 2, 4 * g + 2 + n)
-            dev_pos = (boxes[b, pos] - box_cxcywh_to_xyxy(gt[:n])).abs() / half[:n]
-            dev_neg = (boxes[b, neg] - box_cxcywh_to_xyxy(gt[:n])).abs() / half[:n]
+            dev_pos = (boxes[b, pos] - box_cxcywh_to_xyxy(gt[:n])).abs() / half[:n] / scale
+            dev_neg = (boxes[b, neg] - box_cxcywh_to_xyxy(gt[:n])).abs() / half[:n] / scale
             # negative corners may cross (x0 past x1): the box then collapses to zero size
             wh = q.boxes_unact.sigmoid()[b, neg, 2:].repeat(1, 2)
             dev_neg = dev_neg[wh > 1e-3]
@@ -256,8 +475,8 @@ H, W = 64, 96                                                  # non-square inpu
 
 
 def tiny_config(**kw):
-    base = dict(num_classes=3, hidden_dim=32, num_queries=12, enc_layers=1, dec_layers=2, num_heads=4,
-                num_points=2, ffn_dim=64, dn_number=6)
+    base = dict(num_classes=3, hidden_dim=32, num_queries=12, encoder="deformable", enc_layers=1,
+                dec_layers=2, num_heads=4, num_points=2, ffn_dim=64, dn_number=6)
     return DetectorConfig(**{**base, **kw})
 
 
@@ -270,20 +489,23 @@ def batch(seed=0):
     return vis, ir, targets
 
 
-@pytest.mark.parametrize("denoising", [True, False])
-def test_detector_forward_backward_only_trainable_get_grads(denoising):
+@pytest.mark.parametrize("encoder, dn_number", [("deformable", 6), ("deformable", 0), ("hybrid", 6)])
+def test_detector_forward_backward_only_trainable_get_grads(encoder, dn_number):
     torch.manual_seed(0)
-    model = build_detector("swin_nano", tiny_config(denoising=denoising), tuning="ivt")
+    model = build_detector("swin_nano", tiny_config(encoder=encoder, dn_number=dn_number),
+                           tuning="ivt")
+    assert (model.level_embed is None) == (encoder == "hybrid")
+    assert (model.denoising is None) == (dn_number == 0)
     model.train()
     vis, ir, targets = batch()
     out = model(vis, ir, targets)
     assert out["pred_logits"].shape == (2, 12, 3) and out["pred_boxes"].shape == (2, 12, 4)
     assert len(out["aux_outputs"]) == 1 and out["enc_outputs"]["pred_boxes"].shape == (2, 12, 4)
     assert ((out["pred_boxes"] >= 0) & (out["pred_boxes"] <= 1)).all()
-    assert ("dn_outputs" in out) == denoising
+    assert ("dn_outputs" in out) == (dn_number > 0)
     losses = model.loss(out, targets)
     assert torch.isfinite(losses["loss"])
-    suffixes = ["", "_0", "_enc"] + (["_dn", "_dn_0"] if denoising else [])
+    suffixes = ["", "_0", "_enc"] + (["_dn", "_dn_0"] if dn_number else [])
     assert {f"loss_{n}{s}" for n in ("cls", "l1", "giou") for s in suffixes} | {"loss"} == set(losses)
     weight = {"cls": 1.0, "l1": 5.0, "giou": 2.0}                                      # DINO's
     expected = sum(weight[k.split("_")[1]] * v for k, v in losses.items() if k != "loss")

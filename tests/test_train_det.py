@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -14,6 +15,8 @@ import evaluate  # noqa: E402
 import train_det  # noqa: E402
 from ivt.checkpoint import load_checkpoint  # noqa: E402
 from ivt.data.synthetic import write_m3fd  # noqa: E402
+from ivt.models.detr import DetectorConfig, build_detector  # noqa: E402
+from ivt.tasks.det import DetTask, detector_config  # noqa: E402
 from script_runs import read_log, run_killed_after_first_checkpoint  # noqa: E402
 
 SAMPLE = ROOT / "tests" / "data" / "m3fd_sample"
@@ -43,10 +46,58 @@ def test_help_shows_the_recipe(capsys):
         train_det.main(["--help"])
     text = capsys.readouterr().out
     for piece in ("0.0001", "36", "640", "--clip-grad", "adamw", "--split-dir", "train+val",
-                  "--no-denoising", "--bad-boxes", "CO-DETR"):
+                  "--no-denoising", "--bad-boxes", "CO-DETR", "--dn-number", "--box-noise 1.0",
+                  "--label-noise", "--encoder", "hybrid", "--ffn-dim", "mmdet"):
         assert piece in text, piece
     for action in train_det.get_parser()._actions:
         assert action.help, action.option_strings
+
+
+def test_detector_flags_reach_the_config():
+    """Defaults: RT-DETR's hybrid encoder (6 deformable layers with --encoder deformable), and
+    DINO's FFN 2048, 100 denoising queries, label noise 0.5, box noise 0.4; --no-denoising is
+    --dn-number 0."""
+    parser = train_det.get_parser()
+    args = vars(parser.parse_args(["--data", "M3FD"]))
+    cfg = detector_config(args)
+    assert (cfg.encoder, cfg.enc_layers, cfg.ffn_dim) == ("hybrid", 6, 2048)
+    assert (cfg.dn_number, cfg.label_noise_ratio, cfg.box_noise_scale) == (100, 0.5, 0.4)
+    args = vars(parser.parse_args(["--data", "M3FD", "--encoder", "deformable", "--dn-number", "30",
+                                   "--box-noise", "1.0", "--label-noise", "0.2", "--ffn-dim", "64"]))
+    cfg = detector_config(args)
+    assert (cfg.encoder, cfg.dn_number, cfg.box_noise_scale, cfg.label_noise_ratio, cfg.ffn_dim) == (
+        "deformable", 30, 1.0, 0.2, 64)
+    assert detector_config(vars(parser.parse_args(["--data", "M3FD", "--no-denoising"]))).dn_number == 0
+
+
+def test_ignored_boxes_are_not_training_targets():
+    """`DetTask.loss` drops boxes marked ignore (VOC difficult, COCO iscrowd), as mmdet's
+    PackDetInputs drops gt_ignore_flags instances: the loss equals that of the batch without
+    them (same denoising noise), not that of training them as objects."""
+    torch.manual_seed(0)
+    model = build_detector("swin_nano", DetectorConfig(
+        num_classes=6, hidden_dim=16, num_queries=8, encoder="deformable", enc_layers=1,
+        dec_layers=1, num_heads=2, num_points=2, ffn_dim=32, dn_number=4), tuning="ivt").train()
+    g = torch.Generator().manual_seed(0)
+    vis, ir = torch.randn(2, 3, 64, 64, generator=g), torch.randn(2, 3, 64, 64, generator=g)
+    boxes, labels = torch.tensor([[4.0, 4, 30, 40], [20, 10, 60, 30], [0, 40, 20, 60]]), torch.tensor([0, 1, 2])
+    marked = [{"boxes": boxes, "labels": labels, "ignore": torch.tensor([False, True, False])},
+              {"boxes": boxes[:1], "labels": labels[:1], "ignore": torch.tensor([True])}]
+    kept = [{"boxes": boxes[[0, 2]], "labels": labels[[0, 2]]},
+            {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    trained_all = [{"boxes": t["boxes"], "labels": t["labels"]} for t in marked]
+
+    def task_loss(targets):
+        torch.manual_seed(1)
+        batch = {"vis": vis, "ir": ir, "targets": targets}
+        return DetTask().loss(model, batch, torch.device("cpu")).item()
+
+    def model_loss(targets):
+        torch.manual_seed(1)
+        return model.loss(model(vis, ir, targets), targets)["loss"].item()
+
+    assert task_loss(marked) == pytest.approx(model_loss(kept), rel=1e-6)
+    assert task_loss(marked) != pytest.approx(model_loss(trained_all), rel=1e-3)
 
 
 def test_train_resume_and_evaluate(m3fd, tmp_path):

@@ -1,10 +1,12 @@
 """Contrastive denoising queries (DN-DETR, Li et al. 2022; DINO, Zhang et al. 2023).
 
 During training, noised copies of the ground-truth boxes are fed to the decoder beside the
-matching queries. Each group holds, per ground-truth object, a positive query (box corners moved
-by less than half the box size, to be reconstructed) and a negative one (moved by one to two half
-sizes, to be classified as background); the label of either may be flipped to a random class. The
-queries' targets are known, so they need no matching, and they teach the decoder to refine boxes.
+matching queries. Each group holds, per ground-truth object, a positive query (each box corner
+moved by less than s times half the box's width / height, s = the box noise scale, to be
+reconstructed) and a negative one (moved by s to 2 s half sizes, to be classified as background);
+the label of either may be flipped to a random class. DINO's config: s = 0.4, label noise 0.5,
+dn_number 100 (its training scripts and mmdet's DINO config: s = 1.0). The queries' targets
+are known, so they need no matching, and they teach the decoder to refine boxes.
 An attention mask keeps the matching queries from seeing the denoising ones (which would leak the
 ground truth) and the groups from seeing each other.
 """
@@ -50,8 +52,14 @@ def denoising_indices(meta: Dict[str, int], targets: List[Dict[str, torch.Tensor
 
 
 class Denoising(nn.Module):
+    """Per batch with at most n objects in an image: G = max(1, dn_number // n) groups of n
+    positive and n negative queries per image (mmdet's dynamic groups, DINO's count for
+    dn_number >= 50), so about dn_number positive and dn_number negative queries. Labels flip to
+    a random class with probability label_noise_ratio / 2 (DINO); corners move by up to
+    box_noise_scale half sizes (positives) or between one and two times that (negatives)."""
+
     def __init__(self, num_classes: int, dim: int, dn_number: int = 100, label_noise_ratio: float = 0.5,
-                 box_noise_scale: float = 1.0):
+                 box_noise_scale: float = 0.4):
         super().__init__()
         self.num_classes, self.dn_number = num_classes, dn_number
         self.label_noise_ratio, self.box_noise_scale = label_noise_ratio, box_noise_scale
@@ -78,7 +86,7 @@ class Denoising(nn.Module):
         if self.label_noise_ratio > 0:                            # flip half the ratio (DINO)
             flip = torch.rand(labels.shape, device=device) < self.label_noise_ratio * 0.5
             labels = torch.where(flip, torch.randint_like(labels, self.num_classes), labels)
-        if self.box_noise_scale > 0:                              # corners move by |u| * half size
+        if self.box_noise_scale > 0:                              # corners move by |u| s half sizes
             half = boxes[:, 2:].repeat(1, 2) / 2                  # (w/2, h/2, w/2, h/2)
             u = torch.rand_like(boxes) + negative[:, None].float()         # [0, 1) pos, [1, 2) neg
             sign = torch.randint_like(boxes, 2) * 2 - 1
@@ -98,7 +106,8 @@ class Denoising(nn.Module):
 
 
 def build_denoising(cfg) -> Optional[Denoising]:
-    if not cfg.denoising:
+    """The denoising queries of a `DetectorConfig`; None when dn_number is 0."""
+    if cfg.dn_number == 0:
         return None
     return Denoising(cfg.num_classes, cfg.hidden_dim, cfg.dn_number, cfg.label_noise_ratio,
                      cfg.box_noise_scale)

@@ -1,5 +1,7 @@
-"""The encoder: deformable self-attention over the flattened multi-scale tokens (Deformable
-DETR); each token attends around its own position on every level."""
+"""The deformable encoder (Deformable DETR, DINO): layers of deformable self-attention over the
+flattened multi-scale tokens, each token attending around its own position on every level, then
+an FFN; post-norm. DINO stacks 6 such layers with FFN 2048 and dropout 0 (`--encoder deformable`
+with the default `--enc-layers 6`); hybrid_encoder.py holds RT-DETR's encoder, the default."""
 from typing import List, Tuple
 
 import torch
@@ -11,11 +13,12 @@ Shapes = List[Tuple[int, int]]
 
 
 class FeedForward(nn.Module):
-    """x + Dropout(W2 ReLU(W1 x)), then LayerNorm (post-norm, as DETR's transformer)."""
+    """x + Dropout(W2 act(W1 x)), then LayerNorm (post-norm, as DETR's transformer); act is ReLU
+    (DINO) or GELU (RT-DETR's AIFI). (..., dim) -> (..., dim)."""
 
-    def __init__(self, dim: int, hidden: int, dropout: float):
+    def __init__(self, dim: int, hidden: int, dropout: float, activation: type = nn.ReLU):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+        self.net = nn.Sequential(nn.Linear(dim, hidden), activation(), nn.Dropout(dropout),
                                  nn.Linear(hidden, dim), nn.Dropout(dropout))
         self.norm = nn.LayerNorm(dim)
 
@@ -53,6 +56,8 @@ def token_reference_points(shapes: Shapes, batch: int, device) -> torch.Tensor:
 
 
 class Encoder(nn.Module):
+    """`num_layers` deformable encoder layers; every layer reads every level."""
+
     def __init__(self, num_layers: int, dim: int, num_heads: int, num_levels: int, num_points: int,
                  ffn_dim: int, dropout: float):
         super().__init__()
@@ -60,13 +65,15 @@ class Encoder(nn.Module):
                                     for _ in range(num_layers))
 
     def forward(self, src: torch.Tensor, pos: torch.Tensor, shapes: Shapes) -> torch.Tensor:
-        """src, pos: (B, S, C) flattened levels -> memory (B, S, C)."""
-        reference = token_reference_points(shapes, src.shape[0], src.device).to(src.dtype)
+        """src, pos: (B, S, C) flattened levels -> memory (B, S, C). The reference points stay
+        float32 under autocast (see deformable_attention.py)."""
+        reference = token_reference_points(shapes, src.shape[0], src.device)
         for layer in self.layers:
             src = layer(src, pos, reference, shapes)
         return src
 
 
 def build_encoder(cfg) -> Encoder:
+    """The deformable encoder of a `DetectorConfig`: `enc_layers` layers, FFN `ffn_dim`."""
     return Encoder(cfg.enc_layers, cfg.hidden_dim, cfg.num_heads, cfg.num_feature_levels,
                    cfg.num_points, cfg.ffn_dim, cfg.dropout)

@@ -1,4 +1,5 @@
-"""Sine position embeddings (Transformer / DETR), for feature-map pixels and for query boxes."""
+"""Sine position embeddings (Transformer / DETR), for feature-map pixels and for query boxes,
+and RT-DETR's 2-D sin-cos embedding for the hybrid encoder's attention (AIFI)."""
 from typing import Tuple
 
 import math
@@ -38,3 +39,20 @@ def box_position_embedding(boxes: torch.Tensor, dim: int, temperature: float = 1
     query position comes from this through a small MLP (Conditional / DAB-DETR)."""
     cx, cy, w, h = boxes.unbind(-1)
     return sine_embedding(torch.stack([cy, cx, w, h], dim=-1), dim // 2, temperature)
+
+
+def sincos_2d_embedding(size_hw: Tuple[int, int], dim: int, temperature: float = 10000.0,
+                        device=None) -> torch.Tensor:
+    """(H, W) -> (H * W, dim): RT-DETR's 2-D sin-cos embedding of each token's pixel indices
+    (x, y) (x = column, y = row; row-major order, as `flatten(2)` orders a map's tokens):
+    [sin(x w_k), cos(x w_k), sin(y w_k), cos(y w_k)] for k < dim / 4, w_k = T^(-4k / dim).
+    (RT-DETR's code lists its grid column by column while its tokens run row by row, which swaps
+    x and y on square maps; here every token gets its own (x, y).)"""
+    if dim % 4:
+        raise ValueError(f"the 2-D sin-cos embedding needs a dim divisible by 4, got {dim}")
+    h, w = size_hw
+    omega = temperature ** -(torch.arange(dim // 4, dtype=torch.float32, device=device) / (dim // 4))
+    y, x = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=device),
+                          torch.arange(w, dtype=torch.float32, device=device), indexing="ij")
+    ax, ay = x.reshape(-1, 1) * omega, y.reshape(-1, 1) * omega                  # (H*W, dim/4)
+    return torch.cat([ax.sin(), ax.cos(), ay.sin(), ay.cos()], dim=1)
