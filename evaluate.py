@@ -5,9 +5,10 @@
     python evaluate.py --data data/M3FD --checkpoint runs/det/best.pt --split test
 
 The model is rebuilt from the configuration saved in the checkpoint; the pretrained visible model
-(if the run used one) is loaded from the path recorded there or from --pretrained, its SHA-256 is
-checked against the checkpoint's, then the saved tensors are loaded on top. Inputs are normalised
-as in training (the normalisation saved in the checkpoint).
+(if the run used one) is loaded from the path recorded there (or the release name or URL recorded
+there, from the download cache) or from --pretrained, its SHA-256 is checked against the
+checkpoint's, then the saved tensors are loaded on top. Inputs are normalised as in training (the
+normalisation saved in the checkpoint).
 
 seg: MFNet/MSRS at native resolution (stride-4 logits upsampled bilinearly before the argmax);
      mIoU, mAcc and per-class IoU over the split and its day and night images (data.md).
@@ -41,9 +42,12 @@ def get_parser() -> argparse.ArgumentParser:
                         "reported on its own")
     p.add_argument("--checkpoint", required=True, metavar="FILE",
                    help="last.pt or best.pt written by the training script")
-    p.add_argument("--pretrained", default=None, metavar="FILE",
-                   help="the pretrained visible-model file, overriding the path saved in the "
-                        "checkpoint's configuration (its SHA-256 must match the checkpoint's)")
+    p.add_argument("--pretrained", default=None, metavar="FILE|NAME|URL",
+                   help="the pretrained visible-model weights, overriding those saved in the "
+                        "checkpoint's configuration: a file, a released checkpoint's name or a "
+                        "URL (downloaded once into $IVT_CACHE); its SHA-256 must match the "
+                        "checkpoint's (default: the saved file, or the saved name or URL when "
+                        "that file is not on this machine)")
     p.add_argument("--json", default=None, metavar="FILE",
                    help="also write the metrics as JSON to FILE")
     p.add_argument("--save-vis", default=None, metavar="DIR",

@@ -72,9 +72,11 @@ def get_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, metavar="FILE",
                    help="a checkpoint written by a training script (best.pt or last.pt)")
-    p.add_argument("--pretrained", default=None, metavar="FILE",
-                   help="the pre-trained backbone file a delta checkpoint was trained from "
-                        "(default: the path saved in the checkpoint's configuration)")
+    p.add_argument("--pretrained", default=None, metavar="FILE|NAME|URL",
+                   help="the pre-trained backbone weights a delta checkpoint was trained from: a "
+                        "file, a released checkpoint's name or a URL (downloaded once into "
+                        "$IVT_CACHE) (default: the saved file, or the saved name or URL when "
+                        "that file is not on this machine)")
     src = p.add_argument_group("inputs (one of --vis/--ir, --pairs, --rgbt)")
     src.add_argument("--vis", default=None, metavar="PATH",
                      help="a visible image, or a folder of them (paired with --ir by file stem)")

@@ -1,6 +1,6 @@
 """Train a detector (IV-tuning backbone + DETR-style detector) on M3FD.
 
-    python train_det.py --data data/M3FD --backbone swin_l --pretrained swin_large_22k.pth
+    python train_det.py --data data/M3FD --backbone swin_l
 
 `python train_det.py --help` lists every flag with the paper's defaults; the run itself is the
 shared trainer (`ivt/trainer.py`) driving the detection task (`ivt/tasks/det.py`).

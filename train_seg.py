@@ -1,6 +1,6 @@
 """Train a segmentation model (IV-tuning backbone + Segformer head) on MFNet or MSRS.
 
-    python train_seg.py --data data/MFNet --backbone swin_l --pretrained swin_large_22k.pth
+    python train_seg.py --data data/MFNet --backbone swin_l
 
 `python train_seg.py --help` lists every flag with the paper's defaults; the run itself is the
 shared trainer (`ivt/trainer.py`) driving the segmentation task (`ivt/tasks/seg.py`).

@@ -1,6 +1,6 @@
 """Train a salient object detection model (IV-tuning backbone + CPNet decoder) on VT5000.
 
-    python train_sod.py --data VT5000/Train --backbone swin_l --pretrained swin_large_22k.pth
+    python train_sod.py --data VT5000/Train --backbone swin_l
 
 `python train_sod.py --help` lists every flag with the paper's defaults; the run itself is the
 shared trainer (`ivt/trainer.py`) driving the SOD task (`ivt/tasks/sod.py`).

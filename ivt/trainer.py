@@ -28,17 +28,19 @@ from .checkpoint import (atomic_save, check_pretrained, load_checkpoint, load_mo
 from .data.io import BadImageError
 from .models import BACKBONES, TUNINGS, VARIANTS, CheckpointError, normalization_for
 from .precision import store_frozen_weights
+from .weights import RELEASES, cache_dir, resolve_pretrained, saved_pretrained
 
 # Settings that only say how a run is executed; anything else in the configuration changes the
 # run, so `--resume` refuses to change it (unless --allow-changes).
 RUN_ONLY = ("device", "workers", "out", "resume", "allow_changes", "log_every", "kernels",
             "pretrained",      # a moved file is fine: its SHA-256 is checked against the run's
+            "pretrained_source",            # so is the same file named another way
             "verify_images", "save_rank_weights", "eval_every", "total_iters", "cuda_graph",
             "impl", "checkpoint_blocks", "recompute_frozen")
 # Settings the saved weights depend on: never changeable on resume.
 MODEL_KEYS = ("task", "backbone", "tuning", "variant", "d1", "d2", "d3", "layers", "patch_size",
               "prompt_length", "bottleneck", "adapter_scale", "rein_tokens", "rein_rank",
-              "ir_embed")
+              "ir_embed", "taps")
 
 
 @dataclass
@@ -194,10 +196,16 @@ def get_parser(task: Task) -> argparse.ArgumentParser:
                    help="--tuning full / freeze: add the independent infrared patch embedding "
                         "(its tokens added to the visible ones, paper Sec. 4.5), so the "
                         "baselines see the thermal image too (the PETL methods always have it)")
-    g.add_argument("--pretrained", default=None, metavar="FILE",
-                   help="visible-model checkpoint (original release or timm layout) loaded into "
-                        "the frozen part; checkpoints then store only trained tensors and this "
-                        "file's SHA-256 (default: none, random init, frozen weights saved too)")
+    g.add_argument("--pretrained", default=None, metavar="FILE|NAME|URL",
+                   help="visible-model weights loaded into the frozen part: a checkpoint file "
+                        "(original release, timm or, for Swin, an mmdet/detrex detector's "
+                        "layout), the name of a released checkpoint ("
+                        + ", ".join(RELEASES) + "), an http(s) URL (optionally ending in "
+                        "#sha256=HEX), or 'none' (random init; checkpoints then also store the "
+                        "frozen weights). Names and URLs are downloaded once into $IVT_CACHE "
+                        f"(here {cache_dir()}). Checkpoints store only the trained tensors and "
+                        "this file's SHA-256 (default: the release named like --backbone; none "
+                        "for swin_nano; with --resume, the checkpoint's own)")
     g.add_argument("--impl", default="reference", choices=("reference", "fast", "fused"),
                    help="forward implementation: the readable reference; fast (stage-batched "
                         "prompt adapters, folded affines: same parameters, equal results); or "
@@ -318,8 +326,6 @@ def check_args(task: Task, args) -> None:
         raise ValueError(f"--size must be at least 32, got {args.size}")
     if args.clip_grad < 0 or args.clip_grad_value < 0:
         raise ValueError("--clip-grad and --clip-grad-value must not be negative")
-    if args.pretrained is not None and not os.path.isfile(args.pretrained):
-        raise FileNotFoundError(f"--pretrained {args.pretrained}: file not found")
     if args.cuda_graph and not torch.cuda.is_available():
         raise ValueError("--cuda-graph needs a CUDA device")
     for flag, value in (("--checkpoint-blocks", args.checkpoint_blocks),
@@ -340,11 +346,40 @@ def check_args(task: Task, args) -> None:
                          f"or choose another --out")
 
 
-def resume_checkpoint(args, config: dict, log: Callable[[str], None]) -> Tuple[dict, list]:
-    """Load the checkpoint to resume from and compare configurations; returns (checkpoint,
-    the accepted changes as 'key: old -> new' strings)."""
-    path = os.path.join(args.out, "last.pt") if args.resume == "last" else args.resume
-    ckpt = load_checkpoint(path)
+def pretrained_weights(args, resumed: Optional[dict],
+                       progress: bool) -> Tuple[str, Optional[str]]:
+    """(what `--pretrained` names, the local file it resolves to or None), downloading if needed.
+
+    Not given, it means: with --resume, the weights the checkpoint was trained from (its saved
+    file, or its release name or URL when that file is not on this machine); else the release
+    named like the backbone ('swin_l' for --backbone swin_l), or 'none' for a backbone without
+    one (swin_nano)."""
+    if args.pretrained is None and resumed is not None:
+        saved = resumed["config"]
+        source = saved.get("pretrained_source") or saved.get("pretrained") or "none"
+        return source, saved_pretrained(saved, progress)
+    source = args.pretrained
+    if source is None:
+        source = args.backbone if args.backbone in RELEASES else "none"
+    return source, resolve_pretrained(source, progress)
+
+
+def random_backbone_warning(args) -> Optional[str]:
+    """The warning for a frozen backbone left at its random init (None when there is none)."""
+    if args.pretrained is not None or args.tuning == "full":
+        return None
+    why = ("--pretrained none" if args.backbone in RELEASES
+           else f"{args.backbone} has no released checkpoint")
+    return (f"warning: no pretrained weights ({why}): the frozen backbone stays random, so "
+            f"this run (--tuning {args.tuning}) tunes its adapters and head around random "
+            f"features and its results mean nothing for the paper")
+
+
+def resume_checkpoint(args, config: dict, log: Callable[[str], None],
+                      ckpt: dict) -> Tuple[dict, list]:
+    """Compare the configuration with the checkpoint's (read by `train`) and check its
+    pretrained file; returns (checkpoint, the accepted changes as 'key: old -> new' strings)."""
+    path = resume_path(args)
     check_pretrained(ckpt, args.pretrained, path)
     saved = ckpt["config"]
     differ = [k for k in sorted(set(saved) | set(config))
@@ -423,8 +458,16 @@ def graphed_step(model, loss_fn, optimizer, autocast, clip_grad: float, clip_val
     return step
 
 
+def resume_path(args) -> str:
+    return os.path.join(args.out, "last.pt") if args.resume == "last" else args.resume
+
+
 def train(task: Task, args, dist: engine.DistInfo) -> dict:
     check_args(task, args)
+    resumed = load_checkpoint(resume_path(args)) if args.resume else None
+    # The pretrained weights are found (and downloaded) now, before any data is read or model
+    # built: a machine without network stops here, naming the URL and where to put the file.
+    args.pretrained_source, args.pretrained = pretrained_weights(args, resumed, dist.is_main)
     config = {"task": task.name, **vars(args)}
     norm = normalization_for(args.backbone)
     config["normalization"] = norm.as_dict()
@@ -432,12 +475,16 @@ def train(task: Task, args, dist: engine.DistInfo) -> dict:
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
     say = print if dist.is_main else (lambda *a, **k: None)
-    ckpt, changes = (resume_checkpoint(args, config, say) if args.resume else (None, []))
+    ckpt, changes = (resume_checkpoint(args, config, say, resumed) if args.resume
+                     else (None, []))
     engine.seed_everything(args.seed)
     train_set, val_set = task.build_datasets(args, norm, out, dist.is_main)
     if args.verify_images:
         train_set.verify()
     val_set.verify()
+    warning = random_backbone_warning(args)
+    if warning and dist.is_main:
+        print(warning, file=sys.stderr)
     if len(train_set) < args.batch_size * dist.world_size:
         raise ValueError(f"--batch-size {args.batch_size} on {dist.world_size} process(es) needs "
                          f"at least {args.batch_size * dist.world_size} training images; the "

@@ -122,7 +122,7 @@ def test_verify_images_names_a_corrupt_training_file_before_training(data, tmp_p
 def test_schedules():
     seg = SegTask()
     args = trainer.get_parser(seg).parse_args(["--data", "x", "--iters", "10", "--lr", "0.1",
-                                               "--poly-power", "0.9"])
+                                               "--poly-power", "0.9", "--min-lr", "0"])
     iters, lr_at = trainer.schedule(seg, args, per_epoch=3)
     assert iters == 10
     for it in (0, 3, 9):
@@ -211,7 +211,7 @@ def test_eva02_runs_get_clip_normalisation(data, tmp_path, monkeypatch):
     monkeypatch.setattr(SegTask, "build_datasets", capture_datasets)
     monkeypatch.setattr(SegTask, "build_model", stop)
     for backbone, expected in (("eva02_b", CLIP), ("swin_nano", IMAGENET)):
-        args = tiny_args(data, tmp_path / backbone, 2)
+        args = tiny_args(data, tmp_path / backbone, 2, "--pretrained", "none")
         args[args.index("swin_nano")] = backbone
         with pytest.raises(Built):
             trainer.train(SegTask(), train_seg.get_parser().parse_args(args),

@@ -2,6 +2,7 @@
 from typing import Optional
 
 from ..data.transforms import CLIP, IMAGENET, Normalization
+from ..weights import resolve_pretrained
 
 from .backbone import (TUNINGS, CheckpointError, IVTBackbone, count_parameters, make_ivt_config,
                        make_petl_config)
@@ -38,8 +39,11 @@ def build_backbone(name: str, tuning: str = "ivt", pretrained: Optional[str] = N
         one of the compared PETL methods of Table 4, 'vpt', 'adaptformer', 'bi_adaptformer',
         'rein' (only the method's modules and an independent IR patch embedding train; see
         `ivt.models.petl`).
-    pretrained: path to a visible-model checkpoint (the original release or timm's layout,
-        .pth/.pt/.safetensors); loaded into the frozen part.
+    pretrained: a visible-model checkpoint loaded into the frozen part: a file (the original
+        release's or timm's layout, .pth/.pt/.safetensors; for Swin also mmdet's, or a whole
+        mmdet / detrex detector's), or a name in `ivt.weights.RELEASES` or an http(s) URL,
+        downloaded once into the cache (`ivt.weights.resolve_pretrained`); None or 'none':
+        random init.
     img_size: nominal input size (int or (H, W)); Swin accepts any size, so it is recorded only;
         EVA02 builds its position-embedding grid for it (default 224) and resizes it for other
         sizes (multiples of the patch).
@@ -70,6 +74,7 @@ def build_backbone(name: str, tuning: str = "ivt", pretrained: Optional[str] = N
     model.img_size = img_size
     if petl_cfg is not None:
         model.add_petl(petl_cfg)
-    if pretrained is not None:
-        model.load_pretrained(pretrained)
+    path = resolve_pretrained(pretrained)
+    if path is not None:
+        model.load_pretrained(path)
     return model

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from .backbone import IVTBackbone, StateDict
 from .ivtuning import (EMPG, BlockAdapters, Grid, IVTConfig, adapt_fast, block_internal_prompts,
                        checkpointed, fast_options, recomputed, tokens_to_map)
+from .swin_mmdet import to_release_layout
 
 
 @dataclass
@@ -46,6 +47,7 @@ SWIN_CONFIGS: Dict[str, SwinConfig] = {
     # Not a released model: a CPU-sized Swin for the demo and the tests (`make demo`).
     "swin_nano": SwinConfig(32, (2, 2, 2, 2), (1, 2, 4, 8), 4),
 }
+TAPS = ("stages", "release")      # which four maps SwinBackbone returns (see its docstring)
 
 
 class DropPath(nn.Module):
@@ -402,12 +404,25 @@ class SwinBackbone(IVTBackbone):
     (`recomputed`: one more forward of the frozen layers, a few operators a block, the adapters'
     activations kept). Same parameters and state dict as the reference path, same outputs and
     gradients (tests/test_fast_path.py).
+
+    `taps` chooses the four maps, the same channels and strides either way: 'stages' (the
+    default) the four stage outputs before patch merging (the standard Swin taps, spec sec. 5);
+    'release' those of the authors' SOD release (SOD-IV-tuning/models/SwinTransformers_ivt.py,
+    `forward_features`): Z0 (the patch embedding plus, with IV-tuning, the external prompt
+    P_E; stride 4) and stages 1-3's outputs after patch merging, i.e. the inputs of stages 2-4
+    (strides 8, 16, 32). Stage 4's blocks then feed no output: they are not run, and nothing in
+    them trains (requires_grad False; in the release they ran, but their adapters got no
+    gradient, which Adam skips, so training is the same). Every forward path supports both.
     """
 
     def __init__(self, name: str, cfg: SwinConfig, tuning: str = "ivt",
                  ivt_cfg: Optional[IVTConfig] = None, fast: bool = False,
-                 checkpoint_blocks: Union[bool, int] = False, recompute_frozen: bool = False):
+                 checkpoint_blocks: Union[bool, int] = False, recompute_frozen: bool = False,
+                 taps: str = "stages"):
         super().__init__()
+        if taps not in TAPS:
+            raise ValueError(f"taps={taps!r}: expected one of {', '.join(TAPS)}")
+        self.taps = taps
         self.name, self.cfg, self.tuning, self.ivt_cfg = name, cfg, tuning, ivt_cfg
         self.fast, self.checkpoint_blocks, self.recompute_frozen = fast_options(
             tuning, fast, checkpoint_blocks, ivt_cfg, recompute_frozen)
@@ -442,6 +457,19 @@ class SwinBackbone(IVTBackbone):
     def block_stages(self) -> List[List[nn.Module]]:
         return [list(stage.blocks) for stage in self.layers]
 
+    def apply_tuning(self) -> None:
+        """`IVTBackbone.apply_tuning`; with taps='release' nothing in stage 4's blocks trains
+        (its adapters or PETL modules, Rein's stage-4 tokens, its weights under 'full'): they
+        feed no output."""
+        super().apply_tuning()
+        if self.taps == "release":
+            unused = [self.layers[-1].blocks]
+            if getattr(self, "rein", None) is not None:
+                unused.append(self.rein[-1])
+            for module in unused:
+                for p in module.parameters():
+                    p.requires_grad = False
+
     def ivt_module_names(self) -> List[str]:
         return ["ir_patch_embed", "empg"] + [
             f"layers.{i}.blocks.{j}.adapters" for i, s in enumerate(self.layers)
@@ -451,7 +479,8 @@ class SwinBackbone(IVTBackbone):
         return checkpoint_filter_fn(state_dict, self.cfg.window_size)
 
     def forward(self, vis: torch.Tensor, ir: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
-        """vis: (B, 3, H, W), ir: (B, 3 or 1, H, W) -> [(B, C_s, H/4/2^s, W/4/2^s)] for s = 0..3."""
+        """vis: (B, 3, H, W), ir: (B, 3 or 1, H, W) -> [(B, C_s, H/4/2^s, W/4/2^s)] for s = 0..3
+        (the maps `taps` names)."""
         vis, ir = self.check_inputs(vis, ir)
         z, hw = self.patch_embed(vis)                                    # (B, N, C0)
         prompt = None
@@ -462,10 +491,17 @@ class SwinBackbone(IVTBackbone):
         elif ir is not None:                          # PETL / ir_embed: Zv + PE_ir(ir), Sec. 4.5
             z = z + self.ir_patch_embed(ir)[0]
         outs, index = [], 0                                              # index: of a block
+        release = self.taps == "release"
+        if release:
+            outs.append(tokens_to_map(z, hw).contiguous())               # Z0
         for stage in self.layers:
             if stage.downsample is not None:
                 z, hw = stage.downsample(z, hw)
                 prompt = z if self.tuning == "ivt" else None             # stage input as prompt
+                if release:
+                    outs.append(tokens_to_map(z, hw).contiguous())       # the stage's input
+                    if len(outs) == len(self.layers):
+                        break                                # stage 4's blocks feed no output
             if self.fast:                    # all IPAs of the stage read `prompt`: at once
                 hooks = [b.adapters for b in stage.blocks]
                 internal = (checkpointed(block_internal_prompts, hooks, prompt, hw)
@@ -483,7 +519,8 @@ class SwinBackbone(IVTBackbone):
             else:
                 for block in stage.blocks:
                     z, prompt = block(z, hw, prompt)
-            outs.append(tokens_to_map(z, hw).contiguous())               # (B, C, H, W)
+            if not release:
+                outs.append(tokens_to_map(z, hw).contiguous())           # (B, C, H, W)
         return outs
 
 
@@ -511,7 +548,9 @@ def resize_relative_position_table(table: torch.Tensor, window: int) -> torch.Te
 
 
 def checkpoint_filter_fn(state_dict: StateDict, window_size: int) -> StateDict:
-    """Map a Swin checkpoint (original release or timm) onto this module's names. Pure.
+    """Map a Swin checkpoint (original release, timm, mmdet, or a whole mmdet / detrex detector
+    such as DINO) onto this module's names. Pure, but for a warning naming what a detector's
+    checkpoint holds beyond the backbone (`swin_mmdet.to_release_layout`).
 
     Dropped on purpose: the classifier (`head.*`) and the final `norm.*` that only feeds it
     (the backbone returns stage outputs), and the stored buffers `relative_position_index` and
@@ -519,6 +558,7 @@ def checkpoint_filter_fn(state_dict: StateDict, window_size: int) -> StateDict:
     at the end of stage i (`layers.i.downsample`); here it opens stage i+1. Relative position
     tables are resized when the checkpoint's window differs from the model's.
     """
+    state_dict = to_release_layout(state_dict)
     original = any(k.startswith("layers.0.downsample.") for k in state_dict)
     out = {}
     for k, v in state_dict.items():
@@ -537,9 +577,11 @@ def checkpoint_filter_fn(state_dict: StateDict, window_size: int) -> StateDict:
 def build_swin(name: str, tuning: str, ivt_cfg: Optional[IVTConfig], window_size: Optional[int] = None,
                drop_path_rate: Optional[float] = None, fast: bool = False,
                checkpoint_blocks: Union[bool, int] = False,
-               recompute_frozen: bool = False, attention: str = "sdpa") -> SwinBackbone:
+               recompute_frozen: bool = False, attention: str = "sdpa",
+               taps: str = "stages") -> SwinBackbone:
     overrides = {"window_size": window_size, "drop_path_rate": drop_path_rate,
                  "attention": attention}
     cfg = SwinConfig(**{**SWIN_CONFIGS[name].__dict__,
                         **{k: v for k, v in overrides.items() if v is not None}})
-    return SwinBackbone(name, cfg, tuning, ivt_cfg, fast, checkpoint_blocks, recompute_frozen)
+    return SwinBackbone(name, cfg, tuning, ivt_cfg, fast, checkpoint_blocks, recompute_frozen,
+                        taps)

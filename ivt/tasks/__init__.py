@@ -12,6 +12,7 @@ import torch.nn as nn
 from ..checkpoint import check_pretrained, load_checkpoint, load_model_state
 from ..data.transforms import Normalization
 from ..models import normalization_for
+from ..weights import resolve_pretrained, saved_pretrained
 
 TASK_NAMES = ("seg", "sod", "det")
 
@@ -33,14 +34,15 @@ def config_normalization(config: dict) -> Normalization:
 def load_trained(path: str, pretrained: Optional[str] = None) -> Tuple[str, nn.Module, dict]:
     """Rebuild a trained model from a checkpoint written by a training script.
 
-    Returns (task name, model in eval mode on the CPU, the checkpoint dict). `pretrained`
-    overrides the pretrained-file path saved in the configuration; a delta checkpoint checks the
-    file's SHA-256 against its own.
+    Returns (task name, model in eval mode on the CPU, the checkpoint dict). `pretrained` (FILE,
+    NAME or URL, as `--pretrained` of the training scripts) overrides the pretrained file saved
+    in the configuration; a delta checkpoint checks the file's SHA-256 against its own.
     """
     ckpt = load_checkpoint(path)
     task = ckpt.get("task", "seg")
     cfg = ckpt["config"]
-    pretrained = pretrained or cfg.get("pretrained")
+    if ckpt["delta"]:
+        pretrained = saved_pretrained(cfg) if pretrained is None else resolve_pretrained(pretrained)
     check_pretrained(ckpt, pretrained, path)
     model = task_module(task).build_model(cfg, pretrained if ckpt["delta"] else None)
     load_model_state(model, ckpt["model"], ckpt["delta"], path)

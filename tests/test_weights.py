@@ -1,0 +1,352 @@
+"""Pretrained weights by file, name or URL (`ivt.weights`): downloads from a loopback HTTP server
+started here (a swin_nano checkpoint in the Swin release's layout, a truncated transfer, a 404, a
+server that never answers), the cache, pinned hashes, and the training scripts' default: the
+backbone's release, resolved before any data is read or model built."""
+import dataclasses
+import hashlib
+import http.server
+import io
+import os
+import re
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train_seg  # noqa: E402
+from ivt import weights  # noqa: E402
+from ivt.checkpoint import load_checkpoint  # noqa: E402
+from ivt.data.synthetic import write_mfnet  # noqa: E402
+from ivt.models import build_backbone  # noqa: E402
+from ivt.tasks import load_trained  # noqa: E402
+from ivt.tasks.seg import SegTask  # noqa: E402
+from ivt.weights import WeightsError, resolve_pretrained  # noqa: E402
+from test_detr_checkpoint import detector_extras, mmdet_swin_converter  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("script_env")
+
+
+def to_release(own: dict) -> dict:
+    """Our (timm's) names -> the Swin release's: patch merging closes stage i instead of opening
+    stage i+1; the release also stores the index buffers, the classifier and the final norm."""
+    out = {}
+    for k, v in own.items():
+        m = re.match(r"layers\.(\d+)\.downsample\.(.*)", k)
+        out[f"layers.{int(m.group(1)) - 1}.downsample.{m.group(2)}" if m else k] = v
+        if k.endswith("relative_position_bias_table"):
+            out[k.replace("bias_table", "index")] = torch.zeros(49, 49, dtype=torch.long)
+    out.update({"norm.weight": torch.ones(256), "norm.bias": torch.zeros(256),
+                "head.weight": torch.zeros(10, 256), "head.bias": torch.zeros(10)})
+    return out
+
+
+def saved_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def release():
+    """(the visible weights in our names, the bytes of the release-layout file served)."""
+    torch.manual_seed(0)
+    bb = build_backbone("swin_nano", tuning="freeze")
+    own = {k: v.clone() for k, v in bb.state_dict().items()}
+    return own, saved_bytes({"model": to_release(own)})
+
+
+class Server:
+    """http.server on 127.0.0.1 (a free port) in a thread. Serves `files` by path;
+    /truncated.pth announces 1000 bytes more than it sends, then closes the connection;
+    /silent.pth never answers (until stopped); anything else is a 404."""
+
+    def __init__(self, files: dict):
+        self.requests = []
+        self.release = threading.Event()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.requests.append(self.path)
+                if self.path == "/silent.pth":
+                    server.release.wait(30)
+                    return
+                if self.path == "/truncated.pth":
+                    body, extra = b"0123456789" * 500, 1000
+                elif self.path in files:
+                    body, extra = files[self.path], 0
+                else:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body) + extra))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        class Quiet(http.server.ThreadingHTTPServer):
+            def handle_error(self, request, client_address):
+                pass
+
+        self.httpd = Quiet(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{path}"
+
+    def stop(self) -> None:
+        """Nothing listens on the port afterwards: a connection is refused."""
+        if self.httpd is not None:
+            self.release.set()
+            self.httpd.shutdown()
+            self.httpd.server_close()
+            self.httpd = None
+
+
+@pytest.fixture
+def server(release):
+    s = Server({"/swin_nano.pth": release[1]})
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty download cache; no proxy between the tests and the loopback server."""
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("IVT_CACHE", str(folder))
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy",
+                "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    return folder
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_weights(model, own):
+    for k, v in own.items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_download_into_the_cache_then_reuse_it_offline(release, server, cache):
+    own, served = release
+    path = resolve_pretrained(server.url("swin_nano.pth"), progress=False)
+    assert path == str(cache / "swin_nano.pth")
+    assert Path(path).read_bytes() == served and os.listdir(cache) == ["swin_nano.pth"]
+    sha = hashlib.sha256(served).hexdigest()
+    assert weights.download(server.url("swin_nano.pth"), cache / "again.pth",
+                            progress=False) == sha
+    assert server.requests == ["/swin_nano.pth"] * 2
+    server.stop()                                       # no network at all from here on
+    assert resolve_pretrained(server.url("swin_nano.pth")) == path
+    check_weights(build_backbone("swin_nano", tuning="ivt",
+                                 pretrained=server.url("swin_nano.pth")), own)
+
+
+def test_sha256_fragment_is_checked(release, server, cache):
+    sha = hashlib.sha256(release[1]).hexdigest()
+    wrong = "0" * 64
+    with pytest.raises(WeightsError) as e:
+        resolve_pretrained(server.url(f"swin_nano.pth#sha256={wrong}"), progress=False)
+    message = str(e.value)
+    assert sha in message and wrong in message and server.url("swin_nano.pth") in message
+    assert "deleted" in message and os.listdir(cache) == []
+    path = resolve_pretrained(server.url(f"swin_nano.pth#sha256={sha}"), progress=False)
+    assert Path(path).read_bytes() == release[1]
+    # the cached file is checked too: a wrong hash is never accepted, a right prefix is
+    with pytest.raises(WeightsError) as e:
+        resolve_pretrained(server.url(f"swin_nano.pth#sha256={wrong}"))
+    assert sha in str(e.value) and wrong in str(e.value) and Path(path).is_file()
+    assert resolve_pretrained(server.url(f"swin_nano.pth#sha256={sha[:8].upper()}")) == path
+    with pytest.raises(WeightsError, match="hex digits"):
+        resolve_pretrained(server.url("swin_nano.pth#sha256=xyz"))
+
+
+def test_truncated_transfer_leaves_nothing(server, cache):
+    with pytest.raises(WeightsError) as e:
+        resolve_pretrained(server.url("truncated.pth"), progress=False)
+    assert "expected 6000 bytes" in str(e.value) and "received 5000" in str(e.value)
+    assert os.listdir(cache) == []                      # no final file, no temporary file
+
+
+def test_http_error_refused_connection_and_timeout(server, cache, monkeypatch):
+    with pytest.raises(WeightsError) as e:
+        resolve_pretrained(server.url("missing.pth"), progress=False)
+    assert server.url("missing.pth") in str(e.value) and "404" in str(e.value)
+    monkeypatch.setattr(weights, "TIMEOUT_S", 0.5)
+    start = time.perf_counter()
+    with pytest.raises(WeightsError) as e:
+        resolve_pretrained(server.url("silent.pth"), progress=False)
+    assert time.perf_counter() - start < 5
+    assert server.url("silent.pth") in str(e.value) and str(cache / "silent.pth") in str(e.value)
+    server.stop()
+    with pytest.raises(WeightsError) as e:
+        resolve_pretrained(server.url("swin_nano.pth"), progress=False)
+    message = str(e.value)
+    assert server.url("swin_nano.pth") in message and str(cache / "swin_nano.pth") in message
+    assert "--pretrained FILE" in message and os.listdir(cache) == []
+
+
+def test_release_names(release, server, cache, monkeypatch):
+    own, served = release
+    sha = hashlib.sha256(served).hexdigest()
+    # an mmdet-style pinned prefix: the first 8 hex digits of the file's SHA-256
+    monkeypatch.setitem(weights.RELEASES, "swin_t", dataclasses.replace(
+        weights.RELEASES["swin_t"], url=server.url("swin_nano.pth"), sha256=sha[:8]))
+    path = resolve_pretrained("swin_t", progress=False)
+    assert path == str(cache / "swin_nano.pth") and Path(path).read_bytes() == served
+    check_weights(build_backbone("swin_nano", tuning="ivt", pretrained="swin_t"), own)
+    os.remove(path)
+    monkeypatch.setitem(weights.RELEASES, "swin_t", dataclasses.replace(
+        weights.RELEASES["swin_t"], sha256="deadbeef"))
+    with pytest.raises(WeightsError, match=f"{sha}.*deadbeef.*deleted"):
+        resolve_pretrained("swin_t", progress=False)
+    assert os.listdir(cache) == []
+    with pytest.raises(FileNotFoundError) as e:
+        resolve_pretrained("swin_xl")
+    assert "swin_xl" in str(e.value) and all(n in str(e.value) for n in weights.RELEASES)
+    assert resolve_pretrained("none") is None and resolve_pretrained(None) is None
+
+
+def test_registry_entries():
+    """Every release downloads under its URL's file name; the only pinned hash is mmdet's."""
+    names = {"swin_t", "swin_s", "swin_b", "swin_l", "eva02_b", "eva02_l", "dino_swin_l"}
+    assert set(weights.RELEASES) == names
+    assert weights.RELEASES["swin_l"].file_name == "swin_large_patch4_window12_384_22k.pth"
+    assert weights.RELEASES["eva02_l"].file_name == "eva02_L_pt_m38m_p14.pt"
+    dino = weights.RELEASES["dino_swin_l"]
+    assert dino.sha256 == dino.file_name[-len("5486e051.pth"):-len(".pth")] == "5486e051"
+    assert [n for n, r in weights.RELEASES.items() if r.sha256] == ["dino_swin_l"]
+    readme = (ROOT / "README.md").read_text()
+    for name, r in weights.RELEASES.items():                 # the README's table lists each
+        assert f"| `{name}` | `{r.file_name}` (" in readme and r.source in readme, name
+
+
+# -- through the training script -----------------------------------------------------------------
+def tiny_args(data, out, iters=2, *extra):
+    return ["--data", str(data), "--out", str(out), "--backbone", "swin_nano", "--d2", "8",
+            "--head-dim", "16", "--crop", "32", "--batch-size", "2", "--iters", str(iters),
+            "--eval-every", "2", "--log-every", "1", "--workers", "0", "--device", "cpu",
+            "--kernels", "torch", *extra]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mfnet")
+    write_mfnet(root, n_train=4, n_val=2, n_test=0, size=(32, 48))
+    return root
+
+
+def test_train_seg_downloads_a_url_and_records_its_hash(release, server, cache, data, tmp_path,
+                                                        monkeypatch):
+    url = server.url("swin_nano.pth")
+    out = tmp_path / "run"
+    summary = train_seg.main(tiny_args(data, out, 2, "--pretrained", url))
+    ckpt = load_checkpoint(summary["last"])
+    assert ckpt["delta"] and ckpt["pretrained_sha256"] == hashlib.sha256(release[1]).hexdigest()
+    assert ckpt["config"]["pretrained"] == str(cache / "swin_nano.pth")
+    assert ckpt["config"]["pretrained_source"] == url
+    # Evaluation uses the saved file while it is there, whatever the cache ...
+    other = tmp_path / "other_cache"
+    monkeypatch.setenv("IVT_CACHE", str(other))
+    load_trained(summary["last"])
+    assert server.requests == ["/swin_nano.pth"]
+    # ... and downloads the URL again into this cache when it is not (another machine).
+    os.remove(cache / "swin_nano.pth")
+    _, model, _ = load_trained(summary["last"])
+    assert server.requests == ["/swin_nano.pth"] * 2
+    assert (other / "swin_nano.pth").read_bytes() == release[1]
+    check_weights(model.backbone, release[0])
+    # Resuming without --pretrained uses the run's own weights (from the cache: no network).
+    server.stop()
+    summary = train_seg.main(tiny_args(data, out, 4, "--resume", "--allow-changes"))
+    assert summary["iters"] == 4
+    # Neither the saved file nor a cached copy, and no network: the error names the URL.
+    os.remove(other / "swin_nano.pth")
+    with pytest.raises(WeightsError) as e:
+        load_trained(summary["last"])
+    assert url in str(e.value) and str(other / "swin_nano.pth") in str(e.value)
+
+
+def test_the_main_job_offline_stops_before_data_and_model(cache, tmp_path, capsys, monkeypatch):
+    """`python train_seg.py --backbone swin_l --data mfnet/` on a machine without network."""
+    url = f"http://127.0.0.1:{closed_port()}/swin_large_patch4_window12_384_22k.pth"
+    monkeypatch.setitem(weights.RELEASES, "swin_l",
+                        dataclasses.replace(weights.RELEASES["swin_l"], url=url))
+
+    def untouched(*args, **kwargs):
+        raise AssertionError("the datasets or the model were touched")
+    monkeypatch.setattr(SegTask, "build_model", untouched)
+    monkeypatch.setattr(SegTask, "build_datasets", untouched)
+    monkeypatch.chdir(tmp_path)
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as e:
+        train_seg.main(["--backbone", "swin_l", "--data", str(tmp_path / "mfnet")])
+    assert e.value.code == 2 and time.perf_counter() - start < 10
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: cannot download swin_l from " + url)
+    assert str(cache / "swin_large_patch4_window12_384_22k.pth") in err[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_random_frozen_backbone_warns(data, tmp_path, capsys, monkeypatch):
+    def stop(*args, **kwargs):
+        raise ValueError("stop here")
+    monkeypatch.setattr(SegTask, "build_model", stop)
+    warning = "the frozen backbone stays random"
+    for backbone, extra in (("swin_l", ["--pretrained", "none"]), ("swin_nano", [])):
+        args = tiny_args(data, tmp_path / backbone, 2, *extra)
+        args[args.index("swin_nano")] = backbone
+        with pytest.raises(SystemExit):
+            train_seg.main(args)
+        err = capsys.readouterr().err
+        assert warning in err and "mean nothing for the paper" in err, err
+    with pytest.raises(SystemExit):
+        train_seg.main(tiny_args(data, tmp_path / "full", 2, "--tuning", "full"))
+    assert warning not in capsys.readouterr().err
+
+
+def test_mmdet_detector_checkpoint_through_the_pretrained_path(release, cache, tmp_path,
+                                                               monkeypatch):
+    """A whole mmdet DINO checkpoint (backbone in mmdet's names) loads as `pretrained`, by file
+    and by release name; the output norms it sets aside are named in a warning."""
+    own, served = release
+    release_sd = torch.load(io.BytesIO(served), weights_only=True)["model"]
+    sd = mmdet_swin_converter({k: v for k, v in release_sd.items()
+                               if not k.startswith(("head.", "norm."))})
+    sd.update(detector_extras([32, 64, 128, 256]))
+    body = saved_bytes({"meta": {"mmdet_version": "3.3.0"}, "state_dict": sd})
+    (tmp_path / "dino.pth").write_bytes(body)
+    with pytest.warns(UserWarning, match=r"8 keys not loaded.*backbone\.norm0\.bias"):
+        model = build_backbone("swin_nano", tuning="ivt", pretrained=str(tmp_path / "dino.pth"))
+    check_weights(model, own)
+    detrex = {"backbone." + k: v for k, v in release_sd.items()}     # release names, {'model'}
+    detrex.update(detector_extras([32, 64, 128, 256]))
+    torch.save({"model": detrex, "iteration": 90000}, tmp_path / "detrex.pth")
+    with pytest.warns(UserWarning, match="output norms"):
+        model = build_backbone("swin_nano", tuning="ivt", pretrained=str(tmp_path / "detrex.pth"))
+    check_weights(model, own)
+    server = Server({"/dino-5scale_swin-l_8xb2-36e_coco-5486e051.pth": body})
+    try:
+        name = "dino-5scale_swin-l_8xb2-36e_coco-5486e051.pth"
+        monkeypatch.setitem(weights.RELEASES, "dino_swin_l", dataclasses.replace(
+            weights.RELEASES["dino_swin_l"], url=server.url(name),
+            sha256=hashlib.sha256(body).hexdigest()[:8]))
+        with pytest.warns(UserWarning, match="output norms"):
+            model = build_backbone("swin_nano", tuning="full", pretrained="dino_swin_l")
+        check_weights(model, own)
+    finally:
+        server.stop()
