@@ -1,4 +1,4 @@
-"""`python -m kernels.compile_check`: every Triton kernel, as the fused models launch it, compiles
+"""`python -m bench.compile_check`: every Triton kernel, as the fused models launch it, compiles
 to a cubin for the H100/H200 (sm_90) and the A100 (sm_80) within their shared-memory limits, on
 this GPU-less machine; and the check fails a launch that needs more shared memory than a block
 may have, which Triton's CPU interpreter runs without complaint."""
@@ -31,7 +31,7 @@ def launched_kernels(source: str) -> set:
 
 def test_every_kernel_compiles_for_sm90_and_sm80(tmp_path):
     launches = tmp_path / "launches.json"
-    record = run(["-m", "kernels.compile_check", "--backbone", "swin_l", "eva02_l",
+    record = run(["-m", "bench.compile_check", "--backbone", "swin_l", "eva02_l",
                   "--record-to", str(launches)], interpret=True)
     assert record.returncode == 0, record.stderr[-3000:]
     recorded = json.loads(launches.read_text())
@@ -46,7 +46,7 @@ def test_every_kernel_compiles_for_sm90_and_sm80(tmp_path):
     assert all(set(launch["programs"]) <= {"swin_l", "eva02_l"} and launch["programs"]
                and all(n >= 1 for counts in launch["programs"].values() for n in counts)
                for launch in recorded)
-    result = run(["-m", "kernels.compile_check", "--arch", "90", "80",
+    result = run(["-m", "bench.compile_check", "--arch", "90", "80",
                   "--compile-from", str(launches)], interpret=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"0 of {2 * len(recorded)} compilations failed" in result.stdout
@@ -73,12 +73,12 @@ def test_every_kernel_compiles_for_sm90_and_sm80(tmp_path):
     (80, 4, 64, 81_920, 2, "shared"),
 ])
 def test_programs_per_multiprocessor(arch, warps, registers, shared, held, limit):
-    from kernels.compile_check import programs_per_sm
+    from bench.compile_check import programs_per_sm
     assert programs_per_sm(arch, warps, registers, shared) == (held, limit)
 
 
 def test_waves():
-    from kernels.compile_check import waves
+    from bench.compile_check import waves
     assert waves(288, 1, 132) == pytest.approx(288 / 132)      # 3 waves, the last 18% full
     assert waves(264, 2, 132) == pytest.approx(1.0)
 
@@ -106,7 +106,7 @@ def test_shared_memory_over_the_limit_fails(tmp_path, block, ok):
               "signature": {"a_ptr": "*fp32", "out_ptr": "*fp32", "BLOCK": "constexpr"},
               "constexprs": {"BLOCK": block}, "options": {}}
     script = textwrap.dedent(f"""
-        from kernels.compile_check import compile_launch
+        from bench.compile_check import compile_launch
         print(compile_launch({launch!r}, 80))
     """)
     result = run(["-c", script], interpret=False, extra_path=str(tmp_path))
@@ -118,7 +118,7 @@ def test_shared_memory_over_the_limit_fails(tmp_path, block, ok):
 def test_spill_loads_in_loops():
     """The SASS reader counts local-memory loads (LDL) and those between a branch back and its
     target (a loop runs them every iteration); a forward branch makes no loop."""
-    from kernels.compile_check import spill_loads_in_loops
+    from bench.compile_check import spill_loads_in_loops
     sass = """
         Function : toy
         .headerflags    @"EF_CUDA_SM90"

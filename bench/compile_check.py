@@ -1,7 +1,7 @@
 """Compile every Triton kernel as the IV-tuning models launch it, for GPUs this machine lacks.
 
-    python -m kernels.compile_check                          # Swin-L 384 b8, EVA02-L 512 b2; sm_90
-    python -m kernels.compile_check --arch 80 90 --backbone swin_l
+    python -m bench.compile_check                          # Swin-L 384 b8, EVA02-L 512 b2; sm_90
+    python -m bench.compile_check --arch 80 90 --backbone swin_l
 
 The kernel tests run the kernels under Triton's CPU interpreter, which runs programs a GPU cannot:
 one that needs more shared memory than a block may have (the fused adapter's pw1 backward needed
@@ -9,7 +9,7 @@ one that needs more shared memory than a block may have (the fused adapter's pw1
 that gap on a machine without a GPU, in two steps:
 
 1. record, in a child process with TRITON_INTERPRET=1 (so the wrappers take their Triton path on
-   CPU tensors): build the backbone with `fast=True, fused_adapters=True` as fake tensors
+   CPU tensors): build the backbone with `impl="fused"` as fake tensors
    (`FakeTensorMode`: shapes and dtypes, no storage, no arithmetic) and run a training forward and
    backward and an inference forward, in float32 and under bfloat16 autocast, with the
    interpreter's launch entry point replaced by a recorder: it keeps each distinct launch (kernel,
@@ -140,15 +140,13 @@ def record(backbone: str, size: int, batch: int, multiprocessors: int) -> List[d
         if programs not in launch["programs"][backbone]:
             launch["programs"][backbone].append(programs)
 
-    previous, previous_count = kernels.backend(), fused._multiprocessors
+    previous = kernels.backend()
     kernels.set_backend("triton")
-    fused._multiprocessors = lambda device: multiprocessors
     try:
         with torch.device("meta"):                 # then storage-less CPU tensors
-            model = build_backbone(backbone, tuning="ivt", img_size=size, fast=True,
-                                   fused_adapters=True)
+            model = build_backbone(backbone, tuning="ivt", img_size=size, impl="fused")
         with FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings(), \
-                interpreter_launches(recorder):
+                interpreter_launches(recorder), fused.assume_multiprocessors(multiprocessors):
             # the attention-bias cache stamps tables by data pointer, which fake tensors warn about
             warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
             model.to_empty(device="cpu")
@@ -163,7 +161,6 @@ def record(backbone: str, size: int, batch: int, multiprocessors: int) -> List[d
                     model(vis, ir)
     finally:
         kernels.set_backend(previous)
-        fused._multiprocessors = previous_count
     return list(launches.values())
 
 
@@ -299,7 +296,7 @@ def _child(args: List[str], interpret: bool) -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1" if interpret else "0"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    status = subprocess.run([sys.executable, "-m", "kernels.compile_check", *args],
+    status = subprocess.run([sys.executable, "-m", "bench.compile_check", *args],
                             env=env).returncode
     if status:
         raise SystemExit(status)
@@ -307,7 +304,7 @@ def _child(args: List[str], interpret: bool) -> None:
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m kernels.compile_check",
+        prog="python -m bench.compile_check",
         description="Compile every Triton kernel launch of a fused IV-tuning training step and "
                     "inference forward for NVIDIA GPUs, without a GPU (see the module docstring).")
     p.add_argument("--backbone", nargs="+", default=["swin_l", "eva02_l"], choices=sorted(CONFIGS),
