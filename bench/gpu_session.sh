@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement of issue 10 in one command, most important first, each part under its own
+# Every GPU measurement in one command, most important first, each part under its own
 # time limit so that one slow part cannot starve the others (about 10 minutes in all):
 #   1. the CUDA tests (CUDA graph step == eager step, every Triton kernel against its reference),
 #      in 4 processes where pytest-xdist is installed

@@ -219,6 +219,7 @@ def adapter_rows(args, device, dtype, measure, bandwidth, add, tiles=None):
 
     import kernels
     import kernels.hybrid_adapter as fused
+    from ivt.fast.adapters import kernel_weights
     from ivt.models.ivtuning import HybridAdapter
 
     inference = {"eager": kernels.hybrid_adapter_eval_reference,
@@ -236,7 +237,7 @@ def adapter_rows(args, device, dtype, measure, bandwidth, add, tiles=None):
         where = f"{where}; tiles of {chosen[0]} tokens x {chosen[1]} channels" + (
             "" if tiles else " (chosen)")
         adapter = HybridAdapter(C, 16 if args.tiny else 64).to(device)
-        weights = adapter.kernel_weights()
+        weights = kernel_weights(adapter)
         x, extra = (torch.randn(B, H * W, C, device=device, dtype=dtype) for _ in range(2))
         keep = torch.rand(B * H * W, adapter.down.out_features, device=device) > 0.1
         grad = torch.randn_like(x)

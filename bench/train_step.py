@@ -5,32 +5,34 @@
                                                       # of docs/benchmarks.md and --json if given
     TRITON_INTERPRET=1 python bench/train_step.py --device cpu --out docs/benchmarks.md
                                                       # CPU proxies of the documented small
-                                                      # cases (ivt_fused under the interpreter)
+                                                      # cases (ivt:fused under the interpreter)
 
 Every model is this repository's `build_segmentor(backbone, 9, tuning, ...)` with random weights
 (the numbers do not depend on the values), a 9-class Segformer head, cross-entropy on random
 labels, AdamW (fused), bf16 autocast on the GPU with the frozen Linear and conv weights stored in
-bf16, as the train scripts' --amp does (`ivt.precision`: the same results). Modes:
+bf16, as the train scripts' --amp does (`ivt.precision`: the same results). Modes, named
+`<tuning>[:<impl>[:<memory>]]` after `build_backbone`'s `impl` and `memory` (the train scripts'
+--impl and --memory):
 
     full           all parameters train (the paper's baseline)
     freeze         the backbone is frozen, only the head trains (the floor of any PETL method)
-    ivt            IV-tuning, the readable reference forward (`fast=False`)
-    ivt_fast       IV-tuning, the fast forward (`fast=True`): same parameters, same results
-    ivt_fast_ckpt  the fast forward with `checkpoint_blocks=True`
-    ivt_fast_lean  the fast forward with `recompute_frozen=True`: the frozen sub-layers keep only
-                   their inputs and are recomputed, up to their last Linear, in backward
-    ivt_fused      (GPU) the fast forward with `fused_adapters=True`: every Hybrid Adapter, its
-                   residual and internal prompt as Triton kernels (`kernels/hybrid_adapter.py`)
-    ivt_fused_ckpt (GPU) that with `checkpoint_blocks=True`
-    ivt_fused_ckpt4 that with `checkpoint_blocks=4`: only the first 4 blocks (on Swin, stages 1
-                   and 2, where most of the activations are) are recomputed
-    ivt_fused_lean ivt_fused with `recompute_frozen=True`
-    full_math, ivt_fused_math (GPU, Swin only) full and ivt_fused with the window attention
+    ivt            IV-tuning, the readable reference forward (impl "reference")
+    ivt:fast       IV-tuning, the fast forward: same parameters, same results
+    ivt:fast:checkpoint  that with every block checkpointed
+    ivt:fast:recompute   that with the frozen sub-layers keeping only their inputs, recomputed up
+                   to their last Linear in backward
+    ivt:fused      (GPU) the fast forward with every Hybrid Adapter, its residual and internal
+                   prompt as Triton kernels (`kernels/hybrid_adapter.py`)
+    ivt:fused:checkpoint    (GPU) that with every block checkpointed
+    ivt:fused:checkpoint:4  that with the first 4 blocks checkpointed (on Swin, stages 1 and 2,
+                   where most of the activations are)
+    ivt:fused:recompute     ivt:fused with the frozen sub-layers recomputed
+    full+math, ivt:fused+math (GPU, Swin only) full and ivt:fused with the window attention
                    computed explicitly, as timm's Swin does (`attention="math"`)
 and, for the CPU proxies only, where the fast step's operators go:
-    fast_empg      the fast forward of the `empg_only` variant: the IR stem and EMPG, no HA/IPA
+    empg_only:fast the fast forward of the `empg_only` variant: the IR stem and EMPG, no HA/IPA
                    (so the frozen blocks' forward and input-gradient backward, plus the head)
-    fast_empg_ha   the `empg_ha` variant: that plus every Hybrid Adapter (ivt_fast adds the IPAs)
+    empg_ha:fast   the `empg_ha` variant: that plus every Hybrid Adapter (ivt:fast adds the IPAs)
 
 GPU, per mode: eager step (the trainer's `EagerStep`) and the whole step in one CUDA graph
 (`ivt.graph_step.GraphedTrainStep`): median wall ms over `--steps` steps after `--warmup`
@@ -44,12 +46,12 @@ which say where a mode's extra GPU time goes.
 CPU proxies (`--device cpu`), per mode, for anyone without a GPU:
 * operators per training step: aten operators dispatched in one step (forward, backward,
   optimizer), counted with a TorchDispatchMode, views and detach excluded (they launch no
-  kernel), plus one per Triton launch for ivt_fused, whose kernels run under Triton's CPU
+  kernel), plus one per Triton launch for the fused modes, whose kernels run under Triton's CPU
   interpreter (TRITON_INTERPRET=1; the interpreter's own tensor copies are not counted);
 * bytes held for backward: after the forward and the loss, the storages of every tensor the
   step produced that is still alive (so held by the autograd graph or a checkpoint), without
   parameters, buffers and inputs; each storage counted once.
-Targets (issue 10): the fast path's bytes held <= 0.5x full's, its operators <= 1.5x full's.
+Targets: the fast path's bytes held <= 0.5x full's, its operators <= 1.5x full's.
 """
 import argparse
 import datetime
@@ -77,37 +79,34 @@ import kernels  # noqa: E402
 from bench.kernels import tile_sizes  # noqa: E402
 from bench.profiling import kernel_time  # noqa: E402
 from bench.sections import write_section  # noqa: E402
-from kernels.compile_check import interpreter_launches  # noqa: E402
+from bench.compile_check import interpreter_launches  # noqa: E402
 from ivt.models.segmentor import build_segmentor  # noqa: E402
 from ivt.precision import store_frozen_weights  # noqa: E402
 
 MODES = {"full": ("full", {}), "freeze": ("freeze", {}), "ivt": ("ivt", {}),
-         "ivt_fast": ("ivt", {"fast": True}),
-         "ivt_fast_ckpt": ("ivt", {"fast": True, "checkpoint_blocks": True}),
-         "ivt_fast_lean": ("ivt", {"fast": True, "recompute_frozen": True})}
-DECOMPOSITION = {"fast_empg": ("ivt", {"fast": True, "variant": "empg_only"}),
-                 "fast_empg_ha": ("ivt", {"fast": True, "variant": "empg_ha"})}
-# GPU only (on the CPU it is ivt_fast): the Hybrid Adapters as Triton kernels
-FUSED = {"ivt_fused": ("ivt", {"fast": True, "fused_adapters": True}),
-         "ivt_fused_ckpt": ("ivt", {"fast": True, "fused_adapters": True,
-                                    "checkpoint_blocks": True}),
-         "ivt_fused_ckpt4": ("ivt", {"fast": True, "fused_adapters": True,
-                                     "checkpoint_blocks": 4}),
-         "ivt_fused_lean": ("ivt", {"fast": True, "fused_adapters": True,
-                                    "recompute_frozen": True})}
+         "ivt:fast": ("ivt", {"impl": "fast"}),
+         "ivt:fast:checkpoint": ("ivt", {"impl": "fast", "memory": "checkpoint"}),
+         "ivt:fast:recompute": ("ivt", {"impl": "fast", "memory": "recompute"})}
+DECOMPOSITION = {"empg_only:fast": ("ivt", {"impl": "fast", "variant": "empg_only"}),
+                 "empg_ha:fast": ("ivt", {"impl": "fast", "variant": "empg_ha"})}
+# GPU only (on the CPU without the interpreter it is ivt:fast): the Hybrid Adapters as Triton
+# kernels
+FUSED = {"ivt:fused": ("ivt", {"impl": "fused"}),
+         "ivt:fused:checkpoint": ("ivt", {"impl": "fused", "memory": "checkpoint"}),
+         "ivt:fused:checkpoint:4": ("ivt", {"impl": "fused", "memory": "checkpoint:4"}),
+         "ivt:fused:recompute": ("ivt", {"impl": "fused", "memory": "recompute"})}
 # Swin only: its window attention computed explicitly, as timm's Swin does (`attention="math"`)
 # instead of with scaled_dot_product_attention
-SWIN_ONLY = {"full_math": ("full", {"attention": "math"}),
-             "ivt_fused_math": ("ivt", {"fast": True, "fused_adapters": True,
-                                        "attention": "math"})}
+SWIN_ONLY = {"full+math": ("full", {"attention": "math"}),
+             "ivt:fused+math": ("ivt", {"impl": "fused", "attention": "math"})}
 GPU_CASES = [("swin_l", 384, 8), ("eva02_l", 512, 2)]
 # most wanted first, so that a run cut short has the comparisons that matter
-GPU_ORDER = ["full", "ivt_fused", "ivt_fused_lean", "full_math", "ivt_fused_math", "ivt",
-             "freeze", "ivt_fast", "ivt_fused_ckpt4", "ivt_fast_lean", "ivt_fused_ckpt",
-             "ivt_fast_ckpt"]
-INFERENCE_MODES = ["freeze", "ivt_fused", "ivt_fast", "ivt"]
+GPU_ORDER = ["full", "ivt:fused", "ivt:fused:recompute", "full+math", "ivt:fused+math", "ivt",
+             "freeze", "ivt:fast", "ivt:fused:checkpoint:4", "ivt:fast:recompute",
+             "ivt:fused:checkpoint", "ivt:fast:checkpoint"]
+INFERENCE_MODES = ["freeze", "ivt:fused", "ivt:fast", "ivt"]
 # the CPU proxies of the fused modes (their kernels under Triton's interpreter)
-CPU_FUSED = ["ivt_fused", "ivt_fused_ckpt4", "ivt_fused_lean"]
+CPU_FUSED = ["ivt:fused", "ivt:fused:checkpoint:4", "ivt:fused:recompute"]
 # (backbone, (H, W), batch, head width, what the case shows)
 CPU_CASES = [("swin_t", (128, 96), 2, 256, "the default case"),
              ("swin_nano", (64, 96), 2, 64, "what `tests/test_bench_proxies.py` measures"),
@@ -138,12 +137,12 @@ def parse_args(argv=None):
     p.add_argument("--modes", nargs="+", default=None,
                    choices=list(MODES) + list(DECOMPOSITION) + list(FUSED) + list(SWIN_ONLY),
                    help="what to measure: full fine-tuning, frozen backbone, IV-tuning "
-                        "reference, fast, fast with checkpointed blocks or recomputed frozen "
-                        "sub-layers; ivt_fused, ivt_fused_ckpt, ivt_fused_ckpt4, ivt_fused_lean "
-                        "(the Hybrid Adapters as Triton kernels; checkpointing every block or "
-                        "the first 4, or recomputing the frozen sub-layers; on the CPU under "
-                        "TRITON_INTERPRET=1); with --device cpu also the decomposition "
-                        "fast_empg, fast_empg_ha (default: all that apply to the device)")
+                        "reference, ivt:fast with --memory keep, checkpoint or recompute; "
+                        "ivt:fused (the Hybrid Adapters as Triton kernels; on the CPU under "
+                        "TRITON_INTERPRET=1) with keep, checkpoint, checkpoint:4 or recompute; "
+                        "full+math and ivt:fused+math (Swin's explicit window attention); with "
+                        "--device cpu also the decomposition empg_only:fast, empg_ha:fast "
+                        "(default: all that apply to the device)")
     p.add_argument("--inference-modes", nargs="*", default=INFERENCE_MODES, metavar="MODE",
                    choices=INFERENCE_MODES,
                    help="GPU inference latency of these models (default: "
@@ -373,21 +372,19 @@ def cpu_tables(results, notes) -> str:
             f"{datetime.date.today().isoformat()}, torch {torch.__version__}, no GPU; every mode "
             "but the fused ones on the PyTorch reference kernels. Operators = aten operators "
             "dispatched in one training step (forward, backward, fused AdamW), views and detach "
-            "excluded, plus one per Triton kernel launch for `ivt_fused` (`--impl fused`), "
-            "`ivt_fused_ckpt4` (that with `checkpoint_blocks=4`, the first four blocks "
-            "recomputed in backward) and `ivt_fused_lean` (with `recompute_frozen=True`: the "
-            "frozen attention and MLP sub-layers keep only their inputs and are recomputed, up "
-            "to their last Linear, in backward), whose kernels run under Triton's CPU "
-            "interpreter (TRITON_INTERPRET=1; the interpreter's own tensor copies, which no GPU "
-            "would run, are not counted); MB held for backward = "
-            "storages produced by the forward that are still alive before backward (what the "
-            "autograd graph and the checkpoints keep), parameters and inputs excluded. "
-            "`ivt_fast_ckpt` is `fast=True, checkpoint_blocks=True`, `ivt_fast_lean` "
-            "`fast=True, recompute_frozen=True`. `fast_empg` and "
-            "`fast_empg_ha` decompose `ivt_fast`: the fast forward of the `empg_only` variant "
-            "(IR stem and EMPG, no adapters: the frozen blocks' forward and input-gradient "
-            "backward plus the head) and of `empg_ha` (that plus every Hybrid Adapter); "
-            "`ivt_fast` adds the Internal Prompt Adapters.")
+            "excluded, plus one per Triton kernel launch for the `ivt:fused` modes "
+            "(`--impl fused`), whose kernels run under Triton's CPU interpreter "
+            "(TRITON_INTERPRET=1; the interpreter's own tensor copies, which no GPU would run, "
+            "are not counted); MB held for backward = storages produced by the forward that are "
+            "still alive before backward (what the autograd graph and the checkpoints keep), "
+            "parameters and inputs excluded. Modes are `<tuning>:<impl>:<memory>`, as the "
+            "train scripts' --impl and --memory: `checkpoint` recomputes every block in "
+            "backward, `checkpoint:4` the first four, `recompute` the frozen attention and MLP "
+            "sub-layers up to their last Linear. `empg_only:fast` and `empg_ha:fast` decompose "
+            "`ivt:fast`: the fast forward of the `empg_only` variant (IR stem and EMPG, no "
+            "adapters: the frozen blocks' forward and input-gradient backward plus the head) "
+            "and of `empg_ha` (that plus every Hybrid Adapter); `ivt:fast` adds the Internal "
+            "Prompt Adapters.")
     lines = ["## Training step: CPU proxies", "", textwrap.fill(text, 100), ""]
     for result, note in zip(results, notes):
         lines += [proxy_table(result, note), ""]

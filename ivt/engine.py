@@ -25,6 +25,9 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
+from .models.backbone import count_parameters
+
+
 # -- devices and processes ----------------------------------------------------------------------
 @dataclass
 class DistInfo:
@@ -244,12 +247,12 @@ def params_finite(model: nn.Module) -> bool:
 def describe_parameters(model: nn.Module) -> str:
     """One line: trainable / total parameters of the model and of its backbone."""
     net = unwrap(model)
-    count = lambda m, t: sum(p.numel() for p in m.parameters() if p.requires_grad or not t)  # noqa: E731
-    total_t, total = count(net, True), count(net, False)
+    total_t, total = count_parameters(net, trainable_only=True), count_parameters(net)
     line = f"parameters: {total_t:,} / {total:,} trainable ({100.0 * total_t / total:.2f}%)"
     backbone = getattr(net, "backbone", None)
     if backbone is not None:
-        line += f"; backbone {count(backbone, True):,} / {count(backbone, False):,} trainable"
+        line += (f"; backbone {count_parameters(backbone, trainable_only=True):,} / "
+                 f"{count_parameters(backbone):,} trainable")
     return line
 
 

@@ -4,7 +4,7 @@ Under bf16 autocast, a Linear or convolution casts its float32 weight and bias t
 it multiplies. For a weight that trains, autocast keeps that copy for the rest of the forward pass
 (its cast cache holds leaf tensors that require grad); for a frozen weight it does not, so every
 call casts again: a read of 4 bytes and a write of 2 per weight every forward pass, once more
-where `recompute_frozen` or checkpointing runs the frozen sub-layers again in backward, and the
+where `memory="recompute"` or a checkpoint reruns the frozen sub-layers in backward, and the
 bfloat16 copy is what autograd keeps for the input gradient (dx = dy W). On Swin-L (196 M frozen
 weights in IV-tuning) that is about 1.2 GB of traffic and 0.4 GB of held copies a training step.
 

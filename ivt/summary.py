@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .models import BACKBONES, TUNINGS, VARIANTS, PETLConfig, build_backbone
+from .models import BACKBONES, TUNINGS, VARIANTS, PETLConfig, build_backbone, count_parameters
 from .models.petl import METHOD_OPTIONS
 
 # Component of a trainable parameter, from its name (first match wins).
@@ -74,7 +74,7 @@ NOTES = """Notes on the paper's numbers:
 * EVA02-L's 304.24M is the model at 512 input (its position embedding grows with the input).
 * Table 5(b)'s layer labels are off by one: 4.18/5.87/7.55M are adapters in 10/15/20 blocks.
 * P_E-IR (Table 6, 6.05M): removing the visible branch of EMPG (s1 and its HO) saves 1,724
-  parameters, which still rounds to 6.06M; no construction in the spec gives 6.05M.
+  parameters, which still rounds to 6.06M; no construction of Sec. 3 gives 6.05M.
 * The supplement's 6.01M matches no variant."""
 
 
@@ -159,10 +159,9 @@ def count(name: str, img_size=None, **options) -> Dict[str, object]:
     for pname, p in bb.named_parameters():
         if p.requires_grad:
             parts[component_of(pname)] += p.numel()
-    trainable = sum(parts.values())
-    total = sum(p.numel() for p in bb.parameters())
     visible = sum(p.numel() for n, p in bb.named_parameters() if not bb.is_added_name(n))
-    return {"trainable": trainable, "total": total, "visible": visible,
+    return {"trainable": count_parameters(bb, trainable_only=True), "total": count_parameters(bb),
+            "visible": visible,
             "components": {k: v for k, v in parts.items() if v}}
 
 
@@ -180,7 +179,7 @@ def paper_table() -> List[Dict[str, object]]:
     return rows
 
 
-def main(argv=None) -> None:
+def get_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m ivt.summary", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", default="swin_l", choices=BACKBONES, help="backbone name")
@@ -210,7 +209,20 @@ def main(argv=None) -> None:
                     help="full / freeze: add the independent IR patch embedding of Sec. 4.5")
     ap.add_argument("--paper", action="store_true",
                     help="also print every #TP row of the paper's Tables 2, 5, 6 and 8 beside ours")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def print_paper_table() -> None:
+    print(f"{'table':<12}{'setting':<36}{'backbone':<10}{'paper':>9}{'ours':>14}  match")
+    for r in paper_table():
+        print(f"{r['table']:<12}{r['setting']:<36}{r['backbone']:<10}{r['paper_M']:>8.2f}M"
+              f"{r['ours']:>14,}  {'yes' if r['match'] else 'NO'}")
+    print()
+    print(NOTES)
+
+
+def main(argv=None) -> None:
+    args = get_parser().parse_args(argv)
     petl = dict(prompt_length=args.prompt_length, bottleneck=args.bottleneck,
                 scale=args.adapter_scale, rein_tokens=args.rein_tokens, rein_rank=args.rein_rank)
     if args.methods:
@@ -239,12 +251,7 @@ def main(argv=None) -> None:
     print(f"#TP / visible model: {100 * c['trainable'] / c['visible']:.2f}%")
     if args.paper:
         print()
-        print(f"{'table':<12}{'setting':<36}{'backbone':<10}{'paper':>9}{'ours':>14}  match")
-        for r in paper_table():
-            print(f"{r['table']:<12}{r['setting']:<36}{r['backbone']:<10}{r['paper_M']:>8.2f}M"
-                  f"{r['ours']:>14,}  {'yes' if r['match'] else 'NO'}")
-        print()
-        print(NOTES)
+        print_paper_table()
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-import kernels
 from . import engine
 from .checkpoint import (atomic_save, check_pretrained, load_checkpoint, load_model_state,
                          make_checkpoint, model_state, set_rng_state, sha256_file)
@@ -36,7 +35,8 @@ RUN_ONLY = ("device", "workers", "out", "resume", "allow_changes", "log_every", 
             "pretrained",      # a moved file is fine: its SHA-256 is checked against the run's
             "pretrained_source",            # so is the same file named another way
             "verify_images", "save_rank_weights", "eval_every", "total_iters", "cuda_graph",
-            "impl", "checkpoint_blocks", "recompute_frozen")
+            "impl", "memory")
+KERNEL_BACKENDS = ("auto", "torch", "triton")     # `kernels.BACKENDS`, without importing it
 # Settings the saved weights depend on: never changeable on resume.
 MODEL_KEYS = ("task", "backbone", "tuning", "variant", "d1", "d2", "d3", "layers", "patch_size",
               "prompt_length", "bottleneck", "adapter_scale", "rein_tokens", "rein_rank",
@@ -110,7 +110,8 @@ class Task:
 # -- flags ---------------------------------------------------------------------------------------
 def backbone_kwargs(config: dict) -> dict:
     """`build_backbone` options a run's configuration describes."""
-    kw = {k: config[k] for k in ("d1", "d2", "d3", "variant", "layers") if k in config}
+    kw = {k: config[k] for k in ("d1", "d2", "d3", "variant", "layers", "impl", "memory")
+          if k in config}
     # The compared methods' options: None (not given) is left to the method's default.
     for key, option in (("prompt_length", "prompt_length"), ("bottleneck", "bottleneck"),
                         ("adapter_scale", "scale"), ("rein_tokens", "rein_tokens"),
@@ -121,29 +122,18 @@ def backbone_kwargs(config: dict) -> dict:
         kw["ir_embed"] = True
     if config.get("patch_size") is not None:
         kw["patch_size"] = config["patch_size"]
-    if config.get("impl") in ("fast", "fused"):
-        kw["fast"] = True
-    if config.get("impl") == "fused" and config.get("tuning", "ivt") == "ivt":
-        kw["fused_adapters"] = True
-    blocks = config.get("checkpoint_blocks")          # "all" (True in older runs) or a count
-    if blocks:
-        kw["checkpoint_blocks"] = True if blocks == "all" or isinstance(blocks, bool) else blocks
-    if config.get("recompute_frozen"):
-        kw["recompute_frozen"] = True
     return kw
 
 
-def _checkpoint_blocks(text: str):
-    """--checkpoint-blocks' value: 'all' or a number of blocks >= 1."""
-    if text == "all":
-        return text
-    try:
-        count = int(text)
-    except ValueError:
-        count = 0
-    if count < 1:
-        raise argparse.ArgumentTypeError(f"expected a number of blocks >= 1 or 'all', got {text!r}")
-    return count
+def _memory(text: str) -> str:
+    """--memory's value, checked (`ivt.fast.parse_memory`)."""
+    if text != "keep":
+        from .fast import parse_memory
+        try:
+            parse_memory(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def default_workers() -> int:
@@ -156,10 +146,21 @@ def default_workers() -> int:
 
 
 def get_parser(task: Task) -> argparse.ArgumentParser:
-    r = task.recipe
     p = argparse.ArgumentParser(description=task.description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("model")
+    _model_arguments(p.add_argument_group("model"))
+    _method_arguments(p.add_argument_group("compared methods (paper Table 4)"))
+    _implementation_arguments(p.add_argument_group("implementation (the same results)"))
+    task.add_arguments(p)
+    p.add_argument("--size", *task.size_aliases, dest="size", type=int, default=task.recipe.size,
+                   help=task.size_help + " (default: %(default)s)")
+    _optimisation_arguments(p.add_argument_group("optimisation (defaults: the paper's recipe)"),
+                            task.recipe)
+    _run_arguments(p.add_argument_group("run"), task)
+    return p
+
+
+def _model_arguments(g) -> None:
     g.add_argument("--backbone", default="swin_l", choices=BACKBONES,
                    help="visible-light backbone (swin_nano is a tiny CPU demo size) "
                         "(default: %(default)s)")
@@ -180,6 +181,19 @@ def get_parser(task: Task) -> argparse.ArgumentParser:
     g.add_argument("--patch-size", type=int, default=None,
                    help="EVA02 only: patch size, 16 as in the paper (the released 14 is resized "
                         "on loading) (default: the backbone's)")
+    g.add_argument("--pretrained", default=None, metavar="FILE|NAME|URL",
+                   help="visible-model weights loaded into the frozen part: a checkpoint file "
+                        "(original release, timm or, for Swin, an mmdet/detrex detector's "
+                        "layout), the name of a released checkpoint ("
+                        + ", ".join(RELEASES) + "), an http(s) URL (optionally ending in "
+                        "#sha256=HEX), or 'none' (random init; checkpoints then also store the "
+                        "frozen weights). Names and URLs are downloaded once into $IVT_CACHE "
+                        f"(here {cache_dir()}). Checkpoints store only the trained tensors and "
+                        "this file's SHA-256 (default: the release named like --backbone; none "
+                        "for swin_nano; with --resume, the checkpoint's own)")
+
+
+def _method_arguments(g) -> None:
     g.add_argument("--prompt-length", type=int, default=None,
                    help="--tuning vpt: prompt tokens per block (default: 10)")
     g.add_argument("--bottleneck", type=int, default=None,
@@ -196,39 +210,34 @@ def get_parser(task: Task) -> argparse.ArgumentParser:
                    help="--tuning full / freeze: add the independent infrared patch embedding "
                         "(its tokens added to the visible ones, paper Sec. 4.5), so the "
                         "baselines see the thermal image too (the PETL methods always have it)")
-    g.add_argument("--pretrained", default=None, metavar="FILE|NAME|URL",
-                   help="visible-model weights loaded into the frozen part: a checkpoint file "
-                        "(original release, timm or, for Swin, an mmdet/detrex detector's "
-                        "layout), the name of a released checkpoint ("
-                        + ", ".join(RELEASES) + "), an http(s) URL (optionally ending in "
-                        "#sha256=HEX), or 'none' (random init; checkpoints then also store the "
-                        "frozen weights). Names and URLs are downloaded once into $IVT_CACHE "
-                        f"(here {cache_dir()}). Checkpoints store only the trained tensors and "
-                        "this file's SHA-256 (default: the release named like --backbone; none "
-                        "for swin_nano; with --resume, the checkpoint's own)")
+
+
+def _implementation_arguments(g) -> None:
     g.add_argument("--impl", default="reference", choices=("reference", "fast", "fused"),
-                   help="forward implementation: the readable reference; fast (stage-batched "
-                        "prompt adapters, folded affines: same parameters, equal results); or "
-                        "fused: fast with every Hybrid Adapter as Triton kernels on a GPU "
-                        "(kernels/hybrid_adapter.py; fast elsewhere) (default: %(default)s)")
-    g.add_argument("--checkpoint-blocks", nargs="?", const="all", default=None, metavar="N",
-                   type=_checkpoint_blocks,
-                   help="with --impl fast or fused and --tuning ivt: recompute blocks' "
-                        "activations in the backward pass instead of storing them; alone, every "
-                        "block (under half of full fine-tuning's activation memory, one more "
-                        "forward of compute); with N, the first N blocks (on Swin the "
-                        "high-resolution ones, which hold most of the memory)")
-    g.add_argument("--recompute-frozen", action="store_true",
-                   help="with --impl fast or fused and --tuning ivt: the blocks not checkpointed "
-                        "keep only the inputs of their frozen attention and MLP sub-layers and "
-                        "recompute them, up to their last Linear, in the backward pass (with "
-                        "--impl fused under half of full fine-tuning's activation memory on "
-                        "Swin-T, for a few operators a block; the adapters keep their "
-                        "activations)")
-    task.add_arguments(p)
-    p.add_argument("--size", *task.size_aliases, dest="size", type=int, default=r.size,
-                   help=task.size_help + " (default: %(default)s)")
-    g = p.add_argument_group("optimisation (defaults: the paper's recipe)")
+                   help="how IV-tuning's forward runs, the same parameters and results either "
+                        "way (ivt/fast/): reference, the readable paper path; fast, the prompt "
+                        "adapters that read one prompt computed together, folded affines, SimAM "
+                        "and the partial conv as Triton kernels on a GPU; fused, fast with every "
+                        "Hybrid Adapter as Triton kernels on a GPU (kernels/hybrid_adapter.py; "
+                        "fast elsewhere) (default: %(default)s)")
+    g.add_argument("--memory", default="keep", type=_memory,
+                   metavar="keep|recompute|checkpoint|checkpoint:N[+recompute]",
+                   help="with --impl fast or fused and --tuning ivt, what the backward pass "
+                        "recomputes instead of storing: keep, nothing; recompute, the frozen "
+                        "attention and MLP sub-layers keep only their inputs and are rerun up "
+                        "to their last Linear (a few operators a block; with --impl fused under "
+                        "half of full fine-tuning's activation memory on Swin-T); checkpoint, "
+                        "every block keeps only its inputs (one more forward of compute); "
+                        "checkpoint:N, the first N blocks (on Swin the high-resolution ones, "
+                        "which hold most of the memory); checkpoint:N+recompute, that and "
+                        "recompute for the other blocks (default: %(default)s)")
+    g.add_argument("--kernels", default="auto", choices=KERNEL_BACKENDS,
+                   help="SimAM, partial conv and Hybrid Adapter kernels of --impl fast / "
+                        "fused: auto (Triton on CUDA), torch (reference), triton "
+                        "(default: %(default)s)")
+
+
+def _optimisation_arguments(g, r: Recipe) -> None:
     if r.epochs is not None:
         g.add_argument("--epochs", type=int, default=r.epochs,
                        help="training epochs (default: %(default)s)")
@@ -267,14 +276,12 @@ def get_parser(task: Task) -> argparse.ArgumentParser:
                         "memory (ivt/precision.py) (default: off, float32)")
     g.add_argument("--seed", type=int, default=0,
                    help="seed of weights, shuffling and augmentation (default: %(default)s)")
-    g = p.add_argument_group("run")
+
+
+def _run_arguments(g, task: Task) -> None:
     g.add_argument("--device", default="auto",
                    help="auto (CUDA if available), cpu, cuda or cuda:N; under torchrun each "
                         "process uses cuda:LOCAL_RANK, or the CPU with gloo (default: %(default)s)")
-    g.add_argument("--kernels", default="auto", choices=kernels.BACKENDS,
-                   help="SimAM, partial conv and (--impl fused) Hybrid Adapter "
-                        "implementation: auto (Triton on CUDA), torch (reference), triton "
-                        "(default: %(default)s)")
     g.add_argument("--cuda-graph", action="store_true",
                    help="capture the whole training step (forward, backward, optimizer) once in "
                         "a CUDA graph and replay it: removes the host overhead of IV-tuning's "
@@ -289,11 +296,12 @@ def get_parser(task: Task) -> argparse.ArgumentParser:
                    help="continue from a checkpoint: FILE, or <out>/last.pt when given alone; "
                         "reproduces the uninterrupted run (weights, optimizer, schedule, RNG). "
                         "Every setting must equal the checkpoint's, except how the run executes "
-                        "(device, workers, kernels, logging, evaluation interval)")
+                        "(device, workers, implementation, kernels, memory, logging, evaluation "
+                        "interval)")
     g.add_argument("--allow-changes", action="store_true",
                    help="with --resume: accept changed training settings (iterations, lr, ...); "
                         "each change is printed and logged. The model's settings never change")
-    g.add_argument("--eval-every", type=int, default=r.eval_every,
+    g.add_argument("--eval-every", type=int, default=task.recipe.eval_every,
                    help="evaluate on the validation split and write last.pt (and best.pt) every "
                         "N iterations; 0: only at the end (default: %(default)s)")
     g.add_argument("--log-every", type=int, default=50,
@@ -304,10 +312,9 @@ def get_parser(task: Task) -> argparse.ArgumentParser:
                    help="decode every training image before training starts, so a corrupt file "
                         "is named now rather than mid-run (validation images are always "
                         "decoded up front)")
-    g.add_argument("--save-rank-weights", action="store_true",
-                   help="test aid: at the end every process also writes its trainable weights "
-                        "to <out>/trained_rank<RANK>.pt (to check that DDP ranks agree)")
-    return p
+    # a test aid (tests/test_train_seg.py): every process also writes its trainable weights to
+    # <out>/trained_rank<RANK>.pt at the end, to check that DDP ranks agree
+    g.add_argument("--save-rank-weights", action="store_true", help=argparse.SUPPRESS)
 
 
 # -- checks made before anything expensive ------------------------------------------------------
@@ -328,10 +335,8 @@ def check_args(task: Task, args) -> None:
         raise ValueError("--clip-grad and --clip-grad-value must not be negative")
     if args.cuda_graph and not torch.cuda.is_available():
         raise ValueError("--cuda-graph needs a CUDA device")
-    for flag, value in (("--checkpoint-blocks", args.checkpoint_blocks),
-                        ("--recompute-frozen", args.recompute_frozen)):
-        if value and (args.impl == "reference" or args.tuning != "ivt"):
-            raise ValueError(f"{flag} needs --impl fast (or fused) and --tuning ivt")
+    if args.memory != "keep" and (args.impl == "reference" or args.tuning != "ivt"):
+        raise ValueError(f"--memory {args.memory} needs --impl fast (or fused) and --tuning ivt")
     if args.resume and args.resume != "last" and not os.path.isfile(args.resume):
         raise FileNotFoundError(f"--resume {args.resume}: file not found")
     if args.backbone.startswith("eva02"):
@@ -462,7 +467,10 @@ def resume_path(args) -> str:
     return os.path.join(args.out, "last.pt") if args.resume == "last" else args.resume
 
 
-def train(task: Task, args, dist: engine.DistInfo) -> dict:
+def prepare_run(task: Task, args, dist: engine.DistInfo) -> Tuple[dict, Optional[dict], list,
+                                                                    tuple]:
+    """The checks, the resumed checkpoint, the pretrained weights, the run's configuration and
+    its datasets: (config, checkpoint or None, accepted changes, (train set, validation set))."""
     check_args(task, args)
     resumed = load_checkpoint(resume_path(args)) if args.resume else None
     # The pretrained weights are found (and downloaded) now, before any data is read or model
@@ -489,8 +497,13 @@ def train(task: Task, args, dist: engine.DistInfo) -> dict:
         raise ValueError(f"--batch-size {args.batch_size} on {dist.world_size} process(es) needs "
                          f"at least {args.batch_size * dist.world_size} training images; the "
                          f"training set has {len(train_set)}")
-    pretrained_sha256 = sha256_file(args.pretrained) if args.pretrained else None
+    return config, ckpt, changes, (train_set, val_set)
 
+
+def build_training(task: Task, args, config: dict, ckpt: Optional[dict],
+                   dist: engine.DistInfo) -> Tuple[nn.Module, torch.optim.Optimizer, nn.Module]:
+    """(model, optimizer, the model as the loop runs it: DDP-wrapped when distributed), on the
+    device, restored from `ckpt` when resuming."""
     model = task.build_model(config, args.pretrained)
     if ckpt is not None:
         load_model_state(model, ckpt["model"], ckpt["delta"], ckpt["path"])
@@ -498,19 +511,69 @@ def train(task: Task, args, dist: engine.DistInfo) -> dict:
     if args.amp:                    # every forward runs under bf16 autocast: cast them once
         store_frozen_weights(model, torch.bfloat16)
     optimizer = build_optimizer(task, model, args)
-    start_iter, best, result = 0, -math.inf, None
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
-        start_iter, best, result = ckpt["iter"], ckpt["best"], ckpt["metrics"]
     net = (DistributedDataParallel(model, device_ids=[dist.device.index]
                                    if dist.device.type == "cuda" else None)
            if dist.distributed else model)
+    return model, optimizer, net
+
+
+def training_step(task: Task, args, net: nn.Module, optimizer: torch.optim.Optimizer,
+                  autocast: Callable, dist: engine.DistInfo, say: Callable) -> Callable:
+    """`step(batch, lr) -> loss`: eager, or with --cuda-graph captured (`graphed_step`)."""
+    loss_fn = lambda m, b: task.loss(m, b, dist.device)                   # noqa: E731
+    step = engine.EagerStep(net, loss_fn, optimizer, autocast, args.clip_grad,
+                            args.clip_grad_value)
+    if args.cuda_graph:
+        step = graphed_step(net, loss_fn, optimizer, autocast, args.clip_grad,
+                            args.clip_grad_value, step, say)
+    return step
+
+
+class RunCheckpoints:
+    """A run's last.pt (written at every save) and best.pt (at a new best validation score)."""
+
+    def __init__(self, task: Task, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 config: dict, args, dist: engine.DistInfo, ckpt: Optional[dict]):
+        self.task, self.model, self.optimizer, self.config = task, model, optimizer, config
+        self.pretrained = args.pretrained
+        self.pretrained_sha256 = sha256_file(args.pretrained) if args.pretrained else None
+        self.is_main = dist.is_main
+        self.last, self.best_path = Path(args.out) / "last.pt", Path(args.out) / "best.pt"
+        self.best = ckpt["best"] if ckpt is not None else -math.inf
+        self.saved_iter = ckpt["iter"] if ckpt is not None else None
+
+    def save(self, it: int, r: dict) -> None:
+        is_best = r[self.task.metric] > self.best          # NaN (nothing to score) is never best
+        self.best = r[self.task.metric] if is_best else self.best
+        if self.is_main:
+            state = make_checkpoint(self.model, self.optimizer, it, self.config, self.pretrained,
+                                    self.pretrained_sha256, task=self.task.name,
+                                    metric=self.task.metric, best=self.best, metrics=r)
+            atomic_save(state, str(self.last))
+            if is_best:
+                atomic_save(state, str(self.best_path))
+        self.saved_iter = it
+
+    def kept(self) -> str:
+        """What a failed run leaves, for its error message."""
+        return (f"the last good checkpoint is {self.last} (iteration {self.saved_iter})"
+                if self.saved_iter is not None else "no checkpoint was written")
+
+
+def train(task: Task, args, dist: engine.DistInfo) -> dict:
+    config, ckpt, changes, (train_set, val_set) = prepare_run(task, args, dist)
+    model, optimizer, net = build_training(task, args, config, ckpt, dist)
+    start_iter, result = (ckpt["iter"], ckpt["metrics"]) if ckpt is not None else (0, None)
+    say = print if dist.is_main else (lambda *a, **k: None)
     autocast = engine.autocast_context(dist.device, args.amp)
     stream = engine.InfiniteBatches(train_set, args.batch_size, dist, args.seed, args.workers,
                                     start_iter)
     iters, lr_at = schedule(task, args, stream.per_epoch)
     config["total_iters"] = iters
     batches = iter(stream)
+    out = Path(args.out)
     logger = engine.JSONLLogger(str(out / "log.jsonl"), dist.is_main)
     logger.log("resume" if ckpt else "start", iter=start_iter, config=config,
                world_size=dist.world_size, device=str(dist.device),
@@ -519,8 +582,7 @@ def train(task: Task, args, dist: engine.DistInfo) -> dict:
     say(f"{len(train_set)} training images, {len(val_set)} validation; {iters} iterations "
         f"({stream.per_epoch} per epoch); {dist.world_size} process(es) on {dist.device}"
         + (f"; resuming at iteration {start_iter}" if ckpt else ""))
-    last_path, best_path = out / "last.pt", out / "best.pt"
-    saved_iter = start_iter if ckpt else None
+    checkpoints = RunCheckpoints(task, model, optimizer, config, args, dist, ckpt)
 
     def evaluate(it: int) -> dict:
         r = task.evaluate(net, val_set, dist, autocast, args.workers)
@@ -528,46 +590,27 @@ def train(task: Task, args, dist: engine.DistInfo) -> dict:
         say(f"\niter {it}: validation {task.format_eval(r)}")
         return r
 
-    def save(it: int, r: dict) -> None:
-        nonlocal best, saved_iter
-        is_best = r[task.metric] > best          # NaN (nothing to score) is never best
-        best = r[task.metric] if is_best else best
-        if dist.is_main:
-            state = make_checkpoint(model, optimizer, it, config, args.pretrained,
-                                    pretrained_sha256, task=task.name, metric=task.metric,
-                                    best=best, metrics=r)
-            atomic_save(state, str(last_path))
-            if is_best:
-                atomic_save(state, str(best_path))
-        saved_iter = it
-
-    loss_fn = lambda m, b: task.loss(m, b, dist.device)                   # noqa: E731
-    step = engine.EagerStep(net, loss_fn, optimizer, autocast, args.clip_grad,
-                            args.clip_grad_value)
-    if args.cuda_graph:
-        step = graphed_step(net, loss_fn, optimizer, autocast, args.clip_grad,
-                            args.clip_grad_value, step, say)
+    step = training_step(task, args, net, optimizer, autocast, dist, say)
     # Restored last, so that nothing between here and the first iteration draws from it.
     if ckpt is not None:
         set_rng_state(ckpt["rng"])
     try:
         result = engine.train_loop(
             net, batches, step, dist=dist, start_iter=start_iter, iters=iters, lr_at=lr_at,
-            log_every=args.log_every, eval_every=args.eval_every, evaluate=evaluate, save=save,
-            logger=logger) or result
+            log_every=args.log_every, eval_every=args.eval_every, evaluate=evaluate,
+            save=checkpoints.save, logger=logger) or result
     except (engine.TrainingDiverged, BadImageError) as e:
-        kept = (f"the last good checkpoint is {last_path} (iteration {saved_iter})"
-                if saved_iter is not None else "no checkpoint was written")
         logger.log("diverged" if isinstance(e, engine.TrainingDiverged) else "bad_image",
                    message=short_error(e))
-        raise type(e)(f"{short_error(e)}; {kept}") from None
+        raise type(e)(f"{short_error(e)}; {checkpoints.kept()}") from None
     finally:
         logger.close()
     if args.save_rank_weights:
         torch.save(model_state(model, include_frozen=False), out / f"trained_rank{dist.rank}.pt")
+    best = checkpoints.best
     return {"iters": iters, "metrics": result, "best": best if math.isfinite(best) else None,
-            "out": str(out), "last": str(last_path),
-            "best_path": str(best_path) if best_path.exists() else None,
+            "out": str(out), "last": str(checkpoints.last),
+            "best_path": str(checkpoints.best_path) if checkpoints.best_path.exists() else None,
             "log": str(out / "log.jsonl")}
 
 
@@ -576,7 +619,9 @@ def main(task: Task, argv=None) -> dict:
     best score and the paths written. Bad data or configuration exits with status 2 and an
     `error:` line; a diverged run (NaN loss) exits with status 1."""
     args = get_parser(task).parse_args(argv)
-    kernels.set_backend(args.kernels)
+    if args.kernels != "auto" or args.impl != "reference":
+        import kernels                    # only the fast and fused paths use the kernels
+        kernels.set_backend(args.kernels)
     try:
         dist = engine.setup_distributed(args.device)
         try:

@@ -1,16 +1,13 @@
-"""Fused kernels for IV-tuning's memory-bound operations, with automatic fallback.
+"""Triton kernels for IV-tuning's memory-bound operations, with PyTorch references.
 
 `simam`, `partial_conv_residual` and `hybrid_adapter_eval` (a whole Hybrid Adapter at inference,
-used with `build_backbone(..., fast=True, fused_adapters=True)`) pick an implementation per call.
-`hybrid_adapter_train` (the same in training, forward and backward) is Triton only: the model calls
-it where `use_triton` holds and its autograd modules otherwise. The rules:
-* `IVT_KERNELS=torch` forces the pure-PyTorch reference (`kernels/reference.py`);
-* `IVT_KERNELS=triton` forces the Triton kernels (on CUDA tensors, or on CPU tensors when
-  `TRITON_INTERPRET=1` runs Triton's interpreter; otherwise it raises);
+`build_backbone(..., impl="fused")`) pick an implementation per call; `hybrid_adapter_train`
+(the same in training, forward and backward) is Triton only, and its callers check `use_triton`.
+* `IVT_KERNELS=torch` forces the PyTorch references (`kernels/reference.py`);
+* `IVT_KERNELS=triton` forces Triton (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1);
 * unset (`auto`): Triton for CUDA tensors when Triton imports, the reference otherwise.
-On a CPU without the interpreter flag the product never launches Triton. Triton is optional: the
-kernel modules are imported only when it is installed, and the references run everywhere.
-Train scripts expose the choice as `--kernels {auto,torch,triton}` and call `set_backend`.
+Triton is optional: the kernel files are imported only when it is installed. The scripts'
+`--kernels {auto,torch,triton}` calls `set_backend`. Layout and design: docs/kernels.md.
 """
 import importlib.util
 import os

@@ -1,63 +1,17 @@
-"""A whole Hybrid Adapter (Eq. 15) in a few Triton kernels, with the block's residual and the
-internal prompt added in the last one:
+"""The Hybrid Adapter (Eq. 14-15) with its block's residual and internal prompt, in Triton:
 
     out = residual + up(dropout(gelu(HO(down(SFT(x)))))) + extra        (B, N, C) tokens
     HO(h) = y + pw2(relu(bn(pw1(y)))),  y = h + concat(dwconv3x3(h[:, :cp]) + bias, h[:, cp:])
 
-Written plainly that is about 20 operators forward and 28 backward (LayerNorm, four Linear
-layers, the partial conv, BatchNorm, ReLU, GELU, dropout, residual adds, and their gradients).
-The adapter's hidden width d2 (64) is small, so a tile of BLOCK_M tokens carries its whole hidden
-vector through the chain in registers, and only the C-wide ends touch memory in C-sized chunks;
-each kernel reads its C-wide inputs once (`tile_sizes` chooses BLOCK_M and the chunk BLOCK_C).
-
-Inference (`hybrid_adapter_eval_triton`, BatchNorm on running statistics, no dropout):
-  1. `_sft_down_kernel`  LayerNorm statistics, SFT (Eq. 14) folded into the down-projection,
-                         the down-projection as a tile matmul over C, all in one pass over x:
-                         h (M, d2), float32;
-  2. `_ho_up_kernel`     partial conv from the tile's 3x3 neighbours on the (H, W) grid, pw1,
-                         BatchNorm, ReLU, pw2 + residual, GELU, the up-projection over C in
-                         chunks, `residual + extra` added before the store (an internal prompt
-                         given as its factors, `LowRankExtra`, made chunk by chunk here).
-
-Training (`hybrid_adapter_train_triton`, an autograd Function; BatchNorm on the batch's
-statistics over all M = B*N tokens, dropout with a mask drawn by torch so that it is replayed
-exactly under activation checkpointing). It keeps only h, the LayerNorm statistics, the
-BatchNorm statistics, the mask and two D-wide vectors of the folded down-projection; everything
-else is recomputed from h in registers:
-  forward:  `_sft_down_kernel` (and the row statistics) -> `_bn_partial_kernel` (per-tile
-            mean and M2 of pw1's output) -> `_bn_finalize_kernel` (Chan's merge; running
-            statistics) -> `_ho_up_kernel`;
-  backward: the up-projection's input gradient da = g Wu (a library matmul) ->
-            `_up_backward_kernel` (dropout, GELU, pw2, ReLU; the BatchNorm output gradient and
-            its two reductions) -> `_ho_backward_kernel`
-            (BatchNorm and pw1 backward: grad y) -> `_down_backward_kernel` (partial conv
-            backward from the neighbours' grad y, the down-projection and LayerNorm backward,
-            grad x) -> `_ln_down_grads_kernel` (the C-wide parameters' gradients, below);
-            for an extra given as its factors, `_low_rank_backward_kernel` (its pre-activation
-            made again from the factors, GELU backward, the rank-wide gradient of h_e).
-  The extra (an internal prompt) is best given as its factors (`LowRankExtra`) in training
-  too: as tokens it is a (B, N, C) float32 map written by three operators before this forward
-  and read here, and its gradient (g itself) goes through three more; as factors it is made in
-  `_ho_up_kernel`'s registers and its backward writes one (M, C) map, dz, for its weight
-  gradient.
-  Weight gradients are sums over tokens. The D-wide ones (pw1, pw2, BatchNorm, the partial
-  conv, the biases of d2 channels): each backward kernel runs a fixed number of programs that
-  loop over tiles, accumulate their own partial sums in registers and store them once, and one
-  `torch.sum` over programs finishes them all (kernel 2, which needs two of kernel 1's, the
-  BatchNorm's sums, adds those up itself). The C-wide ones are matmuls over the
-  tokens, done by the matmul library on maps the kernels write: the up-projection's
-  dWu = g^T dropout(gelu(o)) and dbu = the sum of g; the down-projection's and the LayerNorm/SFT
-  parameters' from one matmul P = dh^T n_hat (n_hat the normalised input, written by kernel 3),
-  `_ln_down_grads_kernel` applying the folded affine. (Accumulating these C x d2 sums inside
-  the tile loops, as an earlier version did, made each tile read and write them in global
-  memory: on an H200 that backward ran at 2-5% of copy bandwidth.)
-
-Tokens are addressed as base + b * stride_b + n * stride_n + c (channels contiguous), so the
-patch tokens of EVA02 (a view that skips the cls token) are read in place. Arithmetic is float32
-(float64 for float64 inputs); the kernels' matmuls use TF32 on GPUs that have it, the library
-matmuls of the backward (g Wu and the weight gradients) PyTorch's float32 setting, in bfloat16
-for bfloat16 tokens (as autocast runs a Linear layer's). The references are
-`kernels.reference.hybrid_adapter_eval_reference` and `hybrid_adapter_train_reference`.
+A tile of BLOCK_M tokens carries its d2-wide hidden vector through the chain in registers; only
+the C-wide ends touch memory, BLOCK_C channels a step (`tile_sizes`). extra: None, tokens, or a
+`LowRankExtra` made in registers. Inference (`hybrid_adapter_eval_triton`): `_sft_down_kernel`,
+`_ho_up_kernel`. Training (`HybridAdapterTrainFunction`: batch-statistics BatchNorm, a given
+dropout mask): forward `_sft_down_kernel`, `_bn_partial_kernel`, `_bn_finalize_kernel`,
+`_ho_up_kernel`; backward `_up_backward_kernel`, `_ho_backward_kernel`, `_down_backward_kernel`,
+`_ln_down_grads_kernel` (and `_low_rank_backward_kernel`) with library matmuls for g Wu and the
+C-wide weight gradients. Tokens need contiguous channels only (views are read in place).
+Arithmetic in float32 (float64 for float64 tokens). Design notes and figures: docs/kernels.md.
 """
 from contextlib import contextmanager
 from typing import NamedTuple, Optional, Tuple
@@ -66,34 +20,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import HybridAdapterWeights, LowRankExtra, NextNorm, destination
+from .reference import HybridAdapterWeights, LowRankExtra, NextNorm
+from .utils import accumulator_dtype, destination
 
-# Tile sizes: tokens per tile and channels per step of the loops over C; None chooses them per
-# launch (`tile_sizes`), an int fixes them (`bench/kernels.py --adapter-tiles`, the tests).
+# Tokens per tile and channels per step over C, and the multiprocessor count the tiles and the
+# backward's program counts are chosen for: None chooses per launch (`tile_sizes`) from the
+# device; an int fixes it (`fixed_tile_sizes`, `assume_multiprocessors`).
 BLOCK_M = None
 BLOCK_C = None
+MULTIPROCESSORS = None
 PARTIAL_FLOATS = 1 << 21   # the most floats of per-program partial sums the backward kernels keep
-# Warps per backward program: their tiles need more than 255 registers a thread with 4 warps. At
-# d2 = 64 on sm_90 with 32 x 32 tiles, ptxas's register spill traffic (stores + loads, per
-# thread) was 3.0 KB (up/pw2 backward), 1.6 KB (down backward) and 0.9 KB (pw1 backward) with 4
-# warps, and 0.8 KB, 0 and 0 with 8; at 32 x 64 tiles with 8, 1.3 KB, 0.1 KB and 0 (16 x 64:
-# 0.7 KB, 0, 0) while the up/pw2 backward made g Wu in a loop over C, and with that product a
-# library matmul 0.2 KB, 0.1 KB and 0 (16 x 64: none) (`python -m kernels.compile_check`).
-BACKWARD_WARPS = 8
-# The BatchNorm statistics' merge (`_bn_finalize_kernel`) is a loop over the tiles' partial
-# statistics, one step after the other: it runs one program per 16 channels, each merging 128
-# tiles a step (Swin-L's stage 1 at batch 8: 2,304 tiles, 18 steps; before, one program for all
-# 64 channels, 32 tiles a step, 72 steps), the same 8 KB of loads a step.
-BN_MERGE_CHANNELS = 16
-BN_MERGE_TILES = 128
-# Warps of `_sft_down_kernel`: with 4, its one-pass loop (x, the weight tile, two matmul
-# accumulators) spills 400 B a thread on sm_90 in float32 at 32 x 64 tiles; with 8, none.
-SFT_DOWN_WARPS = 8
-# Programs of the 8-warp kernels (`_sft_down_kernel` and the three backward kernels) that a
-# multiprocessor holds at once: with more than 128 registers a thread (138-255 on sm_90), one
-# 8-warp program takes over half of a multiprocessor's 65,536 (`python -m kernels.compile_check`
-# prints each launch's count and waves). `_ho_up_kernel` (4 warps) fits two.
-PROGRAMS_PER_SM = 1
+BACKWARD_WARPS = 8         # warps of the three tile-loop backward kernels (4 spill registers)
+SFT_DOWN_WARPS = 8         # warps of `_sft_down_kernel` (4 spill registers in float32)
+BN_MERGE_CHANNELS = 16     # `_bn_finalize_kernel`: channels a program,
+BN_MERGE_TILES = 128       # and tiles' statistics merged a step
+PROGRAMS_PER_SM = 1        # 8-warp programs a multiprocessor holds (> 128 registers a thread)
 
 
 # -- tile helpers ---------------------------------------------------------------------------------
@@ -656,23 +597,15 @@ def _promoted(a: torch.dtype, b: torch.dtype) -> torch.dtype:
 
 def tile_sizes(M: int, C: int, device: torch.device) -> Tuple[int, int]:
     """(tokens per tile, channels per step over C) for M tokens of C channels, unless BLOCK_M /
-    BLOCK_C fix them. Each program walks its tile's C channels in a serial loop, so:
-      * channels: 64 where 64 divides C (every Swin-L and EVA02-L width), else 32: half the loop
-        steps of 32, each with twice the loads in flight. (128 would halve them again, but the
-        forward kernels' tiles then spill registers on sm_90: `python -m kernels.compile_check`.)
-      * tokens: 32, or 16 where tiles of 16 still run in one wave (at most `PROGRAMS_PER_SM`
-        per multiprocessor: Swin-L's stage 4 at batch 8, EVA02-L at batch 2): a lone program's
-        latency then sets the time, and halving its tile shortens it. Where 16-token tiles would
-        take more waves they do not pay: Swin-L's stage 3 at batch 8 has 288 of them, 3 waves
-        of the 8-warp kernels on 132 multiprocessors, against 2 waves of 144 32-token tiles,
-        and a program's loop over C loads the same weight tile a step at either size."""
+    BLOCK_C fix them: channel steps of 64 where 64 divides C, else 32; tiles of 16 tokens on a
+    GPU where all of them run in one wave (at most `PROGRAMS_PER_SM` a multiprocessor), else 32.
+    Why these: docs/kernels.md."""
     block_c = BLOCK_C or (64 if C % 64 == 0 else 32)
     block_m = BLOCK_M
     if block_m is None:
         sms = _multiprocessors(device)
         block_m = 16 if sms is not None and triton.cdiv(M, 16) <= PROGRAMS_PER_SM * sms else 32
     return block_m, block_c
-
 
 
 @contextmanager
@@ -687,12 +620,37 @@ def fixed_tile_sizes(block_m: int, block_c: int):
     finally:
         BLOCK_M, BLOCK_C = saved
 
-def _multiprocessors(device: torch.device):
-    """The GPU's streaming multiprocessors, None off a GPU (`kernels.compile_check` replaces
-    this to record the launches a GPU would make)."""
+
+@contextmanager
+def assume_multiprocessors(count: int):
+    """Within it, every launch is sized as on a GPU of `count` streaming multiprocessors,
+    whatever the tensors' device (the module's MULTIPROCESSORS, restored afterwards): what
+    `bench/compile_check.py` uses to record on CPU tensors the launches such a GPU makes."""
+    global MULTIPROCESSORS
+    saved = MULTIPROCESSORS
+    MULTIPROCESSORS = count
+    try:
+        yield
+    finally:
+        MULTIPROCESSORS = saved
+
+
+def _multiprocessors(device: torch.device) -> Optional[int]:
+    """MULTIPROCESSORS if set, else the GPU's streaming multiprocessors, None off a GPU."""
+    if MULTIPROCESSORS is not None:
+        return MULTIPROCESSORS
     if device.type != "cuda":
         return None
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _programs(n_tiles: int, floats_per_program: int, device: torch.device) -> int:
+    """Programs of a backward kernel, each looping over its share of the tiles: at most one per
+    tile, their partial sums within PARTIAL_FLOATS and, on a GPU, no more than its
+    multiprocessors hold at once (a program beyond those waits for a whole first-wave one)."""
+    sms = _multiprocessors(device)
+    held = n_tiles if sms is None else PROGRAMS_PER_SM * sms
+    return max(1, min(n_tiles, held, PARTIAL_FLOATS // floats_per_program))
 
 
 class _Sizes(NamedTuple):
@@ -711,10 +669,36 @@ class _Sizes(NamedTuple):
 def _sizes(x: torch.Tensor, w: HybridAdapterWeights) -> _Sizes:
     B, N, C = x.shape
     D = w.down_weight.shape[0]
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     block_m, block_c = tile_sizes(B * N, C, x.device)
-    return _Sizes(B, N, C, D, B * N, max(16, triton.next_power_of_2(D)), acc, block_m, block_c,
-                  triton.cdiv(B * N, block_m))
+    return _Sizes(B, N, C, D, B * N, max(16, triton.next_power_of_2(D)),
+                  accumulator_dtype(x.dtype), block_m, block_c, triton.cdiv(B * N, block_m))
+
+
+def _with_ones(width: int) -> int:
+    """Columns of a map of `width` columns with a column of ones appended (so that one matmul
+    over the tokens makes a weight's gradient and, from the ones, its bias's), padded with
+    zeros to a multiple of 8 (rows 32-byte aligned in float32, as the matmul library's fast
+    paths want)."""
+    return (width + 1 + 7) // 8 * 8
+
+
+def _matmul_dtype(tokens: torch.dtype, acc: torch.dtype) -> torch.dtype:
+    """The dtype of a weight gradient's matmul over tokens: the tokens' own when they are of
+    lower precision (bfloat16/float16 under autocast, as autocast runs a Linear's), else acc."""
+    return tokens if tokens.itemsize < torch.finfo(acc).bits // 8 else acc
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """a b, (M, P) (P, Q) -> (M, Q) in acc: one library matmul in the lower precision of the
+    two operands' dtypes (see `_matmul_dtype`)."""
+    dtype = _matmul_dtype(min(a.dtype, b.dtype, key=lambda t: t.itemsize), acc)
+    with torch.autocast(a.device.type, enabled=False):
+        return torch.mm(a.to(dtype), b.to(dtype)).to(acc)
+
+
+def _matmul_t(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """a^T b over the token dimension, (M, P)^T (M, Q) -> (P, Q) in acc (see `_matmul`)."""
+    return _matmul(a.t(), b, acc)
 
 
 def _sft_down(x, s: _Sizes, w, params, h, stats=None, fold=None):
@@ -782,27 +766,95 @@ def hybrid_adapter_eval_triton(x: torch.Tensor, residual: torch.Tensor, extra, h
                   norm, out)
 
 
-def _with_ones(width: int) -> int:
-    """Columns of a map of `width` columns with a column of ones appended (so that one matmul
-    over the tokens makes a weight's gradient and, from the ones, its bias's), padded with
-    zeros to a multiple of 8 (rows 32-byte aligned in float32, as the matmul library's fast
-    paths want)."""
-    return (width + 1 + 7) // 8 * 8
+def _backward_workspace(s: _Sizes, n_parts: int, row: int, device, nhat_dtype, dz_dtype, R1):
+    """One allocation for what lives only in the backward: a row of `row` floats of partial sums
+    a program (D-wide, every entry written, shared by the three tile-loop kernels), five (M, D)
+    maps (do, dbn, dy, dropped, dh), the normalised input n_hat (M, C) and, for a `LowRankExtra`
+    (dz_dtype not None), dz (M, C) and h_e with a column of ones (M, R1); a map in a dtype other
+    than s.acc is allocated apart. Returns (parts, the five maps, n_hat, dz, h_e1)."""
+    M, C, D, acc = s.M, s.C, s.D, s.acc
+    maps = [(M * C, nhat_dtype)] + ([] if dz_dtype is None else [(M * (C + R1), dz_dtype)])
+    sizes = [n_parts * row, 5 * M * D] + [size for size, dtype in maps if dtype == acc]
+    work = torch.empty(sum(sizes), device=device, dtype=acc).split(sizes)
+    in_work = iter(work[2:])
+    own = [next(in_work) if dtype == acc else torch.empty(size, device=device, dtype=dtype)
+           for size, dtype in maps]
+    dz = h_e1 = None
+    if dz_dtype is not None:
+        dz, h_e1 = own[1][:M * C].view(M, C), own[1][M * C:].view(M, R1)
+    return (work[0].view(n_parts, row), work[1].view(5, M, D).unbind(0), own[0].view(M, C), dz,
+            h_e1)
 
 
-def _programs(n_tiles: int, floats_per_program: int, device: torch.device) -> int:
-    """Programs of a backward kernel, each looping over its share of the tiles: at most one per
-    tile, partial sums within budget and, on a GPU, no more than its multiprocessors hold at
-    once: a program beyond those waits for a first-wave program to finish all its tiles, so
-    with P held at once, P + 1 programs take about twice as long as P (Swin-L's stage 1 at
-    batch 8: 2,304 tiles in 132 programs, 18 tiles the longest; in 241 programs, as the budget
-    alone allows, 2 waves of 10)."""
-    sms = _multiprocessors(device)
-    held = n_tiles if sms is None else PROGRAMS_PER_SM * sms
-    return max(1, min(n_tiles, held, PARTIAL_FLOATS // floats_per_program))
+def _train_backward(g, x, h, ln_stats, bn_stats, fold, keep, params, low_rank, s: _Sizes, hw,
+                    cp: int, keep_scale: float, x_is_residual: bool):
+    """The training forward's backward for the output gradient g: (dx, the 18 parameters'
+    gradients in s.acc, None for the running statistics, then, for a `LowRankExtra`, its
+    factors')."""
+    lnw, lnb, gamma, beta, wd, bd, dww, dwb, w1, b1, _, _, bnw, bnb, w2, b2, wu, bu = params
+    (H, W), device = hw, x.device
+    B, N, C, D, M, acc, n_tiles = s.B, s.N, s.C, s.D, s.M, s.acc, s.n_tiles
+    tiles = dict(BLOCK_M=s.block_m, BLOCK_D=s.block_d)
+    g, g_b, g_n = _token_strides(g)
+    size1, size2, size3 = D * D + 3 * D, D * D + D, cp * 10 + D     # the three kernels' sums
+    row = size1 + size2 + size3
+    n_parts = _programs(n_tiles, row, device)
+    R = 0 if low_rank is None else low_rank.w.shape[0]
+    R1 = _with_ones(R)
+    parts, (do, dbn, dy, dropped, dh), n_hat, dz, lr_h_1 = _backward_workspace(
+        s, n_parts, row, device, _matmul_dtype(x.dtype, acc),
+        None if low_rank is None else _matmul_dtype(low_rank.h.dtype, acc), R1)
+    # 1. from da = g Wu (a library matmul): dropout, GELU, pw2, ReLU -> do, dbn, and the
+    # up-projection's input `dropped` for dWu = g^T dropped; dbu = the sum of g (unpipelined:
+    # 3 stages need more shared memory than sm_80 has)
+    tokens = g.reshape(M, C)                                            # (M, C)
+    da = _matmul(tokens, wu, acc)                                       # (M, D)
+    _up_backward_kernel[(n_parts,)](da, h, dww, dwb, w1, b1, bn_stats, bnw, bnb, w2, b2,
+                                    h if keep is None else keep, keep_scale, do, dbn,
+                                    dropped, parts, row, n_tiles, M, N, H, W, D, cp,
+                                    HAS_MASK=keep is not None, **tiles, num_stages=1,
+                                    num_warps=BACKWARD_WARPS)
+    d_wu = _matmul_t(tokens, dropped, acc)                              # (C, D)
+    d_bu = tokens.sum(0, dtype=acc)
+    # 2. BatchNorm and pw1 -> dy (unpipelined: 3 stages need more shared memory than sm_90 has)
+    _ho_backward_kernel[(n_parts,)](h, dww, dwb, w1, b1, bn_stats, bnw,
+                                    parts[:, D * D + D:], do, dbn, dy, parts[:, size1:], row,
+                                    n_tiles, M, N, H, W, D, cp, **tiles, num_stages=1,
+                                    num_warps=BACKWARD_WARPS)
+    # 3. partial conv, down-projection, LayerNorm and SFT -> dx, dh and n_hat
+    x_, x_b, x_n = _token_strides(x)
+    dx = torch.empty((B, N, C), device=device, dtype=x.dtype)
+    _down_backward_kernel[(n_parts,)](x_, x_b, x_n, ln_stats, lnw, gamma, wd, fold, h, dww,
+                                      dy, g, g_b, g_n, dx, dh, n_hat,
+                                      parts[:, size1 + size2:], row, n_tiles, M, N, H, W, C,
+                                      D, cp, ADD_G=x_is_residual, BLOCK_C=s.block_c,
+                                      **tiles, num_warps=BACKWARD_WARPS)
+    (d_w2, d_b2, d_bnw, d_bnb, d_w1, d_b1, d_dww, d_dwb, d_bd) = parts.sum(0).split(
+        [D * D, D, D, D, D * D, D, cp * 9, cp, D])
+    # 4. the down-projection's and LayerNorm/SFT's gradients from P = dh^T n_hat, in one
+    # allocation with an extra's dh_e (M, R)
+    grads_c = torch.empty(D * C + 4 * C + M * R, device=device, dtype=acc)
+    _ln_down_grads_kernel[(triton.cdiv(C, s.block_c),)](
+        _matmul_t(dh, n_hat, acc), d_bd, wd, lnw, lnb, gamma, beta, grads_c, C, D,
+        BLOCK_C=s.block_c, BLOCK_D=s.block_d)
+    d_wd, d_lnw, d_lnb, d_gamma, d_beta = grads_c[:D * C + 4 * C].split([D * C, C, C, C, C])
+    grads = [d_lnw, d_lnb, d_gamma, d_beta, d_wd.view(D, C), d_bd, d_dww.view(cp, 1, 3, 3),
+             d_dwb, d_w1.view(D, D), d_b1, None, None, d_bnw, d_bnb, d_w2.view(D, D), d_b2,
+             d_wu, d_bu]
+    if low_rank is not None:
+        # 5. the extra's factors: dz and dh_e in one kernel, [dw_e; db_e] = [h_e, 1]^T dz
+        lr_h, lr_w, lr_b = low_rank
+        d_lr_h = grads_c[D * C + 4 * C:].view(M, R)
+        _low_rank_backward_kernel[(n_tiles,)](
+            g, g_b, g_n, lr_h, lr_h.stride(0), lr_w, lr_b, R, dz, d_lr_h, lr_h_1, R1, M, N,
+            C, BLOCK_M=s.block_m, BLOCK_C=s.block_c,
+            BLOCK_R=max(16, triton.next_power_of_2(R1)))
+        d_lr_wb = _matmul_t(lr_h_1, dz, acc)                          # (R1, C)
+        grads += [d_lr_h, d_lr_wb[:R], d_lr_wb[R]]
+    return dx, grads
 
 
-class _TrainingHybridAdapter(torch.autograd.Function):
+class HybridAdapterTrainFunction(torch.autograd.Function):
     """residual + HA branch(x) (+ extra) in training mode; see the module docstring.
 
     forward(x, residual, extra, hw, w, keep, p, momentum, update, batches, *tensors): `extra`
@@ -845,122 +897,16 @@ class _TrainingHybridAdapter(torch.autograd.Function):
     def backward(ctx, g):
         x, h, ln_stats, bn_stats, fold, keep, *params = ctx.saved_tensors
         low_rank = LowRankExtra(*params[18:]) if len(params) > 18 else None
-        params = params[:18]
-        (lnw, lnb, gamma, beta, wd, bd, dww, dwb, w1, b1, bn_mean, bn_var, bnw, bnb, w2, b2, wu,
-         bu) = params
-        s, w, (H, W) = ctx.sizes, ctx.w, ctx.hw
-        B, N, C, D, M, acc, n_tiles = s.B, s.N, s.C, s.D, s.M, s.acc, s.n_tiles
-        tiles = dict(BLOCK_M=s.block_m, BLOCK_D=s.block_d)
-        cp = w.cp
-        g, g_b, g_n = _token_strides(g)
-        device = x.device
-        # one workspace for what lives only in this backward: the kernels' per-program partial
-        # sums (D-wide, every entry written; a row per program, shared by the three kernels, all
-        # finished by one sum), five (M, D) maps, the normalised input n_hat (M, C) and, for an
-        # extra given as factors (rank R), the map dz (M, C) and h_e with a column of ones
-        # (M, R1)
-        size1, size2, size3 = D * D + 3 * D, D * D + D, cp * 10 + D
-        row = size1 + size2 + size3
-        n_parts = _programs(n_tiles, row, device)
-        R = 0 if low_rank is None else low_rank.w.shape[0]
-        nhat_dtype = _matmul_dtype(x.dtype, acc)
-        dz_dtype = None if low_rank is None else _matmul_dtype(low_rank.h.dtype, acc)
-        R1 = _with_ones(R)
-        maps = [(M * C, nhat_dtype)] + ([] if low_rank is None else [(M * (C + R1), dz_dtype)])
-        sizes = [n_parts * row, 5 * M * D] + [
-            size for size, dtype in maps if dtype == acc]
-        work = torch.empty(sum(sizes), device=device, dtype=acc).split(sizes)
-        parts = work[0].view(n_parts, row)
-        do, dbn, dy, dropped, dh = work[1].view(5, M, D).unbind(0)
-        in_work = iter(work[2:])
-
-        def own_map(size, dtype):                    # in the workspace if in acc
-            return next(in_work) if dtype == acc else torch.empty(size, device=device,
-                                                                  dtype=dtype)
-        n_hat = own_map(*maps[0]).view(M, C)
-        if low_rank is not None:
-            dz_h1 = own_map(*maps[1])
-            dz, lr_h_1 = dz_h1[:M * C].view(M, C), dz_h1[M * C:].view(M, R1)
-        # 1. the up-projection's input gradient da = g Wu, one library matmul (M, C) x (C, D)
-        # (made in the kernel, its loop over C spilled 0.7-1.3 KB of registers a thread on sm_90
-        # and made each program a chain of C / BLOCK_C dependent steps); from it dropout, GELU,
-        # pw2, ReLU -> do, dbn, and the up-projection's input for its weight gradient:
-        # dWu = g^T dropped, dbu = sum of g (one matmul, one sum; not one matmul with a column
-        # of ones: dWu would be a strided slice of its result, and a parameter's gradient is
-        # copied to the parameter's layout). Not software-pipelined: Triton's default 3 stages
-        # would stage the tile loop's loads in 200 KB of shared memory, over sm_80's 163 KB.
-        tokens = g.reshape(M, C)                                            # (M, C)
-        da = _matmul(tokens, wu, acc)                                       # (M, D)
-        _up_backward_kernel[(n_parts,)](da, h, dww, dwb, w1, b1, bn_stats, bnw, bnb, w2, b2,
-                                        h if keep is None else keep, ctx.keep_scale, do, dbn,
-                                        dropped, parts, row, n_tiles, M, N, H, W, D, cp,
-                                        HAS_MASK=keep is not None, **tiles, num_stages=1,
-                                        num_warps=BACKWARD_WARPS)
-        d_wu = _matmul_t(tokens, dropped, acc)                              # (C, D)
-        d_bu = tokens.sum(0, dtype=acc)
-        # 2. BatchNorm and pw1 -> dy. Not software-pipelined: at d2 = 64 in float32 its tile loop
-        # needs 260 KB of shared memory at Triton's default 3 stages (over sm_90's 227 KB per
-        # block), 150 KB at 2 (over sm_86/89's 99 KB), 48 KB at 1 (kernels/compile_check.py).
-        _ho_backward_kernel[(n_parts,)](h, dww, dwb, w1, b1, bn_stats, bnw,
-                                        parts[:, D * D + D:], do, dbn, dy, parts[:, size1:], row,
-                                        n_tiles, M, N, H, W, D, cp, **tiles, num_stages=1,
-                                        num_warps=BACKWARD_WARPS)
-        # 3. partial conv, down-projection, LayerNorm and SFT -> dx, dh and n_hat
-        x_, x_b, x_n = _token_strides(x)
-        dx = torch.empty((B, N, C), device=device, dtype=x.dtype)
-        _down_backward_kernel[(n_parts,)](x_, x_b, x_n, ln_stats, lnw, gamma, wd, fold, h, dww,
-                                          dy, g, g_b, g_n, dx, dh, n_hat,
-                                          parts[:, size1 + size2:], row, n_tiles, M, N, H, W, C,
-                                          D, cp, ADD_G=ctx.x_is_residual, BLOCK_C=s.block_c,
-                                          **tiles, num_warps=BACKWARD_WARPS)
-        (d_w2, d_b2, d_bnw, d_bnb, d_w1, d_b1, d_dww, d_dwb, d_bd) = parts.sum(0).split(
-            [D * D, D, D, D, D * D, D, cp * 9, cp, D])
-        # 4. the down-projection's and LayerNorm/SFT's parameter gradients from P = dh^T n_hat
-        # (one allocation for the returned gradients: those, and an extra's dh_e (M, R), which
-        # the parameters' .grad may then keep, M x R floats an adapter: 17 MB for Swin-L 384 b8)
-        grads_c = torch.empty(D * C + 4 * C + M * R, device=device, dtype=acc)
-        _ln_down_grads_kernel[(triton.cdiv(C, s.block_c),)](
-            _matmul_t(dh, n_hat, acc), d_bd, wd, lnw, lnb, gamma, beta, grads_c, C, D,
-            BLOCK_C=s.block_c, BLOCK_D=s.block_d)
-        d_wd, d_lnw, d_lnb, d_gamma, d_beta = grads_c[:D * C + 4 * C].split([D * C, C, C, C, C])
-        grads = [d_lnw, d_lnb, d_gamma, d_beta, d_wd.view(D, C), d_bd, d_dww.view(cp, 1, 3, 3),
-                 d_dwb, d_w1.view(D, D), d_b1, None, None, d_bnw, d_bnb, d_w2.view(D, D), d_b2,
-                 d_wu, d_bu]
+        g = _token_strides(g)[0]
+        dx, grads = _train_backward(g, x, h, ln_stats, bn_stats, fold, keep, params[:18],
+                                    low_rank, ctx.sizes, ctx.hw, ctx.w.cp, ctx.keep_scale,
+                                    ctx.x_is_residual)
+        tensors = list(ctx.w[:18]) + list(low_rank or ())
         grads = [None if gr is None or not need else gr.to(t.dtype)
-                 for gr, t, need in zip(grads, w[:18], ctx.needs_input_grad[10:])]
-        if low_rank is not None:
-            # 5. the extra's factors: dz and dh_e in one kernel, [dw_e; db_e] = [h_e, 1]^T dz
-            lr_h, lr_w, lr_b = low_rank
-            d_lr_h = grads_c[D * C + 4 * C:].view(M, R)
-            _low_rank_backward_kernel[(n_tiles,)](
-                g, g_b, g_n, lr_h, lr_h.stride(0), lr_w, lr_b, R, dz, d_lr_h, lr_h_1, R1, M, N,
-                C, BLOCK_M=s.block_m, BLOCK_C=s.block_c,
-                BLOCK_R=max(16, triton.next_power_of_2(R1)))
-            d_lr_wb = _matmul_t(lr_h_1, dz, acc)                          # (R1, C)
-            grads += [gr.to(t.dtype) if need else None for gr, t, need in zip(
-                (d_lr_h, d_lr_wb[:R], d_lr_wb[R]), low_rank, ctx.needs_input_grad[28:])]
+                 for gr, t, need in zip(grads, tensors, ctx.needs_input_grad[10:])]
         d_residual = None if ctx.x_is_residual else g
         d_extra = g if ctx.has_extra else None
         return (dx, d_residual, d_extra, None, None, None, None, None, None, None, *grads)
-
-
-def _matmul_dtype(tokens: torch.dtype, acc: torch.dtype) -> torch.dtype:
-    """The dtype of a weight gradient's matmul over tokens: the tokens' own when they are of
-    lower precision (bfloat16/float16 under autocast, as autocast runs a Linear's), else acc."""
-    return tokens if tokens.itemsize < torch.finfo(acc).bits // 8 else acc
-
-
-def _matmul(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """a b, (M, P) (P, Q) -> (M, Q) in acc: one library matmul in the lower precision of the
-    two operands' dtypes (see `_matmul_dtype`)."""
-    dtype = _matmul_dtype(min(a.dtype, b.dtype, key=lambda t: t.itemsize), acc)
-    with torch.autocast(a.device.type, enabled=False):
-        return torch.mm(a.to(dtype), b.to(dtype)).to(acc)
-
-
-def _matmul_t(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """a^T b over the token dimension, (M, P)^T (M, Q) -> (P, Q) in acc (see `_matmul`)."""
-    return _matmul(a.t(), b, acc)
 
 
 def hybrid_adapter_train_triton(x: torch.Tensor, residual: torch.Tensor, extra, hw,
@@ -974,7 +920,7 @@ def hybrid_adapter_train_triton(x: torch.Tensor, residual: torch.Tensor, extra, 
     if given) goes up by one, in the kernel that updates them."""
     batches = batches if update else None
     if isinstance(extra, LowRankExtra):
-        return _TrainingHybridAdapter.apply(x, residual, None, tuple(hw), w, keep, p, momentum,
-                                            update, batches, *w[:18], *extra)
-    return _TrainingHybridAdapter.apply(x, residual, extra, tuple(hw), w, keep, p, momentum,
-                                        update, batches, *w[:18])
+        return HybridAdapterTrainFunction.apply(x, residual, None, tuple(hw), w, keep, p,
+                                                momentum, update, batches, *w[:18], *extra)
+    return HybridAdapterTrainFunction.apply(x, residual, extra, tuple(hw), w, keep, p, momentum,
+                                            update, batches, *w[:18])

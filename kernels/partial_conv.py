@@ -1,37 +1,27 @@
-"""The Hybrid Operation's partial conv (Fig. 3, step 1) as one Triton kernel per direction.
+"""The Hybrid Operation's partial conv (Fig. 3, step 1) in Triton, as
+`PartialConvResidualFunction`: one kernel a direction.
 
     y = x + concat(dwconv3x3(x[:, :cp], weight, bias, padding=1), x[:, cp:])
 
-Channels c < cp get x + conv(x); channels c >= cp get 2x. One pass over the map, no split/cat
-copies. A program handles one (b, block of BLOCK_C channels, tile of BLOCK_HW pixels); blocks with
-no channel below cp skip the stencil.
-
-Backward, with g = dL/dy:
+A program handles one (b, block of BLOCK_C channels, tile of BLOCK_HW pixels); blocks with no
+channel below cp skip the stencil. Backward, with g = dL/dy:
     grad_x[c]      = g[c] + conv_transpose3x3(g[c], weight[c])   for c < cp,   2 g[c] otherwise;
     grad_weight[c] = sum over (b, h, w) of g[c] * x[c] shifted by the tap's offset;
-    grad_bias[c]   = sum over (b, h, w) of g[c].
-The weight and bias reductions are split like the map: each program writes its tile's partial
-sums, and one small sum over programs finishes them. Autograd saves x and the weight.
+    grad_bias[c]   = sum over (b, h, w) of g[c];
+each program writes its tile's weight and bias partial sums, and one sum over programs finishes
+them. Autograd saves x and the weight.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .simam import accumulator_dtype, merged_hw_stride, with_merged_hw
+from .utils import accumulator_dtype, merged_hw_stride, with_merged_hw
 
 TILE = 2048  # elements a program holds, BLOCK_C * BLOCK_HW
 
 
-def tile_grid(x: torch.Tensor):
-    """(BLOCK_C, BLOCK_HW, n_tiles): the grid is (B * ceil(C / BLOCK_C), n_tiles)."""
-    B, C, H, W = x.shape
-    block_c = min(triton.next_power_of_2(C), 16)
-    block_hw = TILE // block_c
-    return block_c, block_hw, triton.cdiv(H * W, block_hw)
-
-
 @triton.jit
-def _program_tile(C, HW, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+def _program_tile(C, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     """This program's batch index, channel indices, pixel indices (h * W + w) and first channel."""
     n_cblocks = tl.cdiv(C, BLOCK_C)
     pid = tl.program_id(0)
@@ -71,7 +61,7 @@ def _partial_conv_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, C, H, W, cp,
                                  stride_b, stride_c, stride_hw, out_b, out_c, out_hw,
                                  BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     """y = x + (conv(x) + bias for c < cp, x otherwise)."""
-    b, c, hw, c_start = _program_tile(C, H * W, BLOCK_C, BLOCK_HW)
+    b, c, hw, c_start = _program_tile(C, BLOCK_C, BLOCK_HW)
     mask = (c < C)[:, None] & (hw < H * W)[None, :]
     base = x_ptr + b * stride_b + c[:, None] * stride_c
     x = tl.load(base + hw[None, :] * stride_hw, mask=mask, other=0.0).to(w_ptr.dtype.element_ty)
@@ -92,7 +82,7 @@ def _partial_conv_backward_kernel(x_ptr, g_ptr, w_ptr, dx_ptr, part_ptr, C, H, W
                                   BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     """grad_x of the tile; for conv channels also part[program, c, :] = this tile's
     (grad_weight[c, 0..8], grad_bias[c]) partial sums."""
-    b, c, hw, c_start = _program_tile(C, H * W, BLOCK_C, BLOCK_HW)
+    b, c, hw, c_start = _program_tile(C, BLOCK_C, BLOCK_HW)
     mask = (c < C)[:, None] & (hw < H * W)[None, :]
     g_base = g_ptr + b * g_b + c[:, None] * g_c
     g = tl.load(g_base + hw[None, :] * g_hw, mask=mask, other=0.0).to(w_ptr.dtype.element_ty)
@@ -111,6 +101,15 @@ def _partial_conv_backward_kernel(x_ptr, g_ptr, w_ptr, dx_ptr, part_ptr, C, H, W
         tl.store(part + 9, tl.sum(g, axis=1), mask=is_conv)
     tl.store(dx_ptr + b * dx_b + c[:, None] * dx_c + hw[None, :] * dx_hw,
              dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# -- host side ------------------------------------------------------------------------------------
+def tile_grid(x: torch.Tensor):
+    """(BLOCK_C, BLOCK_HW, n_tiles): the grid is (B * ceil(C / BLOCK_C), n_tiles)."""
+    B, C, H, W = x.shape
+    block_c = min(triton.next_power_of_2(C), 16)
+    block_hw = TILE // block_c
+    return block_c, block_hw, triton.cdiv(H * W, block_hw)
 
 
 def partial_conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -147,7 +146,7 @@ def partial_conv_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Ten
                                         grad.stride(0), grad.stride(1), g_stride_hw,
                                         dx.stride(0), dx.stride(1), merged_hw_stride(dx),
                                         BLOCK_C=block_c, BLOCK_HW=block_hw,
-                                        num_warps=8)  # 4 spill 256 B a thread on sm_90
+                                        num_warps=8)  # 4 warps spill registers (docs/kernels.md)
     part = part.sum(dim=0)  # finish the reductions over (b, tile)
     grad_weight = part[:, :9].reshape(weight.shape).to(weight.dtype)
     return dx, grad_weight, part[:, 9].to(weight.dtype)

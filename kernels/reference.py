@@ -9,6 +9,8 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .utils import destination
+
 
 def simam_reference(x: torch.Tensor, lam: float = 1e-4) -> torch.Tensor:
     """SimAM (Eq. 11-12): parameter-free attention, per sample and channel.
@@ -42,9 +44,8 @@ def partial_conv_residual_reference(x: torch.Tensor, weight: torch.Tensor, bias:
 class LowRankExtra(NamedTuple):
     """A term added to a Hybrid Adapter's output, gelu(h w + b), given by its factors instead of
     as (B, N, C) tokens: h (B*N, r) (rows of any stride), w (r, C), b (C,). An internal prompt
-    (`ivt.models.ivtuning.internal_prompts`, r = d3 = 8) is of this form; the fused adapter's
-    kernels compute it in registers, chunk by chunk of C (and in training its gradients), where
-    the tokens would cost B*N*C values written by two kernels and read by a third."""
+    (Sec. 3.4, r = d3 = 8) is of this form; the fused adapter's kernels make it (and in
+    training its gradients) in registers, chunk by chunk of C, instead of reading B*N*C tokens."""
     h: torch.Tensor
     w: torch.Tensor
     b: torch.Tensor
@@ -68,16 +69,6 @@ class NextNorm(NamedTuple):
     eps: float
     dtype: torch.dtype
     out: Optional[torch.Tensor] = None
-
-
-def destination(out: torch.Tensor, shape, dtype: torch.dtype, name: str) -> torch.Tensor:
-    """`out`, a tensor given for a kernel's result (such as a view of the patch rows of EVA02's
-    (B, 1 + N, C) tokens), checked: the result's shape and dtype, channels contiguous."""
-    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.stride(-1) != 1:
-        raise ValueError(f"{name}: expected a {tuple(shape)} {dtype} tensor with contiguous "
-                         f"channels, got {tuple(out.shape)} {out.dtype} with strides "
-                         f"{out.stride()}")
-    return out
 
 
 class HybridAdapterWeights(NamedTuple):

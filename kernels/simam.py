@@ -1,94 +1,24 @@
-"""SimAM (Eq. 11-12) as two Triton kernels per direction, with an analytic backward.
+"""SimAM (Eq. 11-12) in Triton: forward and analytic backward, as `SimAMFunction`.
 
-Per row r = (b, c) of a (B, C, H, W) map, with N = H*W and n = max(N - 1, 1):
+Per row (b, c) of a (B, C, H, W) map, with N = H*W and n = max(N - 1, 1):
     mu = mean(x),  v = sum((x - mu)^2) / n,  k = 1 / (4 (v + lam)),
     y = x * s,  s = sigmoid((x - mu)^2 k + 0.5).
-
-The op is memory-bound (see docs/benchmarks.md). Two strategies, chosen per call by the row length:
-* the row fits one program (next_power_of_2(H*W) <= ROW_TILE elements): one launch per direction,
-  one program per (b, block of channels) holding its rows in registers, reading x (and the
-  gradient) exactly once: the statistics, then y (or grad_x), from the same registers;
-* longer rows (the stage-1 maps at 384/512 input: 16 rows of 16k elements), where one program
-  per row would leave most of the GPU idle: two launches per direction over the same grid of
-  (b, channel block, chunk of H*W) programs:
-    forward:  partial sums per (row, chunk)  ->  finish the statistics, write y (and mu, k once);
-    backward: partial sums of the two gradient reductions  ->  finish them, write grad_x.
-  The statistics are accumulated around a shift (the row's first element), so that
-  sum((x - s)^2) does not cancel catastrophically when |mean| >> std.
-Autograd saves only x and (mu, k) per row; either backward works with either forward's stats.
-
-Both contiguous and channels-last maps are read in place: every map is addressed as
-    base + b * stride_b + c * stride_c + (h * W + w) * stride_hw,
-which holds whenever H and W can be merged into one axis (see `merged_hw_stride`).
+Rows of at most ROW_TILE elements take one launch a direction, each program holding whole rows
+(`_simam_row_forward_kernel`, `_simam_row_backward_kernel`). Longer rows take two launches a
+direction over (b, channel block, chunk of H*W) programs: partial sums, then the finish
+(`_simam_stats_partial_kernel` -> `_simam_forward_kernel`, `_simam_backward_partial_kernel` ->
+`_simam_backward_kernel`). Autograd saves x and (mu, k) per row. Contiguous and channels-last
+maps are read in place (`kernels.utils.merged_hw_stride`). Design notes: docs/kernels.md.
 """
 import torch
 import triton
 import triton.language as tl
 
+from .utils import accumulator_dtype, merged_hw_stride, with_merged_hw
+
 MAX_CHUNKS = 32  # chunks per row: enough programs to fill a GPU, few partials to finish
 TILE = 2048  # elements a program holds per tile, BLOCK_C * BLOCK_HW
 ROW_TILE = 8192  # the most elements a one-pass program holds (whole rows, BLOCK_C * BLOCK_HW)
-
-
-def merged_hw_stride(t: torch.Tensor):
-    """The stride s with t[b, c, h, w] at offset h*W*s + w*s, or None if H and W do not merge.
-
-    Contiguous maps give s = 1, channels-last maps s = C; any (B, C, H, W) view of token-layout
-    data (B, H*W, C) merges.
-    """
-    H, W = t.shape[2], t.shape[3]
-    if W == 1:
-        return t.stride(2)
-    if H == 1 or t.stride(2) == W * t.stride(3):
-        return t.stride(3)
-    return None
-
-
-def with_merged_hw(t: torch.Tensor):
-    """(t, its merged H*W stride), copying t to contiguous only when H and W do not merge."""
-    stride = merged_hw_stride(t)
-    if stride is None:
-        t = t.contiguous()
-        stride = merged_hw_stride(t)
-    return t, stride
-
-
-def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other float type is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def num_programs_target(device: torch.device) -> int:
-    """Programs worth launching: 4 per SM (132 SMs, an H100's count, under the interpreter)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" \
-        else 132
-    return 4 * sms
-
-
-def row_grid(x: torch.Tensor):
-    """Block sizes and grid shared by the four SimAM kernels.
-
-    Returns (BLOCK_C, BLOCK_HW, CHUNK_TILES, n_chunks): the (B * ceil(C / BLOCK_C), n_chunks) grid
-    splits each row into n_chunks <= MAX_CHUNKS chunks of CHUNK_TILES tiles of BLOCK_HW elements.
-    """
-    B, C, H, W = x.shape
-    block_c = min(triton.next_power_of_2(C), 16)
-    block_hw = TILE // block_c
-    n_tiles = triton.cdiv(H * W, block_hw)
-    row_blocks = B * triton.cdiv(C, block_c)
-    wanted = min(n_tiles, MAX_CHUNKS, triton.cdiv(num_programs_target(x.device), row_blocks))
-    chunk_tiles = triton.cdiv(n_tiles, wanted)
-    return block_c, block_hw, chunk_tiles, triton.cdiv(n_tiles, chunk_tiles)
-
-
-def one_pass_blocks(x: torch.Tensor):
-    """(BLOCK_C, BLOCK_HW, num_warps) when whole rows fit one program, else None."""
-    B, C, H, W = x.shape
-    block_hw = triton.next_power_of_2(H * W)
-    if block_hw > ROW_TILE:
-        return None
-    block_c = min(triton.next_power_of_2(C), 16, max(ROW_TILE // block_hw, 1))
-    return block_c, block_hw, min(16, max(4, block_c * block_hw // 512))
 
 
 @triton.jit
@@ -118,7 +48,7 @@ def _simam_stats_partial_kernel(x_ptr, part_ptr, C, HW, n_rows, n_chunks,
     b, c = _program_rows(C, BLOCK_C)
     chunk = tl.program_id(1)
     c_mask = c < C
-    # x[b, c, 0, 0]
+    # sums around x[b, c, 0, 0], so that sum((x - shift)^2) does not cancel when |mu| >> std
     shift = tl.load(x_ptr + b * stride_b + c * stride_c, mask=c_mask, other=0.0).to(acc_dtype)
     base = x_ptr + b * stride_b + c[:, None] * stride_c  # (BLOCK_C, 1)
     s1 = tl.zeros([BLOCK_C], dtype=acc_dtype)
@@ -280,6 +210,40 @@ def _simam_row_backward_kernel(x_ptr, g_ptr, stats_ptr, dx_ptr, C, HW, n, n_rows
     dx = g * s + 2.0 * xc * (q * k[:, None] + dv[:, None]) + dmu[:, None]
     tl.store(dx_ptr + b * dx_b + c[:, None] * dx_c + hw[None, :] * dx_hw,
              dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# -- host side ------------------------------------------------------------------------------------
+def num_programs_target(device: torch.device) -> int:
+    """Programs worth launching: 4 per SM (132 SMs, an H100's count, under the interpreter)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" \
+        else 132
+    return 4 * sms
+
+
+def row_grid(x: torch.Tensor):
+    """Block sizes and grid shared by the four SimAM kernels.
+
+    Returns (BLOCK_C, BLOCK_HW, CHUNK_TILES, n_chunks): the (B * ceil(C / BLOCK_C), n_chunks) grid
+    splits each row into n_chunks <= MAX_CHUNKS chunks of CHUNK_TILES tiles of BLOCK_HW elements.
+    """
+    B, C, H, W = x.shape
+    block_c = min(triton.next_power_of_2(C), 16)
+    block_hw = TILE // block_c
+    n_tiles = triton.cdiv(H * W, block_hw)
+    row_blocks = B * triton.cdiv(C, block_c)
+    wanted = min(n_tiles, MAX_CHUNKS, triton.cdiv(num_programs_target(x.device), row_blocks))
+    chunk_tiles = triton.cdiv(n_tiles, wanted)
+    return block_c, block_hw, chunk_tiles, triton.cdiv(n_tiles, chunk_tiles)
+
+
+def one_pass_blocks(x: torch.Tensor):
+    """(BLOCK_C, BLOCK_HW, num_warps) when whole rows fit one program, else None."""
+    B, C, H, W = x.shape
+    block_hw = triton.next_power_of_2(H * W)
+    if block_hw > ROW_TILE:
+        return None
+    block_c = min(triton.next_power_of_2(C), 16, max(ROW_TILE // block_hw, 1))
+    return block_c, block_hw, min(16, max(4, block_c * block_hw // 512))
 
 
 def simam_forward(x: torch.Tensor, lam: float):

@@ -1,6 +1,6 @@
 """The CPNet decoder and the saliency model: shapes on Swin and EVA02 backbones (non-square and
 odd sizes), the loss against a float64 formula (binary and soft targets), gradients, the
-parameter count from the spec's layer list (method.md sec. 6), and the feature taps: the stage
+parameter count from the decoder's layer list (`ivt.models.heads.cpnet`), and the feature taps: the stage
 outputs, or the release's (Z0 and the inputs of stages 2-4) computed by running the modules by
 hand."""
 import numpy as np
@@ -144,7 +144,7 @@ def test_only_trainable_parameters_get_gradients(tuning):
 
 
 def hand_count(c1, c2, c3, c4):
-    """The spec's layer list, layer by layer (conv weights k*k*in*out; BN 2C; LN 2C)."""
+    """The decoder's layer list, layer by layer (conv weights k*k*in*out; BN 2C; LN 2C)."""
     def conv_bn(cin, cout):
         return 9 * cin * cout + 2 * cout                      # conv3x3 without bias + BN
 
@@ -220,9 +220,9 @@ def test_release_taps_are_z0_and_the_inputs_of_stages_2_to_4():
         release = [z0] + stage_inputs
         assert [m.shape[1] for m in release] == [32, 64, 128, 256]
         assert [m.shape[2:] for m in release] == [(11, 15), (6, 8), (3, 4), (2, 2)]
-        for fast, fused in ((False, False), (True, False), (True, True)):
-            bb = build_backbone("swin_nano", "ivt", d2=16, taps="release", fast=fast,
-                                fused_adapters=fused).double().eval()
+        for impl in ("reference", "fast", "fused"):
+            bb = build_backbone("swin_nano", "ivt", d2=16, taps="release",
+                                impl=impl).double().eval()
             bb.load_state_dict(stages.backbone.state_dict())
             for got, want in zip(bb(vis, ir), release, strict=True):
                 torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

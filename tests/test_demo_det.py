@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT))
 import train_det  # noqa: E402
 from ivt.data.synthetic import write_m3fd  # noqa: E402
 from ivt.demo import PRESETS  # noqa: E402
-from ivt.demo_det import DET_PRESETS, train_args  # noqa: E402
+from ivt.demo.det import DET_PRESETS, train_args  # noqa: E402
 from ivt.models.detr.denoising import Denoising  # noqa: E402
 
 

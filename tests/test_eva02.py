@@ -1,4 +1,4 @@
-"""EVA02 backbone: parameter counts (spec sec. 3), IV-tuning wiring, every variant forward/backward,
+"""EVA02 backbone: parameter counts (Tab. 5), IV-tuning wiring, every variant forward/backward,
 checkpoint layouts (original release and timm, patch 14 into patch 16). Tiny configurations keep
 this CPU-only file fast; EVA02-L is built on the meta device, EVA02-B once on the CPU."""
 import math
@@ -30,7 +30,7 @@ def randomize(model):
 
 
 def visible_state(model, extra=None):
-    sd = {k: v.clone() for k, v in model.state_dict().items() if not model.is_ivt_name(k)}
+    sd = {k: v.clone() for k, v in model.state_dict().items() if not model.is_added_name(k)}
     return {**sd, **(extra or {})}
 
 
@@ -242,7 +242,7 @@ def test_checkpoint_layouts_patch14_into_patch16(tmp_path, layout):
         assert torch.equal(same.state_dict()[k], v), k
 
     model = tiny("ivt", patch=16, img=(64, 96))                        # paper's patch, 4x6 grid
-    before = {k: v.clone() for k, v in model.state_dict().items() if model.is_ivt_name(k)}
+    before = {k: v.clone() for k, v in model.state_dict().items() if model.is_added_name(k)}
     model.load_pretrained(str(path))
     own = model.state_dict()
     assert own["patch_embed.proj.weight"].shape == (64, 3, 16, 16)

@@ -1,6 +1,7 @@
-"""The fast path (`fast=True`) is a different forward over the same parameters: its outputs, a
-loss and every trainable gradient must equal the reference path's, for every IV-tuning variant,
-on Swin and EVA02, in float64, with dropout, drop-path and BatchNorm in training mode.
+"""The fast path (`impl="fast"`, `ivt.fast.make_fast`) is a different forward over the same
+parameters: its outputs, a loss and every trainable gradient must equal the reference path's, for
+every IV-tuning variant, on Swin and EVA02, in float64, with dropout, drop-path and BatchNorm in
+training mode, and with every memory option.
 
 At inference (eval mode, no autograd) the fast path's outputs equal the reference path's too,
 with random BatchNorm running statistics.
@@ -9,14 +10,23 @@ Also: the stage-batched IPAs equal the per-IPA modules, window attention's `extr
 attention over the window plus the extra tokens written out by hand, and the relative-position
 index stays out of the state dict.
 """
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from ivt.fast import make_fast
+from ivt.fast.prompts import _UpGelu, internal_prompts
+from ivt.fast.swin import FastSwinBlock
 from ivt.models import VARIANTS, build_backbone
 from ivt.models.eva02 import EVA02Backbone, EVA02Config
-from ivt.models.ivtuning import InternalPromptAdapter, IVTConfig, _UpGelu, internal_prompts
+from ivt.models.ivtuning import InternalPromptAdapter, IVTConfig
 from ivt.models.swin import SwinBlock
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def randomize(model):
@@ -28,14 +38,18 @@ def randomize(model):
     return model
 
 
-def tiny_eva(fast, variant="ivt", layers=None, checkpoint_blocks=False, fused=False,
-             recompute_frozen=False):
+def tiny_eva(fast, variant="ivt", layers=None, memory="keep", fused=False):
+    """A 3-block EVA02 with IV-tuning: the reference path, or with `fast` the fast (or `fused`)
+    one with the memory option `memory`."""
     cfg = EVA02Config(embed_dim=32, depth=3, num_heads=2, mlp_hidden=48, patch_size=8,
                       img_size=(24, 32), drop_path_rate=0.2)
-    return EVA02Backbone("tiny", cfg, "ivt", IVTConfig(variant=variant, layers=layers, d2=16,
-                                                       fused_adapters=fused),
-                         fast=fast, checkpoint_blocks=checkpoint_blocks,
-                         recompute_frozen=fast and recompute_frozen)
+    model = EVA02Backbone("tiny", cfg, "ivt", IVTConfig(variant=variant, layers=layers, d2=16))
+    return make_fast(model, "fused" if fused else "fast", memory) if fast else model
+
+
+def impl(fast, fused=False):
+    """build_backbone's `impl` for one side of a `pair`."""
+    return ("fused" if fused else "fast") if fast else "reference"
 
 
 def run(model, vis, ir):
@@ -83,7 +97,7 @@ def pair(build):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_swin_fast_equals_reference(variant):
     ref, fast = pair(lambda f: build_backbone("swin_nano", "ivt", variant=variant, d2=16,
-                                              fast=f, drop_path_rate=0.2))
+                                              impl=impl(f), drop_path_rate=0.2))
     torch.manual_seed(0)
     vis = torch.randn(2, 3, 44, 60, dtype=torch.float64)       # 11 x 15 tokens: odd, padded
     ir = torch.randn(2, 1, 44, 60, dtype=torch.float64)
@@ -91,13 +105,13 @@ def test_swin_fast_equals_reference(variant):
     assert_same_buffers(ref, fast)
 
 
-@pytest.mark.parametrize("layers, checkpoint, recompute",
-                         [([0, 3, 5], False, False), (None, True, False), ([2], True, False),
-                          (None, 3, False), (None, False, True), ([0, 3, 5], 3, True)])
-def test_swin_fast_layers_and_checkpointing(layers, checkpoint, recompute):
-    ref, fast = pair(lambda f: build_backbone("swin_nano", "ivt", layers=layers, d2=16, fast=f,
-                                              checkpoint_blocks=f and checkpoint,
-                                              recompute_frozen=f and recompute,
+@pytest.mark.parametrize("layers, memory",
+                         [([0, 3, 5], "keep"), (None, "checkpoint"), ([2], "checkpoint"),
+                          (None, "checkpoint:3"), (None, "recompute"),
+                          ([0, 3, 5], "checkpoint:3+recompute")])
+def test_swin_fast_layers_and_memory(layers, memory):
+    ref, fast = pair(lambda f: build_backbone("swin_nano", "ivt", layers=layers, d2=16,
+                                              impl=impl(f), memory=memory if f else "keep",
                                               drop_path_rate=0.2))
     torch.manual_seed(0)
     vis, ir = torch.randn(1, 3, 36, 28, dtype=torch.float64), torch.randn(1, 3, 36, 28,
@@ -115,12 +129,11 @@ def test_eva02_fast_equals_reference(variant):
     assert_same(run(ref, vis, ir), run(fast, vis, ir))
 
 
-@pytest.mark.parametrize("layers, checkpoint, recompute",
-                         [([1], False, False), (None, True, False), (None, 2, False),
-                          (None, False, True), ([0, 2], 1, True)])
-def test_eva02_fast_layers_and_checkpointing(layers, checkpoint, recompute):
-    ref, fast = pair(lambda f: tiny_eva(f, layers=layers, checkpoint_blocks=f and checkpoint,
-                                        recompute_frozen=recompute))
+@pytest.mark.parametrize("layers, memory",
+                         [([1], "keep"), (None, "checkpoint"), (None, "checkpoint:2"),
+                          (None, "recompute"), ([0, 2], "checkpoint:1+recompute")])
+def test_eva02_fast_layers_and_memory(layers, memory):
+    ref, fast = pair(lambda f: tiny_eva(f, layers=layers, memory=memory))
     torch.manual_seed(0)
     vis, ir = torch.randn(1, 3, 32, 24, dtype=torch.float64), torch.randn(1, 3, 32, 24,
                                                                           dtype=torch.float64)
@@ -152,10 +165,10 @@ def eval_pair(build):
 @pytest.mark.parametrize("fused", [False, True], ids=["fast", "fused"])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_swin_fast_inference_equals_reference(variant, fused):
-    """At inference; with fused_adapters each Hybrid Adapter, its residual and the internal
+    """At inference; with impl="fused" each Hybrid Adapter, its residual and the internal
     prompt are one `kernels.hybrid_adapter_eval` call (its PyTorch reference here, on the CPU)."""
     ref, fast = eval_pair(lambda f: build_backbone("swin_nano", "ivt", variant=variant, d2=16,
-                                                   fast=f, fused_adapters=f and fused))
+                                                   impl=impl(f, fused)))
     vis = torch.randn(2, 3, 44, 60, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     ir = torch.randn(2, 1, 44, 60, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     for a, b in zip(run_eval(ref, vis, ir), run_eval(fast, vis, ir)):
@@ -165,37 +178,54 @@ def test_swin_fast_inference_equals_reference(variant, fused):
 @pytest.mark.parametrize("fused", [False, True], ids=["fast", "fused"])
 @pytest.mark.parametrize("variant", ["ivt", "parallel", "ipa_deep", "ffn_only"])
 def test_eva02_fast_inference_equals_reference(variant, fused):
-    ref, fast = eval_pair(lambda f: tiny_eva(f, variant, fused=f and fused))
+    ref, fast = eval_pair(lambda f: tiny_eva(f, variant, fused=fused))
     vis = torch.randn(2, 3, 24, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     ir = torch.randn(2, 3, 24, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     for a, b in zip(run_eval(ref, vis, ir), run_eval(fast, vis, ir)):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11)
 
 
-def test_fast_and_reference_share_state_dict_keys_and_shapes():
+def test_fast_and_reference_share_state_dict_and_modules():
+    """make_fast changes no parameter, buffer or module name; impl="reference" undoes it."""
     pairs = [(build_backbone("swin_nano", "ivt"),
-              build_backbone("swin_nano", "ivt", fast=True, checkpoint_blocks=True)),
-             (tiny_eva(False), tiny_eva(True, checkpoint_blocks=True))]
+              build_backbone("swin_nano", "ivt", impl="fused", memory="checkpoint")),
+             (tiny_eva(False), tiny_eva(True, memory="checkpoint"))]
     for ref, fast in pairs:
         a, b = ref.state_dict(), fast.state_dict()
         assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
         assert not any(k.endswith("relative_position_index") for k in a)
+        assert [n for n, _ in ref.named_modules()] == [n for n, _ in fast.named_modules()]
+        assert [type(m) for m in ref.modules()] != [type(m) for m in fast.modules()]
+        make_fast(fast, "reference")
+        assert [type(m) for m in ref.modules()] == [type(m) for m in fast.modules()]
 
 
-@pytest.mark.parametrize("count", [0, 1, 3, 5, True])
-def test_checkpoint_blocks_count_recomputes_the_first_blocks(count, monkeypatch):
-    """checkpoint_blocks=n runs the first n blocks' forward twice (again in backward), the others
-    once; True all 8 of swin_nano's; 3 crosses from stage 1 (2 blocks) into stage 2."""
+def test_importing_the_package_imports_no_kernels():
+    """`ivt`, `ivt.models` and `ivt.trainer` load neither `kernels` nor Triton: only a fast or
+    fused model does (`ivt.fast`)."""
+    code = ("import sys, ivt, ivt.models, ivt.trainer; "
+            "assert 'kernels' not in sys.modules and 'triton' not in sys.modules; "
+            "ivt.models.build_backbone('swin_nano', 'ivt', impl='fast'); "
+            "assert 'kernels' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+@pytest.mark.parametrize("memory, count", [("keep", 0), ("checkpoint:1", 1),
+                                           ("checkpoint:3", 3), ("checkpoint:5", 5),
+                                           ("checkpoint", 8)])
+def test_checkpoint_n_recomputes_the_first_blocks(memory, count, monkeypatch):
+    """memory="checkpoint:n" runs the first n blocks' forward twice (again in backward), the
+    others once; "checkpoint" all 8 of swin_nano's; 3 crosses from stage 1 (2 blocks) into
+    stage 2."""
     calls = []
-    original = SwinBlock._forward_fast
-    monkeypatch.setattr(SwinBlock, "_forward_fast",
+    original = FastSwinBlock.body
+    monkeypatch.setattr(FastSwinBlock, "body",
                         lambda self, *a: calls.append(self) or original(self, *a))
-    model = build_backbone("swin_nano", "ivt", d2=16, fast=True, checkpoint_blocks=count)
+    model = build_backbone("swin_nano", "ivt", d2=16, impl="fast", memory=memory)
     blocks = [b for stage in model.layers for b in stage.blocks]
     vis, ir = torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64)
     sum(o.sum() for o in model(vis, ir)).backward()
-    n = len(blocks) if count is True else count
-    assert [sum(c is b for c in calls) for b in blocks] == [2] * n + [1] * (len(blocks) - n)
+    assert [sum(c is b for c in calls) for b in blocks] == [2] * count + [1] * (8 - count)
 
 
 def forward_counts(model, names):
@@ -211,16 +241,17 @@ def forward_counts(model, names):
 
 @pytest.mark.parametrize("family", ["swin", "eva02"])
 @pytest.mark.parametrize("recompute", [False, True])
-def test_recompute_frozen_reruns_each_sublayer_up_to_its_last_linear(family, recompute):
-    """recompute_frozen: in backward each block reruns its frozen sub-layers up to, not including,
-    their last Linear (which keeps nothing for backward): q/k/v and the MLP's first Linear(s)
-    run twice, the output projections and fc2 once; the adapters are not rerun."""
+def test_recompute_reruns_each_sublayer_up_to_its_last_linear(family, recompute):
+    """memory="recompute": in backward each block reruns its frozen sub-layers up to, not
+    including, their last Linear (which keeps nothing for backward): q/k/v and the MLP's first
+    Linear(s) run twice, the output projections and fc2 once; the adapters are not rerun."""
+    memory = "recompute" if recompute else "keep"
     if family == "swin":
-        model = build_backbone("swin_nano", "ivt", d2=16, fast=True, recompute_frozen=recompute)
+        model = build_backbone("swin_nano", "ivt", d2=16, impl="fast", memory=memory)
         names, vis = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "ha1.down"], (1, 3, 64, 64)
         blocks = sum(len(stage.blocks) for stage in model.layers)
     else:
-        model = tiny_eva(True, recompute_frozen=recompute)
+        model = tiny_eva(True, memory=memory)
         names = ["attn.k_proj", "attn.proj", "mlp.fc1_g", "mlp.fc2", "ha1.down"]
         vis = (1, 3, 24, 32)
         blocks = len(model.blocks)
@@ -232,36 +263,39 @@ def test_recompute_frozen_reruns_each_sublayer_up_to_its_last_linear(family, rec
 
 
 @pytest.mark.parametrize("variant", ["parallel", "ipa_deep", "mhsa_only", "ir_missing"])
-def test_recompute_frozen_equals_reference(variant):
+def test_recompute_equals_reference(variant):
     ref, fast = pair(lambda f: build_backbone("swin_nano", "ivt", variant=variant, d2=16,
-                                              fast=f, recompute_frozen=f, drop_path_rate=0.2))
+                                              impl=impl(f), memory="recompute" if f else "keep",
+                                              drop_path_rate=0.2))
     torch.manual_seed(0)
     vis = torch.randn(2, 3, 44, 60, dtype=torch.float64)
     ir = torch.randn(2, 1, 44, 60, dtype=torch.float64)
     assert_same(run(ref, vis, ir), run(fast, vis, ir))
-    ref, fast = pair(lambda f: tiny_eva(f, variant, recompute_frozen=True))
+    ref, fast = pair(lambda f: tiny_eva(f, variant, memory="recompute"))
     vis, ir = torch.randn(2, 3, 24, 40, dtype=torch.float64), torch.randn(2, 3, 24, 40,
                                                                           dtype=torch.float64)
     assert_same(run(ref, vis, ir), run(fast, vis, ir))
 
 
-def test_checkpointing_recomputation_and_fused_adapters_need_fast_ivt():
-    with pytest.raises(ValueError, match="recompute_frozen=True needs fast"):
-        build_backbone("swin_nano", "ivt", recompute_frozen=True)
+def test_memory_options_need_a_fast_impl_and_ivt():
+    with pytest.raises(ValueError, match="memory='recompute' needs impl 'fast' or 'fused'"):
+        build_backbone("swin_nano", "ivt", memory="recompute")
     cfg = EVA02Config(embed_dim=32, depth=3, num_heads=2, mlp_hidden=48, patch_size=8)
-    with pytest.raises(ValueError, match="recompute_frozen=True needs fast=True and tuning='ivt'"):
-        EVA02Backbone("tiny", cfg, "full", None, fast=True, recompute_frozen=True)
-    with pytest.raises(ValueError, match="fused_adapters"):
-        build_backbone("swin_nano", "ivt", fused_adapters=True)
-    with pytest.raises(ValueError, match="checkpoint_blocks"):
-        build_backbone("swin_nano", "ivt", checkpoint_blocks=True)
-    with pytest.raises(ValueError, match="checkpoint_blocks"):
-        build_backbone("swin_nano", "full", fast=True, checkpoint_blocks=True)
-    with pytest.raises(ValueError, match="checkpoint_blocks=2 needs fast"):
-        build_backbone("swin_nano", "ivt", checkpoint_blocks=2)
-    for bad in (-1, 1.5, "all"):
+    with pytest.raises(ValueError, match="needs impl 'fast' or 'fused' and tuning 'ivt'"):
+        make_fast(EVA02Backbone("tiny", cfg, "full", None), "fast", "recompute")
+    with pytest.raises(ValueError, match="impl='turbo'"):
+        build_backbone("swin_nano", "ivt", impl="turbo")
+    with pytest.raises(ValueError, match="memory='checkpoint' needs"):
+        build_backbone("swin_nano", "ivt", memory="checkpoint")
+    with pytest.raises(ValueError, match="memory='checkpoint' needs"):
+        build_backbone("swin_nano", "full", impl="fast", memory="checkpoint")
+    with pytest.raises(ValueError, match="memory='checkpoint:2' needs impl"):
+        build_backbone("swin_nano", "ivt", memory="checkpoint:2")
+    for bad in ("checkpoint:0", "checkpoint:-1", "checkpoint:1.5", "checkpoint:all", "all",
+                "recompute+checkpoint:2", "checkpoint+recompute"):
         with pytest.raises(ValueError, match="number of blocks"):
-            build_backbone("swin_nano", "ivt", fast=True, checkpoint_blocks=bad)
+            build_backbone("swin_nano", "ivt", impl="fast", memory=bad)
+    build_backbone("swin_nano", "full", impl="fused")          # nothing to speed up: no error
 
 
 @pytest.mark.parametrize("projection, simam", [(True, True), (False, True), (True, False)])
@@ -372,17 +406,18 @@ def test_eva02_attention_extra_kv():
     torch.testing.assert_close(ours, full, rtol=1e-10, atol=1e-12)
 
 
-def test_eva02_heads_fast_rotates_q_and_k_at_once_and_leaves_cls_alone():
-    """`heads_fast` with `with_cls_row` tables equals `heads` (which splits the cls token off,
-    rotates the patch tokens' q and k one after the other and puts cls back), value and input
-    gradient, on real rotary tables."""
-    from ivt.models.eva02 import rope_sin_cos, with_cls_row
+def test_eva02_fast_heads_rotate_q_and_k_at_once_and_leave_cls_alone():
+    """`attention_heads` with `with_cls_row` tables equals `Attention.heads` (which splits the
+    cls token off, rotates the patch tokens' q and k one after the other and puts cls back),
+    value and input gradient, on real rotary tables."""
+    from ivt.fast.eva02 import attention_heads, with_cls_row
+    from ivt.models.eva02 import rope_sin_cos
     torch.manual_seed(6)
     attn = randomize(tiny_eva(False).double()).blocks[1].attn
     rope = rope_sin_cos((3, 4), 16, device="cpu")
     x = torch.randn(2, 1 + 12, 32, dtype=torch.float64, requires_grad=True)
     r = torch.randn(2, 1 + 12, 32, dtype=torch.float64)
-    ours = attn.heads_fast(x, with_cls_row(rope))
+    ours = attention_heads(attn, x, with_cls_row(rope))
     (g_ours,) = torch.autograd.grad((ours * r).sum(), x)
     reference = attn.heads(x, rope)
     (g_ref,) = torch.autograd.grad((reference * r).sum(), x)
@@ -419,7 +454,7 @@ class ScaleHook(torch.nn.Module):
 
 
 def test_fast_path_calls_other_hooks_as_usual():
-    ref, fast = pair(lambda f: build_backbone("swin_nano", "ivt", d2=16, fast=f,
+    ref, fast = pair(lambda f: build_backbone("swin_nano", "ivt", d2=16, impl=impl(f),
                                               drop_path_rate=0.0))
     for model in (ref, fast):
         model.layers[1].blocks[0].adapters = ScaleHook()

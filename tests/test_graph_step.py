@@ -20,9 +20,9 @@ def loss_fn(model, batch):
 
 # the fast path; the fused Hybrid Adapters with the frozen sub-layers recomputed in backward;
 # the fused adapters with the first block checkpointed
-OPTIONS = {"fast": {"fast": True},
-           "fused_lean": {"fast": True, "fused_adapters": True, "recompute_frozen": True},
-           "fused_ckpt1": {"fast": True, "fused_adapters": True, "checkpoint_blocks": 1}}
+OPTIONS = {"fast": {"impl": "fast"},
+           "fused:recompute": {"impl": "fused", "memory": "recompute"},
+           "fused:checkpoint:1": {"impl": "fused", "memory": "checkpoint:1"}}
 
 
 def model(device, options=OPTIONS["fast"]):
@@ -100,7 +100,7 @@ def test_graphed_steps_equal_eager_steps(optim, options):
         lg = graphed(batch, (0.01 if optim == "sgd" else 1e-3) * lr_scale)
         torch.testing.assert_close(lg, le, rtol=1e-4, atol=1e-5)
     assert_same_run(graph_model, eager_model, start,
-                    tf32=OPTIONS[options].get("fused_adapters", False))
+                    tf32=OPTIONS[options]["impl"] == "fused")
     other = next(batches(device, 1, size=(32, 96)))
     with pytest.raises(ValueError, match="vis"):
         graphed(other, 1e-3)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from ivt.fast.adapters import kernel_weights
 from ivt.models.ivtuning import HybridAdapter
 from kernels.reference import HybridAdapterWeights, hybrid_adapter_eval_reference
 
@@ -202,20 +203,22 @@ def test_next_norm_reference():
 
 
 def tiny_eva02(fused: bool, d2: int = 16, fast: bool = True, seed: int = 0):
-    """A 3-block EVA02 (width 32, 8 x 8 patches) with IV-tuning, its weights drawn from seed."""
+    """A 3-block EVA02 (width 32, 8 x 8 patches) with IV-tuning, its weights drawn from seed: on
+    the fast path (impl "fused" or "fast"), or with fast=False the reference path."""
+    from ivt.fast import make_fast
     from ivt.models.eva02 import EVA02Backbone, EVA02Config
     from ivt.models.ivtuning import IVTConfig
 
     torch.manual_seed(seed)
     cfg = EVA02Config(embed_dim=32, depth=3, num_heads=2, mlp_hidden=48, patch_size=8,
                       img_size=(24, 32), drop_path_rate=0.0)
-    return EVA02Backbone("tiny", cfg, "ivt", IVTConfig(d2=d2, dropout=0.0, fused_adapters=fused),
-                         fast=fast)
+    model = EVA02Backbone("tiny", cfg, "ivt", IVTConfig(d2=d2, dropout=0.0))
+    return make_fast(model, "fused" if fused else "fast") if fast else model
 
 
 def swin_nano(fused: bool):
     from ivt.models import build_backbone
-    return build_backbone("swin_nano", "ivt", fast=True, fused_adapters=fused, d2=20)
+    return build_backbone("swin_nano", "ivt", impl="fused" if fused else "fast", d2=20)
 
 
 # backbone: (build(fused) on the fast path, input (H, W): 13 x 9 tokens; 5 x 4 and a cls token)
@@ -237,10 +240,11 @@ HAND_OVERS = {
 @pytest.mark.parametrize("backbone", list(HAND_OVERS))
 def test_fused_inference_hands_on_each_layer_norm(monkeypatch, backbone, autocast):
     """At inference with fused adapters, each adapter's call also makes the LayerNorm that the
-    next sub-layer reads (`ivt.models.swin.fused_eval_stage`, `EVA02Block.forward_fused_eval`;
+    next sub-layer reads (`ivt.fast.swin.FastSwinStage`, `ivt.fast.eva02.fused_eval_block`;
     here on the reference kernels), in bfloat16 under bf16 autocast, and the model's outputs are
     the fast path's (float64: to rounding). EVA02's adapters write the patch rows of the
-    (B, 1 + N, C) results in place (`BlockAdapters.fused_eval`'s `lead`): no concatenation."""
+    (B, 1 + N, C) results in place (`FastBlockAdapters.fused_eval`'s `lead`): no
+    concatenation."""
     (build_model, (height, width)), (hands_on, cls_rows_joined) = (MODELS[backbone],
                                                                    HAND_OVERS[backbone])
 
@@ -534,7 +538,7 @@ def test_tile_sizes_on_the_benchmarked_shapes(monkeypatch):
     BLOCK_M / BLOCK_C fix them; off a GPU the tiles are 32 tokens."""
     import kernels.hybrid_adapter as fused
     gpu = torch.device("cuda")
-    monkeypatch.setattr(fused, "_multiprocessors", lambda device: 132)
+    monkeypatch.setattr(fused, "MULTIPROCESSORS", 132)
     shapes = {"swin_l stage 1": (8 * 96 * 96, 192), "stage 2": (8 * 48 * 48, 384),
               "stage 3": (8 * 24 * 24, 768), "stage 4": (8 * 12 * 12, 1536),
               "eva02_l": (2 * 32 * 32, 1024), "odd width": (8 * 96 * 96, 100)}
@@ -543,7 +547,7 @@ def test_tile_sizes_on_the_benchmarked_shapes(monkeypatch):
                       "stage 4": (16, 64), "eva02_l": (16, 64), "odd width": (32, 32)}
     assert fused.tile_sizes(132 * 16, 1024, gpu)[0] == 16          # 132 tiles: one wave
     assert fused.tile_sizes(132 * 16 + 1, 1024, gpu)[0] == 32      # 133 would need two
-    monkeypatch.setattr(fused, "_multiprocessors", lambda device: None)       # no GPU
+    monkeypatch.setattr(fused, "MULTIPROCESSORS", None)       # no GPU
     assert fused.tile_sizes(8 * 24 * 24, 768, torch.device("cpu")) == (32, 64)
     monkeypatch.setattr(fused, "BLOCK_M", 64)
     monkeypatch.setattr(fused, "BLOCK_C", 16)
@@ -556,14 +560,14 @@ def test_backward_programs_one_wave(monkeypatch):
     within the partial-sum budget, and on a 132-SM GPU at most the 132 it holds at once (a
     133rd would start only when one of those had finished all its tiles)."""
     import kernels.hybrid_adapter as fused
-    monkeypatch.setattr(fused, "_multiprocessors", lambda device: 132)
     monkeypatch.setattr(fused, "PARTIAL_FLOATS", 2 ** 21)
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
     row = (64 * 64 + 3 * 64) + (64 * 64 + 64) + (16 * 10 + 64)      # d2 = 64: 8,672 floats
-    assert fused._programs(2304, row, gpu) == 132               # Swin-L stage 1, batch 8
-    assert fused._programs(100, row, gpu) == 100                # one per tile
-    assert fused._programs(2304, 2 ** 21 // 50, gpu) == 50      # the budget
-    monkeypatch.setattr(fused, "_multiprocessors", lambda device: None)
+    with fused.assume_multiprocessors(132):
+        assert fused._programs(2304, row, gpu) == 132           # Swin-L stage 1, batch 8
+        assert fused._programs(100, row, gpu) == 100            # one per tile
+        assert fused._programs(2304, 2 ** 21 // 50, gpu) == 50  # the budget
+        assert fused._programs(2304, row, cpu) == 132           # any device, as compile_check
     assert fused._programs(2304, row, cpu) == 241               # no GPU: the budget's
 
 
@@ -581,7 +585,7 @@ def test_reference_is_the_adapter_at_inference():
     prompt = torch.randn(2, 5 * 7, 40, dtype=torch.float64)
     with torch.no_grad():
         expected = ha(x, (5, 7)) + prompt
-        got = hybrid_adapter_eval_reference(x, x, prompt, (5, 7), ha.kernel_weights())
+        got = hybrid_adapter_eval_reference(x, x, prompt, (5, 7), kernel_weights(ha))
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12,
                                msg=lambda m: f"KERNELS_TEST_SEED={SEED}: {m}")
 
@@ -660,22 +664,21 @@ def assert_fused_step_equals_reference(build, size, monkeypatch):
 
 @pytest.mark.skipif(not (kernels.TRITON_INSTALLED and kernels.triton_interpreter_on()),
                     reason="needs TRITON_INTERPRET=1")
-@pytest.mark.parametrize("variant, options", [("ivt", {}),
-                                              ("parallel", {"checkpoint_blocks": True}),
-                                              ("ivt", {"recompute_frozen": True})])
-def test_fused_training_step_equals_reference_path(variant, options, monkeypatch):
+@pytest.mark.parametrize("variant, memory", [("ivt", "keep"), ("parallel", "checkpoint"),
+                                             ("ivt", "recompute")])
+def test_fused_training_step_equals_reference_path(variant, memory, monkeypatch):
     """A whole Swin training step with every Hybrid Adapter in the Triton training kernels
     (interpreter, float64, dropout off so that both paths draw nothing): outputs, every
     gradient and the BatchNorm running statistics equal the reference path's; under
-    checkpoint_blocks the recomputation leaves the running statistics alone; recompute_frozen
+    memory="checkpoint" the recomputation leaves the running statistics alone; "recompute"
     recomputes the frozen sub-layers around the adapters' kernels."""
     from ivt.models import build_backbone
 
     def build(fused):
         torch.manual_seed(0)
         return build_backbone("swin_nano", "ivt", variant=variant, d2=20, dropout=0.0,
-                              drop_path_rate=0.0, fast=fused, fused_adapters=fused,
-                              **(options if fused else {})).double()
+                              drop_path_rate=0.0, impl="fused" if fused else "reference",
+                              memory=memory if fused else "keep").double()
 
     assert_fused_step_equals_reference(build, (36, 28), monkeypatch)    # 9 x 7 tokens
 
@@ -701,8 +704,8 @@ def test_fused_training_with_dropout_replays_its_mask_under_checkpointing(monkey
 
     def build(checkpoint):
         torch.manual_seed(0)
-        return build_backbone("swin_nano", "ivt", d2=16, fast=True, fused_adapters=True,
-                              checkpoint_blocks=checkpoint).double()
+        return build_backbone("swin_nano", "ivt", d2=16, impl="fused",
+                              memory="checkpoint" if checkpoint else "keep").double()
 
     plain, checkpointed = build(False), build(True)
     checkpointed.load_state_dict(plain.state_dict())

@@ -94,7 +94,7 @@ def test_hybrid_adapter_eq_15():
     z, hw = torch.randn(2, 12, 16, dtype=torch.float64), (3, 4)
     ref = z + ha.up(F.gelu(ha.ho(ha.down(ha.sft(z)), hw)))
     torch.testing.assert_close(ha(z, hw), ref)
-    # per-block counts of the spec's Swin-L breakdown at C = 192, d2 = 64
+    # per-block counts of Swin-L's breakdown at C = 192, d2 = 64
     big = HybridAdapter(192, 64)
     assert n_params(big.down) + n_params(big.up) == 129 * 192 + 64
     assert n_params(big.ho) == 8_608 and n_params(big.sft) == 4 * 192

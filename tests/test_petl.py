@@ -280,9 +280,10 @@ def test_delta_checkpoint_reproduces_predictions(tmp_path, method):
 
 # -- the comparison demo --------------------------------------------------------------------------
 def test_demo_methods_smoke(tmp_path):
-    """`ivt.demo_methods.run` plumbing on the demo's smoke preset: one row per mode, counts
+    """`ivt.demo.methods.run` plumbing on the demo's smoke preset: one row per mode, counts
     from the built models, metrics in range."""
-    from ivt import demo, demo_methods
+    from ivt import demo
+    from ivt.demo import methods as demo_methods
     summary = demo_methods.run(tmp_path, seed=1, quiet=True, settings=demo.PRESETS["smoke"])
     assert list(summary) == list(demo_methods.RUNS)
     for name, r in summary.items():

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from ivt.fast import make_fast
 from ivt.models import build_backbone
 from ivt.models.eva02 import EVA02Backbone, EVA02Config
 from ivt.models.ivtuning import IVTConfig
@@ -14,19 +15,19 @@ from ivt.models.segmentor import build_segmentor
 from ivt.precision import MATMUL_LAYERS, store_frozen_weights
 
 
-def tiny_eva02(fast: bool) -> nn.Module:
+def tiny_eva02_fast() -> nn.Module:
     cfg = EVA02Config(embed_dim=32, depth=3, num_heads=2, mlp_hidden=48, patch_size=8,
                       img_size=(24, 32), drop_path_rate=0.0)
-    return EVA02Backbone("tiny", cfg, "ivt", IVTConfig(d2=16), fast=fast)
+    return make_fast(EVA02Backbone("tiny", cfg, "ivt", IVTConfig(d2=16)), "fast")
 
 
 CASES = {
     "ivt reference": lambda: build_backbone("swin_nano", "ivt"),
-    "ivt fast, recompute_frozen": lambda: build_backbone("swin_nano", "ivt", fast=True,
-                                                         recompute_frozen=True),
-    "ivt fast, checkpoint_blocks": lambda: build_backbone("swin_nano", "ivt", fast=True,
-                                                          checkpoint_blocks=True),
-    "eva02 ivt fast": lambda: tiny_eva02(True),
+    "ivt fast, recompute": lambda: build_backbone("swin_nano", "ivt", impl="fast",
+                                                  memory="recompute"),
+    "ivt fast, checkpoint": lambda: build_backbone("swin_nano", "ivt", impl="fast",
+                                                   memory="checkpoint"),
+    "eva02 ivt fast": tiny_eva02_fast,
     "freeze + head": lambda: build_segmentor("swin_nano", 9, "freeze", head_dim=32),
     "vpt": lambda: build_backbone("swin_nano", "vpt"),
     "adaptformer": lambda: build_backbone("swin_nano", "adaptformer"),
@@ -50,7 +51,7 @@ def bf16_step(model: nn.Module, vis: torch.Tensor, ir: torch.Tensor):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bf16_frozen_weights_give_the_same_step(case):
-    """The fused adapters (`fused_adapters=True`) are left out: their kernels read only the
+    """The fused adapters (impl="fused") are left out: their kernels read only the
     adapters' own float32 weights, and the frozen layers around them are the fast path's."""
     torch.manual_seed(1)
     model = CASES[case]().train()

@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT))                    # the scripts live at the root
 import predict  # noqa: E402
 from ivt.data.synthetic import render_scene, write_m3fd, write_mfnet, write_vt  # noqa: E402
 from ivt.data.transforms import thermal_to_tensor, visible_to_tensor  # noqa: E402
+from ivt.models import normalization_for  # noqa: E402
 from ivt.tasks import config_normalization, load_trained  # noqa: E402
 
 TINY = ["--backbone", "swin_nano", "--d2", "8", "--batch-size", "2", "--eval-every", "1",
@@ -280,7 +281,8 @@ def test_seg_pads_to_the_patch_size():
             yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
             return ((yy + 2 * xx) % 9).expand(b, h, w)
 
-    p = predict.SegPredictor(Stub(), {"backbone": "swin_nano"}, None)
+    config = {"backbone": "swin_nano", "normalization": normalization_for("swin_nano").as_dict()}
+    p = predict.SegPredictor(Stub(), config, None)
     p.multiple = 16
     vis, ir = scene(0, (37, 53))
     v, i = p.prepare(vis, ir)

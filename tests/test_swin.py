@@ -8,7 +8,7 @@ import torch
 from ivt.models import VARIANTS, CheckpointError, build_backbone
 from ivt.models.swin import SwinBlock, checkpoint_filter_fn
 
-# The paper's #TP for Swin-L (spec sec. 3), exact.
+# The paper's #TP for Swin-L (Tab. 5), exact.
 SWIN_L_COUNTS = [
     ({}, 6_062_788),
     (dict(variant="empg_only"), 15_172),
@@ -202,9 +202,9 @@ def test_window_attention_matches_brute_force(shifted, hw, attention):
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("tuning,options", [("full", {}), ("ivt", {"fast": True}),
-                                            ("vpt", {}), ("ivt", {"recompute_frozen": True,
-                                                                  "fast": True})])
+@pytest.mark.parametrize("tuning,options", [("full", {}), ("ivt", {"impl": "fast"}),
+                                            ("vpt", {}), ("ivt", {"impl": "fast",
+                                                                  "memory": "recompute"})])
 def test_explicit_attention_equals_sdpa(tuning, options):
     """attention="math" (softmax(q k^T / sqrt(d) + bias) v, the bias broadcast over a batch of
     3) and the default "sdpa" are the same function: outputs and every gradient, the relative
@@ -297,7 +297,7 @@ def test_both_checkpoint_layouts_load(name, tmp_path):
         for k, v in sd.items():
             assert torch.equal(own[k], v), (f.name, k)
         assert trainable(bb) > 0 and not any(p.requires_grad for n, p in bb.named_parameters()
-                                             if not bb.is_ivt_name(n))
+                                             if not bb.is_added_name(n))
 
 
 def test_relative_position_table_is_resized_for_another_window(tmp_path):

@@ -145,9 +145,9 @@ def test_fast_impl_trains_like_the_reference(data, tmp_path, capsys):
     recomputed) and --impl fused (on the CPU: the fast path, Triton needing a GPU) train like the
     reference."""
     runs = {"reference": ["--impl", "reference"],
-            "fast": ["--impl", "fast", "--checkpoint-blocks"],
-            "fast_3": ["--impl", "fast", "--checkpoint-blocks", "3"],
-            "lean": ["--impl", "fast", "--recompute-frozen"],
+            "fast": ["--impl", "fast", "--memory", "checkpoint"],
+            "fast_3": ["--impl", "fast", "--memory", "checkpoint:3"],
+            "lean": ["--impl", "fast", "--memory", "recompute"],
             "fused": ["--impl", "fused"]}
     logs = {}
     for name, extra in runs.items():
@@ -159,32 +159,29 @@ def test_fast_impl_trains_like_the_reference(data, tmp_path, capsys):
                              logs["lean"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) == c["loss"] == d["loss"]
         assert d["loss"] == e["loss"]
-    err = fails_with(tiny_args(data, tmp_path / "x", 2, "--checkpoint-blocks"), capsys)
-    assert "--checkpoint-blocks needs --impl fast" in err
-    err = fails_with(tiny_args(data, tmp_path / "x", 2, "--recompute-frozen"), capsys)
-    assert "--recompute-frozen needs --impl fast" in err
+    err = fails_with(tiny_args(data, tmp_path / "x", 2, "--memory", "checkpoint"), capsys)
+    assert "--memory checkpoint needs --impl fast" in err
+    err = fails_with(tiny_args(data, tmp_path / "x", 2, "--memory", "recompute", "--impl",
+                               "fast", "--tuning", "full"), capsys)
+    assert "--memory recompute needs --impl fast (or fused) and --tuning ivt" in err
     with pytest.raises(SystemExit) as e:
         train_seg.main(tiny_args(data, tmp_path / "x", 2, "--impl", "fast",
-                                 "--checkpoint-blocks", "0"))
+                                 "--memory", "checkpoint:0"))
     assert e.value.code == 2
-    assert "--checkpoint-blocks: expected a number of blocks >= 1" in capsys.readouterr().err
+    assert "a number of blocks >= 1" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("saved, built", [("all", True), (True, True), (3, 3), (None, None)])
-def test_checkpoint_blocks_setting_reaches_the_backbone(saved, built):
-    """A run's --checkpoint-blocks ('all' or N; True in runs saved before N existed) is what the
-    backbone gets."""
-    kw = trainer.backbone_kwargs({"backbone": "swin_nano", "tuning": "ivt", "impl": "fast",
-                          "checkpoint_blocks": saved})
-    assert kw.get("checkpoint_blocks") == built and type(kw.get("checkpoint_blocks")) is type(built)
+@pytest.mark.parametrize("config", [{}, {"impl": "fast", "memory": "checkpoint:3"},
+                                    {"impl": "fused", "memory": "recompute"}])
+def test_impl_and_memory_settings_reach_the_backbone(config):
+    kw = trainer.backbone_kwargs({"backbone": "swin_nano", "tuning": "ivt", **config})
+    assert {k: kw[k] for k in ("impl", "memory") if k in kw} == config
 
 
-def test_recompute_frozen_setting_reaches_the_backbone():
-    kw = trainer.backbone_kwargs({"backbone": "swin_nano", "tuning": "ivt", "impl": "fused",
-                                  "recompute_frozen": True})
-    assert kw["recompute_frozen"] is True and kw["fast"] and kw["fused_adapters"]
-    assert "recompute_frozen" not in trainer.backbone_kwargs({"backbone": "swin_nano",
-                                                              "impl": "fast"})
+def test_impl_memory_and_kernels_do_not_change_the_run():
+    """A run resumes with another implementation, memory option or kernel backend: the same
+    weights and results."""
+    assert {"impl", "memory", "kernels"} <= set(trainer.RUN_ONLY)
 
 
 def test_eva02_runs_get_clip_normalisation(data, tmp_path, monkeypatch):

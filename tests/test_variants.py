@@ -1,15 +1,15 @@
-"""IV-tuning's variants (spec sec. 4, the paper's Tables 5-6 and Fig. 4) checked by value.
+"""IV-tuning's variants (the paper's Sec. 4.6, Tables 5-6 and Fig. 4) checked by value.
 
 For every variant, a tiny Swin and a tiny EVA02 (float64, eval mode, seeded random weights) run
 once with hooks on EMPG and every block. Each recorded block output is then recomputed by the
 formulas written below from the block's own frozen sub-layers and the adapters' weights, with
-the variant's wiring taken from `EXPECTED` (written out here from the spec, not read from
+the variant's wiring taken from `EXPECTED` (written out here from the paper, not read from
 `IVTConfig`): which of HA1/IPA1/HA2/IPA2 exist, sequential or parallel HA input, which prompt each
 block's IPAs read, SimAM or not, IPA projections or not, EMPG's visible stream or not, and what
 the infrared stream is fed. Separate tests check the defining differences directly: parallel and
 sequential outputs differ; `ir_missing` equals IV-tuning fed vis as ir; `pe_ir`'s P_E does not
 change with the visible image; `layers` leaves the other blocks pure visible blocks.
-Only the reference forward (the default, `fast=False`) is tested here.
+Only the reference forward (the default, `impl="reference"`) is tested here.
 """
 import math
 from typing import Dict, List, Optional
@@ -26,7 +26,7 @@ from ivt.models.swin import SwinBackbone, SwinConfig
 
 BASE = dict(ha=(0, 1), ipa=(0, 1), parallel=False, deep=False, simam=True, projection=True,
             visible=True, ir_is_vis=False)
-# What each variant is (spec sec. 4); positions: 0 after attention, 1 after the MLP.
+# What each variant is (Sec. 4.6); positions: 0 after attention, 1 after the MLP.
 EXPECTED: Dict[str, dict] = {
     "ivt": {},
     "empg_only": dict(ha=(), ipa=()),
@@ -41,12 +41,6 @@ EXPECTED: Dict[str, dict] = {
     "ir_missing": dict(ir_is_vis=True),
 }
 LAM = 1e-4
-
-
-@pytest.fixture(autouse=True)
-def reference_kernels(monkeypatch):
-    """SimAM and the partial convolution in their pure-PyTorch reference (`kernels`)."""
-    monkeypatch.setenv("IVT_KERNELS", "torch")
 
 
 def test_every_variant_has_an_expectation():
@@ -105,7 +99,7 @@ def run_recorded(model, vis, ir):
     return rec
 
 
-# -- independent formulas (spec sec. 1), on the modules' weights --------------------------------
+# -- independent formulas (Sec. 3.2-3.4, Eq. 7-15), on the modules' weights ---------------------
 def linear(z, lin):
     return z @ lin.weight.T + lin.bias
 
@@ -209,7 +203,7 @@ def block_formula(block, args, e):
 
 
 def expected_prompts(model, rec, e) -> List[torch.Tensor]:
-    """The external prompt each block must receive (spec sec. 2; Fig. 4(e) for ipa_deep).
+    """The external prompt each block must receive (Sec. 3.1; Fig. 4(e) for ipa_deep).
 
     Swin: stage 1's blocks get P_E, a later stage's blocks its input after patch merging; with
     ipa_deep each block gets the previous block's last IPA output within the stage. EVA02: block

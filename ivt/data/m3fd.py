@@ -176,6 +176,50 @@ def _image_ids(names: Sequence[str]) -> List[int]:
     return list(range(len(names)))
 
 
+def _find_coco_file(root: Path, split: str) -> Path:
+    """The one `<root>/annotations/*.json` whose name contains `split`."""
+    found = sorted(p for p in (root / "annotations").glob("*.json") if split in p.stem)
+    if len(found) != 1:
+        raise FileNotFoundError(f"{root / 'annotations'}: expected one *.json whose name "
+                                f"contains {split!r}, found "
+                                f"{[p.name for p in found] or 'none'}; pass ann_file")
+    return found[0]
+
+
+def _read_coco(ann_file: Path) -> Tuple[Dict[int, str], List[dict], Dict[int, List[dict]]]:
+    """A COCO detection file: ({category id: name}, images, {image id: its annotations})."""
+    try:
+        coco = json.loads(ann_file.read_text())
+        categories = {c["id"]: c["name"] for c in coco["categories"]}
+        images = coco["images"]
+        annotations = coco["annotations"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{ann_file}: not a COCO detection file ({type(e).__name__}: {e})"
+                         ) from None
+    per_image: Dict[int, List[dict]] = {im["id"]: [] for im in images}
+    for a in annotations:
+        if a["image_id"] not in per_image:
+            raise ValueError(f"{ann_file}: annotation {a.get('id')} refers to unknown image "
+                             f"id {a['image_id']}")
+        per_image[a["image_id"]].append(a)
+    return categories, images, per_image
+
+
+def _coco_objects(annotations: List[dict], categories: Dict[int, str]) -> List[RawObject]:
+    """COCO annotations (bbox x, y, w, h) -> RawObject (xyxy, None when malformed; `iscrowd`
+    boxes ignored); unknown category ids keep a name that says so."""
+    objects = []
+    for a in annotations:
+        xywh = _numbers(a.get("bbox"))
+        box = None
+        if xywh and len(xywh) == 4:
+            x, y, w, h = xywh
+            box = (x, y, x + w, y + h)
+        name = categories.get(a.get("category_id"), f"category id {a.get('category_id')}")
+        objects.append(RawObject(name, box, bool(a.get("iscrowd", 0))))
+    return objects
+
+
 class M3FDDataset(Dataset):
     """M3FD image pairs with boxes.
 
@@ -247,29 +291,8 @@ class M3FDDataset(Dataset):
         Other arguments and the items are those of `M3FDDataset`."""
         _check_policy(bad_boxes)
         root = Path(root)
-        if ann_file is None:
-            found = sorted(p for p in (root / "annotations").glob("*.json") if split in p.stem)
-            if len(found) != 1:
-                raise FileNotFoundError(f"{root / 'annotations'}: expected one *.json whose name "
-                                        f"contains {split!r}, found "
-                                        f"{[p.name for p in found] or 'none'}; pass ann_file")
-            ann_file = found[0]
-        ann_file = Path(ann_file)
-        try:
-            coco = json.loads(ann_file.read_text())
-            categories = {c["id"]: c["name"] for c in coco["categories"]}
-            images = coco["images"]
-            annotations = coco["annotations"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{ann_file}: not a COCO detection file ({type(e).__name__}: {e})"
-                             ) from None
-        per_image: Dict[int, List[dict]] = {im["id"]: [] for im in images}
-        for a in annotations:
-            if a["image_id"] not in per_image:
-                raise ValueError(f"{ann_file}: annotation {a.get('id')} refers to unknown image "
-                                 f"id {a['image_id']}")
-            per_image[a["image_id"]].append(a)
-
+        ann_file = Path(ann_file) if ann_file is not None else _find_coco_file(root, split)
+        categories, images, per_image = _read_coco(ann_file)
         vis_dir, ir_dir = root / split / "vi", root / split / "ir"
         missing = [str(d / Path(im["file_name"]).name) for im in images for d in (vis_dir, ir_dir)
                    if not (d / Path(im["file_name"]).name).is_file()]
@@ -283,18 +306,10 @@ class M3FDDataset(Dataset):
             json_size = (int(im["height"]), int(im["width"])) if "height" in im else None
             size_hw = cls._image_size(vis, ir, json_size, validate,
                                       f"{ann_file}: image {im['id']} size", size_notes)
-            objects = []
-            for a in per_image[im["id"]]:
-                xywh = _numbers(a.get("bbox"))
-                box = None
-                if xywh and len(xywh) == 4:
-                    x, y, w, h = xywh
-                    box = (x, y, x + w, y + h)
-                name = categories.get(a.get("category_id"), f"category id {a.get('category_id')}")
-                objects.append(RawObject(name, box, bool(a.get("iscrowd", 0))))
             where = f"{ann_file} image {im['id']} ({file_name})"
             records.append(cls._record(Path(file_name).stem, int(im["id"]), vis, ir, size_hw,
-                                       objects, where, box_reports))
+                                       _coco_objects(per_image[im["id"]], categories), where,
+                                       box_reports))
         self = cls.__new__(cls)
         self._setup(records, size_notes, box_reports, f"{root} ({split}, COCO)", train, size,
                     seed, norm, bad_boxes, verify)

@@ -173,21 +173,11 @@ def _background(rng, yy, xx, night: bool):
     return vis, ir, horizon
 
 
-def render_scene(rng: np.random.Generator, size: Tuple[int, int] = (96, 128),
-                 night: bool = False, kinds: Sequence[str] = SEG_KINDS,
-                 kind_prob: Sequence[float] = SEG_KIND_PROB, n_objects: Tuple[int, int] = (2, 6),
-                 depth_range: Tuple[float, float] = (0.3, 1.0), decoys: bool = True) -> dict:
-    """One scene. Returns
-
-        vis (H, W, 3) uint8, ir (H, W) uint8, label (H, W) uint8 (MFNet ids, decoys 0),
-        instances (H, W) int32 (k + 1 where object k is in front, decoys 0), decoy (H, W) bool,
-        objects: list of dicts {kind, bbox (x0, y0, x1, y1) 0-based inclusive, pixels}.
-    """
-    h, w = size
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    vis, ir, horizon = _background(rng, yy, xx, night)
-    ir_background = ir.copy()
-
+def _place_objects(rng: np.random.Generator, h: int, w: int, horizon: float, night: bool,
+                   kinds: Sequence[str], kind_prob: Sequence[float], n_objects: Tuple[int, int],
+                   depth_range: Tuple[float, float], decoys: bool) -> list:
+    """Draw the objects and decoys: (foot row, kind, centre x, height, is_decoy, colour tint)
+    each, sorted far (small foot row) first."""
     n_real = int(rng.integers(n_objects[0], n_objects[1] + 1))
     n_decoy = 0
     if decoys:
@@ -200,15 +190,22 @@ def render_scene(rng: np.random.Generator, size: Tuple[int, int] = (96, 128),
         height = HEIGHT_AT_BOTTOM[kind] * h * depth
         placed.append((foot, kind, rng.uniform(0.05, 0.95) * w, height, k >= n_real,
                        rng.uniform(-15, 15, size=3)))
+    return sorted(placed, key=lambda p: p[0])
 
+
+def _paint_objects(placed: list, yy: np.ndarray, xx: np.ndarray, vis: np.ndarray,
+                   ir: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+    """Paint `placed` (far first) into vis (H, W, 3) and ir (H, W) in place; decoys keep the
+    background's heat. Returns label, instances, decoy and the objects (see `render_scene`)."""
+    h, w = yy.shape
+    ir_background = ir.copy()
     label = np.zeros((h, w), np.uint8)
     instances = np.zeros((h, w), np.int32)
     decoy = np.zeros((h, w), bool)
     objects = []
-    for foot, kind, cx, height, is_decoy, tint in sorted(placed, key=lambda p: p[0]):  # far first
-        parts = _object_parts(kind, yy, xx, foot, cx, height)
+    for foot, kind, cx, height, is_decoy, tint in placed:
         whole = np.zeros((h, w), bool)
-        for mask, colour, heat in parts:
+        for mask, colour, heat in _object_parts(kind, yy, xx, foot, cx, height):
             vis[mask] = np.clip(np.array(colour) + tint, 0, 255)
             ir[mask] = ir_background[mask] if is_decoy else heat   # decoys are cold
             whole |= mask
@@ -223,7 +220,14 @@ def render_scene(rng: np.random.Generator, size: Tuple[int, int] = (96, 128),
         obj["pixels"] = int(ys.size)
         obj["bbox"] = ((int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))
                        if ys.size else None)
+    return label, instances, decoy, objects
 
+
+def _camera(rng: np.random.Generator, vis: np.ndarray, ir: np.ndarray, decoy: np.ndarray,
+            night: bool) -> Tuple[np.ndarray, np.ndarray]:
+    """The two sensors: exposure and noise of the visible image, the thermal image's blur and
+    noise. Returns vis (H, W, 3) and ir (H, W) as uint8."""
+    h, w = ir.shape
     if night:   # dark, desaturated, noisy; decoys are lit (posters under a street light)
         grey = vis @ np.array([0.299, 0.587, 0.114])
         dim = 0.3 * vis + 0.7 * grey[..., None]
@@ -235,9 +239,29 @@ def render_scene(rng: np.random.Generator, size: Tuple[int, int] = (96, 128),
     ir_blur[1:-1, 1:-1] = sum(ir[1 + dy:h - 1 + dy, 1 + dx:w - 1 + dx]
                               for dy in (-1, 0, 1) for dx in (-1, 0, 1)) / 9.0
     ir = ir_blur + rng.normal(0, THERMAL_NOISE, size=ir.shape)
-    return {"vis": np.clip(vis, 0, 255).round().astype(np.uint8),
-            "ir": np.clip(ir, 0, 255).round().astype(np.uint8),
-            "label": label, "instances": instances, "decoy": decoy, "objects": objects}
+    return (np.clip(vis, 0, 255).round().astype(np.uint8),
+            np.clip(ir, 0, 255).round().astype(np.uint8))
+
+
+def render_scene(rng: np.random.Generator, size: Tuple[int, int] = (96, 128),
+                 night: bool = False, kinds: Sequence[str] = SEG_KINDS,
+                 kind_prob: Sequence[float] = SEG_KIND_PROB, n_objects: Tuple[int, int] = (2, 6),
+                 depth_range: Tuple[float, float] = (0.3, 1.0), decoys: bool = True) -> dict:
+    """One scene. Returns
+
+        vis (H, W, 3) uint8, ir (H, W) uint8, label (H, W) uint8 (MFNet ids, decoys 0),
+        instances (H, W) int32 (k + 1 where object k is in front, decoys 0), decoy (H, W) bool,
+        objects: list of dicts {kind, bbox (x0, y0, x1, y1) 0-based inclusive, pixels}.
+    """
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    vis, ir, horizon = _background(rng, yy, xx, night)
+    placed = _place_objects(rng, h, w, horizon, night, kinds, kind_prob, n_objects, depth_range,
+                            decoys)
+    label, instances, decoy, objects = _paint_objects(placed, yy, xx, vis, ir)
+    vis, ir = _camera(rng, vis, ir, decoy, night)
+    return {"vis": vis, "ir": ir, "label": label, "instances": instances, "decoy": decoy,
+            "objects": objects}
 
 
 # ---------------------------------------------------------------- writers

@@ -1,4 +1,5 @@
-"""Model entry points: `build_backbone(name, tuning=..., pretrained=..., img_size=..., **options)`."""
+"""Model entry points: `build_backbone(name, tuning=..., pretrained=..., img_size=..., impl=...,
+memory=..., **options)`."""
 from typing import Optional
 
 from ..data.transforms import CLIP, IMAGENET, Normalization
@@ -30,7 +31,8 @@ def normalization_for(name: str) -> Normalization:
 
 
 def build_backbone(name: str, tuning: str = "ivt", pretrained: Optional[str] = None,
-                   img_size=None, **options) -> IVTBackbone:
+                   img_size=None, impl: str = "reference", memory: str = "keep",
+                   **options) -> IVTBackbone:
     """Build a backbone whose `forward(vis, ir=None)` returns four NCHW maps (strides 4-32).
 
     name: one of `BACKBONES` ('swin_t', 'swin_s', 'swin_b', 'swin_l', 'eva02_b', 'eva02_l').
@@ -53,14 +55,13 @@ def build_backbone(name: str, tuning: str = "ivt", pretrained: Optional[str] = N
         the same function) for Swin; `patch_size` (16, or the release's
         14), `drop_path_rate` for EVA02); the PETL methods' `prompt_length` (vpt), `bottleneck`,
         `scale` ((bi_)adaptformer), `rein_tokens`, `rein_rank` (rein); `ir_embed=True` gives
-        'full'/'freeze' the independent IR patch embedding of Sec. 4.5 (then forward needs ir);
-        `fast=True` selects IV-tuning's fast forward (stage-batched IPAs, folded SFT; the same
-        parameters and state dict, equal outputs and gradients; no effect for other tunings),
-        and `checkpoint_blocks=True` (with fast=True, tuning='ivt') recomputes every block in
-        the backward pass instead of keeping its activations, `checkpoint_blocks=n` the first n
-        blocks (in forward order), and `recompute_frozen=True` (with fast=True, tuning='ivt')
-        keeps only the inputs of the other blocks' frozen attention and MLP sub-layers and
-        recomputes them up to their last Linear in the backward pass.
+        'full'/'freeze' the independent IR patch embedding of Sec. 4.5 (then forward needs ir).
+    impl: 'reference' (the readable paper path), 'fast' or 'fused': IV-tuning's faster forwards
+        of the same modules, same parameters and state dict, equal outputs and gradients
+        (`ivt.fast.make_fast`; no effect for other tunings).
+    memory: 'keep', or with impl 'fast'/'fused' and tuning 'ivt', 'recompute' (the frozen
+        sub-layers recomputed in backward), 'checkpoint' (every block recomputed),
+        'checkpoint:N' (the first N blocks), 'checkpoint:N+recompute' (see `ivt.fast`).
     After building, exactly the trainable set has requires_grad=True.
     """
     ivt_cfg, family_options = make_ivt_config(tuning, dict(options))
@@ -72,6 +73,9 @@ def build_backbone(name: str, tuning: str = "ivt", pretrained: Optional[str] = N
     else:
         raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(BACKBONES)}")
     model.img_size = img_size
+    if (impl, memory) != ("reference", "keep"):
+        from ..fast import make_fast          # imports `kernels` (and Triton, where installed)
+        make_fast(model, impl, memory)
     if petl_cfg is not None:
         model.add_petl(petl_cfg)
     path = resolve_pretrained(pretrained)

@@ -100,8 +100,6 @@ class IVTBackbone(nn.Module):
     def is_added_name(self, name: str) -> bool:
         return any(name == p or name.startswith(p + ".") for p in self.added_module_names())
 
-    is_ivt_name = is_added_name     # the name existing callers use
-
     def apply_tuning(self) -> None:
         """Freeze by one rule: `full` trains everything, every other mode exactly what it added
         (`freeze`: nothing, or only the IR patch embedding; `ivt`: IR patch embedding, EMPG with
@@ -191,8 +189,7 @@ def make_ivt_config(tuning: str, options: dict) -> Tuple[Optional[IVTConfig], di
     """
     if tuning not in TUNINGS:
         raise ValueError(f"tuning must be one of {', '.join(TUNINGS)}, got {tuning!r}")
-    names = ("d1", "d2", "d3", "variant", "layers", "dropout", "lam", "zero_init_up",
-             "fused_adapters")
+    names = ("d1", "d2", "d3", "variant", "layers", "dropout", "lam", "zero_init_up")
     ivt_opts = {k: options.pop(k) for k in names if k in options}
     if tuning == "ivt":
         return IVTConfig(**ivt_opts), options

@@ -1,4 +1,4 @@
-"""EVA-02 (Fang et al., 2023) in plain PyTorch, with IV-tuning wired in (spec sec. 2, 5).
+"""EVA-02 (Fang et al., 2023) in plain PyTorch, with IV-tuning wired in (Sec. 3.1).
 
 Bottom-up: 2-D rotary position embedding, patch embedding, attention, SwiGLU MLP, block, backbone,
 checkpoint conversion. The architecture is timm's `eva02_base_patch14_224.mim_in22k` /
@@ -24,9 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backbone import CheckpointError, IVTBackbone, StateDict
-from .ivtuning import (EMPG, BlockAdapters, FoldedIPAs, Grid, IVTConfig, adapt_fast,
-                       block_internal_prompts, checkpointed, fast_options, fold_block_ipas,
-                       recomputed, tokens_to_map)
+from .ivtuning import EMPG, BlockAdapters, Grid, IVTConfig, tokens_to_map
 from .swin import DropPath
 
 FEATURE_SCALES = (4.0, 2.0, 1.0, 0.5)       # bilinear resize of the four block outputs
@@ -73,14 +71,6 @@ def rope_sin_cos(hw: Grid, head_dim: int, ref_grid: int = 16, temperature: float
     angles = (grid[..., None] * bands).flatten(2).flatten(0, 1)                # (N, head_dim/2)
     angles = angles.repeat_interleave(2, dim=-1).to(device)                    # (N, head_dim)
     return angles.sin(), angles.cos()
-
-
-def with_cls_row(rope: Tuple[torch.Tensor, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(N, d) sin and cos -> (1 + N, d) with an identity rotation (sin 0, cos 1) for the cls
-    token first: `apply_rope` then leaves the cls token exactly as it is (x * 1 + r * 0 = x), so
-    the whole sequence is rotated at once, without splitting the cls token off and back."""
-    sin, cos = rope
-    return (torch.cat([torch.zeros_like(sin[:1]), sin]), torch.cat([torch.ones_like(cos[:1]), cos]))
 
 
 def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
@@ -145,18 +135,6 @@ class Attention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v)                          # scale d^-0.5
         return x.transpose(1, 2).reshape(B, L, C)
 
-    def heads_fast(self, x: torch.Tensor, rope_cls: Tuple[torch.Tensor, torch.Tensor]
-                   ) -> torch.Tensor:
-        """`heads` (without extra_kv) with q and k rotated together, in one `apply_rope` over the
-        whole sequence: rope_cls is (1 + N, d) sin and cos from `with_cls_row`. Same result."""
-        B, L, C = x.shape
-        heads = lambda t: t.view(B, L, self.num_heads, -1).transpose(1, 2)  # noqa: E731
-        qk = torch.stack([heads(self.q_proj(x)), heads(self.k_proj(x))])   # (2, B, h, L, d)
-        q, k = apply_rope(qk, *rope_cls).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, heads(self.v_proj(x)))      # scale d^-0.5
-        return x.transpose(1, 2).reshape(B, L, C)
-
-
 class SwiGLU(nn.Module):
     """fc2(LN(silu(fc1_g(x)) * fc1_x(x))): SwiGLU with the "subln" LayerNorm before fc2."""
 
@@ -168,16 +146,12 @@ class SwiGLU(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.hidden(x))
-
-    def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        """(.., C) -> (.., hidden): everything before fc2."""
-        return self.norm(F.silu(self.fc1_g(x)) * self.fc1_x(x))
+        return self.fc2(self.norm(F.silu(self.fc1_g(x)) * self.fc1_x(x)))
 
 
 class EVA02Block(nn.Module):
     """Pre-norm attention and SwiGLU MLP with residuals; IV-tuning's adapters after each act on
-    the patch tokens only, the cls token passes them unchanged (spec sec. 2)."""
+    the patch tokens only, the cls token passes them unchanged."""
 
     def __init__(self, dim: int, num_heads: int, mlp_hidden: int, drop_path: float):
         super().__init__()
@@ -208,55 +182,6 @@ class EVA02Block(nn.Module):
             z, prompt = self.adapt(1, z_in, z, prompt, hw)
         return z, prompt
 
-    def forward_fast(self, z: torch.Tensor, hw: Grid, rope: Tuple[torch.Tensor, torch.Tensor],
-                     prompt: Optional[torch.Tensor], checkpoint: bool,
-                     folded: Optional[FoldedIPAs] = None, recompute: bool = False
-                     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """`forward` for IV-tuning's `BlockAdapters`, same parameters and result, with `rope`
-        from `with_cls_row` (q and k rotated together, `Attention.heads_fast`); IPA1 and IPA2,
-        which read the same prompt, computed together (`block_internal_prompts`, with their
-        weights `folded` for all blocks at once by `fold_block_ipas`), the adapters' `fast`
-        forms, and with `checkpoint` the whole block keeps only its inputs and is recomputed in
-        backward (`checkpointed`), else with `recompute` its frozen attention and MLP sub-layers
-        do (`recomputed`)."""
-        if checkpoint:
-            return checkpointed(self._forward_fast, z, hw, rope, prompt, folded)
-        return self._forward_fast(z, hw, rope, prompt, folded, recompute)
-
-    def _forward_fast(self, z: torch.Tensor, hw: Grid, rope: Tuple[torch.Tensor, torch.Tensor],
-                      prompt: Optional[torch.Tensor], folded: Optional[FoldedIPAs],
-                      recompute: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        internal = block_internal_prompts([self.adapters], prompt, hw, folded)[0]
-        # the sub-layers up to their last frozen Linear (applied after), which keeps nothing for
-        # backward
-        sublayers = ((lambda t: self.attn.heads_fast(self.norm1(t), rope), self.attn.proj),
-                     (lambda t: self.mlp.hidden(self.norm2(t)), self.mlp.fc2))
-        for pos, (sublayer, last) in enumerate(sublayers):
-            z_in, z = z, z + self.drop_path(last(recomputed(sublayer, z, recompute)))
-            if self.adapters is not None:                                # {HA, IPA} at pos
-                patches, prompt = adapt_fast(self.adapters, pos, z_in[:, 1:], z[:, 1:], prompt,
-                                             hw, internal[pos])
-                z = torch.cat([z[:, :1], patches], dim=1)
-        return z, prompt
-
-    def forward_fused_eval(self, z: torch.Tensor, zn: Optional[torch.Tensor], hw: Grid,
-                           rope: Tuple[torch.Tensor, torch.Tensor], prompt: torch.Tensor,
-                           folded: Optional[FoldedIPAs], next_norm: Optional[nn.LayerNorm]
-                           ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """`_forward_fast` at inference where the adapters run as the fused inference kernels
-        (`BlockAdapters.fuses_norms`), same result: each adapter's kernel writes its output
-        over the sub-layer's result's patch rows (the cls row stays; nothing is concatenated)
-        and also makes the LayerNorm the next sub-layer reads (norm2, then the next block's
-        norm1, `next_norm`, None after the last block), in the dtype the next Linear computes
-        in (`BlockAdapters.fused_eval`). zn: norm1(z), made by the previous block's kernel, or
-        None. -> (z, next_norm(z) or None)."""
-        internal = block_internal_prompts([self.adapters], prompt, hw, folded)[0]
-        zn = self.norm1(z) if zn is None else zn
-        z = z + self.drop_path(self.attn.proj(self.attn.heads_fast(zn, rope)))
-        z, zn = self.adapters.fused_eval(0, z, hw, internal[0], self.norm2, lead=1)  # HA1, IPA1
-        z = z + self.drop_path(self.mlp(zn))
-        return self.adapters.fused_eval(1, z, hw, internal[1], next_norm, lead=1)     # HA2, IPA2
-
 
 def resize_pos_embed(pos_embed: torch.Tensor, old: Grid, new: Grid) -> torch.Tensor:
     """(1, 1 + h*w, C) -> (1, 1 + H*W, C): the grid part bicubically (antialiased when shrinking,
@@ -275,25 +200,15 @@ class EVA02Backbone(IVTBackbone):
     """EVA02-B/L returning four NCHW maps (B, C, 4h, 4w), (B, C, 2h, 2w), (B, C, h, w),
     (B, C, ceil(h/2), ceil(w/2)) for a (h, w) token grid: strides 4, 8, 16, 32 at patch 16.
 
-    With tuning='ivt' (spec sec. 2): Zv = PE_vis(vis), Zi = PE_ir(ir), P_E = EMPG(Zv, Zi),
+    With tuning='ivt' (Sec. 3.1): Zv = PE_vis(vis), Zi = PE_ir(ir), P_E = EMPG(Zv, Zi),
     Z0 = Zv + P_E (Eq. 2) on the patch tokens, then the cls token is prepended and the position
     embedding added. Block 0's external prompt is P_E, block l > 0's is its input without cls.
-
-    `fast=True` (IV-tuning only; other tunings run the reference forward) takes the fast path
-    (`EVA02Block.forward_fast`); `checkpoint_blocks=True` also checkpoints every block (only
-    its inputs are kept for backward), `checkpoint_blocks=n` the first n, and
-    `recompute_frozen=True` makes the other blocks keep only the inputs of their frozen attention
-    and MLP sub-layers (`recomputed`). Same parameters, state dict, outputs and gradients as the
-    reference path.
     """
 
     def __init__(self, name: str, cfg: EVA02Config, tuning: str = "ivt",
-                 ivt_cfg: Optional[IVTConfig] = None, fast: bool = False,
-                 checkpoint_blocks: Union[bool, int] = False, recompute_frozen: bool = False):
+                 ivt_cfg: Optional[IVTConfig] = None):
         super().__init__()
         self.name, self.cfg, self.tuning, self.ivt_cfg = name, cfg, tuning, ivt_cfg
-        self.fast, self.checkpoint_blocks, self.recompute_frozen = fast_options(
-            tuning, fast, checkpoint_blocks, ivt_cfg, recompute_frozen)
         C, p = cfg.embed_dim, cfg.patch_size
         if cfg.depth < 3:
             raise ValueError(f"EVA02 needs 3 or more blocks for its features, got {cfg.depth}")
@@ -352,9 +267,10 @@ class EVA02Backbone(IVTBackbone):
     def checkpoint_filter_fn(self, state_dict: StateDict) -> StateDict:
         return checkpoint_filter_fn(state_dict, self.cfg.patch_size, self.pos_grid)
 
-    def forward_blocks(self, vis: torch.Tensor, ir: Optional[torch.Tensor] = None
-                       ) -> List[torch.Tensor]:
-        """The feature blocks' outputs before any resize: four (B, C, H/p, W/p) maps."""
+    def embed(self, vis: torch.Tensor, ir: Optional[torch.Tensor] = None
+              ) -> Tuple[torch.Tensor, Grid, Optional[torch.Tensor]]:
+        """The blocks' input (B, 1 + N, C), its (H/p, W/p) grid and, with IV-tuning, the external
+        prompt P_E (B, N, C) (else None)."""
         vis, ir = self.check_inputs(vis, ir)
         z, hw = self.patch_embed(vis)                                    # (B, N, C)
         prompt = None
@@ -365,33 +281,28 @@ class EVA02Backbone(IVTBackbone):
         elif ir is not None:                          # PETL / ir_embed: Zv + PE_ir(ir), Sec. 4.5
             z = z + self.ir_patch_embed(ir)[0]
         z = torch.cat([self.cls_token.expand(z.shape[0], -1, -1), z], dim=1)
-        z = z + resize_pos_embed(self.pos_embed, self.pos_grid, hw)      # (B, 1 + N, C)
-        key = (hw, z.device, self.fast)
+        return z + resize_pos_embed(self.pos_embed, self.pos_grid, hw), hw, prompt
+
+    def rope_tables(self, hw: Grid, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(N, d) sin and cos of the grid's rotary angles (`rope_sin_cos`), cached."""
+        key = (hw, device)
         if key not in self._rope:
-            rope = rope_sin_cos(hw, self.cfg.embed_dim // self.cfg.num_heads,
-                                self.cfg.rope_ref_grid, device=z.device)
-            self._rope[key] = with_cls_row(rope) if self.fast else rope
-        rope = self._rope[key]              # (N, d) sin, cos; (1 + N, d) on the fast path
-        folded = (fold_block_ipas([block.adapters for block in self.blocks])  # all at once
-                  if self.fast else None)
-        fused = self.fast and all(isinstance(b.adapters, BlockAdapters) and
-                                  b.adapters.fuses_norms(z) for b in self.blocks)
-        maps, zn = {}, None
+            self._rope[key] = rope_sin_cos(hw, self.cfg.embed_dim // self.cfg.num_heads,
+                                           self.cfg.rope_ref_grid, device=device)
+        return self._rope[key]
+
+    def forward_blocks(self, vis: torch.Tensor, ir: Optional[torch.Tensor] = None
+                       ) -> List[torch.Tensor]:
+        """The feature blocks' outputs before any resize: four (B, C, H/p, W/p) maps."""
+        z, hw, prompt = self.embed(vis, ir)
+        rope = self.rope_tables(hw, z.device)
+        maps = {}
         for index, block in enumerate(self.blocks):
             # Block l > 0 takes its input tokens as the external prompt. With ipa_deep (Fig. 4(e))
             # the chain of IPA outputs instead carries on across blocks, from P_E at block 0.
             if prompt is not None and index > 0 and not self.ivt_cfg.ipa_deep:
                 prompt = z[:, 1:]
-            if fused:                                                    # inference, fused
-                following = self.blocks[index + 1].norm1 if index + 1 < len(self.blocks) else None
-                z, zn = block.forward_fused_eval(z, zn, hw, rope, prompt, folded[index],
-                                                 following)
-            elif self.fast:
-                z, prompt = block.forward_fast(z, hw, rope, prompt,
-                                               index < self.checkpoint_blocks, folded[index],
-                                               self.recompute_frozen)
-            else:
-                z, prompt = block(z, hw, rope, prompt)
+            z, prompt = block(z, hw, rope, prompt)
             if index in self.feature_blocks:
                 maps[index] = tokens_to_map(z[:, 1:], hw).contiguous()      # (B, C, H/p, W/p)
         return [maps[i] for i in self.feature_blocks]
@@ -462,9 +373,7 @@ def checkpoint_filter_fn(state_dict: StateDict, patch_size: int, pos_grid: Grid)
 
 def build_eva02(name: str, tuning: str, ivt_cfg: Optional[IVTConfig],
                 img_size: Union[None, int, Sequence[int]] = None, patch_size: Optional[int] = None,
-                drop_path_rate: Optional[float] = None, fast: bool = False,
-                checkpoint_blocks: Union[bool, int] = False,
-                recompute_frozen: bool = False) -> EVA02Backbone:
+                drop_path_rate: Optional[float] = None) -> EVA02Backbone:
     """img_size (int or (H, W), default 224) sets the stored position-embedding grid; patch_size
     16 (the paper's) or 14 (the release's); other input sizes work at run time."""
     cfg = EVA02_CONFIGS[name]
@@ -476,5 +385,4 @@ def build_eva02(name: str, tuning: str, ivt_cfg: Optional[IVTConfig],
         changes["patch_size"] = int(patch_size)
     if drop_path_rate is not None:
         changes["drop_path_rate"] = float(drop_path_rate)
-    return EVA02Backbone(name, EVA02Config(**{**cfg.__dict__, **changes}), tuning, ivt_cfg, fast,
-                         checkpoint_blocks, recompute_frozen)
+    return EVA02Backbone(name, EVA02Config(**{**cfg.__dict__, **changes}), tuning, ivt_cfg)

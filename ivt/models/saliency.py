@@ -39,7 +39,7 @@ class SaliencyModel(nn.Module):
 
 
 def sod_loss(logits_list: List[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-    """Sum over the outputs of BCE-with-logits + IoU loss (spec method.md sec. 6).
+    """Sum over the outputs of BCE-with-logits + IoU loss (paper Sec. 3.5, CPNet's hybrid loss).
 
     logits_list: [(B, 1, H, W)] logits; mask: (B, 1, H, W) or (B, H, W), 1 = salient, 0 = not,
     or a soft target in [0, 1] (the release's augmentation, `ivt.data.vt.SODReleaseTransform`).

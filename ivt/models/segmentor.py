@@ -40,7 +40,7 @@ class Segmentor(nn.Module):
     @torch.no_grad()
     def predict(self, vis: torch.Tensor, ir: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, H, W) int64 class ids at the input's (native) size: logits are upsampled before
-        the argmax, as RGB-T segmentation papers evaluate (spec sec. 6)."""
+        the argmax, as RGB-T segmentation papers evaluate."""
         return self.logits_at_input_size(vis, ir).argmax(dim=1)
 
 

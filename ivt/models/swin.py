@@ -1,4 +1,4 @@
-"""Swin Transformer (Liu et al., 2021) in plain PyTorch, with IV-tuning wired in (spec sec. 2, 5).
+"""Swin Transformer (Liu et al., 2021) in plain PyTorch, with IV-tuning wired in (Sec. 3.1).
 
 Bottom-up: patch embedding, window attention with relative position bias, shifted-window block,
 patch merging, stage, backbone, checkpoint conversion. Parameter names follow timm's layout
@@ -15,15 +15,14 @@ timm do). Outputs equal timm's at every size on identical weights.
 import math
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .backbone import IVTBackbone, StateDict
-from .ivtuning import (EMPG, BlockAdapters, Grid, IVTConfig, adapt_fast, block_internal_prompts,
-                       checkpointed, fast_options, recomputed, tokens_to_map)
+from .ivtuning import EMPG, BlockAdapters, Grid, IVTConfig, tokens_to_map
 from .swin_mmdet import to_release_layout
 
 
@@ -301,61 +300,6 @@ class SwinBlock(nn.Module):
             z, prompt = self.adapters(1, z_in, z, prompt, hw)
         return z, prompt
 
-    def forward_fast(self, z: torch.Tensor, hw: Grid, prompt: torch.Tensor,
-                     internal: Sequence[Optional[torch.Tensor]], checkpoint: bool,
-                     recompute: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-        """`forward` for IV-tuning's `BlockAdapters`, same parameters and result: the adapters'
-        `fast` forms with this block's IPA outputs `internal` = [IPA1(P), IPA2(P)] computed for
-        the whole stage at once (`block_internal_prompts`); with `checkpoint` the whole block
-        keeps only its inputs and is recomputed in backward (`checkpointed`), else with
-        `recompute` its frozen attention and MLP sub-layers do (`recomputed`)."""
-        if checkpoint:
-            return checkpointed(self._forward_fast, z, hw, prompt, *internal)
-        return self._forward_fast(z, hw, prompt, *internal, recompute)
-
-    def _forward_fast(self, z: torch.Tensor, hw: Grid, prompt: torch.Tensor,
-                      ipa1: Optional[torch.Tensor], ipa2: Optional[torch.Tensor],
-                      recompute: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-        # the sub-layers up to their last frozen Linear, which keeps nothing for backward
-        heads = lambda t: self.window_attention(self.norm1(t), hw, project=False)  # noqa: E731
-        hidden = lambda t: self.mlp.act(self.mlp.fc1(self.norm2(t)))     # noqa: E731
-        z_in, z = z, z + self.drop_path(self.attn.proj(recomputed(heads, z, recompute)))
-        if self.adapters is not None:                                    # HA1, IPA1 (Eq. 5-6)
-            z, prompt = adapt_fast(self.adapters, 0, z_in, z, prompt, hw, ipa1)
-        z_in, z = z, z + self.drop_path(self.mlp.fc2(recomputed(hidden, z, recompute)))
-        if self.adapters is not None:                                    # HA2, IPA2
-            z, prompt = adapt_fast(self.adapters, 1, z_in, z, prompt, hw, ipa2)
-        return z, prompt
-
-    def forward_fused_eval(self, z: torch.Tensor, zn: Optional[torch.Tensor], hw: Grid,
-                           internal: Sequence[Optional[object]],
-                           next_norm: Optional[nn.LayerNorm]
-                           ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """`_forward_fast` at inference where the adapters run as the fused inference kernels
-        (`BlockAdapters.fuses_norms`), same result: each adapter's kernel also makes the
-        LayerNorm of its output that the next sub-layer reads (norm2, then the next block's
-        norm1, `next_norm`, None at the stage's end), in the dtype the next Linear computes in,
-        so that LayerNorm is no pass of its own over the tokens and, under autocast, the
-        window partition moves bfloat16 instead of float32 tokens. zn: norm1(z), made by the
-        previous block's kernel, or None. -> (z, next_norm(z) or None)."""
-        zn = self.norm1(z) if zn is None else zn
-        z = z + self.drop_path(self.window_attention(zn, hw))
-        z, zn = self.adapters.fused_eval(0, z, hw, internal[0], self.norm2)   # HA1, IPA1
-        z = z + self.drop_path(self.mlp(zn))
-        return self.adapters.fused_eval(1, z, hw, internal[1], next_norm)     # HA2, IPA2
-
-
-def fused_eval_stage(blocks: Sequence[SwinBlock], z: torch.Tensor, hw: Grid,
-                     internal: Sequence[Sequence[Optional[object]]]) -> torch.Tensor:
-    """A stage's blocks by `SwinBlock.forward_fused_eval`, each adapter's kernel handing the
-    next sub-layer its LayerNorm (the last block's none: the next stage's patch merging
-    normalises 2x2 neighbourhoods). internal: per block, its IPAs' outputs as factors."""
-    zn = None
-    for i, (block, ipa_out) in enumerate(zip(blocks, internal)):
-        following = blocks[i + 1].norm1 if i + 1 < len(blocks) else None
-        z, zn = block.forward_fused_eval(z, zn, hw, ipa_out, following)
-    return z
-
 
 class PatchMerging(nn.Module):
     """2x2 neighbourhood concat (x0, x1, x2, x3 order of the release), LayerNorm, Linear 4C -> 2C."""
@@ -384,48 +328,38 @@ class SwinStage(nn.Module):
             SwinBlock(dim, num_heads, window_size, i % 2 == 1, mlp_ratio, drop_path[i], attention)
             for i in range(depth))
 
+    def forward(self, z: torch.Tensor, hw: Grid, prompt: Optional[torch.Tensor]
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The stage's blocks (patch merging is the backbone's: it also changes the prompt)."""
+        for block in self.blocks:
+            z, prompt = block(z, hw, prompt)
+        return z, prompt
+
 
 class SwinBackbone(IVTBackbone):
     """Swin-T/S/B/L returning the four stage outputs as NCHW maps at strides 4, 8, 16, 32.
 
-    With tuning='ivt' (spec sec. 2): Zv = PE_vis(vis), Zi = PE_ir(ir), P_E = EMPG(Zv, Zi),
+    With tuning='ivt' (Sec. 3.1): Zv = PE_vis(vis), Zi = PE_ir(ir), P_E = EMPG(Zv, Zi),
     Z0 = Zv + P_E (Eq. 2); stage 1's blocks take P_E as their external prompt, stage s > 1's
     blocks take the stage's input after patch merging.
 
-    `fast=True` (IV-tuning only; other tunings run the reference forward) takes the fast path:
-    the IPAs of a stage, which all read the same prompt, computed together
-    (`block_internal_prompts`), HAs with SFT folded into their LayerNorm, and with
-    `checkpoint_blocks=True` every block (frozen layers and adapters) checkpointed: only its
-    inputs are kept for backward; `checkpoint_blocks=n` the first n blocks, in forward order
-    (a block's activations scale with tokens x channels, halving from stage to stage, while its
-    compute stays about the same: Swin-L's first 4 blocks, stages 1 and 2, hold about 40% of its
-    block activations and are 4 of its 24 blocks to recompute); `recompute_frozen=True` makes the
-    other blocks keep only the inputs of their frozen attention and MLP sub-layers
-    (`recomputed`: one more forward of the frozen layers, a few operators a block, the adapters'
-    activations kept). Same parameters and state dict as the reference path, same outputs and
-    gradients (tests/test_fast_path.py).
-
     `taps` chooses the four maps, the same channels and strides either way: 'stages' (the
-    default) the four stage outputs before patch merging (the standard Swin taps, spec sec. 5);
+    default) the four stage outputs before patch merging (the standard Swin taps);
     'release' those of the authors' SOD release (SOD-IV-tuning/models/SwinTransformers_ivt.py,
     `forward_features`): Z0 (the patch embedding plus, with IV-tuning, the external prompt
     P_E; stride 4) and stages 1-3's outputs after patch merging, i.e. the inputs of stages 2-4
     (strides 8, 16, 32). Stage 4's blocks then feed no output: they are not run, and nothing in
     them trains (requires_grad False; in the release they ran, but their adapters got no
-    gradient, which Adam skips, so training is the same). Every forward path supports both.
+    gradient, which Adam skips, so training is the same). `ivt.fast` supports both.
     """
 
     def __init__(self, name: str, cfg: SwinConfig, tuning: str = "ivt",
-                 ivt_cfg: Optional[IVTConfig] = None, fast: bool = False,
-                 checkpoint_blocks: Union[bool, int] = False, recompute_frozen: bool = False,
-                 taps: str = "stages"):
+                 ivt_cfg: Optional[IVTConfig] = None, taps: str = "stages"):
         super().__init__()
         if taps not in TAPS:
             raise ValueError(f"taps={taps!r}: expected one of {', '.join(TAPS)}")
         self.taps = taps
         self.name, self.cfg, self.tuning, self.ivt_cfg = name, cfg, tuning, ivt_cfg
-        self.fast, self.checkpoint_blocks, self.recompute_frozen = fast_options(
-            tuning, fast, checkpoint_blocks, ivt_cfg, recompute_frozen)
         dims = [cfg.embed_dim * 2 ** i for i in range(len(cfg.depths))]
         self.out_channels = dims
         self.out_strides = [cfg.patch_size * 2 ** i for i in range(len(dims))]
@@ -490,7 +424,7 @@ class SwinBackbone(IVTBackbone):
             z = z + prompt                                               # Eq. 2
         elif ir is not None:                          # PETL / ir_embed: Zv + PE_ir(ir), Sec. 4.5
             z = z + self.ir_patch_embed(ir)[0]
-        outs, index = [], 0                                              # index: of a block
+        outs = []
         release = self.taps == "release"
         if release:
             outs.append(tokens_to_map(z, hw).contiguous())               # Z0
@@ -502,23 +436,7 @@ class SwinBackbone(IVTBackbone):
                     outs.append(tokens_to_map(z, hw).contiguous())       # the stage's input
                     if len(outs) == len(self.layers):
                         break                                # stage 4's blocks feed no output
-            if self.fast:                    # all IPAs of the stage read `prompt`: at once
-                hooks = [b.adapters for b in stage.blocks]
-                internal = (checkpointed(block_internal_prompts, hooks, prompt, hw)
-                            if index < self.checkpoint_blocks      # the stage's first block
-                            else block_internal_prompts(hooks, prompt, hw))
-                if all(isinstance(h, BlockAdapters) and h.fuses_norms(z) for h in hooks):
-                    z = fused_eval_stage(stage.blocks, z, hw, internal)  # inference, fused
-                    index += len(hooks)
-                else:
-                    for block, ipa_out in zip(stage.blocks, internal):
-                        z, prompt = block.forward_fast(z, hw, prompt, ipa_out,
-                                                       index < self.checkpoint_blocks,
-                                                       self.recompute_frozen)
-                        index += 1
-            else:
-                for block in stage.blocks:
-                    z, prompt = block(z, hw, prompt)
+            z, prompt = stage(z, hw, prompt)
             if not release:
                 outs.append(tokens_to_map(z, hw).contiguous())           # (B, C, H, W)
         return outs
@@ -575,13 +493,10 @@ def checkpoint_filter_fn(state_dict: StateDict, window_size: int) -> StateDict:
 
 
 def build_swin(name: str, tuning: str, ivt_cfg: Optional[IVTConfig], window_size: Optional[int] = None,
-               drop_path_rate: Optional[float] = None, fast: bool = False,
-               checkpoint_blocks: Union[bool, int] = False,
-               recompute_frozen: bool = False, attention: str = "sdpa",
+               drop_path_rate: Optional[float] = None, attention: str = "sdpa",
                taps: str = "stages") -> SwinBackbone:
     overrides = {"window_size": window_size, "drop_path_rate": drop_path_rate,
                  "attention": attention}
     cfg = SwinConfig(**{**SWIN_CONFIGS[name].__dict__,
                         **{k: v for k, v in overrides.items() if v is not None}})
-    return SwinBackbone(name, cfg, tuning, ivt_cfg, fast, checkpoint_blocks, recompute_frozen,
-                        taps)
+    return SwinBackbone(name, cfg, tuning, ivt_cfg, taps)

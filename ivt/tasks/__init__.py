@@ -11,7 +11,6 @@ import torch.nn as nn
 
 from ..checkpoint import check_pretrained, load_checkpoint, load_model_state
 from ..data.transforms import Normalization
-from ..models import normalization_for
 from ..weights import resolve_pretrained, saved_pretrained
 
 TASK_NAMES = ("seg", "sod", "det")
@@ -25,10 +24,9 @@ def task_module(name: str):
 
 
 def config_normalization(config: dict) -> Normalization:
-    """The input normalisation saved in a run's configuration (older runs: the backbone's)."""
-    if config.get("normalization"):
-        return Normalization.from_dict(config["normalization"])
-    return normalization_for(config["backbone"])
+    """The input normalisation saved in a run's configuration (the backbone's, see
+    `ivt.models.normalization_for`)."""
+    return Normalization.from_dict(config["normalization"])
 
 
 def load_trained(path: str, pretrained: Optional[str] = None) -> Tuple[str, nn.Module, dict]:
@@ -39,7 +37,7 @@ def load_trained(path: str, pretrained: Optional[str] = None) -> Tuple[str, nn.M
     in the configuration; a delta checkpoint checks the file's SHA-256 against its own.
     """
     ckpt = load_checkpoint(path)
-    task = ckpt.get("task", "seg")
+    task = ckpt["task"]
     cfg = ckpt["config"]
     if ckpt["delta"]:
         pretrained = saved_pretrained(cfg) if pretrained is None else resolve_pretrained(pretrained)

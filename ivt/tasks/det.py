@@ -8,13 +8,13 @@ weight decay 1e-4, 36 epochs with lr x0.1 at epoch 30 (DINO's 36-epoch schedule)
 
 The detector's settings (`DetectorConfig` lists them all). DINO's: 6 decoder layers, FFN 2048,
 dropout 0, denoising with about 100 positive and 100 negative queries per image, label noise 0.5
-and box noise 0.4 (config/DINO/DINO_4scale.py, and the project's spec; `--box-noise 1.0` is what
-DINO's training scripts and mmdet's DINO config use), and with `--encoder deformable` its 6-layer
-deformable encoder. Ours: RT-DETR's hybrid encoder by default (higher AP than 6 deformable
-layers at the same iterations on the CPU demo, in less time), 300 queries (DINO: 900), four
-levels at strides 4-32 (DINO 4-scale: 8-64). Boxes marked ignore (VOC `difficult`, COCO
-`iscrowd`) are left out of the training targets, as mmdet's PackDetInputs leaves out its
-gt_ignore_flags instances; the metric treats them as ignore regions.
+and box noise 0.4 (config/DINO/DINO_4scale.py; `--box-noise 1.0` is what DINO's training scripts
+and mmdet's DINO config use), and with `--encoder deformable` its 6-layer deformable encoder.
+Ours: RT-DETR's hybrid encoder by default (higher AP than 6 deformable layers at the same
+iterations on the CPU demo, in less time), 300 queries (DINO: 900), four levels at strides 4-32
+(DINO 4-scale: 8-64). Boxes marked ignore (VOC `difficult`, COCO `iscrowd`) are left out of the
+training targets, as mmdet's PackDetInputs leaves out its gt_ignore_flags instances; the metric
+treats them as ignore regions.
 """
 from pathlib import Path
 from typing import Callable, Optional
@@ -209,8 +209,8 @@ def evaluate_checkpoint(args, model: nn.Module, ckpt: dict, dist: DistInfo, norm
     if len(args.data) != 1:
         raise ValueError("detection evaluates one --data folder at a time")
     dataset = M3FDDataset(args.data[0], split=args.split,
-                          split_dir=args.split_dir or cfg.get("split_dir"), train=False,
-                          size=cfg["size"], norm=norm, bad_boxes=cfg.get("bad_boxes", "skip"))
+                          split_dir=args.split_dir or cfg["split_dir"], train=False,
+                          size=cfg["size"], norm=norm, bad_boxes=cfg["bad_boxes"])
     if args.verify_images:
         dataset.verify()
     folder = Path(args.save_vis or ".")

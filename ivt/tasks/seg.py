@@ -16,11 +16,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ..data import CLASSES, NUM_CLASSES, PALETTE, SEG_DATASETS, build_seg_dataset
+from ..data import CLASSES, NUM_CLASSES, SEG_DATASETS, build_seg_dataset
 from ..data.mfnet import parse_name
 from ..engine import DistInfo, all_reduce_sum_, autocast_context, evaluation_mode, shard
 from ..metrics import SegMetric
 from ..trainer import Recipe, Task, backbone_kwargs
+from ..visualize import colourise
 
 DESCRIPTION = """Train a segmentation model (IV-tuning backbone + Segformer head) on MFNet or MSRS.
 
@@ -141,7 +142,7 @@ class SegTask(Task):
         return train, val
 
     def build_model(self, config, pretrained):
-        self.loss_average = config.get("loss_average", "all")
+        self.loss_average = config["loss_average"]
         return build_model(config, pretrained)
 
     def loss(self, model, batch, device) -> torch.Tensor:
@@ -164,17 +165,6 @@ class SegTask(Task):
 
 
 # -- evaluate.py ---------------------------------------------------------------------------------
-IGNORE_COLOUR = (255, 255, 255)     # label 255 (padding) in visualisations
-
-
-def colourise(label: np.ndarray) -> np.ndarray:
-    """(H, W) class ids -> (H, W, 3) uint8 in the MFNet palette (255 = white)."""
-    lut = np.zeros((256, 3), np.uint8)
-    lut[:len(PALETTE)] = np.asarray(PALETTE, np.uint8)
-    lut[255] = IGNORE_COLOUR
-    return lut[label]
-
-
 def panel(vis: np.ndarray, ir: np.ndarray, pred: np.ndarray, gt: np.ndarray):
     """visible (H, W, 3), thermal (H, W), prediction and ground truth (H, W) -> (H, 4W, 3) image."""
     from PIL import Image

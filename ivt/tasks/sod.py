@@ -55,7 +55,7 @@ def build_model(config: dict, pretrained: Optional[str] = None) -> nn.Module:
     size = config["size"]
     return build_saliency_model(config["backbone"], tuning=config["tuning"],
                                 pretrained=pretrained, img_size=(size, size),
-                                taps=config.get("taps", "stages"), **backbone_kwargs(config))
+                                taps=config["taps"], **backbone_kwargs(config))
 
 
 @torch.no_grad()
@@ -157,7 +157,7 @@ class SODTask(Task):
         return build_model(config, pretrained)
 
     def loss(self, model, batch, device) -> torch.Tensor:
-        """BCE-with-logits + IoU loss on the main and three side outputs (method.md sec. 6)."""
+        """BCE-with-logits + IoU loss (paper Sec. 3.5) on the main and three side outputs."""
         vis = batch["vis"].to(device, non_blocking=True)              # (B, 3, S, S)
         ir = batch["ir"].to(device, non_blocking=True)                # (B, 3, S, S)
         mask = batch["mask"].to(device, non_blocking=True)            # (B, 1, S, S) in [0, 1]

@@ -4,8 +4,8 @@ encoder), `hybrid_encoder` (RT-DETR's), `query_selection`, `decoder`, `denoising
 `criterion`, `detector`, and `coco_backbone` (loading a COCO-trained DINO's Swin backbone)."""
 from .criterion import SetCriterion
 from .coco_backbone import load_detector_backbone
-from .detector import Detector, DetectorConfig, build_detector, describe
+from .detector import Detector, DetectorConfig, build_detector
 from .matcher import HungarianMatcher
 
-__all__ = ["Detector", "DetectorConfig", "build_detector", "describe", "load_detector_backbone",
+__all__ = ["Detector", "DetectorConfig", "build_detector", "load_detector_backbone",
            "SetCriterion", "HungarianMatcher"]

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from .. import build_backbone
-from ..backbone import IVTBackbone, count_parameters
+from ..backbone import IVTBackbone
 from .box_ops import box_cxcywh_to_xyxy, normalize_boxes
 from .criterion import build_criterion, check_targets
 from .decoder import build_decoder
@@ -31,7 +31,7 @@ class DetectorConfig:
     DINO's (Zhang et al. 2023; its config/DINO/DINO_4scale.py): hidden 256, 8 heads, 4 points
     per head and level, 6 decoder layers, FFN 2048, dropout 0; with `encoder='deformable'`, its
     deformable encoder of enc_layers = 6 layers; denoising with dn_number 100, label noise 0.5 and
-    box noise 0.4 (that config's value and the project's spec; DINO's published training scripts
+    box noise 0.4 (that config's value; DINO's published training scripts
     and mmdet's DINO config use box noise 1.0, mmdet noting 0.4 as DN-DETR's); focal loss alpha
     0.25, gamma 2; loss weights 1 / 5 / 2 and matching costs 2 / 5 / 2.
     Ours: the encoder is RT-DETR's hybrid encoder by default (hybrid_encoder.py; its AIFI's FFN is
@@ -206,12 +206,3 @@ def build_detector(backbone: str, cfg: DetectorConfig, tuning: str = "ivt", pret
     bb = build_backbone(backbone, tuning=tuning, pretrained=pretrained, img_size=img_size,
                         **backbone_options)
     return Detector(bb, cfg)
-
-
-def describe(model: Detector) -> str:
-    """One line: trainable / total parameter counts of the backbone and of the rest (the head)."""
-    bb_t, bb_n = count_parameters(model.backbone, True), count_parameters(model.backbone)
-    head_n = count_parameters(model) - bb_n
-    total_t, total = bb_t + head_n, bb_n + head_n
-    return (f"parameters: backbone {bb_t:,} / {bb_n:,} trainable, detector head {head_n:,}; "
-            f"total {total_t:,} / {total:,} trainable ({100.0 * total_t / total:.2f}%)")

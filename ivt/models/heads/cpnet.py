@@ -1,8 +1,8 @@
 """The CPNet decoder (Hu et al., IJCV 2024), IV-tuning's salient object detection head.
 
 The paper keeps only CPNet's multi-level residual convolution (RCM) blocks as the SOD decoder
-(supplementary sec. 9); this is that decoder as the authors' release builds it (spec method.md
-sec. 6). Top-down, from the stride-32 level to the input resolution:
+(supplementary Sec. 9); this is that decoder as the authors' release builds it. Top-down, from
+the stride-32 level to the input resolution:
 
     deconv1:  conv3x3(c4 -> 768, no bias)-BN-GELU, upsample           768 @ stride 16  -> side3
     level 3:  concat f3, conv3x3(768 + c3 -> 384)-BN-GELU, upsample,

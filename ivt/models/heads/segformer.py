@@ -1,5 +1,5 @@
 """The Segformer decode head as mmsegmentation runs it (`mmseg.models.decode_heads.SegformerHead`),
-the paper's segmentation head (spec sec. 6; the paper trains with mmseg's Segformer).
+the paper's segmentation head (Sec. 4.1: the paper trains with mmseg's Segformer).
 
 Each of the four backbone levels (strides 4, 8, 16, 32) goes through a 1x1 conv without bias + BN
 + ReLU to one width `embed_dim` (mmseg's `channels`), is resized to the stride-4 level's size

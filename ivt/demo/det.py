@@ -1,9 +1,10 @@
 """`python -m ivt.demo --task det`: the demo's argument for object detection.
 
-The same visible-light "pre-trained model" as the segmentation demo (`ivt.demo.pretrain_visible`),
-then three fine-tunes of a small DETR-style detector with `train_det.py` on synthetic scenes in
-M3FD's layout (people, cars, buses, motorcycles, lamps and trucks, all warm; half the training
-scenes are night scenes whose visible image shows almost nothing):
+The same visible-light "pre-trained model" as the segmentation demo
+(`ivt.demo.stages.pretrain_visible`), then three fine-tunes of a small DETR-style detector with
+`train_det.py` on synthetic scenes in M3FD's layout (people, cars, buses, motorcycles, lamps and
+trucks, all warm; half the training scenes are night scenes whose visible image shows almost
+nothing):
 
     full_vis        --tuning full: every backbone weight trains, visible images only
     ivt             --tuning ivt: backbone frozen, IV-tuning's modules train, thermal input
@@ -12,24 +13,19 @@ scenes are night scenes whose visible image shows almost nothing):
 Each is scored with `evaluate.py` on a day-only and a night-only test set (COCO mAP and AP50,
 pycocotools' convention); `<out>/det_summary.json` and `<out>/det_night_predictions.png`.
 """
-import json
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
 
-from .data.m3fd import M3FDDataset
-from .data.synthetic import write_m3fd
-from .demo import (BACKBONE, PRESETS, RUNS, Settings, _repo_scripts, backbone_counts,
-                   StageLog, format_runs, pretrain_stage, print_report, run_spec, titled_grid,
-                   write_pretrain_data)
-from .engine import jsonable
-from .tasks import load_trained
-from .visualize import draw_boxes
-
+from ..data.m3fd import M3FDDataset
+from ..data.synthetic import write_m3fd
+from ..tasks import load_trained
+from ..visualize import draw_boxes
+from .stages import (BACKBONE, DemoTask, Settings, format_runs, print_report, repo_script,
+                     run_spec, run_task, titled_grid, write_pretrain_data, write_task_summary)
 
 TOP_K = 4          # detections drawn per model and scene in the figure
 
@@ -52,6 +48,10 @@ class DetSettings:
     dn_number: int = 10
     figure_scenes: int = 4
 
+    def schedule(self, tuning: str) -> Tuple[int, float]:
+        """(iterations, learning rate) of a fine-tune (the same for every tuning)."""
+        return self.iters, self.lr
+
 
 DET_PRESETS = {"default": DetSettings(),
                "fast": DetSettings(n_images=150, iters=150),
@@ -61,8 +61,8 @@ DET_PRESETS = {"default": DetSettings(),
 
 
 def make_data(out: Path, s: Settings, t: DetSettings, seed: int) -> Dict[str, Path]:
-    """Pre-training images (as the segmentation demo) and one M3FD-layout dataset (half night)
-    with train/val/test lists and the test list split into test_day and test_night."""
+    """One M3FD-layout dataset (half night) with train/val/test lists and the test list split
+    into test_day and test_night, then the pre-training images (as the segmentation demo)."""
     root = out / "data"
     write_m3fd(root / "m3fd", t.n_images, size=s.size, seed=seed, night_fraction=0.5)
     return {"pretrain": write_pretrain_data(out, s, seed), "m3fd": root / "m3fd"}
@@ -70,6 +70,7 @@ def make_data(out: Path, s: Settings, t: DetSettings, seed: int) -> Dict[str, Pa
 
 def train_args(t: DetSettings, s: Settings, data: Path, out: Path, seed: int, name: str,
                pretrained: Path) -> List[str]:
+    """`train_det.py`'s command line for run `name`."""
     spec = run_spec(name)
     args = ["--backbone", BACKBONE, "--tuning", spec["tuning"], "--data", str(data),
             "--split-dir", str(data), "--train-split", "train", "--val-split", "val",
@@ -87,13 +88,26 @@ def train_args(t: DetSettings, s: Settings, data: Path, out: Path, seed: int, na
     return args
 
 
-def night_figure(data: Path, checkpoints: Dict[str, Path], pretrained: Path, dest: Path,
-                 n_scenes: int, scale: int = 2) -> None:
+def score(data: Dict[str, Path], checkpoint: Path, pretrained: Path, folder: Path) -> dict:
+    """`evaluate.py` on the day and the night test images: {"day": APs, "night": APs}."""
+    evaluate, metrics = repo_script("evaluate"), {}
+    for part in ("day", "night"):
+        r = evaluate.main(["--data", str(data["m3fd"]), "--split", f"test_{part}",
+                           "--split-dir", str(data["m3fd"]), "--checkpoint", str(checkpoint),
+                           "--pretrained", str(pretrained), "--device", "cpu", "--workers", "0",
+                           "--json", str(folder / f"test_{part}.json")])
+        metrics[part] = {k: r[k] for k in ("mAP", "mAP50", "mAP75")}
+    return metrics
+
+
+def night_figure(data: Dict[str, Path], checkpoints: Dict[str, Path], pretrained: Path,
+                 dest: Path, n_scenes: int, scale: int = 2) -> None:
     """Rows: night test scenes; columns: the thermal image with ground truth, then each run's
     TOP_K highest-scoring detections (with their scores) on the visible image."""
     models = {name: load_trained(str(path), str(pretrained)) for name, path in checkpoints.items()}
     size = next(iter(models.values()))[2]["config"]["size"]
-    ds = M3FDDataset(data, split="test_night", split_dir=data, train=False, size=size)
+    ds = M3FDDataset(data["m3fd"], split="test_night", split_dir=data["m3fd"], train=False,
+                     size=size)
     rows = []
     for i in range(min(n_scenes, len(ds))):
         batch = ds.collate_fn([ds[i]])
@@ -113,6 +127,13 @@ def night_figure(data: Path, checkpoints: Dict[str, Path], pretrained: Path, des
     titled_grid(rows, ["thermal + ground truth"] + list(models), dest, scale)
 
 
+TASK = DemoTask(
+    log_prefix="demo det", out_prefix="det_", presets=DET_PRESETS,
+    data_line=lambda s, t: f"writing synthetic data ({t.n_images} day and night scenes)",
+    write_data=make_data, train_data="m3fd", script="train_det", train_args=train_args,
+    score=score, figure=night_figure)
+
+
 def format_table(summary: dict) -> str:
     return format_runs(summary, [("mAP day", 9, lambda r: r["day"]["mAP"], ".1f"),
                                  ("AP50 day", 10, lambda r: r["day"]["mAP50"], ".1f"),
@@ -123,47 +144,15 @@ def format_table(summary: dict) -> str:
 
 def run(out: Path, seed: int = 0, preset: str = "default") -> dict:
     """The detection demo; returns the summary it writes to <out>/det_summary.json."""
-    _, evaluate = _repo_scripts()
-    import train_det
-    s, t = PRESETS[preset], DET_PRESETS[preset]
-    out.mkdir(parents=True, exist_ok=True)
-    log = StageLog("demo det")
-    timings = {}
-
-    log(f"writing synthetic data ({t.n_images} day and night scenes)")
-    data = make_data(out, s, t, seed)
-    pretrained = pretrain_stage(log, out, data["pretrain"], s, seed, timings)
-    summary, checkpoints = {}, {}
-    for name in RUNS:
-        spec = run_spec(name)
-        log(f"fine-tuning {name} ({t.iters} iterations)")
-        t0 = time.perf_counter()
-        train_det.main(train_args(t, s, data["m3fd"], out / f"det_{name}", seed, name,
-                                  pretrained))
-        t_train = time.perf_counter() - t0
-        checkpoints[name] = out / f"det_{name}" / "last.pt"
-        summary[name] = {"tuning": spec["tuning"], "ir_input": spec["ir"],
-                         **backbone_counts(s, spec["tuning"], spec["variant"]),
-                         "train_seconds": t_train, "checkpoint": str(checkpoints[name])}
-        for part in ("day", "night"):
-            r = evaluate.main(["--data", str(data["m3fd"]), "--split", f"test_{part}",
-                               "--split-dir", str(data["m3fd"]), "--checkpoint",
-                               str(checkpoints[name]),
-                               "--pretrained", str(pretrained), "--device", "cpu",
-                               "--workers", "0", "--json",
-                               str(out / f"det_{name}" / f"test_{part}.json")])
-            summary[name][part] = {k: r[k] for k in ("mAP", "mAP50", "mAP75")}
-        timings[name] = time.perf_counter() - t0
-    figure = out / "det_night_predictions.png"
-    night_figure(data["m3fd"], checkpoints, pretrained, figure, t.figure_scenes)
-    timings["total"] = log.elapsed()
+    t = DET_PRESETS[preset]
+    result = run_task(TASK, out, seed, preset)
+    summary = result.summary
     margin = summary["ivt"]["night"]["mAP50"] - summary["full_vis"]["night"]["mAP50"]
-    (out / "det_summary.json").write_text(json.dumps(jsonable(
-        {"runs": summary, "seed": seed, "settings": asdict(t), "timings_s": timings,
-         "night_AP50_margin_ivt_minus_full_vis": margin}), indent=2) + "\n")
+    path = write_task_summary(out, TASK, result, seed, t, "night_AP50_margin_ivt_minus_full_vis",
+                              margin)
     print_report(f"IV-tuning detection demo: {BACKBONE} + a small DETR-style detector, "
                  f"{t.n_images} day+night scenes (60/20/20% train/val/test; seed {seed}; COCO "
                  "AP, at most 100 detections per image)", format_table(summary),
-                 f"night AP50, ivt - full_vis: {margin:+.1f} points", timings,
-                 f"{out / 'det_summary.json'}, {figure}")
+                 f"night AP50, ivt - full_vis: {margin:+.1f} points", result.timings,
+                 f"{path}, {result.figure}")
     return summary

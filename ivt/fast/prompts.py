@@ -1,0 +1,191 @@
+"""The Internal Prompt Adapters that read one prompt, computed together (`internal_prompts`).
+
+On Swin every block of a stage reads the same external prompt P, so a stage's 2 x depth IPAs
+(Sec. 3.4) share their input; on EVA02 a block's two do. With n(P) the LayerNorm of P without
+affine, IPA_i's first SFT and down-projection are one affine map of n(P):
+down_i(n(P) * a_i + c_i) = n(P) @ (W_i * a_i)^T + (W_i c_i + b_i), with a_i = w_i * gamma_i,
+c_i = b_i * gamma_i + beta_i (LN affine (w_i, b_i), Eq. 14's gamma_i, beta_i). So k IPAs are one
+LayerNorm of P, one matmul against their k stacked folded down-projections (C -> k * d3), SimAM on
+all k * d3 channels at once (it is per channel, Eq. 11-12), one GELU, one batched matmul for the k
+up-projections with the second SFT (z * gamma' + beta') folded in, one GELU. The autograd
+Functions below give the folding's backward in fewer operators than autograd's own.
+"""
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from ..models.ivtuning import (BlockAdapters, Grid, InternalPromptAdapter, map_to_tokens,
+                               tokens_to_map)
+
+
+class FoldedIPAs(NamedTuple):
+    """The weights of k IPAs with one configuration, folded for `internal_prompts`.
+
+    With projections: in_w (k, d3, C) and in_b (k, d3), each first SFT folded into its
+    down-projection; out_w (k, d3, C) and out_b (k, 1, C), each SFT' folded into its transposed
+    up-projection. Without (Fig. 4(f)): in_w, in_b (k, C) the first SFTs' scale and shift on the
+    normalised prompt; out_w, out_b (k, 1, C) the SFT's gamma and beta.
+    """
+    in_w: torch.Tensor
+    in_b: torch.Tensor
+    out_w: torch.Tensor
+    out_b: torch.Tensor
+
+
+class _StackTransposed(torch.autograd.Function):
+    """torch.stack([w.t() for w in weights]): (k, in, out) from k (out, in) weights, with the
+    backward returning each weight's gradient already in the weight's own (contiguous) layout,
+    one transpose-copy for all k instead of one copy per weight."""
+
+    @staticmethod
+    def forward(ctx, *weights: torch.Tensor) -> torch.Tensor:
+        return torch.stack([w.t() for w in weights])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.transpose(1, 2).contiguous().unbind(0)
+
+
+class _Unstack(torch.autograd.Function):
+    """stacked.unbind(0): k (B, N, C) tensors from a (k, B, N, C) stack, with the backward
+    stacking the k gradients in one operator (autograd's own unbind backward writes each
+    gradient into a zero stack and sums the stacks: 2k - 1 operators). Unused outputs get zero
+    gradients (autograd materialises them)."""
+
+    @staticmethod
+    def forward(ctx, stacked: torch.Tensor):
+        return stacked.unbind(0)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:
+        return torch.stack(grads)
+
+
+class _Split(torch.autograd.Function):
+    """Each of the given tensors split along dim 0 into `sizes`; returns the pieces tensor by
+    tensor. The backward concatenates each tensor's gradients in one operator (autograd's own
+    split backward writes every piece into a zero tensor)."""
+
+    @staticmethod
+    def forward(ctx, sizes: Sequence[int], *tensors: torch.Tensor):
+        ctx.groups = len(sizes)
+        return tuple(piece for t in tensors for piece in t.split(list(sizes)))
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        n = ctx.groups
+        return (None,) + tuple(torch.cat(grads[i:i + n]) for i in range(0, len(grads), n))
+
+
+class _UpGelu(torch.autograd.Function):
+    """gelu(baddbmm(b, h, W)): the k IPAs' up-projections with SFT' folded in, and their GELU.
+    b (k, 1, C), h (k, BN, d3), W (k, d3, C) -> (k, BN, C). Keeps only its inputs: GELU's
+    backward needs the (k, BN, C) pre-activation, C / d3 = 24-192 times the size of h, so the
+    backward recomputes it (one batched matmul) instead of holding it (for Swin-L at 384, batch
+    8, about 0.9 GB of the step's activations). Under autocast the matmul runs in its autocast
+    dtype and, as the reference's SFT' (bf16 * fp32 gamma) does, the GELU in float32."""
+
+    @staticmethod
+    def forward(ctx, b: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        pre = torch.baddbmm(b, h, w)                                    # (k, BN, C)
+        ctx.matmul_dtype = pre.dtype
+        if pre.dtype != w.dtype:
+            pre = pre.to(torch.result_type(pre, w))
+        ctx.save_for_backward(b, h, w)
+        return F.gelu(pre)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        b, h, w = ctx.saved_tensors
+        t = ctx.matmul_dtype
+        with torch.autocast(grad.device.type, enabled=False):
+            pre = torch.baddbmm(b.to(t), h.to(t), w.to(t)).to(grad.dtype)
+            g = torch.ops.aten.gelu_backward(grad, pre).to(t)               # (k, BN, C)
+            dh = torch.bmm(g, w.to(t).transpose(1, 2))                      # (k, BN, d3)
+            dw = torch.bmm(h.to(t).transpose(1, 2), g)                      # (k, d3, C)
+            db = g.sum(1, keepdim=True)                                     # (k, 1, C)
+        return db.to(b.dtype), dh.to(h.dtype), dw.to(w.dtype)
+
+
+def fold_ipas(ipas: Sequence[InternalPromptAdapter]) -> FoldedIPAs:
+    """Fold k IPAs' SFTs into their projections (`FoldedIPAs`), one operator per parameter kind
+    for all k (the module docstring gives the algebra)."""
+    first = ipas[0]
+
+    def stacked(get):
+        return torch.stack([get(m) for m in ipas])
+
+    gamma = stacked(lambda m: m.sft_in.gamma)                                         # (k, C)
+    a = stacked(lambda m: m.sft_in.norm.weight) * gamma                               # (k, C)
+    c = torch.addcmul(stacked(lambda m: m.sft_in.beta), stacked(lambda m: m.sft_in.norm.bias),
+                      gamma)                                                          # (k, C)
+    g_out = stacked(lambda m: m.sft_out.gamma)[:, None, :]                            # (k, 1, C)
+    b_out = stacked(lambda m: m.sft_out.beta)[:, None, :]
+    if not isinstance(first.down, nn.Linear):
+        return FoldedIPAs(a, c, g_out, b_out)
+    W = stacked(lambda m: m.down.weight)                                              # (k, d3, C)
+    in_b = torch.baddbmm(stacked(lambda m: m.down.bias)[:, :, None], W, c[:, :, None]).squeeze(2)
+    u_t = _StackTransposed.apply(*[m.up.weight for m in ipas])                        # (k, d3, C)
+    u_bias = stacked(lambda m: m.up.bias)[:, None, :]                                 # (k, 1, C)
+    return FoldedIPAs(W * a[:, None, :], in_b, u_t * g_out, u_bias * g_out + b_out)
+
+
+def batched_ipas(hook: Optional[nn.Module]) -> List[Tuple[int, InternalPromptAdapter]]:
+    """(position, IPA) of a block hook's IPAs that `internal_prompts` batches: those of
+    `BlockAdapters` without `ipa_deep` (whose IPAs form a chain)."""
+    if not isinstance(hook, BlockAdapters) or hook.cfg.ipa_deep:
+        return []
+    return [(pos, ipa) for pos, ipa in enumerate((hook.ipa1, hook.ipa2)) if ipa is not None]
+
+
+def fold_block_ipas(hooks: Sequence[Optional[nn.Module]]) -> List[Optional[FoldedIPAs]]:
+    """`fold_ipas` for the IPAs of many blocks at once, split into one `FoldedIPAs` per block
+    (None where a block has no batched IPA): where each block reads its own prompt (EVA02), a
+    step folds its weights once, not block by block."""
+    groups = [[ipa for _, ipa in batched_ipas(hook)] for hook in hooks]
+    sizes = [len(g) for g in groups if g]
+    if not sizes:
+        return [None] * len(hooks)
+    folded = fold_ipas([ipa for g in groups for ipa in g])
+    pieces = _Split.apply(sizes, *folded)                       # field by field, group by group
+    per_group = iter([FoldedIPAs(*pieces[i::len(sizes)]) for i in range(len(sizes))])
+    return [next(per_group) if g else None for g in groups]
+
+
+def unstack(stacked: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """(k, B, N, C) -> k (B, N, C) tensors, their gradients stacked in one operator."""
+    return _Unstack.apply(stacked)
+
+
+def internal_prompts(ipas: Sequence[InternalPromptAdapter], p: torch.Tensor, hw: Grid,
+                     folded: Optional[FoldedIPAs] = None, factored: bool = False
+                     ) -> Union[torch.Tensor, List[kernels.LowRankExtra]]:
+    """k IPAs that read the same prompt P (B, N, C), computed together: (k, B, N, C), equal (up
+    to rounding) to `torch.stack([ipa(p, hw) for ipa in ipas])`. With `factored` (and the
+    projections) the last step is left undone: k `kernels.LowRankExtra` factors (h_i, W_i, b_i)
+    of gelu(h_i W_i + b_i), which the fused adapter's kernels compute as they add them (and in
+    training make their gradients from). Without projections (Fig. 4(f)) the k SFTs give a
+    (k, B, N, C) stack that SimAM treats as k*B samples. All IPAs must share one configuration;
+    `folded`: their `fold_ipas`, if already computed."""
+    first = ipas[0]
+    k, (B, N, C) = len(ipas), p.shape
+    in_w, in_b, out_w, out_b = fold_ipas(ipas) if folded is None else folded
+    n = F.layer_norm(p, (C,), eps=first.sft_in.norm.eps)                              # (B, N, C)
+    if isinstance(first.down, nn.Linear):
+        d3 = in_w.shape[1]
+        h = F.linear(n, in_w.reshape(k * d3, C), in_b.reshape(k * d3))                # (B, N, k*d3)
+        if first.simam is not None:
+            h = map_to_tokens(first.simam(tokens_to_map(h, hw)))
+        h = F.gelu(h).view(B * N, k, d3).transpose(0, 1)                              # (k, BN, d3)
+        if factored:                        # (one operator each for the k factors' gradients)
+            return [kernels.LowRankExtra(*f) for f in zip(
+                _Unstack.apply(h), _Unstack.apply(out_w), _Unstack.apply(out_b.view(k, C)))]
+        return _UpGelu.apply(out_b, h, out_w).view(k, B, N, C)
+    e = torch.addcmul(in_b[:, None, None, :], n, in_w[:, None, None, :])             # (k, B, N, C)
+    if first.simam is not None:
+        e = map_to_tokens(first.simam(tokens_to_map(e.view(k * B, N, C), hw))).view(k, B, N, C)
+    e = F.gelu(e).view(k, B * N, C)
+    return F.gelu(torch.addcmul(out_b, e, out_w)).view(k, B, N, C)
