@@ -9,7 +9,7 @@ one that needs more shared memory than a block may have (the fused adapter's pw1
 that gap on a machine without a GPU, in two steps:
 
 1. record, in a child process with TRITON_INTERPRET=1 (so the wrappers take their Triton path on
-   CPU tensors): build the backbone with `impl="fused"` as fake tensors
+   CPU tensors): build the backbone, `ivt.fast.make_fast(model, "fused")`, as fake tensors
    (`FakeTensorMode`: shapes and dtypes, no storage, no arithmetic) and run a training forward and
    backward and an inference forward, in float32 and under bfloat16 autocast, with the
    interpreter's launch entry point replaced by a recorder: it keeps each distinct launch (kernel,
@@ -125,6 +125,7 @@ def record(backbone: str, size: int, batch: int, multiprocessors: int) -> List[d
 
     import kernels
     import kernels.hybrid_adapter as fused
+    from ivt.fast import make_fast
     from ivt.models import build_backbone
 
     if not kernels.triton_interpreter_on():
@@ -144,7 +145,7 @@ def record(backbone: str, size: int, batch: int, multiprocessors: int) -> List[d
     kernels.set_backend("triton")
     try:
         with torch.device("meta"):                 # then storage-less CPU tensors
-            model = build_backbone(backbone, tuning="ivt", img_size=size, impl="fused")
+            model = make_fast(build_backbone(backbone, tuning="ivt", img_size=size), "fused")
         with FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings(), \
                 interpreter_launches(recorder), fused.assume_multiprocessors(multiprocessors):
             # the attention-bias cache stamps tables by data pointer, which fake tensors warn about

@@ -11,8 +11,8 @@ Every model is this repository's `build_segmentor(backbone, 9, tuning, ...)` wit
 (the numbers do not depend on the values), a 9-class Segformer head, cross-entropy on random
 labels, AdamW (fused), bf16 autocast on the GPU with the frozen Linear and conv weights stored in
 bf16, as the train scripts' --amp does (`ivt.precision`: the same results). Modes, named
-`<tuning>[:<impl>[:<memory>]]` after `build_backbone`'s `impl` and `memory` (the train scripts'
---impl and --memory):
+`<tuning>[:<impl>[:<memory>]]` after `ivt.fast.make_fast(model, impl, memory)`, applied to the
+built model (the train scripts' --impl and --memory):
 
     full           all parameters train (the paper's baseline)
     freeze         the backbone is frozen, only the head trains (the floor of any PETL method)
@@ -80,9 +80,11 @@ from bench.kernels import tile_sizes  # noqa: E402
 from bench.profiling import kernel_time  # noqa: E402
 from bench.sections import write_section  # noqa: E402
 from bench.compile_check import interpreter_launches  # noqa: E402
+from ivt.fast import make_fast  # noqa: E402
 from ivt.models.segmentor import build_segmentor  # noqa: E402
 from ivt.precision import store_frozen_weights  # noqa: E402
 
+# mode -> (tuning, options): `impl` and `memory` go to `make_fast`, the others to the builder
 MODES = {"full": ("full", {}), "freeze": ("freeze", {}), "ivt": ("ivt", {}),
          "ivt:fast": ("ivt", {"impl": "fast"}),
          "ivt:fast:checkpoint": ("ivt", {"impl": "fast", "memory": "checkpoint"}),
@@ -178,10 +180,13 @@ def parse_args(argv=None):
 def build(backbone: str, mode: str, size, device, head_dim: int):
     """(model, optimizer) on `device`, random weights, seed 0."""
     tuning, options = {**MODES, **DECOMPOSITION, **FUSED, **SWIN_ONLY}[mode]
+    options = dict(options)
+    impl, memory = options.pop("impl", "reference"), options.pop("memory", "keep")
     torch.manual_seed(0)
     with torch.device(device):
         model = build_segmentor(backbone, NUM_CLASSES, tuning, img_size=tuple(size),
                                 head_dim=head_dim, **options)
+    make_fast(model, impl, memory)
     if torch.device(device).type == "cuda":       # bf16 autocast: as the scripts' --amp does
         store_frozen_weights(model, torch.bfloat16)
     model.train()

@@ -109,9 +109,9 @@ class Task:
 
 # -- flags ---------------------------------------------------------------------------------------
 def backbone_kwargs(config: dict) -> dict:
-    """`build_backbone` options a run's configuration describes."""
-    kw = {k: config[k] for k in ("d1", "d2", "d3", "variant", "layers", "impl", "memory")
-          if k in config}
+    """`build_backbone` options a run's configuration describes (the paper's model; the run's
+    --impl and --memory are applied to the built model by `speed_up`)."""
+    kw = {k: config[k] for k in ("d1", "d2", "d3", "variant", "layers") if k in config}
     # The compared methods' options: None (not given) is left to the method's default.
     for key, option in (("prompt_length", "prompt_length"), ("bottleneck", "bottleneck"),
                         ("adapter_scale", "scale"), ("rein_tokens", "rein_tokens"),
@@ -123,6 +123,19 @@ def backbone_kwargs(config: dict) -> dict:
     if config.get("patch_size") is not None:
         kw["patch_size"] = config["patch_size"]
     return kw
+
+
+def speed_up(model: nn.Module, config: dict) -> nn.Module:
+    """The model a task built from a run's configuration (`Task.build_model`), with the run's
+    --impl and --memory applied in place (`ivt.fast.make_fast`; ValueError where --memory is
+    not 'keep' without --impl fast/fused and --tuning ivt); returns it. The training loop and
+    `ivt.tasks.load_trained` (evaluate.py, predict.py) both call it. `ivt.fast`, and with it
+    `kernels` (and Triton, where installed), is imported only for a fast or fused model."""
+    impl, memory = config.get("impl", "reference"), config.get("memory", "keep")
+    if (impl, memory) == ("reference", "keep"):
+        return model
+    from .fast import make_fast
+    return make_fast(model, impl, memory)
 
 
 def _memory(text: str) -> str:
@@ -504,7 +517,7 @@ def build_training(task: Task, args, config: dict, ckpt: Optional[dict],
                    dist: engine.DistInfo) -> Tuple[nn.Module, torch.optim.Optimizer, nn.Module]:
     """(model, optimizer, the model as the loop runs it: DDP-wrapped when distributed), on the
     device, restored from `ckpt` when resuming."""
-    model = task.build_model(config, args.pretrained)
+    model = speed_up(task.build_model(config, args.pretrained), config)
     if ckpt is not None:
         load_model_state(model, ckpt["model"], ckpt["delta"], ckpt["path"])
     model.to(dist.device)

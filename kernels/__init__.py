@@ -1,7 +1,7 @@
 """Triton kernels for IV-tuning's memory-bound operations, with PyTorch references.
 
 `simam`, `partial_conv_residual` and `hybrid_adapter_eval` (a whole Hybrid Adapter at inference,
-`build_backbone(..., impl="fused")`) pick an implementation per call; `hybrid_adapter_train`
+`ivt.fast.make_fast(model, "fused")`) pick an implementation per call; `hybrid_adapter_train`
 (the same in training, forward and backward) is Triton only, and its callers check `use_triton`.
 * `IVT_KERNELS=torch` forces the PyTorch references (`kernels/reference.py`);
 * `IVT_KERNELS=triton` forces Triton (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1);

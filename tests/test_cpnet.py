@@ -220,9 +220,10 @@ def test_release_taps_are_z0_and_the_inputs_of_stages_2_to_4():
         release = [z0] + stage_inputs
         assert [m.shape[1] for m in release] == [32, 64, 128, 256]
         assert [m.shape[2:] for m in release] == [(11, 15), (6, 8), (3, 4), (2, 2)]
+        from ivt.fast import make_fast
         for impl in ("reference", "fast", "fused"):
-            bb = build_backbone("swin_nano", "ivt", d2=16, taps="release",
-                                impl=impl).double().eval()
+            bb = make_fast(build_backbone("swin_nano", "ivt", d2=16, taps="release"),
+                           impl).double().eval()
             bb.load_state_dict(stages.backbone.state_dict())
             for got, want in zip(bb(vis, ir), release, strict=True):
                 torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -48,7 +48,7 @@ def tiny_eva(fast, variant="ivt", layers=None, memory="keep", fused=False):
 
 
 def impl(fast, fused=False):
-    """build_backbone's `impl` for one side of a `pair`."""
+    """make_fast's `impl` for one side of a `pair`."""
     return ("fused" if fused else "fast") if fast else "reference"
 
 
@@ -96,8 +96,8 @@ def pair(build):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_swin_fast_equals_reference(variant):
-    ref, fast = pair(lambda f: build_backbone("swin_nano", "ivt", variant=variant, d2=16,
-                                              impl=impl(f), drop_path_rate=0.2))
+    ref, fast = pair(lambda f: make_fast(build_backbone("swin_nano", "ivt", variant=variant,
+                                                        d2=16, drop_path_rate=0.2), impl(f)))
     torch.manual_seed(0)
     vis = torch.randn(2, 3, 44, 60, dtype=torch.float64)       # 11 x 15 tokens: odd, padded
     ir = torch.randn(2, 1, 44, 60, dtype=torch.float64)
@@ -110,9 +110,9 @@ def test_swin_fast_equals_reference(variant):
                           (None, "checkpoint:3"), (None, "recompute"),
                           ([0, 3, 5], "checkpoint:3+recompute")])
 def test_swin_fast_layers_and_memory(layers, memory):
-    ref, fast = pair(lambda f: build_backbone("swin_nano", "ivt", layers=layers, d2=16,
-                                              impl=impl(f), memory=memory if f else "keep",
-                                              drop_path_rate=0.2))
+    ref, fast = pair(lambda f: make_fast(build_backbone("swin_nano", "ivt", layers=layers, d2=16,
+                                                        drop_path_rate=0.2),
+                                         impl(f), memory if f else "keep"))
     torch.manual_seed(0)
     vis, ir = torch.randn(1, 3, 36, 28, dtype=torch.float64), torch.randn(1, 3, 36, 28,
                                                                           dtype=torch.float64)
@@ -167,8 +167,8 @@ def eval_pair(build):
 def test_swin_fast_inference_equals_reference(variant, fused):
     """At inference; with impl="fused" each Hybrid Adapter, its residual and the internal
     prompt are one `kernels.hybrid_adapter_eval` call (its PyTorch reference here, on the CPU)."""
-    ref, fast = eval_pair(lambda f: build_backbone("swin_nano", "ivt", variant=variant, d2=16,
-                                                   impl=impl(f, fused)))
+    ref, fast = eval_pair(lambda f: make_fast(build_backbone("swin_nano", "ivt", variant=variant,
+                                                             d2=16), impl(f, fused)))
     vis = torch.randn(2, 3, 44, 60, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     ir = torch.randn(2, 1, 44, 60, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     for a, b in zip(run_eval(ref, vis, ir), run_eval(fast, vis, ir)):
@@ -188,7 +188,7 @@ def test_eva02_fast_inference_equals_reference(variant, fused):
 def test_fast_and_reference_share_state_dict_and_modules():
     """make_fast changes no parameter, buffer or module name; impl="reference" undoes it."""
     pairs = [(build_backbone("swin_nano", "ivt"),
-              build_backbone("swin_nano", "ivt", impl="fused", memory="checkpoint")),
+              make_fast(build_backbone("swin_nano", "ivt"), "fused", "checkpoint")),
              (tiny_eva(False), tiny_eva(True, memory="checkpoint"))]
     for ref, fast in pairs:
         a, b = ref.state_dict(), fast.state_dict()
@@ -201,11 +201,13 @@ def test_fast_and_reference_share_state_dict_and_modules():
 
 
 def test_importing_the_package_imports_no_kernels():
-    """`ivt`, `ivt.models` and `ivt.trainer` load neither `kernels` nor Triton: only a fast or
-    fused model does (`ivt.fast`)."""
-    code = ("import sys, ivt, ivt.models, ivt.trainer; "
+    """`ivt`, `ivt.models`, `ivt.trainer` and `ivt.tasks` load neither `kernels` nor Triton, nor
+    does building a model: only making it fast or fused does (`ivt.fast`)."""
+    code = ("import sys, ivt, ivt.models, ivt.trainer, ivt.tasks; "
             "assert 'kernels' not in sys.modules and 'triton' not in sys.modules; "
-            "ivt.models.build_backbone('swin_nano', 'ivt', impl='fast'); "
+            "model = ivt.models.build_backbone('swin_nano', 'ivt'); "
+            "assert 'kernels' not in sys.modules and 'ivt.fast' not in sys.modules; "
+            "import ivt.fast; ivt.fast.make_fast(model, 'fast'); "
             "assert 'kernels' in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
@@ -221,7 +223,7 @@ def test_checkpoint_n_recomputes_the_first_blocks(memory, count, monkeypatch):
     original = FastSwinBlock.body
     monkeypatch.setattr(FastSwinBlock, "body",
                         lambda self, *a: calls.append(self) or original(self, *a))
-    model = build_backbone("swin_nano", "ivt", d2=16, impl="fast", memory=memory)
+    model = make_fast(build_backbone("swin_nano", "ivt", d2=16), "fast", memory)
     blocks = [b for stage in model.layers for b in stage.blocks]
     vis, ir = torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64)
     sum(o.sum() for o in model(vis, ir)).backward()
@@ -247,7 +249,7 @@ def test_recompute_reruns_each_sublayer_up_to_its_last_linear(family, recompute)
     Linear(s) run twice, the output projections and fc2 once; the adapters are not rerun."""
     memory = "recompute" if recompute else "keep"
     if family == "swin":
-        model = build_backbone("swin_nano", "ivt", d2=16, impl="fast", memory=memory)
+        model = make_fast(build_backbone("swin_nano", "ivt", d2=16), "fast", memory)
         names, vis = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "ha1.down"], (1, 3, 64, 64)
         blocks = sum(len(stage.blocks) for stage in model.layers)
     else:
@@ -264,9 +266,9 @@ def test_recompute_reruns_each_sublayer_up_to_its_last_linear(family, recompute)
 
 @pytest.mark.parametrize("variant", ["parallel", "ipa_deep", "mhsa_only", "ir_missing"])
 def test_recompute_equals_reference(variant):
-    ref, fast = pair(lambda f: build_backbone("swin_nano", "ivt", variant=variant, d2=16,
-                                              impl=impl(f), memory="recompute" if f else "keep",
-                                              drop_path_rate=0.2))
+    ref, fast = pair(lambda f: make_fast(build_backbone("swin_nano", "ivt", variant=variant,
+                                                        d2=16, drop_path_rate=0.2),
+                                         impl(f), "recompute" if f else "keep"))
     torch.manual_seed(0)
     vis = torch.randn(2, 3, 44, 60, dtype=torch.float64)
     ir = torch.randn(2, 1, 44, 60, dtype=torch.float64)
@@ -279,23 +281,25 @@ def test_recompute_equals_reference(variant):
 
 def test_memory_options_need_a_fast_impl_and_ivt():
     with pytest.raises(ValueError, match="memory='recompute' needs impl 'fast' or 'fused'"):
-        build_backbone("swin_nano", "ivt", memory="recompute")
+        make_fast(build_backbone("swin_nano", "ivt"), "reference", "recompute")
     cfg = EVA02Config(embed_dim=32, depth=3, num_heads=2, mlp_hidden=48, patch_size=8)
     with pytest.raises(ValueError, match="needs impl 'fast' or 'fused' and tuning 'ivt'"):
         make_fast(EVA02Backbone("tiny", cfg, "full", None), "fast", "recompute")
     with pytest.raises(ValueError, match="impl='turbo'"):
-        build_backbone("swin_nano", "ivt", impl="turbo")
+        make_fast(build_backbone("swin_nano", "ivt"), "turbo")
     with pytest.raises(ValueError, match="memory='checkpoint' needs"):
-        build_backbone("swin_nano", "ivt", memory="checkpoint")
+        make_fast(build_backbone("swin_nano", "ivt"), "reference", "checkpoint")
     with pytest.raises(ValueError, match="memory='checkpoint' needs"):
-        build_backbone("swin_nano", "full", impl="fast", memory="checkpoint")
+        make_fast(build_backbone("swin_nano", "full"), "fast", "checkpoint")
     with pytest.raises(ValueError, match="memory='checkpoint:2' needs impl"):
-        build_backbone("swin_nano", "ivt", memory="checkpoint:2")
+        make_fast(build_backbone("swin_nano", "ivt"), "reference", "checkpoint:2")
     for bad in ("checkpoint:0", "checkpoint:-1", "checkpoint:1.5", "checkpoint:all", "all",
                 "recompute+checkpoint:2", "checkpoint+recompute"):
         with pytest.raises(ValueError, match="number of blocks"):
-            build_backbone("swin_nano", "ivt", impl="fast", memory=bad)
-    build_backbone("swin_nano", "full", impl="fused")          # nothing to speed up: no error
+            make_fast(build_backbone("swin_nano", "ivt"), "fast", bad)
+    make_fast(build_backbone("swin_nano", "full"), "fused")    # nothing to speed up: no error
+    with pytest.raises(TypeError, match="impl"):           # the builders build the paper's model
+        build_backbone("swin_nano", "ivt", impl="fast")
 
 
 @pytest.mark.parametrize("projection, simam", [(True, True), (False, True), (True, False)])
@@ -454,8 +458,8 @@ class ScaleHook(torch.nn.Module):
 
 
 def test_fast_path_calls_other_hooks_as_usual():
-    ref, fast = pair(lambda f: build_backbone("swin_nano", "ivt", d2=16, impl=impl(f),
-                                              drop_path_rate=0.0))
+    ref, fast = pair(lambda f: make_fast(build_backbone("swin_nano", "ivt", d2=16,
+                                                        drop_path_rate=0.0), impl(f)))
     for model in (ref, fast):
         model.layers[1].blocks[0].adapters = ScaleHook()
     torch.manual_seed(0)

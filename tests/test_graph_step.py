@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ivt.fast import make_fast
 from ivt.graph_step import GraphedTrainStep
 from ivt.models.segmentor import build_segmentor
 
@@ -18,8 +19,8 @@ def loss_fn(model, batch):
     return F.cross_entropy(model(batch["vis"], batch["ir"]), batch["label"], ignore_index=255)
 
 
-# the fast path; the fused Hybrid Adapters with the frozen sub-layers recomputed in backward;
-# the fused adapters with the first block checkpointed
+# `make_fast`'s impl and memory: the fast path; the fused Hybrid Adapters with the frozen
+# sub-layers recomputed in backward; the fused adapters with the first block checkpointed
 OPTIONS = {"fast": {"impl": "fast"},
            "fused:recompute": {"impl": "fused", "memory": "recompute"},
            "fused:checkpoint:1": {"impl": "fused", "memory": "checkpoint:1"}}
@@ -28,8 +29,9 @@ OPTIONS = {"fast": {"impl": "fast"},
 def model(device, options=OPTIONS["fast"]):
     torch.manual_seed(0)
     # no dropout / drop-path: eager and graphed steps draw different random numbers
-    return build_segmentor("swin_nano", 5, "ivt", head_dim=32, head_dropout=0.0, dropout=0.0,
-                           drop_path_rate=0.0, **options).to(device)
+    built = build_segmentor("swin_nano", 5, "ivt", head_dim=32, head_dropout=0.0, dropout=0.0,
+                            drop_path_rate=0.0)
+    return make_fast(built, options["impl"], options.get("memory", "keep")).to(device)
 
 
 def batches(device, n, size=(64, 96)):
@@ -54,7 +56,7 @@ def assert_same_run(graph_model, eager_model, start: dict, tf32: bool) -> None:
     fused adapters), each tensor's change over the run in norm, to 2%: TF32 rounds its inputs to
     10 mantissa bits, so the last-bit noise of the step's atomics-based kernels (the head's
     bilinear upsampling backward) flips roundings and moves single elements by ~1e-4 (measured on
-    an H200, docs/gpu/2026-11-27-h200/), while a stale learning rate, a missed gradient or a
+    an H200, bench/results/2026-11-27-h200/), while a stale learning rate, a missed gradient or a
     replay of stale inputs moves whole tensors by tens of percent."""
     eager = dict(eager_model.state_dict())
     for name, got in graph_model.state_dict().items():

@@ -217,8 +217,9 @@ def tiny_eva02(fused: bool, d2: int = 16, fast: bool = True, seed: int = 0):
 
 
 def swin_nano(fused: bool):
+    from ivt.fast import make_fast
     from ivt.models import build_backbone
-    return build_backbone("swin_nano", "ivt", impl="fused" if fused else "fast", d2=20)
+    return make_fast(build_backbone("swin_nano", "ivt", d2=20), "fused" if fused else "fast")
 
 
 # backbone: (build(fused) on the fast path, input (H, W): 13 x 9 tokens; 5 x 4 and a cls token)
@@ -672,13 +673,15 @@ def test_fused_training_step_equals_reference_path(variant, memory, monkeypatch)
     gradient and the BatchNorm running statistics equal the reference path's; under
     memory="checkpoint" the recomputation leaves the running statistics alone; "recompute"
     recomputes the frozen sub-layers around the adapters' kernels."""
+    from ivt.fast import make_fast
     from ivt.models import build_backbone
 
     def build(fused):
         torch.manual_seed(0)
-        return build_backbone("swin_nano", "ivt", variant=variant, d2=20, dropout=0.0,
-                              drop_path_rate=0.0, impl="fused" if fused else "reference",
-                              memory=memory if fused else "keep").double()
+        model = build_backbone("swin_nano", "ivt", variant=variant, d2=20, dropout=0.0,
+                               drop_path_rate=0.0)
+        return make_fast(model, "fused" if fused else "reference",
+                         memory if fused else "keep").double()
 
     assert_fused_step_equals_reference(build, (36, 28), monkeypatch)    # 9 x 7 tokens
 
@@ -699,13 +702,14 @@ def test_fused_training_with_dropout_replays_its_mask_under_checkpointing(monkey
     """With dropout on, the fused adapters draw their masks from torch's generator: a
     checkpointed step recomputes the same masks, so it equals the step that keeps its
     activations (outputs, gradients, running statistics)."""
+    from ivt.fast import make_fast
     from ivt.models import build_backbone
     monkeypatch.setenv("IVT_KERNELS", "triton")
 
     def build(checkpoint):
         torch.manual_seed(0)
-        return build_backbone("swin_nano", "ivt", d2=16, impl="fused",
-                              memory="checkpoint" if checkpoint else "keep").double()
+        return make_fast(build_backbone("swin_nano", "ivt", d2=16), "fused",
+                         "checkpoint" if checkpoint else "keep").double()
 
     plain, checkpointed = build(False), build(True)
     checkpointed.load_state_dict(plain.state_dict())

@@ -1,5 +1,6 @@
-"""A small Swin IV-tuning backbone on the fast path (`impl="fast"`, which runs SimAM and the
-partial conv through `kernels`) gives the same outputs and gradients with either kernel backend.
+"""A small Swin IV-tuning backbone on the fast path (`ivt.fast.make_fast(model, "fast")`, which runs
+SimAM and the partial conv through `kernels`) gives the same outputs and gradients with either
+kernel backend.
 
 The Triton side runs under the interpreter on a CPU (`TRITON_INTERPRET=1`, as `make test` sets) or
 on a GPU when one is present. Fresh random inputs each run; KERNELS_TEST_SEED=<seed> replays one.
@@ -12,6 +13,7 @@ import torch
 import kernels
 
 models = pytest.importorskip("ivt.models", reason="needs ivt.models.build_backbone")
+fast = pytest.importorskip("ivt.fast", reason="needs ivt.fast.make_fast")
 
 SEED = int(os.environ.get("KERNELS_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -33,8 +35,8 @@ def run_backbone(model, vis, ir, weights, seed):
 
 def test_swin_ivt_same_with_triton_kernels(monkeypatch):
     torch.manual_seed(SEED)
-    model = models.build_backbone("swin_t", tuning="ivt", img_size=64, layers=[0, 1, 2],
-                                  impl="fast").to(DEVICE)
+    model = fast.make_fast(models.build_backbone("swin_t", tuning="ivt", img_size=64,
+                                                 layers=[0, 1, 2]), "fast").to(DEVICE)
     vis = torch.randn(2, 3, 64, 64, device=DEVICE)
     ir = torch.randn(2, 3, 64, 64, device=DEVICE)
     with torch.no_grad():

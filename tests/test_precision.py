@@ -23,10 +23,10 @@ def tiny_eva02_fast() -> nn.Module:
 
 CASES = {
     "ivt reference": lambda: build_backbone("swin_nano", "ivt"),
-    "ivt fast, recompute": lambda: build_backbone("swin_nano", "ivt", impl="fast",
-                                                  memory="recompute"),
-    "ivt fast, checkpoint": lambda: build_backbone("swin_nano", "ivt", impl="fast",
-                                                   memory="checkpoint"),
+    "ivt fast, recompute": lambda: make_fast(build_backbone("swin_nano", "ivt"), "fast",
+                                             "recompute"),
+    "ivt fast, checkpoint": lambda: make_fast(build_backbone("swin_nano", "ivt"), "fast",
+                                              "checkpoint"),
     "eva02 ivt fast": tiny_eva02_fast,
     "freeze + head": lambda: build_segmentor("swin_nano", 9, "freeze", head_dim=32),
     "vpt": lambda: build_backbone("swin_nano", "vpt"),

@@ -14,6 +14,9 @@ import train_seg  # noqa: E402
 from ivt import engine, trainer  # noqa: E402
 from ivt.checkpoint import load_checkpoint  # noqa: E402
 from ivt.data.synthetic import write_mfnet  # noqa: E402
+from ivt.fast.swin import FastSwinBlock  # noqa: E402
+from ivt.models.swin import SwinBlock  # noqa: E402
+from ivt.tasks import load_trained  # noqa: E402
 from ivt.tasks.seg import SegTask  # noqa: E402
 
 
@@ -159,6 +162,12 @@ def test_fast_impl_trains_like_the_reference(data, tmp_path, capsys):
                              logs["lean"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) == c["loss"] == d["loss"]
         assert d["loss"] == e["loss"]
+    for name, fast, checkpointed in (("reference", False, 0), ("fast_3", True, 3)):
+        _, model, _ = load_trained(str(tmp_path / name / "last.pt"))   # evaluate.py, predict.py
+        blocks = [b for stage in model.backbone.block_stages() for b in stage]
+        assert all(type(b) is (FastSwinBlock if fast else SwinBlock) for b in blocks)
+        if fast:
+            assert [b.checkpoint for b in blocks] == [True] * checkpointed + [False] * 5
     err = fails_with(tiny_args(data, tmp_path / "x", 2, "--memory", "checkpoint"), capsys)
     assert "--memory checkpoint needs --impl fast" in err
     err = fails_with(tiny_args(data, tmp_path / "x", 2, "--memory", "recompute", "--impl",
@@ -171,11 +180,29 @@ def test_fast_impl_trains_like_the_reference(data, tmp_path, capsys):
     assert "a number of blocks >= 1" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("config", [{}, {"impl": "fast", "memory": "checkpoint:3"},
-                                    {"impl": "fused", "memory": "recompute"}])
-def test_impl_and_memory_settings_reach_the_backbone(config):
-    kw = trainer.backbone_kwargs({"backbone": "swin_nano", "tuning": "ivt", **config})
-    assert {k: kw[k] for k in ("impl", "memory") if k in kw} == config
+@pytest.mark.parametrize("flags, checkpointed, recompute",
+                         [([], None, None),
+                          (["--impl", "fast", "--memory", "checkpoint:3"], 3, False),
+                          (["--impl", "fused", "--memory", "recompute"], 0, True)])
+def test_impl_and_memory_settings_reach_the_backbone(flags, checkpointed, recompute):
+    """The task builds the paper's model (the builders get no impl or memory); `speed_up`
+    applies the run's --impl and --memory to it (`ivt.fast.make_fast`)."""
+    task = SegTask()
+    cfg = vars(trainer.get_parser(task).parse_args(["--data", "x", "--backbone", "swin_nano",
+                                                    "--d2", "8", "--head-dim", "16", *flags]))
+    assert not {"impl", "memory"} & set(trainer.backbone_kwargs(cfg))
+    model = task.build_model(cfg, None)
+    blocks = [b for stage in model.backbone.block_stages() for b in stage]
+    assert all(type(b) is SwinBlock for b in blocks)
+    assert trainer.speed_up(model, cfg) is model
+    if not flags:
+        assert all(type(b) is SwinBlock for b in blocks)
+        return
+    assert all(type(b) is FastSwinBlock for b in blocks)
+    assert [b.checkpoint for b in blocks] == [True] * checkpointed + [False] * (8 - checkpointed)
+    assert all(b.recompute == recompute for b in blocks)
+    adapters = [b.adapters for b in blocks if b.adapters is not None]
+    assert adapters and all(a.fused == (cfg["impl"] == "fused") for a in adapters)
 
 
 def test_impl_memory_and_kernels_do_not_change_the_run():
@@ -237,7 +264,7 @@ def test_evaluate_names_a_corrupt_test_image(tmp_path, capsys):
 
 
 def test_readme_commands_use_existing_flags():
-    """Every --flag the README passes to a script exists in that script's parser."""
+    """Every --flag the README and docs/ pass to a script exists in that script's parser."""
     import re
 
     import evaluate
@@ -247,7 +274,8 @@ def test_readme_commands_use_existing_flags():
     parsers = {"train_seg.py": train_seg.get_parser(), "train_sod.py": train_sod.get_parser(),
                "train_det.py": train_det.get_parser(), "evaluate.py": evaluate.get_parser(),
                "predict.py": predict.get_parser()}
-    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    text = "\n".join(p.read_text() for p in docs).replace("\\\n", " ")
     checked = 0
     for line in text.splitlines():
         for script, parser in parsers.items():

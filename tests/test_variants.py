@@ -9,7 +9,8 @@ block's IPAs read, SimAM or not, IPA projections or not, EMPG's visible stream o
 the infrared stream is fed. Separate tests check the defining differences directly: parallel and
 sequential outputs differ; `ir_missing` equals IV-tuning fed vis as ir; `pe_ir`'s P_E does not
 change with the visible image; `layers` leaves the other blocks pure visible blocks.
-Only the reference forward (the default, `impl="reference"`) is tested here.
+Only the reference forward (what `build_backbone` builds; `ivt.fast.make_fast` gives the fast
+path, tests/test_fast_path.py) is tested here.
 """
 import math
 from typing import Dict, List, Optional

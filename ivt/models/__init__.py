@@ -1,5 +1,7 @@
-"""Model entry points: `build_backbone(name, tuning=..., pretrained=..., img_size=..., impl=...,
-memory=..., **options)`."""
+"""Model entry points: `build_backbone(name, tuning=..., pretrained=..., img_size=..., **options)`.
+
+The models here are the paper's, with its readable forwards; the speed-ups (`ivt.fast`, a layer
+above this package) are applied to a built model by `ivt.fast.make_fast(model, impl, memory)`."""
 from typing import Optional
 
 from ..data.transforms import CLIP, IMAGENET, Normalization
@@ -31,8 +33,7 @@ def normalization_for(name: str) -> Normalization:
 
 
 def build_backbone(name: str, tuning: str = "ivt", pretrained: Optional[str] = None,
-                   img_size=None, impl: str = "reference", memory: str = "keep",
-                   **options) -> IVTBackbone:
+                   img_size=None, **options) -> IVTBackbone:
     """Build a backbone whose `forward(vis, ir=None)` returns four NCHW maps (strides 4-32).
 
     name: one of `BACKBONES` ('swin_t', 'swin_s', 'swin_b', 'swin_l', 'eva02_b', 'eva02_l').
@@ -56,13 +57,13 @@ def build_backbone(name: str, tuning: str = "ivt", pretrained: Optional[str] = N
         14), `drop_path_rate` for EVA02); the PETL methods' `prompt_length` (vpt), `bottleneck`,
         `scale` ((bi_)adaptformer), `rein_tokens`, `rein_rank` (rein); `ir_embed=True` gives
         'full'/'freeze' the independent IR patch embedding of Sec. 4.5 (then forward needs ir).
-    impl: 'reference' (the readable paper path), 'fast' or 'fused': IV-tuning's faster forwards
-        of the same modules, same parameters and state dict, equal outputs and gradients
-        (`ivt.fast.make_fast`; no effect for other tunings).
-    memory: 'keep', or with impl 'fast'/'fused' and tuning 'ivt', 'recompute' (the frozen
-        sub-layers recomputed in backward), 'checkpoint' (every block recomputed),
-        'checkpoint:N' (the first N blocks), 'checkpoint:N+recompute' (see `ivt.fast`).
     After building, exactly the trainable set has requires_grad=True.
+
+    This builds the paper's model only, on the readable reference forward.
+    `ivt.fast.make_fast(model, impl, memory)` applies the speed-ups to a built model (this
+    backbone, or a task model holding one): impl 'fast' or 'fused' (IV-tuning's faster forwards
+    of the same modules: same parameters and state dict, equal outputs and gradients) and the
+    memory options ('recompute', 'checkpoint', 'checkpoint:N', 'checkpoint:N+recompute').
     """
     ivt_cfg, family_options = make_ivt_config(tuning, dict(options))
     petl_cfg, family_options = make_petl_config(tuning, family_options)
@@ -73,9 +74,6 @@ def build_backbone(name: str, tuning: str = "ivt", pretrained: Optional[str] = N
     else:
         raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(BACKBONES)}")
     model.img_size = img_size
-    if (impl, memory) != ("reference", "keep"):
-        from ..fast import make_fast          # imports `kernels` (and Triton, where installed)
-        make_fast(model, impl, memory)
     if petl_cfg is not None:
         model.add_petl(petl_cfg)
     path = resolve_pretrained(pretrained)

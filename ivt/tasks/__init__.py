@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from ..checkpoint import check_pretrained, load_checkpoint, load_model_state
 from ..data.transforms import Normalization
+from ..trainer import speed_up
 from ..weights import resolve_pretrained, saved_pretrained
 
 TASK_NAMES = ("seg", "sod", "det")
@@ -43,5 +44,6 @@ def load_trained(path: str, pretrained: Optional[str] = None) -> Tuple[str, nn.M
         pretrained = saved_pretrained(cfg) if pretrained is None else resolve_pretrained(pretrained)
     check_pretrained(ckpt, pretrained, path)
     model = task_module(task).build_model(cfg, pretrained if ckpt["delta"] else None)
+    model = speed_up(model, cfg)          # the run's --impl and --memory (`ivt.fast.make_fast`)
     load_model_state(model, ckpt["model"], ckpt["delta"], path)
     return task, model.eval(), ckpt
