@@ -6,15 +6,16 @@
 #   2. bench/train_step.py: Swin-L 384 b8 and EVA02-L 512 b2, every mode, eager and graphed
 #      (rewrites its section of docs/benchmarks.md after every mode; `--merge` an earlier run's
 #      JSON to keep its rows)
-#   3. bench/kernels.py: the fused Hybrid Adapter (with its split by kernel; at the tile sizes
+#   3. bench/kernels.py (rewrites its section of docs/kernels.md): the fused Hybrid Adapter (with its split by kernel; at the tile sizes
 #      `kernels.hybrid_adapter.tile_sizes` chooses, and at fixed 16 x 64 and 32 x 64 tiles at
 #      every shape, which tell whether its choice of 16 or 32 tokens is right), the partial
 #      conv, SimAM: device time, without the torch.compile column (its compilations took most
 #      of the last run's time, which ended before the partial conv)
 #   4. bench/vs_timm.py: this repository's Swin-L and EVA02-L against timm's (when timm imports),
 #      Swin-L also with the explicit window attention; the kernels whose time differs most
-# Logs, the JSON files and the rewritten docs/benchmarks.md go to $OUT (default ./gpu_out): eight
-# files, the most the device tool brings back.
+# Logs, the JSON files and the rewritten docs/benchmarks.md and docs/kernels.md go to $OUT
+# (default ./gpu_out): eight files, the most the device tool brings back (the machine's
+# description heads tests.log).
 #
 #   bash bench/gpu_session.sh            # on a machine with a CUDA GPU, from the repository root
 set -u
@@ -27,7 +28,7 @@ part() {  # part SECONDS NAME COMMAND...: run one part under a time limit, log i
     local limit=$1 name=$2
     shift 2
     echo "== $name (limit ${limit}s)"
-    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    timeout "$limit" "$@" >> "$OUT/$name.log" 2>&1
     local rc=$?
     tail -n 25 "$OUT/$name.log"
     echo "== $name: exit $rc"
@@ -35,8 +36,8 @@ part() {  # part SECONDS NAME COMMAND...: run one part under a time limit, log i
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-} > "$OUT/machine.txt" 2>&1
-cat "$OUT/machine.txt"
+} > "$OUT/tests.log" 2>&1
+cat "$OUT/tests.log"
 PARALLEL=()
 $PY -c "import xdist" 2>/dev/null && PARALLEL=(-n 4)
 part 150 tests $PY -m pytest -q -rf --tb=short "${PARALLEL[@]}" tests/test_graph_step.py \
@@ -46,4 +47,4 @@ part 275 train_step $PY bench/train_step.py --json "$OUT/train_step.json"
 part 100 kernels $PY bench/kernels.py --ops hybrid_adapter partial_conv simam --no-compile \
     --adapter-tiles 16:64 32:64
 part 60 vs_timm $PY bench/vs_timm.py --json "$OUT/vs_timm.json"
-cp docs/benchmarks.md "$OUT/benchmarks.md"
+cp docs/benchmarks.md docs/kernels.md "$OUT/"

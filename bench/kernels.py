@@ -3,7 +3,7 @@
 SimAM and the partial conv (forward, forward + backward), and the fused Hybrid Adapter (inference,
 and training forward + backward; its time also split by kernel).
 
-    python bench/kernels.py                      # on a GPU; writes docs/benchmarks.md
+    python bench/kernels.py                      # on a GPU; writes docs/kernels.md
     python bench/kernels.py --dtype bfloat16 --out /tmp/bf16.md
     python bench/kernels.py --tiny --out /tmp/t.md   # CPU under TRITON_INTERPRET=1: checks the
                                                      # script end to end, no timing claims
@@ -48,7 +48,7 @@ BEGIN, END = "<!-- bench/kernels.py: begin -->", "<!-- bench/kernels.py: end -->
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"),
+    parser.add_argument("--out", default=str(ROOT / "docs" / "kernels.md"),
                         help="markdown file the table is written to")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--tiny", action="store_true",
