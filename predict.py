@@ -17,7 +17,7 @@ The task (segmentation, salient object detection, detection) comes from the chec
          <name>_vis_boxes.png, <name>_ir_boxes.png   the boxes drawn on both images
 
 Inputs. Any size: segmentation runs at the native size (padded to a multiple of the patch size
-for EVA02 and cropped back); SOD and detection models run at the square size they were trained at
+for the ViTs and cropped back); SOD and detection models run at the square size they were trained at
 (`size` in the run's configuration), and their outputs are mapped back to the input's size. The
 two images of a pair must have the same size. Thermal images may be 8-bit grey, 3-channel
 (colour-mapped or repeated grey, reduced to grey with PIL's 'L' weights, as in training) or
@@ -55,7 +55,7 @@ from ivt.data.io import BadImageError, open_image
 from ivt.data.transforms import (pad_to, resize, thermal_to_gray, thermal_to_tensor,
                                  visible_to_tensor)
 from ivt.engine import autocast_context
-from ivt.models.eva02 import EVA02Backbone
+from ivt.models.vit import ViTBackbone
 from ivt.precision import store_frozen_weights
 from ivt.tasks import config_normalization, load_trained
 from ivt.visualize import (distinct_colours, draw_boxes, overlay_saliency, overlay_segmentation,
@@ -277,9 +277,9 @@ class SegPredictor(Predictor):
 
     def __init__(self, model, config, args):
         super().__init__(model, config, args)
-        # EVA02 cuts the image into patch_size x patch_size patches; Swin pads by itself.
+        # The ViTs cut the image into patch_size x patch_size patches; Swin pads by itself.
         self.multiple = next((m.cfg.patch_size for m in model.modules()
-                              if isinstance(m, EVA02Backbone)), 1)
+                              if isinstance(m, ViTBackbone)), 1)
         self.class_names = list(config.get("class_names") or CLASSES)
         self.palette = palette_for(len(self.class_names))
 

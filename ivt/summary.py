@@ -11,7 +11,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .models import BACKBONES, TUNINGS, VARIANTS, PETLConfig, build_backbone, count_parameters
+from .models import (BACKBONES, TUNINGS, VARIANTS, VIT_BACKBONES, PETLConfig, build_backbone,
+                     count_parameters)
 from .models.petl import METHOD_OPTIONS
 
 # Component of a trainable parameter, from its name (first match wins).
@@ -166,7 +167,8 @@ def count(name: str, img_size=None, **options) -> Dict[str, object]:
 
 
 def _default_size(name: str):
-    return 512 if name.startswith("eva02") else None
+    """512 for the ViTs (their position embedding grows with the input), as the paper's EVA02-L."""
+    return 512 if name in VIT_BACKBONES else None
 
 
 def paper_table() -> List[Dict[str, object]]:
@@ -194,7 +196,8 @@ def get_parser() -> argparse.ArgumentParser:
     ap.add_argument("--layers", type=int, nargs="*", default=None,
                     help="0-based block indices that get adapters (default: all)")
     ap.add_argument("--img-size", type=int, default=None,
-                    help="input size (matters for EVA02's position embedding; default 512 for EVA02)")
+                    help="input size (matters for the ViTs' position embedding: EVA02, DINOv2, "
+                         "MAE; default 512 for them)")
     ap.add_argument("--methods", action="store_true",
                     help="print the compared PETL methods' counts beside Table 4's (with the "
                          "options below where given) and exit")

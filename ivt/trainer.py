@@ -25,7 +25,8 @@ from . import engine
 from .checkpoint import (atomic_save, check_pretrained, load_checkpoint, load_model_state,
                          make_checkpoint, model_state, set_rng_state, sha256_file)
 from .data.io import BadImageError
-from .models import BACKBONES, TUNINGS, VARIANTS, CheckpointError, normalization_for
+from .models import (BACKBONES, TUNINGS, VARIANTS, VIT_BACKBONES, CheckpointError,
+                     normalization_for)
 from .precision import store_frozen_weights
 from .weights import RELEASES, cache_dir, resolve_pretrained, saved_pretrained
 
@@ -192,8 +193,9 @@ def _model_arguments(g) -> None:
     g.add_argument("--layers", type=int, nargs="+", default=None,
                    help="0-based block indices that get adapters (default: all blocks)")
     g.add_argument("--patch-size", type=int, default=None,
-                   help="EVA02 only: patch size, 16 as in the paper (the released 14 is resized "
-                        "on loading) (default: the backbone's)")
+                   help="EVA02, DINOv2, MAE only: patch size, 16 as the paper runs EVA02 (the "
+                        "EVA02 and DINOv2 releases' 14 is resized on loading; MAE's is 16) "
+                        "(default: 16)")
     g.add_argument("--pretrained", default=None, metavar="FILE|NAME|URL",
                    help="visible-model weights loaded into the frozen part: a checkpoint file "
                         "(original release, timm or, for Swin, an mmdet/detrex detector's "
@@ -352,12 +354,11 @@ def check_args(task: Task, args) -> None:
         raise ValueError(f"--memory {args.memory} needs --impl fast (or fused) and --tuning ivt")
     if args.resume and args.resume != "last" and not os.path.isfile(args.resume):
         raise FileNotFoundError(f"--resume {args.resume}: file not found")
-    if args.backbone.startswith("eva02"):
+    if args.backbone in VIT_BACKBONES:
         patch = args.patch_size or 16
-        h = w = args.size
-        if h % patch or w % patch:
-            raise ValueError(f"EVA02 with patch {patch} needs an input size that is a multiple "
-                             f"of {patch}; the training input is {h}x{w}")
+        if args.size % patch:
+            raise ValueError(f"{args.backbone} with patch {patch} needs an input size that is a "
+                             f"multiple of {patch}; the training input is {args.size}x{args.size}")
     last = Path(args.out) / "last.pt"
     if not args.resume and last.exists():
         raise ValueError(f"{args.out} already holds a run ({last}); continue it with --resume, "

@@ -55,6 +55,10 @@ SWIN_RELEASE = "https://github.com/microsoft/Swin-Transformer"
 SWIN_STORAGE = "https://github.com/SwinTransformer/storage/releases/download/v1.0.0/"
 EVA02_RELEASE = "https://github.com/baaivision/EVA/tree/master/EVA-02/asuka"
 EVA02_STORAGE = "https://huggingface.co/Yuxin-CV/EVA-02/resolve/main/eva02/pt/"
+DINOV2_RELEASE = "https://github.com/facebookresearch/dinov2"
+DINOV2_STORAGE = "https://dl.fbaipublicfiles.com/dinov2/"
+MAE_RELEASE = "https://github.com/facebookresearch/mae"
+MAE_STORAGE = "https://dl.fbaipublicfiles.com/mae/pretrain/"
 
 # Backbone names map to their own release (the scripts' default `--pretrained`). Only mmdet's
 # file carries a known hash: mmdet names a published checkpoint `<name>-<first 8 hex digits of
@@ -75,6 +79,22 @@ RELEASES: Dict[str, Release] = {
     "eva02_l": Release(EVA02_STORAGE + "eva02_L_pt_m38m_p14.pt",
                        "EVA-02 release ({'module': ...})", EVA02_RELEASE,
                        "EVA02-L, MIM on Merged-38M, patch 14 (the paper's)"),
+    "dinov2_b": Release(DINOV2_STORAGE + "dinov2_vitb14/dinov2_vitb14_pretrain.pth",
+                        "DINOv2 release (plain state dict)", DINOV2_RELEASE,
+                        "DINOv2 ViT-B/14, LVD-142M"),
+    "dinov2_l": Release(DINOV2_STORAGE + "dinov2_vitl14/dinov2_vitl14_pretrain.pth",
+                        "DINOv2 release (plain state dict)", DINOV2_RELEASE,
+                        "DINOv2 ViT-L/14, LVD-142M"),
+    "dinov2_b_reg": Release(DINOV2_STORAGE + "dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth",
+                            "DINOv2 release (plain state dict, register_tokens)", DINOV2_RELEASE,
+                            "DINOv2 ViT-B/14 with 4 registers, LVD-142M"),
+    "dinov2_l_reg": Release(DINOV2_STORAGE + "dinov2_vitl14/dinov2_vitl14_reg4_pretrain.pth",
+                            "DINOv2 release (plain state dict, register_tokens)", DINOV2_RELEASE,
+                            "DINOv2 ViT-L/14 with 4 registers, LVD-142M"),
+    "mae_b": Release(MAE_STORAGE + "mae_pretrain_vit_base.pth", "MAE release ({'model': ...})",
+                     MAE_RELEASE, "MAE ViT-B/16, ImageNet-1K, encoder"),
+    "mae_l": Release(MAE_STORAGE + "mae_pretrain_vit_large.pth", "MAE release ({'model': ...})",
+                     MAE_RELEASE, "MAE ViT-L/16, ImageNet-1K, encoder (GoPT's backbone)"),
     "dino_swin_l": Release(
         "https://github.com/RistoranteRist/mmlab-weights/releases/download/dino-swinl/"
         "dino-5scale_swin-l_8xb2-36e_coco-5486e051.pth",

@@ -33,3 +33,11 @@ def run_killed_after_first_checkpoint(script: str, args, out: Path, timeout: flo
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+
+
+def tiny_seg_args(data, out, iters, *extra):
+    """train_seg.py flags for a seconds-long run of swin_nano on CPU, writing to `out`."""
+    return ["--data", str(data), "--out", str(out), "--backbone", "swin_nano", "--d2", "8",
+            "--head-dim", "16", "--crop", "32", "--batch-size", "2", "--iters", str(iters),
+            "--eval-every", "2", "--log-every", "1", "--workers", "0", "--device", "cpu",
+            "--kernels", "torch", *extra]

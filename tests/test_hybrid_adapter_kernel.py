@@ -241,7 +241,7 @@ HAND_OVERS = {
 @pytest.mark.parametrize("backbone", list(HAND_OVERS))
 def test_fused_inference_hands_on_each_layer_norm(monkeypatch, backbone, autocast):
     """At inference with fused adapters, each adapter's call also makes the LayerNorm that the
-    next sub-layer reads (`ivt.fast.swin.FastSwinStage`, `ivt.fast.eva02.fused_eval_block`;
+    next sub-layer reads (`ivt.fast.swin.FastSwinStage`, `ivt.fast.vit.fused_eval_block`;
     here on the reference kernels), in bfloat16 under bf16 autocast, and the model's outputs are
     the fast path's (float64: to rounding). EVA02's adapters write the patch rows of the
     (B, 1 + N, C) results in place (`FastBlockAdapters.fused_eval`'s `lead`): no

@@ -18,16 +18,14 @@ from ivt.fast.swin import FastSwinBlock  # noqa: E402
 from ivt.models.swin import SwinBlock  # noqa: E402
 from ivt.tasks import load_trained  # noqa: E402
 from ivt.tasks.seg import SegTask  # noqa: E402
+from script_runs import tiny_seg_args  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("script_env")
 
 
 def tiny_args(data, out, iters=4, *extra):
-    return ["--data", str(data), "--out", str(out), "--backbone", "swin_nano", "--d2", "8",
-            "--head-dim", "16", "--crop", "32", "--batch-size", "2", "--iters", str(iters),
-            "--eval-every", "2", "--log-every", "1", "--workers", "0", "--device", "cpu",
-            "--kernels", "torch", *extra]
+    return tiny_seg_args(data, out, iters, *extra)
 
 
 @pytest.fixture(scope="module")

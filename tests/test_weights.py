@@ -27,6 +27,7 @@ from ivt.models import build_backbone  # noqa: E402
 from ivt.tasks import load_trained  # noqa: E402
 from ivt.tasks.seg import SegTask  # noqa: E402
 from ivt.weights import WeightsError, resolve_pretrained  # noqa: E402
+from script_runs import tiny_seg_args  # noqa: E402
 from test_detr_checkpoint import detector_extras, mmdet_swin_converter  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("script_env")
@@ -223,7 +224,8 @@ def test_release_names(release, server, cache, monkeypatch):
 
 def test_registry_entries():
     """Every release downloads under its URL's file name; the only pinned hash is mmdet's."""
-    names = {"swin_t", "swin_s", "swin_b", "swin_l", "eva02_b", "eva02_l", "dino_swin_l"}
+    names = {"swin_t", "swin_s", "swin_b", "swin_l", "eva02_b", "eva02_l", "dino_swin_l",
+             "dinov2_b", "dinov2_l", "dinov2_b_reg", "dinov2_l_reg", "mae_b", "mae_l"}
     assert set(weights.RELEASES) == names
     assert weights.RELEASES["swin_l"].file_name == "swin_large_patch4_window12_384_22k.pth"
     assert weights.RELEASES["eva02_l"].file_name == "eva02_L_pt_m38m_p14.pt"
@@ -237,10 +239,7 @@ def test_registry_entries():
 
 # -- through the training script -----------------------------------------------------------------
 def tiny_args(data, out, iters=2, *extra):
-    return ["--data", str(data), "--out", str(out), "--backbone", "swin_nano", "--d2", "8",
-            "--head-dim", "16", "--crop", "32", "--batch-size", "2", "--iters", str(iters),
-            "--eval-every", "2", "--log-every", "1", "--workers", "0", "--device", "cpu",
-            "--kernels", "torch", *extra]
+    return tiny_seg_args(data, out, iters, *extra)
 
 
 @pytest.fixture(scope="module")

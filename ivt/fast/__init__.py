@@ -4,7 +4,8 @@ impl   "reference"  the readable paper path (`ivt.models.ivtuning`, one forward 
        "fast"       the same modules with faster forwards: the IPAs that read one prompt computed
                     together (`prompts.py`), SFT folded into its LayerNorm, SimAM and the partial
                     conv through `kernels` (Triton where it runs) (`adapters.py`), and the
-                    backbones' blocks that use them (`swin.py`, `eva02.py`)
+                    backbones' blocks that use them (`swin.py`, `vit.py` for EVA02, DINOv2
+                    and MAE, with EVA02's rotary attention in `eva02.py`)
        "fused"      fast, with every Hybrid Adapter, its residual and its internal prompt as the
                     Triton kernels of `kernels.hybrid_adapter` where Triton runs
 memory "keep"             every activation kept for backward
@@ -25,12 +26,16 @@ from typing import Dict, Tuple
 import torch.nn as nn
 
 from ..models.backbone import IVTBackbone
-from ..models.eva02 import EVA02Backbone, EVA02Block
+from ..models.dinov2 import DINOv2Backbone
+from ..models.eva02 import EVA02Backbone
 from ..models.ivtuning import BlockAdapters, HybridAdapter, HybridOperation, SimAM
+from ..models.mae import MAEBackbone
 from ..models.swin import SwinBlock, SwinStage
+from ..models.vit import ViTBackbone, ViTBlock
 from .adapters import FastBlockAdapters, FastHybridAdapter, FastHybridOperation, FastSimAM
-from .eva02 import FastEVA02Backbone, FastEVA02Block
 from .swin import FastSwinBlock, FastSwinStage
+from .vit import (FastDINOv2Backbone, FastEVA02Backbone, FastMAEBackbone, FastViTBackbone,
+                  FastViTBlock)
 
 __all__ = ["make_fast", "parse_memory", "IMPLS", "MEMORY"]
 
@@ -41,7 +46,8 @@ MEMORY = ("keep", "recompute", "checkpoint", "checkpoint:N", "checkpoint:N+recom
 FAST: Dict[type, type] = {
     SimAM: FastSimAM, HybridOperation: FastHybridOperation, HybridAdapter: FastHybridAdapter,
     BlockAdapters: FastBlockAdapters, SwinStage: FastSwinStage, SwinBlock: FastSwinBlock,
-    EVA02Block: FastEVA02Block, EVA02Backbone: FastEVA02Backbone}
+    ViTBlock: FastViTBlock, ViTBackbone: FastViTBackbone, EVA02Backbone: FastEVA02Backbone,
+    DINOv2Backbone: FastDINOv2Backbone, MAEBackbone: FastMAEBackbone}
 
 
 def parse_memory(memory: str) -> Tuple[float, bool]:

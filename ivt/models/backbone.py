@@ -1,6 +1,6 @@
 """What every IV-tuning backbone shares: the tuning modes, the freezing rule, input checks and
-checkpoint loading. The families (`swin.py`, `eva02.py`) only define their layers and a pure
-`checkpoint_filter_fn` that maps a foreign state dict onto their own names.
+checkpoint loading. The families (`swin.py`; `eva02.py`, `dinov2.py`, `mae.py` on the ViT of
+`vit.py`) define their layers and a pure `checkpoint_filter_fn` for foreign state dicts.
 
 Tuning modes: `full` and `freeze` (the visible model alone, all or nothing trainable), `ivt`
 (IV-tuning) and the PETL methods of Table 4 (`vpt`, `adaptformer`, `bi_adaptformer`, `rein`,
@@ -29,7 +29,7 @@ def read_state_dict(path: str) -> StateDict:
     """Load a checkpoint's tensors without unpickling code.
 
     `.safetensors` through safetensors; anything else through `torch.load(weights_only=True)`.
-    A wrapping dict (`{'model': ...}` as in the Swin release, `{'module': ...}` as in EVA02's,
+    A wrapping dict (`{'model': ...}` as in the Swin and MAE releases, `{'module': ...}` (EVA02),
     `{'state_dict': ...}`) is unwrapped.
     """
     path = os.fspath(path)
@@ -116,10 +116,15 @@ class IVTBackbone(nn.Module):
         """Load a visible-model checkpoint (original release or timm layout) into the frozen part.
 
         Any key that the model expects and the file lacks, or that the file has and the model
-        does not know, is an error listing the keys; so is a shape mismatch.
+        does not know, is an error listing the keys; so is a shape mismatch, and anything the
+        family's `checkpoint_filter_fn` refuses (the message then names the file).
         """
-        self.load_visible_state(self.checkpoint_filter_fn(read_state_dict(path)),
-                                f"checkpoint {path}")
+        sd = read_state_dict(path)
+        try:
+            sd = self.checkpoint_filter_fn(sd)
+        except CheckpointError as e:
+            raise CheckpointError(f"checkpoint {path}: {e}") from None
+        self.load_visible_state(sd, f"checkpoint {path}")
 
     def load_visible_state(self, sd: StateDict, source: str) -> None:
         """Load a state dict already in this model's names into the visible (frozen) part:

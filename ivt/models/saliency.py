@@ -75,10 +75,10 @@ def build_saliency_model(backbone: str, tuning: str = "ivt", pretrained: Optiona
     four levels. `ivt.engine.describe_parameters(model)` gives the one-line parameter count.
 
     taps: which backbone features the decoder reads. 'stages': the four stage outputs (Swin:
-    before patch merging, strides 4-32; EVA02: blocks 8, 12, 16, 24 resized to strides 4-32).
+    before patch merging, strides 4-32; the ViTs: blocks 8, 12, 16, 24 resized to strides 4-32).
     'release': the authors' SOD release; on Swin the external-prompted patch embedding Z0 and
     stages 1-3's outputs after patch merging (`SwinBackbone`, taps='release'); on EVA02 the
-    release taps blocks 8, 12, 16, 24 as 'stages' does, so the two are the same model there.
+    release taps blocks 8, 12, 16, 24 as 'stages' does, so the two are the same model on the ViTs.
     """
     if taps not in TAPS:
         raise ValueError(f"taps={taps!r}: expected one of {', '.join(TAPS)}")

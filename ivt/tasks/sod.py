@@ -125,8 +125,8 @@ class SODTask(Task):
                             "stages 1-3 after patch merging; stage 4 never reaches the "
                             "decoder, so its adapters (Swin-L: 0.99M of the 6.06M) cannot "
                             "train: its blocks are skipped and frozen. These are the taps of "
-                            "the runs behind Table 1. EVA02: both read blocks 8/12/16/24, as the "
-                            "release does (default: %(default)s)")
+                            "the runs behind Table 1. The ViTs: both read blocks 8/12/16/24, as "
+                            "the release does for EVA02 (default: %(default)s)")
 
     def build_datasets(self, args, norm, out: Path, is_main: bool):
         stems = list_vt_stems(args.data)

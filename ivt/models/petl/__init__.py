@@ -12,8 +12,8 @@ Z0 = PE_vis(vis) + PE_ir(ir) (`ir_embed.py`); `full` and `freeze` get it with `i
 Every method plugs into what the families already provide: a block's `adapters` hook
 `(pos, z_in, z_out, prompt, hw) -> (z, prompt)` (pos 0 after attention, 1 after the MLP; z_in is
 the sub-layer's input, z_out = z_in + sublayer(z_in)) and, for VPT, a block's `prompts`
-parameter whose normed tokens join the attention as extra keys and values (on EVA02 the hook
-sees the patch tokens only; the cls token passes it unchanged). `attach` adds the
+parameter whose normed tokens join the attention as extra keys and values (on the ViTs the hook
+sees the patch tokens only; the cls and register tokens pass it unchanged). `attach` adds the
 modules to a built visible model and returns the names (prefixes) of what it added; the backbone
 trains exactly those (`IVTBackbone.apply_tuning`).
 """

@@ -2,7 +2,7 @@
 
 "We insert an independent infrared patch embedding layer in PVMs and add the infrared tokens to
 the visible tokens": Z0 = PE_vis(vis) + PE_ir(ir). PE_ir has the visible embedding's architecture
-(Swin: conv k = s = 4 and LayerNorm, 9,792 parameters at C = 192; EVA02: conv k = s = 16) and is
+(Swin: conv k = s = 4 and LayerNorm, 9,792 parameters at C = 192; the ViTs: conv k = s = 16) and is
 freshly initialised and trainable, exactly like IV-tuning's own IR patch embedding (Sec. 3.1).
 """
 import copy

@@ -5,7 +5,7 @@ only the prompts' keys and values act on the image tokens: with P_i (p, C) per b
     attention of E over [E, P_i]: the prompts are normed by the block's own norm1 and projected
     with its frozen k/v weights (`extra_kv` of the families' attention),
 and the prompts' own outputs are never needed. Swin (VPT's Swin variant): the prompts join every
-window, with zero relative-position bias and no shift mask on their columns. EVA02: they join the
+window, with zero relative-position bias and no shift mask on their columns. The ViTs: they join the
 whole sequence without rotary position. Trainable parameters: p * C per block.
 
 Prompts cannot be "zero" in the sense of leaving the frozen model unchanged: even all-zero prompts
