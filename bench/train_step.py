@@ -27,6 +27,8 @@ built model (the train scripts' --impl and --memory):
     ivt:fused:checkpoint:4  that with the first 4 blocks checkpointed (on Swin, stages 1 and 2,
                    where most of the activations are)
     ivt:fused:recompute     ivt:fused with the frozen sub-layers recomputed
+    ivt:fused:checkpoint:2+recompute  the first 2 blocks checkpointed (on Swin, stage 1), the
+                   others' frozen sub-layers recomputed: the CPU proxies' memory-target mode
     full+math, ivt:fused+math (GPU, Swin only) full and ivt:fused with the window attention
                    computed explicitly, as timm's Swin does (`attention="math"`)
 and, for the CPU proxies only, where the fast step's operators go:
@@ -51,7 +53,7 @@ CPU proxies (`--device cpu`), per mode, for anyone without a GPU:
 * bytes held for backward: after the forward and the loss, the storages of every tensor the
   step produced that is still alive (so held by the autograd graph or a checkpoint), without
   parameters, buffers and inputs; each storage counted once.
-Targets: the fast path's bytes held <= 0.5x full's, its operators <= 1.5x full's.
+Targets: in one IV-tuning mode, bytes held <= 0.5x full's and operators <= 1.5x full's.
 """
 import argparse
 import datetime
@@ -96,21 +98,26 @@ DECOMPOSITION = {"empg_only:fast": ("ivt", {"impl": "fast", "variant": "empg_onl
 FUSED = {"ivt:fused": ("ivt", {"impl": "fused"}),
          "ivt:fused:checkpoint": ("ivt", {"impl": "fused", "memory": "checkpoint"}),
          "ivt:fused:checkpoint:4": ("ivt", {"impl": "fused", "memory": "checkpoint:4"}),
-         "ivt:fused:recompute": ("ivt", {"impl": "fused", "memory": "recompute"})}
+         "ivt:fused:recompute": ("ivt", {"impl": "fused", "memory": "recompute"}),
+         "ivt:fused:checkpoint:2+recompute": ("ivt", {"impl": "fused",
+                                                      "memory": "checkpoint:2+recompute"})}
 # Swin only: its window attention computed explicitly, as timm's Swin does (`attention="math"`)
 # instead of with scaled_dot_product_attention
 SWIN_ONLY = {"full+math": ("full", {"attention": "math"}),
              "ivt:fused+math": ("ivt", {"impl": "fused", "attention": "math"})}
 GPU_CASES = [("swin_l", 384, 8), ("eva02_l", 512, 2)]
 # most wanted first, so that a run cut short has the comparisons that matter
-GPU_ORDER = ["full", "ivt:fused", "ivt:fused:recompute", "full+math", "ivt:fused+math", "ivt",
-             "freeze", "ivt:fast", "ivt:fused:checkpoint:4", "ivt:fast:recompute",
-             "ivt:fused:checkpoint", "ivt:fast:checkpoint"]
+GPU_ORDER = ["full", "ivt:fused", "ivt:fused:recompute", "full+math", "ivt:fused+math",
+             "ivt:fused:checkpoint:2+recompute", "ivt", "freeze", "ivt:fast",
+             "ivt:fused:checkpoint:4", "ivt:fast:recompute", "ivt:fused:checkpoint",
+             "ivt:fast:checkpoint"]
 INFERENCE_MODES = ["freeze", "ivt:fused", "ivt:fast", "ivt"]
 # the CPU proxies of the fused modes (their kernels under Triton's interpreter)
-CPU_FUSED = ["ivt:fused", "ivt:fused:checkpoint:4", "ivt:fused:recompute"]
+CPU_FUSED = ["ivt:fused", "ivt:fused:checkpoint:4", "ivt:fused:recompute",
+             "ivt:fused:checkpoint:2+recompute"]
 # (backbone, (H, W), batch, head width, what the case shows)
 CPU_CASES = [("swin_t", (128, 96), 2, 256, "the default case"),
+             ("swin_t", (224, 224), 2, 256, "the size the CPU-proxy targets are set at"),
              ("swin_nano", (64, 96), 2, 64, "what `tests/test_bench_proxies.py` measures"),
              ("swin_l", (64, 64), 1, 256, "the real model's operator count; the tiny input makes "
               "its byte ratios unrepresentative"),
@@ -141,7 +148,8 @@ def parse_args(argv=None):
                    help="what to measure: full fine-tuning, frozen backbone, IV-tuning "
                         "reference, ivt:fast with --memory keep, checkpoint or recompute; "
                         "ivt:fused (the Hybrid Adapters as Triton kernels; on the CPU under "
-                        "TRITON_INTERPRET=1) with keep, checkpoint, checkpoint:4 or recompute; "
+                        "TRITON_INTERPRET=1) with keep, checkpoint, checkpoint:4, recompute or "
+                        "checkpoint:2+recompute; "
                         "full+math and ivt:fused+math (Swin's explicit window attention); with "
                         "--device cpu also the decomposition empg_only:fast, empg_ha:fast "
                         "(default: all that apply to the device)")
@@ -374,22 +382,15 @@ def proxy_table(result: dict, note: str = "") -> str:
 def cpu_tables(results, notes) -> str:
     """The CPU-proxy section: how the numbers are counted, then one table per case."""
     text = ("Measured by `TRITON_INTERPRET=1 python bench/train_step.py --device cpu` on "
-            f"{datetime.date.today().isoformat()}, torch {torch.__version__}, no GPU; every mode "
-            "but the fused ones on the PyTorch reference kernels. Operators = aten operators "
-            "dispatched in one training step (forward, backward, fused AdamW), views and detach "
-            "excluded, plus one per Triton kernel launch for the `ivt:fused` modes "
-            "(`--impl fused`), whose kernels run under Triton's CPU interpreter "
-            "(TRITON_INTERPRET=1; the interpreter's own tensor copies, which no GPU would run, "
-            "are not counted); MB held for backward = storages produced by the forward that are "
-            "still alive before backward (what the autograd graph and the checkpoints keep), "
-            "parameters and inputs excluded. Modes are `<tuning>:<impl>:<memory>`, as the "
-            "train scripts' --impl and --memory: `checkpoint` recomputes every block in "
-            "backward, `checkpoint:4` the first four, `recompute` the frozen attention and MLP "
-            "sub-layers up to their last Linear. `empg_only:fast` and `empg_ha:fast` decompose "
-            "`ivt:fast`: the fast forward of the `empg_only` variant (IR stem and EMPG, no "
-            "adapters: the frozen blocks' forward and input-gradient backward plus the head) "
-            "and of `empg_ha` (that plus every Hybrid Adapter); `ivt:fast` adds the Internal "
-            "Prompt Adapters.")
+            f"{datetime.date.today().isoformat()}, torch {torch.__version__}, no GPU. Operators: "
+            "the aten operators of one training step (forward, backward, fused AdamW), views "
+            "and detach excluded, plus one per Triton launch of the `ivt:fused` modes, run under "
+            "Triton's CPU interpreter (whose own tensor copies are not counted); the other modes "
+            "run the PyTorch reference kernels. MB held for backward: the storages the forward "
+            "made that are still alive before backward, parameters and inputs excluded. "
+            "Memory: `checkpoint[:N]` recomputes every block (the first N) in backward, "
+            "`recompute` the frozen sub-layers up to their last Linear. `empg_only:fast` is "
+            "`ivt:fast` without Hybrid Adapters and IPAs, `empg_ha:fast` without IPAs.")
     lines = ["## Training step: CPU proxies", "", textwrap.fill(text, 100), ""]
     for result, note in zip(results, notes):
         lines += [proxy_table(result, note), ""]

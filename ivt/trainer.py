@@ -240,12 +240,14 @@ def _implementation_arguments(g) -> None:
                    help="with --impl fast or fused and --tuning ivt, what the backward pass "
                         "recomputes instead of storing: keep, nothing; recompute, the frozen "
                         "attention and MLP sub-layers keep only their inputs and are rerun up "
-                        "to their last Linear (a few operators a block; with --impl fused under "
-                        "half of full fine-tuning's activation memory on Swin-T); checkpoint, "
-                        "every block keeps only its inputs (one more forward of compute); "
+                        "to their last Linear (a few operators a block); checkpoint, every "
+                        "block keeps only its inputs (one more forward of compute); "
                         "checkpoint:N, the first N blocks (on Swin the high-resolution ones, "
                         "which hold most of the memory); checkpoint:N+recompute, that and "
-                        "recompute for the other blocks (default: %(default)s)")
+                        "recompute for the other blocks: on Swin with --impl fused, "
+                        "checkpoint:2+recompute (stage 1 checkpointed) holds under half of full "
+                        "fine-tuning's activations for under 1.5x its operators (CPU proxies, "
+                        "docs/benchmarks.md) (default: %(default)s)")
     g.add_argument("--kernels", default="auto", choices=KERNEL_BACKENDS,
                    help="SimAM, partial conv and Hybrid Adapter kernels of --impl fast / "
                         "fused: auto (Triton on CUDA), torch (reference), triton "

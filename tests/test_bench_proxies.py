@@ -4,7 +4,7 @@ GPU): operators per training step and bytes held for backward, full fine-tuning 
 Measured here on swin_nano (64 x 96, batch 2, head width 64): reference kernels, and for
 `--impl fused` its Triton kernels under the interpreter, each launch counted as one operator;
 and on Swin-T (128 x 96, batch 2, head width 256), the benchmark's default case, where one mode
-meets the operator target.
+meets both targets.
 The fused kernels run here on 256-token tiles (`ADAPTER_TILES`): the same launches, a third of
 the interpreter's time; the bytes held are a little lower than at a GPU's tiles (0.6% on
 swin_nano's `ivt:fused`, the BatchNorm's per-tile partial sums: `cpu_proxies`), far less than
@@ -207,28 +207,27 @@ def test_recomputing_frozen_sublayers_trades_few_operators_for_memory(proxies):
     assert fast_lean["bytes_for_backward"] < 0.85 * modes["ivt:fast"]["bytes_for_backward"], modes
 
 
+LEAN = "ivt:fused:checkpoint:2+recompute"
+
+
 @pytest.fixture(scope="module")
 def swin_t_lean():
-    """Full fine-tuning and `--impl fused --memory recompute` on the benchmark's default case
-    (Swin-T, 128 x 96, batch 2, the mmseg Segformer head of width 256)."""
+    """Full fine-tuning and `--impl fused --memory checkpoint:2+recompute` (stage 1's two blocks
+    checkpointed, the other blocks' frozen sub-layers recomputed) on the benchmark's default
+    case (Swin-T, 128 x 96, batch 2, the mmseg Segformer head of width 256)."""
     if not INTERPRETER:
         pytest.skip("needs TRITON_INTERPRET=1 (the fused kernels)")
-    result = _bench().cpu_proxies("swin_t", (128, 96), 2, ["full", "ivt:fused:recompute"],
+    result = _bench().cpu_proxies("swin_t", (128, 96), 2, ["full", LEAN],
                                   adapter_tiles=ADAPTER_TILES)
     return result["modes"]
 
 
-def test_fused_lean_operators_within_one_and_a_half_of_full_on_swin_t(swin_t_lean):
-    """The operator target: `--impl fused --memory recompute` runs at most 1.5x full
-    fine-tuning's operators."""
-    assert swin_t_lean["ivt:fused:recompute"]["ops_vs_full"] <= 1.5, swin_t_lean
+def test_lean_mode_runs_at_most_one_and_a_half_of_full_fine_tunings_operators(swin_t_lean):
+    """The operator target (1.47x here; 1.48x at 224 x 224, docs/benchmarks.md)."""
+    assert swin_t_lean[LEAN]["ops_vs_full"] <= 1.5, swin_t_lean
 
 
-@pytest.mark.xfail(strict=True, reason="mmseg's SegformerHead keeps a BatchNorm input and a ReLU "
-                   "output per level (about 4 MB at stride 4 here, the same in both modes), which "
-                   "moves the ratio from 0.48x to 0.51x (0.56x at 224 x 224); see "
-                   "docs/benchmarks.md")
-def test_fused_lean_holds_at_most_half_of_full_on_swin_t(swin_t_lean):
-    """The memory target: `--impl fused --memory recompute` holds at most half of full
-    fine-tuning's bytes for backward."""
-    assert swin_t_lean["ivt:fused:recompute"]["bytes_vs_full"] <= 0.5, swin_t_lean
+def test_lean_mode_holds_at_most_half_of_full_fine_tunings_bytes(swin_t_lean):
+    """The memory target, in the same mode (0.42x here; 0.46x at 224 x 224): the head's
+    BatchNorm inputs and ReLU outputs, the same in both modes, are in both sums."""
+    assert swin_t_lean[LEAN]["bytes_vs_full"] <= 0.5, swin_t_lean
