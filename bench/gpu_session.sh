@@ -16,6 +16,8 @@
 # Logs, the JSON files and the rewritten docs/benchmarks.md and docs/kernels.md go to $OUT
 # (default ./gpu_out): eight files, the most the device tool brings back (the machine's
 # description heads tests.log).
+# The end-to-end smoke of the three tasks' scripts at the paper's sizes does not fit beside these:
+# it is a second call, `python bench/gpu_smoke.py` (its docstring).
 #
 #   bash bench/gpu_session.sh            # on a machine with a CUDA GPU, from the repository root
 set -u
