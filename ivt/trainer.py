@@ -73,6 +73,8 @@ class Task:
     recipe      the defaults
     size_help   what `--size` means for the task
     size_aliases  other spellings of `--size` the task accepts
+    eager_only  why the task's step cannot be captured in a CUDA graph (`--cuda-graph` then runs
+                eager steps, saying this), or None where it can
     """
     name: str
     metric: str
@@ -80,6 +82,7 @@ class Task:
     description: str = ""
     size_help: str = "square input size in pixels"
     size_aliases: Tuple[str, ...] = ()
+    eager_only: Optional[str] = None
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """Task flags (data layout, splits, head)."""
@@ -303,7 +306,8 @@ def _run_arguments(g, task: Task) -> None:
                    help="capture the whole training step (forward, backward, optimizer) once in "
                         "a CUDA graph and replay it: removes the host overhead of IV-tuning's "
                         "many small kernels. Needs CUDA and fixed input shapes; falls back to "
-                        "eager steps with a message when a batch's shapes differ")
+                        "eager steps with a message when a batch's shapes differ, under "
+                        "torchrun, and for a task whose loss waits for the host (detection)")
     g.add_argument("--workers", type=int, default=default_workers(),
                    help="data-loading worker processes per training process (default: 4, or the "
                         "number of cores if fewer: %(default)s here)")
@@ -541,7 +545,9 @@ def training_step(task: Task, args, net: nn.Module, optimizer: torch.optim.Optim
     loss_fn = lambda m, b: task.loss(m, b, dist.device)                   # noqa: E731
     step = engine.EagerStep(net, loss_fn, optimizer, autocast, args.clip_grad,
                             args.clip_grad_value)
-    if args.cuda_graph:
+    if args.cuda_graph and task.eager_only:
+        say(f"--cuda-graph: {task.eager_only}; using eager steps")
+    elif args.cuda_graph:
         step = graphed_step(net, loss_fn, optimizer, autocast, args.clip_grad,
                             args.clip_grad_value, step, say)
     return step

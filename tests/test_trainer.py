@@ -284,3 +284,30 @@ def test_readme_commands_use_existing_flags():
                     assert flag in known, (script, flag, line)
                     checked += 1
     assert checked > 20
+
+
+@pytest.mark.parametrize("task_name, graphed", [("seg", True), ("sod", True), ("det", False)])
+def test_cuda_graph_is_not_tried_for_a_task_that_waits_for_the_host(task_name, graphed,
+                                                                    monkeypatch):
+    """--cuda-graph captures seg's and sod's steps; detection's loss copies its matching costs
+    to the CPU, which a capture refuses (a CUDA error, not the ValueError the fallback catches),
+    so its step stays eager with the reason said, and no capture is attempted."""
+    import torch
+    from ivt.tasks import task_module
+
+    task = {"seg": SegTask, "sod": task_module("sod").SODTask,
+            "det": task_module("det").DetTask}[task_name]()
+    captured = []
+    monkeypatch.setattr("ivt.graph_step.GraphedTrainStep",
+                        lambda *a, **k: captured.append(a) or (lambda batch, lr: "graphed"))
+    net = torch.nn.Linear(2, 2)
+    args = type("Args", (), {"cuda_graph": True, "clip_grad": 0.0, "clip_grad_value": 0.0})
+    said = []
+    step = trainer.training_step(task, args, net, torch.optim.SGD(net.parameters(), lr=0.1),
+                                 lambda: None, engine.DistInfo(0, 1, 0, torch.device("cpu")),
+                                 said.append)
+    assert bool(captured) == graphed
+    assert isinstance(step, engine.EagerStep) != graphed
+    assert said == ([] if graphed else [f"--cuda-graph: {task.eager_only}; using eager steps"])
+    if not graphed:
+        assert "Hungarian" in task.eager_only

@@ -109,6 +109,8 @@ class DetTask(Task):
                     epochs=36, schedule="step", lr_drop_epoch=30, clip_grad=0.1, eval_every=5000)
     description = DESCRIPTION
     size_help = "images are resized to size x size pixels"
+    eager_only = ("the detection loss matches queries to boxes on the CPU (Hungarian matching) "
+                  "and its targets vary in number per image, which a CUDA graph cannot capture")
 
     def add_arguments(self, p) -> None:
         g = p.add_argument_group("detection")
