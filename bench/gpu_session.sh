@@ -17,7 +17,8 @@
 # (default ./gpu_out): eight files, the most the device tool brings back (the machine's
 # description heads tests.log).
 # The end-to-end smoke of the three tasks' scripts at the paper's sizes does not fit beside these:
-# it is a second call, `python bench/gpu_smoke.py` (its docstring).
+# it is a second call on the warm machine, with what is left of the device time as its deadline,
+# `python bench/gpu_smoke.py --parallel --deadline 170 --report $OUT` (its docstring).
 #
 #   bash bench/gpu_session.sh            # on a machine with a CUDA GPU, from the repository root
 set -u

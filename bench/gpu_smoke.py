@@ -3,8 +3,9 @@
     python bench/gpu_smoke.py                     # on a CUDA GPU, into runs/gpu_smoke
     python bench/gpu_smoke.py --tiny --out DIR    # the same steps on the CPU, tiny (a minute)
 
-On the device machine, as its own call after `bench/gpu_session.sh` (which fills the first):
-    python bench/gpu_smoke.py; cp runs/gpu_smoke/smoke.json runs/gpu_smoke/smoke.log $OUT/
+On the device machine, as its own call after `bench/gpu_session.sh` (which fills the first),
+with what is left of the session's device time (about 3 minutes) as the deadline:
+    python bench/gpu_smoke.py --parallel --deadline 170 --report $OUT
 
 On synthetic data written in the real layouts (`ivt.data.synthetic`: MFNet, VT5000/1000/821,
 M3FD), each step a child process as a user types it:
@@ -17,17 +18,27 @@ M3FD), each step a child process as a user types it:
 with `--amp --impl fused --cuda-graph` on the GPU and random weights (`--pretrained none`: the
 device machine has no internet). `--tiny` runs swin_nano at 32-64 pixels on the CPU with the
 PyTorch kernels (no amp, fused kernels or CUDA graph): the same commands, checked by
-tests/test_gpu_smoke.py. A failing step does not stop the others; each step's exit status, time
-and last lines of output go to OUT/smoke.json, and the exit status is the number of failed steps.
+tests/test_gpu_smoke.py. The steps run in four chains (seg, sod and det: train -> evaluate ->
+predict; ddp), one after another or, with `--parallel`, at the same time on one GPU. A step that
+fails does not stop the other chains; the rest of its own chain is recorded as skipped. With
+`--deadline`, a step still running then is stopped and recorded as timed out and the steps not
+started are skipped. Each step's status, time and last lines of output go to smoke.json
+(rewritten after every step, so a call cut short keeps what finished) and its whole output to
+smoke.log, both in --report (default: --out); the exit status is the number of steps that did
+not pass.
 """
 import argparse
 import json
+import math
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[0] = str(ROOT)             # the repository's packages, not this folder's scripts
@@ -90,51 +101,110 @@ def predict_args(task: str, data: Path, checkpoint: Path, out: Path, tiny: bool)
     return inputs + ["--checkpoint", str(checkpoint), "--out", str(out)] + device
 
 
-def run_step(name: str, command: List[str], log: Path) -> dict:
-    """Run one command (cwd: the repository), its output appended to `log`. -> the record."""
+class Report:
+    """The records of a smoke run, kept in order of completion in `folder`: smoke.json rewritten
+    after every step, each step's output appended to smoke.log (safe across threads)."""
+
+    def __init__(self, folder: Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.json, self.log = folder / "smoke.json", folder / "smoke.log"
+        self.records: List[dict] = []
+        self._lock = threading.Lock()
+
+    def add(self, record: dict, output: str = "") -> dict:
+        with self._lock:
+            self.records.append(record)
+            with self.log.open("a") as f:
+                f.write(f"== {record['step']}: {record['command']}\n{output}\n"
+                        f"== {record['step']}: {record['status']}, {record['seconds']} s\n")
+            self.json.write_text(json.dumps(self.records, indent=1))
+        return record
+
+
+def run_step(name: str, command: List[str], report: Report,
+             deadline: float = math.inf) -> dict:
+    """Run one command (cwd: the repository) until it ends or `deadline` (time.monotonic())
+    passes, then stop it and its children. -> the record, also added to `report`, with its
+    status: "passed", "exit N" or "timed out"."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     print(f"== {name}: {' '.join(command)}", flush=True)
     start = time.perf_counter()
-    run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    output = run.stdout + run.stderr
-    with log.open("a") as f:
-        f.write(f"== {name}: {' '.join(command)}\n{output}\n== {name}: exit {run.returncode}, "
-                f"{seconds:.1f} s\n")
+    child = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = child.communicate(timeout=None if deadline == math.inf
+                                      else max(deadline - time.monotonic(), 0.0))
+        status = "passed" if child.returncode == 0 else f"exit {child.returncode}"
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)        # torchrun's worker too
+        output, _ = child.communicate()
+        status = "timed out"
+    seconds = round(time.perf_counter() - start, 1)
     tail = output.strip().splitlines()[-TAIL_LINES:]
-    print(f"== {name}: exit {run.returncode}, {seconds:.1f} s", flush=True)
-    if run.returncode:
+    print(f"== {name}: {status}, {seconds} s", flush=True)
+    if status != "passed":
         print("\n".join(tail), flush=True)
-    return {"step": name, "exit": run.returncode, "seconds": round(seconds, 1), "tail": tail}
+    return report.add({"step": name, "command": " ".join(command), "exit": child.returncode,
+                       "status": status, "seconds": seconds, "tail": tail}, output)
 
 
-def smoke(out: Path, tiny: bool, iters: int, tasks: List[str]) -> List[dict]:
-    """Every step of the module docstring for `tasks`; the records, in order."""
-    out.mkdir(parents=True, exist_ok=True)
-    log = out / "smoke.log"
-    start = time.perf_counter()
-    data = write_data(out / "data", tiny)
-    records = [{"step": "data", "exit": 0, "seconds": round(time.perf_counter() - start, 1),
-                "tail": []}]
+def run_chain(steps: List[tuple], report: Report, deadline: float = math.inf) -> None:
+    """The (name, command) steps in order; once one has not passed, or the deadline has
+    passed, the rest are recorded as skipped, with the reason."""
+    reason = None
+    for name, command in steps:
+        if reason is None and time.monotonic() >= deadline:
+            reason = "the deadline had passed"
+        if reason is not None:
+            print(f"== {name}: skipped ({reason})", flush=True)
+            report.add({"step": name, "command": " ".join(command), "exit": None,
+                        "status": f"skipped: {reason}", "seconds": 0.0, "tail": []})
+            continue
+        if run_step(name, command, report, deadline)["status"] != "passed":
+            reason = f"{name} did not pass"
+
+
+def chains(out: Path, data: Dict[str, Path], tiny: bool, iters: int, tasks: List[str]
+           ) -> Dict[str, List[tuple]]:
+    """The steps of the module docstring for `tasks`, as chains of (name, command) that run in
+    order: per task train -> evaluate -> predict, and ddp (torchrun, with seg's data)."""
     py = sys.executable
+    result = {}
     for task in tasks:
         run_dir = out / "runs" / task
-        script = str(ROOT / f"train_{task}.py")
         checkpoint = run_dir / "last.pt"
-        records.append(run_step(f"{task}: train", [py, script, *train_args(
-            task, data[task], run_dir, tiny, iters)], log))
-        records.append(run_step(f"{task}: evaluate", [py, str(ROOT / "evaluate.py"), *eval_args(
-            task, data[task], checkpoint, out / f"{task}_metrics.json", tiny)], log))
-        records.append(run_step(f"{task}: predict", [py, str(ROOT / "predict.py"), *predict_args(
-            task, data[task], checkpoint, out / "predictions" / task, tiny)], log))
+        result[task] = [
+            (f"{task}: train", [py, str(ROOT / f"train_{task}.py"),
+                                *train_args(task, data[task], run_dir, tiny, iters)]),
+            (f"{task}: evaluate", [py, str(ROOT / "evaluate.py"), *eval_args(
+                task, data[task], checkpoint, out / f"{task}_metrics.json", tiny)]),
+            (f"{task}: predict", [py, str(ROOT / "predict.py"), *predict_args(
+                task, data[task], checkpoint, out / "predictions" / task, tiny)])]
     if "seg" in tasks:
-        args = train_args("seg", data["seg"], out / "runs" / "ddp", tiny, 4)
-        records.append(run_step("ddp: torchrun, 1 process", [
+        result["ddp"] = [("ddp: torchrun, 1 process", [
             py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-            str(ROOT / "train_seg.py"), *args], log))
-    return records
+            str(ROOT / "train_seg.py"),
+            *train_args("seg", data["seg"], out / "runs" / "ddp", tiny, 4)])]
+    return result
+
+
+def smoke(out: Path, tiny: bool, iters: int, tasks: List[str], report: Report,
+          parallel: bool = False, seconds: Optional[float] = None) -> List[dict]:
+    """Every step of the module docstring for `tasks`, the chains one after another or, with
+    `parallel`, at the same time; within `seconds` of the start where given. -> the records,
+    in order of completion."""
+    deadline = math.inf if seconds is None else time.monotonic() + seconds
+    start = time.perf_counter()
+    data = write_data(out / "data", tiny)
+    report.add({"step": "data", "command": "", "exit": 0, "status": "passed",
+                "seconds": round(time.perf_counter() - start, 1), "tail": []})
+    todo = list(chains(out, data, tiny, iters, tasks).values())
+    with ThreadPoolExecutor(max_workers=len(todo) if parallel else 1) as pool:
+        for done in [pool.submit(run_chain, steps, report, deadline) for steps in todo]:
+            done.result()
+    return report.records
 
 
 def main(argv=None) -> int:
@@ -148,16 +218,27 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=20, help="training iterations (default 20)")
     p.add_argument("--tasks", nargs="+", choices=list(GPU_RUNS), default=list(GPU_RUNS),
                    help="which tasks (default: all three, then torchrun with seg)")
+    p.add_argument("--parallel", action="store_true",
+                   help="run the chains (seg, sod, det, ddp) at the same time instead of one "
+                        "after another")
+    p.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+                   help="stop the step still running this many seconds after the start and "
+                        "skip those not started (default: no limit)")
+    p.add_argument("--report", type=Path, default=None, metavar="DIR",
+                   help="folder for smoke.json and smoke.log (default: --out)")
     args = p.parse_args(argv)
+    if args.deadline is not None and args.deadline <= 0:
+        p.error(f"--deadline {args.deadline}: expected a positive number of seconds")
     if not args.tiny:
         import torch
         if not torch.cuda.is_available():
             p.error("no CUDA device: run with --tiny for the CPU form of the same steps")
-    records = smoke(args.out, args.tiny, args.iters, args.tasks)
-    (args.out / "smoke.json").write_text(json.dumps(records, indent=1))
-    failed = [r["step"] for r in records if r["exit"]]
+    report = Report(args.report or args.out)
+    records = smoke(args.out, args.tiny, args.iters, args.tasks, report, args.parallel,
+                    args.deadline)
+    failed = [f"{r['step']} ({r['status']})" for r in records if r["status"] != "passed"]
     print(f"{len(records) - len(failed)} of {len(records)} steps passed"
-          + (f"; failed: {', '.join(failed)}" if failed else ""))
+          + (f"; not passed: {', '.join(failed)}" if failed else ""))
     return len(failed)
 
 

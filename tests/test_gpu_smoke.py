@@ -3,6 +3,7 @@ are flags the scripts accept, with the paper's sizes, amp, the fused kernels and
 import importlib.util
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,14 +27,19 @@ def _smoke():
 
 def test_tiny_form_runs_every_step(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    out = tmp_path / "smoke"
-    assert _smoke().main(["--tiny", "--out", str(out), "--iters", "4"]) == 0
-    records = json.loads((out / "smoke.json").read_text())
+    out, report = tmp_path / "smoke", tmp_path / "report"
+    assert _smoke().main(["--tiny", "--out", str(out), "--iters", "4", "--parallel",
+                          "--report", str(report)]) == 0
+    records = json.loads((report / "smoke.json").read_text())
     steps = [r["step"] for r in records]
-    assert steps == ["data"] + [f"{t}: {s}" for t in ("seg", "sod", "det")
-                                for s in ("train", "evaluate", "predict")] + [
-        "ddp: torchrun, 1 process"]
-    assert all(r["exit"] == 0 for r in records), records
+    chains = [[f"{t}: {s}" for s in ("train", "evaluate", "predict")] for t in ("seg", "sod", "det")]
+    assert sorted(steps) == sorted(["data", "ddp: torchrun, 1 process", *sum(chains, [])])
+    for chain in chains:                                  # in order within a chain
+        assert [s for s in steps if s in chain] == chain
+    assert all(r["status"] == "passed" and r["exit"] == 0 for r in records), records
+    ends = [f"== {r['step']}: {r['status']}, {r['seconds']} s" for r in records]
+    log = (report / "smoke.log").read_text().splitlines()       # each step's output, in order
+    assert [line for line in log if line in ends] == ends
     assert "mIoU" in json.loads((out / "seg_metrics.json").read_text())["all"]
     assert (out / "sod_metrics.json").exists() and (out / "det_metrics.json").exists()
     for task, suffix in (("seg", "_classes.png"), ("sod", "_saliency.png"), ("det", "_boxes.json")):
@@ -42,11 +48,45 @@ def test_tiny_form_runs_every_step(tmp_path, monkeypatch):
     assert first["world_size"] == 1
 
 
-def test_a_failing_step_is_recorded_and_the_run_goes_on(tmp_path):
-    record = _smoke().run_step("boom", [sys.executable, "-c", "print('went wrong'); exit(3)"],
-                               tmp_path / "smoke.log")
-    assert record["exit"] == 3 and record["tail"] == ["went wrong"]
-    assert "exit 3" in (tmp_path / "smoke.log").read_text()
+def test_a_failing_step_is_recorded_and_its_chain_skipped(tmp_path):
+    smoke = _smoke()
+    report = smoke.Report(tmp_path)
+    smoke.run_chain([("boom", [sys.executable, "-c", "print('went wrong'); exit(3)"]),
+                     ("after", [sys.executable, "-c", "print('never')"])], report)
+    boom, after = report.records
+    assert (boom["status"], boom["exit"], boom["tail"]) == ("exit 3", 3, ["went wrong"])
+    assert after["status"] == "skipped: boom did not pass" and after["exit"] is None
+    assert json.loads((tmp_path / "smoke.json").read_text()) == report.records
+    assert "went wrong" in (tmp_path / "smoke.log").read_text()
+    assert "== after: skipped: boom did not pass" in (tmp_path / "smoke.log").read_text()
+
+
+def test_deadline_stops_a_step_with_its_children_and_skips_the_rest(tmp_path):
+    smoke = _smoke()
+    report = smoke.Report(tmp_path)
+    pid_file = tmp_path / "grandchild.pid"
+    grandchild = f"import time; open({str(pid_file)!r}, 'w').write(str(__import__('os').getpid()));" \
+                 " time.sleep(120)"
+    slow = [sys.executable, "-c", f"import subprocess, sys; print('started', flush=True); "
+                                  f"subprocess.run([sys.executable, '-c', {grandchild!r}])"]
+    start = time.monotonic()
+    smoke.run_chain([("slow", slow), ("next", [sys.executable, "-c", "pass"])], report,
+                    deadline=time.monotonic() + 3)
+    assert time.monotonic() - start < 20
+    slow_record, next_record = report.records
+    assert slow_record["status"] == "timed out" and slow_record["tail"] == ["started"]
+    assert next_record["status"] == "skipped: slow did not pass"
+    pid = int(pid_file.read_text())
+    for _ in range(50):                                   # the grandchild went with it
+        state = Path(f"/proc/{pid}/status")
+        if not state.exists() or "zombie" in state.read_text():
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the timed-out step's child process {pid} is still running")
+    smoke.run_chain([("late", [sys.executable, "-c", "pass"])], report,
+                    deadline=time.monotonic() - 1)
+    assert report.records[-1]["status"] == "skipped: the deadline had passed"
 
 
 @pytest.mark.parametrize("task, script", [("seg", train_seg), ("sod", train_sod),
