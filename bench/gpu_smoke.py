@@ -47,16 +47,18 @@ from ivt.data.synthetic import write_m3fd, write_mfnet, write_vt  # noqa: E402
 
 # task -> (backbone, size, batch) on the GPU: the paper's settings (data.md, method.md)
 GPU_RUNS = {"seg": ("swin_l", 512, 2), "sod": ("eva02_l", 384, 8), "det": ("swin_l", 640, 2)}
+SOD_VAL = 2          # VT5000 Train images held out for validation (`--val-count`)
 TAIL_LINES = 15
 
 
 def write_data(root: Path, tiny: bool) -> Dict[str, Path]:
     """Synthetic MFNet, VT and M3FD under root, at their real image sizes (tiny ones with
-    --tiny). -> {task: dataset root}."""
+    --tiny), each with enough training images for a GPU batch. -> {task: dataset root}."""
     seg_size, sod_size, det_size = ((48, 64), (40, 48), (48, 64)) if tiny else \
         ((480, 640), (480, 640), (768, 1024))
     write_mfnet(root / "mfnet", n_train=6, n_val=2, n_test=2, size=seg_size)
-    write_vt(root / "vt", n_train=8, n_test=2, n_vt1000=2, n_vt821=2, size=sod_size)
+    write_vt(root / "vt", n_train=GPU_RUNS["sod"][2] + SOD_VAL, n_test=2, n_vt1000=2,
+             n_vt821=2, size=sod_size)
     write_m3fd(root / "m3fd", 10, size=det_size)
     return {"seg": root / "mfnet", "sod": root / "vt", "det": root / "m3fd"}
 
@@ -78,7 +80,7 @@ def train_args(task: str, data: Path, out: Path, tiny: bool, iters: int) -> List
                    "fused", "--cuda-graph"]
         extra = ["--size", str(size)]
     data_args = {"seg": ["--data", str(data)],
-                 "sod": ["--data", str(data / "VT5000" / "Train"), "--val-count", "2"],
+                 "sod": ["--data", str(data / "VT5000" / "Train"), "--val-count", str(SOD_VAL)],
                  "det": ["--data", str(data), "--split-dir", str(data)]}[task]
     return data_args + common + extra
 

@@ -16,6 +16,8 @@ import predict  # noqa: E402
 import train_det  # noqa: E402
 import train_seg  # noqa: E402
 import train_sod  # noqa: E402
+from ivt.models import normalization_for  # noqa: E402
+from ivt.tasks import task_module  # noqa: E402
 
 
 def _smoke():
@@ -89,11 +91,17 @@ def test_deadline_stops_a_step_with_its_children_and_skips_the_rest(tmp_path):
     assert report.records[-1]["status"] == "skipped: the deadline had passed"
 
 
+@pytest.fixture(scope="module")
+def smoke_data(tmp_path_factory):
+    """The smoke's data (the GPU form writes the same number of images, larger)."""
+    return _smoke().write_data(tmp_path_factory.mktemp("smoke_data"), tiny=True)
+
+
 @pytest.mark.parametrize("task, script", [("seg", train_seg), ("sod", train_sod),
                                           ("det", train_det)])
-def test_gpu_form_is_the_papers_sizes_with_every_speed_up(task, script, tmp_path):
+def test_gpu_form_is_the_papers_sizes_with_every_speed_up(task, script, tmp_path, smoke_data):
     smoke = _smoke()
-    data, checkpoint = tmp_path / "data", tmp_path / "run" / "last.pt"
+    data, checkpoint = smoke_data[task], tmp_path / "run" / "last.pt"
     args = script.get_parser().parse_args(smoke.train_args(task, data, tmp_path / "run", False, 20))
     backbone, size, batch = {"seg": ("swin_l", 512, 2), "sod": ("eva02_l", 384, 8),
                              "det": ("swin_l", 640, 2)}[task]             # the paper's sizes
@@ -103,3 +111,9 @@ def test_gpu_form_is_the_papers_sizes_with_every_speed_up(task, script, tmp_path
         smoke.eval_args(task, data, checkpoint, tmp_path / "m.json", False)).amp
     assert predict.get_parser().parse_args(
         smoke.predict_args(task, data, checkpoint, tmp_path / "p", False)).amp
+    # enough training images for the batch (the trainer refuses fewer)
+    (tmp_path / "run").mkdir()
+    task_class = {"seg": "SegTask", "sod": "SODTask", "det": "DetTask"}[task]
+    train, _ = getattr(task_module(task), task_class)().build_datasets(args, normalization_for(backbone),
+                                                     tmp_path / "run", True)
+    assert len(train) >= batch
