@@ -1,11 +1,12 @@
 """`--cuda-graph` on the CPU: a CUDA graph cannot capture an operator that makes the host wait for
-the GPU (a tensor's value read into Python, a data-dependent output shape), and the capture then
-fails with a CUDA error, on a GPU only. Here one training step of each task (forward, loss,
-backward, gradient clipping: everything the graph captures except the optimizer, whose
-capturable form `tests/test_graph_step.py` checks on CUDA) runs as `train_*.py --impl fused`
-builds it, with the fused kernels under Triton's interpreter, while every such operator is
-recorded. Segmentation and SOD (Swin and EVA02) must have none; detection has them (its
-Hungarian matching), which is why its `--cuda-graph` runs eager steps (`DetTask.eager_only`)."""
+the GPU (a tensor's value read into Python, an output shape that depends on the values, a tensor
+made from Python data), and the capture then fails with a CUDA error, on a GPU only. Here each
+task's training step (forward, loss, backward, gradient clipping: everything the graph captures
+but the optimizer, whose capturable form `tests/test_graph_step.py` checks on CUDA) runs as
+`train_*.py --impl fused` builds it, with the fused kernels under Triton's interpreter: once as
+the eager warm-up before a capture, then again recording every such operator. Segmentation and
+SOD (Swin and EVA02) must have none; detection has them (its Hungarian matching), which is why
+its `--cuda-graph` runs eager steps (`DetTask.eager_only`)."""
 import importlib.util
 import sys
 from pathlib import Path
@@ -24,12 +25,12 @@ from ivt.models import normalization_for  # noqa: E402
 from ivt.tasks import task_module  # noqa: E402
 
 aten = torch.ops.aten
-# operators whose result the host must wait for on a GPU: a value read into Python, or an output
-# whose shape depends on the values
+# operators a capture refuses on a GPU: a value read into Python, an output whose shape depends
+# on the values, a tensor made from Python data (copied from the host)
 HOST_WAITS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
               aten.is_nonzero.default, aten.equal.default, aten._unique2.default,
               aten.unique_consecutive.default, aten.unique_dim.default,
-              aten.repeat_interleave.Tensor}
+              aten.repeat_interleave.Tensor, aten.lift_fresh.default}
 TASK_CLASSES = {"seg": "SegTask", "sod": "SODTask", "det": "DetTask"}
 
 
@@ -90,12 +91,15 @@ def host_waits_of_a_step(task: str, backbone: str, tmp_path: Path, impl: str = "
     bench = _bench_train_step()
     previous = kernels.backend()
     kernels.set_backend("triton" if impl == "fused" else "torch")
+    def step():
+        task_obj.loss(model, batch, dist.device).backward()
+        engine.clip_gradients(params, args.clip_grad, args.clip_grad_value, foreach=True)
+
     try:
+        step()              # the eager warm-up step before a capture fills the model's caches
         with bench.TritonLaunches() as launches:
             with HostWaits(launches) as waits:
-                task_obj.loss(model, batch, dist.device).backward()
-                engine.clip_gradients(params, args.clip_grad, args.clip_grad_value,
-                                      foreach=True)
+                step()
     finally:
         kernels.set_backend(previous)
     assert launches.count > 0 or impl != "fused", "the fused kernels did not run"
