@@ -47,8 +47,9 @@ which say where a mode's extra GPU time goes.
 
 CPU proxies (`--device cpu`), per mode, for anyone without a GPU:
 * operators per training step: aten operators dispatched in one step (forward, backward,
-  optimizer), counted with a TorchDispatchMode, views and detach excluded (they launch no
-  kernel), plus one per Triton launch for the fused modes, whose kernels run under Triton's CPU
+  optimizer), counted with a TorchDispatchMode, views, detach and allocations of no elements
+  excluded (they launch no kernel; torch 2.11's activation checkpointing allocates one such
+  tensor a call, 2.13's none), plus one per Triton launch for the fused modes, whose kernels run under Triton's CPU
   interpreter (TRITON_INTERPRET=1; the interpreter's own tensor copies are not counted);
 * bytes held for backward: after the forward and the loss, the storages of every tensor the
   step produced that is still alive (so held by the autograd graph or a checkpoint), without
@@ -58,6 +59,7 @@ Targets: in one IV-tuning mode, bytes held <= 0.5x full's and operators <= 1.5x 
 import argparse
 import datetime
 import gc
+import math
 import json
 import statistics
 import sys
@@ -255,7 +257,8 @@ class TritonLaunches:
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts dispatched aten operators, views and detach excluded, outside Triton launches."""
+    """Counts dispatched aten operators outside Triton launches, excluding views, detach and
+    allocations of no elements."""
 
     def __init__(self, launches: Optional[TritonLaunches] = None):
         super().__init__()
@@ -263,7 +266,8 @@ class OpCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         inside = self.launches is not None and self.launches.inside
-        if not inside and not func.is_view and func is not torch.ops.aten.detach.default:
+        nothing = func is torch.ops.aten.empty.memory_format and math.prod(args[0]) == 0
+        if not (inside or nothing or func.is_view or func is torch.ops.aten.detach.default):
             self.count += 1
         return func(*args, **(kwargs or {}))
 
@@ -383,8 +387,8 @@ def cpu_tables(results, notes) -> str:
     """The CPU-proxy section: how the numbers are counted, then one table per case."""
     text = ("Measured by `TRITON_INTERPRET=1 python bench/train_step.py --device cpu` on "
             f"{datetime.date.today().isoformat()}, torch {torch.__version__}, no GPU. Operators: "
-            "the aten operators of one training step (forward, backward, fused AdamW), views "
-            "and detach excluded, plus one per Triton launch of the `ivt:fused` modes, run under "
+            "the aten operators of one training step (forward, backward, fused AdamW), views, "
+            "detach and allocations of no elements excluded, plus one per Triton launch of the `ivt:fused` modes, run under "
             "Triton's CPU interpreter (whose own tensor copies are not counted); the other modes "
             "run the PyTorch reference kernels. MB held for backward: the storages the forward "
             "made that are still alive before backward, parameters and inputs excluded. "

@@ -231,3 +231,19 @@ def test_lean_mode_holds_at_most_half_of_full_fine_tunings_bytes(swin_t_lean):
     """The memory target, in the same mode (0.42x here; 0.46x at 224 x 224): the head's
     BatchNorm inputs and ReLU outputs, the same in both modes, are in both sums."""
     assert swin_t_lean[LEAN]["bytes_vs_full"] <= 0.5, swin_t_lean
+
+
+def test_operator_count_leaves_out_views_detach_and_empty_allocations():
+    """What the counter counts, on operators written out here: an allocation of no elements
+    (torch 2.11's activation checkpointing makes one a call, 2.13's none) launches nothing, as a
+    view or a detach does not; every other operator counts once."""
+    import torch
+
+    with _bench().OpCounter() as counter:
+        x = torch.ones(3)                                 # 1
+        x.view(3, 1).t().detach()                         # views and detach: 0
+        torch.empty((0,))                                 # no elements: 0
+        torch.empty((2, 0))                               # 0
+        torch.empty((2, 1))                               # 1
+        (x * 2).sum()                                     # 2
+    assert counter.count == 4
