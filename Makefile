@@ -2,7 +2,8 @@
 # torch 2.13.0 is pinned because our CI machines hold its CPU build on local disk; from PyPI on
 # Linux x86-64 the same pin resolves to a CUDA build of several GB. For the CPU wheel elsewhere:
 #   make test TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu"
-# Any torch >= 2.4 works for the package itself (see pyproject.toml).
+# Any Python >= 3.9 and torch >= 2.4 work (see pyproject.toml); the oldest:
+#   make clean && make test PYTHON=python3.9 TORCH=torch==2.4.1
 PYTHON      ?= python3
 VENV        := .venv
 PY          := $(VENV)/bin/python

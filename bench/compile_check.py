@@ -47,6 +47,9 @@ import warnings
 from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+# The compiler interface used here (`get_ptxas(arch)`, `triton.knobs`, `ASTSource(constexprs=)`)
+# is that of Triton 3.6 and later.
+MIN_TRITON = (3, 6)
 # Per-block shared memory limit (bytes, opt-in maximum) by compute capability.
 SHARED_LIMIT = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
 # Per-multiprocessor limits by compute capability (the CUDA C++ Programming Guide's technical
@@ -95,23 +98,30 @@ def _launch_record(fn, args: tuple, kwargs: dict) -> dict:
 
 @contextmanager
 def interpreter_launches(handler: Callable[[Callable[[], Any], Any, tuple, dict], Any]):
-    """Within it, every kernel launch Triton's CPU interpreter (TRITON_INTERPRET=1) receives goes
-    to handler(run, fn, args, kwargs): fn the kernel's Python function, args and kwargs its
-    launch arguments (grid and launch options included), run() the launch as usual. The one
-    place that hooks the interpreter's entry point: `record` keeps launches without running them,
-    `bench/train_step.py` counts them."""
+    """Within it, every kernel launch `kernel[grid](*args, **kwargs)` that Triton's CPU
+    interpreter (TRITON_INTERPRET=1) receives goes to handler(run, fn, args, kwargs): fn the
+    kernel's Python function, args and kwargs its launch arguments (launch options included)
+    with the grid as kwargs["grid"], run() the launch as usual. The one place that hooks the
+    interpreter, at `InterpretedFunction.__getitem__`, which every Triton from 3.0 launches
+    through: `record` keeps launches without running them, `bench/train_step.py` counts them."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    original = InterpretedFunction.run
+    own = "__getitem__" in vars(InterpretedFunction)      # else inherited (KernelInterface)
+    original = InterpretedFunction.__getitem__
 
-    def run(self, *args, **kwargs):
-        return handler(lambda: original(self, *args, **kwargs), self.fn, args, kwargs)
+    def launcher(self, grid):
+        launch = original(self, grid)
+        return lambda *args, **kwargs: handler(lambda: launch(*args, **kwargs), self.fn, args,
+                                               {**kwargs, "grid": grid})
 
-    InterpretedFunction.run = run
+    InterpretedFunction.__getitem__ = launcher
     try:
         yield
     finally:
-        InterpretedFunction.run = original
+        if own:
+            InterpretedFunction.__getitem__ = original
+        else:
+            del InterpretedFunction.__getitem__
 
 
 def record(backbone: str, size: int, batch: int, multiprocessors: int) -> List[dict]:
@@ -133,7 +143,7 @@ def record(backbone: str, size: int, batch: int, multiprocessors: int) -> List[d
     launches: Dict[str, dict] = {}
 
     def recorder(run, fn, args, kwargs):                    # records, never calls run()
-        named = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+        named = {k: v for k, v in kwargs.items() if k != "grid"}
         launch = _launch_record(fn, args, named)
         launch = launches.setdefault(json.dumps(launch, sort_keys=True), launch)
         programs = math.prod(kwargs["grid"])
@@ -327,7 +337,13 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
+    import kernels
+
     args = get_parser().parse_args(argv)
+    version = kernels.triton_version()
+    if version is None or version < MIN_TRITON:
+        raise SystemExit("bench.compile_check needs Triton >= 3.6 (its compiler interface); here "
+                         + (f"Triton {version[0]}.{version[1]}" if version else "no Triton"))
     if args.record_to:
         launches: Dict[str, dict] = {}
         for name in args.backbone:

@@ -148,7 +148,10 @@ def benchmark_rows(args, on_row=lambda rows, bandwidth, name: None):
     dtype = getattr(torch, args.dtype)
     measure = timer(args.tiny)
     bandwidth = copy_bandwidth(device, measure)
-    torch._dynamo.config.recompile_limit = 64  # one graph per shape and direction
+    # one graph per shape and direction (the setting is `cache_size_limit` before torch 2.6)
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else \
+        "cache_size_limit"
+    setattr(torch._dynamo.config, limit, 64)
     ops = {"simam": (kernels.simam_reference, kernels.simam_triton),
            "partial_conv": (kernels.partial_conv_residual_reference,
                             kernels.partial_conv_residual_triton)}

@@ -298,11 +298,6 @@ class TensorTracker(TorchDispatchMode):
         return out
 
 
-def interpreter_available() -> bool:
-    """Whether the fused modes can run on the CPU: Triton installed, TRITON_INTERPRET=1."""
-    return kernels.TRITON_INSTALLED and kernels.triton_interpreter_on()
-
-
 def cpu_proxies(backbone: str, size, batch: int, modes, head_dim: int = 256,
                 adapter_tiles=None) -> dict:
     """{mode: {operators, aten_ops, triton_launches, bytes_for_backward, trainable}} plus ratios
@@ -322,9 +317,9 @@ def cpu_proxies(backbone: str, size, batch: int, modes, head_dim: int = 256,
     previous = kernels.backend()
     try:
         for mode in modes:
-            if mode in FUSED and not interpreter_available():
+            if mode in FUSED and not kernels.interpreter_ready():
                 raise SystemExit(f"mode {mode} on the CPU runs its Triton kernels under the "
-                                 "interpreter: set TRITON_INTERPRET=1 (and install triton)")
+                                 f"interpreter, which needs {kernels.INTERPRETER_NEEDS}")
             kernels.set_backend("triton" if mode in FUSED else "torch")
             model, optimizer = build(backbone, mode, size, "cpu", head_dim)
             step = eager_step(model, optimizer, nullcontext)
@@ -627,7 +622,7 @@ def top_kernel_lines(case: dict, shown: int = 8) -> list:
 def main(argv=None):
     args = parse_args(argv)
     if args.device == "cpu":
-        modes = args.modes or (list(MODES) + (CPU_FUSED if interpreter_available() else [])
+        modes = args.modes or (list(MODES) + (CPU_FUSED if kernels.interpreter_ready() else [])
                                + list(DECOMPOSITION))
         cases = ([(args.backbone, tuple(args.size), args.batch, args.head_dim, "")]
                  if args.backbone else CPU_CASES)

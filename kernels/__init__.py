@@ -4,14 +4,15 @@
 `ivt.fast.make_fast(model, "fused")`) pick an implementation per call; `hybrid_adapter_train`
 (the same in training, forward and backward) is Triton only, and its callers check `use_triton`.
 * `IVT_KERNELS=torch` forces the PyTorch references (`kernels/reference.py`);
-* `IVT_KERNELS=triton` forces Triton (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1);
+* `IVT_KERNELS=triton` forces Triton (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 with
+  Triton >= 3.5, `INTERPRETER_MIN_TRITON`);
 * unset (`auto`): Triton for CUDA tensors when Triton imports, the reference otherwise.
 Triton is optional: the kernel files are imported only when it is installed. The scripts'
 `--kernels {auto,torch,triton}` calls `set_backend`. Layout and design: docs/kernels.md.
 """
 import importlib.util
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -56,6 +57,29 @@ def triton_interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+# The first Triton whose CPU interpreter runs these kernels: 3.0 and 3.1 leave CPU tensors
+# unwritten, 3.2 to 3.4 have no float64 `tl.dot` (the precision the tests compare in).
+INTERPRETER_MIN_TRITON = (3, 5)
+INTERPRETER_NEEDS = "TRITON_INTERPRET=1 and Triton >= 3.5"
+
+
+def triton_version() -> Optional[Tuple[int, int]]:
+    """(major, minor) of the installed Triton, None without one."""
+    if not TRITON_INSTALLED:
+        return None
+    import triton
+
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def interpreter_ready() -> bool:
+    """Whether the kernels run on CPU tensors here: TRITON_INTERPRET=1 with a Triton whose
+    interpreter runs them (INTERPRETER_MIN_TRITON)."""
+    return (TRITON_INSTALLED and triton_interpreter_on()
+            and triton_version() >= INTERPRETER_MIN_TRITON)
+
+
 def use_triton(x: torch.Tensor) -> bool:
     """Whether this call runs the Triton kernels, by the rules in the module docstring."""
     choice = backend()
@@ -65,9 +89,10 @@ def use_triton(x: torch.Tensor) -> bool:
         return x.is_cuda and TRITON_INSTALLED
     if not TRITON_INSTALLED:
         raise RuntimeError("IVT_KERNELS=triton, but Triton is not installed (pip install triton)")
-    if not x.is_cuda and not triton_interpreter_on():
+    if not x.is_cuda and not interpreter_ready():
         raise RuntimeError(f"IVT_KERNELS=triton on a {x.device.type} tensor needs a CUDA tensor, "
-                           "or TRITON_INTERPRET=1 (Triton's CPU interpreter) set before "
+                           f"or Triton's CPU interpreter: {INTERPRETER_NEEDS} (here Triton "
+                           f"{'.'.join(map(str, triton_version()))}), TRITON_INTERPRET set before "
                            "`kernels` is imported")
     return True
 

@@ -29,7 +29,9 @@ def _bench():
     return bench
 
 
-INTERPRETER = kernels.TRITON_INSTALLED and kernels.triton_interpreter_on()
+INTERPRETER = kernels.interpreter_ready()
+needs_interpreter = pytest.mark.skipif(
+    not INTERPRETER, reason=f"needs {kernels.INTERPRETER_NEEDS} (the fused kernels)")
 ADAPTER_TILES = (256, 64)
 
 
@@ -172,14 +174,14 @@ def test_cpu_command_writes_only_its_own_section(tmp_path):
     assert "| full | " in text and "| ivt:fast | " in text and "| ivt |" not in text
 
 
-@pytest.mark.skipif(not INTERPRETER, reason="needs TRITON_INTERPRET=1 (the fused kernels)")
+@needs_interpreter
 def test_fused_adapters_operators_within_one_and_a_half_of_full_fine_tuning(proxies):
     """--impl fused: each Hybrid Adapter as Triton kernels. Operators + launches per step."""
     fused = proxies["modes"]["ivt:fused"]
     assert fused["triton_launches"] > 0 and fused["ops_vs_full"] <= 1.5, proxies["modes"]
 
 
-@pytest.mark.skipif(not INTERPRETER, reason="needs TRITON_INTERPRET=1 (the fused kernels)")
+@needs_interpreter
 def test_checkpointing_the_first_blocks_trades_operators_for_memory(proxies):
     """memory="checkpoint:4" (swin_nano's stages 1 and 2) sits between no and full checkpointing:
     it holds well under half of what the uncheckpointed step holds, for fewer extra operators
@@ -191,7 +193,7 @@ def test_checkpointing_the_first_blocks_trades_operators_for_memory(proxies):
     assert 0 < ckpt4["operators"] - fused["operators"] < 0.5 * extra_all, modes
 
 
-@pytest.mark.skipif(not INTERPRETER, reason="needs TRITON_INTERPRET=1 (the fused kernels)")
+@needs_interpreter
 def test_recomputing_frozen_sublayers_trades_few_operators_for_memory(proxies):
     """memory="recompute" reruns each frozen sub-layer up to its last Linear in backward: on
     swin_nano (whose 64-wide Hybrid Adapters are twice its 32 channels, so the adapters keep most
@@ -216,7 +218,7 @@ def swin_t_lean():
     checkpointed, the other blocks' frozen sub-layers recomputed) on the benchmark's default
     case (Swin-T, 128 x 96, batch 2, the mmseg Segformer head of width 256)."""
     if not INTERPRETER:
-        pytest.skip("needs TRITON_INTERPRET=1 (the fused kernels)")
+        pytest.skip(f"needs {kernels.INTERPRETER_NEEDS} (the fused kernels)")
     result = _bench().cpu_proxies("swin_t", (128, 96), 2, ["full", LEAN],
                                   adapter_tiles=ADAPTER_TILES)
     return result["modes"]

@@ -106,9 +106,8 @@ def host_waits_of_a_step(task: str, backbone: str, tmp_path: Path, impl: str = "
     return waits.found
 
 
-pytestmark = pytest.mark.skipif(not (kernels.TRITON_INSTALLED and
-                                     kernels.triton_interpreter_on()),
-                                reason="needs Triton's interpreter (TRITON_INTERPRET=1)")
+pytestmark = pytest.mark.skipif(not kernels.interpreter_ready(),
+                                reason=f"needs Triton's interpreter ({kernels.INTERPRETER_NEEDS})")
 
 
 @pytest.mark.parametrize("task, backbone", [("seg", "swin_nano"), ("sod", "swin_nano"),

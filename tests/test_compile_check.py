@@ -2,6 +2,7 @@
 to a cubin for the H100/H200 (sm_90) and the A100 (sm_80) within their shared-memory limits, on
 this GPU-less machine; and the check fails a launch that needs more shared memory than a block
 may have, which Triton's CPU interpreter runs without complaint."""
+import importlib.util
 import json
 import os
 import re
@@ -14,7 +15,14 @@ import pytest
 
 pytest.importorskip("triton")
 
+import kernels  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("compile_check", ROOT / "bench" / "compile_check.py")
+compile_check = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(compile_check)
+pytestmark = pytest.mark.skipif(kernels.triton_version() < compile_check.MIN_TRITON,
+                                reason="bench.compile_check needs Triton >= 3.6")
 
 
 def run(args, interpret: bool, extra_path: str = "", timeout: int = 600):
@@ -134,3 +142,9 @@ def test_spill_loads_in_loops():
     """
     assert spill_loads_in_loops(sass) == (3, 1)
     assert spill_loads_in_loops(sass.replace("BRA 0x20", "BRA 0x10")) == (3, 2)
+
+
+def test_refuses_a_triton_too_old_for_its_compiler_interface(monkeypatch):
+    monkeypatch.setattr(kernels, "triton_version", lambda: (3, 0))
+    with pytest.raises(SystemExit, match=r"needs Triton >= 3\.6 .*here Triton 3\.0"):
+        compile_check.main(["--backbone", "swin_nano"])

@@ -22,11 +22,11 @@ SEED = int(os.environ.get("KERNELS_TEST_SEED", int.from_bytes(os.urandom(4), "li
 
 # (device, token dtype, relative tolerance against the float64 reference)
 TARGETS = []
-if kernels.TRITON_INSTALLED and kernels.triton_interpreter_on():
+if kernels.interpreter_ready():
     TARGETS += [("cpu", torch.float32, 1e-5)]
 if kernels.TRITON_INSTALLED and torch.cuda.is_available():
     TARGETS += [("cuda", torch.float32, 5e-3), ("cuda", torch.bfloat16, 3e-2)]   # TF32 matmuls
-needs_triton = pytest.mark.skipif(not TARGETS, reason="needs a GPU or TRITON_INTERPRET=1")
+needs_triton = pytest.mark.skipif(not TARGETS, reason=f"needs a GPU or {kernels.INTERPRETER_NEEDS}")
 
 
 def random_weights(C: int, d2: int, gen: torch.Generator) -> HybridAdapterWeights:
@@ -294,7 +294,7 @@ def test_fused_inference_hands_on_each_layer_norm(monkeypatch, backbone, autocas
 # (token dtype, relative tolerance) of the training kernels under the interpreter: float64 is
 # limited by the scalars Triton passes as float32 (1 / (1 - p), BatchNorm's momentum)
 TRAIN_TARGETS = ([(torch.float64, 1e-6), (torch.float32, 1e-4)]
-                 if kernels.TRITON_INSTALLED and kernels.triton_interpreter_on() else [])
+                 if kernels.interpreter_ready() else [])
 if kernels.TRITON_INSTALLED and torch.cuda.is_available():
     TRAIN_TARGETS += [(torch.float32, 1e-2)]                                   # TF32 matmuls
 
@@ -335,7 +335,7 @@ def random_training_case(rng: random.Random):
             rng.random() < 0.7)
 
 
-@pytest.mark.skipif(not TRAIN_TARGETS, reason="needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.skipif(not TRAIN_TARGETS, reason=f"needs a GPU or {kernels.INTERPRETER_NEEDS}")
 @pytest.mark.parametrize("draw", range(4))
 @pytest.mark.parametrize("dtype,tol", TRAIN_TARGETS, ids=[str(t)[6:] for t, _ in TRAIN_TARGETS])
 def test_training_kernels_match_reference(draw, dtype, tol):
@@ -383,7 +383,7 @@ def low_rank_training_run(fn, case, r, dtype, device, seed):
         f.grad for f in factors]
 
 
-@pytest.mark.skipif(not TRAIN_TARGETS, reason="needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.skipif(not TRAIN_TARGETS, reason=f"needs a GPU or {kernels.INTERPRETER_NEEDS}")
 @pytest.mark.parametrize("draw", range(3))
 @pytest.mark.parametrize("dtype,tol", TRAIN_TARGETS, ids=[str(t)[6:] for t, _ in TRAIN_TARGETS])
 def test_training_kernels_with_low_rank_extra(draw, dtype, tol):
@@ -428,8 +428,8 @@ def assert_same_training(expected, got):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6 * scale, msg=lambda m: f"{i}: {m}")
 
 
-@pytest.mark.skipif(not (kernels.TRITON_INSTALLED and kernels.triton_interpreter_on()),
-                    reason="needs TRITON_INTERPRET=1")
+@pytest.mark.skipif(not kernels.interpreter_ready(),
+                    reason=f"needs {kernels.INTERPRETER_NEEDS}")
 @pytest.mark.parametrize("block_m, budget", [(32, 3_000), (16, 36 * 632)],
                          ids=["4 programs", "36 programs"])
 def test_training_kernels_with_many_tiles_per_program(monkeypatch, block_m, budget):
@@ -450,8 +450,8 @@ def test_training_kernels_with_many_tiles_per_program(monkeypatch, block_m, budg
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.skipif(not (kernels.TRITON_INSTALLED and kernels.triton_interpreter_on()),
-                    reason="needs TRITON_INTERPRET=1")
+@pytest.mark.skipif(not kernels.interpreter_ready(),
+                    reason=f"needs {kernels.INTERPRETER_NEEDS}")
 def test_training_kernels_write_every_element_they_read(monkeypatch):
     """The backward's workspace (per-program partial sums, the (M, D) maps, n_hat) and every
     output come from torch.empty, poisoned here with NaN: an element a kernel reads before
@@ -472,8 +472,8 @@ def test_training_kernels_write_every_element_they_read(monkeypatch):
     assert_same_training(expected, got)
 
 
-@pytest.mark.skipif(not (kernels.TRITON_INSTALLED and kernels.triton_interpreter_on()),
-                    reason="needs TRITON_INTERPRET=1")
+@pytest.mark.skipif(not kernels.interpreter_ready(),
+                    reason=f"needs {kernels.INTERPRETER_NEEDS}")
 @pytest.mark.parametrize("block_m,block_c", [(16, 16), (64, 64), (32, 128)])
 def test_kernels_at_other_tile_sizes(monkeypatch, block_m, block_c):
     """`bench/kernels.py --adapter-tiles` times other tile sizes; the kernels compute the same
@@ -490,8 +490,8 @@ def test_kernels_at_other_tile_sizes(monkeypatch, block_m, block_c):
                                hybrid_adapter_eval_reference(x, x, extra, (9, 14), w))
 
 
-@pytest.mark.skipif(not (kernels.TRITON_INSTALLED and kernels.triton_interpreter_on()),
-                    reason="needs TRITON_INTERPRET=1")
+@pytest.mark.skipif(not kernels.interpreter_ready(),
+                    reason=f"needs {kernels.INTERPRETER_NEEDS}")
 @pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
 def test_layer_norm_of_tokens_far_from_zero(training):
     """The kernels take the LayerNorm statistics and the down-projection in one pass over C,
@@ -663,8 +663,8 @@ def assert_fused_step_equals_reference(build, size, monkeypatch):
     assert_runs_equal(expected, fused_training_run(fused, vis, ir), 1e-6)
 
 
-@pytest.mark.skipif(not (kernels.TRITON_INSTALLED and kernels.triton_interpreter_on()),
-                    reason="needs TRITON_INTERPRET=1")
+@pytest.mark.skipif(not kernels.interpreter_ready(),
+                    reason=f"needs {kernels.INTERPRETER_NEEDS}")
 @pytest.mark.parametrize("variant, memory", [("ivt", "keep"), ("parallel", "checkpoint"),
                                              ("ivt", "recompute")])
 def test_fused_training_step_equals_reference_path(variant, memory, monkeypatch):
@@ -686,8 +686,8 @@ def test_fused_training_step_equals_reference_path(variant, memory, monkeypatch)
     assert_fused_step_equals_reference(build, (36, 28), monkeypatch)    # 9 x 7 tokens
 
 
-@pytest.mark.skipif(not (kernels.TRITON_INSTALLED and kernels.triton_interpreter_on()),
-                    reason="needs TRITON_INTERPRET=1")
+@pytest.mark.skipif(not kernels.interpreter_ready(),
+                    reason=f"needs {kernels.INTERPRETER_NEEDS}")
 def test_fused_eva02_training_step_equals_reference_path(monkeypatch):
     """The same for EVA02, whose adapters read the patch tokens as a view that skips the cls
     token and whose internal prompts (each block's own, as factors) come from weights folded
@@ -696,8 +696,8 @@ def test_fused_eva02_training_step_equals_reference_path(monkeypatch):
                                        (24, 32), monkeypatch)
 
 
-@pytest.mark.skipif(not (kernels.TRITON_INSTALLED and kernels.triton_interpreter_on()),
-                    reason="needs TRITON_INTERPRET=1")
+@pytest.mark.skipif(not kernels.interpreter_ready(),
+                    reason=f"needs {kernels.INTERPRETER_NEEDS}")
 def test_fused_training_with_dropout_replays_its_mask_under_checkpointing(monkeypatch):
     """With dropout on, the fused adapters draw their masks from torch's generator: a
     checkpointed step recomputes the same masks, so it equals the step that keeps its

@@ -21,11 +21,11 @@ SEED = int(os.environ.get("KERNELS_TEST_SEED", int.from_bytes(os.urandom(4), "li
 
 # (device, dtype, relative tolerance vs the float64 reference)
 TARGETS = []
-if kernels.TRITON_INSTALLED and kernels.triton_interpreter_on():
+if kernels.interpreter_ready():
     TARGETS += [("cpu", torch.float64, 1e-10), ("cpu", torch.float32, 1e-5)]
 if kernels.TRITON_INSTALLED and torch.cuda.is_available():
     TARGETS += [("cuda", torch.float32, 1e-5), ("cuda", torch.bfloat16, 2e-2)]
-needs_triton = pytest.mark.skipif(not TARGETS, reason="needs a GPU or TRITON_INTERPRET=1")
+needs_triton = pytest.mark.skipif(not TARGETS, reason=f"needs a GPU or {kernels.INTERPRETER_NEEDS}")
 target_ids = [f"{device}-{str(dtype)[6:]}" for device, dtype, _ in TARGETS]
 
 def random_map(shape, layout, gen):
@@ -162,6 +162,7 @@ def spy_triton(monkeypatch):
     """Replace both Triton entry points by recorders; returns the list of calls."""
     calls = []
     monkeypatch.setattr(kernels, "TRITON_INSTALLED", True)
+    monkeypatch.setattr(kernels, "triton_version", lambda: kernels.INTERPRETER_MIN_TRITON)
     monkeypatch.setattr(kernels, "simam_triton", lambda x, lam: calls.append("simam") or x,
                         raising=False)
     monkeypatch.setattr(kernels, "partial_conv_residual_triton",
@@ -204,6 +205,16 @@ def test_triton_backend_on_cpu(spy_triton, monkeypatch):
     assert spy_triton == ["simam", "partial_conv"]
 
 
+def test_triton_backend_on_cpu_refuses_an_interpreter_too_old(spy_triton, monkeypatch):
+    """Triton 3.0's interpreter returns CPU tensors unwritten: an error, not garbage."""
+    monkeypatch.setenv("IVT_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(kernels, "triton_version", lambda: (3, 0))
+    with pytest.raises(RuntimeError, match=r"Triton >= 3\.5 \(here Triton 3\.0\)"):
+        kernels.simam(torch.randn(1, 4, 3, 3))
+    assert spy_triton == []
+
+
 def test_simam_is_the_function_not_the_submodule():
     """`kernels/simam.py` shares its name with `kernels.simam`; the dispatcher must win."""
     importlib.import_module("kernels.simam")
@@ -231,7 +242,9 @@ def test_imports_and_runs_without_triton():
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.skipif(not kernels.TRITON_INSTALLED, reason="needs Triton")
+@pytest.mark.skipif(not kernels.TRITON_INSTALLED
+                    or kernels.triton_version() < kernels.INTERPRETER_MIN_TRITON,
+                    reason=f"needs {kernels.INTERPRETER_NEEDS}")
 def test_benchmark_script_runs_tiny(tmp_path):
     """bench/kernels.py --tiny runs every row on the CPU interpreter and writes its table."""
     out = tmp_path / "benchmarks.md"

@@ -19,8 +19,8 @@ SEED = int(os.environ.get("KERNELS_TEST_SEED", int.from_bytes(os.urandom(4), "li
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 pytestmark = pytest.mark.skipif(
-    not kernels.TRITON_INSTALLED or (DEVICE == "cpu" and not kernels.triton_interpreter_on()),
-    reason="needs Triton with a GPU or TRITON_INTERPRET=1")
+    not kernels.TRITON_INSTALLED or (DEVICE == "cpu" and not kernels.interpreter_ready()),
+    reason=f"needs Triton with a GPU or {kernels.INTERPRETER_NEEDS}")
 
 
 def run_backbone(model, vis, ir, weights, seed):

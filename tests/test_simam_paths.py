@@ -10,11 +10,11 @@ import kernels
 from kernels.reference import simam_reference
 
 DEVICES = []
-if kernels.TRITON_INSTALLED and kernels.triton_interpreter_on():
+if kernels.interpreter_ready():
     DEVICES.append("cpu")
 if kernels.TRITON_INSTALLED and torch.cuda.is_available():
     DEVICES.append("cuda")
-pytestmark = pytest.mark.skipif(not DEVICES, reason="needs a GPU or TRITON_INTERPRET=1")
+pytestmark = pytest.mark.skipif(not DEVICES, reason=f"needs a GPU or {kernels.INTERPRETER_NEEDS}")
 
 
 def simam_module():

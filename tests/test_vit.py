@@ -378,8 +378,8 @@ def test_fast_inference_equals_reference(case, fused):
             torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11)
 
 
-@pytest.mark.skipif(not (kernels.TRITON_INSTALLED and kernels.triton_interpreter_on()),
-                    reason="needs TRITON_INTERPRET=1")
+@pytest.mark.skipif(not kernels.interpreter_ready(),
+                    reason=f"needs {kernels.INTERPRETER_NEEDS}")
 def test_fused_triton_kernels_with_registers(monkeypatch):
     """DINOv2 with registers (5 rows before the patch tokens) through the Triton kernels in the
     interpreter: inference (the adapters writing past the 5 rows) and a training step equal the
