@@ -342,8 +342,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = get_parser().parse_args(argv)
     version = kernels.triton_version()
     if version is None or version < MIN_TRITON:
-        raise SystemExit("bench.compile_check needs Triton >= 3.6 (its compiler interface); here "
-                         + (f"Triton {version[0]}.{version[1]}" if version else "no Triton"))
+        raise SystemExit("bench.compile_check needs Triton >= {}.{} (its compiler interface); "
+                         "here ".format(*MIN_TRITON)
+                         + ("Triton {}.{}".format(*version) if version else "no Triton"))
     if args.record_to:
         launches: Dict[str, dict] = {}
         for name in args.backbone:

@@ -60,7 +60,7 @@ def triton_interpreter_on() -> bool:
 # The first Triton whose CPU interpreter runs these kernels: 3.0 and 3.1 leave CPU tensors
 # unwritten, 3.2 to 3.4 have no float64 `tl.dot` (the precision the tests compare in).
 INTERPRETER_MIN_TRITON = (3, 5)
-INTERPRETER_NEEDS = "TRITON_INTERPRET=1 and Triton >= 3.5"
+INTERPRETER_NEEDS = "TRITON_INTERPRET=1 and Triton >= {}.{}".format(*INTERPRETER_MIN_TRITON)
 
 
 def triton_version() -> Optional[Tuple[int, int]]:
@@ -90,10 +90,10 @@ def use_triton(x: torch.Tensor) -> bool:
     if not TRITON_INSTALLED:
         raise RuntimeError("IVT_KERNELS=triton, but Triton is not installed (pip install triton)")
     if not x.is_cuda and not interpreter_ready():
+        here = "{}.{}".format(*triton_version())
         raise RuntimeError(f"IVT_KERNELS=triton on a {x.device.type} tensor needs a CUDA tensor, "
                            f"or Triton's CPU interpreter: {INTERPRETER_NEEDS} (here Triton "
-                           f"{'.'.join(map(str, triton_version()))}), TRITON_INTERPRET set before "
-                           "`kernels` is imported")
+                           f"{here}), TRITON_INTERPRET set before `kernels` is imported")
     return True
 
 

@@ -22,7 +22,8 @@ _spec = importlib.util.spec_from_file_location("compile_check", ROOT / "bench" /
 compile_check = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(compile_check)
 pytestmark = pytest.mark.skipif(kernels.triton_version() < compile_check.MIN_TRITON,
-                                reason="bench.compile_check needs Triton >= 3.6")
+                                reason="bench.compile_check needs Triton >= {}.{}".format(
+                                    *compile_check.MIN_TRITON))
 
 
 def run(args, interpret: bool, extra_path: str = "", timeout: int = 600):
