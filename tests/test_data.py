@@ -266,6 +266,27 @@ def test_msrs_layouts(tmp_path, layout):
     assert len(train) == 3 and train[0]["vis"].shape == (3, 32, 32)
 
 
+@pytest.mark.parametrize("layout", ["folders", "lists"])
+def test_msrs_held_out_validation_split(tmp_path, layout):
+    """MSRS ships train and test only; a validation split of one's own is a folder (a) or a
+    list (b), and a missing one is refused with the way to make it."""
+    names = {"train_rest": ["00001D", "00003D"], "val": ["00002N"], "test": NAMES["test"]}
+    write = write_msrs_lists if layout == "lists" else write_msrs_folders
+    root = write(tmp_path / "msrs", names)
+    val = build_seg_dataset("msrs", root, "val", train=False)
+    assert [s.name for s in val.samples] == ["00002N"] and val[0]["is_night"]
+    both = MSRSDataset(root, "train_rest+val", train=False)
+    assert [s.name for s in both.samples] == ["00001D", "00003D", "00002N"]
+    night = MSRSDataset(root, "val+test_night", train=False)
+    assert [s.name for s in night.samples] == ["00002N", "00005N"]
+    missing = "split/holdout.txt not found.*list its names" if layout == "lists" else \
+        "holdout not found.*move some training pairs into .*holdout/vi"
+    with pytest.raises(FileNotFoundError, match=missing):
+        MSRSDataset(root, "holdout")
+    with pytest.raises(ValueError, match="expected a list name such as train, test"):
+        MSRSDataset(root, "val/../train")
+
+
 def test_msrs_bad_data_names_the_file(tmp_path):
     root = write_msrs_folders(tmp_path / "a", NAMES)
     (root / "test" / "ir" / "00004D.png").unlink()

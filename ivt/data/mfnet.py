@@ -54,6 +54,14 @@ def check_names(names: Sequence[str], source: Union[str, Path], allow_flip: bool
                              f"evaluation list")
 
 
+def split_parts(split: str, usual: Sequence[str]) -> List[str]:
+    """'train+val' -> ['train', 'val']: a split is one list name or several joined by '+'."""
+    if not re.fullmatch(r"[\w.-]+(\+[\w.-]+)*", split):
+        raise ValueError(f"split {split!r}: expected a list name such as {', '.join(usual)}, "
+                         f"or names joined by '+'")
+    return split.split("+")
+
+
 def read_split_list(path: Path, allow_flip: bool) -> List[str]:
     """Names listed in a split file, one per line; missing or empty files are errors."""
     if not path.is_file():
@@ -193,13 +201,10 @@ class MFNetDataset(RGBTSegmentationDataset):
                  crop: Tuple[int, int] = (512, 512), seed: int = 0,
                  transform: Optional[Callable] = None, validate: bool = True,
                  norm: Normalization = IMAGENET):
-        if not re.fullmatch(r"[\w.-]+(\+[\w.-]+)*", split):
-            raise ValueError(f"split {split!r}: expected a list name such as "
-                             f"{', '.join(MFNET_SPLITS)}, or names joined by '+'")
         self.root = Path(root)
         self.split = split
         names = []
-        for part in split.split("+"):
+        for part in split_parts(split, MFNET_SPLITS):
             names += read_split_list(self.root / f"{part}.txt", allow_flip=part.startswith("train"))
         samples = [Sample(n, self.root / "images" / f"{n}.png", self.root / "images" / f"{n}.png",
                           self.root / "labels" / f"{n}.png") for n in names]

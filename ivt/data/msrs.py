@@ -8,7 +8,12 @@ Two layouts are in circulation (data.md, "MSRS"):
 Visible is RGB; infrared is one channel, sometimes stored as RGB (converted to L here). The
 dataset logic (validation, `verify()`, transforms, item format, `BadImageError` naming a file
 that cannot be decoded) is `RGBTSegmentationDataset`'s, in mfnet.py.
-'test_day' / 'test_night' select the test names ending in D / N.
+
+A split names a folder of layout (a) or a list `split/<name>.txt` of layout (b). MSRS ships
+'train' and 'test'; 'test_day' / 'test_night' select the test names ending in D / N. A held-out
+validation set is one of your own: layout (a) a folder `<root>/val/{vi,ir,Segmentation_labels}`,
+layout (b) a list `split/val.txt` (training then on the rest, in a list of its own). Names
+joined by '+' concatenate splits, as for MFNet.
 """
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple, Union
@@ -17,10 +22,10 @@ import numpy as np
 
 from .io import open_image
 from .mfnet import (RGBTSegmentationDataset, Sample, check_names, header, parse_name,
-                    read_split_list)
+                    read_split_list, split_parts)
 from .transforms import IMAGENET, Normalization
 
-MSRS_SPLITS = ("train", "test", "test_day", "test_night")
+MSRS_SPLITS = ("train", "test", "test_day", "test_night")   # shipped, and test's halves
 
 
 def _folder_names(root: Path, split: str) -> List[Sample]:
@@ -36,13 +41,13 @@ def _folder_names(root: Path, split: str) -> List[Sample]:
     if not stems:
         raise ValueError(f"MSRS folder {vi} holds no .png images")
     names = sorted(stems)
-    check_names(names, vi, allow_flip=split == "train")
+    check_names(names, vi, allow_flip=split.startswith("train"))
     return [Sample(n, vi / f"{n}.png", ir / f"{n}.png", lab / f"{n}.png") for n in names]
 
 
 def _list_names(root: Path, split: str) -> List[Sample]:
     """Layout (b): names from `split/<split>.txt`."""
-    names = read_split_list(root / "split" / f"{split}.txt", allow_flip=split == "train")
+    names = read_split_list(root / "split" / f"{split}.txt", allow_flip=split.startswith("train"))
     return [Sample(n, root / "Visible" / f"{n}.png", root / "Infrared" / f"{n}.png",
                    root / "Label" / f"{n}.png") for n in names]
 
@@ -54,23 +59,30 @@ class MSRSDataset(RGBTSegmentationDataset):
                  crop: Tuple[int, int] = (512, 512), seed: int = 0,
                  transform: Optional[Callable] = None, validate: bool = True,
                  norm: Normalization = IMAGENET):
-        if split not in MSRS_SPLITS:
-            raise ValueError(f"unknown MSRS split {split!r}; expected one of {MSRS_SPLITS}")
         self.root = Path(root)
         self.split = split
-        base_split = "train" if split == "train" else "test"
-        if (self.root / "Visible").is_dir():
-            samples = _list_names(self.root, base_split)
-        elif (self.root / base_split).is_dir():
-            samples = _folder_names(self.root, base_split)
-        else:
+        lists = (self.root / "Visible").is_dir()                    # layout (b), else (a)
+        if not lists and not any((self.root / s).is_dir() for s in ("train", "test")):
             raise FileNotFoundError(f"{self.root}: neither MSRS layout found (expected "
-                                    f"{base_split}/vi, {base_split}/ir, "
-                                    f"{base_split}/Segmentation_labels or Visible, Infrared, "
-                                    f"Label with split/{base_split}.txt)")
-        if split in ("test_day", "test_night"):
-            want_night = split == "test_night"
-            samples = [s for s in samples if parse_name(s.name, s.label)[0] == want_night]
+                                    f"train/ and test/ with vi, ir, Segmentation_labels, or "
+                                    f"Visible, Infrared, Label with split/train.txt and "
+                                    f"split/test.txt)")
+        samples = []
+        for part in split_parts(split, MSRS_SPLITS):
+            base = "test" if part in ("test_day", "test_night") else part
+            where = self.root / "split" / f"{base}.txt" if lists else self.root / base
+            if not where.exists() and base not in MSRS_SPLITS:
+                how = (f"list its names in {where} and the remaining training names in a list "
+                       f"of their own to train on" if lists else
+                       f"move some training pairs into {where}/vi, ir and Segmentation_labels")
+                raise FileNotFoundError(f"MSRS split {part!r}: {where} not found. MSRS ships "
+                                        f"only 'train' and 'test'; to hold out a validation "
+                                        f"set, {how}")
+            found = _list_names(self.root, base) if lists else _folder_names(self.root, base)
+            if base != part:
+                want_night = part == "test_night"
+                found = [s for s in found if parse_name(s.name, s.label)[0] == want_night]
+            samples += found
         super().__init__(samples, train, crop, seed, transform, validate, norm)
 
     def check_pair(self, sample: Sample) -> Tuple[int, int]:

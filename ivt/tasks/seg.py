@@ -40,7 +40,7 @@ With --pretrained, checkpoints hold only the trained tensors plus the pretrained
 """
 
 
-IGNORE_INDEX = 255                  # padding and unlabelled pixels in the label maps
+IGNORE_INDEX = 255                  # padding, or 255 in a label file; class 0 is scored
 
 
 def seg_loss(logits: torch.Tensor, label: torch.Tensor, average: str = "all") -> torch.Tensor:
@@ -130,8 +130,9 @@ class SegTask(Task):
                             "keeps 'val' held out for checkpoint selection (default: %(default)s)")
         g.add_argument("--val-split", default="val",
                        help="split evaluated every --eval-every iterations to pick best.pt; "
-                            "never select on the test split; MSRS ships only train and test "
-                            "lists, so hold out your own list there (default: %(default)s)")
+                            "never select on the test split. MSRS ships only train and test: "
+                            "hold out your own, a folder val/{vi,ir,Segmentation_labels} or a "
+                            "list split/val.txt (docs/training.md) (default: %(default)s)")
 
     def build_datasets(self, args, norm, out: Path, is_main: bool):
         crop = (args.size, args.size)
