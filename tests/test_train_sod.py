@@ -98,6 +98,17 @@ def test_train_resume_after_kill_and_evaluate_two_sets(vt, tmp_path):
     with Image.open(pngs[0]) as p, Image.open(gt) as g:
         assert p.size == g.size and p.mode == "L"                 # 8-bit, at GT size
     assert len(list(vis.glob("*/figures/*.png"))) == 4
+    # The printed numbers are PySODMetrics' on the saved maps (when the test extra is installed).
+    pytest.importorskip("py_sod_metrics")
+    from test_sod_metric import reference
+    for root in sets:
+        name = root.as_posix()
+        pairs = [(np.array(Image.open(png)),
+                  np.array(Image.open(next((root / "GT").glob(f"{png.stem}.*"))).convert("L")))
+                 for png in sorted((vis / name.replace("/", "_").lstrip("._")).glob("*.png"))]
+        assert len(pairs) == 2
+        for key, value in reference(pairs)[0].items():
+            assert result["sets"][name][key] == pytest.approx(value, abs=1e-9), (name, key)
 
 
 def test_torchrun_two_cpu_processes_gather_the_whole_validation_set(vt, tmp_path):

@@ -25,7 +25,7 @@ import torch
 from ..data.synthetic import write_vt_set
 from ..data.vt import VTDataset
 from ..tasks import load_trained
-from ..tasks.sod import saliency_png
+from ..tasks.sod import saliency_map
 from .stages import (BACKBONE, DemoTask, Settings, format_runs, print_report, repo_script,
                      run_spec, run_task, titled_grid, write_pretrain_data, write_task_summary)
 
@@ -106,7 +106,7 @@ def night_figure(data: Dict[str, Path], checkpoints: Dict[str, Path], pretrained
                 prob = model.predict(item["vis"][None], item["ir"][None]).float()
             prob = torch.nn.functional.interpolate(prob, size=gt.shape, mode="bilinear",
                                                    align_corners=False)[0, 0].numpy()
-            cells.append(np.repeat(np.asarray(saliency_png(prob))[..., None], 3, axis=2))
+            cells.append(np.repeat(saliency_map(prob)[..., None], 3, axis=2))
         rows.append(np.concatenate(cells, axis=1))
     titled_grid(rows, ["visible", "thermal", "ground truth"] + list(models), dest, scale)
 

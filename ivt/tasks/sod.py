@@ -58,15 +58,24 @@ def build_model(config: dict, pretrained: Optional[str] = None) -> nn.Module:
                                 taps=config["taps"], **backbone_kwargs(config))
 
 
+def saliency_map(pred: np.ndarray) -> np.ndarray:
+    """(H, W) float in [0, 1] -> (H, W) uint8, min-max normalised: the saved saliency map."""
+    lo, hi = float(pred.min()), float(pred.max())
+    scaled = (pred - lo) / (hi - lo) if hi > lo else pred
+    return np.round(scaled * 255).astype(np.uint8)
+
+
 @torch.no_grad()
 def evaluate_sod(model: nn.Module, dataset: Dataset, dist: DistInfo, autocast: Callable,
                  workers: int = 0, on_prediction: Optional[Callable] = None) -> SODMetric:
     """S/F/E/MAE of the main output over `dataset` (an evaluation `VTDataset`).
 
     Per image: sigmoid of the main output at the input size (size x size), resized bilinearly to
-    the ground truth's size; the metric min-max normalises it (data.md). Each process scores every
-    world_size-th image; the per-image records are gathered so every rank returns the whole set's
-    metric. `on_prediction(index, pred (H, W) float in [0, 1])` is called per image.
+    the ground truth's size and scored as the 8-bit map `saliency_map` saves (data.md: toolboxes
+    read saved maps as uint8 / 255), so the numbers are those of any toolbox run on the saved
+    maps. Each process scores every world_size-th image; the per-image records are gathered so
+    every rank returns the whole set's metric. `on_prediction(index, map (H, W) uint8)` is called
+    per image.
     """
     metric = SODMetric()
     with evaluation_mode(model) as net:
@@ -77,7 +86,7 @@ def evaluate_sod(model: nn.Module, dataset: Dataset, dist: DistInfo, autocast: C
             with autocast():
                 prob = net.predict(vis, ir).float()                   # (1, 1, S, S)
             prob = F.interpolate(prob, size=gt.shape, mode="bilinear", align_corners=False)
-            pred = prob[0, 0].clamp(0, 1).cpu().numpy()               # (H, W)
+            pred = saliency_map(prob[0, 0].clamp(0, 1).cpu().numpy())  # (H, W) uint8
             metric.update(pred, gt)
             if on_prediction is not None:
                 on_prediction(index, pred)
@@ -172,13 +181,6 @@ class SODTask(Task):
 
 
 # -- evaluate.py ---------------------------------------------------------------------------------
-def saliency_png(pred: np.ndarray) -> Image.Image:
-    """(H, W) float in [0, 1] -> 8-bit PNG image, min-max normalised as the toolboxes read it."""
-    lo, hi = float(pred.min()), float(pred.max())
-    scaled = (pred - lo) / (hi - lo) if hi > lo else pred
-    return Image.fromarray(np.round(scaled * 255).astype(np.uint8))
-
-
 def figure(vis: np.ndarray, ir: np.ndarray, gt: np.ndarray, pred: Image.Image) -> Image.Image:
     """RGB | T | GT | prediction side by side, (H, 4W, 3)."""
     grey = lambda a: np.repeat(a[..., None], 3, axis=2)                 # noqa: E731
@@ -207,7 +209,7 @@ def evaluate_checkpoint(args, model: nn.Module, ckpt: dict, dist: DistInfo, norm
         folder = Path(args.save_vis or ".") / name.replace("/", "_").lstrip("._")
 
         def save_maps(index: int, pred: np.ndarray, dataset=dataset, folder=folder) -> None:
-            png = saliency_png(pred)
+            png = Image.fromarray(pred)
             stem = dataset.stems[index]
             png.save(folder / f"{stem}.png")
             figure(*dataset.read_images(index), png).save(folder / "figures" / f"{stem}.png")
