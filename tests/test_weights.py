@@ -321,7 +321,8 @@ def test_random_frozen_backbone_warns(data, tmp_path, capsys, monkeypatch):
 def test_mmdet_detector_checkpoint_through_the_pretrained_path(release, cache, tmp_path,
                                                                monkeypatch):
     """A whole mmdet DINO checkpoint (backbone in mmdet's names) loads as `pretrained`, by file
-    and by release name; the output norms it sets aside are named in a warning."""
+    and by release name; what it sets aside (the detector's parts, the output norms) is named
+    in a warning."""
     own, served = release
     release_sd = torch.load(io.BytesIO(served), weights_only=True)["model"]
     sd = mmdet_swin_converter({k: v for k, v in release_sd.items()
@@ -329,7 +330,8 @@ def test_mmdet_detector_checkpoint_through_the_pretrained_path(release, cache, t
     sd.update(detector_extras([32, 64, 128, 256]))
     body = saved_bytes({"meta": {"mmdet_version": "3.3.0"}, "state_dict": sd})
     (tmp_path / "dino.pth").write_bytes(body)
-    with pytest.warns(UserWarning, match=r"8 keys not loaded.*backbone\.norm0\.bias"):
+    with pytest.warns(UserWarning, match=r"10 keys not loaded.*: bbox_head\.\* \(1\), "
+                      r"neck\.\* \(1\), backbone\.norm0\.bias"):
         model = build_backbone("swin_nano", tuning="ivt", pretrained=str(tmp_path / "dino.pth"))
     check_weights(model, own)
     detrex = {"backbone." + k: v for k, v in release_sd.items()}     # release names, {'model'}

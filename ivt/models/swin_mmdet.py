@@ -10,6 +10,7 @@ Two forms reach `swin.checkpoint_filter_fn` beside the release's and timm's file
 """
 import re
 import warnings
+from collections import Counter
 from typing import List, Tuple
 
 import torch
@@ -50,30 +51,36 @@ def is_detector(state_dict: StateDict) -> bool:
 
 def dino_backbone_filter_fn(state_dict: StateDict) -> Tuple[StateDict, List[str]]:
     """A whole-detector state dict -> (the backbone's weights in the Swin release's layout,
-    the keys set aside).
+    the keys set aside, sorted).
 
-    Keeps `backbone.*` (the neck, transformer and heads are for COCO's 80 classes and another
-    design). Set aside on purpose and returned by name: the per-level output norms `norm0..3`,
-    which our backbone does not have (our neck normalises each level with GroupNorm instead).
+    Keeps `backbone.*`; sets aside the rest (the neck, transformer and heads are for COCO's 80
+    classes and another design) and the per-level output norms `backbone.norm0..3`, which our
+    backbone does not have (our neck normalises each level with GroupNorm instead).
     """
     sd = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
     if not sd:
         raise CheckpointError("no 'backbone.*' keys: not an mmdet / detrex detector checkpoint")
     if any(k.startswith("stages.") for k in sd):
         sd = mmdet_to_release(sd)
-    ignored = sorted("backbone." + k for k in sd if OUTPUT_NORM.fullmatch(k))
-    return {k: v for k, v in sd.items() if not OUTPUT_NORM.fullmatch(k)}, ignored
+    ignored = [k for k in state_dict if not k.startswith("backbone.")]
+    ignored += ["backbone." + k for k in sd if OUTPUT_NORM.fullmatch(k)]
+    return {k: v for k, v in sd.items() if not OUTPUT_NORM.fullmatch(k)}, sorted(ignored)
 
 
 def to_release_layout(state_dict: StateDict) -> StateDict:
     """A detector's or mmdet's Swin state dict -> the Swin release's names; any other (release,
-    timm) is returned as it is. A detector's set-aside output norms are named in a warning."""
+    timm) is returned as it is. What a detector's checkpoint holds beyond its backbone is named
+    in a warning (the detector's own parts by prefix and count, the output norms by key)."""
     if is_detector(state_dict):
         state_dict, ignored = dino_backbone_filter_fn(state_dict)
+        parts = Counter(k.split(".")[0] for k in ignored if not k.startswith("backbone."))
+        norms = [k for k in ignored if k.startswith("backbone.")]
+        named = [f"{p}.* ({n})" for p, n in sorted(parts.items())] + norms
         if ignored:
-            warnings.warn(f"detector checkpoint: {len(ignored)} keys not loaded, the backbone's "
-                          f"per-level output norms (our neck normalises each level itself): "
-                          f"{', '.join(ignored)}", stacklevel=2)
+            warnings.warn(f"detector checkpoint: only its backbone is loaded; {len(ignored)} keys "
+                          f"not loaded (the detector's own parts, and the backbone's per-level "
+                          f"output norms, which our neck replaces): {', '.join(named)}",
+                          stacklevel=2)
         return state_dict
     if any(k.startswith("stages.") for k in state_dict):
         return mmdet_to_release(state_dict)
