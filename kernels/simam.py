@@ -81,7 +81,7 @@ def _simam_forward_kernel(x_ptr, part_ptr, stats_ptr, y_ptr, lam, C, HW, n, n_ro
     s2 = _sum_chunks(part_ptr + n_rows * n_chunks, rows, c_mask, n_chunks, CHUNKS)
     mean_shifted = s1 / HW
     mu = shift + mean_shifted
-    v = (s2 - s1 * mean_shifted) / n  # Eq. 11: sum((x - mu)^2) / n
+    v = (s2 - s1 * mean_shifted) / n  # Eq. 12's delta^2 = sum((x - mu)^2) / n
     k = 1.0 / (4.0 * (v + lam))
     if chunk == 0:
         tl.store(stats_ptr + rows, mu, mask=c_mask)
@@ -93,7 +93,7 @@ def _simam_forward_kernel(x_ptr, part_ptr, stats_ptr, y_ptr, lam, C, HW, n, n_ro
         mask = c_mask[:, None] & (hw < HW)[None, :]
         x = tl.load(base + hw[None, :] * stride_hw, mask=mask, other=0.0).to(acc_dtype)
         xc = x - mu[:, None]
-        s = 1.0 / (1.0 + tl.exp(-(xc * xc * k[:, None] + 0.5)))  # Eq. 12: sigmoid(1 / e*)
+        s = 1.0 / (1.0 + tl.exp(-(xc * xc * k[:, None] + 0.5)))  # Eq. 11: sigmoid(1 / e*)
         tl.store(out + hw[None, :] * out_hw, (x * s).to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -111,11 +111,11 @@ def _simam_row_forward_kernel(x_ptr, stats_ptr, y_ptr, lam, C, HW, n, n_rows,
                 mask=mask, other=0.0).to(acc_dtype)
     mu = tl.sum(x, axis=1) / HW
     xc = tl.where(mask, x - mu[:, None], 0.0)
-    k = 1.0 / (4.0 * (tl.sum(xc * xc, axis=1) / n + lam))     # Eq. 11: v = sum((x - mu)^2) / n
+    k = 1.0 / (4.0 * (tl.sum(xc * xc, axis=1) / n + lam))     # Eq. 12: 1 / (4 (delta^2 + lam))
     rows = b * C + c
     tl.store(stats_ptr + rows, mu, mask=c_mask)
     tl.store(stats_ptr + n_rows + rows, k, mask=c_mask)
-    s = 1.0 / (1.0 + tl.exp(-(xc * xc * k[:, None] + 0.5)))     # Eq. 12: sigmoid(1 / e*)
+    s = 1.0 / (1.0 + tl.exp(-(xc * xc * k[:, None] + 0.5)))     # Eq. 11: sigmoid(1 / e*)
     tl.store(y_ptr + b * out_b + c[:, None] * out_c + hw[None, :] * out_hw,
              (x * s).to(y_ptr.dtype.element_ty), mask=mask)
 
