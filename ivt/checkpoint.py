@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .models.backbone import CheckpointError, _key_list
+from .models.backbone import CheckpointError, _key_list, load_tensors
 
 CHECKPOINT_FORMAT = "ivt-checkpoint-1"
 
@@ -155,10 +155,7 @@ def load_checkpoint(path: str) -> dict:
     """Read a checkpoint written by `make_checkpoint` + `atomic_save` (no code is unpickled)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+    ckpt = load_tensors(path, "checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an ivt training checkpoint "
                               f"(expected format {CHECKPOINT_FORMAT!r})")

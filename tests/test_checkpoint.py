@@ -95,6 +95,24 @@ def test_sha256_and_pretrained_check(tmp_path):
     check_pretrained({"pretrained_sha256": None}, None, "c.pt")      # a full checkpoint
 
 
+class NotATensor:
+    pass
+
+
+def test_unreadable_files_are_named_with_the_reason_in_one_line(tmp_path):
+    junk, objects = tmp_path / "junk.pt", tmp_path / "objects.pt"
+    junk.write_bytes(b"junk junk")
+    torch.save({"config": NotATensor()}, objects)
+    with pytest.raises(CheckpointError, match=r"checkpoint .*junk\.pt: not a PyTorch checkpoint"):
+        load_checkpoint(str(junk))
+    with pytest.raises(CheckpointError) as e:
+        build_backbone("swin_nano", pretrained=str(objects))
+    message = str(e.value)
+    assert message.startswith(f"cannot read pretrained checkpoint {objects}: it holds Python "
+                              f"objects") and "NotATensor" in message, message
+    assert "\n" not in message and "weights_only" not in message, message
+
+
 @pytest.fixture(scope="module")
 def delta_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("delta")

@@ -8,6 +8,7 @@ see `petl/`). One rule decides what trains: `full` trains everything, every othe
 modules it added to the visible model (`added_module_names`).
 """
 import os
+import pickle
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -25,6 +26,20 @@ class CheckpointError(RuntimeError):
     """A checkpoint file that does not fit the model; the message lists the offending keys."""
 
 
+def load_tensors(path: str, what: str):
+    """`torch.load(path, weights_only=True)` on the CPU; a file that is not such a checkpoint
+    is a CheckpointError naming `what` and the path, with the reason in one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = next((line.strip() for line in str(e).splitlines()
+                       if "WeightsUnpickler error:" in line), str(e).splitlines()[0])
+        reason = f"it holds Python objects, not only tensors ({detail})"
+    except Exception as e:  # a truncated file, not a checkpoint at all
+        reason = f"not a PyTorch checkpoint, or truncated ({type(e).__name__}: {e})"
+    raise CheckpointError(f"cannot read {what} {path}: {reason}")
+
+
 def read_state_dict(path: str) -> StateDict:
     """Load a checkpoint's tensors without unpickling code.
 
@@ -39,11 +54,7 @@ def read_state_dict(path: str) -> StateDict:
         from safetensors.torch import load_file
         sd = load_file(path, device="cpu")
     else:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # an old pickle with objects, a truncated file, not a checkpoint
-            raise CheckpointError(f"cannot read {path} as a tensor checkpoint "
-                                  f"(torch.load weights_only=True): {e}") from e
+        sd = load_tensors(path, "pretrained checkpoint")
     for wrapper in ("model", "module", "state_dict"):
         if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
             sd = sd[wrapper]
