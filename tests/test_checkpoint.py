@@ -158,7 +158,7 @@ def test_evaluate_loads_pretrained_and_rejects_another(delta_run, tmp_path, caps
     with pytest.raises(SystemExit) as e:
         evaluate.main(args + ["--pretrained", str(other)])
     assert e.value.code == 2
-    err = capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()[-1]          # after the progress bars
     assert err.startswith("error: ") and str(other) in err
     assert sha256_file(str(other)) in err and sha256_file(str(pretrained)) in err
 
