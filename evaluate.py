@@ -60,9 +60,11 @@ def get_parser() -> argparse.ArgumentParser:
                    help="SimAM, partial conv and (runs trained with --impl fused) Hybrid Adapter "
                         "implementation: auto (Triton on CUDA), torch (reference), triton "
                         "(default: %(default)s)")
-    p.add_argument("--amp", action="store_true",
-                   help="bf16 autocast; the frozen Linear and conv weights are then stored in "
-                        "bf16: the same results, less memory (default: float32)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast, as training's --amp (the frozen Linear and conv weights "
+                        "are then stored in bf16, which autocast casts them to anyway); --no-amp: "
+                        "float32 (default: as the checkpoint was trained, so the numbers are "
+                        "those its training logged)")
     p.add_argument("--workers", type=int, default=2,
                    help="data-loading worker processes (default: %(default)s)")
     p.add_argument("--no-verify-images", dest="verify_images", action="store_false",
@@ -91,10 +93,16 @@ def main(argv=None) -> dict:
     args = get_parser().parse_args(argv)
     kernels.set_backend(args.kernels)
     try:
+        if args.json and Path(args.json).is_dir():
+            raise ValueError(f"--json {args.json} is a folder; give a file name")
+        if args.save_vis and Path(args.save_vis).exists() and not Path(args.save_vis).is_dir():
+            raise ValueError(f"--save-vis {args.save_vis} is a file; give a folder")
         task, model, ckpt = load_trained(args.checkpoint, args.pretrained)
         if args.task is not None and args.task != task:
             raise ValueError(f"{args.checkpoint} was trained for --task {task}, not {args.task}")
         dist = engine.setup_distributed(args.device)
+        if args.amp is None:
+            args.amp = bool(ckpt["config"].get("amp"))
         try:
             model.to(dist.device)
             if args.amp:

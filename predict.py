@@ -54,7 +54,7 @@ from ivt.data import CLASSES
 from ivt.data.io import BadImageError, open_image
 from ivt.data.transforms import (pad_to, resize, thermal_to_gray, thermal_to_tensor,
                                  visible_to_tensor)
-from ivt.engine import autocast_context
+from ivt.engine import autocast_context, select_device
 from ivt.models.vit import ViTBackbone
 from ivt.precision import store_frozen_weights
 from ivt.tasks import config_normalization, load_trained
@@ -98,9 +98,11 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1,
                    help="pairs per forward pass; segmentation batches only pairs of the same "
                         "size (default: %(default)s)")
-    p.add_argument("--amp", action="store_true",
-                   help="bf16 autocast; the frozen Linear and conv weights are then stored in "
-                        "bf16: the same results, less memory (default: float32)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast, as training's --amp (the frozen Linear and conv weights "
+                        "are then stored in bf16, which autocast casts them to anyway); --no-amp: "
+                        "float32 (default: as the checkpoint was trained, so the numbers are "
+                        "those its training logged)")
     p.add_argument("--score-threshold", type=float, default=0.3,
                    help="detection only: keep boxes scoring at least this (default: %(default)s)")
     p.add_argument("--max-dets", type=int, default=100,
@@ -187,6 +189,11 @@ def find_pairs(args) -> Tuple[List[Pair], List[str]]:
         pairs, problems = pairs_from_rgbt(Path(args.rgbt))
     else:
         pairs, problems = pairs_from_paths(Path(args.vis), Path(args.ir))
+    if not pairs and not problems:
+        given = " and ".join(f"--{k} {getattr(args, k)}" for k in ("vis", "ir", "pairs", "rgbt")
+                             if getattr(args, k))
+        raise ValueError(f"{given}: no images to predict (image files end in "
+                         f"{', '.join(sorted(IMAGE_SUFFIXES))})")
     unique: Dict[str, Pair] = {}
     for pair in pairs:
         if pair.name in unique:
@@ -381,15 +388,6 @@ def save_atomically(obj, path: Path) -> None:
 
 
 # -- the run -------------------------------------------------------------------------------------
-def select_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available")
-    return device
-
-
 @dataclass
 class Job:
     """A pair read and prepared: images (H, W, 3) and (H, W) uint8, model inputs (3, h, w), and
@@ -416,12 +414,16 @@ def main(argv=None) -> int:
         parser.error("give exactly one input: --vis and --ir, --pairs, or --rgbt")
     if args.batch < 1:
         parser.error(f"--batch must be at least 1, got {args.batch}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a file; give a folder")
     try:
         device = select_device(args.device)
         task, model, ckpt = load_trained(args.checkpoint, args.pretrained)
         pairs, failures = find_pairs(args)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         parser.error(str(e))
+    if args.amp is None:
+        args.amp = bool(ckpt["config"].get("amp"))
     model.to(device)
     if args.amp:
         store_frozen_weights(model, torch.bfloat16)

@@ -12,6 +12,9 @@ import json
 import math
 import os
 import random
+import signal
+import sys
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -45,14 +48,34 @@ class DistInfo:
         return self.rank == 0
 
 
+def select_device(name: str) -> torch.device:
+    """`--device`: 'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'; anything
+    else, or CUDA on a machine without it, is a ValueError naming the flag."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
+    if device.type == "cpu":
+        return device
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
+                         f"device(s)")
+    return device
+
+
 def setup_distributed(device: str = "auto") -> DistInfo:
-    """One process (`device` 'auto' = CUDA when available, else CPU; or 'cpu', 'cuda', 'cuda:1'),
-    or one of several under torchrun (RANK set): cuda:LOCAL_RANK with nccl, or CPU with gloo."""
-    use_cuda = torch.cuda.is_available() and device != "cpu"
+    """One process (`device` as `select_device` reads it), or one of several under torchrun
+    (RANK set): cuda:LOCAL_RANK with nccl, or CPU with gloo."""
+    chosen = select_device(device)
+    use_cuda = chosen.type == "cuda"
     if int(os.environ.get("RANK", -1)) == -1:
-        if device == "auto":
-            device = "cuda" if use_cuda else "cpu"
-        return DistInfo(0, 1, 0, torch.device(device))
+        return DistInfo(0, 1, 0, chosen)
     rank = int(os.environ["RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -114,6 +137,13 @@ def clip_gradients(params: list, max_norm: float = 0.0, max_value: float = 0.0,
 
 
 # -- data ----------------------------------------------------------------------------------------
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn`: a Ctrl-C reaches every process of the terminal's group;
+    the workers leave it to the main process (`StopRequest`), which shuts them down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class InfiniteBatches:
     """Training batches forever, epoch after epoch, starting after `start_iter` iterations.
 
@@ -150,6 +180,7 @@ class InfiniteBatches:
             loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers,
                                 pin_memory=self.pin,
                                 collate_fn=getattr(self.dataset, "collate_fn", None),
+                                worker_init_fn=ignore_stop_signals,
                                 generator=torch.Generator().manual_seed(self.seed + epoch))
             yield from loader
             epoch, skip = epoch + 1, 0
@@ -177,11 +208,15 @@ def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
 def shard(dataset: Dataset, dist: DistInfo, workers: int = 0,
           collate_fn: Optional[Callable] = None) -> Iterator[Tuple[int, dict]]:
     """(index, batch of one) for every world_size-th item of `dataset`, this process's share.
-    Batches of one, so that evaluation images may differ in size."""
+    Batches of one, so that evaluation images may differ in size. The main process shows a
+    progress bar of its share (removed when done, so a training run's bar stays as it was)."""
     indices = list(range(dist.rank, len(dataset), dist.world_size))
     loader = DataLoader(Subset(dataset, indices), batch_size=1, num_workers=workers,
-                        collate_fn=collate_fn, generator=torch.Generator())
-    return zip(indices, loader)
+                        collate_fn=collate_fn, worker_init_fn=ignore_stop_signals,
+                        generator=torch.Generator())
+    bar = tqdm(loader, desc="evaluate", unit="image", leave=False, dynamic_ncols=True,
+               disable=not dist.is_main)
+    return ((indices[i], batch) for i, batch in enumerate(bar))      # the bar closes at the end
 
 
 def gather_metric(metric, empty: Callable):
@@ -238,6 +273,42 @@ class TrainingDiverged(RuntimeError):
     """The loss (or, at a checkpoint, a trained weight) stopped being finite."""
 
 
+class RunInterrupted(Exception):
+    """The run stopped on a signal after iteration `iteration`, its checkpoint written."""
+
+    def __init__(self, iteration: int, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after iteration {iteration}")
+        self.iteration, self.signum = iteration, signum
+
+
+class StopRequest:
+    """While active (`with StopRequest(enabled) as stop:`), the first SIGINT (Ctrl-C) or SIGTERM
+    sets `stop.signum` instead of killing the process, so that the loop stops between two
+    iterations with a checkpoint; a second signal acts at once, as usual. Disabled (under
+    torchrun, where the processes would have to agree on the iteration), it never fires."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, enabled: bool = True):
+        self.enabled, self.signum, self.previous = enabled, None, {}
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        for s, handler in self.previous.items():      # the next one is not intercepted
+            signal.signal(s, handler)
+        print(f"\n{signal.Signals(signum).name}: stopping after this iteration and writing the "
+              f"checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "StopRequest":
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
 def params_finite(model: nn.Module) -> bool:
     """Whether every trainable parameter is finite on every process."""
     bad = sum(int(not torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
@@ -286,8 +357,8 @@ class EagerStep:
 
 def train_loop(model: nn.Module, batches: Iterator[dict], step: Callable, *, dist: DistInfo,
                start_iter: int, iters: int, lr_at: Callable[[int], float], log_every: int,
-               eval_every: int, evaluate: Callable, save: Callable,
-               logger: JSONLLogger) -> Optional[dict]:
+               eval_every: int, evaluate: Callable, save: Callable, logger: JSONLLogger,
+               save_every: int = 0, stop: Optional[StopRequest] = None) -> Optional[dict]:
     """Iterations start_iter+1 .. iters; returns the last `evaluate` result (None if none ran).
 
     Per iteration: `loss = step(batch, lr_at(it))` (a device tensor), added to a device-side sum;
@@ -296,7 +367,9 @@ def train_loop(model: nn.Module, batches: Iterator[dict], step: Callable, *, dis
     once: a `train` record (iter, loss, lr, time per iteration, elapsed), and a non-finite loss
     raises TrainingDiverged. Every `eval_every` iterations (0: only at the end) and at the end:
     `result = evaluate(it)`, then, if the trained weights are finite, `save(it, result)`; so
-    the last checkpoint written is always the last finite one.
+    the last checkpoint written is always the last finite one. Every `save_every` iterations
+    (0: never) and when `stop` has caught a signal: `save(it, None)` without evaluating; after
+    the latter, RunInterrupted.
     """
     model.train()
     result = None
@@ -312,7 +385,9 @@ def train_loop(model: nn.Module, batches: Iterator[dict], step: Callable, *, dis
             done, window = it + 1, window + 1
             bar.update(1)
             evaluate_now = (eval_every > 0 and done % eval_every == 0) or done == iters
-            if done % log_every == 0 or evaluate_now:
+            stopping = stop is not None and stop.signum is not None
+            save_now = evaluate_now or stopping or (save_every > 0 and done % save_every == 0)
+            if done % log_every == 0 or evaluate_now or stopping:
                 mean = (all_reduce_sum_(loss_sum.clone()) / (window * dist.world_size)).item()
                 if not math.isfinite(mean):
                     where = (f"at iteration {done}" if window == 1 else
@@ -324,13 +399,16 @@ def train_loop(model: nn.Module, batches: Iterator[dict], step: Callable, *, dis
                            time=(now - window_start) / window, elapsed=now - start)
                 bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
                 window_start, window, loss_sum = now, 0, None
-            if evaluate_now:
-                result = evaluate(done)
+            if save_now:
+                if evaluate_now:
+                    result = evaluate(done)
                 if not params_finite(model):
                     raise TrainingDiverged(f"trained weights are not finite after iteration "
                                            f"{done}; training stopped")
-                save(done, result)
+                save(done, result if evaluate_now else None)
                 window_start = time.perf_counter()   # keep evaluation out of `time`
+            if stopping and done < iters:
+                raise RunInterrupted(done, stop.signum)
     finally:
         bar.close()
     return result

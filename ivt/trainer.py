@@ -12,7 +12,10 @@ Files written to `--out`: `log.jsonl` (configuration, training records, evaluati
 import argparse
 import math
 import os
+import shutil
+import signal
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Tuple
@@ -35,7 +38,8 @@ from .weights import RELEASES, cache_dir, resolve_pretrained, saved_pretrained
 RUN_ONLY = ("device", "workers", "out", "resume", "allow_changes", "log_every", "kernels",
             "pretrained",      # a moved file is fine: its SHA-256 is checked against the run's
             "pretrained_source",            # so is the same file named another way
-            "verify_images", "save_rank_weights", "eval_every", "total_iters", "cuda_graph",
+            "verify_images", "save_rank_weights", "eval_every", "save_every", "total_iters",
+            "cuda_graph",
             "impl", "memory")
 KERNEL_BACKENDS = ("auto", "torch", "triton")     # `kernels.BACKENDS`, without importing it
 # Settings the saved weights depend on: never changeable on resume.
@@ -311,8 +315,9 @@ def _run_arguments(g, task: Task) -> None:
     g.add_argument("--workers", type=int, default=default_workers(),
                    help="data-loading worker processes per training process (default: 4, or the "
                         "number of cores if fewer: %(default)s here)")
-    g.add_argument("--out", default=f"runs/{task.name}", metavar="DIR",
-                   help="output folder for log.jsonl, last.pt, best.pt (default: %(default)s)")
+    g.add_argument("--out", default=None, metavar="DIR",
+                   help=f"output folder for log.jsonl, last.pt, best.pt (default: runs/{task.name}"
+                        f", or with --resume FILE the folder of FILE)")
     g.add_argument("--resume", nargs="?", const="last", default=None, metavar="FILE",
                    help="continue from a checkpoint: FILE, or <out>/last.pt when given alone; "
                         "reproduces the uninterrupted run (weights, optimizer, schedule, RNG). "
@@ -325,6 +330,11 @@ def _run_arguments(g, task: Task) -> None:
     g.add_argument("--eval-every", type=int, default=task.recipe.eval_every,
                    help="evaluate on the validation split and write last.pt (and best.pt) every "
                         "N iterations; 0: only at the end (default: %(default)s)")
+    g.add_argument("--save-every", type=int, default=0,
+                   help="also write last.pt every N iterations without evaluating, bounding "
+                        "what a crash or kill -9 loses; 0: only with evaluations. Ctrl-C or "
+                        "SIGTERM (one process) stops after the current iteration and writes "
+                        "last.pt for --resume (default: %(default)s)")
     g.add_argument("--log-every", type=int, default=50,
                    help="write a training record (mean loss since the last one) to log.jsonl "
                         "every N iterations; the loss is read from the device only then "
@@ -348,8 +358,8 @@ def check_args(task: Task, args) -> None:
         raise ValueError(f"--iters must be at least 1, got {args.iters}")
     if getattr(args, "epochs", 1) < 1:
         raise ValueError(f"--epochs must be at least 1, got {args.epochs}")
-    if args.eval_every < 0 or args.workers < 0:
-        raise ValueError("--eval-every and --workers must not be negative")
+    if args.eval_every < 0 or args.save_every < 0 or args.workers < 0:
+        raise ValueError("--eval-every, --save-every and --workers must not be negative")
     if args.size < 32:
         raise ValueError(f"--size must be at least 32, got {args.size}")
     if args.clip_grad < 0 or args.clip_grad_value < 0:
@@ -365,10 +375,20 @@ def check_args(task: Task, args) -> None:
         if args.size % patch:
             raise ValueError(f"{args.backbone} with patch {patch} needs an input size that is a "
                              f"multiple of {patch}; the training input is {args.size}x{args.size}")
+    if args.out is None:
+        resumed_file = args.resume is not None and args.resume != "last"
+        args.out = (os.path.dirname(args.resume) or ".") if resumed_file else f"runs/{task.name}"
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file; give a folder")
     last = Path(args.out) / "last.pt"
     if not args.resume and last.exists():
         raise ValueError(f"{args.out} already holds a run ({last}); continue it with --resume, "
                          f"or choose another --out")
+    if args.resume not in (None, "last") and last.exists() and not last.samefile(args.resume):
+        raise ValueError(f"--out {args.out} holds another run ({last}); continuing "
+                         f"{args.resume} there would mix the two runs' logs and checkpoints: "
+                         f"choose another --out, or leave --out out to continue in the folder "
+                         f"of {args.resume}")
 
 
 def pretrained_weights(args, resumed: Optional[dict],
@@ -487,6 +507,21 @@ def resume_path(args) -> str:
     return os.path.join(args.out, "last.pt") if args.resume == "last" else args.resume
 
 
+@contextmanager
+def new_folder_removed_on_error(folder: Path, create: bool):
+    """Create `folder` (when `create`); if it did not exist and the block fails, remove it
+    again, so that a refused run leaves nothing behind."""
+    new = create and not folder.exists()
+    if create:
+        folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if new:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
 def prepare_run(task: Task, args, dist: engine.DistInfo) -> Tuple[dict, Optional[dict], list,
                                                                     tuple]:
     """The checks, the resumed checkpoint, the pretrained weights, the run's configuration and
@@ -500,24 +535,23 @@ def prepare_run(task: Task, args, dist: engine.DistInfo) -> Tuple[dict, Optional
     norm = normalization_for(args.backbone)
     config["normalization"] = norm.as_dict()
     out = Path(args.out)
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    say = print if dist.is_main else (lambda *a, **k: None)
-    ckpt, changes = (resume_checkpoint(args, config, say, resumed) if args.resume
-                     else (None, []))
-    engine.seed_everything(args.seed)
-    train_set, val_set = task.build_datasets(args, norm, out, dist.is_main)
-    if args.verify_images:
-        train_set.verify()
-    val_set.verify()
-    warning = random_backbone_warning(args)
-    if warning and dist.is_main:
-        print(warning, file=sys.stderr)
-    if len(train_set) < args.batch_size * dist.world_size:
-        raise ValueError(f"--batch-size {args.batch_size} on {dist.world_size} process(es) needs "
-                         f"at least {args.batch_size * dist.world_size} training images; the "
-                         f"training set has {len(train_set)}")
-    return config, ckpt, changes, (train_set, val_set)
+    with new_folder_removed_on_error(out, dist.is_main):
+        say = print if dist.is_main else (lambda *a, **k: None)
+        ckpt, changes = (resume_checkpoint(args, config, say, resumed) if args.resume
+                         else (None, []))
+        engine.seed_everything(args.seed)
+        train_set, val_set = task.build_datasets(args, norm, out, dist.is_main)
+        if args.verify_images:
+            train_set.verify()
+        val_set.verify()
+        warning = random_backbone_warning(args)
+        if warning and dist.is_main:
+            print(warning, file=sys.stderr)
+        if len(train_set) < args.batch_size * dist.world_size:
+            raise ValueError(f"--batch-size {args.batch_size} on {dist.world_size} process(es) "
+                             f"needs at least {args.batch_size * dist.world_size} training "
+                             f"images; the training set has {len(train_set)}")
+        return config, ckpt, changes, (train_set, val_set)
 
 
 def build_training(task: Task, args, config: dict, ckpt: Optional[dict],
@@ -564,15 +598,19 @@ class RunCheckpoints:
         self.is_main = dist.is_main
         self.last, self.best_path = Path(args.out) / "last.pt", Path(args.out) / "best.pt"
         self.best = ckpt["best"] if ckpt is not None else -math.inf
+        self.metrics = ckpt["metrics"] if ckpt is not None else None
         self.saved_iter = ckpt["iter"] if ckpt is not None else None
 
-    def save(self, it: int, r: dict) -> None:
-        is_best = r[self.task.metric] > self.best          # NaN (nothing to score) is never best
+    def save(self, it: int, r: Optional[dict]) -> None:
+        """After iteration `it`, with the validation result `r` (None: no evaluation this time;
+        the checkpoint then keeps the last one)."""
+        is_best = r is not None and r[self.task.metric] > self.best    # NaN is never best
         self.best = r[self.task.metric] if is_best else self.best
+        self.metrics = r if r is not None else self.metrics
         if self.is_main:
             state = make_checkpoint(self.model, self.optimizer, it, self.config, self.pretrained,
                                     self.pretrained_sha256, task=self.task.name,
-                                    metric=self.task.metric, best=self.best, metrics=r)
+                                    metric=self.task.metric, best=self.best, metrics=self.metrics)
             atomic_save(state, str(self.last))
             if is_best:
                 atomic_save(state, str(self.best_path))
@@ -617,10 +655,16 @@ def train(task: Task, args, dist: engine.DistInfo) -> dict:
     if ckpt is not None:
         set_rng_state(ckpt["rng"])
     try:
-        result = engine.train_loop(
-            net, batches, step, dist=dist, start_iter=start_iter, iters=iters, lr_at=lr_at,
-            log_every=args.log_every, eval_every=args.eval_every, evaluate=evaluate,
-            save=checkpoints.save, logger=logger) or result
+        with engine.StopRequest(enabled=not dist.distributed) as stop:
+            result = engine.train_loop(
+                net, batches, step, dist=dist, start_iter=start_iter, iters=iters, lr_at=lr_at,
+                log_every=args.log_every, eval_every=args.eval_every, evaluate=evaluate,
+                save=checkpoints.save, logger=logger, save_every=args.save_every,
+                stop=stop) or result
+    except engine.RunInterrupted as e:
+        logger.log("interrupted", iter=e.iteration, signal=signal.Signals(e.signum).name)
+        say(f"{e}; {checkpoints.last} is written: the same command with --resume continues")
+        raise
     except (engine.TrainingDiverged, BadImageError) as e:
         logger.log("diverged" if isinstance(e, engine.TrainingDiverged) else "bad_image",
                    message=short_error(e))
@@ -639,7 +683,8 @@ def train(task: Task, args, dist: engine.DistInfo) -> dict:
 def main(task: Task, argv=None) -> dict:
     """Parse `argv` (default: sys.argv), train, return a summary: final validation metrics, the
     best score and the paths written. Bad data or configuration exits with status 2 and an
-    `error:` line; a diverged run (NaN loss) exits with status 1."""
+    `error:` line; a diverged run (NaN loss) exits with status 1; a run stopped by Ctrl-C or
+    SIGTERM, its checkpoint written, with 128 + the signal's number (130, 143)."""
     args = get_parser(task).parse_args(argv)
     if args.kernels != "auto" or args.impl != "reference":
         import kernels                    # only the fast and fused paths use the kernels
@@ -656,3 +701,5 @@ def main(task: Task, argv=None) -> dict:
     except engine.TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+    except engine.RunInterrupted as e:
+        raise SystemExit(128 + e.signum) from None

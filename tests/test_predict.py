@@ -270,6 +270,18 @@ def test_usage_errors(seg_checkpoint, tmp_path, capsys):
         predict.main(["--checkpoint", str(tmp_path / "none.pt"), "--rgbt", str(tmp_path),
                       "--out", str(tmp_path / "o")])
     assert "none.pt" in capsys.readouterr().err
+    webp = tmp_path / "webp"                      # nothing predict reads: an error, not success
+    for sub in ("vis", "ir"):
+        (webp / sub).mkdir(parents=True)
+        (webp / sub / "a.webp").write_bytes(b"")
+    (tmp_path / "file").write_text("")
+    for argv, expected in [(["--vis", webp / "vis", "--ir", webp / "ir"], "no images to predict"),
+                           (["--rgbt", webp / "vis"], "no images to predict"),
+                           (["--rgbt", tmp_path, "--out", tmp_path / "file"], "is a file")]:
+        with pytest.raises(SystemExit) as e:
+            predict.main(["--checkpoint", str(seg_checkpoint), "--out", str(tmp_path / "o"),
+                          *map(str, argv)])
+        assert e.value.code == 2 and expected in capsys.readouterr().err, argv
 
 
 def test_seg_pads_to_the_patch_size():

@@ -3,8 +3,10 @@ exact resumption after kill -9, torchrun with two CPU processes, clean errors, t
 --help, and the evaluation outputs."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -145,11 +147,20 @@ def test_lr_follows_mmseg_160k_poly_schedule():
             assert lr_at(it) == pytest.approx(want, rel=1e-12), (flags, it)
 
 
-def test_kill_and_resume_reproduces_losses(data, tmp_path):
-    # The uninterrupted run, in this process.
-    full = train_seg.main(tiny_args(data, tmp_path / "full"))
-    reference = losses_after_last_start(read_log(tmp_path / "full" / "log.jsonl"))
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory):
+    """The 16-iteration run, in this process: (summary, {iter: loss}, its folder)."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "full"
+    with pytest.MonkeyPatch.context() as m:          # as the script_env fixture
+        m.setenv("IVT_KERNELS", "auto")
+        full = train_seg.main(tiny_args(data, out))
+    reference = losses_after_last_start(read_log(out / "log.jsonl"))
     assert sorted(reference) == list(range(1, 17))
+    return full, reference, out
+
+
+def test_kill_and_resume_reproduces_losses(data, tmp_path, uninterrupted):
+    full, reference, full_out = uninterrupted
 
     # The same run in a child, killed with SIGKILL at a random moment after its first checkpoint.
     out = tmp_path / "killed"
@@ -167,11 +178,49 @@ def test_kill_and_resume_reproduces_losses(data, tmp_path):
     for it, loss in resumed.items():
         assert loss == pytest.approx(reference[it], abs=1e-6), it
     assert summary["metrics"]["mIoU"] == pytest.approx(full["metrics"]["mIoU"], abs=1e-6)
-    a = load_checkpoint(str(tmp_path / "full" / "last.pt"))["model"]
+    a = load_checkpoint(str(full_out / "last.pt"))["model"]
     b = load_checkpoint(str(out / "last.pt"))["model"]
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_ctrl_c_writes_a_checkpoint_between_iterations_and_resume_continues(data, tmp_path,
+                                                                             uninterrupted):
+    """Ctrl-C as a terminal sends it, to the whole process group (the DataLoader workers too),
+    between two evaluations: the run stops after its current iteration, writes last.pt there
+    and exits with 130; --resume continues with the uninterrupted run's losses."""
+    full, reference, _ = uninterrupted
+    out = tmp_path / "interrupted"
+    args = tiny_args(data, out, 16, 8)
+    args[args.index("--workers") + 1] = "2"
+    child = subprocess.Popen([sys.executable, str(ROOT / "train_seg.py"), *args], cwd=ROOT,
+                             env=child_env(), start_new_session=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        log = out / "log.jsonl"
+        while not (log.exists() and any(r["event"] == "train" and r["iter"] >= 9
+                                        for r in read_log(log))):
+            assert child.poll() is None, child.stdout.read()[-3000:]
+            time.sleep(0.02)
+        os.killpg(child.pid, signal.SIGINT)
+        output, _ = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+    assert child.returncode == 130, output[-3000:]
+    assert "Traceback" not in output and "the same command with --resume" in output, output
+    stopped = [r for r in read_log(out / "log.jsonl") if r["event"] == "interrupted"]
+    assert len(stopped) == 1 and stopped[0]["signal"] == "SIGINT"
+    at = stopped[0]["iter"]
+    assert 9 <= at < 16 and load_checkpoint(str(out / "last.pt"))["iter"] == at
+
+    summary = train_seg.main(tiny_args(data, out, 16, 8, "--resume"))
+    resumed = losses_after_last_start(read_log(out / "log.jsonl"))
+    assert sorted(resumed) == list(range(at + 1, 17))
+    for it, loss in resumed.items():
+        assert loss == pytest.approx(reference[it], abs=1e-6), it
+    assert summary["metrics"]["mIoU"] == pytest.approx(full["metrics"]["mIoU"], abs=1e-6)
 
 
 def test_torchrun_two_cpu_processes_agree(data, tmp_path):
@@ -200,18 +249,28 @@ def test_torchrun_two_cpu_processes_agree(data, tmp_path):
     assert single["miou_all"] == pytest.approx(logged["mIoU"], abs=1e-9)
 
 
-def test_amp_bf16_runs(data, tmp_path):
+def test_amp_bf16_runs(data, tmp_path, monkeypatch):
     """--amp trains and evaluates with the frozen weights stored in bf16 (`ivt.precision`); the
-    checkpoint evaluated by evaluate.py --amp (float32 model, its frozen weights stored in bf16
-    again) scores exactly what the run logged."""
+    checkpoint evaluated by evaluate.py (float32 model, its frozen weights stored in bf16 again,
+    by default as the checkpoint trained) scores exactly what the run logged; --no-amp is float32
+    and the --json file must not be a folder."""
     summary = train_seg.main(tiny_args(data, tmp_path / "amp", 2, 2, "--amp"))
     assert np.isfinite(summary["metrics"]["mIoU"])
     ckpt = load_checkpoint(summary["last"])
     assert ckpt["config"]["amp"] is True
     assert ckpt["model"]["backbone.layers.0.blocks.0.attn.qkv.weight"].dtype == torch.bfloat16
-    single = evaluate.main(["--data", str(data), "--checkpoint", summary["last"], "--split", "val",
-                            "--device", "cpu", "--workers", "0", "--amp"])
+    common = ["--data", str(data), "--checkpoint", summary["last"], "--split", "val",
+              "--device", "cpu", "--workers", "0"]
+    single = evaluate.main(common)
     assert single["miou_all"] == pytest.approx(summary["metrics"]["mIoU"], abs=1e-9)
+    assert evaluate.main(common + ["--amp"])["miou_all"] == single["miou_all"]
+    stored = []
+    monkeypatch.setattr(evaluate, "store_frozen_weights", lambda m, dtype: stored.append(dtype))
+    evaluate.main(common + ["--no-amp"])
+    assert stored == []                                            # float32 throughout
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(common + ["--json", str(tmp_path)])
+    assert e.value.code == 2
 
 
 def test_bad_data_fails_early_with_file_named(data, tmp_path):

@@ -3,10 +3,12 @@ refused resumes that would silently change the run, errors raised before the mod
 a corrupt image met mid-training (also inside a DataLoader worker) named with last.pt intact,
 and the lr schedules."""
 import json
+import signal
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -73,6 +75,18 @@ def test_new_run_refuses_a_folder_holding_a_run(data, tmp_path, capsys):
     err = fails_with(tiny_args(data, out, 2), capsys)
     assert "already holds a run" in err and "--resume" in err
     assert (out / "log.jsonl").read_text() == log                  # nothing appended
+    # Continuing another run's checkpoint there would mix the two runs.
+    other = tmp_path / "other"
+    train_seg.main(tiny_args(data, other, 2))
+    err = fails_with(tiny_args(data, out, 4, "--resume", str(other / "last.pt"),
+                               "--allow-changes"), capsys)
+    assert "holds another run" in err and str(other / "last.pt") in err
+    assert (out / "log.jsonl").read_text() == log
+    # Without --out, --resume FILE continues in FILE's folder.
+    args = tiny_args(data, out, 4, "--resume", str(other / "last.pt"), "--allow-changes")
+    del args[args.index("--out"):args.index("--out") + 2]
+    assert train_seg.main(args)["out"] == str(other)
+    assert load_checkpoint(str(other / "last.pt"))["iter"] == 4
 
 
 def test_errors_before_the_model_is_built(data, tmp_path, capsys, monkeypatch):
@@ -81,6 +95,7 @@ def test_errors_before_the_model_is_built(data, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(SegTask, "build_model", no_model)
     err = fails_with(tiny_args(data, tmp_path / "a", 2, "--batch-size", "7"), capsys)
     assert "--batch-size 7" in err and "has 6" in err
+    assert not (tmp_path / "a").exists()                 # a refused run leaves no folder behind
     err = fails_with(tiny_args(data, tmp_path / "b", 2, "--pretrained", str(tmp_path / "x.pth")),
                      capsys)
     assert "x.pth" in err and "not found" in err
@@ -88,6 +103,49 @@ def test_errors_before_the_model_is_built(data, tmp_path, capsys, monkeypatch):
     args[args.index("swin_nano")] = "eva02_b"
     err = fails_with(args + ["--crop", "40"], capsys)
     assert "multiple of 16" in err and "40x40" in err
+    (tmp_path / "file").write_text("")
+    err = fails_with(tiny_args(data, tmp_path / "file", 2), capsys)
+    assert "--out" in err and "is a file" in err
+    for device, expected in [("gpu", "expected auto, cpu, cuda or cuda:N"),
+                             ("cuda:7", "cuda:7")]:
+        err = fails_with(tiny_args(data, tmp_path / "d", 2, "--device", device), capsys)
+        assert f"--device {device}" in err and expected in err
+
+
+class FakeStop:
+    """A StopRequest whose signal arrives during iteration `at`."""
+    def __init__(self, at):
+        self.at, self.seen, self.signum = at, 0, None
+
+    def step(self, batch, lr):
+        self.seen += 1
+        if self.seen == self.at:
+            self.signum = signal.SIGTERM
+        return torch.tensor(1.0)
+
+
+def test_loop_saves_every_n_and_on_a_stop_request_without_evaluating():
+    dist = engine.DistInfo(0, 1, 0, torch.device("cpu"))
+    logger = engine.JSONLLogger(None, False)
+    model = torch.nn.Linear(1, 1)
+
+    def run(iters, stop, save_every):
+        saved, evaluated = [], []
+        evaluate = lambda it: evaluated.append(it) or {"it": it}             # noqa: E731
+        save = lambda it, r: saved.append((it, r and r["it"]))               # noqa: E731
+        engine.train_loop(model, iter(range(100)), stop.step, dist=dist, start_iter=0,
+                          iters=iters, lr_at=lambda it: 0.1, log_every=50, eval_every=4,
+                          evaluate=evaluate, save=save, logger=logger, save_every=save_every,
+                          stop=stop)
+        return saved, evaluated
+
+    # None: saved without an evaluation (the checkpoint keeps the last result).
+    assert run(10, FakeStop(None), 3) == ([(3, None), (4, 4), (6, None), (8, 8), (9, None),
+                                           (10, 10)], [4, 8, 10])
+    with pytest.raises(engine.RunInterrupted, match="SIGTERM after iteration 6") as e:
+        run(10, FakeStop(6), 0)
+    assert e.value.iteration == 6 and e.value.signum == signal.SIGTERM
+    assert run(10, FakeStop(10), 0) == ([(4, 4), (8, 8), (10, 10)], [4, 8, 10])    # finished
 
 
 def test_corrupt_image_mid_training_is_named_and_last_checkpoint_kept(data, tmp_path, capsys):
