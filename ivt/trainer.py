@@ -7,7 +7,8 @@ expensive starts, the resume rules, delta checkpoints (`ivt.checkpoint`), best-c
 selection on a validation split, the training loop (`ivt.engine`), DDP, and the `error:` exits.
 
 Files written to `--out`: `log.jsonl` (configuration, training records, evaluations), `last.pt`
-(resumable; every `--eval-every` iterations and at the end) and `best.pt` (best validation score).
+(resumable; every `--eval-every` and `--save-every` iterations, at the end, and when Ctrl-C or
+SIGTERM stops a one-process run) and `best.pt` (best validation score).
 """
 import argparse
 import math
@@ -39,8 +40,7 @@ RUN_ONLY = ("device", "workers", "out", "resume", "allow_changes", "log_every", 
             "pretrained",      # a moved file is fine: its SHA-256 is checked against the run's
             "pretrained_source",            # so is the same file named another way
             "verify_images", "save_rank_weights", "eval_every", "save_every", "total_iters",
-            "cuda_graph",
-            "impl", "memory")
+            "cuda_graph", "impl", "memory")
 KERNEL_BACKENDS = ("auto", "torch", "triton")     # `kernels.BACKENDS`, without importing it
 # Settings the saved weights depend on: never changeable on resume.
 MODEL_KEYS = ("task", "backbone", "tuning", "variant", "d1", "d2", "d3", "layers", "patch_size",

@@ -35,7 +35,8 @@ schedule (poly, power 0.9, lr decaying to 1e-4) and its cross-entropy (ignore in
 over all pixels of the batch, --loss-average). The paper trains on train+val (--train-split
 train+val, 1176 MFNet images) and reports on test; the default here keeps val held out to select
 best.pt. Writes to --out: log.jsonl (configuration, training steps, evaluations), last.pt
-(resumable; every --eval-every iterations and at the end) and best.pt (best validation mIoU).
+(resumable; every --eval-every and --save-every iterations, at the end and on Ctrl-C) and
+best.pt (best validation mIoU).
 With --pretrained, checkpoints hold only the trained tensors plus the pretrained file's SHA-256.
 """
 
