@@ -539,6 +539,44 @@ def test_denoising_queries_do_not_leak_into_matching_queries():
     assert not torch.allclose(alone[0], unmasked[0][:, 6:], atol=1e-5)   # the mask is what isolates
 
 
+def test_decoder_predicts_from_its_layernorm_and_refines_from_the_layer_output():
+    """DINO's decoder: class and box predictions read LayerNorm(output); the reference box the
+    next layer attends around is refined from the output itself (its logit clamped at 1e-3)."""
+    torch.manual_seed(0)
+    decoder = build_decoder(tiny_config(num_feature_levels=1)).eval()
+    for p in [*decoder.box_head.parameters(), *decoder.norm.parameters()]:
+        torch.nn.init.normal_(p, std=0.2)
+    memory, shapes = torch.randn(1, 6 * 4, 32), [(6, 4)]
+    tgt, boxes_unact = torch.randn(1, 5, 32), torch.randn(1, 5, 4)
+    seen = {}
+    decoder.layers[0].register_forward_hook(lambda m, a, out: seen.update(out0=out))
+    decoder.layers[1].register_forward_hook(lambda m, a, out: seen.update(ref1=a[2]))
+    logits, boxes = decoder(tgt, boxes_unact, memory, shapes)
+    ref0 = boxes_unact.sigmoid()
+    logit = lambda b: torch.log(b.clamp(1e-3, 1 - 1e-3) / (1 - b.clamp(1e-3, 1 - 1e-3)))  # noqa: E731
+    normed = F.layer_norm(seen["out0"], (32,), decoder.norm.weight, decoder.norm.bias)
+    torch.testing.assert_close(logits[0], decoder.class_head(normed))
+    torch.testing.assert_close(boxes[0], (decoder.box_head(normed) + logit(ref0)).sigmoid())
+    torch.testing.assert_close(seen["ref1"], (decoder.box_head(seen["out0"]) + logit(ref0)).sigmoid())
+    assert not torch.allclose(seen["ref1"], boxes[0], atol=1e-3)      # the two paths differ
+
+
+def test_map_position_embedding_is_dinos_cumulative_count():
+    """DINO's PositionEmbeddingSineHW(normalize=True): cumsum over a mask of ones divided by the
+    last value, times 2 pi, temperature 20; y's half first."""
+    from ivt.models.detr.position_encoding import map_position_embedding
+    h, w, dim = 3, 5, 16
+    ones = torch.ones(h, w, dtype=torch.float64)
+    y, x = ones.cumsum(0), ones.cumsum(1)
+    y, x = y / y[-1:, :] * 2 * math.pi, x / x[:, -1:] * 2 * math.pi
+    t = 20.0 ** (2 * (torch.arange(dim // 2, dtype=torch.float64) // 2) / (dim // 2))
+    py, px = y[..., None] / t, x[..., None] / t
+    emb = [torch.stack((q[..., 0::2].sin(), q[..., 1::2].cos()), dim=-1).flatten(-2) for q in (py, px)]
+    expected = torch.cat(emb, dim=-1).reshape(h * w, dim)
+    torch.testing.assert_close(map_position_embedding((h, w), dim, "cpu").double(), expected,
+                               atol=1e-5, rtol=0)
+
+
 def test_detector_batch_without_objects_and_bad_targets():
     torch.manual_seed(0)
     model = build_detector("swin_nano", tiny_config(), tuning="ivt").train()

@@ -50,8 +50,9 @@ def generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return iou - (enclosing - union) / enclosing.clamp(min=EPS)
 
 
-def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """logit(x) with x clamped to [eps, 1 - eps], so that boxes on the image border stay finite."""
+def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """logit(x) with x clamped to [eps, 1 - eps], so that boxes on the image border stay finite
+    (DINO's eps: at most +-6.9 in logit space)."""
     x = x.clamp(min=eps, max=1 - eps)
     return torch.log(x / (1 - x))
 

@@ -51,7 +51,9 @@ class DecoderLayer(nn.Module):
 
 class Decoder(nn.Module):
     """Class and box heads are shared by all layers (DINO); the box head predicts a residual in
-    logit space: b_i = sigmoid(delta_i + logit(b_{i-1}))."""
+    logit space: b_i = sigmoid(delta_i + logit(b_{i-1})). As in DINO, the heads read each
+    layer's output through the decoder's LayerNorm for the predictions, while the reference box
+    the next layer attends around is refined from the output itself."""
 
     def __init__(self, num_layers: int, dim: int, num_heads: int, num_levels: int, num_points: int,
                  ffn_dim: int, dropout: float, num_classes: int):
@@ -60,6 +62,7 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(dim, num_heads, num_levels, num_points, ffn_dim, dropout)
                                     for _ in range(num_layers))
         self.query_pos_head = MLP(2 * dim, dim, dim, 2)      # sine embedding of the box -> position
+        self.norm = nn.LayerNorm(dim)                        # before the heads' predictions
         self.class_head = nn.Linear(dim, num_classes)
         self.box_head = MLP(dim, dim, 4, 3)
         nn.init.constant_(self.class_head.bias, -4.595)       # prior probability 0.01 (focal loss)
@@ -80,11 +83,11 @@ class Decoder(nn.Module):
         for layer in self.layers:
             query_pos = self.query_pos_head(box_position_embedding(ref, self.dim))
             tgt = layer(tgt, query_pos, ref, memory, shapes, attn_mask)
-            delta = self.box_head(tgt)
-            refined = (delta + inverse_sigmoid(ref)).sigmoid()
+            refined = (self.box_head(tgt) + inverse_sigmoid(ref)).sigmoid()
+            out = self.norm(tgt)
             # Look forward twice (DINO): the loss of layer i also reaches layer i-1's box head.
-            boxes.append((delta + inverse_sigmoid(prev)).sigmoid())
-            logits.append(self.class_head(tgt))
+            boxes.append((self.box_head(out) + inverse_sigmoid(prev)).sigmoid())
+            logits.append(self.class_head(out))
             prev, ref = refined, refined.detach()
         return logits, boxes
 

@@ -24,11 +24,12 @@ def sine_embedding(coords: torch.Tensor, num_feats: int, temperature: float) -> 
 
 def map_position_embedding(size_hw: Tuple[int, int], dim: int, device,
                            temperature: float = 20.0) -> torch.Tensor:
-    """(H, W) -> (H * W, dim): embedding of each pixel centre ((y + 0.5) / H, (x + 0.5) / W),
-    y's half first, in row-major order (DINO's temperature 20 for maps)."""
+    """(H, W) -> (H * W, dim): embedding of each pixel ((y + 1) / H, (x + 1) / W), y's half
+    first, in row-major order: DINO's map embedding (a cumulative count normalised by the last,
+    temperature 20; Deformable DETR's would be (y + 0.5) / H)."""
     h, w = size_hw
-    y = (torch.arange(h, dtype=torch.float32, device=device) + 0.5) / h
-    x = (torch.arange(w, dtype=torch.float32, device=device) + 0.5) / w
+    y = (torch.arange(h, dtype=torch.float32, device=device) + 1) / h
+    x = (torch.arange(w, dtype=torch.float32, device=device) + 1) / w
     yx = torch.stack(torch.meshgrid(y, x, indexing="ij"), dim=-1).reshape(h * w, 2)
     return sine_embedding(yx, dim // 2, temperature)
 
