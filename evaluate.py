@@ -11,7 +11,7 @@ checkpoint's, then the saved tensors are loaded on top. Inputs are normalised as
 normalisation saved in the checkpoint).
 
 seg: MFNet/MSRS at native resolution (stride-4 logits upsampled bilinearly before the argmax);
-     mIoU, mAcc and per-class IoU over the split and its day and night images (data.md).
+     mIoU, mAcc and per-class IoU over the split and its day and night images (docs/data.md).
 sod: each --data folder (RGB/, T/, GT/) in turn: S, adp/mean/max F, wF, adp/mean/max E, MAE at
      ground-truth size (paper Table 1's columns).
 det: M3FD --split: COCO mAP, AP50, AP75, APs/m/l and per-class AP (paper Table 3's columns).

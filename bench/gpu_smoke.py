@@ -45,7 +45,7 @@ sys.path[0] = str(ROOT)             # the repository's packages, not this folder
 
 from ivt.data.synthetic import write_m3fd, write_mfnet, write_vt  # noqa: E402
 
-# task -> (backbone, size, batch) on the GPU: the paper's settings (data.md, method.md)
+# task -> (backbone, size, batch) on the GPU: the paper's settings (docs/training.md)
 GPU_RUNS = {"seg": ("swin_l", 512, 2), "sod": ("eva02_l", 384, 8), "det": ("swin_l", 640, 2)}
 SOD_VAL = 2          # VT5000 Train images held out for validation (`--val-count`)
 TAIL_LINES = 15

@@ -9,7 +9,8 @@ from ivt.metrics import SegMetric
 
 
 def reference_scores(preds, gts, num_classes, ignore_index=255):
-    """Per-class loops over TP/FP/FN, pooled over all images (data.md: one confusion matrix)."""
+    """Per-class loops over TP/FP/FN, pooled over all images (docs/data.md: one confusion
+    matrix)."""
     iou, acc = [], []
     tp_all = n_all = 0.0
     for c in range(num_classes):

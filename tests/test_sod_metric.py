@@ -1,4 +1,4 @@
-"""SODMetric against PySODMetrics (the reference implementation data.md names), on random and
+"""SODMetric against PySODMetrics (the reference implementation docs/data.md names), on random and
 structured prediction / ground-truth pairs of many sizes."""
 import time
 import warnings

@@ -112,6 +112,16 @@ def test_errors_before_the_model_is_built(data, tmp_path, capsys, monkeypatch):
         assert f"--device {device}" in err and expected in err
 
 
+def test_validation_images_that_are_training_images_are_warned_about(data, tmp_path, capsys):
+    """The paper's protocol trains on train+val: validating on val then picks best.pt on
+    training data, which the run says (and trains)."""
+    train_seg.main(tiny_args(data, tmp_path / "a", 1, "--train-split", "train+val"))
+    err = capsys.readouterr().err
+    assert "warning: 2 of the 2 validation images are training images too" in err, err
+    train_seg.main(tiny_args(data, tmp_path / "b", 1))
+    assert "training images too" not in capsys.readouterr().err
+
+
 class FakeStop:
     """A StopRequest whose signal arrives during iteration `at`."""
     def __init__(self, at):
@@ -197,6 +207,14 @@ def test_schedules():
                                                "--lr-drop-epoch", "2", "--iters", "8"])
     iters, lr_at = trainer.schedule(sod, args, per_epoch=5)
     assert iters == 8 and lr_at(3) == args.lr and lr_at(4) == pytest.approx(0.1 * args.lr)
+    # Detection: the authors' MultiStepLR, x0.1 at epochs 27 and 33 of 36.
+    from ivt.tasks.det import DetTask
+    det = DetTask()
+    args = trainer.get_parser(det).parse_args(["--data", "x", "--lr", "1.0"])
+    assert args.lr_drop_epoch == [27, 33] and args.epochs == 36
+    iters, lr_at = trainer.schedule(det, args, per_epoch=2)
+    assert iters == 72 and [lr_at(i) for i in (53, 54, 65, 66, 71)] == pytest.approx(
+        [1.0, 0.1, 0.1, 0.01, 0.01])
 
 
 def test_fast_impl_trains_like_the_reference(data, tmp_path, capsys):

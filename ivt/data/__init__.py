@@ -1,4 +1,5 @@
-"""Datasets in their real on-disk layouts (data.md), paired transforms, a synthetic generator."""
+"""Datasets in their real on-disk layouts (docs/data.md), paired transforms, a synthetic
+generator."""
 from .m3fd import M3FD_CLASSES, M3FDDataset
 from .mfnet import CLASSES, NUM_CLASSES, PALETTE, MFNetDataset, RGBTSegmentationDataset
 from .msrs import MSRSDataset

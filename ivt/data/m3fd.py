@@ -1,4 +1,4 @@
-"""M3FD: infrared-visible object detection (Liu et al., CVPR 2022; data.md, "M3FD").
+"""M3FD: infrared-visible object detection (Liu et al., CVPR 2022; docs/data.md, "M3FD").
 
 Released layout (4200 registered pairs, ids 00000..04199):
 
@@ -394,6 +394,11 @@ class M3FDDataset(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    @property
+    def image_paths(self) -> List[Path]:
+        """The visible image of every item, in order."""
+        return [r.vis for r in self.records]
 
     def __len__(self) -> int:
         return len(self.records)

@@ -1,7 +1,7 @@
 """MFNet: RGB-thermal urban scene segmentation (Ha et al., IROS 2017), and the dataset base class
 shared with MSRS (which is derived from MFNet: same names, same 9 classes).
 
-On-disk layout (data.md, "MFNet"):
+On-disk layout (docs/data.md, "MFNet"):
 
     <root>/images/<name>.png   4-channel PNG, mode RGBA = R, G, B, thermal (480 x 640)
     <root>/labels/<name>.png   mode L, class ids 0..8
@@ -163,6 +163,11 @@ class RGBTSegmentationDataset(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    @property
+    def image_paths(self) -> List[Path]:
+        """The visible image of every item, in order."""
+        return [s.vis for s in self.samples]
 
     def __len__(self) -> int:
         return len(self.samples)

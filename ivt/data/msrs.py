@@ -1,6 +1,6 @@
 """MSRS: registered visible/infrared pairs derived from MFNet (same names, same 9 classes).
 
-Two layouts are in circulation (data.md, "MSRS"):
+Two layouts are in circulation (docs/data.md, "MSRS"):
 
     (a) <root>/{train,test}/{vi,ir}/<name>.png, labels in <root>/{train,test}/Segmentation_labels/
     (b) <root>/{Visible,Infrared,Label}/<name>.png with <root>/split/{train,test}.txt

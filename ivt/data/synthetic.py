@@ -40,7 +40,7 @@ VISIBLE_COLOUR = {
     "color_cone": (245, 130, 20), "bus": (230, 190, 30), "truck": (30, 90, 160),
     "lamp": (255, 240, 180),
 }
-# MFNet class ids of the kinds a segmentation scene uses (data.md; others are background).
+# MFNet class ids of the kinds a segmentation scene uses (docs/data.md; others are background).
 SEG_LABEL = {"car": 1, "person": 2, "bike": 3, "color_cone": 7}
 # M3FD class names of the kinds a detection scene uses.
 M3FD_NAME = {"person": "People", "car": "Car", "bus": "Bus", "bike": "Motorcycle",
@@ -372,7 +372,7 @@ def _voc_xml(stem: str, size: Tuple[int, int], objects: List[dict]) -> ET.Elemen
         ET.SubElement(o, "difficult").text = "0"
         box = ET.SubElement(o, "bndbox")
         x0, y0, x1, y1 = obj["bbox"]
-        # VOC corners are 1-based and inclusive (data.md: xmin = x + 1, xmax = x + w).
+        # VOC corners are 1-based and inclusive (docs/data.md: xmin = x + 1, xmax = x + w).
         for tag, v in (("xmin", x0 + 1), ("ymin", y0 + 1), ("xmax", x1 + 1), ("ymax", y1 + 1)):
             ET.SubElement(box, tag).text = str(v)
     tree = ET.ElementTree(ann)

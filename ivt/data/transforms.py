@@ -54,7 +54,7 @@ class Normalization:
 IMAGENET = Normalization(IMAGENET_MEAN, IMAGENET_STD)   # Swin (ImageNet-22K)
 CLIP = Normalization(CLIP_MEAN, CLIP_STD)               # EVA02 (MIM on Merged-38M)
 IMAGE_PAD = 0     # pad value for visible and thermal images
-LABEL_PAD = 255   # pad value for labels: ignored by the loss and the metric (data.md)
+LABEL_PAD = 255   # pad value for labels: ignored by the loss and the metric (docs/data.md)
 
 
 def thermal_to_gray(ir: np.ndarray) -> np.ndarray:

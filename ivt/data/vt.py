@@ -1,4 +1,4 @@
-"""VT5000 / VT1000 / VT821: RGB-thermal salient object detection (data.md, "VT5000 ...").
+"""VT5000 / VT1000 / VT821: RGB-thermal salient object detection (docs/data.md, "VT5000 ...").
 
 On-disk layout: one folder per set, each holding three sub-folders of files with the same stem
 
@@ -21,7 +21,7 @@ RGB `.jpg`; T `.jpg` (3-channel colour-mapped thermal); GT `.png` (some VT821/VT
   `standard` (`SODTrainTransform`): flip, a random crop with scale and aspect jitter, rotation of
   up to +-10 degrees, photometric jitter; its GT is binary.
   Evaluation items are resized to S x S with the GT kept at its own size: metrics are computed
-  at GT size (data.md), so evaluate with batch size 1.
+  at GT size (docs/data.md), so evaluate with batch size 1.
 """
 import re
 from pathlib import Path
@@ -39,7 +39,7 @@ from .transforms import (IMAGENET, Normalization, photometric_jitter, thermal_to
 
 FOLDERS = ("RGB", "T", "GT")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
-GT_THRESHOLD = 128      # foreground = GT > 128 (data.md)
+GT_THRESHOLD = 128      # foreground = GT > 128 (docs/data.md)
 AUGMENTATIONS = ("release", "standard")
 # The authors' SOD release, SOD-IV-tuning/data.py:
 CROP_BORDER = 30            # randomCrop: window sides drawn from [W - 30, W) and [H - 30, H)
@@ -315,6 +315,11 @@ class VTDataset(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    @property
+    def image_paths(self) -> List[Path]:
+        """The visible image of every item, in order."""
+        return [rgb for rgb, _, _ in self.files]
 
     def __len__(self) -> int:
         return len(self.stems)

@@ -1,5 +1,5 @@
-"""COCO box AP exactly as pycocotools' `COCOeval(iouType="bbox")` computes it (data.md, "Detection
-metric"); the numbers of the paper's Table 3 (mAP, AP50, AP75, APs, APm, APl).
+"""COCO box AP exactly as pycocotools' `COCOeval(iouType="bbox")` computes it (docs/data.md,
+"Detection metric"); the numbers of the paper's Table 3 (mAP, AP50, AP75, APs, APm, APl).
 
 For every class k, image and IoU threshold t in 0.50:0.05:0.95:
 

@@ -1,4 +1,4 @@
-"""Semantic segmentation metrics as RGB-T papers report them (data.md, "MFNet").
+"""Semantic segmentation metrics as RGB-T papers report them (docs/data.md, "MFNet").
 
 One confusion matrix is accumulated over the whole test set at native resolution (never a mean of
 per-image scores). From it, per class c:

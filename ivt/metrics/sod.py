@@ -1,4 +1,4 @@
-"""Salient object detection metrics as RGB-T SOD papers report them (data.md, "SOD metrics").
+"""Salient object detection metrics as RGB-T SOD papers report them (docs/data.md, "SOD metrics").
 
 Every image is scored on its own, at its ground truth's size, and the dataset score is the mean
 over images. The inputs are prepared as the MATLAB toolboxes and PySODMetrics prepare them:

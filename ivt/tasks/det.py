@@ -2,9 +2,10 @@
 
 What the task adds to the shared trainer (`ivt.trainer`): its flags, datasets, model, loss and
 evaluation. Recipe (the paper's where it applies: DINO / CO-DETR in mmdet): AdamW lr 1e-4,
-weight decay 1e-4, 36 epochs with lr x0.1 at epoch 30 (DINO's 36-epoch schedule), batch 2,
-640 input, gradient clipping 0.1; pretrained backbone weights that train (full fine-tuning) get
-0.1x the lr, as DINO does; modules that start from scratch (IV-tuning's, the detector) get 1x.
+weight decay 1e-4, 36 epochs with lr x0.1 at epochs 27 and 33 (the authors' mmdet DINO Swin-L
+config), batch 2, 640 input, gradient clipping 0.1; the visible backbone's weights that train
+(full fine-tuning; pretrained ones in the paper's runs) get 0.1x the lr, as DINO does; modules
+added to it (IV-tuning's, the detector) get 1x.
 
 The detector's settings (`DetectorConfig` lists them all). DINO's: 6 decoder layers, FFN 2048,
 dropout 0, denoising with about 100 positive and 100 negative queries per image, label noise 0.5
@@ -44,8 +45,8 @@ attention written with grid_sample, two-stage query selection, iterative box ref
 contrastive denoising), not the COCO-trained DINO / CO-DETR the paper started from: expect lower
 numbers than the paper's Table 3 unless you start from a detection-trained backbone. Defaults are
 the paper's recipe where it applies (AdamW lr 1e-4, weight decay 1e-4, 36 epochs, lr x0.1 at
-epoch 30, batch 2, 640x640 input, gradient clipping 0.1) and DINO's detector settings (FFN 2048,
-100 denoising queries, label noise 0.5, box noise 0.4 as in DINO's config; DINO's training
+epochs 27 and 33, batch 2, 640x640 input, gradient clipping 0.1) and DINO's detector settings
+(FFN 2048, 100 denoising queries, label noise 0.5, box noise 0.4 as in DINO's config; DINO's training
 scripts and mmdet use --box-noise 1.0; --encoder deformable: DINO's 6-layer deformable encoder).
 Ours: RT-DETR's hybrid encoder by default, 300 queries (DINO: 900), strides 4-32. Boxes marked
 difficult (VOC) or iscrowd (COCO) are not trained on and are ignored by the metric. The split
@@ -105,8 +106,12 @@ def evaluate_det(model: nn.Module, dataset: Dataset, dist: DistInfo, autocast: C
 class DetTask(Task):
     name = "det"
     metric = "mAP"
+    # The authors' mmdet config (their release's mmdetection-IVT/IVtuning_config/
+    # dino-5scale_swin-l_8xb2-36e_coco.py): AdamW 1e-4, weight decay 1e-4, backbone lr x0.1, gradient norm clipped at 0.1, MultiStepLR
+    # x0.1 at epochs 27 and 33 of 36.
     recipe = Recipe(optimizer="adamw", lr=1e-4, weight_decay=1e-4, batch_size=2, size=640,
-                    epochs=36, schedule="step", lr_drop_epoch=30, clip_grad=0.1, eval_every=5000)
+                    epochs=36, schedule="step",
+                    lr_drop_epochs=(27, 33), clip_grad=0.1, eval_every=5000)
     description = DESCRIPTION
     size_help = "images are resized to size x size pixels"
     eager_only = ("the detection loss matches queries to boxes on the CPU (Hungarian matching) "
@@ -162,8 +167,10 @@ class DetTask(Task):
                        help="denoising label noise: each query's label is replaced by a random "
                             "class with probability half this, as DINO (default: %(default)s)")
         g.add_argument("--backbone-lr-mult", type=float, default=0.1,
-                       help="lr factor of pretrained backbone weights that train (full "
-                            "fine-tuning), as DINO; new modules get 1x (default: %(default)s)")
+                       help="lr factor of the visible backbone's weights that train (full "
+                            "fine-tuning; pretrained in the paper's runs, random with "
+                            "--pretrained none), as DINO; added modules get 1x "
+                            "(default: %(default)s)")
 
     def build_datasets(self, args, norm, out: Path, is_main: bool):
         common = dict(split_dir=args.split_dir, size=args.size, seed=args.seed, norm=norm,
@@ -175,7 +182,7 @@ class DetTask(Task):
         return build_model(config, pretrained)
 
     def param_groups(self, model, args) -> list:
-        """Pretrained backbone weights that train: `--backbone-lr-mult`; everything else 1x."""
+        """The visible backbone's weights that train: `--backbone-lr-mult`; everything else 1x."""
         visible = {f"backbone.{k}" for k in model.backbone.visible_state_keys()}
         slow, fast = [], []
         for name, p in model.named_parameters():

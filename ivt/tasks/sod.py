@@ -71,11 +71,11 @@ def evaluate_sod(model: nn.Module, dataset: Dataset, dist: DistInfo, autocast: C
     """S/F/E/MAE of the main output over `dataset` (an evaluation `VTDataset`).
 
     Per image: sigmoid of the main output at the input size (size x size), resized bilinearly to
-    the ground truth's size and scored as the 8-bit map `saliency_map` saves (data.md: toolboxes
-    read saved maps as uint8 / 255), so the numbers are those of any toolbox run on the saved
-    maps. Each process scores every world_size-th image; the per-image records are gathered so
-    every rank returns the whole set's metric. `on_prediction(index, map (H, W) uint8)` is called
-    per image.
+    the ground truth's size and scored as the 8-bit map `saliency_map` saves (toolboxes read
+    saved maps as uint8 / 255, docs/data.md), so the numbers are those of any toolbox run on the
+    saved maps. Each process scores every world_size-th image; the per-image records are
+    gathered so every rank returns the whole set's metric. `on_prediction(index, map (H, W)
+    uint8)` is called per image.
     """
     metric = SODMetric()
     with evaluation_mode(model) as net:
@@ -101,7 +101,7 @@ class SODTask(Task):
     # clip_gradient(optimizer, 0.5) clamps every gradient value before the step; options.py:
     # lr 5e-5, 200 epochs, batch 8, 384, lr x0.1 (decay_rate) every 100 epochs (decay_epoch).
     recipe = Recipe(optimizer="adam", lr=5e-5, weight_decay=0.0, batch_size=8, size=384,
-                    epochs=200, schedule="step", lr_drop_epoch=100, clip_grad_value=0.5,
+                    epochs=200, schedule="step", lr_drop_epochs=(100,), clip_grad_value=0.5,
                     eval_every=2000)
     description = DESCRIPTION
     size_help = "square input size of training and evaluation in pixels"
