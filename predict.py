@@ -101,8 +101,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast, as training's --amp (the frozen Linear and conv weights "
                         "are then stored in bf16, which autocast casts them to anyway); --no-amp: "
-                        "float32 (default: as the checkpoint was trained, so the numbers are "
-                        "those its training logged)")
+                        "float32 (default: as the checkpoint was trained)")
     p.add_argument("--score-threshold", type=float, default=0.3,
                    help="detection only: keep boxes scoring at least this (default: %(default)s)")
     p.add_argument("--max-dets", type=int, default=100,
