@@ -70,6 +70,28 @@ def test_detector_flags_reach_the_config():
     assert detector_config(vars(parser.parse_args(["--data", "M3FD", "--no-denoising"]))).dn_number == 0
 
 
+@pytest.mark.parametrize("tuning", ["ivt", "full"])
+def test_every_backbone_parameter_that_trains_gets_the_backbone_lr_mult(tuning):
+    """The authors' mmdet config: `paramwise_cfg=dict(custom_keys=dict(backbone=dict(lr_mult=0.1)))`,
+    which mmengine matches as the substring 'backbone' in a parameter's name; their IV-tuning
+    modules were built inside the Swin backbone, so they trained at 0.1x as well."""
+    ivt_options = ["--d2", "8"] if tuning == "ivt" else []
+    args = train_det.get_parser().parse_args(["--data", "x", "--backbone", "swin_nano", *ivt_options,
+                                              "--hidden-dim", "16", "--ffn-dim", "16",
+                                              "--size", "64", "--tuning", tuning])
+    assert args.backbone_lr_mult == 0.1
+    task = DetTask()
+    model = task.build_model({"task": "det", **vars(args)}, None)
+    mult = {id(p): g["lr_mult"] for g in task.param_groups(model, args) for p in g["params"]}
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert len(mult) == len(trained)
+    in_backbone = [n for n, _ in trained if "backbone" in n]
+    assert any("adapter" in n or "prompt" in n for n in in_backbone) == (tuning == "ivt")
+    assert len(in_backbone) > 0 and len(in_backbone) < len(trained)
+    for name, p in trained:
+        assert mult[id(p)] == (0.1 if "backbone" in name else 1.0), name
+
+
 def test_ignored_boxes_are_not_training_targets():
     """`DetTask.loss` drops boxes marked ignore (VOC difficult, COCO iscrowd), as mmdet's
     PackDetInputs drops gt_ignore_flags instances: the loss equals that of the batch without

@@ -3,9 +3,10 @@
 What the task adds to the shared trainer (`ivt.trainer`): its flags, datasets, model, loss and
 evaluation. Recipe (the paper's where it applies: DINO / CO-DETR in mmdet): AdamW lr 1e-4,
 weight decay 1e-4, 36 epochs with lr x0.1 at epochs 27 and 33 (the authors' mmdet DINO Swin-L
-config), batch 2, 640 input, gradient clipping 0.1; the visible backbone's weights that train
-(full fine-tuning; pretrained ones in the paper's runs) get 0.1x the lr, as DINO does; modules
-added to it (IV-tuning's, the detector) get 1x.
+config), batch 2, 640 input, gradient clipping 0.1; every backbone parameter that trains gets 0.1x
+the lr (the config's `custom_keys={'backbone': lr_mult 0.1}`, which in the authors' runs covered
+IV-tuning's modules, built inside their Swin backbone, as well as fully fine-tuned weights); the
+detector (neck, encoder, decoder, heads) gets 1x.
 
 The detector's settings (`DetectorConfig` lists them all). DINO's: 6 decoder layers, FFN 2048,
 dropout 0, denoising with about 100 positive and 100 negative queries per image, label noise 0.5
@@ -167,9 +168,10 @@ class DetTask(Task):
                        help="denoising label noise: each query's label is replaced by a random "
                             "class with probability half this, as DINO (default: %(default)s)")
         g.add_argument("--backbone-lr-mult", type=float, default=0.1,
-                       help="lr factor of the visible backbone's weights that train (full "
-                            "fine-tuning; pretrained in the paper's runs, random with "
-                            "--pretrained none), as DINO; added modules get 1x "
+                       help="lr factor of every backbone parameter that trains: IV-tuning's "
+                            "modules, the infrared embedding, or with --tuning full the visible "
+                            "weights, as the authors' mmdet config (custom_keys backbone "
+                            "lr_mult 0.1); the detector (neck, encoder, decoder, heads) gets 1x "
                             "(default: %(default)s)")
 
     def build_datasets(self, args, norm, out: Path, is_main: bool):
@@ -182,12 +184,11 @@ class DetTask(Task):
         return build_model(config, pretrained)
 
     def param_groups(self, model, args) -> list:
-        """The visible backbone's weights that train: `--backbone-lr-mult`; everything else 1x."""
-        visible = {f"backbone.{k}" for k in model.backbone.visible_state_keys()}
+        """The backbone's parameters that train: `--backbone-lr-mult`; the detector's: 1x."""
         slow, fast = [], []
         for name, p in model.named_parameters():
             if p.requires_grad:
-                (slow if name in visible else fast).append(p)
+                (slow if name.startswith("backbone.") else fast).append(p)
         return [{"params": fast, "lr_mult": 1.0},
                 {"params": slow, "lr_mult": args.backbone_lr_mult}]
 
