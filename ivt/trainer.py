@@ -578,7 +578,12 @@ def build_training(task: Task, args, config: dict, ckpt: Optional[dict],
         store_frozen_weights(model, torch.bfloat16)
     optimizer = build_optimizer(task, model, args)
     if ckpt is not None:
+        # load_state_dict also restores each group's settings (weight decay, momentum, lr_mult,
+        # a CUDA-graph run's capturable); this run's flags decide them (--allow-changes)
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group, own in zip(optimizer.param_groups, settings):
+            group.update(own)
     net = (DistributedDataParallel(model, device_ids=[dist.device.index]
                                    if dist.device.type == "cuda" else None)
            if dist.distributed else model)

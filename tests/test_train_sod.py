@@ -23,6 +23,7 @@ import train_sod  # noqa: E402
 from ivt.checkpoint import load_checkpoint  # noqa: E402
 from ivt.data.synthetic import write_vt  # noqa: E402
 from ivt.engine import EagerStep  # noqa: E402
+from ivt.graph_step import _make_capture_safe  # noqa: E402
 from ivt.tasks import load_trained  # noqa: E402
 from ivt.tasks.sod import SODTask  # noqa: E402
 from ivt.trainer import build_optimizer  # noqa: E402
@@ -186,3 +187,26 @@ def test_release_taps_are_saved_used_by_evaluate_and_fixed_on_resume(vt, tmp_pat
         train_sod.main(tiny_args(train, out, 4, "--taps", "stages", "--eval-every", "0",
                                  "--resume", "--allow-changes"))
     assert "taps: checkpoint 'release' vs now 'stages'" in capsys.readouterr().err
+
+
+def test_a_cuda_graph_runs_checkpoint_resumes_with_eager_steps(vt, tmp_path):
+    """A --cuda-graph run saves Adam's groups in their capture-safe form (capturable, a tensor
+    lr); resumed without the graph (here on the CPU, where capturable Adam refuses to step) the
+    run's eager settings apply."""
+    train = vt / "VT5000" / "Train"
+    out = tmp_path / "run"
+    summary = train_sod.main(tiny_args(train, out, 2, "--eval-every", "0"))
+    ckpt = load_checkpoint(summary["last"])
+    groups = [{**g, "params": [nn.Parameter(torch.zeros(1)) for _ in g["params"]]}
+              for g in ckpt["optimizer"]["param_groups"]]
+    graphed = torch.optim.Adam(groups)
+    graphed.load_state_dict(ckpt["optimizer"])
+    _make_capture_safe(graphed, torch.device("cpu"))          # what GraphedTrainStep does
+    ckpt["optimizer"] = graphed.state_dict()
+    assert all(g["capturable"] for g in ckpt["optimizer"]["param_groups"])
+    torch.save(ckpt, summary["last"])
+    summary = train_sod.main(tiny_args(train, out, 3, "--eval-every", "0", "--resume",
+                                       "--allow-changes"))
+    groups = load_checkpoint(summary["last"])["optimizer"]["param_groups"]
+    assert not any(g["capturable"] for g in groups)
+    assert all(isinstance(g["lr"], float) for g in groups)

@@ -66,6 +66,12 @@ def test_resume_refuses_changed_settings(data, tmp_path, capsys):
                                        "--log-every", "2"))
     assert summary["iters"] == 4
     assert "iters: checkpoint 2 vs now 4" in capsys.readouterr().out
+    # ... and the optimizer trains with the changed setting, not the checkpoint's.
+    train_seg.main(tiny_args(data, out, 5, "--resume", "--allow-changes", "--weight-decay",
+                             "0.5", "--momentum", "0"))
+    assert "weight_decay: checkpoint 0.01 vs now 0.5" in capsys.readouterr().out
+    groups = load_checkpoint(str(out / "last.pt"))["optimizer"]["param_groups"]
+    assert {(g["weight_decay"], g["momentum"]) for g in groups} == {(0.5, 0.0)}
 
 
 def test_new_run_refuses_a_folder_holding_a_run(data, tmp_path, capsys):
