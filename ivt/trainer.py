@@ -543,7 +543,8 @@ def prepare_run(task: Task, args, dist: engine.DistInfo) -> Tuple[dict, Optional
     # The pretrained weights are found (and downloaded) now, before any data is read or model
     # built: a machine without network stops here, naming the URL and where to put the file.
     args.pretrained_source, args.pretrained = pretrained_weights(args, resumed, dist.is_main)
-    config = {"task": task.name, **vars(args)}
+    # the process count sets the effective batch and an epoch's iterations: a training setting
+    config = {"task": task.name, **vars(args), "world_size": dist.world_size}
     norm = normalization_for(args.backbone)
     config["normalization"] = norm.as_dict()
     out = Path(args.out)

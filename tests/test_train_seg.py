@@ -223,7 +223,7 @@ def test_ctrl_c_writes_a_checkpoint_between_iterations_and_resume_continues(data
     assert summary["metrics"]["mIoU"] == pytest.approx(full["metrics"]["mIoU"], abs=1e-6)
 
 
-def test_torchrun_two_cpu_processes_agree(data, tmp_path):
+def test_torchrun_two_cpu_processes_agree(data, tmp_path, capsys):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "train_seg.py"), *tiny_args(data, out, 4, 2, "--save-rank-weights")]
@@ -247,6 +247,11 @@ def test_torchrun_two_cpu_processes_agree(data, tmp_path):
     single = evaluate.main(["--data", str(data), "--checkpoint", str(out / "last.pt"),
                             "--split", "val", "--device", "cpu", "--workers", "0"])
     assert single["miou_all"] == pytest.approx(logged["mIoU"], abs=1e-9)
+    # One process would double the iterations per epoch and halve the effective batch.
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        train_seg.main(tiny_args(data, out, 4, 2, "--resume"))
+    assert "world_size: checkpoint 2 vs now 1" in capsys.readouterr().err
 
 
 def test_amp_bf16_runs(data, tmp_path, monkeypatch):
