@@ -137,11 +137,12 @@ def clip_gradients(params: list, max_norm: float = 0.0, max_value: float = 0.0,
 
 
 # -- data ----------------------------------------------------------------------------------------
-def ignore_stop_signals(worker_id: int = 0) -> None:
-    """DataLoader `worker_init_fn`: a Ctrl-C reaches every process of the terminal's group;
-    the workers leave it to the main process (`StopRequest`), which shuts them down."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def own_process_group(worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn`: a Ctrl-C (or `kill -- -PGID`) reaches every process of the
+    run's process group; in a group of their own the workers leave it to the main process
+    (`StopRequest`), which shuts them down, while the signals the DataLoader sends them (SIGTERM
+    to a worker that does not exit) still work."""
+    os.setpgrp()
 
 
 class InfiniteBatches:
@@ -180,7 +181,7 @@ class InfiniteBatches:
             loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers,
                                 pin_memory=self.pin,
                                 collate_fn=getattr(self.dataset, "collate_fn", None),
-                                worker_init_fn=ignore_stop_signals,
+                                worker_init_fn=own_process_group,
                                 generator=torch.Generator().manual_seed(self.seed + epoch))
             yield from loader
             epoch, skip = epoch + 1, 0
@@ -212,7 +213,7 @@ def shard(dataset: Dataset, dist: DistInfo, workers: int = 0,
     progress bar of its share (removed when done, so a training run's bar stays as it was)."""
     indices = list(range(dist.rank, len(dataset), dist.world_size))
     loader = DataLoader(Subset(dataset, indices), batch_size=1, num_workers=workers,
-                        collate_fn=collate_fn, worker_init_fn=ignore_stop_signals,
+                        collate_fn=collate_fn, worker_init_fn=own_process_group,
                         generator=torch.Generator())
     bar = tqdm(loader, desc="evaluate", unit="image", leave=False, dynamic_ncols=True,
                disable=not dist.is_main)

@@ -4,6 +4,7 @@ a corrupt image met mid-training (also inside a DataLoader worker) named with la
 and the lr schedules."""
 import json
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -393,3 +394,30 @@ def test_cuda_graph_is_not_tried_for_a_task_that_waits_for_the_host(task_name, g
     assert said == ([] if graphed else [f"--cuda-graph: {task.eager_only}; using eager steps"])
     if not graphed:
         assert "Hungarian" in task.eager_only
+
+
+STUCK_WORKER = """
+import sys, time
+import torch
+from torch.utils.data import DataLoader, Dataset
+from ivt.engine import own_process_group
+class Stuck(Dataset):
+    def __len__(self):
+        return 4
+    def __getitem__(self, i):
+        if i > 0:
+            time.sleep(1000)                    # a worker stuck reading a file
+        return i
+batches = iter(DataLoader(Stuck(), num_workers=1, worker_init_fn=own_process_group))
+assert next(batches).item() == 0
+batches._shutdown_workers()                     # joins, then terminates the stuck worker
+"""
+
+
+def test_the_dataloader_still_terminates_a_stuck_worker():
+    """The workers leave Ctrl-C to the main process (`engine.own_process_group`) but still end
+    on the SIGTERM the DataLoader sends a worker that does not exit: the process then exits
+    instead of waiting for the worker forever."""
+    run = subprocess.run([sys.executable, "-c", STUCK_WORKER], cwd=ROOT, timeout=60,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
