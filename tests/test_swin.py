@@ -4,6 +4,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ivt.models import VARIANTS, CheckpointError, build_backbone
 from ivt.models.swin import SwinBlock, checkpoint_filter_fn
@@ -163,12 +164,17 @@ def test_adapter_initialisation_is_not_zero():
 # -- window attention vs brute force ------------------------------------------------------------
 
 def brute_force_window_attention(block: SwinBlock, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-    """Full attention over all H*W tokens where token pairs outside the same (shifted) window,
-    or from different regions of the cyclic shift, are excluded; bias from relative offsets.
-    x: (H*W, C) normed tokens, H and W multiples of the window. Independent of partition/roll."""
+    """Full attention over all tokens of the grid zero-padded at the bottom and right to
+    multiples of the window (as the mmseg/mmdet Swin pads before it shifts), where token pairs
+    outside the same (shifted) window, or from different regions of the cyclic shift, are
+    excluded; bias from relative offsets. x: (H*W, C) normed tokens, H and W larger than the
+    window. Independent of partition/roll."""
     attn, w = block.attn, block.window_size
     s = w // 2 if block.shifted and min(H, W) > w else 0
     heads, C = attn.num_heads, x.shape[1]
+    image = (H, W)
+    H, W = H + (-H) % w, W + (-W) % w
+    x = F.pad(x.view(*image, C), (0, 0, 0, W - image[1], 0, H - image[0])).view(H * W, C)
     hh, ww = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
     hh, ww = hh.flatten(), ww.flatten()
     hs, ws = (hh - s) % H, (ww - s) % W                       # coordinates after the roll
@@ -184,12 +190,12 @@ def brute_force_window_attention(block: SwinBlock, x: torch.Tensor, H: int, W: i
     logits = qkv[0] @ qkv[1].transpose(-1, -2) * attn.scale + bias.permute(2, 0, 1)
     logits = logits.masked_fill(~allowed, float("-inf"))
     out = (logits.softmax(-1) @ qkv[2]).transpose(0, 1).reshape(-1, C)
-    return attn.proj(out)
+    return attn.proj(out).view(H, W, C)[:image[0], :image[1]].reshape(-1, C)
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "math"])
 @pytest.mark.parametrize("shifted", [False, True])
-@pytest.mark.parametrize("hw", [(8, 12), (12, 8), (16, 16)])
+@pytest.mark.parametrize("hw", [(8, 12), (12, 8), (16, 16), (9, 14), (13, 6)])
 def test_window_attention_matches_brute_force(shifted, hw, attention):
     torch.manual_seed(1)
     block = SwinBlock(dim=16, num_heads=2, window_size=4, shifted=shifted, mlp_ratio=2,

@@ -1,8 +1,9 @@
 """Equality with timm on golden fixtures (tests/golden/, made once by timm: see its README.md).
 
-A tiny Swin (window 3, shift 1, padding at every stage of a non-square input) and a tiny EVA02
-(non-square grids larger and smaller than its stored position embedding) are loaded from timm's
-state dicts through `load_pretrained`, and their outputs compared with the ones timm computed.
+A tiny Swin (window 3, shift 1, a non-square input whose stage grids need no padding: where a
+block pads, timm's order differs from ivt's, see tests/test_swin.py) and a tiny EVA02 (non-square
+grids larger and smaller than its stored position embedding) are loaded from timm's state dicts
+through `load_pretrained`, and their outputs compared with the ones timm computed.
 """
 import json
 from pathlib import Path

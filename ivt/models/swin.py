@@ -5,12 +5,14 @@ patch merging, stage, backbone, checkpoint conversion. Parameter names follow ti
 (patch merging at the start of stages 2-4), so timm files load as they are and the original
 release's files after `checkpoint_filter_fn`.
 
-Any input size works: the image is padded to a multiple of the patch size; every block shifts
-its grid cyclically and then pads it to a multiple of its window, with the shifted-window mask
-computed on the padded grid, exactly as timm does (the mmseg/mmdet Swin pads before shifting,
-which gives different numbers wherever padding occurs); a grid no larger than the window in one
-dimension uses a window of the grid's size there and no shift (as the classification Swin and
-timm do). Outputs equal timm's at every size on identical weights.
+Any input size works: the image is padded to a multiple of the patch size; every block pads its
+grid to a multiple of its window and then shifts it cyclically, with the shifted-window mask
+computed on the padded grid, as the mmseg/mmdet Swin that made the paper's segmentation and
+detection numbers does (timm shifts before padding, which lets tokens from opposite edges of
+the image attend to each other wherever padding occurs: timm issue #2438); a grid no larger than
+the window in one dimension uses a window of the grid's size there and no shift (as the
+classification Swin, which the authors' SOD release uses, and timm do). Where no block pads,
+outputs equal timm's on identical weights.
 """
 import math
 import re
@@ -270,11 +272,10 @@ class SwinBlock(nn.Module):
         `attn.proj(window_attention(z, hw, project=False))` is the same attention output."""
         B, N, C = z.shape
         (H, W), (win, shift) = hw, window_and_shift(hw, self.window_size, self.shifted)
-        x = z.view(B, H, W, C)
-        if any(shift):                                                   # cyclic shift, then pad
-            x = torch.roll(x, (-shift[0], -shift[1]), dims=(1, 2))
-        x = F.pad(x, (0, 0, 0, (-W) % win[1], 0, (-H) % win[0]))        # (B, Hp, Wp, C)
+        x = F.pad(z.view(B, H, W, C), (0, 0, 0, (-W) % win[1], 0, (-H) % win[0]))  # (B, Hp, Wp, C)
         padded = (x.shape[1], x.shape[2])
+        if any(shift):                                                   # pad, then cyclic shift
+            x = torch.roll(x, (-shift[0], -shift[1]), dims=(1, 2))
         mask = None
         if any(shift):
             key = (padded, win, shift, x.device)
@@ -283,10 +284,10 @@ class SwinBlock(nn.Module):
             mask = self._masks[key]
         attention = self.attn if project else self.attn.heads
         x = attention(partition(x, win), win, mask, extra_kv)
-        x = unpartition(x, win, padded)[:, :H, :W]
+        x = unpartition(x, win, padded)
         if any(shift):
             x = torch.roll(x, shift, dims=(1, 2))
-        return x.reshape(B, N, C)
+        return x[:, :H, :W].reshape(B, N, C)
 
     def forward(self, z: torch.Tensor, hw: Grid, prompt: Optional[torch.Tensor]
                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:

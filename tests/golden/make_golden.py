@@ -31,13 +31,15 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 
-# Tiny Swin: window 3 (shift 1) divides none of the stage grids 16x20, 8x10, 4x5 (input 64x80,
-# patch 4), so every block pads, and every second block shifts before it pads (the order that
-# differs from mmseg's Swin). Two limits of timm shape the sizes: it fixes each stage's window
-# at construction from floor(grid / 2^stage), so the grids are even before every patch merging
-# (floor = ceil); and a grid no larger than the window would make timm build a smaller relative
-# position table, so every grid is larger than the window.
-SWIN = dict(img_size=(64, 80), patch_size=4, embed_dim=8, depths=(2, 2, 2), num_heads=(1, 2, 4),
+# Tiny Swin: window 3 (shift 1) divides every stage grid, 24x36, 12x18, 6x9 (input 96x144, patch
+# 4), so no block pads: where a block pads, timm shifts before it pads, which lets tokens from
+# opposite edges attend to each other (timm issue #2438); ivt pads first, as the mmseg/mmdet
+# Swin, and tests/test_swin.py checks padded grids against attention written out token by
+# token. Two limits of timm shape the sizes: it fixes each stage's window at construction from
+# floor(grid / 2^stage), so the grids are even before every patch merging (floor = ceil); and a
+# grid no larger than the window would make timm build a smaller relative position table, so
+# every grid is larger than the window.
+SWIN = dict(img_size=(96, 144), patch_size=4, embed_dim=8, depths=(2, 2, 2), num_heads=(1, 2, 4),
             window_size=3, mlp_ratio=4.0, drop_path_rate=0.0, num_classes=0)
 
 # Tiny EVA02: the eva02_*_patch14_224 recipe (separate q/k/v, SwiGLU with its "subln" norm,
