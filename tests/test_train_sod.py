@@ -26,7 +26,7 @@ from ivt.engine import EagerStep  # noqa: E402
 from ivt.graph_step import _make_capture_safe  # noqa: E402
 from ivt.tasks import load_trained  # noqa: E402
 from ivt.tasks.sod import SODTask  # noqa: E402
-from ivt.trainer import build_optimizer  # noqa: E402
+from ivt.trainer import build_optimizer, schedule  # noqa: E402
 from script_runs import read_log, run_killed_after_first_checkpoint  # noqa: E402
 
 
@@ -52,7 +52,7 @@ def test_help_shows_the_recipe(capsys):
     with pytest.raises(SystemExit):
         train_sod.main(["--help"])
     text = capsys.readouterr().out
-    for piece in ("5e-05", "0.1", "200", "384", "--lr-drop-epoch", "100", "adam", "grayscale",
+    for piece in ("5e-05", "0.1", "199", "384", "--lr-drop-epoch", "99", "adam", "grayscale",
                   "--val-count", "--resume", "--pretrained", "--variant", "--kernels", "--amp",
                   "--weight-decay 0.1", "clamped to +-0.5", "--augment", "--taps",
                   "SOD-IV-tuning/data.py"):
@@ -210,3 +210,16 @@ def test_a_cuda_graph_runs_checkpoint_resumes_with_eager_steps(vt, tmp_path):
     groups = load_checkpoint(summary["last"])["optimizer"]["param_groups"]
     assert not any(g["capturable"] for g in groups)
     assert all(isinstance(g["lr"], float) for g in groups)
+
+
+def test_default_schedule_is_the_releases_epoch_loop():
+    """SOD-IV-tuning/CPNet_train.py: `for epoch in range(1, opt.epoch)` with opt.epoch 200, each
+    epoch at `adjust_lr`'s lr * decay_rate ** (epoch // decay_epoch), decay 0.1 every 100."""
+    args = train_sod.get_parser().parse_args(["--data", "unused"])
+    per_epoch = 3
+    iters, lr_at = schedule(SODTask(), args, per_epoch)
+    release = [5e-5 * 0.1 ** (epoch // 100) for epoch in range(1, 200)]
+    assert iters == len(release) * per_epoch
+    for i, lr in enumerate(release):
+        for it in range(i * per_epoch, (i + 1) * per_epoch):
+            assert lr_at(it) == pytest.approx(lr, rel=1e-12), (i, it)

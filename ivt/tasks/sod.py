@@ -3,15 +3,16 @@
 What the task adds to the shared trainer (`ivt.trainer`): its flags, datasets, model, loss and
 evaluation. Recipe, as the authors' SOD release trained the runs behind the paper's Table 1
 (SOD-IV-tuning/CPNet_train.py, options.py, utils.py): Adam lr 5e-5 without weight decay, every
-gradient value clamped to +-0.5 before the step (`clip_gradient`), 200 epochs, batch 8, 384x384
-input, lr x0.1 at epoch 100; the release's augmentation with soft GTs (`--augment release`,
-`ivt.data.vt.SODReleaseTransform`). The paper's "weight decay 1e-1" is the release's lr decay
-factor (`decay_rate`); `--weight-decay 0.1` gives the text's literal reading (coupled L2 in
-Adam). The decoder reads the standard Swin taps (stage outputs); `--taps release` reads the
-release's (patch embedding and stages 1-3 after merging), those of the runs behind Table 1. Train
-on VT5000/Train, test on VT5000/Test, VT1000 and VT821. The paper does not say how it chose its
-checkpoint (the release chose it on the test set); here best.pt is chosen on a validation list
-carved from VT5000/Train by a seeded, saved list.
+gradient value clamped to +-0.5 before the step (`clip_gradient`), 199 epochs (its `--epoch 200`
+runs `range(1, 200)`), batch 8, 384x384 input, lr x0.1 after 99 epochs (`decay_rate ** (epoch //
+100)` on its 1-based epochs); the release's augmentation with soft GTs (`--augment release`,
+`ivt.data.vt.SODReleaseTransform`). The paper's "weight decay 1e-1" is the release's lr decay factor
+(`decay_rate`); `--weight-decay 0.1` gives the text's literal reading (coupled L2 in Adam). The
+decoder reads the standard Swin taps (stage outputs); `--taps release` reads the release's (patch
+embedding and stages 1-3 after merging), those of the runs behind Table 1. Train on VT5000/Train,
+test on VT5000/Test, VT1000 and VT821. The paper does not say how it chose its checkpoint (the
+release chose it on the test set); here best.pt is chosen on a validation list carved from
+VT5000/Train by a seeded, saved list.
 """
 from pathlib import Path
 from typing import Callable, Optional
@@ -35,13 +36,13 @@ DESCRIPTION = """Train a salient object detection model (IV-tuning backbone + CP
     python train_sod.py --data VT5000/Train --backbone swin_l
     python evaluate.py --checkpoint runs/sod/best.pt --data VT5000/Test --data VT1000 --data VT821
 
-Defaults are the recipe of the authors' SOD release, which trained the paper's Table 1 (Adam
-lr 5e-5 without weight decay, gradient values clamped to +-0.5, 200 epochs, batch 8, 384x384,
-lr x0.1 at epoch 100; the release's augmentation with soft GTs; loss: BCE-with-logits + IoU on
-the main and three side outputs). The paper's "weight decay 1e-1" is the release's lr decay
-factor; --weight-decay 0.1 reproduces the text literally (coupled L2 in Adam). The
-thermal image (a colour-mapped .jpg in the VT datasets) is converted to grayscale and repeated to
-3 channels, as the authors' code does. --val-count images of --data are held out (a seeded list,
+Defaults are the recipe of the authors' SOD release, which trained the paper's Table 1 (Adam lr 5e-5
+without weight decay, gradient values clamped to +-0.5, 199 epochs, batch 8, 384x384, lr x0.1 after
+99 epochs, as its `range(1, 200)` epoch loop; the release's augmentation with soft GTs; loss:
+BCE-with-logits + IoU on the main and three side outputs). The paper's "weight decay 1e-1" is the
+release's lr decay factor; --weight-decay 0.1 reproduces the text literally (coupled L2 in Adam).
+The thermal image (a colour-mapped .jpg in the VT datasets) is converted to grayscale and repeated
+to 3 channels, as the authors' code does. --val-count images of --data are held out (a seeded list,
 saved as <out>/val_list.txt and reused on --resume) to choose best.pt by S-measure; the test sets
 are never used for selection.
 """
@@ -99,9 +100,11 @@ class SODTask(Task):
     metric = "S"
     # SOD-IV-tuning/CPNet_train.py: torch.optim.Adam(params, lr) (no weight decay),
     # clip_gradient(optimizer, 0.5) clamps every gradient value before the step; options.py:
-    # lr 5e-5, 200 epochs, batch 8, 384, lr x0.1 (decay_rate) every 100 epochs (decay_epoch).
+    # lr 5e-5, --epoch 200, batch 8, 384, decay_rate 0.1, decay_epoch 100; the loop
+    # `for epoch in range(1, opt.epoch)` trains 199 epochs, at lr * 0.1 ** (epoch // 100): the
+    # lr drops after the 99th (its logs: "Epoch [100/200]" is the first at 5e-6).
     recipe = Recipe(optimizer="adam", lr=5e-5, weight_decay=0.0, batch_size=8, size=384,
-                    epochs=200, schedule="step", lr_drop_epochs=(100,), clip_grad_value=0.5,
+                    epochs=199, schedule="step", lr_drop_epochs=(99,), clip_grad_value=0.5,
                     eval_every=2000)
     description = DESCRIPTION
     size_help = "square input size of training and evaluation in pixels"
