@@ -11,7 +11,8 @@ plain Python values only):
     pretrained          path of the pretrained visible-model file (None without one)
     pretrained_sha256   its SHA-256 (None without one)
     optimizer           the optimizer's state_dict
-    rng                 python, numpy, torch (and cuda) RNG states at the moment of saving
+    rng                 every process's python, numpy, torch (and cuda) RNG states at the moment
+                        of saving, in rank order
     task                'seg', 'sod' or 'det'
     metric, best        the validation score that selects best.pt, and its best value so far
     metrics             the latest validation results
@@ -28,6 +29,7 @@ from typing import Dict, Optional
 
 import numpy as np
 import torch
+import torch.distributed as torch_dist
 import torch.nn as nn
 
 from .models.backbone import CheckpointError, _key_list, load_tensors
@@ -128,6 +130,18 @@ def rng_state() -> dict:
     return state
 
 
+def every_rank_rng_state() -> list:
+    """`rng_state()` of every process, in rank order (one process: a list of one); called by all
+    processes together. The ranks' streams part as soon as a task draws differently on each
+    (detection's denoising draws per box), so each rank resumes its own."""
+    state = rng_state()
+    if not torch_dist.is_initialized():
+        return [state]
+    states = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(states, state)
+    return states
+
+
 def set_rng_state(state: dict) -> None:
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
@@ -141,14 +155,15 @@ def set_rng_state(state: dict) -> None:
 # -- whole checkpoints -------------------------------------------------------------------------
 def make_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, iteration: int,
                     config: dict, pretrained: Optional[str], pretrained_sha256: Optional[str],
-                    **extra) -> dict:
+                    rng: Optional[list] = None, **extra) -> dict:
     """The state to resume exactly after `iteration` iterations (call it at that moment: the RNG
-    states are captured now). `pretrained_sha256` is computed once per run by the caller."""
+    states are captured now, or passed as `rng`, `every_rank_rng_state()`, in a distributed run).
+    `pretrained_sha256` is computed once per run by the caller."""
     return {"format": CHECKPOINT_FORMAT, "config": dict(config), "iter": iteration,
             "model": model_state(model, include_frozen=pretrained is None),
             "delta": pretrained is not None, "pretrained": pretrained,
             "pretrained_sha256": pretrained_sha256, "optimizer": optimizer.state_dict(),
-            "rng": rng_state(), **extra}
+            "rng": rng if rng is not None else [rng_state()], **extra}
 
 
 def load_checkpoint(path: str) -> dict:

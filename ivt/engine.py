@@ -4,9 +4,9 @@ with its NaN guard. Nothing here knows about a task: `ivt.trainer` drives it wit
 loss, evaluation and checkpointing callbacks.
 
 Distributed runs are detected from the environment torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK):
-gloo on CPU, nccl on CUDA. All ranks use the same seed, so their RNG streams (dropout, drop-path)
-stay in step and the state saved by rank 0 is every rank's state; the data differ by rank through
-the DistributedSampler.
+gloo on CPU, nccl on CUDA. All ranks start from the same seed (dropout and drop-path draw in step);
+the data differ by rank through the DistributedSampler, and a checkpoint keeps every rank's RNG
+state (`ivt.checkpoint.every_rank_rng_state`), since a task may draw differently on each.
 """
 import json
 import math

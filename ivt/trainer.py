@@ -26,8 +26,9 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import engine
-from .checkpoint import (atomic_save, check_pretrained, load_checkpoint, load_model_state,
-                         make_checkpoint, model_state, set_rng_state, sha256_file)
+from .checkpoint import (atomic_save, check_pretrained, every_rank_rng_state, load_checkpoint,
+                         load_model_state, make_checkpoint, model_state, set_rng_state,
+                         sha256_file)
 from .data.io import BadImageError
 from .models import (BACKBONES, TUNINGS, VARIANTS, VIT_BACKBONES, CheckpointError,
                      normalization_for)
@@ -625,9 +626,10 @@ class RunCheckpoints:
         is_best = r is not None and r[self.task.metric] > self.best    # NaN is never best
         self.best = r[self.task.metric] if is_best else self.best
         self.metrics = r if r is not None else self.metrics
+        rng = every_rank_rng_state()
         if self.is_main:
             state = make_checkpoint(self.model, self.optimizer, it, self.config, self.pretrained,
-                                    self.pretrained_sha256, task=self.task.name,
+                                    self.pretrained_sha256, rng, task=self.task.name,
                                     metric=self.task.metric, best=self.best, metrics=self.metrics)
             atomic_save(state, str(self.last))
             if is_best:
@@ -671,7 +673,8 @@ def train(task: Task, args, dist: engine.DistInfo) -> dict:
     step = training_step(task, args, net, optimizer, autocast, dist, say)
     # Restored last, so that nothing between here and the first iteration draws from it.
     if ckpt is not None:
-        set_rng_state(ckpt["rng"])
+        rng = ckpt["rng"]                   # a list by rank (a dict: one state for every rank)
+        set_rng_state(rng[dist.rank] if isinstance(rng, list) else rng)
     try:
         with engine.StopRequest(enabled=not dist.distributed) as stop:
             result = engine.train_loop(

@@ -41,3 +41,14 @@ def tiny_seg_args(data, out, iters, *extra):
             "--head-dim", "16", "--crop", "32", "--batch-size", "2", "--iters", str(iters),
             "--eval-every", "2", "--log-every", "1", "--workers", "0", "--device", "cpu",
             "--kernels", "torch", *extra]
+
+
+def run_torchrun(script: str, args, processes: int = 2, timeout: float = 300) -> None:
+    """`torchrun --standalone --nproc_per_node=<processes> <script> <args>` on the CPU (gloo);
+    fails with the end of its stderr unless it exits with 0."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={processes}", str(ROOT / script), *args]
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stderr[-3000:]

@@ -17,7 +17,7 @@ from ivt.checkpoint import load_checkpoint  # noqa: E402
 from ivt.data.synthetic import write_m3fd  # noqa: E402
 from ivt.models.detr import DetectorConfig, build_detector  # noqa: E402
 from ivt.tasks.det import DetTask, detector_config  # noqa: E402
-from script_runs import read_log, run_killed_after_first_checkpoint  # noqa: E402
+from script_runs import read_log, run_killed_after_first_checkpoint, run_torchrun  # noqa: E402
 
 SAMPLE = ROOT / "tests" / "data" / "m3fd_sample"
 
@@ -153,3 +153,22 @@ def test_train_resume_and_evaluate(m3fd, tmp_path):
     for key in ("mAP", "mAP50", "mAP75", "mAP_s", "mAP_m", "mAP_l"):
         assert key in saved and saved[key] == pytest.approx(result[key], nan_ok=True)
     assert len(list(vis.glob("*.png"))) == 1
+
+
+def test_torchrun_resume_gives_each_rank_its_own_random_state(m3fd, tmp_path):
+    """Denoising draws noise per box, so the two ranks' RNG streams part after the first step:
+    resumed from iteration 2, each rank continues its own stream and the losses repeat the
+    uninterrupted run's (no lr drop within 4 iterations, so --iters changes nothing else)."""
+    common = ("--lr-drop-epoch", "100", "--eval-every", "2")
+    run_torchrun("train_det.py", tiny_args(m3fd, tmp_path / "full", 4, *common))
+    run_torchrun("train_det.py", tiny_args(m3fd, tmp_path / "cut", 2, *common))
+    run_torchrun("train_det.py", tiny_args(m3fd, tmp_path / "cut", 4, *common, "--resume",
+                                           "--allow-changes"))
+    full = {r["iter"]: r["loss"] for r in read_log(tmp_path / "full" / "log.jsonl")
+            if r["event"] == "train"}
+    records = read_log(tmp_path / "cut" / "log.jsonl")
+    start = max(i for i, r in enumerate(records) if r["event"] == "resume")
+    resumed = {r["iter"]: r["loss"] for r in records[start:] if r["event"] == "train"}
+    assert sorted(resumed) == [3, 4]
+    for it, loss in resumed.items():
+        assert loss == pytest.approx(full[it], abs=1e-6), it
