@@ -84,7 +84,7 @@ def case_id(value):
 
 
 # H*W == 1, odd H and W, the real shapes scaled down, and H and W stored transposed (copied).
-# (1, 16, 65, 65) has more tiles than MAX_CHUNKS, so each program loops over several tiles.
+# (1, 16, 65, 65) runs in one pass; tests/test_simam_paths.py covers the chunked path.
 SIMAM_CASES = cases([(1, 4, 1, 9), (1, 3, 1, 1), (2, 5, 7, 9), (2, 8, 24, 24), (2, 64, 12, 12)],
                     [((2, 5, 7, 9), "hw_transposed"), ((2, 8, 24, 24), "hw_transposed"),
                      ((1, 16, 65, 65), "channels_last")])

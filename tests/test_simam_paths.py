@@ -50,3 +50,28 @@ def test_one_pass_only_where_rows_fit():
     assert simam.one_pass_blocks(torch.empty(8, 8, 96, 96)) is None            # 9,216 per row
     block_c, block_hw, _ = simam.one_pass_blocks(torch.empty(2, 64, 24, 24))
     assert block_hw == 1024 and block_c * block_hw <= simam.ROW_TILE
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,max_chunks", [((1, 8, 96, 96), None), ((2, 5, 40, 41), 3)],
+                         ids=["empg-swin-l-384", "uneven-last-chunk"])
+def test_chunks_of_several_tiles_match_reference(monkeypatch, device, shape, max_chunks):
+    """Each program of the chunked kernels loops over CHUNK_TILES > 1 tiles: the EMPG's SimAM at
+    Swin-L 384 (8 channels on the 96 x 96 stage-1 grid: 2 tiles a chunk), and a row of 7 tiles
+    in chunks of 3 (the last chunk's only tile partly past the row's end)."""
+    simam = simam_module()
+    if max_chunks:                                       # forced through the chunked path
+        monkeypatch.setattr(simam, "ROW_TILE", 0)
+        monkeypatch.setattr(simam, "MAX_CHUNKS", max_chunks)
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5
+    assert simam.one_pass_blocks(x) is None and simam.row_grid(x)[2] > 1
+    grad = torch.randn(shape, generator=gen, dtype=torch.float64)
+    ref_in = x.clone().requires_grad_()
+    ref = simam_reference(ref_in)
+    ref.backward(grad)
+    ker_in = x.to(device).requires_grad_()
+    out = kernels.simam_triton(ker_in)
+    out.backward(grad.to(device))
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ker_in.grad.cpu(), ref_in.grad, rtol=1e-9, atol=1e-11)
