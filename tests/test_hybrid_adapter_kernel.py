@@ -698,6 +698,36 @@ def test_fused_eva02_training_step_equals_reference_path(monkeypatch):
 
 @pytest.mark.skipif(not kernels.interpreter_ready(),
                     reason=f"needs {kernels.INTERPRETER_NEEDS}")
+def test_fused_training_keeps_each_unit_with_probability_one_minus_p(monkeypatch):
+    """The keep masks the fused adapters hand their kernel: nn.Dropout(p) keeps a unit with
+    probability 1 - p (each mask one (tokens, d2) draw, the rate p passed along for the
+    1 / (1 - p) scale)."""
+    from ivt.fast import make_fast
+    from ivt.models import build_backbone
+    monkeypatch.setenv("IVT_KERNELS", "triton")
+    seen = []
+    train = kernels.hybrid_adapter_train
+
+    def spy(x, residual, extra, hw, weights, keep, p, *rest):
+        seen.append((keep, p, x.shape[0] * x.shape[1]))
+        return train(x, residual, extra, hw, weights, keep, p, *rest)
+    monkeypatch.setattr(kernels, "hybrid_adapter_train", spy)
+    torch.manual_seed(SEED)
+    model = make_fast(build_backbone("swin_nano", "ivt", d2=16), "fused").train()
+    rate = [m.drop.p for m in model.modules() if isinstance(m, HybridAdapter)]
+    assert len(set(rate)) == 1 and 0 < rate[0] < 1
+    sum(o.sum() for o in model(torch.randn(2, 3, 32, 40), torch.randn(2, 3, 32, 40))).backward()
+    assert len(seen) == len(rate)
+    kept = 0.0
+    for keep, p, tokens in seen:
+        assert p == rate[0] and keep.dtype == torch.bool and keep.shape == (tokens, 16)
+        kept += keep.sum().item()
+    n = sum(keep.numel() for keep, _, _ in seen)
+    assert abs(kept / n - (1 - rate[0])) < 5 * (rate[0] * (1 - rate[0]) / n) ** 0.5
+
+
+@pytest.mark.skipif(not kernels.interpreter_ready(),
+                    reason=f"needs {kernels.INTERPRETER_NEEDS}")
 def test_fused_training_with_dropout_replays_its_mask_under_checkpointing(monkeypatch):
     """With dropout on, the fused adapters draw their masks from torch's generator: a
     checkpointed step recomputes the same masks, so it equals the step that keeps its
