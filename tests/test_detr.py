@@ -635,3 +635,66 @@ def test_predict_returns_boxes_in_original_pixels():
     assert all((d["scores"] > threshold).all() for d in few)
     with pytest.raises(ValueError, match="orig_sizes"):
         model.predict(vis, ir, [(10, 10)])
+
+
+# -- the loss (Eq. 17) against its definitions, in float64 --------------------------------------
+
+def focal_by_hand(logit: float, target: float, alpha=0.25, gamma=2.0) -> float:
+    """Lin et al. 2017: -alpha_t (1 - p_t)^gamma log(p_t); alpha_t = alpha for positives."""
+    p = 1 / (1 + math.exp(-logit))
+    p_t = p if target else 1 - p
+    return -(alpha if target else 1 - alpha) * (1 - p_t) ** gamma * math.log(p_t)
+
+
+def giou_by_hand(a, b) -> float:
+    """Generalised IoU of two xyxy boxes (Rezatofighi et al. 2019)."""
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    hull = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
+    return inter / union - (hull - union) / hull
+
+
+def test_sigmoid_focal_loss_is_the_published_formula():
+    from ivt.models.detr.criterion import sigmoid_focal_loss
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(40, 3, generator=gen, dtype=torch.float64) * 3
+    targets = (torch.rand(40, 3, generator=gen) < 0.3).double()
+    ours = sigmoid_focal_loss(logits, targets, 0.25, 2.0)
+    for (i, k), value in zip(itertools.product(range(40), range(3)), ours.flatten().tolist()):
+        assert value == pytest.approx(focal_by_hand(logits[i, k].item(), targets[i, k].item()),
+                                      rel=1e-12, abs=1e-15)
+
+
+def test_set_losses_on_a_given_assignment():
+    """Focal over every query and class (unmatched queries are background), L1 and 1 - GIoU on
+    the matched (query, box) pairs, each summed and divided by the number of boxes."""
+    from ivt.models.detr.criterion import SetCriterion
+    gen = torch.Generator().manual_seed(1)
+    B, Q, K = 2, 5, 3
+    logits = torch.randn(B, Q, K, generator=gen, dtype=torch.float64) * 2
+    centres = torch.rand(B, Q, 2, generator=gen, dtype=torch.float64) * 0.5 + 0.25
+    sizes = torch.rand(B, Q, 2, generator=gen, dtype=torch.float64) * 0.3 + 0.1
+    boxes = torch.cat([centres, sizes], -1)                               # cxcywh in [0, 1]
+    corners = [torch.tensor([[.2, .3, .4, .6], [.5, .5, .9, .8]]), torch.tensor([[.1, .1, .7, .4]])]
+    targets = [{"labels": torch.tensor([2, 0]), "boxes": box_xyxy_to_cxcywh(corners[0])},
+               {"labels": torch.tensor([1]), "boxes": box_xyxy_to_cxcywh(corners[1])}]  # normalised
+    indices = [(torch.tensor([3, 0]), torch.tensor([0, 1])), (torch.tensor([4]), torch.tensor([0]))]
+    criterion = SetCriterion(K, HungarianMatcher(), {"cls": 1.0, "l1": 5.0, "giou": 2.0})
+    got = criterion.set_losses({"pred_logits": logits, "pred_boxes": boxes}, targets, indices,
+                               num_boxes=3.0, suffix="")
+    matched = {(b, q.item()): (t["labels"][j].item(), corners[b][j].tolist())
+               for b, ((qs, js), t) in enumerate(zip(indices, targets)) for q, j in zip(qs, js)}
+    cls = sum(focal_by_hand(logits[b, q, k].item(), float(matched.get((b, q), (-1,))[0] == k))
+              for b in range(B) for q in range(Q) for k in range(K))
+    l1 = giou = 0.0
+    for (b, q), (_, box) in matched.items():
+        cx, cy, w, h = boxes[b, q].tolist()
+        pred = [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
+        l1 += sum(abs(u - v) for u, v in zip(boxes[b, q].tolist(), [(box[0] + box[2]) / 2,
+                                                                     (box[1] + box[3]) / 2,
+                                                                     box[2] - box[0],
+                                                                     box[3] - box[1]]))
+        giou += 1 - giou_by_hand(pred, box)
+    assert got["loss_cls"].item() == pytest.approx(cls / 3, rel=1e-6)
+    assert got["loss_l1"].item() == pytest.approx(l1 / 3, rel=1e-6)
+    assert got["loss_giou"].item() == pytest.approx(giou / 3, rel=1e-6)
