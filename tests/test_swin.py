@@ -167,7 +167,7 @@ def brute_force_window_attention(block: SwinBlock, x: torch.Tensor, H: int, W: i
     """Full attention over all tokens of the grid zero-padded at the bottom and right to
     multiples of the window (as the mmseg/mmdet Swin pads before it shifts), where token pairs
     outside the same (shifted) window, or from different regions of the cyclic shift, are
-    excluded; bias from relative offsets. x: (H*W, C) normed tokens, H and W larger than the
+    excluded; bias from relative offsets. x: (H*W, C) normed tokens, H and W no smaller than the
     window. Independent of partition/roll."""
     attn, w = block.attn, block.window_size
     s = w // 2 if block.shifted and min(H, W) > w else 0
@@ -195,7 +195,7 @@ def brute_force_window_attention(block: SwinBlock, x: torch.Tensor, H: int, W: i
 
 @pytest.mark.parametrize("attention", ["sdpa", "math"])
 @pytest.mark.parametrize("shifted", [False, True])
-@pytest.mark.parametrize("hw", [(8, 12), (12, 8), (16, 16), (9, 14), (13, 6)])
+@pytest.mark.parametrize("hw", [(8, 12), (12, 8), (16, 16), (9, 14), (13, 6), (4, 4)])
 def test_window_attention_matches_brute_force(shifted, hw, attention):
     torch.manual_seed(1)
     block = SwinBlock(dim=16, num_heads=2, window_size=4, shifted=shifted, mlp_ratio=2,
