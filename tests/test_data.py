@@ -315,3 +315,21 @@ def test_mfnet_sample_copy_loads_with_flip_names(tmp_path):
     (root / "train.txt").write_text("00105D\n00105D_flip\n")
     ds = build_seg_dataset("mfnet", root, "train", train=True, crop=(64, 64))
     assert ds[1]["name"] == "00105D_flip" and not ds[1]["is_night"]
+
+
+@pytest.mark.parametrize("scale", [0.73, 1.37])
+def test_rescaled_labels_keep_their_class_ids(scale):
+    """Labels are resampled by nearest neighbour: a rescaled label holds only the ids it had,
+    each in about its share of the image, and 255 only where the crop pads."""
+    rng = np.random.default_rng(0)
+    label = np.zeros((40, 60), np.uint8)
+    label[10:30, 15:45] = 8
+    label[20:25, 5:50] = 3
+    vis = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    ir = rng.integers(0, 256, (40, 60), dtype=np.uint8)
+    t = TrainTransform(crop=(84, 84), scale_range=(scale, scale), flip_prob=0.0, jitter=False)
+    out = t(vis, ir, label, np.random.default_rng(1))["label"].numpy()
+    h, w = round(40 * scale), round(60 * scale)
+    assert set(np.unique(out[:h, :w])) == {0, 3, 8} and (out[h:] == 255).all()
+    for k in (0, 3, 8):
+        assert (out[:h, :w] == k).mean() == pytest.approx((label == k).mean(), abs=0.02), k
