@@ -2,6 +2,7 @@
 refused resumes that would silently change the run, errors raised before the model is built,
 a corrupt image met mid-training (also inside a DataLoader worker) named with last.pt intact,
 and the lr schedules."""
+import contextlib
 import json
 import signal
 import subprocess
@@ -421,3 +422,18 @@ def test_the_dataloader_still_terminates_a_stuck_worker():
     run = subprocess.run([sys.executable, "-c", STUCK_WORKER], cwd=ROOT, timeout=60,
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_eager_step_scales_each_groups_lr_by_its_lr_mult():
+    """SGD without momentum: p <- p - lr * lr_mult * grad, for each parameter group."""
+    model = torch.nn.Module()
+    model.fast = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    model.slow = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    optimizer = torch.optim.SGD([{"params": [model.fast], "lr_mult": 1.0},
+                                 {"params": [model.slow], "lr_mult": 0.1}], lr=1.0)
+    step = engine.EagerStep(model, lambda m, b: (m.fast * b["g"]).sum() + (m.slow * b["g"]).sum(),
+                            optimizer, contextlib.nullcontext)
+    g = torch.tensor([1.0, -2.0, 4.0], dtype=torch.float64)
+    step({"g": g}, 0.5)
+    torch.testing.assert_close(model.fast.detach(), 1 - 0.5 * g, rtol=0, atol=1e-15)
+    torch.testing.assert_close(model.slow.detach(), 1 - 0.05 * g, rtol=0, atol=1e-15)
