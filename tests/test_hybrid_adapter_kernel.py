@@ -296,7 +296,10 @@ def test_fused_inference_hands_on_each_layer_norm(monkeypatch, backbone, autocas
 TRAIN_TARGETS = ([(torch.float64, 1e-6), (torch.float32, 1e-4)]
                  if kernels.interpreter_ready() else [])
 if kernels.TRITON_INSTALLED and torch.cuda.is_available():
-    TRAIN_TARGETS += [(torch.float32, 1e-2)]                                   # TF32 matmuls
+    # TF32 matmuls: the ReLU after the training BatchNorm flips where TF32's rounding moves its
+    # input across 0, which moves pw1's weight gradient by up to 4e-2 of the largest gradient
+    # (TF32 rounding emulated under the interpreter, over the draws of both training tests)
+    TRAIN_TARGETS += [(torch.float32, 6e-2)]
 
 
 def training_run(fn, case, dtype, device, seed):
