@@ -121,6 +121,17 @@ def url_file_name(url: str) -> str:
     return name
 
 
+def cache_path(url: str) -> Path:
+    """Where `url` is cached: `cache_dir()/<host>/<path>`, so that two URLs ending in the same
+    file name (every Hugging Face file is `.../resolve/main/model.safetensors`) never share a
+    cached file. The query and fragment are ignored."""
+    parts = urllib.parse.urlsplit(url)
+    folders = [urllib.parse.unquote(p) for p in parts.path.split("/")[:-1] if p]
+    if not parts.netloc or any(f in (".", "..") for f in folders):
+        raise WeightsError(f"{url}: expected an http(s) URL of a file")
+    return cache_dir().joinpath(parts.netloc.replace(":", "_"), *folders, url_file_name(url))
+
+
 def split_sha256(url: str):
     """'https://host/f.pth#sha256=abc...' -> ('https://host/f.pth', 'abc...'); no fragment: None.
     The hash is hex, whole (64 digits) or a prefix of at least 8."""
@@ -141,8 +152,7 @@ def describe_expected(sha256: str) -> str:
 def resolve_pretrained(spec: Optional[str], progress: bool = True) -> Optional[str]:
     """`--pretrained` (FILE, NAME, URL or 'none') -> the local file to load, or None (random).
 
-    Names and URLs are downloaded into `cache_dir()` under the URL's file name, only when that
-    file is not there yet; a pinned hash (a release's, or a URL's `#sha256=` fragment) is checked
+    Names and URLs are downloaded into `cache_path(url)`, only when that file is not there yet; a pinned hash (a release's, or a URL's `#sha256=` fragment) is checked
     on the cached file too. `progress`: show a download progress bar. Anything else is a
     FileNotFoundError listing the release names; a failed download a WeightsError.
     """
@@ -174,7 +184,7 @@ def saved_pretrained(config: dict, progress: bool = True) -> Optional[str]:
 
 def fetch(url: str, sha256: Optional[str], label: str, progress: bool = True) -> str:
     """The cached copy of `url` (downloaded first if absent), checked against `sha256` if given."""
-    dest = cache_dir() / url_file_name(url)
+    dest = cache_path(url)
     if dest.is_file():
         if sha256 is not None:
             actual = sha256_of(dest)

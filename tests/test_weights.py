@@ -26,7 +26,7 @@ from ivt.data.synthetic import write_mfnet  # noqa: E402
 from ivt.models import build_backbone  # noqa: E402
 from ivt.tasks import load_trained  # noqa: E402
 from ivt.tasks.seg import SegTask  # noqa: E402
-from ivt.weights import WeightsError, resolve_pretrained  # noqa: E402
+from ivt.weights import WeightsError, cache_path, resolve_pretrained  # noqa: E402
 from script_runs import tiny_seg_args  # noqa: E402
 from test_detr_checkpoint import detector_extras, mmdet_swin_converter  # noqa: E402
 
@@ -137,6 +137,11 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
+def files(folder: Path) -> list:
+    """The files below `folder` (the cache keeps each URL under <host>/<path>)."""
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
 def check_weights(model, own):
     for k, v in own.items():
         assert torch.equal(model.state_dict()[k], v), k
@@ -145,8 +150,8 @@ def check_weights(model, own):
 def test_download_into_the_cache_then_reuse_it_offline(release, server, cache):
     own, served = release
     path = resolve_pretrained(server.url("swin_nano.pth"), progress=False)
-    assert path == str(cache / "swin_nano.pth")
-    assert Path(path).read_bytes() == served and os.listdir(cache) == ["swin_nano.pth"]
+    assert path == str(cache / f"127.0.0.1_{server.port}" / "swin_nano.pth")
+    assert Path(path).read_bytes() == served and files(cache) == [Path(path)]
     sha = hashlib.sha256(served).hexdigest()
     assert weights.download(server.url("swin_nano.pth"), cache / "again.pth",
                             progress=False) == sha
@@ -157,6 +162,22 @@ def test_download_into_the_cache_then_reuse_it_offline(release, server, cache):
                                  pretrained=server.url("swin_nano.pth")), own)
 
 
+def test_urls_ending_in_the_same_file_name_are_cached_apart(release, cache):
+    """Every Hugging Face file is .../resolve/main/model.safetensors: each URL has its own
+    cached copy, found again offline."""
+    other = release[1][:-64] + bytes(64)                          # another file, same name
+    s = Server({"/a/resolve/main/model.pth": release[1], "/b/resolve/main/model.pth": other})
+    try:
+        first = resolve_pretrained(s.url("a/resolve/main/model.pth"), progress=False)
+        second = resolve_pretrained(s.url("b/resolve/main/model.pth"), progress=False)
+    finally:
+        s.stop()
+    assert first != second and Path(first).name == Path(second).name == "model.pth"
+    assert Path(first).read_bytes() == release[1] and Path(second).read_bytes() == other
+    assert resolve_pretrained(s.url("b/resolve/main/model.pth")) == second     # offline
+    assert files(cache) == sorted(map(Path, (first, second)))
+
+
 def test_sha256_fragment_is_checked(release, server, cache):
     sha = hashlib.sha256(release[1]).hexdigest()
     wrong = "0" * 64
@@ -164,7 +185,7 @@ def test_sha256_fragment_is_checked(release, server, cache):
         resolve_pretrained(server.url(f"swin_nano.pth#sha256={wrong}"), progress=False)
     message = str(e.value)
     assert sha in message and wrong in message and server.url("swin_nano.pth") in message
-    assert "deleted" in message and os.listdir(cache) == []
+    assert "deleted" in message and files(cache) == []
     path = resolve_pretrained(server.url(f"swin_nano.pth#sha256={sha}"), progress=False)
     assert Path(path).read_bytes() == release[1]
     # the cached file is checked too: a wrong hash is never accepted, a right prefix is
@@ -180,7 +201,7 @@ def test_truncated_transfer_leaves_nothing(server, cache):
     with pytest.raises(WeightsError) as e:
         resolve_pretrained(server.url("truncated.pth"), progress=False)
     assert "expected 6000 bytes" in str(e.value) and "received 5000" in str(e.value)
-    assert os.listdir(cache) == []                      # no final file, no temporary file
+    assert files(cache) == []                           # no final file, no temporary file
 
 
 def test_http_error_refused_connection_and_timeout(server, cache, monkeypatch):
@@ -192,13 +213,13 @@ def test_http_error_refused_connection_and_timeout(server, cache, monkeypatch):
     with pytest.raises(WeightsError) as e:
         resolve_pretrained(server.url("silent.pth"), progress=False)
     assert time.perf_counter() - start < 5
-    assert server.url("silent.pth") in str(e.value) and str(cache / "silent.pth") in str(e.value)
+    assert server.url("silent.pth") in str(e.value) and str(cache_path(server.url("silent.pth"))) in str(e.value)
     server.stop()
     with pytest.raises(WeightsError) as e:
         resolve_pretrained(server.url("swin_nano.pth"), progress=False)
     message = str(e.value)
-    assert server.url("swin_nano.pth") in message and str(cache / "swin_nano.pth") in message
-    assert "--pretrained FILE" in message and os.listdir(cache) == []
+    assert server.url("swin_nano.pth") in message and str(cache_path(server.url("swin_nano.pth"))) in message
+    assert "--pretrained FILE" in message and files(cache) == []
 
 
 def test_release_names(release, server, cache, monkeypatch):
@@ -208,14 +229,14 @@ def test_release_names(release, server, cache, monkeypatch):
     monkeypatch.setitem(weights.RELEASES, "swin_t", dataclasses.replace(
         weights.RELEASES["swin_t"], url=server.url("swin_nano.pth"), sha256=sha[:8]))
     path = resolve_pretrained("swin_t", progress=False)
-    assert path == str(cache / "swin_nano.pth") and Path(path).read_bytes() == served
+    assert path == str(cache_path(server.url("swin_nano.pth"))) and Path(path).read_bytes() == served
     check_weights(build_backbone("swin_nano", tuning="ivt", pretrained="swin_t"), own)
     os.remove(path)
     monkeypatch.setitem(weights.RELEASES, "swin_t", dataclasses.replace(
         weights.RELEASES["swin_t"], sha256="deadbeef"))
     with pytest.raises(WeightsError, match=f"{sha}.*deadbeef.*deleted"):
         resolve_pretrained("swin_t", progress=False)
-    assert os.listdir(cache) == []
+    assert files(cache) == []
     with pytest.raises(FileNotFoundError) as e:
         resolve_pretrained("swin_xl")
     assert "swin_xl" in str(e.value) and all(n in str(e.value) for n in weights.RELEASES)
@@ -256,7 +277,8 @@ def test_train_seg_downloads_a_url_and_records_its_hash(release, server, cache, 
     summary = train_seg.main(tiny_args(data, out, 2, "--pretrained", url))
     ckpt = load_checkpoint(summary["last"])
     assert ckpt["delta"] and ckpt["pretrained_sha256"] == hashlib.sha256(release[1]).hexdigest()
-    assert ckpt["config"]["pretrained"] == str(cache / "swin_nano.pth")
+    cached = cache_path(url)
+    assert ckpt["config"]["pretrained"] == str(cached)
     assert ckpt["config"]["pretrained_source"] == url
     # Evaluation uses the saved file while it is there, whatever the cache ...
     other = tmp_path / "other_cache"
@@ -264,20 +286,21 @@ def test_train_seg_downloads_a_url_and_records_its_hash(release, server, cache, 
     load_trained(summary["last"])
     assert server.requests == ["/swin_nano.pth"]
     # ... and downloads the URL again into this cache when it is not (another machine).
-    os.remove(cache / "swin_nano.pth")
+    os.remove(cached)
     _, model, _ = load_trained(summary["last"])
     assert server.requests == ["/swin_nano.pth"] * 2
-    assert (other / "swin_nano.pth").read_bytes() == release[1]
+    cached = cache_path(url)
+    assert str(cached).startswith(str(other)) and cached.read_bytes() == release[1]
     check_weights(model.backbone, release[0])
     # Resuming without --pretrained uses the run's own weights (from the cache: no network).
     server.stop()
     summary = train_seg.main(tiny_args(data, out, 4, "--resume", "--allow-changes"))
     assert summary["iters"] == 4
     # Neither the saved file nor a cached copy, and no network: the error names the URL.
-    os.remove(other / "swin_nano.pth")
+    os.remove(cached)
     with pytest.raises(WeightsError) as e:
         load_trained(summary["last"])
-    assert url in str(e.value) and str(other / "swin_nano.pth") in str(e.value)
+    assert url in str(e.value) and str(cached) in str(e.value)
 
 
 def test_the_main_job_offline_stops_before_data_and_model(cache, tmp_path, capsys, monkeypatch):
@@ -297,7 +320,7 @@ def test_the_main_job_offline_stops_before_data_and_model(cache, tmp_path, capsy
     assert e.value.code == 2 and time.perf_counter() - start < 10
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: cannot download swin_l from " + url)
-    assert str(cache / "swin_large_patch4_window12_384_22k.pth") in err[0]
+    assert str(cache_path(url)) in err[0]
     assert not (tmp_path / "runs").exists()
 
 
