@@ -18,7 +18,7 @@ the release's kernel as it is.
 Registers get no position embedding: they are inserted after the cls token once the position
 embedding is added (the release's `prepare_tokens_with_masks`). At input sizes other than its own
 the release resizes its position embedding with an offset of 0.1 and no antialiasing; this model
-resizes as timm does (bicubic, antialiased when shrinking), so outputs equal timm's.
+resizes as timm does (bicubic with `antialias=True`), so outputs equal timm's.
 """
 import math
 from typing import Dict

@@ -387,8 +387,9 @@ class ViTBackbone(IVTBackbone):
 
 # -- resizing the embeddings of a checkpoint ----------------------------------------------------
 def resize_pos_embed(pos_embed: torch.Tensor, old: Grid, new: Grid) -> torch.Tensor:
-    """(1, 1 + h*w, C) -> (1, 1 + H*W, C): the grid part bicubically (antialiased when shrinking,
-    as timm does), the cls entry kept."""
+    """(1, 1 + h*w, C) -> (1, 1 + H*W, C): the grid part bicubically with `antialias=True` both
+    ways, as timm does (PyTorch's antialiased bicubic also upsamples with its own kernel,
+    a = -0.5 instead of -0.75), the cls entry kept."""
     if tuple(old) == tuple(new):
         return pos_embed
     cls, grid = pos_embed[:, :1], pos_embed[:, 1:]
