@@ -43,10 +43,10 @@ RUN_ONLY = ("device", "workers", "out", "resume", "allow_changes", "log_every", 
             "verify_images", "save_rank_weights", "eval_every", "save_every", "total_iters",
             "cuda_graph", "impl", "memory")
 KERNEL_BACKENDS = ("auto", "torch", "triton")     # `kernels.BACKENDS`, without importing it
-# Settings the saved weights depend on: never changeable on resume.
+# Settings the saved weights depend on: never changeable on resume (with a task's `model_keys`).
 MODEL_KEYS = ("task", "backbone", "tuning", "variant", "d1", "d2", "d3", "layers", "patch_size",
               "prompt_length", "bottleneck", "adapter_scale", "rein_tokens", "rein_rank",
-              "ir_embed", "taps")
+              "ir_embed")
 
 
 @dataclass
@@ -80,6 +80,7 @@ class Task:
     size_aliases  other spellings of `--size` the task accepts
     eager_only  why the task's step cannot be captured in a CUDA graph (`--cuda-graph` then runs
                 eager steps, saying this), or None where it can
+    model_keys  the task's settings that define its model (never changeable on resume)
     """
     name: str
     metric: str
@@ -88,6 +89,7 @@ class Task:
     size_help: str = "square input size in pixels"
     size_aliases: Tuple[str, ...] = ()
     eager_only: Optional[str] = None
+    model_keys: Tuple[str, ...] = ()
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """Task flags (data layout, splits, head)."""
@@ -435,7 +437,7 @@ def overlap_warning(train_set, val_set) -> Optional[str]:
             f"paper's train+val protocol report last.pt")
 
 
-def resume_checkpoint(args, config: dict, log: Callable[[str], None],
+def resume_checkpoint(task: Task, args, config: dict, log: Callable[[str], None],
                       ckpt: dict) -> Tuple[dict, list]:
     """Compare the configuration with the checkpoint's (read by `train`) and check its
     pretrained file; returns (checkpoint, the accepted changes as 'key: old -> new' strings)."""
@@ -445,7 +447,7 @@ def resume_checkpoint(args, config: dict, log: Callable[[str], None],
     differ = [k for k in sorted(set(saved) | set(config))
               if k not in RUN_ONLY and saved.get(k) != config.get(k)]
     changes = [f"{k}: checkpoint {saved.get(k)!r} vs now {config.get(k)!r}" for k in differ]
-    fixed = [c for k, c in zip(differ, changes) if k in MODEL_KEYS]
+    fixed = [c for k, c in zip(differ, changes) if k in MODEL_KEYS + task.model_keys]
     if fixed or (changes and not args.allow_changes):
         hint = "" if fixed else " (pass --allow-changes to accept them)"
         raise ValueError(f"cannot resume from {path}, the configuration differs{hint}: "
@@ -551,7 +553,7 @@ def prepare_run(task: Task, args, dist: engine.DistInfo) -> Tuple[dict, Optional
     out = Path(args.out)
     with new_folder_removed_on_error(out, dist.is_main):
         say = print if dist.is_main else (lambda *a, **k: None)
-        ckpt, changes = (resume_checkpoint(args, config, say, resumed) if args.resume
+        ckpt, changes = (resume_checkpoint(task, args, config, say, resumed) if args.resume
                          else (None, []))
         engine.seed_everything(args.seed)
         train_set, val_set = task.build_datasets(args, norm, out, dist.is_main)

@@ -172,3 +172,15 @@ def test_torchrun_resume_gives_each_rank_its_own_random_state(m3fd, tmp_path):
     assert sorted(resumed) == [3, 4]
     for it, loss in resumed.items():
         assert loss == pytest.approx(full[it], abs=1e-6), it
+
+
+def test_resume_never_changes_the_detectors_settings(m3fd, tmp_path, capsys):
+    """--num-queries (and the detector's other sizes) define the model: --allow-changes accepts
+    training settings only."""
+    out = tmp_path / "run"
+    train_det.main(tiny_args(m3fd, out, 1))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train_det.main(tiny_args(m3fd, out, 2, "--resume", "--allow-changes", "--num-queries", "4"))
+    assert e.value.code == 2
+    assert "num_queries: checkpoint 8 vs now 4" in capsys.readouterr().err

@@ -108,8 +108,8 @@ class DetTask(Task):
     name = "det"
     metric = "mAP"
     # The authors' mmdet config (their release's mmdetection-IVT/IVtuning_config/
-    # dino-5scale_swin-l_8xb2-36e_coco.py): AdamW 1e-4, weight decay 1e-4, backbone lr x0.1, gradient norm clipped at 0.1, MultiStepLR
-    # x0.1 at epochs 27 and 33 of 36.
+    # dino-5scale_swin-l_8xb2-36e_coco.py): AdamW 1e-4, weight decay 1e-4, backbone lr x0.1,
+    # gradient norm clipped at 0.1, MultiStepLR x0.1 at epochs 27 and 33 of 36.
     recipe = Recipe(optimizer="adamw", lr=1e-4, weight_decay=1e-4, batch_size=2, size=640,
                     epochs=36, schedule="step",
                     lr_drop_epochs=(27, 33), clip_grad=0.1, eval_every=5000)
@@ -117,6 +117,7 @@ class DetTask(Task):
     size_help = "images are resized to size x size pixels"
     eager_only = ("the detection loss matches queries to boxes on the CPU (Hungarian matching) "
                   "and its targets vary in number per image, which a CUDA graph cannot capture")
+    model_keys = ("hidden_dim", "num_queries", "encoder", "enc_layers", "dec_layers", "ffn_dim")
 
     def add_arguments(self, p) -> None:
         g = p.add_argument_group("detection")

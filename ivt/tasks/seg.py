@@ -108,6 +108,7 @@ class SegTask(Task):
     size_help = ("square training crop in pixels (--crop is the same flag); evaluation runs at "
                  "the images' native size")
     size_aliases = ("--crop",)
+    model_keys = ("head_dim",)
     loss_average = "all"                # `seg_loss`'s average, the run's --loss-average
 
     def add_arguments(self, p) -> None:

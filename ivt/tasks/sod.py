@@ -108,6 +108,7 @@ class SODTask(Task):
                     eval_every=2000)
     description = DESCRIPTION
     size_help = "square input size of training and evaluation in pixels"
+    model_keys = ("taps",)
 
     def add_arguments(self, p) -> None:
         g = p.add_argument_group("salient object detection")
