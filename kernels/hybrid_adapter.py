@@ -666,8 +666,10 @@ class _Sizes(NamedTuple):
     n_tiles: int
 
 
-def _sizes(x: torch.Tensor, w: HybridAdapterWeights) -> _Sizes:
+def _sizes(x: torch.Tensor, w: HybridAdapterWeights, hw: Tuple[int, int]) -> _Sizes:
     B, N, C = x.shape
+    if hw[0] * hw[1] != N:            # the 3x3 partial conv reads neighbours on the (H, W) grid
+        raise ValueError(f"hw {tuple(hw)} holds {hw[0] * hw[1]} tokens, x has {N}")
     D = w.down_weight.shape[0]
     block_m, block_c = tile_sizes(B * N, C, x.device)
     return _Sizes(B, N, C, D, B * N, max(16, triton.next_power_of_2(D)),
@@ -758,7 +760,7 @@ def hybrid_adapter_eval_triton(x: torch.Tensor, residual: torch.Tensor, extra, h
     them (views with channels contiguous), else new tensors; `out` may be x or residual: the
     first kernel reads all of x before the second runs, and the second reads each token's
     residual in the program that then writes it."""
-    s = _sizes(x, w)
+    s = _sizes(x, w, hw)
     params = _parameters(w, s.acc)
     h = torch.empty((s.M, s.D), device=x.device, dtype=s.acc)
     _sft_down(x, s, w, params, h)
@@ -867,7 +869,7 @@ class HybridAdapterTrainFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, extra, hw, w, keep, p, momentum, update, batches, *tensors):
         low_rank = LowRankExtra(*tensors[18:]) if len(tensors) > 18 else None
-        s = _sizes(x, w)
+        s = _sizes(x, w, hw)
         M, D, n_tiles = s.M, s.D, s.n_tiles
         params = _parameters(w, s.acc)
         # one allocation: h, the LayerNorm and BatchNorm statistics, the folded down-projection's

@@ -139,6 +139,21 @@ def test_eval_writes_into_given_views(impl):
         fn(x, x, None, (H, W), w, norm._replace(out=normed[:, 2:]))
 
 
+@needs_triton
+def test_a_grid_that_does_not_hold_the_tokens_is_refused():
+    """The partial conv reads each token's 3x3 neighbours on the (H, W) grid: a grid of another
+    size would read the wrong neighbours, so both kernels refuse it, naming it."""
+    device = TARGETS[0][0]
+    gen = torch.Generator().manual_seed(SEED + 301)
+    w64 = random_weights(16, 8, gen)
+    w = HybridAdapterWeights(*[t.to(device, torch.float32) for t in w64[:-3]], *w64[-3:])
+    x = torch.randn(2, 15, 16, generator=gen).to(device)
+    with pytest.raises(ValueError, match=r"hw \(4, 4\) holds 16 tokens, x has 15"):
+        kernels.hybrid_adapter_eval_triton(x, x, None, (4, 4), w)
+    with pytest.raises(ValueError, match=r"hw \(3, 4\) holds 12 tokens, x has 15"):
+        kernels.hybrid_adapter_train_triton(x, x, None, (3, 4), w, None, 0.0, 0.1, False)
+
+
 def draw_running_statistics(model: torch.nn.Module) -> torch.nn.Module:
     """model, its BatchNorm running statistics drawn away from their initial 0 and 1."""
     with torch.no_grad():
