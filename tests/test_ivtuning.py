@@ -94,6 +94,14 @@ def test_hybrid_adapter_eq_15():
     z, hw = torch.randn(2, 12, 16, dtype=torch.float64), (3, 4)
     ref = z + ha.up(F.gelu(ha.ho(ha.down(ha.sft(z)), hw)))
     torch.testing.assert_close(ha(z, hw), ref)
+    # the dropout acts on GELU's output (the same mask, drawn from the same generator state)
+    drop = HybridAdapter(16, hidden=8, dropout=0.5).double().train()
+    drop.load_state_dict(ha.state_dict())
+    torch.manual_seed(1)
+    got = drop(z, hw)
+    torch.manual_seed(1)
+    h = F.gelu(drop.ho(drop.down(drop.sft(z)), hw))
+    torch.testing.assert_close(got, z + drop.up(F.dropout(h, 0.5, training=True)))
     # per-block counts of Swin-L's breakdown at C = 192, d2 = 64
     big = HybridAdapter(192, 64)
     assert n_params(big.down) + n_params(big.up) == 129 * 192 + 64
