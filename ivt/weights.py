@@ -152,9 +152,10 @@ def describe_expected(sha256: str) -> str:
 def resolve_pretrained(spec: Optional[str], progress: bool = True) -> Optional[str]:
     """`--pretrained` (FILE, NAME, URL or 'none') -> the local file to load, or None (random).
 
-    Names and URLs are downloaded into `cache_path(url)`, only when that file is not there yet; a pinned hash (a release's, or a URL's `#sha256=` fragment) is checked
-    on the cached file too. `progress`: show a download progress bar. Anything else is a
-    FileNotFoundError listing the release names; a failed download a WeightsError.
+    Names and URLs are downloaded into `cache_path(url)`, only when that file is not there yet;
+    a pinned hash (a release's, or a URL's `#sha256=` fragment) is checked on the cached file
+    too. `progress`: show a download progress bar. Anything else is a FileNotFoundError listing
+    the release names; a failed download a WeightsError.
     """
     if spec is None or spec == "none":
         return None
