@@ -24,6 +24,8 @@ from ivt.models.detr.denoising import Denoising, denoising_attention_mask
 from ivt.models.detr.encoder import build_encoder
 from ivt.models.detr.hybrid_encoder import AIFI, HybridEncoder, RepVGGBlock
 from ivt.models.detr.neck import ChannelMapper
+from ivt.models.detr.position_encoding import box_position_embedding
+from ivt.models.detr.query_selection import QuerySelection, anchor_proposals
 
 # -- box utilities ---------------------------------------------------------------------------
 
@@ -470,6 +472,23 @@ def test_denoising_noise_bounds(scale):
     assert (q.content[1, 1] == 0).all() and (q.content[1, 3] == 0).all()   # image 1 pads slots 1, 3
 
 
+def test_denoising_label_noise_flips_half_the_ratio():
+    """DINO (models/dino/dn_components.py: `p < (label_noise_ratio * 0.5)`) flips a denoising
+    query's label to a uniformly random class with probability label_noise_ratio / 2, so a label
+    changes with probability ratio / 2 * (K - 1) / K (the random class may be the true one).
+    The labels are read back from the content queries (nearest label embedding) over 4000
+    queries; the standard error is about 0.007, the full ratio would give 0.45."""
+    torch.manual_seed(0)
+    K, n, ratio = 10, 500, 0.5
+    dn = Denoising(K, 16, dn_number=2000, label_noise_ratio=ratio, box_noise_scale=0.0)
+    labels = torch.randint(0, K, (n,))
+    q = dn([{"labels": labels, "boxes": torch.rand(n, 4) * 0.5 + 0.25}], num_queries=10)
+    assert q.meta["num_groups"] == 4
+    got = torch.cdist(q.content[0], dn.label_embed.weight).argmin(-1)     # (pad,)
+    rate = (got != labels.repeat(2 * q.meta["num_groups"])).double().mean().item()
+    assert rate == pytest.approx(0.5 * ratio * (K - 1) / K, abs=0.03)
+
+
 # -- the detector ------------------------------------------------------------------------------
 
 H, W = 64, 96                                                  # non-square input
@@ -561,6 +580,32 @@ def test_decoder_predicts_from_its_layernorm_and_refines_from_the_layer_output()
     assert not torch.allclose(seen["ref1"], boxes[0], atol=1e-3)      # the two paths differ
 
 
+def test_decoder_looks_forward_twice():
+    """DINO's "look forward twice" (deformable_transformer.py: `new_reference_points =
+    layer_delta_unsig + inverse_sigmoid(reference_points)` on the undetached reference, detached
+    only as the next layer's input): layer 1's box is sigmoid(delta_1 + logit(b_0)) with b_0 layer
+    0's refined box WITH its gradient, so layer 1's loss also trains layer 0's box prediction.
+    The values do not tell a detached b_0 apart; the gradient into layer 0's output does."""
+    torch.manual_seed(0)
+    decoder = build_decoder(tiny_config(num_feature_levels=1)).eval()
+    for p in [*decoder.box_head.parameters(), *decoder.norm.parameters()]:
+        torch.nn.init.normal_(p, std=0.2)
+    memory, shapes = torch.randn(1, 6 * 4, 32), [(6, 4)]
+    tgt, boxes_unact = torch.randn(1, 5, 32), torch.randn(1, 5, 4)
+    seen = {}
+    decoder.layers[0].register_forward_hook(lambda m, a, out: seen.update(out0=out))
+    decoder.layers[1].register_forward_hook(lambda m, a, out: seen.update(out1=out))
+    _, boxes = decoder(tgt, boxes_unact, memory, shapes)
+    logit = lambda b: torch.log(b.clamp(1e-3, 1 - 1e-3) / (1 - b.clamp(1e-3, 1 - 1e-3)))  # noqa: E731
+    b0 = (decoder.box_head(seen["out0"]) + logit(boxes_unact.sigmoid())).sigmoid()  # not detached
+    normed1 = F.layer_norm(seen["out1"], (32,), decoder.norm.weight, decoder.norm.bias)
+    want = (decoder.box_head(normed1) + logit(b0)).sigmoid()
+    torch.testing.assert_close(boxes[1], want)
+    g_got, = torch.autograd.grad(boxes[1].sum(), seen["out0"], retain_graph=True)
+    g_want, = torch.autograd.grad(want.sum(), seen["out0"])
+    torch.testing.assert_close(g_got, g_want)
+
+
 def test_map_position_embedding_is_dinos_cumulative_count():
     """DINO's PositionEmbeddingSineHW(normalize=True): cumsum over a mask of ones divided by the
     last value, times 2 pi, temperature 20; y's half first."""
@@ -575,6 +620,62 @@ def test_map_position_embedding_is_dinos_cumulative_count():
     expected = torch.cat(emb, dim=-1).reshape(h * w, dim)
     torch.testing.assert_close(map_position_embedding((h, w), dim, "cpu").double(), expected,
                                atol=1e-5, rtol=0)
+
+
+def test_box_position_embedding_is_dinos_gen_sineembed_for_position():
+    """DINO's gen_sineembed_for_position (models/dino/utils.py) of a (cx, cy, w, h) box:
+    cat(pos_y, pos_x, pos_w, pos_h), each coordinate u giving 2 pi u / 10000^(2 floor(i / 2) / F),
+    sin on even i and cos on odd i, F = dim / 2; written out here in float64."""
+    def dino(pos, d_model):
+        f = d_model // 2
+        t = 10000.0 ** (2 * (torch.arange(f, dtype=torch.float64) // 2) / f)
+        parts = []
+        for k in (1, 0, 2, 3):                                         # y, x, w, h
+            p = pos[..., k, None] * 2 * math.pi / t
+            parts.append(torch.stack((p[..., 0::2].sin(), p[..., 1::2].cos()), dim=-1).flatten(-2))
+        return torch.cat(parts, dim=-1)
+
+    torch.manual_seed(0)
+    boxes = torch.rand(2, 7, 4)
+    for d in (32, 256):
+        torch.testing.assert_close(box_position_embedding(boxes, d).double(),
+                                   dino(boxes.double(), d), rtol=1e-5, atol=1e-5)
+
+
+# -- two-stage query selection -------------------------------------------------------------
+
+
+def test_anchor_is_valid_only_if_all_four_coordinates_are_inside():
+    """Deformable DETR / DINO two-stage proposals: `((output_proposals > 0.01) &
+    (output_proposals < 0.99)).all(-1)`: an anchor (centre of its pixel, side 0.05 * 2^l) is
+    valid only if each of cx, cy, w, h lies in (0.01, 0.99). Checked element by element on
+    maps fine enough to put centres within 1% of the border."""
+    shapes = [(64, 80), (32, 40), (16, 20), (8, 10)]
+    _, valid = anchor_proposals(shapes, "cpu")
+    want = []
+    for lvl, (h, w) in enumerate(shapes):
+        side = 0.05 * 2 ** lvl
+        for i in range(h):
+            for j in range(w):
+                want.append(all(0.01 < v < 0.99 for v in ((j + 0.5) / w, (i + 0.5) / h, side, side)))
+    want = torch.tensor(want)
+    assert 0 < int((~want).sum()) < len(want)
+    assert torch.equal(valid, want)
+
+
+def test_query_selection_detaches_the_initial_reference_boxes():
+    """DINO (`refpoint_embed_undetach` for the encoder loss, `.detach()` for the decoder) and
+    Deformable DETR's two-stage: the decoder's initial reference boxes carry no gradient; only
+    the proposals' own loss trains the encoder's box head. Same values either way."""
+    torch.manual_seed(0)
+    qs = QuerySelection(32, 3, 5)
+    for p in qs.box_head.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    memory = torch.randn(2, 6 * 4 + 3 * 2, 32, requires_grad=True)
+    _, boxes_unact, out = qs(memory, [(6, 4), (3, 2)])
+    assert not boxes_unact.requires_grad and boxes_unact.grad_fn is None
+    assert out["pred_boxes"].requires_grad
+    torch.testing.assert_close(out["pred_boxes"], boxes_unact.sigmoid())
 
 
 def test_detector_batch_without_objects_and_bad_targets():

@@ -300,6 +300,26 @@ def test_flip_and_zoom_out_by_hand():
     assert 2.0 <= w <= 4.0 + 1e-5      # 20 px of 100 -> 4 px of 20, up to 2x smaller
 
 
+def test_zoom_out_canvas_contains_the_image():
+    """Zoom-out (RT-DETR's RandomZoomOut, torchvision v2: left ~ U(0, canvas_w - w), top ~
+    U(0, canvas_h - h)) puts the whole image on a z times larger canvas: on a wide image the
+    window must contain the image, one z for both sides, and the left margin spread uniformly
+    over [0, (z - 1) w]."""
+    t = DetTrainTransform(size=32, zoom_out_prob=1.0, max_zoom_out=3.0, crop_prob=0.0, jitter=False)
+    h, w = 20, 100
+    rng = np.random.default_rng(0)
+    left, top = [], []
+    for _ in range(2000):
+        x0, y0, x1, y1 = t.sample_window(rng, (h, w), np.zeros((0, 4)))
+        z = (x1 - x0) / w
+        assert 1.0 <= z <= 3.0 and (y1 - y0) / h == pytest.approx(z, abs=1e-9)
+        assert x0 <= 0 and y0 <= 0 and x1 >= w and y1 >= h, (x0, y0, x1, y1)
+        left.append(-x0 / ((z - 1) * w))
+        top.append(-y0 / ((z - 1) * h))
+    for frac in (np.array(left), np.array(top)):
+        assert frac.max() > 0.95 and abs(frac.mean() - 0.5) < 0.05, (frac.max(), frac.mean())
+
+
 # ---------------------------------------------------------------- other layouts
 
 def test_coco_json_form_gives_the_same_targets(tmp_path):
