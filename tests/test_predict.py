@@ -367,6 +367,38 @@ def test_sod_folder(sod_checkpoint, pairs, tmp_path, capsys):
         assert overlay.size == (ir8.shape[1], ir8.shape[0])
 
 
+def test_sod_map_is_resized_bilinearly_with_half_pixel_centres():
+    """The SOD map (the module docstring): round(255 x probability) of the square output, resized
+    to each pair's own size bilinearly with align_corners=False, the evaluation's resize
+    (`ivt.tasks.sod.evaluate_sod`, the SOD release's F.upsample(..., align_corners=False)). A stub
+    returns random probabilities (a tiny trained model's are too flat to tell resizes apart);
+    the reference is the half-pixel bilinear formula in float64, up and down in size."""
+    prob = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    class Stub(torch.nn.Module):
+        def predict(self, vis, ir):
+            return prob
+
+    def axis(n_in, n_out):   # output j samples (j + 0.5) * n_in / n_out - 0.5, clamped at 0
+        src = np.maximum((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0.0)
+        i0 = np.floor(src).astype(int)
+        return i0, np.minimum(i0 + 1, n_in - 1), src - i0
+
+    config = {"backbone": "swin_nano", "normalization": normalization_for("swin_nano").as_dict(),
+              "size": 8}
+    p = predict.SodPredictor(Stub(), config, None)
+    sizes = [(13, 21), (5, 6)]
+    maps = p.run(torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 8, 8), sizes)
+    for i, (h, w) in enumerate(sizes):
+        (y0, y1, wy), (x0, x1, wx) = axis(8, h), axis(8, w)
+        x = prob[i, 0].double().numpy()
+        top = x[y0][:, x0] * (1 - wx) + x[y0][:, x1] * wx
+        bottom = x[y1][:, x0] * (1 - wx) + x[y1][:, x1] * wx
+        want = np.round((top * (1 - wy)[:, None] + bottom * wy[:, None]) * 255)
+        assert maps[i].shape == (h, w) and maps[i].dtype == np.uint8, i
+        assert np.abs(maps[i] - want).max() <= 1, i                  # float32 rounding
+
+
 def test_det_folder(det_checkpoint, pairs, tmp_path, capsys):
     root, good = pairs
     status, text = run(capsys, "--checkpoint", det_checkpoint, "--vis", root / "vis",

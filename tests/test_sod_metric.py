@@ -1,13 +1,19 @@
 """SODMetric against PySODMetrics (the reference implementation docs/data.md names), on random and
-structured prediction / ground-truth pairs of many sizes."""
+structured prediction / ground-truth pairs of many sizes; the maps `evaluate_sod` scores (sigmoid of
+the main output resized bilinearly to the GT's size, min-max normalised per image to uint8)."""
+import contextlib
 import time
 import warnings
 
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
 
+from ivt.engine import DistInfo
 from ivt.metrics import SODMetric
+from ivt.tasks.sod import evaluate_sod, saliency_map
 
 py_sod_metrics = pytest.importorskip("py_sod_metrics")
 
@@ -210,3 +216,81 @@ def test_speed_640x480():
             best[fn] = min(best[fn], (time.process_time() - t0) / len(pairs))
     ms = {fn.__name__: f"{t * 1e3:.1f} ms" for fn, t in best.items()}
     assert best[ours] < 0.6 * best[reference], f"per 640x480 image: {ms}"
+
+
+# -- the maps evaluate_sod scores ------------------------------------------------------------------
+def min_max_255(p: np.ndarray) -> np.ndarray:
+    """docs/data.md's per-image min-max onto 0..255 (the CPNet/SOD release's test script:
+    res = (res - res.min()) / (res.max() - res.min() + 1e-8) * 255), in float64, rounded."""
+    p = p.astype(np.float64)
+    return np.round((p - p.min()) / (p.max() - p.min()) * 255).astype(np.uint8)
+
+
+def bilinear_half_pixel(x: np.ndarray, out_hw) -> np.ndarray:
+    """Bilinear resize with half-pixel centres (PyTorch's align_corners=False, OpenCV's
+    INTER_LINEAR) in float64: output pixel j samples the input at (j + 0.5) * n_in / n_out - 0.5,
+    clamped at 0; the neighbour past the last pixel is the last pixel."""
+    def axis(n_in, n_out):
+        src = np.maximum((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0.0)
+        i0 = np.floor(src).astype(int)
+        return i0, np.minimum(i0 + 1, n_in - 1), src - i0
+    (y0, y1, wy), (x0, x1, wx) = axis(x.shape[0], out_hw[0]), axis(x.shape[1], out_hw[1])
+    x = x.astype(np.float64)
+    top = x[y0][:, x0] * (1 - wx) + x[y0][:, x1] * wx
+    bottom = x[y1][:, x0] * (1 - wx) + x[y1][:, x1] * wx
+    return top * (1 - wy)[:, None] + bottom * wy[:, None]
+
+
+def test_saliency_map_is_min_max_normalised_per_image():
+    """The saved / scored map is (p - min) / (max - min) * 255 (docs/data.md), so its minimum is 0
+    and its maximum 255 even when the probabilities do not reach 0; a constant map is kept as it
+    is (round(255 p), no division by zero)."""
+    p = np.random.default_rng(0).uniform(0.2, 0.9, size=(7, 9))
+    got = saliency_map(p)
+    assert got.dtype == np.uint8 and got.shape == p.shape
+    assert got.min() == 0 and got.max() == 255
+    np.testing.assert_array_equal(got, min_max_255(p))
+    # by hand: min 0.25 -> 0, max 0.75 -> 255, the middle 0.5 -> 127.5 -> 128
+    np.testing.assert_array_equal(saliency_map(np.array([[0.25, 0.5], [0.75, 0.5]])),
+                                  np.array([[0, 128], [255, 128]], np.uint8))
+    np.testing.assert_array_equal(saliency_map(np.full((2, 3), 0.5)), np.full((2, 3), 128, np.uint8))
+
+
+def test_evaluate_sod_scores_the_bilinear_resize_to_the_gt_size():
+    """evaluate_sod's per-image map (docs/data.md, its docstring): the model's (1, 1, S, S)
+    probabilities resized BILINEARLY (half-pixel centres) to the ground truth's (H, W), then
+    min-max normalised to uint8. A stub model returns known probabilities; the GTs are larger and
+    smaller than S and not square. The metric scores that map: its per-image MAE is that of the
+    reference map against the GT."""
+    S, gt_sizes = 8, [(13, 11), (5, 6)]
+    probs = torch.rand(len(gt_sizes), 1, 1, S, S, generator=torch.Generator().manual_seed(0))
+    gts = []
+    for h, w in gt_sizes:
+        gt = np.zeros((h, w), np.uint8)
+        gt[h // 4:3 * h // 4, w // 3:] = 255
+        gts.append(gt)
+
+    class Items(Dataset):
+        def __len__(self):
+            return len(gt_sizes)
+
+        def __getitem__(self, i):
+            vis = torch.full((3, S, S), float(i))            # tells the stub which image it sees
+            return {"vis": vis, "ir": torch.zeros(3, S, S), "gt": torch.from_numpy(gts[i])}
+
+    class Stub(nn.Module):
+        def predict(self, vis, ir):
+            assert vis.shape == ir.shape == (1, 3, S, S)
+            return probs[int(vis[0, 0, 0, 0])]
+
+    seen = {}
+    metric = evaluate_sod(Stub(), Items(), DistInfo(0, 1, 0, torch.device("cpu")),
+                          contextlib.nullcontext, on_prediction=lambda i, m: seen.__setitem__(i, m))
+    assert sorted(seen) == [0, 1] and len(metric) == 2
+    for i, gt in enumerate(gts):
+        want = min_max_255(bilinear_half_pixel(probs[i, 0, 0].numpy(), gt.shape))
+        got = seen[i]
+        assert got.shape == gt.shape and got.dtype == np.uint8, i
+        assert np.abs(got.astype(int) - want.astype(int)).max() <= 1, i     # float32 rounding
+        mae = np.abs(want / 255.0 - (gt > 128)).mean()
+        assert metric.scores["MAE"][i] == pytest.approx(mae, abs=1 / 255), i
