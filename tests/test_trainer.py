@@ -4,6 +4,7 @@ a corrupt image met mid-training (also inside a DataLoader worker) named with la
 and the lr schedules."""
 import contextlib
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -437,3 +438,118 @@ def test_eager_step_scales_each_groups_lr_by_its_lr_mult():
     step({"g": g}, 0.5)
     torch.testing.assert_close(model.fast.detach(), 1 - 0.5 * g, rtol=0, atol=1e-15)
     torch.testing.assert_close(model.slow.detach(), 1 - 0.05 * g, rtol=0, atol=1e-15)
+
+
+class CountingItems(torch.utils.data.Dataset):
+    """Item i is {"i": i}; records the epochs `set_epoch` announces."""
+    def __init__(self, n):
+        self.n, self.epochs = n, []
+
+    def __len__(self):
+        return self.n
+
+    def set_epoch(self, epoch):
+        self.epochs.append(epoch)
+
+    def __getitem__(self, i):
+        return {"i": torch.tensor(i)}
+
+
+@pytest.mark.parametrize("start_iter", [0, 1, 2, 4, 8])
+def test_infinite_batches_resume_mid_epoch_continues_the_stream(start_iter):
+    """`InfiniteBatches(start_iter=k)` yields the batches of iterations k, k+1, ... of the
+    uninterrupted run ("Resuming at iteration k skips straight to the k-th batch"), also in the
+    middle of an epoch. Reference: the definition written out with torch's own DistributedSampler
+    (seed, set_epoch(epoch), drop_last), the epoch's order cut into full batches (10 items in
+    batches of 3: 3 per epoch, the 10th item dropped)."""
+    dist = engine.DistInfo(0, 1, 0, torch.device("cpu"))
+    n, bs, seed, total = 10, 3, 3, 11
+    sampler = torch.utils.data.DistributedSampler(range(n), num_replicas=1, rank=0, shuffle=True,
+                                                  seed=seed, drop_last=True)
+    expected = []
+    for epoch in range(total // 3 + 1):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        expected += [order[b * bs:(b + 1) * bs] for b in range(n // bs)]
+    items = CountingItems(n)
+    stream = iter(engine.InfiniteBatches(items, bs, dist, seed=seed, start_iter=start_iter))
+    got = [next(stream)["i"].tolist() for _ in range(start_iter, total)]
+    assert got == expected[start_iter:total]
+    assert items.epochs[0] == start_iter // 3          # the resumed epoch's augmentation draws
+
+
+def run_loop(losses, model=None, log_every=2, path=None, saved=None):
+    """`engine.train_loop` over steps returning `losses` in turn (no evaluation until the end)."""
+    logger = engine.JSONLLogger(path, path is not None)
+    iters, losses = len(losses), iter(losses)
+    try:
+        engine.train_loop(model or torch.nn.Linear(1, 1), iter(range(100)),
+                          lambda batch, lr: torch.tensor(next(losses)),
+                          dist=engine.DistInfo(0, 1, 0, torch.device("cpu")), start_iter=0,
+                          iters=iters, lr_at=lambda it: 0.1, log_every=log_every,
+                          eval_every=0, evaluate=lambda it: {},
+                          save=lambda it, r: (saved if saved is not None else []).append(it),
+                          logger=logger)
+    finally:
+        logger.close()
+
+
+def test_train_loop_logs_the_mean_loss_of_each_window(tmp_path):
+    """Each `train` record's loss is the mean of the losses since the previous record (the
+    loop's docstring), not a running total. Reference: the window means by hand."""
+    path = tmp_path / "log.jsonl"
+    run_loop([1.0, 3.0, 5.0, 7.0, 10.0, 20.0], path=str(path))
+    records = [r for r in map(json.loads, path.read_text().splitlines()) if r["event"] == "train"]
+    assert [(r["iter"], r["loss"]) for r in records] == [(2, (1 + 3) / 2), (4, (5 + 7) / 2),
+                                                         (6, (10 + 20) / 2)]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_train_loop_stops_on_a_non_finite_loss(bad):
+    """A NaN or infinite (either sign) mean loss raises TrainingDiverged at the record that sees
+    it, naming the window, and nothing is saved ("a non-finite loss raises TrainingDiverged")."""
+    saved = []
+    with pytest.raises(engine.TrainingDiverged, match=r"in iterations 1\.\.2") as e:
+        run_loop([1.0, bad, 1.0, 1.0], saved=saved)
+    assert str(bad) in str(e.value)
+    assert saved == []
+
+
+def test_non_finite_trainable_weights_are_never_saved():
+    """`params_finite` is False when a trainable parameter holds a NaN (frozen ones are not its
+    business), and the loop then raises TrainingDiverged instead of saving, so the last
+    checkpoint written is the last finite one."""
+    model = torch.nn.Linear(2, 2)
+    assert engine.params_finite(model)
+    with torch.no_grad():
+        model.weight[0, 1] = float("nan")
+    assert not engine.params_finite(model)
+    saved = []
+    with pytest.raises(engine.TrainingDiverged, match="not finite after iteration 4"):
+        run_loop([1.0, 1.0, 1.0, 1.0], model=model, saved=saved)
+    assert saved == []
+    model.weight.requires_grad_(False)
+    assert engine.params_finite(model)
+    run_loop([1.0, 1.0, 1.0, 1.0], model=model, saved=saved)
+    assert saved == [4]
+
+
+@pytest.mark.parametrize("max_norm, max_value", [(0.1, 0.0), (1.0, 0.0), (100.0, 0.0),
+                                                 (0.0, 0.5), (1.0, 0.5), (0.0, 0.0)])
+def test_clip_gradients_clamps_values_then_scales_the_global_l2_norm(max_norm, max_value):
+    """`clip_gradients`: every gradient value clamped to +-max_value, then all gradients scaled
+    by min(1, max_norm / (||g||_2 + 1e-6)), ||g||_2 the L2 norm over all of them together
+    (torch.nn.utils.clip_grad_norm_'s definition with norm_type=2, DINO's clip_max_norm); 0
+    turns either off. Reference: the formula in float64."""
+    grads = [torch.tensor([3.0, -0.2, 0.5, -4.0, 1.0], dtype=torch.float64),
+             torch.tensor([[0.1, -0.7], [2.5, 0.3], [-0.05, 0.9]], dtype=torch.float64)]
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    engine.clip_gradients(params, max_norm, max_value)
+    want = [g.clamp(-max_value, max_value) if max_value > 0 else g for g in grads]
+    if max_norm > 0:
+        total = math.sqrt(sum(float((g * g).sum()) for g in want))
+        want = [g * min(1.0, max_norm / (total + 1e-6)) for g in want]
+    for p, w in zip(params, want):
+        torch.testing.assert_close(p.grad, w, rtol=1e-12, atol=1e-15)
