@@ -85,6 +85,56 @@ def test_convnext_block_against_functional_formula():
     assert torch.allclose(blk(x), want, atol=1e-12)
 
 
+def test_decoder_against_written_out_formula():
+    """The decoder of the module docstring written out (float64, eval, random BN statistics and
+    layer scales away from 1e-6): conv3x3-BN-GELU, concat [upsampled deeper level, skip feature]
+    in the release's order, the release's x2 `nn.Upsample(bilinear, align_corners=True)`, and
+    the side outputs resized to out_size bilinearly with align_corners=False (as the release
+    resizes them). The ConvNeXt blocks are checked on their own above."""
+    torch.manual_seed(0)
+    ch = (8, 12, 16, 20)
+    dec = CPNetDecoder(ch).double().eval()
+    with torch.no_grad():
+        for m in dec.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_()
+                m.bias.normal_()
+            elif isinstance(m, ConvNeXtBlock):
+                m.gamma.fill_(0.5)
+    h, w = 2, 3                                       # strides 4..32 of a (64, 96) input
+    feats = [torch.randn(2, c, h * 2 ** (3 - i), w * 2 ** (3 - i), dtype=torch.float64)
+             for i, c in enumerate(ch)]
+    out_size = (64, 96)
+    up2 = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
+
+    def cbg(seq, x):                                  # conv3x3 (no bias) - BN (eval) - exact GELU
+        conv, bn = seq[0], seq[1]
+        y = F.conv2d(x, conv.weight, None, padding=1)
+        std = torch.sqrt(bn.running_var[:, None, None] + bn.eps)
+        y = (y - bn.running_mean[:, None, None]) / std
+        return F.gelu(y * bn.weight[:, None, None] + bn.bias[:, None, None])
+
+    def conv3x3(layer, x):
+        return F.conv2d(x, layer.weight, layer.bias, padding=1)
+
+    f1, f2, f3, f4 = feats
+    with torch.no_grad():
+        x16 = up2(cbg(dec.deconv1, f4))
+        x8 = dec.block2(up2(cbg(dec.deconv2, torch.cat([x16, f3], 1))))
+        x4 = dec.block3(up2(cbg(dec.deconv3, torch.cat([x8, f2], 1))))
+        x2 = dec.block4(up2(cbg(dec.deconv4, torch.cat([x4, f1], 1))))
+        main = conv3x3(dec.predict_out, up2(cbg(dec.predict, x2)))
+        sides = [F.interpolate(conv3x3(layer, x), size=out_size, mode="bilinear",
+                               align_corners=False)
+                 for layer, x in ((dec.side1, x4), (dec.side2, x8), (dec.side3, x16))]
+        got = dec(feats, out_size)
+    assert main.shape[2:] == out_size
+    for name, g, r in zip(("main", "side1", "side2", "side3"), got, [main] + sides):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def reference_loss(logits_list, mask):
     """float64 numpy: per output mean BCE over all pixels + mean over images of the IoU loss."""
     g = mask.numpy().astype(np.float64).reshape(mask.shape[0], -1)

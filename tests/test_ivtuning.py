@@ -4,8 +4,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import pytest
 
-from ivt.models.ivtuning import (EMPG, SFT, HybridAdapter, HybridOperation, InternalPromptAdapter,
-                                 SimAM, map_to_tokens, tokens_to_map)
+from ivt.models import build_backbone
+from ivt.models.ivtuning import (EMPG, SFT, BlockAdapters, HybridAdapter, HybridOperation,
+                                 InternalPromptAdapter, IVTConfig, SimAM, map_to_tokens,
+                                 tokens_to_map)
 
 
 def n_params(m):
@@ -132,7 +134,42 @@ def test_empg_eq_7_to_13():
 
 
 def test_empg_init_is_xavier():
-    empg = EMPG(192, 8)
-    bound = (6 / (192 + 8)) ** 0.5
-    w = empg.s1.weight
-    assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
+    """Every EMPG weight with dim > 1 (s1, s2, s3 and HO's dwconv, pw1, pw2) is xavier-uniform,
+    bound sqrt(6 / ((fan_in + fan_out) k)) with k the kernel area (Glorot & Bengio 2010; the
+    EMPG docstring). At C0 = 192, d1 = 32, PyTorch's default init (bound 1/sqrt(fan_in k)) is
+    clearly apart: 0.072 (s1, s2) and 0.18 (s3) vs 0.16, 0.18 vs 0.31 for pw1/pw2, 0.33 vs 0.27
+    for the dwconv. Each tensor holds >= 72 samples, so its largest |w| lies within 20% of its
+    bound."""
+    torch.manual_seed(0)
+    empg = EMPG(192, 32)
+    checked = []
+    for name, p in empg.named_parameters():
+        if p.dim() < 2:                                   # biases, LayerNorm, BN: defaults
+            continue
+        k = p[0, 0].numel()                               # kernel area, 1 for a Linear
+        bound = (6 / ((p.shape[0] + p.shape[1]) * k)) ** 0.5
+        m = p.detach().abs().max().item()
+        assert 0.8 * bound < m <= bound, f"{name}: max |w| {m:.4f}, xavier bound {bound:.4f}"
+        checked.append(name)
+    assert checked == ["s1.weight", "ho.dwconv.weight", "ho.pw1.weight", "ho.pw2.weight",
+                       "s2.weight", "s3.weight"]
+
+
+def test_ipa_width_is_d3_and_empg_width_d1():
+    """The widths of Sec. 3: EMPG hidden d1, Hybrid Adapter hidden d2, IPA hidden d3 (the
+    ablations of Tab. 8 vary d1 and d3 together, so all three differ here). One IPA of
+    width d3 has 2 C d3 + d3 + C (down, up) + 4 C + 2 C (SFT with LN, SFT without)
+    parameters; checked in BlockAdapters and in a whole Swin backbone."""
+    C, d1, d2, d3 = 32, 4, 8, 12
+    ba = BlockAdapters(C, IVTConfig(d1=d1, d2=d2, d3=d3))
+    for ipa in (ba.ipa1, ba.ipa2):
+        assert (ipa.down.in_features, ipa.down.out_features, ipa.up.in_features) == (C, d3, d3)
+        assert n_params(ipa) == 2 * C * d3 + d3 + C + 6 * C
+    for ha in (ba.ha1, ba.ha2):
+        assert ha.down.out_features == d2 and ha.ho.cp == d2 // 4
+    bb = build_backbone("swin_nano", tuning="ivt", d1=d1, d2=d2, d3=d3)
+    empg = bb.empg
+    assert empg.s1.out_features == empg.s2.out_features == empg.s3.in_features == d1
+    widths = {(n.rsplit(".", 1)[-1], m.down.out_features) for n, m in bb.named_modules()
+              if n.endswith(("ipa1", "ipa2", "ha1", "ha2"))}
+    assert widths == {("ipa1", d3), ("ipa2", d3), ("ha1", d2), ("ha2", d2)}

@@ -5,10 +5,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ivt.checkpoint import atomic_save, load_checkpoint, load_model_state, make_checkpoint
 from ivt.models import PETL_METHODS, PETLConfig, build_backbone, count_parameters
 from ivt.models.eva02 import EVA02Backbone, EVA02Config
+from ivt.models.petl.adaptformer import AdaptFormer
 from ivt.models.petl.bi_adaptformer import binarize
 from ivt.models.petl.rein import Rein
 from ivt.models.segmentor import build_segmentor
@@ -191,6 +193,38 @@ def test_rein_matches_a_float64_reference():
             d = sum(s[j] * (w_t @ t[j] + b_t) for j in range(1, 5))      # first token dropped
             ref[i, n] = f[i, n] + 0.7 * (w_f @ (d + f[i, n]) + b_f)
     torch.testing.assert_close(out.detach(), ref)
+
+
+def test_adaptformer_matches_eq_2_and_3():
+    """AdaptFormer (Chen et al. 2022, Eq. 2-3; the release's `Adapter.forward`): the bottleneck
+    reads the MLP sub-layer's input x' (in parallel with the MLP, not after it), with dropout on
+    its hidden units, x = x' + MLP(LN(x')) + s up(dropout(relu(down(x')))). Written out in
+    float64 with a non-zero up-projection; in training the same dropout mask is drawn from the
+    same generator state. After attention (pos 0) the block is left alone."""
+    torch.manual_seed(0)
+    af = AdaptFormer(16, bottleneck=8, scale=0.1, dropout=0.5).double()
+    with torch.no_grad():
+        for p in (af.up.weight, af.up.bias, af.down.bias):
+            p.normal_()
+    z_in = torch.randn(2, 6, 16, dtype=torch.float64)                 # x'
+    z_out = z_in + torch.randn(2, 6, 16, dtype=torch.float64)         # x' + MLP(LN(x'))
+    prompt, hw = torch.randn(2, 6, 16, dtype=torch.float64), (2, 3)
+    same, p0 = af(0, z_in, z_out, prompt, hw)
+    assert same is z_out and p0 is prompt
+
+    def x_tilde(x, training):                                         # Eq. 2, hidden dropout
+        h = F.relu(x @ af.down.weight.T + af.down.bias)
+        return F.dropout(h, 0.5, training=training) @ af.up.weight.T + af.up.bias
+
+    af.eval()
+    got, p1 = af(1, z_in, z_out, prompt, hw)
+    torch.testing.assert_close(got, z_out + 0.1 * x_tilde(z_in, False))   # Eq. 3
+    assert p1 is prompt
+    af.train()
+    torch.manual_seed(1)
+    got, _ = af(1, z_in, z_out, prompt, hw)
+    torch.manual_seed(1)
+    torch.testing.assert_close(got, z_out + 0.1 * x_tilde(z_in, True))
 
 
 def test_vpt_prompts_act_as_extra_keys_and_values_in_every_window():

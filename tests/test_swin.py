@@ -311,16 +311,40 @@ def test_both_checkpoint_layouts_load(name, tmp_path):
 
 
 def test_relative_position_table_is_resized_for_another_window(tmp_path):
+    """Every block's table is resized as the Swin release's `load_pretrained` does (utils.py):
+    the (L, heads) table viewed as (1, heads, S, S), `F.interpolate(size=(2w - 1, 2w - 1),
+    mode='bicubic')` (align_corners False), viewed back; here on random tables, in float64."""
     sd = _random_visible_state("swin_t")            # window 7: 13x13 tables
     torch.save({"model": _to_original_layout(sd)}, tmp_path / "w7.pth")
     bb = build_backbone("swin_t", tuning="freeze", window_size=12, pretrained=str(tmp_path / "w7.pth"))
     table = bb.layers[0].blocks[0].attn.relative_position_bias_table
     assert table.shape == (23 * 23, 3)
+    own, n = bb.state_dict(), 0
+    for k, v in sd.items():
+        if k.endswith("relative_position_bias_table"):
+            heads = v.shape[1]
+            ref = F.interpolate(v.double().permute(1, 0).reshape(1, heads, 13, 13), size=(23, 23),
+                                mode="bicubic", align_corners=False)
+            torch.testing.assert_close(own[k].double(), ref.reshape(heads, 23 * 23).permute(1, 0),
+                                       rtol=1e-5, atol=1e-7, msg=lambda m, k=k: f"{k}: {m}")
+            n += 1
+    assert n == 12
     # bicubic resize keeps a constant table constant
     const = checkpoint_filter_fn({"layers.0.blocks.0.attn.relative_position_bias_table":
                                   torch.full((169, 3), 0.5)}, 12)
     torch.testing.assert_close(const["layers.0.blocks.0.attn.relative_position_bias_table"],
                                torch.full((529, 3), 0.5))
+
+
+def test_drop_path_rates_rise_linearly_over_all_blocks():
+    """Stochastic depth as the Swin release (and timm's SwinTransformer) sets it:
+    `dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths))]`, stage i taking
+    dpr[sum(depths[:i]):sum(depths[:i + 1])]: 0 at the first block, the rate at the last."""
+    bb = build_backbone("swin_nano", tuning="freeze", drop_path_rate=0.3)
+    rates = [blk.drop_path.p for stage in bb.layers for blk in stage.blocks]
+    assert len(rates) == 8                          # depths (2, 2, 2, 2)
+    torch.testing.assert_close(torch.tensor(rates, dtype=torch.float64),
+                               torch.linspace(0, 0.3, 8, dtype=torch.float64))
 
 
 def test_wrong_model_checkpoint_names_the_keys(tmp_path):

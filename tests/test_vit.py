@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -22,7 +23,7 @@ from ivt.data.transforms import IMAGENET
 from ivt.models.dinov2 import DINOv2Backbone
 from ivt.models.ivtuning import IVTConfig
 from ivt.models.mae import MAEBackbone
-from ivt.models.vit import LayerScale, ViTConfig, resize_patch_kernel
+from ivt.models.vit import LayerScale, ViTConfig, feature_blocks, resize_patch_kernel
 from ivt.weights import RELEASES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,6 +214,42 @@ def test_layer_scale_scales_each_residual_branch():
     want = a + block.mlp(block.norm2(a)) * block.ls2.gamma
     got, _ = block(z, (2, 3), None, None)
     torch.testing.assert_close(got, want)
+
+
+def test_drop_path_rates_rise_linearly_to_the_rate_at_the_last_block():
+    """Stochastic depth as timm's VisionTransformer / Eva set it,
+    `dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]`: 0 at the first block,
+    the full rate at the last (`build_backbone`'s drop_path_rate is the last block's)."""
+    for family in (DINOv2Backbone, MAEBackbone):
+        cfg = ViTConfig(32, 6, 2, 64, patch_size=8, img_size=(32, 32), drop_path_rate=0.3)
+        model = family("tiny", cfg, "freeze", None)
+        got = torch.tensor([b.drop_path.p for b in model.blocks], dtype=torch.float64)
+        torch.testing.assert_close(got, torch.linspace(0, 0.3, 6, dtype=torch.float64))
+
+
+def test_features_are_block_outputs_resized_bilinearly():
+    """The four features are the patch tokens (cls and registers dropped, no norm) of blocks
+    d/3, d/2, 2d/3 and d, resized by x4, x2, x1, x0.5 bilinearly with align_corners=False
+    (PyTorch's default, mmseg's `resize` in the ViT-Adapter / MultiLevelNeck necks), the x0.5
+    map ceil-sized. An odd 3 x 5 token grid; the block outputs are captured with hooks and
+    resized here."""
+    torch.manual_seed(0)
+    cfg = ViTConfig(32, 6, 2, 64, patch_size=8, img_size=(32, 32), drop_path_rate=0.0,
+                    layer_scale=0.5, registers=4)
+    model = randomize(DINOv2Backbone("tiny", cfg, "freeze", None)).eval()
+    blocks = {}
+    for i, block in enumerate(model.blocks):
+        block.register_forward_hook(lambda m, args, out, i=i: blocks.__setitem__(i, out[0]))
+    with torch.no_grad():
+        outs = model(torch.randn(2, 3, 24, 40))
+    assert feature_blocks(6) == [1, 2, 3, 5]
+    sizes = [(12, 20), (6, 10), (3, 5), (2, 3)]                   # ceil(3 / 2), ceil(5 / 2)
+    for index, size, got in zip((1, 2, 3, 5), sizes, outs):
+        m = blocks[index][:, 5:].reshape(2, 3, 5, 32).permute(0, 3, 1, 2)
+        want = m if size == (3, 5) else F.interpolate(m, size=size, mode="bilinear",
+                                                      align_corners=False)
+        assert got.shape == (2, 32, *size)
+        torch.testing.assert_close(got, want)
 
 
 # -- checkpoints -----------------------------------------------------------------------------------
