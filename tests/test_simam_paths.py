@@ -22,6 +22,19 @@ def simam_module():
     return importlib.import_module("kernels.simam")
 
 
+def assert_kernel_matches_reference(x: torch.Tensor, grad: torch.Tensor, device: str) -> None:
+    """The Triton kernels' output and input gradient (upstream `grad`) against the float64
+    reference's."""
+    ref_in = x.clone().requires_grad_()
+    ref = simam_reference(ref_in)
+    ref.backward(grad)
+    ker_in = x.to(device).requires_grad_()
+    out = kernels.simam_triton(ker_in)
+    out.backward(grad.to(device))
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ker_in.grad.cpu(), ref_in.grad, rtol=1e-9, atol=1e-11)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("row_tile", [0, 8192], ids=["chunked", "one-pass"])
 @pytest.mark.parametrize("shape", [(2, 5, 7, 9), (1, 3, 1, 1), (2, 20, 12, 16), (1, 33, 5, 3)])
@@ -33,15 +46,8 @@ def test_simam_paths_match_reference(monkeypatch, device, row_tile, shape):
     B, C, H, W = shape
     tokens = torch.randn(B, H * W, C, generator=gen, dtype=torch.float64) * 3 + 5
     x = tokens.view(B, H, W, C).permute(0, 3, 1, 2)              # channels-last, as the model
-    grad = torch.randn(shape, generator=gen, dtype=torch.float64)
-    ref_in = x.clone().requires_grad_()
-    ref = simam_reference(ref_in)
-    ref.backward(grad)
-    ker_in = x.to(device).requires_grad_()
-    out = kernels.simam_triton(ker_in)
-    out.backward(grad.to(device))
-    torch.testing.assert_close(out.cpu(), ref, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(ker_in.grad.cpu(), ref_in.grad, rtol=1e-9, atol=1e-11)
+    assert_kernel_matches_reference(x, torch.randn(shape, generator=gen, dtype=torch.float64),
+                                    device)
 
 
 def test_one_pass_only_where_rows_fit():
@@ -66,12 +72,5 @@ def test_chunks_of_several_tiles_match_reference(monkeypatch, device, shape, max
     gen = torch.Generator().manual_seed(12)
     x = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5
     assert simam.one_pass_blocks(x) is None and simam.row_grid(x)[2] > 1
-    grad = torch.randn(shape, generator=gen, dtype=torch.float64)
-    ref_in = x.clone().requires_grad_()
-    ref = simam_reference(ref_in)
-    ref.backward(grad)
-    ker_in = x.to(device).requires_grad_()
-    out = kernels.simam_triton(ker_in)
-    out.backward(grad.to(device))
-    torch.testing.assert_close(out.cpu(), ref, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(ker_in.grad.cpu(), ref_in.grad, rtol=1e-9, atol=1e-11)
+    assert_kernel_matches_reference(x, torch.randn(shape, generator=gen, dtype=torch.float64),
+                                    device)
