@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from ivt.models import BACKBONES, CheckpointError, build_backbone, count_parameters
-from ivt.models.eva02 import (EVA02Backbone, EVA02Config, apply_rope, feature_blocks,
-                              resize_patch_kernel, rope_sin_cos)
+from ivt.models.eva02 import (EVA02Backbone, EVA02Config, apply_rope, eva_patch_conversion,
+                              feature_blocks, rope_sin_cos)
 from ivt.models.ivtuning import VARIANTS, IVTConfig
 
 
@@ -214,14 +214,61 @@ def test_external_prompt_per_block(variant):
 
 
 # -- checkpoints ----------------------------------------------------------------------------------
-def test_patch_kernel_resize_preserves_tokens():
-    """Pseudo-inverse resize: embedding a bicubically upsampled 14x14 patch with the 16x16 kernel
-    gives the token of the original patch with the 14x14 kernel."""
+def plain_bicubic(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_out, n_in) float64 matrix of Keys' cubic convolution (a = -0.75), half-pixel centres
+    (align_corners=False), border samples repeated: the published definition of the plain bicubic
+    resize that EVA's `interpolate_patch_14to16.py` and the authors' loaders call."""
+    def w(d):
+        d = abs(d)
+        if d <= 1:
+            return (1.25 * d - 2.25) * d * d + 1
+        return ((-0.75 * d + 3.75) * d - 6) * d + 3 if d < 2 else 0.0
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for i in range(n_out):
+        x = (i + 0.5) * n_in / n_out - 0.5
+        x0 = math.floor(x)
+        for k in range(x0 - 1, x0 + 3):
+            m[i, min(max(k, 0), n_in - 1)] += w(x - k)
+    return m
+
+
+def resize2d(grid: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """(..., h, w) -> (..., H, W) by separable matrices (H, h) and (W, w), in float64."""
+    return rows @ grid.double() @ cols.T
+
+
+def test_eva_patch_conversion_is_evas_plain_bicubic():
+    """EVA's 14 -> 16 tool, written out: kernel and position grid resampled by Keys' bicubic."""
     w14 = torch.randn(8, 3, 14, 14)
-    w16 = resize_patch_kernel(w14, 16)
-    x = torch.randn(4, 3, 14, 14)
-    x16 = F.interpolate(x, size=(16, 16), mode="bicubic", align_corners=False, antialias=True)
-    torch.testing.assert_close(F.conv2d(x16, w16), F.conv2d(x, w14), rtol=1e-4, atol=1e-4)
+    pos = torch.randn(1, 1 + 16 * 16, 8)
+    out = eva_patch_conversion({"patch_embed.proj.weight": w14, "pos_embed": pos}, 16)
+    k = plain_bicubic(14, 16)
+    torch.testing.assert_close(out["patch_embed.proj.weight"].double(), resize2d(w14, k, k),
+                               rtol=1e-5, atol=1e-5)
+    g = plain_bicubic(16, 32)
+    grid = pos[0, 1:].reshape(16, 16, 8).permute(2, 0, 1)
+    want = resize2d(grid, g, g).permute(1, 2, 0).reshape(1, 32 * 32, 8)
+    assert out["pos_embed"].shape == (1, 1 + 32 * 32, 8)
+    torch.testing.assert_close(out["pos_embed"][:, 1:].double(), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out["pos_embed"][:, 0], pos[:, 0])
+    # an image resample of the kernel: a flat patch's token grows by about (16/14)^2
+    flat14, flat16 = w14.sum((1, 2, 3)), out["patch_embed.proj.weight"].sum((1, 2, 3))
+    ratio = (flat16 / flat14).median().item()
+    assert abs(ratio - (16 / 14) ** 2) < 0.15, ratio
+
+
+def test_position_embedding_follows_the_input_grid_by_plain_bicubic():
+    """At an input grid other than the stored one, EVA02 adds its position embedding resized by
+    plain bicubic (EVA's and the authors' code), not timm's antialiased resize."""
+    model = randomize(tiny("freeze", img=64))                            # stored 4 x 4
+    with torch.no_grad():
+        model.patch_embed.proj.weight.zero_()
+        model.patch_embed.proj.bias.zero_()
+    z, hw, _ = model.embed(torch.randn(1, 3, 48, 112))                    # 3 x 7
+    assert hw == (3, 7)
+    grid = model.pos_embed[0, 1:].detach().reshape(4, 4, 64).permute(2, 0, 1)
+    want = resize2d(grid, plain_bicubic(4, 3), plain_bicubic(4, 7)).permute(1, 2, 0)
+    torch.testing.assert_close(z[0, 1:].double(), want.reshape(21, 64), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("layout", ["timm.safetensors", "timm.pth", "original.pt", "original.pth"])
@@ -245,10 +292,16 @@ def test_checkpoint_layouts_patch14_into_patch16(tmp_path, layout):
     before = {k: v.clone() for k, v in model.state_dict().items() if model.is_added_name(k)}
     model.load_pretrained(str(path))
     own = model.state_dict()
-    assert own["patch_embed.proj.weight"].shape == (64, 3, 16, 16)
-    torch.testing.assert_close(own["patch_embed.proj.weight"],
-                               resize_patch_kernel(sd["patch_embed.proj.weight"], 16))
+    # EVA's conversion (kernel 14 -> 16, grid 4 -> 32), then the grid 32 -> 4 x 6, all bicubic
+    k = plain_bicubic(14, 16)
+    torch.testing.assert_close(own["patch_embed.proj.weight"].double(),
+                               resize2d(sd["patch_embed.proj.weight"], k, k), rtol=1e-5, atol=1e-5)
+    grid = sd["pos_embed"][0, 1:].reshape(4, 4, 64).permute(2, 0, 1)
+    grid = resize2d(grid, plain_bicubic(4, 32), plain_bicubic(4, 32))
+    grid = resize2d(grid, plain_bicubic(32, 4), plain_bicubic(32, 6)).permute(1, 2, 0)
     assert own["pos_embed"].shape == (1, 1 + 4 * 6, 64)
+    torch.testing.assert_close(own["pos_embed"][0, 1:].double(), grid.reshape(24, 64),
+                               rtol=1e-5, atol=1e-5)
     assert torch.equal(own["pos_embed"][:, 0], sd["pos_embed"][:, 0])   # cls entry kept
     assert torch.equal(own["blocks.1.attn.q_proj.bias"], sd["blocks.1.attn.q_proj.bias"])
     assert torch.equal(own["blocks.2.mlp.norm.weight"], sd["blocks.2.mlp.norm.weight"])

@@ -39,7 +39,7 @@ def tiny_eva02() -> EVA02Backbone:
     cfg = EVA02Config(c["embed_dim"], c["depth"], c["num_heads"],
                       int(c["embed_dim"] * c["mlp_ratio"]), patch_size=c["patch_size"],
                       img_size=(c["img_size"], c["img_size"]), rope_ref_grid=c["ref_feat_shape"][0],
-                      drop_path_rate=0.0)
+                      drop_path_rate=0.0, antialias=True)           # timm's position resize
     model = EVA02Backbone("eva02_golden", cfg, tuning="freeze")
     model.load_pretrained(str(GOLDEN / "eva02_tiny.safetensors"))
     return model.eval()

@@ -253,6 +253,16 @@ def test_features_are_block_outputs_resized_bilinearly():
 
 
 # -- checkpoints -----------------------------------------------------------------------------------
+def test_patch_kernel_resize_preserves_tokens():
+    """Pseudo-inverse resize: embedding a bicubically upsampled 14x14 patch with the 16x16 kernel
+    gives the token of the original patch with the 14x14 kernel."""
+    w14 = torch.randn(8, 3, 14, 14)
+    w16 = resize_patch_kernel(w14, 16)
+    x = torch.randn(4, 3, 14, 14)
+    x16 = F.interpolate(x, size=(16, 16), mode="bicubic", align_corners=False, antialias=True)
+    torch.testing.assert_close(F.conv2d(x16, w16), F.conv2d(x, w14), rtol=1e-4, atol=1e-4)
+
+
 def test_patch14_release_into_patch16(tmp_path):
     """The default patch 16: a patch-14 checkpoint's kernel is resized (FlexiViT) and its
     position embedding to the model's grid; its registers and LayerScale load as they are."""

@@ -13,6 +13,8 @@ The families differ only in options of the one block and in their checkpoints' n
 | LayerScale (`ls1`, `ls2`) | no | yes | no |
 | register tokens | no | 4 in the `_reg` releases | no |
 | release patch | 14 | 14 | 16 |
+| its kernel to patch 16 | bicubic (EVA's tool) | pseudo-inverse (FlexiViT) | - |
+| position-embedding resizes | plain bicubic (EVA's) | antialiased bicubic (timm's) | antialiased |
 
 Every family: pre-norm blocks, LayerNorm eps 1e-6, a cls token and an absolute position
 embedding with an entry for it, stored for `img_size` and resized bicubically to the input's
@@ -53,6 +55,8 @@ class ViTConfig:
     swiglu: bool = False                     # SwiGLU MLP with its "subln" norm, or GELU MLP
     layer_scale: Optional[float] = None      # LayerScale's initial gamma; None: no LayerScale
     registers: int = 0                       # register tokens after the cls token
+    antialias: bool = True                   # position-embedding resizes: timm's antialiased
+                                             # bicubic, or PyTorch's plain bicubic (False)
 
     def __post_init__(self):
         if self.depth < 3:
@@ -341,7 +345,7 @@ class ViTBackbone(IVTBackbone):
         elif ir is not None:                          # PETL / ir_embed: Zv + PE_ir(ir), Sec. 4.5
             z = z + self.ir_patch_embed(ir)[0]
         z = torch.cat([self.cls_token.expand(z.shape[0], -1, -1), z], dim=1)
-        z = z + resize_pos_embed(self.pos_embed, self.pos_grid, hw)
+        z = z + resize_pos_embed(self.pos_embed, self.pos_grid, hw, self.cfg.antialias)
         if self.reg_token is None:
             return z, hw, prompt
         # DINOv2's registers go after cls, after the position embedding (they get none)
@@ -386,16 +390,21 @@ class ViTBackbone(IVTBackbone):
 
 
 # -- resizing the embeddings of a checkpoint ----------------------------------------------------
-def resize_pos_embed(pos_embed: torch.Tensor, old: Grid, new: Grid) -> torch.Tensor:
-    """(1, 1 + h*w, C) -> (1, 1 + H*W, C): the grid part bicubically with `antialias=True` both
-    ways, as timm does (PyTorch's antialiased bicubic also upsamples with its own kernel,
-    a = -0.5 instead of -0.75), the cls entry kept."""
+def resize_pos_embed(pos_embed: torch.Tensor, old: Grid, new: Grid,
+                     antialias: bool = True) -> torch.Tensor:
+    """(1, 1 + h*w, C) -> (1, 1 + H*W, C): the grid part bicubically, the cls entry kept.
+
+    antialias=True is timm's resize (DINOv2, MAE), antialiased both ways: PyTorch's antialiased
+    bicubic also upsamples with its own kernel, a = -0.5 instead of -0.75. False is PyTorch's plain
+    bicubic, which EVA's and the IV-tuning authors' code use (EVA02).
+    """
     if tuple(old) == tuple(new):
         return pos_embed
     cls, grid = pos_embed[:, :1], pos_embed[:, 1:]
     C = grid.shape[-1]
     grid = grid.float().reshape(1, old[0], old[1], C).permute(0, 3, 1, 2)     # (1, C, h, w)
-    grid = F.interpolate(grid, size=tuple(new), mode="bicubic", align_corners=False, antialias=True)
+    grid = F.interpolate(grid, size=tuple(new), mode="bicubic", align_corners=False,
+                         antialias=antialias)                                  # (1, C, H, W)
     grid = grid.permute(0, 2, 3, 1).reshape(1, new[0] * new[1], C).to(pos_embed.dtype)
     return torch.cat([cls, grid], dim=1)
 
@@ -418,10 +427,11 @@ def resize_patch_kernel(weight: torch.Tensor, size: int) -> torch.Tensor:
     return new.reshape(*weight.shape[:2], size, size).to(weight.dtype)
 
 
-def fit_embeddings(state_dict: StateDict, patch_size: int, pos_grid: Grid) -> StateDict:
+def fit_embeddings(state_dict: StateDict, patch_size: int, pos_grid: Grid,
+                   antialias: bool = True) -> StateDict:
     """A state dict in this module's names with its patch kernel resized to `patch_size`
     (`resize_patch_kernel`) and its position embedding (1, 1 + s*s, C), a square grid with a cls
-    entry, bicubically to `pos_grid` (`resize_pos_embed`). Pure."""
+    entry, bicubically to `pos_grid` (`resize_pos_embed` with `antialias`). Pure."""
     out = dict(state_dict)
     if "patch_embed.proj.weight" in out:
         out["patch_embed.proj.weight"] = resize_patch_kernel(out["patch_embed.proj.weight"],
@@ -431,7 +441,7 @@ def fit_embeddings(state_dict: StateDict, patch_size: int, pos_grid: Grid) -> St
         side = math.isqrt(v.shape[1] - 1)
         if side * side != v.shape[1] - 1:
             raise CheckpointError(f"pos_embed with {v.shape[1] - 1} patch entries is not square")
-        out["pos_embed"] = resize_pos_embed(v, (side, side), pos_grid)
+        out["pos_embed"] = resize_pos_embed(v, (side, side), pos_grid, antialias)
     return out
 
 
