@@ -558,9 +558,17 @@ def test_denoising_queries_do_not_leak_into_matching_queries():
     assert not torch.allclose(alone[0], unmasked[0][:, 6:], atol=1e-5)   # the mask is what isolates
 
 
-def test_decoder_predicts_from_its_layernorm_and_refines_from_the_layer_output():
-    """DINO's decoder: class and box predictions read LayerNorm(output); the reference box the
-    next layer attends around is refined from the output itself (its logit clamped at 1e-3)."""
+def inverse_sigmoid(b):
+    """DINO's `inverse_sigmoid`: logit of the box clamped to [1e-3, 1 - 1e-3]."""
+    b = b.clamp(1e-3, 1 - 1e-3)
+    return torch.log(b / (1 - b))
+
+
+def run_decoder_recording_layers():
+    """A seeded one-level decoder (box head and norm drawn away from their init) run on random
+    queries, boxes (as logits) and memory. Returns the decoder, the boxes, its (logits, boxes) per
+    layer, and `seen`: layer 0's and 1's outputs (`out0`, `out1`) and the reference box layer 1
+    was given (`ref1`)."""
     torch.manual_seed(0)
     decoder = build_decoder(tiny_config(num_feature_levels=1)).eval()
     for p in [*decoder.box_head.parameters(), *decoder.norm.parameters()]:
@@ -569,14 +577,20 @@ def test_decoder_predicts_from_its_layernorm_and_refines_from_the_layer_output()
     tgt, boxes_unact = torch.randn(1, 5, 32), torch.randn(1, 5, 4)
     seen = {}
     decoder.layers[0].register_forward_hook(lambda m, a, out: seen.update(out0=out))
-    decoder.layers[1].register_forward_hook(lambda m, a, out: seen.update(ref1=a[2]))
-    logits, boxes = decoder(tgt, boxes_unact, memory, shapes)
+    decoder.layers[1].register_forward_hook(lambda m, a, out: seen.update(out1=out, ref1=a[2]))
+    return decoder, boxes_unact, decoder(tgt, boxes_unact, memory, shapes), seen
+
+
+def test_decoder_predicts_from_its_layernorm_and_refines_from_the_layer_output():
+    """DINO's decoder: class and box predictions read LayerNorm(output); the reference box the
+    next layer attends around is refined from the output itself (its logit clamped at 1e-3)."""
+    decoder, boxes_unact, (logits, boxes), seen = run_decoder_recording_layers()
     ref0 = boxes_unact.sigmoid()
-    logit = lambda b: torch.log(b.clamp(1e-3, 1 - 1e-3) / (1 - b.clamp(1e-3, 1 - 1e-3)))  # noqa: E731
     normed = F.layer_norm(seen["out0"], (32,), decoder.norm.weight, decoder.norm.bias)
     torch.testing.assert_close(logits[0], decoder.class_head(normed))
-    torch.testing.assert_close(boxes[0], (decoder.box_head(normed) + logit(ref0)).sigmoid())
-    torch.testing.assert_close(seen["ref1"], (decoder.box_head(seen["out0"]) + logit(ref0)).sigmoid())
+    torch.testing.assert_close(boxes[0], (decoder.box_head(normed) + inverse_sigmoid(ref0)).sigmoid())
+    torch.testing.assert_close(seen["ref1"],
+                               (decoder.box_head(seen["out0"]) + inverse_sigmoid(ref0)).sigmoid())
     assert not torch.allclose(seen["ref1"], boxes[0], atol=1e-3)      # the two paths differ
 
 
@@ -586,20 +600,10 @@ def test_decoder_looks_forward_twice():
     only as the next layer's input): layer 1's box is sigmoid(delta_1 + logit(b_0)) with b_0 layer
     0's refined box WITH its gradient, so layer 1's loss also trains layer 0's box prediction.
     The values do not tell a detached b_0 apart; the gradient into layer 0's output does."""
-    torch.manual_seed(0)
-    decoder = build_decoder(tiny_config(num_feature_levels=1)).eval()
-    for p in [*decoder.box_head.parameters(), *decoder.norm.parameters()]:
-        torch.nn.init.normal_(p, std=0.2)
-    memory, shapes = torch.randn(1, 6 * 4, 32), [(6, 4)]
-    tgt, boxes_unact = torch.randn(1, 5, 32), torch.randn(1, 5, 4)
-    seen = {}
-    decoder.layers[0].register_forward_hook(lambda m, a, out: seen.update(out0=out))
-    decoder.layers[1].register_forward_hook(lambda m, a, out: seen.update(out1=out))
-    _, boxes = decoder(tgt, boxes_unact, memory, shapes)
-    logit = lambda b: torch.log(b.clamp(1e-3, 1 - 1e-3) / (1 - b.clamp(1e-3, 1 - 1e-3)))  # noqa: E731
-    b0 = (decoder.box_head(seen["out0"]) + logit(boxes_unact.sigmoid())).sigmoid()  # not detached
+    decoder, boxes_unact, (_, boxes), seen = run_decoder_recording_layers()
+    b0 = (decoder.box_head(seen["out0"]) + inverse_sigmoid(boxes_unact.sigmoid())).sigmoid()
     normed1 = F.layer_norm(seen["out1"], (32,), decoder.norm.weight, decoder.norm.bias)
-    want = (decoder.box_head(normed1) + logit(b0)).sigmoid()
+    want = (decoder.box_head(normed1) + inverse_sigmoid(b0)).sigmoid()     # b0 not detached
     torch.testing.assert_close(boxes[1], want)
     g_got, = torch.autograd.grad(boxes[1].sum(), seen["out0"], retain_graph=True)
     g_want, = torch.autograd.grad(want.sum(), seen["out0"])
