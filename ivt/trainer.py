@@ -17,9 +17,9 @@ import shutil
 import signal
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -67,6 +67,9 @@ class Recipe:
     clip_grad: float = 0.0              # gradient-norm clipping (0: off)
     clip_grad_value: float = 0.0        # gradient-value clamping (0: off)
     eval_every: int = 8000
+    # the backbone's stochastic depth (its last block's drop-path rate) where the authors' runs
+    # set one, by backbone name; any other backbone keeps its model's default
+    drop_path: Dict[str, float] = field(default_factory=dict)
 
 
 class Task:
@@ -133,6 +136,8 @@ def backbone_kwargs(config: dict) -> dict:
         kw["ir_embed"] = True
     if config.get("patch_size") is not None:
         kw["patch_size"] = config["patch_size"]
+    if config.get("drop_path") is not None:
+        kw["drop_path_rate"] = config["drop_path"]
     return kw
 
 
@@ -172,7 +177,7 @@ def default_workers() -> int:
 def get_parser(task: Task) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=task.description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    _model_arguments(p.add_argument_group("model"))
+    _model_arguments(p.add_argument_group("model"), task.recipe)
     _method_arguments(p.add_argument_group("compared methods (paper Table 4)"))
     _implementation_arguments(p.add_argument_group("implementation (the same results)"))
     task.add_arguments(p)
@@ -184,7 +189,7 @@ def get_parser(task: Task) -> argparse.ArgumentParser:
     return p
 
 
-def _model_arguments(g) -> None:
+def _model_arguments(g, r: Recipe) -> None:
     g.add_argument("--backbone", default="swin_l", choices=BACKBONES,
                    help="visible-light backbone (swin_nano is a tiny CPU demo size) "
                         "(default: %(default)s)")
@@ -206,6 +211,13 @@ def _model_arguments(g) -> None:
                    help="EVA02, DINOv2, MAE only: patch size, 16 as the paper runs EVA02 (the "
                         "EVA02 and DINOv2 releases' 14 is resized on loading; MAE's is 16) "
                         "(default: 16)")
+    recipe_rates = ", ".join(f"{name} {rate}" for name, rate in r.drop_path.items())
+    g.add_argument("--drop-path", type=float, default=None, metavar="RATE",
+                   help="the backbone's stochastic depth: the drop-path rate of its last block, "
+                        "rising linearly from 0 at the first; the frozen blocks drop paths in "
+                        "training too, as in the authors' runs (default: "
+                        + (f"{recipe_rates} as the authors' runs; otherwise " if recipe_rates
+                           else "") + "the model's own, 0.1)")
     g.add_argument("--pretrained", default=None, metavar="FILE|NAME|URL",
                    help="visible-model weights loaded into the frozen part: a checkpoint file "
                         "(original release, timm or, for Swin, an mmdet/detrex detector's "
@@ -374,6 +386,10 @@ def check_args(task: Task, args) -> None:
         raise ValueError("--cuda-graph needs a CUDA device")
     if args.memory != "keep" and (args.impl == "reference" or args.tuning != "ivt"):
         raise ValueError(f"--memory {args.memory} needs --impl fast (or fused) and --tuning ivt")
+    if args.drop_path is None:          # None: the model's own default
+        args.drop_path = task.recipe.drop_path.get(args.backbone)
+    if args.drop_path is not None and not 0 <= args.drop_path < 1:
+        raise ValueError(f"--drop-path must be in [0, 1), got {args.drop_path}")
     if args.resume and args.resume != "last" and not os.path.isfile(args.resume):
         raise FileNotFoundError(f"--resume {args.resume}: file not found")
     if args.backbone in VIT_BACKBONES:

@@ -1,5 +1,5 @@
-"""Flags the three training scripts share: one name for the input size, and a number of data
-workers that fits the machine."""
+"""Flags the three training scripts share: one name for the input size, a number of data
+workers that fits the machine, and the backbone's drop-path rate of the authors' runs."""
 import os
 
 import pytest
@@ -8,8 +8,14 @@ import train_det
 import train_seg
 import train_sod
 from ivt import trainer
+from ivt.models import build_backbone
+from ivt.models.swin import DropPath
+from ivt.tasks.det import DetTask
+from ivt.tasks.seg import SegTask
+from ivt.tasks.sod import SODTask
 
 SCRIPTS = {"seg": (train_seg, 512), "sod": (train_sod, 384), "det": (train_det, 640)}
+TASKS = {"seg": SegTask(), "sod": SODTask(), "det": DetTask()}
 
 
 @pytest.mark.parametrize("task", sorted(SCRIPTS))
@@ -32,3 +38,35 @@ def test_workers_default_never_exceeds_the_cores(monkeypatch, cores, expected):
     assert trainer.default_workers() == expected
     for module, _ in SCRIPTS.values():
         assert module.get_parser().parse_args(["--data", "x"]).workers == expected
+
+
+
+@pytest.mark.parametrize("task, backbone, expected", [
+    ("det", "swin_l", 0.2),       # the authors' DINO Swin-L config: drop_path_rate=0.2
+    ("sod", "eva02_l", 0.2),      # the release's EVA02CPNet: drop_path_rate=0.2
+    ("sod", "swin_l", None),      # the release's SwinTransformer default, 0.1: the model's own
+    ("seg", "swin_l", None),      # no segmentation config was released
+    ("det", "swin_nano", None)])
+def test_drop_path_defaults_are_the_authors_runs(tmp_path, task, backbone, expected):
+    args = SCRIPTS[task][0].get_parser().parse_args(
+        ["--data", "x", "--backbone", backbone, "--out", str(tmp_path)])
+    trainer.check_args(TASKS[task], args)
+    assert args.drop_path == expected
+    assert trainer.backbone_kwargs(vars(args)).get("drop_path_rate") == expected
+
+
+def drop_path_rates(model):
+    return [m.p for m in model.modules() if isinstance(m, DropPath)]
+
+
+def test_drop_path_flag_reaches_the_backbone(tmp_path):
+    parse = train_det.get_parser().parse_args
+    args = parse(["--data", "x", "--backbone", "swin_nano", "--drop-path", "0.3",
+                  "--out", str(tmp_path)])
+    trainer.check_args(TASKS["det"], args)
+    rates = drop_path_rates(build_backbone("swin_nano", **trainer.backbone_kwargs(vars(args))))
+    assert rates[0] == 0 and rates[-1] == pytest.approx(0.3)      # linear in depth up to 0.3
+    assert drop_path_rates(build_backbone("swin_nano"))[-1] == pytest.approx(0.1)   # own default
+    with pytest.raises(ValueError, match="--drop-path"):
+        trainer.check_args(TASKS["det"], parse(["--data", "x", "--drop-path", "1.0",
+                                                "--out", str(tmp_path)]))

@@ -112,7 +112,8 @@ class DetTask(Task):
     # gradient norm clipped at 0.1, MultiStepLR x0.1 at epochs 27 and 33 of 36.
     recipe = Recipe(optimizer="adamw", lr=1e-4, weight_decay=1e-4, batch_size=2, size=640,
                     epochs=36, schedule="step",
-                    lr_drop_epochs=(27, 33), clip_grad=0.1, eval_every=5000)
+                    lr_drop_epochs=(27, 33), clip_grad=0.1, eval_every=5000,
+                    drop_path={"swin_l": 0.2})      # the authors' DINO Swin-L config
     description = DESCRIPTION
     size_help = "images are resized to size x size pixels"
     eager_only = ("the detection loss matches queries to boxes on the CPU (Hungarian matching) "

@@ -105,7 +105,8 @@ class SODTask(Task):
     # lr drops after the 99th (its logs: "Epoch [100/200]" is the first at 5e-6).
     recipe = Recipe(optimizer="adam", lr=5e-5, weight_decay=0.0, batch_size=8, size=384,
                     epochs=199, schedule="step", lr_drop_epochs=(99,), clip_grad_value=0.5,
-                    eval_every=2000)
+                    eval_every=2000,
+                    drop_path={"eva02_l": 0.2})     # the release's EVA02CPNet (Swin: 0.1)
     description = DESCRIPTION
     size_help = "square input size of training and evaluation in pixels"
     model_keys = ("taps",)
