@@ -50,9 +50,11 @@ def mmdet_swin_converter(ckpt: dict) -> dict:
 
 
 def detector_extras(dims):
-    """What a whole DINO checkpoint holds beside the backbone's visible weights."""
-    extras = {f"backbone.norm{i}.weight": torch.ones(d) for i, d in enumerate(dims)}
-    extras.update({f"backbone.norm{i}.bias": torch.zeros(d) for i, d in enumerate(dims)})
+    """What a whole DINO checkpoint holds beside the backbone's visible weights: its backbone's
+    per-output norms (trained values, not LayerNorm's (1, 0)), a neck and a head."""
+    g = torch.Generator().manual_seed(1)
+    extras = {f"backbone.norm{i}.{p}": torch.randn(d, generator=g)
+              for i, d in enumerate(dims) for p in ("weight", "bias")}
     extras.update({"neck.convs.0.conv.weight": torch.zeros(4, 4, 1, 1),
                    "bbox_head.cls.weight": torch.zeros(80, 4)})
     return extras
@@ -79,10 +81,18 @@ def test_load_mmdet_dino_backbone(source, tmp_path):
     path = tmp_path / "dino_mmdet.pth"
     torch.save({"meta": {"mmdet_version": "3.3.0"}, "state_dict": sd}, path)
     model = build_backbone("swin_nano", tuning="ivt")
-    ignored = load_detector_backbone(model, str(path))
+    with pytest.warns(UserWarning, match=r"per-output norms are not loaded.*norm0\.bias"):
+        ignored = load_detector_backbone(model, str(path))
     check_loaded(model, own)
-    assert ignored == sorted([f"backbone.norm{i}.{p}" for i in range(4) for p in ("weight", "bias")]
-                             + ["neck.convs.0.conv.weight", "bbox_head.cls.weight"])
+    assert ignored == ["bbox_head.cls.weight", "neck.convs.0.conv.weight"]
+    # mmdet's Swin: the output norms load, frozen with the rest of the visible model
+    model = build_backbone("swin_nano", tuning="ivt", out_norms=True)
+    load_detector_backbone(model, str(path))
+    check_loaded(model, own)
+    for i in range(4):
+        for p in ("weight", "bias"):
+            assert torch.equal(model.state_dict()[f"out_norms.{i}.{p}"], sd[f"backbone.norm{i}.{p}"])
+    assert not any(p.requires_grad for p in model.out_norms.parameters())
 
     # patch merging as mmdet computes it (nn.Unfold), with mmdet's weights, equals ours
     merge = model.layers[1].downsample

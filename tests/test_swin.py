@@ -421,3 +421,55 @@ def test_bad_build_options():
         build_backbone("swin_nano", attention="flash")
     with pytest.raises(ValueError, match="only apply to tuning='ivt'"):
         build_backbone("swin_nano", tuning="full", d2=16)
+
+
+# -- mmseg's and mmdet's per-output LayerNorms -----------------------------------------------------
+def test_out_norms_layer_normalise_each_stage_output():
+    """out_norms=True: each output map is the plain model's, LayerNorm-ed over its channels at
+    every position (eps 1e-5) with that level's own affine; written out in float64."""
+    torch.manual_seed(0)
+    plain = build_backbone("swin_nano", tuning="ivt")
+    normed = build_backbone("swin_nano", tuning="ivt", out_norms=True)
+    missing, unexpected = normed.load_state_dict(plain.state_dict(), strict=False)
+    assert sorted(missing) == [f"out_norms.{i}.{p}" for i in range(4) for p in ("bias", "weight")]
+    assert not unexpected
+    with torch.no_grad():
+        for norm in normed.out_norms:
+            norm.weight.normal_()
+            norm.bias.normal_()
+    vis, ir = torch.randn(1, 3, 64, 96), torch.randn(1, 3, 64, 96)
+    for x, y, norm in zip(plain.eval()(vis, ir), normed.eval()(vis, ir), normed.out_norms):
+        x = x.double()
+        mean, var = x.mean(1, keepdim=True), x.var(1, unbiased=False, keepdim=True)
+        w, b = norm.weight.double()[:, None, None], norm.bias.double()[:, None, None]
+        torch.testing.assert_close(y.double(), (x - mean) / (var + 1e-5).sqrt() * w + b,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_out_norms_belong_to_the_visible_model(tmp_path):
+    """Frozen unless tuning='full'; a classification checkpoint, which has none, leaves them at
+    LayerNorm's (1, 0); taps='release' reads maps they do not apply to."""
+    for tuning in ("ivt", "freeze", "vpt"):
+        model = build_backbone("swin_nano", tuning=tuning, out_norms=True)
+        assert not any(p.requires_grad for p in model.out_norms.parameters()), tuning
+    assert all(p.requires_grad for p in build_backbone("swin_nano", tuning="full",
+                                                       out_norms=True).out_norms.parameters())
+    sd = _random_visible_state("swin_nano")
+    torch.save({"model": _to_original_layout(sd)}, tmp_path / "release.pth")
+    model = build_backbone("swin_nano", out_norms=True, pretrained=str(tmp_path / "release.pth"))
+    for k, v in sd.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    for norm in model.out_norms:
+        assert torch.equal(norm.weight, torch.ones_like(norm.weight))
+        assert torch.equal(norm.bias, torch.zeros_like(norm.bias))
+    with pytest.raises(ValueError, match="out_norms"):
+        build_backbone("swin_nano", out_norms=True, taps="release")
+
+
+def test_segmentation_and_detection_build_the_mmlab_swin():
+    from ivt.models.detr import DetectorConfig, build_detector
+    from ivt.models.segmentor import build_segmentor
+    assert build_segmentor("swin_nano", 9).backbone.out_norms is not None
+    assert build_segmentor("swin_nano", 9, out_norms=False).backbone.out_norms is None
+    assert build_detector("swin_nano", DetectorConfig(num_classes=6)).backbone.out_norms is not None
+    assert not hasattr(build_segmentor("eva02_b", 9, img_size=32).backbone, "out_norms")

@@ -154,9 +154,11 @@ def score_seg(data: Path, checkpoint: Path, pretrained: Path, dest: Path) -> dic
 
 
 def export_backbone(checkpoint: Path, dest: Path) -> None:
-    """The pre-training run's backbone as a plain state dict (timm layout, no IV-tuning keys)."""
+    """The pre-training run's backbone as a plain state dict (timm layout, no IV-tuning keys),
+    as a classification checkpoint holds it: without the segmentation Swin's output norms."""
     model = load_checkpoint(str(checkpoint))["model"]
-    sd = {k[len("backbone."):]: v for k, v in model.items() if k.startswith("backbone.")}
+    sd = {k[len("backbone."):]: v for k, v in model.items()
+          if k.startswith("backbone.") and not k.startswith("backbone.out_norms.")}
     torch.save(sd, dest)
 
 

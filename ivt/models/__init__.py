@@ -65,8 +65,9 @@ def build_backbone(name: str, tuning: str = "ivt", pretrained: Optional[str] = N
     options: IV-tuning's `d1`, `d2`, `d3`, `layers`, `variant`, `dropout`, `zero_init_up`, and the
         family's own (`window_size`, `drop_path_rate`, `attention` ('sdpa', the default, or
         'math': the window attention as explicit matmuls and softmax, as timm's Swin computes it;
-        the same function) for Swin; `patch_size` (16; the EVA02 and DINOv2 releases' 14 is
-        resized on loading), `drop_path_rate` for the ViTs); the PETL methods' `prompt_length`
+        the same function), `out_norms` (mmseg's and mmdet's LayerNorm on each stage output,
+        as the segmentation and detection tasks build it) for Swin; `patch_size` (16; the
+        EVA02 and DINOv2 releases' 14 is resized on loading), `drop_path_rate` for the ViTs); the PETL methods' `prompt_length`
         (vpt), `bottleneck`, `scale` ((bi_)adaptformer), `rein_tokens`, `rein_rank` (rein);
         `ir_embed=True` gives 'full'/'freeze' the independent IR patch embedding of Sec. 4.5
         (then forward needs ir).

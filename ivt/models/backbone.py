@@ -119,8 +119,12 @@ class IVTBackbone(nn.Module):
             p.requires_grad = self.tuning == "full" or self.is_added_name(name)
 
     def visible_state_keys(self) -> List[str]:
-        """State-dict keys a visible-model checkpoint must provide."""
+        """State-dict keys of the visible model (a checkpoint provides them)."""
         return [k for k in self.state_dict() if not self.is_added_name(k)]
+
+    def optional_visible_keys(self) -> List[str]:
+        """Visible keys a checkpoint may lack (they then keep their initial values)."""
+        return []
 
     # -- pretrained weights -----------------------------------------------------------------
     def load_pretrained(self, path: str) -> None:
@@ -141,7 +145,7 @@ class IVTBackbone(nn.Module):
         """Load a state dict already in this model's names into the visible (frozen) part:
         exactly the visible keys, with their shapes, else a CheckpointError listing the keys."""
         expected = self.visible_state_keys()
-        missing = set(expected) - set(sd)
+        missing = set(expected) - set(sd) - set(self.optional_visible_keys())
         unexpected = set(sd) - set(expected)
         if missing or unexpected:
             lines = [f"{source} does not match {type(self).__name__} "
@@ -153,7 +157,7 @@ class IVTBackbone(nn.Module):
             raise CheckpointError("\n".join(lines))
         own = self.state_dict()
         bad = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-               for k in expected if sd[k].shape != own[k].shape]
+               for k in expected if k in sd and sd[k].shape != own[k].shape]
         if bad:
             raise CheckpointError(f"{source} has shape mismatches "
                                   f"({len(bad)}): " + "; ".join(bad[:20]))

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from . import build_backbone, count_parameters
 from .backbone import IVTBackbone
 from .heads import SegformerHead
+from .swin import mmlab_options
 
 
 class Segmentor(nn.Module):
@@ -49,9 +50,10 @@ def build_segmentor(backbone: str, num_classes: int, tuning: str = "ivt",
                     head_dropout: float = 0.1, **backbone_options) -> Segmentor:
     """Backbone `backbone` (a name in `BACKBONES`, built by `build_backbone` with `tuning`,
     `pretrained`, `img_size` and `backbone_options` passed through) + a Segformer head of width
-    `head_dim` producing `num_classes` logits."""
+    `head_dim` producing `num_classes` logits. A Swin is mmseg's, with a LayerNorm on each
+    output (`out_norms`), unless `out_norms=False` is given."""
     bb = build_backbone(backbone, tuning=tuning, pretrained=pretrained, img_size=img_size,
-                        **backbone_options)
+                        **mmlab_options(backbone, backbone_options))
     return Segmentor(bb, SegformerHead(bb.out_channels, num_classes, head_dim, head_dropout))
 
 

@@ -16,6 +16,7 @@ outputs equal timm's on identical weights.
 """
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 
 from .backbone import IVTBackbone, StateDict
 from .ivtuning import EMPG, BlockAdapters, Grid, IVTConfig, tokens_to_map
-from .swin_mmdet import to_release_layout
+from .swin_mmdet import OUTPUT_NORM, to_release_layout
 
 
 @dataclass
@@ -352,13 +353,22 @@ class SwinBackbone(IVTBackbone):
     (strides 8, 16, 32). Stage 4's blocks then feed no output: they are not run, and nothing in
     them trains (requires_grad False; in the release they ran, but their adapters got no
     gradient, which Adam skips, so training is the same). `ivt.fast` supports both.
+
+    `out_norms=True` adds mmseg's and mmdet's per-output LayerNorm (`norm0..3` there), applied to
+    each stage output before it becomes a map: the Swin of the runs behind the paper's
+    segmentation and detection numbers. They are part of the visible model (frozen unless
+    tuning='full'), loaded from an mmdet or detector checkpoint that has them, else (1, 0).
     """
 
     def __init__(self, name: str, cfg: SwinConfig, tuning: str = "ivt",
-                 ivt_cfg: Optional[IVTConfig] = None, taps: str = "stages"):
+                 ivt_cfg: Optional[IVTConfig] = None, taps: str = "stages",
+                 out_norms: bool = False):
         super().__init__()
         if taps not in TAPS:
             raise ValueError(f"taps={taps!r}: expected one of {', '.join(TAPS)}")
+        if out_norms and taps == "release":
+            raise ValueError("out_norms=True normalises the stage outputs; taps='release' "
+                             "reads other maps")
         self.taps = taps
         self.name, self.cfg, self.tuning, self.ivt_cfg = name, cfg, tuning, ivt_cfg
         dims = [cfg.embed_dim * 2 ** i for i in range(len(cfg.depths))]
@@ -373,6 +383,7 @@ class SwinBackbone(IVTBackbone):
                       dpr[starts[i]:starts[i] + cfg.depths[i]], downsample=i > 0,
                       attention=cfg.attention)
             for i in range(len(dims)))
+        self.out_norms = nn.ModuleList(nn.LayerNorm(d) for d in dims) if out_norms else None
         self.apply(_init_visible)
         if tuning == "ivt":
             self._add_ivt_modules(dims)
@@ -411,7 +422,11 @@ class SwinBackbone(IVTBackbone):
             for j, b in enumerate(s.blocks) if b.adapters is not None]
 
     def checkpoint_filter_fn(self, state_dict: StateDict) -> StateDict:
-        return checkpoint_filter_fn(state_dict, self.cfg.window_size)
+        return checkpoint_filter_fn(state_dict, self.cfg.window_size, self.out_norms is not None)
+
+    def optional_visible_keys(self) -> List[str]:
+        """The output norms: classification checkpoints lack them (they then stay (1, 0))."""
+        return [k for k in self.state_dict() if k.startswith("out_norms.")]
 
     def forward(self, vis: torch.Tensor, ir: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
         """vis: (B, 3, H, W), ir: (B, 3 or 1, H, W) -> [(B, C_s, H/4/2^s, W/4/2^s)] for s = 0..3
@@ -439,7 +454,8 @@ class SwinBackbone(IVTBackbone):
                         break                                # stage 4's blocks feed no output
             z, prompt = stage(z, hw, prompt)
             if not release:
-                outs.append(tokens_to_map(z, hw).contiguous())           # (B, C, H, W)
+                out = z if self.out_norms is None else self.out_norms[len(outs)](z)
+                outs.append(tokens_to_map(out, hw).contiguous())         # (B, C, H, W)
         return outs
 
 
@@ -466,23 +482,32 @@ def resize_relative_position_table(table: torch.Tensor, window: int) -> torch.Te
     return t.reshape(heads, dst * dst).T.to(table.dtype)
 
 
-def checkpoint_filter_fn(state_dict: StateDict, window_size: int) -> StateDict:
+def checkpoint_filter_fn(state_dict: StateDict, window_size: int,
+                         out_norms: bool = False) -> StateDict:
     """Map a Swin checkpoint (original release, timm, mmdet, or a whole mmdet / detrex detector
-    such as DINO) onto this module's names. Pure, but for a warning naming what a detector's
-    checkpoint holds beyond the backbone (`swin_mmdet.to_release_layout`).
+    such as DINO) onto this module's names. Pure, but for warnings naming what is not loaded.
 
     Dropped on purpose: the classifier (`head.*`) and the final `norm.*` that only feeds it
     (the backbone returns stage outputs), and the stored buffers `relative_position_index` and
-    `attn_mask` (recomputed here for every input size). The original release keeps patch merging
-    at the end of stage i (`layers.i.downsample`); here it opens stage i+1. Relative position
-    tables are resized when the checkpoint's window differs from the model's.
+    `attn_mask` (recomputed here for every input size); a detector's own parts
+    (`swin_mmdet.to_release_layout`). mmdet's per-output norms `norm0..3` become `out_norms.0..3`
+    for a model that has them (out_norms=True), else they are dropped with a warning. The
+    original release keeps patch merging at the end of stage i (`layers.i.downsample`); here it
+    opens stage i+1. Relative position tables are resized when the checkpoint's window differs
+    from the model's.
     """
     state_dict = to_release_layout(state_dict)
     original = any(k.startswith("layers.0.downsample.") for k in state_dict)
-    out = {}
+    out, unused_norms = {}, []
     for k, v in state_dict.items():
         if (k.startswith(("head.", "norm.")) or k.endswith(("relative_position_index", "attn_mask"))):
             continue
+        norm = OUTPUT_NORM.fullmatch(k)
+        if norm and not out_norms:
+            unused_norms.append(k)
+            continue
+        if norm:
+            k = f"out_norms.{norm.group(1)}.{norm.group(2)}"
         if original:
             m = re.match(r"layers\.(\d+)\.downsample\.(.*)", k)
             if m:
@@ -490,14 +515,24 @@ def checkpoint_filter_fn(state_dict: StateDict, window_size: int) -> StateDict:
         if k.endswith("relative_position_bias_table"):
             v = resize_relative_position_table(v, window_size)
         out[k] = v
+    if unused_norms:
+        warnings.warn(f"the checkpoint's per-output norms are not loaded, this Swin has none "
+                      f"(out_norms=False): {', '.join(sorted(unused_norms))}", stacklevel=2)
     return out
 
 
 def build_swin(name: str, tuning: str, ivt_cfg: Optional[IVTConfig], window_size: Optional[int] = None,
                drop_path_rate: Optional[float] = None, attention: str = "sdpa",
-               taps: str = "stages") -> SwinBackbone:
+               taps: str = "stages", out_norms: bool = False) -> SwinBackbone:
     overrides = {"window_size": window_size, "drop_path_rate": drop_path_rate,
                  "attention": attention}
     cfg = SwinConfig(**{**SWIN_CONFIGS[name].__dict__,
                         **{k: v for k, v in overrides.items() if v is not None}})
-    return SwinBackbone(name, cfg, tuning, ivt_cfg, taps)
+    return SwinBackbone(name, cfg, tuning, ivt_cfg, taps, out_norms)
+
+
+def mmlab_options(backbone: str, options: dict) -> dict:
+    """`build_backbone` options for the Swin of mmseg and mmdet, which made the paper's
+    segmentation and detection numbers: `out_norms=True` unless given. Other backbones' options
+    are returned as they are."""
+    return {"out_norms": True, **options} if backbone in SWIN_CONFIGS else options

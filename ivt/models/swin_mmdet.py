@@ -17,7 +17,8 @@ import torch
 
 from .backbone import CheckpointError, StateDict
 
-OUTPUT_NORM = re.compile(r"norm\d\.(weight|bias)")
+# mmdet's and mmseg's per-output LayerNorms (`SwinBackbone(out_norms=True)`'s `out_norms.i`)
+OUTPUT_NORM = re.compile(r"norm(\d)\.(weight|bias)")
 
 
 def unfold_to_concat_order(w: torch.Tensor) -> torch.Tensor:
@@ -50,36 +51,31 @@ def is_detector(state_dict: StateDict) -> bool:
 
 
 def dino_backbone_filter_fn(state_dict: StateDict) -> Tuple[StateDict, List[str]]:
-    """A whole-detector state dict -> (the backbone's weights in the Swin release's layout,
-    the keys set aside, sorted).
+    """A whole-detector state dict -> (the backbone's weights in the Swin release's layout, its
+    per-output norms `norm0..3` included, and the keys set aside, sorted).
 
     Keeps `backbone.*`; sets aside the rest (the neck, transformer and heads are for COCO's 80
-    classes and another design) and the per-level output norms `backbone.norm0..3`, which our
-    backbone does not have (our neck normalises each level with GroupNorm instead).
+    classes and another design).
     """
     sd = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
     if not sd:
         raise CheckpointError("no 'backbone.*' keys: not an mmdet / detrex detector checkpoint")
     if any(k.startswith("stages.") for k in sd):
         sd = mmdet_to_release(sd)
-    ignored = [k for k in state_dict if not k.startswith("backbone.")]
-    ignored += ["backbone." + k for k in sd if OUTPUT_NORM.fullmatch(k)]
-    return {k: v for k, v in sd.items() if not OUTPUT_NORM.fullmatch(k)}, sorted(ignored)
+    return sd, sorted(k for k in state_dict if not k.startswith("backbone."))
 
 
 def to_release_layout(state_dict: StateDict) -> StateDict:
-    """A detector's or mmdet's Swin state dict -> the Swin release's names; any other (release,
-    timm) is returned as it is. What a detector's checkpoint holds beyond its backbone is named
-    in a warning (the detector's own parts by prefix and count, the output norms by key)."""
+    """A detector's or mmdet's Swin state dict -> the Swin release's names (with mmdet's output
+    norms `norm0..3`, if any); any other (release, timm) is returned as it is. What a detector's
+    checkpoint holds beyond its backbone is named, by prefix and count, in a warning."""
     if is_detector(state_dict):
         state_dict, ignored = dino_backbone_filter_fn(state_dict)
-        parts = Counter(k.split(".")[0] for k in ignored if not k.startswith("backbone."))
-        norms = [k for k in ignored if k.startswith("backbone.")]
-        named = [f"{p}.* ({n})" for p, n in sorted(parts.items())] + norms
+        parts = Counter(k.split(".")[0] for k in ignored)
         if ignored:
             warnings.warn(f"detector checkpoint: only its backbone is loaded; {len(ignored)} keys "
-                          f"not loaded (the detector's own parts, and the backbone's per-level "
-                          f"output norms, which our neck replaces): {', '.join(named)}",
+                          f"of the detector's own parts not loaded: "
+                          + ", ".join(f"{p}.* ({n})" for p, n in sorted(parts.items())),
                           stacklevel=2)
         return state_dict
     if any(k.startswith("stages.") for k in state_dict):

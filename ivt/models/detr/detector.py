@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from .. import build_backbone
 from ..backbone import IVTBackbone
+from ..swin import mmlab_options
 from .box_ops import box_cxcywh_to_xyxy, normalize_boxes
 from .criterion import build_criterion, check_targets
 from .decoder import build_decoder
@@ -202,7 +203,9 @@ def flatten_levels(feats: List[torch.Tensor]) -> torch.Tensor:
 def build_detector(backbone: str, cfg: DetectorConfig, tuning: str = "ivt", pretrained: Optional[str] = None,
                    img_size=None, **backbone_options) -> Detector:
     """Backbone `backbone` (a name in `ivt.models.BACKBONES`, built by `build_backbone` with
-    `tuning`, `pretrained`, `img_size` and `backbone_options`) + the detector of `cfg`."""
+    `tuning`, `pretrained`, `img_size` and `backbone_options`) + the detector of `cfg`. A Swin
+    is mmdet's, with a LayerNorm on each output (`out_norms`), unless `out_norms=False` is
+    given."""
     bb = build_backbone(backbone, tuning=tuning, pretrained=pretrained, img_size=img_size,
-                        **backbone_options)
+                        **mmlab_options(backbone, backbone_options))
     return Detector(bb, cfg)
