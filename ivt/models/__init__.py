@@ -67,8 +67,9 @@ def build_backbone(name: str, tuning: str = "ivt", pretrained: Optional[str] = N
         'math': the window attention as explicit matmuls and softmax, as timm's Swin computes it;
         the same function), `out_norms` (mmseg's and mmdet's LayerNorm on each stage output,
         as the segmentation and detection tasks build it) for Swin; `patch_size` (16; the
-        EVA02 and DINOv2 releases' 14 is resized on loading), `drop_path_rate` for the ViTs); the PETL methods' `prompt_length`
-        (vpt), `bottleneck`, `scale` ((bi_)adaptformer), `rein_tokens`, `rein_rank` (rein);
+        EVA02 and DINOv2 releases' 14 is resized on loading), `drop_path_rate` for the ViTs);
+        the PETL methods' `prompt_length` (vpt), `bottleneck`, `scale` ((bi_)adaptformer),
+        `rein_tokens`, `rein_rank` (rein);
         `ir_embed=True` gives 'full'/'freeze' the independent IR patch embedding of Sec. 4.5
         (then forward needs ir).
     After building, exactly the trainable set has requires_grad=True.

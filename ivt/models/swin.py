@@ -444,7 +444,7 @@ class SwinBackbone(IVTBackbone):
         release = self.taps == "release"
         if release:
             outs.append(tokens_to_map(z, hw).contiguous())               # Z0
-        for stage in self.layers:
+        for i, stage in enumerate(self.layers):
             if stage.downsample is not None:
                 z, hw = stage.downsample(z, hw)
                 prompt = z if self.tuning == "ivt" else None             # stage input as prompt
@@ -454,7 +454,7 @@ class SwinBackbone(IVTBackbone):
                         break                                # stage 4's blocks feed no output
             z, prompt = stage(z, hw, prompt)
             if not release:
-                out = z if self.out_norms is None else self.out_norms[len(outs)](z)
+                out = z if self.out_norms is None else self.out_norms[i](z)
                 outs.append(tokens_to_map(out, hw).contiguous())         # (B, C, H, W)
         return outs
 
