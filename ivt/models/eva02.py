@@ -16,7 +16,6 @@ bicubically to the token grid (PyTorch's plain bicubic, as EVA's and the authors
 rotary positions are scaled to a reference grid of 16, so the (H, W) grid spans the same angles as
 the 16 x 16 pre-training grid.
 """
-import math
 import re
 from dataclasses import dataclass
 from typing import Dict, Optional
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 
 from .backbone import StateDict
 from .vit import (Grid, ViTBackbone, ViTConfig, apply_rope, feature_blocks, fit_embeddings,
-                  resize_pos_embed, rope_sin_cos)
+                  resize_pos_embed, rope_sin_cos, square_side)
 
 # EVA02's public names: its own, and the shared ViT's rotary embedding (EVA02's option) and
 # feature taps, which describe EVA02 as much as the other families.
@@ -75,10 +74,9 @@ def eva_patch_conversion(state_dict: StateDict, patch_size: int) -> StateDict:
     out["patch_embed.proj.weight"] = F.interpolate(kernel, size=(patch_size, patch_size),
                                                    mode="bicubic", align_corners=False)
     if "pos_embed" in out:
-        v = out["pos_embed"]
-        side = math.isqrt(v.shape[1] - 1)
-        out["pos_embed"] = resize_pos_embed(v.float(), (side, side), EVA_CONVERTED_GRID,
-                                            antialias=False)
+        side = square_side(out["pos_embed"])
+        out["pos_embed"] = resize_pos_embed(out["pos_embed"].float(), (side, side),
+                                            EVA_CONVERTED_GRID, antialias=False)
     return out
 
 

@@ -437,12 +437,19 @@ def fit_embeddings(state_dict: StateDict, patch_size: int, pos_grid: Grid,
         out["patch_embed.proj.weight"] = resize_patch_kernel(out["patch_embed.proj.weight"],
                                                              patch_size)
     if "pos_embed" in out:
-        v = out["pos_embed"]
-        side = math.isqrt(v.shape[1] - 1)
-        if side * side != v.shape[1] - 1:
-            raise CheckpointError(f"pos_embed with {v.shape[1] - 1} patch entries is not square")
-        out["pos_embed"] = resize_pos_embed(v, (side, side), pos_grid, antialias)
+        side = square_side(out["pos_embed"])
+        out["pos_embed"] = resize_pos_embed(out["pos_embed"], (side, side), pos_grid, antialias)
     return out
+
+
+def square_side(pos_embed: torch.Tensor) -> int:
+    """s of a checkpoint's (1, 1 + s*s, C) position embedding (a square grid with a cls entry);
+    a CheckpointError if the grid is not square."""
+    n = pos_embed.shape[1] - 1
+    side = math.isqrt(n)
+    if side * side != n:
+        raise CheckpointError(f"pos_embed with {n} patch entries is not square")
+    return side
 
 
 def vit_config(cfg: ViTConfig, img_size: Union[None, int, Sequence[int]] = None,
