@@ -361,7 +361,8 @@ def test_mmdet_detector_checkpoint_through_the_pretrained_path(release, cache, t
     detrex = {"backbone." + k: v for k, v in release_sd.items()}     # release names, {'model'}
     detrex.update(detector_extras([32, 64, 128, 256]))
     torch.save({"model": detrex, "iteration": 90000}, tmp_path / "detrex.pth")
-    with pytest.warns(UserWarning, match="output norms"):
+    with pytest.warns(UserWarning, match="own parts"), \
+            pytest.warns(UserWarning, match="output norms"):
         model = build_backbone("swin_nano", tuning="ivt", pretrained=str(tmp_path / "detrex.pth"))
     check_weights(model, own)
     server = Server({"/dino-5scale_swin-l_8xb2-36e_coco-5486e051.pth": body})
@@ -370,7 +371,8 @@ def test_mmdet_detector_checkpoint_through_the_pretrained_path(release, cache, t
         monkeypatch.setitem(weights.RELEASES, "dino_swin_l", dataclasses.replace(
             weights.RELEASES["dino_swin_l"], url=server.url(name),
             sha256=hashlib.sha256(body).hexdigest()[:8]))
-        with pytest.warns(UserWarning, match="output norms"):
+        with pytest.warns(UserWarning, match="own parts"), \
+                pytest.warns(UserWarning, match="output norms"):
             model = build_backbone("swin_nano", tuning="full", pretrained="dino_swin_l")
         check_weights(model, own)
     finally:
