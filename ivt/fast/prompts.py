@@ -112,24 +112,28 @@ class _UpGelu(torch.autograd.Function):
 
 def fold_ipas(ipas: Sequence[InternalPromptAdapter]) -> FoldedIPAs:
     """Fold k IPAs' SFTs into their projections (`FoldedIPAs`), one operator per parameter kind
-    for all k (the module docstring gives the algebra)."""
-    first = ipas[0]
+    for all k, the C-wide vectors of all k in one (the module docstring gives the algebra)."""
+    k, first = len(ipas), ipas[0]
+    linear = isinstance(first.down, nn.Linear)
 
-    def stacked(get):
-        return torch.stack([get(m) for m in ipas])
+    def vectors(m: InternalPromptAdapter) -> List[torch.Tensor]:
+        own = [m.sft_in.gamma, m.sft_in.norm.weight, m.sft_in.beta, m.sft_in.norm.bias,
+               m.sft_out.gamma, m.sft_out.beta]
+        return own + [m.up.bias] if linear else own
 
-    gamma = stacked(lambda m: m.sft_in.gamma)                                         # (k, C)
-    a = stacked(lambda m: m.sft_in.norm.weight) * gamma                               # (k, C)
-    c = torch.addcmul(stacked(lambda m: m.sft_in.beta), stacked(lambda m: m.sft_in.norm.bias),
-                      gamma)                                                          # (k, C)
-    g_out = stacked(lambda m: m.sft_out.gamma)[:, None, :]                            # (k, 1, C)
-    b_out = stacked(lambda m: m.sft_out.beta)[:, None, :]
-    if not isinstance(first.down, nn.Linear):
+    per_ipa = torch.stack([v for m in ipas for v in vectors(m)])         # (7k, C); 6k without up
+    per_ipa = per_ipa.view(k, -1, per_ipa.shape[-1])                                  # (k, 7, C)
+    gamma, w, beta, bias, g_out, b_out, *up_bias = per_ipa.unbind(1)                  # (k, C)
+    a = w * gamma                                                                     # (k, C)
+    c = torch.addcmul(beta, bias, gamma)                                              # (k, C)
+    g_out, b_out = g_out[:, None, :], b_out[:, None, :]                               # (k, 1, C)
+    if not linear:
         return FoldedIPAs(a, c, g_out, b_out)
-    W = stacked(lambda m: m.down.weight)                                              # (k, d3, C)
-    in_b = torch.baddbmm(stacked(lambda m: m.down.bias)[:, :, None], W, c[:, :, None]).squeeze(2)
+    W = torch.stack([m.down.weight for m in ipas])                                    # (k, d3, C)
+    down_b = torch.stack([m.down.bias for m in ipas])                                 # (k, d3)
+    in_b = torch.baddbmm(down_b[:, :, None], W, c[:, :, None]).squeeze(2)
     u_t = _StackTransposed.apply(*[m.up.weight for m in ipas])                        # (k, d3, C)
-    u_bias = stacked(lambda m: m.up.bias)[:, None, :]                                 # (k, 1, C)
+    u_bias = up_bias[0][:, None, :]                                                   # (k, 1, C)
     return FoldedIPAs(W * a[:, None, :], in_b, u_t * g_out, u_bias * g_out + b_out)
 
 
