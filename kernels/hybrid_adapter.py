@@ -860,7 +860,7 @@ class HybridAdapterTrainFunction(torch.autograd.Function):
     """residual + HA branch(x) (+ extra) in training mode; see the module docstring.
 
     forward(x, residual, extra, hw, w, keep, p, momentum, update, batches, *tensors): `extra`
-    None or tokens, `keep` the dropout mask (M, d2) of kept units (or None without dropout),
+    None or tokens, `keep` the dropout mask (M, d2) of kept units (None: drawn here when p > 0),
     `update` whether the BatchNorm running statistics (w.bn_mean, w.bn_var, updated in place)
     take this batch, and then the count `batches` (None or an int64 tensor) too; `tensors` are
     the 18 tensors of `w`, then, for an extra given as its factors, the three of its
@@ -873,11 +873,16 @@ class HybridAdapterTrainFunction(torch.autograd.Function):
         M, D, n_tiles = s.M, s.D, s.n_tiles
         params = _parameters(w, s.acc)
         # one allocation: h, the LayerNorm and BatchNorm statistics, the folded down-projection's
-        # [v, hb] (for the backward), the per-tile BN partials
-        sizes = [M * D, 2 * M, 2 * D, 2 * D, n_tiles * 2 * D]
+        # [v, hb] (for the backward), the per-tile BN partials and, where it is drawn here, the
+        # dropout mask (M * D bytes)
+        draw = keep is None and p > 0
+        mask_words = -(-M * D // s.acc.itemsize) if draw else 0
+        sizes = [M * D, 2 * M, 2 * D, 2 * D, n_tiles * 2 * D, mask_words]
         work = torch.empty(sum(sizes), device=x.device, dtype=s.acc)
-        h, ln_stats, bn_stats, fold, partial = work.split(sizes)
+        h, ln_stats, bn_stats, fold, partial, mask = work.split(sizes)
         h, ln_stats, bn_stats = h.view(M, D), ln_stats.view(2, M), bn_stats.view(2, D)
+        if draw:                              # as `torch.empty(M, D, dtype=bool).bernoulli_(1 - p)`
+            keep = mask.view(torch.bool)[:M * D].view(M, D).bernoulli_(1 - p)
         _sft_down(x, s, w, params, h, ln_stats, fold)
         dww, dwb, w1, b1 = params[6:10]
         _bn_partial_kernel[(n_tiles,)](h, dww, dwb, w1, b1, partial, M, s.N, hw[0], hw[1], D,
@@ -917,9 +922,10 @@ def hybrid_adapter_train_triton(x: torch.Tensor, residual: torch.Tensor, extra, 
                                 ) -> torch.Tensor:
     """residual + HA branch(x) (+ extra) in training mode, differentiable in x, residual, extra
     (None, tokens or a `LowRankExtra`: then in its factors) and the adapter's parameters; `keep`
-    (M, d2) the dropout mask or None, p its drop probability; BatchNorm's running statistics take
-    this batch (momentum) when `update`, and its count of batches `batches` (num_batches_tracked,
-    if given) goes up by one, in the kernel that updates them."""
+    (M, d2) the dropout mask of kept units, or None to draw it from torch's generator as
+    `hybrid_adapter_train_reference` does, p the drop probability; BatchNorm's running statistics
+    take this batch (momentum) when `update`, and its count of batches `batches`
+    (num_batches_tracked, if given) goes up by one, in the kernel that updates them."""
     batches = batches if update else None
     if isinstance(extra, LowRankExtra):
         return HybridAdapterTrainFunction.apply(x, residual, None, tuple(hw), w, keep, p,

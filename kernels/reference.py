@@ -145,11 +145,15 @@ def hybrid_adapter_train_reference(x: torch.Tensor, residual: torch.Tensor,
     """`hybrid_adapter_eval_reference` in training mode: BatchNorm on the batch's statistics
     over all B*N tokens (its running statistics, w.bn_mean and w.bn_var, take the batch in place
     when `update`, and then the count `batches`, BatchNorm's num_batches_tracked, if given, goes
-    up by one), dropout with the mask `keep` (B*N, d2) of kept units scaled by 1 / (1 - p);
+    up by one), dropout with the mask `keep` (B*N, d2) of kept units scaled by 1 / (1 - p)
+    (None: drawn when p > 0, each unit kept with probability 1 - p, from torch's generator);
     extra: None, (B, N, C) tokens or a `LowRankExtra`."""
     if update and batches is not None:
         batches.add_(1)
     B, N, _ = x.shape
+    if keep is None and p > 0:
+        keep = torch.empty(B * N, w.down_weight.shape[0], dtype=torch.bool,
+                           device=x.device).bernoulli_(1 - p)
     running = (w.bn_mean, w.bn_var) if update else (w.bn_mean.clone(), w.bn_var.clone())
     hidden = _adapter_hidden(x, hw, w, lambda q: F.batch_norm(
         q, *running, w.bn_weight, w.bn_bias, True, momentum, w.bn_eps))

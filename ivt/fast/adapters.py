@@ -101,16 +101,13 @@ class FastHybridAdapter(HybridAdapter):
         """residual + psi(x) (+ extra: None, tokens or a `kernels.LowRankExtra`) in training
         mode as Triton kernels (`kernels.hybrid_adapter_train`): BatchNorm on the batch's
         statistics, updating its running statistics and num_batches_tracked except inside a
-        checkpoint's recomputation, and the dropout mask drawn from torch's generator (so a
-        recomputation draws it again identically)."""
-        bn, p = self.ho.bn, self.drop.p
-        keep = None
-        if p > 0:
-            keep = torch.empty(x.shape[0] * x.shape[1], self.down.out_features, dtype=torch.bool,
-                               device=x.device).bernoulli_(1 - p)
+        checkpoint's recomputation, and the dropout mask drawn by the kernels' wrapper from
+        torch's generator (so a recomputation draws it again identically)."""
+        bn = self.ho.bn
         update = bn.track_running_stats and not recomputing()
-        return kernels.hybrid_adapter_train(x, residual, extra, hw, kernel_weights(self), keep,
-                                            p, bn.momentum, update, bn.num_batches_tracked)
+        return kernels.hybrid_adapter_train(x, residual, extra, hw, kernel_weights(self), None,
+                                            self.drop.p, bn.momentum, update,
+                                            bn.num_batches_tracked)
 
 
 class FastBlockAdapters(BlockAdapters):
