@@ -872,14 +872,14 @@ class HybridAdapterTrainFunction(torch.autograd.Function):
         s = _sizes(x, w, hw)
         M, D, n_tiles = s.M, s.D, s.n_tiles
         params = _parameters(w, s.acc)
-        # one allocation: h, the LayerNorm and BatchNorm statistics, the folded down-projection's
-        # [v, hb] (for the backward), the per-tile BN partials and, where it is drawn here, the
-        # dropout mask (M * D bytes)
+        # one allocation: where it is drawn here, the dropout mask (M * D bytes, in whole 16-byte
+        # units so that what follows stays aligned), h, the LayerNorm and BatchNorm statistics,
+        # the folded down-projection's [v, hb] (for the backward), the per-tile BN partials
         draw = keep is None and p > 0
-        mask_words = -(-M * D // s.acc.itemsize) if draw else 0
-        sizes = [M * D, 2 * M, 2 * D, 2 * D, n_tiles * 2 * D, mask_words]
+        mask_words = -(-M * D // 16) * (16 // s.acc.itemsize) if draw else 0
+        sizes = [mask_words, M * D, 2 * M, 2 * D, 2 * D, n_tiles * 2 * D]
         work = torch.empty(sum(sizes), device=x.device, dtype=s.acc)
-        h, ln_stats, bn_stats, fold, partial, mask = work.split(sizes)
+        mask, h, ln_stats, bn_stats, fold, partial = work.split(sizes)
         h, ln_stats, bn_stats = h.view(M, D), ln_stats.view(2, M), bn_stats.view(2, D)
         if draw:                              # as `torch.empty(M, D, dtype=bool).bernoulli_(1 - p)`
             keep = mask.view(torch.bool)[:M * D].view(M, D).bernoulli_(1 - p)
