@@ -6,8 +6,8 @@
 A tile of BLOCK_M tokens carries its d2-wide hidden vector through the chain in registers; only
 the C-wide ends touch memory, BLOCK_C channels a step (`tile_sizes`). extra: None, tokens, or a
 `LowRankExtra` made in registers. Inference (`hybrid_adapter_eval_triton`): `_sft_down_kernel`,
-`_ho_up_kernel`. Training (`HybridAdapterTrainFunction`: batch-statistics BatchNorm, a given
-dropout mask): forward `_sft_down_kernel`, `_bn_partial_kernel`, `_bn_finalize_kernel`,
+`_ho_up_kernel`. Training (`HybridAdapterTrainFunction`: batch-statistics BatchNorm, a dropout
+mask given or drawn from torch's generator): forward `_sft_down_kernel`, `_bn_partial_kernel`, `_bn_finalize_kernel`,
 `_ho_up_kernel`; backward `_up_backward_kernel`, `_ho_backward_kernel`, `_down_backward_kernel`,
 `_ln_down_grads_kernel` (and `_low_rank_backward_kernel`) with library matmuls for g Wu and the
 C-wide weight gradients. Tokens need contiguous channels only (views are read in place).
