@@ -358,22 +358,39 @@ def random_training_case(rng: random.Random):
 @pytest.mark.parametrize("dtype,tol", TRAIN_TARGETS, ids=[str(t)[6:] for t, _ in TRAIN_TARGETS])
 def test_training_kernels_match_reference(draw, dtype, tol):
     """Forward, every gradient and the BatchNorm running statistics of the training kernels
-    against autograd through the reference, with the same dropout mask."""
+    against autograd through the reference, with the same dropout mask.
+
+    Below float64 both are compared with the float64 reference: the kernels may err by `tol`, or
+    by twice what the reference itself errs in `dtype` where that is more. BatchNorm over a
+    handful of tokens is ill-conditioned (over 2 tokens its input gradient is a difference of
+    nearly equal terms), and there the reference's own float32 gradients err by more than 1e-4 of
+    the largest one."""
     device = "cuda" if torch.cuda.is_available() and dtype == torch.float32 and tol > 1e-3 \
         else "cpu"
     case = random_training_case(random.Random(SEED * 17 + draw))
     msg = f"KERNELS_TEST_SEED={SEED}, draw {draw}: {case}, {dtype}"
-    expected = training_run(kernels.hybrid_adapter_train_reference, case, dtype, device, SEED)
+    truth = training_run(kernels.hybrid_adapter_train_reference, case, torch.float64, device,
+                         SEED)
+    reference = (truth if dtype == torch.float64 else
+                 training_run(kernels.hybrid_adapter_train_reference, case, dtype, device, SEED))
     got = training_run(kernels.hybrid_adapter_train, case, dtype, device, SEED)
-    scale = max(g.abs().max().item() for g in expected[1])
-    for name, a, b in [("out", expected[0], got[0])] + [
-            (f"grad {i}", a, b) for i, (a, b) in enumerate(zip(expected[1], got[1]))] + [
-            ("running stats", a, b) for a, b in zip(expected[2], got[2])]:
+    scale = max(g.abs().max().item() for g in truth[1])
+
+    def named(run):
+        return ([("out", run[0])] + [(f"grad {i}", g) for i, g in enumerate(run[1])]
+                + [("running stats", s) for s in run[2]])
+
+    for (name, exact), (_, ref), (_, b) in zip(named(truth), named(reference), named(got)):
         # the pw1 bias has a zero gradient in exact arithmetic (BatchNorm follows): compared at
         # the largest gradient's scale, as every gradient's absolute floor
-        ref_scale = a.abs().max().item() if name == "out" or "running" in name else scale
-        err = (b.double() - a.double()).abs().max().item() / max(ref_scale, 1e-30)
-        assert err < tol, f"{name}: relative error {err:.2e}; {msg}"
+        ref_scale = exact.abs().max().item() if name == "out" or "running" in name else scale
+
+        def error(t):
+            return (t.double() - exact.double()).abs().max().item() / max(ref_scale, 1e-30)
+
+        bound = max(tol, 2 * error(ref))
+        assert error(b) < bound, (f"{name}: relative error {error(b):.2e} (the reference in "
+                                  f"{dtype}: {error(ref):.2e}); {msg}")
 
 
 @pytest.mark.skipif(not kernels.interpreter_ready(),
