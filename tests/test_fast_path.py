@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ivt.fast import make_fast
-from ivt.fast.prompts import _UpGelu, internal_prompts
+from ivt.fast.prompts import _NormDown, _UpGelu, internal_prompts
 from ivt.fast.swin import FastSwinBlock
 from ivt.models import VARIANTS, build_backbone
 from ivt.models.eva02 import EVA02Backbone, EVA02Config
@@ -346,6 +346,57 @@ def test_up_projection_gelu_keeps_only_its_inputs(autocast):
     for a, e in zip(g2, g1):
         torch.testing.assert_close(a, e, **tol)
     assert sorted(t.numel() for t in held) == sorted(t.numel() for t in (b, h, w))
+
+
+@pytest.mark.parametrize("autocast, dtype", [(False, torch.float64), (True, torch.float32),
+                                             (True, torch.bfloat16)],
+                         ids=["float64", "float32-bf16-autocast", "bf16-bf16-autocast"])
+def test_norm_down_projection_recomputes_the_norm(autocast, dtype):
+    """The IPAs' LayerNorm and folded down-projection (`_NormDown`) equals autograd through
+    `F.layer_norm` and `F.linear` (forward and every gradient, bit for bit: the same operators
+    in the same dtypes, with autocast too), on a strided prompt (EVA02's patch rows), while
+    holding for backward only P and W: not the normalised prompt."""
+    g = torch.Generator().manual_seed(6)
+    B, N, C, kd3 = 2, 14, 24, 12
+    p = torch.randn(B, 1 + N, C, generator=g, dtype=torch.float64)[:, 1:].to(dtype)
+    p.requires_grad_()
+    w, b = (torch.randn(shape, generator=g, dtype=torch.float64).to(
+        torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_()
+        for shape in ((kd3, C), (kd3,)))
+    r = torch.randn(B, N, kd3, generator=g, dtype=torch.float64)
+    held = []
+
+    def pack(t):
+        held.append(t)
+        return t
+
+    results = []
+    for fn in ("autograd", "recomputing"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if fn == "autograd":
+                out = F.linear(F.layer_norm(p, (C,), eps=1e-6), w, b)
+            else:
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    out = _NormDown.apply(p, w, b, 1e-6)
+        grads = torch.autograd.grad((out * r.to(out.dtype)).sum(), (p, w, b))
+        results.append((out, grads))
+    (o1, g1), (o2, g2) = results
+    assert o2.dtype == o1.dtype == (torch.bfloat16 if autocast else torch.float64)
+    torch.testing.assert_close(o2, o1, rtol=0, atol=0)
+    for a, e in zip(g2, g1):
+        assert a.dtype == e.dtype
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+    assert [t is u for t, u in zip(held, (p, w))] == [True, True]
+    # the float64 gradients against the published LayerNorm backward, written out
+    if dtype == torch.float64:
+        mu, var = p.mean(-1, keepdim=True), p.var(-1, unbiased=False, keepdim=True)
+        n = (p - mu) / (var + 1e-6).sqrt()
+        dn = r @ w
+        dp = (dn - dn.mean(-1, keepdim=True) - n * (dn * n).mean(-1, keepdim=True)) / (
+            var + 1e-6).sqrt()
+        torch.testing.assert_close(g2[0], dp.detach(), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(g2[1], (r.reshape(-1, kd3).t() @ n.reshape(-1, C)).detach(),
+                                   rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("shifted", [False, True])

@@ -8,7 +8,8 @@ c_i = b_i * gamma_i + beta_i (LN affine (w_i, b_i), Eq. 14's gamma_i, beta_i). S
 LayerNorm of P, one matmul against their k stacked folded down-projections (C -> k * d3), SimAM on
 all k * d3 channels at once (it is per channel, Eq. 11-12), one GELU, one batched matmul for the k
 up-projections with the second SFT (z * gamma' + beta') folded in, one GELU. The autograd
-Functions below give the folding's backward in fewer operators than autograd's own.
+Functions below give the folding's backward in fewer operators than autograd's own, and the
+LayerNorm + down-projection and the up-projection + GELU theirs from less held memory.
 """
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -78,6 +79,40 @@ class _Split(torch.autograd.Function):
     def backward(ctx, *grads: torch.Tensor):
         n = ctx.groups
         return (None,) + tuple(torch.cat(grads[i:i + n]) for i in range(0, len(grads), n))
+
+
+class _NormDown(torch.autograd.Function):
+    """linear(n(P), W, b): the LayerNorm of P without affine and the k IPAs' stacked folded
+    down-projections. P (B, N, C), W (k * d3, C), b (k * d3,) -> (B, N, k * d3). Keeps only P
+    (which the block holds anyway) and W: the weight gradient needs n(P), a (B, N, C) tensor, so
+    the backward recomputes it, with its row statistics, from P (one LayerNorm) instead of
+    holding it (on EVA02, with the frozen sub-layers recomputed, one of the five token tensors a
+    block holds). Under autocast the LayerNorm and the matmul run in the dtypes autocast gives
+    them (float32, and its lower dtype), as `F.layer_norm` and `F.linear` would."""
+
+    @staticmethod
+    def forward(ctx, p: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float
+                ) -> torch.Tensor:
+        n = F.layer_norm(p, p.shape[-1:], eps=eps)                          # (B, N, C)
+        h = F.linear(n, w, b)                                               # (B, N, k * d3)
+        ctx.save_for_backward(p, w)
+        ctx.eps, ctx.dtypes = eps, (n.dtype, h.dtype, b.dtype)
+        return h
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        p, w = ctx.saved_tensors
+        (norm_dtype, t, bias_dtype), C = ctx.dtypes, p.shape[-1]
+        with torch.autocast(grad.device.type, enabled=False):
+            x = p.to(norm_dtype)
+            n, mean, rstd = torch.native_layer_norm(x, (C,), None, None, ctx.eps)
+            g = grad.reshape(-1, grad.shape[-1]).to(t)                      # (BN, k * d3)
+            dw = g.t().mm(n.reshape(-1, C).to(t))                           # (k * d3, C)
+            db = g.sum(0)
+            dn = g.mm(w.to(t)).to(norm_dtype).view(x.shape)                  # (B, N, C)
+            dp = torch.ops.aten.native_layer_norm_backward(
+                dn, x, (C,), mean, rstd, None, None, [True, False, False])[0]
+        return dp.to(p.dtype), dw.to(w.dtype), db.to(bias_dtype), None
 
 
 class _UpGelu(torch.autograd.Function):
@@ -177,10 +212,10 @@ def internal_prompts(ipas: Sequence[InternalPromptAdapter], p: torch.Tensor, hw:
     first = ipas[0]
     k, (B, N, C) = len(ipas), p.shape
     in_w, in_b, out_w, out_b = fold_ipas(ipas) if folded is None else folded
-    n = F.layer_norm(p, (C,), eps=first.sft_in.norm.eps)                              # (B, N, C)
+    eps = first.sft_in.norm.eps
     if isinstance(first.down, nn.Linear):
         d3 = in_w.shape[1]
-        h = F.linear(n, in_w.reshape(k * d3, C), in_b.reshape(k * d3))                # (B, N, k*d3)
+        h = _NormDown.apply(p, in_w.reshape(k * d3, C), in_b.reshape(k * d3), eps)    # (B, N, k*d3)
         if first.simam is not None:
             h = map_to_tokens(first.simam(tokens_to_map(h, hw)))
         h = F.gelu(h).view(B * N, k, d3).transpose(0, 1)                              # (k, BN, d3)
@@ -188,6 +223,7 @@ def internal_prompts(ipas: Sequence[InternalPromptAdapter], p: torch.Tensor, hw:
             return [kernels.LowRankExtra(*f) for f in zip(
                 _Unstack.apply(h), _Unstack.apply(out_w), _Unstack.apply(out_b.view(k, C)))]
         return _UpGelu.apply(out_b, h, out_w).view(k, B, N, C)
+    n = F.layer_norm(p, (C,), eps=eps)                                                # (B, N, C)
     e = torch.addcmul(in_b[:, None, None, :], n, in_w[:, None, None, :])             # (k, B, N, C)
     if first.simam is not None:
         e = map_to_tokens(first.simam(tokens_to_map(e.view(k * B, N, C), hw))).view(k, B, N, C)
