@@ -86,8 +86,7 @@ class _NormDown(torch.autograd.Function):
     down-projections. P (B, N, C), W (k * d3, C), b (k * d3,) -> (B, N, k * d3). Keeps only P
     (which the block holds anyway) and W: the weight gradient needs n(P), a (B, N, C) tensor, so
     the backward recomputes it, with its row statistics, from P (one LayerNorm) instead of
-    holding it (on EVA02, with the frozen sub-layers recomputed, one of the five token tensors a
-    block holds). Under autocast the LayerNorm and the matmul run in the dtypes autocast gives
+    holding it. Under autocast the LayerNorm and the matmul run in the dtypes autocast gives
     them (float32, and its lower dtype), as `F.layer_norm` and `F.linear` would."""
 
     @staticmethod
