@@ -127,11 +127,13 @@ def hybrid_adapter_eval(x: torch.Tensor, residual: torch.Tensor, extra, hw,
 
 def hybrid_adapter_train(x: torch.Tensor, residual: torch.Tensor, extra, hw,
                          weights: HybridAdapterWeights, keep, p: float, momentum: float,
-                         update: bool, batches: Optional[torch.Tensor] = None) -> torch.Tensor:
+                         update: bool, batches: Optional[torch.Tensor] = None,
+                         lead: int = 0) -> torch.Tensor:
     """The same in training mode, differentiable: Triton kernels only (callers check
-    `use_triton`); see `kernels.hybrid_adapter` and `hybrid_adapter_train_reference`."""
+    `use_triton`); see `kernels.hybrid_adapter` and `hybrid_adapter_train_reference`, which
+    also says what `lead` does."""
     if not TRITON_INSTALLED:
         raise RuntimeError("the fused Hybrid Adapter's training kernels need Triton "
                            "(pip install triton)")
     return hybrid_adapter_train_triton(x, residual, extra, hw, weights, keep, p, momentum, update,
-                                       batches)
+                                       batches, lead)

@@ -85,6 +85,23 @@ def _partial_conv(h_ptr, rows, row_ok, d, d_ok, N, H, W, D, cp, dww_ptr, dwb_ptr
 
 
 @triton.jit
+def _lead_rows(src_ptr, src_b, src_n, dst_ptr, dst_b, dst_n, lead, B, C, COPY: tl.constexpr,
+               BLOCK_C: tl.constexpr):
+    """The first `lead` tokens of each image (EVA02's cls token), which the adapter leaves as
+    they are: dst's rows of them := src's (COPY) or zero, images b = program_id(0) + k *
+    num_programs(0), both (B, lead + N, C) tensors with contiguous channels."""
+    for b in range(tl.program_id(0), B, tl.num_programs(0)):
+        for j in range(lead):
+            for c0 in range(0, C, BLOCK_C):
+                c = c0 + tl.arange(0, BLOCK_C)
+                value = tl.zeros([BLOCK_C], dtype=dst_ptr.dtype.element_ty)
+                if COPY:
+                    value = tl.load(src_ptr + b * src_b + j * src_n + c, mask=c < C,
+                                    other=0.0).to(value.dtype)
+                tl.store(dst_ptr + b * dst_b + j * dst_n + c, value, mask=c < C)
+
+
+@triton.jit
 def _linear_dd(a, w_ptr, b_ptr, d, d_ok, D):
     """a @ W^T + b for a (D, D) weight W: the hidden-to-hidden pw1 and pw2."""
     w_t = tl.load(w_ptr + d[None, :] * D + d[:, None], mask=d_ok[:, None] & d_ok[None, :],
@@ -248,7 +265,7 @@ def _ho_up_kernel(h_ptr, dww_ptr, dwb_ptr, w1_ptr, b1_ptr, mean_ptr, scale_ptr, 
                   bnb_ptr, w2_ptr, b2_ptr, mask_ptr, keep_scale, wu_ptr, bu_ptr,
                   res_ptr, res_b, res_n, ext_ptr, ext_b, ext_n, lr_h_ptr, lr_h_stride, lr_w_ptr,
                   lr_b_ptr, R, out_ptr, out_b, out_n, nw_ptr, nb_ptr, n_eps, normed_ptr,
-                  normed_b, normed_n, M, N, H, W, C, D, cp,
+                  normed_b, normed_n, lead_src, lead_dst, lead, M, N, H, W, C, D, cp,
                   SCALE_FROM_VAR: tl.constexpr, HAS_MASK: tl.constexpr,
                   HAS_EXTRA: tl.constexpr, LOW_RANK: tl.constexpr, NORM: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -260,7 +277,12 @@ def _ho_up_kernel(h_ptr, dww_ptr, dwb_ptr, w1_ptr, b1_ptr, mean_ptr, scale_ptr, 
     out's, in normed's dtype), the next sub-layer's input (`NextNorm`): the rows' mean and
     variance are merged chunk by chunk (Chan et al.: each chunk's own mean and squared
     deviations, so nothing cancels), then a second pass over this tile's output, just written
-    and still in cache, writes the normalised rows."""
+    and still in cache, writes the normalised rows. With lead > 0, residual and out are the
+    token rows after the first `lead` of (B, lead + N, C) tensors lead_src and lead_dst (strides
+    those of residual and out), whose first `lead` rows are copied over (`_lead_rows`)."""
+    if lead > 0:
+        _lead_rows(lead_src, res_b, res_n, lead_dst, out_b, out_n, lead, M // N, C, True,
+                   BLOCK_C)
     rows, row_ok, d, d_ok = _tile(tl.program_id(0), BLOCK_M, BLOCK_D, M, D)
     y, x_hat = _normalised(h_ptr, rows, row_ok, d, d_ok, N, H, W, D, cp, dww_ptr, dwb_ptr,
                            w1_ptr, b1_ptr, mean_ptr, scale_ptr, bn_eps, SCALE_FROM_VAR)
@@ -430,12 +452,15 @@ def _ho_backward_kernel(h_ptr, dww_ptr, dwb_ptr, w1_ptr, b1_ptr, bn_ptr, bnw_ptr
 
 @triton.jit
 def _down_backward_kernel(x_ptr, x_b, x_n, ln_ptr, lnw_ptr, gamma_ptr, wd_ptr, fold_ptr, h_ptr,
-                          dww_ptr, dy_ptr, g_ptr, g_b, g_n, dx_ptr, dh_ptr, nhat_ptr, part_ptr,
-                          part_stride, n_tiles, M, N, H, W, C, D, cp, ADD_G: tl.constexpr,
+                          dww_ptr, dy_ptr, g_ptr, g_b, g_n, dx_ptr, dx_b, dx_n, dh_ptr, nhat_ptr,
+                          part_ptr, part_stride, lead_g, lead_dx, lead, n_tiles, M, N, H, W, C,
+                          D, cp, ADD_G: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     """Partial conv backward (dh from dy at the 3x3 neighbours), then the down-projection's and
-    LayerNorm + SFT's input gradient: dx (B, N, C) contiguous, plus g when ADD_G (x is the
-    residual). Also writes dh (M, D) and the normalised input n_hat (M, C), from which the host
+    LayerNorm + SFT's input gradient: dx (B, N, C), plus g when ADD_G (x is the residual); with
+    lead > 0, dx and g are the rows after the first `lead` of (B, lead + N, C) tensors lead_dx
+    and lead_g (strides those of dx and g), whose first rows get g's when ADD_G, else zeros
+    (`_lead_rows`: the adapter leaves those tokens as they are). Also writes dh (M, D) and the normalised input n_hat (M, C), from which the host
     makes the down-projection's and the LayerNorm/SFT parameters' gradients with one matmul
     (`_ln_down_grads_kernel`), and this program's partial sums at part_ptr + pid * part_stride:
     [dconv_w (cp*9), dconv_b (cp), dbd (D)].
@@ -445,6 +470,8 @@ def _down_backward_kernel(x_ptr, x_b, x_n, ln_ptr, lnw_ptr, gamma_ptr, wd_ptr, f
     row sums over C are D-wide dot products, from the forward's fold = [v, hb] (2, D) and h:
         sum_c ds w' = dh . v,   sum_c ds w' n_hat = dh . (Wd (n_hat w')) = dh . (h - hb),
     so one pass over C makes dx."""
+    if lead > 0:
+        _lead_rows(lead_g, g_b, g_n, lead_dx, dx_b, dx_n, lead, M // N, C, ADD_G, BLOCK_C)
     pid = tl.program_id(0)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
@@ -475,6 +502,7 @@ def _down_backward_kernel(x_ptr, x_b, x_n, ln_ptr, lnw_ptr, gamma_ptr, wd_ptr, f
         dot_wn = tl.sum(dh * (h - hb[None, :]), axis=1)         # sum over C of ds * w' * n_hat
         x_rows = x_ptr + _token_offsets(rows, N, x_b, x_n)
         g_rows = g_ptr + _token_offsets(rows, N, g_b, g_n)
+        dx_rows = dx_ptr + _token_offsets(rows, N, dx_b, dx_n)
         mean = tl.load(ln_ptr + rows, mask=row_ok, other=0.0)
         rstd = tl.load(ln_ptr + M + rows, mask=row_ok, other=0.0)
         for c0 in range(0, C, BLOCK_C):
@@ -493,8 +521,7 @@ def _down_backward_kernel(x_ptr, x_b, x_n, ln_ptr, lnw_ptr, gamma_ptr, wd_ptr, f
                                   - (dot_w[:, None] + n_hat * dot_wn[:, None]) / C)
             if ADD_G:
                 dx += tl.load(g_rows[:, None] + c[None, :], mask=mask, other=0.0).to(dx.dtype)
-            tl.store(dx_ptr + rows[:, None] * C + c[None, :], dx.to(dx_ptr.dtype.element_ty),
-                     mask=mask)
+            tl.store(dx_rows[:, None] + c[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
     part = part_ptr + pid * part_stride
     tl.store(part + d[:, None] * 9 + taps[None, :], dconv_w,
              mask=is_conv[:, None] & (taps < 9)[None, :])
@@ -716,16 +743,24 @@ def _sft_down(x, s: _Sizes, w, params, h, stats=None, fold=None):
 
 
 def _ho_up(h, s: _Sizes, residual, extra, hw, w, params, mean, scale, scale_from_var, mask,
-           keep_scale, norm: Optional[NextNorm] = None, out: Optional[torch.Tensor] = None):
+           keep_scale, norm: Optional[NextNorm] = None, out: Optional[torch.Tensor] = None,
+           lead: int = 0):
     """Launch `_ho_up_kernel`: residual + up(dropout(gelu(HO(h)))) (+ extra), (B, N, C), into
     `out` if given; extra None, tokens or a `LowRankExtra`; with `norm`, (that, its LayerNorm
-    in norm.dtype, into norm.out if given)."""
+    in norm.dtype, into norm.out if given). With lead > 0, residual and out are
+    (B, lead + N, C): the adapter's tokens are those after the first `lead` of each image, whose
+    rows the kernel copies from residual to out (norm not supported)."""
     residual, res_b, res_n = _token_strides(residual)
     low_rank = isinstance(extra, LowRankExtra)
     has_extra = extra is not None and not low_rank
     shape, dtype = (s.B, s.N, s.C), _output_dtype(residual, extra)
-    out = (torch.empty(shape, device=h.device, dtype=dtype) if out is None
-           else destination(out, shape, dtype, "out"))
+    full = (s.B, lead + s.N, s.C)
+    out = (torch.empty(full, device=h.device, dtype=dtype) if out is None
+           else destination(out, full, dtype, "out"))
+    result, lead_src, lead_dst = out, h, h
+    if lead:
+        lead_src, lead_dst = residual, out
+        residual, out = residual[:, lead:], out[:, lead:]
     extra_tokens, ext_b, ext_n = _token_strides(extra) if has_extra else (residual, 0, 0)
     lr_h, lr_w, lr_b = (h, h, h)
     if low_rank:
@@ -743,12 +778,12 @@ def _ho_up(h, s: _Sizes, residual, extra, hw, w, params, mean, scale, scale_from
                                 res_n, extra_tokens, ext_b, ext_n, lr_h, lr_h.stride(0), lr_w,
                                 lr_b, R, out, out.stride(0), out.stride(1), nw, nb,
                                 0.0 if norm is None else norm.eps, normed, normed.stride(0),
-                                normed.stride(1), s.M, s.N, hw[0], hw[1], s.C, s.D, w.cp,
-                                SCALE_FROM_VAR=scale_from_var, HAS_MASK=mask is not None,
+                                normed.stride(1), lead_src, lead_dst, lead, s.M, s.N, hw[0],
+                                hw[1], s.C, s.D, w.cp, SCALE_FROM_VAR=scale_from_var, HAS_MASK=mask is not None,
                                 HAS_EXTRA=has_extra, LOW_RANK=low_rank, NORM=norm is not None,
                                 BLOCK_M=s.block_m, BLOCK_C=s.block_c, BLOCK_D=s.block_d,
                                 BLOCK_R=max(16, triton.next_power_of_2(R)))
-    return out if norm is None else (out, normed)
+    return result if norm is None else (result, normed)
 
 
 def hybrid_adapter_eval_triton(x: torch.Tensor, residual: torch.Tensor, extra, hw,
@@ -789,15 +824,19 @@ def _backward_workspace(s: _Sizes, n_parts: int, row: int, device, nhat_dtype, d
 
 
 def _train_backward(g, x, h, ln_stats, bn_stats, fold, keep, params, low_rank, s: _Sizes, hw,
-                    cp: int, keep_scale: float, x_is_residual: bool):
+                    cp: int, keep_scale: float, x_is_residual: bool, lead: int = 0):
     """The training forward's backward for the output gradient g: (dx, the 18 parameters'
     gradients in s.acc, None for the running statistics, then, for a `LowRankExtra`, its
-    factors')."""
+    factors'). With lead > 0, g and dx are (B, lead + N, C) and x the rows after the first
+    `lead` (the forward's `lead`)."""
     lnw, lnb, gamma, beta, wd, bd, dww, dwb, w1, b1, _, _, bnw, bnb, w2, b2, wu, bu = params
     (H, W), device = hw, x.device
     B, N, C, D, M, acc, n_tiles = s.B, s.N, s.C, s.D, s.M, s.acc, s.n_tiles
     tiles = dict(BLOCK_M=s.block_m, BLOCK_D=s.block_d)
     g, g_b, g_n = _token_strides(g)
+    lead_g = g
+    if lead:
+        g = g[:, lead:]
     size1, size2, size3 = D * D + 3 * D, D * D + D, cp * 10 + D     # the three kernels' sums
     row = size1 + size2 + size3
     n_parts = _programs(n_tiles, row, device)
@@ -825,12 +864,14 @@ def _train_backward(g, x, h, ln_stats, bn_stats, fold, keep, params, low_rank, s
                                     num_warps=BACKWARD_WARPS)
     # 3. partial conv, down-projection, LayerNorm and SFT -> dx, dh and n_hat
     x_, x_b, x_n = _token_strides(x)
-    dx = torch.empty((B, N, C), device=device, dtype=x.dtype)
+    dx_full = torch.empty((B, lead + N, C), device=device, dtype=x.dtype)
+    dx = dx_full[:, lead:] if lead else dx_full
     _down_backward_kernel[(n_parts,)](x_, x_b, x_n, ln_stats, lnw, gamma, wd, fold, h, dww,
-                                      dy, g, g_b, g_n, dx, dh, n_hat,
-                                      parts[:, size1 + size2:], row, n_tiles, M, N, H, W, C,
-                                      D, cp, ADD_G=x_is_residual, BLOCK_C=s.block_c,
-                                      **tiles, num_warps=BACKWARD_WARPS)
+                                      dy, g, g_b, g_n, dx, dx.stride(0), dx.stride(1), dh,
+                                      n_hat, parts[:, size1 + size2:], row, lead_g, dx_full,
+                                      lead, n_tiles, M, N, H, W, C, D, cp,
+                                      ADD_G=x_is_residual, BLOCK_C=s.block_c, **tiles,
+                                      num_warps=BACKWARD_WARPS)
     (d_w2, d_b2, d_bnw, d_bnb, d_w1, d_b1, d_dww, d_dwb, d_bd) = parts.sum(0).split(
         [D * D, D, D, D, D * D, D, cp * 9, cp, D])
     # 4. the down-projection's and LayerNorm/SFT's gradients from P = dh^T n_hat, in one
@@ -853,22 +894,27 @@ def _train_backward(g, x, h, ln_stats, bn_stats, fold, keep, params, low_rank, s
             BLOCK_R=max(16, triton.next_power_of_2(R1)))
         d_lr_wb = _matmul_t(lr_h_1, dz, acc)                          # (R1, C)
         grads += [d_lr_h, d_lr_wb[:R], d_lr_wb[R]]
-    return dx, grads
+    return dx_full, grads
 
 
 class HybridAdapterTrainFunction(torch.autograd.Function):
     """residual + HA branch(x) (+ extra) in training mode; see the module docstring.
 
-    forward(x, residual, extra, hw, w, keep, p, momentum, update, batches, *tensors): `extra`
-    None or tokens, `keep` the dropout mask (M, d2) of kept units (None: drawn here when p > 0),
-    `update` whether the BatchNorm running statistics (w.bn_mean, w.bn_var, updated in place)
-    take this batch, and then the count `batches` (None or an int64 tensor) too; `tensors` are
-    the 18 tensors of `w`, then, for an extra given as its factors, the three of its
-    `LowRankExtra`: listed so that autograd returns their gradients."""
+    forward(x, residual, extra, hw, w, keep, p, momentum, update, batches, lead, *tensors):
+    `extra` None or tokens, `keep` the dropout mask (M, d2) of kept units (None: drawn here when
+    p > 0), `update` whether the BatchNorm running statistics (w.bn_mean, w.bn_var, updated in
+    place) take this batch, and then the count `batches` (None or an int64 tensor) too; with
+    lead > 0, x, residual and the output are (B, lead + N, C), the adapter's tokens the rows
+    after the first `lead`; `tensors` are the 18 tensors of `w`, then, for an extra given as its
+    factors, the three of its `LowRankExtra`: listed so that autograd returns their gradients."""
 
     @staticmethod
-    def forward(ctx, x, residual, extra, hw, w, keep, p, momentum, update, batches, *tensors):
+    def forward(ctx, x, residual, extra, hw, w, keep, p, momentum, update, batches, lead,
+                *tensors):
         low_rank = LowRankExtra(*tensors[18:]) if len(tensors) > 18 else None
+        ctx.x_is_residual = x is residual
+        if lead:
+            x = x[:, lead:]                                   # the adapter's tokens (B, N, C)
         s = _sizes(x, w, hw)
         M, D, n_tiles = s.M, s.D, s.n_tiles
         params = _parameters(w, s.acc)
@@ -893,10 +939,9 @@ class HybridAdapterTrainFunction(torch.autograd.Function):
             BLOCK_M=s.block_m, BLOCK_T=BN_MERGE_TILES, BLOCK_D=BN_MERGE_CHANNELS)
         keep_scale = 1.0 / (1.0 - p) if keep is not None else 1.0
         out = _ho_up(h, s, residual, extra if low_rank is None else low_rank, hw, w, params,
-                     bn_stats[0], bn_stats[1], False, keep, keep_scale)
+                     bn_stats[0], bn_stats[1], False, keep, keep_scale, lead=lead)
         ctx.save_for_backward(x, h, ln_stats, bn_stats, fold, keep, *params, *(low_rank or ()))
-        ctx.sizes, ctx.hw, ctx.w, ctx.keep_scale = s, hw, w, keep_scale
-        ctx.x_is_residual = x is residual
+        ctx.sizes, ctx.hw, ctx.w, ctx.keep_scale, ctx.lead = s, hw, w, keep_scale, lead
         ctx.has_extra = extra is not None
         return out
 
@@ -907,28 +952,31 @@ class HybridAdapterTrainFunction(torch.autograd.Function):
         g = _token_strides(g)[0]
         dx, grads = _train_backward(g, x, h, ln_stats, bn_stats, fold, keep, params[:18],
                                     low_rank, ctx.sizes, ctx.hw, ctx.w.cp, ctx.keep_scale,
-                                    ctx.x_is_residual)
+                                    ctx.x_is_residual, ctx.lead)
         tensors = list(ctx.w[:18]) + list(low_rank or ())
         grads = [None if gr is None or not need else gr.to(t.dtype)
-                 for gr, t, need in zip(grads, tensors, ctx.needs_input_grad[10:])]
+                 for gr, t, need in zip(grads, tensors, ctx.needs_input_grad[11:])]
         d_residual = None if ctx.x_is_residual else g
-        d_extra = g if ctx.has_extra else None
-        return (dx, d_residual, d_extra, None, None, None, None, None, None, None, *grads)
+        d_extra = (g[:, ctx.lead:] if ctx.lead else g) if ctx.has_extra else None
+        return (dx, d_residual, d_extra, *[None] * 8, *grads)
 
 
 def hybrid_adapter_train_triton(x: torch.Tensor, residual: torch.Tensor, extra, hw,
                                 w: HybridAdapterWeights, keep, p: float, momentum: float,
-                                update: bool, batches: Optional[torch.Tensor] = None
-                                ) -> torch.Tensor:
+                                update: bool, batches: Optional[torch.Tensor] = None,
+                                lead: int = 0) -> torch.Tensor:
     """residual + HA branch(x) (+ extra) in training mode, differentiable in x, residual, extra
     (None, tokens or a `LowRankExtra`: then in its factors) and the adapter's parameters; `keep`
     (M, d2) the dropout mask of kept units, or None to draw it from torch's generator as
     `hybrid_adapter_train_reference` does, p the drop probability; BatchNorm's running statistics
     take this batch (momentum) when `update`, and its count of batches `batches`
-    (num_batches_tracked, if given) goes up by one, in the kernel that updates them."""
+    (num_batches_tracked, if given) goes up by one, in the kernel that updates them. With
+    lead > 0, x and residual are (B, lead + N, C) and so is the result, whose first `lead` rows
+    of each image are residual's (see `hybrid_adapter_train_reference`)."""
     batches = batches if update else None
     if isinstance(extra, LowRankExtra):
         return HybridAdapterTrainFunction.apply(x, residual, None, tuple(hw), w, keep, p,
-                                                momentum, update, batches, *w[:18], *extra)
+                                                momentum, update, batches, lead, *w[:18],
+                                                *extra)
     return HybridAdapterTrainFunction.apply(x, residual, extra, tuple(hw), w, keep, p, momentum,
-                                            update, batches, *w[:18])
+                                            update, batches, lead, *w[:18])

@@ -141,13 +141,21 @@ def hybrid_adapter_train_reference(x: torch.Tensor, residual: torch.Tensor,
                                    extra, hw: Tuple[int, int],
                                    w: HybridAdapterWeights, keep: Optional[torch.Tensor], p: float,
                                    momentum: float, update: bool,
-                                   batches: Optional[torch.Tensor] = None) -> torch.Tensor:
+                                   batches: Optional[torch.Tensor] = None,
+                                   lead: int = 0) -> torch.Tensor:
     """`hybrid_adapter_eval_reference` in training mode: BatchNorm on the batch's statistics
     over all B*N tokens (its running statistics, w.bn_mean and w.bn_var, take the batch in place
     when `update`, and then the count `batches`, BatchNorm's num_batches_tracked, if given, goes
     up by one), dropout with the mask `keep` (B*N, d2) of kept units scaled by 1 / (1 - p)
     (None: drawn when p > 0, each unit kept with probability 1 - p, from torch's generator);
-    extra: None, (B, N, C) tokens or a `LowRankExtra`."""
+    extra: None, (B, N, C) tokens or a `LowRankExtra`. With lead > 0, x and residual are
+    (B, lead + N, C) (EVA02's cls token first): the adapter reads and adds to the N tokens
+    after the first `lead`, and the result, (B, lead + N, C) too, keeps residual's first `lead`
+    rows as they are."""
+    if lead:
+        tokens = hybrid_adapter_train_reference(x[:, lead:], residual[:, lead:], extra, hw, w,
+                                                keep, p, momentum, update, batches)
+        return torch.cat([residual[:, :lead], tokens], dim=1)
     if update and batches is not None:
         batches.add_(1)
     B, N, _ = x.shape

@@ -317,29 +317,36 @@ if kernels.TRITON_INSTALLED and torch.cuda.is_available():
     TRAIN_TARGETS += [(torch.float32, 6e-2)]
 
 
-def training_run(fn, case, dtype, device, seed):
+def training_run(fn, case, dtype, device, seed, lead=0):
     """Output, every input and parameter gradient, and the running statistics of one training
-    forward + backward of `fn` (the kernel or the reference) on the case's random inputs."""
+    forward + backward of `fn` (the kernel or the reference) on the case's random inputs. The
+    tokens are the rows after the first of a (B, 1 + N, C) tensor (EVA02's patch tokens, a
+    strided view); with lead > 0, `fn` gets the whole (B, lead + N, C) tensors instead, and its
+    `lead` argument."""
     B, H, W, C, d2, x_is_residual, with_extra, with_dropout = case
     gen = torch.Generator().manual_seed(seed)
     w64 = random_weights(C, d2, gen)
     tensors = [t.to(device, dtype).requires_grad_(i not in (10, 11))
                for i, t in enumerate(w64[:18])]
     w = HybridAdapterWeights(*tensors, *w64[18:])
-    x_full = torch.randn(B, H * W + 1, C, generator=gen, dtype=torch.float64).to(device, dtype)
+    rows = max(lead, 1)
+    x_full = torch.randn(B, H * W + rows, C, generator=gen, dtype=torch.float64).to(device,
+                                                                                     dtype)
     x_full.requires_grad_()
-    x = x_full[:, 1:]                                   # EVA02's patch tokens: a strided view
+    x = x_full if lead else x_full[:, 1:]
     inputs = [x_full]
     residual = x
     if not x_is_residual:
-        residual = torch.randn(B, H * W, C, generator=gen, dtype=torch.float64).to(device, dtype)
+        residual = torch.randn(B, H * W + lead, C, generator=gen, dtype=torch.float64).to(
+            device, dtype)
         inputs.append(residual.requires_grad_())
     extra = None
     if with_extra:
         extra = torch.randn(B, H * W, C, generator=gen, dtype=torch.float64).to(device, dtype)
         inputs.append(extra.requires_grad_())
     keep = (torch.rand(B * H * W, d2, generator=gen) > 0.1).to(device) if with_dropout else None
-    out = fn(x, residual, extra, (H, W), w, keep, 0.1 if with_dropout else 0.0, 0.1, True)
+    out = fn(x, residual, extra, (H, W), w, keep, 0.1 if with_dropout else 0.0, 0.1, True,
+             **({"lead": lead} if lead else {}))
     out.backward(torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device, dtype))
     grads = [t.grad for t in inputs] + [t.grad for t in tensors if t.requires_grad]
     return out, grads, [w.bn_mean, w.bn_var]
@@ -358,7 +365,10 @@ def random_training_case(rng: random.Random):
 @pytest.mark.parametrize("dtype,tol", TRAIN_TARGETS, ids=[str(t)[6:] for t, _ in TRAIN_TARGETS])
 def test_training_kernels_match_reference(draw, dtype, tol):
     """Forward, every gradient and the BatchNorm running statistics of the training kernels
-    against autograd through the reference, with the same dropout mask.
+    against autograd through the reference, with the same dropout mask; in two of the four
+    draws with `lead` rows (EVA02's cls token, or a cls token and registers) that the adapter
+    leaves as they are: the kernels copy them to the output, and their gradient to x's where x
+    is the residual (in draw 1 it is, as on EVA02), else write zeros there.
 
     Below float64 both are compared with the float64 reference: the kernels may err by `tol`, or
     by twice what the reference itself errs in `dtype` where that is more. BatchNorm over a
@@ -367,13 +377,18 @@ def test_training_kernels_match_reference(draw, dtype, tol):
     the largest one."""
     device = "cuda" if torch.cuda.is_available() and dtype == torch.float32 and tol > 1e-3 \
         else "cpu"
-    case = random_training_case(random.Random(SEED * 17 + draw))
-    msg = f"KERNELS_TEST_SEED={SEED}, draw {draw}: {case}, {dtype}"
+    rng = random.Random(SEED * 17 + draw)
+    case = random_training_case(rng)
+    lead = rng.choice([1, 5]) if draw % 2 else 0
+    if draw == 1:                                   # as on EVA02: x is the residual
+        case = case[:5] + (True,) + case[6:]
+    msg = f"KERNELS_TEST_SEED={SEED}, draw {draw}: {case}, lead {lead}, {dtype}"
     truth = training_run(kernels.hybrid_adapter_train_reference, case, torch.float64, device,
-                         SEED)
+                         SEED, lead)
     reference = (truth if dtype == torch.float64 else
-                 training_run(kernels.hybrid_adapter_train_reference, case, dtype, device, SEED))
-    got = training_run(kernels.hybrid_adapter_train, case, dtype, device, SEED)
+                 training_run(kernels.hybrid_adapter_train_reference, case, dtype, device, SEED,
+                              lead))
+    got = training_run(kernels.hybrid_adapter_train, case, dtype, device, SEED, lead)
     scale = max(g.abs().max().item() for g in truth[1])
 
     def named(run):
@@ -425,9 +440,10 @@ def test_training_kernels_draw_the_dropout_mask_as_defined():
             torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
 
 
-def low_rank_training_run(fn, case, r, dtype, device, seed):
+def low_rank_training_run(fn, case, r, dtype, device, seed, lead=0):
     """`training_run` with the extra given as factors (`LowRankExtra`: h a strided view, as
-    `internal_prompts` makes it, w and b), the gradients of the three factors last."""
+    `internal_prompts` makes it, w and b), the gradients of the three factors last; x the
+    residual, (B, lead + N, C)."""
     B, H, W, C, d2, x_is_residual, _, with_dropout = case
     gen = torch.Generator().manual_seed(seed)
 
@@ -437,14 +453,15 @@ def low_rank_training_run(fn, case, r, dtype, device, seed):
     tensors = [t.to(device, dtype).requires_grad_(i not in (10, 11))
                for i, t in enumerate(w64[:18])]
     w = HybridAdapterWeights(*tensors, *w64[18:])
-    x = leaf(torch.randn(B, H * W, C, generator=gen, dtype=torch.float64))
+    x = leaf(torch.randn(B, lead + H * W, C, generator=gen, dtype=torch.float64))
     factors = [leaf(torch.randn(B * H * W, 3 * r, generator=gen, dtype=torch.float64)),
                leaf(torch.randn(r, C, generator=gen, dtype=torch.float64) * r ** -0.5),
                leaf(torch.randn(C, generator=gen, dtype=torch.float64))]
     extra = kernels.LowRankExtra(factors[0].view(-1, 3, r)[:, 1], *factors[1:])  # h strided
     keep = ((torch.rand(B * H * W, d2, generator=gen) > 0.1).to(device) if with_dropout
             else None)
-    out = fn(x, x, extra, (H, W), w, keep, 0.1 if with_dropout else 0.0, 0.1, True)
+    out = fn(x, x, extra, (H, W), w, keep, 0.1 if with_dropout else 0.0, 0.1, True,
+             **({"lead": lead} if lead else {}))
     out.backward(torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device, dtype))
     return out, [x.grad] + [t.grad for t in tensors if t.requires_grad] + [
         f.grad for f in factors]
@@ -457,16 +474,19 @@ def test_training_kernels_with_low_rank_extra(draw, dtype, tol):
     """The extra as its factors in training: made in the forward kernel, its backward in
     `_low_rank_backward_kernel`: the output and every gradient, the factors' included (h's at
     the rows of the strided view and zero elsewhere), against autograd through the reference
-    (the extra as `LowRankExtra.dense`). Ranks below, at and above the 16-wide matmul tile."""
+    (the extra as `LowRankExtra.dense`). Ranks below, at and above the 16-wide matmul tile;
+    in draw 1 with a cls token first (`lead`), as on EVA02."""
     device = "cuda" if torch.cuda.is_available() and dtype == torch.float32 and tol > 1e-3 \
         else "cpu"
     rng = random.Random(SEED * 29 + draw)
     case = random_training_case(rng)
     r = rng.choice([1, 5, 8, 20])
-    msg = f"KERNELS_TEST_SEED={SEED}, draw {draw}: {case}, r={r}, {dtype} on {device}"
+    lead = 1 if draw == 1 else 0
+    msg = (f"KERNELS_TEST_SEED={SEED}, draw {draw}: {case}, r={r}, lead {lead}, {dtype} on "
+           f"{device}")
     expected = low_rank_training_run(kernels.hybrid_adapter_train_reference, case, r, dtype,
-                                     device, SEED)
-    got = low_rank_training_run(kernels.hybrid_adapter_train, case, r, dtype, device, SEED)
+                                     device, SEED, lead)
+    got = low_rank_training_run(kernels.hybrid_adapter_train, case, r, dtype, device, SEED, lead)
     scale = max(g.abs().max().item() for g in expected[1])
     for name, a, b in [("out", expected[0], got[0])] + [
             (f"grad {i}", a, b) for i, (a, b) in enumerate(zip(expected[1], got[1]))]:

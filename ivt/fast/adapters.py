@@ -96,18 +96,19 @@ class FastHybridAdapter(HybridAdapter):
             h = torch.native_dropout(h, self.drop.p, True)[0]
         return self.up(h)
 
-    def fused_train(self, x: torch.Tensor, residual: torch.Tensor, extra, hw: Grid
-                    ) -> torch.Tensor:
+    def fused_train(self, x: torch.Tensor, residual: torch.Tensor, extra, hw: Grid,
+                    lead: int = 0) -> torch.Tensor:
         """residual + psi(x) (+ extra: None, tokens or a `kernels.LowRankExtra`) in training
         mode as Triton kernels (`kernels.hybrid_adapter_train`): BatchNorm on the batch's
         statistics, updating its running statistics and num_batches_tracked except inside a
         checkpoint's recomputation, and the dropout mask drawn by the kernels' wrapper from
-        torch's generator (so a recomputation draws it again identically)."""
+        torch's generator (so a recomputation draws it again identically). With lead > 0, x
+        and residual are (B, lead + N, C), whose first `lead` rows the kernels pass on."""
         bn = self.ho.bn
         update = bn.track_running_stats and not recomputing()
         return kernels.hybrid_adapter_train(x, residual, extra, hw, kernel_weights(self), None,
                                             self.drop.p, bn.momentum, update,
-                                            bn.num_batches_tracked)
+                                            bn.num_batches_tracked, lead)
 
 
 class FastBlockAdapters(BlockAdapters):
@@ -119,10 +120,13 @@ class FastBlockAdapters(BlockAdapters):
     fused = False
 
     def forward(self, pos: int, z_in: torch.Tensor, z_out: torch.Tensor, prompt: torch.Tensor,
-                hw: Grid, p_internal=None) -> Tuple[torch.Tensor, torch.Tensor]:
+                hw: Grid, p_internal=None, lead: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
         """`BlockAdapters.forward` with this position's IPA output `p_internal` (B, N, C) (for
         the fused kernels, its `kernels.LowRankExtra` factors), computed here where not given
-        (`ipa_deep`'s chain, Fig. 4(e), or a call on its own)."""
+        (`ipa_deep`'s chain, Fig. 4(e), or a call on its own). With lead > 0, z_in, z_out and
+        the result are (B, lead + N, C): the adapters act on the N tokens after the first
+        `lead` (EVA02's cls token), which pass unchanged (the training kernels copy them; the
+        other forms concatenate them back)."""
         ha, ipa = (self.ha1, self.ipa1) if pos == 0 else (self.ha2, self.ipa2)
         if ipa is not None and p_internal is None:
             p_internal = internal_prompts([ipa], prompt, hw)[0]
@@ -130,17 +134,20 @@ class FastBlockAdapters(BlockAdapters):
         z = z_out
         x = z_in if self.cfg.parallel else z_out
         fused = self.fused_kernels(pos, x)
-        if fused == "eval":
-            return kernels.hybrid_adapter_eval(x, z, p_internal, hw, kernel_weights(ha)), prompt
         if fused == "train":
-            return ha.fused_train(x, z, p_internal, hw), prompt
-        if isinstance(p_internal, kernels.LowRankExtra):        # factors, but no fused kernel
-            p_internal = p_internal.dense(z.shape)
-        if ha is not None:
-            z = z + ha.branch(x, hw)                                    # Eq. 5
-        if p_internal is not None:
-            z = z + p_internal                                          # Eq. 6
-        return z, prompt
+            return ha.fused_train(x, z, p_internal, hw, lead), prompt
+        if lead:
+            x, z = x[:, lead:], z[:, lead:]
+        if fused == "eval":
+            z = kernels.hybrid_adapter_eval(x, z, p_internal, hw, kernel_weights(ha))
+        else:
+            if isinstance(p_internal, kernels.LowRankExtra):    # factors, but no fused kernel
+                p_internal = p_internal.dense(z.shape)
+            if ha is not None:
+                z = z + ha.branch(x, hw)                                # Eq. 5
+            if p_internal is not None:
+                z = z + p_internal                                      # Eq. 6
+        return (torch.cat([z_out[:, :lead], z], dim=1) if lead else z), prompt
 
     def fused_kernels(self, pos: int, x: torch.Tensor) -> Optional[str]:
         """Which fused kernels `forward` runs the Hybrid Adapter at `pos` as, for tokens on x's
@@ -222,10 +229,14 @@ def block_internal_prompts(adapters: Sequence[Optional[nn.Module]], p: Optional[
 
 
 def adapt(hook: nn.Module, pos: int, z_in: torch.Tensor, z_out: torch.Tensor,
-          prompt: Optional[torch.Tensor], hw: Grid, p_internal: Optional[torch.Tensor]
-          ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+          prompt: Optional[torch.Tensor], hw: Grid, p_internal: Optional[torch.Tensor],
+          lead: int = 0) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """A block hook on the fast path: `FastBlockAdapters` with the IPA output computed
-    beforehand, any other module (a PETL method's) through its usual call."""
+    beforehand, any other module (a PETL method's) through its usual call on the tokens after
+    the first `lead` (z_in, z_out and the result: (B, lead + N, C))."""
     if isinstance(hook, FastBlockAdapters):
-        return hook(pos, z_in, z_out, prompt, hw, p_internal)
-    return hook(pos, z_in, z_out, prompt, hw)
+        return hook(pos, z_in, z_out, prompt, hw, p_internal, lead)
+    if not lead:
+        return hook(pos, z_in, z_out, prompt, hw)
+    patches, prompt = hook(pos, z_in[:, lead:], z_out[:, lead:], prompt, hw)
+    return torch.cat([z_out[:, :lead], patches], dim=1), prompt

@@ -53,13 +53,11 @@ class FastViTBlock(ViTBlock):
                       lambda h: self.ls1(self.attn.proj(h))),
                      (lambda t: self.mlp.hidden(self.norm2(t)),
                       lambda h: self.ls2(self.mlp.fc2(h))))
-        n = self.prefix
         for pos, (sublayer, last) in enumerate(sublayers):
             z_in, z = z, z + self.drop_path(last(recomputed(sublayer, z, recompute)))
             if self.adapters is not None:                                # {HA, IPA} at pos
-                patches, prompt = adapt(self.adapters, pos, z_in[:, n:], z[:, n:], prompt, hw,
-                                        internal[pos])
-                z = torch.cat([z[:, :n], patches], dim=1)
+                z, prompt = adapt(self.adapters, pos, z_in, z, prompt, hw, internal[pos],
+                                  self.prefix)
         return z, prompt
 
 
