@@ -136,8 +136,9 @@ class FastBlockAdapters(BlockAdapters):
         fused = self.fused_kernels(pos, x)
         if fused == "train":
             return ha.fused_train(x, z, p_internal, hw, lead), prompt
-        if lead:
-            x, z = x[:, lead:], z[:, lead:]
+        if lead:                                  # one view where x is z (one slice backward)
+            z = z[:, lead:]
+            x = z if x is z_out else x[:, lead:]
         if fused == "eval":
             z = kernels.hybrid_adapter_eval(x, z, p_internal, hw, kernel_weights(ha))
         else:
