@@ -460,10 +460,11 @@ def _down_backward_kernel(x_ptr, x_b, x_n, ln_ptr, lnw_ptr, gamma_ptr, wd_ptr, f
     LayerNorm + SFT's input gradient: dx (B, N, C), plus g when ADD_G (x is the residual); with
     lead > 0, dx and g are the rows after the first `lead` of (B, lead + N, C) tensors lead_dx
     and lead_g (strides those of dx and g), whose first rows get g's when ADD_G, else zeros
-    (`_lead_rows`: the adapter leaves those tokens as they are). Also writes dh (M, D) and the normalised input n_hat (M, C), from which the host
-    makes the down-projection's and the LayerNorm/SFT parameters' gradients with one matmul
-    (`_ln_down_grads_kernel`), and this program's partial sums at part_ptr + pid * part_stride:
-    [dconv_w (cp*9), dconv_b (cp), dbd (D)].
+    (`_lead_rows`: the adapter leaves those tokens as they are). Also writes dh (M, D) and the
+    normalised input n_hat (M, C), from which the host makes the down-projection's and the
+    LayerNorm/SFT parameters' gradients with one matmul (`_ln_down_grads_kernel`), and this
+    program's partial sums at part_ptr + pid * part_stride: [dconv_w (cp*9), dconv_b (cp),
+    dbd (D)].
 
     LayerNorm backward, with ds = dh Wd the gradient of s = n_hat w' + b' (w', b' as in
     `_sft_down_kernel`): dx = rstd (ds w' - (sum_c ds w' + n_hat sum_c ds w' n_hat) / C). Its two
@@ -779,8 +780,9 @@ def _ho_up(h, s: _Sizes, residual, extra, hw, w, params, mean, scale, scale_from
                                 lr_b, R, out, out.stride(0), out.stride(1), nw, nb,
                                 0.0 if norm is None else norm.eps, normed, normed.stride(0),
                                 normed.stride(1), lead_src, lead_dst, lead, s.M, s.N, hw[0],
-                                hw[1], s.C, s.D, w.cp, SCALE_FROM_VAR=scale_from_var, HAS_MASK=mask is not None,
-                                HAS_EXTRA=has_extra, LOW_RANK=low_rank, NORM=norm is not None,
+                                hw[1], s.C, s.D, w.cp, SCALE_FROM_VAR=scale_from_var,
+                                HAS_MASK=mask is not None, HAS_EXTRA=has_extra,
+                                LOW_RANK=low_rank, NORM=norm is not None,
                                 BLOCK_M=s.block_m, BLOCK_C=s.block_c, BLOCK_D=s.block_d,
                                 BLOCK_R=max(16, triton.next_power_of_2(R)))
     return result if norm is None else (result, normed)
