@@ -66,19 +66,20 @@ class _Unstack(torch.autograd.Function):
 
 
 class _Split(torch.autograd.Function):
-    """Each of the given tensors split along dim 0 into `sizes`; returns the pieces tensor by
+    """Each of the given tensors split along `dim` into `sizes`; returns the pieces tensor by
     tensor. The backward concatenates each tensor's gradients in one operator (autograd's own
     split backward writes every piece into a zero tensor)."""
 
     @staticmethod
-    def forward(ctx, sizes: Sequence[int], *tensors: torch.Tensor):
-        ctx.groups = len(sizes)
-        return tuple(piece for t in tensors for piece in t.split(list(sizes)))
+    def forward(ctx, sizes: Sequence[int], dim: int, *tensors: torch.Tensor):
+        ctx.groups, ctx.dim = len(sizes), dim
+        return tuple(piece for t in tensors for piece in t.split(list(sizes), dim))
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
         n = ctx.groups
-        return (None,) + tuple(torch.cat(grads[i:i + n]) for i in range(0, len(grads), n))
+        return (None, None) + tuple(torch.cat(grads[i:i + n], ctx.dim)
+                                    for i in range(0, len(grads), n))
 
 
 class _NormDown(torch.autograd.Function):
@@ -188,7 +189,7 @@ def fold_block_ipas(hooks: Sequence[Optional[nn.Module]]) -> List[Optional[Folde
     if not sizes:
         return [None] * len(hooks)
     folded = fold_ipas([ipa for g in groups for ipa in g])
-    pieces = _Split.apply(sizes, *folded)                       # field by field, group by group
+    pieces = _Split.apply(sizes, 0, *folded)                    # field by field, group by group
     per_group = iter([FoldedIPAs(*pieces[i::len(sizes)]) for i in range(len(sizes))])
     return [next(per_group) if g else None for g in groups]
 
@@ -217,10 +218,12 @@ def internal_prompts(ipas: Sequence[InternalPromptAdapter], p: torch.Tensor, hw:
         h = _NormDown.apply(p, in_w.reshape(k * d3, C), in_b.reshape(k * d3), eps)    # (B, N, k*d3)
         if first.simam is not None:
             h = map_to_tokens(first.simam(tokens_to_map(h, hw)))
-        h = F.gelu(h).view(B * N, k, d3).transpose(0, 1)                              # (k, BN, d3)
+        h = F.gelu(h).view(B * N, k * d3)
         if factored:                        # (one operator each for the k factors' gradients)
             return [kernels.LowRankExtra(*f) for f in zip(
-                _Unstack.apply(h), _Unstack.apply(out_w), _Unstack.apply(out_b.view(k, C)))]
+                _Split.apply([d3] * k, 1, h),                                 # k (BN, d3) views
+                _Unstack.apply(out_w), _Unstack.apply(out_b.view(k, C)))]
+        h = h.view(B * N, k, d3).transpose(0, 1)                                      # (k, BN, d3)
         return _UpGelu.apply(out_b, h, out_w).view(k, B, N, C)
     n = F.layer_norm(p, (C,), eps=eps)                                                # (B, N, C)
     e = torch.addcmul(in_b[:, None, None, :], n, in_w[:, None, None, :])             # (k, B, N, C)
