@@ -225,7 +225,7 @@ def swin_t_lean():
 
 
 def test_lean_mode_runs_at_most_one_and_a_half_of_full_fine_tunings_operators(swin_t_lean):
-    """The operator target (1.44x here, 1.45x at 224 x 224, docs/benchmarks.md)."""
+    """The operator target (1.43x here, 1.44x at 224 x 224, docs/benchmarks.md)."""
     assert swin_t_lean[LEAN]["ops_vs_full"] <= 1.5, swin_t_lean
 
 
