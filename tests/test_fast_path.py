@@ -478,8 +478,36 @@ def test_eva02_fast_heads_rotate_q_and_k_at_once_and_leave_cls_alone():
     (g_ref,) = torch.autograd.grad((reference * r).sum(), x)
     torch.testing.assert_close(ours, reference, rtol=1e-13, atol=1e-14)
     torch.testing.assert_close(g_ours, g_ref, rtol=1e-12, atol=1e-13)
-    sin, cos = with_cls_row(rope)
-    assert sin.shape == cos.shape == (13, 16) and not sin[0].any() and (cos[0] == 1).all()
+    turns = with_cls_row(rope)
+    assert turns.forward.shape == turns.inverse.shape == (13, 8) and (turns.forward[0] == 1).all()
+    torch.testing.assert_close(turns.forward * turns.inverse, torch.ones(13, 8) + 0j)
+
+
+def test_eva02_fast_rotation_in_bf16_rounds_as_the_reference():
+    """Under autocast q and k are bf16: the complex rotation computes in float32 and rounds
+    once to bf16, as `apply_rope` does; its gradient (the inverse turn) equals the float64
+    gradient of `apply_rope` rounded the same way."""
+    from ivt.fast.eva02 import _Turn, with_cls_row
+    from ivt.models.eva02 import apply_rope, rope_sin_cos
+    torch.manual_seed(7)
+    sin, cos = rope_sin_cos((5, 3), 32, device="cpu")
+    turns = with_cls_row((sin, cos))
+    x = torch.randn(2, 3, 4, 16, 32).bfloat16().requires_grad_()
+    g = torch.randn(2, 3, 4, 16, 32).bfloat16()
+    ours = _Turn.apply(x, turns)
+    (dx,) = torch.autograd.grad(ours, x, g)
+    assert ours.dtype == dx.dtype == torch.bfloat16
+    x64 = x.detach().double().requires_grad_()
+    reference = apply_rope(x64[..., 1:, :], sin.double(), cos.double())
+    (dx64,) = torch.autograd.grad(reference, x64, g[..., 1:, :].double())
+    # each result is the float64 value rounded to bf16 (float32's rounding first can move a
+    # value across a bf16 tie: 1 bf16 ulp at most)
+    torch.testing.assert_close(ours[..., 1:, :].double(), reference.bfloat16().double(),
+                               rtol=2 ** -8, atol=0)
+    torch.testing.assert_close(dx[..., 1:, :].double(), dx64[..., 1:, :].bfloat16().double(),
+                               rtol=2 ** -8, atol=0)
+    assert torch.equal(ours[..., :1, :], x[..., :1, :]) and torch.equal(dx[..., :1, :],
+                                                                          g[..., :1, :])
 
 
 def test_frozen_linear_saves_no_input():

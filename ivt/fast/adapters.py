@@ -205,6 +205,14 @@ class FastBlockAdapters(BlockAdapters):
         return z_out, normed
 
 
+def takes_factors(adapters: Sequence[Optional[nn.Module]], x: torch.Tensor) -> bool:
+    """Whether every IPA of these block hooks that `internal_prompts` batches feeds a Hybrid
+    Adapter run as fused kernels (`FastBlockAdapters.fused_kernels`) on tokens like x, which
+    then take the IPA's output as its `kernels.LowRankExtra` factors."""
+    slots = [(hook, pos) for hook in adapters for pos, _ in batched_ipas(hook)]
+    return bool(slots) and all(hook.fused_kernels(pos, x) is not None for hook, pos in slots)
+
+
 def block_internal_prompts(adapters: Sequence[Optional[nn.Module]], p: Optional[torch.Tensor],
                            hw: Grid, folded: Optional[FoldedIPAs] = None
                            ) -> List[List[Optional[torch.Tensor]]]:
@@ -221,8 +229,8 @@ def block_internal_prompts(adapters: Sequence[Optional[nn.Module]], p: Optional[
     out: List[List[Optional[torch.Tensor]]] = [[None, None] for _ in adapters]
     slots = [(j, pos, ipa) for j, hook in enumerate(adapters) for pos, ipa in batched_ipas(hook)]
     if slots:
-        factored = all(adapters[j].fused_kernels(pos, p) is not None for j, pos, _ in slots)
-        stacked = internal_prompts([ipa for _, _, ipa in slots], p, hw, folded, factored)
+        stacked = internal_prompts([ipa for _, _, ipa in slots], p, hw, folded,
+                                   takes_factors(adapters, p))
         for (j, pos, _), p_internal in zip(slots, stacked if isinstance(stacked, list)
                                            else unstack(stacked)):          # (k, B, N, C)
             out[j][pos] = p_internal

@@ -11,7 +11,8 @@ up-projections with the second SFT (z * gamma' + beta') folded in, one GELU. The
 Functions below give the folding's backward in fewer operators than autograd's own, and the
 LayerNorm + down-projection and the up-projection + GELU theirs from less held memory.
 """
-from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+from itertools import islice
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -28,7 +29,9 @@ class FoldedIPAs(NamedTuple):
     With projections: in_w (k, d3, C) and in_b (k, d3), each first SFT folded into its
     down-projection; out_w (k, d3, C) and out_b (k, 1, C), each SFT' folded into its transposed
     up-projection. Without (Fig. 4(f)): in_w, in_b (k, C) the first SFTs' scale and shift on the
-    normalised prompt; out_w, out_b (k, 1, C) the SFT's gamma and beta.
+    normalised prompt; out_w, out_b (k, 1, C) the SFT's gamma and beta. Folded for the fused
+    kernels (`fold_block_ipas` with `factored`), out_w and out_b are k-tuples of each IPA's
+    (d3, C) and (C,) instead.
     """
     in_w: torch.Tensor
     in_b: torch.Tensor
@@ -180,18 +183,35 @@ def batched_ipas(hook: Optional[nn.Module]) -> List[Tuple[int, InternalPromptAda
     return [(pos, ipa) for pos, ipa in enumerate((hook.ipa1, hook.ipa2)) if ipa is not None]
 
 
-def fold_block_ipas(hooks: Sequence[Optional[nn.Module]]) -> List[Optional[FoldedIPAs]]:
+def fold_block_ipas(hooks: Sequence[Optional[nn.Module]], factored: bool = False
+                    ) -> List[Optional[FoldedIPAs]]:
     """`fold_ipas` for the IPAs of many blocks at once, split into one `FoldedIPAs` per block
     (None where a block has no batched IPA): where each block reads its own prompt (EVA02), a
-    step folds its weights once, not block by block."""
+    step folds its weights once, not block by block. With `factored` (the IPAs' outputs go to
+    the fused kernels as factors, `internal_prompts`), the up-projections are split IPA by IPA
+    here, their gradients stacked in one operator per field for all blocks."""
     groups = [[ipa for _, ipa in batched_ipas(hook)] for hook in hooks]
     sizes = [len(g) for g in groups if g]
     if not sizes:
         return [None] * len(hooks)
-    folded = fold_ipas([ipa for g in groups for ipa in g])
-    pieces = _Split.apply(sizes, 0, *folded)                    # field by field, group by group
-    per_group = iter([FoldedIPAs(*pieces[i::len(sizes)]) for i in range(len(sizes))])
+    ipas = [ipa for g in groups for ipa in g]
+    folded = fold_ipas(ipas)
+    per_group = _per_group(folded, sizes, factored and isinstance(ipas[0].down, nn.Linear))
     return [next(per_group) if g else None for g in groups]
+
+
+def _per_group(folded: FoldedIPAs, sizes: List[int], factored: bool) -> Iterator[FoldedIPAs]:
+    """`folded` (of sum(sizes) IPAs) as one `FoldedIPAs` per group of `sizes` IPAs, the
+    up-projections split IPA by IPA where `factored`."""
+    n = len(sizes)
+    if not factored:
+        pieces = _Split.apply(sizes, 0, *folded)                # field by field, group by group
+        return iter([FoldedIPAs(*pieces[i::n]) for i in range(n)])
+    pieces = _Split.apply(sizes, 0, folded.in_w, folded.in_b)
+    out_w = iter(_Unstack.apply(folded.out_w))                                  # (d3, C) each
+    out_b = iter(_Unstack.apply(folded.out_b.squeeze(1)))                    # (C,) each
+    return iter([FoldedIPAs(pieces[i], pieces[n + i], tuple(islice(out_w, size)),
+                            tuple(islice(out_b, size))) for i, size in enumerate(sizes)])
 
 
 def unstack(stacked: torch.Tensor) -> Tuple[torch.Tensor, ...]:
@@ -220,9 +240,10 @@ def internal_prompts(ipas: Sequence[InternalPromptAdapter], p: torch.Tensor, hw:
             h = map_to_tokens(first.simam(tokens_to_map(h, hw)))
         h = F.gelu(h).view(B * N, k * d3)
         if factored:                        # (one operator each for the k factors' gradients)
+            if not isinstance(out_w, tuple):                    # not yet split IPA by IPA
+                out_w, out_b = _Unstack.apply(out_w), _Unstack.apply(out_b.view(k, C))
             return [kernels.LowRankExtra(*f) for f in zip(
-                _Split.apply([d3] * k, 1, h),                                 # k (BN, d3) views
-                _Unstack.apply(out_w), _Unstack.apply(out_b.view(k, C)))]
+                _Split.apply([d3] * k, 1, h), out_w, out_b)]                  # k (BN, d3) views
         h = h.view(B * N, k, d3).transpose(0, 1)                                      # (k, BN, d3)
         return _UpGelu.apply(out_b, h, out_w).view(k, B, N, C)
     n = F.layer_norm(p, (C,), eps=eps)                                                # (B, N, C)

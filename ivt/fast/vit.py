@@ -1,8 +1,8 @@
 """The shared ViT's fast forward (EVA02, DINOv2, MAE): each block's two IPAs computed together
-from weights folded for all blocks at once, EVA02's q and k rotated in one operation, blocks
-checkpointed or their frozen sub-layers recomputed, and, at fused inference, each adapter's
-kernel writing over the block's patch rows and handing the next sub-layer its LayerNorm (nothing
-concatenated)."""
+from weights folded for all blocks at once, EVA02's q and k rotated in one complex
+multiplication, blocks checkpointed or their frozen sub-layers recomputed, and, at fused
+inference, each adapter's kernel writing over the block's patch rows and handing the next
+sub-layer its LayerNorm (nothing concatenated)."""
 from typing import List, Optional, Tuple
 
 import torch
@@ -12,17 +12,17 @@ from ..models.dinov2 import DINOv2Backbone
 from ..models.eva02 import EVA02Backbone
 from ..models.ivtuning import Grid, tokens_to_map
 from ..models.mae import MAEBackbone
-from ..models.vit import Rope, ViTBackbone, ViTBlock
-from .adapters import FastBlockAdapters, adapt, block_internal_prompts
-from .eva02 import attention_heads, with_cls_row
+from ..models.vit import ViTBackbone, ViTBlock
+from .adapters import FastBlockAdapters, adapt, block_internal_prompts, takes_factors
+from .eva02 import Turns, attention_heads, with_cls_row
 from .memory import checkpointed, recomputed
 from .prompts import FoldedIPAs, fold_block_ipas
 
 
-def heads(block: ViTBlock, x: torch.Tensor, rope: Optional[Rope]) -> torch.Tensor:
-    """The block's attention heads on normed tokens x (B, L, C), before `attn.proj`; with rope
-    ((1 + N, d) tables from `with_cls_row`) q and k rotated together (`attention_heads`)."""
-    return block.attn.heads(x, None) if rope is None else attention_heads(block.attn, x, rope)
+def heads(block: ViTBlock, x: torch.Tensor, turns: Optional[Turns]) -> torch.Tensor:
+    """The block's attention heads on normed tokens x (B, L, C), before `attn.proj`; with turns
+    (EVA02's rotary angles from `with_cls_row`) q and k rotated together (`attention_heads`)."""
+    return block.attn.heads(x, None) if turns is None else attention_heads(block.attn, x, turns)
 
 
 class FastViTBlock(ViTBlock):
@@ -34,22 +34,22 @@ class FastViTBlock(ViTBlock):
     checkpoint = False
     recompute = False
 
-    def forward(self, z: torch.Tensor, hw: Grid, rope: Optional[Rope],
+    def forward(self, z: torch.Tensor, hw: Grid, turns: Optional[Turns],
                 prompt: Optional[torch.Tensor], folded: Optional[FoldedIPAs] = None
                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """z: (B, prefix + N, C); rope: (1 + N, d) from `with_cls_row` or None; prompt:
+        """z: (B, prefix + N, C); turns: from `with_cls_row` or None; prompt:
         (B, N, C) or None."""
         if self.checkpoint:
-            return checkpointed(self.body, z, hw, rope, prompt, folded)
-        return self.body(z, hw, rope, prompt, folded, self.recompute)
+            return checkpointed(self.body, z, hw, turns, prompt, folded)
+        return self.body(z, hw, turns, prompt, folded, self.recompute)
 
-    def body(self, z: torch.Tensor, hw: Grid, rope: Optional[Rope],
+    def body(self, z: torch.Tensor, hw: Grid, turns: Optional[Turns],
              prompt: Optional[torch.Tensor], folded: Optional[FoldedIPAs],
              recompute: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         internal = block_internal_prompts([self.adapters], prompt, hw, folded)[0]
         # the sub-layers up to their last frozen Linear (applied after, with the LayerScale),
         # which keeps nothing for backward
-        sublayers = ((lambda t: heads(self, self.norm1(t), rope),
+        sublayers = ((lambda t: heads(self, self.norm1(t), turns),
                       lambda h: self.ls1(self.attn.proj(h))),
                      (lambda t: self.mlp.hidden(self.norm2(t)),
                       lambda h: self.ls2(self.mlp.fc2(h))))
@@ -62,7 +62,7 @@ class FastViTBlock(ViTBlock):
 
 
 def fused_eval_block(block: ViTBlock, z: torch.Tensor, zn: Optional[torch.Tensor], hw: Grid,
-                     rope: Optional[Rope], prompt: torch.Tensor, folded: Optional[FoldedIPAs],
+                     turns: Optional[Turns], prompt: torch.Tensor, folded: Optional[FoldedIPAs],
                      next_norm: Optional[nn.LayerNorm]
                      ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """A block at inference where its adapters run as the fused inference kernels
@@ -74,7 +74,7 @@ def fused_eval_block(block: ViTBlock, z: torch.Tensor, zn: Optional[torch.Tensor
     kernel, or None. -> (z, next_norm(z) or None)."""
     internal = block_internal_prompts([block.adapters], prompt, hw, folded)[0]
     zn = block.norm1(z) if zn is None else zn
-    z = z + block.drop_path(block.ls1(block.attn.proj(heads(block, zn, rope))))
+    z = z + block.drop_path(block.ls1(block.attn.proj(heads(block, zn, turns))))
     z, zn = block.adapters.fused_eval(0, z, hw, internal[0], block.norm2,
                                       lead=block.prefix)                # HA1, IPA1
     z = z + block.drop_path(block.ls2(block.mlp(zn)))
@@ -90,13 +90,14 @@ class FastViTBackbone(ViTBackbone):
     def forward_blocks(self, vis: torch.Tensor, ir: Optional[torch.Tensor] = None
                        ) -> List[torch.Tensor]:
         z, hw, prompt = self.embed(vis, ir)
-        rope = self.rope_tables(hw, z.device)
+        rope, turns = self.rope_tables(hw, z.device), None
         if rope is not None:
-            key = (hw, z.device, "with_cls")
+            key = (hw, z.device, "turns")
             if key not in self._rope:
                 self._rope[key] = with_cls_row(rope)
-            rope = self._rope[key]                                       # (1 + N, d) sin, cos
-        folded = fold_block_ipas([block.adapters for block in self.blocks])  # all at once
+            turns = self._rope[key]                                      # (1 + N, d / 2) each
+        hooks = [block.adapters for block in self.blocks]
+        folded = fold_block_ipas(hooks, takes_factors(hooks, z))                 # all at once
         fused = all(isinstance(b.adapters, FastBlockAdapters) and b.adapters.fuses_norms(z)
                     for b in self.blocks)
         maps, zn = {}, None
@@ -105,10 +106,10 @@ class FastViTBackbone(ViTBackbone):
                 prompt = z[:, self.prefix:]           # as `ViTBackbone.forward_blocks`
             if fused:                                                    # inference, fused
                 following = self.blocks[index + 1].norm1 if index + 1 < len(self.blocks) else None
-                z, zn = fused_eval_block(block, z, zn, hw, rope, prompt, folded[index],
+                z, zn = fused_eval_block(block, z, zn, hw, turns, prompt, folded[index],
                                          following)
             else:
-                z, prompt = block(z, hw, rope, prompt, folded[index])
+                z, prompt = block(z, hw, turns, prompt, folded[index])
             if index in self.feature_blocks:
                 maps[index] = tokens_to_map(z[:, self.prefix:], hw).contiguous()  # (B, C, h, w)
         return [maps[i] for i in self.feature_blocks]
