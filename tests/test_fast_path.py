@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ivt.fast import make_fast
-from ivt.fast.prompts import _NormDown, _UpGelu, internal_prompts
+from ivt.fast.prompts import _FoldDown, _FoldUp, _NormDown, _UpGelu, internal_prompts
 from ivt.fast.swin import FastSwinBlock
 from ivt.models import VARIANTS, build_backbone
 from ivt.models.eva02 import EVA02Backbone, EVA02Config
@@ -310,6 +310,50 @@ def test_batched_ipas_equal_each_ipa(projection, simam):
     stacked = internal_prompts(ipas, p, (5, 7))
     for ipa, out in zip(ipas, stacked):
         torch.testing.assert_close(out, ipa(p, (5, 7)), rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+def test_ipa_folds_keep_only_their_inputs(autocast):
+    """The SFTs folded into the IPAs' projections (`_FoldDown`, `_FoldUp`) equal the algebra
+    written out in float64 with autograd (forward and every gradient), in float32 under
+    autocast too, while holding for backward only their inputs: no (k, d3, C) weight stack."""
+    g = torch.Generator().manual_seed(8)
+    k, d3, c = 3, 4, 10
+    a, cc = (torch.randn(k, c, generator=g) for _ in range(2))
+    gam, beta, u = (torch.randn(k, 1, c, generator=g) for _ in range(3))
+    down_w = [torch.randn(d3, c, generator=g) for _ in range(k)]
+    down_b = [torch.randn(d3, generator=g) for _ in range(k)]
+    up_w = [torch.randn(c, d3, generator=g) for _ in range(k)]
+    inputs = [a, cc, *down_w, *down_b, gam, beta, u, *up_w]
+    rs = [torch.randn(shape, generator=g) for shape in ((k, d3, c), (k, d3), (k, d3, c),
+                                                        (k, 1, c))]
+
+    def reference(a, cc, *rest):
+        W, b = torch.stack(rest[:k]), torch.stack(rest[k:2 * k])
+        gam, beta, u, *up = rest[2 * k:]
+        return (W * a[:, None, :], b + torch.einsum("kdc,kc->kd", W, cc),
+                torch.stack([w.t() for w in up]) * gam, u * gam + beta)
+
+    def folds(a, cc, *rest):
+        gam, beta, u, *up = rest[2 * k:]
+        return (*_FoldDown.apply(a, cc, *rest[:2 * k]), *_FoldUp.apply(gam, beta, u, *up))
+
+    results, held = [], []
+    for fn, dtype in ((reference, torch.float64), (folds, torch.float32)):
+        xs = [t.to(dtype).requires_grad_() for t in inputs]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast and fn is folds), \
+                torch.autograd.graph.saved_tensors_hooks(lambda t: held.append(t) or t,
+                                                         lambda t: t):
+            outs = fn(*xs)
+        grads = torch.autograd.grad(sum((o * r).sum() for o, r in zip(outs, rs)), xs)
+        results.append((outs, grads))
+        if fn is folds:
+            assert all(o.dtype == torch.float32 for o in outs)
+            assert {t.data_ptr() for t in held} <= {x.data_ptr() for x in xs}
+        held.clear()
+    (o1, g1), (o2, g2) = results
+    for ours, expected in zip(list(o2) + list(g2), list(o1) + list(g1)):
+        torch.testing.assert_close(ours, expected.float(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])

@@ -39,18 +39,58 @@ class FoldedIPAs(NamedTuple):
     out_b: torch.Tensor
 
 
-class _StackTransposed(torch.autograd.Function):
-    """torch.stack([w.t() for w in weights]): (k, in, out) from k (out, in) weights, with the
-    backward returning each weight's gradient already in the weight's own (contiguous) layout,
-    one transpose-copy for all k instead of one copy per weight."""
+class _FoldDown(torch.autograd.Function):
+    """The k IPAs' first SFTs folded into their down-projections (the module docstring):
+    in_w = W * a, in_b = b + W c, W (k, d3, C) the stacked weights. Keeps only its inputs (the
+    weights are parameters) and stacks W again in the backward: autograd's own would hold the
+    (k, d3, C) stack, the size of in_w, for the gradients of a and c. Same operator count. In
+    the weights' dtype (float32) under autocast too.
+
+    forward(a (k, C), c (k, C), *weights, *biases) with k (d3, C) weights and k (d3,) biases
+    -> (in_w (k, d3, C), in_b (k, d3))."""
 
     @staticmethod
-    def forward(ctx, *weights: torch.Tensor) -> torch.Tensor:
-        return torch.stack([w.t() for w in weights])
+    def forward(ctx, a: torch.Tensor, c: torch.Tensor, *tensors: torch.Tensor):
+        k = len(tensors) // 2
+        W, b = torch.stack(tensors[:k]), torch.stack(tensors[k:])           # (k, d3, C), (k, d3)
+        ctx.save_for_backward(a, c, *tensors[:k])
+        with torch.autocast(a.device.type, enabled=False):          # in the weights' dtype
+            in_b = torch.baddbmm(b[:, :, None], W, c[:, :, None]).squeeze(2)
+        return W * a[:, None, :], in_b
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad.transpose(1, 2).contiguous().unbind(0)
+    def backward(ctx, d_in_w: torch.Tensor, d_in_b: torch.Tensor):
+        a, c, *weights = ctx.saved_tensors
+        W = torch.stack(weights)                                                 # (k, d3, C)
+        d_a = (d_in_w * W).sum(1)                                                # (k, C)
+        d_c = torch.bmm(d_in_b[:, None, :], W).squeeze(1)                        # (k, C)
+        d_w = torch.baddbmm(d_in_w * a[:, None, :], d_in_b[:, :, None], c[:, None, :])
+        return (d_a, d_c, *d_w.unbind(0), *d_in_b.unbind(0))
+
+
+class _FoldUp(torch.autograd.Function):
+    """The k IPAs' SFT' folded into their transposed up-projections (the module docstring):
+    out_w = U^T * g, out_b = u * g + beta', with U (C, d3) the weights, u their biases, g and
+    beta' the SFT's gamma' and beta'. Keeps only its inputs and stacks U^T again in the backward
+    (autograd's own would hold the (k, d3, C) stack for g's gradient); the weights' gradients
+    come back in their own (contiguous) layout, one transpose-copy for all k.
+
+    forward(g, beta', u, *weights), g, beta', u (k, 1, C), k (C, d3) weights -> (out_w
+    (k, d3, C), out_b (k, 1, C))."""
+
+    @staticmethod
+    def forward(ctx, g: torch.Tensor, beta: torch.Tensor, u: torch.Tensor, *weights: torch.Tensor):
+        ctx.save_for_backward(g, u, *weights)
+        u_t = torch.stack([w.t() for w in weights])                              # (k, d3, C)
+        return u_t * g, torch.addcmul(beta, u, g)
+
+    @staticmethod
+    def backward(ctx, d_out_w: torch.Tensor, d_out_b: torch.Tensor):
+        g, u, *weights = ctx.saved_tensors
+        u_t = torch.stack([w.t() for w in weights])                              # (k, d3, C)
+        d_g = torch.addcmul((d_out_w * u_t).sum(1, keepdim=True), d_out_b, u)    # (k, 1, C)
+        d_w = (d_out_w * g).transpose(1, 2).contiguous()                         # (k, C, d3)
+        return (d_g, d_out_b, d_out_b * g, *d_w.unbind(0))
 
 
 class _Unstack(torch.autograd.Function):
@@ -167,12 +207,11 @@ def fold_ipas(ipas: Sequence[InternalPromptAdapter]) -> FoldedIPAs:
     g_out, b_out = g_out[:, None, :], b_out[:, None, :]                               # (k, 1, C)
     if not linear:
         return FoldedIPAs(a, c, g_out, b_out)
-    W = torch.stack([m.down.weight for m in ipas])                                    # (k, d3, C)
-    down_b = torch.stack([m.down.bias for m in ipas])                                 # (k, d3)
-    in_b = torch.baddbmm(down_b[:, :, None], W, c[:, :, None]).squeeze(2)
-    u_t = _StackTransposed.apply(*[m.up.weight for m in ipas])                        # (k, d3, C)
-    u_bias = up_bias[0][:, None, :]                                                   # (k, 1, C)
-    return FoldedIPAs(W * a[:, None, :], in_b, u_t * g_out, u_bias * g_out + b_out)
+    in_w, in_b = _FoldDown.apply(a, c, *[m.down.weight for m in ipas],
+                                 *[m.down.bias for m in ipas])              # (k, d3, C), (k, d3)
+    out_w, out_b = _FoldUp.apply(g_out, b_out, up_bias[0][:, None, :],
+                                 *[m.up.weight for m in ipas])           # (k, d3, C), (k, 1, C)
+    return FoldedIPAs(in_w, in_b, out_w, out_b)
 
 
 def batched_ipas(hook: Optional[nn.Module]) -> List[Tuple[int, InternalPromptAdapter]]:
