@@ -15,7 +15,10 @@ bf16, as the train scripts' --amp does (`ivt.precision`: the same results). Mode
 built model (the train scripts' --impl and --memory):
 
     full           all parameters train (the paper's baseline)
+    full:fast      that with the backbone's fast forward (EVA02, DINOv2, MAE only: EVA02's q and
+                   k rotated together as complex numbers; Swin has none without adapters)
     freeze         the backbone is frozen, only the head trains (the floor of any PETL method)
+    freeze:fast    that with the backbone's fast forward (as full:fast)
     ivt            IV-tuning, the readable reference forward (impl "reference")
     ivt:fast       IV-tuning, the fast forward: same parameters, same results
     ivt:fast:checkpoint  that with every block checkpointed
@@ -107,13 +110,16 @@ FUSED = {"ivt:fused": ("ivt", {"impl": "fused"}),
 # instead of with scaled_dot_product_attention
 SWIN_ONLY = {"full+math": ("full", {"attention": "math"}),
              "ivt:fused+math": ("ivt", {"impl": "fused", "attention": "math"})}
+# the ViTs only (on Swin the same as full and freeze): full fine-tuning and the frozen model with
+# the backbone's fast forward, which IV-tuning's fast modes are to be compared with too
+VIT_ONLY = {"full:fast": ("full", {"impl": "fast"}), "freeze:fast": ("freeze", {"impl": "fast"})}
 GPU_CASES = [("swin_l", 384, 8), ("eva02_l", 512, 2)]
 # most wanted first, so that a run cut short has the comparisons that matter
-GPU_ORDER = ["full", "ivt:fused", "ivt:fused:recompute", "full+math", "ivt:fused+math",
+GPU_ORDER = ["full", "ivt:fused", "ivt:fused:recompute", "full:fast", "full+math", "ivt:fused+math",
              "ivt:fused:checkpoint:2+recompute", "ivt", "freeze", "ivt:fast",
              "ivt:fused:checkpoint:4", "ivt:fast:recompute", "ivt:fused:checkpoint",
              "ivt:fast:checkpoint"]
-INFERENCE_MODES = ["freeze", "ivt:fused", "ivt:fast", "ivt"]
+INFERENCE_MODES = ["freeze", "freeze:fast", "ivt:fused", "ivt:fast", "ivt"]
 # the CPU proxies of the fused modes (their kernels under Triton's interpreter)
 CPU_FUSED = ["ivt:fused", "ivt:fused:checkpoint:4", "ivt:fused:recompute",
              "ivt:fused:checkpoint:2+recompute"]
@@ -146,13 +152,15 @@ def parse_args(argv=None):
                         "or with --device cpu the CPU-proxy section (default: "
                         "docs/benchmarks.md on a GPU; with --device cpu, print only)")
     p.add_argument("--modes", nargs="+", default=None,
-                   choices=list(MODES) + list(DECOMPOSITION) + list(FUSED) + list(SWIN_ONLY),
+                   choices=(list(MODES) + list(DECOMPOSITION) + list(FUSED) + list(SWIN_ONLY)
+                            + list(VIT_ONLY)),
                    help="what to measure: full fine-tuning, frozen backbone, IV-tuning "
                         "reference, ivt:fast with --memory keep, checkpoint or recompute; "
                         "ivt:fused (the Hybrid Adapters as Triton kernels; on the CPU under "
                         "TRITON_INTERPRET=1) with keep, checkpoint, checkpoint:4, recompute or "
                         "checkpoint:2+recompute; "
-                        "full+math and ivt:fused+math (Swin's explicit window attention); with "
+                        "full+math and ivt:fused+math (Swin's explicit window attention); "
+                        "full:fast and freeze:fast (the ViTs' fast forward); with "
                         "--device cpu also the decomposition empg_only:fast, empg_ha:fast "
                         "(default: all that apply to the device)")
     p.add_argument("--inference-modes", nargs="*", default=INFERENCE_MODES, metavar="MODE",
@@ -189,7 +197,7 @@ def parse_args(argv=None):
 # -- one case ------------------------------------------------------------------------------------
 def build(backbone: str, mode: str, size, device, head_dim: int):
     """(model, optimizer) on `device`, random weights, seed 0."""
-    tuning, options = {**MODES, **DECOMPOSITION, **FUSED, **SWIN_ONLY}[mode]
+    tuning, options = {**MODES, **DECOMPOSITION, **FUSED, **SWIN_ONLY, **VIT_ONLY}[mode]
     options = dict(options)
     impl, memory = options.pop("impl", "reference"), options.pop("memory", "keep")
     torch.manual_seed(0)
@@ -483,8 +491,13 @@ def gpu_jobs(cases: list, modes: list, inference: list = INFERENCE_MODES) -> lis
     jobs = ([(i, "train", m) for i in indices for m in first]
             + [(i, "inference", m) for i in indices for m in inference]
             + [(i, "train", m) for m in rest for i in indices])
-    return [(i, kind, m) for i, kind, m in jobs
-            if m not in SWIN_ONLY or cases[i][0].startswith("swin")]
+    return [(i, kind, m) for i, kind, m in jobs if applies(m, cases[i][0])]
+
+
+def applies(mode: str, backbone: str) -> bool:
+    """Whether `mode` is measured on `backbone`: SWIN_ONLY modes on Swin, VIT_ONLY on the rest."""
+    swin = backbone.startswith("swin")
+    return not ((mode in SWIN_ONLY and not swin) or (mode in VIT_ONLY and swin))
 
 
 def gpu_benchmark(args, on_progress=lambda result: None) -> dict:
@@ -622,13 +635,15 @@ def top_kernel_lines(case: dict, shown: int = 8) -> list:
 def main(argv=None):
     args = parse_args(argv)
     if args.device == "cpu":
-        modes = args.modes or (list(MODES) + (CPU_FUSED if kernels.interpreter_ready() else [])
+        modes = args.modes or (list(MODES) + list(VIT_ONLY)
+                               + (CPU_FUSED if kernels.interpreter_ready() else [])
                                + list(DECOMPOSITION))
         cases = ([(args.backbone, tuple(args.size), args.batch, args.head_dim, "")]
                  if args.backbone else CPU_CASES)
         results = []
         for backbone, size, batch, head_dim, note in cases:
-            results.append(cpu_proxies(backbone, size, batch, modes, head_dim,
+            results.append(cpu_proxies(backbone, size, batch,
+                                       [m for m in modes if applies(m, backbone)], head_dim,
                                        args.adapter_tiles))
             print(proxy_table(results[-1], note) + "\n", flush=True)
         result = {"cases": results}

@@ -256,7 +256,9 @@ def _implementation_arguments(g) -> None:
                         "adapters that read one prompt computed together, folded affines, SimAM "
                         "and the partial conv as Triton kernels on a GPU; fused, fast with every "
                         "Hybrid Adapter as Triton kernels on a GPU (kernels/hybrid_adapter.py; "
-                        "fast elsewhere) (default: %(default)s)")
+                        "fast elsewhere). With --tuning full or freeze, fast and fused give the "
+                        "backbone's fast forward (EVA02's rotary attention as one complex "
+                        "multiplication) (default: %(default)s)")
     g.add_argument("--memory", default="keep", type=_memory,
                    metavar="keep|recompute|checkpoint|checkpoint:N[+recompute]",
                    help="with --impl fast or fused and --tuning ivt, what the backward pass "

@@ -150,14 +150,18 @@ def test_gpu_runs_merge_and_a_failed_capture_keeps_the_eager_figures(tmp_path):
 def test_gpu_jobs_put_both_cases_key_modes_before_the_rest():
     """A GPU run cut short by its time limit keeps the comparisons that matter for every case:
     the first three training modes of each case, then inference, then the rest mode by mode;
-    a Swin-only mode (`full+math`) is not run for EVA02."""
+    a Swin-only mode (`full+math`) is not run for EVA02, a ViT-only one (`full:fast`,
+    `freeze:fast`) not for Swin."""
     bench = _bench()
     cases = [("swin_l", 384, 8), ("eva02_l", 512, 2)]
-    jobs = bench.gpu_jobs(cases, ["full", "fused", "lean", "full+math", "ivt"], ["freeze"])
+    jobs = bench.gpu_jobs(cases, ["full", "fused", "lean", "full+math", "full:fast", "ivt"],
+                          ["freeze", "freeze:fast"])
     assert jobs[:6] == [(0, "train", "full"), (0, "train", "fused"), (0, "train", "lean"),
                         (1, "train", "full"), (1, "train", "fused"), (1, "train", "lean")]
-    assert jobs[6:8] == [(0, "inference", "freeze"), (1, "inference", "freeze")]
-    assert jobs[8:] == [(0, "train", "full+math"), (0, "train", "ivt"), (1, "train", "ivt")]
+    assert jobs[6:9] == [(0, "inference", "freeze"), (1, "inference", "freeze"),
+                         (1, "inference", "freeze:fast")]
+    assert jobs[9:] == [(0, "train", "full+math"), (1, "train", "full:fast"),
+                        (0, "train", "ivt"), (1, "train", "ivt")]
     assert bench.gpu_jobs(cases[:1], ["full"], []) == [(0, "train", "full")]
 
 

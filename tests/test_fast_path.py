@@ -279,6 +279,27 @@ def test_recompute_equals_reference(variant):
     assert_same(run(ref, vis, ir), run(fast, vis, ir))
 
 
+@pytest.mark.parametrize("tuning", ["full", "freeze"])
+def test_full_and_frozen_eva02_take_the_fast_attention(tuning):
+    """Full fine-tuning and the frozen model get the fast forwards too (EVA02's q and k rotated
+    together as complex numbers): same outputs and gradients as the reference, in float64; a
+    PETL method's backbone is left as built."""
+    cfg = EVA02Config(embed_dim=32, depth=3, num_heads=2, mlp_hidden=48, patch_size=8,
+                      img_size=(24, 32), drop_path_rate=0.2)
+    ref, fast = pair(lambda f: make_fast(EVA02Backbone("tiny", cfg, tuning, None), impl(f)))
+    assert type(fast.blocks[0]).__name__ == "FastViTBlock"
+    torch.manual_seed(0)
+    vis = torch.randn(2, 3, 24, 40, dtype=torch.float64)
+    if tuning == "freeze":                    # nothing trainable: the outputs, in eval mode
+        ref.eval(), fast.eval()
+        for a, b in zip(ref(vis), fast(vis)):
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-13)
+    else:
+        assert_same(run(ref, vis, None), run(fast, vis, None))
+    vpt = make_fast(build_backbone("swin_nano", "vpt"), "fast")
+    assert not any(type(m).__name__.startswith("Fast") for m in vpt.modules())
+
+
 def test_memory_options_need_a_fast_impl_and_ivt():
     with pytest.raises(ValueError, match="memory='recompute' needs impl 'fast' or 'fused'"):
         make_fast(build_backbone("swin_nano", "ivt"), "reference", "recompute")
@@ -297,7 +318,7 @@ def test_memory_options_need_a_fast_impl_and_ivt():
                 "recompute+checkpoint:2", "checkpoint+recompute"):
         with pytest.raises(ValueError, match="number of blocks"):
             make_fast(build_backbone("swin_nano", "ivt"), "fast", bad)
-    make_fast(build_backbone("swin_nano", "full"), "fused")    # nothing to speed up: no error
+    make_fast(build_backbone("swin_nano", "full"), "fused")    # no adapters to fuse: no error
     with pytest.raises(TypeError, match="impl"):           # the builders build the paper's model
         build_backbone("swin_nano", "ivt", impl="fast")
 

@@ -17,8 +17,11 @@ memory "keep"             every activation kept for backward
 
 `make_fast` switches the classes of the model's modules to the subclasses defined here, which
 override `forward` only: parameters, buffers, state dict and `named_modules` stay as they are, and
-the outputs and gradients equal the reference path's (tests/test_fast_path.py). Only IV-tuning
-has anything to speed up: other tunings keep the reference forward.
+the outputs and gradients equal the reference path's (tests/test_fast_path.py). Full fine-tuning
+and the frozen model ("full", "freeze") take the backbones' fast forwards too, where one differs
+from the reference without adapters: EVA02's rotary attention (`eva02.py`), so that IV-tuning's
+speed-ups are measured against full fine-tuning's own best. The PETL methods, whose modules may
+act inside the attention, keep the reference forward.
 """
 import math
 from typing import Dict, Tuple
@@ -40,6 +43,7 @@ from .vit import (FastDINOv2Backbone, FastEVA02Backbone, FastMAEBackbone, FastVi
 __all__ = ["make_fast", "parse_memory", "IMPLS", "MEMORY"]
 
 IMPLS = ("reference", "fast", "fused")
+FAST_TUNINGS = ("ivt", "full", "freeze")          # those `make_fast` gives the fast forwards
 MEMORY = ("keep", "recompute", "checkpoint", "checkpoint:N", "checkpoint:N+recompute")
 
 # reference class -> the class its modules take on the fast path
@@ -78,7 +82,8 @@ def make_fast(model: nn.Module, impl: str = "fast", memory: str = "keep") -> nn.
     """Give `model` (a backbone, or a task model holding one) the forwards of `impl` with the
     memory option `memory` (see the module docstring), in place; returns the model.
 
-    memory other than "keep" needs impl "fast" or "fused" and tuning "ivt" (ValueError)."""
+    memory other than "keep" needs impl "fast" or "fused" and tuning "ivt" (ValueError); the
+    PETL tunings are left as they are."""
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r}: expected one of {', '.join(IMPLS)}")
     checkpoint, recompute = parse_memory(memory)
@@ -86,8 +91,8 @@ def make_fast(model: nn.Module, impl: str = "fast", memory: str = "keep") -> nn.
     if memory != "keep" and (impl == "reference" or backbone.tuning != "ivt"):
         raise ValueError(f"memory={memory!r} needs impl 'fast' or 'fused' and tuning 'ivt' "
                          f"(got impl={impl!r}, tuning={backbone.tuning!r})")
-    if backbone.tuning != "ivt":
-        return model                                  # nothing that the fast path changes
+    if backbone.tuning not in FAST_TUNINGS:
+        return model                                  # a PETL method's modules: as built
     for module in model.modules():
         base = next((c for c in type(module).__mro__ if c in FAST), None)
         if base is not None:
