@@ -38,7 +38,8 @@ def _turn(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     """x (..., L, d) with each pair (x[2j], x[2j+1]) read as x[2j] + i x[2j+1] and multiplied by
     turns (L, d / 2); computed in the promoted real dtype (float32 for bf16 x, as `apply_rope`),
     returned in x's."""
-    work = torch.promote_types(x.dtype, turns.dtype.to_real())
+    double = torch.float64 in (x.dtype, turns.real.dtype)     # (not torch.promote_types: an
+    work = torch.float64 if double else torch.float32          # operator call of its own)
     pairs = torch.view_as_complex(x.to(work).contiguous().unflatten(-1, (-1, 2)))  # (..., L, d/2)
     return torch.view_as_real(pairs * turns).flatten(-2).to(x.dtype)
 
