@@ -15,7 +15,8 @@ through every block) and an inference forward (no grad), both under bf16 autocas
 median wall ms over `--steps` calls after `--warmup` (CUDA events); on the GPU also one
 profiled training call per side, its kernels grouped by name, and the table of the kernels whose
 time differs most between the two sides (where our backbone loses time to timm's). Swin is also
-measured with `attention="math"`, the window attention computed as timm's Swin computes it.
+measured with `attention="math"`, the window attention computed as timm's Swin computes it,
+EVA02 also with the fast forward (`--impl fast`, which full fine-tuning takes too).
 EVA02's maps differ in one respect: ours are resized to strides 4-32 (four bilinear
 interpolations), timm's are not.
 
@@ -38,14 +39,16 @@ sys.path[0] = str(ROOT)             # the repository's packages, not this folder
 
 from bench.profiling import kernel_time  # noqa: E402
 from bench.sections import write_section  # noqa: E402
+from ivt.fast import make_fast  # noqa: E402
 from ivt.models import build_backbone  # noqa: E402
 from ivt.models.eva02 import EVA02_CONFIGS, feature_blocks  # noqa: E402
 from ivt.models.swin import SWIN_CONFIGS  # noqa: E402
 
 BEGIN, END = "<!-- bench/vs_timm.py: begin -->", "<!-- bench/vs_timm.py: end -->"
-# our sides of a case and their label in the table: the default build, and (Swin) the window
-# attention computed explicitly, as timm's Swin does
-SIDES = [("ours", ""), ("ours_math", ", explicit attention")]
+# our sides of a case and their label in the table: the default build, (Swin) the window
+# attention computed explicitly, as timm's Swin does, and (EVA02) the fast forward that
+# `make_fast` gives full fine-tuning too (q and k rotated together as complex numbers)
+SIDES = [("ours", ""), ("ours_math", ", explicit attention"), ("ours_fast", ", --impl fast")]
 # (our backbone name, input size, batch): the GPU cases, and the --tiny ones
 CASES = [("swin_l", 384, 8), ("eva02_l", 512, 2)]
 TINY_CASES = [("swin_nano", 128, 1), ("eva02_b", 64, 1)]
@@ -95,6 +98,14 @@ def ours_math(name: str, size: int) -> tuple:
     """`ours` with Swin's window attention computed explicitly, as timm's Swin computes it
     (`attention="math"`; timm's fused path is experimental and off by default)."""
     return ours(name, size, attention="math")
+
+
+def ours_fast(name: str, size: int) -> tuple:
+    """`ours` with the fast forward (`ivt.fast.make_fast(model, "fast")`, the train scripts'
+    --impl fast): for EVA02, q and k rotated together as complex numbers."""
+    model, _ = ours(name, size)
+    make_fast(model, "fast")
+    return model, model
 
 
 def timer(device: torch.device):
@@ -221,8 +232,7 @@ def main(argv=None):
     for name, size, batch in TINY_CASES if args.tiny else CASES:
         case = {"backbone": name, "size": size, "batch": batch}
         sides = [("ours", ours), ("timm", timm_twin)]
-        if name in SWIN_CONFIGS:
-            sides.append(("ours_math", ours_math))
+        sides.append(("ours_math", ours_math) if name in SWIN_CONFIGS else ("ours_fast", ours_fast))
         for side, build in sides:
             case[side] = measure(build, name, size, batch, args, device)
             print(name, side, case[side], flush=True)

@@ -8,8 +8,10 @@ c_i = b_i * gamma_i + beta_i (LN affine (w_i, b_i), Eq. 14's gamma_i, beta_i). S
 LayerNorm of P, one matmul against their k stacked folded down-projections (C -> k * d3), SimAM on
 all k * d3 channels at once (it is per channel, Eq. 11-12), one GELU, one batched matmul for the k
 up-projections with the second SFT (z * gamma' + beta') folded in, one GELU. The autograd
-Functions below give the folding's backward in fewer operators than autograd's own, and the
-LayerNorm + down-projection and the up-projection + GELU theirs from less held memory.
+Functions below give the foldings (`_FoldDown`, `_FoldUp`), the LayerNorm + down-projection and
+the up-projection + GELU their backward from less held memory than autograd's own (they recompute
+a weight stack, a normalised prompt, a pre-activation), and the splits their gradients in fewer
+operators.
 """
 from itertools import islice
 from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
