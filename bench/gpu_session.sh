@@ -12,7 +12,8 @@
 #      conv, SimAM: device time, without the torch.compile column (its compilations took most
 #      of the last run's time, which ended before the partial conv)
 #   4. bench/vs_timm.py: this repository's Swin-L and EVA02-L against timm's (when timm imports),
-#      Swin-L also with the explicit window attention; the kernels whose time differs most
+#      Swin-L also with the explicit window attention, EVA02-L also with the fast forward (last,
+#      so the one cut if the part runs out of time); the kernels whose time differs most
 # Logs, the JSON files and the rewritten docs/benchmarks.md and docs/kernels.md go to $OUT
 # (default ./gpu_out): eight files, the most the device tool brings back (the machine's
 # description heads tests.log).

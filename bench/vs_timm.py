@@ -185,7 +185,8 @@ def table(result: dict) -> str:
              "| backbone | input, batch | ours train ms | timm train ms | ours / timm | ours "
              "inference ms | timm inference ms | ours / timm |",
              "|---|---|---|---|---|---|---|---|"]
-    for case in result["cases"]:
+    measured = [case for case in result["cases"] if "timm" in case]
+    for case in measured:
         t = case["timm"]
         for side, label in SIDES:
             if side not in case:
@@ -196,7 +197,7 @@ def table(result: dict) -> str:
                          f"{o['train_ms'] / t['train_ms']:.2f}x | {o['inference_ms']:.1f} | "
                          f"{t['inference_ms']:.1f} | "
                          f"{o['inference_ms'] / t['inference_ms']:.2f}x |")
-    for case, (side, label) in ((c, s) for c in result["cases"] for s in SIDES):
+    for case, (side, label) in ((c, s) for c in measured for s in SIDES):
         o, t = case.get(side, {}), case["timm"]
         if "train_by_kernel" not in o or "train_by_kernel" not in t:
             continue
@@ -229,25 +230,30 @@ def main(argv=None):
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "date": datetime.date.today().isoformat(), "torch": torch.__version__,
               "timm": timm.__version__, "tiny": args.tiny, "cases": []}
+    def write():
+        """The section of --out (GPU runs) and --json: after every side, so that a run cut
+        short by a time limit keeps what it measured."""
+        if device.type == "cuda":
+            write_section(Path(args.out), BEGIN, END, table(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+
     for name, size, batch in TINY_CASES if args.tiny else CASES:
         case = {"backbone": name, "size": size, "batch": batch}
+        result["cases"].append(case)
         sides = [("ours", ours), ("timm", timm_twin)]
         sides.append(("ours_math", ours_math) if name in SWIN_CONFIGS else ("ours_fast", ours_fast))
         for side, build in sides:
             case[side] = measure(build, name, size, batch, args, device)
             print(name, side, case[side], flush=True)
-        if case["ours"]["parameters"] != case["timm"]["parameters"]:
-            raise SystemExit(f"{name}: {case['ours']['parameters']:,} parameters here, "
-                             f"{case['timm']['parameters']:,} in timm's: not the same model")
-        result["cases"].append(case)
-    body = table(result)
-    print(body)
-    if device.type == "cuda":
-        write_section(Path(args.out), BEGIN, END, body)
-        print(f"wrote {args.out}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
-        print(f"wrote {args.json}")
+            if side == "timm" and case["ours"]["parameters"] != case["timm"]["parameters"]:
+                raise SystemExit(f"{name}: {case['ours']['parameters']:,} parameters here, "
+                                 f"{case['timm']['parameters']:,} in timm's: not the same model")
+            write()
+    print(table(result))
+    written = ([args.out] if device.type == "cuda" else []) + ([args.json] if args.json else [])
+    if written:
+        print("wrote " + " and ".join(written))
 
 
 if __name__ == "__main__":

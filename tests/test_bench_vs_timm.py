@@ -2,6 +2,8 @@
 its fast-forward side, and its message where timm is missing (timm is not a dependency of the
 project)."""
 import importlib.util
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +66,20 @@ def test_table_has_a_row_for_the_explicit_attention_build():
                     "| 1.50x |"]
 
 
+def test_table_of_a_run_cut_short_has_the_cases_timm_was_measured_for():
+    """The script rewrites its section after every side: a case whose timm side is not yet
+    measured has no row."""
+    result = {"device": "Some GPU", "date": "2026-11-27", "torch": "2.11", "timm": "1.0",
+              "tiny": False,
+              "cases": [{"backbone": "swin_l", "size": 384, "batch": 8,
+                         "ours": {"train_ms": 90.0, "inference_ms": 30.0},
+                         "timm": {"train_ms": 100.0, "inference_ms": 24.0}},
+                        {"backbone": "eva02_l", "size": 512, "batch": 2,
+                         "ours": {"train_ms": 103.0, "inference_ms": 25.0}}]}
+    rows = [line for line in _vs_timm().table(result).splitlines() if line.startswith("| ")]
+    assert [row.split(" | ")[0] for row in rows[1:]] == ["| swin_l"]
+
+
 def test_table_has_a_row_for_the_fast_forward():
     """EVA02 is also measured with the fast forward that full fine-tuning takes (--impl fast),
     which builds the same model: same outputs, here on the CPU."""
@@ -86,6 +102,39 @@ def test_table_has_a_row_for_the_fast_forward():
     x = torch.randn(1, 3, 64, 64)
     for a, b in zip(features(x), fast_features(x)):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+STAND_IN = {"eva.py": ("Eva", "{768: 'eva02_b', 1024: 'eva02_l'}", "indices=None, "),
+            "swin_transformer.py": ("SwinTransformer", "{32: 'swin_nano', 192: 'swin_l'}", "")}
+
+
+def test_the_script_runs_against_a_stand_in_for_timm(tmp_path):
+    """The whole script (every side of both tiny cases, the JSON written as it goes) against a
+    stand-in `timm` whose models are ours: the plumbing checked where timm is not installed."""
+    (tmp_path / "timm" / "models").mkdir(parents=True)
+    (tmp_path / "timm" / "__init__.py").write_text("__version__ = 'stand-in'\n")
+    (tmp_path / "timm" / "models" / "__init__.py").write_text("")
+    for file, (cls, names, extra) in STAND_IN.items():
+        (tmp_path / "timm" / "models" / file).write_text(
+            "import torch\nfrom ivt.models import build_backbone\n\n\n"
+            f"class {cls}(torch.nn.Module):\n"
+            "    def __init__(self, img_size, embed_dim, **options):\n"
+            "        super().__init__()\n"
+            f"        self.m = build_backbone({names}[embed_dim], tuning='full',\n"
+            "                                img_size=img_size, drop_path_rate=0.0)\n\n"
+            f"    def forward_intermediates(self, x, {extra}intermediates_only=True):\n"
+            "        return self.m(x)\n")
+    out = tmp_path / "vs_timm.json"
+    run = subprocess.run([sys.executable, "bench/vs_timm.py", "--tiny", "--device", "cpu",
+                          "--steps", "1", "--warmup", "1", "--json", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    cases = json.loads(out.read_text())["cases"]
+    assert [sorted(c) for c in cases] == [
+        ["backbone", "batch", "ours", "ours_math", "size", "timm"],
+        ["backbone", "batch", "ours", "ours_fast", "size", "timm"]]
+    assert "| eva02_b, --impl fast | 64, 1 |" in run.stdout
 
 
 @pytest.mark.skipif(importlib.util.find_spec("timm") is not None, reason="timm is installed")
