@@ -239,6 +239,22 @@ def test_lean_mode_holds_at_most_half_of_full_fine_tunings_bytes(swin_t_lean):
     assert swin_t_lean[LEAN]["bytes_vs_full"] <= 0.5, swin_t_lean
 
 
+def test_eva02_recompute_mode_meets_the_proxies_against_full_fine_tunings_reference():
+    """EVA02 (`eva02_b`, 64 x 64, batch 1): `ivt:fused:recompute` within 1.5x the operators and
+    0.5x the bytes of full fine-tuning's reference forward (1.37x and 0.48x,
+    docs/benchmarks.md); full fine-tuning's own fast forward (q and k rotated together as complex
+    numbers) runs fewer operators than its reference forward and holds the same bytes."""
+    if not INTERPRETER:
+        pytest.skip(f"needs {kernels.INTERPRETER_NEEDS} (the fused kernels)")
+    modes = _bench().cpu_proxies("eva02_b", (64, 64), 1, ["full", "full:fast",
+                                                          "ivt:fused:recompute"],
+                                 adapter_tiles=ADAPTER_TILES)["modes"]
+    assert modes["ivt:fused:recompute"]["ops_vs_full"] <= 1.5, modes
+    assert modes["ivt:fused:recompute"]["bytes_vs_full"] <= 0.5, modes
+    assert modes["full:fast"]["operators"] < 0.8 * modes["full"]["operators"], modes
+    assert modes["full:fast"]["bytes_for_backward"] == modes["full"]["bytes_for_backward"]
+
+
 def test_operator_count_leaves_out_views_detach_and_empty_allocations():
     """What the counter counts, on operators written out here: an allocation of no elements
     (torch 2.11's activation checkpointing makes one a call, 2.13's none) launches nothing, as a
