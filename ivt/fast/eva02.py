@@ -4,10 +4,10 @@ back.
 
 Rotary embedding turns each interleaved pair (x0, x1) of a head's channels by an angle theta:
 (x0 cos - x1 sin, x1 cos + x0 sin) (`apply_rope`). That is the product of the complex number
-x0 + i x1 with e^(i theta), so one complex multiplication rotates a whole head (the reference
-writes it as x * cos + rotate_half(x) * sin: five operators, seven more in the backward). A
-rotation's adjoint is its inverse, so the gradient is the incoming gradient turned by
-e^(-i theta): one multiplication again (`_Turn`)."""
+x0 + i x1 with e^(i theta), so one complex multiplication rotates a whole head, where the
+reference's x * cos + rotate_half(x) * sin is several operators each way. A rotation's adjoint is
+its inverse, so the gradient is the incoming gradient turned by e^(-i theta): one multiplication
+again (`_Turn`)."""
 from typing import NamedTuple
 
 import torch

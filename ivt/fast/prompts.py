@@ -45,8 +45,8 @@ class _FoldDown(torch.autograd.Function):
     """The k IPAs' first SFTs folded into their down-projections (the module docstring):
     in_w = W * a, in_b = b + W c, W (k, d3, C) the stacked weights. Keeps only its inputs (the
     weights are parameters) and stacks W again in the backward: autograd's own would hold the
-    (k, d3, C) stack, the size of in_w, for the gradients of a and c. Same operator count. In
-    the weights' dtype (float32) under autocast too.
+    (k, d3, C) stack, the size of in_w, for the gradients of a and c. In the weights' dtype
+    (float32) under autocast too.
 
     forward(a (k, C), c (k, C), *weights, *biases) with k (d3, C) weights and k (d3,) biases
     -> (in_w (k, d3, C), in_b (k, d3))."""
