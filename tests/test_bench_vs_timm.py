@@ -14,6 +14,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def made_up(cases: list) -> dict:
+    """A run's result with made-up figures for `cases`."""
+    return {"device": "Some GPU", "date": "2026-11-27", "torch": "2.11", "timm": "1.0",
+            "tiny": False, "cases": cases}
+
+
 def _vs_timm():
     spec = importlib.util.spec_from_file_location("bench_vs_timm", ROOT / "bench" / "vs_timm.py")
     module = importlib.util.module_from_spec(spec)
@@ -22,11 +28,9 @@ def _vs_timm():
 
 
 def test_table_gives_ours_over_timm():
-    result = {"device": "Some GPU", "date": "2026-11-27", "torch": "2.11", "timm": "1.0",
-              "tiny": False,
-              "cases": [{"backbone": "swin_l", "size": 384, "batch": 8,
-                         "ours": {"train_ms": 90.0, "inference_ms": 30.0},
-                         "timm": {"train_ms": 100.0, "inference_ms": 24.0}}]}
+    result = made_up([{"backbone": "swin_l", "size": 384, "batch": 8,
+                      "ours": {"train_ms": 90.0, "inference_ms": 30.0},
+                      "timm": {"train_ms": 100.0, "inference_ms": 24.0}}])
     row = [line for line in _vs_timm().table(result).splitlines()
            if line.startswith("| swin_l")][0]
     assert row == "| swin_l | 384, 8 | 90.0 | 100.0 | 0.90x | 30.0 | 24.0 | 1.25x |"
@@ -40,9 +44,8 @@ def test_table_lists_the_kernels_whose_time_differs_most():
                                 ["copy", 1000.0, 48]]}
     theirs = {"train_ms": 80.0, "inference_ms": 30.0, "train_busy_ms": 7.5, "train_kernels": 280,
               "train_by_kernel": [["gemm", 5100.0, 100], ["fused_attention", 2400.0, 24]]}
-    result = {"device": "Some GPU", "date": "2026-11-27", "torch": "2.11", "timm": "1.0",
-              "tiny": False, "cases": [{"backbone": "swin_l", "size": 384, "batch": 8,
-                                        "ours": ours, "timm": theirs}]}
+    result = made_up([{"backbone": "swin_l", "size": 384, "batch": 8,
+                      "ours": ours, "timm": theirs}])
     text = _vs_timm().table(result)
     rows = [line for line in text.splitlines() if line.startswith("| `")]
     assert rows == ["| `fused_attention` | 0.00 (0) | 2.40 (24) | -2.40 |",
@@ -53,12 +56,10 @@ def test_table_lists_the_kernels_whose_time_differs_most():
 
 
 def test_table_has_a_row_for_the_explicit_attention_build():
-    result = {"device": "Some GPU", "date": "2026-11-27", "torch": "2.11", "timm": "1.0",
-              "tiny": False,
-              "cases": [{"backbone": "swin_l", "size": 384, "batch": 8,
-                         "ours": {"train_ms": 90.0, "inference_ms": 30.0},
-                         "ours_math": {"train_ms": 70.0, "inference_ms": 36.0},
-                         "timm": {"train_ms": 100.0, "inference_ms": 24.0}}]}
+    result = made_up([{"backbone": "swin_l", "size": 384, "batch": 8,
+                      "ours": {"train_ms": 90.0, "inference_ms": 30.0},
+                      "ours_math": {"train_ms": 70.0, "inference_ms": 36.0},
+                      "timm": {"train_ms": 100.0, "inference_ms": 24.0}}])
     rows = [line for line in _vs_timm().table(result).splitlines()
             if line.startswith("| swin_l")]
     assert rows == ["| swin_l | 384, 8 | 90.0 | 100.0 | 0.90x | 30.0 | 24.0 | 1.25x |",
@@ -69,13 +70,11 @@ def test_table_has_a_row_for_the_explicit_attention_build():
 def test_table_of_a_run_cut_short_has_the_cases_timm_was_measured_for():
     """The script rewrites its section after every side: a case whose timm side is not yet
     measured has no row."""
-    result = {"device": "Some GPU", "date": "2026-11-27", "torch": "2.11", "timm": "1.0",
-              "tiny": False,
-              "cases": [{"backbone": "swin_l", "size": 384, "batch": 8,
-                         "ours": {"train_ms": 90.0, "inference_ms": 30.0},
-                         "timm": {"train_ms": 100.0, "inference_ms": 24.0}},
-                        {"backbone": "eva02_l", "size": 512, "batch": 2,
-                         "ours": {"train_ms": 103.0, "inference_ms": 25.0}}]}
+    result = made_up([{"backbone": "swin_l", "size": 384, "batch": 8,
+                      "ours": {"train_ms": 90.0, "inference_ms": 30.0},
+                      "timm": {"train_ms": 100.0, "inference_ms": 24.0}},
+                     {"backbone": "eva02_l", "size": 512, "batch": 2,
+                      "ours": {"train_ms": 103.0, "inference_ms": 25.0}}])
     rows = [line for line in _vs_timm().table(result).splitlines() if line.startswith("| ")]
     assert [row.split(" | ")[0] for row in rows[1:]] == ["| swin_l"]
 
@@ -83,12 +82,10 @@ def test_table_of_a_run_cut_short_has_the_cases_timm_was_measured_for():
 def test_table_has_a_row_for_the_fast_forward():
     """EVA02 is also measured with the fast forward that full fine-tuning takes (--impl fast),
     which builds the same model: same outputs, here on the CPU."""
-    result = {"device": "Some GPU", "date": "2026-11-27", "torch": "2.11", "timm": "1.0",
-              "tiny": False,
-              "cases": [{"backbone": "eva02_l", "size": 512, "batch": 2,
-                         "ours": {"train_ms": 103.0, "inference_ms": 25.0},
-                         "ours_fast": {"train_ms": 92.0, "inference_ms": 24.0},
-                         "timm": {"train_ms": 92.0, "inference_ms": 26.0}}]}
+    result = made_up([{"backbone": "eva02_l", "size": 512, "batch": 2,
+                      "ours": {"train_ms": 103.0, "inference_ms": 25.0},
+                      "ours_fast": {"train_ms": 92.0, "inference_ms": 24.0},
+                      "timm": {"train_ms": 92.0, "inference_ms": 26.0}}])
     rows = [line for line in _vs_timm().table(result).splitlines()
             if line.startswith("| eva02_l")]
     assert rows[1] == ("| eva02_l, --impl fast | 512, 2 | 92.0 | 92.0 | 1.00x | 24.0 | 26.0 "
