@@ -34,7 +34,11 @@ built model (the train scripts' --impl and --memory):
                    others' frozen sub-layers recomputed: the CPU proxies' memory-target mode
     full+math, ivt:fused+math (GPU, Swin only) full and ivt:fused with the window attention
                    computed explicitly, as timm's Swin does (`attention="math"`)
-and, for the CPU proxies only, where the fast step's operators go:
+and, for the CPU proxies only, full fine-tuning as a GPU would count it and where the fast
+step's operators go:
+    full+gpu_attention  (Swin) full, its window attention counted as one fused kernel forward
+                   and one backward (on the CPU its trained position bias, a mask the CPU's
+                   fused attention cannot differentiate, sends it to SDPA's math path)
     empg_only:fast the fast forward of the `empg_only` variant: the IR stem and EMPG, no HA/IPA
                    (so the frozen blocks' forward and input-gradient backward, plus the head)
     empg_ha:fast   the `empg_ha` variant: that plus every Hybrid Adapter (ivt:fast adds the IPAs)
@@ -110,6 +114,12 @@ FUSED = {"ivt:fused": ("ivt", {"impl": "fused"}),
 # instead of with scaled_dot_product_attention
 SWIN_ONLY = {"full+math": ("full", {"attention": "math"}),
              "ivt:fused+math": ("ivt", {"impl": "fused", "attention": "math"})}
+# the CPU proxies only, Swin only: full fine-tuning with its window attention counted as a GPU
+# runs it. Swin's position bias trains, and the CPU's fused attention has no gradient for its
+# mask, so there `full`'s attention falls back to SDPA's math path (about 20 operators a block,
+# the attention probabilities held for backward); a GPU's memory-efficient attention kernel
+# computes that gradient: one kernel forward, one backward (`gpu_attention`)
+CPU_ONLY = {"full+gpu_attention": ("full", {})}
 # the ViTs only (on Swin the same as full and freeze): full fine-tuning and the frozen model with
 # the backbone's fast forward, which IV-tuning's fast modes are to be compared with too
 VIT_ONLY = {"full:fast": ("full", {"impl": "fast"}), "freeze:fast": ("freeze", {"impl": "fast"})}
@@ -153,7 +163,7 @@ def parse_args(argv=None):
                         "docs/benchmarks.md on a GPU; with --device cpu, print only)")
     p.add_argument("--modes", nargs="+", default=None,
                    choices=(list(MODES) + list(DECOMPOSITION) + list(FUSED) + list(SWIN_ONLY)
-                            + list(VIT_ONLY)),
+                            + list(VIT_ONLY) + list(CPU_ONLY)),
                    help="what to measure: full fine-tuning, frozen backbone, IV-tuning "
                         "reference, ivt:fast with --memory keep, checkpoint or recompute; "
                         "ivt:fused (the Hybrid Adapters as Triton kernels; on the CPU under "
@@ -162,7 +172,9 @@ def parse_args(argv=None):
                         "full+math and ivt:fused+math (Swin's explicit window attention); "
                         "full:fast and freeze:fast (the ViTs' fast forward); with "
                         "--device cpu also the decomposition empg_only:fast, empg_ha:fast "
-                        "(default: all that apply to the device)")
+                        "and full+gpu_attention (Swin's full fine-tuning with its attention "
+                        "counted as a GPU's fused kernel) (default: all that apply to the "
+                        "device)")
     p.add_argument("--inference-modes", nargs="*", default=INFERENCE_MODES, metavar="MODE",
                    choices=INFERENCE_MODES,
                    help="GPU inference latency of these models (default: "
@@ -197,7 +209,8 @@ def parse_args(argv=None):
 # -- one case ------------------------------------------------------------------------------------
 def build(backbone: str, mode: str, size, device, head_dim: int):
     """(model, optimizer) on `device`, random weights, seed 0."""
-    tuning, options = {**MODES, **DECOMPOSITION, **FUSED, **SWIN_ONLY, **VIT_ONLY}[mode]
+    tuning, options = {**MODES, **DECOMPOSITION, **FUSED, **SWIN_ONLY, **VIT_ONLY,
+                       **CPU_ONLY}[mode]
     options = dict(options)
     impl, memory = options.pop("impl", "reference"), options.pop("memory", "keep")
     torch.manual_seed(0)
@@ -239,21 +252,29 @@ def eager_step(model, optimizer, autocast):
 
 
 # -- CPU proxies ---------------------------------------------------------------------------------
-class TritonLaunches:
-    """Counts Triton kernel launches run by Triton's CPU interpreter (TRITON_INTERPRET=1), and
-    tells whether one is running (`inside`): the interpreter's own tensor copies are operators
-    of no GPU kernel and are not counted."""
+class Launches:
+    """Counts the GPU kernels the CPU runs stand-ins for, and tells whether one is running
+    (`inside`): the operators a stand-in dispatches are not counted."""
 
     def __init__(self):
         self.count, self.inside = 0, 0
 
-    def _launch(self, run, fn, args, kwargs):
+    def run(self, work):
+        """work() as one kernel launch."""
         self.count += 1
         self.inside += 1
         try:
-            return run()
+            return work()
         finally:
             self.inside -= 1
+
+
+class TritonLaunches(Launches):
+    """Triton kernel launches run by Triton's CPU interpreter (TRITON_INTERPRET=1), each one
+    launch: the interpreter's own tensor copies are operators of no GPU kernel."""
+
+    def _launch(self, run, fn, args, kwargs):
+        return self.run(run)
 
     def __enter__(self):
         self._hook = interpreter_launches(self._launch)
@@ -264,11 +285,65 @@ class TritonLaunches:
         return self._hook.__exit__(*exc)
 
 
-class OpCounter(TorchDispatchMode):
-    """Counts dispatched aten operators outside Triton launches, excluding views, detach and
-    allocations of no elements."""
+class _AttentionKernel(torch.autograd.Function):
+    """`F.scaled_dot_product_attention` as a GPU's memory-efficient attention kernel runs it:
+    one launch forward, one backward (`Launches.run`), holding q, k, v, the mask, the output and
+    the float32 log-sum-exp of every row (what that kernel keeps for its backward). The values
+    are SDPA's own on the CPU: forward without autograd, backward by differentiating it again.
 
-    def __init__(self, launches: Optional[TritonLaunches] = None):
+    forward(launches, sdpa, q, k, v, mask, scale), q, k, v (B, h, N, d), mask None or
+    broadcastable to (B, h, N, N) -> (B, h, N, d)."""
+
+    @staticmethod
+    def forward(ctx, launches, sdpa, q, k, v, mask, scale):
+        out, lse = launches.run(lambda: (sdpa(q, k, v, attn_mask=mask, scale=scale),
+                                         q.new_empty(q.shape[:-1], dtype=torch.float32)))
+        ctx.save_for_backward(q, k, v, mask, out, lse)
+        ctx.launches, ctx.sdpa, ctx.scale = launches, sdpa, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, mask, _, _ = ctx.saved_tensors
+        needs = ctx.needs_input_grad[2:6]
+
+        def gradients():
+            with torch.enable_grad():
+                inputs = [None if t is None else t.detach().requires_grad_(need)
+                          for t, need in zip((q, k, v, mask), needs)]
+                out = ctx.sdpa(*inputs[:3], attn_mask=inputs[3], scale=ctx.scale)
+                wanted = [t for t in inputs if t is not None and t.requires_grad]
+                got = iter(torch.autograd.grad(out, wanted, grad))
+            return [next(got) if t is not None and t.requires_grad else None for t in inputs]
+        return (None, None, *ctx.launches.run(gradients), None)
+
+
+class gpu_attention:
+    """Within it, `F.scaled_dot_product_attention` (without dropout or a causal mask) runs as
+    `_AttentionKernel`, its launches counted by `launches`."""
+
+    def __init__(self, launches: Launches):
+        self.launches, self.sdpa = launches, F.scaled_dot_product_attention
+
+    def __call__(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                 **kwargs):
+        if dropout_p or is_causal or kwargs:
+            raise ValueError("gpu_attention counts SDPA without dropout, causal mask or options")
+        return _AttentionKernel.apply(self.launches, self.sdpa, q, k, v, attn_mask, scale)
+
+    def __enter__(self):
+        F.scaled_dot_product_attention = self
+        return self
+
+    def __exit__(self, *exc):
+        F.scaled_dot_product_attention = self.sdpa
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts dispatched aten operators outside kernel launches (`Launches`), excluding views,
+    detach and allocations of no elements."""
+
+    def __init__(self, launches: Optional[Launches] = None):
         super().__init__()
         self.count, self.launches = 0, launches
 
@@ -338,17 +413,20 @@ def cpu_proxies(backbone: str, size, batch: int, modes, head_dim: int = 256,
             # before backward (kept by the autograd graph or a checkpoint)
             own = list(model.parameters()) + list(model.buffers()) + list(data.values())
             excluded = {t.untyped_storage().data_ptr() for t in own}
-            launches = TritonLaunches() if mode in FUSED else nullcontext(None)
+            launches = (TritonLaunches() if mode in FUSED else
+                        Launches() if mode in CPU_ONLY else None)
             held = []
-            with launches:
-                counter, tracker = OpCounter(launches if mode in FUSED else None), TensorTracker()
+            with (launches if mode in FUSED else nullcontext()), \
+                    (gpu_attention(launches) if mode in CPU_ONLY else nullcontext()):
+                counter, tracker = OpCounter(launches), TensorTracker()
                 with counter, tracker:
                     step(data, 1e-4, lambda: held.append(tracker.alive_bytes(excluded)))
-            n_launches = launches.count if mode in FUSED else 0
+            n_launches = 0 if launches is None else launches.count
             held = held[0]
             result["modes"][mode] = {
                 "operators": counter.count + n_launches, "aten_ops": counter.count,
-                "triton_launches": n_launches, "bytes_for_backward": held,
+                "triton_launches" if mode in FUSED else "attention_kernels": n_launches,
+                "bytes_for_backward": held,
                 "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     finally:
         kernels.set_backend(previous)
@@ -397,7 +475,11 @@ def cpu_tables(results, notes) -> str:
             "made that are still alive before backward, parameters and inputs excluded. "
             "Memory: `checkpoint[:N]` recomputes every block (the first N) in backward, "
             "`recompute` the frozen sub-layers up to their last Linear. `empg_only:fast` is "
-            "`ivt:fast` without Hybrid Adapters and IPAs, `empg_ha:fast` without IPAs.")
+            "`ivt:fast` without Hybrid Adapters and IPAs, `empg_ha:fast` without IPAs. "
+            "`full+gpu_attention` (Swin): full fine-tuning with its window attention counted "
+            "as a GPU runs it, one fused kernel forward and one backward holding what that "
+            "kernel holds (on the CPU, `full`'s trained position bias sends it to SDPA's math "
+            "path).")
     lines = ["## Training step: CPU proxies", "", textwrap.fill(text, 100), ""]
     for result, note in zip(results, notes):
         lines += [proxy_table(result, note), ""]
@@ -495,9 +577,10 @@ def gpu_jobs(cases: list, modes: list, inference: list = INFERENCE_MODES) -> lis
 
 
 def applies(mode: str, backbone: str) -> bool:
-    """Whether `mode` is measured on `backbone`: SWIN_ONLY modes on Swin, VIT_ONLY on the rest."""
+    """Whether `mode` is measured on `backbone`: SWIN_ONLY and CPU_ONLY modes on Swin, VIT_ONLY
+    on the rest."""
     swin = backbone.startswith("swin")
-    return not ((mode in SWIN_ONLY and not swin) or (mode in VIT_ONLY and swin))
+    return not ((mode in {**SWIN_ONLY, **CPU_ONLY} and not swin) or (mode in VIT_ONLY and swin))
 
 
 def gpu_benchmark(args, on_progress=lambda result: None) -> dict:
@@ -635,7 +718,7 @@ def top_kernel_lines(case: dict, shown: int = 8) -> list:
 def main(argv=None):
     args = parse_args(argv)
     if args.device == "cpu":
-        modes = args.modes or (list(MODES) + list(VIT_ONLY)
+        modes = args.modes or (list(MODES) + list(CPU_ONLY) + list(VIT_ONLY)
                                + (CPU_FUSED if kernels.interpreter_ready() else [])
                                + list(DECOMPOSITION))
         cases = ([(args.backbone, tuple(args.size), args.batch, args.head_dim, "")]
@@ -673,6 +756,8 @@ def main(argv=None):
         return
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --device cpu for the CPU proxies")
+    if set(args.modes or ()) & set(CPU_ONLY):
+        raise SystemExit(f"{', '.join(CPU_ONLY)}: a CPU proxy (on a GPU it is full)")
 
     result = write(earlier + [gpu_benchmark(args, on_progress=lambda r: write(earlier + [r]))])
     print(gpu_tables(result))

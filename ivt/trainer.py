@@ -271,8 +271,8 @@ def _implementation_arguments(g) -> None:
                         "checkpoint:N+recompute, that and "
                         "recompute for the other blocks: on Swin with --impl fused, "
                         "checkpoint:2+recompute (stage 1 checkpointed) holds under half of full "
-                        "fine-tuning's activations for under 1.5x its operators (CPU proxies, "
-                        "docs/benchmarks.md) (default: %(default)s)")
+                        "fine-tuning's activations (CPU proxies, docs/benchmarks.md) "
+                        "(default: %(default)s)")
     g.add_argument("--kernels", default="auto", choices=KERNEL_BACKENDS,
                    help="SimAM, partial conv and Hybrid Adapter kernels of --impl fast / "
                         "fused: auto (Triton on CUDA), torch (reference), triton "

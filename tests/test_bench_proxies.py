@@ -4,7 +4,9 @@ GPU): operators per training step and bytes held for backward, full fine-tuning 
 Measured here on swin_nano (64 x 96, batch 2, head width 64): reference kernels, and for
 `--impl fused` its Triton kernels under the interpreter, each launch counted as one operator;
 on Swin-T (128 x 96, batch 2, head width 256), the benchmark's default case, where one mode
-meets both targets; and on EVA02 (`eva02_b`, 64 x 64, batch 1), where one mode meets them
+meets both targets as the CPU runs full fine-tuning (its window attention on SDPA's math path),
+and only the memory target with that attention counted as a GPU's fused kernel
+(`full+gpu_attention`); and on EVA02 (`eva02_b`, 64 x 64, batch 1), where one mode meets them
 against full fine-tuning's reference forward.
 The fused kernels run here on 256-token tiles (`ADAPTER_TILES`): the same launches, a third of
 the interpreter's time; the bytes held are a little lower than at a GPU's tiles (0.6% on
@@ -181,7 +183,8 @@ def test_cpu_command_writes_only_its_own_section(tmp_path):
 
 @needs_interpreter
 def test_fused_adapters_operators_within_one_and_a_half_of_full_fine_tuning(proxies):
-    """--impl fused: each Hybrid Adapter as Triton kernels. Operators + launches per step."""
+    """--impl fused: each Hybrid Adapter as Triton kernels. Operators + launches per step,
+    against full fine-tuning as the CPU runs it (its attention on SDPA's math path)."""
     fused = proxies["modes"]["ivt:fused"]
     assert fused["triton_launches"] > 0 and fused["ops_vs_full"] <= 1.5, proxies["modes"]
 
@@ -224,20 +227,77 @@ def swin_t_lean():
     case (Swin-T, 128 x 96, batch 2, the mmseg Segformer head of width 256)."""
     if not INTERPRETER:
         pytest.skip(f"needs {kernels.INTERPRETER_NEEDS} (the fused kernels)")
-    result = _bench().cpu_proxies("swin_t", (128, 96), 2, ["full", LEAN],
+    result = _bench().cpu_proxies("swin_t", (128, 96), 2, ["full", "full+gpu_attention", LEAN],
                                   adapter_tiles=ADAPTER_TILES)
     return result["modes"]
 
 
 def test_lean_mode_runs_at_most_one_and_a_half_of_full_fine_tunings_operators(swin_t_lean):
-    """The operator target (1.43x here and at 224 x 224, docs/benchmarks.md)."""
+    """The operator target as the CPU runs full fine-tuning (1.43x here and at 224 x 224,
+    docs/benchmarks.md)."""
     assert swin_t_lean[LEAN]["ops_vs_full"] <= 1.5, swin_t_lean
 
 
+@pytest.mark.xfail(strict=True, reason="not reached: 1.88x (1,541 against 821 operators) once "
+                   "full fine-tuning's window attention counts as the one fused kernel a GPU "
+                   "runs forward and one backward; see docs/benchmarks.md")
+def test_lean_mode_within_one_and_a_half_of_full_fine_tuning_with_gpu_attention(swin_t_lean):
+    lean, full = swin_t_lean[LEAN], swin_t_lean["full+gpu_attention"]
+    assert lean["operators"] <= 1.5 * full["operators"], swin_t_lean
+
+
 def test_lean_mode_holds_at_most_half_of_full_fine_tunings_bytes(swin_t_lean):
-    """The memory target, in the same mode (0.42x here; 0.46x at 224 x 224): the head's
-    BatchNorm inputs and ReLU outputs, the same in both modes, are in both sums."""
+    """The memory target, in the same mode (0.42x here; 0.46x at 224 x 224), also against full
+    fine-tuning's attention as a GPU's fused kernel holds (0.41x): the head's BatchNorm inputs
+    and ReLU outputs, the same in both modes, are in both sums."""
     assert swin_t_lean[LEAN]["bytes_vs_full"] <= 0.5, swin_t_lean
+    full = swin_t_lean["full+gpu_attention"]
+    assert swin_t_lean[LEAN]["bytes_for_backward"] <= 0.5 * full["bytes_for_backward"]
+
+
+def test_gpu_attention_gives_the_attention_and_its_gradients_as_two_launches():
+    """`gpu_attention`: SDPA as one launch forward and one backward, none of the operators run
+    inside them counted; values and gradients of q, k, v and the additive mask (a Swin window's
+    position bias, broadcast over the batch) equal to softmax(q k^T * scale + mask) v written
+    out in float64, on odd sizes."""
+    import torch
+
+    bench = _bench()
+    gen = torch.Generator().manual_seed(7)
+    B, h, N, d = 3, 2, 7, 5
+    q, k, v = (torch.randn(B, h, N, d, generator=gen, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    mask = torch.randn(1, h, N, N, generator=gen, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(B, h, N, d, generator=gen, dtype=torch.float64)
+    scale = 0.3
+    expected = torch.softmax(q @ k.transpose(-2, -1) * scale + mask, -1) @ v
+    expected_grads = torch.autograd.grad(expected, (q, k, v, mask), grad)
+    launches, sdpa = bench.Launches(), torch.nn.functional.scaled_dot_product_attention
+    with bench.gpu_attention(launches), bench.OpCounter(launches) as counter:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                               scale=scale)
+        grads = torch.autograd.grad(out, (q, k, v, mask), grad)
+    assert launches.count == 2 and counter.count == 0
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert torch.nn.functional.scaled_dot_product_attention is sdpa             # restored
+
+
+def test_gpu_attention_counts_as_the_cpus_own_fused_attention():
+    """Where the CPU runs its own fused attention (IV-tuning's frozen position bias), counting
+    SDPA as `gpu_attention` changes neither operators nor bytes held; where it falls back to
+    the math path (full fine-tuning's trained bias), it counts fewer operators."""
+    bench = _bench()
+    bench.CPU_ONLY["ivt:fast+gpu_attention"] = ("ivt", {"impl": "fast"})
+    modes = bench.cpu_proxies("swin_nano", (64, 96), 2, ["full", "full+gpu_attention", "ivt:fast",
+                                                         "ivt:fast+gpu_attention"],
+                              head_dim=64)["modes"]
+    own, counted = modes["ivt:fast"], modes["ivt:fast+gpu_attention"]
+    assert counted["attention_kernels"] == 16                  # 8 blocks, forward and backward
+    assert counted["operators"] == own["operators"], modes
+    assert counted["bytes_for_backward"] == own["bytes_for_backward"], modes
+    assert modes["full+gpu_attention"]["operators"] < 0.85 * modes["full"]["operators"], modes
 
 
 def test_eva02_recompute_mode_meets_the_proxies_against_full_fine_tunings_reference():
