@@ -133,14 +133,18 @@ INFERENCE_MODES = ["freeze", "freeze:fast", "ivt:fused", "ivt:fast", "ivt"]
 # the CPU proxies of the fused modes (their kernels under Triton's interpreter)
 CPU_FUSED = ["ivt:fused", "ivt:fused:checkpoint:4", "ivt:fused:recompute",
              "ivt:fused:checkpoint:2+recompute"]
-# (backbone, (H, W), batch, head width, what the case shows)
-CPU_CASES = [("swin_t", (128, 96), 2, 256, "the default case"),
-             ("swin_t", (224, 224), 2, 256, "the size the CPU-proxy targets are set at"),
-             ("swin_nano", (64, 96), 2, 64, "what `tests/test_bench_proxies.py` measures"),
-             ("swin_l", (64, 64), 1, 256, "the real model's operator count; the tiny input makes "
-              "its byte ratios unrepresentative"),
-             ("eva02_b", (64, 64), 1, 256, "EVA02's prompt changes every block, so only a "
-              "block's two IPAs are batched")]
+# (backbone, (H, W), batch, head width, amp, what the case shows); amp: bf16 autocast with the
+# frozen weights stored in bf16, as the GPU step runs (the train scripts' --amp)
+AMP_NOTE = "as the GPU step runs"
+CPU_CASES = [("swin_t", (128, 96), 2, 256, False, "the default case"),
+             ("swin_t", (224, 224), 2, 256, False, "the size the CPU-proxy targets are set at"),
+             ("swin_nano", (64, 96), 2, 64, False, "what `tests/test_bench_proxies.py` measures"),
+             ("swin_l", (64, 64), 1, 256, False, "the real model's operator count; the tiny input "
+              "makes its byte ratios unrepresentative"),
+             ("eva02_b", (64, 64), 1, 256, False, "EVA02's prompt changes every block, so only a "
+              "block's two IPAs are batched"),
+             ("swin_t", (128, 96), 2, 256, True, AMP_NOTE),
+             ("eva02_b", (64, 64), 1, 256, True, AMP_NOTE)]
 NUM_CLASSES = 9
 TOP_KERNELS = 25     # the costliest kernels of each profiled call kept in the JSON
 # the markdown sections this script (re)writes: (begin marker, end marker)
@@ -191,11 +195,15 @@ def parse_args(argv=None):
     p.add_argument("--backbone", default=None,
                    help="CPU proxies of this one backbone (with --size, --batch, --head-dim) "
                         "instead of the documented cases: " + ", ".join(
-                            f"{n} {h}x{w} batch {b} head {d}" for n, (h, w), b, d, _ in CPU_CASES))
+                            f"{n} {h}x{w} batch {b} head {d}" + (" amp" if amp else "")
+                            for n, (h, w), b, d, amp, _ in CPU_CASES))
     p.add_argument("--size", type=int, nargs=2, default=(128, 96), metavar=("H", "W"),
                    help="CPU proxy input size with --backbone (default 128 96)")
     p.add_argument("--batch", type=int, default=2, help="CPU proxy batch with --backbone "
                                                         "(default 2)")
+    p.add_argument("--amp", action="store_true",
+                   help="CPU proxies of --backbone under bf16 autocast with the frozen weights "
+                        "stored in bf16, as the GPU step runs (the train scripts' --amp)")
     p.add_argument("--head-dim", type=int, default=256,
                    help="Segformer head width (GPU cases, and --backbone; default 256)")
     p.add_argument("--adapter-tiles", type=tile_sizes, default=None, metavar="TOKENS:CHANNELS",
@@ -207,8 +215,9 @@ def parse_args(argv=None):
 
 
 # -- one case ------------------------------------------------------------------------------------
-def build(backbone: str, mode: str, size, device, head_dim: int):
-    """(model, optimizer) on `device`, random weights, seed 0."""
+def build(backbone: str, mode: str, size, device, head_dim: int, amp: bool = False):
+    """(model, optimizer) on `device`, random weights, seed 0; on a GPU, or with amp, the frozen
+    weights stored in bf16 for bf16 autocast, as the scripts' --amp does."""
     tuning, options = {**MODES, **DECOMPOSITION, **FUSED, **SWIN_ONLY, **VIT_ONLY,
                        **CPU_ONLY}[mode]
     options = dict(options)
@@ -218,7 +227,7 @@ def build(backbone: str, mode: str, size, device, head_dim: int):
         model = build_segmentor(backbone, NUM_CLASSES, tuning, img_size=tuple(size),
                                 head_dim=head_dim, **options)
     make_fast(model, impl, memory)
-    if torch.device(device).type == "cuda":       # bf16 autocast: as the scripts' --amp does
+    if amp or torch.device(device).type == "cuda":
         store_frozen_weights(model, torch.bfloat16)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -382,7 +391,7 @@ class TensorTracker(TorchDispatchMode):
 
 
 def cpu_proxies(backbone: str, size, batch: int, modes, head_dim: int = 256,
-                adapter_tiles=None) -> dict:
+                adapter_tiles=None, amp: bool = False) -> dict:
     """{mode: {operators, aten_ops, triton_launches, bytes_for_backward, trainable}} plus ratios
     to full fine-tuning. Modes run the PyTorch reference kernels, except the fused modes, whose
     Triton kernels run under the interpreter (each launch counts as one operator), with the
@@ -391,9 +400,11 @@ def cpu_proxies(backbone: str, size, batch: int, modes, head_dim: int = 256,
     the number of programs: on swin_nano 64 x 96, a fused step took 76 s at a GPU's 32-token
     tiles and 22 s at 256 (2026-12-02). The tiles change no launch (operators are equal); the
     bytes held change only by the BatchNorm's per-tile partial sums, which share h's allocation
-    (2D floats a tile: 9.52 against 9.46 MB on swin_nano)."""
+    (2D floats a tile: 9.52 against 9.46 MB on swin_nano). With amp, the step runs under
+    bf16 autocast with the frozen weights stored in bf16, as the GPU step does."""
     result = {"backbone": backbone, "size": list(size), "batch": batch, "head_dim": head_dim,
-              "torch": torch.__version__, "modes": {}}
+              "amp": amp, "torch": torch.__version__, "modes": {}}
+    autocast = partial(torch.autocast, "cpu", dtype=torch.bfloat16) if amp else nullcontext
     if adapter_tiles:
         result["adapter_tiles"] = list(adapter_tiles)
     data = make_batch(size, batch, "cpu")
@@ -404,8 +415,8 @@ def cpu_proxies(backbone: str, size, batch: int, modes, head_dim: int = 256,
                 raise SystemExit(f"mode {mode} on the CPU runs its Triton kernels under the "
                                  f"interpreter, which needs {kernels.INTERPRETER_NEEDS}")
             kernels.set_backend("triton" if mode in FUSED else "torch")
-            model, optimizer = build(backbone, mode, size, "cpu", head_dim)
-            step = eager_step(model, optimizer, nullcontext)
+            model, optimizer = build(backbone, mode, size, "cpu", head_dim, amp)
+            step = eager_step(model, optimizer, autocast)
             if mode in FUSED and adapter_tiles:
                 step = fixed_tiles(step, adapter_tiles)
             step(data, 1e-4)                                       # optimizer state, caches
@@ -453,6 +464,7 @@ def proxy_table(result: dict, note: str = "") -> str:
     caption = (f"`{result['backbone']}`, {result['size'][0]}x{result['size'][1]}, batch "
                f"{result['batch']}, head width {result['head_dim']}"
                + (f", fused adapter tiles {tiles[0]}x{tiles[1]}" if tiles else "")
+               + (", bf16 autocast, frozen weights in bf16" if result.get("amp") else "")
                + (f" ({note})" if note else "") + ":")
     lines = [textwrap.fill(caption, 100), "",
              "| mode | operators / step | vs full | MB held for backward | vs full | trainable |",
@@ -479,7 +491,9 @@ def cpu_tables(results, notes) -> str:
             "`full+gpu_attention` (Swin): full fine-tuning with its window attention counted "
             "as a GPU runs it, one fused kernel forward and one backward holding what that "
             "kernel holds (on the CPU, `full`'s trained position bias sends it to SDPA's math "
-            "path).")
+            "path). The cases in bf16 autocast run the step as the GPU does (the train "
+            "scripts' --amp): autocast's casts are operators, the frozen weights are stored in "
+            "bf16, full fine-tuning's trained ones are cast every step.")
     lines = ["## Training step: CPU proxies", "", textwrap.fill(text, 100), ""]
     for result, note in zip(results, notes):
         lines += [proxy_table(result, note), ""]
@@ -721,13 +735,13 @@ def main(argv=None):
         modes = args.modes or (list(MODES) + list(CPU_ONLY) + list(VIT_ONLY)
                                + (CPU_FUSED if kernels.interpreter_ready() else [])
                                + list(DECOMPOSITION))
-        cases = ([(args.backbone, tuple(args.size), args.batch, args.head_dim, "")]
+        cases = ([(args.backbone, tuple(args.size), args.batch, args.head_dim, args.amp, "")]
                  if args.backbone else CPU_CASES)
         results = []
-        for backbone, size, batch, head_dim, note in cases:
+        for backbone, size, batch, head_dim, amp, note in cases:
             results.append(cpu_proxies(backbone, size, batch,
                                        [m for m in modes if applies(m, backbone)], head_dim,
-                                       args.adapter_tiles))
+                                       args.adapter_tiles, amp))
             print(proxy_table(results[-1], note) + "\n", flush=True)
         result = {"cases": results}
         if args.out:

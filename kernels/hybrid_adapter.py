@@ -478,16 +478,17 @@ def _down_backward_kernel(x_ptr, x_b, x_n, ln_ptr, lnw_ptr, gamma_ptr, wd_ptr, f
     d_ok = d < D
     is_conv = d < cp
     taps = tl.arange(0, 16)                          # the 9 taps of the 3x3 kernel, padded
-    dconv_w = tl.zeros([BLOCK_D, 16], dtype=dh_ptr.dtype.element_ty)
-    dconv_b = tl.zeros([BLOCK_D], dtype=dh_ptr.dtype.element_ty)
-    dbd = tl.zeros([BLOCK_D], dtype=dh_ptr.dtype.element_ty)
+    dconv_w = tl.zeros([BLOCK_D, 16], dtype=dy_ptr.dtype.element_ty)
+    dconv_b = tl.zeros([BLOCK_D], dtype=dy_ptr.dtype.element_ty)
+    dbd = tl.zeros([BLOCK_D], dtype=dy_ptr.dtype.element_ty)
     v = tl.load(fold_ptr + d, mask=d_ok, other=0.0)
     hb = tl.load(fold_ptr + D + d, mask=d_ok, other=0.0)
     for t in range(pid, n_tiles, tl.num_programs(0)):
         rows, row_ok, d, d_ok = _tile(t, BLOCK_M, BLOCK_D, M, D)
         tile_ok = row_ok[:, None] & d_ok[None, :]
         dh = _partial_conv(dy_ptr, rows, row_ok, d, d_ok, N, H, W, D, cp, dww_ptr, dww_ptr, True)
-        tl.store(dh_ptr + rows[:, None] * D + d[None, :], dh, mask=tile_ok)
+        tl.store(dh_ptr + rows[:, None] * D + d[None, :], dh.to(dh_ptr.dtype.element_ty),
+                 mask=tile_ok)
         dy = tl.load(dy_ptr + rows[:, None] * D + d[None, :], mask=tile_ok, other=0.0)
         for i in tl.static_range(3):                 # grad of the conv weight: dy * shifted h
             for j in tl.static_range(3):
@@ -544,7 +545,8 @@ def _ln_down_grads_kernel(p_ptr, sum_dh_ptr, wd_ptr, lnw_ptr, lnb_ptr, gamma_ptr
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     square = d_ok[:, None] & c_ok[None, :]
-    p = tl.load(p_ptr + d[:, None] * C + c[None, :], mask=square, other=0.0)
+    p = tl.load(p_ptr + d[:, None] * C + c[None, :], mask=square,
+                other=0.0).to(out_ptr.dtype.element_ty)
     wd = tl.load(wd_ptr + d[:, None] * C + c[None, :], mask=square, other=0.0).to(p.dtype)
     sum_dh = tl.load(sum_dh_ptr + d, mask=d_ok, other=0.0)
     lnw = tl.load(lnw_ptr + c, mask=c_ok, other=0.0)
@@ -619,8 +621,13 @@ def _output_dtype(residual: torch.Tensor, extra) -> torch.dtype:
 
 
 def _promoted(a: torch.dtype, b: torch.dtype) -> torch.dtype:
-    """torch.promote_types(a, b), which is an operator call, made only where a != b."""
-    return a if a == b else torch.promote_types(a, b)
+    """torch.promote_types(a, b) of two floating dtypes, decided here (promote_types is an
+    operator call): the wider, float32 for bfloat16 with float16."""
+    if not (a.is_floating_point and b.is_floating_point):
+        raise TypeError(f"floating dtypes expected, got {a} and {b}")
+    if a == b or a.itemsize != b.itemsize:
+        return max(a, b, key=lambda t: t.itemsize)
+    return torch.float32
 
 
 def tile_sizes(M: int, C: int, device: torch.device) -> Tuple[int, int]:
@@ -718,17 +725,21 @@ def _matmul_dtype(tokens: torch.dtype, acc: torch.dtype) -> torch.dtype:
     return tokens if tokens.itemsize < torch.finfo(acc).bits // 8 else acc
 
 
-def _matmul(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """a b, (M, P) (P, Q) -> (M, Q) in acc: one library matmul in the lower precision of the
-    two operands' dtypes (see `_matmul_dtype`)."""
+def _matmul(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype, to_acc: bool = True
+            ) -> torch.Tensor:
+    """a b, (M, P) (P, Q) -> (M, Q) in acc (to_acc=False: in the matmul's dtype, for a kernel
+    that reads it in acc): one library matmul in the lower precision of the two operands'
+    dtypes (see `_matmul_dtype`)."""
     dtype = _matmul_dtype(min(a.dtype, b.dtype, key=lambda t: t.itemsize), acc)
     with torch.autocast(a.device.type, enabled=False):
-        return torch.mm(a.to(dtype), b.to(dtype)).to(acc)
+        out = torch.mm(a.to(dtype), b.to(dtype))
+    return out.to(acc) if to_acc else out
 
 
-def _matmul_t(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """a^T b over the token dimension, (M, P)^T (M, Q) -> (P, Q) in acc (see `_matmul`)."""
-    return _matmul(a.t(), b, acc)
+def _matmul_t(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype, to_acc: bool = True
+              ) -> torch.Tensor:
+    """a^T b over the token dimension, (M, P)^T (M, Q) -> (P, Q) (see `_matmul`)."""
+    return _matmul(a.t(), b, acc, to_acc)
 
 
 def _sft_down(x, s: _Sizes, w, params, h, stats=None, fold=None):
@@ -806,23 +817,25 @@ def hybrid_adapter_eval_triton(x: torch.Tensor, residual: torch.Tensor, extra, h
 
 
 def _backward_workspace(s: _Sizes, n_parts: int, row: int, device, nhat_dtype, dz_dtype, R1):
-    """One allocation for what lives only in the backward: a row of `row` floats of partial sums
-    a program (D-wide, every entry written, shared by the three tile-loop kernels), five (M, D)
-    maps (do, dbn, dy, dropped, dh), the normalised input n_hat (M, C) and, for a `LowRankExtra`
-    (dz_dtype not None), dz (M, C) and h_e with a column of ones (M, R1); a map in a dtype other
-    than s.acc is allocated apart. Returns (parts, the five maps, n_hat, dz, h_e1)."""
+    """What lives only in the backward, one allocation per dtype: in s.acc a row of `row`
+    floats of partial sums a program (D-wide, every entry written, shared by the three
+    tile-loop kernels) and four (M, D) maps (do, dbn, dy, dropped); in nhat_dtype, the dtype of
+    the matmul that reads them, dh (M, D) and the normalised input n_hat (M, C); for a
+    `LowRankExtra` (dz_dtype not None), in dz_dtype, dz (M, C) and h_e with a column of ones
+    (M, R1). Returns (parts, (do, dbn, dy, dropped, dh), n_hat, dz, h_e1)."""
     M, C, D, acc = s.M, s.C, s.D, s.acc
-    maps = [(M * C, nhat_dtype)] + ([] if dz_dtype is None else [(M * (C + R1), dz_dtype)])
-    sizes = [n_parts * row, 5 * M * D] + [size for size, dtype in maps if dtype == acc]
-    work = torch.empty(sum(sizes), device=device, dtype=acc).split(sizes)
-    in_work = iter(work[2:])
-    own = [next(in_work) if dtype == acc else torch.empty(size, device=device, dtype=dtype)
-           for size, dtype in maps]
-    dz = h_e1 = None
+    pieces = [(n_parts * row, acc), (4 * M * D, acc), (M * D, nhat_dtype), (M * C, nhat_dtype)]
     if dz_dtype is not None:
-        dz, h_e1 = own[1][:M * C].view(M, C), own[1][M * C:].view(M, R1)
-    return (work[0].view(n_parts, row), work[1].view(5, M, D).unbind(0), own[0].view(M, C), dz,
-            h_e1)
+        pieces += [(M * C, dz_dtype), (M * R1, dz_dtype)]
+    totals = {}
+    for size, dtype in pieces:
+        totals[dtype] = totals.get(dtype, 0) + size
+    buffers = {dtype: iter(torch.empty(total, device=device, dtype=dtype).split(
+        [size for size, of in pieces if of == dtype])) for dtype, total in totals.items()}
+    parts, maps, dh, n_hat, *low_rank = [next(buffers[dtype]) for _, dtype in pieces]
+    dz, h_e1 = (low_rank[0].view(M, C), low_rank[1].view(M, R1)) if low_rank else (None, None)
+    return (parts.view(n_parts, row), (*maps.view(4, M, D).unbind(0), dh.view(M, D)),
+            n_hat.view(M, C), dz, h_e1)
 
 
 def _train_backward(g, x, h, ln_stats, bn_stats, fold, keep, params, low_rank, s: _Sizes, hw,
@@ -876,11 +889,11 @@ def _train_backward(g, x, h, ln_stats, bn_stats, fold, keep, params, low_rank, s
                                       num_warps=BACKWARD_WARPS)
     (d_w2, d_b2, d_bnw, d_bnb, d_w1, d_b1, d_dww, d_dwb, d_bd) = parts.sum(0).split(
         [D * D, D, D, D, D * D, D, cp * 9, cp, D])
-    # 4. the down-projection's and LayerNorm/SFT's gradients from P = dh^T n_hat, in one
-    # allocation with an extra's dh_e (M, R)
+    # 4. the down-projection's and LayerNorm/SFT's gradients from P = dh^T n_hat (left in the
+    # matmul's dtype, read in acc), in one allocation with an extra's dh_e (M, R)
     grads_c = torch.empty(D * C + 4 * C + M * R, device=device, dtype=acc)
     _ln_down_grads_kernel[(triton.cdiv(C, s.block_c),)](
-        _matmul_t(dh, n_hat, acc), d_bd, wd, lnw, lnb, gamma, beta, grads_c, C, D,
+        _matmul_t(dh, n_hat, acc, to_acc=False), d_bd, wd, lnw, lnb, gamma, beta, grads_c, C, D,
         BLOCK_C=s.block_c, BLOCK_D=s.block_d)
     d_wd, d_lnw, d_lnb, d_gamma, d_beta = grads_c[:D * C + 4 * C].split([D * C, C, C, C, C])
     grads = [d_lnw, d_lnb, d_gamma, d_beta, d_wd.view(D, C), d_bd, d_dww.view(cp, 1, 3, 3),

@@ -330,3 +330,24 @@ def test_operator_count_leaves_out_views_detach_and_empty_allocations():
         torch.empty((2, 1))                               # 1
         (x * 2).sum()                                     # 2
     assert counter.count == 4
+
+
+def test_amp_proxies_run_the_step_as_the_gpu_does():
+    """`--amp` (`cpu_proxies(..., amp=True)`): the frozen weights stored in bf16, the step in
+    bf16 autocast. Full fine-tuning's trained Linear weights are cast to bf16 in every forward
+    and their gradients back in backward: at least two operators a Linear more than in
+    float32."""
+    import torch
+
+    bench = _bench()
+    model, _ = bench.build("swin_nano", "ivt", (64, 96), "cpu", 64, amp=True)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert {m.weight.dtype for m in linears if not m.weight.requires_grad} == {torch.bfloat16}
+    assert {m.weight.dtype for m in linears if m.weight.requires_grad} == {torch.float32}
+    full = {amp: bench.cpu_proxies("swin_nano", (64, 96), 2, ["full"], head_dim=64,
+                                   amp=amp) for amp in (False, True)}
+    assert full[True]["amp"] and not full[False]["amp"]
+    model, _ = bench.build("swin_nano", "full", (64, 96), "cpu", 64)
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    extra = full[True]["modes"]["full"]["operators"] - full[False]["modes"]["full"]["operators"]
+    assert extra >= 2 * n_linear, (extra, n_linear)

@@ -7,6 +7,7 @@ fresh random draws on every run; a failure prints the seed, and KERNELS_TEST_SEE
 it.
 """
 import os
+from functools import partial
 import random
 
 import pytest
@@ -440,21 +441,25 @@ def test_training_kernels_draw_the_dropout_mask_as_defined():
             torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
 
 
-def low_rank_training_run(fn, case, r, dtype, device, seed, lead=0):
+def low_rank_training_run(fn, case, r, dtype, device, seed, lead=0, bf16_tokens=False):
     """`training_run` with the extra given as factors (`LowRankExtra`: h a strided view, as
     `internal_prompts` makes it, w and b), the gradients of the three factors last; x the
-    residual, (B, lead + N, C)."""
+    residual, (B, lead + N, C). With bf16_tokens, x and h hold bfloat16 values, as under
+    autocast: in bfloat16, or, for a float64 run, bfloat16's values in float64."""
     B, H, W, C, d2, x_is_residual, _, with_dropout = case
     gen = torch.Generator().manual_seed(seed)
 
-    def leaf(t):
+    def leaf(t, token=False):
+        if token and bf16_tokens:
+            t = t.to(torch.bfloat16)
+            return t.to(device, dtype if dtype == torch.float64 else t.dtype).requires_grad_()
         return t.to(device, dtype).requires_grad_()
     w64 = random_weights(C, d2, gen)
     tensors = [t.to(device, dtype).requires_grad_(i not in (10, 11))
                for i, t in enumerate(w64[:18])]
     w = HybridAdapterWeights(*tensors, *w64[18:])
-    x = leaf(torch.randn(B, lead + H * W, C, generator=gen, dtype=torch.float64))
-    factors = [leaf(torch.randn(B * H * W, 3 * r, generator=gen, dtype=torch.float64)),
+    x = leaf(torch.randn(B, lead + H * W, C, generator=gen, dtype=torch.float64), True)
+    factors = [leaf(torch.randn(B * H * W, 3 * r, generator=gen, dtype=torch.float64), True),
                leaf(torch.randn(r, C, generator=gen, dtype=torch.float64) * r ** -0.5),
                leaf(torch.randn(C, generator=gen, dtype=torch.float64))]
     extra = kernels.LowRankExtra(factors[0].view(-1, 3, r)[:, 1], *factors[1:])  # h strided
@@ -462,7 +467,8 @@ def low_rank_training_run(fn, case, r, dtype, device, seed, lead=0):
             else None)
     out = fn(x, x, extra, (H, W), w, keep, 0.1 if with_dropout else 0.0, 0.1, True,
              **({"lead": lead} if lead else {}))
-    out.backward(torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device, dtype))
+    out.backward(torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device,
+                                                                               out.dtype))
     return out, [x.grad] + [t.grad for t in tensors if t.requires_grad] + [
         f.grad for f in factors]
 
@@ -495,6 +501,32 @@ def test_training_kernels_with_low_rank_extra(draw, dtype, tol):
         assert err < tol, f"{name}: relative error {err:.2e}; {msg}"
     for a in expected[1][-3:]:
         assert a.abs().max() > 1e-3 * scale, f"a factor's gradient is ~0, the test is void; {msg}"
+
+
+@pytest.mark.skipif(not kernels.interpreter_ready(),
+                    reason=f"needs {kernels.INTERPRETER_NEEDS}")
+@pytest.mark.parametrize("case,r,lead", [((2, 5, 7, 40, 20, True, True, True), 5, 0),
+                                         ((1, 11, 13, 72, 64, True, True, False), 20, 1),
+                                         ((3, 3, 4, 24, 16, True, True, True), 8, 0)])
+def test_training_kernels_with_bfloat16_tokens(case, r, lead):
+    """As under autocast: x and the extra's h in bfloat16, the weights and the extra's w and b
+    in float32, so that the matmuls over tokens run in bfloat16 (n_hat, dh, P = dh^T n_hat,
+    dz and h_e in bfloat16, accumulated in float32): the output and every gradient against the
+    float64 reference on the same values, within 2e-2 of the largest (the interpreter's float32
+    to bfloat16 stores truncate where a GPU rounds to nearest: the down-projection's weight
+    gradient errs by up to 1e-2 here)."""
+    run = partial(low_rank_training_run, case=case, r=r, device="cpu", seed=SEED, lead=lead,
+                  bf16_tokens=True)
+    truth = run(kernels.hybrid_adapter_train_reference, dtype=torch.float64)
+    got = run(kernels.hybrid_adapter_train, dtype=torch.float32)
+    assert got[1][0].dtype == torch.bfloat16 and got[1][-3].dtype == torch.bfloat16
+    scale = max(g.abs().max().item() for g in truth[1])
+    worst = []
+    for name, a, b in [("out", truth[0], got[0])] + [
+            (f"grad {i}", a, b) for i, (a, b) in enumerate(zip(truth[1], got[1]))]:
+        ref_scale = a.abs().max().item() if name == "out" else scale
+        worst.append(((b.double() - a).abs().max().item() / ref_scale, name))
+    assert max(worst)[0] < 2e-2, (sorted(worst)[-3:], f"KERNELS_TEST_SEED={SEED}")
 
 
 def float64_runs(case, while_fused=lambda: None):
@@ -828,3 +860,26 @@ def test_fused_training_with_dropout_replays_its_mask_under_checkpointing(monkey
     ir = torch.randn(1, 3, 32, 40, generator=gen, dtype=torch.float64)
     assert_runs_equal(fused_training_run(plain, vis, ir),
                       fused_training_run(checkpointed, vis, ir), 1e-10)
+
+
+def test_output_dtype_promotes_as_torch_without_an_operator():
+    """The fused adapter's output dtype rule (`_promoted`) is torch.promote_types on every pair
+    of floating dtypes, decided without dispatching an operator; other dtypes are refused."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from kernels.hybrid_adapter import _promoted
+
+    class Calls(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Calls.count += 1
+            return func(*args, **(kwargs or {}))
+
+    floats = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+    expected = {(a, b): torch.promote_types(a, b) for a in floats for b in floats}
+    with Calls():
+        got = {(a, b): _promoted(a, b) for a in floats for b in floats}
+    assert got == expected and Calls.count == 0
+    with pytest.raises(TypeError, match="floating"):
+        _promoted(torch.int64, torch.float32)
