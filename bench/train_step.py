@@ -61,7 +61,9 @@ CPU proxies (`--device cpu`), per mode, for anyone without a GPU:
 * bytes held for backward: after the forward and the loss, the storages of every tensor the
   step produced that is still alive (so held by the autograd graph or a checkpoint), without
   parameters, buffers and inputs; each storage counted once.
-Targets: in one IV-tuning mode, bytes held <= 0.5x full's and operators <= 1.5x full's.
+Targets: in one IV-tuning mode, bytes held <= 0.5x full fine-tuning's and operators <= 1.5x
+its, like for like: full+gpu_attention on Swin, full:fast on the ViTs, and with --amp as the GPU
+step runs.
 """
 import argparse
 import datetime
