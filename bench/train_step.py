@@ -472,9 +472,10 @@ def proxy_table(result: dict, note: str = "") -> str:
              "| mode | operators / step | vs full | MB held for backward | vs full | trainable |",
              "|---|---|---|---|---|---|"]
     for mode, r in result["modes"].items():
-        lines.append(f"| {mode} | {r['operators']:,} | {r.get('ops_vs_full', 0):.2f}x | "
-                     f"{r['bytes_for_backward'] / 1e6:,.2f} | {r.get('bytes_vs_full', 0):.2f}x | "
-                     f"{r['trainable']:,} |")
+        ops, held = (f"{r[key]:.2f}x" if key in r else "-"        # "-": `full` not measured
+                     for key in ("ops_vs_full", "bytes_vs_full"))
+        lines.append(f"| {mode} | {r['operators']:,} | {ops} | "
+                     f"{r['bytes_for_backward'] / 1e6:,.2f} | {held} | {r['trainable']:,} |")
     return "\n".join(lines)
 
 

@@ -269,9 +269,9 @@ def _implementation_arguments(g) -> None:
                         "checkpoint:N, the first N blocks (on Swin the high-resolution ones: "
                         "Swin-L's first 4 hold 40%% of its block activations); "
                         "checkpoint:N+recompute, that and "
-                        "recompute for the other blocks: on Swin with --impl fused, "
-                        "checkpoint:2+recompute (stage 1 checkpointed) holds under half of full "
-                        "fine-tuning's activations (CPU proxies, docs/benchmarks.md) "
+                        "recompute for the other blocks. With --impl fused and --amp, "
+                        "recompute holds under half of full fine-tuning's activations on Swin "
+                        "(CPU proxies, docs/benchmarks.md) "
                         "(default: %(default)s)")
     g.add_argument("--kernels", default="auto", choices=KERNEL_BACKENDS,
                    help="SimAM, partial conv and Hybrid Adapter kernels of --impl fast / "

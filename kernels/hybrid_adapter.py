@@ -7,11 +7,12 @@ A tile of BLOCK_M tokens carries its d2-wide hidden vector through the chain in 
 the C-wide ends touch memory, BLOCK_C channels a step (`tile_sizes`). extra: None, tokens, or a
 `LowRankExtra` made in registers. Inference (`hybrid_adapter_eval_triton`): `_sft_down_kernel`,
 `_ho_up_kernel`. Training (`HybridAdapterTrainFunction`: batch-statistics BatchNorm, a dropout
-mask given or drawn from torch's generator): forward `_sft_down_kernel`, `_bn_partial_kernel`, `_bn_finalize_kernel`,
+mask given or drawn from torch's generator): forward `_sft_down_kernel` (which also keeps the
+normalised input for the backward, instead of x), `_bn_partial_kernel`, `_bn_finalize_kernel`,
 `_ho_up_kernel`; backward `_up_backward_kernel`, `_ho_backward_kernel`, `_down_backward_kernel`,
-`_ln_down_grads_kernel` (and `_low_rank_backward_kernel`) with library matmuls for g Wu and the
-C-wide weight gradients. Tokens need contiguous channels only (views are read in place).
-Arithmetic in float32 (float64 for float64 tokens). Design notes and figures: docs/kernels.md.
+`_ln_down_grads_kernel` (and `_low_rank_backward_kernel`) with library matmuls for g Wu, dWu and
+dWd. Tokens need contiguous channels only (views are read in place). Arithmetic in float32
+(float64 for float64 tokens). Design notes and figures: docs/kernels.md.
 """
 from contextlib import contextmanager
 from typing import NamedTuple, Optional, Tuple
@@ -140,8 +141,9 @@ def _hidden_out(y, x_hat, d, d_ok, bnw_ptr, bnb_ptr, w2_ptr, b2_ptr, D):
 # -- forward ---------------------------------------------------------------------------------------
 @triton.jit
 def _sft_down_kernel(x_ptr, x_b, x_n, lnw_ptr, lnb_ptr, gamma_ptr, beta_ptr, wd_ptr, bd_ptr,
-                     h_ptr, stats_ptr, fold_ptr, M, N, C, D, eps, STORE_STATS: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+                     h_ptr, rstd_ptr, nhat_ptr, fold_ptr, M, N, C, D, eps,
+                     FOR_BACKWARD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
     """h = down(LN(x) * gamma + beta) for tile program_id(0), in one pass over x; h is (M, D)
     contiguous. With w' = lnw * gamma and b' = lnb * gamma + beta (Eq. 14 folded into the
     LayerNorm's affine), and any per-row shift K,
@@ -150,9 +152,11 @@ def _sft_down_kernel(x_ptr, x_b, x_n, lnw_ptr, lnb_ptr, gamma_ptr, beta_ptr, wd_
         var = sum((x - K)^2) / C - (mean - K)^2,
     so the row statistics and the matmul accumulate in the same loop. K is the row's mean over
     the first channel step: |mean - K| stays of the order of the row's standard deviation, so
-    the two differences lose nothing to cancellation. With STORE_STATS the rows' LayerNorm mean
-    and 1/std go to stats (2, M), and program 0 stores [v, hb] to fold (2, D) for the
-    backward."""
+    the two differences lose nothing to cancellation. With FOR_BACKWARD (training) the rows'
+    1/std go to rstd (M,), the normalised input n_hat = (x - mean) / std (M, C) to nhat in its
+    dtype (a second pass over the tile's rows, still in cache: the backward needs n_hat, not x,
+    and holds it in the dtype of the matmul that reads it), and program 0 stores [v, hb] to
+    fold (2, D)."""
     rows, row_ok, d, d_ok = _tile(tl.program_id(0), BLOCK_M, BLOCK_D, M, D)
     x_rows = x_ptr + _token_offsets(rows, N, x_b, x_n)
     acc_t = h_ptr.dtype.element_ty
@@ -188,12 +192,19 @@ def _sft_down_kernel(x_ptr, x_b, x_n, lnw_ptr, lnb_ptr, gamma_ptr, beta_ptr, wd_
     hb = tl.sum(tl.where(r == 1, folds, 0.0), axis=0) + tl.load(bd_ptr + d, mask=d_ok, other=0.0)
     centre = total / C                                                  # mean - K
     rstd = 1.0 / tl.sqrt(tl.maximum(squares / C - centre * centre, 0.0) + eps)  # biased var
-    if STORE_STATS:
-        tl.store(stats_ptr + rows, shift + centre, mask=row_ok)
-        tl.store(stats_ptr + M + rows, rstd, mask=row_ok)
+    if FOR_BACKWARD:
+        tl.store(rstd_ptr + rows, rstd, mask=row_ok)
         if tl.program_id(0) == 0:
             tl.store(fold_ptr + d, v, mask=d_ok)
             tl.store(fold_ptr + D + d, hb, mask=d_ok)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            mask = row_ok[:, None] & (c < C)[None, :]
+            xk = tl.load(x_rows[:, None] + c[None, :], mask=mask, other=0.0).to(acc_t) \
+                - shift[:, None]
+            tl.store(nhat_ptr + rows[:, None] * C + c[None, :],
+                     ((xk - centre[:, None]) * rstd[:, None]).to(nhat_ptr.dtype.element_ty),
+                     mask=mask)
     h = rstd[:, None] * (acc - centre[:, None] * v[None, :]) + hb[None, :]
     tl.store(h_ptr + rows[:, None] * D + d[None, :], h, mask=row_ok[:, None] & d_ok[None, :])
 
@@ -363,6 +374,16 @@ def _column_sums(ptr, stride, n_rows, d, d_ok):
 
 
 @triton.jit
+def _zeros(ptr, n, BLOCK: tl.constexpr):
+    """Zero the n values at ptr, a program's partial sums that its tiles then add to in memory
+    (the barrier: the first tile may read them in another layout, other threads)."""
+    for i0 in range(0, n, BLOCK):
+        i = i0 + tl.arange(0, BLOCK)
+        tl.store(ptr + i, tl.zeros([BLOCK], dtype=ptr.dtype.element_ty), mask=i < n)
+    tl.debug_barrier()
+
+
+@triton.jit
 def _up_backward_kernel(da_ptr, h_ptr, dww_ptr, dwb_ptr, w1_ptr, b1_ptr, bn_ptr,
                         bnw_ptr, bnb_ptr, w2_ptr, b2_ptr, mask_ptr, keep_scale,
                         do_ptr, dbn_ptr, dropped_ptr, part_ptr, part_stride, n_tiles, M, N, H,
@@ -451,8 +472,8 @@ def _ho_backward_kernel(h_ptr, dww_ptr, dwb_ptr, w1_ptr, b1_ptr, bn_ptr, bnw_ptr
 
 
 @triton.jit
-def _down_backward_kernel(x_ptr, x_b, x_n, ln_ptr, lnw_ptr, gamma_ptr, wd_ptr, fold_ptr, h_ptr,
-                          dww_ptr, dy_ptr, g_ptr, g_b, g_n, dx_ptr, dx_b, dx_n, dh_ptr, nhat_ptr,
+def _down_backward_kernel(nhat_ptr, rstd_ptr, lnw_ptr, gamma_ptr, wd_ptr, fold_ptr, h_ptr,
+                          dww_ptr, dy_ptr, g_ptr, g_b, g_n, dx_ptr, dx_b, dx_n, dh_ptr,
                           part_ptr, part_stride, lead_g, lead_dx, lead, n_tiles, M, N, H, W, C,
                           D, cp, ADD_G: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -460,11 +481,12 @@ def _down_backward_kernel(x_ptr, x_b, x_n, ln_ptr, lnw_ptr, gamma_ptr, wd_ptr, f
     LayerNorm + SFT's input gradient: dx (B, N, C), plus g when ADD_G (x is the residual); with
     lead > 0, dx and g are the rows after the first `lead` of (B, lead + N, C) tensors lead_dx
     and lead_g (strides those of dx and g), whose first rows get g's when ADD_G, else zeros
-    (`_lead_rows`: the adapter leaves those tokens as they are). Also writes dh (M, D) and the
-    normalised input n_hat (M, C), from which the host makes the down-projection's and the
-    LayerNorm/SFT parameters' gradients with one matmul (`_ln_down_grads_kernel`), and this
-    program's partial sums at part_ptr + pid * part_stride: [dconv_w (cp*9), dconv_b (cp),
-    dbd (D)].
+    (`_lead_rows`: the adapter leaves those tokens as they are). Reads the forward's n_hat
+    (M, C) and 1/std (M,); also writes dh (M, D), from which the host makes the
+    down-projection's and the LayerNorm/SFT parameters' gradients with one matmul
+    (`_ln_down_grads_kernel`), and this program's partial sums at part_ptr + pid * part_stride:
+    [dconv_w (cp*9), dconv_b (cp), dbd (D), dbu (C)], the last the up-projection's bias
+    gradient, the sum of g, added up in memory (from zero) tile after tile.
 
     LayerNorm backward, with ds = dh Wd the gradient of s = n_hat w' + b' (w', b' as in
     `_sft_down_kernel`): dx = rstd (ds w' - (sum_c ds w' + n_hat sum_c ds w' n_hat) / C). Its two
@@ -474,6 +496,7 @@ def _down_backward_kernel(x_ptr, x_b, x_n, ln_ptr, lnw_ptr, gamma_ptr, wd_ptr, f
     if lead > 0:
         _lead_rows(lead_g, g_b, g_n, lead_dx, dx_b, dx_n, lead, M // N, C, ADD_G, BLOCK_C)
     pid = tl.program_id(0)
+    part = part_ptr + pid * part_stride
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     is_conv = d < cp
@@ -483,6 +506,7 @@ def _down_backward_kernel(x_ptr, x_b, x_n, ln_ptr, lnw_ptr, gamma_ptr, wd_ptr, f
     dbd = tl.zeros([BLOCK_D], dtype=dy_ptr.dtype.element_ty)
     v = tl.load(fold_ptr + d, mask=d_ok, other=0.0)
     hb = tl.load(fold_ptr + D + d, mask=d_ok, other=0.0)
+    _zeros(part + cp * 10 + D, C, BLOCK_C)
     for t in range(pid, n_tiles, tl.num_programs(0)):
         rows, row_ok, d, d_ok = _tile(t, BLOCK_M, BLOCK_D, M, D)
         tile_ok = row_ok[:, None] & d_ok[None, :]
@@ -502,29 +526,28 @@ def _down_backward_kernel(x_ptr, x_b, x_n, ln_ptr, lnw_ptr, gamma_ptr, wd_ptr, f
         h = tl.load(h_ptr + rows[:, None] * D + d[None, :], mask=tile_ok, other=0.0)
         dot_w = tl.sum(dh * v[None, :], axis=1)                 # sum over C of ds * w'
         dot_wn = tl.sum(dh * (h - hb[None, :]), axis=1)         # sum over C of ds * w' * n_hat
-        x_rows = x_ptr + _token_offsets(rows, N, x_b, x_n)
         g_rows = g_ptr + _token_offsets(rows, N, g_b, g_n)
         dx_rows = dx_ptr + _token_offsets(rows, N, dx_b, dx_n)
-        mean = tl.load(ln_ptr + rows, mask=row_ok, other=0.0)
-        rstd = tl.load(ln_ptr + M + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
         for c0 in range(0, C, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
             c_ok = c < C
             mask = row_ok[:, None] & c_ok[None, :]
-            n_hat = (tl.load(x_rows[:, None] + c[None, :], mask=mask, other=0.0).to(dh.dtype)
-                     - mean[:, None]) * rstd[:, None]
-            tl.store(nhat_ptr + rows[:, None] * C + c[None, :],
-                     n_hat.to(nhat_ptr.dtype.element_ty), mask=mask)
+            n_hat = tl.load(nhat_ptr + rows[:, None] * C + c[None, :], mask=mask,
+                            other=0.0).to(dh.dtype)
             wd = tl.load(wd_ptr + d[:, None] * C + c[None, :],              # (BLOCK_D, BLOCK_C)
                          mask=d_ok[:, None] & c_ok[None, :], other=0.0).to(dh.dtype)
             w_fold = tl.load(lnw_ptr + c, mask=c_ok, other=0.0) * tl.load(gamma_ptr + c,
                                                                            mask=c_ok, other=0.0)
             dx = rstd[:, None] * (tl.dot(dh, wd) * w_fold[None, :]
                                   - (dot_w[:, None] + n_hat * dot_wn[:, None]) / C)
+            g = tl.load(g_rows[:, None] + c[None, :], mask=mask, other=0.0).to(dx.dtype)
             if ADD_G:
-                dx += tl.load(g_rows[:, None] + c[None, :], mask=mask, other=0.0).to(dx.dtype)
+                dx += g
             tl.store(dx_rows[:, None] + c[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    part = part_ptr + pid * part_stride
+            dbu = part + cp * 10 + D + c
+            tl.store(dbu, tl.load(dbu, mask=c_ok) + tl.sum(g, axis=0), mask=c_ok)
+        tl.debug_barrier()                 # the next tile reads these sums in another layout
     tl.store(part + d[:, None] * 9 + taps[None, :], dconv_w,
              mask=is_conv[:, None] & (taps < 9)[None, :])
     tl.store(part + cp * 9 + d, dconv_b, mask=is_conv)
@@ -566,35 +589,45 @@ def _ln_down_grads_kernel(p_ptr, sum_dh_ptr, wd_ptr, lnw_ptr, lnb_ptr, gamma_ptr
 
 @triton.jit
 def _low_rank_backward_kernel(g_ptr, g_b, g_n, lr_h_ptr, lr_h_stride, lr_w_ptr, lr_b_ptr, R,
-                              dz_ptr, dh_ptr, h1_ptr, R1, M, N, C, BLOCK_M: tl.constexpr,
-                              BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+                              dh_ptr, part_ptr, part_stride, n_tiles, M, N, C,
+                              BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                              BLOCK_R: tl.constexpr):
     """The backward of an extra given as its factors (`LowRankExtra`), e = gelu(z) with
-    z = h_e w_e + b_e, for tile program_id(0): e is added to the output, so its gradient is g.
-    Makes z again chunk by chunk of C in registers (R = 8 products a value), dz = g gelu'(z),
-    stores dz (M, C) and h_e with a column of ones and zeros up to R1 columns (`_with_ones`),
-    h1 (M, R1), for the weight and bias gradients ([dw_e; db_e] = the first R + 1 rows of
-    h1^T dz, one matmul on the host), and sums dh_e = dz w_e^T (M, R) over C in registers."""
-    rows, row_ok, r, r_ok = _tile(tl.program_id(0), BLOCK_M, BLOCK_R, M, R)
-    h = tl.load(lr_h_ptr + rows[:, None] * lr_h_stride + r[None, :],       # (BLOCK_M, BLOCK_R)
-                mask=row_ok[:, None] & r_ok[None, :], other=0.0).to(dh_ptr.dtype.element_ty)
-    tl.store(h1_ptr + rows[:, None] * R1 + r[None, :],                  # BLOCK_R >= R1
-             tl.where(r_ok[None, :], h, tl.where(r == R, 1.0, 0.0)[None, :].to(h.dtype))
-             .to(h1_ptr.dtype.element_ty), mask=row_ok[:, None] & (r < R1)[None, :])
-    dh = tl.zeros(h.shape, dtype=h.dtype)
-    g_rows = g_ptr + _token_offsets(rows, N, g_b, g_n)
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        c_ok = c < C
-        mask = row_ok[:, None] & c_ok[None, :]
-        w = tl.load(lr_w_ptr + r[:, None] * C + c[None, :],                 # (BLOCK_R, BLOCK_C)
-                    mask=r_ok[:, None] & c_ok[None, :], other=0.0).to(h.dtype)
-        z = tl.dot(h, w) + tl.load(lr_b_ptr + c, mask=c_ok, other=0.0).to(h.dtype)[None, :]
-        g = tl.load(g_rows[:, None] + c[None, :], mask=mask, other=0.0).to(h.dtype)
-        dz = g * _gelu_grad(z)
-        tl.store(dz_ptr + rows[:, None] * C + c[None, :], dz.to(dz_ptr.dtype.element_ty),
-                 mask=mask)
-        dh += tl.dot(dz, tl.trans(w))
-    tl.store(dh_ptr + rows[:, None] * R + r[None, :], dh, mask=row_ok[:, None] & r_ok[None, :])
+    z = h_e w_e + b_e: e is added to the output, so its gradient is g. Per tile of this
+    program's: z again chunk by chunk of C in registers (R = 8 products a value),
+    dz = g gelu'(z), and from dz, without storing it, dh_e = dz w_e^T (M, R), summed over C in
+    registers and stored in dh's dtype (h_e's), and the weight's and bias's gradients
+    dw_e = h_e^T dz (R, C) and db_e = the sum of dz (C), this program's partial sums, added up
+    in memory tile after tile (from zero) at part_ptr + pid * part_stride: [dw_e (R*C),
+    db_e (C)]."""
+    pid = tl.program_id(0)
+    part = part_ptr + pid * part_stride
+    acc_t = part_ptr.dtype.element_ty
+    _zeros(part, (R + 1) * C, BLOCK_C)
+    for t in range(pid, n_tiles, tl.num_programs(0)):
+        rows, row_ok, r, r_ok = _tile(t, BLOCK_M, BLOCK_R, M, R)
+        h = tl.load(lr_h_ptr + rows[:, None] * lr_h_stride + r[None, :],   # (BLOCK_M, BLOCK_R)
+                    mask=row_ok[:, None] & r_ok[None, :], other=0.0).to(acc_t)
+        dh = tl.zeros(h.shape, dtype=acc_t)
+        g_rows = g_ptr + _token_offsets(rows, N, g_b, g_n)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            c_ok = c < C
+            mask = row_ok[:, None] & c_ok[None, :]
+            w = tl.load(lr_w_ptr + r[:, None] * C + c[None, :],             # (BLOCK_R, BLOCK_C)
+                        mask=r_ok[:, None] & c_ok[None, :], other=0.0).to(acc_t)
+            z = tl.dot(h, w) + tl.load(lr_b_ptr + c, mask=c_ok, other=0.0).to(acc_t)[None, :]
+            g = tl.load(g_rows[:, None] + c[None, :], mask=mask, other=0.0).to(acc_t)
+            dz = g * _gelu_grad(z)                              # 0 on rows past M (g is)
+            dh += tl.dot(dz, tl.trans(w))
+            dw_at = part + r[:, None] * C + c[None, :]
+            dw_ok = r_ok[:, None] & c_ok[None, :]
+            tl.store(dw_at, tl.load(dw_at, mask=dw_ok) + tl.dot(tl.trans(h), dz), mask=dw_ok)
+            db_at = part + R * C + c
+            tl.store(db_at, tl.load(db_at, mask=c_ok) + tl.sum(dz, axis=0), mask=c_ok)
+        tl.store(dh_ptr + rows[:, None] * R + r[None, :], dh.to(dh_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & r_ok[None, :])
+        tl.debug_barrier()                 # the next tile reads these sums in another layout
 
 
 # -- host side -------------------------------------------------------------------------------------
@@ -711,18 +744,23 @@ def _sizes(x: torch.Tensor, w: HybridAdapterWeights, hw: Tuple[int, int]) -> _Si
                   accumulator_dtype(x.dtype), block_m, block_c, triton.cdiv(B * N, block_m))
 
 
-def _with_ones(width: int) -> int:
-    """Columns of a map of `width` columns with a column of ones appended (so that one matmul
-    over the tokens makes a weight's gradient and, from the ones, its bias's), padded with
-    zeros to a multiple of 8 (rows 32-byte aligned in float32, as the matmul library's fast
-    paths want)."""
-    return (width + 1 + 7) // 8 * 8
-
-
 def _matmul_dtype(tokens: torch.dtype, acc: torch.dtype) -> torch.dtype:
     """The dtype of a weight gradient's matmul over tokens: the tokens' own when they are of
     lower precision (bfloat16/float16 under autocast, as autocast runs a Linear's), else acc."""
     return tokens if tokens.itemsize < torch.finfo(acc).bits // 8 else acc
+
+
+def _held_dtype(x: torch.Tensor, acc: torch.dtype) -> torch.dtype:
+    """The dtype the training forward holds the normalised input n_hat in for the backward, and
+    the backward's dh and P = dh^T n_hat are in: autocast's lower dtype where autocast is on
+    for x's device (the reference's down-projection Linear then holds its input in it), else
+    `_matmul_dtype` of x's."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        lower = torch.get_autocast_dtype(device)
+        if lower.itemsize < acc.itemsize:
+            return lower
+    return _matmul_dtype(x.dtype, acc)
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype, to_acc: bool = True
@@ -742,15 +780,17 @@ def _matmul_t(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype, to_acc: bool =
     return _matmul(a.t(), b, acc, to_acc)
 
 
-def _sft_down(x, s: _Sizes, w, params, h, stats=None, fold=None):
-    """Launch `_sft_down_kernel` into h (M, D) and, if given, the LayerNorm stats (2, M) and the
-    folded down-projection's [v, hb] (2, D)."""
+def _sft_down(x, s: _Sizes, w, params, h, rstd=None, n_hat=None, fold=None):
+    """Launch `_sft_down_kernel` into h (M, D) and, for the backward (rstd, n_hat and fold
+    given), the rows' 1/std (M,), the normalised input (M, C) and the folded
+    down-projection's [v, hb] (2, D)."""
     x, x_b, x_n = _token_strides(x)
     lnw, lnb, gamma, beta, wd, bd = params[:6]
     _sft_down_kernel[(s.n_tiles,)](x, x_b, x_n, lnw, lnb, gamma, beta, wd, bd, h,
-                                   h if stats is None else stats, h if fold is None else fold,
-                                   s.M, s.N, s.C, s.D, w.ln_eps, STORE_STATS=stats is not None,
-                                   BLOCK_M=s.block_m, BLOCK_C=s.block_c, BLOCK_D=s.block_d,
+                                   h if rstd is None else rstd, h if n_hat is None else n_hat,
+                                   h if fold is None else fold, s.M, s.N, s.C, s.D, w.ln_eps,
+                                   FOR_BACKWARD=rstd is not None, BLOCK_M=s.block_m,
+                                   BLOCK_C=s.block_c, BLOCK_D=s.block_d,
                                    num_warps=SFT_DOWN_WARPS)
 
 
@@ -816,53 +856,51 @@ def hybrid_adapter_eval_triton(x: torch.Tensor, residual: torch.Tensor, extra, h
                   norm, out)
 
 
-def _backward_workspace(s: _Sizes, n_parts: int, row: int, device, nhat_dtype, dz_dtype, R1):
-    """What lives only in the backward, one allocation per dtype: in s.acc a row of `row`
-    floats of partial sums a program (D-wide, every entry written, shared by the three
-    tile-loop kernels) and four (M, D) maps (do, dbn, dy, dropped); in nhat_dtype, the dtype of
-    the matmul that reads them, dh (M, D) and the normalised input n_hat (M, C); for a
-    `LowRankExtra` (dz_dtype not None), in dz_dtype, dz (M, C) and h_e with a column of ones
-    (M, R1). Returns (parts, (do, dbn, dy, dropped, dh), n_hat, dz, h_e1)."""
-    M, C, D, acc = s.M, s.C, s.D, s.acc
-    pieces = [(n_parts * row, acc), (4 * M * D, acc), (M * D, nhat_dtype), (M * C, nhat_dtype)]
-    if dz_dtype is not None:
-        pieces += [(M * C, dz_dtype), (M * R1, dz_dtype)]
-    totals = {}
-    for size, dtype in pieces:
-        totals[dtype] = totals.get(dtype, 0) + size
-    buffers = {dtype: iter(torch.empty(total, device=device, dtype=dtype).split(
-        [size for size, of in pieces if of == dtype])) for dtype, total in totals.items()}
-    parts, maps, dh, n_hat, *low_rank = [next(buffers[dtype]) for _, dtype in pieces]
-    dz, h_e1 = (low_rank[0].view(M, C), low_rank[1].view(M, R1)) if low_rank else (None, None)
-    return (parts.view(n_parts, row), (*maps.view(4, M, D).unbind(0), dh.view(M, D)),
-            n_hat.view(M, C), dz, h_e1)
+def _carved(pieces, device, unit: torch.dtype):
+    """One torch.empty in `unit` (a floating dtype, for tests that poison torch.empty) carved
+    into a view per (numel, dtype) piece, each starting at a 16-byte boundary: an allocation,
+    one operator, whatever the pieces' dtypes."""
+    starts, total = [], 0
+    for numel, dtype in pieces:
+        starts.append(total)
+        total += -(-numel * dtype.itemsize // 16) * 16
+    memory = torch.empty(total // unit.itemsize, device=device, dtype=unit).view(torch.uint8)
+    return [memory[start:start + numel * dtype.itemsize].view(dtype)
+            for start, (numel, dtype) in zip(starts, pieces)]
 
 
-def _train_backward(g, x, h, ln_stats, bn_stats, fold, keep, params, low_rank, s: _Sizes, hw,
-                    cp: int, keep_scale: float, x_is_residual: bool, lead: int = 0):
-    """The training forward's backward for the output gradient g: (dx, the 18 parameters'
-    gradients in s.acc, None for the running statistics, then, for a `LowRankExtra`, its
-    factors'). With lead > 0, g and dx are (B, lead + N, C) and x the rows after the first
-    `lead` (the forward's `lead`)."""
+def _train_backward(g, n_hat, h, rstd, bn_stats, fold, keep, params, low_rank, s: _Sizes, hw,
+                    cp: int, keep_scale: float, x_is_residual: bool, x_dtype: torch.dtype,
+                    lead: int = 0):
+    """The training forward's backward for the output gradient g: (dx, in x_dtype, the 18
+    parameters' gradients in s.acc, None for the running statistics, then, for a
+    `LowRankExtra`, its factors'). n_hat and rstd: the forward's normalised input (M, C) and
+    1/std (M,). With lead > 0, g and dx are (B, lead + N, C) and the adapter's rows those after
+    the first `lead` (the forward's `lead`)."""
     lnw, lnb, gamma, beta, wd, bd, dww, dwb, w1, b1, _, _, bnw, bnb, w2, b2, wu, bu = params
-    (H, W), device = hw, x.device
+    (H, W), device = hw, g.device
     B, N, C, D, M, acc, n_tiles = s.B, s.N, s.C, s.D, s.M, s.acc, s.n_tiles
     tiles = dict(BLOCK_M=s.block_m, BLOCK_D=s.block_d)
     g, g_b, g_n = _token_strides(g)
     lead_g = g
     if lead:
         g = g[:, lead:]
-    size1, size2, size3 = D * D + 3 * D, D * D + D, cp * 10 + D     # the three kernels' sums
-    row = size1 + size2 + size3
-    n_parts = _programs(n_tiles, row, device)
     R = 0 if low_rank is None else low_rank.w.shape[0]
-    R1 = _with_ones(R)
-    parts, (do, dbn, dy, dropped, dh), n_hat, dz, lr_h_1 = _backward_workspace(
-        s, n_parts, row, device, _matmul_dtype(x.dtype, acc),
-        None if low_rank is None else _matmul_dtype(low_rank.h.dtype, acc), R1)
+    # each program's partial sums: the three tile-loop kernels' (up, HO, down), then the extra's
+    size1, size2, size3 = D * D + 3 * D, D * D + D, cp * 10 + D + C
+    size4 = (R + 1) * C if low_rank is not None else 0
+    row = size1 + size2 + size3 + size4
+    n_parts = _programs(n_tiles, row, device)
+    # one allocation: the partial sums, four (M, D) maps (do, dbn, dy, dropped) and dh, in the
+    # dtype of the matmul that reads it, as the forward's n_hat
+    parts, maps, dh = _carved([(n_parts * row, acc), (4 * M * D, acc), (M * D, n_hat.dtype)],
+                              device, acc)
+    parts = parts.view(n_parts, row)
+    do, dbn, dy, dropped = maps.view(4, M, D).unbind(0)
+    dh = dh.view(M, D)
     # 1. from da = g Wu (a library matmul): dropout, GELU, pw2, ReLU -> do, dbn, and the
-    # up-projection's input `dropped` for dWu = g^T dropped; dbu = the sum of g (unpipelined:
-    # 3 stages need more shared memory than sm_80 has)
+    # up-projection's input `dropped` for dWu = g^T dropped (unpipelined: 3 stages need more
+    # shared memory than sm_80 has)
     tokens = g.reshape(M, C)                                            # (M, C)
     da = _matmul(tokens, wu, acc)                                       # (M, D)
     _up_backward_kernel[(n_parts,)](da, h, dww, dwb, w1, b1, bn_stats, bnw, bnb, w2, b2,
@@ -871,44 +909,44 @@ def _train_backward(g, x, h, ln_stats, bn_stats, fold, keep, params, low_rank, s
                                     HAS_MASK=keep is not None, **tiles, num_stages=1,
                                     num_warps=BACKWARD_WARPS)
     d_wu = _matmul_t(tokens, dropped, acc)                              # (C, D)
-    d_bu = tokens.sum(0, dtype=acc)
     # 2. BatchNorm and pw1 -> dy (unpipelined: 3 stages need more shared memory than sm_90 has)
     _ho_backward_kernel[(n_parts,)](h, dww, dwb, w1, b1, bn_stats, bnw,
                                     parts[:, D * D + D:], do, dbn, dy, parts[:, size1:], row,
                                     n_tiles, M, N, H, W, D, cp, **tiles, num_stages=1,
                                     num_warps=BACKWARD_WARPS)
-    # 3. partial conv, down-projection, LayerNorm and SFT -> dx, dh and n_hat
-    x_, x_b, x_n = _token_strides(x)
-    dx_full = torch.empty((B, lead + N, C), device=device, dtype=x.dtype)
+    # 3. partial conv, down-projection, LayerNorm and SFT -> dx, dh; dbu = the sum of g
+    dx_full = torch.empty((B, lead + N, C), device=device, dtype=x_dtype)
     dx = dx_full[:, lead:] if lead else dx_full
-    _down_backward_kernel[(n_parts,)](x_, x_b, x_n, ln_stats, lnw, gamma, wd, fold, h, dww,
-                                      dy, g, g_b, g_n, dx, dx.stride(0), dx.stride(1), dh,
-                                      n_hat, parts[:, size1 + size2:], row, lead_g, dx_full,
-                                      lead, n_tiles, M, N, H, W, C, D, cp,
-                                      ADD_G=x_is_residual, BLOCK_C=s.block_c, **tiles,
-                                      num_warps=BACKWARD_WARPS)
-    (d_w2, d_b2, d_bnw, d_bnb, d_w1, d_b1, d_dww, d_dwb, d_bd) = parts.sum(0).split(
-        [D * D, D, D, D, D * D, D, cp * 9, cp, D])
-    # 4. the down-projection's and LayerNorm/SFT's gradients from P = dh^T n_hat (left in the
-    # matmul's dtype, read in acc), in one allocation with an extra's dh_e (M, R)
-    grads_c = torch.empty(D * C + 4 * C + M * R, device=device, dtype=acc)
+    _down_backward_kernel[(n_parts,)](n_hat, rstd, lnw, gamma, wd, fold, h, dww, dy, g, g_b,
+                                      g_n, dx, dx.stride(0), dx.stride(1), dh,
+                                      parts[:, size1 + size2:], row, lead_g, dx_full, lead,
+                                      n_tiles, M, N, H, W, C, D, cp, ADD_G=x_is_residual,
+                                      BLOCK_C=s.block_c, **tiles, num_warps=BACKWARD_WARPS)
+    # 4. the down-projection's and LayerNorm/SFT's gradients (made from P = dh^T n_hat, left in
+    # the matmul's dtype, read in acc) in one allocation with an extra's dh_e (M, R), in h_e's
+    # dtype
+    grads_c, d_lr_h = _carved([(D * C + 4 * C, acc),
+                               (M * R, acc if low_rank is None else low_rank.h.dtype)],
+                              device, acc)
+    if low_rank is not None:
+        # 5. the extra's factors: dh_e and the partial sums of [dw_e, db_e] in one kernel
+        lr_h, lr_w, lr_b = low_rank
+        _low_rank_backward_kernel[(n_parts,)](
+            g, g_b, g_n, lr_h, lr_h.stride(0), lr_w, lr_b, R, d_lr_h,
+            parts[:, size1 + size2 + size3:], row, n_tiles, M, N, C, BLOCK_M=s.block_m,
+            BLOCK_C=s.block_c, BLOCK_R=max(16, triton.next_power_of_2(R)))
+    sums = parts.sum(0).split([D * D, D, D, D, D * D, D, cp * 9, cp, D, C, R * C, C][
+        :12 if low_rank is not None else 10])
+    d_w2, d_b2, d_bnw, d_bnb, d_w1, d_b1, d_dww, d_dwb, d_bd, d_bu, *d_lr = sums
     _ln_down_grads_kernel[(triton.cdiv(C, s.block_c),)](
         _matmul_t(dh, n_hat, acc, to_acc=False), d_bd, wd, lnw, lnb, gamma, beta, grads_c, C, D,
         BLOCK_C=s.block_c, BLOCK_D=s.block_d)
-    d_wd, d_lnw, d_lnb, d_gamma, d_beta = grads_c[:D * C + 4 * C].split([D * C, C, C, C, C])
+    d_wd, d_lnw, d_lnb, d_gamma, d_beta = grads_c.split([D * C, C, C, C, C])
     grads = [d_lnw, d_lnb, d_gamma, d_beta, d_wd.view(D, C), d_bd, d_dww.view(cp, 1, 3, 3),
              d_dwb, d_w1.view(D, D), d_b1, None, None, d_bnw, d_bnb, d_w2.view(D, D), d_b2,
              d_wu, d_bu]
     if low_rank is not None:
-        # 5. the extra's factors: dz and dh_e in one kernel, [dw_e; db_e] = [h_e, 1]^T dz
-        lr_h, lr_w, lr_b = low_rank
-        d_lr_h = grads_c[D * C + 4 * C:].view(M, R)
-        _low_rank_backward_kernel[(n_tiles,)](
-            g, g_b, g_n, lr_h, lr_h.stride(0), lr_w, lr_b, R, dz, d_lr_h, lr_h_1, R1, M, N,
-            C, BLOCK_M=s.block_m, BLOCK_C=s.block_c,
-            BLOCK_R=max(16, triton.next_power_of_2(R1)))
-        d_lr_wb = _matmul_t(lr_h_1, dz, acc)                          # (R1, C)
-        grads += [d_lr_h, d_lr_wb[:R], d_lr_wb[R]]
+        grads += [d_lr_h.view(M, R), d_lr[0].view(R, C), d_lr[1]]
     return dx_full, grads
 
 
@@ -933,18 +971,20 @@ class HybridAdapterTrainFunction(torch.autograd.Function):
         s = _sizes(x, w, hw)
         M, D, n_tiles = s.M, s.D, s.n_tiles
         params = _parameters(w, s.acc)
-        # one allocation: where it is drawn here, the dropout mask (M * D bytes, in whole 16-byte
-        # units so that what follows stays aligned), h, the LayerNorm and BatchNorm statistics,
-        # the folded down-projection's [v, hb] (for the backward), the per-tile BN partials
+        # one allocation: where it is drawn here, the dropout mask (M * D bools), h, the per-tile
+        # BN partials, and for the backward the LayerNorm's 1/std, the BatchNorm statistics, the
+        # folded down-projection's [v, hb] and the normalised input n_hat (M, C), held instead
+        # of x in the dtype of the backward's matmul over it (`_held_dtype`)
         draw = keep is None and p > 0
-        mask_words = -(-M * D // 16) * (16 // s.acc.itemsize) if draw else 0
-        sizes = [mask_words, M * D, 2 * M, 2 * D, 2 * D, n_tiles * 2 * D]
-        work = torch.empty(sum(sizes), device=x.device, dtype=s.acc)
-        mask, h, ln_stats, bn_stats, fold, partial = work.split(sizes)
-        h, ln_stats, bn_stats = h.view(M, D), ln_stats.view(2, M), bn_stats.view(2, D)
+        held = _held_dtype(x, s.acc)
+        acc = s.acc
+        mask, h, partial, rstd, bn_stats, fold, n_hat = _carved(
+            [(M * D if draw else 0, torch.bool), (M * D, acc), (n_tiles * 2 * D, acc), (M, acc),
+             (2 * D, acc), (2 * D, acc), (M * s.C, held)], x.device, acc)
+        h, bn_stats, n_hat = h.view(M, D), bn_stats.view(2, D), n_hat.view(M, s.C)
         if draw:                              # as `torch.empty(M, D, dtype=bool).bernoulli_(1 - p)`
-            keep = mask.view(torch.bool)[:M * D].view(M, D).bernoulli_(1 - p)
-        _sft_down(x, s, w, params, h, ln_stats, fold)
+            keep = mask.view(M, D).bernoulli_(1 - p)
+        _sft_down(x, s, w, params, h, rstd, n_hat, fold)
         dww, dwb, w1, b1 = params[6:10]
         _bn_partial_kernel[(n_tiles,)](h, dww, dwb, w1, b1, partial, M, s.N, hw[0], hw[1], D,
                                        w.cp, BLOCK_M=s.block_m, BLOCK_D=s.block_d)
@@ -955,19 +995,21 @@ class HybridAdapterTrainFunction(torch.autograd.Function):
         keep_scale = 1.0 / (1.0 - p) if keep is not None else 1.0
         out = _ho_up(h, s, residual, extra if low_rank is None else low_rank, hw, w, params,
                      bn_stats[0], bn_stats[1], False, keep, keep_scale, lead=lead)
-        ctx.save_for_backward(x, h, ln_stats, bn_stats, fold, keep, *params, *(low_rank or ()))
+        ctx.save_for_backward(n_hat, h, rstd, bn_stats, fold, keep, *params,
+                              *(low_rank or ()))
         ctx.sizes, ctx.hw, ctx.w, ctx.keep_scale, ctx.lead = s, hw, w, keep_scale, lead
+        ctx.x_dtype = x.dtype
         ctx.has_extra = extra is not None
         return out
 
     @staticmethod
     def backward(ctx, g):
-        x, h, ln_stats, bn_stats, fold, keep, *params = ctx.saved_tensors
+        n_hat, h, rstd, bn_stats, fold, keep, *params = ctx.saved_tensors
         low_rank = LowRankExtra(*params[18:]) if len(params) > 18 else None
         g = _token_strides(g)[0]
-        dx, grads = _train_backward(g, x, h, ln_stats, bn_stats, fold, keep, params[:18],
+        dx, grads = _train_backward(g, n_hat, h, rstd, bn_stats, fold, keep, params[:18],
                                     low_rank, ctx.sizes, ctx.hw, ctx.w.cp, ctx.keep_scale,
-                                    ctx.x_is_residual, ctx.lead)
+                                    ctx.x_is_residual, ctx.x_dtype, ctx.lead)
         tensors = list(ctx.w[:18]) + list(low_rank or ())
         grads = [None if gr is None or not need else gr.to(t.dtype)
                  for gr, t, need in zip(grads, tensors, ctx.needs_input_grad[11:])]
