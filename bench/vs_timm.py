@@ -4,6 +4,9 @@
                                                  # batch 8 and EVA02-L (patch 16) 512 batch 2;
                                                  # rewrites its section of docs/benchmarks.md
     python bench/vs_timm.py --tiny --device cpu  # small models: checks the script, times nothing
+    python bench/vs_timm.py --proxies --out docs/benchmarks.md
+                                                 # CPU proxies (anyone can check): Swin-T 224
+                                                 # and EVA02-B 224, batch 2; rewrites its section
 
 Issue 10 asks for this repository's Swin and EVA02 to be at least as fast as timm's. Both sides
 are built with the same configuration and random weights (timm's parameter names are ours, and
@@ -19,6 +22,15 @@ measured with `attention="math"`, the window attention computed as timm's Swin c
 EVA02 also with the fast forward (`--impl fast`, which full fine-tuning takes too).
 EVA02's maps differ in one respect: ours are resized to strides 4-32 (four bilinear
 interpolations), timm's are not.
+
+`--proxies` counts instead of timing, on the CPU, what `bench/train_step.py --device cpu` counts
+for a whole step, here for the same training call: the aten operators dispatched (views, detach
+and empty allocations excluded) and the MB of the storages the forward made that are still alive
+before backward (parameters and input excluded), under bf16 autocast; each
+`scaled_dot_product_attention` call, on either side, counts as the one fused kernel a GPU runs
+forward and one backward, holding what that kernel holds (`train_step.gpu_attention`). timm's
+Swin computes its window attention explicitly (its fused path is off by default), operator by
+operator as on a GPU.
 
 timm is not a dependency of the project; this script is for machines that have it.
 """
@@ -39,12 +51,15 @@ sys.path[0] = str(ROOT)             # the repository's packages, not this folder
 
 from bench.profiling import kernel_time  # noqa: E402
 from bench.sections import write_section  # noqa: E402
+from bench.train_step import Launches, OpCounter, TensorTracker, gpu_attention  # noqa: E402
 from ivt.fast import make_fast  # noqa: E402
 from ivt.models import build_backbone  # noqa: E402
 from ivt.models.eva02 import EVA02_CONFIGS, feature_blocks  # noqa: E402
 from ivt.models.swin import SWIN_CONFIGS  # noqa: E402
 
 BEGIN, END = "<!-- bench/vs_timm.py: begin -->", "<!-- bench/vs_timm.py: end -->"
+PROXY_BEGIN = "<!-- bench/vs_timm.py --proxies: begin -->"
+PROXY_END = "<!-- bench/vs_timm.py --proxies: end -->"
 # our sides of a case and their label in the table: the default build, (Swin) the window
 # attention computed explicitly, as timm's Swin does, and (EVA02) the fast forward that
 # `make_fast` gives full fine-tuning too (q and k rotated together as complex numbers)
@@ -52,18 +67,24 @@ SIDES = [("ours", ""), ("ours_math", ", explicit attention"), ("ours_fast", ", -
 # (our backbone name, input size, batch): the GPU cases, and the --tiny ones
 CASES = [("swin_l", 384, 8), ("eva02_l", 512, 2)]
 TINY_CASES = [("swin_nano", 128, 1), ("eva02_b", 64, 1)]
+PROXY_CASES = [("swin_t", 224, 2), ("eva02_b", 224, 2)]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
-                   help="where to run (default cuda; cpu only makes sense with --tiny)")
+                   help="where to time (default cuda; cpu only makes sense with --tiny)")
+    p.add_argument("--proxies", action="store_true",
+                   help="count on the CPU instead of timing: operators and MB held for "
+                        "backward of one training call (swin_t and eva02_b, 224, batch 2)")
     p.add_argument("--tiny", action="store_true",
                    help="small models (swin_nano 128, eva02_b 64, batch 1): checks the script")
     p.add_argument("--steps", type=int, default=10, help="timed calls (median; default 10)")
     p.add_argument("--warmup", type=int, default=3, help="warm-up calls (default 3)")
-    p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"),
-                   help="markdown file whose vs-timm section is (re)written (GPU runs only)")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="markdown file whose vs-timm section is (re)written: the GPU section "
+                        "(default docs/benchmarks.md on a GPU), or with --proxies the CPU one "
+                        "(default: print only)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the numbers here")
     return p.parse_args(argv)
 
@@ -164,6 +185,35 @@ def measure(build, name: str, size: int, batch: int, args, device: torch.device)
     return row
 
 
+def proxies(build, name: str, size: int, batch: int) -> dict:
+    """Operators and MB held for backward of one training call (forward + backward, as
+    `measure`'s) on the CPU under bf16 autocast, SDPA counted as a GPU's fused kernel."""
+    torch.manual_seed(0)
+    model, features = build(name, size)
+    model.train()
+    x = torch.randn(batch, 3, size, size)
+
+    def forward():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return sum(f.float().mean() for f in features(x))
+
+    forward().backward()                       # caches built on the first call are not counted
+    model.zero_grad(set_to_none=True)
+    own = list(model.parameters()) + list(model.buffers()) + [x]
+    excluded = {t.untyped_storage().data_ptr() for t in own}
+    launches = Launches()
+    with gpu_attention(launches):
+        counter, tracker = OpCounter(launches), TensorTracker()
+        with counter, tracker:
+            loss = forward()
+            held = tracker.alive_bytes(excluded)
+            loss.backward()
+    return {"operators": counter.count + launches.count, "aten_ops": counter.count,
+            "attention_kernels": launches.count, "bytes_for_backward": held,
+            "parameters": sum(p.numel() for n, p in model.named_parameters()
+                              if not n.startswith(("norm.", "fc_norm.")))}
+
+
 def kernel_differences(ours: list, theirs: list, shown: int = 10) -> list:
     """The kernels whose GPU time differs most between the two sides' training calls, as
     (name, ours [us, launches], theirs [us, launches]), largest |difference| first."""
@@ -217,6 +267,36 @@ def table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def proxy_table(result: dict) -> str:
+    lines = ["## This repository's backbones against timm's: CPU proxies", "",
+             f"Measured by `python bench/vs_timm.py --proxies{' --tiny' if result['tiny'] else ''}`"
+             f" on {result['date']}; torch {result['torch']}, timm {result['timm']}, no GPU. "
+             "One training call of the backbone alone (as the GPU table's), random weights, "
+             "drop-path 0, bf16 autocast. Operators: aten operators dispatched, each "
+             "`scaled_dot_product_attention` counted as one kernel forward and one backward "
+             "(in brackets: those kernels); MB held for backward: what the forward made that is "
+             "alive before backward, parameters and input excluded.", "",
+             "| backbone | input, batch | ours operators | timm operators | ours / timm | ours MB "
+             "held | timm MB held | ours / timm |",
+             "|---|---|---|---|---|---|---|---|"]
+    for case in (c for c in result["cases"] if "timm" in c):
+        t = case["timm"]
+        for side, label in SIDES:
+            if side not in case:
+                continue
+            o = case[side]
+            lines.append(f"| {case['backbone']}{label} | {case['size']}, {case['batch']} | "
+                         f"{o['operators']:,} ({o['attention_kernels']}) | "
+                         f"{t['operators']:,} ({t['attention_kernels']}) | "
+                         f"{o['operators'] / t['operators']:.2f}x | "
+                         f"{o['bytes_for_backward'] / 1e6:.2f} | "
+                         f"{t['bytes_for_backward'] / 1e6:.2f} | "
+                         f"{o['bytes_for_backward'] / t['bytes_for_backward']:.2f}x |")
+    if result["tiny"]:
+        lines += ["", "Tiny models: this run only checks that the script works."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -224,37 +304,43 @@ def main(argv=None):
     except ImportError:
         raise SystemExit("timm is not installed: this benchmark compares against it "
                          "(pip install timm; it is not a dependency of the project)")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: run with --device cpu --tiny to check the script")
-    device = torch.device(args.device)
+    device = torch.device("cpu" if args.proxies else args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --device cpu --tiny to check the script, or "
+                         "--proxies for the CPU proxies")
+    out = args.out or (str(ROOT / "docs" / "benchmarks.md") if device.type == "cuda" else None)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-              "timm": timm.__version__, "tiny": args.tiny, "cases": []}
+              "timm": timm.__version__, "tiny": args.tiny, "proxies": args.proxies, "cases": []}
+    render = proxy_table if args.proxies else table
+    begin, end = (PROXY_BEGIN, PROXY_END) if args.proxies else (BEGIN, END)
+
     def write():
-        """The section of --out (GPU runs) and --json: after every side, so that a run cut
-        short by a time limit keeps what it measured."""
-        if device.type == "cuda":
-            write_section(Path(args.out), BEGIN, END, table(result))
+        """The section of --out and --json: after every side, so that a run cut short by a
+        time limit keeps what it measured."""
+        if out:
+            write_section(Path(out), begin, end, render(result))
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))
 
-    for name, size, batch in TINY_CASES if args.tiny else CASES:
+    cases = TINY_CASES if args.tiny else PROXY_CASES if args.proxies else CASES
+    for name, size, batch in cases:
         case = {"backbone": name, "size": size, "batch": batch}
         result["cases"].append(case)
         sides = [("ours", ours), ("timm", timm_twin)]
         sides.append(("ours_math", ours_math) if name in SWIN_CONFIGS else ("ours_fast", ours_fast))
         for side, build in sides:
-            case[side] = measure(build, name, size, batch, args, device)
+            case[side] = (proxies(build, name, size, batch) if args.proxies else
+                          measure(build, name, size, batch, args, device))
             print(name, side, case[side], flush=True)
             if side == "timm" and case["ours"]["parameters"] != case["timm"]["parameters"]:
                 raise SystemExit(f"{name}: {case['ours']['parameters']:,} parameters here, "
                                  f"{case['timm']['parameters']:,} in timm's: not the same model")
             write()
-    print(table(result))
-    written = ([args.out] if device.type == "cuda" else []) + ([args.json] if args.json else [])
+    print(render(result))
+    written = ([out] if out else []) + ([args.json] if args.json else [])
     if written:
         print("wrote " + " and ".join(written))
-
 
 if __name__ == "__main__":
     main()

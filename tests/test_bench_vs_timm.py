@@ -1,6 +1,6 @@
-"""bench/vs_timm.py (our backbones against timm's, a GPU benchmark): its table on made-up figures,
-its fast-forward side, and its message where timm is missing (timm is not a dependency of the
-project)."""
+"""bench/vs_timm.py (our backbones against timm's, a GPU benchmark, and its CPU proxies): its
+tables on made-up figures, its fast-forward side, its counts, and its message where timm is
+missing (timm is not a dependency of the project)."""
 import importlib.util
 import json
 import os
@@ -101,6 +101,34 @@ def test_table_has_a_row_for_the_fast_forward():
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
+def test_proxy_table_gives_ours_over_timm():
+    result = made_up([{"backbone": "swin_t", "size": 224, "batch": 2,
+                      "ours": {"operators": 900, "attention_kernels": 24,
+                               "bytes_for_backward": 160e6},
+                      "ours_math": {"operators": 1200, "attention_kernels": 0,
+                                    "bytes_for_backward": 200e6},
+                      "timm": {"operators": 1000, "attention_kernels": 0,
+                               "bytes_for_backward": 200e6}}])
+    rows = [line for line in _vs_timm().proxy_table(result).splitlines()
+            if line.startswith("| swin_t")]
+    assert rows == ["| swin_t | 224, 2 | 900 (24) | 1,000 (0) | 0.90x | 160.00 | 200.00 | 0.80x |",
+                    "| swin_t, explicit attention | 224, 2 | 1,200 (0) | 1,000 (0) | 1.20x | "
+                    "200.00 | 200.00 | 1.00x |"]
+
+
+def test_proxies_count_each_attention_as_one_kernel_forward_and_one_backward():
+    """swin_nano has 8 blocks: 16 attention kernels with SDPA, none with the explicit attention,
+    which dispatches its matmuls, softmax and additions instead."""
+    vs_timm = _vs_timm()
+    fused = vs_timm.proxies(vs_timm.ours, "swin_nano", 64, 1)
+    explicit = vs_timm.proxies(vs_timm.ours_math, "swin_nano", 64, 1)
+    assert fused["attention_kernels"] == 16 and explicit["attention_kernels"] == 0
+    assert fused["operators"] == fused["aten_ops"] + 16
+    assert explicit["operators"] > fused["operators"]
+    assert fused["parameters"] == explicit["parameters"]
+    assert 0 < fused["bytes_for_backward"] and 0 < explicit["bytes_for_backward"]
+
+
 STAND_IN = {"eva.py": ("Eva", "{768: 'eva02_b', 1024: 'eva02_l'}", "indices=None, "),
             "swin_transformer.py": ("SwinTransformer", "{32: 'swin_nano', 192: 'swin_l'}", "")}
 
@@ -132,6 +160,14 @@ def test_the_script_runs_against_a_stand_in_for_timm(tmp_path):
         ["backbone", "batch", "ours", "ours_math", "size", "timm"],
         ["backbone", "batch", "ours", "ours_fast", "size", "timm"]]
     assert "| eva02_b, --impl fast | 64, 1 |" in run.stdout
+    doc = tmp_path / "benchmarks.md"
+    run = subprocess.run([sys.executable, "bench/vs_timm.py", "--tiny", "--proxies", "--out",
+                          str(doc)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    section = doc.read_text()
+    assert "<!-- bench/vs_timm.py --proxies: begin -->" in section
+    assert "| swin_nano | 128, 1 |" in section and "| eva02_b, --impl fast | 64, 1 |" in section
 
 
 @pytest.mark.skipif(importlib.util.find_spec("timm") is not None, reason="timm is installed")
