@@ -347,6 +347,25 @@ def test_drop_path_rates_rise_linearly_over_all_blocks():
                                torch.linspace(0, 0.3, 8, dtype=torch.float64))
 
 
+def test_drop_path_keeps_or_drops_each_sample_whole_and_rescales_the_kept():
+    """Stochastic depth (Huang et al. 2016, as timm's drop_path): in training each sample's
+    branch is either 0 or x / (1 - p), with probability 1 - p of being kept, and its gradient is
+    the same per-sample factor; in eval it is the identity."""
+    from ivt.models.swin import DropPath
+    p, batch = 0.3, 4000
+    drop = DropPath(p).train()
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, 5, dtype=torch.float64, requires_grad=True)
+    y = drop(x)
+    kept = y.detach().flatten(1).ne(0).any(1)
+    expected = torch.where(kept[:, None, None], x.detach() / (1 - p), torch.zeros_like(x))
+    torch.testing.assert_close(y.detach(), expected, rtol=1e-15, atol=0)
+    assert abs(kept.double().mean().item() - (1 - p)) < 4 * ((p * (1 - p) / batch) ** 0.5)
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(x.grad, (expected != 0).double() / (1 - p), rtol=1e-15, atol=0)
+    assert drop.eval()(x) is x
+
+
 def test_wrong_model_checkpoint_names_the_keys(tmp_path):
     torch.save(_random_visible_state("swin_t"), tmp_path / "t.pth")
     with pytest.raises(CheckpointError, match=r"missing keys \(\d+\): layers\.2\.blocks\.10\."):

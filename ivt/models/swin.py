@@ -62,8 +62,9 @@ class DropPath(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.p == 0.0 or not self.training:
             return x
+        # (B, 1, ..., 1): 0 or 1 / (1 - p) per sample, scaled before it meets x's size
         keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.p)
-        return x * keep / (1 - self.p)
+        return x * keep.div_(1 - self.p)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
