@@ -53,7 +53,7 @@ TAPS = ("stages", "release")      # which four maps SwinBackbone returns (see it
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch per sample while training."""
+    """Stochastic depth: per sample, the branch dropped or scaled by 1 / (1 - p) in training."""
 
     def __init__(self, p: float = 0.0):
         super().__init__()
@@ -62,7 +62,6 @@ class DropPath(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.p == 0.0 or not self.training:
             return x
-        # (B, 1, ..., 1): 0 or 1 / (1 - p) per sample, scaled before it meets x's size
         keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.p)
         return x * keep.div_(1 - self.p)
 
