@@ -491,6 +491,8 @@ def cpu_tables(results, notes) -> str:
             "Memory: `checkpoint[:N]` recomputes every block (the first N) in backward, "
             "`recompute` the frozen sub-layers up to their last Linear. `empg_only:fast` is "
             "`ivt:fast` without Hybrid Adapters and IPAs, `empg_ha:fast` without IPAs. "
+            "`full:fast` and `freeze:fast` (the ViTs only) are full fine-tuning and the frozen "
+            "model with the backbone's fast forward. "
             "`full+gpu_attention` (Swin): full fine-tuning with its window attention counted "
             "as a GPU runs it, one fused kernel forward and one backward holding what that "
             "kernel holds (on the CPU, `full`'s trained position bias sends it to SDPA's math "
