@@ -224,6 +224,15 @@ def kernel_differences(ours: list, theirs: list, shown: int = 10) -> list:
     return [(k, a.get(k, (0.0, 0)), b.get(k, (0.0, 0))) for k in names[:shown]]
 
 
+def compared(result: dict):
+    """(case, its label, our side's row, timm's row) for every side measured beside timm's, in
+    the tables' order."""
+    for case in (c for c in result["cases"] if "timm" in c):
+        for side, label in SIDES:
+            if side in case:
+                yield case, label, case[side], case["timm"]
+
+
 def table(result: dict) -> str:
     lines = ["## This repository's backbones against timm's", "",
              f"Measured by `python bench/vs_timm.py{' --tiny' if result['tiny'] else ''}` on "
@@ -236,17 +245,12 @@ def table(result: dict) -> str:
              "inference ms | timm inference ms | ours / timm |",
              "|---|---|---|---|---|---|---|---|"]
     measured = [case for case in result["cases"] if "timm" in case]
-    for case in measured:
-        t = case["timm"]
-        for side, label in SIDES:
-            if side not in case:
-                continue
-            o = case[side]
-            lines.append(f"| {case['backbone']}{label} | {case['size']}, {case['batch']} | "
-                         f"{o['train_ms']:.1f} | {t['train_ms']:.1f} | "
-                         f"{o['train_ms'] / t['train_ms']:.2f}x | {o['inference_ms']:.1f} | "
-                         f"{t['inference_ms']:.1f} | "
-                         f"{o['inference_ms'] / t['inference_ms']:.2f}x |")
+    for case, label, o, t in compared(result):
+        lines.append(f"| {case['backbone']}{label} | {case['size']}, {case['batch']} | "
+                     f"{o['train_ms']:.1f} | {t['train_ms']:.1f} | "
+                     f"{o['train_ms'] / t['train_ms']:.2f}x | {o['inference_ms']:.1f} | "
+                     f"{t['inference_ms']:.1f} | "
+                     f"{o['inference_ms'] / t['inference_ms']:.2f}x |")
     for case, (side, label) in ((c, s) for c in measured for s in SIDES):
         o, t = case.get(side, {}), case["timm"]
         if "train_by_kernel" not in o or "train_by_kernel" not in t:
@@ -279,19 +283,14 @@ def proxy_table(result: dict) -> str:
              "| backbone | input, batch | ours operators | timm operators | ours / timm | ours MB "
              "held | timm MB held | ours / timm |",
              "|---|---|---|---|---|---|---|---|"]
-    for case in (c for c in result["cases"] if "timm" in c):
-        t = case["timm"]
-        for side, label in SIDES:
-            if side not in case:
-                continue
-            o = case[side]
-            lines.append(f"| {case['backbone']}{label} | {case['size']}, {case['batch']} | "
-                         f"{o['operators']:,} ({o['attention_kernels']}) | "
-                         f"{t['operators']:,} ({t['attention_kernels']}) | "
-                         f"{o['operators'] / t['operators']:.2f}x | "
-                         f"{o['bytes_for_backward'] / 1e6:.2f} | "
-                         f"{t['bytes_for_backward'] / 1e6:.2f} | "
-                         f"{o['bytes_for_backward'] / t['bytes_for_backward']:.2f}x |")
+    for case, label, o, t in compared(result):
+        lines.append(f"| {case['backbone']}{label} | {case['size']}, {case['batch']} | "
+                     f"{o['operators']:,} ({o['attention_kernels']}) | "
+                     f"{t['operators']:,} ({t['attention_kernels']}) | "
+                     f"{o['operators'] / t['operators']:.2f}x | "
+                     f"{o['bytes_for_backward'] / 1e6:.2f} | "
+                     f"{t['bytes_for_backward'] / 1e6:.2f} | "
+                     f"{o['bytes_for_backward'] / t['bytes_for_backward']:.2f}x |")
     if result["tiny"]:
         lines += ["", "Tiny models: this run only checks that the script works."]
     return "\n".join(lines) + "\n"
