@@ -243,6 +243,24 @@ def test_release_names(release, server, cache, monkeypatch):
     assert resolve_pretrained("none") is None and resolve_pretrained(None) is None
 
 
+
+def test_pretrained_as_a_flag(release, server, cache, monkeypatch):
+    """build_backbone(pretrained=True) loads the backbone's own release, downloaded as by name;
+    False is random init with nothing fetched; True for a backbone with no release is refused."""
+    own, served = release
+    monkeypatch.setitem(weights.RELEASES, "swin_nano", dataclasses.replace(
+        weights.RELEASES["swin_t"], url=server.url("swin_nano.pth")))
+    torch.manual_seed(5)
+    random_init = build_backbone("swin_nano", tuning="freeze", pretrained=False)
+    assert not torch.equal(random_init.state_dict()["patch_embed.proj.weight"],
+                           own["patch_embed.proj.weight"])
+    assert server.requests == [] and files(cache) == []
+    check_weights(build_backbone("swin_nano", tuning="ivt", pretrained=True), own)
+    assert server.requests == ["/swin_nano.pth"]
+    monkeypatch.delitem(weights.RELEASES, "swin_nano")
+    with pytest.raises(ValueError, match="pretrained=True.*swin_nano"):
+        build_backbone("swin_nano", pretrained=True)
+
 def test_registry_entries():
     """Every release downloads under its URL's file name; the only pinned hash is mmdet's."""
     names = {"swin_t", "swin_s", "swin_b", "swin_l", "eva02_b", "eva02_l", "dino_swin_l",

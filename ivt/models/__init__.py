@@ -2,10 +2,10 @@
 
 The models here are the paper's, with its readable forwards; the speed-ups (`ivt.fast`, a layer
 above this package) are applied to a built model by `ivt.fast.make_fast(model, impl, memory)`."""
-from typing import Optional
+from typing import Union
 
 from ..data.transforms import CLIP, IMAGENET, Normalization
-from ..weights import resolve_pretrained
+from ..weights import RELEASES, resolve_pretrained
 
 from .backbone import (TUNINGS, CheckpointError, IVTBackbone, count_parameters, make_ivt_config,
                        make_petl_config)
@@ -42,7 +42,7 @@ def normalization_for(name: str) -> Normalization:
     raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(BACKBONES)}")
 
 
-def build_backbone(name: str, tuning: str = "ivt", pretrained: Optional[str] = None,
+def build_backbone(name: str, tuning: str = "ivt", pretrained: Union[str, bool, None] = None,
                    img_size=None, **options) -> IVTBackbone:
     """Build a backbone whose `forward(vis, ir=None)` returns four NCHW maps (strides 4-32).
 
@@ -57,8 +57,9 @@ def build_backbone(name: str, tuning: str = "ivt", pretrained: Optional[str] = N
     pretrained: a visible-model checkpoint loaded into the frozen part: a file (the original
         release's or timm's layout, .pth/.pt/.safetensors; for Swin also mmdet's, or a whole
         mmdet / detrex detector's), or a name in `ivt.weights.RELEASES` or an http(s) URL,
-        downloaded once into the cache (`ivt.weights.resolve_pretrained`); None or 'none':
-        random init.
+        downloaded once into the cache (`ivt.weights.resolve_pretrained`); True: the
+        backbone's own release (`RELEASES[name]`, the training scripts' default); None, False
+        or 'none': random init.
     img_size: nominal input size (int or (H, W)); Swin accepts any size, so it is recorded only;
         the ViTs (EVA02, DINOv2, MAE) build their position-embedding grid for it (default 224)
         and resize it for other sizes (multiples of the patch).
@@ -80,6 +81,11 @@ def build_backbone(name: str, tuning: str = "ivt", pretrained: Optional[str] = N
     of the same modules: same parameters and state dict, equal outputs and gradients) and the
     memory options ('recompute', 'checkpoint', 'checkpoint:N', 'checkpoint:N+recompute').
     """
+    if isinstance(pretrained, bool):
+        if pretrained and name not in RELEASES:
+            raise ValueError(f"pretrained=True: no released checkpoint of {name!r} (released: "
+                             f"{', '.join(RELEASES)}); pass a file or URL")
+        pretrained = name if pretrained else None
     ivt_cfg, family_options = make_ivt_config(tuning, dict(options))
     petl_cfg, family_options = make_petl_config(tuning, family_options)
     if name in SWIN_CONFIGS:
