@@ -643,26 +643,6 @@ def _parameters(w: HybridAdapterWeights, dtype: torch.dtype):
     return [t.detach().to(dtype).contiguous() for t in w[:18]]
 
 
-def _output_dtype(residual: torch.Tensor, extra) -> torch.dtype:
-    """residual + extra's dtype; a `LowRankExtra`'s is its factors' promoted dtype (that of
-    `LowRankExtra.dense` without autocast: float32 for bfloat16 h and float32 w)."""
-    if extra is None:
-        return residual.dtype
-    extra_dtype = (_promoted(extra.h.dtype, extra.w.dtype) if isinstance(extra, LowRankExtra)
-                   else extra.dtype)
-    return _promoted(residual.dtype, extra_dtype)
-
-
-def _promoted(a: torch.dtype, b: torch.dtype) -> torch.dtype:
-    """torch.promote_types(a, b) of two floating dtypes, decided here (promote_types is an
-    operator call): the wider, float32 for bfloat16 with float16."""
-    if not (a.is_floating_point and b.is_floating_point):
-        raise TypeError(f"floating dtypes expected, got {a} and {b}")
-    if a == b or a.itemsize != b.itemsize:
-        return max(a, b, key=lambda t: t.itemsize)
-    return torch.float32
-
-
 def tile_sizes(M: int, C: int, device: torch.device) -> Tuple[int, int]:
     """(tokens per tile, channels per step over C) for M tokens of C channels, unless BLOCK_M /
     BLOCK_C fix them: channel steps of 64 where 64 divides C, else 32; tiles of 16 tokens on a
@@ -805,7 +785,7 @@ def _ho_up(h, s: _Sizes, residual, extra, hw, w, params, mean, scale, scale_from
     residual, res_b, res_n = _token_strides(residual)
     low_rank = isinstance(extra, LowRankExtra)
     has_extra = extra is not None and not low_rank
-    shape, dtype = (s.B, s.N, s.C), _output_dtype(residual, extra)
+    shape, dtype = (s.B, s.N, s.C), residual.dtype         # the stream keeps its dtype
     full = (s.B, lead + s.N, s.C)
     out = (torch.empty(full, device=h.device, dtype=dtype) if out is None
            else destination(out, full, dtype, "out"))

@@ -118,15 +118,16 @@ def hybrid_adapter_eval_reference(x: torch.Tensor, residual: torch.Tensor,
     """residual + up(gelu(HO(down(SFT(x))))) (+ extra): a Hybrid Adapter at inference (Eq. 15,
     dropout off, BatchNorm on its running statistics) with the block's residual and the internal
     prompt (Eq. 6) added. x, residual: (B, N, C) tokens on an (H, W) grid; extra: None, (B, N, C)
-    tokens or a `LowRankExtra`. With `norm` (a `NextNorm`): (that, its LayerNorm in
-    norm.dtype). `out`: a (B, N, C) tensor to write the result into (`destination`), else a new
-    one; `norm.out` likewise."""
+    tokens or a `LowRankExtra`; the sum in residual's dtype (the block stream's, which the
+    float32 internal prompt under autocast does not widen). With `norm` (a `NextNorm`): (that,
+    its LayerNorm in norm.dtype). `out`: a (B, N, C) tensor to write the result into
+    (`destination`), else a new one; `norm.out` likewise."""
     hidden = _adapter_hidden(x, hw, w, lambda q: F.batch_norm(
         q, w.bn_mean, w.bn_var, w.bn_weight, w.bn_bias, False, 0.0, w.bn_eps))
     y = residual + F.linear(hidden, w.up_weight, w.up_bias)
     if isinstance(extra, LowRankExtra):
         extra = extra.dense(y.shape)
-    y = y if extra is None else y + extra
+    y = y if extra is None else y + extra.to(y.dtype)         # in the stream's dtype
     if out is not None:
         y = destination(out, y.shape, y.dtype, "out").copy_(y)
     if norm is None:
@@ -170,4 +171,4 @@ def hybrid_adapter_train_reference(x: torch.Tensor, residual: torch.Tensor,
     out = residual + F.linear(hidden, w.up_weight, w.up_bias)
     if isinstance(extra, LowRankExtra):
         extra = extra.dense(out.shape)
-    return out if extra is None else out + extra
+    return out if extra is None else out + extra.to(out.dtype)  # in the stream's dtype

@@ -86,3 +86,34 @@ def test_stored_weights_need_autocast():
     store_frozen_weights(model, torch.bfloat16)
     with pytest.raises(RuntimeError):
         model(torch.randn(1, 3, 32, 32), torch.randn(1, 3, 32, 32))
+
+
+
+@pytest.mark.parametrize("impl", ["reference", "fast", "fused"])
+def test_adapters_keep_the_block_stream_dtype_under_autocast(impl):
+    """Under bf16 autocast every block of the IV-tuned Swin hands on its stream in the dtype the
+    frozen model's own block does (full fine-tuning, no adapters: bf16 on the CPU), in training
+    and at inference (the fused paths' kernels included; at inference they run whole blocks, so
+    only the stage outputs are seen): the internal prompt, float32 there (SFT' has float32
+    parameters), is added in the stream's dtype and does not widen it. (EVA02's stream is
+    float32 from the float32 position embedding on, with or without adapters.)"""
+    g = torch.Generator().manual_seed(3)
+    vis, ir = (torch.randn(2, 3, 40, 56, generator=g) for _ in range(2))
+
+    def stream_dtypes(model: nn.Module, training: bool):
+        seen = []
+        for m in model.modules():
+            if hasattr(m, "adapters") and hasattr(m, "norm2"):           # a transformer block
+                m.register_forward_hook(lambda _m, _a, out: seen.append(out[0].dtype))
+        model.train(training)
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(training):
+            maps = model(vis, ir) if model.tuning == "ivt" else model(vis)
+        return seen, [m.dtype for m in maps]
+
+    for training in (True, False):
+        frozen_blocks, frozen_maps = stream_dtypes(build_backbone("swin_nano", "full"), training)
+        blocks, maps = stream_dtypes(make_fast(build_backbone("swin_nano", "ivt"), impl),
+                                     training)
+        assert frozen_blocks == [torch.bfloat16] * 8 and frozen_maps == [torch.bfloat16] * 4
+        assert maps == frozen_maps
+        assert blocks == (frozen_blocks if training or impl != "fused" else [])

@@ -147,7 +147,7 @@ class FastBlockAdapters(BlockAdapters):
             if ha is not None:
                 z = z + ha.branch(x, hw)                                # Eq. 5
             if p_internal is not None:
-                z = z + p_internal                                      # Eq. 6
+                z = z + p_internal.to(z.dtype)                          # Eq. 6
         return (torch.cat([z_out[:, :lead], z], dim=1) if lead else z), prompt
 
     def fused_kernels(self, pos: int, x: torch.Tensor) -> Optional[str]:

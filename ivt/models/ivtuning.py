@@ -273,6 +273,9 @@ class BlockAdapters(nn.Module):
         z = z_in + sublayer(z_in);  z = HA(z);  z = z + IPA(P)
     Parallel form (Fig. 4(a)):
         z = z_in + sublayer(z_in) + psi(z_in) + IPA(P)
+    The block stream z keeps its dtype: under autocast IPA(P) is float32 (SFT' scales and
+    shifts by float32 parameters) and is added in z's dtype, as the frozen sub-layers' results
+    (autocast's) are, so the adapters never widen the stream the frozen model runs on.
     """
 
     def __init__(self, dim: int, cfg: IVTConfig):
@@ -301,7 +304,7 @@ class BlockAdapters(nn.Module):
             z = z + ha.branch(z_in if self.cfg.parallel else z_out, hw)   # Eq. 5
         if ipa is not None:
             p_internal = ipa(prompt, hw)
-            z = z + p_internal                                          # Eq. 6
+            z = z + p_internal.to(z.dtype)                              # Eq. 6
             if self.cfg.ipa_deep:
                 prompt = p_internal
         return z, prompt
