@@ -389,10 +389,10 @@ def _up_backward_kernel(da_ptr, h_ptr, dww_ptr, dwb_ptr, w1_ptr, b1_ptr, bn_ptr,
                         do_ptr, dbn_ptr, dropped_ptr, part_ptr, part_stride, n_tiles, M, N, H,
                         W, D, cp, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_D: tl.constexpr):
-    """From da = g Wu (M, D), the gradient of the up-projection's input: the gradients of
-    dropout, GELU, pw2 and ReLU. Writes do = dL/do (pw2's residual sum o), dbn = dL/d(BatchNorm
-    output) and the up-projection's input dropout(gelu(o)) (for its weight gradient, one matmul
-    on the host), all (M, D), and this program's partial sums at part_ptr + pid * part_stride:
+    """From da = g Wu (M, D, in the matmul's dtype), the gradient of the up-projection's
+    input: the gradients of dropout, GELU, pw2 and ReLU. Writes do = dL/do (pw2's residual sum
+    o), dbn = dL/d(BatchNorm output) and, in dropped's dtype, the up-projection's input
+    dropout(gelu(o)) (for its weight gradient, one matmul on the host), all (M, D), and this program's partial sums at part_ptr + pid * part_stride:
     [dW2 (D*D), db2, dbnw, dbnb (D)]."""
     pid = tl.program_id(0)
     d = tl.arange(0, BLOCK_D)
@@ -413,8 +413,10 @@ def _up_backward_kernel(da_ptr, h_ptr, dww_ptr, dwb_ptr, w1_ptr, b1_ptr, bn_ptr,
         if HAS_MASK:
             keep = tl.load(mask_ptr + rows[:, None] * D + d[None, :], mask=tile_ok,
                            other=0).to(a.dtype) * keep_scale
-        tl.store(dropped_ptr + rows[:, None] * D + d[None, :], a * keep, mask=tile_ok)
-        da = tl.load(da_ptr + rows[:, None] * D + d[None, :], mask=tile_ok, other=0.0)
+        tl.store(dropped_ptr + rows[:, None] * D + d[None, :],
+                 (a * keep).to(dropped_ptr.dtype.element_ty), mask=tile_ok)
+        da = tl.load(da_ptr + rows[:, None] * D + d[None, :], mask=tile_ok,
+                     other=0.0).to(a.dtype)
         do = da * keep * _gelu_grad(o)
         dw2 += tl.dot(tl.trans(do), tl.maximum(bn, 0.0))
         db2 += tl.sum(do, axis=0)
@@ -871,18 +873,20 @@ def _train_backward(g, n_hat, h, rstd, bn_stats, fold, keep, params, low_rank, s
     size4 = (R + 1) * C if low_rank is not None else 0
     row = size1 + size2 + size3 + size4
     n_parts = _programs(n_tiles, row, device)
-    # one allocation: the partial sums, four (M, D) maps (do, dbn, dy, dropped) and dh, in the
-    # dtype of the matmul that reads it, as the forward's n_hat
-    parts, maps, dh = _carved([(n_parts * row, acc), (4 * M * D, acc), (M * D, n_hat.dtype)],
-                              device, acc)
-    parts = parts.view(n_parts, row)
-    do, dbn, dy, dropped = maps.view(4, M, D).unbind(0)
-    dh = dh.view(M, D)
-    # 1. from da = g Wu (a library matmul): dropout, GELU, pw2, ReLU -> do, dbn, and the
-    # up-projection's input `dropped` for dWu = g^T dropped (unpipelined: 3 stages need more
-    # shared memory than sm_80 has)
+    # one allocation: the partial sums, three (M, D) maps (do, dbn, dy), and two in the dtype
+    # of the matmul that reads them: the up-projection's input `dropped` (g's, bf16 under
+    # autocast where the block stream is bf16), and dh (the forward's n_hat's)
     tokens = g.reshape(M, C)                                            # (M, C)
-    da = _matmul(tokens, wu, acc)                                       # (M, D)
+    parts, maps, dropped, dh = _carved([(n_parts * row, acc), (3 * M * D, acc),
+                                        (M * D, _matmul_dtype(g.dtype, acc)),
+                                        (M * D, n_hat.dtype)], device, acc)
+    parts = parts.view(n_parts, row)
+    do, dbn, dy = maps.view(3, M, D).unbind(0)
+    dropped, dh = dropped.view(M, D), dh.view(M, D)
+    # 1. from da = g Wu (a library matmul, left in its dtype: the kernel reads it in acc):
+    # dropout, GELU, pw2, ReLU -> do, dbn, and `dropped` for dWu = g^T dropped (unpipelined:
+    # 3 stages need more shared memory than sm_80 has)
+    da = _matmul(tokens, wu, acc, to_acc=False)                         # (M, D)
     _up_backward_kernel[(n_parts,)](da, h, dww, dwb, w1, b1, bn_stats, bnw, bnb, w2, b2,
                                     h if keep is None else keep, keep_scale, do, dbn,
                                     dropped, parts, row, n_tiles, M, N, H, W, D, cp,
