@@ -116,10 +116,10 @@ def hybrid_adapter_eval(x: torch.Tensor, residual: torch.Tensor, extra, hw,
                         weights: HybridAdapterWeights, norm: Optional[NextNorm] = None,
                         out: Optional[torch.Tensor] = None):
     """residual + Hybrid Adapter branch(x) (+ extra) at inference, (B, N, C) tokens in
-    residual's dtype (the block stream's), extra None, tokens or a `LowRankExtra`, and with `norm` the next sub-layer's LayerNorm of it too, into
-    `out` (and `norm.out`) where given, which may be `residual` itself (each token is read
-    before it is written); see `kernels.reference.hybrid_adapter_eval_reference` (two Triton
-    launches on a GPU)."""
+    residual's dtype (the block stream's), extra None, tokens or a `LowRankExtra`, and with
+    `norm` the next sub-layer's LayerNorm of it too, into `out` (and `norm.out`) where given,
+    which may be `residual` itself (each token is read before it is written); see
+    `kernels.reference.hybrid_adapter_eval_reference` (two Triton launches on a GPU)."""
     if use_triton(x):
         return hybrid_adapter_eval_triton(x, residual, extra, hw, weights, norm, out)
     return hybrid_adapter_eval_reference(x, residual, extra, hw, weights, norm, out)

@@ -392,8 +392,8 @@ def _up_backward_kernel(da_ptr, h_ptr, dww_ptr, dwb_ptr, w1_ptr, b1_ptr, bn_ptr,
     """From da = g Wu (M, D, in the matmul's dtype), the gradient of the up-projection's
     input: the gradients of dropout, GELU, pw2 and ReLU. Writes do = dL/do (pw2's residual sum
     o), dbn = dL/d(BatchNorm output) and, in dropped's dtype, the up-projection's input
-    dropout(gelu(o)) (for its weight gradient, one matmul on the host), all (M, D), and this program's partial sums at part_ptr + pid * part_stride:
-    [dW2 (D*D), db2, dbnw, dbnb (D)]."""
+    dropout(gelu(o)) (for its weight gradient, one matmul on the host), all (M, D), and this
+    program's partial sums at part_ptr + pid * part_stride: [dW2 (D*D), db2, dbnw, dbnb (D)]."""
     pid = tl.program_id(0)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D

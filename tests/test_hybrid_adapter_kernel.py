@@ -525,8 +525,9 @@ def test_training_kernels_with_bfloat16_tokens(case, r, lead):
     in float32, so that the matmuls over tokens run in bfloat16 (n_hat, dh and P = dh^T n_hat
     in bfloat16, accumulated in float32; dh_e stored in bfloat16): the output and every
     gradient against the float64 reference on the same values, within 2e-2 of the largest,
-    the output in the residual's dtype, bfloat16, as the reference's (the interpreter's float32 to bfloat16 stores truncate where a GPU rounds to nearest: the
-    down-projection's weight gradient errs by up to 1e-2 here)."""
+    the output in the residual's dtype, bfloat16, as the reference's (the interpreter's
+    float32 to bfloat16 stores truncate where a GPU rounds to nearest: the down-projection's
+    weight gradient errs by up to 1e-2 here)."""
     run = partial(low_rank_training_run, case=case, r=r, device="cpu", seed=SEED, lead=lead,
                   bf16_tokens=True)
     truth = run(kernels.hybrid_adapter_train_reference, dtype=torch.float64)

@@ -88,7 +88,6 @@ def test_stored_weights_need_autocast():
         model(torch.randn(1, 3, 32, 32), torch.randn(1, 3, 32, 32))
 
 
-
 @pytest.mark.parametrize("impl", ["reference", "fast", "fused"])
 def test_adapters_keep_the_block_stream_dtype_under_autocast(impl):
     """Under bf16 autocast every block of the IV-tuned Swin hands on its stream in the dtype the

@@ -243,7 +243,6 @@ def test_release_names(release, server, cache, monkeypatch):
     assert resolve_pretrained("none") is None and resolve_pretrained(None) is None
 
 
-
 def test_pretrained_as_a_flag(release, server, cache, monkeypatch):
     """build_backbone(pretrained=True) loads the backbone's own release, downloaded as by name;
     False is random init with nothing fetched; True for a backbone with no release is refused."""
