@@ -6,11 +6,12 @@
 #   2. bench/train_step.py: Swin-L 384 b8 and EVA02-L 512 b2, every mode, eager and graphed
 #      (rewrites its section of docs/benchmarks.md after every mode; `--merge` an earlier run's
 #      JSON to keep its rows)
-#   3. bench/kernels.py (rewrites its section of docs/kernels.md): the fused Hybrid Adapter (with its split by kernel; at the tile sizes
-#      `kernels.hybrid_adapter.tile_sizes` chooses, and at fixed 16 x 64 and 32 x 64 tiles at
-#      every shape, which tell whether its choice of 16 or 32 tokens is right), the partial
-#      conv, SimAM: device time, without the torch.compile column (its compilations took most
-#      of the last run's time, which ended before the partial conv)
+#   3. bench/kernels.py (rewrites its section of docs/kernels.md): the fused Hybrid Adapter
+#      (with its split by kernel; at the tile sizes `kernels.hybrid_adapter.tile_sizes`
+#      chooses, and at fixed 16 x 64 and 32 x 64 tiles at every shape, which tell whether its
+#      choice of 16 or 32 tokens is right), the partial conv, SimAM: device time, without the
+#      torch.compile column (its compilations took most of the last run's time, which ended
+#      before the partial conv)
 #   4. bench/vs_timm.py: this repository's Swin-L and EVA02-L against timm's (when timm imports),
 #      Swin-L also with the explicit window attention, EVA02-L also with the fast forward (last,
 #      so the one cut if the part runs out of time); the kernels whose time differs most

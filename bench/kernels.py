@@ -329,6 +329,7 @@ def main():
     args = parse_args()
     if args.tiny:
         os.environ["TRITON_INTERPRET"] = "1"  # before the kernels' modules are imported
+
     def save(rows, bandwidth, device_name):     # after every row: a run cut short keeps them
         write_section(Path(args.out), BEGIN, END, render(rows, bandwidth, device_name, args))
 

@@ -56,8 +56,9 @@ CPU proxies (`--device cpu`), per mode, for anyone without a GPU:
 * operators per training step: aten operators dispatched in one step (forward, backward,
   optimizer), counted with a TorchDispatchMode, views, detach and allocations of no elements
   excluded (they launch no kernel; torch 2.11's activation checkpointing allocates one such
-  tensor a call, 2.13's none), plus one per Triton launch for the fused modes, whose kernels run under Triton's CPU
-  interpreter (TRITON_INTERPRET=1; the interpreter's own tensor copies are not counted);
+  tensor a call, 2.13's none), plus one per Triton launch for the fused modes, whose kernels
+  run under Triton's CPU interpreter (TRITON_INTERPRET=1; the interpreter's own tensor copies
+  are not counted);
 * bytes held for backward: after the forward and the loss, the storages of every tensor the
   step produced that is still alive (so held by the autograd graph or a checkpoint), without
   parameters, buffers and inputs; each storage counted once.
@@ -484,7 +485,8 @@ def cpu_tables(results, notes) -> str:
     text = ("Measured by `TRITON_INTERPRET=1 python bench/train_step.py --device cpu` on "
             f"{datetime.date.today().isoformat()}, torch {torch.__version__}, no GPU. Operators: "
             "the aten operators of one training step (forward, backward, fused AdamW), views, "
-            "detach and allocations of no elements excluded, plus one per Triton launch of the `ivt:fused` modes, run under "
+            "detach and allocations of no elements excluded, plus one per Triton launch of the "
+            "`ivt:fused` modes, run under "
             "Triton's CPU interpreter (whose own tensor copies are not counted); the other modes "
             "run the PyTorch reference kernels. MB held for backward: the storages the forward "
             "made that are still alive before backward, parameters and inputs excluded. "

@@ -341,5 +341,6 @@ def main(argv=None):
     if written:
         print("wrote " + " and ".join(written))
 
+
 if __name__ == "__main__":
     main()

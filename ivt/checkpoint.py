@@ -175,4 +175,3 @@ def load_checkpoint(path: str) -> dict:
         raise CheckpointError(f"{path} is not an ivt training checkpoint "
                               f"(expected format {CHECKPOINT_FORMAT!r})")
     return ckpt
-

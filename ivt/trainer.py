@@ -199,7 +199,8 @@ def _model_arguments(g, r: Recipe) -> None:
                         "alone, only the head trains; the other modes are the PETL methods "
                         "the paper compares (Table 4) (default: %(default)s)")
     g.add_argument("--variant", default="ivt", choices=VARIANTS,
-                   help="IV-tuning ablation variant (only with --tuning ivt) (default: %(default)s)")
+                   help="IV-tuning ablation variant (only with --tuning ivt) "
+                        "(default: %(default)s)")
     g.add_argument("--d1", type=int, default=8, help="EMPG hidden width (default: %(default)s)")
     g.add_argument("--d2", type=int, default=64,
                    help="Hybrid Adapter hidden width (default: %(default)s)")

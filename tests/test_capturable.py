@@ -91,6 +91,7 @@ def host_waits_of_a_step(task: str, backbone: str, tmp_path: Path, impl: str = "
     bench = _bench_train_step()
     previous = kernels.backend()
     kernels.set_backend("triton" if impl == "fused" else "torch")
+
     def step():
         task_obj.loss(model, batch, dist.device).backward()
         engine.clip_gradients(params, args.clip_grad, args.clip_grad_value, foreach=True)

@@ -1,7 +1,7 @@
 """The CPNet decoder and the saliency model: shapes on Swin and EVA02 backbones (non-square and
 odd sizes), the loss against a float64 formula (binary and soft targets), gradients, the
-parameter count from the decoder's layer list (`ivt.models.heads.cpnet`), and the feature taps: the stage
-outputs, or the release's (Z0 and the inputs of stages 2-4) computed by running the modules by
+parameter count from the decoder's layer list (`ivt.models.heads.cpnet`), and the feature taps: the
+stage outputs, or the release's (Z0 and the inputs of stages 2-4) computed by running the modules by
 hand."""
 import numpy as np
 import pytest

@@ -112,7 +112,8 @@ def test_geometry_is_shared_by_visible_thermal_and_label(tmp_path):
     rgbt = np.repeat((label * 20)[..., None], 4, axis=2).astype(np.uint8)
     root = write_mfnet_fixture(tmp_path / "mf", ["00001D"], make=lambda i: (rgbt, label))
 
-    exact = MFNetDataset(root, transform=TrainTransform((40, 50), scale_range=(1.0, 1.0), jitter=False))
+    exact = MFNetDataset(root, transform=TrainTransform((40, 50), scale_range=(1.0, 1.0),
+                                                        jitter=False))
     flipped = 0
     for epoch in range(12):
         exact.set_epoch(epoch)
@@ -137,7 +138,7 @@ def test_geometry_is_shared_by_visible_thermal_and_label(tmp_path):
         assert set(np.unique(lab)) <= set(range(9)) | {255}
 
 
-# ---------------------------------------------------------------- bad data fails early, naming the file
+# -------------------------------------------------------- bad data fails early, naming the file
 
 def test_three_channel_image_is_rejected(tmp_path):
     root = write_mfnet_fixture(tmp_path / "mf", ["00001D", "00002N"])
@@ -260,7 +261,8 @@ def test_msrs_layouts(tmp_path, layout):
     assert item["name"] == "00005N" and item["is_night"]
     assert item["vis"].shape == item["ir"].shape == (3, 40, 56) and item["label"].shape == (40, 56)
     np.testing.assert_allclose(denorm_vis(item["vis"]), np.array(Image.open(vis_path)), atol=1e-3)
-    np.testing.assert_allclose(denorm_ir(item["ir"]), np.array(Image.open(ir_path).convert("L")), atol=1e-3)
+    np.testing.assert_allclose(denorm_ir(item["ir"]), np.array(Image.open(ir_path).convert("L")),
+                               atol=1e-3)
     assert [s.name for s in MSRSDataset(root, "test_night", train=False).samples] == ["00005N"]
     train = build_seg_dataset("msrs", root, "train", train=True, crop=(32, 32))
     assert len(train) == 3 and train[0]["vis"].shape == (3, 32, 32)

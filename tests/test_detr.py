@@ -93,8 +93,10 @@ def brute_force_min(C):
     """Minimum total cost over all one-to-one assignments of min(Q, n) pairs."""
     Q, n = C.shape
     if Q >= n:
-        return min(sum(C[q, j] for j, q in enumerate(perm)) for perm in itertools.permutations(range(Q), n))
-    return min(sum(C[i, t] for i, t in enumerate(perm)) for perm in itertools.permutations(range(n), Q))
+        return min(sum(C[q, j] for j, q in enumerate(perm))
+                   for perm in itertools.permutations(range(Q), n))
+    return min(sum(C[i, t] for i, t in enumerate(perm))
+               for perm in itertools.permutations(range(n), Q))
 
 
 def random_boxes(n, g):
@@ -109,7 +111,8 @@ def test_matcher_optimal_against_brute_force(Q, sizes):
     B, K = len(sizes), 4
     outputs = {"pred_logits": torch.randn(B, Q, K, generator=g),
                "pred_boxes": random_boxes(B * Q, g).view(B, Q, 4)}
-    targets = [{"labels": torch.randint(0, K, (n,), generator=g), "boxes": random_boxes(n, g)} for n in sizes]
+    targets = [{"labels": torch.randint(0, K, (n,), generator=g), "boxes": random_boxes(n, g)}
+               for n in sizes]
     indices = HungarianMatcher()(outputs, targets)
     assert len(indices) == B
     for b, ((q, t), tgt) in enumerate(zip(indices, targets)):
@@ -119,7 +122,8 @@ def test_matcher_optimal_against_brute_force(Q, sizes):
         if n == 0:
             continue
         assert len(set(q.tolist())) == len(q) and len(set(t.tolist())) == len(t)
-        C = reference_cost(outputs["pred_logits"][b], outputs["pred_boxes"][b], tgt["labels"], tgt["boxes"])
+        C = reference_cost(outputs["pred_logits"][b], outputs["pred_boxes"][b], tgt["labels"],
+                           tgt["boxes"])
         assert C[q, t].sum().item() == pytest.approx(brute_force_min(C).item(), abs=1e-5)
 
 
@@ -141,7 +145,8 @@ def test_matcher_ties():
 
 
 def test_matcher_rejects_nan():
-    outputs = {"pred_logits": torch.full((1, 2, 2), float("nan")), "pred_boxes": torch.full((1, 2, 4), 0.5)}
+    outputs = {"pred_logits": torch.full((1, 2, 2), float("nan")),
+               "pred_boxes": torch.full((1, 2, 4), 0.5)}
     targets = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
     with pytest.raises(FloatingPointError, match="non-finite"):
         HungarianMatcher()(outputs, targets)
@@ -167,7 +172,8 @@ def bilinear_loop(value, shapes, locations, weights):
         acc = torch.zeros(D, dtype=torch.float64)
         for yy, xx in ((y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1)):
             if 0 <= yy < h and 0 <= xx < w:
-                acc += (1 - abs(x - xx)) * (1 - abs(y - yy)) * value[b, starts[l] + yy * w + xx, m].double()
+                acc += ((1 - abs(x - xx)) * (1 - abs(y - yy))
+                        * value[b, starts[l] + yy * w + xx, m].double())
         out[b, q, m] += weights[b, q, m, l, p].item() * acc
     return out.view(B, Q, M * D)
 
@@ -178,7 +184,8 @@ def test_deformable_attention_matches_bilinear_loop():
     B, Q, M, D, P = 2, 3, 2, 3, 2
     S = sum(h * w for h, w in shapes)
     value = torch.randn(B, S, M, D, generator=g, dtype=torch.float64)
-    locations = torch.rand(B, Q, M, len(shapes), P, 2, generator=g, dtype=torch.float64) * 1.3 - 0.15
+    locations = (torch.rand(B, Q, M, len(shapes), P, 2, generator=g, dtype=torch.float64) * 1.3
+                 - 0.15)
     weights = torch.rand(B, Q, M, len(shapes), P, generator=g, dtype=torch.float64)
     out = multi_scale_deformable_attention(value, shapes, locations, weights)
     assert torch.allclose(out, bilinear_loop(value, shapes, locations, weights), atol=1e-12)
@@ -217,7 +224,8 @@ def test_deformable_attention_samples_in_float32_under_bf16_autocast(monkeypatch
     value = torch.randn(1, sum(h * w for h, w in shapes), 32, generator=g)
     query = torch.randn(1, 50, 32, generator=g)
     reference = torch.rand(1, 50, 2, 2, generator=g) * 0.8 + 0.1
-    expected = copy.deepcopy(attn).double()(query.double(), reference.double(), value.double(), shapes)
+    expected = copy.deepcopy(attn).double()(query.double(), reference.double(), value.double(),
+                                            shapes)
 
     seen, grid_sample = [], F.grid_sample
 
@@ -248,7 +256,8 @@ def test_sampling_core_reads_bf16_values_at_exact_locations():
 
 
 def test_detector_under_bf16_autocast_samples_with_float32_grids(monkeypatch):
-    """Every grid_sample of a training forward (encoder and decoder) gets float32 values and grid."""
+    """Every grid_sample of a training forward (encoder and decoder) gets float32 values and
+    grid."""
     seen, grid_sample = [], F.grid_sample
 
     def recording(inp, grid, **kw):
@@ -279,7 +288,8 @@ def test_neck_levels(levels, first, expected):
     feats = [torch.randn(2, c, 64 // s, 96 // s) for c, s in zip((8, 16, 24, 32), (4, 8, 16, 32))]
     neck = ChannelMapper([8, 16, 24, 32], dim=16, num_levels=levels, first_level=first, groups=4)
     outs = neck(feats)
-    assert [tuple(o.shape[-2:]) for o in outs] == expected and all(o.shape[:2] == (2, 16) for o in outs)
+    assert ([tuple(o.shape[-2:]) for o in outs] == expected
+            and all(o.shape[:2] == (2, 16) for o in outs))
 
 
 # -- encoders --------------------------------------------------------------------------------
@@ -377,7 +387,8 @@ def test_aifi_matches_float64_attention_written_out():
 
     def layer_norm(v, ln):
         mean = v.mean()
-        return (v - mean) / math.sqrt(((v - mean) ** 2).mean() + ln.eps) * ln.weight.detach() + ln.bias.detach()
+        return ((v - mean) / math.sqrt(((v - mean) ** 2).mean() + ln.eps) * ln.weight.detach()
+                + ln.bias.detach())
 
     def gelu(v):
         return torch.tensor([u * 0.5 * (1 + math.erf(u / math.sqrt(2))) for u in v.tolist()],
@@ -421,7 +432,8 @@ def test_repvgg_block_formula():
 
     def bn(y, m):
         r = lambda t: t.detach()[:, None, None]  # noqa: E731
-        return (y - r(m.running_mean)) / torch.sqrt(r(m.running_var) + m.eps) * r(m.weight) + r(m.bias)
+        return ((y - r(m.running_mean)) / torch.sqrt(r(m.running_var) + m.eps) * r(m.weight)
+                + r(m.bias))
 
     x = torch.randn(2, 4, 5, 6, dtype=torch.float64)
     y = (bn(F.conv2d(x, block.conv3[0].weight.detach(), padding=1), block.conv3[1])
@@ -453,7 +465,8 @@ def test_denoising_noise_bounds(scale):
     torch.manual_seed(0)
     dn = Denoising(num_classes=3, dim=8, dn_number=6, label_noise_ratio=0.0, box_noise_scale=scale)
     gt = torch.tensor([[0.5, 0.5, 0.2, 0.1], [0.4, 0.6, 0.1, 0.2]])
-    targets = [{"labels": torch.tensor([2, 0]), "boxes": gt}, {"labels": torch.tensor([1]), "boxes": gt[:1]}]
+    targets = [{"labels": torch.tensor([2, 0]), "boxes": gt},
+               {"labels": torch.tensor([1]), "boxes": gt[:1]}]
     q = dn(targets, num_queries=5)
     assert q.meta == {"pad_size": 12, "num_groups": 3, "group_size": 4}
     boxes = box_cxcywh_to_xyxy(q.boxes_unact.sigmoid())
@@ -467,7 +480,8 @@ def test_denoising_noise_bounds(scale):
             # negative corners may cross (x0 past x1): the box then collapses to zero size
             wh = q.boxes_unact.sigmoid()[b, neg, 2:].repeat(1, 2)
             dev_neg = dev_neg[wh > 1e-3]
-            assert (dev_pos <= 1 + 1e-3).all() and (dev_neg >= 1 - 1e-3).all() and (dev_neg <= 2 + 1e-3).all()
+            assert ((dev_pos <= 1 + 1e-3).all() and (dev_neg >= 1 - 1e-3).all()
+                    and (dev_neg <= 2 + 1e-3).all())
             assert torch.allclose(q.content[b, pos], dn.label_embed(targets[b]["labels"]))
     assert (q.content[1, 1] == 0).all() and (q.content[1, 3] == 0).all()   # image 1 pads slots 1, 3
 
@@ -509,7 +523,8 @@ def batch(seed=0):
     return vis, ir, targets
 
 
-@pytest.mark.parametrize("encoder, dn_number", [("deformable", 6), ("deformable", 0), ("hybrid", 6)])
+@pytest.mark.parametrize("encoder, dn_number",
+                         [("deformable", 6), ("deformable", 0), ("hybrid", 6)])
 def test_detector_forward_backward_only_trainable_get_grads(encoder, dn_number):
     torch.manual_seed(0)
     model = build_detector("swin_nano", tiny_config(encoder=encoder, dn_number=dn_number),
@@ -526,7 +541,8 @@ def test_detector_forward_backward_only_trainable_get_grads(encoder, dn_number):
     losses = model.loss(out, targets)
     assert torch.isfinite(losses["loss"])
     suffixes = ["", "_0", "_enc"] + (["_dn", "_dn_0"] if dn_number else [])
-    assert {f"loss_{n}{s}" for n in ("cls", "l1", "giou") for s in suffixes} | {"loss"} == set(losses)
+    assert ({f"loss_{n}{s}" for n in ("cls", "l1", "giou") for s in suffixes} | {"loss"}
+            == set(losses))
     weight = {"cls": 1.0, "l1": 5.0, "giou": 2.0}                                      # DINO's
     expected = sum(weight[k.split("_")[1]] * v for k, v in losses.items() if k != "loss")
     assert losses["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
@@ -588,7 +604,8 @@ def test_decoder_predicts_from_its_layernorm_and_refines_from_the_layer_output()
     ref0 = boxes_unact.sigmoid()
     normed = F.layer_norm(seen["out0"], (32,), decoder.norm.weight, decoder.norm.bias)
     torch.testing.assert_close(logits[0], decoder.class_head(normed))
-    torch.testing.assert_close(boxes[0], (decoder.box_head(normed) + inverse_sigmoid(ref0)).sigmoid())
+    torch.testing.assert_close(boxes[0],
+                               (decoder.box_head(normed) + inverse_sigmoid(ref0)).sigmoid())
     torch.testing.assert_close(seen["ref1"],
                                (decoder.box_head(seen["out0"]) + inverse_sigmoid(ref0)).sigmoid())
     assert not torch.allclose(seen["ref1"], boxes[0], atol=1e-3)      # the two paths differ
@@ -620,7 +637,8 @@ def test_map_position_embedding_is_dinos_cumulative_count():
     y, x = y / y[-1:, :] * 2 * math.pi, x / x[:, -1:] * 2 * math.pi
     t = 20.0 ** (2 * (torch.arange(dim // 2, dtype=torch.float64) // 2) / (dim // 2))
     py, px = y[..., None] / t, x[..., None] / t
-    emb = [torch.stack((q[..., 0::2].sin(), q[..., 1::2].cos()), dim=-1).flatten(-2) for q in (py, px)]
+    emb = [torch.stack((q[..., 0::2].sin(), q[..., 1::2].cos()), dim=-1).flatten(-2)
+           for q in (py, px)]
     expected = torch.cat(emb, dim=-1).reshape(h * w, dim)
     torch.testing.assert_close(map_position_embedding((h, w), dim, "cpu").double(), expected,
                                atol=1e-5, rtol=0)
@@ -661,7 +679,8 @@ def test_anchor_is_valid_only_if_all_four_coordinates_are_inside():
         side = 0.05 * 2 ** lvl
         for i in range(h):
             for j in range(w):
-                want.append(all(0.01 < v < 0.99 for v in ((j + 0.5) / w, (i + 0.5) / h, side, side)))
+                want.append(all(0.01 < v < 0.99
+                                for v in ((j + 0.5) / w, (i + 0.5) / h, side, side)))
     want = torch.tensor(want)
     assert 0 < int((~want).sum()) < len(want)
     assert torch.equal(valid, want)
@@ -694,7 +713,8 @@ def test_detector_batch_without_objects_and_bad_targets():
     losses["loss"].backward()
     assert model.denoising.label_embed.weight.grad is not None
     with pytest.raises(ValueError, match=r"targets\[1\].*labels must lie in \[0, 3\)"):
-        model(vis, ir, [empty[0], {"boxes": torch.tensor([[0.0, 0, 5, 5]]), "labels": torch.tensor([3])}])
+        model(vis, ir, [empty[0], {"boxes": torch.tensor([[0.0, 0, 5, 5]]),
+                                   "labels": torch.tensor([3])}])
     with pytest.raises(ValueError, match="fewer than num_queries"):
         build_detector("swin_nano", tiny_config(num_queries=1000), tuning="ivt")(vis, ir)
 
@@ -753,7 +773,8 @@ def focal_by_hand(logit: float, target: float, alpha=0.25, gamma=2.0) -> float:
 
 def giou_by_hand(a, b) -> float:
     """Generalised IoU of two xyxy boxes (Rezatofighi et al. 2019)."""
-    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = (max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+             * max(0.0, min(a[3], b[3]) - max(a[1], b[1])))
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     hull = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
     return inter / union - (hull - union) / hull

@@ -91,13 +91,15 @@ def test_load_mmdet_dino_backbone(source, tmp_path):
     check_loaded(model, own)
     for i in range(4):
         for p in ("weight", "bias"):
-            assert torch.equal(model.state_dict()[f"out_norms.{i}.{p}"], sd[f"backbone.norm{i}.{p}"])
+            assert torch.equal(model.state_dict()[f"out_norms.{i}.{p}"],
+                               sd[f"backbone.norm{i}.{p}"])
     assert not any(p.requires_grad for p in model.out_norms.parameters())
 
     # patch merging as mmdet computes it (nn.Unfold), with mmdet's weights, equals ours
     merge = model.layers[1].downsample
     z = torch.randn(2, 6 * 4, 32)
-    unfold = nn.Unfold(kernel_size=2, stride=2)(z.view(2, 6, 4, 32).permute(0, 3, 1, 2)).transpose(1, 2)
+    unfold = (nn.Unfold(kernel_size=2, stride=2)(z.view(2, 6, 4, 32).permute(0, 3, 1, 2))
+              .transpose(1, 2))
     ref = F.linear(F.layer_norm(unfold, (128,), sd["backbone.stages.0.downsample.norm.weight"],
                                 sd["backbone.stages.0.downsample.norm.bias"]),
                    sd["backbone.stages.0.downsample.reduction.weight"])
@@ -128,10 +130,13 @@ def test_detector_checkpoint_errors_name_keys(source, tmp_path):
         load_detector_backbone(build_backbone("swin_nano", tuning="ivt"), str(tmp_path / "bad.pth"))
     torch.save({"state_dict": {"neck.w": torch.zeros(1)}}, tmp_path / "nobackbone.pth")
     with pytest.raises(CheckpointError, match="no 'backbone"):
-        load_detector_backbone(build_backbone("swin_nano", tuning="ivt"), str(tmp_path / "nobackbone.pth"))
+        load_detector_backbone(build_backbone("swin_nano", tuning="ivt"),
+                               str(tmp_path / "nobackbone.pth"))
     sd = mmdet_swin_converter(release_layout(own))
     sd["backbone.stages.1.blocks.0.norm1.weight"] = torch.ones(65)
     torch.save({"state_dict": sd}, tmp_path / "wide.pth")
-    with pytest.raises(CheckpointError, match=r"shape mismatches \(1\): layers\.1\.blocks\.0\.norm1\.weight: "
+    with pytest.raises(CheckpointError, match=r"shape mismatches \(1\): "
+                                              r"layers\.1\.blocks\.0\.norm1\.weight: "
                                               r"checkpoint \(65,\) vs model \(64,\)"):
-        load_detector_backbone(build_backbone("swin_nano", tuning="ivt"), str(tmp_path / "wide.pth"))
+        load_detector_backbone(build_backbone("swin_nano", tuning="ivt"),
+                               str(tmp_path / "wide.pth"))

@@ -6,7 +6,6 @@ import re
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from ivt.models import BACKBONES, CheckpointError, build_backbone, count_parameters
@@ -40,12 +39,14 @@ def to_original_layout(sd):
     for k, v in sd.items():
         k = (k.replace(".mlp.norm.", ".mlp.ffn_ln.").replace(".mlp.fc1_g.", ".mlp.w1.")
               .replace(".mlp.fc1_x.", ".mlp.w2.").replace(".mlp.fc2.", ".mlp.w3.")
-              .replace(".attn.q_proj.bias", ".attn.q_bias").replace(".attn.v_proj.bias", ".attn.v_bias"))
+              .replace(".attn.q_proj.bias", ".attn.q_bias")
+              .replace(".attn.v_proj.bias", ".attn.v_bias"))
         out[k] = v
     C = sd["cls_token"].shape[-1]
     n = sd["pos_embed"].shape[1] - 1
     out.update({"mask_token": torch.zeros(1, 1, C), "lm_head.weight": torch.zeros(10, C),
-                "lm_head.bias": torch.zeros(10), "norm.weight": torch.ones(C), "norm.bias": torch.zeros(C),
+                "lm_head.bias": torch.zeros(10), "norm.weight": torch.ones(C),
+                "norm.bias": torch.zeros(C),
                 "rope.freqs_cos": torch.zeros(n, 32), "rope.freqs_sin": torch.zeros(n, 32),
                 "blocks.0.attn.rope.freqs_cos": torch.zeros(n, 32)})
     return out

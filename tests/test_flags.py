@@ -40,7 +40,6 @@ def test_workers_default_never_exceeds_the_cores(monkeypatch, cores, expected):
         assert module.get_parser().parse_args(["--data", "x"]).workers == expected
 
 
-
 @pytest.mark.parametrize("task, backbone, expected", [
     ("det", "swin_l", 0.2),       # the authors' DINO Swin-L config: drop_path_rate=0.2
     ("sod", "eva02_l", 0.2),      # the release's EVA02CPNet: drop_path_rate=0.2

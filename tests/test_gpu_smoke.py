@@ -34,7 +34,8 @@ def test_tiny_form_runs_every_step(tmp_path, monkeypatch):
                           "--report", str(report)]) == 0
     records = json.loads((report / "smoke.json").read_text())
     steps = [r["step"] for r in records]
-    chains = [[f"{t}: {s}" for s in ("train", "evaluate", "predict")] for t in ("seg", "sod", "det")]
+    chains = [[f"{t}: {s}" for s in ("train", "evaluate", "predict")]
+              for t in ("seg", "sod", "det")]
     assert sorted(steps) == sorted(["data", "ddp: torchrun, 1 process", *sum(chains, [])])
     for chain in chains:                                  # in order within a chain
         assert [s for s in steps if s in chain] == chain
@@ -67,7 +68,8 @@ def test_deadline_stops_a_step_with_its_children_and_skips_the_rest(tmp_path):
     smoke = _smoke()
     report = smoke.Report(tmp_path)
     pid_file = tmp_path / "grandchild.pid"
-    grandchild = f"import time; open({str(pid_file)!r}, 'w').write(str(__import__('os').getpid()));" \
+    grandchild = f"import time; open({str(pid_file)!r}, 'w')" \
+                 ".write(str(__import__('os').getpid()));" \
                  " time.sleep(120)"
     slow = [sys.executable, "-c", f"import subprocess, sys; print('started', flush=True); "
                                   f"subprocess.run([sys.executable, '-c', {grandchild!r}])"]
@@ -114,6 +116,6 @@ def test_gpu_form_is_the_papers_sizes_with_every_speed_up(task, script, tmp_path
     # enough training images for the batch (the trainer refuses fewer)
     (tmp_path / "run").mkdir()
     task_class = {"seg": "SegTask", "sod": "SODTask", "det": "DetTask"}[task]
-    train, _ = getattr(task_module(task), task_class)().build_datasets(args, normalization_for(backbone),
-                                                     tmp_path / "run", True)
+    train, _ = getattr(task_module(task), task_class)().build_datasets(
+        args, normalization_for(backbone), tmp_path / "run", True)
     assert len(train) >= batch

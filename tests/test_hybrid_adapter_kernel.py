@@ -533,6 +533,7 @@ def test_training_kernels_with_bfloat16_tokens(case, r, lead):
     truth = run(kernels.hybrid_adapter_train_reference, dtype=torch.float64)
     got = run(kernels.hybrid_adapter_train, dtype=torch.float32)
     assert got[1][0].dtype == torch.bfloat16 and got[1][-3].dtype == torch.bfloat16
+
     def reference_under_autocast(*args, **kwargs):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return kernels.hybrid_adapter_train_reference(*args, **kwargs)

@@ -45,7 +45,8 @@ def test_simam_matches_eq_12():
 
 def test_simam_single_pixel_is_defined():
     x = torch.randn(2, 3, 1, 1, dtype=torch.float64)
-    torch.testing.assert_close(SimAM()(x), x * torch.sigmoid(torch.tensor(0.5, dtype=torch.float64)))
+    torch.testing.assert_close(SimAM()(x),
+                               x * torch.sigmoid(torch.tensor(0.5, dtype=torch.float64)))
 
 
 @pytest.mark.parametrize("c,expected", [(64, 8_608), (8, 180), (13, 13 // 4 * 10 + 2 * 169 + 52)])

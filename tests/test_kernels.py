@@ -28,6 +28,7 @@ if kernels.TRITON_INSTALLED and torch.cuda.is_available():
 needs_triton = pytest.mark.skipif(not TARGETS, reason=f"needs a GPU or {kernels.INTERPRETER_NEEDS}")
 target_ids = [f"{device}-{str(dtype)[6:]}" for device, dtype, _ in TARGETS]
 
+
 def random_map(shape, layout, gen):
     """A float64 (B, C, H, W) map in a given memory layout; never constant, never zeros.
 

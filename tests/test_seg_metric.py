@@ -50,9 +50,11 @@ def test_matches_reference_on_random_batches(num_classes, shape):
     preds, gts = [], []
     for _ in range(4):
         # Skewed class frequencies so some classes are rare; ~10% ignored pixels.
-        gt = rng.choice(num_classes, size=shape, p=np.linspace(2, 1, num_classes) / np.linspace(2, 1, num_classes).sum())
+        gt = rng.choice(num_classes, size=shape,
+                        p=np.linspace(2, 1, num_classes) / np.linspace(2, 1, num_classes).sum())
         gt = np.where(rng.random(shape) < 0.1, 255, gt).astype(np.uint8)
-        pred = np.where(rng.random(shape) < 0.6, gt % num_classes, rng.integers(0, num_classes, shape))
+        pred = np.where(rng.random(shape) < 0.6, gt % num_classes,
+                        rng.integers(0, num_classes, shape))
         metric.update(torch.from_numpy(pred.astype(np.int64)), gt)
         preds.append(pred.reshape(-1))
         gts.append(gt.reshape(-1))

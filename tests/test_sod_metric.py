@@ -193,10 +193,11 @@ def test_input_errors():
 def test_speed_640x480():
     """Issue 8's budget: 2,500 images of 640x480 in well under a minute (24 ms per image is one
     minute on the machines CI ran on). CPU speed differs from machine to machine and from day
-    to day, so the assertion is relative, to PySODMetrics computing the same scores on the same images in the
-    same process (CPU time, best of three interleaved rounds of 10 images, so that other work on
-    a shared machine does not count): ours took 0.29-0.35 of its time (27-39 against 89-121 ms
-    on a machine where the old absolute check failed at 29 ms), and must stay under 0.6."""
+    to day, so the assertion is relative, to PySODMetrics computing the same scores on the same
+    images in the same process (CPU time, best of three interleaved rounds of 10 images, so that
+    other work on a shared machine does not count): ours took 0.29-0.35 of its time (27-39 against
+    89-121 ms on a machine where the old absolute check failed at 29 ms), and must stay under
+    0.6."""
     rng = np.random.default_rng(1)
     pairs = []
     for _ in range(10):
@@ -253,7 +254,8 @@ def test_saliency_map_is_min_max_normalised_per_image():
     # by hand: min 0.25 -> 0, max 0.75 -> 255, the middle 0.5 -> 127.5 -> 128
     np.testing.assert_array_equal(saliency_map(np.array([[0.25, 0.5], [0.75, 0.5]])),
                                   np.array([[0, 128], [255, 128]], np.uint8))
-    np.testing.assert_array_equal(saliency_map(np.full((2, 3), 0.5)), np.full((2, 3), 128, np.uint8))
+    np.testing.assert_array_equal(saliency_map(np.full((2, 3), 0.5)),
+                                  np.full((2, 3), 128, np.uint8))
 
 
 def test_evaluate_sod_scores_the_bilinear_resize_to_the_gt_size():

@@ -179,6 +179,7 @@ def brute_force_window_attention(block: SwinBlock, x: torch.Tensor, H: int, W: i
     hh, ww = hh.flatten(), ww.flatten()
     hs, ws = (hh - s) % H, (ww - s) % W                       # coordinates after the roll
     win = (hs // w) * (W // w) + ws // w
+
     def region(c, n):
         return (c >= n - w).long() + (c >= n - s).long() if s else torch.zeros_like(c)
     reg = region(hs, H) * 3 + region(ws, W)
@@ -316,7 +317,8 @@ def test_relative_position_table_is_resized_for_another_window(tmp_path):
     mode='bicubic')` (align_corners False), viewed back; here on random tables, in float64."""
     sd = _random_visible_state("swin_t")            # window 7: 13x13 tables
     torch.save({"model": _to_original_layout(sd)}, tmp_path / "w7.pth")
-    bb = build_backbone("swin_t", tuning="freeze", window_size=12, pretrained=str(tmp_path / "w7.pth"))
+    bb = build_backbone("swin_t", tuning="freeze", window_size=12,
+                        pretrained=str(tmp_path / "w7.pth"))
     table = bb.layers[0].blocks[0].attn.relative_position_bias_table
     assert table.shape == (23 * 23, 3)
     own, n = bb.state_dict(), 0
@@ -373,7 +375,8 @@ def test_wrong_model_checkpoint_names_the_keys(tmp_path):
     sd = _random_visible_state("swin_t")
     sd["layers.0.blocks.0.attn.extra.weight"] = torch.zeros(1)
     torch.save(sd, tmp_path / "extra.pth")
-    with pytest.raises(CheckpointError, match=r"unexpected keys \(1\): layers\.0\.blocks\.0\.attn\.extra"):
+    with pytest.raises(CheckpointError,
+                       match=r"unexpected keys \(1\): layers\.0\.blocks\.0\.attn\.extra"):
         build_backbone("swin_t", pretrained=str(tmp_path / "extra.pth"))
 
 
@@ -421,7 +424,8 @@ def test_ir_missing_variant_uses_visible():
     ((1, 3, 32, 32), (1, 3, 32, 48), "same batch size and spatial size"),
     ((1, 3, 32, 32), (2, 3, 32, 32), "same batch size and spatial size"),
     ((1, 4, 32, 32), (1, 3, 32, 32), r"vis must be a \(B, 3, H, W\) tensor, got \(1, 4, 32, 32\)"),
-    ((1, 3, 32, 32), (1, 2, 32, 32), r"ir must be a \(B, 1 or 3, H, W\) tensor, got \(1, 2, 32, 32\)"),
+    ((1, 3, 32, 32), (1, 2, 32, 32),
+     r"ir must be a \(B, 1 or 3, H, W\) tensor, got \(1, 2, 32, 32\)"),
     ((3, 32, 32), (1, 3, 32, 32), r"vis must be a \(B, 3, H, W\) tensor, got \(3, 32, 32\)"),
 ])
 def test_bad_inputs_fail_clearly(nano, vis, ir, message):

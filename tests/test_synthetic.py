@@ -15,11 +15,13 @@ M3FD_SAMPLE = Path(__file__).parent / "data" / "m3fd_sample"
 
 
 def tree_bytes(root: Path) -> dict:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(root)): p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("writer,kwargs", [(write_mfnet, dict(n_train=6, n_val=2, n_test=4)),
-                                           (write_vt, dict(n_train=3, n_test=2, n_vt1000=1, n_vt821=1)),
+                                           (write_vt, dict(n_train=3, n_test=2, n_vt1000=1,
+                                                           n_vt821=1)),
                                            (write_m3fd, dict(n=5))])
 def test_writers_are_deterministic(tmp_path, writer, kwargs):
     writer(tmp_path / "a", seed=7, **kwargs)
@@ -67,7 +69,8 @@ def test_night_visible_is_dark_and_decoys_are_cold_background():
     decoy_ir, object_ir = np.concatenate(decoy_ir), np.concatenate(object_ir)
     coldest_object = min(THERMAL_SIGNATURE[k] for k in ("car", "person", "bike", "color_cone"))
     assert np.median(decoy_ir) < 100 < coldest_object - 10 < np.median(object_ir)
-    assert np.mean(decoy_ir >= coldest_object - 10) < 0.03   # only blurred edges next to warm objects
+    # only blurred edges next to warm objects
+    assert np.mean(decoy_ir >= coldest_object - 10) < 0.03
 
 
 def test_objects_are_labelled_with_mfnet_ids():
@@ -111,7 +114,8 @@ def test_m3fd_layout_matches_the_real_annotation_format(tmp_path):
         for obj in ann.iter("object"):
             assert [c.tag for c in obj] == real_object_tags
             assert obj.find("name").text in M3FD_NAME.values()
-            x0, y0, x1, y1 = (int(obj.find(f"bndbox/{k}").text) for k in ("xmin", "ymin", "xmax", "ymax"))
+            x0, y0, x1, y1 = (int(obj.find(f"bndbox/{k}").text)
+                              for k in ("xmin", "ymin", "xmax", "ymax"))
             assert 1 <= x0 <= x1 <= 64 and 1 <= y0 <= y1 <= 48
             n_boxes += 1
     assert n_boxes >= 10

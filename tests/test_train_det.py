@@ -33,7 +33,6 @@ def tiny_args(data, out, iters=6, *extra):
             "--device", "cpu", "--kernels", "torch", *extra]
 
 
-
 @pytest.fixture(scope="module")
 def m3fd(tmp_path_factory):
     root = tmp_path_factory.mktemp("m3fd")
@@ -63,21 +62,24 @@ def test_detector_flags_reach_the_config():
     assert (cfg.encoder, cfg.enc_layers, cfg.ffn_dim) == ("hybrid", 6, 2048)
     assert (cfg.dn_number, cfg.label_noise_ratio, cfg.box_noise_scale) == (100, 0.5, 0.4)
     args = vars(parser.parse_args(["--data", "M3FD", "--encoder", "deformable", "--dn-number", "30",
-                                   "--box-noise", "1.0", "--label-noise", "0.2", "--ffn-dim", "64"]))
+                                   "--box-noise", "1.0", "--label-noise", "0.2",
+                                   "--ffn-dim", "64"]))
     cfg = detector_config(args)
-    assert (cfg.encoder, cfg.dn_number, cfg.box_noise_scale, cfg.label_noise_ratio, cfg.ffn_dim) == (
-        "deformable", 30, 1.0, 0.2, 64)
-    assert detector_config(vars(parser.parse_args(["--data", "M3FD", "--no-denoising"]))).dn_number == 0
+    assert (cfg.encoder, cfg.dn_number, cfg.box_noise_scale, cfg.label_noise_ratio,
+            cfg.ffn_dim) == ("deformable", 30, 1.0, 0.2, 64)
+    assert detector_config(vars(parser.parse_args(["--data", "M3FD",
+                                                   "--no-denoising"]))).dn_number == 0
 
 
 @pytest.mark.parametrize("tuning", ["ivt", "full"])
 def test_every_backbone_parameter_that_trains_gets_the_backbone_lr_mult(tuning):
-    """The authors' mmdet config: `paramwise_cfg=dict(custom_keys=dict(backbone=dict(lr_mult=0.1)))`,
-    which mmengine matches as the substring 'backbone' in a parameter's name; their IV-tuning
-    modules were built inside the Swin backbone, so they trained at 0.1x as well."""
+    """The authors' mmdet config:
+    `paramwise_cfg=dict(custom_keys=dict(backbone=dict(lr_mult=0.1)))`, which mmengine matches as
+    the substring 'backbone' in a parameter's name; their IV-tuning modules were built inside the
+    Swin backbone, so they trained at 0.1x as well."""
     ivt_options = ["--d2", "8"] if tuning == "ivt" else []
-    args = train_det.get_parser().parse_args(["--data", "x", "--backbone", "swin_nano", *ivt_options,
-                                              "--hidden-dim", "16", "--ffn-dim", "16",
+    args = train_det.get_parser().parse_args(["--data", "x", "--backbone", "swin_nano",
+                                              *ivt_options, "--hidden-dim", "16", "--ffn-dim", "16",
                                               "--size", "64", "--tuning", tuning])
     assert args.backbone_lr_mult == 0.1
     task = DetTask()
@@ -102,7 +104,8 @@ def test_ignored_boxes_are_not_training_targets():
         dec_layers=1, num_heads=2, num_points=2, ffn_dim=32, dn_number=4), tuning="ivt").train()
     g = torch.Generator().manual_seed(0)
     vis, ir = torch.randn(2, 3, 64, 64, generator=g), torch.randn(2, 3, 64, 64, generator=g)
-    boxes, labels = torch.tensor([[4.0, 4, 30, 40], [20, 10, 60, 30], [0, 40, 20, 60]]), torch.tensor([0, 1, 2])
+    boxes, labels = (torch.tensor([[4.0, 4, 30, 40], [20, 10, 60, 30], [0, 40, 20, 60]]),
+                     torch.tensor([0, 1, 2]))
     marked = [{"boxes": boxes, "labels": labels, "ignore": torch.tensor([False, True, False])},
               {"boxes": boxes[:1], "labels": labels[:1], "ignore": torch.tensor([True])}]
     kept = [{"boxes": boxes[[0, 2]], "labels": labels[[0, 2]]},

@@ -36,7 +36,6 @@ def tiny_args(data, out, iters=16, eval_every=4, *extra):
             "--device", "cpu", "--kernels", "torch", *extra]
 
 
-
 def losses_after_last_start(records):
     """{iter: loss} of the train records written after the last start/resume record."""
     last = max(i for i, r in enumerate(records) if r["event"] in ("start", "resume"))
@@ -337,7 +336,8 @@ def test_evaluate_outputs(data, tmp_path):
     for key in ("miou_all", "miou_day", "miou_night"):
         assert saved[key] == pytest.approx(result[key])
     assert saved["miou_all"] == pytest.approx(saved["all"]["mIoU"])
-    for part in ("all", "day", "night"):      # both averaging conventions, the RTFNet one <= mmseg's
+    # both averaging conventions, the RTFNet one <= mmseg's
+    for part in ("all", "day", "night"):
         assert saved[part]["mIoU_nan0"] <= saved[part]["mIoU"] + 1e-9
     assert set(saved["all"]["IoU"]) == {"unlabeled", "car", "person", "bike", "curve", "car_stop",
                                         "guardrail", "color_cone", "bump"}

@@ -40,7 +40,6 @@ def tiny_args(data, out, iters=8, *extra):
             "--kernels", "torch", "--lr", "1e-3", *extra]
 
 
-
 @pytest.fixture(scope="module")
 def vt(tmp_path_factory):
     root = tmp_path_factory.mktemp("vt")

@@ -133,6 +133,7 @@ def test_validation_images_that_are_training_images_are_warned_about(data, tmp_p
 
 class FakeStop:
     """A StopRequest whose signal arrives during iteration `at`."""
+
     def __init__(self, at):
         self.at, self.seen, self.signum = at, 0, None
 
@@ -442,6 +443,7 @@ def test_eager_step_scales_each_groups_lr_by_its_lr_mult():
 
 class CountingItems(torch.utils.data.Dataset):
     """Item i is {"i": i}; records the epochs `set_epoch` announces."""
+
     def __init__(self, n):
         self.n, self.epochs = n, []
 

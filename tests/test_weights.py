@@ -213,12 +213,14 @@ def test_http_error_refused_connection_and_timeout(server, cache, monkeypatch):
     with pytest.raises(WeightsError) as e:
         resolve_pretrained(server.url("silent.pth"), progress=False)
     assert time.perf_counter() - start < 5
-    assert server.url("silent.pth") in str(e.value) and str(cache_path(server.url("silent.pth"))) in str(e.value)
+    assert (server.url("silent.pth") in str(e.value)
+            and str(cache_path(server.url("silent.pth"))) in str(e.value))
     server.stop()
     with pytest.raises(WeightsError) as e:
         resolve_pretrained(server.url("swin_nano.pth"), progress=False)
     message = str(e.value)
-    assert server.url("swin_nano.pth") in message and str(cache_path(server.url("swin_nano.pth"))) in message
+    assert (server.url("swin_nano.pth") in message
+            and str(cache_path(server.url("swin_nano.pth"))) in message)
     assert "--pretrained FILE" in message and files(cache) == []
 
 
@@ -229,7 +231,8 @@ def test_release_names(release, server, cache, monkeypatch):
     monkeypatch.setitem(weights.RELEASES, "swin_t", dataclasses.replace(
         weights.RELEASES["swin_t"], url=server.url("swin_nano.pth"), sha256=sha[:8]))
     path = resolve_pretrained("swin_t", progress=False)
-    assert path == str(cache_path(server.url("swin_nano.pth"))) and Path(path).read_bytes() == served
+    assert (path == str(cache_path(server.url("swin_nano.pth")))
+            and Path(path).read_bytes() == served)
     check_weights(build_backbone("swin_nano", tuning="ivt", pretrained="swin_t"), own)
     os.remove(path)
     monkeypatch.setitem(weights.RELEASES, "swin_t", dataclasses.replace(
@@ -259,6 +262,7 @@ def test_pretrained_as_a_flag(release, server, cache, monkeypatch):
     monkeypatch.delitem(weights.RELEASES, "swin_nano")
     with pytest.raises(ValueError, match="pretrained=True.*swin_nano"):
         build_backbone("swin_nano", pretrained=True)
+
 
 def test_registry_entries():
     """Every release downloads under its URL's file name; the only pinned hash is mmdet's."""

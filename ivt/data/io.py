@@ -20,7 +20,8 @@ class BadImageError(ValueError):
 
 
 def open_image(path: PathLike) -> Image.Image:
-    """Open and fully decode `path` (pixels loaded, file closed); `BadImageError` if it cannot be."""
+    """Open and fully decode `path` (pixels loaded, file closed);
+    `BadImageError` if it cannot be."""
     try:
         with Image.open(path) as im:
             im.load()

@@ -91,7 +91,8 @@ def relative_position_index(wh: int, ww: int, table_window: int) -> torch.Tensor
 
     A smaller window (wh, ww <= w) uses the sub-table of its own offsets.
     """
-    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)
+    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww),
+                                        indexing="ij")).flatten(1)
     rel = coords[:, :, None] - coords[:, None, :] + (table_window - 1)    # (2, N, N), >= 0
     return rel[0] * (2 * table_window - 1) + rel[1]
 
@@ -219,7 +220,8 @@ def shifted_window_mask(padded: Grid, window: Grid, shift: Grid, device) -> torc
     Hp, Wp = padded
     region = torch.zeros(Hp, Wp, device=device)
     label = 0
-    for hs in (slice(0, -window[0]), slice(-window[0], -shift[0] or None), slice(-shift[0] or Hp, None)):
+    for hs in (slice(0, -window[0]), slice(-window[0], -shift[0] or None),
+               slice(-shift[0] or Hp, None)):
         for ws in (slice(0, -window[1]), slice(-window[1], -shift[1] or None),
                    slice(-shift[1] or Wp, None)):
             region[hs, ws] = label
@@ -304,7 +306,8 @@ class SwinBlock(nn.Module):
 
 
 class PatchMerging(nn.Module):
-    """2x2 neighbourhood concat (x0, x1, x2, x3 order of the release), LayerNorm, Linear 4C -> 2C."""
+    """2x2 neighbourhood concat (x0, x1, x2, x3 order of the release), LayerNorm,
+    Linear 4C -> 2C."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -500,7 +503,8 @@ def checkpoint_filter_fn(state_dict: StateDict, window_size: int,
     original = any(k.startswith("layers.0.downsample.") for k in state_dict)
     out, unused_norms = {}, []
     for k, v in state_dict.items():
-        if (k.startswith(("head.", "norm.")) or k.endswith(("relative_position_index", "attn_mask"))):
+        if (k.startswith(("head.", "norm."))
+                or k.endswith(("relative_position_index", "attn_mask"))):
             continue
         norm = OUTPUT_NORM.fullmatch(k)
         if norm and not out_norms:
@@ -521,8 +525,9 @@ def checkpoint_filter_fn(state_dict: StateDict, window_size: int,
     return out
 
 
-def build_swin(name: str, tuning: str, ivt_cfg: Optional[IVTConfig], window_size: Optional[int] = None,
-               drop_path_rate: Optional[float] = None, attention: str = "sdpa",
+def build_swin(name: str, tuning: str, ivt_cfg: Optional[IVTConfig],
+               window_size: Optional[int] = None, drop_path_rate: Optional[float] = None,
+               attention: str = "sdpa",
                taps: str = "stages", out_norms: bool = False) -> SwinBackbone:
     overrides = {"window_size": window_size, "drop_path_rate": drop_path_rate,
                  "attention": attention}

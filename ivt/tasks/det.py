@@ -47,10 +47,10 @@ contrastive denoising), not the COCO-trained DINO / CO-DETR the paper started fr
 numbers than the paper's Table 3 unless you start from a detection-trained backbone. Defaults are
 the paper's recipe where it applies (AdamW lr 1e-4, weight decay 1e-4, 36 epochs, lr x0.1 at
 epochs 27 and 33, batch 2, 640x640 input, gradient clipping 0.1) and DINO's detector settings
-(FFN 2048, 100 denoising queries, label noise 0.5, box noise 0.4 as in DINO's config; DINO's training
-scripts and mmdet use --box-noise 1.0; --encoder deformable: DINO's 6-layer deformable encoder).
-Ours: RT-DETR's hybrid encoder by default, 300 queries (DINO: 900), strides 4-32. Boxes marked
-difficult (VOC) or iscrowd (COCO) are not trained on and are ignored by the metric. The split
+(FFN 2048, 100 denoising queries, label noise 0.5, box noise 0.4 as in DINO's config; DINO's
+training scripts and mmdet use --box-noise 1.0; --encoder deformable: DINO's 6-layer deformable
+encoder). Ours: RT-DETR's hybrid encoder by default, 300 queries (DINO: 900), strides 4-32. Boxes
+marked difficult (VOC) or iscrowd (COCO) are not trained on and are ignored by the metric. The split
 lists default to the public scene-aware split shipped in ivt/data/splits/m3fd (2727 train / 633
 val / 840 test); the paper trains on 3360 images (--train-split train+val). best.pt is chosen by
 mAP on --val-split.

@@ -31,7 +31,8 @@ from ..models.saliency import build_saliency_model, sod_loss
 from ..models.swin import TAPS
 from ..trainer import Recipe, Task, backbone_kwargs
 
-DESCRIPTION = """Train a salient object detection model (IV-tuning backbone + CPNet decoder) on VT5000.
+DESCRIPTION = """\
+Train a salient object detection model (IV-tuning backbone + CPNet decoder) on VT5000.
 
     python train_sod.py --data VT5000/Train --backbone swin_l
     python evaluate.py --checkpoint runs/sod/best.pt --data VT5000/Test --data VT1000 --data VT821

@@ -55,20 +55,26 @@ class SetCriterion(nn.Module):
         """Losses of one set of predictions ('pred_logits' (B, Q, K), 'pred_boxes' (B, Q, 4))
         given the assignment; each is summed and divided by the number of target boxes."""
         logits, boxes = out["pred_logits"].float(), out["pred_boxes"].float()
-        batch_idx = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(indices)]).to(logits.device)
+        batch_idx = torch.cat([torch.full_like(q, b)
+                               for b, (q, _) in enumerate(indices)]).to(logits.device)
         query_idx = torch.cat([q for q, _ in indices]).to(logits.device)
-        labels = torch.cat([t["labels"][j.to(t["labels"].device)] for t, (_, j) in zip(targets, indices)])
+        labels = torch.cat([t["labels"][j.to(t["labels"].device)]
+                            for t, (_, j) in zip(targets, indices)])
         onehot = torch.zeros_like(logits)
-        onehot[batch_idx, query_idx, labels] = 1.0                            # unmatched: background
+        # unmatched: background
+        onehot[batch_idx, query_idx, labels] = 1.0
         loss_cls = sigmoid_focal_loss(logits, onehot, self.alpha, self.gamma).sum() / num_boxes
         src = boxes[batch_idx, query_idx]                                     # (N, 4) cxcywh
-        tgt = torch.cat([t["boxes"][j.to(t["boxes"].device)] for t, (_, j) in zip(targets, indices)])
+        tgt = torch.cat([t["boxes"][j.to(t["boxes"].device)]
+                         for t, (_, j) in zip(targets, indices)])
         loss_l1 = F.l1_loss(src, tgt, reduction="sum") / num_boxes
         giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt)))
         loss_giou = (1 - giou).sum() / num_boxes
-        return {f"loss_cls{suffix}": loss_cls, f"loss_l1{suffix}": loss_l1, f"loss_giou{suffix}": loss_giou}
+        return {f"loss_cls{suffix}": loss_cls, f"loss_l1{suffix}": loss_l1,
+                f"loss_giou{suffix}": loss_giou}
 
-    def forward(self, outputs: Dict, targets: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    def forward(self, outputs: Dict,
+                targets: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
         """outputs: `Detector.forward`'s dict; targets: B dicts, 'boxes' (n, 4) xyxy in pixels of
         the input tensor (outputs['image_size']), 'labels' (n,) int64 in [0, K).
         Returns every named term (unweighted) and their weighted sum under 'loss' (Eq. 17):
@@ -84,19 +90,23 @@ class SetCriterion(nn.Module):
             num_boxes = num_boxes / dist.get_world_size()
         num_boxes = max(num_boxes.item(), 1.0)
 
-        sets = [("", outputs)] + [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]
+        sets = [("", outputs)] + [(f"_{i}", aux)
+                                  for i, aux in enumerate(outputs.get("aux_outputs", []))]
         if "enc_outputs" in outputs:
             sets.append(("_enc", outputs["enc_outputs"]))
         losses = {}
         for suffix, out in sets:
-            losses.update(self.set_losses(out, targets, self.matcher(out, targets), num_boxes, suffix))
+            losses.update(self.set_losses(out, targets, self.matcher(out, targets), num_boxes,
+                                          suffix))
         if "dn_outputs" in outputs:
             meta, dn = outputs["dn_meta"], outputs["dn_outputs"]
             indices = denoising_indices(meta, targets)
             dn_sets = [("_dn", dn)] + [(f"_dn_{i}", aux) for i, aux in enumerate(dn["aux_outputs"])]
             for suffix, out in dn_sets:
-                losses.update(self.set_losses(out, targets, indices, num_boxes * meta["num_groups"], suffix))
-        losses["loss"] = sum(self.weights[name.split("_")[1]] * value for name, value in losses.items())
+                losses.update(self.set_losses(out, targets, indices, num_boxes * meta["num_groups"],
+                                              suffix))
+        losses["loss"] = sum(self.weights[name.split("_")[1]] * value
+                             for name, value in losses.items())
         return losses
 
 

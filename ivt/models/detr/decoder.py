@@ -38,14 +38,16 @@ class DecoderLayer(nn.Module):
         self.ffn = FeedForward(dim, ffn_dim, dropout)
 
     def forward(self, tgt: torch.Tensor, query_pos: torch.Tensor, boxes: torch.Tensor,
-                memory: torch.Tensor, shapes: Shapes, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+                memory: torch.Tensor, shapes: Shapes,
+                attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
         """tgt, query_pos: (B, Q, C); boxes: (B, Q, 4) reference boxes in [0, 1]; memory (B, S, C);
         attn_mask: (Q, Q) bool, True where a query may NOT look (denoising groups) -> (B, Q, C)."""
         q = tgt + query_pos
         tgt = self.norm1(tgt + self.dropout(self.self_attn(q, q, tgt, attn_mask=attn_mask,
                                                            need_weights=False)[0]))
         reference = boxes[:, :, None, :].expand(-1, -1, len(shapes), -1)     # (B, Q, L, 4)
-        tgt = self.norm2(tgt + self.dropout(self.cross_attn(tgt + query_pos, reference, memory, shapes)))
+        tgt = self.norm2(tgt + self.dropout(self.cross_attn(tgt + query_pos, reference, memory,
+                                                            shapes)))
         return self.ffn(tgt)
 
 
@@ -59,7 +61,8 @@ class Decoder(nn.Module):
                  ffn_dim: int, dropout: float, num_classes: int):
         super().__init__()
         self.dim = dim
-        self.layers = nn.ModuleList(DecoderLayer(dim, num_heads, num_levels, num_points, ffn_dim, dropout)
+        self.layers = nn.ModuleList(DecoderLayer(dim, num_heads, num_levels, num_points, ffn_dim,
+                                                 dropout)
                                     for _ in range(num_layers))
         self.query_pos_head = MLP(2 * dim, dim, dim, 2)      # sine embedding of the box -> position
         self.norm = nn.LayerNorm(dim)                        # before the heads' predictions

@@ -21,13 +21,15 @@ Shapes = List[Tuple[int, int]]
 
 
 def multi_scale_deformable_attention(value: torch.Tensor, shapes: Shapes,
-                                     locations: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+                                     locations: torch.Tensor,
+                                     weights: torch.Tensor) -> torch.Tensor:
     """The sampling core.
 
     value: (B, S, M, D) per-head values of all levels, flattened level by level (S = sum H_l W_l).
     shapes: [(H_l, W_l)] for the L levels.
     locations: (B, Q, M, L, P, 2) sampling points as (x, y) in [0, 1] of each level's extent;
-        pixel (i, j) covers [j, j+1] / W_l x [i, i+1] / H_l, so its centre is at ((j+.5)/W_l, (i+.5)/H_l).
+        pixel (i, j) covers [j, j+1] / W_l x [i, i+1] / H_l, so its centre is at
+        ((j+.5)/W_l, (i+.5)/H_l).
     weights: (B, Q, M, L, P) attention weights (softmax over L * P per head).
     Returns (B, Q, M * D) in value's dtype. Points outside the map read zeros (bilinear, as the
     CUDA kernel does). The sampling runs in float32 at least: a lower-precision value is cast up,
@@ -68,11 +70,13 @@ class MultiScaleDeformableAttention(nn.Module):
     """`forward(query, reference, value, shapes)`; dim split over `num_heads` heads, each sampling
     `num_points` points on each of `num_levels` levels."""
 
-    def __init__(self, dim: int = 256, num_heads: int = 8, num_levels: int = 4, num_points: int = 4):
+    def __init__(self, dim: int = 256, num_heads: int = 8, num_levels: int = 4,
+                 num_points: int = 4):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        self.dim, self.num_heads, self.num_levels, self.num_points = dim, num_heads, num_levels, num_points
+        self.dim, self.num_heads, self.num_levels, self.num_points = (dim, num_heads, num_levels,
+                                                                      num_points)
         self.sampling_offsets = nn.Linear(dim, num_heads * num_levels * num_points * 2)
         self.attention_weights = nn.Linear(dim, num_heads * num_levels * num_points)
         self.value_proj = nn.Linear(dim, dim)
@@ -111,9 +115,11 @@ class MultiScaleDeformableAttention(nn.Module):
         if len(shapes) != L:
             raise ValueError(f"expected {L} levels, got shapes {shapes}")
         if reference.shape[-1] not in (2, 4):
-            raise ValueError(f"reference must end in 2 (points) or 4 (boxes), got {tuple(reference.shape)}")
+            raise ValueError("reference must end in 2 (points) or 4 (boxes), got "
+                             f"{tuple(reference.shape)}")
         v = self.value_proj(value).view(B, value.shape[1], M, self.dim // M)
-        dtype = torch.promote_types(torch.promote_types(query.dtype, reference.dtype), torch.float32)
+        dtype = torch.promote_types(torch.promote_types(query.dtype, reference.dtype),
+                                    torch.float32)
         with torch.autocast(query.device.type, enabled=False):
             q, reference = query.to(dtype), reference.to(dtype)
             offsets = _linear(self.sampling_offsets, q).view(B, Q, M, L, P, 2)
@@ -121,7 +127,8 @@ class MultiScaleDeformableAttention(nn.Module):
             weights = weights.view(B, Q, M, L, P)
             if reference.shape[-1] == 2:
                 wh = torch.tensor([[w, h] for h, w in shapes], dtype=dtype, device=query.device)
-                locations = reference[:, :, None, :, None, :] + offsets / wh[None, None, None, :, None, :]
+                locations = (reference[:, :, None, :, None, :]
+                             + offsets / wh[None, None, None, :, None, :])
             else:
                 locations = (reference[:, :, None, :, None, :2]
                              + offsets / P * reference[:, :, None, :, None, 2:] * 0.5)

@@ -21,13 +21,15 @@ from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
 
 @dataclass
 class DenoisingQueries:
-    content: torch.Tensor        # (B, pad_size, C): label embeddings of the (possibly flipped) labels
+    # (B, pad_size, C): label embeddings of the (possibly flipped) labels
+    content: torch.Tensor
     boxes_unact: torch.Tensor    # (B, pad_size, 4): noised boxes before the sigmoid
     attn_mask: torch.Tensor      # (pad_size + Q, pad_size + Q) bool, True = may not attend
     meta: Dict[str, int]         # pad_size, num_groups, group_size
 
 
-def denoising_attention_mask(num_groups: int, group_size: int, num_queries: int, device) -> torch.Tensor:
+def denoising_attention_mask(num_groups: int, group_size: int, num_queries: int,
+                             device) -> torch.Tensor:
     """(P + Q, P + Q) bool with P = num_groups * group_size; queries are ordered
     [group 0, ..., group G-1, matching queries]. True entries are blocked."""
     pad = num_groups * group_size
@@ -58,8 +60,8 @@ class Denoising(nn.Module):
     a random class with probability label_noise_ratio / 2 (DINO); corners move by up to
     box_noise_scale half sizes (positives) or between one and two times that (negatives)."""
 
-    def __init__(self, num_classes: int, dim: int, dn_number: int = 100, label_noise_ratio: float = 0.5,
-                 box_noise_scale: float = 0.4):
+    def __init__(self, num_classes: int, dim: int, dn_number: int = 100,
+                 label_noise_ratio: float = 0.5, box_noise_scale: float = 0.4):
         super().__init__()
         self.num_classes, self.dn_number = num_classes, dn_number
         self.label_noise_ratio, self.box_noise_scale = label_noise_ratio, box_noise_scale
@@ -99,7 +101,8 @@ class Denoising(nn.Module):
         B, dim = len(targets), self.label_embed.embedding_dim
         content = torch.zeros(B, pad, dim, device=device, dtype=self.label_embed.weight.dtype)
         content = content.index_put((image, slot), self.label_embed(labels))
-        boxes_unact = torch.zeros(B, pad, 4, device=device).index_put((image, slot), inverse_sigmoid(boxes))
+        boxes_unact = torch.zeros(B, pad, 4, device=device).index_put((image, slot),
+                                                                      inverse_sigmoid(boxes))
         mask = denoising_attention_mask(groups, 2 * max_n, num_queries, device)
         return DenoisingQueries(content, boxes_unact, mask,
                                 {"pad_size": pad, "num_groups": groups, "group_size": 2 * max_n})

@@ -124,7 +124,8 @@ class Detector(nn.Module):
         if self.training and targets is not None and self.denoising is not None:
             check_targets(targets, vis.shape[0], self.cfg.num_classes)
             dn = self.denoising([{"labels": t["labels"].long(),
-                                  "boxes": normalize_boxes(t["boxes"].float(), (H, W))} for t in targets],
+                                  "boxes": normalize_boxes(t["boxes"].float(), (H, W))}
+                                 for t in targets],
                                 self.cfg.num_queries)
         attn_mask, pad = None, 0
         if dn is not None:
@@ -138,14 +139,16 @@ class Detector(nn.Module):
         logits, boxes = self.decoder(tgt, boxes_unact, memory, shapes, attn_mask)
 
         def split(lo: int, hi: Optional[int]) -> List[Dict[str, torch.Tensor]]:
-            return [{"pred_logits": l[:, lo:hi], "pred_boxes": b[:, lo:hi]} for l, b in zip(logits, boxes)]
+            return [{"pred_logits": l[:, lo:hi], "pred_boxes": b[:, lo:hi]}
+                    for l, b in zip(logits, boxes)]
 
         layers = split(pad, None)
         out = dict(layers[-1], aux_outputs=layers[:-1] if self.cfg.aux_loss else [],
                    enc_outputs=enc_outputs, image_size=(H, W))
         if dn is not None:
             dn_layers = split(0, pad)
-            out["dn_outputs"] = dict(dn_layers[-1], aux_outputs=dn_layers[:-1] if self.cfg.aux_loss else [])
+            out["dn_outputs"] = dict(dn_layers[-1],
+                                     aux_outputs=dn_layers[:-1] if self.cfg.aux_loss else [])
             out["dn_meta"] = dn.meta
         return out
 
@@ -156,18 +159,20 @@ class Detector(nn.Module):
         if self.cfg.encoder == "hybrid":         # maps in, maps out; AIFI has its own positions
             return flatten_levels(self.encoder(feats)), shapes
         src = flatten_levels(feats)                                            # (B, S, C)
-        pos = torch.cat([map_position_embedding(s, self.cfg.hidden_dim, src.device) + self.level_embed[l]
+        pos = torch.cat([map_position_embedding(s, self.cfg.hidden_dim, src.device)
+                         + self.level_embed[l]
                          for l, s in enumerate(shapes)])[None].to(src.dtype)   # (1, S, C)
         return self.encoder(src, pos, shapes), shapes
 
-    def loss(self, outputs: Dict, targets: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    def loss(self, outputs: Dict,
+             targets: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
         """Named loss terms and their weighted total under 'loss' (see `SetCriterion`)."""
         return self.criterion(outputs, targets)
 
     @torch.no_grad()
     def predict(self, vis: torch.Tensor, ir: Optional[torch.Tensor] = None,
-                orig_sizes: Optional[Sequence[Tuple[int, int]]] = None, score_threshold: float = 0.0,
-                max_dets: int = 100) -> List[Dict[str, torch.Tensor]]:
+                orig_sizes: Optional[Sequence[Tuple[int, int]]] = None,
+                score_threshold: float = 0.0, max_dets: int = 100) -> List[Dict[str, torch.Tensor]]:
         """Detections per image, as DINO's post-processing: the top `max_dets` (query, class)
         pairs by sigmoid score, each query may appear with several classes.
 
@@ -200,8 +205,8 @@ def flatten_levels(feats: List[torch.Tensor]) -> torch.Tensor:
     return torch.cat([f.flatten(2).transpose(1, 2) for f in feats], dim=1)
 
 
-def build_detector(backbone: str, cfg: DetectorConfig, tuning: str = "ivt", pretrained: Optional[str] = None,
-                   img_size=None, **backbone_options) -> Detector:
+def build_detector(backbone: str, cfg: DetectorConfig, tuning: str = "ivt",
+                   pretrained: Optional[str] = None, img_size=None, **backbone_options) -> Detector:
     """Backbone `backbone` (a name in `ivt.models.BACKBONES`, built by `build_backbone` with
     `tuning`, `pretrained`, `img_size` and `backbone_options`) + the detector of `cfg`. A Swin
     is mmdet's, with a LayerNorm on each output (`out_norms`), unless `out_norms=False` is

@@ -61,7 +61,8 @@ class Encoder(nn.Module):
     def __init__(self, num_layers: int, dim: int, num_heads: int, num_levels: int, num_points: int,
                  ffn_dim: int, dropout: float):
         super().__init__()
-        self.layers = nn.ModuleList(EncoderLayer(dim, num_heads, num_levels, num_points, ffn_dim, dropout)
+        self.layers = nn.ModuleList(EncoderLayer(dim, num_heads, num_levels, num_points, ffn_dim,
+                                                 dropout)
                                     for _ in range(num_layers))
 
     def forward(self, src: torch.Tensor, pos: torch.Tensor, shapes: Shapes) -> torch.Tensor:

@@ -61,7 +61,8 @@ class HungarianMatcher(nn.Module):
                 indices.append((empty, empty))
                 continue
             q, t = linear_sum_assignment(c[b].numpy())
-            indices.append((torch.as_tensor(q, dtype=torch.int64), torch.as_tensor(t, dtype=torch.int64)))
+            indices.append((torch.as_tensor(q, dtype=torch.int64),
+                            torch.as_tensor(t, dtype=torch.int64)))
         return indices
 
 

@@ -10,8 +10,9 @@ import torch
 def sine_embedding(coords: torch.Tensor, num_feats: int, temperature: float) -> torch.Tensor:
     """coords: (..., D) positions in [0, 1] -> (..., D * num_feats).
 
-    Each coordinate u becomes [sin(2 pi u / T^(0/F)), cos(2 pi u / T^(0/F)), sin(2 pi u / T^(2/F)), ...]
-    with F = num_feats (even) and T = temperature; the coordinates' embeddings are concatenated.
+    Each coordinate u becomes [sin(2 pi u / T^(0/F)), cos(2 pi u / T^(0/F)),
+    sin(2 pi u / T^(2/F)), ...] with F = num_feats (even) and T = temperature; the coordinates'
+    embeddings are concatenated.
     """
     if num_feats % 2:
         raise ValueError(f"sine_embedding: num_feats must be even, got {num_feats}")
@@ -52,7 +53,8 @@ def sincos_2d_embedding(size_hw: Tuple[int, int], dim: int, temperature: float =
     if dim % 4:
         raise ValueError(f"the 2-D sin-cos embedding needs a dim divisible by 4, got {dim}")
     h, w = size_hw
-    omega = temperature ** -(torch.arange(dim // 4, dtype=torch.float32, device=device) / (dim // 4))
+    omega = temperature ** -(torch.arange(dim // 4, dtype=torch.float32, device=device)
+                             / (dim // 4))
     y, x = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=device),
                           torch.arange(w, dtype=torch.float32, device=device), indexing="ij")
     ax, ay = x.reshape(-1, 1) * omega, y.reshape(-1, 1) * omega                  # (H*W, dim/4)

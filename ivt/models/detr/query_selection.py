@@ -12,7 +12,8 @@ from .decoder import MLP
 from .encoder import Shapes
 
 
-def anchor_proposals(shapes: Shapes, device, base_size: float = 0.05) -> Tuple[torch.Tensor, torch.Tensor]:
+def anchor_proposals(shapes: Shapes, device,
+                     base_size: float = 0.05) -> Tuple[torch.Tensor, torch.Tensor]:
     """One anchor per token: centred on its pixel, side base_size * 2^l on level l.
 
     Returns anchors (S, 4) as logits of normalised cxcywh, and valid (S,) bool: anchors whose
@@ -61,7 +62,8 @@ class QuerySelection(nn.Module):
         top_logits = logits.gather(1, top[..., None].expand(-1, -1, logits.shape[-1]))
         top_boxes = boxes_unact.gather(1, top[..., None].expand(-1, -1, 4))
         content = self.content.weight[None].expand(B, -1, -1)
-        return content, top_boxes.detach(), {"pred_logits": top_logits, "pred_boxes": top_boxes.sigmoid()}
+        return content, top_boxes.detach(), {"pred_logits": top_logits,
+                                             "pred_boxes": top_boxes.sigmoid()}
 
 
 def build_query_selection(cfg) -> QuerySelection:

@@ -10,8 +10,9 @@ Low-rank tokens T_i = A_i B_i with A_i (m, r), B_i (r, C) (Rein's default LoRA t
 r = 16), and the two MLPs (W_T, b_T), (W_f, b_f) and alpha shared by the layers. For a
 hierarchical backbone Rein's release (its ConvNeXt-L config) builds one such module per stage,
 shared by the stage's blocks (the widths differ between stages); so do we for Swin, and one module
-for the ViTs (EVA02, DINOv2, MAE). The release's link to Mask2Former queries (`transform`, `merge`) has no counterpart in a
-Segformer head and is left out. On the ViTs the cls (and register) tokens pass unchanged, as in the release.
+for the ViTs (EVA02, DINOv2, MAE). The release's link to Mask2Former queries (`transform`, `merge`)
+has no counterpart in a Segformer head and is left out. On the ViTs the cls (and register) tokens
+pass unchanged, as in the release.
 
 Trainable parameters per stage: L (m r + r C) + 2 (C^2 + C) + 1. With W_f = 0, b_f = 0 (or
 alpha = 0) the block outputs are unchanged.
