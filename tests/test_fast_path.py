@@ -601,12 +601,19 @@ class ScaleHook(torch.nn.Module):
         return z_in + (z_out - z_in) * self.scale, prompt
 
 
-def test_fast_path_calls_other_hooks_as_usual():
-    ref, fast = pair(lambda f: make_fast(build_backbone("swin_nano", "ivt", d2=16,
-                                                        drop_path_rate=0.0), impl(f)))
-    for model in (ref, fast):
-        model.layers[1].blocks[0].adapters = ScaleHook()
+@pytest.mark.parametrize("backbone", ["swin", "eva02"])
+def test_fast_path_calls_other_hooks_as_usual(backbone):
+    """A block whose hook is not `BlockAdapters` calls it as the reference does, on the patch
+    tokens only where the block also has a cls token (EVA02)."""
+    if backbone == "swin":
+        ref, fast = pair(lambda f: make_fast(build_backbone("swin_nano", "ivt", d2=16,
+                                                            drop_path_rate=0.0), impl(f)))
+        hooked, size = [m.layers[1].blocks[0] for m in (ref, fast)], (32, 48)
+    else:
+        ref, fast = pair(lambda f: tiny_eva(f))
+        hooked, size = [m.blocks[1] for m in (ref, fast)], (24, 40)
+    for block in hooked:
+        block.adapters = ScaleHook()
     torch.manual_seed(0)
-    vis, ir = torch.randn(2, 3, 32, 48, dtype=torch.float64), torch.randn(2, 3, 32, 48,
-                                                                          dtype=torch.float64)
+    vis, ir = (torch.randn(2, 3, *size, dtype=torch.float64) for _ in range(2))
     assert_same(run(ref, vis, ir), run(fast, vis, ir))
