@@ -315,7 +315,7 @@ def test_delta_checkpoint_reproduces_predictions(tmp_path, method):
 # -- the comparison demo --------------------------------------------------------------------------
 def test_demo_methods_smoke(tmp_path):
     """`ivt.demo.methods.run` plumbing on the demo's smoke preset: one row per mode, counts
-    from the built models, metrics in range."""
+    from the built models, metrics in range; the printed table has a row per mode."""
     from ivt import demo
     from ivt.demo import methods as demo_methods
     summary = demo_methods.run(tmp_path, seed=1, quiet=True, settings=demo.PRESETS["smoke"])
@@ -329,3 +329,7 @@ def test_demo_methods_smoke(tmp_path):
     assert summary["freeze"]["trainable_params"] == 0
     assert summary["full_vis"]["trainable_fraction"] == 1.0
     assert (tmp_path / "methods_summary.json").is_file()
+    header, *rows = demo_methods.format_table(summary).splitlines()
+    assert header.split()[0] == "method" and len(rows) == len(summary)
+    for row, (name, r) in zip(rows, summary.items()):
+        assert row.split()[0] == name and f"{r['trainable_params']:,}" in row
