@@ -24,3 +24,11 @@ def script_env(monkeypatch):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def children_write_temporary_files_under_pytests_folder(tmp_path_factory):
+    """The processes the tests start (torchrun's log folders, multiprocessing's folders, a run
+    killed on purpose) make their temporary files under pytest's temporary folder, which pytest
+    prunes, instead of leaving them in the system's."""
+    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("tmp"))
