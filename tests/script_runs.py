@@ -1,5 +1,7 @@
-"""Helpers for the tests that run the training scripts: reading a run's log, and starting a run
-in a child process that is killed with SIGKILL at a random moment after its first checkpoint."""
+"""Helpers for the tests of the repository's scripts: loading a benchmark script as a module,
+reading a run's log, and starting a run in a child process that is killed with SIGKILL at a random
+moment after its first checkpoint."""
+import importlib.util
 import json
 import os
 import random
@@ -10,6 +12,17 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# The CPU proxies' fused-adapter tiles (tokens, channels): the launches a GPU's tiles make, in a
+# third of the interpreter's time (tests/test_bench_proxies.py)
+PROXY_ADAPTER_TILES = (256, 64)
+
+
+def load_bench(name: str):
+    """bench/<name>.py as a module (the bench folder is no package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def read_log(path):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from script_runs import load_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,10 +22,7 @@ def made_up(cases: list) -> dict:
 
 
 def _vs_timm():
-    spec = importlib.util.spec_from_file_location("bench_vs_timm", ROOT / "bench" / "vs_timm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("vs_timm")
 
 
 def test_table_gives_ours_over_timm():

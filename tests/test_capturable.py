@@ -7,7 +7,6 @@ but the optimizer, whose capturable form `tests/test_graph_step.py` checks on CU
 the eager warm-up before a capture, then again recording every such operator. Segmentation and
 SOD (Swin and EVA02) must have none; detection has them (its Hungarian matching), which is why
 its `--cuda-graph` runs eager steps (`DetTask.eager_only`)."""
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from ivt import engine, trainer  # noqa: E402
 from ivt.data.synthetic import write_m3fd, write_mfnet, write_vt  # noqa: E402
 from ivt.models import normalization_for  # noqa: E402
 from ivt.tasks import task_module  # noqa: E402
+from script_runs import load_bench  # noqa: E402
 
 aten = torch.ops.aten
 # operators a capture refuses on a GPU: a value read into Python, an output whose shape depends
@@ -35,10 +35,7 @@ TASK_CLASSES = {"seg": "SegTask", "sod": "SODTask", "det": "DetTask"}
 
 
 def _bench_train_step():
-    spec = importlib.util.spec_from_file_location("train_step", ROOT / "bench" / "train_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("train_step")
 
 
 class HostWaits(TorchDispatchMode):

@@ -2,7 +2,6 @@
 to a cubin for the H100/H200 (sm_90) and the A100 (sm_80) within their shared-memory limits, on
 this GPU-less machine; and the check fails a launch that needs more shared memory than a block
 may have, which Triton's CPU interpreter runs without complaint."""
-import importlib.util
 import json
 import os
 import re
@@ -16,11 +15,10 @@ import pytest
 pytest.importorskip("triton")
 
 import kernels  # noqa: E402
+from script_runs import load_bench  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("compile_check", ROOT / "bench" / "compile_check.py")
-compile_check = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(compile_check)
+compile_check = load_bench("compile_check")
 pytestmark = pytest.mark.skipif(kernels.triton_version() < compile_check.MIN_TRITON,
                                 reason="bench.compile_check needs Triton >= {}.{}".format(
                                     *compile_check.MIN_TRITON))

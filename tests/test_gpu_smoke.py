@@ -1,6 +1,5 @@
 """bench/gpu_smoke.py: its CPU form (`--tiny`) runs every step, and the GPU form's command lines
 are flags the scripts accept, with the paper's sizes, amp, the fused kernels and a CUDA graph."""
-import importlib.util
 import json
 import sys
 import time
@@ -18,13 +17,11 @@ import train_seg  # noqa: E402
 import train_sod  # noqa: E402
 from ivt.models import normalization_for  # noqa: E402
 from ivt.tasks import task_module  # noqa: E402
+from script_runs import load_bench  # noqa: E402
 
 
 def _smoke():
-    spec = importlib.util.spec_from_file_location("gpu_smoke", ROOT / "bench" / "gpu_smoke.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("gpu_smoke")
 
 
 def test_tiny_form_runs_every_step(tmp_path, monkeypatch):
