@@ -24,7 +24,8 @@ two images of a pair must have the same size. Thermal images may be 8-bit grey, 
 high bit depth (16-bit PNG/TIFF, 32-bit integer or float TIFF). THERMAL NORMALISATION RULE for
 high-bit-depth images: per image, the 1st..99th percentile range of the values is mapped linearly
 onto 0..255 and clipped (the min..max range when those percentiles are equal; 0 for a constant
-image). A high-bit-depth grey visible image gets the same rule.
+image). A high-bit-depth grey visible image gets the same rule. Training and evaluate.py read
+images by the same rules (ivt/data/io.py).
 
 Failures. A pair whose images differ in size, an unreadable or missing file, a stem present in
 only one of the two folders, or a second pair with the same output name is reported by name
@@ -51,9 +52,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from ivt.data import CLASSES
-from ivt.data.io import BadImageError, open_image
-from ivt.data.transforms import (pad_to, resize, thermal_to_gray, thermal_to_tensor,
-                                 visible_to_tensor)
+from ivt.data.io import BadImageError, open_image, open_thermal, open_visible
+from ivt.data.transforms import pad_to, resize, thermal_to_tensor, visible_to_tensor
 from ivt.engine import autocast_context, select_device
 from ivt.models.vit import ViTBackbone
 from ivt.precision import store_frozen_weights
@@ -62,8 +62,6 @@ from ivt.visualize import (distinct_colours, draw_boxes, overlay_saliency, overl
                            palette_for)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
-THERMAL_PERCENTILES = (1.0, 99.0)
 MAX_EXIT_STATUS = 100
 
 
@@ -208,36 +206,6 @@ class PairError(ValueError):
     """A pair that cannot be used; the message names the file(s)."""
 
 
-def stretch_to_uint8(values: np.ndarray) -> np.ndarray:
-    """High-bit-depth (H, W) -> uint8: the 1st..99th percentile range onto 0..255, clipped
-    (min..max when the percentiles are equal; zeros for a constant image)."""
-    x = values.astype(np.float64)
-    lo, hi = np.percentile(x, THERMAL_PERCENTILES)
-    if hi <= lo:
-        lo, hi = x.min(), x.max()
-    if hi <= lo:
-        return np.zeros(x.shape, np.uint8)
-    return np.clip((x - lo) * (255.0 / (hi - lo)), 0, 255).round().astype(np.uint8)
-
-
-def read_thermal(path: Path) -> np.ndarray:
-    """(H, W) uint8 from a grey (8-bit or high-bit-depth) or 3-channel thermal image."""
-    im = open_image(path)
-    if im.mode in HIGH_DEPTH_MODES:
-        return stretch_to_uint8(np.asarray(im))
-    if im.mode in ("L", "1", "P", "LA"):
-        return np.asarray(im.convert("L"))
-    return thermal_to_gray(np.asarray(im.convert("RGB")))
-
-
-def read_visible(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8; grey images are repeated to 3 channels."""
-    im = open_image(path)
-    if im.mode in HIGH_DEPTH_MODES:
-        return np.repeat(stretch_to_uint8(np.asarray(im))[..., None], 3, axis=2)
-    return np.asarray(im.convert("RGB"))
-
-
 def read_pair(pair: Pair) -> Tuple[np.ndarray, np.ndarray]:
     """(vis (H, W, 3), ir (H, W)) uint8; PairError / BadImageError / FileNotFoundError."""
     if pair.ir is None:
@@ -246,7 +214,7 @@ def read_pair(pair: Pair) -> Tuple[np.ndarray, np.ndarray]:
             raise PairError(f"{pair.vis}: expected 4 channels (R, G, B, thermal), got shape "
                             f"{rgbt.shape}")
         return rgbt[..., :3], rgbt[..., 3]
-    vis, ir = read_visible(pair.vis), read_thermal(pair.ir)
+    vis, ir = np.asarray(open_visible(pair.vis)), np.asarray(open_thermal(pair.ir))
     if vis.shape[:2] != ir.shape:
         raise PairError(f"{pair.vis} is {vis.shape[1]}x{vis.shape[0]} but {pair.ir} is "
                         f"{ir.shape[1]}x{ir.shape[0]} (width x height): sizes differ")

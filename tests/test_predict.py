@@ -23,19 +23,13 @@ from ivt.data.synthetic import render_scene, write_m3fd, write_mfnet, write_vt  
 from ivt.data.transforms import thermal_to_tensor, visible_to_tensor  # noqa: E402
 from ivt.models import normalization_for  # noqa: E402
 from ivt.tasks import config_normalization, load_trained  # noqa: E402
+from test_high_bit_depth import stretch_reference  # noqa: E402  (the 16-bit rule, float64)
 
 TINY = ["--backbone", "swin_nano", "--d2", "8", "--batch-size", "2", "--eval-every", "1",
         "--log-every", "1", "--workers", "0", "--device", "cpu", "--kernels", "torch"]
 
 
 # -- references, written from the documented rules ------------------------------------------------
-def stretch_reference(x: np.ndarray) -> np.ndarray:
-    """The documented 16-bit rule: 1st..99th percentile onto 0..255, clipped."""
-    x = x.astype(np.float64)
-    lo, hi = np.percentile(x, [1, 99])
-    return np.clip(np.round((x - lo) / (hi - lo) * 255), 0, 255).astype(np.uint8)
-
-
 def model_inputs(vis, ir8, norm, size=None):
     if size is not None:
         vis = np.asarray(Image.fromarray(vis).resize((size, size), Image.BILINEAR))
@@ -160,23 +154,6 @@ def test_seg_folder(seg_checkpoint, pairs, tmp_path, capsys):
         assert not list(tmp_path.glob(f"{name}_*")), name
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         f"{n}{s}" for n in good for s in ("_classes.png", "_overlay.png"))
-
-
-def test_read_thermal_rule(tmp_path):
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 65536, size=(20, 30)).astype(np.uint16)
-    Image.fromarray(x).save(tmp_path / "a.png")
-    Image.fromarray(x).save(tmp_path / "a.tif")
-    Image.fromarray(x.astype(np.float32) / 7).save(tmp_path / "f.tif")
-    for name, ref in (("a.png", x), ("a.tif", x), ("f.tif", x.astype(np.float32) / 7)):
-        np.testing.assert_array_equal(predict.read_thermal(tmp_path / name),
-                                      stretch_reference(ref), err_msg=name)
-    Image.fromarray(np.full((8, 8), 1234, np.uint16)).save(tmp_path / "flat.png")
-    np.testing.assert_array_equal(predict.read_thermal(tmp_path / "flat.png"), 0)
-    colour = rng.integers(0, 256, size=(10, 12, 3)).astype(np.uint8)
-    Image.fromarray(colour).save(tmp_path / "c.png")
-    np.testing.assert_array_equal(predict.read_thermal(tmp_path / "c.png"),
-                                  np.asarray(Image.fromarray(colour).convert("L")))
 
 
 def test_no_overwrite_and_batching(seg_checkpoint, pairs, tmp_path, capsys):

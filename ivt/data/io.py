@@ -5,14 +5,25 @@ at the first batch, with `OSError: image file is truncated` or `UnidentifiedImag
 from inside a DataLoader worker. Every loader reads pixels through `open_image`, which decodes
 the whole file at once and turns any failure into `BadImageError("<path>: <reason>")`.
 `verify_images` decodes a list of files up front (`--verify-images`).
+
+`open_thermal` and `open_visible` are how training, evaluation and `predict.py` all turn a file
+into 8-bit pixels, so that one image pair gives the model the same input in each. THERMAL
+NORMALISATION RULE for high-bit-depth images (16-bit PNG/TIFF, 32-bit integer or float TIFF): per
+image, the 1st..99th percentile range of the values is mapped linearly onto 0..255 and clipped
+(the min..max range when those percentiles are equal; 0 for a constant image). PIL's own
+conversion would clip every value above 255 to 255, a flat image. The datasets of the paper are
+8-bit and read unchanged.
 """
 from pathlib import Path
 from typing import Iterable, Tuple, Union
 
+import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
 PathLike = Union[str, Path]
+HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")   # PIL modes beyond 8 bits
+THERMAL_PERCENTILES = (1.0, 99.0)
 
 
 class BadImageError(ValueError):
@@ -30,6 +41,36 @@ def open_image(path: PathLike) -> Image.Image:
         raise
     except Exception as e:      # truncated, corrupt, not an image, unsupported mode
         raise BadImageError(f"{path}: {type(e).__name__}: {e}") from None
+
+
+def stretch_to_uint8(values: np.ndarray) -> np.ndarray:
+    """High-bit-depth (H, W) -> uint8: the 1st..99th percentile range onto 0..255, clipped
+    (min..max when the percentiles are equal; zeros for a constant image)."""
+    x = values.astype(np.float64)
+    lo, hi = np.percentile(x, THERMAL_PERCENTILES)
+    if hi <= lo:
+        lo, hi = x.min(), x.max()
+    if hi <= lo:
+        return np.zeros(x.shape, np.uint8)
+    return np.clip((x - lo) * (255.0 / (hi - lo)), 0, 255).round().astype(np.uint8)
+
+
+def open_thermal(path: PathLike) -> Image.Image:
+    """A thermal image as one 8-bit channel (mode 'L'): 8-bit grey as it is, 3 channels
+    (colour-mapped or repeated grey) by PIL's 'L' weights, high bit depth by the rule above."""
+    im = open_image(path)
+    if im.mode in HIGH_DEPTH_MODES:
+        return Image.fromarray(stretch_to_uint8(np.asarray(im)))
+    return im if im.mode == "L" else im.convert("L")
+
+
+def open_visible(path: PathLike) -> Image.Image:
+    """A visible image as 8-bit RGB: grey repeated to 3 channels, high-bit-depth grey stretched
+    by the rule above first."""
+    im = open_image(path)
+    if im.mode in HIGH_DEPTH_MODES:
+        im = Image.fromarray(stretch_to_uint8(np.asarray(im)))
+    return im if im.mode == "RGB" else im.convert("RGB")
 
 
 def image_size(path: PathLike) -> Tuple[int, int]:

@@ -42,7 +42,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .box_transforms import DetEvalTransform, DetTrainTransform
-from .io import image_size, open_image, verify_images
+from .io import image_size, open_thermal, open_visible, verify_images
 from .transforms import IMAGENET, Normalization
 
 M3FD_CLASSES = ("People", "Car", "Bus", "Motorcycle", "Lamp", "Truck")
@@ -406,7 +406,7 @@ class M3FDDataset(Dataset):
     def _open(self, index: int) -> Tuple[Image.Image, Image.Image]:
         """Visible 'RGB' and thermal 'L' (M3FD's 3 equal channels reduced) of one record."""
         r = self.records[index]
-        vis, ir = open_image(r.vis).convert("RGB"), open_image(r.ir).convert("L")
+        vis, ir = open_visible(r.vis), open_thermal(r.ir)
         if (vis.height, vis.width) != r.size or (ir.height, ir.width) != r.size:
             raise ValueError(f"{r.vis} is {vis.width}x{vis.height} and {r.ir} "
                              f"{ir.width}x{ir.height}, but {r.size[1]}x{r.size[0]} was expected "

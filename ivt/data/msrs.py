@@ -20,7 +20,7 @@ from typing import Callable, List, Optional, Tuple, Union
 
 import numpy as np
 
-from .io import open_image
+from .io import open_image, open_thermal
 from .mfnet import (RGBTSegmentationDataset, Sample, check_names, header, parse_name,
                     read_split_list, split_parts)
 from .transforms import IMAGENET, Normalization
@@ -95,10 +95,9 @@ class MSRSDataset(RGBTSegmentationDataset):
         return vis_size
 
     def read_pair(self, sample: Sample) -> Tuple[np.ndarray, np.ndarray]:
-        vis, ir = open_image(sample.vis), open_image(sample.ir)
+        vis, ir = open_image(sample.vis), open_thermal(sample.ir)
         _check_visible(vis.mode, sample.vis)
-        ir_l = ir if ir.mode == "L" else ir.convert("L")
-        return np.array(vis, dtype=np.uint8), np.array(ir_l, dtype=np.uint8)
+        return np.array(vis, dtype=np.uint8), np.array(ir, dtype=np.uint8)
 
 
 def _check_visible(mode: str, path: Path) -> None:

@@ -33,7 +33,7 @@ from PIL import Image, ImageEnhance
 from torch.utils.data import Dataset
 
 from .geometry import crop_resize, random_window
-from .io import image_size, open_image, verify_images
+from .io import image_size, open_image, open_thermal, open_visible, verify_images
 from .transforms import (IMAGENET, Normalization, photometric_jitter, thermal_to_tensor,
                          visible_to_tensor)
 
@@ -327,8 +327,7 @@ class VTDataset(Dataset):
     def _open(self, index: int) -> Tuple[Image.Image, Image.Image, Image.Image]:
         """RGB 'RGB', thermal 'L', GT 'L' (not yet binarised), checked to share one size."""
         rgb, t, gt = self.files[index]
-        vis, ir, mask = (open_image(rgb).convert("RGB"), open_image(t).convert("L"),
-                         open_image(gt).convert("L"))
+        vis, ir, mask = open_visible(rgb), open_thermal(t), open_image(gt).convert("L")
         if not vis.size == ir.size == mask.size:
             raise ValueError(f"RGB, T and GT sizes differ: {rgb} {vis.size}, {t} {ir.size}, "
                              f"{gt} {mask.size} (W, H)")
