@@ -71,7 +71,8 @@ def write_m3fd(root: Path, ir: np.ndarray) -> M3FDDataset:
     rng = np.random.default_rng(3)
     for sub in ("Vis", "Ir", "Annotation", "splits"):
         (root / sub).mkdir(parents=True)
-    Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)).save(root / "Vis" / "00001.png")
+    vis = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
+    Image.fromarray(vis).save(root / "Vis" / "00001.png")
     Image.fromarray(ir).save(root / "Ir" / "00001.png")
     (root / "Annotation" / "00001.xml").write_text(
         f"<annotation><size><width>{W}</width><height>{H}</height></size><object><name>People"

@@ -92,10 +92,8 @@ class FastViTBackbone(ViTBackbone):
         z, hw, prompt = self.embed(vis, ir)
         rope, turns = self.rope_tables(hw, z.device), None
         if rope is not None:
-            key = (hw, z.device, "turns")
-            if key not in self._rope:
-                self._rope[key] = with_cls_row(rope)
-            turns = self._rope[key]                                      # (1 + N, d / 2) each
+            turns = self._rope.get((hw, z.device, "turns"),
+                                   lambda: with_cls_row(rope))           # (1 + N, d / 2) each
         hooks = [block.adapters for block in self.blocks]
         folded = fold_block_ipas(hooks, takes_factors(hooks, z))                 # all at once
         fused = all(isinstance(b.adapters, FastBlockAdapters) and b.adapters.fuses_norms(z)

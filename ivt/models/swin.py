@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from .backbone import IVTBackbone, StateDict
 from .ivtuning import EMPG, BlockAdapters, Grid, IVTConfig, tokens_to_map
+from .shape_cache import ShapeCache
 from .swin_mmdet import OUTPUT_NORM, to_release_layout
 
 
@@ -102,9 +103,10 @@ class WindowAttention(nn.Module):
 
     Windows are folded into the batch, so `scaled_dot_product_attention` sees 4-D
     (B*nW, heads, N, d) q/k/v, the layout its fused kernels accept. The relative position bias
-    plus the shifted-window mask is combined once and cached while the bias table cannot change
-    under autograd (frozen table, or no grad): keyed by (window, mask, batch, device, dtype) and
-    the table's storage and version, so loading new weights invalidates it.
+    plus the shifted-window mask is combined once and cached (`ShapeCache`) while the bias table
+    cannot change under autograd (frozen table, or no grad): keyed by (window, mask, batch,
+    device, dtype) and stamped with the table's storage and version, so loading new weights
+    invalidates it.
 
     `relative_position_index` is a non-persistent buffer (it moves with `.to(device)`, is never
     copied from the host during forward, and stays out of the state dict, as in timm).
@@ -135,7 +137,7 @@ class WindowAttention(nn.Module):
         self.register_buffer("relative_position_index",
                              relative_position_index(window_size, window_size, window_size),
                              persistent=False)
-        self._bias: Dict[tuple, Tuple[tuple, torch.Tensor]] = {}
+        self._bias = ShapeCache()
 
     def position_bias(self, window: Grid) -> torch.Tensor:
         """(heads, N, N) bias for a window of (wh, ww) tokens, N = wh * ww.
@@ -154,22 +156,21 @@ class WindowAttention(nn.Module):
 
         mask: (nW, N, N) shifted-window mask or None.
         """
+        def make() -> torch.Tensor:
+            bias = self.position_bias(window).to(dtype)[None]              # (1, h, N, N)
+            if mask is not None:
+                bias = bias + mask.to(dtype)[:, None]                      # (nW, h, N, N)
+                if batch is not None:                                      # (B*nW, h, N, N)
+                    bias = bias.expand(batch, *bias.shape).flatten(0, 1)
+            return bias
+
         table = self.relative_position_bias_table
-        cacheable = not (table.requires_grad and torch.is_grad_enabled())
+        if table.requires_grad and torch.is_grad_enabled():
+            return make()
         key = (window, None if mask is None else (mask.data_ptr(), mask.shape), batch,
                table.device, dtype)
-        stamp = (table.data_ptr(), table._version)
-        if cacheable and key in self._bias and self._bias[key][0] == stamp:
-            return self._bias[key][1]
-        bias = self.position_bias(window).to(dtype)[None]                  # (1, h, N, N)
-        if mask is not None:
-            bias = bias + mask.to(dtype)[:, None]                          # (nW, h, N, N)
-            if batch is not None:                                          # (B*nW, h, N, N)
-                bias = bias.expand(batch, *bias.shape).flatten(0, 1)
-        if cacheable:
-            self._bias[key] = (stamp, bias.contiguous())
-            return self._bias[key][1]
-        return bias
+        return self._bias.get(key, lambda: make().contiguous(),
+                              stamp=(table.data_ptr(), table._version))
 
     def forward(self, x: torch.Tensor, window: Grid, mask: Optional[torch.Tensor],
                 extra_kv: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -263,7 +264,7 @@ class SwinBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
         self.adapters: Optional[BlockAdapters] = None
         self.prompts: Optional[nn.Parameter] = None                      # VPT-deep's (P, C)
-        self._masks: Dict[tuple, torch.Tensor] = {}
+        self._masks = ShapeCache()
 
     def window_attention(self, z: torch.Tensor, hw: Grid, extra_kv: Optional[torch.Tensor] = None,
                          project: bool = True) -> torch.Tensor:
@@ -281,10 +282,8 @@ class SwinBlock(nn.Module):
             x = torch.roll(x, (-shift[0], -shift[1]), dims=(1, 2))
         mask = None
         if any(shift):
-            key = (padded, win, shift, x.device)
-            if key not in self._masks:
-                self._masks[key] = shifted_window_mask(padded, win, shift, x.device)
-            mask = self._masks[key]
+            mask = self._masks.get((padded, win, shift, x.device),
+                                   lambda: shifted_window_mask(padded, win, shift, x.device))
         attention = self.attn if project else self.attn.heads
         x = attention(partition(x, win), win, mask, extra_kv)
         x = unpartition(x, win, padded)

@@ -26,7 +26,7 @@ tokens only (no cls, no registers, no final norm), as maps resized bilinearly by
 """
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from .backbone import CheckpointError, IVTBackbone, StateDict
 from .ivtuning import EMPG, BlockAdapters, Grid, IVTConfig, tokens_to_map
+from .shape_cache import ShapeCache
 from .swin import DropPath
 
 FEATURE_SCALES = (4.0, 2.0, 1.0, 0.5)       # bilinear resize of the four block outputs
@@ -290,7 +291,7 @@ class ViTBackbone(IVTBackbone):
         self.reg_token = nn.Parameter(torch.zeros(1, cfg.registers, C)) if cfg.registers else None
         dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(ViTBlock(cfg, dpr[i]) for i in range(cfg.depth))
-        self._rope: Dict[tuple, Rope] = {}
+        self._rope = ShapeCache()
         self._init_visible()
         if tuning == "ivt":
             self._add_ivt_modules()
@@ -357,11 +358,8 @@ class ViTBackbone(IVTBackbone):
         without the rotary embedding."""
         if self.cfg.rope_ref_grid is None:
             return None
-        key = (hw, device)
-        if key not in self._rope:
-            self._rope[key] = rope_sin_cos(hw, self.cfg.embed_dim // self.cfg.num_heads,
-                                           self.cfg.rope_ref_grid, device=device)
-        return self._rope[key]
+        return self._rope.get((hw, device), lambda: rope_sin_cos(
+            hw, self.cfg.embed_dim // self.cfg.num_heads, self.cfg.rope_ref_grid, device=device))
 
     def forward_blocks(self, vis: torch.Tensor, ir: Optional[torch.Tensor] = None
                        ) -> List[torch.Tensor]:
