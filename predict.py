@@ -55,7 +55,7 @@ from ivt.data import CLASSES
 from ivt.data.io import BadImageError, open_image, open_thermal, open_visible
 from ivt.data.transforms import pad_to, resize, thermal_to_tensor, visible_to_tensor
 from ivt.engine import autocast_context, select_device
-from ivt.models.vit import ViTBackbone
+from ivt.models.backbone import IVTBackbone
 from ivt.precision import store_frozen_weights
 from ivt.tasks import config_normalization, load_trained
 from ivt.visualize import (distinct_colours, draw_boxes, overlay_saliency, overlay_segmentation,
@@ -252,8 +252,8 @@ class SegPredictor(Predictor):
     def __init__(self, model, config, args):
         super().__init__(model, config, args)
         # The ViTs cut the image into patch_size x patch_size patches; Swin pads by itself.
-        self.multiple = next((m.cfg.patch_size for m in model.modules()
-                              if isinstance(m, ViTBackbone)), 1)
+        self.multiple = next((m.input_multiple for m in model.modules()
+                              if isinstance(m, IVTBackbone)), 1)
         self.class_names = list(config.get("class_names") or CLASSES)
         self.palette = palette_for(len(self.class_names))
 

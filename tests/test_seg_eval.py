@@ -143,3 +143,42 @@ def test_poly_lr_default_power_is_linear():
     assert poly_lr(1e-3, 80_000, 160_000) == pytest.approx(5e-4, rel=1e-12)
     values = [poly_lr(1.0, i, 10, 0.9) for i in range(11)]
     assert all(a > b for a, b in zip(values, values[1:]))        # strictly decreasing to 0
+
+
+def test_vit_segmentor_pads_inputs_that_are_not_patch_multiples():
+    """DINOv2 with its release's patch, 14: an image of 30x44 (as MFNet's 480x640) is padded
+    with black pixels to 42x56, as `pad_to(img, size, IMAGE_PAD)` before normalising, and the
+    logits cropped back; `evaluate_seg` then runs on it (it used to stop at the patch-size
+    check, after a whole --eval-every of training)."""
+    from ivt.data.transforms import IMAGE_PAD, pad_to, thermal_to_tensor, visible_to_tensor
+    from ivt.models.segmentor import build_segmentor
+    torch.manual_seed(0)
+    model = build_segmentor("dinov2_b", 3, img_size=56, head_dim=16, patch_size=14).eval()
+    assert model.backbone.input_multiple == 14
+    rng = np.random.default_rng(0)
+    vis8 = rng.integers(0, 256, (30, 44, 3), dtype=np.uint8)
+    ir8 = rng.integers(0, 256, (30, 44), dtype=np.uint8)
+    norm = model.norm
+    vis, ir = visible_to_tensor(vis8, norm)[None], thermal_to_tensor(ir8, norm)[None]
+    with torch.no_grad():
+        got = model.logits_at_input_size(vis, ir)
+        padded = (visible_to_tensor(pad_to(vis8, (42, 56), IMAGE_PAD), norm)[None],
+                  thermal_to_tensor(pad_to(ir8, (42, 56), IMAGE_PAD), norm)[None])
+        want = torch.nn.functional.interpolate(model(*padded), size=(42, 56), mode="bilinear",
+                                               align_corners=False)[:, :, :30, :44]
+    assert got.shape == (1, 3, 30, 44)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+    class OneImage(Dataset):
+        num_classes = 3
+
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            return {"vis": vis[0], "ir": ir[0], "label": torch.zeros(30, 44, dtype=torch.int64),
+                    "name": "00001D", "is_night": False}
+
+    metrics = evaluate_seg(model, OneImage(), SINGLE, no_autocast)["all"]
+    pred = want.argmax(1)[0].numpy()
+    np.testing.assert_array_equal(metrics.confusion[0], np.bincount(pred.ravel(), minlength=3))

@@ -66,6 +66,27 @@ def thermal_to_gray(ir: np.ndarray) -> np.ndarray:
     raise ValueError(f"thermal image must be (H, W) or (H, W, 3), got shape {ir.shape}")
 
 
+def pad_black(vis: torch.Tensor, ir: Optional[torch.Tensor], multiple: int,
+              norm: Normalization) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Normalised vis (B, 3, H, W) and ir (B, 1 or 3, H, W) padded at the bottom and right to
+    sides that are multiples of `multiple`, with what a black pixel normalises to: the same
+    tensors as `pad_to(img, size, IMAGE_PAD)` before normalising."""
+    H, W = vis.shape[2:]
+    size = (-(-H // multiple) * multiple, -(-W // multiple) * multiple)
+    if size == (H, W):
+        return vis, ir
+    pixel = np.full((1, 1, 3), IMAGE_PAD, np.uint8)
+
+    def pad(x: torch.Tensor, black: torch.Tensor) -> torch.Tensor:            # black: (C', 1, 1)
+        out = x.new_empty(*x.shape[:2], *size)
+        out[:] = black[:x.shape[1]].to(x)
+        out[:, :, :H, :W] = x
+        return out
+
+    return (pad(vis, visible_to_tensor(pixel, norm)),
+            None if ir is None else pad(ir, thermal_to_tensor(pixel[..., 0], norm)))
+
+
 def resize(img: np.ndarray, size: Tuple[int, int], resample: int) -> np.ndarray:
     """Resize a uint8 (H, W) or (H, W, 3) array to `size` = (H', W') with a PIL resample filter."""
     h, w = size

@@ -84,6 +84,7 @@ class IVTBackbone(nn.Module):
     ivt_cfg: Optional[IVTConfig]
     petl_cfg: Optional[PETLConfig] = None
     petl_names: Tuple[str, ...] = ()
+    input_multiple: int = 1             # input sides must be multiples of it (a ViT: its patch)
 
     def ivt_module_names(self) -> List[str]:
         """Names (prefixes) of the modules IV-tuning adds; everything else is the visible model."""

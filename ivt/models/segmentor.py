@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import build_backbone, count_parameters
+from ..data.transforms import Normalization, pad_black
+from . import build_backbone, count_parameters, normalization_for
 from .backbone import IVTBackbone
 from .heads import SegformerHead
 from .swin import mmlab_options
@@ -15,12 +16,15 @@ class Segmentor(nn.Module):
     """`forward(vis, ir)` -> logits at stride 4; `predict(vis, ir)` -> class ids at input size.
 
     The backbone's tuning mode decides which of its parameters train; the head always trains.
+    `norm`: the inputs' normalisation, which says what a black pixel is to the model (the
+    padding of `logits_at_input_size`).
     """
 
-    def __init__(self, backbone: IVTBackbone, head: SegformerHead):
+    def __init__(self, backbone: IVTBackbone, head: SegformerHead, norm: Normalization):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.norm = norm
         for p in self.head.parameters():
             p.requires_grad = True
 
@@ -34,9 +38,15 @@ class Segmentor(nn.Module):
 
     def logits_at_input_size(self, vis: torch.Tensor, ir: Optional[torch.Tensor] = None
                              ) -> torch.Tensor:
-        """(B, K, H, W): stride-4 logits upsampled bilinearly (align_corners=False)."""
-        return F.interpolate(self(vis, ir), size=vis.shape[2:], mode="bilinear",
-                             align_corners=False)
+        """(B, K, H, W): stride-4 logits upsampled bilinearly (align_corners=False). An input
+        whose sides are not multiples of the backbone's `input_multiple` (a ViT's patch: MFNet's
+        480x640 with patch 14) is padded at the bottom and right with black pixels, as training
+        pads its crops, and the logits cropped back."""
+        H, W = vis.shape[2:]
+        vis, ir = pad_black(vis, ir, self.backbone.input_multiple, self.norm)
+        logits = F.interpolate(self(vis, ir), size=vis.shape[2:], mode="bilinear",
+                               align_corners=False)
+        return logits[:, :, :H, :W]
 
     @torch.no_grad()
     def predict(self, vis: torch.Tensor, ir: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -54,7 +64,8 @@ def build_segmentor(backbone: str, num_classes: int, tuning: str = "ivt",
     output (`out_norms`), unless `out_norms=False` is given."""
     bb = build_backbone(backbone, tuning=tuning, pretrained=pretrained, img_size=img_size,
                         **mmlab_options(backbone, backbone_options))
-    return Segmentor(bb, SegformerHead(bb.out_channels, num_classes, head_dim, head_dropout))
+    return Segmentor(bb, SegformerHead(bb.out_channels, num_classes, head_dim, head_dropout),
+                     normalization_for(backbone))
 
 
 def describe(model: Segmentor) -> str:

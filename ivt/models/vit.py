@@ -280,6 +280,7 @@ class ViTBackbone(IVTBackbone):
         super().__init__()
         self.name, self.cfg, self.tuning, self.ivt_cfg = name, cfg, tuning, ivt_cfg
         C, p = cfg.embed_dim, cfg.patch_size
+        self.input_multiple = p
         self.pos_grid: Grid = (cfg.img_size[0] // p, cfg.img_size[1] // p)
         self.prefix = 1 + cfg.registers                                  # cls, registers
         self.feature_blocks = feature_blocks(cfg.depth)
