@@ -461,6 +461,11 @@ def resume_checkpoint(task: Task, args, config: dict, log: Callable[[str], None]
     """Compare the configuration with the checkpoint's (read by `train`) and check its
     pretrained file; returns (checkpoint, the accepted changes as 'key: old -> new' strings)."""
     path = resume_path(args)
+    if ckpt.get("pretrained_sha256") is None and args.pretrained is not None:
+        raise CheckpointError(f"checkpoint {path} was trained from no pretrained weights (it holds "
+                              f"the random frozen backbone it trained with); it cannot continue "
+                              f"from --pretrained {args.pretrained_source}: leave --pretrained "
+                              f"out to continue it, or start a new run from those weights")
     check_pretrained(ckpt, args.pretrained, path)
     saved = ckpt["config"]
     differ = [k for k in sorted(set(saved) | set(config))
@@ -695,7 +700,8 @@ def train(task: Task, args, dist: engine.DistInfo) -> dict:
     # Restored last, so that nothing between here and the first iteration draws from it.
     if ckpt is not None:
         rng = ckpt["rng"]                   # a list by rank (a dict: one state for every rank)
-        set_rng_state(rng[dist.rank] if isinstance(rng, list) else rng)
+        # more processes than saved (--allow-changes): the new ranks take the saved ones' in turn
+        set_rng_state(rng[dist.rank % len(rng)] if isinstance(rng, list) else rng)
     try:
         with engine.StopRequest(enabled=not dist.distributed) as stop:
             result = engine.train_loop(

@@ -153,6 +153,8 @@ def test_layers_option_places_adapters():
     assert [i for i, b in enumerate(blocks) if b.adapters is not None] == [0, 5, 23]
     with pytest.raises(ValueError, match="blocks 0..23"):
         meta_backbone("swin_l", layers=[24])
+    with pytest.raises(ValueError, match="count from 0"):          # -1 would match no block
+        meta_backbone("swin_l", layers=[3, -1])
 
 
 def test_adapter_initialisation_is_not_zero():

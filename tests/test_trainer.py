@@ -23,7 +23,8 @@ from ivt.fast.swin import FastSwinBlock  # noqa: E402
 from ivt.models.swin import SwinBlock  # noqa: E402
 from ivt.tasks import load_trained  # noqa: E402
 from ivt.tasks.seg import SegTask  # noqa: E402
-from script_runs import tiny_seg_args  # noqa: E402
+from script_runs import run_torchrun, tiny_seg_args  # noqa: E402
+from test_checkpoint import write_pretrained  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("script_env")
@@ -75,6 +76,28 @@ def test_resume_refuses_changed_settings(data, tmp_path, capsys):
     assert "weight_decay: checkpoint 0.01 vs now 0.5" in capsys.readouterr().out
     groups = load_checkpoint(str(out / "last.pt"))["optimizer"]["param_groups"]
     assert {(g["weight_decay"], g["momentum"]) for g in groups} == {(0.5, 0.0)}
+
+
+def test_resume_without_pretrained_refuses_a_pretrained_file(data, tmp_path, capsys):
+    """A run started without pretrained weights holds its random frozen backbone; continuing it
+    from a pretrained file would save deltas claiming that file, which evaluate.py would then
+    rebuild into another model."""
+    out = tmp_path / "run"
+    train_seg.main(tiny_args(data, out, 2))
+    err = fails_with(tiny_args(data, out, 4, "--resume", "--allow-changes", "--pretrained",
+                               str(write_pretrained(tmp_path / "pre.pt", 1))), capsys)
+    assert "trained from no pretrained weights" in err and "leave --pretrained out" in err
+    assert load_checkpoint(str(out / "last.pt"))["iter"] == 2
+
+
+def test_resume_on_more_processes(data, tmp_path):
+    """A one-process run continued by two (--allow-changes: the effective batch changes): the
+    new rank takes the saved rank's random state."""
+    out = tmp_path / "run"
+    train_seg.main(tiny_args(data, out, 2))
+    run_torchrun("train_seg.py", tiny_args(data, out, 4, "--resume", "--allow-changes"))
+    ckpt = load_checkpoint(str(out / "last.pt"))
+    assert ckpt["iter"] == 4 and ckpt["config"]["world_size"] == 2 and len(ckpt["rng"]) == 2
 
 
 def test_new_run_refuses_a_folder_holding_a_run(data, tmp_path, capsys):

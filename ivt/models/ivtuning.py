@@ -66,6 +66,8 @@ class IVTConfig:
                 raise ValueError(f"{name} must be a positive width, got {getattr(self, name)}")
         if self.layers is not None:
             self.layers = sorted({int(i) for i in self.layers})
+            if self.layers and self.layers[0] < 0:
+                raise ValueError(f"layers={self.layers}: block indices count from 0")
 
     # What each variant changes: Tab. 5 (a), (c), Tab. 6, Fig. 4.
     @property
