@@ -93,10 +93,10 @@ def main(argv=None) -> dict:
     args = get_parser().parse_args(argv)
     kernels.set_backend(args.kernels)
     try:
-        if args.json and Path(args.json).is_dir():
-            raise ValueError(f"--json {args.json} is a folder; give a file name")
-        if args.save_vis and Path(args.save_vis).exists() and not Path(args.save_vis).is_dir():
-            raise ValueError(f"--save-vis {args.save_vis} is a file; give a folder")
+        if args.json:
+            engine.check_output(args.json, "--json", folder=False)
+        if args.save_vis:
+            engine.check_output(args.save_vis, "--save-vis", folder=True)
         task, model, ckpt = load_trained(args.checkpoint, args.pretrained)
         if args.task is not None and args.task != task:
             raise ValueError(f"{args.checkpoint} was trained for --task {task}, not {args.task}")

@@ -54,7 +54,7 @@ from tqdm import tqdm
 from ivt.data import CLASSES
 from ivt.data.io import BadImageError, open_image, open_thermal, open_visible
 from ivt.data.transforms import pad_to, resize, thermal_to_tensor, visible_to_tensor
-from ivt.engine import autocast_context, select_device
+from ivt.engine import autocast_context, check_output, select_device
 from ivt.models.backbone import IVTBackbone
 from ivt.precision import store_frozen_weights
 from ivt.tasks import config_normalization, load_trained
@@ -381,8 +381,12 @@ def main(argv=None) -> int:
         parser.error("give exactly one input: --vis and --ir, --pairs, or --rgbt")
     if args.batch < 1:
         parser.error(f"--batch must be at least 1, got {args.batch}")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        parser.error(f"--out {args.out} is a file; give a folder")
+    if args.max_dets < 1:
+        parser.error(f"--max-dets must be at least 1, got {args.max_dets}")
+    try:
+        check_output(args.out, "--out", folder=True)
+    except ValueError as e:
+        parser.error(str(e))
     try:
         device = select_device(args.device)
         task, model, ckpt = load_trained(args.checkpoint, args.pretrained)

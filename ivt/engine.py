@@ -19,6 +19,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Callable, Iterator, Optional, Tuple
 
 import numpy as np
@@ -234,6 +235,23 @@ def gather_metric(metric, empty: Callable):
 
 
 # -- logging -------------------------------------------------------------------------------------
+def check_output(path, flag: str, folder: bool) -> None:
+    """Raise ValueError naming `flag` unless `path` can be written as a folder (`folder`) or a
+    file: not the other kind already, and its first existing parent a writable folder. Called
+    before the work, so that a bad path does not fail after it."""
+    p = Path(path)
+    kind = "folder" if folder else "file name"
+    if p.exists() and p.is_dir() != folder:
+        raise ValueError(f"{flag} {path} is a {'file' if folder else 'folder'}; give a {kind}")
+    parent = p if p.exists() else p.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {path}: {parent} is a file, so nothing can be written under it")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: {parent} is not writable")
+
+
 def jsonable(x):
     """NaN/inf become null (JSON has no NaN); tuples become lists; tensors become numbers."""
     if isinstance(x, dict):

@@ -83,7 +83,8 @@ class Task:
     size_aliases  other spellings of `--size` the task accepts
     eager_only  why the task's step cannot be captured in a CUDA graph (`--cuda-graph` then runs
                 eager steps, saying this), or None where it can
-    model_keys  the task's settings that define its model (never changeable on resume)
+    model_keys  the task's settings that define its model, or the run's validation split (never
+                changeable on resume)
     """
     name: str
     metric: str
@@ -400,20 +401,24 @@ def check_args(task: Task, args) -> None:
         if args.size % patch:
             raise ValueError(f"{args.backbone} with patch {patch} needs an input size that is a "
                              f"multiple of {patch}; the training input is {args.size}x{args.size}")
-    if args.out is None:
+    out_given = args.out is not None
+    if not out_given:
         resumed_file = args.resume is not None and args.resume != "last"
         args.out = (os.path.dirname(args.resume) or ".") if resumed_file else f"runs/{task.name}"
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out} is a file; give a folder")
+    engine.check_output(args.out, "--out", folder=True)
     last = Path(args.out) / "last.pt"
     if not args.resume and last.exists():
         raise ValueError(f"{args.out} already holds a run ({last}); continue it with --resume, "
                          f"or choose another --out")
     if args.resume not in (None, "last") and last.exists() and not last.samefile(args.resume):
-        raise ValueError(f"--out {args.out} holds another run ({last}); continuing "
-                         f"{args.resume} there would mix the two runs' logs and checkpoints: "
-                         f"choose another --out, or leave --out out to continue in the folder "
-                         f"of {args.resume}")
+        if out_given:
+            raise ValueError(f"--out {args.out} holds another run ({last}); continuing "
+                             f"{args.resume} there would mix the two runs' logs and "
+                             f"checkpoints: choose another --out, or leave --out out to "
+                             f"continue in the folder of {args.resume}")
+        raise ValueError(f"continuing {args.resume} in its own folder would overwrite that "
+                         f"folder's {last.name} and mix the logs: give a new --out to continue "
+                         f"{args.resume} there, or --resume {last} to continue the latest")
 
 
 def pretrained_weights(args, resumed: Optional[dict],
@@ -561,37 +566,40 @@ def new_folder_removed_on_error(folder: Path, create: bool):
         raise
 
 
-def prepare_run(task: Task, args, dist: engine.DistInfo) -> Tuple[dict, Optional[dict], list,
-                                                                    tuple]:
-    """The checks, the resumed checkpoint, the pretrained weights, the run's configuration and
-    its datasets: (config, checkpoint or None, accepted changes, (train set, validation set))."""
+def check_run(task: Task, args, dist: engine.DistInfo) -> Optional[dict]:
+    """The checks, the pretrained weights and the checkpoint to resume (None for a new run)."""
     check_args(task, args)
     resumed = load_checkpoint(resume_path(args)) if args.resume else None
     # The pretrained weights are found (and downloaded) now, before any data is read or model
     # built: a machine without network stops here, naming the URL and where to put the file.
     args.pretrained_source, args.pretrained = pretrained_weights(args, resumed, dist.is_main)
+    return resumed
+
+
+def prepare_run(task: Task, args, dist: engine.DistInfo, resumed: Optional[dict]
+                ) -> Tuple[dict, Optional[dict], list, tuple]:
+    """The run's configuration, the resumed checkpoint checked against it, and its datasets:
+    (config, checkpoint or None, accepted changes, (train set, validation set))."""
     # the process count sets the effective batch and an epoch's iterations: a training setting
     config = {"task": task.name, **vars(args), "world_size": dist.world_size}
     norm = normalization_for(args.backbone)
     config["normalization"] = norm.as_dict()
-    out = Path(args.out)
-    with new_folder_removed_on_error(out, dist.is_main):
-        say = print if dist.is_main else (lambda *a, **k: None)
-        ckpt, changes = (resume_checkpoint(task, args, config, say, resumed) if args.resume
-                         else (None, []))
-        engine.seed_everything(args.seed)
-        train_set, val_set = task.build_datasets(args, norm, out, dist.is_main)
-        if args.verify_images:
-            train_set.verify()
-        val_set.verify()
-        for warning in (random_backbone_warning(args), overlap_warning(train_set, val_set)):
-            if warning and dist.is_main:
-                print(warning, file=sys.stderr)
-        if len(train_set) < args.batch_size * dist.world_size:
-            raise ValueError(f"--batch-size {args.batch_size} on {dist.world_size} process(es) "
-                             f"needs at least {args.batch_size * dist.world_size} training "
-                             f"images; the training set has {len(train_set)}")
-        return config, ckpt, changes, (train_set, val_set)
+    say = print if dist.is_main else (lambda *a, **k: None)
+    ckpt, changes = (resume_checkpoint(task, args, config, say, resumed) if args.resume
+                     else (None, []))
+    engine.seed_everything(args.seed)
+    train_set, val_set = task.build_datasets(args, norm, Path(args.out), dist.is_main)
+    if args.verify_images:
+        train_set.verify()
+    val_set.verify()
+    for warning in (random_backbone_warning(args), overlap_warning(train_set, val_set)):
+        if warning and dist.is_main:
+            print(warning, file=sys.stderr)
+    if len(train_set) < args.batch_size * dist.world_size:
+        raise ValueError(f"--batch-size {args.batch_size} on {dist.world_size} process(es) "
+                         f"needs at least {args.batch_size * dist.world_size} training "
+                         f"images; the training set has {len(train_set)}")
+    return config, ckpt, changes, (train_set, val_set)
 
 
 def build_training(task: Task, args, config: dict, ckpt: Optional[dict],
@@ -669,8 +677,10 @@ class RunCheckpoints:
 
 
 def train(task: Task, args, dist: engine.DistInfo) -> dict:
-    config, ckpt, changes, (train_set, val_set) = prepare_run(task, args, dist)
-    model, optimizer, net = build_training(task, args, config, ckpt, dist)
+    resumed = check_run(task, args, dist)
+    with new_folder_removed_on_error(Path(args.out), dist.is_main):
+        config, ckpt, changes, (train_set, val_set) = prepare_run(task, args, dist, resumed)
+        model, optimizer, net = build_training(task, args, config, ckpt, dist)
     start_iter, result = (ckpt["iter"], ckpt["metrics"]) if ckpt is not None else (0, None)
     say = print if dist.is_main else (lambda *a, **k: None)
     autocast = engine.autocast_context(dist.device, args.amp)

@@ -254,7 +254,10 @@ def test_usage_errors(seg_checkpoint, tmp_path, capsys):
     (tmp_path / "file").write_text("")
     for argv, expected in [(["--vis", webp / "vis", "--ir", webp / "ir"], "no images to predict"),
                            (["--rgbt", webp / "vis"], "no images to predict"),
-                           (["--rgbt", tmp_path, "--out", tmp_path / "file"], "is a file")]:
+                           (["--rgbt", tmp_path, "--out", tmp_path / "file"], "is a file"),
+                           (["--rgbt", tmp_path, "--out", tmp_path / "file" / "o"],
+                            "nothing can be written under it"),
+                           (["--rgbt", tmp_path, "--max-dets", "-1"], "--max-dets must be")]:
         with pytest.raises(SystemExit) as e:
             predict.main(["--checkpoint", str(seg_checkpoint), "--out", str(tmp_path / "o"),
                           *map(str, argv)])

@@ -272,9 +272,14 @@ def test_amp_bf16_runs(data, tmp_path, monkeypatch):
     monkeypatch.setattr(evaluate, "store_frozen_weights", lambda m, dtype: stored.append(dtype))
     evaluate.main(common + ["--no-amp"])
     assert stored == []                                            # float32 throughout
-    with pytest.raises(SystemExit) as e:
-        evaluate.main(common + ["--json", str(tmp_path)])
-    assert e.value.code == 2
+    (tmp_path / "file").write_text("")
+    for bad in (["--json", str(tmp_path)], ["--json", str(tmp_path / "file" / "m.json")],
+                ["--save-vis", str(tmp_path / "file" / "vis")]):
+        evaluated = []                                  # refused before any evaluation
+        monkeypatch.setattr(evaluate, "task_module", lambda task: evaluated.append(task))
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(common + bad)
+        assert e.value.code == 2 and evaluated == [], bad
 
 
 def test_bad_data_fails_early_with_file_named(data, tmp_path):

@@ -222,3 +222,23 @@ def test_default_schedule_is_the_releases_epoch_loop():
     for i, lr in enumerate(release):
         for it in range(i * per_epoch, (i + 1) * per_epoch):
             assert lr_at(it) == pytest.approx(lr, rel=1e-12), (i, it)
+
+
+def test_validation_split_is_fixed_on_resume_and_val_count_checked(vt, tmp_path, capsys):
+    """A resumed run keeps its validation images (val_list.txt): --val-count or --val-list
+    changed on resume is refused, even with --allow-changes, not accepted and then ignored."""
+    train = vt / "VT5000" / "Train"
+    out = tmp_path / "run"
+    train_sod.main(tiny_args(train, out, 2, "--eval-every", "0"))
+    held = (out / "val_list.txt").read_text()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train_sod.main(tiny_args(train, out, 4, "--eval-every", "0", "--resume",
+                                 "--allow-changes", "--val-count", "3"))
+    assert e.value.code == 2
+    assert "val_count: checkpoint 2 vs now 3" in capsys.readouterr().err
+    assert (out / "val_list.txt").read_text() == held
+    with pytest.raises(SystemExit) as e:
+        train_sod.main(tiny_args(train, tmp_path / "neg", 2, "--val-count", "-3"))
+    assert e.value.code == 2 and "--val-count must not be negative" in capsys.readouterr().err
+    assert not (tmp_path / "neg").exists()

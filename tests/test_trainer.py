@@ -119,6 +119,19 @@ def test_new_run_refuses_a_folder_holding_a_run(data, tmp_path, capsys):
     del args[args.index("--out"):args.index("--out") + 2]
     assert train_seg.main(args)["out"] == str(other)
     assert load_checkpoint(str(other / "last.pt"))["iter"] == 4
+    # --resume of another checkpoint of a run (best.pt) without --out: its folder's last.pt
+    # would be overwritten; the message says what to give.
+    assert (other / "best.pt").is_file()
+    args = tiny_args(data, out, 8, "--resume", str(other / "best.pt"), "--allow-changes")
+    del args[args.index("--out"):args.index("--out") + 2]
+    err = fails_with(args, capsys)
+    assert "give a new --out" in err and "leave --out out" not in err
+
+
+def test_errors_while_the_model_is_built_leave_no_folder(data, tmp_path, capsys):
+    err = fails_with(tiny_args(data, tmp_path / "a", 2, "--layers", "99"), capsys)
+    assert "layers=[99]" in err
+    assert not (tmp_path / "a").exists()
 
 
 def test_errors_before_the_model_is_built(data, tmp_path, capsys, monkeypatch):
@@ -138,6 +151,8 @@ def test_errors_before_the_model_is_built(data, tmp_path, capsys, monkeypatch):
     (tmp_path / "file").write_text("")
     err = fails_with(tiny_args(data, tmp_path / "file", 2), capsys)
     assert "--out" in err and "is a file" in err
+    err = fails_with(tiny_args(data, tmp_path / "file" / "run", 2), capsys)
+    assert "--out" in err and "nothing can be written under it" in err
     for device, expected in [("gpu", "expected auto, cpu, cuda or cuda:N"),
                              ("cuda:7", "cuda:7")]:
         err = fails_with(tiny_args(data, tmp_path / "d", 2, "--device", device), capsys)

@@ -110,7 +110,7 @@ class SODTask(Task):
                     drop_path={"eva02_l": 0.2})     # the release's EVA02CPNet (Swin: 0.1)
     description = DESCRIPTION
     size_help = "square input size of training and evaluation in pixels"
-    model_keys = ("taps",)
+    model_keys = ("taps", "val_count", "val_list")   # a resumed run keeps its validation split
 
     def add_arguments(self, p) -> None:
         g = p.add_argument_group("salient object detection")
@@ -144,6 +144,8 @@ class SODTask(Task):
                             "the release does for EVA02 (default: %(default)s)")
 
     def build_datasets(self, args, norm, out: Path, is_main: bool):
+        if args.val_count < 0:
+            raise ValueError(f"--val-count must not be negative, got {args.val_count}")
         stems = list_vt_stems(args.data)
         saved = out / "val_list.txt"
         if args.val_list or (args.resume and saved.is_file()):
