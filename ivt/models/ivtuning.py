@@ -225,7 +225,7 @@ class InternalPromptAdapter(nn.Module):
 
     def forward(self, p: torch.Tensor, hw: Grid) -> torch.Tensor:
         """p: (B, N, C) external prompt -> (B, N, C) internal prompt P_I."""
-        h = self.down(self.sft_in(p))                                  # (B, N, d3)
+        h = self.down(self.sft_in(p))                   # (B, N, d3); (B, N, C) without projection
         if self.simam is not None:
             h = map_to_tokens(self.simam(tokens_to_map(h, hw)))
         return F.gelu(self.sft_out(self.up(F.gelu(h))))
@@ -299,6 +299,8 @@ class BlockAdapters(nn.Module):
         z_in: (B, N, C) the sub-layer's input; z_out = z_in + sublayer(z_in), (B, N, C);
         prompt: (B, N, C) this block's external prompt. Returns (z, prompt for the next IPA): the
         prompt is unchanged, except for `ipa_deep` (Fig. 4(e)) where it becomes this IPA's output.
+        That chain runs through all blocks of a ViT; a Swin starts it again from each stage's
+        external prompt, as the width changes between stages.
         """
         ha, ipa = (self.ha1, self.ipa1) if pos == 0 else (self.ha2, self.ipa2)
         z = z_out

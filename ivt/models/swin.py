@@ -10,9 +10,10 @@ grid to a multiple of its window and then shifts it cyclically, with the shifted
 computed on the padded grid, as the mmseg/mmdet Swin that made the paper's segmentation and
 detection numbers does (timm shifts before padding, which lets tokens from opposite edges of
 the image attend to each other wherever padding occurs: timm issue #2438); a grid no larger than
-the window in one dimension uses a window of the grid's size there and no shift (as the
-classification Swin, which the authors' SOD release uses, and timm do). Where no block pads,
-outputs equal timm's on identical weights.
+the window in one dimension uses a window of the grid's size there and no shift (as timm does;
+the classification Swin, which the authors' SOD release uses, does so in both dimensions once
+the smaller side fits in the window: the same on the square grids that release runs). Where no
+block pads, outputs equal timm's on identical weights.
 """
 import math
 import re
