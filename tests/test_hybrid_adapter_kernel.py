@@ -903,3 +903,20 @@ def test_fused_training_with_dropout_replays_its_mask_under_checkpointing(monkey
     ir = torch.randn(1, 3, 32, 40, generator=gen, dtype=torch.float64)
     assert_runs_equal(fused_training_run(plain, vis, ir),
                       fused_training_run(checkpointed, vis, ir), 1e-10)
+
+
+@pytest.mark.skipif(not kernels.interpreter_ready(),
+                    reason=f"needs {kernels.INTERPRETER_NEEDS}")
+def test_fused_training_refuses_one_token_per_channel_as_the_reference(monkeypatch):
+    """Batch 1 at 32x32: Swin's last stage is one token, whose BatchNorm batch statistics do not
+    exist. The reference's BatchNorm refuses it; so does the fused path, which would otherwise
+    normalise it to 0 and pull the running variance towards 0."""
+    from ivt.fast import make_fast
+    from ivt.models import build_backbone
+    monkeypatch.setenv("IVT_KERNELS", "triton")
+    x = torch.randn(1, 3, 32, 32), torch.randn(1, 3, 32, 32)
+    for impl in (None, "fused"):
+        model = build_backbone("swin_nano", "ivt", d2=8).train()
+        model = make_fast(model, impl) if impl else model
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+            model(*x)

@@ -154,7 +154,8 @@ class FastBlockAdapters(BlockAdapters):
         """Which fused kernels `forward` runs the Hybrid Adapter at `pos` as, for tokens on x's
         device: "eval" (`kernels.hybrid_adapter_eval`: adapters in eval mode, no autograd),
         "train" (`FastHybridAdapter.fused_train`: in training mode, BatchNorm on batch
-        statistics with a momentum, where Triton runs) or None (`FastHybridAdapter.branch`)."""
+        statistics with a momentum, where Triton runs, over more than one token: one is refused
+        by `branch`'s BatchNorm as by the reference's) or None (`FastHybridAdapter.branch`)."""
         ha = self.ha1 if pos == 0 else self.ha2
         if ha is None or not self.fused:
             return None
@@ -162,7 +163,8 @@ class FastBlockAdapters(BlockAdapters):
                                                if a is not None):
             return "eval"
         bn = ha.ho.bn
-        if ha.training and bn.training and bn.momentum is not None and kernels.use_triton(x):
+        if (ha.training and bn.training and bn.momentum is not None and kernels.use_triton(x)
+                and x.numel() > x.shape[-1]):
             return "train"
         return None
 
