@@ -81,8 +81,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="detection: folder holding train.txt, val.txt, test.txt of M3FD image "
                         "ids (default: the one the checkpoint trained with)")
     g.add_argument("--max-dets", type=int, default=100,
-                   help="detection: detections per image scored, 100 as pycocotools; "
-                        "mmdet-based papers (the paper's AP50/AP75) use up to 1000 "
+                   help="detection: detections per image and class scored, 100 as "
+                        "pycocotools; mmdet-based papers (the paper's AP50/AP75) use up to 1000. "
+                        "They are taken from the detector's 300 best per image (DINO's, mmdet's) "
                         "(default: %(default)s)")
     return p
 

@@ -81,6 +81,7 @@ class Task:
     recipe      the defaults
     size_help   what `--size` means for the task
     size_aliases  other spellings of `--size` the task accepts
+    size_multiple  what `--size` must be a multiple of
     eager_only  why the task's step cannot be captured in a CUDA graph (`--cuda-graph` then runs
                 eager steps, saying this), or None where it can
     model_keys  the task's settings that define its model, or the run's validation split (never
@@ -92,6 +93,7 @@ class Task:
     description: str = ""
     size_help: str = "square input size in pixels"
     size_aliases: Tuple[str, ...] = ()
+    size_multiple: int = 1
     eager_only: Optional[str] = None
     model_keys: Tuple[str, ...] = ()
 
@@ -384,6 +386,9 @@ def check_args(task: Task, args) -> None:
         raise ValueError("--eval-every, --save-every and --workers must not be negative")
     if args.size < 32:
         raise ValueError(f"--size must be at least 32, got {args.size}")
+    if args.size % task.size_multiple:
+        raise ValueError(f"--size must be a multiple of {task.size_multiple} for {task.name}, "
+                         f"got {args.size}")
     if args.clip_grad < 0 or args.clip_grad_value < 0:
         raise ValueError("--clip-grad and --clip-grad-value must not be negative")
     if args.cuda_graph and not torch.cuda.is_available():

@@ -177,6 +177,18 @@ def test_torchrun_resume_gives_each_rank_its_own_random_state(m3fd, tmp_path):
         assert loss == pytest.approx(full[it], abs=1e-6), it
 
 
+def test_size_must_be_a_multiple_of_32(m3fd, tmp_path, capsys):
+    """Each feature level is read as spanning the whole image: at 100x100 the stride-32 level's
+    4 cells would cover 128 pixels."""
+    args = tiny_args(m3fd, tmp_path / "run", 2)
+    args[args.index("--size") + 1] = "100"
+    with pytest.raises(SystemExit) as e:
+        train_det.main(args)
+    assert e.value.code == 2
+    assert "--size must be a multiple of 32 for det, got 100" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_never_changes_the_detectors_settings(m3fd, tmp_path, capsys):
     """--num-queries (and the detector's other sizes) define the model: --allow-changes accepts
     training settings only."""
@@ -187,3 +199,36 @@ def test_resume_never_changes_the_detectors_settings(m3fd, tmp_path, capsys):
         train_det.main(tiny_args(m3fd, out, 2, "--resume", "--allow-changes", "--num-queries", "4"))
     assert e.value.code == 2
     assert "num_queries: checkpoint 8 vs now 4" in capsys.readouterr().err
+
+
+def test_evaluation_scores_the_detectors_300_best_per_image_limited_per_class(tmp_path):
+    """As DINO and mmdet evaluate: the detector keeps its 300 best (query, class) pairs per
+    image, then the metric its `max_dets` per image AND class (pycocotools). On the real M3FD
+    sample (7 Car, 1 Lamp), a detector whose 242 best pairs are Car boxes on empty ground
+    (score 0.2) and whose 8 next are the ground truth itself (0.1): the Lamp is found (AP 100;
+    a cut at 100 per image across classes lost it), no Car is (100 Car detections per image are
+    scored, all empty ground)."""
+    from ivt.data import M3FDDataset
+    from ivt.engine import DistInfo
+    from ivt.tasks.det import evaluate_det
+    sample = ROOT / "tests" / "data" / "m3fd_sample"
+    (tmp_path / "one.txt").write_text("00471\n")
+    ds = M3FDDataset(sample, split="one", split_dir=tmp_path, train=False, size=64)
+    boxes, labels, _ = ds.gt(0)
+    (h0, w0), K = ds[0]["orig_size"], len(ds.classes)
+    assert sorted(ds.classes[int(c)] for c in labels) == ["Car"] * 7 + ["Lamp"]
+    xyxy = torch.as_tensor(boxes, dtype=torch.float32) / torch.tensor([w0, h0, w0, h0])
+    truth = torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], 1)
+    junk = 242
+    logits = torch.full((1, 8 + junk, K), -30.0)
+    logits[0, :junk, ds.classes.index("Car")] = torch.logit(torch.tensor(0.2))
+    logits[0, junk + torch.arange(8), torch.as_tensor(labels)] = torch.logit(torch.tensor(0.1))
+    pred_boxes = torch.cat([torch.tensor([[0.995, 0.005, 0.004, 0.004]]).expand(junk, 4), truth])
+    model = build_detector("swin_nano", DetectorConfig(num_classes=K, hidden_dim=32,
+                                                       num_queries=12, enc_layers=1,
+                                                       dec_layers=1, ffn_dim=32))
+    model.forward = lambda vis, ir, targets=None: {"pred_logits": logits,
+                                                   "pred_boxes": pred_boxes[None]}
+    single = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    r = evaluate_det(model, ds, single, lambda: torch.autocast("cpu", enabled=False)).compute()
+    assert r["AP_per_class"]["Lamp"] == pytest.approx(100.0) and r["AP_per_class"]["Car"] == 0.0

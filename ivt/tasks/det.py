@@ -80,8 +80,10 @@ def evaluate_det(model: nn.Module, dataset: Dataset, dist: DistInfo, autocast: C
                  on_prediction: Optional[Callable] = None) -> DetMetric:
     """COCO-style AP of `dataset` (an evaluation `M3FDDataset`), boxes in original pixels.
 
-    Each process scores every world_size-th image; the per-image records are gathered so every
-    rank returns the whole set's metric. `on_prediction(index, prediction dict)` per image.
+    The detector keeps its 300 best (query, class) pairs per image (`DETECTIONS_PER_IMAGE`, as
+    DINO and mmdet); the metric scores at most `max_dets` of them per image and class. Each
+    process scores every world_size-th image; the per-image records are gathered so every rank
+    returns the whole set's metric. `on_prediction(index, prediction dict)` per image.
     """
     new_metric = lambda: DetMetric(len(dataset.classes), max_dets=max_dets,  # noqa: E731
                                    class_names=dataset.classes)
@@ -92,7 +94,7 @@ def evaluate_det(model: nn.Module, dataset: Dataset, dist: DistInfo, autocast: C
             ir = batch["ir"].to(dist.device, non_blocking=True)
             target = batch["targets"][0]
             with autocast():
-                pred = net.predict(vis, ir, [target["orig_size"]], max_dets=max_dets)[0]
+                pred = net.predict(vis, ir, [target["orig_size"]])[0]         # DINO's 300
             pred = {k: v.float().cpu() if v.is_floating_point() else v.cpu()
                     for k, v in pred.items()}
             boxes, labels, ignore = dataset.gt(index)
@@ -115,7 +117,10 @@ class DetTask(Task):
                     lr_drop_epochs=(27, 33), clip_grad=0.1, eval_every=5000,
                     drop_path={"swin_l": 0.2})      # the authors' DINO Swin-L config
     description = DESCRIPTION
-    size_help = "images are resized to size x size pixels"
+    size_help = "images are resized to size x size pixels, a multiple of 32"
+    # The detector reads each feature level as spanning the whole image: with a side that is not
+    # a multiple of the coarsest stride, the backbone's padding would shift the levels apart.
+    size_multiple = 32
     eager_only = ("the detection loss matches queries to boxes on the CPU (Hungarian matching) "
                   "and its targets vary in number per image, which a CUDA graph cannot capture")
     model_keys = ("hidden_dim", "num_queries", "encoder", "enc_layers", "dec_layers", "ffn_dim")

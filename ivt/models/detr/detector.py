@@ -23,6 +23,9 @@ from .query_selection import build_query_selection
 
 
 ENCODERS = ("deformable", "hybrid")
+# Detections kept per image at inference: DINO's `num_select`, mmdet's DINO `max_per_img`. The
+# metric's own limit (per image and class, `DetMetric(max_dets=)`) applies to these.
+DETECTIONS_PER_IMAGE = 300
 
 
 @dataclass
@@ -172,7 +175,8 @@ class Detector(nn.Module):
     @torch.no_grad()
     def predict(self, vis: torch.Tensor, ir: Optional[torch.Tensor] = None,
                 orig_sizes: Optional[Sequence[Tuple[int, int]]] = None,
-                score_threshold: float = 0.0, max_dets: int = 100) -> List[Dict[str, torch.Tensor]]:
+                score_threshold: float = 0.0, max_dets: int = DETECTIONS_PER_IMAGE
+                ) -> List[Dict[str, torch.Tensor]]:
         """Detections per image, as DINO's post-processing: the top `max_dets` (query, class)
         pairs by sigmoid score, each query may appear with several classes.
 
