@@ -401,6 +401,9 @@ def check_args(task: Task, args) -> None:
         raise ValueError(f"--drop-path must be in [0, 1), got {args.drop_path}")
     if args.resume and args.resume != "last" and not os.path.isfile(args.resume):
         raise FileNotFoundError(f"--resume {args.resume}: file not found")
+    if args.patch_size is not None and args.backbone not in VIT_BACKBONES:
+        raise ValueError(f"--patch-size applies to the ViTs ({', '.join(VIT_BACKBONES)}), not "
+                         f"{args.backbone}")
     if args.backbone in VIT_BACKBONES:
         patch = args.patch_size or 16
         if args.size % patch:

@@ -8,8 +8,8 @@
     http(s)://.../FILE.pth      FILE.pth, downloaded into the cache once; a `#sha256=<hex>`
                                 fragment pins the file's SHA-256 (whole or a prefix)
 
-The cache is `$IVT_CACHE` (default `~/.cache/ivt`); a file is stored there under the URL's file
-name and used from there on without touching the network. A hand-downloaded file put at that path
+The cache is `$IVT_CACHE` (default `~/.cache/ivt`); a file is stored there under the URL's host
+and path (`cache_path`) and used from there on without touching the network. A hand-downloaded file put at that path
 is used as it is (after the pinned hash check, where one is pinned).
 """
 import hashlib

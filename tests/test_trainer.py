@@ -148,6 +148,8 @@ def test_errors_before_the_model_is_built(data, tmp_path, capsys, monkeypatch):
     args[args.index("swin_nano")] = "eva02_b"
     err = fails_with(args + ["--crop", "40"], capsys)
     assert "multiple of 16" in err and "40x40" in err
+    err = fails_with(tiny_args(data, tmp_path / "c", 2, "--patch-size", "14"), capsys)
+    assert "--patch-size applies to the ViTs" in err and "not swin_nano" in err
     (tmp_path / "file").write_text("")
     err = fails_with(tiny_args(data, tmp_path / "file", 2), capsys)
     assert "--out" in err and "is a file" in err
