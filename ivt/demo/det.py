@@ -152,7 +152,7 @@ def run(out: Path, seed: int = 0, preset: str = "default") -> dict:
                               margin)
     print_report(f"IV-tuning detection demo: {BACKBONE} + a small DETR-style detector, "
                  f"{t.n_images} day+night scenes (60/20/20% train/val/test; seed {seed}; COCO "
-                 "AP, at most 100 detections per image)", format_table(summary),
+                 "AP, at most 100 detections per image and class)", format_table(summary),
                  f"night AP50, ivt - full_vis: {margin:+.1f} points", result.timings,
                  f"{path}, {result.figure}")
     return summary
