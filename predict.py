@@ -251,7 +251,8 @@ class SegPredictor(Predictor):
 
     def __init__(self, model, config, args):
         super().__init__(model, config, args)
-        # The ViTs cut the image into patch_size x patch_size patches; Swin pads by itself.
+        # The ViTs cut the image into patch_size x patch_size patches (Swin pads by itself):
+        # padded here, as the model would pad each alone, pairs of nearby sizes share a forward.
         self.multiple = next((m.input_multiple for m in model.modules()
                               if isinstance(m, IVTBackbone)), 1)
         self.class_names = list(config.get("class_names") or CLASSES)

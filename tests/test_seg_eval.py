@@ -148,8 +148,7 @@ def test_poly_lr_default_power_is_linear():
 def test_vit_segmentor_pads_inputs_that_are_not_patch_multiples():
     """DINOv2 with its release's patch, 14: an image of 30x44 (as MFNet's 480x640) is padded
     with black pixels to 42x56, as `pad_to(img, size, IMAGE_PAD)` before normalising, and the
-    logits cropped back; `evaluate_seg` then runs on it (it used to stop at the patch-size
-    check, after a whole --eval-every of training)."""
+    logits cropped back; `evaluate_seg` (training's validation, evaluate.py) runs on it."""
     from ivt.data.transforms import IMAGE_PAD, pad_to, thermal_to_tensor, visible_to_tensor
     from ivt.models.segmentor import build_segmentor
     torch.manual_seed(0)
