@@ -5,6 +5,7 @@ it costs a lot (threads spin waiting for a busy core: a 50x slowdown was measure
 Subprocesses started by the tests inherit OMP_NUM_THREADS.
 """
 import os
+import tempfile
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -29,6 +30,8 @@ def script_env(monkeypatch):
 @pytest.fixture(scope="session", autouse=True)
 def children_write_temporary_files_under_pytests_folder(tmp_path_factory):
     """The processes the tests start (torchrun's log folders, multiprocessing's folders, a run
-    killed on purpose) make their temporary files under pytest's temporary folder, which pytest
-    prunes, instead of leaving them in the system's."""
+    killed on purpose), and this one (a DataLoader's workers' listener socket), make their
+    temporary files under pytest's temporary folder, which pytest prunes, instead of leaving them
+    in the system's."""
     os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("tmp"))
+    tempfile.tempdir = None             # tempfile caches the folder it found first
