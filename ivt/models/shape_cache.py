@@ -27,8 +27,12 @@ class ShapeCache:
         return len(self.kept) + len(self.recent)
 
     def get(self, key: Hashable, make: Callable[[], Any], stamp: Hashable = None) -> Any:
-        keep = key in self.kept or torch.is_grad_enabled()
-        entry = self.kept.pop(key) if key in self.kept else self.recent.pop(key, None)
+        entry = self.kept.get(key)
+        if entry is not None and entry[0] == stamp:                 # training's every step
+            return entry[1]
+        keep = entry is not None or torch.is_grad_enabled()
+        if entry is None:
+            entry = self.recent.pop(key, None)
         if entry is None or entry[0] != stamp:
             entry = (stamp, make())
         if keep:
