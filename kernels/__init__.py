@@ -6,12 +6,14 @@
 * `IVT_KERNELS=torch` forces the PyTorch references (`kernels/reference.py`);
 * `IVT_KERNELS=triton` forces Triton (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 with
   Triton >= 3.5, `INTERPRETER_MIN_TRITON`);
-* unset (`auto`): Triton for CUDA tensors when Triton imports, the reference otherwise.
-Triton is optional: the kernel files are imported only when it is installed. The scripts'
-`--kernels {auto,torch,triton}` calls `set_backend`. Layout and design: docs/kernels.md.
+* unset (`auto`): Triton for CUDA tensors when Triton imports, the reference otherwise;
+* an empty tensor always takes the reference (no launch to make).
+Triton is optional: the kernel files are imported only when it is installed and imports. The
+scripts' `--kernels {auto,torch,triton}` calls `set_backend`. Layout and design: docs/kernels.md.
 """
 import importlib.util
 import os
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -20,13 +22,21 @@ from .reference import (HybridAdapterWeights, LowRankExtra, NextNorm,
                         hybrid_adapter_eval_reference, hybrid_adapter_train_reference,
                         partial_conv_residual_reference, simam_reference)
 
+# Whether Triton is installed and imports (one that is installed but does not import, e.g. built
+# for another torch or CUDA, is warned about once and the references are used).
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+TRITON_IMPORT_ERROR = ""
 if TRITON_INSTALLED:
-    # Imported before `simam` below is defined: the function, not the submodule of the same name,
-    # is what `kernels.simam` means.
-    from .hybrid_adapter import hybrid_adapter_eval_triton, hybrid_adapter_train_triton
-    from .partial_conv import partial_conv_residual_triton
-    from .simam import simam_triton
+    try:
+        # Imported before `simam` below is defined: the function, not the submodule of the same
+        # name, is what `kernels.simam` means.
+        from .hybrid_adapter import hybrid_adapter_eval_triton, hybrid_adapter_train_triton
+        from .partial_conv import partial_conv_residual_triton
+        from .simam import simam_triton
+    except ImportError as error:
+        TRITON_INSTALLED, TRITON_IMPORT_ERROR = False, f"{type(error).__name__}: {error}"
+        warnings.warn(f"Triton is installed but does not import ({TRITON_IMPORT_ERROR}): "
+                      "the kernels' PyTorch references run instead", stacklevel=2)
 
 __all__ = ["simam", "partial_conv_residual", "hybrid_adapter_eval", "hybrid_adapter_train",
            "HybridAdapterWeights", "LowRankExtra", "NextNorm", "backend", "set_backend", "BACKENDS",
@@ -57,10 +67,22 @@ def triton_interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+# Triton reads TRITON_INTERPRET when a kernel is defined, i.e. when this package is imported:
+# the kernels are interpreted (CPU tensors) or compiled (CUDA tensors) from then on.
+KERNELS_INTERPRETED = TRITON_INSTALLED and triton_interpreter_on()
+
+
 # The first Triton whose CPU interpreter runs these kernels: 3.0 and 3.1 leave CPU tensors
 # unwritten, 3.2 to 3.4 have no float64 `tl.dot` (the precision the tests compare in).
 INTERPRETER_MIN_TRITON = (3, 5)
 INTERPRETER_NEEDS = "TRITON_INTERPRET=1 and Triton >= {}.{}".format(*INTERPRETER_MIN_TRITON)
+
+
+def triton_missing() -> str:
+    """Why the Triton kernels cannot run here (when TRITON_INSTALLED is False)."""
+    if TRITON_IMPORT_ERROR:
+        return f"Triton does not import ({TRITON_IMPORT_ERROR})"
+    return "Triton is not installed (pip install triton)"
 
 
 def triton_version() -> Optional[Tuple[int, int]]:
@@ -74,21 +96,21 @@ def triton_version() -> Optional[Tuple[int, int]]:
 
 
 def interpreter_ready() -> bool:
-    """Whether the kernels run on CPU tensors here: TRITON_INTERPRET=1 with a Triton whose
-    interpreter runs them (INTERPRETER_MIN_TRITON)."""
-    return (TRITON_INSTALLED and triton_interpreter_on()
+    """Whether the kernels run on CPU tensors here: TRITON_INTERPRET=1 when `kernels` was
+    imported, with a Triton whose interpreter runs them (INTERPRETER_MIN_TRITON)."""
+    return (TRITON_INSTALLED and KERNELS_INTERPRETED
             and triton_version() >= INTERPRETER_MIN_TRITON)
 
 
 def use_triton(x: torch.Tensor) -> bool:
     """Whether this call runs the Triton kernels, by the rules in the module docstring."""
     choice = backend()
-    if choice == "torch":
+    if choice == "torch" or x.numel() == 0:         # nothing to launch for an empty tensor
         return False
     if choice == "auto":
         return x.is_cuda and TRITON_INSTALLED
     if not TRITON_INSTALLED:
-        raise RuntimeError("IVT_KERNELS=triton, but Triton is not installed (pip install triton)")
+        raise RuntimeError(f"IVT_KERNELS=triton, but {triton_missing()}")
     if not x.is_cuda and not interpreter_ready():
         here = "{}.{}".format(*triton_version())
         raise RuntimeError(f"IVT_KERNELS=triton on a {x.device.type} tensor needs a CUDA tensor, "
@@ -133,7 +155,7 @@ def hybrid_adapter_train(x: torch.Tensor, residual: torch.Tensor, extra, hw,
     `use_triton`); see `kernels.hybrid_adapter` and `hybrid_adapter_train_reference`, which
     also says what `lead` does."""
     if not TRITON_INSTALLED:
-        raise RuntimeError("the fused Hybrid Adapter's training kernels need Triton "
-                           "(pip install triton)")
+        raise RuntimeError(f"the fused Hybrid Adapter's training kernels need Triton, but "
+                           f"{triton_missing()}")
     return hybrid_adapter_train_triton(x, residual, extra, hw, weights, keep, p, momentum, update,
                                        batches, lead)

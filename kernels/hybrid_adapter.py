@@ -979,16 +979,20 @@ class HybridAdapterTrainFunction(torch.autograd.Function):
         keep_scale = 1.0 / (1.0 - p) if keep is not None else 1.0
         out = _ho_up(h, s, residual, extra if low_rank is None else low_rank, hw, w, params,
                      bn_stats[0], bn_stats[1], False, keep, keep_scale, lead=lead)
-        ctx.save_for_backward(n_hat, h, rstd, bn_stats, fold, keep, *params,
-                              *(low_rank or ()))
+        # not the running statistics (params[10:12]): unused by the backward, and updated in
+        # place by any later forward (saving them would make that an error)
+        ctx.save_for_backward(n_hat, h, rstd, bn_stats, fold, keep, *params[:10],
+                              *params[12:], *(low_rank or ()))
         ctx.sizes, ctx.hw, ctx.w, ctx.keep_scale, ctx.lead = s, hw, w, keep_scale, lead
         ctx.x_dtype = x.dtype
         ctx.has_extra = extra is not None
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         n_hat, h, rstd, bn_stats, fold, keep, *params = ctx.saved_tensors
+        params[10:10] = [None, None]                   # the running statistics, not saved
         low_rank = LowRankExtra(*params[18:]) if len(params) > 18 else None
         g = _token_strides(g)[0]
         dx, grads = _train_backward(g, n_hat, h, rstd, bn_stats, fold, keep, params[:18],
@@ -1015,9 +1019,14 @@ def hybrid_adapter_train_triton(x: torch.Tensor, residual: torch.Tensor, extra, 
     lead > 0, x and residual are (B, lead + N, C) and so is the result, whose first `lead` rows
     of each image are residual's (see `hybrid_adapter_train_reference`)."""
     batches = batches if update else None
+    # the kernels index the mask and the extra's factors as row-major (M, d2), (M, R) rows of
+    # unit stride, (R, C) and (C,): copies of other layouts are made here, where autograd
+    # takes their gradients back to the tensors given
+    keep = None if keep is None else keep.contiguous()
     if isinstance(extra, LowRankExtra):
+        lr_h = extra.h if extra.h.stride(1) == 1 else extra.h.contiguous()
         return HybridAdapterTrainFunction.apply(x, residual, None, tuple(hw), w, keep, p,
-                                                momentum, update, batches, lead, *w[:18],
-                                                *extra)
+                                                momentum, update, batches, lead, *w[:18], lr_h,
+                                                extra.w.contiguous(), extra.b.contiguous())
     return HybridAdapterTrainFunction.apply(x, residual, extra, tuple(hw), w, keep, p, momentum,
                                             update, batches, lead, *w[:18])

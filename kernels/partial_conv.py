@@ -163,6 +163,7 @@ class PartialConvResidualFunction(torch.autograd.Function):
         return partial_conv_forward(x, weight, bias, cp)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
         grad_x, grad_weight, grad_bias = partial_conv_backward(x, weight, grad, ctx.cp)

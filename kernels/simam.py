@@ -315,6 +315,7 @@ class SimAMFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x, stats = ctx.saved_tensors
         return simam_backward(x, stats, grad), None

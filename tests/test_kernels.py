@@ -209,10 +209,10 @@ def test_auto_backend_uses_reference_on_cpu(spy_triton, monkeypatch, interpret):
 
 def test_triton_backend_on_cpu(spy_triton, monkeypatch):
     monkeypatch.setenv("IVT_KERNELS", "triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(kernels, "KERNELS_INTERPRETED", False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         kernels.simam(torch.randn(1, 4, 3, 3))
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(kernels, "KERNELS_INTERPRETED", True)
     call_both()
     assert spy_triton == ["simam", "partial_conv"]
 
@@ -220,7 +220,7 @@ def test_triton_backend_on_cpu(spy_triton, monkeypatch):
 def test_triton_backend_on_cpu_refuses_an_interpreter_too_old(spy_triton, monkeypatch):
     """Triton 3.0's interpreter returns CPU tensors unwritten: an error, not garbage."""
     monkeypatch.setenv("IVT_KERNELS", "triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(kernels, "KERNELS_INTERPRETED", True)
     monkeypatch.setattr(kernels, "triton_version", lambda: (3, 0))
     with pytest.raises(RuntimeError, match=r"Triton >= 3\.5 \(here Triton 3\.0\)"):
         kernels.simam(torch.randn(1, 4, 3, 3))

@@ -1,0 +1,196 @@
+"""The kernels' entry points at the edges of their contract, where a caller other than the model
+may take them: inputs in other memory layouts, empty tensors, a second derivative, buffers
+written between forward and backward, a Triton that is installed but does not import, and
+TRITON_INTERPRET set after `kernels` was imported. The Triton side runs under the interpreter
+(`TRITON_INTERPRET=1`, as `make test` sets); each comparison is against the PyTorch reference or
+against the same kernel on contiguous copies, in float64.
+"""
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels
+from kernels.reference import (HybridAdapterWeights, LowRankExtra, partial_conv_residual_reference,
+                               simam_reference)
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED = int(os.environ.get("KERNELS_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+needs_interpreter = pytest.mark.skipif(not kernels.interpreter_ready(),
+                                       reason=f"needs {kernels.INTERPRETER_NEEDS}")
+
+
+def adapter_weights(C: int, d2: int, gen: torch.Generator) -> HybridAdapterWeights:
+    """float64 weights with non-trivial values, every tensor but the running statistics a leaf
+    that takes a gradient."""
+    def r(*shape, scale=0.3, offset=0.0):
+        t = torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + offset
+        return t.requires_grad_()
+    cp = d2 // 4
+    bn_mean, bn_var = r(d2).detach(), torch.rand(d2, generator=gen, dtype=torch.float64) + 0.5
+    return HybridAdapterWeights(
+        r(C, offset=1.0), r(C), r(C, offset=1.0), r(C), r(d2, C, scale=C ** -0.5), r(d2),
+        r(cp, 1, 3, 3), r(cp), r(d2, d2, scale=d2 ** -0.5), r(d2), bn_mean, bn_var,
+        r(d2, offset=1.0), r(d2), r(d2, d2, scale=d2 ** -0.5), r(d2), r(C, d2, scale=d2 ** -0.5),
+        r(C), 1e-5, 1e-5, cp)
+
+
+@needs_interpreter
+def test_training_adapter_takes_factors_and_mask_in_any_layout(monkeypatch):
+    """The extra's factors and the dropout mask given as transposed and strided views (as
+    `up.weight.t()` would be) give the output and gradients of contiguous copies of the same
+    values: the kernels index them as row-major, so the entry point makes the copies."""
+    monkeypatch.setenv("IVT_KERNELS", "triton")
+    rng = random.Random(SEED)
+    B, H, W, C, d2, r = rng.randint(1, 2), rng.choice([3, 5]), rng.choice([4, 7]), 24, 16, 5
+    M = B * H * W
+    gen = torch.Generator().manual_seed(SEED)
+    x = torch.randn(B, H * W, C, generator=gen, dtype=torch.float64)
+    h = torch.randn(M, r, generator=gen, dtype=torch.float64)
+    w_e = torch.randn(r, C, generator=gen, dtype=torch.float64)
+    b_e = torch.randn(C, generator=gen, dtype=torch.float64)
+    keep = torch.rand(M, d2, generator=gen) > 0.2
+    g = torch.randn(B, H * W, C, generator=gen, dtype=torch.float64)
+
+    def run(layout):
+        wts = adapter_weights(C, d2, torch.Generator().manual_seed(SEED + 1))
+        leaves = [t.clone().requires_grad_() for t in (x, h, w_e, b_e)]
+        xl, hl, wl, bl = leaves
+        mask = keep
+        if layout == "strided":
+            hl_in = hl.t().contiguous().t()                   # (M, r), column-major
+            wl_in = wl.t().contiguous().t()                   # (r, C), column-major
+            bl_in = torch.stack([bl, bl], 1)[:, 0]            # (C,), stride 2
+            mask = keep.t().contiguous().t()
+            assert hl_in.stride(1) != 1 and not wl_in.is_contiguous() and bl_in.stride(0) == 2
+        else:
+            hl_in, wl_in, bl_in = hl, wl, bl
+        out = kernels.hybrid_adapter_train(xl, xl, LowRankExtra(hl_in, wl_in, bl_in), (H, W), wts,
+                                           mask, 0.2, 0.1, False)
+        out.backward(g)
+        return [out.detach()] + [t.grad for t in leaves] + [t.grad for t in wts[:18]
+                                                             if t.requires_grad]
+
+    for name, a, b in zip(["out", "dx", "dh", "dw_e", "db_e"] + [f"d{i}" for i in range(16)],
+                          run("contiguous"), run("strided")):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12, msg=f"{name}, seed {SEED}")
+
+
+@needs_interpreter
+def test_training_adapter_leaves_the_running_statistics_free_between_passes(monkeypatch):
+    """The BatchNorm running statistics are updated in place by every training forward: one
+    written between this forward and its backward (a second forward, a buffer broadcast) must
+    not break the backward, which does not read them, nor change its gradients."""
+    monkeypatch.setenv("IVT_KERNELS", "triton")
+    gen = torch.Generator().manual_seed(SEED)
+    B, H, W, C, d2 = 2, 3, 5, 16, 8
+    x = torch.randn(B, H * W, C, generator=gen, dtype=torch.float64)
+
+    def run(write_between):
+        w = adapter_weights(C, d2, torch.Generator().manual_seed(SEED + 1))
+        xl = x.clone().requires_grad_()
+        out = kernels.hybrid_adapter_train(xl, xl, None, (H, W), w, None, 0.0, 0.1, True)
+        if write_between:
+            w.bn_mean.add_(1.0)
+            w.bn_var.mul_(2.0)
+        out.sum().backward()
+        return [xl.grad] + [t.grad for t in w[:18] if t.requires_grad]
+
+    for a, b in zip(run(False), run(True)):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def second_derivative(op, leaf):
+    """Differentiate the gradient of op(leaf)'s squared sum again: the error, if any."""
+    (grad,) = torch.autograd.grad((op(leaf) ** 2).sum(), leaf, create_graph=True)
+    (grad ** 2).sum().backward()
+
+
+@needs_interpreter
+def test_second_derivative_is_refused_not_wrong(monkeypatch):
+    """The kernels' backward passes run outside autograd: a gradient of a gradient (a gradient
+    penalty) through them is refused with an error; without the refusal, the first gradient
+    silently has no graph behind it and the second derivative lacks its term. The reference
+    differentiates twice."""
+    gen = torch.Generator().manual_seed(SEED)
+    x = torch.randn(1, 3, 4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    wc, bc = torch.randn(2, 1, 3, 3, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
+    w = adapter_weights(8, 8, gen)
+    tokens = torch.randn(1, 20, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    ops = [(kernels.simam, x), (lambda t: kernels.partial_conv_residual(t, wc, bc, 2), x),
+           (lambda t: kernels.hybrid_adapter_train(t, t, None, (4, 5), w, None, 0.0, 0.1, False),
+            tokens)]
+    monkeypatch.setenv("IVT_KERNELS", "torch")
+    for op, leaf in ops[:2]:
+        second_derivative(op, leaf)                                   # the reference can
+    monkeypatch.setenv("IVT_KERNELS", "triton")
+    for op, leaf in ops:
+        with pytest.raises(RuntimeError, match="once_differentiable|twice"):
+            second_derivative(op, leaf)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("shape", [(2, 0, 4, 4), (0, 3, 4, 4)])
+def test_empty_maps_take_the_reference(monkeypatch, shape):
+    """A map with no channel or no image has nothing to launch: forcing Triton, SimAM
+    and the partial conv return the reference's empty result and gradient instead of sizing a
+    grid from 0."""
+    monkeypatch.setenv("IVT_KERNELS", "triton")
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    cp = min(shape[1], 1)
+    wc, bc = torch.randn(cp, 1, 3, 3, dtype=torch.float64), torch.randn(cp, dtype=torch.float64)
+    for op, ref in [(kernels.simam, simam_reference),
+                    (lambda t: kernels.partial_conv_residual(t, wc, bc, cp),
+                     lambda t: partial_conv_residual_reference(t, wc, bc, cp))]:
+        y = op(x)
+        assert y.shape == ref(x).shape == x.shape
+        y.sum().backward()
+        assert x.grad.shape == x.shape
+        x.grad = None
+
+
+def test_a_triton_that_does_not_import_leaves_the_references(tmp_path):
+    """A Triton installed but broken (built for another torch or CUDA): `import kernels` warns
+    and the references run; forcing Triton says why it cannot."""
+    fake = tmp_path / "triton"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('libcuda.so: cannot open (a test)')\n")
+    script = (
+        "import warnings, torch\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import kernels, ivt.fast.adapters\n"
+        "print('warned:', any('does not import' in str(w.message) for w in caught))\n"
+        "print('installed:', kernels.TRITON_INSTALLED)\n"
+        "x = torch.randn(1, 4, 3, 3)\n"
+        "print('same:', torch.equal(kernels.simam(x), kernels.simam_reference(x)))\n"
+        "kernels.set_backend('triton')\n"
+        "try:\n"
+        "    kernels.simam(x)\n"
+        "except RuntimeError as error:\n"
+        "    print('refused:', error)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]))
+    env.pop("IVT_KERNELS", None)
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[:3] == ["warned: True", "installed: False", "same: True"], run.stdout
+    assert lines[3].startswith("refused: IVT_KERNELS=triton, but Triton does not import "
+                               "(ImportError: libcuda.so: cannot open (a test))"), run.stdout
+
+
+@pytest.mark.skipif(not kernels.TRITON_INSTALLED, reason="needs Triton")
+def test_interpreter_turned_on_after_import_is_explained(monkeypatch):
+    """Triton decides at `import kernels` whether its kernels are interpreted: TRITON_INTERPRET=1
+    set later cannot run them on CPU tensors, and forcing Triton then says so (not Triton's
+    '0 active drivers')."""
+    monkeypatch.setattr(kernels, "KERNELS_INTERPRETED", False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("IVT_KERNELS", "triton")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET set before `kernels` is imported"):
+        kernels.simam(torch.randn(1, 4, 3, 3))
