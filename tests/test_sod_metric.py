@@ -296,3 +296,25 @@ def test_evaluate_sod_scores_the_bilinear_resize_to_the_gt_size():
         assert np.abs(got.astype(int) - want.astype(int)).max() <= 1, i     # float32 rounding
         mae = np.abs(want / 255.0 - (gt > 128)).mean()
         assert metric.scores["MAE"][i] == pytest.approx(mae, abs=1 / 255), i
+
+
+def test_evaluate_sod_refuses_a_map_with_nan():
+    """A diverged model's NaN probabilities would be saved and scored as a black map (plausible
+    numbers, a best.pt chosen on them): the image is named instead."""
+    class Items(Dataset):
+        image_paths = ["VT821/RGB/7.jpg"]
+
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            return {"vis": torch.zeros(3, 4, 4), "ir": torch.zeros(3, 4, 4),
+                    "gt": torch.zeros(5, 6, dtype=torch.uint8)}
+
+    class Diverged(nn.Module):
+        def predict(self, vis, ir):
+            return torch.full((1, 1, 4, 4), float("nan"))
+
+    with pytest.raises(FloatingPointError, match="VT821/RGB/7.jpg: the model's saliency map"):
+        evaluate_sod(Diverged(), Items(), DistInfo(0, 1, 0, torch.device("cpu")),
+                     contextlib.nullcontext)

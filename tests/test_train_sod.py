@@ -242,3 +242,45 @@ def test_validation_split_is_fixed_on_resume_and_val_count_checked(vt, tmp_path,
         train_sod.main(tiny_args(train, tmp_path / "neg", 2, "--val-count", "-3"))
     assert e.value.code == 2 and "--val-count must not be negative" in capsys.readouterr().err
     assert not (tmp_path / "neg").exists()
+
+
+def test_val_count_zero_resumes_and_a_list_of_every_image_is_refused(vt, tmp_path, capsys):
+    """--val-count 0 trains on every image and selects on them: no list is saved, and the run
+    resumes (it read its all-stems list back as held-out images: 'empty stem list'). A
+    --val-list naming every image leaves none to train on: said so, up front."""
+    train = vt / "VT5000" / "Train"
+    out = tmp_path / "all"
+    train_sod.main(tiny_args(train, out, 2, "--val-count", "0", "--eval-every", "0"))
+    assert not (out / "val_list.txt").exists()
+    summary = train_sod.main(tiny_args(train, out, 4, "--val-count", "0", "--eval-every", "0",
+                                       "--resume", "--allow-changes"))
+    assert load_checkpoint(summary["last"])["iter"] == 4
+    every = tmp_path / "every.txt"
+    every.write_text("\n".join(p.stem for p in (train / "GT").iterdir()))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train_sod.main(tiny_args(train, tmp_path / "none", 2, "--val-list", str(every)))
+    assert e.value.code == 2
+    assert "lists every one of the 8 images" in capsys.readouterr().err
+
+
+def test_evaluate_reads_every_set_before_scoring_any(vt, tmp_path, capsys, monkeypatch):
+    """A misspelt last --data (or two naming the same set) stops evaluate.py before the first
+    set's evaluation, not after the others were scored and thrown away."""
+    import ivt.tasks.sod as sod
+    run = train_sod.main(tiny_args(vt / "VT5000" / "Train", tmp_path / "run", 2,
+                                   "--eval-every", "0"))
+
+    def scored(*args, **kwargs):
+        raise AssertionError("a set was evaluated before every --data was checked")
+
+    monkeypatch.setattr(sod, "evaluate_sod", scored)
+    for second, message in [(vt / "VT8210", "VT8210/RGB not found"),
+                            (f"{vt / 'VT1000'}/", "name the same set")]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(["--task", "sod", "--checkpoint", run["last"], "--data",
+                           str(vt / "VT1000"), "--data", str(second), "--device", "cpu",
+                           "--workers", "0"])
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err

@@ -450,3 +450,23 @@ def test_synthetic_vt_layout_loads(tmp_path):
     dark = VTDataset(tmp_path / "night", train=False).read_images(0)[0].mean()
     bright = VTDataset(tmp_path / "day", train=False).read_images(0)[0].mean()
     assert dark < 0.3 * bright
+
+
+def test_a_zero_one_mask_is_refused_not_read_as_empty(tmp_path):
+    """The VT masks are 0/255 (foreground > 128): a 0/1 mask (common in re-distributed mask
+    sets) would be scored as empty and train towards an all-black map; it is refused, naming the
+    file. A JPEG mask of an empty image, whose noise has several low levels, is not."""
+    vt = tmp_path / "VT1000"
+    write_triple(vt, "1", 0)
+    write_triple(vt, "2", 1)
+    Image.fromarray(shape_mask(1).astype(np.uint8)).save(vt / "GT" / "2.png")
+    ds = VTDataset(vt, train=False, size=32)
+    ds[0]
+    for read in (lambda: ds[1], lambda: ds.read_images(1),
+                 lambda: VTDataset(vt, train=True, size=32)[1]):
+        with pytest.raises(ValueError, match=r"GT/2.png: a ground-truth mask of values \[0, 1\]"):
+            read()
+    noise = np.zeros((H, W), np.uint8)
+    noise[::7, ::5] = [1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3, 1][:len(range(0, W, 5))]
+    Image.fromarray(noise).save(vt / "GT" / "2.png")
+    assert ds[1]["gt"].max() == 0

@@ -331,6 +331,13 @@ class VTDataset(Dataset):
         if not vis.size == ir.size == mask.size:
             raise ValueError(f"RGB, T and GT sizes differ: {rgb} {vis.size}, {t} {ir.size}, "
                              f"{gt} {mask.size} (W, H)")
+        levels = [v for v, count in enumerate(mask.histogram()) if count]
+        if len(levels) <= 2 and 0 < levels[-1] <= GT_THRESHOLD:
+            # a two-level mask whose marked level is not foreground (> 128): a 0/1 mask, read as
+            # empty (a JPEG's noise on an empty mask has more levels)
+            raise ValueError(f"{gt}: a ground-truth mask of values {levels}, none above the "
+                             f"foreground threshold {GT_THRESHOLD}: masks are 0/255 (a 0/1 "
+                             f"mask: multiply it by 255)")
         return vis, ir, mask
 
     def read_images(self, index: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:

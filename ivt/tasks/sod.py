@@ -87,6 +87,9 @@ def evaluate_sod(model: nn.Module, dataset: Dataset, dist: DistInfo, autocast: C
             gt = item["gt"][0].numpy()                                # (H, W) uint8 0/255
             with autocast():
                 prob = net.predict(vis, ir).float()                   # (1, 1, S, S)
+            if not torch.isfinite(prob).all():          # else scored as a black map
+                raise FloatingPointError(f"{dataset.image_paths[index]}: the model's saliency "
+                                         f"map holds NaN or inf (a diverged model?)")
             prob = F.interpolate(prob, size=gt.shape, mode="bilinear", align_corners=False)
             pred = saliency_map(prob[0, 0].clamp(0, 1).cpu().numpy())  # (H, W) uint8
             metric.update(pred, gt)
@@ -119,7 +122,8 @@ class SODTask(Task):
         g.add_argument("--val-count", type=int, default=250,
                        help="images of --data held out to choose best.pt (a seeded list saved "
                             "as <out>/val_list.txt); 0 trains on all and selects on the "
-                            "training images themselves (default: %(default)s)")
+                            "training images themselves, no list saved (default: "
+                            "%(default)s)")
         g.add_argument("--val-list", default=None, metavar="FILE",
                        help="use the stems in FILE (one per line) as the validation images "
                             "instead of drawing --val-count of them")
@@ -148,13 +152,16 @@ class SODTask(Task):
             raise ValueError(f"--val-count must not be negative, got {args.val_count}")
         stems = list_vt_stems(args.data)
         saved = out / "val_list.txt"
-        if args.val_list or (args.resume and saved.is_file()):
+        if args.val_list or (args.resume and args.val_count > 0 and saved.is_file()):
             path = Path(args.val_list) if args.val_list else saved
             val = [s for s in path.read_text().split()]
             unknown = sorted(set(val) - set(stems))
             if unknown:
                 raise ValueError(f"{path}: stems not in {args.data}: {', '.join(unknown[:10])}")
             train = [s for s in stems if s not in set(val)]
+            if not train:
+                raise ValueError(f"{path} lists every one of the {len(stems)} images of "
+                                 f"{args.data}: none left to train on")
         elif args.val_count > 0:
             if args.val_count >= len(stems):
                 raise ValueError(f"--val-count {args.val_count} leaves no training images "
@@ -162,7 +169,7 @@ class SODTask(Task):
             train, val = split_train_val(stems, args.val_count, args.seed)
         else:
             train, val = stems, stems
-        if is_main and not args.val_list:
+        if is_main and not args.val_list and args.val_count > 0:
             saved.write_text("".join(f"{s}\n" for s in val))
         size = args.size
         return (VTDataset(args.data, train=True, size=size, seed=args.seed, norm=norm,
@@ -208,13 +215,22 @@ def evaluate_checkpoint(args, model: nn.Module, ckpt: dict, dist: DistInfo, norm
     """evaluate.py for a SOD checkpoint: every --data folder (RGB/, T/, GT/) in turn."""
     size = ckpt["config"]["size"]
     autocast = autocast_context(dist.device, args.amp)
-    sets = {}
-    for root in args.data:
-        name = Path(root).as_posix().rstrip("/")
-        dataset = VTDataset(root, train=False, size=size, norm=norm)
-        if args.verify_images:
+    # every set is read (and with --verify-images decoded) before any is evaluated: a bad
+    # folder stops the run before the others' evaluation, not after it
+    names = [Path(root).as_posix().rstrip("/") for root in args.data]
+    folders = [name.replace("/", "_").lstrip("._") for name in names]   # --save-vis's
+    for i, root in enumerate(args.data):
+        if folders[i] in folders[:i]:
+            raise ValueError(f"--data {root} and --data {args.data[folders.index(folders[i])]} "
+                             f"name the same set ({folders[i]})")
+    datasets = {name: VTDataset(root, train=False, size=size, norm=norm)
+                for name, root in zip(names, args.data)}
+    if args.verify_images:
+        for dataset in datasets.values():
             dataset.verify()
-        folder = Path(args.save_vis or ".") / name.replace("/", "_").lstrip("._")
+    sets = {}
+    for (name, dataset), folder in zip(datasets.items(), folders):
+        folder = Path(args.save_vis or ".") / folder
 
         def save_maps(index: int, pred: np.ndarray, dataset=dataset, folder=folder) -> None:
             png = Image.fromarray(pred)
