@@ -13,6 +13,7 @@ SIGTERM stops a one-process run) and `best.pt` (best validation score).
 import argparse
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -30,8 +31,9 @@ from .checkpoint import (atomic_save, check_pretrained, every_rank_rng_state, lo
                          load_model_state, make_checkpoint, model_state, set_rng_state,
                          sha256_file)
 from .data.io import BadImageError
-from .models import (BACKBONES, TUNINGS, VARIANTS, VIT_BACKBONES, CheckpointError,
-                     normalization_for)
+from .models import (BACKBONES, TUNINGS, VARIANTS, VIT_BACKBONES, CheckpointError, PETLConfig,
+                     make_ivt_config, make_petl_config, normalization_for)
+from .models.petl import METHOD_OPTIONS
 from .precision import store_frozen_weights
 from .weights import RELEASES, cache_dir, resolve_pretrained, saved_pretrained
 
@@ -125,17 +127,20 @@ class Task:
 
 
 # -- flags ---------------------------------------------------------------------------------------
+# The compared methods' flags (default None: the method's own) -> `PETLConfig`'s names.
+METHOD_FLAGS = {"prompt_length": "prompt_length", "bottleneck": "bottleneck",
+                "adapter_scale": "scale", "rein_tokens": "rein_tokens", "rein_rank": "rein_rank"}
+
+
 def backbone_kwargs(config: dict) -> dict:
     """`build_backbone` options a run's configuration describes (the paper's model; the run's
     --impl and --memory are applied to the built model by `speed_up`)."""
     kw = {k: config[k] for k in ("d1", "d2", "d3", "variant", "layers") if k in config}
     # The compared methods' options: None (not given) is left to the method's default.
-    for key, option in (("prompt_length", "prompt_length"), ("bottleneck", "bottleneck"),
-                        ("adapter_scale", "scale"), ("rein_tokens", "rein_tokens"),
-                        ("rein_rank", "rein_rank")):
+    for key, option in METHOD_FLAGS.items():
         if config.get(key) is not None:
             kw[option] = config[key]
-    if config.get("ir_embed"):
+    if config.get("ir_embed") and config.get("tuning") != "ivt":   # ivt: refused, see below
         kw["ir_embed"] = True
     if config.get("patch_size") is not None:
         kw["patch_size"] = config["patch_size"]
@@ -262,7 +267,9 @@ def _implementation_arguments(g) -> None:
                         "Hybrid Adapter as Triton kernels on a GPU (kernels/hybrid_adapter.py; "
                         "fast elsewhere). With --tuning full or freeze, fast and fused give the "
                         "backbone's fast forward (EVA02's rotary attention as one complex "
-                        "multiplication) (default: %(default)s)")
+                        "multiplication); the compared PETL methods (--tuning vpt, "
+                        "adaptformer, bi_adaptformer, rein) run their one forward whatever it "
+                        "says (default: %(default)s)")
     g.add_argument("--memory", default="keep", type=_memory,
                    metavar="keep|recompute|checkpoint|checkpoint:N[+recompute]",
                    help="with --impl fast or fused and --tuning ivt, what the backward pass "
@@ -373,6 +380,37 @@ def _run_arguments(g, task: Task) -> None:
 
 
 # -- checks made before anything expensive ------------------------------------------------------
+def with_method_defaults(config: dict) -> dict:
+    """`config` with the options of its compared method (--tuning vpt, adaptformer,
+    bi_adaptformer, rein) that were left out (None) set to the method's defaults: what a run
+    records, so that its checkpoint names the values it trained with (a run saved before these
+    were recorded compares equal to one that gives them)."""
+    own = METHOD_OPTIONS.get(config.get("tuning"), ())
+    if not own:
+        return dict(config)
+    defaults = PETLConfig(method=config["tuning"])
+    return {**config, **{key: getattr(defaults, name) for key, name in METHOD_FLAGS.items()
+                         if name in own and config.get(key) is None}}
+
+
+def check_method_options(args) -> None:
+    """IV-tuning's and the compared methods' options as `build_backbone` will check them, before
+    any data is read, with the flags named: e.g. --adapter-scale with --tuning vpt."""
+    flags = {name: f"--{key.replace('_', '-')}" for key, name in METHOD_FLAGS.items()}
+    flags.update({k: f"--{k.replace('_', '-')}" for k in ("d1", "d2", "d3", "layers",
+                                                          "ir_embed")})
+    try:
+        # --ir-embed with --tuning ivt too (runs saved before it was refused ignored it)
+        given = {**backbone_kwargs(vars(args)), **({"ir_embed": True} if args.ir_embed else {})}
+        _, options = make_ivt_config(args.tuning, given)
+        make_petl_config(args.tuning, options)
+    except (TypeError, ValueError) as error:
+        message = str(error)
+        for name, flag in flags.items():
+            message = re.sub(rf"\b{name}\b", flag, message)
+        raise ValueError(message) from None
+
+
 def check_args(task: Task, args) -> None:
     for name in ("batch_size", "log_every"):
         if getattr(args, name) < 1:
@@ -395,6 +433,8 @@ def check_args(task: Task, args) -> None:
         raise ValueError("--cuda-graph needs a CUDA device")
     if args.memory != "keep" and (args.impl == "reference" or args.tuning != "ivt"):
         raise ValueError(f"--memory {args.memory} needs --impl fast (or fused) and --tuning ivt")
+    check_method_options(args)
+    vars(args).update(with_method_defaults(vars(args)))
     if args.drop_path is None:          # None: the model's own default
         args.drop_path = task.recipe.drop_path.get(args.backbone)
     if args.drop_path is not None and not 0 <= args.drop_path < 1:
@@ -480,7 +520,7 @@ def resume_checkpoint(task: Task, args, config: dict, log: Callable[[str], None]
                               f"from --pretrained {args.pretrained_source}: leave --pretrained "
                               f"out to continue it, or start a new run from those weights")
     check_pretrained(ckpt, args.pretrained, path)
-    saved = ckpt["config"]
+    saved = with_method_defaults(ckpt["config"])
     differ = [k for k in sorted(set(saved) | set(config))
               if k not in RUN_ONLY and saved.get(k) != config.get(k)]
     changes = [f"{k}: checkpoint {saved.get(k)!r} vs now {config.get(k)!r}" for k in differ]

@@ -276,6 +276,8 @@ def test_option_errors():
         build_backbone("swin_nano", tuning="rein", d2=16)
     with pytest.raises(ValueError, match="rein_tokens"):
         build_backbone("swin_nano", tuning="rein", rein_tokens=1)
+    with pytest.raises(ValueError, match="ir_embed applies to tuning 'full' or 'freeze'"):
+        build_backbone("swin_nano", tuning="ivt", ir_embed=True)
 
 
 # -- delta checkpoints ----------------------------------------------------------------------------

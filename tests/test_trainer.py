@@ -159,6 +159,44 @@ def test_errors_before_the_model_is_built(data, tmp_path, capsys, monkeypatch):
                              ("cuda:7", "cuda:7")]:
         err = fails_with(tiny_args(data, tmp_path / "d", 2, "--device", device), capsys)
         assert f"--device {device}" in err and expected in err
+    # a method's option with another --tuning, or out of range, named by its flag
+    for flags, expected in [(["--tuning", "vpt", "--adapter-scale", "0.5"],
+                             "options --adapter-scale do not apply to tuning='vpt'"),
+                            (["--tuning", "vpt", "--prompt-length", "0"],
+                             "--prompt-length must be positive, got 0"),
+                            (["--tuning", "rein", "--rein-tokens", "1"], "--rein-tokens must"),
+                            (["--tuning", "adaptformer", "--layers", "1"],
+                             "options --layers only apply to tuning='ivt'"),
+                            (["--ir-embed"], "option --ir-embed applies to tuning 'full' or "
+                                             "'freeze'")]:
+        err = fails_with(tiny_args(data, tmp_path / "e", 2, "--d2", "64", *flags), capsys)
+        assert expected in err, (flags, err)
+        assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("method,recorded", [("vpt", {"prompt_length": 10}),
+                                             ("adaptformer", {"bottleneck": 64,
+                                                              "adapter_scale": 0.1})])
+def test_a_compared_method_records_its_defaults_and_resumes_with_them_stated(
+        data, tmp_path, method, recorded):
+    """A run of a compared method records the option values it trained with (they were saved as
+    None, rebuilt with whatever the defaults were at load time), and resuming with a default
+    stated (`--prompt-length 10`) is no change; a checkpoint that saved None resumes too."""
+    out = tmp_path / "run"
+    method = [method, "--d2", "64"]                  # tiny_args' --d2 8 back to the default
+    train_seg.main(tiny_args(data, out, 2, "--tuning", *method))
+    ckpt = load_checkpoint(str(out / "last.pt"))
+    assert {k: ckpt["config"][k] for k in recorded} == recorded
+    stated = [f for k, v in recorded.items() for f in (f"--{k.replace('_', '-')}", str(v))]
+    train_seg.main(tiny_args(data, out, 3, "--tuning", *method, "--resume", "--allow-changes",
+                             *stated))
+    ckpt = load_checkpoint(str(out / "last.pt"))
+    assert ckpt["iter"] == 3
+    ckpt["config"].update({k: None for k in recorded})         # as saved before
+    torch.save(ckpt, out / "last.pt")
+    summary = train_seg.main(tiny_args(data, out, 4, "--tuning", *method, "--resume",
+                                       "--allow-changes"))
+    assert summary["iters"] == 4
 
 
 def test_validation_images_that_are_training_images_are_warned_about(data, tmp_path, capsys):

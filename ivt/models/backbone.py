@@ -249,5 +249,8 @@ def make_petl_config(tuning: str, options: dict) -> Tuple[Optional[PETLConfig], 
         if ir_embed is False:
             raise ValueError("IV-tuning always has its IR patch embedding; ir_embed=False is not "
                              "available (variant='ir_missing' feeds the visible image instead)")
+        if ir_embed:
+            raise ValueError("option ir_embed applies to tuning 'full' or 'freeze': IV-tuning "
+                             "has its own IR patch embedding (EMPG)")
         return None, options
     return (PETLConfig(method=None) if ir_embed else None), options
