@@ -37,6 +37,7 @@ part() {  # part SECONDS NAME COMMAND...: run one part under a time limit, log i
     local rc=$?
     tail -n 25 "$OUT/$name.log"
     echo "== $name: exit $rc"
+    cp docs/benchmarks.md docs/kernels.md "$OUT/"  # as they stand: kept if the call is cut short
 }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -48,8 +49,7 @@ $PY -c "import xdist" 2>/dev/null && PARALLEL=(-n 4)
 part 150 tests $PY -m pytest -q -rf --tb=short "${PARALLEL[@]}" tests/test_graph_step.py \
     tests/test_simam_paths.py tests/test_kernels.py tests/test_kernels_model.py \
     tests/test_hybrid_adapter_kernel.py
-part 275 train_step $PY bench/train_step.py --json "$OUT/train_step.json"
+part 270 train_step $PY bench/train_step.py --json "$OUT/train_step.json"
 part 100 kernels $PY bench/kernels.py --ops hybrid_adapter partial_conv simam --no-compile \
     --adapter-tiles 16:64 32:64
 part 60 vs_timm $PY bench/vs_timm.py --json "$OUT/vs_timm.json"
-cp docs/benchmarks.md docs/kernels.md "$OUT/"

@@ -43,6 +43,7 @@ from typing import Dict, List, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[0] = str(ROOT)             # the repository's packages, not this folder's scripts
 
+from bench.sections import write_atomic  # noqa: E402
 from ivt.data.synthetic import write_m3fd, write_mfnet, write_vt  # noqa: E402
 
 # task -> (backbone, size, batch) on the GPU: the paper's settings (docs/training.md)
@@ -119,8 +120,25 @@ class Report:
             with self.log.open("a") as f:
                 f.write(f"== {record['step']}: {record['command']}\n{output}\n"
                         f"== {record['step']}: {record['status']}, {record['seconds']} s\n")
-            self.json.write_text(json.dumps(self.records, indent=1))
+            write_atomic(self.json, json.dumps(self.records, indent=1))
         return record
+
+
+def descendants(pid: int) -> List[int]:
+    """The processes descended from `pid` (children, theirs, ...), from /proc (Linux)."""
+    children: Dict[int, List[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:                          # "pid (name) state ppid ...": the name may hold spaces
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
 
 
 def run_step(name: str, command: List[str], report: Report,
@@ -140,8 +158,24 @@ def run_step(name: str, command: List[str], report: Report,
                                       else max(deadline - time.monotonic(), 0.0))
         status = "passed" if child.returncode == 0 else f"exit {child.returncode}"
     except subprocess.TimeoutExpired:
-        os.killpg(child.pid, signal.SIGKILL)        # torchrun's worker too
-        output, _ = child.communicate()
+        # the whole tree: torchrun starts its worker in a session of its own, and DataLoader
+        # workers leave the group (`ivt.engine`), so the group alone would leave them running
+        # with the output pipe open, and communicate() waiting for them
+        for pid in [child.pid] + descendants(child.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            os.killpg(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            output, _ = child.communicate(timeout=30)
+        except subprocess.TimeoutExpired:               # something still holds the pipe
+            child.stdout.close()
+            child.wait()
+            output = ""
         status = "timed out"
     seconds = round(time.perf_counter() - start, 1)
     tail = output.strip().splitlines()[-TAIL_LINES:]

@@ -14,7 +14,10 @@ def kernel_time(fn: Callable[[], object], top: Optional[int] = None) -> tuple:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    # not the GPU-side ranges of `record_function` scopes (e.g. every optimizer.step()), which
+    # the profiler lists on the device timeline too (torch's own summary skips them as well)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and not getattr(e, "is_user_annotation", False)]
     by_name = collections.defaultdict(lambda: [0.0, 0])
     for e in kernels:
         by_name[e.name][0] += e.time_range.elapsed_us()

@@ -1,6 +1,16 @@
-"""A helper the benchmark scripts share: each owns sections of `docs/benchmarks.md`,
-delimited by its own HTML-comment markers, and rewrites only those."""
+"""Helpers the benchmark scripts share: each owns sections of `docs/benchmarks.md`, delimited
+by its own HTML-comment markers, and rewrites only those; every file they write is written whole
+or not at all (`write_atomic`), so a part stopped by its time limit leaves no truncated file."""
+import os
 from pathlib import Path
+
+
+def write_atomic(path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename it over `path`."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def write_section(path: Path, begin: str, end: str, body: str) -> None:
@@ -12,4 +22,4 @@ def write_section(path: Path, begin: str, end: str, body: str) -> None:
         text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
+    write_atomic(path, text)

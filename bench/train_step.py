@@ -92,7 +92,7 @@ sys.path[0] = str(ROOT)             # the repository's packages, not this folder
 import kernels  # noqa: E402
 from bench.kernels import tile_sizes  # noqa: E402
 from bench.profiling import kernel_time  # noqa: E402
-from bench.sections import write_section  # noqa: E402
+from bench.sections import write_atomic, write_section  # noqa: E402
 from bench.compile_check import interpreter_launches  # noqa: E402
 from ivt.fast import make_fast  # noqa: E402
 from ivt.models.segmentor import build_segmentor  # noqa: E402
@@ -756,7 +756,7 @@ def main(argv=None):
                           cpu_tables(results, [case[-1] for case in cases]))
             print(f"wrote {args.out}")
         if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=1))
+            write_atomic(args.json, json.dumps(result, indent=1))
             print(f"wrote {args.json}")
         return
     out = Path(args.out or ROOT / "docs" / "benchmarks.md")
@@ -767,7 +767,7 @@ def main(argv=None):
         result = merge_results(runs)
         write_section(out, *GPU_SECTION, gpu_tables(result))
         if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=1))
+            write_atomic(args.json, json.dumps(result, indent=1))
         return result
 
     if args.render:

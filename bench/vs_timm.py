@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[0] = str(ROOT)             # the repository's packages, not this folder's scripts
 
 from bench.profiling import kernel_time  # noqa: E402
-from bench.sections import write_section  # noqa: E402
+from bench.sections import write_atomic, write_section  # noqa: E402
 from bench.train_step import Launches, OpCounter, TensorTracker, gpu_attention  # noqa: E402
 from ivt.fast import make_fast  # noqa: E402
 from ivt.models import build_backbone  # noqa: E402
@@ -320,7 +320,7 @@ def main(argv=None):
         if out:
             write_section(Path(out), begin, end, render(result))
         if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=1))
+            write_atomic(args.json, json.dumps(result, indent=1))
 
     cases = TINY_CASES if args.tiny else PROXY_CASES if args.proxies else CASES
     for name, size, batch in cases:

@@ -104,7 +104,10 @@ class GraphedTrainStep:
                        for k, v in batch.items()}
         self.optimizer.zero_grad(set_to_none=True)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: only this thread's CUDA calls are checked during the capture; under the
+        # default ("global") the DataLoader's pin-memory thread, which allocates and copies
+        # host memory meanwhile, could invalidate it
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.static_loss = self._body(self.static, cache_casts=False)
 
     def _load(self, batch: dict) -> None:

@@ -287,3 +287,32 @@ def test_amp_proxies_run_the_step_as_the_gpu_does():
     n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     extra = full[True]["modes"]["full"]["operators"] - full[False]["modes"]["full"]["operators"]
     assert extra >= 2 * n_linear, (extra, n_linear)
+
+
+def test_kernel_time_counts_kernels_not_annotation_ranges(monkeypatch):
+    """`bench/profiling.kernel_time` sums the CUDA kernels of the profiler's device timeline; a
+    `record_function` scope (every optimizer.step() is one) is also on it, as a user annotation
+    spanning its kernels: counted, it added the optimizer's time twice and listed it as the
+    costliest "kernel". Checked on a stand-in profiler (the CPU records no CUDA events)."""
+    import contextlib
+    import types
+
+    import torch
+    import torch.profiler
+    profiling = load_bench("profiling")
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def event(name, us, device=cuda, annotation=False):
+        return types.SimpleNamespace(name=name, device_type=device, is_user_annotation=annotation,
+                                     time_range=types.SimpleNamespace(elapsed_us=lambda: us))
+
+    events = [event("sm90_gemm", 300.0), event("sm90_gemm", 200.0), event("adam_kernel", 100.0),
+              event("Optimizer.step#AdamW.step", 120.0, annotation=True),
+              event("aten::mm", 40.0, device=cpu)]
+    recorder = types.SimpleNamespace(events=lambda: events)
+    monkeypatch.setattr(torch.profiler, "profile",
+                        lambda **kwargs: contextlib.nullcontext(recorder))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    busy_ms, launches, top = profiling.kernel_time(lambda: None)
+    assert (busy_ms, launches) == (0.6, 3)
+    assert top == [["sm90_gemm", 500.0, 2], ["adam_kernel", 100.0, 1]]

@@ -63,3 +63,21 @@ def test_a_bad_flag_would_be_caught():
     result = subprocess.run([sys.executable, "bench/kernels.py", "--no-such-flag"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "unrecognized arguments" in result.stderr
+
+
+def test_docs_are_kept_when_the_call_is_cut_short(tmp_path):
+    """The rewritten docs/benchmarks.md and docs/kernels.md go to $OUT after every part, not only
+    at the end: a device call stopped during a later part (here: the script killed while the
+    kernels part runs, every command a stand-in for python) still brings back the tables the
+    earlier parts wrote."""
+    stub = tmp_path / "python"
+    stub.write_text("#!/bin/sh\ncase \"$*\" in *bench/kernels.py*) sleep 8;; esac\nexit 0\n")
+    stub.chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=str(stub))
+    with open(tmp_path / "session.log", "w") as log:
+        subprocess.run(["timeout", "3", "bash", str(SCRIPT)], cwd=ROOT, env=env, stdout=log,
+                       stderr=subprocess.STDOUT, timeout=60)
+    assert (out / "train_step.log").exists() and not (out / "vs_timm.log").exists()
+    for doc in ("benchmarks.md", "kernels.md"):
+        assert (out / doc).read_text() == (ROOT / "docs" / doc).read_text(), doc

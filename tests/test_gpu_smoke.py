@@ -61,7 +61,10 @@ def test_a_failing_step_is_recorded_and_its_chain_skipped(tmp_path):
     assert "== after: skipped: boom did not pass" in (tmp_path / "smoke.log").read_text()
 
 
-def test_deadline_stops_a_step_with_its_children_and_skips_the_rest(tmp_path):
+@pytest.mark.parametrize("own_session", [False, True], ids=["child", "child-in-own-session"])
+def test_deadline_stops_a_step_with_its_children_and_skips_the_rest(tmp_path, own_session):
+    """The step's whole process tree goes, also a child in a session of its own (as torchrun
+    starts its worker), which would otherwise hold the output pipe open past the deadline."""
     smoke = _smoke()
     report = smoke.Report(tmp_path)
     pid_file = tmp_path / "grandchild.pid"
@@ -69,7 +72,8 @@ def test_deadline_stops_a_step_with_its_children_and_skips_the_rest(tmp_path):
                  ".write(str(__import__('os').getpid()));" \
                  " time.sleep(120)"
     slow = [sys.executable, "-c", f"import subprocess, sys; print('started', flush=True); "
-                                  f"subprocess.run([sys.executable, '-c', {grandchild!r}])"]
+                                  f"subprocess.run([sys.executable, '-c', {grandchild!r}], "
+                                  f"start_new_session={own_session})"]
     start = time.monotonic()
     smoke.run_chain([("slow", slow), ("next", [sys.executable, "-c", "pass"])], report,
                     deadline=time.monotonic() + 3)

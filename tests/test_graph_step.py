@@ -4,6 +4,7 @@ of another shape is refused by name; the fast path, the fused adapters with reco
 sub-layers and with a checkpointed block are all capturable (the fused adapters' TF32 matmuls
 compared at TF32's tolerance, see `assert_same_run`). Without CUDA only the refusal on the CPU
 is testable."""
+import contextlib
 import copy
 
 import pytest
@@ -48,6 +49,29 @@ def test_refuses_cpu_model():
     m = model("cpu")
     with pytest.raises(ValueError, match="CUDA"):
         GraphedTrainStep(m, loss_fn, torch.optim.SGD(m.parameters(), lr=0.1), lambda: None)
+
+
+def test_capture_checks_only_its_own_thread(monkeypatch):
+    """The trainer's DataLoader pins host memory on another thread while the step is captured;
+    under CUDA's default ("global") capture mode, that thread's calls could invalidate the
+    capture (a crash at step 2 of a --cuda-graph run). The capture is made in "thread_local"
+    mode: checked here on stand-ins for CUDA's graph objects (the capture itself: the CUDA tests
+    below)."""
+    seen = []
+
+    @contextlib.contextmanager
+    def graph(cuda_graph, **options):
+        seen.append(options)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: "a graph")
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    step = GraphedTrainStep.__new__(GraphedTrainStep)
+    step.device = torch.device("cpu")
+    step.optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    step._body = lambda batch, cache_casts: torch.zeros(())
+    step._capture({"vis": torch.ones(2), "name": ["a"]})
+    assert seen == [{"capture_error_mode": "thread_local"}]
 
 
 def assert_same_run(graph_model, eager_model, start: dict, tf32: bool) -> None:
