@@ -25,3 +25,10 @@ def kernel_time(fn: Callable[[], object], top: Optional[int] = None) -> tuple:
     ranked = sorted(by_name.items(), key=lambda item: -item[1][0])[:top]
     return (sum(e.time_range.elapsed_us() for e in kernels) / 1e3, len(kernels),
             [[name[:120], round(us, 1), launches] for name, (us, launches) in ranked])
+
+
+def profile_once_before_timing() -> None:
+    """Profile a trivial call, before any timing: what the profiler leaves set up after its
+    first use (CUPTI's callbacks stay registered in some torch versions) then slows every
+    measurement of the run alike, not only those made after the first profiled mode."""
+    kernel_time(lambda: torch.ones(1, device="cuda") * 2)

@@ -91,7 +91,7 @@ sys.path[0] = str(ROOT)             # the repository's packages, not this folder
 
 import kernels  # noqa: E402
 from bench.kernels import tile_sizes  # noqa: E402
-from bench.profiling import kernel_time  # noqa: E402
+from bench.profiling import kernel_time, profile_once_before_timing  # noqa: E402
 from bench.sections import write_atomic, write_section  # noqa: E402
 from bench.compile_check import interpreter_launches  # noqa: E402
 from ivt.fast import make_fast  # noqa: E402
@@ -614,6 +614,7 @@ def gpu_benchmark(args, on_progress=lambda result: None) -> dict:
               "cases": [{"backbone": n, "size": s, "batch": b, "train": {}, "inference": {}}
                         for n, s, b in cases]}
     measure = {"train": gpu_train_case, "inference": gpu_inference_case}
+    profile_once_before_timing()
     for i, kind, mode in gpu_jobs(cases, args.modes or GPU_ORDER, args.inference_modes):
         backbone, size, batch = cases[i]
         row = row_or_error(measure[kind], backbone, size, batch, mode, args)

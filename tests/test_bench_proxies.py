@@ -316,3 +316,24 @@ def test_kernel_time_counts_kernels_not_annotation_ranges(monkeypatch):
     busy_ms, launches, top = profiling.kernel_time(lambda: None)
     assert (busy_ms, launches) == (0.6, 3)
     assert top == [["sm90_gemm", 500.0, 2], ["adam_kernel", 100.0, 1]]
+
+
+def test_gpu_benchmark_profiles_once_before_timing_any_mode(monkeypatch):
+    """Every mode is timed after the profiler's first use (which may leave CUPTI's callbacks
+    slowing kernel launches from then on), not full fine-tuning's eager step before it and the
+    others after: the order of calls, on stand-ins for the GPU and the measurements."""
+    import types
+
+    import torch
+    bench = _bench()
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "a card")
+    monkeypatch.setattr(bench, "profile_once_before_timing", lambda: calls.append("profile"))
+    for kind in ("train", "inference"):
+        monkeypatch.setattr(bench, f"gpu_{kind}_case",
+                            lambda *a, kind=kind: calls.append(f"{kind} {a[3]}") or {"ms": 1.0})
+    args = types.SimpleNamespace(cases=["swin_nano:64:2"], modes=["full", "ivt"],
+                                 inference_modes=["freeze"])
+    bench.gpu_benchmark(args)
+    assert calls[0] == "profile" and calls.count("profile") == 1
+    assert "train full" in calls[1:] and "train ivt" in calls[1:], calls
