@@ -33,6 +33,7 @@ import torch.distributed as torch_dist
 import torch.nn as nn
 
 from .models.backbone import CheckpointError, _key_list, load_tensors
+from .weights import usual_file_mode
 
 CHECKPOINT_FORMAT = "ivt-checkpoint-1"
 
@@ -57,9 +58,7 @@ def atomic_save(obj, path: str) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)             # mkstemp creates 0600; use the usual mode
+        os.chmod(tmp, usual_file_mode())           # mkstemp creates 0600; use the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -149,7 +148,9 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # one state per GPU the saving process saw: where fewer are visible now, theirs
+        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
 
 
 # -- whole checkpoints -------------------------------------------------------------------------

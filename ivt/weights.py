@@ -17,10 +17,10 @@ import http.client
 import os
 import re
 import sys
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional
@@ -127,8 +127,9 @@ def cache_path(url: str) -> Path:
     cached file. The query and fragment are ignored."""
     parts = urllib.parse.urlsplit(url)
     folders = [urllib.parse.unquote(p) for p in parts.path.split("/")[:-1] if p]
-    if not parts.netloc or any(f in (".", "..") for f in folders):
-        raise WeightsError(f"{url}: expected an http(s) URL of a file")
+    if not parts.netloc or any(f in (".", "..") or "/" in f or "\\" in f for f in folders):
+        raise WeightsError(f"{url}: expected an http(s) URL of a file (no '.', '..' or encoded "
+                           f"slash as a folder: the cached copy must stay in {cache_dir()})")
     return cache_dir().joinpath(parts.netloc.replace(":", "_"), *folders, url_file_name(url))
 
 
@@ -184,18 +185,62 @@ def saved_pretrained(config: dict, progress: bool = True) -> Optional[str]:
 
 
 def fetch(url: str, sha256: Optional[str], label: str, progress: bool = True) -> str:
-    """The cached copy of `url` (downloaded first if absent), checked against `sha256` if given."""
+    """The cached copy of `url` (downloaded first if absent), checked against `sha256` if given.
+    Processes fetching the same file (the ranks of a torchrun job, two runs) take turns
+    (`cache_lock`): one downloads, the others then find the file."""
     dest = cache_path(url)
-    if dest.is_file():
-        if sha256 is not None:
-            actual = sha256_of(dest)
-            if not actual.startswith(sha256):
-                raise WeightsError(f"{label}: the cached file {dest} has SHA-256 {actual}, "
-                                   f"expected {describe_expected(sha256)} ({url}); delete it to "
-                                   f"download it again")
-        return str(dest)
-    download(url, dest, sha256, label, progress)
+    if not dest.is_file():
+        with cache_lock(dest, label, progress):
+            if not dest.is_file():
+                download(url, dest, sha256, label, progress)
+                return str(dest)
+    if sha256 is not None:
+        actual = sha256_of(dest)
+        if not actual.startswith(sha256):
+            raise WeightsError(f"{label}: the cached file {dest} has SHA-256 {actual}, "
+                               f"expected {describe_expected(sha256)} ({url}); delete it to "
+                               f"download it again")
     return str(dest)
+
+
+@contextmanager
+def cache_lock(dest: Path, label: str, progress: bool):
+    """Hold an exclusive lock on `<dest>.lock` (POSIX `flock`, released by the system if the
+    process dies; where there is no fcntl, no lock); says so when another process holds it."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:                                # Windows: no lock
+        yield
+        return
+    with open(dest.with_name(dest.name + ".lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress:
+                print(f"waiting for another process downloading {label} to {dest}",
+                      file=sys.stderr)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def usual_file_mode() -> int:
+    """0o666 less the process's umask: the mode `open()` would give a new file (`mkstemp` gives
+    0600). Read from /proc where it shows it, so that the process-wide umask is not changed
+    (briefly) while other threads may create files."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def sha256_of(path: Path) -> str:
@@ -214,7 +259,9 @@ def download(url: str, dest: Path, sha256: Optional[str] = None, label: Optional
     The bytes go to a temporary file in `dest`'s folder and are hashed on the way; the file is
     checked for completeness (bytes received == Content-Length) and against `sha256` (whole hex,
     or a prefix), then renamed to `dest` with `os.replace`, so `dest` is either absent or a
-    complete, verified file. On any failure the temporary file is deleted.
+    complete, verified file, readable as any file the user creates. On a failure the temporary
+    file is deleted; one left by a process killed meanwhile (it has a fixed name, under
+    `cache_lock`) is overwritten by the next download.
 
     Written here rather than taken from `torch.hub.download_url_to_file`: Python's http.client
     does not raise when the server closes the connection before Content-Length bytes arrived
@@ -223,13 +270,16 @@ def download(url: str, dest: Path, sha256: Optional[str] = None, label: Optional
     """
     label = label or dest.name
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
+    tmp = dest.with_name(dest.name + ".part")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             actual = _stream(url, f, dest, label, progress)
+            f.flush()
+            os.fsync(f.fileno())
         if sha256 is not None and not actual.startswith(sha256):
             raise WeightsError(f"{label}: the file downloaded from {url} has SHA-256 {actual}, "
                                f"expected {describe_expected(sha256)}; the file was deleted")
+        os.chmod(tmp, usual_file_mode())
         os.replace(tmp, dest)
     except BaseException:
         if os.path.exists(tmp):
@@ -248,7 +298,8 @@ def _stream(url: str, f, dest: Path, label: str, progress: bool) -> str:
     except urllib.error.HTTPError as e:
         raise WeightsError(f"cannot download {label} from {url}: HTTP {e.code} {e.reason}; "
                            f"{by_hand}") from None
-    except (urllib.error.URLError, OSError) as e:   # DNS, refused connection, timeout
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        # DNS, refused connection, timeout; a malformed URL or a reply that is not HTTP
         reason = getattr(e, "reason", None) or e
         raise WeightsError(f"cannot download {label} from {url} ({reason}); {by_hand}") from None
     h, received = hashlib.sha256(), 0

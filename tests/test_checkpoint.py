@@ -80,6 +80,21 @@ def test_rng_state_round_trip(tmp_path):
     assert torch.equal(torch.rand(3), draws[2])
 
 
+def test_rng_state_of_more_gpus_than_are_visible(monkeypatch):
+    """A run saved on a machine with more GPUs (one generator state each) resumes where fewer
+    are visible: the visible ones get theirs (all of them at once was an IndexError). On
+    stand-ins for CUDA's calls (no GPU here)."""
+    state, restored = rng_state(), []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.append((s, device)))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all",
+                        lambda states: (_ for _ in ()).throw(IndexError("list index")))
+    gpus = [torch.full((16,), i, dtype=torch.uint8) for i in range(2)]
+    set_rng_state({**state, "cuda": gpus})
+    assert len(restored) == 1 and restored[0][1] == 0 and torch.equal(restored[0][0], gpus[0])
+
+
 def test_sha256_and_pretrained_check(tmp_path):
     a = write_pretrained(tmp_path / "a.pt", 0)
     b = write_pretrained(tmp_path / "b.pt", 1)

@@ -65,7 +65,8 @@ def release():
 class Server:
     """http.server on 127.0.0.1 (a free port) in a thread. Serves `files` by path;
     /truncated.pth announces 1000 bytes more than it sends, then closes the connection;
-    /silent.pth never answers (until stopped); anything else is a 404."""
+    /silent.pth never answers (until stopped); /slow.pth is /swin_nano.pth after a second;
+    anything else is a 404."""
 
     def __init__(self, files: dict):
         self.requests = []
@@ -80,6 +81,9 @@ class Server:
                     return
                 if self.path == "/truncated.pth":
                     body, extra = b"0123456789" * 500, 1000
+                elif self.path == "/slow.pth":                 # the release, after 1 s
+                    time.sleep(1.0)
+                    body, extra = files["/swin_nano.pth"], 0
                 elif self.path in files:
                     body, extra = files[self.path], 0
                 else:
@@ -138,8 +142,9 @@ def closed_port() -> int:
 
 
 def files(folder: Path) -> list:
-    """The files below `folder` (the cache keeps each URL under <host>/<path>)."""
-    return sorted(p for p in folder.rglob("*") if p.is_file())
+    """The files below `folder` (the cache keeps each URL under <host>/<path>), but for the
+    empty lock files that let processes take turns at a download (`weights.cache_lock`)."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix != ".lock")
 
 
 def check_weights(model, own):
@@ -398,3 +403,69 @@ def test_mmdet_detector_checkpoint_through_the_pretrained_path(release, cache, t
         check_weights(model, own)
     finally:
         server.stop()
+
+
+def test_processes_fetching_one_file_take_turns(release, server, cache):
+    """The ranks of a torchrun job resolve --pretrained together: one downloads, the others wait
+    for it and find the file (each downloaded it whole, N times the traffic and the disk)."""
+    url = server.url("slow.pth")
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(resolve_pretrained(url, False)))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert got == [str(cache_path(url))] * 3
+    assert server.requests.count("/slow.pth") == 1
+    assert files(cache) == [cache_path(url)]
+
+
+def test_a_killed_downloads_part_file_is_replaced_and_the_file_readable(release, server, cache):
+    """A process killed mid-download (SIGTERM from torchrun, SIGKILL) cannot delete its partial
+    file: the next download of the same file overwrites it instead of adding another. The cached
+    file gets the mode any file the user creates gets (mkstemp's 0600 kept other users of a
+    shared $IVT_CACHE out)."""
+    url = server.url("swin_nano.pth")
+    dest = cache_path(url)
+    dest.parent.mkdir(parents=True)
+    dest.with_name(dest.name + ".part").write_bytes(b"from a process killed mid-download")
+    resolve_pretrained(url, progress=False)
+    assert files(cache) == [dest] and dest.read_bytes() == release[1]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert dest.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_malformed_urls_and_replies_are_weights_errors(server, cache):
+    """What http.client raises outside OSError (a bad port, a reply that is not HTTP) is reported
+    like any failed download (it was a bare traceback); an encoded slash cannot lead the cached
+    copy out of the cache."""
+    with pytest.raises(WeightsError, match="cannot download f.pth from http://127.0.0.1:8o80"):
+        resolve_pretrained("http://127.0.0.1:8o80/f.pth", progress=False)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+
+        def not_http():
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(1024)
+                conn.sendall(b"SSH-2.0-OpenSSH_8.9\r\n")
+        threading.Thread(target=not_http, daemon=True).start()
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/f.pth"
+        with pytest.raises(WeightsError, match="BadStatusLine|SSH-2.0"):
+            resolve_pretrained(url, progress=False)
+    for url in ("https://h/a%2F..%2F..%2F..%2Fescaped/f.pth", "https://h/a%5C..%5Cx/f.pth"):
+        with pytest.raises(WeightsError, match="encoded slash"):
+            cache_path(url)
+
+
+def test_a_truncated_safetensors_file_is_named(tmp_path):
+    from safetensors.torch import save_file
+    from ivt.models.backbone import CheckpointError, read_state_dict
+    path = tmp_path / "visible.safetensors"
+    save_file({"w": torch.randn(64, 64)}, str(path))
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=f"cannot read pretrained checkpoint {path}"):
+        read_state_dict(str(path))

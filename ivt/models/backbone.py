@@ -52,7 +52,11 @@ def read_state_dict(path: str) -> StateDict:
         raise FileNotFoundError(f"pretrained checkpoint not found: {path}")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
-        sd = load_file(path, device="cpu")
+        try:
+            sd = load_file(path, device="cpu")
+        except Exception as error:          # SafetensorError: truncated, not safetensors, ...
+            raise CheckpointError(f"cannot read pretrained checkpoint {path}: "
+                                  f"{type(error).__name__}: {error}") from None
     else:
         sd = load_tensors(path, "pretrained checkpoint")
     for wrapper in ("model", "module", "state_dict"):
