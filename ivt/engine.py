@@ -241,9 +241,14 @@ def check_output(path, flag: str, folder: bool) -> None:
     before the work, so that a bad path does not fail after it."""
     p = Path(path)
     kind = "folder" if folder else "file name"
-    if p.exists() and p.is_dir() != folder:
-        raise ValueError(f"{flag} {path} is a {'file' if folder else 'folder'}; give a {kind}")
-    parent = p if p.exists() else p.parent
+    if p.exists():                                   # a folder to write into, a file to replace
+        if p.is_dir() != folder:
+            raise ValueError(f"{flag} {path} is a {'file' if folder else 'folder'}; give a "
+                             f"{kind}")
+        if not os.access(p, os.W_OK | (os.X_OK if folder else 0)):
+            raise ValueError(f"{flag} {path} is not writable")
+        return
+    parent = p.parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
@@ -388,7 +393,8 @@ def train_loop(model: nn.Module, batches: Iterator[dict], step: Callable, *, dis
     `result = evaluate(it)`, then, if the trained weights are finite, `save(it, result)`; so
     the last checkpoint written is always the last finite one. Every `save_every` iterations
     (0: never) and when `stop` has caught a signal: `save(it, None)` without evaluating; after
-    the latter, RunInterrupted.
+    the latter, RunInterrupted, also for a signal caught during the last iteration (after its
+    evaluation and save: the run is complete).
     """
     model.train()
     result = None
@@ -426,8 +432,12 @@ def train_loop(model: nn.Module, batches: Iterator[dict], step: Callable, *, dis
                                            f"{done}; training stopped")
                 save(done, result if evaluate_now else None)
                 window_start = time.perf_counter()   # keep evaluation out of `time`
-            if stopping and done < iters:
+            if stopping:
                 raise RunInterrupted(done, stop.signum)
     finally:
         bar.close()
+    if stop is not None and stop.signum is not None:
+        # caught during the last iteration's evaluation or save: the run is complete and
+        # saved, and the caller (a demo chaining runs, a shell loop) still hears of the signal
+        raise RunInterrupted(iters, stop.signum)
     return result

@@ -5,6 +5,7 @@ needs the full run (`make demo`, a few minutes); here only the pipeline, the out
 and the determinism are checked.
 """
 import json
+import re
 
 import pytest
 from PIL import Image
@@ -64,6 +65,26 @@ def test_deterministic_given_seed(smoke_run, tmp_path):
     for name in demo.RUNS:
         for key in METRICS + ("trainable_params",):
             assert again[name][key] == first[name][key], (name, key)
+
+
+def test_run_again_into_its_folder_continues_its_runs(smoke_run, capsys):
+    """`make demo` after a Ctrl-C, or `make demo-sod` after `make demo` (one --out, one
+    pre-training): the runs found are continued (--resume; a finished one trains no more) and
+    score the same (they stopped at 'already holds a run'). Another preset or seed into that
+    folder is refused by name, and so is --methods with another --task."""
+    out, first = smoke_run
+    (out / "ivt" / "last.pt").unlink()                    # as if stopped before its first save
+    again = demo.main(["--out", str(out), "--smoke", "--seed", "3"])
+    for name in demo.RUNS:
+        for key in METRICS:
+            assert again[name][key] == first[name][key], (name, key)
+    assert "resuming" in capsys.readouterr().out
+    for argv, message in [(["--smoke", "--seed", "4"], "holds a demo made with {'preset': "
+                           "'smoke', 'seed': 3}, not {'preset': 'smoke', 'seed': 4}"),
+                          (["--fast", "--seed", "3"], "'preset': 'fast'"),
+                          (["--methods", "--task", "det"], "--task det does not apply")]:
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            demo.main(["--out", str(out), *argv])
 
 
 def test_every_flag_has_help():

@@ -72,8 +72,8 @@ def test_training_adapter_takes_factors_and_mask_in_any_layout(monkeypatch):
         out = kernels.hybrid_adapter_train(xl, xl, LowRankExtra(hl_in, wl_in, bl_in), (H, W), wts,
                                            mask, 0.2, 0.1, False)
         out.backward(g)
-        return [out.detach()] + [t.grad for t in leaves] + [t.grad for t in wts[:18]
-                                                             if t.requires_grad]
+        trained = [t.grad for t in wts[:18] if t.requires_grad]
+        return [out.detach()] + [t.grad for t in leaves] + trained
 
     for name, a, b in zip(["out", "dx", "dh", "dw_e", "db_e"] + [f"d{i}" for i in range(16)],
                           run("contiguous"), run("strided")):

@@ -257,7 +257,7 @@ def test_amp_bf16_runs(data, tmp_path, monkeypatch):
     """--amp trains and evaluates with the frozen weights stored in bf16 (`ivt.precision`); the
     checkpoint evaluated by evaluate.py (float32 model, its frozen weights stored in bf16 again,
     by default as the checkpoint trained) scores exactly what the run logged; --no-amp is float32
-    and the --json file must not be a folder."""
+    and the --json file must not be a folder (an existing file is replaced)."""
     summary = train_seg.main(tiny_args(data, tmp_path / "amp", 2, 2, "--amp"))
     assert np.isfinite(summary["metrics"]["mIoU"])
     ckpt = load_checkpoint(summary["last"])
@@ -268,6 +268,10 @@ def test_amp_bf16_runs(data, tmp_path, monkeypatch):
     single = evaluate.main(common)
     assert single["miou_all"] == pytest.approx(summary["metrics"]["mIoU"], abs=1e-9)
     assert evaluate.main(common + ["--amp"])["miou_all"] == single["miou_all"]
+    metrics = tmp_path / "metrics.json"
+    for _ in range(2):                     # an existing --json file is replaced, not refused
+        evaluate.main(common + ["--json", str(metrics)])
+    assert json.loads(metrics.read_text())["miou_all"] == single["miou_all"]
     stored = []
     monkeypatch.setattr(evaluate, "store_frozen_weights", lambda m, dtype: stored.append(dtype))
     evaluate.main(common + ["--no-amp"])

@@ -226,10 +226,18 @@ def test_loop_saves_every_n_and_on_a_stop_request_without_evaluating():
     dist = engine.DistInfo(0, 1, 0, torch.device("cpu"))
     logger = engine.JSONLLogger(None, False)
     model = torch.nn.Linear(1, 1)
+    saved, evaluated = [], []
 
-    def run(iters, stop, save_every):
-        saved, evaluated = [], []
-        evaluate = lambda it: evaluated.append(it) or {"it": it}             # noqa: E731
+    def run(iters, stop, save_every, signal_in_evaluation=None):
+        saved.clear()
+        evaluated.clear()
+
+        def evaluate(it):
+            if it == signal_in_evaluation:
+                stop.signum = signal.SIGINT
+            evaluated.append(it)
+            return {"it": it}
+
         save = lambda it, r: saved.append((it, r and r["it"]))               # noqa: E731
         engine.train_loop(model, iter(range(100)), stop.step, dist=dist, start_iter=0,
                           iters=iters, lr_at=lambda it: 0.1, log_every=50, eval_every=4,
@@ -243,7 +251,18 @@ def test_loop_saves_every_n_and_on_a_stop_request_without_evaluating():
     with pytest.raises(engine.RunInterrupted, match="SIGTERM after iteration 6") as e:
         run(10, FakeStop(6), 0)
     assert e.value.iteration == 6 and e.value.signum == signal.SIGTERM
-    assert run(10, FakeStop(10), 0) == ([(4, 4), (8, 8), (10, 10)], [4, 8, 10])    # finished
+    assert saved == [(4, 4), (6, None)]
+    # a signal during the last iteration, or during its evaluation: the run completes
+    # (evaluated and saved), then stops, so that a caller chaining runs (the demo) stops too
+    for stop, in_evaluation, name in [(FakeStop(10), None, "SIGTERM"),
+                                      (FakeStop(None), 10, "SIGINT")]:
+        with pytest.raises(engine.RunInterrupted, match=f"{name} after iteration 10"):
+            run(10, stop, 0, in_evaluation)
+        assert (saved, evaluated) == ([(4, 4), (8, 8), (10, 10)], [4, 8, 10])
+    # during an evaluation mid-run: one more iteration, saved without evaluating, then stops
+    with pytest.raises(engine.RunInterrupted, match="SIGINT after iteration 5"):
+        run(10, FakeStop(None), 0, signal_in_evaluation=4)
+    assert saved == [(4, 4), (5, None)]
 
 
 def test_corrupt_image_mid_training_is_named_and_last_checkpoint_kept(data, tmp_path, capsys):

@@ -18,8 +18,12 @@
 
 Everything is deterministic given --seed (data, initialisation, shuffling, augmentation).
 `<out>/demo_info.json` records the settings, the stage timings and the night margin.
+Run again into the same --out (after Ctrl-C, or another --task: they share the pre-training),
+the demo continues the runs it finds there (`--resume`); `<out>/demo_settings.json` holds the
+preset and seed they were made with, and a demo with others into that folder is refused.
 """
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -49,11 +53,11 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--smoke", action="store_true",
                    help="tiny images, a few iterations: checks the plumbing in seconds; the "
                         "numbers mean nothing (used by the tests) (default: off)")
-    p.add_argument("--task", default="seg", choices=tuple(TASKS),
+    p.add_argument("--task", default=None, choices=tuple(TASKS),
                    help="seg: the MFNet-layout segmentation demo above; sod: the same argument "
                         "for salient object detection (VT layout, S-measure; ivt/demo/sod.py); "
                         "det: for detection (M3FD layout, COCO AP; ivt/demo/det.py) "
-                        "(default: %(default)s)")
+                        "(default: seg)")
     p.add_argument("--methods", action="store_true",
                    help="instead, compare IV-tuning with the PETL methods of the paper's "
                         "Table 4 (full, freeze, VPT, AdaptFormer, Bi-AdaptFormer, Rein) on the "
@@ -65,12 +69,30 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
+def claim_folder(out: Path, preset: str, seed: int) -> None:
+    """Record the preset and seed of the demo in `out` (`demo_settings.json`), or check that
+    the runs already there were made with them (they are continued, not redone)."""
+    record, wanted = out / "demo_settings.json", {"preset": preset, "seed": seed}
+    if record.is_file():
+        found = json.loads(record.read_text())
+        if found != wanted:
+            raise SystemExit(f"error: {out} holds a demo made with {found}, not {wanted}: "
+                             f"choose another --out, or delete {out}")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(wanted) + "\n")
+
+
 def main(argv=None) -> dict:
     args = get_parser().parse_args(argv)
     if args.threads < 1:
         raise SystemExit("error: --threads must be at least 1")
+    if args.methods and args.task not in (None, "seg"):
+        raise SystemExit(f"error: --methods compares the methods on the segmentation scenes; "
+                         f"--task {args.task} does not apply")
     torch.set_num_threads(args.threads)
     preset = "smoke" if args.smoke else "fast" if args.fast else "default"
+    claim_folder(Path(args.out), preset, args.seed)
     if args.methods:
         return methods.run(Path(args.out), args.seed, settings=PRESETS[preset])
-    return TASKS[args.task].run(Path(args.out), args.seed, preset)
+    return TASKS[args.task or "seg"].run(Path(args.out), args.seed, preset)

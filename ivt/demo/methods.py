@@ -27,7 +27,7 @@ import torch
 
 from ..engine import jsonable
 from .stages import (BACKBONE, PRESETS, Settings, StageLog, backbone_counts, pretrain_stage,
-                     repo_script, score_seg, seg_train_args, write_seg_data)
+                     score_seg, seg_train_args, train_run, write_seg_data)
 
 RUNS = ("full_vis", "freeze", "vpt", "adaptformer", "bi_adaptformer", "rein", "ivt")
 
@@ -52,7 +52,7 @@ def format_table(summary: dict) -> str:
 def run(out: Path, seed: int = 0, quiet: bool = False, settings: Settings = DEFAULT) -> dict:
     """Pre-train, fine-tune every mode in RUNS, evaluate; returns {run: metrics and counts}.
     `quiet` keeps everything (progress, the scripts' output, the table) off stdout."""
-    train_seg, s, out = repo_script("train_seg"), settings, Path(out)
+    s, out = settings, Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log = StageLog("methods", quiet)
 
@@ -71,8 +71,9 @@ def run(out: Path, seed: int = 0, quiet: bool = False, settings: Settings = DEFA
         log(f"fine-tuning {name} ({iters} iterations, lr {lr})")
         t0 = time.perf_counter()
         with scripts_output:
-            train_seg.main(seg_train_args(s, data["downstream"], out / name, seed, tuning, iters,
-                                          lr, pretrained=pretrained))
+            train_run("train_seg", seg_train_args(s, data["downstream"], out / name, seed,
+                                                  tuning, iters, lr, pretrained=pretrained),
+                      out / name)
         t_train = time.perf_counter() - t0
         with scripts_output:
             m = score_seg(data["downstream"], out / name / "last.pt", pretrained,

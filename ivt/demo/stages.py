@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
-from ..checkpoint import load_checkpoint
+from ..checkpoint import atomic_save, load_checkpoint
 from ..data.synthetic import write_mfnet
 from ..engine import jsonable
 from ..summary import count
@@ -153,22 +152,33 @@ def score_seg(data: Path, checkpoint: Path, pretrained: Path, dest: Path) -> dic
     return {k: m[k] for k in ("miou_all", "miou_day", "miou_night")}
 
 
+def train_run(script: str, args: List[str], folder: Path) -> dict:
+    """`<script>.main(args)` for a run written to `folder`; a run already there (an earlier
+    demo into the same --out, or one stopped by Ctrl-C) is continued with --resume, exactly as
+    it would have gone on: a finished one trains no more."""
+    if (folder / "last.pt").is_file():
+        args = args + ["--resume"]
+    return repo_script(script).main(args)
+
+
 def export_backbone(checkpoint: Path, dest: Path) -> None:
     """The pre-training run's backbone as a plain state dict (timm layout, no IV-tuning keys),
     as a classification checkpoint holds it: without the segmentation Swin's output norms."""
     model = load_checkpoint(str(checkpoint))["model"]
     sd = {k[len("backbone."):]: v for k, v in model.items()
           if k.startswith("backbone.") and not k.startswith("backbone.out_norms.")}
-    torch.save(sd, dest)
+    atomic_save(sd, str(dest))
 
 
 def pretrain_visible(out: Path, data: Path, s: Settings, seed: int) -> Path:
     """Train swin_nano + Segformer head on day-only visible images (`--tuning full`) and export
-    its backbone as the "visible-light pre-trained model"; returns the file."""
-    repo_script("train_seg").main(seg_train_args(s, data, out / "pretrain", seed, "full",
-                                                 s.pretrain_iters, s.pretrain_lr))
+    its backbone as the "visible-light pre-trained model"; returns the file. Exported once: the
+    fine-tunes record its SHA-256 and continue only from the same file."""
+    train_run("train_seg", seg_train_args(s, data, out / "pretrain", seed, "full",
+                                          s.pretrain_iters, s.pretrain_lr), out / "pretrain")
     pretrained = out / f"{BACKBONE}_visible_pretrained.pth"
-    export_backbone(out / "pretrain" / "last.pt", pretrained)
+    if not pretrained.is_file():
+        export_backbone(out / "pretrain" / "last.pt", pretrained)
     return pretrained
 
 
@@ -216,8 +226,8 @@ def fine_tune(task: DemoTask, log: StageLog, s: Settings, t, data: Dict[str, Pat
     folder = out / f"{task.out_prefix}{name}"
     log(f"fine-tuning {name} ({iters} iterations)")
     t0 = time.perf_counter()
-    repo_script(task.script).main(task.train_args(t, s, data[task.train_data], folder, seed,
-                                                  name, pretrained))
+    train_run(task.script, task.train_args(t, s, data[task.train_data], folder, seed, name,
+                                           pretrained), folder)
     t_train = time.perf_counter() - t0
     t0 = time.perf_counter()
     metrics = task.score(data, folder / "last.pt", pretrained, folder)
