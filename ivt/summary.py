@@ -225,20 +225,25 @@ def print_paper_table() -> None:
 
 
 def main(argv=None) -> None:
-    args = get_parser().parse_args(argv)
+    parser = get_parser()
+    args = parser.parse_args(argv)
     petl = dict(prompt_length=args.prompt_length, bottleneck=args.bottleneck,
                 scale=args.adapter_scale, rein_tokens=args.rein_tokens, rein_rank=args.rein_rank)
     if args.methods:
         print_methods(args.backbone, petl)
         return
 
+    # every option given goes to the model, which refuses those of another tuning
     options = {k: v for k, v in petl.items() if v is not None}
-    if args.tuning == "ivt":
-        options = dict(variant=args.variant, d1=args.d1, d2=args.d2, d3=args.d3, layers=args.layers)
-    elif args.tuning in ("full", "freeze") and args.ir_embed:
-        options = dict(ir_embed=True)
-    c = count(args.backbone, img_size=args.img_size or _default_size(args.backbone),
-              tuning=args.tuning, **options)
+    options.update(variant=args.variant, d1=args.d1, d2=args.d2, d3=args.d3, layers=args.layers)
+    if args.ir_embed:
+        options["ir_embed"] = True
+    try:
+        c = count(args.backbone, img_size=args.img_size or _default_size(args.backbone),
+                  tuning=args.tuning, **options)
+    except ValueError as error:
+        parser.error(str(error))
+    options = {k: v for k, v in petl.items() if v is not None}
     detail = ""
     if args.tuning == "ivt":
         detail = f", variant={args.variant}, d1-d2-d3={args.d1}-{args.d2}-{args.d3}"

@@ -2,6 +2,9 @@
 import subprocess
 import sys
 
+import pytest
+
+from ivt import summary
 from ivt.summary import paper_table
 
 
@@ -17,3 +20,15 @@ def test_cli_prints_breakdown_and_paper_table():
                           "--paper"], capture_output=True, text=True, check=True).stdout
     assert "trainable (#TP)                      3,446,212" in out
     assert "HA linears (down, up)" in out and "Table 5(b)" in out and "off by one" in out
+
+
+def test_options_of_another_tuning_are_usage_errors(capsys):
+    """An option the counted model does not have is refused with a usage error (it was a
+    traceback under --tuning full, and silently ignored under --tuning ivt)."""
+    for argv, message in [(["--tuning", "full", "--prompt-length", "5"], "prompt_length"),
+                          (["--tuning", "ivt", "--prompt-length", "5"], "prompt_length"),
+                          (["--tuning", "ivt", "--ir-embed"], "ir_embed applies to tuning"),
+                          (["--backbone", "swin_nano", "--layers", "30"], "blocks 0..7")]:
+        with pytest.raises(SystemExit) as e:
+            summary.main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err, argv
