@@ -24,7 +24,7 @@ SEED = int(os.environ.get("KERNELS_TEST_SEED", int.from_bytes(os.urandom(4), "li
 # (device, token dtype, relative tolerance against the float64 reference)
 TARGETS = []
 if kernels.interpreter_ready():
-    TARGETS += [("cpu", torch.float32, 1e-5)]
+    TARGETS += [("cpu", torch.float32, 1e-5), ("cpu", torch.bfloat16, 3e-2)]
 if kernels.TRITON_INSTALLED and torch.cuda.is_available():
     TARGETS += [("cuda", torch.float32, 5e-3), ("cuda", torch.bfloat16, 3e-2)]   # TF32 matmuls
 needs_triton = pytest.mark.skipif(not TARGETS, reason=f"needs a GPU or {kernels.INTERPRETER_NEEDS}")
@@ -776,11 +776,18 @@ def test_fast_model_inference_with_the_kernel(monkeypatch, backbone, fused):
     torch.manual_seed(SEED % 2**31)
     model = draw_running_statistics(build_model(fused)).eval().to(device)
     vis, ir = (torch.randn(2, 3, height, width, device=device) for _ in range(2))
+    launched = []
+    real = kernels.hybrid_adapter_eval_triton
+    monkeypatch.setattr(kernels, "hybrid_adapter_eval_triton",
+                        lambda *a, **k: launched.append(1) or real(*a, **k))
     outputs = {}
     for backend in ("torch", "triton"):
         monkeypatch.setenv("IVT_KERNELS", backend)
         with torch.no_grad():
             outputs[backend] = model(vis, ir)
+    adapters = sum(isinstance(m, HybridAdapter) for m in model.modules())
+    # the fused path runs every adapter in the kernel (and only under IVT_KERNELS=triton)
+    assert len(launched) == (adapters if fused else 0) and adapters > 0, (len(launched), adapters)
     tol = 1e-2 if device == "cuda" else 1e-5                       # TF32 matmuls on a GPU
     for got, expected in zip(outputs["triton"], outputs["torch"]):
         err = ((got - expected).abs().max() / expected.abs().max()).item()

@@ -27,11 +27,13 @@ def test_token_map_layout_is_row_major_for_non_square_grids():
         tokens_to_map(z[:, :14], (5, 3))
 
 
-def test_simam_matches_eq_12():
+@pytest.mark.parametrize("lam", [1e-4, 0.5])
+def test_simam_matches_eq_12(lam):
     """Eq. 11-12 written as the paper does: e* = 4(s2 + l) / ((t - mu)^2 + 2 s2 + 2 l),
-    out = x * sigmoid(1 / e*), with s2 = sum (t - mu)^2 / (HW - 1)."""
+    out = x * sigmoid(1 / e*), with s2 = sum (t - mu)^2 / (HW - 1); at the default lambda and at
+    one large enough to move every output."""
     torch.manual_seed(0)
-    x, lam = torch.randn(2, 3, 5, 7, dtype=torch.float64), 1e-4
+    x = torch.randn(2, 3, 5, 7, dtype=torch.float64)
     ref = torch.empty_like(x)
     for b in range(2):
         for c in range(3):

@@ -6,6 +6,7 @@ numbers on every run; a failure prints the seed, and KERNELS_TEST_SEED=<seed> re
 """
 import importlib
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -267,3 +268,50 @@ def test_benchmark_script_runs_tiny(tmp_path):
     text = out.read_text()
     assert "| op |" in text and "simam" in text and "partial_conv" in text
     assert "interpreter" in text
+
+
+def random_kernel_case(draw: int):
+    """A fresh (B, C, H, W), layout, SimAM lambda and partial-conv cp from the seed: odd and
+    1-sized sides included, lambda from the default to one that moves every output."""
+    rng = random.Random(SEED * 13 + draw)
+    shape = (rng.randint(1, 3), rng.randint(1, 40), rng.choice([1, rng.randint(2, 31)]),
+             rng.randint(1, 31))
+    layout = rng.choice(["contiguous", "channels_last", "hw_transposed"])
+    lam = 0.5 if draw == 0 else rng.choice([1e-4, 0.05, 0.5, 3.0])    # one off the default
+    return shape, layout, lam, rng.randint(0, shape[1])
+
+
+# bfloat16 maps (float32 parameters, as under autocast) run under the interpreter too
+RANDOM_TARGETS = TARGETS + ([("cpu", torch.bfloat16, 2e-2)] if kernels.interpreter_ready()
+                            else [])
+
+
+@needs_triton
+@pytest.mark.parametrize("draw", range(3))
+@pytest.mark.parametrize("device,dtype,tol", RANDOM_TARGETS,
+                         ids=[f"{d}-{str(t)[6:]}" for d, t, _ in RANDOM_TARGETS])
+def test_kernels_on_fresh_random_shapes(draw, device, dtype, tol):
+    """SimAM (at a drawn lambda, passed through the dispatcher) and the partial conv against
+    their references, forward and backward, on a shape, layout, lambda and cp drawn afresh from
+    the run's seed."""
+    shape, layout, lam, cp = random_kernel_case(draw)
+    msg = (f"KERNELS_TEST_SEED={SEED}, draw {draw}: shape {shape}, {layout}, lambda {lam}, "
+           f"cp {cp}, {device} {dtype}")
+    gen = torch.Generator().manual_seed(SEED + draw)
+    x = random_map(shape, layout, gen)
+    os.environ["IVT_KERNELS"] = "triton"
+    try:
+        (out, ref_out), grads = run_both(kernels.simam, simam_reference, [x.clone()], gen,
+                                         device, dtype, extra=(lam,))
+    finally:
+        del os.environ["IVT_KERNELS"]
+    assert max_rel_err(out.cpu(), ref_out) < tol, f"simam forward: {msg}"
+    assert max_rel_err(*grads[0]) < tol, f"simam grad x: {msg}"
+    weight = torch.randn(cp, 1, 3, 3, generator=gen, dtype=torch.float64)
+    bias = torch.randn(cp, generator=gen, dtype=torch.float64)
+    (out, ref_out), grads, magnitudes = run_both(
+        kernels.partial_conv_residual_triton, partial_conv_residual_reference,
+        [x.clone(), weight, bias], gen, device, dtype, extra=(cp,), magnitudes=True)
+    assert max_rel_err(out.cpu(), ref_out) < tol, f"partial conv forward: {msg}"
+    for name, (grad, ref_grad), scale in zip(("x", "weight", "bias"), grads, magnitudes):
+        assert max_rel_err(grad, ref_grad, scale) < tol, f"partial conv grad {name}: {msg}"

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from ivt.models import VARIANTS, CheckpointError, build_backbone
 from ivt.models.swin import SwinBlock, checkpoint_filter_fn
 
-# The paper's #TP for Swin-L (Tab. 5), exact.
+# The paper's #TP for Swin-L (Tables 2 and 5), as the exact counts of the spec's table
+# (../shared/spec/method.md, derived from the paper's modules), which round to the paper's
+# printed millions (tests/test_summary.py compares ours with those printed values).
 SWIN_L_COUNTS = [
     ({}, 6_062_788),
     (dict(variant="empg_only"), 15_172),

@@ -151,10 +151,18 @@ def visible_state(model):
 @pytest.mark.parametrize("family, registers", [(DINOv2Backbone, 4), (DINOv2Backbone, 0),
                                                (MAEBackbone, 0)])
 def test_silenced_adapters_give_the_visible_model(family, registers):
-    """With zero up-projections (`zero_init_up`), zero IPA output shifts and a zero EMPG output,
-    IV-tuning reproduces the frozen model: the adapters touch the patch tokens only (cls and
-    registers pass unchanged) and the prompt enters before cls, positions and registers."""
-    ivt = randomize(tiny(family, registers=registers, zero_init_up=True)).eval()
+    """With zero up-projections, zero IPA output shifts and a zero EMPG output, IV-tuning
+    reproduces the frozen model: the adapters touch the patch tokens only (cls and registers
+    pass unchanged) and the prompt enters before cls, positions and registers. `zero_init_up`
+    builds the up-projections at zero (checked first; `randomize` then moves every weight, so
+    they are zeroed again by hand)."""
+    built = tiny(family, registers=registers, zero_init_up=True)
+    ups = [m.up for b in built.blocks for m in (b.adapters.ha1, b.adapters.ha2,
+                                                 b.adapters.ipa1, b.adapters.ipa2)]
+    assert ups and all(not u.weight.any() and not u.bias.any() for u in ups)
+    default = tiny(family, registers=registers)
+    assert all(b.adapters.ha1.up.weight.any() for b in default.blocks)
+    ivt = randomize(built).eval()
     with torch.no_grad():
         ivt.empg.s3.weight.zero_()
         ivt.empg.s3.bias.zero_()
