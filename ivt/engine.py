@@ -51,7 +51,8 @@ class DistInfo:
 
 def select_device(name: str) -> torch.device:
     """`--device`: 'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'; anything
-    else, or CUDA on a machine without it, is a ValueError naming the flag."""
+    else, or CUDA on a machine without it, is a ValueError naming the flag. 'cuda:N' also
+    becomes the current device: the Triton kernels, CUDA graphs and events run on that one."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -67,6 +68,8 @@ def select_device(name: str) -> torch.device:
     if device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
                          f"device(s)")
+    if device.index is not None:
+        torch.cuda.set_device(device)
     return device
 
 

@@ -652,3 +652,16 @@ def test_clip_gradients_clamps_values_then_scales_the_global_l2_norm(max_norm, m
         want = [g * min(1.0, max_norm / (total + 1e-6)) for g in want]
     for p, w in zip(params, want):
         torch.testing.assert_close(p.grad, w, rtol=1e-12, atol=1e-15)
+
+
+def test_a_chosen_cuda_device_becomes_the_current_one(monkeypatch):
+    """`--device cuda:1` in one process: the Triton kernels, CUDA graphs and events launch on
+    the current device, so cuda:1 must become it (it stayed cuda:0). On stand-ins for CUDA."""
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(torch.device(d)))
+    assert engine.select_device("cuda:1") == torch.device("cuda", 1)
+    assert current == [torch.device("cuda", 1)]
+    engine.select_device("cuda")                       # no index: the current one, unchanged
+    assert current == [torch.device("cuda", 1)]
