@@ -115,6 +115,9 @@ def main(argv=None) -> dict:
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"error: {short_error(e)}", file=sys.stderr)
         raise SystemExit(2) from None
+    except engine.TrainingDiverged as e:                 # the model's outputs are not finite
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(engine.jsonable(metrics), indent=2) + "\n")

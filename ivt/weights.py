@@ -260,8 +260,9 @@ def download(url: str, dest: Path, sha256: Optional[str] = None, label: Optional
     checked for completeness (bytes received == Content-Length) and against `sha256` (whole hex,
     or a prefix), then renamed to `dest` with `os.replace`, so `dest` is either absent or a
     complete, verified file, readable as any file the user creates. On a failure the temporary
-    file is deleted; one left by a process killed meanwhile (it has a fixed name, under
-    `cache_lock`) is overwritten by the next download.
+    file is deleted; one left by a process killed meanwhile is overwritten by the next download
+    (it has a fixed name: two downloads to one `dest` must not overlap, `fetch` holds
+    `cache_lock`).
 
     Written here rather than taken from `torch.hub.download_url_to_file`: Python's http.client
     does not raise when the server closes the connection before Content-Length bytes arrived

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from ivt.engine import DistInfo
+from ivt.engine import DistInfo, TrainingDiverged
 from ivt.metrics import SODMetric
 from ivt.tasks.sod import evaluate_sod, saliency_map
 
@@ -300,7 +300,8 @@ def test_evaluate_sod_scores_the_bilinear_resize_to_the_gt_size():
 
 def test_evaluate_sod_refuses_a_map_with_nan():
     """A diverged model's NaN probabilities would be saved and scored as a black map (plausible
-    numbers, a best.pt chosen on them): the image is named instead."""
+    numbers, a best.pt chosen on them): the image is named instead, as a divergence (the
+    trainer stops on it keeping its last finite checkpoint; evaluate.py exits with status 1)."""
     class Items(Dataset):
         image_paths = ["VT821/RGB/7.jpg"]
 
@@ -315,6 +316,6 @@ def test_evaluate_sod_refuses_a_map_with_nan():
         def predict(self, vis, ir):
             return torch.full((1, 1, 4, 4), float("nan"))
 
-    with pytest.raises(FloatingPointError, match="VT821/RGB/7.jpg: the model's saliency map"):
+    with pytest.raises(TrainingDiverged, match="VT821/RGB/7.jpg: the model's saliency map"):
         evaluate_sod(Diverged(), Items(), DistInfo(0, 1, 0, torch.device("cpu")),
                      contextlib.nullcontext)

@@ -25,7 +25,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..data.vt import AUGMENTATIONS, VTDataset, list_vt_stems, split_train_val
-from ..engine import DistInfo, autocast_context, evaluation_mode, gather_metric, shard
+from ..engine import (DistInfo, TrainingDiverged, autocast_context, evaluation_mode,
+                      gather_metric, shard)
 from ..metrics import SODMetric
 from ..models.saliency import build_saliency_model, sod_loss
 from ..models.swin import TAPS
@@ -88,8 +89,8 @@ def evaluate_sod(model: nn.Module, dataset: Dataset, dist: DistInfo, autocast: C
             with autocast():
                 prob = net.predict(vis, ir).float()                   # (1, 1, S, S)
             if not torch.isfinite(prob).all():          # else scored as a black map
-                raise FloatingPointError(f"{dataset.image_paths[index]}: the model's saliency "
-                                         f"map holds NaN or inf (a diverged model?)")
+                raise TrainingDiverged(f"{dataset.image_paths[index]}: the model's saliency "
+                                       f"map holds NaN or inf")
             prob = F.interpolate(prob, size=gt.shape, mode="bilinear", align_corners=False)
             pred = saliency_map(prob[0, 0].clamp(0, 1).cpu().numpy())  # (H, W) uint8
             metric.update(pred, gt)
