@@ -98,7 +98,7 @@ def test_low_rank_extra_matches_reference(draw, device, dtype, tol):
     w32 = HybridAdapterWeights(*[t.to(device, torch.float32) for t in w[:-3]], *w[-3:])
     out = kernels.hybrid_adapter_eval_triton(*(t.to(device, dtype) for t in rounded), extra,
                                              (H, W), w32)
-    assert out.shape == expected.shape and out.dtype == torch.float32, msg
+    assert out.shape == expected.shape and out.dtype == dtype, msg     # the residual's dtype
     err = ((out.double().cpu() - expected).abs().max() / expected.abs().max()).item()
     assert err < tol, f"relative error {err:.2e}: {msg}"
 
