@@ -17,6 +17,7 @@ import torch
 import kernels
 from kernels.reference import (HybridAdapterWeights, LowRankExtra, partial_conv_residual_reference,
                                simam_reference)
+from test_hybrid_adapter_kernel import random_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = int(os.environ.get("KERNELS_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
@@ -25,18 +26,11 @@ needs_interpreter = pytest.mark.skipif(not kernels.interpreter_ready(),
 
 
 def adapter_weights(C: int, d2: int, gen: torch.Generator) -> HybridAdapterWeights:
-    """float64 weights with non-trivial values, every tensor but the running statistics a leaf
-    that takes a gradient."""
-    def r(*shape, scale=0.3, offset=0.0):
-        t = torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + offset
-        return t.requires_grad_()
-    cp = d2 // 4
-    bn_mean, bn_var = r(d2).detach(), torch.rand(d2, generator=gen, dtype=torch.float64) + 0.5
-    return HybridAdapterWeights(
-        r(C, offset=1.0), r(C), r(C, offset=1.0), r(C), r(d2, C, scale=C ** -0.5), r(d2),
-        r(cp, 1, 3, 3), r(cp), r(d2, d2, scale=d2 ** -0.5), r(d2), bn_mean, bn_var,
-        r(d2, offset=1.0), r(d2), r(d2, d2, scale=d2 ** -0.5), r(d2), r(C, d2, scale=d2 ** -0.5),
-        r(C), 1e-5, 1e-5, cp)
+    """`random_weights` (float64, non-trivial values everywhere), every tensor but the running
+    statistics a leaf that takes a gradient."""
+    w = random_weights(C, d2, gen)
+    return HybridAdapterWeights(*[t.requires_grad_(i not in (10, 11))
+                                  for i, t in enumerate(w[:18])], *w[18:])
 
 
 @needs_interpreter
