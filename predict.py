@@ -133,7 +133,7 @@ def list_images(folder: Path) -> Tuple[Dict[str, Path], List[str]]:
 
 def pairs_from_paths(vis: Path, ir: Path) -> Tuple[List[Pair], List[str]]:
     """Two files (one pair) or two folders (pairs by stem; unmatched stems are problems)."""
-    if vis.is_file() and ir.is_file():
+    if not vis.is_dir() and not ir.is_dir():   # one pair; a missing file is named when read
         return [Pair(vis.stem, vis, ir)], []
     if not (vis.is_dir() and ir.is_dir()):
         raise ValueError(f"--vis {vis} and --ir {ir} must both be files or both be folders")

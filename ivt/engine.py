@@ -75,7 +75,7 @@ def select_device(name: str) -> torch.device:
 
 def setup_distributed(device: str = "auto") -> DistInfo:
     """One process (`device` as `select_device` reads it), or one of several under torchrun
-    (RANK set): cuda:LOCAL_RANK with nccl, or CPU with gloo."""
+    (RANK set): cuda:LOCAL_RANK with nccl (and gloo for CPU tensors), or CPU with gloo."""
     chosen = select_device(device)
     use_cuda = chosen.type == "cuda"
     if int(os.environ.get("RANK", -1)) == -1:
@@ -88,7 +88,9 @@ def setup_distributed(device: str = "auto") -> DistInfo:
         torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")
-    torch_dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    # with CUDA, nccl for CUDA tensors and gloo for CPU ones: the evaluation's confusion matrices
+    # and the finiteness check before a save are reduced on the CPU (nccl alone has no CPU backend)
+    torch_dist.init_process_group(backend="cpu:gloo,cuda:nccl" if use_cuda else "gloo")
     return DistInfo(rank, world_size, local_rank, dev)
 
 

@@ -758,6 +758,10 @@ def test_predict_returns_boxes_in_original_pixels():
     threshold = prob.median().item()
     few = model.predict(vis, ir, orig, score_threshold=threshold, max_dets=10)
     assert all((d["scores"] > threshold).all() for d in few)
+    # "at least": a threshold equal to a detection's score keeps it (predict.py's --help)
+    third = dets[0]["scores"][2].item()
+    kept = model.predict(vis, ir, orig, score_threshold=third, max_dets=10)[0]
+    assert kept["scores"].tolist() == dets[0]["scores"][:3].tolist()
     with pytest.raises(ValueError, match="orig_sizes"):
         model.predict(vis, ir, [(10, 10)])
 

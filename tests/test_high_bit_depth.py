@@ -43,6 +43,28 @@ def test_open_thermal_rule(tmp_path):
                                   np.asarray(Image.fromarray(colour).convert("L")))
 
 
+def test_invalid_pixels_of_a_float_thermal_image(tmp_path):
+    """A float radiometric TIFF marks invalid pixels NaN (or inf): the rule is taken over the
+    valid pixels and the invalid ones read as 0 (one NaN made the whole image 0 before); an
+    image with no valid pixel is a bad image, named."""
+    from ivt.data.io import BadImageError
+    rng = np.random.default_rng(4)
+    x = (20 + 20 * rng.random((20, 30))).astype(np.float32)
+    bad = x.copy()
+    bad[3, 4], bad[10, 0] = np.nan, np.inf
+    Image.fromarray(bad).save(tmp_path / "nan.tif")
+    valid = np.isfinite(bad)
+    lo, hi = np.percentile(bad[valid].astype(np.float64), [1, 99])
+    expected = np.clip(np.round((bad.astype(np.float64) - lo) / (hi - lo) * 255), 0, 255)
+    expected[~valid] = 0
+    got = np.asarray(open_thermal(tmp_path / "nan.tif"))
+    np.testing.assert_array_equal(got, expected.astype(np.uint8))
+    assert got[valid].max() == 255
+    Image.fromarray(np.full((4, 4), np.nan, np.float32)).save(tmp_path / "void.tif")
+    with pytest.raises(BadImageError, match="void.tif: no pixel has a finite value"):
+        open_thermal(tmp_path / "void.tif")
+
+
 # -- one sample per loader, its thermal file given ------------------------------------------------
 def write_vt(root: Path, ir: np.ndarray) -> VTDataset:
     rng = np.random.default_rng(1)

@@ -224,6 +224,16 @@ def test_one_pair_of_files_with_amp(seg_checkpoint, pairs, tmp_path, capsys):
     assert classes.shape == good["three"][1].shape and classes.max() < 9
 
 
+def test_a_missing_file_of_one_pair_is_named(seg_checkpoint, pairs, tmp_path, capsys):
+    """`--vis a --ir b` with b missing: a failed pair naming b (as --pairs and folders report
+    it), not the usage error 'must both be files or both be folders'."""
+    root, _ = pairs
+    status, text = run(capsys, "--checkpoint", seg_checkpoint, "--vis", root / "vis" / "three.jpg",
+                       "--ir", tmp_path / "nope.png", "--out", tmp_path / "out", "--device", "cpu")
+    assert status == 1 and "nope.png" in text and "1 failed" in text, text
+    assert "both be files" not in text
+
+
 def test_exit_status_is_capped(seg_checkpoint, tmp_path, capsys):
     (tmp_path / "vis").mkdir()
     (tmp_path / "ir").mkdir()

@@ -665,3 +665,22 @@ def test_a_chosen_cuda_device_becomes_the_current_one(monkeypatch):
     assert current == [torch.device("cuda", 1)]
     engine.select_device("cuda")                       # no index: the current one, unchanged
     assert current == [torch.device("cuda", 1)]
+
+
+def test_torchrun_on_gpus_reduces_cpu_tensors_too(monkeypatch):
+    """Under torchrun on GPUs the evaluation's confusion matrices and the finiteness check before
+    every save are reduced as CPU tensors, which nccl alone cannot (the first validation of a
+    multi-GPU run crashed): the group has gloo for CPU tensors beside nccl. On stand-ins for
+    CUDA and the process group."""
+    backends = []
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    monkeypatch.setattr(engine.torch_dist, "init_process_group",
+                        lambda backend: backends.append(backend))
+    dist = engine.setup_distributed("cuda")
+    assert dist.device == torch.device("cuda", 0)
+    assert backends == ["cpu:gloo,cuda:nccl"]

@@ -45,14 +45,19 @@ def open_image(path: PathLike) -> Image.Image:
 
 def stretch_to_uint8(values: np.ndarray) -> np.ndarray:
     """High-bit-depth (H, W) -> uint8: the 1st..99th percentile range onto 0..255, clipped
-    (min..max when the percentiles are equal; zeros for a constant image)."""
+    (min..max when the percentiles are equal; zeros for a constant image). Taken over the finite
+    values: NaN or inf pixels (invalid pixels of a float radiometric TIFF) become 0."""
     x = values.astype(np.float64)
-    lo, hi = np.percentile(x, THERMAL_PERCENTILES)
+    finite = np.isfinite(x)
+    if not finite.any():
+        raise ValueError("no pixel has a finite value")
+    lo, hi = np.percentile(x[finite], THERMAL_PERCENTILES)
     if hi <= lo:
-        lo, hi = x.min(), x.max()
+        lo, hi = x[finite].min(), x[finite].max()
     if hi <= lo:
         return np.zeros(x.shape, np.uint8)
-    return np.clip((x - lo) * (255.0 / (hi - lo)), 0, 255).round().astype(np.uint8)
+    scaled = np.clip((np.where(finite, x, lo) - lo) * (255.0 / (hi - lo)), 0, 255)
+    return scaled.round().astype(np.uint8)
 
 
 def open_thermal(path: PathLike) -> Image.Image:
@@ -60,7 +65,7 @@ def open_thermal(path: PathLike) -> Image.Image:
     (colour-mapped or repeated grey) by PIL's 'L' weights, high bit depth by the rule above."""
     im = open_image(path)
     if im.mode in HIGH_DEPTH_MODES:
-        return Image.fromarray(stretch_to_uint8(np.asarray(im)))
+        return _stretched(im, path)
     return im if im.mode == "L" else im.convert("L")
 
 
@@ -69,8 +74,17 @@ def open_visible(path: PathLike) -> Image.Image:
     by the rule above first."""
     im = open_image(path)
     if im.mode in HIGH_DEPTH_MODES:
-        im = Image.fromarray(stretch_to_uint8(np.asarray(im)))
+        im = _stretched(im, path)
     return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def _stretched(im: Image.Image, path: PathLike) -> Image.Image:
+    """`stretch_to_uint8` of a high-bit-depth image, 'L'; `BadImageError` naming `path` for
+    one with no finite pixel."""
+    try:
+        return Image.fromarray(stretch_to_uint8(np.asarray(im)))
+    except ValueError as e:
+        raise BadImageError(f"{path}: {e}") from None
 
 
 def image_size(path: PathLike) -> Tuple[int, int]:

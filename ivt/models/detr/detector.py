@@ -178,7 +178,8 @@ class Detector(nn.Module):
                 score_threshold: float = 0.0, max_dets: int = DETECTIONS_PER_IMAGE
                 ) -> List[Dict[str, torch.Tensor]]:
         """Detections per image, as DINO's post-processing: the top `max_dets` (query, class)
-        pairs by sigmoid score, each query may appear with several classes.
+        pairs by sigmoid score, each query may appear with several classes, those scoring at
+        least `score_threshold`.
 
         orig_sizes: (H0, W0) per image, the size before the whole image was resized to the input
             tensor (aspect may change); None means the input size. Boxes come back xyxy in those
@@ -197,7 +198,7 @@ class Detector(nn.Module):
         boxes = boxes.gather(1, query[..., None].expand(-1, -1, 4))         # (B, k, 4)
         results = []
         for b, (h0, w0) in enumerate(orig_sizes):
-            keep = scores[b] > score_threshold
+            keep = scores[b] >= score_threshold
             scale = boxes.new_tensor([w0, h0, w0, h0])
             results.append({"boxes": boxes[b][keep] * scale, "scores": scores[b][keep],
                             "labels": labels[b][keep]})
