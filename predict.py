@@ -388,6 +388,10 @@ def main(argv=None) -> int:
         check_output(args.out, "--out", folder=True)
     except ValueError as e:
         parser.error(str(e))
+    for flag, folder in (("--vis", args.vis), ("--ir", args.ir), ("--rgbt", args.rgbt)):
+        if folder and Path(folder).is_dir() and Path(folder).resolve() == Path(args.out).resolve():
+            parser.error(f"--out {args.out} is the {flag} folder: a later run would read the "
+                         f"outputs written there as inputs; give another --out")
     try:
         device = select_device(args.device)
         task, model, ckpt = load_trained(args.checkpoint, args.pretrained)

@@ -267,7 +267,10 @@ def test_usage_errors(seg_checkpoint, tmp_path, capsys):
                            (["--rgbt", tmp_path, "--out", tmp_path / "file"], "is a file"),
                            (["--rgbt", tmp_path, "--out", tmp_path / "file" / "o"],
                             "nothing can be written under it"),
-                           (["--rgbt", tmp_path, "--max-dets", "-1"], "--max-dets must be")]:
+                           (["--rgbt", tmp_path, "--max-dets", "-1"], "--max-dets must be"),
+                           (["--rgbt", tmp_path, "--out", tmp_path], "is the --rgbt folder"),
+                           (["--vis", webp / "vis", "--ir", webp / "ir", "--out", webp / "ir"],
+                            "is the --ir folder")]:
         with pytest.raises(SystemExit) as e:
             predict.main(["--checkpoint", str(seg_checkpoint), "--out", str(tmp_path / "o"),
                           *map(str, argv)])
