@@ -498,6 +498,23 @@ def random_backbone_warning(args) -> Optional[str]:
             f"features and its results mean nothing for the paper")
 
 
+def selection_warnings(task: Task, args) -> list:
+    """Warnings for a run whose flags defeat themselves: a validation split of test images
+    (best.pt then chosen on test), lr drops at or after the last epoch (never taken)."""
+    found = []
+    val_split = getattr(args, "val_split", None) or ""
+    if any(part.startswith("test") for part in val_split.split("+")):
+        found.append(f"warning: --val-split {val_split} chooses best.pt on test images; report "
+                     f"last.pt, or hold out a validation split")
+    if task.recipe.schedule == "step" and not args.iters:
+        late = [e for e in args.lr_drop_epoch if e >= args.epochs]
+        if late:
+            found.append(f"warning: --lr-drop-epoch {' '.join(map(str, late))} is at or after "
+                         f"the last of --epochs {args.epochs}: the lr never drops there (--iters "
+                         f"scales the drops with the run; --epochs does not)")
+    return found
+
+
 def overlap_warning(train_set, val_set) -> Optional[str]:
     """The warning for validation images that are training images too (None when there are
     none): best.pt is then chosen on training data."""
@@ -519,6 +536,10 @@ def resume_checkpoint(task: Task, args, config: dict, log: Callable[[str], None]
                               f"the random frozen backbone it trained with); it cannot continue "
                               f"from --pretrained {args.pretrained_source}: leave --pretrained "
                               f"out to continue it, or start a new run from those weights")
+    saved_task = ckpt["config"].get("task")
+    if saved_task != task.name:
+        raise ValueError(f"cannot resume from {path}: it is a run of train_{saved_task}.py "
+                         f"(task {saved_task}), not of train_{task.name}.py")
     check_pretrained(ckpt, args.pretrained, path)
     saved = with_method_defaults(ckpt["config"])
     differ = [k for k in sorted(set(saved) | set(config))
@@ -640,7 +661,8 @@ def prepare_run(task: Task, args, dist: engine.DistInfo, resumed: Optional[dict]
     if args.verify_images:
         train_set.verify()
     val_set.verify()
-    for warning in (random_backbone_warning(args), overlap_warning(train_set, val_set)):
+    for warning in (random_backbone_warning(args), overlap_warning(train_set, val_set),
+                    *selection_warnings(task, args)):
         if warning and dist.is_main:
             print(warning, file=sys.stderr)
     if len(train_set) < args.batch_size * dist.world_size:

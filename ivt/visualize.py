@@ -56,6 +56,14 @@ def grey_to_rgb(img: np.ndarray) -> np.ndarray:
     return np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img
 
 
+def share(count: int, total: int) -> str:
+    """count / total as a percentage of one decimal; '<0.1%' for a present class that would
+    round to 0.0% (and read as absent)."""
+    if 0 < count and 1000 * count < total:
+        return "<0.1%"
+    return f"{100.0 * count / total:.1f}%"
+
+
 def overlay_segmentation(vis: np.ndarray, label: np.ndarray, class_names: Sequence[str] = CLASSES,
                          palette: Sequence[Colour] = PALETTE, alpha: float = 0.55,
                          background: int = 0) -> Image.Image:
@@ -72,7 +80,7 @@ def overlay_segmentation(vis: np.ndarray, label: np.ndarray, class_names: Sequen
     f = font(max(picture.height, 240))
     shown = [k for k in range(len(class_names)) if k != background]
     counts = np.bincount(np.asarray(label, np.int64).ravel(), minlength=len(class_names))
-    rows = [(palette[k], f"{class_names[k]} {100.0 * counts[k] / label.size:.1f}%") for k in shown]
+    rows = [(palette[k], f"{class_names[k]} {share(counts[k], label.size)}") for k in shown]
     probe = ImageDraw.Draw(picture)
     text_h = max(probe.textbbox((0, 0), "Ag", font=f)[3], 8)
     text_w = max(probe.textbbox((0, 0), text, font=f)[2] for _, text in rows)

@@ -126,6 +126,15 @@ def test_unreadable_files_are_named_with_the_reason_in_one_line(tmp_path):
     assert message.startswith(f"cannot read pretrained checkpoint {objects}: it holds Python "
                               f"objects") and "NotATensor" in message, message
     assert "\n" not in message and "weights_only" not in message, message
+    # a text file (a split list given by mistake): not a checkpoint, with torch's actual reason
+    # (it was called "Python objects", its reason torch's request to file an issue)
+    text = tmp_path / "train.txt"
+    text.write_text("00001D\n00002N\n")
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(str(text))
+    message = str(e.value)
+    assert message.startswith(f"cannot read checkpoint {text}: not a PyTorch checkpoint (")
+    assert "file an issue" not in message and "\n" not in message, message
 
 
 @pytest.fixture(scope="module")

@@ -189,6 +189,8 @@ def test_empty_or_missing_split_list_is_rejected(tmp_path):
         MFNetDataset(root, "test_night")
     with pytest.raises(FileNotFoundError, match="trainval.txt"):
         MFNetDataset(root, "trainval")
+    with pytest.raises(FileNotFoundError, match=r"dataset folder .*mfnett not found"):
+        MFNetDataset(tmp_path / "mfnett", "train")              # a misspelt --data
     with pytest.raises(ValueError, match="split '../x': expected a list name"):
         MFNetDataset(root, "../x")
     (root / "my_day.txt").write_text("00001D\n")

@@ -313,6 +313,10 @@ def test_drawing_helpers():
     assert (canvas[50:91, 40] == (0, 255, 0)).all() and (canvas[90, 40:121] == (0, 255, 0)).all()
     assert (canvas[60:85, 45:115] == 0).all()                        # the inside is untouched
     assert (canvas[:50, 40:] == (0, 255, 0)).all(axis=-1).any()      # the tag sits above
+    # the legend's shares: a present class never reads 0.0% (103 of 307,200 pixels did)
+    from ivt.visualize import share
+    assert [share(103, 640 * 480), share(0, 100), share(1, 1000), share(37, 200)] == \
+        ["<0.1%", "0.0%", "0.1%", "18.5%"]
 
 
 # -- salient object detection and detection ------------------------------------------------------

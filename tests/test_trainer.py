@@ -62,6 +62,13 @@ def test_resume_refuses_changed_settings(data, tmp_path, capsys):
                                "--weight-decay", "0"), capsys)
     for key in ("size", "batch_size", "weight_decay"):
         assert f"{key}: checkpoint" in err, key
+    # A run of another task is named as such (not as a list of differing settings).
+    import train_det
+    with pytest.raises(SystemExit):
+        train_det.main(["--data", str(data), "--resume", str(out / "last.pt"), "--out",
+                        str(tmp_path / "det"), "--device", "cpu"])
+    assert "it is a run of train_seg.py (task seg), not of train_det.py" in \
+        capsys.readouterr().err
     # The model's settings never change, even with --allow-changes.
     err = fails_with(tiny_args(data, out, 2, "--resume", "--allow-changes", "--d2", "16"), capsys)
     assert "d2: checkpoint 8 vs now 16" in err
@@ -684,3 +691,21 @@ def test_torchrun_on_gpus_reduces_cpu_tensors_too(monkeypatch):
     dist = engine.setup_distributed("cuda")
     assert dist.device == torch.device("cuda", 0)
     assert backends == ["cpu:gloo,cuda:nccl"]
+
+
+def test_flags_that_defeat_themselves_are_warned_about(data, tmp_path, capsys):
+    """--val-split test chooses best.pt on test images (the docs: never); lr drops at or after
+    the last epoch are never taken (--epochs, unlike --iters, does not scale them)."""
+    import types
+
+    from ivt.tasks.det import DetTask
+    train_seg.main(tiny_args(data, tmp_path / "a", 1, "--val-split", "test"))
+    assert "warning: --val-split test chooses best.pt on test images" in capsys.readouterr().err
+    train_seg.main(tiny_args(data, tmp_path / "b", 1))
+    assert "chooses best.pt" not in capsys.readouterr().err
+    args = types.SimpleNamespace(val_split="val", iters=None, epochs=4, lr_drop_epoch=[3, 27])
+    assert trainer.selection_warnings(DetTask(), args) == [
+        "warning: --lr-drop-epoch 27 is at or after the last of --epochs 4: the lr never drops "
+        "there (--iters scales the drops with the run; --epochs does not)"]
+    assert trainer.selection_warnings(DetTask(), types.SimpleNamespace(
+        val_split="val", iters=40, epochs=4, lr_drop_epoch=[27])) == []

@@ -64,6 +64,8 @@ def split_parts(split: str, usual: Sequence[str]) -> List[str]:
 
 def read_split_list(path: Path, allow_flip: bool) -> List[str]:
     """Names listed in a split file, one per line; missing or empty files are errors."""
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"dataset folder {path.parent} not found")
     if not path.is_file():
         raise FileNotFoundError(f"split list {path} not found")
     names = [line.strip() for line in path.read_text().splitlines() if line.strip()]

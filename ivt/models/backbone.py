@@ -32,9 +32,15 @@ def load_tensors(path: str, what: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        detail = next((line.strip() for line in str(e).splitlines()
-                       if "WeightsUnpickler error:" in line), str(e).splitlines()[0])
-        reason = f"it holds Python objects, not only tensors ({detail})"
+        # torch's message: advice, then "WeightsUnpickler error:" and the cause (on that line
+        # or the next)
+        text = str(e)
+        after = text.split("WeightsUnpickler error:", 1)[-1]
+        detail = next((line.strip() for line in after.splitlines() if line.strip()),
+                      text.splitlines()[0])
+        reason = (f"it holds Python objects, not only tensors ({detail})"
+                  if "Unsupported global" in detail or "Unsupported class" in detail
+                  else f"not a PyTorch checkpoint ({detail})")
     except Exception as e:  # a truncated file, not a checkpoint at all
         reason = f"not a PyTorch checkpoint, or truncated ({type(e).__name__}: {e})"
     raise CheckpointError(f"cannot read {what} {path}: {reason}")
