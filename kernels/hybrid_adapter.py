@@ -798,8 +798,7 @@ def _ho_up(h, s: _Sizes, residual, extra, hw, w, params, mean, scale, scale_from
     extra_tokens, ext_b, ext_n = _token_strides(extra) if has_extra else (residual, 0, 0)
     lr_h, lr_w, lr_b = (h, h, h)
     if low_rank:
-        lr_h = extra.h if extra.h.stride(1) == 1 else extra.h.contiguous()
-        lr_w, lr_b = extra.w.contiguous(), extra.b.contiguous()
+        lr_h, lr_w, lr_b = extra                  # in the kernels' layout (`_kernel_layout`)
     R = lr_w.shape[0] if low_rank else 0
     dww, dwb, w1, b1, bn_mean, bn_var, bnw, bnb, w2, b2, wu, bu = params[6:]
     nw, nb, normed = (h, h, h)
@@ -821,6 +820,17 @@ def _ho_up(h, s: _Sizes, residual, extra, hw, w, params, mean, scale, scale_from
     return result if norm is None else (result, normed)
 
 
+def _kernel_layout(extra):
+    """An extra's factors as the kernels index them: h (M, R) rows of unit stride (a strided
+    view of rows is read in place), w (R, C) and b (C,) contiguous, copied where not; tokens or
+    None as they are. Made at the entry points, where autograd takes the copies' gradients back
+    to the tensors given."""
+    if not isinstance(extra, LowRankExtra):
+        return extra
+    return LowRankExtra(extra.h if extra.h.stride(1) == 1 else extra.h.contiguous(),
+                        extra.w.contiguous(), extra.b.contiguous())
+
+
 def hybrid_adapter_eval_triton(x: torch.Tensor, residual: torch.Tensor, extra, hw,
                                w: HybridAdapterWeights, norm: Optional[NextNorm] = None,
                                out: Optional[torch.Tensor] = None):
@@ -834,8 +844,8 @@ def hybrid_adapter_eval_triton(x: torch.Tensor, residual: torch.Tensor, extra, h
     params = _parameters(w, s.acc)
     h = torch.empty((s.M, s.D), device=x.device, dtype=s.acc)
     _sft_down(x, s, w, params, h)
-    return _ho_up(h, s, residual, extra, hw, w, params, params[10], params[11], True, None, 1.0,
-                  norm, out)
+    return _ho_up(h, s, residual, _kernel_layout(extra), hw, w, params, params[10], params[11],
+                  True, None, 1.0, norm, out)
 
 
 def _carved(pieces, device, unit: torch.dtype):
@@ -1019,14 +1029,11 @@ def hybrid_adapter_train_triton(x: torch.Tensor, residual: torch.Tensor, extra, 
     lead > 0, x and residual are (B, lead + N, C) and so is the result, whose first `lead` rows
     of each image are residual's (see `hybrid_adapter_train_reference`)."""
     batches = batches if update else None
-    # the kernels index the mask and the extra's factors as row-major (M, d2), (M, R) rows of
-    # unit stride, (R, C) and (C,): copies of other layouts are made here, where autograd
-    # takes their gradients back to the tensors given
+    # the kernels index the mask as row-major (M, d2), the extra's factors as `_kernel_layout`
     keep = None if keep is None else keep.contiguous()
+    extra = _kernel_layout(extra)
     if isinstance(extra, LowRankExtra):
-        lr_h = extra.h if extra.h.stride(1) == 1 else extra.h.contiguous()
         return HybridAdapterTrainFunction.apply(x, residual, None, tuple(hw), w, keep, p,
-                                                momentum, update, batches, lead, *w[:18], lr_h,
-                                                extra.w.contiguous(), extra.b.contiguous())
+                                                momentum, update, batches, lead, *w[:18], *extra)
     return HybridAdapterTrainFunction.apply(x, residual, extra, tuple(hw), w, keep, p, momentum,
                                             update, batches, lead, *w[:18])
