@@ -400,7 +400,7 @@ def check_method_options(args) -> None:
     flags.update({k: f"--{k.replace('_', '-')}" for k in ("d1", "d2", "d3", "layers",
                                                           "ir_embed")})
     try:
-        # --ir-embed with --tuning ivt too (runs saved before it was refused ignored it)
+        # --ir-embed with --tuning ivt too, which backbone_kwargs drops (saved ivt runs may hold it)
         given = {**backbone_kwargs(vars(args)), **({"ir_embed": True} if args.ir_embed else {})}
         _, options = make_ivt_config(args.tuning, given)
         make_petl_config(args.tuning, options)
