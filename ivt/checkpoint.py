@@ -24,6 +24,7 @@ Without one, the frozen (randomly initialised) weights are stored too.
 import hashlib
 import os
 import random
+import shutil
 import tempfile
 from typing import Dict, Optional
 
@@ -60,6 +61,27 @@ def atomic_save(obj, path: str) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, usual_file_mode())           # mkstemp creates 0600; use the usual mode
         os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_link(src: str, dst: str) -> None:
+    """Make `dst` the same file as `src` (a hard link: no second copy on disk; a later
+    `atomic_save` to `src` replaces its name, not its content, so `dst` keeps it), atomically like
+    `atomic_save`. Where the file system has no hard links, `dst` becomes a copy."""
+    folder = os.path.dirname(os.path.abspath(dst))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(dst) + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        os.remove(tmp)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+            os.chmod(tmp, usual_file_mode())
+        os.replace(tmp, dst)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)

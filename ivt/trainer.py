@@ -27,9 +27,9 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import engine
-from .checkpoint import (atomic_save, check_pretrained, every_rank_rng_state, load_checkpoint,
-                         load_model_state, make_checkpoint, model_state, set_rng_state,
-                         sha256_file)
+from .checkpoint import (atomic_link, atomic_save, check_pretrained, every_rank_rng_state,
+                         load_checkpoint, load_model_state, make_checkpoint, model_state,
+                         set_rng_state, sha256_file)
 from .data.io import BadImageError
 from .models import (BACKBONES, TUNINGS, VARIANTS, VIT_BACKBONES, CheckpointError, PETLConfig,
                      make_ivt_config, make_petl_config, normalization_for)
@@ -736,8 +736,8 @@ class RunCheckpoints:
                                     self.pretrained_sha256, rng, task=self.task.name,
                                     metric=self.task.metric, best=self.best, metrics=self.metrics)
             atomic_save(state, str(self.last))
-            if is_best:
-                atomic_save(state, str(self.best_path))
+            if is_best:                          # the same state: best.pt links to last.pt
+                atomic_link(str(self.last), str(self.best_path))
         self.saved_iter = it
 
     def kept(self) -> str:

@@ -13,8 +13,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the scripts live at the root
 import evaluate  # noqa: E402
 import train_seg  # noqa: E402
-from ivt.checkpoint import (atomic_save, check_pretrained, load_checkpoint, load_model_state,
-                            model_state, rng_state, set_rng_state, sha256_file)
+from ivt.checkpoint import (atomic_link, atomic_save, check_pretrained, load_checkpoint,
+                            load_model_state, model_state, rng_state, set_rng_state, sha256_file)
 from ivt.data.synthetic import write_mfnet
 from ivt.models import CheckpointError, build_backbone
 from ivt.models.segmentor import build_segmentor
@@ -39,6 +39,32 @@ def test_atomic_save_replaces_whole_file_or_nothing(tmp_path):
         atomic_save({"a": lambda: 0}, str(path))              # cannot be pickled: write fails
     assert torch.equal(torch.load(path)["a"], torch.ones(3))  # the old file is intact
     assert os.listdir(tmp_path) == ["ck.pt"]                   # no temporary file left behind
+
+
+def test_atomic_link_keeps_the_linked_state_after_the_source_is_saved_again(tmp_path):
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    atomic_save({"it": 1}, str(last))
+    atomic_link(str(last), str(best))
+    assert os.stat(best).st_ino == os.stat(last).st_ino           # one copy on disk
+    atomic_save({"it": 2}, str(last))                              # a later save of last.pt ...
+    assert torch.load(best)["it"] == 1 and torch.load(last)["it"] == 2   # ... leaves best.pt
+    atomic_link(str(last), str(best))                              # replaces an existing best.pt
+    assert torch.load(best)["it"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", "last.pt"]  # no temporary file left
+
+
+def test_atomic_link_copies_where_hard_links_fail(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    atomic_save({"it": 1}, str(last))
+    atomic_link(str(last), str(best))
+    assert os.stat(best).st_ino != os.stat(last).st_ino
+    assert best.read_bytes() == last.read_bytes()
+    assert os.stat(best).st_mode & 0o777 == os.stat(last).st_mode & 0o777
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", "last.pt"]
 
 
 def test_model_state_delta_holds_trained_tensors_and_buffers():

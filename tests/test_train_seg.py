@@ -333,6 +333,20 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, monkeypat
     assert read_log(out / "log.jsonl")[-1]["event"] == "diverged"
 
 
+def test_best_checkpoint_is_the_best_validation_score(data, tmp_path, monkeypatch):
+    """Validation mIoU 0.5, 0.7, 0.6 at iterations 4, 8, 12: best.pt holds iteration 8 (kept
+    when last.pt is written again), last.pt iteration 12."""
+    scores = iter([0.5, 0.7, 0.6])
+    monkeypatch.setattr(SegTask, "evaluate", lambda self, *a: {"mIoU": next(scores)})
+    monkeypatch.setattr(SegTask, "format_eval", lambda self, r: str(r))
+    out = tmp_path / "run"
+    summary = train_seg.main(tiny_args(data, out, 12, 4))
+    best, last = load_checkpoint(str(out / "best.pt")), load_checkpoint(str(out / "last.pt"))
+    assert (best["iter"], best["best"], last["iter"], last["best"]) == (8, 0.7, 12, 0.7)
+    assert summary["best"] == 0.7
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt", "log.jsonl"]
+
+
 def test_evaluate_outputs(data, tmp_path):
     summary = train_seg.main(tiny_args(data, tmp_path / "run", 2, 2))
     assert Path(summary["best_path"]).exists() and summary["best"] is not None

@@ -5,6 +5,8 @@ and the lr schedules."""
 import contextlib
 import json
 import math
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -117,6 +119,7 @@ def test_new_run_refuses_a_folder_holding_a_run(data, tmp_path, capsys):
     # Continuing another run's checkpoint there would mix the two runs.
     other = tmp_path / "other"
     train_seg.main(tiny_args(data, other, 2))
+    shutil.copyfile(other / "last.pt", tmp_path / "iter2.pt")
     err = fails_with(tiny_args(data, out, 4, "--resume", str(other / "last.pt"),
                                "--allow-changes"), capsys)
     assert "holds another run" in err and str(other / "last.pt") in err
@@ -126,9 +129,9 @@ def test_new_run_refuses_a_folder_holding_a_run(data, tmp_path, capsys):
     del args[args.index("--out"):args.index("--out") + 2]
     assert train_seg.main(args)["out"] == str(other)
     assert load_checkpoint(str(other / "last.pt"))["iter"] == 4
-    # --resume of another checkpoint of a run (best.pt) without --out: its folder's last.pt
-    # would be overwritten; the message says what to give.
-    assert (other / "best.pt").is_file()
+    # --resume of another checkpoint of a run (a best.pt of iteration 2, older than its last.pt)
+    # without --out: its folder's last.pt would be overwritten; the message says what to give.
+    os.replace(tmp_path / "iter2.pt", other / "best.pt")
     args = tiny_args(data, out, 8, "--resume", str(other / "best.pt"), "--allow-changes")
     del args[args.index("--out"):args.index("--out") + 2]
     err = fails_with(args, capsys)
