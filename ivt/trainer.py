@@ -44,6 +44,10 @@ RUN_ONLY = ("device", "workers", "out", "resume", "allow_changes", "log_every", 
             "pretrained_source",            # so is the same file named another way
             "verify_images", "save_rank_weights", "eval_every", "save_every", "total_iters",
             "cuda_graph", "impl", "memory")
+# Settings of one invocation, never taken from the run `--resume` continues (the others left out
+# of the command are: `flags_from_run`); `pretrained` has its own rule (`pretrained_weights`).
+OWN_FLAGS = ("device", "workers", "out", "resume", "allow_changes", "kernels", "cuda_graph",
+             "verify_images", "pretrained")
 KERNEL_BACKENDS = ("auto", "torch", "triton")     # `kernels.BACKENDS`, without importing it
 # Settings the saved weights depend on: never changeable on resume (with a task's `model_keys`).
 MODEL_KEYS = ("task", "backbone", "tuning", "variant", "d1", "d2", "d3", "layers", "patch_size",
@@ -325,7 +329,7 @@ def _optimisation_arguments(g, r: Recipe) -> None:
     g.add_argument("--clip-grad-value", type=float, default=r.clip_grad_value,
                    help="clamp every gradient value to +-this (before any norm clipping); 0: "
                         "no clamping (default: %(default)s)")
-    g.add_argument("--amp", action="store_true",
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                    help="bf16 autocast for forward and loss; the frozen Linear and conv weights "
                         "are then stored in bf16, which gives the same results with less "
                         "memory (ivt/precision.py) (default: off, float32)")
@@ -352,9 +356,10 @@ def _run_arguments(g, task: Task) -> None:
     g.add_argument("--resume", nargs="?", const="last", default=None, metavar="FILE",
                    help="continue from a checkpoint: FILE, or <out>/last.pt when given alone; "
                         "reproduces the uninterrupted run (weights, optimizer, schedule, RNG). "
-                        "Every setting must equal the checkpoint's, except how the run executes "
-                        "(device, workers, implementation, kernels, memory, logging, evaluation "
-                        "interval)")
+                        "A flag left out takes the run's value (not --device, --workers, "
+                        "--kernels, --cuda-graph, --verify-images); one given must equal it, "
+                        "except how the run executes (device, workers, implementation, kernels, "
+                        "memory, logging, evaluation interval)")
     g.add_argument("--allow-changes", action="store_true",
                    help="with --resume: accept changed training settings (iterations, lr, ...); "
                         "each change is printed and logged. The model's settings never change")
@@ -412,6 +417,8 @@ def check_method_options(args) -> None:
 
 
 def check_args(task: Task, args) -> None:
+    if args.data is None:
+        raise ValueError("--data is required (with --resume, it is the run's)")
     for name in ("batch_size", "log_every"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, "
@@ -439,8 +446,6 @@ def check_args(task: Task, args) -> None:
         args.drop_path = task.recipe.drop_path.get(args.backbone)
     if args.drop_path is not None and not 0 <= args.drop_path < 1:
         raise ValueError(f"--drop-path must be in [0, 1), got {args.drop_path}")
-    if args.resume and args.resume != "last" and not os.path.isfile(args.resume):
-        raise FileNotFoundError(f"--resume {args.resume}: file not found")
     if args.patch_size is not None and args.backbone not in VIT_BACKBONES:
         raise ValueError(f"--patch-size applies to the ViTs ({', '.join(VIT_BACKBONES)}), not "
                          f"{args.backbone}")
@@ -449,10 +454,7 @@ def check_args(task: Task, args) -> None:
         if args.size % patch:
             raise ValueError(f"{args.backbone} with patch {patch} needs an input size that is a "
                              f"multiple of {patch}; the training input is {args.size}x{args.size}")
-    out_given = args.out is not None
-    if not out_given:
-        resumed_file = args.resume is not None and args.resume != "last"
-        args.out = (os.path.dirname(args.resume) or ".") if resumed_file else f"runs/{task.name}"
+    out_given, args.out = args.out is not None, out_folder(task, args)
     engine.check_output(args.out, "--out", folder=True)
     last = Path(args.out) / "last.pt"
     if not args.resume and last.exists():
@@ -467,6 +469,39 @@ def check_args(task: Task, args) -> None:
         raise ValueError(f"continuing {args.resume} in its own folder would overwrite that "
                          f"folder's {last.name} and mix the logs: give a new --out to continue "
                          f"{args.resume} there, or --resume {last} to continue the latest")
+
+
+def out_folder(task: Task, args) -> str:
+    """--out, or when not given: runs/<task>, or with --resume FILE the folder of FILE."""
+    if args.out is not None:
+        return args.out
+    resumed_file = args.resume is not None and args.resume != "last"
+    return (os.path.dirname(args.resume) or ".") if resumed_file else f"runs/{task.name}"
+
+
+def flags_from_run(task: Task, args, saved: dict, given: Optional[frozenset], path: str) -> None:
+    """--resume: every flag left out of the command (not in `given`; None: every flag counts as
+    given) takes the value of the run being continued (`saved`, its configuration), except this
+    invocation's own (`OWN_FLAGS`)."""
+    if saved.get("task") != task.name:
+        raise ValueError(f"cannot resume from {path}: it is a run of train_{saved.get('task')}.py "
+                         f"(task {saved.get('task')}), not of train_{task.name}.py")
+    for key, value in saved.items():
+        if given is not None and key in vars(args) and key not in given | set(OWN_FLAGS):
+            setattr(args, key, value)
+
+
+def given_flags(parser: argparse.ArgumentParser, argv) -> frozenset:
+    """The settings (argparse destinations) that `argv` states, rather than leaves at their
+    defaults: `argv` parsed once more with every default suppressed."""
+    defaults = [(action, action.default) for action in parser._actions]
+    try:
+        for action, _ in defaults:
+            action.default = argparse.SUPPRESS
+        return frozenset(vars(parser.parse_args(argv)))
+    finally:
+        for action, default in defaults:
+            action.default = default
 
 
 def pretrained_weights(args, resumed: Optional[dict],
@@ -536,10 +571,6 @@ def resume_checkpoint(task: Task, args, config: dict, log: Callable[[str], None]
                               f"the random frozen backbone it trained with); it cannot continue "
                               f"from --pretrained {args.pretrained_source}: leave --pretrained "
                               f"out to continue it, or start a new run from those weights")
-    saved_task = ckpt["config"].get("task")
-    if saved_task != task.name:
-        raise ValueError(f"cannot resume from {path}: it is a run of train_{saved_task}.py "
-                         f"(task {saved_task}), not of train_{task.name}.py")
     check_pretrained(ckpt, args.pretrained, path)
     saved = with_method_defaults(ckpt["config"])
     differ = [k for k in sorted(set(saved) | set(config))
@@ -616,8 +647,9 @@ def graphed_step(model, loss_fn, optimizer, autocast, clip_grad: float, clip_val
     return step
 
 
-def resume_path(args) -> str:
-    return os.path.join(args.out, "last.pt") if args.resume == "last" else args.resume
+def resume_path(args, out: Optional[str] = None) -> str:
+    """The checkpoint --resume names (<out>/last.pt when given alone; `out` default: --out)."""
+    return os.path.join(out or args.out, "last.pt") if args.resume == "last" else args.resume
 
 
 @contextmanager
@@ -635,10 +667,18 @@ def new_folder_removed_on_error(folder: Path, create: bool):
         raise
 
 
-def check_run(task: Task, args, dist: engine.DistInfo) -> Optional[dict]:
-    """The checks, the pretrained weights and the checkpoint to resume (None for a new run)."""
+def check_run(task: Task, args, dist: engine.DistInfo,
+              given: Optional[frozenset] = None) -> Optional[dict]:
+    """The checks, the pretrained weights and the checkpoint to resume (None for a new run);
+    with --resume, the flags not `given` are first taken from the run (`flags_from_run`)."""
+    resumed = None
+    if args.resume:
+        if args.resume != "last" and not os.path.isfile(args.resume):
+            raise FileNotFoundError(f"--resume {args.resume}: file not found")
+        path = resume_path(args, out_folder(task, args))
+        resumed = load_checkpoint(path)
+        flags_from_run(task, args, resumed["config"], given, path)
     check_args(task, args)
-    resumed = load_checkpoint(resume_path(args)) if args.resume else None
     # The pretrained weights are found (and downloaded) now, before any data is read or model
     # built: a machine without network stops here, naming the URL and where to put the file.
     args.pretrained_source, args.pretrained = pretrained_weights(args, resumed, dist.is_main)
@@ -746,8 +786,9 @@ class RunCheckpoints:
                 if self.saved_iter is not None else "no checkpoint was written")
 
 
-def train(task: Task, args, dist: engine.DistInfo) -> dict:
-    resumed = check_run(task, args, dist)
+def train(task: Task, args, dist: engine.DistInfo, given: Optional[frozenset] = None) -> dict:
+    """The run of `args` (`given`: the flags its command states, see `check_run`)."""
+    resumed = check_run(task, args, dist, given)
     with new_folder_removed_on_error(Path(args.out), dist.is_main):
         config, ckpt, changes, (train_set, val_set) = prepare_run(task, args, dist, resumed)
         model, optimizer, net = build_training(task, args, config, ckpt, dist)
@@ -813,14 +854,16 @@ def main(task: Task, argv=None) -> dict:
     best score and the paths written. Bad data or configuration exits with status 2 and an
     `error:` line; a diverged run (NaN loss) exits with status 1; a run stopped by Ctrl-C or
     SIGTERM, its checkpoint written, with 128 + the signal's number (130, 143)."""
-    args = get_parser(task).parse_args(argv)
+    parser = get_parser(task)
+    args = parser.parse_args(argv)
+    given = given_flags(parser, argv) if args.resume else None
     if args.kernels != "auto" or args.impl != "reference":
         import kernels                    # only the fast and fused paths use the kernels
         kernels.set_backend(args.kernels)
     try:
         dist = engine.setup_distributed(args.device)
         try:
-            return train(task, args, dist)
+            return train(task, args, dist, given)
         finally:
             engine.cleanup_distributed()
     except (ValueError, FileNotFoundError, CheckpointError) as e:

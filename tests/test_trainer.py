@@ -87,6 +87,32 @@ def test_resume_refuses_changed_settings(data, tmp_path, capsys):
     assert {(g["weight_decay"], g["momentum"]) for g in groups} == {(0.5, 0.0)}
 
 
+def test_resume_takes_the_flags_left_out_from_the_run(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    train_seg.main(tiny_args(data, out, 2, "--lr", "0.002", "--amp"))
+    saved = load_checkpoint(str(out / "last.pt"))["config"]
+    # Only the folder, one accepted change and how this process runs.
+    own = ["--out", str(out), "--resume", "--allow-changes", "--device", "cpu", "--workers", "0"]
+    train_seg.main(own + ["--iters", "3"])
+    assert "changed setting, iters: checkpoint 2 vs now 3" in capsys.readouterr().out
+    ckpt = load_checkpoint(str(out / "last.pt"))
+    assert ckpt["iter"] == 3
+    this_call = ("iters", "total_iters", "resume", "allow_changes", "kernels")
+    assert {k: v for k, v in ckpt["config"].items() if k not in this_call} == \
+        {k: v for k, v in saved.items() if k not in this_call}
+    assert (saved["lr"], saved["amp"], saved["d2"], saved["size"]) == (0.002, True, 8, 32)
+    # A store_true setting can be turned off again (--no-amp), as a change.
+    train_seg.main(own + ["--iters", "4", "--no-amp"])
+    assert "amp: checkpoint True vs now False" in capsys.readouterr().out
+    assert load_checkpoint(str(out / "last.pt"))["config"]["amp"] is False
+    # A flag that is given still must equal the run's.
+    err = fails_with(["--out", str(out), "--resume", "--device", "cpu", "--lr", "0.5"], capsys)
+    assert "lr: checkpoint 0.002 vs now 0.5" in err
+    # Without --resume, --data is required.
+    err = fails_with(["--out", str(tmp_path / "new"), "--device", "cpu"], capsys)
+    assert "--data is required" in err and not (tmp_path / "new").exists()
+
+
 def test_resume_without_pretrained_refuses_a_pretrained_file(data, tmp_path, capsys):
     """A run started without pretrained weights holds its random frozen backbone; continuing it
     from a pretrained file would save deltas claiming that file, which evaluate.py would then

@@ -127,8 +127,9 @@ class DetTask(Task):
 
     def add_arguments(self, p) -> None:
         g = p.add_argument_group("detection")
-        g.add_argument("--data", required=True, metavar="DIR",
-                       help="M3FD root folder holding Vis/, Ir/, Annotation/")
+        g.add_argument("--data", metavar="DIR",
+                       help="M3FD root folder holding Vis/, Ir/, Annotation/ (required, except "
+                            "with --resume: the run's)")
         g.add_argument("--split-dir", default=None, metavar="DIR",
                        help="folder holding train.txt, val.txt, test.txt of image ids (default: "
                             "the public scene-aware split in ivt/data/splits/m3fd)")

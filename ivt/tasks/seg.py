@@ -125,7 +125,8 @@ class SegTask(Task):
                             "(default: %(default)s)")
         g.add_argument("--dataset", default="mfnet", choices=sorted(SEG_DATASETS),
                        help="on-disk layout of --data (default: %(default)s)")
-        g.add_argument("--data", required=True, metavar="DIR", help="dataset root folder")
+        g.add_argument("--data", metavar="DIR",
+                       help="dataset root folder (required, except with --resume: the run's)")
         g.add_argument("--train-split", default="train",
                        help="training split; the paper's protocol trains on 'train+val' (1176 "
                             "MFNet images) and reports on 'test' with evaluate.py. The default "

@@ -118,8 +118,9 @@ class SODTask(Task):
 
     def add_arguments(self, p) -> None:
         g = p.add_argument_group("salient object detection")
-        g.add_argument("--data", required=True, metavar="DIR",
-                       help="training folder holding RGB/, T/, GT/ (VT5000/Train)")
+        g.add_argument("--data", metavar="DIR",
+                       help="training folder holding RGB/, T/, GT/ (VT5000/Train; required, "
+                            "except with --resume: the run's)")
         g.add_argument("--val-count", type=int, default=250,
                        help="images of --data held out to choose best.pt (a seeded list saved "
                             "as <out>/val_list.txt); 0 trains on all and selects on the "
