@@ -32,9 +32,12 @@ only one of the two folders, or a second pair with the same output name is repor
 (stderr, then again in the summary) and skipped; the others still run. Nothing already in --out
 is overwritten unless --overwrite: a pair whose outputs all exist is skipped, a partly written
 one gets only its missing files (each file is written to a temporary name, then renamed, so an
-interrupted run leaves no half-written file). Exit status: the number of failed pairs, at most
-100 (0: all succeeded); 2 also for a usage error (bad flags, unreadable checkpoint), reported
-before any pair is read.
+interrupted run leaves no half-written file). --out/predict_run.json records the checkpoint (its
+SHA-256) and the settings that shape the outputs; a folder holding another checkpoint's or
+setting's outputs is refused, as kept files would mix the two, unless --overwrite (which replaces
+this run's pairs' files, not other files already there). Exit status: the number of failed
+pairs, at most 100 (0: all succeeded); 2 also for a usage error (bad flags, unreadable checkpoint,
+an --out of another checkpoint), reported before any pair is read.
 """
 import argparse
 import json
@@ -51,6 +54,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from ivt.checkpoint import sha256_file
 from ivt.data import CLASSES
 from ivt.data.io import BadImageError, open_image, open_thermal, open_visible
 from ivt.data.transforms import pad_to, resize, thermal_to_tensor, visible_to_tensor
@@ -90,7 +94,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace outputs that already exist (default: keep them, write only "
-                        "missing ones)")
+                        "missing ones; an --out holding another checkpoint's outputs, as "
+                        "--out/predict_run.json records, is refused)")
     p.add_argument("--device", default="auto",
                    help="auto (CUDA if available), cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--batch", type=int, default=1,
@@ -355,6 +360,37 @@ def save_atomically(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+RECORD = "predict_run.json"
+
+
+def run_record(args, task: str) -> dict:
+    """What shapes the outputs: the checkpoint (by content) and the settings; written to
+    --out/predict_run.json."""
+    settings = {"amp": args.amp}
+    if task == "det":
+        settings.update(score_threshold=args.score_threshold, max_dets=args.max_dets)
+    return {"checkpoint": str(Path(args.checkpoint).resolve()),
+            "checkpoint_sha256": sha256_file(args.checkpoint), "task": task, **settings}
+
+
+def check_record(out: Path, record: dict, overwrite: bool) -> None:
+    """Refuse (ValueError) an --out whose record names another checkpoint or other settings:
+    outputs kept there would mix with this run's. A moved checkpoint file is the same one."""
+    path = out / RECORD
+    if overwrite or not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable ({e}); remove it, or pass --overwrite") from None
+    differ = [k for k in record if k != "checkpoint" and old.get(k) != record[k]]
+    if differ:
+        said = ", ".join(f"{k} {old.get(k)!r} (now {record[k]!r})" for k in differ)
+        raise ValueError(f"--out {out} holds the outputs of {old.get('checkpoint')} with other "
+                         f"settings: {said}; keeping them would mix two models' outputs: give "
+                         f"another --out, or --overwrite to replace them")
+
+
 # -- the run -------------------------------------------------------------------------------------
 @dataclass
 class Job:
@@ -400,13 +436,19 @@ def main(argv=None) -> int:
         parser.error(str(e))
     if args.amp is None:
         args.amp = bool(ckpt["config"].get("amp"))
+    out = Path(args.out)
+    record = run_record(args, task)
+    try:
+        check_record(out, record, args.overwrite)
+    except ValueError as e:
+        parser.error(str(e))
     model.to(device)
     if args.amp:
         store_frozen_weights(model, torch.bfloat16)
     predictor = PREDICTORS[task](model, ckpt["config"], args)
     autocast = autocast_context(device, args.amp)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    save_atomically(record, out / RECORD)
     for problem in failures:
         tqdm.write(f"skipped: {problem}", file=sys.stderr)
 

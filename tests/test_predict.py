@@ -5,6 +5,7 @@ complete, --pairs, --rgbt, batching, and no overwriting without --overwrite.
 
 Reference predictions come from the model itself (`load_trained` + `model.predict`) on inputs the
 tests prepare with the documented rules, never from predict.py's own helpers."""
+import hashlib
 import json
 import shutil
 import sys
@@ -153,7 +154,8 @@ def test_seg_folder(seg_checkpoint, pairs, tmp_path, capsys):
     for name in BAD:
         assert not list(tmp_path.glob(f"{name}_*")), name
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        f"{n}{s}" for n in good for s in ("_classes.png", "_overlay.png"))
+        [f"{n}{s}" for n in good for s in ("_classes.png", "_overlay.png")]
+        + ["predict_run.json"])
 
 
 def test_no_overwrite_and_batching(seg_checkpoint, pairs, tmp_path, capsys):
@@ -195,7 +197,8 @@ def test_pairs_list(seg_checkpoint, pairs, tmp_path, capsys):
     assert status == 2
     assert "list.txt:5" in text and "missing.png" in text
     assert sorted(p.name for p in out.iterdir()) == [
-        "grey8_classes.png", "grey8_overlay.png", "tiff16_classes.png", "tiff16_overlay.png"]
+        "grey8_classes.png", "grey8_overlay.png", "predict_run.json", "tiff16_classes.png",
+        "tiff16_overlay.png"]
     a = np.asarray(Image.open(out / "tiff16_classes.png"))
     assert a.shape == good["tiff16"][1].shape
 
@@ -420,3 +423,33 @@ def test_det_folder(det_checkpoint, pairs, tmp_path, capsys):
         for suffix in ("_vis_boxes.png", "_ir_boxes.png"):
             drawn = Image.open(tmp_path / f"{name}{suffix}")
             assert drawn.size == (ir8.shape[1], ir8.shape[0]) and drawn.mode == "RGB"
+
+
+def test_out_records_its_checkpoint_and_refuses_another_ones(seg_checkpoint, sod_checkpoint,
+                                                              pairs, tmp_path, capsys):
+    """--out/predict_run.json names the checkpoint by content: the same file moved continues the
+    folder; another checkpoint, or other settings, would mix two models' outputs and is refused
+    (exit 2, nothing written) unless --overwrite."""
+    root, good = pairs
+    out = tmp_path / "out"
+    inputs = ["--vis", root / "vis", "--ir", root / "ir", "--out", out, "--device", "cpu"]
+    assert run(capsys, "--checkpoint", seg_checkpoint, *inputs)[0] == len(BAD)
+    record = json.loads((out / "predict_run.json").read_text())
+    assert record["checkpoint_sha256"] == hashlib.sha256(seg_checkpoint.read_bytes()).hexdigest()
+    assert (record["task"], record["amp"]) == ("seg", False)
+    moved = tmp_path / "moved.pt"
+    shutil.copyfile(seg_checkpoint, moved)
+    status, text = run(capsys, "--checkpoint", moved, *inputs)
+    assert status == len(BAD) and f"{len(good)} already written" in text
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for other in (["--checkpoint", sod_checkpoint], ["--checkpoint", moved, "--amp"]):
+        with pytest.raises(SystemExit) as e:
+            run(capsys, *other, *inputs)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "holds the outputs of" in err and "--overwrite" in err
+        assert ("checkpoint_sha256" in err) == (other[1] == sod_checkpoint) and str(moved) in err
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before     # nothing written
+    assert run(capsys, "--checkpoint", sod_checkpoint, *inputs, "--overwrite")[0] == len(BAD)
+    record = json.loads((out / "predict_run.json").read_text())
+    assert record["checkpoint_sha256"] == hashlib.sha256(sod_checkpoint.read_bytes()).hexdigest()
+    assert all((out / f"{name}_saliency.png").is_file() for name in good)
