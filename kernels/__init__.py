@@ -7,7 +7,9 @@
 * `IVT_KERNELS=triton` forces Triton (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 with
   Triton >= 3.5, `INTERPRETER_MIN_TRITON`);
 * unset (`auto`): Triton for CUDA tensors when Triton imports, the reference otherwise;
-* an empty tensor always takes the reference (no launch to make).
+* an empty tensor always takes the reference (no launch to make), and so does, under `auto`, one
+  of 2**31 elements or more (`INDEX_LIMIT`: the kernels address with 32-bit offsets); `triton`
+  refuses it.
 Triton is optional: the kernel files are imported only when it is installed and imports. The
 scripts' `--kernels {auto,torch,triton}` calls `set_backend`. Layout and design: docs/kernels.md.
 """
@@ -45,6 +47,7 @@ __all__ = ["simam", "partial_conv_residual", "hybrid_adapter_eval", "hybrid_adap
            "hybrid_adapter_train_reference"]
 
 BACKENDS = ("auto", "torch", "triton")
+INDEX_LIMIT = 2 ** 31           # the kernels' offsets are 32-bit: tensors must have fewer elements
 
 
 def backend() -> str:
@@ -107,6 +110,12 @@ def use_triton(x: torch.Tensor) -> bool:
     choice = backend()
     if choice == "torch" or x.numel() == 0:         # nothing to launch for an empty tensor
         return False
+    if x.numel() >= INDEX_LIMIT:
+        if choice == "auto":
+            return False
+        raise RuntimeError(f"IVT_KERNELS=triton: a tensor of {x.numel()} elements is beyond the "
+                           f"kernels' 32-bit offsets (fewer than 2**31); use IVT_KERNELS=auto "
+                           f"(which takes the reference for it) or a smaller batch")
     if choice == "auto":
         return x.is_cuda and TRITON_INSTALLED
     if not TRITON_INSTALLED:

@@ -147,6 +147,22 @@ def test_empty_maps_take_the_reference(monkeypatch, shape):
         x.grad = None
 
 
+def test_forcing_triton_refuses_a_tensor_beyond_32_bit_offsets(monkeypatch):
+    """2**31 elements (an expanded view: no memory) would overflow the kernels' 32-bit offsets:
+    forced Triton says so instead of writing out of bounds; one element fewer passes that check
+    (only `use_triton` is asked)."""
+    monkeypatch.setenv("IVT_KERNELS", "triton")
+    huge = torch.zeros(1, 1, 1, 1).expand(2, 2 ** 15, 2 ** 8, 2 ** 7)
+    assert huge.numel() == 2 ** 31
+    with pytest.raises(RuntimeError, match="32-bit offsets"):
+        kernels.simam(huge)
+    below = torch.zeros(1).expand(2 ** 31 - 1)
+    try:
+        kernels.use_triton(below)
+    except RuntimeError as e:             # no Triton or interpreter here: another reason
+        assert "32-bit offsets" not in str(e)
+
+
 def test_a_triton_that_does_not_import_leaves_the_references(tmp_path):
     """A Triton installed but broken (built for another torch or CUDA): `import kernels` warns
     and the references run; forcing Triton says why it cannot."""
