@@ -34,10 +34,11 @@ is overwritten unless --overwrite: a pair whose outputs all exist is skipped, a 
 one gets only its missing files (each file is written to a temporary name, then renamed, so an
 interrupted run leaves no half-written file). --out/predict_run.json records the checkpoint (its
 SHA-256) and the settings that shape the outputs; a folder holding another checkpoint's or
-setting's outputs is refused, as kept files would mix the two, unless --overwrite (which replaces
-this run's pairs' files, not other files already there). Exit status: the number of failed
-pairs, at most 100 (0: all succeeded); 2 also for a usage error (bad flags, unreadable checkpoint,
-an --out of another checkpoint), reported before any pair is read.
+setting's outputs (or unrecorded ones) is refused, as kept files would mix the two, unless
+--overwrite and this run's pairs rewrite every output there (the record says "complete": false
+until they have). Exit status: the number of failed pairs, at most 100 (0: all succeeded); 2
+also for a usage error (bad flags, unreadable checkpoint, an --out of another checkpoint),
+reported before any pair is read.
 """
 import argparse
 import json
@@ -46,7 +47,7 @@ import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -347,6 +348,7 @@ class DetPredictor(SquarePredictor):
 
 
 PREDICTORS = {"seg": SegPredictor, "sod": SodPredictor, "det": DetPredictor}
+OUTPUT_SUFFIXES = tuple(s for predictor in PREDICTORS.values() for s in predictor.suffixes)
 
 
 # -- writing -------------------------------------------------------------------------------------
@@ -373,22 +375,49 @@ def run_record(args, task: str) -> dict:
             "checkpoint_sha256": sha256_file(args.checkpoint), "task": task, **settings}
 
 
-def check_record(out: Path, record: dict, overwrite: bool) -> None:
-    """Refuse (ValueError) an --out whose record names another checkpoint or other settings:
-    outputs kept there would mix with this run's. A moved checkpoint file is the same one."""
+def check_record(out: Path, record: dict, overwrite: bool,
+                 will_write: Set[Path]) -> Tuple[dict, Set[Path]]:
+    """(the record to write before the first output, the outputs it must replace before it is
+    complete), or ValueError for an --out whose outputs would mix with this run's. A folder
+    holding outputs of another checkpoint (a moved file is the same one) or settings, outputs
+    with no record, or an --overwrite run's unfinished replacement is refused, except with
+    --overwrite when this run is to rewrite every output there (`will_write`); the record then
+    says "complete": false until all of them are rewritten."""
     path = out / RECORD
-    if overwrite or not path.is_file():
-        return
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable ({e}); remove it, or pass --overwrite") from None
-    differ = [k for k in record if k != "checkpoint" and old.get(k) != record[k]]
-    if differ:
+    old = None
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: unreadable ({e}); remove it (and the outputs it "
+                             f"describes), or give another --out") from None
+        if not isinstance(old, dict):
+            raise ValueError(f"{path}: not a record of predict.py (a JSON object); remove it "
+                             f"(and the outputs it describes), or give another --out")
+    existing = ({p for p in out.iterdir() if p.name.endswith(OUTPUT_SUFFIXES) and p.is_file()}
+                if out.is_dir() else set())
+    if old is None and not existing:
+        return {**record, "complete": True}, set()         # a new folder
+    differ = ([k for k in record if k != "checkpoint" and old.get(k) != record[k]]
+              if old is not None else [])
+    if old is not None and not differ and old.get("complete", True):
+        return {**record, "complete": True}, set()         # this checkpoint's, settings alike
+    if old is None:
+        why = f"{len(existing)} outputs with no record of their checkpoint ({RECORD})"
+    elif differ:
         said = ", ".join(f"{k} {old.get(k)!r} (now {record[k]!r})" for k in differ)
-        raise ValueError(f"--out {out} holds the outputs of {old.get('checkpoint')} with other "
-                         f"settings: {said}; keeping them would mix two models' outputs: give "
-                         f"another --out, or --overwrite to replace them")
+        why = f"the outputs of {old.get('checkpoint')} with other settings: {said}"
+    else:
+        why = "the outputs of an --overwrite run that did not finish"
+    if not overwrite:
+        raise ValueError(f"--out {out} holds {why}; keeping them would mix two models' outputs: "
+                         f"give another --out, or --overwrite to replace them")
+    stale = sorted(existing - will_write)
+    if stale:
+        raise ValueError(f"--out {out} holds {why}, and {len(stale)} of them are not this run's "
+                         f"to replace (e.g. {stale[0].name}): they would stay beside this run's "
+                         f"outputs; remove them, or give another --out")
+    return {**record, "complete": False}, existing
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -437,15 +466,16 @@ def main(argv=None) -> int:
     if args.amp is None:
         args.amp = bool(ckpt["config"].get("amp"))
     out = Path(args.out)
-    record = run_record(args, task)
+    predictor = PREDICTORS[task](model, ckpt["config"], args)
+    will_write = {path for pair in pairs for path in predictor.outputs(out, pair.name).values()}
     try:
-        check_record(out, record, args.overwrite)
+        record, to_replace = check_record(out, run_record(args, task), args.overwrite,
+                                          will_write)
     except ValueError as e:
         parser.error(str(e))
     model.to(device)
     if args.amp:
         store_frozen_weights(model, torch.bfloat16)
-    predictor = PREDICTORS[task](model, ckpt["config"], args)
     autocast = autocast_context(device, args.amp)
     out.mkdir(parents=True, exist_ok=True)
     save_atomically(record, out / RECORD)
@@ -487,9 +517,12 @@ def main(argv=None) -> int:
                 rendered = predictor.render(job.vis, job.ir, result, job.pair)
                 for suffix, path in job.files.items():
                     save_atomically(rendered[suffix], path)
+                    to_replace.discard(path)
                 written += 1
                 bar.update(1)
     bar.close()
+    if not record["complete"] and not to_replace:         # every output there is this run's
+        save_atomically({**record, "complete": True}, out / RECORD)
 
     print(f"{written} pairs written, {kept} already written (kept; --overwrite replaces them), "
           f"{len(failures)} failed -> {out}")

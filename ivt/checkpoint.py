@@ -79,7 +79,10 @@ def atomic_link(src: str, dst: str) -> None:
         try:
             os.link(src, tmp)
         except OSError:
-            shutil.copyfile(src, tmp)
+            with open(src, "rb") as s, open(tmp, "wb") as d:
+                shutil.copyfileobj(s, d, 1 << 24)
+                d.flush()
+                os.fsync(d.fileno())              # on disk before the rename, as atomic_save
             os.chmod(tmp, usual_file_mode())
         os.replace(tmp, dst)
     except BaseException:

@@ -92,6 +92,8 @@ class Task:
                 eager steps, saying this), or None where it can
     model_keys  the task's settings that define its model, or the run's validation split (never
                 changeable on resume)
+    path_keys   the task's flags that name files or folders: saved as absolute paths, so that a
+                run resumes from any working directory
     """
     name: str
     metric: str
@@ -102,6 +104,7 @@ class Task:
     size_multiple: int = 1
     eager_only: Optional[str] = None
     model_keys: Tuple[str, ...] = ()
+    path_keys: Tuple[str, ...] = ("data",)
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """Task flags (data layout, splits, head)."""
@@ -419,6 +422,9 @@ def check_method_options(args) -> None:
 def check_args(task: Task, args) -> None:
     if args.data is None:
         raise ValueError("--data is required (with --resume, it is the run's)")
+    for key in task.path_keys:
+        if getattr(args, key) is not None:
+            setattr(args, key, os.path.abspath(getattr(args, key)))
     for name in ("batch_size", "log_every"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, "
@@ -486,8 +492,12 @@ def flags_from_run(task: Task, args, saved: dict, given: Optional[frozenset], pa
     if saved.get("task") != task.name:
         raise ValueError(f"cannot resume from {path}: it is a run of train_{saved.get('task')}.py "
                          f"(task {saved.get('task')}), not of train_{task.name}.py")
+    if given is None:
+        return
+    # --epochs given: the run's --iters (which would take precedence) is not kept
+    kept_out = given | set(OWN_FLAGS) | ({"iters"} if "epochs" in given else set())
     for key, value in saved.items():
-        if given is not None and key in vars(args) and key not in given | set(OWN_FLAGS):
+        if key in vars(args) and key not in kept_out:
             setattr(args, key, value)
 
 
@@ -573,6 +583,9 @@ def resume_checkpoint(task: Task, args, config: dict, log: Callable[[str], None]
                               f"out to continue it, or start a new run from those weights")
     check_pretrained(ckpt, args.pretrained, path)
     saved = with_method_defaults(ckpt["config"])
+    for key in task.path_keys:          # a run saved before paths were absolute: as from here
+        if isinstance(saved.get(key), str):
+            saved[key] = os.path.abspath(saved[key])
     differ = [k for k in sorted(set(saved) | set(config))
               if k not in RUN_ONLY and saved.get(k) != config.get(k)]
     changes = [f"{k}: checkpoint {saved.get(k)!r} vs now {config.get(k)!r}" for k in differ]
@@ -789,6 +802,9 @@ class RunCheckpoints:
 def train(task: Task, args, dist: engine.DistInfo, given: Optional[frozenset] = None) -> dict:
     """The run of `args` (`given`: the flags its command states, see `check_run`)."""
     resumed = check_run(task, args, dist, given)
+    if args.kernels != "auto" or args.impl != "reference":     # --impl may be the resumed run's
+        import kernels                    # only the fast and fused paths use the kernels
+        kernels.set_backend(args.kernels)
     with new_folder_removed_on_error(Path(args.out), dist.is_main):
         config, ckpt, changes, (train_set, val_set) = prepare_run(task, args, dist, resumed)
         model, optimizer, net = build_training(task, args, config, ckpt, dist)
@@ -857,9 +873,6 @@ def main(task: Task, argv=None) -> dict:
     parser = get_parser(task)
     args = parser.parse_args(argv)
     given = given_flags(parser, argv) if args.resume else None
-    if args.kernels != "auto" or args.impl != "reference":
-        import kernels                    # only the fast and fused paths use the kernels
-        kernels.set_backend(args.kernels)
     try:
         dist = engine.setup_distributed(args.device)
         try:

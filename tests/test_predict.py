@@ -428,28 +428,51 @@ def test_det_folder(det_checkpoint, pairs, tmp_path, capsys):
 def test_out_records_its_checkpoint_and_refuses_another_ones(seg_checkpoint, sod_checkpoint,
                                                               pairs, tmp_path, capsys):
     """--out/predict_run.json names the checkpoint by content: the same file moved continues the
-    folder; another checkpoint, or other settings, would mix two models' outputs and is refused
-    (exit 2, nothing written) unless --overwrite."""
+    folder; another checkpoint, other settings, unrecorded outputs or an unfinished replacement
+    would mix two models' outputs and are refused (exit 2, nothing written), also with
+    --overwrite while outputs there would not be rewritten."""
     root, good = pairs
     out = tmp_path / "out"
     inputs = ["--vis", root / "vis", "--ir", root / "ir", "--out", out, "--device", "cpu"]
+
+    def refused(*argv, says):
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        with pytest.raises(SystemExit) as e:
+            run(capsys, *argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and says in err, err
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before     # nothing written
+        return err
+
+    def recorded():
+        return json.loads((out / "predict_run.json").read_text())
+
+    def sha(path):
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
     assert run(capsys, "--checkpoint", seg_checkpoint, *inputs)[0] == len(BAD)
-    record = json.loads((out / "predict_run.json").read_text())
-    assert record["checkpoint_sha256"] == hashlib.sha256(seg_checkpoint.read_bytes()).hexdigest()
-    assert (record["task"], record["amp"]) == ("seg", False)
+    assert recorded()["checkpoint_sha256"] == sha(seg_checkpoint)
+    assert (recorded()["task"], recorded()["amp"], recorded()["complete"]) == ("seg", False, True)
     moved = tmp_path / "moved.pt"
     shutil.copyfile(seg_checkpoint, moved)
     status, text = run(capsys, "--checkpoint", moved, *inputs)
     assert status == len(BAD) and f"{len(good)} already written" in text
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
-    for other in (["--checkpoint", sod_checkpoint], ["--checkpoint", moved, "--amp"]):
-        with pytest.raises(SystemExit) as e:
-            run(capsys, *other, *inputs)
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and "holds the outputs of" in err and "--overwrite" in err
-        assert ("checkpoint_sha256" in err) == (other[1] == sod_checkpoint) and str(moved) in err
-        assert {p.name: p.read_bytes() for p in out.iterdir()} == before     # nothing written
-    assert run(capsys, "--checkpoint", sod_checkpoint, *inputs, "--overwrite")[0] == len(BAD)
-    record = json.loads((out / "predict_run.json").read_text())
-    assert record["checkpoint_sha256"] == hashlib.sha256(sod_checkpoint.read_bytes()).hexdigest()
-    assert all((out / f"{name}_saliency.png").is_file() for name in good)
+    err = refused("--checkpoint", sod_checkpoint, *inputs, says="checkpoint_sha256")
+    assert str(moved) in err and "--overwrite" in err
+    refused("--checkpoint", moved, "--amp", *inputs, says="amp False (now True)")
+    # --overwrite, but the segmentation outputs would stay beside the saliency maps
+    refused("--checkpoint", sod_checkpoint, *inputs, "--overwrite", says="not this run's")
+    one = ["--vis", root / "vis" / "grey8.png", "--ir", root / "ir" / "grey8.png"]
+    refused("--checkpoint", moved, "--amp", "--overwrite", *one, *inputs[4:],
+            says="not this run's")
+    assert run(capsys, "--checkpoint", moved, "--amp", "--overwrite", *inputs)[0] == len(BAD)
+    assert (recorded()["amp"], recorded()["complete"]) == (True, True)
+    # outputs without a record (an older predict.py), an unfinished replacement, a bad record
+    (out / "predict_run.json").unlink()
+    refused("--checkpoint", moved, "--amp", *inputs, says="no record of their checkpoint")
+    assert run(capsys, "--checkpoint", moved, "--amp", "--overwrite", *inputs)[0] == len(BAD)
+    assert recorded()["complete"] is True
+    (out / "predict_run.json").write_text(json.dumps({**recorded(), "complete": False}))
+    refused("--checkpoint", moved, "--amp", *inputs, says="did not finish")
+    (out / "predict_run.json").write_text("[]")
+    refused("--checkpoint", moved, "--amp", *inputs, says="not a record of predict.py")

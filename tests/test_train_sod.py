@@ -284,3 +284,15 @@ def test_evaluate_reads_every_set_before_scoring_any(vt, tmp_path, capsys, monke
                            "--workers", "0"])
         assert e.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def test_resume_with_epochs_given_drops_the_runs_iterations(vt, tmp_path, capsys):
+    """A run of --iters 2 continued with only --epochs 2 (--allow-changes): --iters, which would
+    take precedence, is not taken from the run, so the run trains 2 epochs (3 iterations each:
+    6 training images, batch 2) instead of accepting a change that does nothing."""
+    out = tmp_path / "run"
+    train_sod.main(tiny_args(vt / "VT5000" / "Train", out, 2))
+    summary = train_sod.main(["--out", str(out), "--resume", "--epochs", "2", "--allow-changes",
+                              "--device", "cpu", "--workers", "0"])
+    assert summary["iters"] == 6 and load_checkpoint(str(out / "last.pt"))["iter"] == 6
+    assert "iters: checkpoint 2 vs now None" in capsys.readouterr().out

@@ -113,6 +113,35 @@ def test_resume_takes_the_flags_left_out_from_the_run(data, tmp_path, capsys):
     assert "--data is required" in err and not (tmp_path / "new").exists()
 
 
+def test_a_run_resumes_from_another_working_directory(data, tmp_path, monkeypatch):
+    """--data is saved as an absolute path: a run started with a relative one continues from
+    anywhere with only --out and --resume, and stating the folder either way is no change (also
+    for a run saved before paths were absolute, resumed from its own directory)."""
+    monkeypatch.chdir(data.parent)
+    out = tmp_path / "run"
+    train_seg.main(tiny_args(data.name, out, 2))
+    assert load_checkpoint(str(out / "last.pt"))["config"]["data"] == str(data)
+    monkeypatch.chdir(tmp_path)
+    own = ["--out", str(out), "--resume", "--device", "cpu", "--workers", "0"]
+    assert train_seg.main(own + ["--iters", "3", "--allow-changes"])["iters"] == 3
+    ckpt = load_checkpoint(str(out / "last.pt"))
+    ckpt["config"]["data"] = data.name                     # as an older version saved it
+    torch.save(ckpt, out / "last.pt")
+    monkeypatch.chdir(data.parent)
+    assert train_seg.main(own + ["--iters", "3", "--data", str(data)])["iters"] == 3
+
+
+def test_resume_applies_this_commands_kernels_to_the_runs_impl(data, tmp_path, monkeypatch):
+    """--kernels is this command's: resuming a --impl fast run without stating --impl (taken
+    from the run) still selects the kernels' backend by this command's --kernels (auto)."""
+    out = tmp_path / "run"
+    train_seg.main(tiny_args(data, out, 2, "--impl", "fast"))
+    monkeypatch.setenv("IVT_KERNELS", "torch")
+    train_seg.main(["--out", str(out), "--resume", "--iters", "3", "--allow-changes",
+                    "--device", "cpu", "--workers", "0"])
+    assert os.environ["IVT_KERNELS"] == "auto"
+
+
 def test_resume_without_pretrained_refuses_a_pretrained_file(data, tmp_path, capsys):
     """A run started without pretrained weights holds its random frozen backbone; continuing it
     from a pretrained file would save deltas claiming that file, which evaluate.py would then

@@ -114,6 +114,7 @@ class SODTask(Task):
                     drop_path={"eva02_l": 0.2})     # the release's EVA02CPNet (Swin: 0.1)
     description = DESCRIPTION
     size_help = "square input size of training and evaluation in pixels"
+    path_keys = ("data", "val_list")
     model_keys = ("taps", "val_count", "val_list")   # a resumed run keeps its validation split
 
     def add_arguments(self, p) -> None:
