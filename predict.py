@@ -382,7 +382,8 @@ def check_record(out: Path, record: dict, overwrite: bool,
     holding outputs of another checkpoint (a moved file is the same one) or settings, outputs
     with no record, or an --overwrite run's unfinished replacement is refused, except with
     --overwrite when this run is to rewrite every output there (`will_write`); the record then
-    says "complete": false until all of them are rewritten."""
+    says "complete": false until all of them are rewritten (and lists those that were not when
+    the run ends). A folder without outputs is new, whatever its record says."""
     path = out / RECORD
     old = None
     if path.is_file():
@@ -396,22 +397,30 @@ def check_record(out: Path, record: dict, overwrite: bool,
                              f"(and the outputs it describes), or give another --out")
     existing = ({p for p in out.iterdir() if p.name.endswith(OUTPUT_SUFFIXES) and p.is_file()}
                 if out.is_dir() else set())
-    if old is None and not existing:
-        return {**record, "complete": True}, set()         # a new folder
+    if not existing:                  # a new folder, or one whose runs wrote nothing yet
+        return {**record, "complete": True}, set()
+    left = old.get("not_replaced") if old is not None else None
+    unfinished = old is not None and not old.get("complete", True) and (
+        left is None or any((out / name).is_file() for name in left))
     differ = ([k for k in record if k != "checkpoint" and old.get(k) != record[k]]
               if old is not None else [])
-    if old is not None and not differ and old.get("complete", True):
+    if old is not None and not differ and not unfinished:
         return {**record, "complete": True}, set()         # this checkpoint's, settings alike
     if old is None:
         why = f"{len(existing)} outputs with no record of their checkpoint ({RECORD})"
     elif differ:
-        said = ", ".join(f"{k} {old.get(k)!r} (now {record[k]!r})" for k in differ)
-        why = f"the outputs of {old.get('checkpoint')} with other settings: {said}"
+        said = ", ".join(f"{k} {old.get(k)!r} (now {record[k]!r})" for k in differ
+                         if k != "checkpoint_sha256")
+        why = (f"the outputs of another checkpoint, {old.get('checkpoint')}"
+               if "checkpoint_sha256" in differ else "outputs of other settings")
+        why += f" ({said})" if said else ""
     else:
-        why = "the outputs of an --overwrite run that did not finish"
+        why = ("outputs of an earlier model that an --overwrite run did not replace ("
+               + (", ".join(left[:3]) + (", ..." if len(left) > 3 else "") if left
+                  else "it was interrupted") + ")")
     if not overwrite:
-        raise ValueError(f"--out {out} holds {why}; keeping them would mix two models' outputs: "
-                         f"give another --out, or --overwrite to replace them")
+        raise ValueError(f"--out {out} holds {why}; keeping them would mix them with this "
+                         f"run's outputs: give another --out, or --overwrite to replace them")
     stale = sorted(existing - will_write)
     if stale:
         raise ValueError(f"--out {out} holds {why}, and {len(stale)} of them are not this run's "
@@ -521,8 +530,14 @@ def main(argv=None) -> int:
                 written += 1
                 bar.update(1)
     bar.close()
-    if not record["complete"] and not to_replace:         # every output there is this run's
-        save_atomically({**record, "complete": True}, out / RECORD)
+    if not record["complete"]:        # --overwrite of another model's outputs: all replaced?
+        left = sorted(p.name for p in to_replace if p.is_file())
+        extra = {"not_replaced": left} if left else {}
+        save_atomically({**record, "complete": not left, **extra}, out / RECORD)
+        if left:
+            print(f"warning: {len(left)} outputs of the earlier model remain beside this run's, "
+                  f"for the pairs that failed (e.g. {left[0]}); {RECORD} lists them until a run "
+                  f"replaces them", file=sys.stderr)
 
     print(f"{written} pairs written, {kept} already written (kept; --overwrite replaces them), "
           f"{len(failures)} failed -> {out}")

@@ -494,8 +494,10 @@ def flags_from_run(task: Task, args, saved: dict, given: Optional[frozenset], pa
                          f"(task {saved.get('task')}), not of train_{task.name}.py")
     if given is None:
         return
-    # --epochs given: the run's --iters (which would take precedence) is not kept
-    kept_out = given | set(OWN_FLAGS) | ({"iters"} if "epochs" in given else set())
+    # --epochs given: the run's --iters (which would take precedence) is not kept; --impl given:
+    # nor is its --memory (which --impl reference refuses)
+    kept_out = (given | set(OWN_FLAGS) | ({"iters"} if "epochs" in given else set())
+                | ({"memory"} if "impl" in given else set()))
     for key, value in saved.items():
         if key in vars(args) and key not in kept_out:
             setattr(args, key, value)

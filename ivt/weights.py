@@ -161,7 +161,7 @@ def resolve_pretrained(spec: Optional[str], progress: bool = True) -> Optional[s
     if spec is None or spec == "none":
         return None
     if os.path.isfile(spec):
-        return spec
+        return os.path.abspath(spec)     # saved so: a run resumes from any working directory
     if spec in RELEASES:
         release = RELEASES[spec]
         return fetch(release.url, release.sha256, spec, progress)

@@ -457,7 +457,7 @@ def test_out_records_its_checkpoint_and_refuses_another_ones(seg_checkpoint, sod
     shutil.copyfile(seg_checkpoint, moved)
     status, text = run(capsys, "--checkpoint", moved, *inputs)
     assert status == len(BAD) and f"{len(good)} already written" in text
-    err = refused("--checkpoint", sod_checkpoint, *inputs, says="checkpoint_sha256")
+    err = refused("--checkpoint", sod_checkpoint, *inputs, says="another checkpoint")
     assert str(moved) in err and "--overwrite" in err
     refused("--checkpoint", moved, "--amp", *inputs, says="amp False (now True)")
     # --overwrite, but the segmentation outputs would stay beside the saliency maps
@@ -473,6 +473,40 @@ def test_out_records_its_checkpoint_and_refuses_another_ones(seg_checkpoint, sod
     assert run(capsys, "--checkpoint", moved, "--amp", "--overwrite", *inputs)[0] == len(BAD)
     assert recorded()["complete"] is True
     (out / "predict_run.json").write_text(json.dumps({**recorded(), "complete": False}))
-    refused("--checkpoint", moved, "--amp", *inputs, says="did not finish")
+    refused("--checkpoint", moved, "--amp", *inputs, says="(it was interrupted)")
     (out / "predict_run.json").write_text("[]")
     refused("--checkpoint", moved, "--amp", *inputs, says="not a record of predict.py")
+
+
+def test_overwrite_names_the_outputs_a_failed_pair_left(seg_checkpoint, sod_checkpoint, pairs,
+                                                        tmp_path, capsys):
+    """--overwrite with another setting where one pair cannot be read: that pair's earlier
+    outputs stay, the run says so and the record lists them; a later run is refused naming them
+    until they are gone. A folder whose run wrote nothing is not bound to its checkpoint."""
+    root, good = pairs
+    mix = tmp_path / "mix"
+    for sub in ("vis", "ir"):
+        (mix / sub).mkdir(parents=True)
+        for name, source in (("a", "grey8"), ("b", "deep16")):
+            shutil.copyfile(root / sub / f"{source}.png", mix / sub / f"{name}.png")
+    out = tmp_path / "out"
+    inputs = ["--vis", mix / "vis", "--ir", mix / "ir", "--out", out, "--device", "cpu"]
+    assert run(capsys, "--checkpoint", seg_checkpoint, *inputs)[0] == 0
+    (mix / "ir" / "b.png").write_bytes(b"not a png")
+    status, text = run(capsys, "--checkpoint", seg_checkpoint, "--amp", "--overwrite", *inputs)
+    assert status == 1 and "2 outputs of the earlier model remain" in text
+    record = json.loads((out / "predict_run.json").read_text())
+    assert record["complete"] is False
+    assert record["not_replaced"] == ["b_classes.png", "b_overlay.png"]
+    with pytest.raises(SystemExit) as e:
+        run(capsys, "--checkpoint", seg_checkpoint, "--amp", *inputs)
+    assert e.value.code == 2 and "b_classes.png" in capsys.readouterr().err
+    for name in record["not_replaced"]:
+        (out / name).unlink()
+    assert run(capsys, "--checkpoint", seg_checkpoint, "--amp", *inputs)[0] == 1   # b fails
+    # every pair fails: nothing written, so the folder takes another checkpoint's outputs
+    empty = tmp_path / "empty"
+    assert run(capsys, "--checkpoint", seg_checkpoint, "--vis", mix / "vis" / "b.png", "--ir",
+               mix / "ir" / "b.png", "--out", empty, "--device", "cpu")[0] == 1
+    assert run(capsys, "--checkpoint", sod_checkpoint, "--vis", mix / "vis" / "a.png", "--ir",
+               mix / "ir" / "a.png", "--out", empty, "--device", "cpu")[0] == 0

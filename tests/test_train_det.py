@@ -125,7 +125,7 @@ def test_ignored_boxes_are_not_training_targets():
     assert task_loss(marked) != pytest.approx(model_loss(trained_all), rel=1e-3)
 
 
-def test_train_resume_and_evaluate(m3fd, tmp_path):
+def test_train_resume_and_evaluate(m3fd, tmp_path, capsys):
     full = train_det.main(tiny_args(m3fd, tmp_path / "full"))
     reference = {r["iter"]: r["loss"] for r in read_log(tmp_path / "full" / "log.jsonl")
                  if r["event"] == "train"}
@@ -156,6 +156,15 @@ def test_train_resume_and_evaluate(m3fd, tmp_path):
     for key in ("mAP", "mAP50", "mAP75", "mAP_s", "mAP_m", "mAP_l"):
         assert key in saved and saved[key] == pytest.approx(result[key], nan_ok=True)
     assert len(list(vis.glob("*.png"))) == 1
+    # The run's split folder (saved absolute) absent where evaluate runs: named, with the flag.
+    ckpt = load_checkpoint(full["last"])
+    ckpt["config"]["split_dir"] = str(tmp_path / "elsewhere")
+    torch.save(ckpt, tmp_path / "moved.pt")
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--task", "det", "--checkpoint", str(tmp_path / "moved.pt"), "--data",
+                       str(data), "--split", "test", "--device", "cpu", "--workers", "0"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and str(tmp_path / "elsewhere") in err and "--split-dir" in err
 
 
 def test_torchrun_resume_gives_each_rank_its_own_random_state(m3fd, tmp_path):

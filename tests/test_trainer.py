@@ -131,6 +131,26 @@ def test_a_run_resumes_from_another_working_directory(data, tmp_path, monkeypatc
     assert train_seg.main(own + ["--iters", "3", "--data", str(data)])["iters"] == 3
 
 
+def test_a_relative_pretrained_file_is_saved_absolute(data, tmp_path, monkeypatch):
+    """--pretrained FILE given relative is found from anywhere on resume (and by evaluate.py)."""
+    monkeypatch.chdir(tmp_path)
+    write_pretrained(tmp_path / "pre.pt", 1)
+    out = tmp_path / "run"
+    train_seg.main(tiny_args(data, out, 2, "--pretrained", "pre.pt"))
+    assert load_checkpoint(str(out / "last.pt"))["config"]["pretrained"] == str(tmp_path / "pre.pt")
+    monkeypatch.chdir(data)
+    assert train_seg.main(["--out", str(out), "--resume", "--iters", "3", "--allow-changes",
+                           "--device", "cpu", "--workers", "0"])["iters"] == 3
+
+
+def test_resume_with_impl_reference_drops_the_runs_memory_mode(data, tmp_path):
+    out = tmp_path / "run"
+    train_seg.main(tiny_args(data, out, 2, "--impl", "fast", "--memory", "recompute"))
+    assert train_seg.main(["--out", str(out), "--resume", "--impl", "reference", "--iters", "3",
+                           "--allow-changes", "--device", "cpu", "--workers", "0"])["iters"] == 3
+    assert load_checkpoint(str(out / "last.pt"))["config"]["memory"] == "keep"
+
+
 def test_resume_applies_this_commands_kernels_to_the_runs_impl(data, tmp_path, monkeypatch):
     """--kernels is this command's: resuming a --impl fast run without stating --impl (taken
     from the run) still selects the kernels' backend by this command's --kernels (auto)."""

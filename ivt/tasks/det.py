@@ -18,6 +18,7 @@ iterations on the CPU demo, in less time), 300 queries (DINO: 900), four levels 
 training targets, as mmdet's PackDetInputs leaves out its gt_ignore_flags instances; the metric
 treats them as ignore regions.
 """
+import os
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -227,8 +228,11 @@ def evaluate_checkpoint(args, model: nn.Module, ckpt: dict, dist: DistInfo, norm
     cfg = ckpt["config"]
     if len(args.data) != 1:
         raise ValueError("detection evaluates one --data folder at a time")
-    dataset = M3FDDataset(args.data[0], split=args.split,
-                          split_dir=args.split_dir or cfg["split_dir"], train=False,
+    split_dir = args.split_dir or cfg["split_dir"]
+    if not args.split_dir and split_dir and not os.path.isdir(split_dir):
+        raise FileNotFoundError(f"the run's split folder {split_dir} (its --split-dir, saved in "
+                                f"{args.checkpoint}) is not on this machine: pass --split-dir")
+    dataset = M3FDDataset(args.data[0], split=args.split, split_dir=split_dir, train=False,
                           size=cfg["size"], norm=norm, bad_boxes=cfg["bad_boxes"])
     if args.verify_images:
         dataset.verify()
