@@ -28,7 +28,7 @@ from ivt import engine
 from ivt.models import CheckpointError
 from ivt.precision import store_frozen_weights
 from ivt.tasks import TASK_NAMES, config_normalization, load_trained, task_module
-from ivt.trainer import short_error
+from ivt.trainer import given_flags, short_error
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -88,10 +88,17 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The flags only some tasks read: given for a checkpoint of another task, they are ignored (said).
+TASK_FLAGS = {"split": ("seg", "det"), "dataset": ("seg",), "split_dir": ("det",),
+              "max_dets": ("det",)}
+
+
 def main(argv=None) -> dict:
     """Parse `argv` (default: sys.argv), evaluate, return the metrics dict. Bad data, a missing
     file or a checkpoint that does not fit exits with status 2 and an `error:` line."""
-    args = get_parser().parse_args(argv)
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    given = given_flags(parser, argv)
     kernels.set_backend(args.kernels)
     try:
         if args.json:
@@ -101,6 +108,10 @@ def main(argv=None) -> dict:
         task, model, ckpt = load_trained(args.checkpoint, args.pretrained)
         if args.task is not None and args.task != task:
             raise ValueError(f"{args.checkpoint} was trained for --task {task}, not {args.task}")
+        for dest, tasks in TASK_FLAGS.items():
+            if dest in given and task not in tasks:
+                print(f"warning: --{dest.replace('_', '-')} applies to {' and '.join(tasks)} "
+                      f"checkpoints; ignored for this {task} one", file=sys.stderr)
         dist = engine.setup_distributed(args.device)
         if args.amp is None:
             args.amp = bool(ckpt["config"].get("amp"))

@@ -493,42 +493,48 @@ def main(argv=None) -> int:
 
     written = kept = 0
     bar = tqdm(total=len(pairs), desc=f"predict ({task})", unit="pair", dynamic_ncols=True)
-    for chunk in chunks(pairs, args.batch):
-        jobs: List[Job] = []
-        for pair in chunk:
-            files = predictor.outputs(out, pair.name)
-            if not args.overwrite:
-                files = {s: p for s, p in files.items() if not p.exists()}
-            if not files:
-                kept += 1
+    try:
+        for chunk in chunks(pairs, args.batch):
+            jobs: List[Job] = []
+            for pair in chunk:
+                files = predictor.outputs(out, pair.name)
+                if not args.overwrite:
+                    files = {s: p for s, p in files.items() if not p.exists()}
+                if not files:
+                    kept += 1
+                    bar.update(1)
+                    continue
+                try:
+                    vis, ir = read_pair(pair)
+                except FileNotFoundError as e:
+                    failures.append(f"{e.filename}: no such file")
+                except (BadImageError, PairError) as e:
+                    failures.append(str(e))
+                else:
+                    jobs.append(Job(pair, vis, ir, *predictor.prepare(vis, ir), files))
+                    continue
+                tqdm.write(f"skipped: {failures[-1]}", file=sys.stderr)
                 bar.update(1)
-                continue
-            try:
-                vis, ir = read_pair(pair)
-            except FileNotFoundError as e:
-                failures.append(f"{e.filename}: no such file")
-            except (BadImageError, PairError) as e:
-                failures.append(str(e))
-            else:
-                jobs.append(Job(pair, vis, ir, *predictor.prepare(vis, ir), files))
-                continue
-            tqdm.write(f"skipped: {failures[-1]}", file=sys.stderr)
-            bar.update(1)
-        groups: Dict[tuple, List[Job]] = {}          # one forward pass per input shape
-        for job in jobs:
-            groups.setdefault(tuple(job.vis_input.shape), []).append(job)
-        for group in groups.values():
-            vis_b = torch.stack([j.vis_input for j in group]).to(device)    # (B, 3, h, w)
-            ir_b = torch.stack([j.ir_input for j in group]).to(device)
-            with torch.no_grad(), autocast():
-                results = predictor.run(vis_b, ir_b, [j.ir.shape for j in group])
-            for job, result in zip(group, results):
-                rendered = predictor.render(job.vis, job.ir, result, job.pair)
-                for suffix, path in job.files.items():
-                    save_atomically(rendered[suffix], path)
-                    to_replace.discard(path)
-                written += 1
-                bar.update(1)
+            groups: Dict[tuple, List[Job]] = {}          # one forward pass per input shape
+            for job in jobs:
+                groups.setdefault(tuple(job.vis_input.shape), []).append(job)
+            for group in groups.values():
+                vis_b = torch.stack([j.vis_input for j in group]).to(device)    # (B, 3, h, w)
+                ir_b = torch.stack([j.ir_input for j in group]).to(device)
+                with torch.no_grad(), autocast():
+                    results = predictor.run(vis_b, ir_b, [j.ir.shape for j in group])
+                for job, result in zip(group, results):
+                    rendered = predictor.render(job.vis, job.ir, result, job.pair)
+                    for suffix, path in job.files.items():
+                        save_atomically(rendered[suffix], path)
+                        to_replace.discard(path)
+                    written += 1
+                    bar.update(1)
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"\ninterrupted: {written} pairs written (each file whole); the same command "
+              f"writes the rest", file=sys.stderr)
+        raise SystemExit(130) from None
     bar.close()
     if not record["complete"]:        # --overwrite of another model's outputs: all replaced?
         left = sorted(p.name for p in to_replace if p.is_file())

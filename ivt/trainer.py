@@ -94,6 +94,8 @@ class Task:
                 changeable on resume)
     path_keys   the task's flags that name files or folders: saved as absolute paths, so that a
                 run resumes from any working directory
+    validation_keys  the settings that choose the validation images: one changed on resume
+                (--allow-changes) restarts the choice of best.pt
     """
     name: str
     metric: str
@@ -105,6 +107,7 @@ class Task:
     eager_only: Optional[str] = None
     model_keys: Tuple[str, ...] = ()
     path_keys: Tuple[str, ...] = ("data",)
+    validation_keys: Tuple[str, ...] = ("data",)
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """Task flags (data layout, splits, head)."""
@@ -468,10 +471,13 @@ def check_args(task: Task, args) -> None:
                          f"or choose another --out")
     if args.resume not in (None, "last") and last.exists() and not last.samefile(args.resume):
         if out_given:
-            raise ValueError(f"--out {args.out} holds another run ({last}); continuing "
+            own_last = Path(os.path.dirname(args.resume) or ".") / "last.pt"
+            own_folder = (", or leave --out out to continue it in its folder"
+                          if not own_last.exists() or own_last.samefile(args.resume) else "")
+            raise ValueError(f"--out {args.out} holds a run ({last}); continuing "
                              f"{args.resume} there would mix the two runs' logs and "
-                             f"checkpoints: choose another --out, or leave --out out to "
-                             f"continue in the folder of {args.resume}")
+                             f"checkpoints: --out {args.out} --resume continues the run there; "
+                             f"choose another --out to continue {args.resume}{own_folder}")
         raise ValueError(f"continuing {args.resume} in its own folder would overwrite that "
                          f"folder's {last.name} and mix the logs: give a new --out to continue "
                          f"{args.resume} there, or --resume {last} to continue the latest")
@@ -598,7 +604,7 @@ def resume_checkpoint(task: Task, args, config: dict, log: Callable[[str], None]
                          + "; ".join(fixed or changes))
     for c in changes:
         log(f"resuming with a changed setting, {c}")
-    ckpt["path"] = path
+    ckpt["path"], ckpt["changed"] = path, differ
     return ckpt, changes
 
 
@@ -769,13 +775,22 @@ class RunCheckpoints:
     """A run's last.pt (written at every save) and best.pt (at a new best validation score)."""
 
     def __init__(self, task: Task, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 config: dict, args, dist: engine.DistInfo, ckpt: Optional[dict]):
+                 config: dict, args, dist: engine.DistInfo, ckpt: Optional[dict],
+                 say: Callable = print):
         self.task, self.model, self.optimizer, self.config = task, model, optimizer, config
         self.pretrained = args.pretrained
         self.pretrained_sha256 = sha256_file(args.pretrained) if args.pretrained else None
         self.is_main = dist.is_main
         self.last, self.best_path = Path(args.out) / "last.pt", Path(args.out) / "best.pt"
-        self.best = ckpt["best"] if ckpt is not None else -math.inf
+        # The resumed run's best score stands only for its own validation images and its own
+        # best.pt: other images (--allow-changes), or a folder without that best.pt (continuing
+        # into a new --out), choose best.pt anew.
+        changed = sorted(set(ckpt.get("changed", ())) & set(task.validation_keys)) if ckpt else []
+        if changed:
+            say(f"the validation images changed ({', '.join(changed)}): best.pt is chosen anew "
+                f"from this run's evaluations")
+        keep = ckpt is not None and not changed and self.best_path.exists()
+        self.best = ckpt["best"] if keep else -math.inf
         self.metrics = ckpt["metrics"] if ckpt is not None else None
         self.saved_iter = ckpt["iter"] if ckpt is not None else None
 
@@ -827,7 +842,10 @@ def train(task: Task, args, dist: engine.DistInfo, given: Optional[frozenset] = 
     say(f"{len(train_set)} training images, {len(val_set)} validation; {iters} iterations "
         f"({stream.per_epoch} per epoch); {dist.world_size} process(es) on {dist.device}"
         + (f"; resuming at iteration {start_iter}" if ckpt else ""))
-    checkpoints = RunCheckpoints(task, model, optimizer, config, args, dist, ckpt)
+    checkpoints = RunCheckpoints(task, model, optimizer, config, args, dist, ckpt, say)
+    if ckpt is not None and start_iter >= iters:
+        say(f"the run is complete (iteration {start_iter} of {iters}): nothing to train; "
+            f"--iters (or --epochs) with --allow-changes extends it")
 
     def evaluate(it: int) -> dict:
         r = task.evaluate(net, val_set, dist, autocast, args.workers)
@@ -850,7 +868,9 @@ def train(task: Task, args, dist: engine.DistInfo, given: Optional[frozenset] = 
                 stop=stop) or result
     except engine.RunInterrupted as e:
         logger.log("interrupted", iter=e.iteration, signal=signal.Signals(e.signum).name)
-        say(f"{e}; {checkpoints.last} is written: the same command with --resume continues")
+        say(f"{e}; {checkpoints.last} is written: the run is complete" if e.iteration >= iters
+            else f"{e}; {checkpoints.last} is written: python train_{task.name}.py --out "
+                 f"{out} --resume continues it")
         raise
     except (engine.TrainingDiverged, BadImageError) as e:
         logger.log("diverged" if isinstance(e, engine.TrainingDiverged) else "bad_image",
@@ -889,3 +909,8 @@ def main(task: Task, argv=None) -> dict:
         raise SystemExit(1) from None
     except engine.RunInterrupted as e:
         raise SystemExit(128 + e.signum) from None
+    except KeyboardInterrupt:               # a second Ctrl-C: stopped at once, mid-iteration
+        print(f"error: stopped at once by a second Ctrl-C; the last checkpoint written is kept "
+              f"(python train_{task.name}.py --out {args.out or out_folder(task, args)} "
+              f"--resume continues from it)", file=sys.stderr)
+        raise SystemExit(130) from None

@@ -510,3 +510,27 @@ def test_overwrite_names_the_outputs_a_failed_pair_left(seg_checkpoint, sod_chec
                mix / "ir" / "b.png", "--out", empty, "--device", "cpu")[0] == 1
     assert run(capsys, "--checkpoint", sod_checkpoint, "--vis", mix / "vis" / "a.png", "--ir",
                mix / "ir" / "a.png", "--out", empty, "--device", "cpu")[0] == 0
+
+
+def test_ctrl_c_stops_with_a_message_and_the_same_command_writes_the_rest(
+        seg_checkpoint, pairs, tmp_path, monkeypatch, capsys):
+    root, good = pairs
+    real_run, calls = predict.SegPredictor.run, []
+
+    def interrupted_second(self, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_run(self, *args)
+
+    monkeypatch.setattr(predict.SegPredictor, "run", interrupted_second)
+    argv = ["--checkpoint", seg_checkpoint, "--vis", root / "vis", "--ir", root / "ir",
+            "--out", tmp_path / "out", "--device", "cpu"]
+    with pytest.raises(SystemExit) as e:
+        run(capsys, *argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and "Traceback" not in err
+    assert "interrupted: 1 pairs written" in err and "the same command writes the rest" in err
+    status, text = run(capsys, *argv)
+    assert status == len(BAD) and "1 already written" in text
+    assert f"{len(good) - 1} pairs written" in text

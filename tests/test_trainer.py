@@ -151,6 +151,49 @@ def test_resume_with_impl_reference_drops_the_runs_memory_mode(data, tmp_path):
     assert load_checkpoint(str(out / "last.pt"))["config"]["memory"] == "keep"
 
 
+def test_best_checkpoint_restarts_for_other_validation_images_or_a_new_folder(
+        data, tmp_path, monkeypatch, capsys):
+    """The saved best score stands for its validation images and its folder's best.pt only:
+    continuing into a new --out writes a best.pt there at the first evaluation, and a changed
+    --val-split (--allow-changes) chooses best.pt anew (a lower score on the new images still
+    becomes best)."""
+    scores = iter([0.5, 0.3, 0.2, 0.1])
+    monkeypatch.setattr(SegTask, "evaluate", lambda self, *a: {"mIoU": next(scores)})
+    monkeypatch.setattr(SegTask, "format_eval", lambda self, r: str(r))
+    out, moved = tmp_path / "run", tmp_path / "moved"
+    train_seg.main(tiny_args(data, out, 2))                                     # 0.5 at 2
+    own = ["--resume", "--allow-changes", "--device", "cpu", "--workers", "0"]
+    train_seg.main(["--out", str(out), "--iters", "4", *own])                 # 0.3 at 4
+    assert load_checkpoint(str(out / "best.pt"))["iter"] == 2
+    train_seg.main(["--out", str(moved), "--resume", str(out / "last.pt"), "--iters", "6",
+                    *own[1:]])                                                 # 0.2 at 6
+    assert load_checkpoint(str(moved / "best.pt"))["iter"] == 6
+    train_seg.main(["--out", str(moved), "--iters", "8", "--val-split", "test", *own])
+    assert "the validation images changed (val_split)" in capsys.readouterr().out
+    assert (load_checkpoint(str(moved / "best.pt"))["iter"],
+            load_checkpoint(str(moved / "best.pt"))["best"]) == (8, 0.1)
+
+
+def test_a_finished_run_says_so_and_a_second_ctrl_c_is_no_traceback(data, tmp_path,
+                                                                      monkeypatch, capsys):
+    out = tmp_path / "run"
+    train_seg.main(tiny_args(data, out, 2))
+    capsys.readouterr()
+    train_seg.main(["--out", str(out), "--resume", "--device", "cpu", "--workers", "0"])
+    assert "the run is complete (iteration 2 of 2): nothing to train" in capsys.readouterr().out
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer.engine, "train_loop", interrupted)
+    with pytest.raises(SystemExit) as e:
+        train_seg.main(["--out", str(out), "--resume", "--iters", "4", "--allow-changes",
+                        "--device", "cpu", "--workers", "0"])
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and "Traceback" not in err
+    assert "second Ctrl-C" in err and f"--out {out} --resume continues from it" in err
+
+
 def test_resume_applies_this_commands_kernels_to_the_runs_impl(data, tmp_path, monkeypatch):
     """--kernels is this command's: resuming a --impl fast run without stating --impl (taken
     from the run) still selects the kernels' backend by this command's --kernels (auto)."""
@@ -197,7 +240,9 @@ def test_new_run_refuses_a_folder_holding_a_run(data, tmp_path, capsys):
     shutil.copyfile(other / "last.pt", tmp_path / "iter2.pt")
     err = fails_with(tiny_args(data, out, 4, "--resume", str(other / "last.pt"),
                                "--allow-changes"), capsys)
-    assert "holds another run" in err and str(other / "last.pt") in err
+    assert "holds a run" in err and str(other / "last.pt") in err
+    assert f"--out {out} --resume continues the run there" in err
+    assert "leave --out out to continue it in its folder" in err   # other/last.pt is that file
     assert (out / "log.jsonl").read_text() == log
     # Without --out, --resume FILE continues in FILE's folder.
     args = tiny_args(data, out, 4, "--resume", str(other / "last.pt"), "--allow-changes")
@@ -211,6 +256,10 @@ def test_new_run_refuses_a_folder_holding_a_run(data, tmp_path, capsys):
     del args[args.index("--out"):args.index("--out") + 2]
     err = fails_with(args, capsys)
     assert "give a new --out" in err and "leave --out out" not in err
+    # ... and with an --out holding a run, leaving --out out is not offered either.
+    err = fails_with(tiny_args(data, out, 8, "--resume", str(other / "best.pt"),
+                               "--allow-changes"), capsys)
+    assert "choose another --out" in err and "leave --out out" not in err
 
 
 def test_errors_while_the_model_is_built_leave_no_folder(data, tmp_path, capsys):

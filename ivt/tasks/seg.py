@@ -109,6 +109,7 @@ class SegTask(Task):
                  "the images' native size")
     size_aliases = ("--crop",)
     model_keys = ("head_dim",)
+    validation_keys = ("data", "val_split")
     loss_average = "all"                # `seg_loss`'s average, the run's --loss-average
 
     def add_arguments(self, p) -> None:
