@@ -192,6 +192,16 @@ def make_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, iteratio
             "rng": rng if rng is not None else [rng_state()], **extra}
 
 
+def saved_score(path: str) -> Optional[float]:
+    """The validation score a checkpoint was saved with (its `best`: for best.pt, its own), read
+    without loading its tensors (memory-mapped); None for a missing or unreadable file."""
+    try:
+        score = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("best")
+    except Exception:                       # missing, truncated, not a checkpoint
+        return None
+    return float(score) if isinstance(score, (int, float)) else None
+
+
 def load_checkpoint(path: str) -> dict:
     """Read a checkpoint written by `make_checkpoint` + `atomic_save` (no code is unpickled)."""
     if not os.path.isfile(path):

@@ -14,6 +14,7 @@ import argparse
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -29,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import engine
 from .checkpoint import (atomic_link, atomic_save, check_pretrained, every_rank_rng_state,
                          load_checkpoint, load_model_state, make_checkpoint, model_state,
-                         set_rng_state, sha256_file)
+                         saved_score, set_rng_state, sha256_file)
 from .data.io import BadImageError
 from .models import (BACKBONES, TUNINGS, VARIANTS, VIT_BACKBONES, CheckpointError, PETLConfig,
                      make_ivt_config, make_petl_config, normalization_for)
@@ -476,11 +477,18 @@ def check_args(task: Task, args) -> None:
                           if not own_last.exists() or own_last.samefile(args.resume) else "")
             raise ValueError(f"--out {args.out} holds a run ({last}); continuing "
                              f"{args.resume} there would mix the two runs' logs and "
-                             f"checkpoints: --out {args.out} --resume continues the run there; "
-                             f"choose another --out to continue {args.resume}{own_folder}")
+                             f"checkpoints: {resume_command(task, args.out, 1)} continues the "
+                             f"run there; choose another --out to continue "
+                             f"{args.resume}{own_folder}")
         raise ValueError(f"continuing {args.resume} in its own folder would overwrite that "
                          f"folder's {last.name} and mix the logs: give a new --out to continue "
                          f"{args.resume} there, or --resume {last} to continue the latest")
+
+
+def resume_command(task: Task, out, world_size: int) -> str:
+    """The command that continues the run in `out` (on `world_size` processes)."""
+    launcher = f"torchrun --nproc_per_node={world_size} " if world_size > 1 else "python "
+    return f"{launcher}train_{task.name}.py --out {shlex.quote(str(out))} --resume"
 
 
 def out_folder(task: Task, args) -> str:
@@ -782,15 +790,16 @@ class RunCheckpoints:
         self.pretrained_sha256 = sha256_file(args.pretrained) if args.pretrained else None
         self.is_main = dist.is_main
         self.last, self.best_path = Path(args.out) / "last.pt", Path(args.out) / "best.pt"
-        # The resumed run's best score stands only for its own validation images and its own
-        # best.pt: other images (--allow-changes), or a folder without that best.pt (continuing
-        # into a new --out), choose best.pt anew.
+        # A resumed run's next best.pt must beat the score best.pt holds (read from that file:
+        # a run stopped between writing last.pt and best.pt left them apart), unless the
+        # validation changed (--allow-changes), which chooses best.pt anew, as does a folder
+        # without best.pt (a checkpoint continued into a new --out).
         changed = sorted(set(ckpt.get("changed", ())) & set(task.validation_keys)) if ckpt else []
         if changed:
-            say(f"the validation images changed ({', '.join(changed)}): best.pt is chosen anew "
-                f"from this run's evaluations")
-        keep = ckpt is not None and not changed and self.best_path.exists()
-        self.best = ckpt["best"] if keep else -math.inf
+            say(f"the validation changed ({', '.join(changed)}): best.pt is chosen anew from "
+                f"this run's evaluations")
+        held = saved_score(str(self.best_path)) if ckpt is not None and not changed else None
+        self.best = held if held is not None else -math.inf
         self.metrics = ckpt["metrics"] if ckpt is not None else None
         self.saved_iter = ckpt["iter"] if ckpt is not None else None
 
@@ -844,8 +853,9 @@ def train(task: Task, args, dist: engine.DistInfo, given: Optional[frozenset] = 
         + (f"; resuming at iteration {start_iter}" if ckpt else ""))
     checkpoints = RunCheckpoints(task, model, optimizer, config, args, dist, ckpt, say)
     if ckpt is not None and start_iter >= iters:
+        longer = "--iters or --epochs" if task.recipe.schedule == "step" else "--iters"
         say(f"the run is complete (iteration {start_iter} of {iters}): nothing to train; "
-            f"--iters (or --epochs) with --allow-changes extends it")
+            f"{longer} with --allow-changes extends it")
 
     def evaluate(it: int) -> dict:
         r = task.evaluate(net, val_set, dist, autocast, args.workers)
@@ -859,8 +869,9 @@ def train(task: Task, args, dist: engine.DistInfo, given: Optional[frozenset] = 
         rng = ckpt["rng"]                   # a list by rank (a dict: one state for every rank)
         # more processes than saved (--allow-changes): the new ranks take the saved ones' in turn
         set_rng_state(rng[dist.rank % len(rng)] if isinstance(rng, list) else rng)
+    stop = engine.StopRequest(enabled=not dist.distributed)
     try:
-        with engine.StopRequest(enabled=not dist.distributed) as stop:
+        with stop:
             result = engine.train_loop(
                 net, batches, step, dist=dist, start_iter=start_iter, iters=iters, lr_at=lr_at,
                 log_every=args.log_every, eval_every=args.eval_every, evaluate=evaluate,
@@ -869,8 +880,17 @@ def train(task: Task, args, dist: engine.DistInfo, given: Optional[frozenset] = 
     except engine.RunInterrupted as e:
         logger.log("interrupted", iter=e.iteration, signal=signal.Signals(e.signum).name)
         say(f"{e}; {checkpoints.last} is written: the run is complete" if e.iteration >= iters
-            else f"{e}; {checkpoints.last} is written: python train_{task.name}.py --out "
-                 f"{out} --resume continues it")
+            else f"{e}; {checkpoints.last} is written: {resume_command(task, out, 1)} "
+                 f"continues it")
+        raise
+    except KeyboardInterrupt:
+        if stop.signum is None:         # not a second signal (under torchrun: the first)
+            raise
+        logger.log("interrupted", iter=checkpoints.saved_iter, signal="SIGINT", at_once=True)
+        say(f"\nstopped at once by a second {signal.Signals(stop.signum).name}; "
+            f"{checkpoints.kept()}" + (f": {resume_command(task, out, 1)} continues from it"
+                                       if checkpoints.saved_iter is not None else ""))
+        raise engine.RunInterrupted(checkpoints.saved_iter or 0, signal.SIGINT) from None
         raise
     except (engine.TrainingDiverged, BadImageError) as e:
         logger.log("diverged" if isinstance(e, engine.TrainingDiverged) else "bad_image",
@@ -909,8 +929,12 @@ def main(task: Task, argv=None) -> dict:
         raise SystemExit(1) from None
     except engine.RunInterrupted as e:
         raise SystemExit(128 + e.signum) from None
-    except KeyboardInterrupt:               # a second Ctrl-C: stopped at once, mid-iteration
-        print(f"error: stopped at once by a second Ctrl-C; the last checkpoint written is kept "
-              f"(python train_{task.name}.py --out {args.out or out_folder(task, args)} "
-              f"--resume continues from it)", file=sys.stderr)
+    except KeyboardInterrupt:               # Ctrl-C before or after the loop, or under torchrun
+        if int(os.environ.get("RANK", "0")) == 0:
+            out = args.out or out_folder(task, args)
+            saved = (f"{Path(out) / 'last.pt'} is the last checkpoint written: "
+                     f"{resume_command(task, out, int(os.environ.get('WORLD_SIZE', '1')))} "
+                     f"continues from it" if (Path(out) / "last.pt").is_file()
+                     else "no checkpoint was written")
+            print(f"error: interrupted; {saved}", file=sys.stderr)
         raise SystemExit(130) from None

@@ -14,7 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the scripts liv
 import evaluate  # noqa: E402
 import train_seg  # noqa: E402
 from ivt.checkpoint import (atomic_link, atomic_save, check_pretrained, load_checkpoint,
-                            load_model_state, model_state, rng_state, set_rng_state, sha256_file)
+                            load_model_state, model_state, rng_state, saved_score, set_rng_state,
+                            sha256_file)
 from ivt.data.synthetic import write_mfnet
 from ivt.models import CheckpointError, build_backbone
 from ivt.models.segmentor import build_segmentor
@@ -51,6 +52,14 @@ def test_atomic_link_keeps_the_linked_state_after_the_source_is_saved_again(tmp_
     atomic_link(str(last), str(best))                              # replaces an existing best.pt
     assert torch.load(best)["it"] == 2
     assert sorted(os.listdir(tmp_path)) == ["best.pt", "last.pt"]  # no temporary file left
+
+
+def test_saved_score_reads_best_without_the_tensors_and_none_for_a_bad_file(tmp_path):
+    path = tmp_path / "best.pt"
+    atomic_save({"best": 0.25, "model": {"w": torch.ones(4)}}, str(path))
+    assert saved_score(str(path)) == 0.25
+    path.write_bytes(path.read_bytes()[:40])                        # truncated
+    assert saved_score(str(path)) is None and saved_score(str(tmp_path / "no.pt")) is None
 
 
 def test_atomic_link_copies_where_hard_links_fail(tmp_path, monkeypatch):

@@ -296,3 +296,14 @@ def test_resume_with_epochs_given_drops_the_runs_iterations(vt, tmp_path, capsys
                               "--device", "cpu", "--workers", "0"])
     assert summary["iters"] == 6 and load_checkpoint(str(out / "last.pt"))["iter"] == 6
     assert "iters: checkpoint 2 vs now None" in capsys.readouterr().out
+
+
+def test_a_changed_size_chooses_best_pt_anew(vt, tmp_path, capsys):
+    """SOD evaluates at --size: a score at 64 px is not compared with one at 32 px."""
+    out = tmp_path / "run"
+    train_sod.main(tiny_args(vt / "VT5000" / "Train", out, 4))
+    capsys.readouterr()
+    train_sod.main(["--out", str(out), "--resume", "--iters", "8", "--size", "64",
+                    "--allow-changes", "--device", "cpu", "--workers", "0"])
+    assert "the validation changed (size): best.pt is chosen anew" in capsys.readouterr().out
+    assert load_checkpoint(str(out / "best.pt"))["iter"] == 8

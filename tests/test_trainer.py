@@ -169,29 +169,65 @@ def test_best_checkpoint_restarts_for_other_validation_images_or_a_new_folder(
                     *own[1:]])                                                 # 0.2 at 6
     assert load_checkpoint(str(moved / "best.pt"))["iter"] == 6
     train_seg.main(["--out", str(moved), "--iters", "8", "--val-split", "test", *own])
-    assert "the validation images changed (val_split)" in capsys.readouterr().out
+    assert "the validation changed (val_split): best.pt is chosen anew" in capsys.readouterr().out
     assert (load_checkpoint(str(moved / "best.pt"))["iter"],
             load_checkpoint(str(moved / "best.pt"))["best"]) == (8, 0.1)
 
 
-def test_a_finished_run_says_so_and_a_second_ctrl_c_is_no_traceback(data, tmp_path,
-                                                                      monkeypatch, capsys):
-    out = tmp_path / "run"
+def test_a_finished_run_says_so_and_ctrl_c_outside_the_loop_is_no_traceback(
+        data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "my run"                               # a space: the command quotes it
     train_seg.main(tiny_args(data, out, 2))
     capsys.readouterr()
-    train_seg.main(["--out", str(out), "--resume", "--device", "cpu", "--workers", "0"])
-    assert "the run is complete (iteration 2 of 2): nothing to train" in capsys.readouterr().out
+    own = ["--out", str(out), "--resume", "--device", "cpu", "--workers", "0"]
+    train_seg.main(own)
+    text = capsys.readouterr().out
+    assert "the run is complete (iteration 2 of 2): nothing to train" in text
+    assert "--epochs" not in text                           # segmentation has no --epochs
 
-    def interrupted(*args, **kwargs):
+    def first_ctrl_c(*args, **kwargs):                      # a Ctrl-C the loop did not catch
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer.engine, "train_loop", interrupted)
+    def second_ctrl_c(*args, stop, **kwargs):               # the loop caught the first one
+        stop.signum = signal.SIGINT
+        raise KeyboardInterrupt
+
+    command = f"python train_seg.py --out '{out}' --resume"
+    for fake, says in ((first_ctrl_c, f"error: interrupted; {out / 'last.pt'} is the last "
+                                      f"checkpoint written: {command} continues from it"),
+                       (second_ctrl_c, "stopped at once by a second SIGINT; the last good "
+                                       f"checkpoint is {out / 'last.pt'} (iteration 2): "
+                                       f"{command} continues from it")):
+        monkeypatch.setattr(trainer.engine, "train_loop", fake)
+        with pytest.raises(SystemExit) as e:
+            train_seg.main(own + ["--iters", "4", "--allow-changes"])
+        text = capsys.readouterr()
+        assert e.value.code == 130 and "Traceback" not in text.err
+        assert says in text.out + text.err
+    # a new run stopped before its first checkpoint: nothing to resume, and it says so
+    monkeypatch.setattr(trainer.engine, "train_loop", first_ctrl_c)
     with pytest.raises(SystemExit) as e:
-        train_seg.main(["--out", str(out), "--resume", "--iters", "4", "--allow-changes",
-                        "--device", "cpu", "--workers", "0"])
-    err = capsys.readouterr().err
-    assert e.value.code == 130 and "Traceback" not in err
-    assert "second Ctrl-C" in err and f"--out {out} --resume continues from it" in err
+        train_seg.main(tiny_args(data, tmp_path / "new", 2))
+    assert e.value.code == 130
+    assert "error: interrupted; no checkpoint was written" in capsys.readouterr().err
+
+
+def test_resume_keeps_the_score_best_pt_holds(data, tmp_path, monkeypatch):
+    """A run stopped between writing last.pt (best score 0.5) and best.pt (still 0.1): the
+    resumed run must beat what best.pt holds, so 0.3 becomes best.pt."""
+    scores = iter([0.1, 0.3])
+    monkeypatch.setattr(SegTask, "evaluate", lambda self, *a: {"mIoU": next(scores)})
+    monkeypatch.setattr(SegTask, "format_eval", lambda self, r: str(r))
+    out = tmp_path / "run"
+    train_seg.main(tiny_args(data, out, 2))
+    ckpt = load_checkpoint(str(out / "last.pt"))
+    ckpt["best"], ckpt["iter"] = 0.5, 2
+    os.remove(out / "last.pt")                                 # best.pt keeps the linked file
+    torch.save(ckpt, out / "last.pt")
+    train_seg.main(["--out", str(out), "--resume", "--iters", "4", "--allow-changes",
+                    "--device", "cpu", "--workers", "0"])
+    best = load_checkpoint(str(out / "best.pt"))
+    assert (best["iter"], best["best"]) == (4, 0.3)
 
 
 def test_resume_applies_this_commands_kernels_to_the_runs_impl(data, tmp_path, monkeypatch):

@@ -125,7 +125,7 @@ class DetTask(Task):
     eager_only = ("the detection loss matches queries to boxes on the CPU (Hungarian matching) "
                   "and its targets vary in number per image, which a CUDA graph cannot capture")
     path_keys = ("data", "split_dir")
-    validation_keys = ("data", "val_split", "split_dir")
+    validation_keys = ("data", "val_split", "split_dir", "size")     # evaluated at --size
     model_keys = ("hidden_dim", "num_queries", "encoder", "enc_layers", "dec_layers", "ffn_dim")
 
     def add_arguments(self, p) -> None:

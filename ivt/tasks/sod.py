@@ -115,6 +115,7 @@ class SODTask(Task):
     description = DESCRIPTION
     size_help = "square input size of training and evaluation in pixels"
     path_keys = ("data", "val_list")
+    validation_keys = ("data", "size")                 # evaluated at --size
     model_keys = ("taps", "val_count", "val_list")   # a resumed run keeps its validation split
 
     def add_arguments(self, p) -> None:
