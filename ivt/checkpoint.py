@@ -26,6 +26,7 @@ import os
 import random
 import shutil
 import tempfile
+import warnings
 from typing import Dict, Optional
 
 import numpy as np
@@ -194,10 +195,19 @@ def make_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, iteratio
 
 def saved_score(path: str) -> Optional[float]:
     """The validation score a checkpoint was saved with (its `best`: for best.pt, its own), read
-    without loading its tensors (memory-mapped); None for a missing or unreadable file."""
+    without loading its tensors (memory-mapped where the file's format allows); None for a
+    missing file, and, with a warning, for an unreadable one."""
+    if not os.path.isfile(path):
+        return None
     try:
-        score = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("best")
-    except Exception:                       # missing, truncated, not a checkpoint
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:                # e.g. torch's legacy format, which mmap refuses
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        score = saved.get("best")
+    except Exception as e:                  # truncated, not a checkpoint
+        warnings.warn(f"{path}: unreadable ({type(e).__name__}); its score is not counted",
+                      stacklevel=2)
         return None
     return float(score) if isinstance(score, (int, float)) else None
 

@@ -485,10 +485,23 @@ def check_args(task: Task, args) -> None:
                          f"{args.resume} there, or --resume {last} to continue the latest")
 
 
-def resume_command(task: Task, out, world_size: int) -> str:
-    """The command that continues the run in `out` (on `world_size` processes)."""
-    launcher = f"torchrun --nproc_per_node={world_size} " if world_size > 1 else "python "
-    return f"{launcher}train_{task.name}.py --out {shlex.quote(str(out))} --resume"
+def resume_command(task: Task, out, nproc: int = 1, nodes: int = 1) -> str:
+    """The command that continues the run in `out` (on `nproc` processes per node, `nodes`
+    nodes): the script as this process was started (when it is the task's script)."""
+    script = f"train_{task.name}.py"
+    if os.path.basename(sys.argv[0]) == script:
+        script = shlex.quote(sys.argv[0])
+    rest = f"{script} --out {shlex.quote(str(out))} --resume"
+    if nodes > 1:
+        return f"torchrun (with this job's flags) {rest}"
+    return f"torchrun --nproc_per_node={nproc} {rest}" if nproc > 1 else f"python {rest}"
+
+
+def torchrun_shape() -> Tuple[int, int]:
+    """(processes per node, nodes) of this torchrun job, from its environment; (1, 1) alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    return local, max(world // max(local, 1), 1)
 
 
 def out_folder(task: Task, args) -> str:
@@ -799,7 +812,10 @@ class RunCheckpoints:
             say(f"the validation changed ({', '.join(changed)}): best.pt is chosen anew from "
                 f"this run's evaluations")
         held = saved_score(str(self.best_path)) if ckpt is not None and not changed else None
-        self.best = held if held is not None else -math.inf
+        # the lower of the two: last.pt's best is -inf after a validation change not evaluated
+        # yet (best.pt still holds the old validation's score); best.pt's when the run stopped
+        # between writing the two
+        self.best = min(ckpt["best"], held) if held is not None else -math.inf
         self.metrics = ckpt["metrics"] if ckpt is not None else None
         self.saved_iter = ckpt["iter"] if ckpt is not None else None
 
@@ -887,11 +903,10 @@ def train(task: Task, args, dist: engine.DistInfo, given: Optional[frozenset] = 
         if stop.signum is None:         # not a second signal (under torchrun: the first)
             raise
         logger.log("interrupted", iter=checkpoints.saved_iter, signal="SIGINT", at_once=True)
-        say(f"\nstopped at once by a second {signal.Signals(stop.signum).name}; "
+        say(f"\nstopped at once by a Ctrl-C after {signal.Signals(stop.signum).name}; "
             f"{checkpoints.kept()}" + (f": {resume_command(task, out, 1)} continues from it"
                                        if checkpoints.saved_iter is not None else ""))
         raise engine.RunInterrupted(checkpoints.saved_iter or 0, signal.SIGINT) from None
-        raise
     except (engine.TrainingDiverged, BadImageError) as e:
         logger.log("diverged" if isinstance(e, engine.TrainingDiverged) else "bad_image",
                    message=short_error(e))
@@ -933,7 +948,7 @@ def main(task: Task, argv=None) -> dict:
         if int(os.environ.get("RANK", "0")) == 0:
             out = args.out or out_folder(task, args)
             saved = (f"{Path(out) / 'last.pt'} is the last checkpoint written: "
-                     f"{resume_command(task, out, int(os.environ.get('WORLD_SIZE', '1')))} "
+                     f"{resume_command(task, out, *torchrun_shape())} "
                      f"continues from it" if (Path(out) / "last.pt").is_file()
                      else "no checkpoint was written")
             print(f"error: interrupted; {saved}", file=sys.stderr)

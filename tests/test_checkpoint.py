@@ -58,8 +58,13 @@ def test_saved_score_reads_best_without_the_tensors_and_none_for_a_bad_file(tmp_
     path = tmp_path / "best.pt"
     atomic_save({"best": 0.25, "model": {"w": torch.ones(4)}}, str(path))
     assert saved_score(str(path)) == 0.25
+    legacy = tmp_path / "legacy.pt"                                  # mmap refuses this format
+    torch.save({"best": 0.5, "model": {}}, legacy, _use_new_zipfile_serialization=False)
+    assert saved_score(str(legacy)) == 0.5
+    assert saved_score(str(tmp_path / "no.pt")) is None
     path.write_bytes(path.read_bytes()[:40])                        # truncated
-    assert saved_score(str(path)) is None and saved_score(str(tmp_path / "no.pt")) is None
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert saved_score(str(path)) is None
 
 
 def test_atomic_link_copies_where_hard_links_fail(tmp_path, monkeypatch):

@@ -210,7 +210,7 @@ def test_ctrl_c_writes_a_checkpoint_between_iterations_and_resume_continues(data
             os.killpg(child.pid, signal.SIGKILL)
     assert child.returncode == 130, output[-3000:]
     assert "Traceback" not in output, output
-    assert f"python train_seg.py --out {out} --resume continues it" in output, output
+    assert f"python {ROOT / 'train_seg.py'} --out {out} --resume continues it" in output, output
     stopped = [r for r in read_log(out / "log.jsonl") if r["event"] == "interrupted"]
     assert len(stopped) == 1 and stopped[0]["signal"] == "SIGINT"
     at = stopped[0]["iter"]

@@ -195,7 +195,7 @@ def test_a_finished_run_says_so_and_ctrl_c_outside_the_loop_is_no_traceback(
     command = f"python train_seg.py --out '{out}' --resume"
     for fake, says in ((first_ctrl_c, f"error: interrupted; {out / 'last.pt'} is the last "
                                       f"checkpoint written: {command} continues from it"),
-                       (second_ctrl_c, "stopped at once by a second SIGINT; the last good "
+                       (second_ctrl_c, "stopped at once by a Ctrl-C after SIGINT; the last good "
                                        f"checkpoint is {out / 'last.pt'} (iteration 2): "
                                        f"{command} continues from it")):
         monkeypatch.setattr(trainer.engine, "train_loop", fake)
@@ -210,6 +210,44 @@ def test_a_finished_run_says_so_and_ctrl_c_outside_the_loop_is_no_traceback(
         train_seg.main(tiny_args(data, tmp_path / "new", 2))
     assert e.value.code == 130
     assert "error: interrupted; no checkpoint was written" in capsys.readouterr().err
+
+
+def test_resume_commands_name_the_script_and_the_torchrun_shape(monkeypatch):
+    task, out = SegTask(), "runs/my run"
+    monkeypatch.setattr(sys, "argv", ["pytest"])
+    assert trainer.resume_command(task, out) == "python train_seg.py --out 'runs/my run' --resume"
+    monkeypatch.setattr(sys, "argv", ["../ivt/train_seg.py", "--data", "x"])
+    assert trainer.resume_command(task, out).startswith("python ../ivt/train_seg.py --out")
+    for env, shape, launcher in (({}, (1, 1), "python "),
+                                 ({"WORLD_SIZE": "2"}, (2, 1), "torchrun --nproc_per_node=2 "),
+                                 ({"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}, (8, 2),
+                                  "torchrun (with this job's flags) ")):
+        for key in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        assert trainer.torchrun_shape() == shape
+        assert trainer.resume_command(task, out, *shape).startswith(launcher), env
+
+
+def test_a_validation_change_not_yet_evaluated_still_chooses_best_pt_anew(data, tmp_path,
+                                                                           monkeypatch):
+    """--val-split changed, and the run stopped before its first evaluation on the new split
+    (last.pt: best -inf, best.pt: 0.5 on val): the next resume must not hold 0.1 on test
+    against best.pt's val score."""
+    scores = iter([0.5, 0.1])
+    monkeypatch.setattr(SegTask, "evaluate", lambda self, *a: {"mIoU": next(scores)})
+    monkeypatch.setattr(SegTask, "format_eval", lambda self, r: str(r))
+    out = tmp_path / "run"
+    train_seg.main(tiny_args(data, out, 2))
+    ckpt = load_checkpoint(str(out / "last.pt"))
+    ckpt["config"]["val_split"], ckpt["best"] = "test", -math.inf
+    os.remove(out / "last.pt")                                 # best.pt keeps the linked file
+    torch.save(ckpt, out / "last.pt")
+    train_seg.main(["--out", str(out), "--resume", "--iters", "4", "--allow-changes",
+                    "--device", "cpu", "--workers", "0"])
+    best = load_checkpoint(str(out / "best.pt"))
+    assert (best["iter"], best["best"], best["config"]["val_split"]) == (4, 0.1, "test")
 
 
 def test_resume_keeps_the_score_best_pt_holds(data, tmp_path, monkeypatch):
