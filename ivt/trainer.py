@@ -95,8 +95,9 @@ class Task:
                 changeable on resume)
     path_keys   the task's flags that name files or folders: saved as absolute paths, so that a
                 run resumes from any working directory
-    validation_keys  the settings that choose the validation images: one changed on resume
-                (--allow-changes) restarts the choice of best.pt
+    validation_keys  the settings the validation score depends on (its images, and the input
+                size for a task evaluated at --size): one changed on resume (--allow-changes)
+                restarts the choice of best.pt
     """
     name: str
     metric: str
