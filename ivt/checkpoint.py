@@ -35,7 +35,7 @@ import torch.distributed as torch_dist
 import torch.nn as nn
 
 from .models.backbone import CheckpointError, _key_list, load_tensors
-from .weights import usual_file_mode
+from .weights import renamed_into_place
 
 CHECKPOINT_FORMAT = "ivt-checkpoint-1"
 
@@ -55,17 +55,10 @@ def atomic_save(obj, path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, usual_file_mode())           # mkstemp creates 0600; use the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with renamed_into_place(tmp, path), os.fdopen(fd, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_link(src: str, dst: str) -> None:
@@ -75,8 +68,8 @@ def atomic_link(src: str, dst: str) -> None:
     folder = os.path.dirname(os.path.abspath(dst))
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(dst) + ".", suffix=".tmp", dir=folder)
     os.close(fd)
-    try:
-        os.remove(tmp)
+    with renamed_into_place(tmp, dst):
+        os.remove(tmp)                            # the name only: the link takes it
         try:
             os.link(src, tmp)
         except OSError:
@@ -84,12 +77,6 @@ def atomic_link(src: str, dst: str) -> None:
                 shutil.copyfileobj(s, d, 1 << 24)
                 d.flush()
                 os.fsync(d.fileno())              # on disk before the rename, as atomic_save
-            os.chmod(tmp, usual_file_mode())
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 # -- model tensors ---------------------------------------------------------------------------

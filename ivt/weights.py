@@ -227,6 +227,21 @@ def cache_lock(dest: Path, label: str, progress: bool):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+@contextmanager
+def renamed_into_place(tmp, dest):
+    """Write `tmp` in the block; after it, `tmp` gets the usual file mode and `dest`'s name
+    (`os.replace`: a reader sees the old `dest` or the whole new one); on any error, `tmp` is
+    removed and `dest` untouched."""
+    try:
+        yield tmp
+        os.chmod(tmp, usual_file_mode())          # mkstemp creates 0600: use the usual mode
+        os.replace(tmp, dest)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def usual_file_mode() -> int:
     """0o666 less the process's umask: the mode `open()` would give a new file (`mkstemp` gives
     0600). Read from /proc where it shows it, so that the process-wide umask is not changed
@@ -271,8 +286,7 @@ def download(url: str, dest: Path, sha256: Optional[str] = None, label: Optional
     """
     label = label or dest.name
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
-    try:
+    with renamed_into_place(dest.with_name(dest.name + ".part"), dest) as tmp:
         with open(tmp, "wb") as f:
             actual = _stream(url, f, dest, label, progress)
             f.flush()
@@ -280,12 +294,6 @@ def download(url: str, dest: Path, sha256: Optional[str] = None, label: Optional
         if sha256 is not None and not actual.startswith(sha256):
             raise WeightsError(f"{label}: the file downloaded from {url} has SHA-256 {actual}, "
                                f"expected {describe_expected(sha256)}; the file was deleted")
-        os.chmod(tmp, usual_file_mode())
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return actual
 
 

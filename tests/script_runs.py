@@ -29,6 +29,15 @@ def read_log(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
+def fake_validation_scores(monkeypatch, *scores):
+    """Segmentation's validation returns these mIoU values in turn (how best.pt is chosen,
+    without depending on what a tiny model scores)."""
+    from ivt.tasks.seg import SegTask
+    values = iter(scores)
+    monkeypatch.setattr(SegTask, "evaluate", lambda self, *a: {"mIoU": next(values)})
+    monkeypatch.setattr(SegTask, "format_eval", lambda self, r: str(r))
+
+
 def run_killed_after_first_checkpoint(script: str, args, out: Path, timeout: float = 240) -> None:
     """Run `python <script> <args>` (writing to `out`) and SIGKILL it within 0.4 s of its first
     `last.pt`; fails if it exits or writes nothing before that."""

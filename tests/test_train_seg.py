@@ -23,7 +23,8 @@ from ivt import trainer
 from ivt.checkpoint import load_checkpoint
 from ivt.data.synthetic import write_mfnet
 from ivt.tasks.seg import SegTask, seg_loss
-from script_runs import read_log, run_killed_after_first_checkpoint  # noqa: E402
+from script_runs import (fake_validation_scores, read_log,  # noqa: E402
+                         run_killed_after_first_checkpoint)
 
 
 pytestmark = pytest.mark.usefixtures("script_env")
@@ -338,9 +339,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, monkeypat
 def test_best_checkpoint_is_the_best_validation_score(data, tmp_path, monkeypatch):
     """Validation mIoU 0.5, 0.7, 0.6 at iterations 4, 8, 12: best.pt holds iteration 8 (kept
     when last.pt is written again), last.pt iteration 12."""
-    scores = iter([0.5, 0.7, 0.6])
-    monkeypatch.setattr(SegTask, "evaluate", lambda self, *a: {"mIoU": next(scores)})
-    monkeypatch.setattr(SegTask, "format_eval", lambda self, r: str(r))
+    fake_validation_scores(monkeypatch, 0.5, 0.7, 0.6)
     out = tmp_path / "run"
     summary = train_seg.main(tiny_args(data, out, 12, 4))
     best, last = load_checkpoint(str(out / "best.pt")), load_checkpoint(str(out / "last.pt"))

@@ -25,7 +25,7 @@ from ivt.fast.swin import FastSwinBlock  # noqa: E402
 from ivt.models.swin import SwinBlock  # noqa: E402
 from ivt.tasks import load_trained  # noqa: E402
 from ivt.tasks.seg import SegTask  # noqa: E402
-from script_runs import run_torchrun, tiny_seg_args  # noqa: E402
+from script_runs import fake_validation_scores, run_torchrun, tiny_seg_args  # noqa: E402
 from test_checkpoint import write_pretrained  # noqa: E402
 
 
@@ -157,9 +157,7 @@ def test_best_checkpoint_restarts_for_other_validation_images_or_a_new_folder(
     continuing into a new --out writes a best.pt there at the first evaluation, and a changed
     --val-split (--allow-changes) chooses best.pt anew (a lower score on the new images still
     becomes best)."""
-    scores = iter([0.5, 0.3, 0.2, 0.1])
-    monkeypatch.setattr(SegTask, "evaluate", lambda self, *a: {"mIoU": next(scores)})
-    monkeypatch.setattr(SegTask, "format_eval", lambda self, r: str(r))
+    fake_validation_scores(monkeypatch, 0.5, 0.3, 0.2, 0.1)
     out, moved = tmp_path / "run", tmp_path / "moved"
     train_seg.main(tiny_args(data, out, 2))                                     # 0.5 at 2
     own = ["--resume", "--allow-changes", "--device", "cpu", "--workers", "0"]
@@ -230,20 +228,25 @@ def test_resume_commands_name_the_script_and_the_torchrun_shape(monkeypatch):
         assert trainer.resume_command(task, out, *shape).startswith(launcher), env
 
 
+def rewrite_last(out, config=(), **fields):
+    """Change `out`/last.pt's saved fields and configuration, leaving best.pt (linked to it) as
+    it is: a run stopped at a moment no test can reach by timing."""
+    ckpt = load_checkpoint(str(out / "last.pt"))
+    ckpt.update(fields)
+    ckpt["config"].update(config)
+    os.remove(out / "last.pt")                                 # best.pt keeps the linked file
+    torch.save(ckpt, out / "last.pt")
+
+
 def test_a_validation_change_not_yet_evaluated_still_chooses_best_pt_anew(data, tmp_path,
                                                                            monkeypatch):
     """--val-split changed, and the run stopped before its first evaluation on the new split
     (last.pt: best -inf, best.pt: 0.5 on val): the next resume must not hold 0.1 on test
     against best.pt's val score."""
-    scores = iter([0.5, 0.1])
-    monkeypatch.setattr(SegTask, "evaluate", lambda self, *a: {"mIoU": next(scores)})
-    monkeypatch.setattr(SegTask, "format_eval", lambda self, r: str(r))
+    fake_validation_scores(monkeypatch, 0.5, 0.1)
     out = tmp_path / "run"
     train_seg.main(tiny_args(data, out, 2))
-    ckpt = load_checkpoint(str(out / "last.pt"))
-    ckpt["config"]["val_split"], ckpt["best"] = "test", -math.inf
-    os.remove(out / "last.pt")                                 # best.pt keeps the linked file
-    torch.save(ckpt, out / "last.pt")
+    rewrite_last(out, {"val_split": "test"}, best=-math.inf)
     train_seg.main(["--out", str(out), "--resume", "--iters", "4", "--allow-changes",
                     "--device", "cpu", "--workers", "0"])
     best = load_checkpoint(str(out / "best.pt"))
@@ -253,15 +256,10 @@ def test_a_validation_change_not_yet_evaluated_still_chooses_best_pt_anew(data, 
 def test_resume_keeps_the_score_best_pt_holds(data, tmp_path, monkeypatch):
     """A run stopped between writing last.pt (best score 0.5) and best.pt (still 0.1): the
     resumed run must beat what best.pt holds, so 0.3 becomes best.pt."""
-    scores = iter([0.1, 0.3])
-    monkeypatch.setattr(SegTask, "evaluate", lambda self, *a: {"mIoU": next(scores)})
-    monkeypatch.setattr(SegTask, "format_eval", lambda self, r: str(r))
+    fake_validation_scores(monkeypatch, 0.1, 0.3)
     out = tmp_path / "run"
     train_seg.main(tiny_args(data, out, 2))
-    ckpt = load_checkpoint(str(out / "last.pt"))
-    ckpt["best"], ckpt["iter"] = 0.5, 2
-    os.remove(out / "last.pt")                                 # best.pt keeps the linked file
-    torch.save(ckpt, out / "last.pt")
+    rewrite_last(out, best=0.5)
     train_seg.main(["--out", str(out), "--resume", "--iters", "4", "--allow-changes",
                     "--device", "cpu", "--workers", "0"])
     best = load_checkpoint(str(out / "best.pt"))
