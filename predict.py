@@ -42,7 +42,6 @@ reported before any pair is read.
 """
 import argparse
 import json
-import os
 import shlex
 import sys
 from dataclasses import dataclass
@@ -65,6 +64,7 @@ from ivt.precision import store_frozen_weights
 from ivt.tasks import config_normalization, load_trained
 from ivt.visualize import (distinct_colours, draw_boxes, overlay_saliency, overlay_segmentation,
                            palette_for)
+from ivt.weights import renamed_into_place
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MAX_EXIT_STATUS = 100
@@ -354,12 +354,11 @@ OUTPUT_SUFFIXES = tuple(s for predictor in PREDICTORS.values() for s in predicto
 # -- writing -------------------------------------------------------------------------------------
 def save_atomically(obj, path: Path) -> None:
     """A PIL image as PNG or a dict as JSON, written to a temporary name and renamed."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    if isinstance(obj, dict):
-        tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    else:
-        obj.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with renamed_into_place(path.with_name(f".{path.name}.tmp"), path) as tmp:
+        if isinstance(obj, dict):
+            tmp.write_text(json.dumps(obj, indent=1) + "\n")
+        else:
+            obj.save(tmp, format="PNG")
 
 
 RECORD = "predict_run.json"
