@@ -9,9 +9,11 @@ The task (segmentation, salient object detection, detection) comes from the chec
 
     seg  <name>_classes.png    class ids (8-bit grey, one value per class), at the input's size
          <name>_overlay.png    class colours (MFNet palette) over the visible image, legend right
-    sod  <name>_saliency.png   round(255 x probability), 8-bit grey, at the input's size (not
-                               min-max stretched; the SOD toolboxes do that on reading)
-         <name>_overlay.png    saliency as a red tint over the visible image
+    sod  <name>_saliency.png   the saliency probability at the input's size, min-max stretched
+                               per image onto 0..255 (8-bit grey): the map evaluate.py scores
+                               (and --save-vis writes), as the SOD toolboxes read it
+         <name>_overlay.png    the probability (not stretched) as a red tint over the visible
+                               image
     det  <name>_boxes.json     {"boxes": [{"box": [x0, y0, x1, y1], "class", "label", "score"}]},
                                pixel corners in the input image
          <name>_vis_boxes.png, <name>_ir_boxes.png   the boxes drawn on both images
@@ -62,6 +64,7 @@ from ivt.engine import autocast_context, check_output, select_device
 from ivt.models.backbone import IVTBackbone
 from ivt.precision import store_frozen_weights
 from ivt.tasks import config_normalization, load_trained
+from ivt.tasks.sod import saliency_map
 from ivt.visualize import (distinct_colours, draw_boxes, overlay_saliency, overlay_segmentation,
                            palette_for)
 from ivt.weights import renamed_into_place
@@ -300,14 +303,14 @@ class SodPredictor(SquarePredictor):
     default_size = 384
 
     def run(self, vis, ir, sizes):
+        """-> per pair the probability (H, W) float32 in [0, 1] at its input size."""
         prob = self.model.predict(vis, ir).float().cpu()             # (B, 1, size, size)
-        return [(F.interpolate(prob[i:i + 1], size=hw, mode="bilinear", align_corners=False)
-                 [0, 0].clamp(0, 1) * 255).round().numpy().astype(np.uint8)
-                for i, hw in enumerate(sizes)]
+        return [F.interpolate(prob[i:i + 1], size=hw, mode="bilinear", align_corners=False)
+                [0, 0].clamp(0, 1).numpy() for i, hw in enumerate(sizes)]
 
-    def render(self, vis, ir, saliency, pair):
-        return {"_saliency.png": Image.fromarray(saliency),
-                "_overlay.png": overlay_saliency(vis, saliency)}
+    def render(self, vis, ir, prob, pair):
+        return {"_saliency.png": Image.fromarray(saliency_map(prob)),
+                "_overlay.png": overlay_saliency(vis, np.round(prob * 255).astype(np.uint8))}
 
 
 class DetPredictor(SquarePredictor):
@@ -368,6 +371,8 @@ def run_record(args, task: str) -> dict:
     """What shapes the outputs: the checkpoint (by content) and the settings; written to
     --out/predict_run.json."""
     settings = {"amp": args.amp}
+    if task == "sod":
+        settings.update(saliency_png="min-max stretched")
     if task == "det":
         settings.update(score_threshold=args.score_threshold, max_dets=args.max_dets)
     return {"checkpoint": str(Path(args.checkpoint).resolve()),

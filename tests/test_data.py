@@ -299,6 +299,10 @@ def test_msrs_bad_data_names_the_file(tmp_path):
     Image.new("L", (56, 40)).save(root / "train" / "vi" / "00002N.png")
     with pytest.raises(ValueError, match="vi/00002N.png.*RGB"):
         MSRSDataset(root, "train")
+    # a badly named file is reported in the folder that holds it
+    Image.new("L", (56, 40)).save(root / "test" / "Segmentation_labels" / "00004D_vis.png")
+    with pytest.raises(ValueError, match=r"test/Segmentation_labels: name '00004D_vis'"):
+        MSRSDataset(root, "test")
 
     root = write_msrs_lists(tmp_path / "b", NAMES)
     Image.new("L", (50, 40)).save(root / "Infrared" / "00001D.png")

@@ -24,6 +24,7 @@ from ivt.data.synthetic import render_scene, write_m3fd, write_mfnet, write_vt  
 from ivt.data.transforms import thermal_to_tensor, visible_to_tensor  # noqa: E402
 from ivt.models import normalization_for  # noqa: E402
 from ivt.tasks import config_normalization, load_trained  # noqa: E402
+from ivt.visualize import overlay_saliency  # noqa: E402
 from test_high_bit_depth import stretch_reference  # noqa: E402  (the 16-bit rule, float64)
 
 TINY = ["--backbone", "swin_nano", "--d2", "8", "--batch-size", "2", "--eval-every", "1",
@@ -301,7 +302,7 @@ def test_seg_pads_to_the_patch_size():
 
 
 def test_drawing_helpers():
-    from ivt.visualize import colourise, draw_boxes, overlay_saliency
+    from ivt.visualize import colourise, draw_boxes
     label = np.array([[0, 1, 8], [255, 2, 0]])
     np.testing.assert_array_equal(colourise(label), [[(0, 0, 0), (64, 0, 128), (192, 64, 0)],
                                                      [(255, 255, 255), (64, 64, 0), (0, 0, 0)]])
@@ -361,15 +362,19 @@ def test_sod_folder(sod_checkpoint, pairs, tmp_path, capsys):
         assert saliency.shape == ir8.shape and saliency.dtype == np.uint8, name
         prob = model.predict(*model_inputs(vis, ir8, norm, size)).float()
         prob = F.interpolate(prob, size=ir8.shape, mode="bilinear", align_corners=False)[0, 0]
-        expected = np.round(prob.clamp(0, 1).numpy() * 255)
-        assert np.abs(saliency - expected).max() <= 1, name
-        overlay = Image.open(tmp_path / f"{name}_overlay.png")
-        assert overlay.size == (ir8.shape[1], ir8.shape[0])
+        prob = prob.clamp(0, 1).double().numpy()
+        lo, hi = prob.min(), prob.max()      # min-max stretched per image (docs/data.md)
+        assert hi > lo, name
+        assert np.abs(saliency - np.round((prob - lo) / (hi - lo) * 255)).max() <= 1, name
+        overlay = np.asarray(Image.open(tmp_path / f"{name}_overlay.png"), dtype=float)
+        assert overlay.shape == (*ir8.shape, 3)
+        want = np.asarray(overlay_saliency(vis, np.round(prob * 255).astype(np.uint8)), float)
+        assert np.abs(overlay - want).max() <= 1, name      # the probability, not stretched
 
 
 def test_sod_map_is_resized_bilinearly_with_half_pixel_centres():
-    """The SOD map (the module docstring): round(255 x probability) of the square output, resized
-    to each pair's own size bilinearly with align_corners=False, the evaluation's resize
+    """The SOD probability (the module docstring): the square output resized to each pair's
+    own size bilinearly with align_corners=False, the evaluation's resize
     (`ivt.tasks.sod.evaluate_sod`, the SOD release's F.upsample(..., align_corners=False)). A stub
     returns random probabilities (a tiny trained model's are too flat to tell resizes apart);
     the reference is the half-pixel bilinear formula in float64, up and down in size."""
@@ -394,9 +399,9 @@ def test_sod_map_is_resized_bilinearly_with_half_pixel_centres():
         x = prob[i, 0].double().numpy()
         top = x[y0][:, x0] * (1 - wx) + x[y0][:, x1] * wx
         bottom = x[y1][:, x0] * (1 - wx) + x[y1][:, x1] * wx
-        want = np.round((top * (1 - wy)[:, None] + bottom * wy[:, None]) * 255)
-        assert maps[i].shape == (h, w) and maps[i].dtype == np.uint8, i
-        assert np.abs(maps[i] - want).max() <= 1, i                  # float32 rounding
+        want = top * (1 - wy)[:, None] + bottom * wy[:, None]
+        assert maps[i].shape == (h, w), i
+        np.testing.assert_allclose(maps[i], want, rtol=0, atol=1e-6)  # float32 rounding
 
 
 def test_det_folder(det_checkpoint, pairs, tmp_path, capsys):
@@ -476,6 +481,24 @@ def test_out_records_its_checkpoint_and_refuses_another_ones(seg_checkpoint, sod
     refused("--checkpoint", moved, "--amp", *inputs, says="(it was interrupted)")
     (out / "predict_run.json").write_text("[]")
     refused("--checkpoint", moved, "--amp", *inputs, says="not a record of predict.py")
+
+
+def test_sod_folder_of_unstretched_maps_is_refused(sod_checkpoint, pairs, tmp_path, capsys):
+    """Saliency maps written before they were min-max stretched (a record without
+    `saliency_png`) would mix two kinds of map in one folder: refused, naming the setting."""
+    root, _ = pairs
+    out = tmp_path / "out"
+    inputs = ["--checkpoint", sod_checkpoint, "--vis", root / "vis", "--ir", root / "ir",
+              "--out", out, "--device", "cpu"]
+    assert run(capsys, *inputs)[0] == len(BAD)
+    record = json.loads((out / "predict_run.json").read_text())
+    assert record["saliency_png"] == "min-max stretched"
+    del record["saliency_png"]
+    (out / "predict_run.json").write_text(json.dumps(record))
+    with pytest.raises(SystemExit) as e:
+        run(capsys, *inputs)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "saliency_png None (now 'min-max stretched')" in err, err
 
 
 def test_overwrite_names_the_outputs_a_failed_pair_left(seg_checkpoint, sod_checkpoint, pairs,

@@ -29,19 +29,21 @@ MSRS_SPLITS = ("train", "test", "test_day", "test_night")   # shipped, and test'
 
 
 def _folder_names(root: Path, split: str) -> List[Sample]:
-    """Layout (a): names are the stems in `vi/`; every stem must exist in `ir/` and the labels."""
+    """Layout (a): names are the stems of the .png files in `vi/`, `ir/` and the labels (a name
+    missing from one of them is reported when the files are checked)."""
     base = root / split
     vi, ir, lab = base / "vi", base / "ir", base / "Segmentation_labels"
     for folder in (vi, ir, lab):
         if not folder.is_dir():
             raise FileNotFoundError(f"MSRS folder {folder} not found")
     stems = set()
-    for folder in (vi, ir, lab):
-        stems |= {p.stem for p in folder.glob("*.png")}
+    for folder in (vi, ir, lab):             # each folder's names checked there, to name it
+        found = sorted(p.stem for p in folder.glob("*.png"))
+        check_names(found, folder, allow_flip=split.startswith("train"))
+        stems.update(found)
     if not stems:
         raise ValueError(f"MSRS folder {vi} holds no .png images")
     names = sorted(stems)
-    check_names(names, vi, allow_flip=split.startswith("train"))
     return [Sample(n, vi / f"{n}.png", ir / f"{n}.png", lab / f"{n}.png") for n in names]
 
 
