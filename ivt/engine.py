@@ -299,7 +299,16 @@ class JSONLLogger:
 
 # -- the loop ------------------------------------------------------------------------------------
 class TrainingDiverged(RuntimeError):
-    """The loss (or, at a checkpoint, a trained weight) stopped being finite."""
+    """The loss (or, at a checkpoint, a trained weight; in evaluation, an output) stopped being
+    finite."""
+
+
+def check_finite_output(output: torch.Tensor, dataset, index: int, what: str) -> None:
+    """Raise TrainingDiverged naming the image (`dataset.image_paths[index]`) unless every value
+    of the model's `output` for it (`what` it is) is finite: an evaluation would otherwise score
+    NaN as some class, map or box."""
+    if not torch.isfinite(output).all():
+        raise TrainingDiverged(f"{dataset.image_paths[index]}: NaN or inf in the model's {what}")
 
 
 class RunInterrupted(Exception):

@@ -15,7 +15,7 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 from ivt.data import MFNetDataset
-from ivt.engine import DistInfo, poly_lr
+from ivt.engine import DistInfo, TrainingDiverged, poly_lr
 from ivt.tasks.seg import evaluate_seg
 
 SAMPLE = Path(__file__).resolve().parent / "data" / "mfnet_sample"
@@ -125,6 +125,23 @@ def test_mfnet_sample_day_and_night_come_from_the_names():
         np.testing.assert_array_equal(metrics[subset].confusion, want[subset], err_msg=subset)
     assert metrics["day"].compute()["aAcc"] == 100.0
     assert metrics["night"].compute()["aAcc"] < 100.0
+
+
+def test_evaluate_seg_refuses_scores_with_nan():
+    """A diverged model's NaN class scores would be scored (argmax picks some class: a plausible
+    mIoU, a best.pt chosen on it): the image is named instead, as a divergence."""
+    dataset = TinySegSet(LABELS)
+    dataset.image_paths = [f"images/{name}.png" for name, _ in LABELS]
+
+    class Diverged(nn.Module):
+        def logits_at_input_size(self, vis, ir):
+            logits = torch.zeros(1, 3, *vis.shape[2:])
+            logits[0, 1, 1, 2] = float("nan") if vis[0, 0, 0, 0] == 1 else 0.0   # image 1 only
+            return logits
+
+    with pytest.raises(TrainingDiverged, match="images/00002N.png: NaN or inf in the model's "
+                                               "class scores"):
+        evaluate_seg(Diverged(), dataset, SINGLE, no_autocast)
 
 
 @pytest.mark.parametrize("base,it,total,power,want", [

@@ -316,6 +316,6 @@ def test_evaluate_sod_refuses_a_map_with_nan():
         def predict(self, vis, ir):
             return torch.full((1, 1, 4, 4), float("nan"))
 
-    with pytest.raises(TrainingDiverged, match="VT821/RGB/7.jpg: the model's saliency map"):
+    with pytest.raises(TrainingDiverged, match="VT821/RGB/7.jpg: NaN or inf in the model's saliency map"):
         evaluate_sod(Diverged(), Items(), DistInfo(0, 1, 0, torch.device("cpu")),
                      contextlib.nullcontext)

@@ -241,3 +241,26 @@ def test_evaluation_scores_the_detectors_300_best_per_image_limited_per_class(tm
     single = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     r = evaluate_det(model, ds, single, lambda: torch.autocast("cpu", enabled=False)).compute()
     assert r["AP_per_class"]["Lamp"] == pytest.approx(100.0) and r["AP_per_class"]["Car"] == 0.0
+
+
+def test_evaluation_refuses_boxes_with_nan(tmp_path):
+    """A diverged detector's NaN boxes are named as a divergence (the metric would refuse them
+    as bad input, and evaluate.py exit with a usage error's status)."""
+    from ivt.data import M3FDDataset
+    from ivt.engine import DistInfo, TrainingDiverged
+    from ivt.tasks.det import evaluate_det
+    (tmp_path / "one.txt").write_text("00471\n")
+    ds = M3FDDataset(ROOT / "tests" / "data" / "m3fd_sample", split="one", split_dir=tmp_path,
+                     train=False, size=64)
+    K = len(ds.classes)
+    model = build_detector("swin_nano", DetectorConfig(num_classes=K, hidden_dim=32,
+                                                       num_queries=4, enc_layers=1,
+                                                       dec_layers=1, ffn_dim=32))
+    boxes = torch.full((1, 4, 4), 0.5)
+    boxes[0, 2, 1] = float("nan")
+    model.forward = lambda vis, ir, targets=None: {"pred_logits": torch.zeros(1, 4, K),
+                                                   "pred_boxes": boxes}
+    single = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    with pytest.raises(TrainingDiverged, match="00471.png: NaN or inf in the model's predicted "
+                                               "boxes"):
+        evaluate_det(model, ds, single, lambda: torch.autocast("cpu", enabled=False))

@@ -29,7 +29,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..data.m3fd import M3FD_CLASSES, M3FDDataset
-from ..engine import DistInfo, autocast_context, evaluation_mode, gather_metric, shard, unwrap
+from ..engine import (DistInfo, autocast_context, check_finite_output, evaluation_mode,
+                      gather_metric, shard, unwrap)
 from ..metrics import DetMetric
 from ..metrics.det import format_det_table
 from ..models.detr import DetectorConfig, build_detector
@@ -98,6 +99,8 @@ def evaluate_det(model: nn.Module, dataset: Dataset, dist: DistInfo, autocast: C
                 pred = net.predict(vis, ir, [target["orig_size"]])[0]         # DINO's 300
             pred = {k: v.float().cpu() if v.is_floating_point() else v.cpu()
                     for k, v in pred.items()}
+            for key in ("boxes", "scores"):
+                check_finite_output(pred[key], dataset, index, f"predicted {key}")
             boxes, labels, ignore = dataset.gt(index)
             metric.update(target["image_id"], pred["boxes"], pred["scores"], pred["labels"],
                           boxes, labels, ignore)

@@ -18,7 +18,8 @@ from torch.utils.data import Dataset
 
 from ..data import CLASSES, NUM_CLASSES, SEG_DATASETS, build_seg_dataset
 from ..data.mfnet import parse_name
-from ..engine import DistInfo, all_reduce_sum_, autocast_context, evaluation_mode, shard
+from ..engine import (DistInfo, all_reduce_sum_, autocast_context, check_finite_output,
+                      evaluation_mode, shard)
 from ..metrics import SegMetric
 from ..trainer import Recipe, Task, backbone_kwargs
 from ..visualize import colourise
@@ -78,6 +79,7 @@ def evaluate_seg(model: nn.Module, dataset: Dataset, dist: DistInfo, autocast: C
             ir = item["ir"].to(dist.device, non_blocking=True)
             with autocast():
                 logits = net.logits_at_input_size(vis, ir)       # (1, K, H, W)
+            check_finite_output(logits, dataset, index, "class scores")
             pred = logits.float().argmax(dim=1).cpu()             # (1, H, W)
             label = item["label"]                                 # (1, H, W)
             metrics["all"].update(pred, label)

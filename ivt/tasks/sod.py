@@ -25,7 +25,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..data.vt import AUGMENTATIONS, VTDataset, list_vt_stems, split_train_val
-from ..engine import (DistInfo, TrainingDiverged, autocast_context, evaluation_mode,
+from ..engine import (DistInfo, autocast_context, check_finite_output, evaluation_mode,
                       gather_metric, shard)
 from ..metrics import SODMetric
 from ..models.saliency import build_saliency_model, sod_loss
@@ -88,9 +88,7 @@ def evaluate_sod(model: nn.Module, dataset: Dataset, dist: DistInfo, autocast: C
             gt = item["gt"][0].numpy()                                # (H, W) uint8 0/255
             with autocast():
                 prob = net.predict(vis, ir).float()                   # (1, 1, S, S)
-            if not torch.isfinite(prob).all():          # else scored as a black map
-                raise TrainingDiverged(f"{dataset.image_paths[index]}: the model's saliency "
-                                       f"map holds NaN or inf")
+            check_finite_output(prob, dataset, index, "saliency map")
             prob = F.interpolate(prob, size=gt.shape, mode="bilinear", align_corners=False)
             pred = saliency_map(prob[0, 0].clamp(0, 1).cpu().numpy())  # (H, W) uint8
             metric.update(pred, gt)
