@@ -119,8 +119,10 @@ def main(argv=None) -> dict:
             model.to(dist.device)
             if args.amp:
                 store_frozen_weights(model, torch.bfloat16)
-            metrics = task_module(task).evaluate_checkpoint(
-                args, model, ckpt, dist, config_normalization(ckpt["config"]))
+            module = task_module(task)
+            metrics = module.evaluate_checkpoint(args, model, ckpt, dist,
+                                                 config_normalization(ckpt["config"]))
+            is_main = dist.is_main
         finally:
             engine.cleanup_distributed()
     except (ValueError, FileNotFoundError, CheckpointError) as e:
@@ -129,6 +131,9 @@ def main(argv=None) -> dict:
     except engine.TrainingDiverged as e:                 # the model's outputs are not finite
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+    if not is_main:                          # under torchrun every rank holds the same metrics
+        return metrics
+    module.print_report(metrics)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(engine.jsonable(metrics), indent=2) + "\n")

@@ -249,6 +249,17 @@ def test_torchrun_two_cpu_processes_agree(data, tmp_path, capsys):
     single = evaluate.main(["--data", str(data), "--checkpoint", str(out / "last.pt"),
                             "--split", "val", "--device", "cpu", "--workers", "0"])
     assert single["miou_all"] == pytest.approx(logged["mIoU"], abs=1e-9)
+    # evaluate.py under torchrun: the same numbers, reported and written by rank 0 only
+    metrics = tmp_path / "metrics.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "evaluate.py"), "--data", str(data), "--checkpoint", str(out / "last.pt"),
+           "--split", "val", "--device", "cpu", "--workers", "0", "--json", str(metrics)]
+    run = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("mIoU skips classes") == 1, run.stdout
+    assert json.loads(metrics.read_text())["miou_all"] == pytest.approx(single["miou_all"],
+                                                                         abs=1e-9)
     # One process would double the iterations per epoch and halve the effective batch.
     capsys.readouterr()
     with pytest.raises(SystemExit):

@@ -256,9 +256,12 @@ def evaluate_checkpoint(args, model: nn.Module, ckpt: dict, dist: DistInfo, norm
         folder.mkdir(parents=True, exist_ok=True)
     metric = evaluate_det(model, dataset, dist, autocast_context(dist.device, args.amp),
                           args.workers, args.max_dets, save_boxes if args.save_vis else None)
-    r = metric.compute()
-    print(f"{args.checkpoint} (iteration {ckpt['iter']}) on {args.split} "
-          f"({len(dataset)} images)")
-    print(format_det_table(r))
     return {"task": "det", "checkpoint": args.checkpoint, "split": args.split,
-            "iter": ckpt["iter"], "num_images": len(dataset), **r}
+            "iter": ckpt["iter"], "num_images": len(dataset), **metric.compute()}
+
+
+def print_report(result: dict) -> None:
+    """Print `evaluate_checkpoint`'s result: AP and AR, overall and per class."""
+    print(f"{result['checkpoint']} (iteration {result['iter']}) on {result['split']} "
+          f"({result['num_images']} images)")
+    print(format_det_table(result))

@@ -193,6 +193,7 @@ def metric_summary(metric: SegMetric) -> dict:
 
 
 def print_report(m: dict) -> None:
+    """Print `evaluate_checkpoint`'s result: IoU per class, mIoU and mAcc, all / day / night."""
     print(f"{m['checkpoint']} on {m['split']} ({m['num_images']} images: "
           f"{m['num_day']} day, {m['num_night']} night)")
     print(f"{'class':<12}" + "".join(f"{k:>9}" for k in ("all", "day", "night")))
@@ -238,5 +239,4 @@ def evaluate_checkpoint(args, model: nn.Module, ckpt: dict, dist: DistInfo, norm
               **{k: metric_summary(m) for k, m in metrics.items()}}
     for k in ("all", "day", "night"):
         result[f"miou_{k}"] = result[k]["mIoU"]
-    print_report(result)
     return result

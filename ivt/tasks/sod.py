@@ -245,7 +245,11 @@ def evaluate_checkpoint(args, model: nn.Module, ckpt: dict, dist: DistInfo, norm
         r = evaluate_sod(model, dataset, dist, autocast, args.workers,
                          save_maps if args.save_vis else None).compute()
         sets[name] = {"num_images": len(dataset), **{k: r[k] for k in METRIC_KEYS}}
-    print(f"{args.checkpoint} (iteration {ckpt['iter']}): main output, per-image min-max, "
-          f"at ground-truth size")
-    print(format_table(sets))
     return {"task": "sod", "checkpoint": args.checkpoint, "iter": ckpt["iter"], "sets": sets}
+
+
+def print_report(result: dict) -> None:
+    """Print `evaluate_checkpoint`'s result: one row of scores per set."""
+    print(f"{result['checkpoint']} (iteration {result['iter']}): main output, per-image "
+          f"min-max, at ground-truth size")
+    print(format_table(result["sets"]))
