@@ -591,14 +591,17 @@ def selection_warnings(task: Task, args) -> list:
 
 
 def overlap_warning(train_set, val_set) -> Optional[str]:
-    """The warning for validation images that are training images too (None when there are
-    none): best.pt is then chosen on training data."""
-    shared = set(train_set.image_paths) & set(val_set.image_paths)
+    """The warning for validation images that are training images too, or whose copies are
+    (None when there are none): best.pt is then chosen on training data. A dataset whose items
+    may be copies of others (MFNet's flipped `_flip` files) says which image each shows in
+    `source_paths`."""
+    shown = getattr(train_set, "source_paths", train_set.image_paths)
+    shared = set(shown) & set(val_set.image_paths)
     if not shared:
         return None
     return (f"warning: {len(shared)} of the {len(val_set)} validation images are training images "
-            f"too (e.g. {min(shared)}): best.pt is then chosen on training data; with the "
-            f"paper's train+val protocol report last.pt")
+            f"too, or copies of them are (e.g. {min(shared)}): best.pt is then chosen on "
+            f"training data; with the paper's train+val protocol report last.pt")
 
 
 def resume_checkpoint(task: Task, args, config: dict, log: Callable[[str], None],

@@ -315,6 +315,23 @@ def test_msrs_bad_data_names_the_file(tmp_path):
         MSRSDataset(tmp_path / "nowhere", "test")
 
 
+def test_flipped_copies_of_validation_images_in_training_are_warned_about(tmp_path):
+    """A training list holding `<val name>_flip` trains on a mirror image of a validation image:
+    best.pt would be chosen on training data (the run's overlap warning names it)."""
+    from ivt.trainer import overlap_warning
+    root = tmp_path / "mf"
+    shutil.copytree(MFNET_SAMPLE, root)
+    for sub in ("images", "labels"):
+        for name in ("00706N", "00105D"):
+            shutil.copy(root / sub / f"{name}.png", root / sub / f"{name}_flip.png")
+    (root / "train.txt").write_text("00105D\n00105D_flip\n00704N\n")
+    val = MFNetDataset(root, "val", train=False)
+    assert overlap_warning(MFNetDataset(root, "train", train=False), val) is None
+    (root / "train.txt").write_text("00105D\n00704N\n00706N_flip\n")
+    said = overlap_warning(MFNetDataset(root, "train", train=False), val)
+    assert said.startswith("warning: 1 of the 1 validation images") and "00706N.png" in said
+
+
 def test_mfnet_sample_copy_loads_with_flip_names(tmp_path):
     root = tmp_path / "mf"
     shutil.copytree(MFNET_SAMPLE, root)

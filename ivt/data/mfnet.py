@@ -171,6 +171,11 @@ class RGBTSegmentationDataset(Dataset):
         """The visible image of every item, in order."""
         return [s.vis for s in self.samples]
 
+    @property
+    def source_paths(self) -> List[Path]:
+        """The image every item shows, in order: a flipped copy `<name>_flip` shows `<name>`."""
+        return [s.vis.with_name(s.vis.name.replace("_flip.", ".", 1)) for s in self.samples]
+
     def __len__(self) -> int:
         return len(self.samples)
 
