@@ -160,6 +160,7 @@ def resolve_pretrained(spec: Optional[str], progress: bool = True) -> Optional[s
     """
     if spec is None or spec == "none":
         return None
+    spec = os.fspath(spec)
     if os.path.isfile(spec):
         return os.path.abspath(spec)     # saved so: a run resumes from any working directory
     if spec in RELEASES:

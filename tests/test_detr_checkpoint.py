@@ -2,6 +2,7 @@
 mmdet file is made with mmdet's own converter logic (written out below) from known weights, and
 the patch-merging order is checked functionally against mmdet's `nn.Unfold` formulation."""
 import re
+import warnings
 
 import pytest
 import torch
@@ -104,6 +105,29 @@ def test_load_mmdet_dino_backbone(source, tmp_path):
                                 sd["backbone.stages.0.downsample.norm.bias"]),
                    sd["backbone.stages.0.downsample.reduction.weight"])
     assert torch.allclose(merge(z, (6, 4))[0], ref, atol=1e-5)
+
+
+def test_output_norms_the_file_lacks_are_named(source, tmp_path):
+    """detrex's DINO Swin (out_indices 1-3) has norm1..3 and no norm0: loaded into a Swin with
+    four output norms, the missing one keeps LayerNorm's (1, 0), which the load says by name; a
+    file with all four (or, as a classification checkpoint, none) says nothing."""
+    src, own = source
+    sd = {"backbone." + k: v for k, v in release_layout(own).items()}
+    sd.update({k: v for k, v in detector_extras(src.out_channels).items()
+               if not k.startswith("backbone.norm0.")})
+    torch.save({"model": sd}, tmp_path / "three.pth")
+    model = build_backbone("swin_nano", tuning="ivt", out_norms=True)
+    with pytest.warns(UserWarning, match=r"these 2 keep their initial values: "
+                                         r"out_norms\.0\.bias, out_norms\.0\.weight$"):
+        load_detector_backbone(model, str(tmp_path / "three.pth"))
+    check_loaded(model, own)
+    assert torch.equal(model.out_norms[0].weight, torch.ones_like(model.out_norms[0].weight))
+    assert torch.equal(model.out_norms[1].weight, sd["backbone.norm1.weight"])
+    sd.update(detector_extras(src.out_channels))
+    torch.save({"model": sd}, tmp_path / "four.pth")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*keep their initial values")
+        load_detector_backbone(model, str(tmp_path / "four.pth"))
 
 
 def test_load_detrex_dino_backbone(source, tmp_path):

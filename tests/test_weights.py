@@ -269,6 +269,16 @@ def test_pretrained_as_a_flag(release, server, cache, monkeypatch):
         build_backbone("swin_nano", pretrained=True)
 
 
+def test_pretrained_as_a_path_object(release, tmp_path):
+    """pathlib.Path works as a str does: a file loads, a missing one is FileNotFoundError."""
+    own, served = release
+    (tmp_path / "release.pth").write_bytes(served)
+    check_weights(build_backbone("swin_nano", tuning="ivt", pretrained=tmp_path / "release.pth"),
+                  own)
+    with pytest.raises(FileNotFoundError, match="missing.pth: file not found"):
+        build_backbone("swin_nano", pretrained=tmp_path / "missing.pth")
+
+
 def test_registry_entries():
     """Every release downloads under its URL's file name; the only pinned hash is mmdet's."""
     names = {"swin_t", "swin_s", "swin_b", "swin_l", "eva02_b", "eva02_l", "dino_swin_l",

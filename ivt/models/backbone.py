@@ -9,6 +9,7 @@ modules it added to the visible model (`added_module_names`).
 """
 import os
 import pickle
+import warnings
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -134,7 +135,8 @@ class IVTBackbone(nn.Module):
         return [k for k in self.state_dict() if not self.is_added_name(k)]
 
     def optional_visible_keys(self) -> List[str]:
-        """Visible keys a checkpoint may lack (they then keep their initial values)."""
+        """Visible keys a checkpoint may lack (they then keep their initial values; a file with
+        only some of them is warned about, naming the others)."""
         return []
 
     # -- pretrained weights -----------------------------------------------------------------
@@ -156,7 +158,8 @@ class IVTBackbone(nn.Module):
         """Load a state dict already in this model's names into the visible (frozen) part:
         exactly the visible keys, with their shapes, else a CheckpointError listing the keys."""
         expected = self.visible_state_keys()
-        missing = set(expected) - set(sd) - set(self.optional_visible_keys())
+        optional = set(self.optional_visible_keys())
+        missing = set(expected) - set(sd) - optional
         unexpected = set(sd) - set(expected)
         if missing or unexpected:
             lines = [f"{source} does not match {type(self).__name__} "
@@ -172,6 +175,11 @@ class IVTBackbone(nn.Module):
         if bad:
             raise CheckpointError(f"{source} has shape mismatches "
                                   f"({len(bad)}): " + "; ".join(bad[:20]))
+        absent = optional - set(sd)
+        if absent and absent != optional:           # a file with some of them: say which not
+            warnings.warn(f"{source} has only some of the keys it may leave out; these "
+                          f"{len(absent)} keep their initial values: {_key_list(absent)}",
+                          stacklevel=2)
         self.load_state_dict(sd, strict=False)
 
     # -- input checks -----------------------------------------------------------------------
