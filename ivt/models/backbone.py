@@ -27,20 +27,49 @@ class CheckpointError(RuntimeError):
     """A checkpoint file that does not fit the model; the message lists the offending keys."""
 
 
-def load_tensors(path: str, what: str):
-    """`torch.load(path, weights_only=True)` on the CPU; a file that is not such a checkpoint
-    is a CheckpointError naming `what` and the path, with the reason in one line."""
+class Unread:
+    """Stands in for a Python object that a checkpoint pickled beside its tensors (mmengine's
+    `meta` and `message_hub`: numpy values, `HistoryBuffer`s): made and given its state without
+    importing or running anything of the object's own; what it held is not read."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def weights_only_load(path: str):
+    """`torch.load(path, weights_only=True)` on the CPU, where Python objects beside the tensors
+    other than weights_only's own types load as `Unread` placeholders (with torch 2.6+, which
+    lists them; before, they are refused)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # torch's message: advice, then "WeightsUnpickler error:" and the cause (on that line
-        # or the next)
+        if "Unsupported global" not in str(e) or not hasattr(torch.serialization,
+                                                             "get_unsafe_globals_in_checkpoint"):
+            raise
+    names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    with torch.serialization.safe_globals([(Unread, name) for name in names]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_tensors(path: str, what: str):
+    """`torch.load(path, weights_only=True)` on the CPU (`weights_only_load`); a file that is not
+    such a checkpoint is a CheckpointError naming `what` and the path, with the reason in one
+    line."""
+    try:
+        return weights_only_load(path)
+    except pickle.UnpicklingError as e:
+        # torch's message: advice, then the cause: after "WeightsUnpickler error:" (on that
+        # line or the next), or a line of its own naming a global it will not load
         text = str(e)
         after = text.split("WeightsUnpickler error:", 1)[-1]
-        detail = next((line.strip() for line in after.splitlines() if line.strip()),
-                      text.splitlines()[0])
+        lines = [line.strip() for line in after.splitlines() if line.strip()]
+        detail = next((line for line in lines if "GLOBAL" in line),
+                      lines[0] if lines else text.splitlines()[0])
         reason = (f"it holds Python objects, not only tensors ({detail})"
-                  if "Unsupported global" in detail or "Unsupported class" in detail
+                  if "GLOBAL" in detail or "Unsupported class" in detail
                   else f"not a PyTorch checkpoint ({detail})")
     except Exception as e:  # a truncated file, not a checkpoint at all
         reason = f"not a PyTorch checkpoint, or truncated ({type(e).__name__}: {e})"
