@@ -312,6 +312,52 @@ def test_detector_config_defaults_are_dino():
             DetectorConfig(num_classes=6, **bad)
 
 
+@pytest.mark.parametrize("encoder", ["deformable", "hybrid"])
+def test_transformer_weights_start_xavier_uniform_as_dinos(encoder):
+    """DINO's DeformableTransformer._reset_parameters (mmdet's DINO.init_weights): every weight
+    matrix of the deformable encoder, the decoder layers, the query position MLP, the proposal
+    projection and the content queries ~ U(-a, a), a = sqrt(6 / (fan_in + fan_out)); then the
+    deformable attentions' own init (zero offset weights, the direction grid as bias, zero
+    attention weights); the heads keep the focal prior and the zero last box layer."""
+    torch.manual_seed(0)
+    cfg = DetectorConfig(num_classes=6, hidden_dim=64, num_queries=20, enc_layers=2,
+                         dec_layers=2, ffn_dim=256, encoder=encoder)
+    model = build_detector("swin_nano", cfg)
+    parts = {"decoder.layers": model.decoder.layers,
+             "decoder.query_pos_head": model.decoder.query_pos_head,
+             "query_selection.proj": model.query_selection.proj,
+             "query_selection.content": model.query_selection.content}
+    if encoder == "deformable":
+        parts["encoder"] = model.encoder
+    deformable = ("sampling_offsets.weight", "attention_weights.weight")
+    checked = 0
+    for prefix, part in parts.items():
+        for name, p in part.named_parameters():
+            if p.dim() < 2:
+                continue
+            if name.endswith(deformable):
+                assert torch.count_nonzero(p) == 0, f"{prefix}.{name}"
+                continue
+            fan_out, fan_in = p.shape[0], p[0].numel()
+            a = math.sqrt(6.0 / (fan_in + fan_out))
+            w = p.detach().abs()
+            assert w.max() <= a and w.max() > 0.95 * a, (f"{prefix}.{name}", w.max().item(), a)
+            assert w.pow(2).mean().sqrt().item() == pytest.approx(a / math.sqrt(3), rel=0.1)
+            checked += 1
+    # per decoder layer: self-attention 2, cross-attention 2 (value, output), FFN 2; query
+    # position MLP 2, projection 1, content 1; per deformable encoder layer 4
+    assert checked == 2 * 6 + 4 + (2 * 4 if encoder == "deformable" else 0)
+    for attn in (m for m in model.modules() if isinstance(m, MultiScaleDeformableAttention)):
+        fresh = MultiScaleDeformableAttention(64, 8, cfg.num_feature_levels, cfg.num_points)
+        assert torch.equal(attn.sampling_offsets.bias, fresh.sampling_offsets.bias)
+    for head in (model.decoder, model.query_selection):
+        assert torch.all(head.class_head.bias == -4.595)
+        assert torch.count_nonzero(head.box_head.layers[-1].weight) == 0
+    if encoder == "hybrid":           # RT-DETR's encoder keeps PyTorch's default Linear init
+        second = model.encoder.aifi.ffn.net[3].weight                  # 256 -> 64
+        assert second.abs().max() <= 1 / math.sqrt(256) < 0.95 * math.sqrt(6 / (256 + 64))
+
+
 def test_deformable_encoder_runs_all_six_layers():
     """DINO's 6 layers, chained: each layer's output is the next one's input, the last one's is
     the memory, and every parameter of every layer gets a gradient."""

@@ -14,6 +14,7 @@ from ..swin import mmlab_options
 from .box_ops import box_cxcywh_to_xyxy, normalize_boxes
 from .criterion import build_criterion, check_targets
 from .decoder import build_decoder
+from .deformable_attention import MultiScaleDeformableAttention
 from .denoising import build_denoising
 from .encoder import build_encoder
 from .hybrid_encoder import build_hybrid_encoder
@@ -105,9 +106,30 @@ class Detector(nn.Module):
         self.decoder = build_decoder(cfg)
         self.denoising = build_denoising(cfg)
         self.criterion = build_criterion(cfg)
+        self.reset_transformer_parameters()
         for name, p in self.named_parameters():
             if not name.startswith("backbone."):
                 p.requires_grad = True
+
+    def reset_transformer_parameters(self) -> None:
+        """DINO's transformer init (its DeformableTransformer._reset_parameters, mmdet's
+        DINO.init_weights): xavier-uniform on every weight matrix of the deformable encoder, the
+        decoder layers, the decoder's query position MLP, the proposal projection and the content
+        queries, then each deformable attention's own init. The class and box heads keep theirs
+        (prior probability 0.01, a zero last box layer); RT-DETR's hybrid encoder keeps PyTorch's
+        defaults, as RT-DETR does."""
+        parts = [self.decoder.layers, self.decoder.query_pos_head, self.query_selection.proj,
+                 self.query_selection.content]
+        if self.cfg.encoder == "deformable":
+            parts.append(self.encoder)
+        for part in parts:
+            for p in part.parameters():
+                if p.dim() > 1:
+                    nn.init.xavier_uniform_(p)
+        for part in parts:
+            for m in part.modules():
+                if isinstance(m, MultiScaleDeformableAttention):
+                    m.reset_parameters()
 
     def forward(self, vis: torch.Tensor, ir: Optional[torch.Tensor] = None,
                 targets: Optional[Sequence[Dict[str, torch.Tensor]]] = None) -> Dict:
