@@ -350,6 +350,13 @@ def test_coco_json_form_gives_the_same_targets(tmp_path):
     assert coco[0]["image_id"] == 471 and torch.equal(coco[0]["boxes"], voc[0]["boxes"])
     with pytest.raises(FileNotFoundError, match="contains 'test'"):
         M3FDDataset.from_coco(root, "test")
+    ann = root / "annotations" / "instances_train.json"
+    for images, says in (([{"id": "FLIR_471", "file_name": "00471.png"}],
+                          r"image id 'FLIR_471' \(00471.png\) is not an integer"),
+                         ([{"id": 471}], "image entry 0 has no 'id' or no 'file_name'")):
+        ann.write_text(json.dumps({"images": images, "annotations": [], "categories": cats}))
+        with pytest.raises(ValueError, match=f"instances_train.json: {says}"):
+            M3FDDataset.from_coco(root, "train")
 
 
 def test_synthetic_m3fd_loads_with_day_and_night_lists(tmp_path):

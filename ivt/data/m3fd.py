@@ -196,6 +196,14 @@ def _read_coco(ann_file: Path) -> Tuple[Dict[int, str], List[dict], Dict[int, Li
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{ann_file}: not a COCO detection file ({type(e).__name__}: {e})"
                          ) from None
+    for k, im in enumerate(images):
+        if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
+            raise ValueError(f"{ann_file}: image entry {k} has no 'id' or no 'file_name'")
+        try:
+            int(im["id"])
+        except (TypeError, ValueError):
+            raise ValueError(f"{ann_file}: image id {im['id']!r} ({im['file_name']}) is not an "
+                             f"integer") from None
     per_image: Dict[int, List[dict]] = {im["id"]: [] for im in images}
     for a in annotations:
         if a["image_id"] not in per_image:
