@@ -27,7 +27,8 @@ import kernels
 from ivt import engine
 from ivt.models import CheckpointError
 from ivt.precision import store_frozen_weights
-from ivt.tasks import TASK_NAMES, config_normalization, load_trained, task_module
+from ivt.tasks import (TASK_NAMES, add_kernels_flag, config_normalization, load_trained,
+                       task_module)
 from ivt.trainer import given_flags, short_error
 
 
@@ -56,10 +57,7 @@ def get_parser() -> argparse.ArgumentParser:
                         "plus side-by-side figures; det: boxes on visible and thermal)")
     p.add_argument("--device", default="auto",
                    help="auto (CUDA if available), cpu, cuda or cuda:N (default: %(default)s)")
-    p.add_argument("--kernels", default="auto", choices=kernels.BACKENDS,
-                   help="SimAM, partial conv and (runs trained with --impl fused) Hybrid Adapter "
-                        "implementation: auto (Triton on CUDA), torch (reference), triton "
-                        "(default: %(default)s)")
+    add_kernels_flag(p)
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast, as training's --amp (the frozen Linear and conv weights "
                         "are then stored in bf16, which autocast casts them to anyway); --no-amp: "

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+import kernels
 from ivt.checkpoint import sha256_file
 from ivt.data import CLASSES
 from ivt.data.io import BadImageError, open_image, open_thermal, open_visible
@@ -63,7 +64,7 @@ from ivt.data.transforms import pad_to, resize, thermal_to_tensor, visible_to_te
 from ivt.engine import autocast_context, check_output, select_device
 from ivt.models.backbone import IVTBackbone
 from ivt.precision import store_frozen_weights
-from ivt.tasks import config_normalization, load_trained
+from ivt.tasks import add_kernels_flag, config_normalization, load_trained
 from ivt.tasks.sod import saliency_map
 from ivt.visualize import (distinct_colours, draw_boxes, overlay_saliency, overlay_segmentation,
                            palette_for)
@@ -102,6 +103,7 @@ def get_parser() -> argparse.ArgumentParser:
                         "--out/predict_run.json records, is refused)")
     p.add_argument("--device", default="auto",
                    help="auto (CUDA if available), cpu, cuda or cuda:N (default: %(default)s)")
+    add_kernels_flag(p)
     p.add_argument("--batch", type=int, default=1,
                    help="pairs per forward pass; segmentation batches only pairs of the same "
                         "size (default: %(default)s)")
@@ -462,6 +464,7 @@ def main(argv=None) -> int:
         parser.error(f"--batch must be at least 1, got {args.batch}")
     if args.max_dets < 1:
         parser.error(f"--max-dets must be at least 1, got {args.max_dets}")
+    kernels.set_backend(args.kernels)
     try:
         check_output(args.out, "--out", folder=True)
     except ValueError as e:

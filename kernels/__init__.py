@@ -35,7 +35,7 @@ if TRITON_INSTALLED:
         from .hybrid_adapter import hybrid_adapter_eval_triton, hybrid_adapter_train_triton
         from .partial_conv import partial_conv_residual_triton
         from .simam import simam_triton
-    except ImportError as error:
+    except Exception as error:         # ImportError, or whatever a broken build raises
         TRITON_INSTALLED, TRITON_IMPORT_ERROR = False, f"{type(error).__name__}: {error}"
         warnings.warn(f"Triton is installed but does not import ({TRITON_IMPORT_ERROR}): "
                       "the kernels' PyTorch references run instead", stacklevel=2)

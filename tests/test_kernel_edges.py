@@ -163,12 +163,14 @@ def test_forcing_triton_refuses_a_tensor_beyond_32_bit_offsets(monkeypatch):
         assert "32-bit offsets" not in str(e)
 
 
-def test_a_triton_that_does_not_import_leaves_the_references(tmp_path):
-    """A Triton installed but broken (built for another torch or CUDA): `import kernels` warns
-    and the references run; forcing Triton says why it cannot."""
+@pytest.mark.parametrize("error", ["ImportError", "RuntimeError", "AttributeError"])
+def test_a_triton_that_does_not_import_leaves_the_references(tmp_path, error):
+    """A Triton installed but broken (built for another torch or CUDA; its import fails with
+    whatever error): `import kernels` warns and the references run; forcing Triton says why it
+    cannot."""
     fake = tmp_path / "triton"
     fake.mkdir()
-    (fake / "__init__.py").write_text("raise ImportError('libcuda.so: cannot open (a test)')\n")
+    (fake / "__init__.py").write_text(f"raise {error}('libcuda.so: cannot open (a test)')\n")
     script = (
         "import warnings, torch\n"
         "with warnings.catch_warnings(record=True) as caught:\n"
@@ -190,8 +192,8 @@ def test_a_triton_that_does_not_import_leaves_the_references(tmp_path):
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     assert lines[:3] == ["warned: True", "installed: False", "same: True"], run.stdout
-    assert lines[3].startswith("refused: IVT_KERNELS=triton, but Triton does not import "
-                               "(ImportError: libcuda.so: cannot open (a test))"), run.stdout
+    assert lines[3].startswith(f"refused: IVT_KERNELS=triton, but Triton does not import "
+                               f"({error}: libcuda.so: cannot open (a test))"), run.stdout
 
 
 @pytest.mark.skipif(not kernels.TRITON_INSTALLED, reason="needs Triton")

@@ -7,6 +7,7 @@ Reference predictions come from the model itself (`load_trained` + `model.predic
 tests prepare with the documented rules, never from predict.py's own helpers."""
 import hashlib
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -557,3 +558,13 @@ def test_ctrl_c_stops_with_a_message_and_the_same_command_writes_the_rest(
     status, text = run(capsys, *argv)
     assert status == len(BAD) and "1 already written" in text
     assert f"{len(good) - 1} pairs written" in text
+
+
+def test_kernels_flag_selects_the_backend(seg_checkpoint, pairs, tmp_path, capsys, script_env):
+    """--kernels, as evaluate.py's: `torch` runs the PyTorch references."""
+    root, _ = pairs
+    one = ["--vis", root / "vis" / "grey8.png", "--ir", root / "ir" / "grey8.png"]
+    assert run(capsys, "--checkpoint", seg_checkpoint, *one, "--out", tmp_path,
+               "--device", "cpu", "--kernels", "torch")[0] == 0
+    assert os.environ["IVT_KERNELS"] == "torch"
+    assert (tmp_path / "grey8_classes.png").is_file()

@@ -4,10 +4,13 @@ model, loss, evaluation and report, plugged into the shared engine and trainer.
 Each task module (`seg`, `sod`, `det`) provides `build_model(config, pretrained) -> nn.Module`,
 rebuilding the model a training configuration (the dict saved in every checkpoint) describes.
 """
+import argparse
 import importlib
 from typing import Optional, Tuple
 
 import torch.nn as nn
+
+import kernels
 
 from ..checkpoint import check_pretrained, load_checkpoint, load_model_state
 from ..data.transforms import Normalization
@@ -22,6 +25,15 @@ def task_module(name: str):
     if name not in TASK_NAMES:
         raise ValueError(f"unknown task {name!r}; expected one of {', '.join(TASK_NAMES)}")
     return importlib.import_module(f"{__name__}.{name}")
+
+
+def add_kernels_flag(parser: argparse.ArgumentParser) -> None:
+    """`--kernels` of the scripts that run a trained checkpoint (evaluate.py, predict.py); the
+    script calls `kernels.set_backend(args.kernels)`."""
+    parser.add_argument("--kernels", default="auto", choices=kernels.BACKENDS,
+                        help="SimAM, partial conv and (runs trained with --impl fused) Hybrid "
+                             "Adapter implementation: auto (Triton on CUDA), torch (reference), "
+                             "triton (default: %(default)s)")
 
 
 def config_normalization(config: dict) -> Normalization:
