@@ -261,7 +261,7 @@ def evaluate_checkpoint(args, model: nn.Module, ckpt: dict, dist: DistInfo, norm
 
 
 def print_report(result: dict) -> None:
-    """Print `evaluate_checkpoint`'s result: AP and AR, overall and per class."""
+    """Print `evaluate_checkpoint`'s result: mAP, AP50, AP75, AP by size and AP per class."""
     print(f"{result['checkpoint']} (iteration {result['iter']}) on {result['split']} "
           f"({result['num_images']} images)")
     print(format_det_table(result))
