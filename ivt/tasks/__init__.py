@@ -10,11 +10,9 @@ from typing import Optional, Tuple
 
 import torch.nn as nn
 
-import kernels
-
 from ..checkpoint import check_pretrained, load_checkpoint, load_model_state
 from ..data.transforms import Normalization
-from ..trainer import speed_up
+from ..trainer import KERNEL_BACKENDS, speed_up
 from ..weights import resolve_pretrained, saved_pretrained
 
 TASK_NAMES = ("seg", "sod", "det")
@@ -30,7 +28,7 @@ def task_module(name: str):
 def add_kernels_flag(parser: argparse.ArgumentParser) -> None:
     """`--kernels` of the scripts that run a trained checkpoint (evaluate.py, predict.py); the
     script calls `kernels.set_backend(args.kernels)`."""
-    parser.add_argument("--kernels", default="auto", choices=kernels.BACKENDS,
+    parser.add_argument("--kernels", default="auto", choices=KERNEL_BACKENDS,
                         help="SimAM, partial conv and (runs trained with --impl fused) Hybrid "
                              "Adapter implementation: auto (Triton on CUDA), torch (reference), "
                              "triton (default: %(default)s)")
