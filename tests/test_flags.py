@@ -69,3 +69,10 @@ def test_drop_path_flag_reaches_the_backbone(tmp_path):
     with pytest.raises(ValueError, match="--drop-path"):
         trainer.check_args(TASKS["det"], parse(["--data", "x", "--drop-path", "1.0",
                                                 "--out", str(tmp_path)]))
+
+
+def test_kernels_flag_choices_are_the_kernels_backends():
+    """The scripts' --kernels choices (kept in ivt.trainer so that importing ivt does not import
+    `kernels`) are the backends `kernels.set_backend` takes."""
+    import kernels
+    assert trainer.KERNEL_BACKENDS == kernels.BACKENDS
