@@ -11,7 +11,8 @@
   of 2**31 elements or more (`INDEX_LIMIT`: the kernels address with 32-bit offsets); `triton`
   refuses it.
 Triton is optional: the kernel files are imported only when it is installed and imports. The
-scripts' `--kernels {auto,torch,triton}` calls `set_backend`. Layout and design: docs/kernels.md.
+scripts' `--kernels {auto,torch,triton}` calls `set_backend`, and refuses before any work a forced
+backend that cannot run on the device (`backend_problem`). Layout and design: docs/kernels.md.
 """
 import importlib.util
 import os
@@ -42,7 +43,7 @@ if TRITON_INSTALLED:
 
 __all__ = ["simam", "partial_conv_residual", "hybrid_adapter_eval", "hybrid_adapter_train",
            "HybridAdapterWeights", "LowRankExtra", "NextNorm", "backend", "set_backend", "BACKENDS",
-           "use_triton",
+           "use_triton", "backend_problem",
            "simam_reference", "partial_conv_residual_reference", "hybrid_adapter_eval_reference",
            "hybrid_adapter_train_reference"]
 
@@ -103,6 +104,16 @@ def interpreter_ready() -> bool:
     imported, with a Triton whose interpreter runs them (INTERPRETER_MIN_TRITON)."""
     return (TRITON_INSTALLED and KERNELS_INTERPRETED
             and triton_version() >= INTERPRETER_MIN_TRITON)
+
+
+def backend_problem(device: torch.device) -> Optional[str]:
+    """Why the backend asked for cannot run the kernels on `device` (None when it can): the
+    scripts check it before any work, `use_triton` at each call."""
+    try:
+        use_triton(torch.empty(1, device=device))
+    except RuntimeError as error:
+        return str(error)
+    return None
 
 
 def use_triton(x: torch.Tensor) -> bool:

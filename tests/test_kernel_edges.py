@@ -206,3 +206,23 @@ def test_interpreter_turned_on_after_import_is_explained(monkeypatch):
     monkeypatch.setenv("IVT_KERNELS", "triton")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET set before `kernels` is imported"):
         kernels.simam(torch.randn(1, 4, 3, 3))
+
+
+@pytest.mark.parametrize("script", ["train_seg.py", "evaluate.py", "predict.py"])
+def test_forced_triton_that_cannot_run_is_refused_before_any_work(tmp_path, script):
+    """--kernels triton on a CPU without Triton's interpreter: one error line naming the flag,
+    exit 2, before data, model or outputs (no --out folder is made)."""
+    out = tmp_path / "out"
+    argv = {"train_seg.py": ["--data", str(tmp_path / "nowhere"), "--out", str(out),
+                             "--backbone", "swin_nano", "--impl", "fused"],
+            "evaluate.py": ["--checkpoint", str(tmp_path / "no.pt"), "--data", str(tmp_path)],
+            "predict.py": ["--checkpoint", str(tmp_path / "no.pt"), "--vis", str(tmp_path),
+                           "--ir", str(tmp_path), "--out", str(out)]}[script]
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "IVT_KERNELS")}
+    run = subprocess.run([sys.executable, str(ROOT / script), *argv, "--kernels", "triton",
+                          "--device", "cpu"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert "--kernels triton: IVT_KERNELS=triton" in last and "Traceback" not in run.stderr, last
+    assert not out.exists()
