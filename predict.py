@@ -66,6 +66,7 @@ from ivt.models.backbone import IVTBackbone
 from ivt.precision import store_frozen_weights
 from ivt.tasks import add_kernels_flag, config_normalization, load_trained
 from ivt.tasks.sod import saliency_map
+from ivt.trainer import given_flags
 from ivt.visualize import (distinct_colours, draw_boxes, overlay_saliency, overlay_segmentation,
                            palette_for)
 from ivt.weights import renamed_into_place
@@ -453,6 +454,9 @@ def chunks(items: Sequence, n: int):
         yield items[i:i + n]
 
 
+DET_FLAGS = frozenset({"score_threshold", "max_dets"})    # the flags only detection reads
+
+
 def main(argv=None) -> int:
     """Returns the exit status: the number of failed pairs, at most MAX_EXIT_STATUS."""
     parser = get_parser()
@@ -482,6 +486,10 @@ def main(argv=None) -> int:
         pairs, failures = find_pairs(args)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         parser.error(str(e))
+    if task != "det":
+        for flag in sorted(DET_FLAGS & given_flags(parser, argv)):
+            print(f"warning: --{flag.replace('_', '-')} applies to detection checkpoints; "
+                  f"ignored for this {task} one", file=sys.stderr)
     if args.amp is None:
         args.amp = bool(ckpt["config"].get("amp"))
     out = Path(args.out)

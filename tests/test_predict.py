@@ -21,6 +21,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))                    # the scripts live at the root
 import predict  # noqa: E402
+from ivt.checkpoint import load_checkpoint  # noqa: E402
 from ivt.data.synthetic import render_scene, write_m3fd, write_mfnet, write_vt  # noqa: E402
 from ivt.data.transforms import thermal_to_tensor, visible_to_tensor  # noqa: E402
 from ivt.models import normalization_for  # noqa: E402
@@ -568,3 +569,31 @@ def test_kernels_flag_selects_the_backend(seg_checkpoint, pairs, tmp_path, capsy
                "--device", "cpu", "--kernels", "torch")[0] == 0
     assert os.environ["IVT_KERNELS"] == "torch"
     assert (tmp_path / "grey8_classes.png").is_file()
+
+
+def test_pretrained_for_a_checkpoint_of_the_whole_backbone_is_said_unused(seg_checkpoint):
+    """A checkpoint trained from no pretrained file holds its whole backbone: --pretrained is
+    not used (evaluate.py and predict.py said nothing, even for a missing file)."""
+    assert not load_checkpoint(str(seg_checkpoint))["delta"]
+    with pytest.warns(UserWarning, match=r"--pretrained /does/not/exist.pth is not used: "
+                                         r"checkpoint .* holds the whole trained backbone"):
+        load_trained(str(seg_checkpoint), "/does/not/exist.pth")
+
+
+def test_a_trained_checkpoint_given_as_pretrained_weights_is_named(seg_checkpoint):
+    """A run's best.pt given to --pretrained: said for what it is, not as 487 unexpected keys."""
+    from ivt.models import CheckpointError, build_backbone
+    with pytest.raises(CheckpointError, match=r"is a checkpoint of a training run here, not a "
+                                              r"visible model's pretrained weights"):
+        build_backbone("swin_nano", pretrained=str(seg_checkpoint))
+
+
+def test_detection_flags_for_another_task_are_said_ignored(seg_checkpoint, pairs, tmp_path,
+                                                             capsys):
+    root, _ = pairs
+    status, text = run(capsys, "--checkpoint", seg_checkpoint, "--vis", root / "vis" / "grey8.png",
+                       "--ir", root / "ir" / "grey8.png", "--out", tmp_path, "--device", "cpu",
+                       "--max-dets", "3")
+    assert status == 0
+    assert "warning: --max-dets applies to detection checkpoints; ignored for this seg one" in text
+    assert "--score-threshold" not in text

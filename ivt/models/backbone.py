@@ -95,6 +95,10 @@ def read_state_dict(path: str) -> StateDict:
                                   f"{type(error).__name__}: {error}") from None
     else:
         sd = load_tensors(path, "pretrained checkpoint")
+    if isinstance(sd, dict) and str(sd.get("format", "")).startswith("ivt-checkpoint"):
+        raise CheckpointError(f"{path} is a checkpoint of a training run here, not a visible "
+                              f"model's pretrained weights: continue the run with --out DIR "
+                              f"--resume, or run it with evaluate.py / predict.py")
     for wrapper in ("model", "module", "state_dict"):
         if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
             sd = sd[wrapper]

@@ -6,6 +6,7 @@ rebuilding the model a training configuration (the dict saved in every checkpoin
 """
 import argparse
 import importlib
+import warnings
 from typing import Optional, Tuple
 
 import torch.nn as nn
@@ -52,6 +53,10 @@ def load_trained(path: str, pretrained: Optional[str] = None) -> Tuple[str, nn.M
     cfg = ckpt["config"]
     if ckpt["delta"]:
         pretrained = saved_pretrained(cfg) if pretrained is None else resolve_pretrained(pretrained)
+    elif pretrained is not None:
+        warnings.warn(f"--pretrained {pretrained} is not used: checkpoint {path} holds the whole "
+                      f"trained backbone", stacklevel=2)
+        pretrained = None
     check_pretrained(ckpt, pretrained, path)
     model = task_module(task).build_model(cfg, pretrained if ckpt["delta"] else None)
     model = speed_up(model, cfg)          # the run's --impl and --memory (`ivt.fast.make_fast`)
