@@ -172,8 +172,13 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
-    args = get_parser().parse_args(argv)
-    import_matplotlib()             # fail before reading anything when it is missing
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    formats = import_matplotlib()().canvas.get_supported_filetypes()   # before reading anything
+    suffix = Path(args.out).suffix.lower().lstrip(".")
+    if suffix not in formats:
+        parser.error(f"--out {args.out}: the suffix picks the image format; expected one of "
+                     f"{', '.join('.' + f for f in sorted(formats))}")
     warnings: List[str] = []
     runs: Dict[str, Dict[str, Dict[int, float]]] = {}
     for run in map(Path, args.runs):
@@ -190,6 +195,10 @@ def main(argv=None) -> None:
         print(f"{name}: training logged up to iteration {last}, {n_eval} evaluation(s)")
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
+    if not any(c for run in runs.values() for c in run.values()):
+        raise SystemExit(f"error: no training or evaluation records in {', '.join(args.runs)}: "
+                         f"nothing to plot (a run's log.jsonl holds them once it has trained "
+                         f"--log-every iterations)")
     panels = plot(runs, Path(args.out), args.log_loss)
     print(f"wrote {args.out}: {', '.join(panels)}")
 

@@ -109,3 +109,16 @@ def test_prediction_and_training_do_not_import_matplotlib():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_an_unknown_image_format_or_a_log_without_records_is_refused(tmp_path, capsys):
+    seg_log(tmp_path / "seg" / "log.jsonl")
+    with pytest.raises(SystemExit) as e:
+        plot.main([str(tmp_path / "seg"), "--out", str(tmp_path / "x.jpgg")])
+    assert e.value.code == 2 and "x.jpgg: the suffix picks the image format" in \
+        capsys.readouterr().err and not (tmp_path / "x.jpgg").exists()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a log\n")
+    with pytest.raises(SystemExit, match="no training or evaluation records in .*notes.txt"):
+        plot.main([str(notes), "--out", str(tmp_path / "n.png")])
+    assert not (tmp_path / "n.png").exists()
