@@ -407,8 +407,8 @@ def train_loop(model: nn.Module, batches: Iterator[dict], step: Callable, *, dis
     `result = evaluate(it)`, then, if the trained weights are finite, `save(it, result)`; so
     the last checkpoint written is always the last finite one. Every `save_every` iterations
     (0: never) and when `stop` has caught a signal: `save(it, None)` without evaluating; after
-    the latter, RunInterrupted, also for a signal caught during the last iteration (after its
-    evaluation and save: the run is complete).
+    the latter, RunInterrupted, also for a signal caught during an evaluation or save (after
+    it, with no further iteration; after the last iteration's, the run is complete).
     """
     model.train()
     result = None
@@ -446,12 +446,11 @@ def train_loop(model: nn.Module, batches: Iterator[dict], step: Callable, *, dis
                                            f"{done}; training stopped")
                 save(done, result if evaluate_now else None)
                 window_start = time.perf_counter()   # keep evaluation out of `time`
-            if stopping:
+            # also a signal caught during this evaluation or save; after the last iteration's,
+            # the run is complete and saved, and the caller (a demo chaining runs, a shell loop)
+            # still hears of the signal
+            if stop is not None and stop.signum is not None and (stopping or save_now):
                 raise RunInterrupted(done, stop.signum)
     finally:
         bar.close()
-    if stop is not None and stop.signum is not None:
-        # caught during the last iteration's evaluation or save: the run is complete and
-        # saved, and the caller (a demo chaining runs, a shell loop) still hears of the signal
-        raise RunInterrupted(iters, stop.signum)
     return result

@@ -465,10 +465,10 @@ def test_loop_saves_every_n_and_on_a_stop_request_without_evaluating():
         with pytest.raises(engine.RunInterrupted, match=f"{name} after iteration 10"):
             run(10, stop, 0, in_evaluation)
         assert (saved, evaluated) == ([(4, 4), (8, 8), (10, 10)], [4, 8, 10])
-    # during an evaluation mid-run: one more iteration, saved without evaluating, then stops
-    with pytest.raises(engine.RunInterrupted, match="SIGINT after iteration 5"):
+    # during an evaluation mid-run: stops once that iteration is saved, with no further one
+    with pytest.raises(engine.RunInterrupted, match="SIGINT after iteration 4"):
         run(10, FakeStop(None), 0, signal_in_evaluation=4)
-    assert saved == [(4, 4), (5, None)]
+    assert (saved, evaluated) == ([(4, 4)], [4])
 
 
 def test_corrupt_image_mid_training_is_named_and_last_checkpoint_kept(data, tmp_path, capsys):
