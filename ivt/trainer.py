@@ -529,6 +529,13 @@ def flags_from_run(task: Task, args, saved: dict, given: Optional[frozenset], pa
     for key, value in saved.items():
         if key in vars(args) and key not in kept_out:
             setattr(args, key, value)
+    for key in task.path_keys:               # a dataset moved since: say how to point at it
+        value = getattr(args, key, None)
+        if key not in kept_out and isinstance(value, str) and not os.path.exists(value):
+            flag = "--" + key.replace("_", "-")
+            raise FileNotFoundError(f"the run's {flag} {value} (saved in {path}) is not on this "
+                                    f"machine; if it moved, give its new place: {flag} NEW "
+                                    f"--allow-changes")
 
 
 def given_flags(parser: argparse.ArgumentParser, argv) -> frozenset:

@@ -113,6 +113,20 @@ def test_resume_takes_the_flags_left_out_from_the_run(data, tmp_path, capsys):
     assert "--data is required" in err and not (tmp_path / "new").exists()
 
 
+def test_a_moved_dataset_is_named_with_the_way_to_continue(data, tmp_path, capsys):
+    moved = tmp_path / "mf"
+    shutil.copytree(data, moved)
+    out = tmp_path / "run"
+    train_seg.main(tiny_args(moved, out, 2))
+    moved.rename(tmp_path / "mf2")
+    own = ["--out", str(out), "--resume", "--device", "cpu", "--workers", "0"]
+    err = fails_with(own + ["--iters", "3"], capsys)
+    assert (f"the run's --data {moved} (saved in {out / 'last.pt'}) is not on this machine; if "
+            f"it moved, give its new place: --data NEW --allow-changes") in err, err
+    own += ["--data", str(tmp_path / "mf2"), "--allow-changes"]
+    assert train_seg.main(own + ["--iters", "3"])["iters"] == 3
+
+
 def test_a_run_resumes_from_another_working_directory(data, tmp_path, monkeypatch):
     """--data is saved as an absolute path: a run started with a relative one continues from
     anywhere with only --out and --resume, and stating the folder either way is no change (also
