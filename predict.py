@@ -147,6 +147,9 @@ def pairs_from_paths(vis: Path, ir: Path) -> Tuple[List[Pair], List[str]]:
     """Two files (one pair) or two folders (pairs by stem; unmatched stems are problems)."""
     if not vis.is_dir() and not ir.is_dir():   # one pair; a missing file is named when read
         return [Pair(vis.stem, vis, ir)], []
+    for flag, path in (("--vis", vis), ("--ir", ir)):
+        if not path.exists():             # beside a folder: not a pair's missing file
+            raise FileNotFoundError(f"{flag} {path}: not found")
     if not (vis.is_dir() and ir.is_dir()):
         raise ValueError(f"--vis {vis} and --ir {ir} must both be files or both be folders")
     vis_images, problems = list_images(vis)
@@ -192,6 +195,13 @@ def pairs_from_rgbt(path: Path) -> Tuple[List[Pair], List[str]]:
 def find_pairs(args) -> Tuple[List[Pair], List[str]]:
     """The pairs the flags name, and the problems found while pairing (each names its file);
     a second pair with an output name already taken is a problem too."""
+    for flag in ("pairs", "rgbt"):
+        path = getattr(args, flag)
+        if path and not Path(path).exists():
+            raise FileNotFoundError(f"--{flag} {path}: not found")
+    if args.pairs and Path(args.pairs).is_dir():
+        raise ValueError(f"--pairs {args.pairs} is a folder; give a text file of "
+                         f"'vis_path ir_path' lines")
     if args.pairs:
         pairs, problems = pairs_from_list(Path(args.pairs))
     elif args.rgbt:

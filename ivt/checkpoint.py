@@ -201,6 +201,9 @@ def saved_score(path: str) -> Optional[float]:
 
 def load_checkpoint(path: str) -> dict:
     """Read a checkpoint written by `make_checkpoint` + `atomic_save` (no code is unpickled)."""
+    if os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint {path} is a folder; give a file in it, e.g. "
+                                f"{os.path.join(path, 'best.pt')}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     ckpt = load_tensors(path, "checkpoint")

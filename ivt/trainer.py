@@ -430,6 +430,12 @@ def check_args(task: Task, args) -> None:
     for key in task.path_keys:
         if getattr(args, key) is not None:
             setattr(args, key, os.path.abspath(getattr(args, key)))
+            if not os.path.exists(getattr(args, key)):
+                raise FileNotFoundError(f"--{key.replace('_', '-')} {getattr(args, key)}: "
+                                        f"not found")
+    if args.lr <= 0 or args.weight_decay < 0:
+        raise ValueError(f"--lr must be positive and --weight-decay not negative, got "
+                         f"{args.lr} and {args.weight_decay}")
     for name in ("batch_size", "log_every"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, "

@@ -161,6 +161,8 @@ def resolve_pretrained(spec: Optional[str], progress: bool = True) -> Optional[s
     if spec is None or spec == "none":
         return None
     spec = os.fspath(spec)
+    if os.path.isdir(spec):
+        raise FileNotFoundError(f"{spec} is a folder; give the pretrained checkpoint file in it")
     if os.path.isfile(spec):
         return os.path.abspath(spec)     # saved so: a run resumes from any working directory
     if spec in RELEASES:

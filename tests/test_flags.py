@@ -48,7 +48,7 @@ def test_workers_default_never_exceeds_the_cores(monkeypatch, cores, expected):
     ("det", "swin_nano", None)])
 def test_drop_path_defaults_are_the_authors_runs(tmp_path, task, backbone, expected):
     args = SCRIPTS[task][0].get_parser().parse_args(
-        ["--data", "x", "--backbone", backbone, "--out", str(tmp_path)])
+        ["--data", str(tmp_path), "--backbone", backbone, "--out", str(tmp_path)])
     trainer.check_args(TASKS[task], args)
     assert args.drop_path == expected
     assert trainer.backbone_kwargs(vars(args)).get("drop_path_rate") == expected
@@ -60,14 +60,14 @@ def drop_path_rates(model):
 
 def test_drop_path_flag_reaches_the_backbone(tmp_path):
     parse = train_det.get_parser().parse_args
-    args = parse(["--data", "x", "--backbone", "swin_nano", "--drop-path", "0.3",
+    args = parse(["--data", str(tmp_path), "--backbone", "swin_nano", "--drop-path", "0.3",
                   "--out", str(tmp_path)])
     trainer.check_args(TASKS["det"], args)
     rates = drop_path_rates(build_backbone("swin_nano", **trainer.backbone_kwargs(vars(args))))
     assert rates[0] == 0 and rates[-1] == pytest.approx(0.3)      # linear in depth up to 0.3
     assert drop_path_rates(build_backbone("swin_nano"))[-1] == pytest.approx(0.1)   # own default
     with pytest.raises(ValueError, match="--drop-path"):
-        trainer.check_args(TASKS["det"], parse(["--data", "x", "--drop-path", "1.0",
+        trainer.check_args(TASKS["det"], parse(["--data", str(tmp_path), "--drop-path", "1.0",
                                                 "--out", str(tmp_path)]))
 
 
@@ -76,3 +76,35 @@ def test_kernels_flag_choices_are_the_kernels_backends():
     `kernels`) are the backends `kernels.set_backend` takes."""
     import kernels
     assert trainer.KERNEL_BACKENDS == kernels.BACKENDS
+
+
+def test_paths_and_numbers_are_named_by_their_flag(tmp_path, capsys):
+    """A missing --data / --val-list / --split-dir, a non-positive --lr, a folder given as a
+    checkpoint or as --pretrained: one line naming the flag (torch's or the OS's wording
+    before), exit 2, nothing written."""
+    import evaluate
+    from ivt.data.synthetic import write_vt
+    vt = tmp_path / "vt"
+    write_vt(vt, n_train=4, n_test=0, n_vt1000=0, n_vt821=0, size=(32, 48))
+    data = vt / "VT5000" / "Train"
+    common = ["--backbone", "swin_nano", "--size", "32", "--iters", "1", "--device", "cpu",
+              "--workers", "0", "--out", str(tmp_path / "out")]
+    for script, argv, says in [
+            (train_sod, ["--data", str(tmp_path / "gone")],
+             f"--data {tmp_path / 'gone'}: not found"),
+            (train_sod, ["--data", str(data), "--val-list", str(tmp_path / "v.txt")],
+             f"--val-list {tmp_path / 'v.txt'}: not found"),
+            (train_det, ["--data", str(data), "--split-dir", str(tmp_path / "s")],
+             f"--split-dir {tmp_path / 's'}: not found"),
+            (train_sod, ["--data", str(data), "--lr", "-1"], "--lr must be positive"),
+            (train_sod, ["--data", str(data), "--pretrained", str(tmp_path)],
+             f"{tmp_path} is a folder; give the pretrained checkpoint file in it"),
+            (evaluate, ["--checkpoint", str(tmp_path), "--data", str(data)],
+             f"checkpoint {tmp_path} is a folder; give a file in it, e.g. "
+             f"{tmp_path / 'best.pt'}")]:
+        with pytest.raises(SystemExit) as e:
+            script.main((argv + common) if script is not evaluate else argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "Traceback" not in err, err
+        assert says in err.strip().splitlines()[-1], err
+        assert not (tmp_path / "out").exists()

@@ -597,3 +597,16 @@ def test_detection_flags_for_another_task_are_said_ignored(seg_checkpoint, pairs
     assert status == 0
     assert "warning: --max-dets applies to detection checkpoints; ignored for this seg one" in text
     assert "--score-threshold" not in text
+
+
+def test_missing_inputs_are_named_by_their_flag(seg_checkpoint, pairs, tmp_path, capsys):
+    root, _ = pairs
+    for argv, says in [(["--vis", tmp_path / "nodir", "--ir", root / "ir"],
+                        f"--vis {tmp_path / 'nodir'}: not found"),
+                       (["--pairs", tmp_path / "no.txt"],
+                        f"--pairs {tmp_path / 'no.txt'}: not found"),
+                       (["--pairs", root], f"--pairs {root} is a folder")]:
+        with pytest.raises(SystemExit) as e:
+            run(capsys, "--checkpoint", seg_checkpoint, *argv, "--out", tmp_path / "out")
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and says in err, err

@@ -350,6 +350,7 @@ def test_the_main_job_offline_stops_before_data_and_model(cache, tmp_path, capsy
     monkeypatch.setattr(SegTask, "build_model", untouched)
     monkeypatch.setattr(SegTask, "build_datasets", untouched)
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "mfnet").mkdir()                  # there, but never read
     start = time.perf_counter()
     with pytest.raises(SystemExit) as e:
         train_seg.main(["--backbone", "swin_l", "--data", str(tmp_path / "mfnet")])
