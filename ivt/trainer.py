@@ -594,12 +594,12 @@ def selection_warnings(task: Task, args) -> list:
     if any(part.startswith("test") for part in val_split.split("+")):
         found.append(f"warning: --val-split {val_split} chooses best.pt on test images; report "
                      f"last.pt, or hold out a validation split")
-    if task.recipe.schedule == "step" and not args.iters:
+    if task.recipe.schedule == "step":
         late = [e for e in args.lr_drop_epoch if e >= args.epochs]
         if late:
             found.append(f"warning: --lr-drop-epoch {' '.join(map(str, late))} is at or after "
-                         f"the last of --epochs {args.epochs}: the lr never drops there (--iters "
-                         f"scales the drops with the run; --epochs does not)")
+                         f"the last of --epochs {args.epochs}: the lr never drops there (a drop "
+                         f"is an epoch of --epochs, which --iters scales to the run's length)")
     return found
 
 

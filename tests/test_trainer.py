@@ -908,7 +908,8 @@ def test_torchrun_on_gpus_reduces_cpu_tensors_too(monkeypatch):
 
 def test_flags_that_defeat_themselves_are_warned_about(data, tmp_path, capsys):
     """--val-split test chooses best.pt on test images (the docs: never); lr drops at or after
-    the last epoch are never taken (--epochs, unlike --iters, does not scale them)."""
+    the last epoch are never taken, also with --iters (which scales epoch e of --epochs E to
+    iteration e / E of the run)."""
     import types
 
     from ivt.tasks.det import DetTask
@@ -917,8 +918,14 @@ def test_flags_that_defeat_themselves_are_warned_about(data, tmp_path, capsys):
     train_seg.main(tiny_args(data, tmp_path / "b", 1))
     assert "chooses best.pt" not in capsys.readouterr().err
     args = types.SimpleNamespace(val_split="val", iters=None, epochs=4, lr_drop_epoch=[3, 27])
-    assert trainer.selection_warnings(DetTask(), args) == [
-        "warning: --lr-drop-epoch 27 is at or after the last of --epochs 4: the lr never drops "
-        "there (--iters scales the drops with the run; --epochs does not)"]
-    assert trainer.selection_warnings(DetTask(), types.SimpleNamespace(
-        val_split="val", iters=40, epochs=4, lr_drop_epoch=[27])) == []
+    said = ("warning: --lr-drop-epoch 27 is at or after the last of --epochs 4: the lr never "
+            "drops there (a drop is an epoch of --epochs, which --iters scales to the run's "
+            "length)")
+    assert trainer.selection_warnings(DetTask(), args) == [said]
+    with_iters = types.SimpleNamespace(val_split="val", iters=40, epochs=4, lr_drop_epoch=[27])
+    assert trainer.selection_warnings(DetTask(), with_iters) == [said]
+    _, lr_at = trainer.schedule(DetTask(), types.SimpleNamespace(
+        iters=40, epochs=4, lr_drop_epoch=[27], lr=1.0), per_epoch=10)
+    assert {lr_at(it) for it in range(40)} == {1.0}                 # indeed never taken
+    with_iters.lr_drop_epoch = [3]
+    assert trainer.selection_warnings(DetTask(), with_iters) == []
