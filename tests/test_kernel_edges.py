@@ -213,7 +213,7 @@ def test_forced_triton_that_cannot_run_is_refused_before_any_work(tmp_path, scri
     """--kernels triton on a CPU without Triton's interpreter: one error line naming the flag,
     exit 2, before data, model or outputs (no --out folder is made)."""
     out = tmp_path / "out"
-    argv = {"train_seg.py": ["--data", str(tmp_path / "nowhere"), "--out", str(out),
+    argv = {"train_seg.py": ["--data", str(tmp_path), "--out", str(out),   # never read
                              "--backbone", "swin_nano", "--impl", "fused"],
             "evaluate.py": ["--checkpoint", str(tmp_path / "no.pt"), "--data", str(tmp_path)],
             "predict.py": ["--checkpoint", str(tmp_path / "no.pt"), "--vis", str(tmp_path),
