@@ -103,9 +103,7 @@ def main(argv=None) -> dict:
             engine.check_output(args.json, "--json", folder=False)
         if args.save_vis:
             engine.check_output(args.save_vis, "--save-vis", folder=True)
-        problem = kernels.backend_problem(engine.select_device(args.device))
-        if problem:
-            raise ValueError(f"--kernels {args.kernels}: {problem}")
+        kernels.check_backend(engine.select_device(args.device))
         task, model, ckpt = load_trained(args.checkpoint, args.pretrained)
         if args.task is not None and args.task != task:
             raise ValueError(f"{args.checkpoint} was trained for --task {task}, not {args.task}")

@@ -489,9 +489,7 @@ def main(argv=None) -> int:
                          f"outputs written there as inputs; give another --out")
     try:
         device = select_device(args.device)
-        problem = kernels.backend_problem(device)
-        if problem:
-            raise ValueError(f"--kernels {args.kernels}: {problem}")
+        kernels.check_backend(device)
         task, model, ckpt = load_trained(args.checkpoint, args.pretrained)
         pairs, failures = find_pairs(args)
     except (OSError, ValueError, KeyError, RuntimeError) as e:

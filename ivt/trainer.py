@@ -864,9 +864,7 @@ def train(task: Task, args, dist: engine.DistInfo, given: Optional[frozenset] = 
     if args.kernels != "auto" or args.impl != "reference":     # --impl may be the resumed run's
         import kernels                    # only the fast and fused paths use the kernels
         kernels.set_backend(args.kernels)
-        problem = kernels.backend_problem(dist.device)
-        if problem:
-            raise ValueError(f"--kernels {args.kernels}: {problem}")
+        kernels.check_backend(dist.device)
     with new_folder_removed_on_error(Path(args.out), dist.is_main):
         config, ckpt, changes, (train_set, val_set) = prepare_run(task, args, dist, resumed)
         model, optimizer, net = build_training(task, args, config, ckpt, dist)

@@ -12,7 +12,7 @@
   refuses it.
 Triton is optional: the kernel files are imported only when it is installed and imports. The
 scripts' `--kernels {auto,torch,triton}` calls `set_backend`, and refuses before any work a forced
-backend that cannot run on the device (`backend_problem`). Layout and design: docs/kernels.md.
+backend that cannot run on the device (`check_backend`). Layout and design: docs/kernels.md.
 """
 import importlib.util
 import os
@@ -43,7 +43,7 @@ if TRITON_INSTALLED:
 
 __all__ = ["simam", "partial_conv_residual", "hybrid_adapter_eval", "hybrid_adapter_train",
            "HybridAdapterWeights", "LowRankExtra", "NextNorm", "backend", "set_backend", "BACKENDS",
-           "use_triton", "backend_problem",
+           "use_triton", "check_backend",
            "simam_reference", "partial_conv_residual_reference", "hybrid_adapter_eval_reference",
            "hybrid_adapter_train_reference"]
 
@@ -106,14 +106,13 @@ def interpreter_ready() -> bool:
             and triton_version() >= INTERPRETER_MIN_TRITON)
 
 
-def backend_problem(device: torch.device) -> Optional[str]:
-    """Why the backend asked for cannot run the kernels on `device` (None when it can): the
-    scripts check it before any work, `use_triton` at each call."""
+def check_backend(device: torch.device) -> None:
+    """ValueError naming `--kernels` when the backend asked for cannot run the kernels on
+    `device`: the scripts check it before any work, `use_triton` at each call."""
     try:
         use_triton(torch.empty(1, device=device))
     except RuntimeError as error:
-        return str(error)
-    return None
+        raise ValueError(f"--kernels {backend()}: {error}") from None
 
 
 def use_triton(x: torch.Tensor) -> bool:
