@@ -144,11 +144,26 @@ def clip_gradients(params: list, max_norm: float = 0.0, max_value: float = 0.0,
 
 # -- data ----------------------------------------------------------------------------------------
 def own_process_group(worker_id: int = 0) -> None:
-    """DataLoader `worker_init_fn`: a Ctrl-C (or `kill -- -PGID`) reaches every process of the
-    run's process group; in a group of their own the workers leave it to the main process
-    (`StopRequest`), which shuts them down, while the signals the DataLoader sends them (SIGTERM
-    to a worker that does not exit) still work."""
+    """DataLoader `worker_init_fn`: the workers leave a stop to the main process (`StopRequest`),
+    which finishes its iteration, writes the checkpoint and shuts them down.
+
+    A Ctrl-C (or `kill -- -PGID`) reaches every process of the run's process group: the workers
+    get a group of their own. A SIGTERM sent to every process of the run (systemd's and a batch
+    scheduler's cgroup-wide stop) would still kill a worker, and the main process with it, in
+    the middle of an iteration: a worker waits for SIGTERM in a thread of its own and exits only
+    on its parent's, the one the DataLoader sends a worker that does not exit."""
     os.setpgrp()
+    if not hasattr(signal, "sigwaitinfo"):                         # macOS
+        return
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})     # this thread and the next
+
+    def wait_for_parent() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        os._exit(0)                   # as torch's own worker handler does on its parent's SIGTERM
+
+    threading.Thread(target=wait_for_parent, daemon=True).start()
 
 
 class InfiniteBatches:

@@ -743,6 +743,48 @@ def test_the_dataloader_still_terminates_a_stuck_worker():
     assert run.returncode == 0, run.stderr[-2000:]
 
 
+SIGNALLED_RUN = """
+import os, signal, sys, time
+import torch
+from torch.utils.data import DataLoader, Dataset
+from ivt.engine import StopRequest, own_process_group
+class Slow(Dataset):
+    def __len__(self):
+        return 6
+    def __getitem__(self, i):
+        time.sleep(0.2)
+        return torch.tensor([i, os.getpid()])
+with StopRequest() as stop:
+    loader = DataLoader(Slow(), num_workers=1, worker_init_fn=own_process_group)
+    for i, batch in enumerate(loader):
+        if i == 0:
+            print(os.getpid(), int(batch[0, 1]), flush=True)  # the main process and its worker
+            while stop.signum is None:
+                time.sleep(0.05)
+    print("all", i + 1, "batches", flush=True)
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="needs sigwaitinfo (not macOS)")
+def test_a_sigterm_sent_to_every_process_of_the_run_leaves_the_workers_running():
+    """systemd (KillMode=control-group) and batch schedulers stop a job by sending SIGTERM to
+    each of its processes: the main process's StopRequest takes it, and the workers, which
+    exit only on their parent's SIGTERM (`own_process_group`), keep serving the batches until
+    the main process is done (before, the worker died and the DataLoader raised)."""
+    proc = subprocess.Popen([sys.executable, "-c", SIGNALLED_RUN], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        main, worker = map(int, proc.stdout.readline().split())
+        assert main == proc.pid and worker != main
+        os.kill(worker, signal.SIGTERM)
+        os.kill(main, signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert out.split() == ["all", "6", "batches"]
+
+
 def test_eager_step_scales_each_groups_lr_by_its_lr_mult():
     """SGD without momentum: p <- p - lr * lr_mult * grad, for each parameter group."""
     model = torch.nn.Module()
