@@ -820,21 +820,31 @@ class RunCheckpoints:
         self.pretrained_sha256 = sha256_file(args.pretrained) if args.pretrained else None
         self.is_main = dist.is_main
         self.last, self.best_path = Path(args.out) / "last.pt", Path(args.out) / "best.pt"
-        # A resumed run's next best.pt must beat the score best.pt holds (read from that file:
-        # a run stopped between writing last.pt and best.pt left them apart), unless the
-        # validation changed (--allow-changes), which chooses best.pt anew, as does a folder
-        # without best.pt (a checkpoint continued into a new --out).
+        # A resumed run's next best.pt must beat the score best.pt holds (read from that file),
+        # unless the validation changed (--allow-changes), which chooses best.pt anew, as does a
+        # folder without best.pt (a checkpoint continued into a new --out).
         changed = sorted(set(ckpt.get("changed", ())) & set(task.validation_keys)) if ckpt else []
         if changed:
             say(f"the validation changed ({', '.join(changed)}): best.pt is chosen anew from "
                 f"this run's evaluations")
         held = saved_score(str(self.best_path)) if ckpt is not None and not changed else None
         # the lower of the two: last.pt's best is -inf after a validation change not evaluated
-        # yet (best.pt still holds the old validation's score); best.pt's when the run stopped
-        # between writing the two
+        # yet (best.pt still holds the old validation's score). A run stopped between writing
+        # last.pt at a new best and linking best.pt to it gets the link now.
         self.best = min(ckpt["best"], held) if held is not None else -math.inf
+        if ckpt is not None and not changed and self.unlinked_best(ckpt, held):
+            self.best = ckpt["best"]
+            if self.is_main:
+                atomic_link(str(self.last), str(self.best_path))
         self.metrics = ckpt["metrics"] if ckpt is not None else None
         self.saved_iter = ckpt["iter"] if ckpt is not None else None
+
+    def unlinked_best(self, ckpt: dict, held: Optional[float]) -> bool:
+        """Whether the run stopped after writing this folder's last.pt at a new best score and
+        before linking best.pt to it: the resumed state is then the best one."""
+        scored = (ckpt["metrics"] or {}).get(self.task.metric)
+        return (scored == ckpt["best"] and (held is None or scored > held)
+                and self.last.is_file() and self.last.samefile(ckpt["path"]))
 
     def save(self, it: int, r: Optional[dict]) -> None:
         """After iteration `it`, with the validation result `r` (None: no evaluation this time;

@@ -268,8 +268,9 @@ def test_a_validation_change_not_yet_evaluated_still_chooses_best_pt_anew(data, 
 
 
 def test_resume_keeps_the_score_best_pt_holds(data, tmp_path, monkeypatch):
-    """A run stopped between writing last.pt (best score 0.5) and best.pt (still 0.1): the
-    resumed run must beat what best.pt holds, so 0.3 becomes best.pt."""
+    """last.pt's best score (0.5) above the one best.pt holds (0.1), and last.pt's own
+    evaluation not that best (so last.pt is not the best state): the resumed run must beat what
+    best.pt holds, so 0.3 becomes best.pt."""
     fake_validation_scores(monkeypatch, 0.1, 0.3)
     out = tmp_path / "run"
     train_seg.main(tiny_args(data, out, 2))
@@ -278,6 +279,22 @@ def test_resume_keeps_the_score_best_pt_holds(data, tmp_path, monkeypatch):
                     "--device", "cpu", "--workers", "0"])
     best = load_checkpoint(str(out / "best.pt"))
     assert (best["iter"], best["best"]) == (4, 0.3)
+
+
+def test_resume_links_best_pt_to_a_new_best_last_pt_the_run_stopped_before_linking(
+        data, tmp_path, monkeypatch):
+    """Killed between writing last.pt at a new best score (0.5, iteration 2) and linking best.pt
+    to it (still 0.1): the resumed state is the best, so best.pt becomes it at once, and a later
+    0.3 does not replace it (the uninterrupted run's best.pt is iteration 2's 0.5)."""
+    fake_validation_scores(monkeypatch, 0.1, 0.3)
+    out = tmp_path / "run"
+    train_seg.main(tiny_args(data, out, 2))
+    rewrite_last(out, best=0.5, metrics={"mIoU": 0.5})
+    train_seg.main(["--out", str(out), "--resume", "--iters", "4", "--allow-changes",
+                    "--device", "cpu", "--workers", "0"])
+    best = load_checkpoint(str(out / "best.pt"))
+    assert (best["iter"], best["best"], best["metrics"]) == (2, 0.5, {"mIoU": 0.5})
+    assert load_checkpoint(str(out / "last.pt"))["best"] == 0.5
 
 
 def test_resume_applies_this_commands_kernels_to_the_runs_impl(data, tmp_path, monkeypatch):
