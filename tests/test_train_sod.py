@@ -244,6 +244,24 @@ def test_validation_split_is_fixed_on_resume_and_val_count_checked(vt, tmp_path,
     assert not (tmp_path / "neg").exists()
 
 
+def test_a_run_continued_into_a_new_folder_keeps_its_validation_split(vt, tmp_path):
+    """The list beside the continued checkpoint is the split, also with another --seed (which
+    draws another split), and is copied into the new --out; a run continued in its own folder
+    reads its list and leaves the file as it is (other processes read it at that moment)."""
+    train = vt / "VT5000" / "Train"
+    out, moved = tmp_path / "run", tmp_path / "moved"
+    train_sod.main(tiny_args(train, out, 2, "--eval-every", "0", "--val-count", "3"))
+    held = (out / "val_list.txt").read_text()
+    train_sod.main(tiny_args(train, moved, 4, "--eval-every", "0", "--val-count", "3",
+                             "--resume", str(out / "last.pt"), "--seed", "5",
+                             "--allow-changes"))
+    assert (moved / "val_list.txt").read_text() == held
+    written = (moved / "val_list.txt").stat().st_mtime_ns
+    train_sod.main(tiny_args(train, moved, 6, "--eval-every", "0", "--val-count", "3",
+                             "--resume", "--seed", "5", "--allow-changes"))
+    assert (moved / "val_list.txt").stat().st_mtime_ns == written
+
+
 def test_val_count_zero_resumes_and_a_list_of_every_image_is_refused(vt, tmp_path, capsys):
     """--val-count 0 trains on every image and selects on them: no list is saved, and the run
     resumes (it read its all-stems list back as held-out images: 'empty stem list'). A

@@ -30,7 +30,7 @@ from ..engine import (DistInfo, autocast_context, check_finite_output, evaluatio
 from ..metrics import SODMetric
 from ..models.saliency import build_saliency_model, sod_loss
 from ..models.swin import TAPS
-from ..trainer import Recipe, Task, backbone_kwargs
+from ..trainer import Recipe, Task, backbone_kwargs, resume_path
 
 DESCRIPTION = """\
 Train a salient object detection model (IV-tuning backbone + CPNet decoder) on VT5000.
@@ -45,8 +45,8 @@ BCE-with-logits + IoU on the main and three side outputs). The paper's "weight d
 release's lr decay factor; --weight-decay 0.1 reproduces the text literally (coupled L2 in Adam).
 The thermal image (a colour-mapped .jpg in the VT datasets) is converted to grayscale and repeated
 to 3 channels, as the authors' code does. --val-count images of --data are held out (a seeded list,
-saved as <out>/val_list.txt and reused on --resume) to choose best.pt by S-measure; the test sets
-are never used for selection.
+saved as <out>/val_list.txt; --resume reuses the list beside the checkpoint it continues) to
+choose best.pt by S-measure; the test sets are never used for selection.
 """
 
 METRIC_KEYS = ("S", "maxF", "meanF", "adpF", "wF", "maxE", "meanE", "adpE", "MAE")
@@ -154,8 +154,11 @@ class SODTask(Task):
             raise ValueError(f"--val-count must not be negative, got {args.val_count}")
         stems = list_vt_stems(args.data)
         saved = out / "val_list.txt"
-        if args.val_list or (args.resume and args.val_count > 0 and saved.is_file()):
-            path = Path(args.val_list) if args.val_list else saved
+        # a resumed run keeps its split: the list beside the checkpoint it continues
+        kept = Path(resume_path(args)).parent / "val_list.txt" if args.resume else None
+        path = (Path(args.val_list) if args.val_list
+                else kept if kept and args.val_count > 0 and kept.is_file() else None)
+        if path is not None:
             val = [s for s in path.read_text().split()]
             unknown = sorted(set(val) - set(stems))
             if unknown:
@@ -171,7 +174,8 @@ class SODTask(Task):
             train, val = split_train_val(stems, args.val_count, args.seed)
         else:
             train, val = stems, stems
-        if is_main and not args.val_list and args.val_count > 0:
+        if is_main and not args.val_list and args.val_count > 0 and not (
+                path and saved.is_file() and path.samefile(saved)):   # never rewritten as read
             saved.write_text("".join(f"{s}\n" for s in val))
         size = args.size
         return (VTDataset(args.data, train=True, size=size, seed=args.seed, norm=norm,
