@@ -44,7 +44,7 @@ RUN_ONLY = ("device", "workers", "out", "resume", "allow_changes", "log_every", 
             "pretrained",      # a moved file is fine: its SHA-256 is checked against the run's
             "pretrained_source",            # so is the same file named another way
             "verify_images", "save_rank_weights", "eval_every", "save_every", "total_iters",
-            "cuda_graph", "impl", "memory")
+            "per_epoch", "cuda_graph", "impl", "memory")
 # Settings of one invocation, never taken from the run `--resume` continues (the others left out
 # of the command are: `flags_from_run`); `pretrained` has its own rule (`pretrained_weights`).
 OWN_FLAGS = ("device", "workers", "out", "resume", "allow_changes", "kernels", "cuda_graph",
@@ -682,6 +682,23 @@ def schedule(task: Task, args, per_epoch: int) -> Tuple[int, Callable[[int], flo
     return iters, lambda it: args.lr * 0.1 ** sum(it >= drop for drop in drops)
 
 
+def check_epoch_length(task: Task, args, ckpt: dict, per_epoch: int, world_size: int) -> None:
+    """A schedule counted in epochs (the step schedule without --iters) continues at the
+    iteration the checkpoint saved, an epoch position only at the epoch length it trained with:
+    refuse another length (batch size, process count, training set), which would read it as
+    another epoch and move the lr drops and the end."""
+    saved = ckpt["config"].get("per_epoch")
+    if task.recipe.schedule != "step" or args.iters or saved in (None, per_epoch):
+        return
+    it = ckpt["iter"]
+    raise ValueError(f"{ckpt['path']} stopped after iteration {it}, epoch {it / saved:.4g} of "
+                     f"epochs of {saved} iterations; an epoch is now {per_epoch} (--batch-size "
+                     f"{args.batch_size} on {world_size} process(es)), which would read it as "
+                     f"epoch {it / per_epoch:.4g}: resume with the run's batch size, process "
+                     f"count and training images, or count the schedule in iterations: --iters "
+                     f"{args.epochs * saved} --allow-changes keeps its length and lr drops")
+
+
 def graphed_step(model, loss_fn, optimizer, autocast, clip_grad: float, clip_value: float,
                  eager: Callable, say: Callable) -> Callable:
     """`--cuda-graph`: the step captured in a CUDA graph (`ivt.graph_step`), or the eager step
@@ -884,7 +901,9 @@ def train(task: Task, args, dist: engine.DistInfo, given: Optional[frozenset] = 
     stream = engine.InfiniteBatches(train_set, args.batch_size, dist, args.seed, args.workers,
                                     start_iter)
     iters, lr_at = schedule(task, args, stream.per_epoch)
-    config["total_iters"] = iters
+    if ckpt is not None:
+        check_epoch_length(task, args, ckpt, stream.per_epoch, dist.world_size)
+    config["total_iters"], config["per_epoch"] = iters, stream.per_epoch
     batches = iter(stream)
     out = Path(args.out)
     logger = engine.JSONLLogger(str(out / "log.jsonl"), dist.is_main)

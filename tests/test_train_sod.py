@@ -262,6 +262,34 @@ def test_a_run_continued_into_a_new_folder_keeps_its_validation_split(vt, tmp_pa
     assert (moved / "val_list.txt").stat().st_mtime_ns == written
 
 
+def test_resume_refuses_another_epoch_length_for_a_schedule_in_epochs(vt, tmp_path, capsys):
+    """The step schedule counts epochs: a checkpoint after 1 of 2 epochs of 3 iterations
+    (batch 2) resumed at batch 3 (2 iterations an epoch) would read its 3 iterations as 1.5
+    epochs (it trained a quarter of an epoch less, the lr dropped mid-epoch): refused, naming the
+    way on, --iters 6 (the run's length in its iterations), which keeps the lr drop at 3."""
+    train = vt / "VT5000" / "Train"
+    out = tmp_path / "run"
+    args = tiny_args(train, out, 0, "--eval-every", "0", "--epochs", "1", "--lr-drop-epoch", "1")
+    args = args[:args.index("--iters")] + args[args.index("--iters") + 2:]
+    first = train_sod.main(args)
+    ckpt = load_checkpoint(first["last"])
+    assert (ckpt["iter"], ckpt["config"]["per_epoch"]) == (3, 3)
+    more = ["--resume", "--epochs", "2", "--batch-size", "3", "--allow-changes"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train_sod.main(args + more)
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert ("stopped after iteration 3, epoch 1 of epochs of 3 iterations; an epoch is now 2 "
+            "(--batch-size 3 on 1 process(es)), which would read it as epoch 1.5") in err, err
+    assert "--iters 6 --allow-changes keeps its length and lr drops" in err, err
+    assert load_checkpoint(str(out / "last.pt"))["iter"] == 3
+    train_sod.main(args + more + ["--iters", "6"])
+    lrs = {r["iter"]: r["lr"] for r in read_log(out / "log.jsonl") if r["event"] == "train"}
+    assert lrs[4] == pytest.approx(1e-4) and lrs[6] == pytest.approx(1e-4)
+    assert load_checkpoint(str(out / "last.pt"))["iter"] == 6
+
+
 def test_val_count_zero_resumes_and_a_list_of_every_image_is_refused(vt, tmp_path, capsys):
     """--val-count 0 trains on every image and selects on them: no list is saved, and the run
     resumes (it read its all-stems list back as held-out images: 'empty stem list'). A
