@@ -1,4 +1,4 @@
-"""Test-wide settings: one intra-op thread per process.
+"""Test-wide settings: one intra-op thread per process; Triton's interpreter without a GPU.
 
 The tests run tiny models, where a second OpenMP thread buys little; on a loaded 2-core machine
 it costs a lot (threads spin waiting for a busy core: a 50x slowdown was measured here).
@@ -13,6 +13,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+# Without a GPU the Triton kernels are tested under Triton's interpreter, which must be asked for
+# before `kernels` is imported (as `make test` does; `pytest tests/test_kernels.py` alone too).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture
