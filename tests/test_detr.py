@@ -874,3 +874,70 @@ def test_set_losses_on_a_given_assignment():
     assert got["loss_cls"].item() == pytest.approx(cls / 3, rel=1e-6)
     assert got["loss_l1"].item() == pytest.approx(l1 / 3, rel=1e-6)
     assert got["loss_giou"].item() == pytest.approx(giou / 3, rel=1e-6)
+
+
+def test_denoising_losses_are_divided_by_the_boxes_of_every_group():
+    """DINO's criterion divides the denoising terms by num_boxes * the number of groups (each
+    group holds every target once): with G = 3 groups whose positive queries predict the same
+    box, the L1 and GIoU terms are one positive's, and the focal term is the sum over all
+    3 * 2 denoising queries and classes divided by 3 (Lin et al.'s formula by hand)."""
+    from ivt.models.detr.criterion import SetCriterion
+    K, G = 3, 3
+    gt = [8.0, 4.0, 24.0, 20.0]                                     # xyxy in a 32 x 40 image
+    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([gt])}]
+    pos_box, pos_logits = [0.45, 0.35, 0.4, 0.5], [-1.0, 2.0, -0.5]
+    neg_logits = [-3.0, 0.5, -2.0]
+    dn_logits = torch.tensor([pos_logits, neg_logits] * G, dtype=torch.float64)[None]
+    dn_boxes = torch.tensor([pos_box, [0.2, 0.8, 0.1, 0.1]] * G, dtype=torch.float64)[None]
+    outputs = {"pred_logits": torch.zeros(1, 4, K, dtype=torch.float64),
+               "pred_boxes": torch.full((1, 4, 4), 0.5, dtype=torch.float64),
+               "image_size": (32, 40),
+               "dn_outputs": {"pred_logits": dn_logits, "pred_boxes": dn_boxes,
+                              "aux_outputs": []},
+               "dn_meta": {"pad_size": 2 * G, "num_groups": G, "group_size": 2}}
+    criterion = SetCriterion(K, HungarianMatcher(), {"cls": 1.0, "l1": 5.0, "giou": 2.0})
+    losses = criterion(outputs, targets)
+    box = [gt[0] / 40, gt[1] / 32, gt[2] / 40, gt[3] / 32]
+    cx, cy, w, h = pos_box
+    l1 = (abs(cx - (box[0] + box[2]) / 2) + abs(cy - (box[1] + box[3]) / 2)
+          + abs(w - (box[2] - box[0])) + abs(h - (box[3] - box[1])))
+    giou = 1 - giou_by_hand([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], box)
+    cls = G * sum(focal_by_hand(pos_logits[k], float(k == 1)) + focal_by_hand(neg_logits[k], 0.0)
+                  for k in range(K)) / G
+    assert losses["loss_l1_dn"].item() == pytest.approx(l1, rel=1e-6)
+    assert losses["loss_giou_dn"].item() == pytest.approx(giou, rel=1e-6)
+    assert losses["loss_cls_dn"].item() == pytest.approx(cls, rel=1e-6)
+
+
+def test_decoder_gives_the_next_layer_a_detached_reference():
+    """DINO detaches the refined box as the next layer's reference (`reference_points =
+    new_reference_points.detach()`): layer 1's output, whose sampling locations come from that
+    reference, carries no gradient into layer 0's box head; only the box loss does (look forward
+    twice)."""
+    decoder, _, _, seen = run_decoder_recording_layers()
+    assert not seen["ref1"].requires_grad
+    grad, = torch.autograd.grad(seen["out1"].sum(), decoder.box_head.layers[-1].weight,
+                                allow_unused=True)
+    assert grad is None or not grad.any()
+
+
+def test_deformable_attention_around_a_box_spreads_offsets_by_half_its_size():
+    """Deformable DETR's box reference (cx, cy, w, h): a point reads at (cx, cy) + offset / P *
+    (w, h) / 2. Offset (+1, 0) for both of P = 2 points, a box of width 0.4, on a map whose value
+    is a ramp in x (exact under bilinear sampling away from the borders): every point reads the
+    ramp at cx + 1/2 * 0.4 / 2 = cx + 0.1."""
+    shapes = [(4, 10)]
+    attn = MultiScaleDeformableAttention(dim=1, num_heads=1, num_levels=1, num_points=2).double()
+    with torch.no_grad():
+        attn.sampling_offsets.weight.zero_()
+        attn.sampling_offsets.bias.copy_(torch.tensor([1.0, 0.0, 1.0, 0.0]))
+        attn.value_proj.weight.fill_(1.0)
+        attn.value_proj.bias.zero_()
+        attn.output_proj.weight.fill_(1.0)
+        attn.output_proj.bias.zero_()
+    xs = (torch.arange(10, dtype=torch.float64) + 0.5) / 10             # pixel centres in [0, 1]
+    value = xs.repeat(4)[None, :, None]                                 # (1, 40, 1): x of the pixel
+    cx, cy, w, h = 0.35, 0.5, 0.4, 0.3
+    reference = torch.tensor([[[[cx, cy, w, h]]]], dtype=torch.float64)
+    out = attn(torch.randn(1, 1, 1, dtype=torch.float64), reference, value, shapes)
+    assert out.item() == pytest.approx(cx + 0.1, abs=1e-12)

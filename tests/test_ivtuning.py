@@ -176,3 +176,18 @@ def test_ipa_width_is_d3_and_empg_width_d1():
     widths = {(n.rsplit(".", 1)[-1], m.down.out_features) for n, m in bb.named_modules()
               if n.endswith(("ipa1", "ipa2", "ha1", "ha2"))}
     assert widths == {("ipa1", d3), ("ipa2", d3), ("ha1", d2), ("ha2", d2)}
+
+
+@pytest.mark.parametrize("name", ["swin_nano", "eva02_b"])
+def test_defaults_are_the_papers(name):
+    """spec/method.md, Sec. 3: widths d1 = 8, d2 = 64, d3 = 8, the Hybrid Adapter's dropout
+    p = 0.1 after its GELU, SimAM's lambda = 1e-4 (Eq. 12); in every adapter of a built
+    backbone."""
+    cfg = IVTConfig()
+    assert (cfg.d1, cfg.d2, cfg.d3, cfg.dropout, cfg.lam) == (8, 64, 8, 0.1, 1e-4)
+    bb = build_backbone(name, tuning="ivt", img_size=(32, 32))
+    drops = [m.drop.p for m in bb.modules() if isinstance(m, HybridAdapter)]
+    lams = [m.lam for m in bb.modules() if isinstance(m, SimAM)]
+    assert drops and set(drops) == {0.1}
+    assert lams and set(lams) == {1e-4}
+    assert bb.empg.s1.out_features == 8

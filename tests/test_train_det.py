@@ -52,6 +52,16 @@ def test_help_shows_the_recipe(capsys):
         assert action.help, action.option_strings
 
 
+def test_optimiser_defaults_are_the_papers_detection_recipe():
+    """spec/method.md (detection) and the authors' DINO config: AdamW lr 1e-4, weight decay 1e-4,
+    36 epochs, lr x0.1 at epochs 27 and 33, batch 2, 640 inputs, gradient norm clipped at 0.1,
+    no clipping by value."""
+    args = train_det.get_parser().parse_args(["--data", "M3FD"])
+    assert (args.lr, args.weight_decay, args.epochs, args.lr_drop_epoch, args.batch_size,
+            args.size, args.clip_grad, args.clip_grad_value) == \
+        (1e-4, 1e-4, 36, [27, 33], 2, 640, 0.1, 0.0)
+
+
 def test_detector_flags_reach_the_config():
     """Defaults: RT-DETR's hybrid encoder (6 deformable layers with --encoder deformable), and
     DINO's FFN 2048, 100 denoising queries, label noise 0.5, box noise 0.4; --no-denoising is
