@@ -335,3 +335,27 @@ def test_demo_methods_smoke(tmp_path):
     assert header.split()[0] == "method" and len(rows) == len(summary)
     for row, (name, r) in zip(rows, summary.items()):
         assert row.split()[0] == name and f"{r['trainable_params']:,}" in row
+
+
+@pytest.mark.parametrize("family", ["swin", "eva02"])
+def test_each_method_starts_as_its_release(family):
+    """The defaults and initialisations of the compared methods' own code, in a built backbone:
+    AdaptFormer s = 0.1, dropout 0.1, up-projection zero (neutral at the start); Bi-AdaptFormer
+    s = 1, dropout 0.1, up-projection trunc-normal std 1e-3 cut at +-2e-3; Rein alpha = 1e-3;
+    VPT prompts uniform in +-sqrt(6 / (3 patch^2 + C)) (drawn wide enough to reach the bound)."""
+    adapt = [m for m in build(family, "adaptformer").modules() if isinstance(m, AdaptFormer)]
+    assert adapt and {(m.scale, m.drop.p) for m in adapt} == {(0.1, 0.1)}
+    assert all(not m.up.weight.any() and not m.up.bias.any() for m in adapt)
+    bi = [m for m in build(family, "bi_adaptformer").modules() if isinstance(m, AdaptFormer)]
+    assert bi and {(m.scale, m.drop.p) for m in bi} == {(1.0, 0.1)}
+    up = torch.cat([m.up.weight.flatten() for m in bi])
+    assert up.abs().max() <= 2e-3 and 0.7e-3 < up.std() < 1.0e-3   # N(0, 1e-3) cut at 2 sigma: 0.88e-3
+    reins = [m for m in build(family, "rein").modules() if isinstance(m, Rein)]
+    assert reins and all(m.scale.item() == pytest.approx(1e-3, rel=1e-6) for m in reins)
+    bb = build(family, "vpt")
+    patch = bb.patch_embed.patch
+    for name, p in bb.named_parameters():
+        if name.endswith(".prompts"):
+            bound = math.sqrt(6 / (3 * patch * patch + p.shape[1]))
+            assert p.abs().max() <= bound, name
+            assert p.abs().max() > (0.95 if p.numel() >= 500 else 0.5) * bound, name
