@@ -62,6 +62,29 @@ def test_optimiser_defaults_are_the_papers_detection_recipe():
         (1e-4, 1e-4, 36, [27, 33], 2, 640, 0.1, 0.0)
 
 
+def test_the_optimiser_decays_weights_decoupled_as_adamw():
+    """AdamW (Loshchilov & Hutter): on a zero gradient one step is p <- p (1 - lr wd), with the
+    backbone's lr x0.1; Adam with L2 weight decay (coupled) would move p by about lr instead."""
+    from contextlib import nullcontext
+
+    from ivt.engine import EagerStep
+    from ivt.trainer import build_optimizer
+    model = torch.nn.Module()
+    model.backbone = torch.nn.Linear(3, 2)
+    model.head = torch.nn.Linear(2, 2)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    args = train_det.get_parser().parse_args(["--data", "x", "--lr", "0.1",
+                                              "--weight-decay", "0.5"])
+    optimizer = build_optimizer(DetTask(), model, args)
+    step = EagerStep(model, lambda m, batch: sum((p * 0).sum() for p in m.parameters()),
+                     optimizer, nullcontext)
+    step({}, 0.1)
+    for name, value in model.state_dict().items():
+        mult = 0.1 if name.startswith("backbone.") else 1.0
+        torch.testing.assert_close(value, start[name] * (1 - 0.1 * mult * 0.5), rtol=1e-6,
+                                   atol=0)
+
+
 def test_detector_flags_reach_the_config():
     """Defaults: RT-DETR's hybrid encoder (6 deformable layers with --encoder deformable), and
     DINO's FFN 2048, 100 denoising queries, label noise 0.5, box noise 0.4; --no-denoising is
