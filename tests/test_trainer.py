@@ -833,6 +833,18 @@ class CountingItems(torch.utils.data.Dataset):
         return {"i": torch.tensor(i)}
 
 
+def test_evaluation_shards_cover_every_image_once():
+    """Process r of w evaluates images r, r + w, r + 2w, ... in batches of one: over the
+    processes, each of 7 images exactly once, with its own index."""
+    items = CountingItems(7)
+    seen = []
+    for rank in range(3):
+        dist = engine.DistInfo(rank, 3, rank, torch.device("cpu"))
+        seen += [(index, batch["i"].item()) for index, batch in engine.shard(items, dist)]
+    assert sorted(seen) == [(i, i) for i in range(7)]
+    assert [i for i, _ in seen[:3]] == [0, 3, 6]
+
+
 @pytest.mark.parametrize("start_iter", [0, 1, 2, 4, 8])
 def test_infinite_batches_resume_mid_epoch_continues_the_stream(start_iter):
     """`InfiniteBatches(start_iter=k)` yields the batches of iterations k, k+1, ... of the
