@@ -109,7 +109,12 @@ def test_graphed_steps_equal_eager_steps(optim, options):
     start = {k: v.clone() for k, v in eager_model.state_dict().items()}
 
     def make(m):
-        params = [p for p in m.parameters() if p.requires_grad]
+        # two groups, the backbone's at lr x0.1: each step sets every group's lr (`lr_mult`)
+        params = [{"params": [p for n, p in m.named_parameters()
+                              if p.requires_grad and not n.startswith("backbone.")]},
+                  {"params": [p for n, p in m.named_parameters()
+                              if p.requires_grad and n.startswith("backbone.")], "lr_mult": 0.1}]
+        assert all(group["params"] for group in params)
         if optim == "sgd":
             return torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-2)
         # Adam divides by sqrt(v) + eps, so at the default eps=1e-8 a gradient at rounding-noise
