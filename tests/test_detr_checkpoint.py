@@ -164,3 +164,11 @@ def test_detector_checkpoint_errors_name_keys(source, tmp_path):
                                               r"checkpoint \(65,\) vs model \(64,\)"):
         load_detector_backbone(build_backbone("swin_nano", tuning="ivt"),
                                str(tmp_path / "wide.pth"))
+    sd = mmdet_swin_converter(release_layout(own))                # as many numbers, transposed
+    key = "backbone.stages.2.blocks.1.ffn.layers.1.weight"
+    sd[key] = sd[key].t().contiguous()
+    torch.save({"state_dict": sd}, tmp_path / "transposed.pth")
+    with pytest.raises(CheckpointError, match=r"shape mismatches \(1\): "
+                                              r"layers\.2\.blocks\.1\.mlp\.fc2\.weight"):
+        load_detector_backbone(build_backbone("swin_nano", tuning="ivt"),
+                               str(tmp_path / "transposed.pth"))
