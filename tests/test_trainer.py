@@ -787,7 +787,7 @@ def test_a_sigterm_sent_to_every_process_of_the_run_leaves_the_workers_running()
     """systemd (KillMode=control-group) and batch schedulers stop a job by sending SIGTERM to
     each of its processes: the main process's StopRequest takes it, and the workers, which
     exit only on their parent's SIGTERM (`own_process_group`), keep serving the batches until
-    the main process is done (before, the worker died and the DataLoader raised)."""
+    the main process is done (a worker killed mid-run makes the DataLoader raise)."""
     proc = subprocess.Popen([sys.executable, "-c", SIGNALLED_RUN], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
