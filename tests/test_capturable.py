@@ -3,8 +3,8 @@ the GPU (a tensor's value read into Python, an output shape that depends on the 
 made from Python data), and the capture then fails with a CUDA error, on a GPU only. Here each
 task's training step (forward, loss, backward, gradient clipping: everything the graph captures
 but the optimizer, whose capturable form `tests/test_graph_step.py` checks on CUDA) runs as
-`train_*.py --impl fused` builds it, with the fused kernels under Triton's interpreter: once as
-the eager warm-up before a capture, then again recording every such operator. Segmentation and
+`train_*.py --impl fused` builds it: once as the eager warm-up before a capture, then again, the
+fused kernels under Triton's interpreter, recording every such operator. Segmentation and
 SOD (Swin and EVA02) must have none; detection has them (its Hungarian matching), which is why
 its `--cuda-graph` runs eager steps (`DetTask.eager_only`)."""
 import sys
@@ -87,14 +87,19 @@ def host_waits_of_a_step(task: str, backbone: str, tmp_path: Path, impl: str = "
     params = [p for p in model.parameters() if p.requires_grad]
     bench = _bench_train_step()
     previous = kernels.backend()
-    kernels.set_backend("triton" if impl == "fused" else "torch")
 
     def step():
         task_obj.loss(model, batch, dist.device).backward()
         engine.clip_gradients(params, args.clip_grad, args.clip_grad_value, foreach=True)
 
     try:
-        step()              # the eager warm-up step before a capture fills the model's caches
+        # The eager warm-up step before a capture fills the model's caches. Here the fused
+        # kernels take their PyTorch references (the interpreter's time goes to the recorded
+        # step): a cache that only the kernels fill is filled in the recorded step instead, where
+        # a host wait it makes is found, so the check is stricter than a GPU's warm-up.
+        kernels.set_backend("torch")
+        step()
+        kernels.set_backend("triton" if impl == "fused" else "torch")
         with bench.TritonLaunches() as launches:
             with HostWaits(launches) as waits:
                 step()
