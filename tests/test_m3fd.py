@@ -135,39 +135,48 @@ def test_train_items_are_deterministic_and_collate(tmp_path):
 
 BAD = [("Car", 5, 5, 20, 20),            # 0 fine
        ("People", 30, 10, 25, 30),       # 1 degenerate: xmax < xmin
-       ("Bus", 40, 20, 70, 40),          # 2 outside the 64 x 48 image
+       ("Bus", 40, 20, 70, 40),          # 2 past the 64 x 48 image's right border: clipped
        ("Bicycle", 10, 25, 20, 40),      # 3 unknown class
        ("truck", 45, 5, 55, 15),         # 4 fine: class names are matched case-insensitively
-       ("Lamp", 22, 30, 22, 45)]         # 5 fine: a one-pixel-wide box (xmin == xmax)
+       ("Lamp", 22, 30, 22, 45),         # 5 fine: a one-pixel-wide box (xmin == xmax)
+       ("Car", 66, 10, 80, 20)]          # 6 wholly right of the image: no area inside it
 
 
 def test_bad_boxes_are_reported_with_file_and_index_then_skipped(tmp_path, capsys):
     root = tmp_path / "m3fd"
-    write_pair(root, "00007", BAD, difficult=(4,))
+    write_pair(root, "00007", BAD, difficult=(4,), ir_level=200)
     write_pair(root, "00008", [("Motorcycle", 1, 1, 64, 48)])
     d = split_dir(tmp_path, train=["00007", "00008"])
     ds = M3FDDataset(root, "train", split_dir=d, train=False, size=32)
     xml = root / "Annotation" / "00007.xml"
-    assert len(ds.warnings) == 3
-    assert ds.warnings[0].startswith(f"{xml}: object 1 (People") and "degenerate" in ds.warnings[0]
-    assert ds.warnings[1].startswith(f"{xml}: object 2 (Bus") and "outside" in ds.warnings[1]
+    assert len(ds.warnings) == 4                  # the full-image box of 00008 is no clip
+    assert ds.warnings[0].startswith(f"{xml}: object 2 (Bus") and "clipped" in ds.warnings[0]
+    assert ds.warnings[1].startswith(f"{xml}: object 1 (People") and "degenerate" in ds.warnings[1]
     assert ds.warnings[2].startswith(f"{xml}: object 3 (Bicycle")
     assert "unknown class" in ds.warnings[2]
+    assert ds.warnings[3].startswith(f"{xml}: object 6 (Car") and "outside" in ds.warnings[3]
     printed = capsys.readouterr().err
-    assert "3 invalid box(es) skipped" in printed and "object 3 (Bicycle" in printed
+    assert "1 box(es) clipped to the image, 3 invalid box(es) skipped" in printed
+    assert "object 3 (Bicycle" in printed
 
     boxes, labels, ignore = ds.gt(0)
-    np.testing.assert_array_equal(boxes, [[4, 4, 20, 20], [44, 4, 55, 15], [21, 29, 22, 45]])
-    assert [M3FD_CLASSES[i] for i in labels] == ["Car", "Truck", "Lamp"]
-    assert ignore.tolist() == [False, True, False]        # <difficult>1</difficult> -> ignore
+    # VOC (40, 20, 70, 40) is (39, 19, 70, 40), clamped to x <= 64 as DETR's data loading does
+    np.testing.assert_array_equal(boxes, [[4, 4, 20, 20], [39, 19, 64, 40], [44, 4, 55, 15],
+                                          [21, 29, 22, 45]])
+    assert [M3FD_CLASSES[i] for i in labels] == ["Car", "Bus", "Truck", "Lamp"]
+    assert ignore.tolist() == [False, False, True, False]  # <difficult>1</difficult> -> ignore
     assert ds.gt(1)[0].tolist() == [[0, 0, 64, 48]]      # the full-image box is inside
-    assert ds[0]["ignore"].tolist() == [False, True, False]
+    assert ds[0]["ignore"].tolist() == [False, False, True, False]
+    # the item's boxes are the clipped ones at the 32 x 32 input: x / 2, y / 1.5
+    np.testing.assert_allclose(ds[0]["boxes"][1].numpy(), [19.5, 19 / 1.5, 32, 40 / 1.5],
+                               rtol=1e-6)
 
     with pytest.raises(ValueError) as e:
         M3FDDataset(root, "train", split_dir=d, bad_boxes="error")
     msg = str(e.value)
     assert "3 invalid box(es)" in msg
-    assert all(f"{xml}: object {k}" in msg for k in (1, 2, 3)) and "object 0" not in msg
+    assert all(f"{xml}: object {k}" in msg for k in (1, 3, 6))
+    assert "object 0" not in msg and "object 2" not in msg        # a clipped box is valid
     with pytest.raises(ValueError, match="bad_boxes"):
         M3FDDataset(root, "train", split_dir=d, bad_boxes="clip")
 
@@ -182,7 +191,8 @@ def test_image_size_is_read_from_the_file(tmp_path):
     ds = M3FDDataset(root, "test", split_dir=d, train=False, size=32)
     assert [r.size for r in ds.records] == [(48, 64), (30, 40)]
     assert "<size> says 1024x768" in ds.warnings[0] and "is 64x48" in ds.warnings[0]
-    assert "object 1" in ds.warnings[1] and "outside the 64x48 image" in ds.warnings[1]
+    assert "object 1" in ds.warnings[1] and "clipped to the 64x48 image" in ds.warnings[1]
+    assert ds.gt(0)[0].tolist() == [[4, 4, 20, 20], [9, 9, 64, 40]]
     assert ds[1]["orig_size"] == (30, 40)
     # without validation the XML is trusted, and reading the pixels refuses the disagreement
     fast = M3FDDataset(root, "test", split_dir=d, train=False, validate=False)
@@ -357,6 +367,27 @@ def test_coco_json_form_gives_the_same_targets(tmp_path):
         ann.write_text(json.dumps({"images": images, "annotations": [], "categories": cats}))
         with pytest.raises(ValueError, match=f"instances_train.json: {says}"):
             M3FDDataset.from_coco(root, "train")
+
+
+def test_coco_boxes_past_the_borders_are_clipped(tmp_path):
+    """COCO's (x, y, w, h) may start left of or above the image: clamped to [0, W] x [0, H] as
+    DETR's `ConvertCocoPolysToMask` does; a box with no area inside is invalid."""
+    root = tmp_path / "coco"
+    for sub in ("vi", "ir"):
+        (root / "train" / sub).mkdir(parents=True)
+        Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(root / "train" / sub / "a.png")
+    anns = [{"id": k, "image_id": 1, "category_id": 2, "bbox": bbox}
+            for k, bbox in enumerate([[-3, 2, 10, 5],          # (-3, 2, 7, 7)
+                                      [30, 25, 20, 10],        # (30, 25, 50, 35)
+                                      [-12, 0, 10, 5]])]       # (-12, 0, -2, 5): left of it
+    (root / "annotations").mkdir()
+    (root / "annotations" / "train.json").write_text(json.dumps(
+        {"images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 30}],
+         "annotations": anns, "categories": [{"id": 2, "name": "Car"}]}))
+    ds = M3FDDataset.from_coco(root, "train", train=False, size=32)
+    assert ds.gt(0)[0].tolist() == [[0, 2, 7, 7], [30, 25, 40, 30]]
+    assert ["clipped" in w for w in ds.warnings] == [True, True, False]
+    assert "object 2" in ds.warnings[2] and "no area inside" in ds.warnings[2]
 
 
 def test_synthetic_m3fd_loads_with_day_and_night_lists(tmp_path):

@@ -20,11 +20,14 @@ these continuous xyxy coordinates, in pixels.
 
 Classes are mapped by name (case-insensitive), never by position: code bases order them differently.
 Each image's size is read from the file (274 M3FD images are not 1024 x 768); the annotation's own
-size is checked against it. Boxes that are degenerate (x1 <= x0 or y1 <= y0), leave the image, or
-name an unknown class are reported with file and object index (counted from 0 in file order): the
-reports are collected in `dataset.warnings` and printed once; such boxes are then skipped
-(`bad_boxes='skip'`) or refused (`bad_boxes='error'`: ValueError listing them all). VOC `difficult`
-(COCO `iscrowd`) boxes are kept with `ignore=True`: the metric neither rewards nor penalises them.
+size is checked against it. A box that reaches past the image's border is clipped to it and kept,
+as DINO's data loading does (DETR's `ConvertCocoPolysToMask`: coordinates clamped to [0, W] and
+[0, H]); the clip is reported. Boxes that are degenerate (x1 <= x0 or y1 <= y0), have no area inside
+the image, or name an unknown class are invalid. Both are reported with file and object index
+(counted from 0 in file order), collected in `dataset.warnings` and printed once; invalid boxes are
+then skipped (`bad_boxes='skip'`) or refused (`bad_boxes='error'`: ValueError listing them all).
+VOC `difficult` (COCO `iscrowd`) boxes are kept with `ignore=True`: the metric neither rewards nor
+penalises them.
 """
 import json
 import math
@@ -92,11 +95,20 @@ def box_problems(obj: RawObject, size: Tuple[int, int]) -> List[str]:
         return reasons + ["box missing or not numeric"]
     x0, y0, x1, y1 = obj.box
     if not (x1 > x0 and y1 > y0):
-        reasons.append("degenerate box (x1 <= x0 or y1 <= y0)")
-    h, w = size
-    if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
-        reasons.append(f"box outside the {w}x{h} image")
+        return reasons + ["degenerate box (x1 <= x0 or y1 <= y0)"]
+    cx0, cy0, cx1, cy1 = clip_to_image(obj.box, size)
+    if not (cx1 > cx0 and cy1 > cy0):
+        reasons.append(f"box outside the {size[1]}x{size[0]} image (no area inside it)")
     return reasons
+
+
+def clip_to_image(box: Tuple[float, float, float, float], size: Tuple[int, int]
+                  ) -> Tuple[float, float, float, float]:
+    """xyxy `box` clamped to an image of `size` = (H, W): x to [0, W], y to [0, H]."""
+    h, w = size
+    x0, y0, x1, y1 = box
+    return (min(max(x0, 0.0), w), min(max(y0, 0.0), h), min(max(x1, 0.0), w),
+            min(max(y1, 0.0), h))
 
 
 def parse_voc(path: Path) -> Tuple[Optional[Tuple[int, int]], List[RawObject]]:
@@ -241,7 +253,9 @@ class M3FDDataset(Dataset):
         seed: base seed; augmentation draws from `np.random.default_rng([seed, epoch, index])`:
             call `set_epoch` every epoch (a resumed run replays the same augmentation).
         norm: the backbone's input normalisation (`ivt.models.normalization_for(name)`).
-        bad_boxes: 'skip' (report, then drop) or 'error' (ValueError) for invalid boxes.
+        bad_boxes: 'skip' (report, then drop) or 'error' (ValueError) for invalid boxes
+            (degenerate, no area inside the image, unknown class); a box reaching past the
+            border is clipped to the image and kept either way (module docstring).
         validate: read the header of every visible and infrared image: their sizes must agree
             (else ValueError); the XML's `<size>` is checked against them (a mismatch is reported
             and the file's size is used). Without it, sizes come from the XML.
@@ -279,14 +293,14 @@ class M3FDDataset(Dataset):
         if missing:
             raise FileNotFoundError(f"{root}: {len(missing)} file(s) of split {split!r} (lists in "
                                     f"{split_dir}) missing: {_listing(missing)}")
-        records, size_notes, box_reports = [], [], []
+        records, size_notes, clip_notes, box_reports = [], [], [], []
         for (name, vis, ir, xml), image_id in zip(items, _image_ids(names)):
             xml_size, objects = parse_voc(xml)
             size_hw = self._image_size(vis, ir, xml_size, validate, f"{xml}: <size>", size_notes)
             records.append(self._record(name, image_id, vis, ir, size_hw, objects, str(xml),
-                                        box_reports))
-        self._setup(records, size_notes, box_reports, f"{root} ({split})", train, size, seed,
-                    norm, bad_boxes, verify)
+                                        clip_notes, box_reports))
+        self._setup(records, size_notes, clip_notes, box_reports, f"{root} ({split})", train,
+                    size, seed, norm, bad_boxes, verify)
 
     @classmethod
     def from_coco(cls, root: PathLike, split: str = "train", ann_file: Optional[PathLike] = None,
@@ -307,7 +321,7 @@ class M3FDDataset(Dataset):
         if missing:
             raise FileNotFoundError(f"{root}: {len(missing)} image file(s) listed in {ann_file} "
                                     f"missing: {_listing(missing)}")
-        records, size_notes, box_reports = [], [], []
+        records, size_notes, clip_notes, box_reports = [], [], [], []
         for im in images:
             file_name = Path(im["file_name"]).name
             vis, ir = vis_dir / file_name, ir_dir / file_name
@@ -317,10 +331,10 @@ class M3FDDataset(Dataset):
             where = f"{ann_file} image {im['id']} ({file_name})"
             records.append(cls._record(Path(file_name).stem, int(im["id"]), vis, ir, size_hw,
                                        _coco_objects(per_image[im["id"]], categories), where,
-                                       box_reports))
+                                       clip_notes, box_reports))
         self = cls.__new__(cls)
-        self._setup(records, size_notes, box_reports, f"{root} ({split}, COCO)", train, size,
-                    seed, norm, bad_boxes, verify)
+        self._setup(records, size_notes, clip_notes, box_reports, f"{root} ({split}, COCO)",
+                    train, size, seed, norm, bad_boxes, verify)
         return self
 
     # ------------------------------------------------------------ construction helpers
@@ -343,26 +357,30 @@ class M3FDDataset(Dataset):
 
     @staticmethod
     def _record(name: str, image_id: int, vis: Path, ir: Path, size: Tuple[int, int],
-                objects: List[RawObject], where: str, box_reports: List[str]) -> Record:
-        """Keep the valid objects; report the others in `box_reports` as
-        '<where>: object <k> ...'."""
+                objects: List[RawObject], where: str, clip_notes: List[str],
+                box_reports: List[str]) -> Record:
+        """Keep the valid objects, clipped to the image; report the clipped ones in
+        `clip_notes` and the invalid ones in `box_reports`, as '<where>: object <k> ...'."""
         boxes, labels, ignore = [], [], []
         for k, obj in enumerate(objects):
             reasons = box_problems(obj, size)
+            what = f"{where}: object {k} ({obj.name or 'no name'}, box {obj.box})"
             if reasons:
-                box_reports.append(f"{where}: object {k} ({obj.name or 'no name'}, box "
-                                   f"{obj.box}): {'; '.join(reasons)}")
+                box_reports.append(f"{what}: {'; '.join(reasons)}")
                 continue
-            boxes.append(obj.box)
+            box = clip_to_image(obj.box, size)
+            if box != tuple(obj.box):
+                clip_notes.append(f"{what}: clipped to the {size[1]}x{size[0]} image: {box}")
+            boxes.append(box)
             labels.append(CLASS_INDEX[obj.name.strip().lower()])
             ignore.append(obj.ignore)
         return Record(name, image_id, vis, ir, size,
                       np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
                       np.asarray(labels, dtype=np.int64), np.asarray(ignore, dtype=bool))
 
-    def _setup(self, records: List[Record], size_notes: List[str], box_reports: List[str],
-               source: str, train: bool, size: int, seed: int, norm: Normalization,
-               bad_boxes: str, verify: bool) -> None:
+    def _setup(self, records: List[Record], size_notes: List[str], clip_notes: List[str],
+               box_reports: List[str], source: str, train: bool, size: int, seed: int,
+               norm: Normalization, bad_boxes: str, verify: bool) -> None:
         """Apply the `bad_boxes` policy, report once, build the transform."""
         if not records:
             raise ValueError(f"{source}: no images")
@@ -370,13 +388,14 @@ class M3FDDataset(Dataset):
             raise ValueError(f"{source}: {len(box_reports)} invalid box(es) (bad_boxes='error'):\n"
                              + "\n".join(box_reports))
         self.records = records
-        self.warnings = size_notes + box_reports
+        self.warnings = size_notes + clip_notes + box_reports
         if self.warnings:
             shown = "\n  ".join(self.warnings[:PRINTED_WARNINGS])
             more = (f"\n  ... {len(self.warnings) - PRINTED_WARNINGS} more in dataset.warnings"
                     if len(self.warnings) > PRINTED_WARNINGS else "")
-            print(f"M3FD {source}: {len(size_notes)} size mismatch(es), {len(box_reports)} "
-                  f"invalid box(es) skipped:\n  {shown}{more}", file=sys.stderr)
+            print(f"M3FD {source}: {len(size_notes)} size mismatch(es), {len(clip_notes)} "
+                  f"box(es) clipped to the image, {len(box_reports)} invalid box(es) skipped:"
+                  f"\n  {shown}{more}", file=sys.stderr)
         ids = [r.image_id for r in records]
         if len(set(ids)) != len(ids):
             raise ValueError(f"{source}: image ids are not unique")

@@ -146,9 +146,10 @@ class DetTask(Task):
                        help="list evaluated every --eval-every iterations to choose best.pt; "
                             "never the test list (default: %(default)s)")
         g.add_argument("--bad-boxes", default="skip", choices=("skip", "error"),
-                       help="boxes that are degenerate, outside the image or of an unknown "
-                            "class: reported with file and object index, then skipped or "
-                            "refused (default: %(default)s)")
+                       help="boxes that are degenerate, have no area inside the image or are "
+                            "of an unknown class: reported with file and object index, then "
+                            "skipped or refused; a box reaching past the border is clipped to "
+                            "the image and kept either way, as DINO does (default: %(default)s)")
         g.add_argument("--hidden-dim", type=int, default=256,
                        help="detector width (neck, encoder, decoder) (default: %(default)s)")
         g.add_argument("--num-queries", type=int, default=300,
