@@ -312,6 +312,18 @@ def test_detector_config_defaults_are_dino():
             DetectorConfig(num_classes=6, **bad)
 
 
+def test_the_detectors_losses_and_matching_costs_are_dinos():
+    """DINO's config/DINO/DINO_4scale.py: focal alpha 0.25 and gamma 2; loss weights cls 1, L1 5,
+    GIoU 2 (Eq. 17); matching costs class 2, L1 5, GIoU 2 (set_cost_*), with the same focal
+    alpha and gamma; as the criterion a detector of the default configuration builds holds them."""
+    from ivt.models.detr.criterion import build_criterion
+    criterion = build_criterion(DetectorConfig(num_classes=6))
+    assert criterion.weights == {"cls": 1.0, "l1": 5.0, "giou": 2.0}
+    assert (criterion.alpha, criterion.gamma) == (0.25, 2.0)
+    m = criterion.matcher
+    assert (m.cost_class, m.cost_bbox, m.cost_giou, m.alpha, m.gamma) == (2.0, 5.0, 2.0, 0.25, 2.0)
+
+
 @pytest.mark.parametrize("encoder", ["deformable", "hybrid"])
 def test_transformer_weights_start_xavier_uniform_as_dinos(encoder):
     """DINO's DeformableTransformer._reset_parameters (mmdet's DINO.init_weights): every weight

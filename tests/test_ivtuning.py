@@ -191,3 +191,49 @@ def test_defaults_are_the_papers(name):
     assert drops and set(drops) == {0.1}
     assert lams and set(lams) == {1e-4}
     assert bb.empg.s1.out_features == 8
+
+
+@pytest.mark.parametrize("name", ["swin_nano", "eva02_b"])
+def test_adapters_start_as_the_spec_says_with_nothing_zero_initialised(name):
+    """spec/method.md Sec. 2, Initialisation: every Linear of a Hybrid Adapter or an IPA is
+    trunc-normal std 0.02 with zero bias, nothing zero-initialised (zero-init `up` is an extra,
+    off by default); EMPG's shared LayerNorm starts at 1 / 0 with PyTorch's eps 1e-5. The sample
+    std of n >= 256 normal draws has a standard error of 0.02 / sqrt(2n) <= 9e-4."""
+    assert IVTConfig().zero_init_up is False
+    torch.manual_seed(0)
+    bb = build_backbone(name, tuning="ivt", img_size=(32, 32))
+    adapters = [m for m in bb.modules() if isinstance(m, (HybridAdapter, InternalPromptAdapter))]
+    linears = [lin for a in adapters for lin in (a.down, a.up)]
+    assert linears and all(lin.weight.numel() >= 256 for lin in linears)
+    for lin in linears:
+        assert torch.count_nonzero(lin.bias) == 0
+        assert 0.014 < lin.weight.std().item() < 0.026, lin
+    pooled = torch.cat([lin.weight.flatten() for lin in linears])
+    assert abs(pooled.std().item() - 0.02) < 0.02 / (2 * pooled.numel()) ** 0.5 * 6
+    norm = bb.empg.norm
+    assert norm.eps == 1e-5
+    assert torch.equal(norm.weight, torch.ones_like(norm.weight))
+    assert torch.equal(norm.bias, torch.zeros_like(norm.bias))
+
+
+@pytest.mark.parametrize("name", ["swin_nano", "eva02_b"])
+def test_the_first_blocks_input_is_eq_2(name):
+    """Eq. 2: Z0 = Zv + P_E with P_E = EMPG(Zv, Zi) (Eq. 7-13); for EVA02 (spec Sec. 2) on the
+    patch tokens, before the cls token is prepended and the absolute position embedding added
+    (here at the embedding's own grid: no resize)."""
+    torch.manual_seed(0)
+    bb = build_backbone(name, tuning="ivt", img_size=(32, 32)).double().eval()
+    vis, ir = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.randn(2, 3, 32, 32,
+                                                                          dtype=torch.float64)
+    first = bb.layers[0].blocks[0] if name.startswith("swin") else bb.blocks[0]
+    seen = {}
+    first.register_forward_pre_hook(lambda m, args: seen.update(z=args[0].clone()))
+    with torch.no_grad():
+        bb(vis, ir)
+        zv, hw = bb.patch_embed(vis)
+        zi, _ = bb.ir_patch_embed(ir)
+        z0 = zv + bb.empg(zv, zi, hw)
+        if not name.startswith("swin"):
+            assert bb.pos_embed.shape[1] == 1 + hw[0] * hw[1]
+            z0 = torch.cat([bb.cls_token.expand(2, -1, -1), z0], 1) + bb.pos_embed
+    torch.testing.assert_close(seen["z"], z0, rtol=0, atol=1e-12)

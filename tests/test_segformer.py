@@ -141,3 +141,21 @@ def test_options_pass_through():
            "d2": 8, "d3": 8, "variant": "empg_only", "layers": None}
     m = build_model(cfg, pretrained=None)
     assert m.backbone.ivt_cfg.variant == "empg_only" and m.head.embed_dim == 16
+
+
+def test_training_drops_whole_channels_of_the_fused_map_before_the_classifier():
+    """mmseg's `cls_seg`: Dropout2d(dropout_ratio) on the fused map, then `conv_seg`. In training
+    every (sample, channel) plane the classifier reads is either all zero or the fused map's
+    plane times 1 / (1 - p); both kinds occur (none dropped among 64 planes at p = 0.5: 2^-64)."""
+    torch.manual_seed(0)
+    head = SegformerHead([4] * 4, 3, embed_dim=8, dropout=0.5).train()
+    seen = {}
+    head.fusion_conv.register_forward_hook(lambda m, i, o: seen.update(x=o.detach().clone()))
+    head.conv_seg.register_forward_pre_hook(lambda m, i: seen.update(y=i[0].detach().clone()))
+    head([torch.randn(8, 4, 8 // 2 ** i, 8 // 2 ** i) for i in range(4)])
+    x, y = seen["x"], seen["y"]
+    assert (x.abs().sum((2, 3)) > 0).all()                  # no plane of the fused map is zero
+    dropped = (y == 0).all(3).all(2)                        # (8, 8) planes
+    kept = torch.isclose(y, 2 * x, rtol=1e-6, atol=0).all(3).all(2)
+    assert (dropped ^ kept).all()
+    assert dropped.any() and kept.any()

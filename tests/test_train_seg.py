@@ -2,6 +2,7 @@
 exact resumption after kill -9, torchrun with two CPU processes, clean errors, the NaN guard,
 --help, and the evaluation outputs."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -122,6 +123,19 @@ def test_loss_averages_over_all_pixels_by_default():
         task.build_model(vars(args), None)                      # the run's configuration
         loss = task.loss(full_size, batch, torch.device("cpu"))
         assert loss.item() == pytest.approx(want, rel=1e-5), flags
+
+
+def test_training_loss_upsamples_the_logits_with_half_pixel_bilinear():
+    """mmseg's `loss_by_feat` resizes the stride-4 logits to the label's size bilinearly with the
+    head's align_corners=False: logits of width 2 whose class-1 margin is (0, 4) become, at width
+    4 (source x = (x + 0.5) / 2 - 0.5, clamped to [0, 1]), margins 0, 1, 3, 4; every pixel is
+    class 1, so the loss is the mean of log(1 + e^-m) (align_corners=True: 0, 4/3, 8/3, 4)."""
+    logits = torch.tensor([[[[0.0, 0.0]], [[0.0, 4.0]]]])            # (1, 2, 1, 2)
+    batch = {"vis": torch.zeros(1, 3, 1, 4), "ir": torch.zeros(1, 3, 1, 4),
+             "label": torch.ones(1, 1, 4, dtype=torch.int64)}
+    want = sum(math.log1p(math.exp(-m)) for m in (0, 1, 3, 4)) / 4      # 0.268287
+    loss = SegTask().loss(lambda vis, ir: logits, batch, torch.device("cpu"))
+    assert loss.item() == pytest.approx(want, rel=1e-6)
 
 
 def test_loss_of_an_all_ignored_batch_is_zero():
