@@ -107,3 +107,32 @@ def test_task_demo_smoke(tmp_path, task, keys):
     assert saved["runs"]["ivt"]["trainable_fraction"] < 0.1
     with Image.open(tmp_path / f"{task}_night_predictions.png") as im:
         assert im.mode == "RGB" and im.width > im.height
+
+
+class _Built(Exception):
+    """Raised by a stand-in dataset class with the keyword arguments it was built with."""
+
+
+@pytest.mark.parametrize("task, dataset", [("seg", "MFNetDataset"), ("sod", "VTDataset"),
+                                           ("det", "M3FDDataset")])
+def test_night_figures_read_images_with_the_checkpoints_normalisation(task, dataset, tmp_path,
+                                                                      monkeypatch):
+    """A demo's night figure feeds its models images normalised as they trained (the
+    configuration's `normalization`, CLIP's for EVA02), not the datasets' ImageNet default."""
+    import importlib
+
+    from ivt.data.transforms import CLIP
+    module = importlib.import_module(f"ivt.demo.{task}")
+    config = {"size": 32, "normalization": CLIP.as_dict()}
+    monkeypatch.setattr(module, "load_trained", lambda path, pretrained=None: (task, None,
+                                                                                 {"config": config}))
+
+    def built(*args, **kwargs):
+        raise _Built(kwargs)
+
+    monkeypatch.setattr(module, dataset, built)
+    data = {"downstream": tmp_path, "night": tmp_path, "m3fd": tmp_path}
+    with pytest.raises(_Built) as e:
+        module.night_figure(data, {"run": tmp_path / "last.pt"}, tmp_path / "w.pt",
+                            tmp_path / "fig.png", 1)
+    assert e.value.args[0]["norm"] == CLIP

@@ -22,7 +22,7 @@ import torch
 
 from ..data.m3fd import M3FDDataset
 from ..data.synthetic import write_m3fd
-from ..tasks import load_trained
+from ..tasks import config_normalization, load_trained
 from ..visualize import draw_boxes
 from .stages import (BACKBONE, DemoTask, Settings, format_runs, print_report, repo_script,
                      run_spec, run_task, titled_grid, write_pretrain_data, write_task_summary)
@@ -105,9 +105,9 @@ def night_figure(data: Dict[str, Path], checkpoints: Dict[str, Path], pretrained
     """Rows: night test scenes; columns: the thermal image with ground truth, then each run's
     TOP_K highest-scoring detections (with their scores) on the visible image."""
     models = {name: load_trained(str(path), str(pretrained)) for name, path in checkpoints.items()}
-    size = next(iter(models.values()))[2]["config"]["size"]
+    config = next(iter(models.values()))[2]["config"]
     ds = M3FDDataset(data["m3fd"], split="test_night", split_dir=data["m3fd"], train=False,
-                     size=size)
+                     size=config["size"], norm=config_normalization(config))
     rows = []
     for i in range(min(n_scenes, len(ds))):
         batch = ds.collate_fn([ds[i]])

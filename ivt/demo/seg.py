@@ -10,7 +10,7 @@ import torch
 
 from ..data import MFNetDataset
 from ..engine import jsonable
-from ..tasks import load_trained
+from ..tasks import config_normalization, load_trained
 from ..visualize import colourise
 from .stages import (BACKBONE, PRESETS, DemoTask, Settings, format_runs, print_report, run_spec,
                      run_task, score_seg, seg_train_args, titled_grid, write_seg_data)
@@ -29,10 +29,12 @@ def night_figure(data: Dict[str, Path], checkpoints: Dict[str, Path], pretrained
                  dest: Path, n_scenes: int, scale: int = 2) -> List[str]:
     """Rows: the first `n_scenes` night test scenes; columns: visible, thermal, ground truth,
     then each run's prediction (MFNet palette). Returns the scene names."""
-    ds = MFNetDataset(data["downstream"], "test_night", train=False)
+    trained = {name: load_trained(str(path), str(pretrained)) for name, path in checkpoints.items()}
+    models = {name: model for name, (_, model, _) in trained.items()}
+    config = next(iter(trained.values()))[2]["config"]
+    ds = MFNetDataset(data["downstream"], "test_night", train=False,
+                      norm=config_normalization(config))
     idx = list(range(min(n_scenes, len(ds))))
-    models = {name: load_trained(str(path), str(pretrained))[1]
-              for name, path in checkpoints.items()}
     rows = []
     for i in idx:
         item = ds[i]

@@ -24,7 +24,7 @@ import torch
 
 from ..data.synthetic import write_vt_set
 from ..data.vt import VTDataset
-from ..tasks import load_trained
+from ..tasks import config_normalization, load_trained
 from ..tasks.sod import saliency_map
 from .stages import (BACKBONE, DemoTask, Settings, format_runs, print_report, repo_script,
                      run_spec, run_task, titled_grid, write_pretrain_data, write_task_summary)
@@ -94,8 +94,9 @@ def night_figure(data: Dict[str, Path], checkpoints: Dict[str, Path], pretrained
                  dest: Path, n_scenes: int, scale: int = 2) -> None:
     """Rows: night test scenes; columns: visible, thermal, ground truth, each run's saliency."""
     models = {name: load_trained(str(path), str(pretrained)) for name, path in checkpoints.items()}
-    size = next(iter(models.values()))[2]["config"]["size"]
-    ds = VTDataset(data["night"], train=False, size=size)
+    config = next(iter(models.values()))[2]["config"]
+    ds = VTDataset(data["night"], train=False, size=config["size"],
+                   norm=config_normalization(config))
     rows = []
     for i in range(min(n_scenes, len(ds))):
         item = ds[i]
