@@ -124,8 +124,8 @@ def test_night_figures_read_images_with_the_checkpoints_normalisation(task, data
     from ivt.data.transforms import CLIP
     module = importlib.import_module(f"ivt.demo.{task}")
     config = {"size": 32, "normalization": CLIP.as_dict()}
-    monkeypatch.setattr(module, "load_trained", lambda path, pretrained=None: (task, None,
-                                                                                 {"config": config}))
+    monkeypatch.setattr(module, "load_trained",
+                        lambda path, pretrained=None: (task, None, {"config": config}))
 
     def built(*args, **kwargs):
         raise _Built(kwargs)
