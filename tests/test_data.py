@@ -358,3 +358,15 @@ def test_rescaled_labels_keep_their_class_ids(scale):
     assert set(np.unique(out[:h, :w])) == {0, 3, 8} and (out[h:] == 255).all()
     for k in (0, 3, 8):
         assert (out[:h, :w] == k).mean() == pytest.approx((label == k).mean(), abs=0.02), k
+
+
+def test_normalisation_constants_are_the_published_ones():
+    """timm's / torchvision's ImageNet statistics in RGB order, mean (0.485, 0.456, 0.406) and
+    std (0.229, 0.224, 0.225), and the thermal scaling of docs/training.md (mean 0.5, std 0.25),
+    as literals: a red pixel and a black and a white thermal pixel."""
+    from ivt.data.transforms import thermal_to_tensor, visible_to_tensor
+    red = visible_to_tensor(np.array([[[255, 0, 0]]], np.uint8))[:, 0, 0]
+    torch.testing.assert_close(red, torch.tensor([(1 - 0.485) / 0.229, -0.456 / 0.224,
+                                                  -0.406 / 0.225]))
+    torch.testing.assert_close(thermal_to_tensor(np.array([[0, 255]], np.uint8))[0],
+                               torch.tensor([[-2.0, 2.0]]))

@@ -400,3 +400,44 @@ def test_synthetic_m3fd_loads_with_day_and_night_lists(tmp_path):
     assert item["vis"].shape == (3, 32, 32) and item["orig_size"] == (48, 64)
     night = write_m3fd(tmp_path / "night", n=5, size=(48, 64), seed=2, night_fraction=1.0)
     assert night["test_night"] == night["test"] and night["test_day"] == []
+
+
+def test_train_transform_keeps_each_boxs_label_and_ignore_flag_and_drops_cut_boxes(monkeypatch):
+    """The crop window (0, 0, 50, 100) of a 100 x 100 image at S = 100 doubles x: box 0 becomes
+    (80, 10, 120, 20), clipped to (80, 10, 100, 20), half of it visible: kept; box 1 (90, 30, 170,
+    40) keeps 1/8 < min_visible 0.25: dropped; box 2 (20, 50, 40, 60), ignored, stays ignored.
+    Then a box 0.4 px wide (< min_size 1) is dropped. Black inputs normalise with CLIP's
+    statistics (published, written out) and the thermal ones to -0.5 / 0.25."""
+    from ivt.data.transforms import CLIP
+    t = DetTrainTransform(size=100, flip_prob=0.0, jitter=False, norm=CLIP)
+    vis, ir = Image.new("RGB", (100, 100)), Image.new("L", (100, 100))
+    monkeypatch.setattr(t, "sample_window", lambda rng, size, boxes: (0.0, 0.0, 50.0, 100.0))
+    item = t(vis, ir, np.array([[40, 10, 60, 20], [45, 30, 85, 40], [10, 50, 20, 60]], np.float32),
+             np.array([0, 1, 2]), np.array([False, False, True]), np.random.default_rng(0))
+    assert item["boxes"].tolist() == [[80, 10, 100, 20], [20, 50, 40, 60]]
+    assert item["labels"].tolist() == [0, 2] and item["ignore"].tolist() == [False, True]
+    clip_black = (-0.48145466 / 0.26862954, -0.4578275 / 0.26130258, -0.40821073 / 0.27577711)
+    torch.testing.assert_close(item["vis"][:, 7, 9], torch.tensor(clip_black))
+    assert torch.equal(item["ir"], torch.full((3, 100, 100), -2.0))
+    monkeypatch.setattr(t, "sample_window", lambda rng, size, boxes: (0.0, 0.0, 100.0, 100.0))
+    item = t(vis, ir, np.array([[99.6, 10, 100, 20], [10, 10, 20, 20]], np.float32),
+             np.array([3, 4]), np.array([False, False]), np.random.default_rng(0))
+    assert item["boxes"].tolist() == [[10, 10, 20, 20]] and item["labels"].tolist() == [4]
+
+
+def test_a_crop_that_never_holds_a_box_centre_keeps_the_whole_canvas():
+    """Step 3 of the training transform: after the tries, none of whose windows holds the
+    centre (0, 0) strictly inside (x0 >= 0), the whole image is kept."""
+    t = DetTrainTransform(size=100, zoom_out_prob=0.0, crop_prob=1.0)
+    window = t.sample_window(np.random.default_rng(0), (100, 100), np.zeros((1, 4), np.float32))
+    assert window == (0.0, 0.0, 100.0, 100.0)
+
+
+def test_the_datasets_transforms_get_the_backbones_normalisation(tmp_path):
+    from ivt.data.transforms import CLIP
+    root = tmp_path / "m3fd"
+    write_pair(root, "00001", [("Car", 5, 5, 20, 20)])
+    d = split_dir(tmp_path, train=["00001"])
+    for train in (True, False):
+        assert M3FDDataset(root, "train", split_dir=d, train=train, size=32,
+                           norm=CLIP).transform.norm == CLIP

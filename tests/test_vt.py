@@ -470,3 +470,28 @@ def test_a_zero_one_mask_is_refused_not_read_as_empty(tmp_path):
     noise[::7, ::5] = [1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3, 1][:len(range(0, W, 5))]
     Image.fromarray(noise).save(vt / "GT" / "2.png")
     assert ds[1]["gt"].max() == 0
+
+
+# CLIP's published statistics (OpenAI CLIP, EVA02's pre-training), written out: a black pixel
+# normalises to -mean / std per channel; a black thermal pixel to -0.5 / 0.25 = -2
+CLIP_BLACK = (-0.48145466 / 0.26862954, -0.4578275 / 0.26130258, -0.40821073 / 0.27577711)
+
+
+def test_every_transform_normalises_with_the_backbones_statistics(tmp_path):
+    """`norm` (CLIP's for EVA02) reaches the evaluation and both training transforms: on black
+    images, which the release's brightness, contrast, colour and sharpness changes and its
+    rotation (filled with 0) keep black, every visible pixel is CLIP's -mean / std."""
+    from ivt.data.transforms import CLIP
+    vt = tmp_path / "VT"
+    for sub in ("RGB", "T", "GT"):
+        (vt / sub).mkdir(parents=True)
+    Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(vt / "RGB" / "a.png")
+    Image.fromarray(np.zeros((H, W), np.uint8)).save(vt / "T" / "a.png")
+    Image.fromarray(shape_mask(0) * np.uint8(255)).save(vt / "GT" / "a.png")
+    want = torch.tensor(CLIP_BLACK, dtype=torch.float32)[:, None, None].expand(3, 24, 24)
+    for train, augment in ((False, "release"), (True, "release")):
+        item = VTDataset(vt, train=train, size=24, norm=CLIP, augment=augment)[0]
+        torch.testing.assert_close(item["vis"], want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(item["ir"], torch.full((3, 24, 24), -2.0))
+    # the standard augmentation's jitter brightens black: its transform holds CLIP's statistics
+    assert VTDataset(vt, train=True, size=24, norm=CLIP, augment="standard").transform.norm == CLIP
