@@ -370,3 +370,72 @@ def test_normalisation_constants_are_the_published_ones():
                                                   -0.406 / 0.225]))
     torch.testing.assert_close(thermal_to_tensor(np.array([[0, 255]], np.uint8))[0],
                                torch.tensor([[-2.0, 2.0]]))
+
+
+def test_random_crop_draws_every_offset():
+    """mmseg's RandomCrop: offset = randint(0, H - h + 1), the last offset included: a 12-row
+    label whose row r holds r, cropped to 8 rows at scale 1, starts at each of rows 0..4 over 200
+    draws (a value missed by chance: (4/5)^200)."""
+    t = TrainTransform(crop=(8, 6), scale_range=(1.0, 1.0), flip_prob=0.0, jitter=False)
+    label = np.repeat(np.arange(12, dtype=np.uint8)[:, None], 6, 1)
+    vis, ir = np.zeros((12, 6, 3), np.uint8), np.zeros((12, 6), np.uint8)
+    starts = {int(t(vis, ir, label, np.random.default_rng(s))["label"][0, 0]) for s in range(200)}
+    assert starts == {0, 1, 2, 3, 4}
+
+
+def test_thermal_image_is_scaled_bilinearly():
+    """Both images are resized bilinearly (mmseg's RandomResize), only the label by nearest: a
+    2 x 2 thermal image of columns 0 and 255 at scale 2 samples x = -0.25, 0.25, 0.75, 1.25
+    (half-pixel centres, clamped): 0, 63.75, 191.25, 255, rounded to 0, 64, 191, 255."""
+    t = TrainTransform(crop=(4, 4), scale_range=(2.0, 2.0), flip_prob=0.0, jitter=False)
+    ir = np.array([[0, 255], [0, 255]], np.uint8)
+    item = t(np.zeros((2, 2, 3), np.uint8), ir, np.zeros((2, 2), np.uint8),
+             np.random.default_rng(0))
+    row = ((item["ir"][0, 0] * THERMAL_STD + THERMAL_MEAN) * 255).round().tolist()
+    assert row == [0, 64, 191, 255]
+
+
+def test_pad_black_pads_only_the_side_that_is_no_multiple():
+    from ivt.data.transforms import IMAGENET, pad_black
+    vis, ir = pad_black(torch.zeros(1, 3, 32, 40), torch.zeros(1, 3, 32, 40), 16, IMAGENET)
+    assert vis.shape == ir.shape == (1, 3, 32, 48)
+
+
+def test_labels_are_checked_at_the_class_boundary_and_in_both_sides(tmp_path):
+    """spec/data.md: a pixel is a class id 0..8 or 255 (ignored); 9 is refused, and so is a
+    label one pixel wider than its image."""
+    from ivt.data.mfnet import check_label
+    path = tmp_path / "label.png"
+    label = np.zeros((48, 64), np.uint8)
+    label[0, :3] = (8, 255, 9)
+    Image.fromarray(label).save(path)
+    with pytest.raises(ValueError, match=r"label values \[9\]"):
+        check_label(path, (48, 64))
+    Image.fromarray(np.zeros((48, 65), np.uint8)).save(path)
+    with pytest.raises(ValueError, match="label size"):
+        check_label(path, (48, 64))
+
+
+def test_msrs_test_folders_refuse_flipped_copies(tmp_path):
+    """spec/data.md: `_flip` copies must never leak into a test list (layout (a) as (b))."""
+    root = write_msrs_folders(tmp_path / "msrs", {"train": ["00001D", "00001D_flip"],
+                                                  "test": ["00004D", "00004D_flip"]})
+    assert len(MSRSDataset(root, "train", train=False).samples) == 2
+    with pytest.raises(ValueError, match="00004D_flip"):
+        MSRSDataset(root, "test", train=False)
+
+
+def test_high_bit_depth_thermal_rule_on_32_bit_integers_and_equal_percentiles(tmp_path):
+    """The 1st..99th percentile range onto 0..255 also for a 32-bit integer TIFF (mode I): of
+    0, 1000, 2000, 3000, numpy's linear percentiles are 30 and 2970, so (v - 30) * 255 / 2940
+    rounds to 0, 84, 171, 255; where both percentiles are equal, min..max is used instead."""
+    from ivt.data.io import open_thermal
+    path = tmp_path / "t.tif"
+    Image.fromarray(np.array([[0, 1000], [2000, 3000]], np.int32)).save(path)
+    assert Image.open(path).mode == "I"
+    assert np.asarray(open_thermal(path)).tolist() == [[0, 84], [171, 255]]
+    flat = np.full((100, 100), 1000, np.uint16)
+    flat[3, 4] = 5000
+    Image.fromarray(flat).save(tmp_path / "flat.png")
+    out = np.asarray(open_thermal(tmp_path / "flat.png"))
+    assert out[3, 4] == 255 and int(out.sum()) == 255
