@@ -439,3 +439,45 @@ def test_high_bit_depth_thermal_rule_on_32_bit_integers_and_equal_percentiles(tm
     Image.fromarray(flat).save(tmp_path / "flat.png")
     out = np.asarray(open_thermal(tmp_path / "flat.png"))
     assert out[3, 4] == 255 and int(out.sum()) == 255
+
+
+class ScriptedRng:
+    """random() returns the scripted values in turn; uniform(a, b) returns a."""
+
+    def __init__(self, randoms):
+        self.randoms = iter(randoms)
+
+    def random(self):
+        return next(self.randoms)
+
+    def uniform(self, a, b):
+        return a
+
+
+def test_photometric_jitter_saturation_and_contrast_by_hand():
+    """Saturation alone blends with the ITU-R BT.601 grey (0.299, 0.587, 0.114) at factor 0.5:
+    pure red (grey 76.245) becomes (165.6225, 38.1225, 38.1225). Contrast alone scales about the
+    mean intensity: 100 and 200 (mean 150) at 0.5 become 125 and 175."""
+    from ivt.data.transforms import photometric_jitter
+    red = np.array([[[255, 0, 0]]], np.uint8)
+    out = photometric_jitter(red, ScriptedRng([0.9, 0.9, 0.1, 0.9]))
+    np.testing.assert_allclose(out[0, 0], [165.6225, 38.1225, 38.1225], rtol=1e-5)
+    grey = np.array([[[100] * 3, [200] * 3]], np.uint8)
+    out = photometric_jitter(grey, ScriptedRng([0.9, 0.1, 0.9, 0.9]))
+    np.testing.assert_allclose(out[0, :, 0], [125, 175], rtol=1e-6)
+
+
+def test_segmentation_scales_by_mmsegs_ratio_range():
+    assert TrainTransform().scale_range == (0.5, 2.0)          # mmseg's ratio_range
+
+
+def test_random_window_aspect_and_uniform_position():
+    """Sides s * sqrt(r) and s / sqrt(r) of the image's; x0 uniform on [0, W - w]: at s = 0.5
+    and r = 1, over 500 draws, the largest x0 is near 50 and the mean near 25 (standard error
+    50 / sqrt(12 * 500) = 0.65)."""
+    from ivt.data.geometry import random_window
+    x0, y0, x1, y1 = random_window(np.random.default_rng(0), (100, 100), (0.5, 0.5), (2.0, 2.0))
+    assert (x1 - x0, y1 - y0) == pytest.approx((50 * 2 ** 0.5, 50 / 2 ** 0.5))
+    starts = [random_window(np.random.default_rng(s), (100, 100), (0.5, 0.5), (1.0, 1.0))[0]
+              for s in range(500)]
+    assert max(starts) > 45 and abs(np.mean(starts) - 25) < 3

@@ -441,3 +441,13 @@ def test_the_datasets_transforms_get_the_backbones_normalisation(tmp_path):
     for train in (True, False):
         assert M3FDDataset(root, "train", split_dir=d, train=train, size=32,
                            norm=CLIP).transform.norm == CLIP
+
+
+def test_zoom_out_canvas_is_uniformly_up_to_twice_the_image():
+    """The zoom-out factor is uniform on [1, max_zoom_out = 2]: a 100-pixel-wide image's canvas
+    is 100..200 wide, mean 150 (standard error over 300 draws 100 / sqrt(12 * 300) = 1.7)."""
+    t = DetTrainTransform(size=100, zoom_out_prob=1.0, crop_prob=0.0)
+    widths = [x1 - x0 for x0, _, x1, _ in
+              (t.sample_window(np.random.default_rng(s), (100, 100), np.zeros((0, 4)))
+               for s in range(300))]
+    assert min(widths) >= 100 and max(widths) > 190 and abs(np.mean(widths) - 150) < 8

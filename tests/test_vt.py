@@ -495,3 +495,8 @@ def test_every_transform_normalises_with_the_backbones_statistics(tmp_path):
         torch.testing.assert_close(item["ir"], torch.full((3, 24, 24), -2.0))
     # the standard augmentation's jitter brightens black: its transform holds CLIP's statistics
     assert VTDataset(vt, train=True, size=24, norm=CLIP, augment="standard").transform.norm == CLIP
+
+
+def test_a_validation_fraction_rounds_to_the_nearest_count():
+    train, val = split_train_val([str(i) for i in range(19)], 0.1)    # 1.9 images
+    assert len(val) == 2 and len(train) == 17
