@@ -451,3 +451,15 @@ def test_zoom_out_canvas_is_uniformly_up_to_twice_the_image():
               (t.sample_window(np.random.default_rng(s), (100, 100), np.zeros((0, 4)))
                for s in range(300))]
     assert min(widths) >= 100 and max(widths) > 190 and abs(np.mean(widths) - 150) < 8
+
+
+def test_a_crop_window_holds_a_box_only_if_its_centre_is_inside_in_x_and_in_y(monkeypatch):
+    """The box centred at (10, 20) is outside the window (60, 0, 100, 40) (x < 60) though inside
+    its y range: that window is refused and the next one, (0, 0, 50, 50), holding it, taken."""
+    import ivt.data.box_transforms as bt
+    windows = iter([(60.0, 0.0, 100.0, 40.0), (0.0, 0.0, 50.0, 50.0)])
+    monkeypatch.setattr(bt, "random_window", lambda *args: next(windows))
+    t = DetTrainTransform(size=100, zoom_out_prob=0.0, crop_prob=1.0)
+    window = t.sample_window(np.random.default_rng(0), (100, 100),
+                             np.array([[5, 15, 15, 25]], np.float32))
+    assert window == (0.0, 0.0, 50.0, 50.0)

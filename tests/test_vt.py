@@ -500,3 +500,22 @@ def test_every_transform_normalises_with_the_backbones_statistics(tmp_path):
 def test_a_validation_fraction_rounds_to_the_nearest_count():
     train, val = split_train_val([str(i) for i in range(19)], 0.1)    # 1.9 images
     assert len(val) == 2 and len(train) == 17
+
+
+def test_standard_rotation_is_uniform_in_both_directions(monkeypatch):
+    """`--augment standard` rotates by an angle uniform in [-10, 10] degrees: over 200 draws
+    both signs occur up to near the bound, none beyond it."""
+    angles = []
+    rotate = Image.Image.rotate
+
+    def recorded(self, angle, *args, **kwargs):
+        angles.append(angle)
+        return rotate(self, angle, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "rotate", recorded)
+    t = SODTrainTransform(size=8, flip_prob=0.0, jitter=False)
+    vis, ir, gt = Image.new("RGB", (8, 8)), Image.new("L", (8, 8)), Image.new("L", (8, 8))
+    for seed in range(200):
+        t(vis, ir, gt, np.random.default_rng(seed))
+    assert len(angles) == 600 and max(map(abs, angles)) <= 10
+    assert min(angles) < -8 and max(angles) > 8
