@@ -44,7 +44,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .box_transforms import DetEvalTransform, DetTrainTransform
+from .box_transforms import DetEvalTransform, DetTrainTransform, clip_boxes
 from .io import image_size, open_thermal, open_visible, verify_images
 from .transforms import IMAGENET, Normalization
 
@@ -104,11 +104,8 @@ def box_problems(obj: RawObject, size: Tuple[int, int]) -> List[str]:
 
 def clip_to_image(box: Tuple[float, float, float, float], size: Tuple[int, int]
                   ) -> Tuple[float, float, float, float]:
-    """xyxy `box` clamped to an image of `size` = (H, W): x to [0, W], y to [0, H]."""
-    h, w = size
-    x0, y0, x1, y1 = box
-    return (min(max(x0, 0.0), w), min(max(y0, 0.0), h), min(max(x1, 0.0), w),
-            min(max(y1, 0.0), h))
+    """xyxy `box` clipped to an image of `size` = (H, W) (`clip_boxes`), as a tuple."""
+    return tuple(clip_boxes(np.asarray([box], np.float64), size)[0].tolist())
 
 
 def parse_voc(path: Path) -> Tuple[Optional[Tuple[int, int]], List[RawObject]]:
