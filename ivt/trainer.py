@@ -448,6 +448,10 @@ def check_args(task: Task, args) -> None:
         raise ValueError("--eval-every, --save-every and --workers must not be negative")
     if args.size < 32:
         raise ValueError(f"--size must be at least 32, got {args.size}")
+    if args.batch_size == 1 and args.size < 64:
+        raise ValueError(f"--batch-size 1 needs --size 64 or more, got {args.size}: BatchNorm "
+                         f"needs more than one value per channel in training, and below 64 the "
+                         f"coarsest feature map (stride 32) holds one position per image")
     if args.size % task.size_multiple:
         raise ValueError(f"--size must be a multiple of {task.size_multiple} for {task.name}, "
                          f"got {args.size}")

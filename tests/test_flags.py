@@ -3,6 +3,7 @@ workers that fits the machine, and the backbone's drop-path rate of the authors'
 import os
 
 import pytest
+import torch
 
 import train_det
 import train_seg
@@ -108,3 +109,35 @@ def test_paths_and_numbers_are_named_by_their_flag(tmp_path, capsys):
         assert e.value.code == 2 and "Traceback" not in err, err
         assert says in err.strip().splitlines()[-1], err
         assert not (tmp_path / "out").exists()
+
+
+def test_batch_one_below_size_64_is_refused_before_any_work(tmp_path, capsys):
+    """At --size 32 the coarsest map (stride 32) is 1 x 1, and with one image per batch the
+    Hybrid Adapter's BatchNorm sees one value per channel, which torch refuses in training (shown
+    here on the Hybrid Operation itself). The scripts refuse it up front, naming the flags, exit
+    2, nothing written, instead of failing at the first iteration; batch 2 at 32 and batch 1 at
+    64 give BatchNorm more than one value and are accepted by the check."""
+    from ivt.models.ivtuning import HybridOperation
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        HybridOperation(8).train()(torch.randn(1, 1, 8), (1, 1))       # one token, batch 1
+    HybridOperation(8).train()(torch.randn(2, 1, 8), (1, 1))            # two: fine
+    from ivt.data.synthetic import write_vt
+    write_vt(tmp_path / "vt", n_train=4, n_test=0, n_vt1000=0, n_vt821=0, size=(32, 48))
+    data = str(tmp_path / "vt" / "VT5000" / "Train")
+    for script in (train_sod, train_seg, train_det):
+        with pytest.raises(SystemExit) as e:
+            script.main(["--data", data, "--backbone", "swin_nano", "--size", "32",
+                         "--batch-size", "1", "--iters", "1", "--device", "cpu",
+                         "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "Traceback" not in err, err
+        assert err.strip().splitlines()[-1] == (
+            "error: --batch-size 1 needs --size 64 or more, got 32: BatchNorm needs more than one "
+            "value per channel in training, and below 64 the coarsest feature map (stride 32) "
+            "holds one position per image"), err
+        assert not (tmp_path / "out").exists()
+    for size, batch in ((32, 2), (64, 1)):
+        parser = trainer.get_parser(SODTask())
+        args = parser.parse_args(["--data", data, "--backbone", "swin_nano", "--size", str(size),
+                                  "--batch-size", str(batch), "--val-count", "2"])
+        trainer.check_args(SODTask(), args)
