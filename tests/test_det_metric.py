@@ -201,6 +201,11 @@ def test_merge_equals_single_pass_and_tensors_equal_numpy():
             assert merged[key] == value, key
     with pytest.raises(ValueError, match="both metrics"):
         first.merge(second)
+    # images matched under another detection limit (or class count) cannot be read at this one
+    for other in (DetMetric(NUM_CLASSES, 1000), DetMetric(NUM_CLASSES + 1, 100)):
+        other.update(10 ** 6, [[0, 0, 5, 5]], [0.5], [0], [[0, 0, 5, 5]], [0])
+        with pytest.raises(ValueError, match="cannot merge"):
+            first.merge(other)
 
 
 def test_hand_computed_scene():
@@ -236,6 +241,8 @@ def test_bad_input_is_refused():
         metric.update(0, [[10, 0, 5, 5]], [0.5], [0], np.zeros((0, 4)), [])
     with pytest.raises(ValueError, match="outside"):
         metric.update(0, [[0, 0, 5, 5]], [0.5], [2], np.zeros((0, 4)), [])
+    with pytest.raises(ValueError, match="finite"):      # a NaN score has no rank
+        metric.update(0, [[0, 0, 5, 5], [1, 1, 6, 6]], [0.5, np.nan], [1, 1], [[0, 0, 5, 5]], [1])
     metric.update(0, [[0, 0, 5, 5]], [0.5], [1], np.zeros((0, 4)), [])
     with pytest.raises(ValueError, match="already added"):
         metric.update(0, [[0, 0, 5, 5]], [0.5], [1], np.zeros((0, 4)), [])

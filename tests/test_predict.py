@@ -251,6 +251,23 @@ def test_exit_status_is_capped(seg_checkpoint, tmp_path, capsys):
     assert f"{predict.MAX_EXIT_STATUS + 5} failed" in text
 
 
+def test_hidden_files_in_input_folders_are_not_pairs(seg_checkpoint, pairs, tmp_path, capsys):
+    """Hidden files (macOS `._name.png` resource forks, editors' `.name.png` backups) are not
+    inputs: a folder holding them beside its pairs predicts every pair and reports no failure
+    (they would otherwise be unpaired stems or unreadable images)."""
+    root, _ = pairs
+    for sub in ("vis", "ir"):
+        (tmp_path / sub).mkdir()
+        shutil.copyfile(root / sub / "grey8.png", tmp_path / sub / "grey8.png")
+    (tmp_path / "vis" / "._grey8.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    shutil.copyfile(root / "vis" / "grey8.png", tmp_path / "vis" / ".backup.png")
+    status, text = run(capsys, "--checkpoint", seg_checkpoint, "--vis", tmp_path / "vis",
+                       "--ir", tmp_path / "ir", "--out", tmp_path / "out", "--device", "cpu")
+    assert status == 0 and "1 pairs written" in text and "0 failed" in text, text
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "grey8_classes.png", "grey8_overlay.png", "predict_run.json"]
+
+
 def test_usage_errors(seg_checkpoint, tmp_path, capsys):
     for argv in (["--vis", tmp_path],                                 # --ir missing
                  ["--vis", tmp_path, "--ir", tmp_path, "--rgbt", tmp_path],
@@ -301,6 +318,24 @@ def test_seg_pads_to_the_patch_size():
     [classes] = p.run(v[None], i[None], [(37, 53)])
     yy, xx = np.mgrid[0:37, 0:53]
     np.testing.assert_array_equal(classes, (yy + 2 * xx) % 9)
+
+
+def test_seg_overlay_tints_each_class_with_the_mfnet_palette():
+    """_overlay.png colours the classes with docs/data.md's MFNet palette (car (64, 0, 128),
+    person (64, 64, 0), ...), written out here from the spec, not read from ivt: on a black
+    visible image each class's pixel is one common fraction `a` of its palette colour, and the
+    unlabeled class is left untinted."""
+    mfnet = [(0, 0, 0), (64, 0, 128), (64, 64, 0), (0, 128, 192), (0, 0, 192), (128, 128, 0),
+             (64, 64, 128), (192, 128, 128), (192, 64, 0)]
+    config = {"backbone": "swin_nano", "normalization": normalization_for("swin_nano").as_dict()}
+    p = predict.SegPredictor(torch.nn.Linear(1, 1), config, None)
+    classes = np.arange(9, dtype=np.uint8).reshape(3, 3)
+    vis = np.zeros((3, 3, 3), np.uint8)
+    overlay = np.asarray(p.render(vis, vis[..., 0], classes, None)["_overlay.png"].convert("RGB"))
+    tint = overlay[:3, :3].reshape(9, 3).astype(float)
+    a = tint[4, 2] / 192                                 # curve (0, 0, 192): the blend factor
+    assert 0.2 < a < 1
+    np.testing.assert_allclose(tint, a * np.array(mfnet, float), atol=1.0)
 
 
 def test_drawing_helpers():
@@ -430,6 +465,45 @@ def test_det_folder(det_checkpoint, pairs, tmp_path, capsys):
         for suffix in ("_vis_boxes.png", "_ir_boxes.png"):
             drawn = Image.open(tmp_path / f"{name}{suffix}")
             assert drawn.size == (ir8.shape[1], ir8.shape[0]) and drawn.mode == "RGB"
+
+
+def test_det_score_threshold_and_max_dets_reach_the_detector(det_checkpoint, pairs, tmp_path,
+                                                             capsys):
+    """--score-threshold keeps exactly the boxes scoring at least it, --max-dets keeps the best
+    N (the detector's boxes come in descending score order), both taken from the same run with
+    neither limit; the JSON records the threshold used. A threshold no box reaches draws no box:
+    _vis_boxes.png and _ir_boxes.png are then the visible and the thermal image unchanged (each
+    image's own file, not the visible one twice)."""
+    root, good = pairs
+    vis, ir8 = good["grey8"]
+    one = ["--vis", root / "vis" / "grey8.png", "--ir", root / "ir" / "grey8.png",
+           "--device", "cpu"]
+
+    def record(out, *flags):
+        assert run(capsys, "--checkpoint", det_checkpoint, *one, "--out", out, *flags)[0] == 0
+        return json.loads((out / "grey8_boxes.json").read_text())
+
+    everything = record(tmp_path / "all", "--score-threshold", "0")["boxes"]
+    with pytest.raises(SystemExit) as e:          # kept files of another threshold would mix
+        run(capsys, "--checkpoint", det_checkpoint, *one, "--out", tmp_path / "all")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "score_threshold 0.0 (now 0.3)" in err, err
+    scores = [b["score"] for b in everything]
+    assert len(everything) >= 4 and scores == sorted(scores, reverse=True)
+    # a threshold halfway between two distinct (4-decimal) scores: no rounding ambiguity
+    i = next(i for i in range(len(scores) // 2, len(scores) - 1)
+             if scores[i] - scores[i + 1] > 2e-4)
+    threshold = (scores[i] + scores[i + 1]) / 2
+    kept = record(tmp_path / "thr", "--score-threshold", str(threshold))
+    assert kept["score_threshold"] == threshold
+    assert kept["boxes"] == everything[:i + 1]
+    assert record(tmp_path / "max", "--score-threshold", "0", "--max-dets", "3")["boxes"] == \
+        everything[:3]
+    out = tmp_path / "none"
+    assert record(out, "--score-threshold", "1.5")["boxes"] == []
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "grey8_vis_boxes.png")), vis)
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "grey8_ir_boxes.png")),
+                                  np.repeat(ir8[..., None], 3, axis=2))
 
 
 def test_out_records_its_checkpoint_and_refuses_another_ones(seg_checkpoint, sod_checkpoint,

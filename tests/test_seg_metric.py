@@ -158,3 +158,27 @@ def test_validation_errors():
         m.merge(SegMetric(3))
     m.update(np.array([9, 0]), np.array([255, 0]))   # predictions on ignored pixels are not checked
     assert m.confusion.sum() == 1
+
+
+def test_class_id_equal_to_num_classes_is_named_as_out_of_range():
+    """Class ids are 0..num_classes-1: a ground truth holding exactly `num_classes` (the
+    off-by-one a 1-based label map or a wrong --dataset gives) is refused with the documented
+    message naming the value, before it can reach the confusion matrix."""
+    m = SegMetric(9)
+    with pytest.raises(ValueError, match=r"gt values \[9\] are outside \[0, 9\)"):
+        m.update(np.zeros((2, 2), np.int64), np.array([[0, 9], [8, 1]]))
+    with pytest.raises(ValueError, match=r"pred values \[9\] are outside \[0, 9\)"):
+        m.update(np.array([[0, 9], [8, 1]]), np.zeros((2, 2), np.int64))
+    assert m.confusion.sum() == 0                      # nothing was counted
+
+
+def test_scores_without_any_labelled_pixel_are_undefined():
+    """A metric that saw no labelled pixel (no update, or only ignore_index) has no score: every
+    mean and every per-class value is NaN (0 / 0), never 0, which would read as a real result."""
+    empty, ignored = SegMetric(3), SegMetric(3)
+    ignored.update(np.array([1, 2]), np.array([255, 255]))
+    for m in (empty, ignored):
+        out = m.compute()
+        for key in ("mIoU", "mIoU_nan0", "mAcc", "aAcc"):
+            assert math.isnan(out[key]), key
+        assert all(math.isnan(v) for v in out["IoU"] + out["Acc"])

@@ -168,6 +168,36 @@ def test_merge_equals_one_pass_and_torch_equals_numpy():
         assert a[key] == pytest.approx(b[key], abs=1e-12), key
 
 
+def test_object_term_of_a_single_pixel_has_zero_spread():
+    """docs/data.md's O(x) = 2 mean / (mean^2 + 1 + std(x, ddof=1) + eps) is undefined for one
+    pixel (ddof=1 divides by 0; PySODMetrics returns NaN for the image); its spread is 0, so a
+    ground truth with one foreground (or one background) pixel scores a finite S. By hand:
+    O([0.7]) = 1.4 / 1.49."""
+    from ivt.metrics.sod import _object_score, s_measure
+    assert _object_score(np.array([0.7])) == pytest.approx(1.4 / 1.49, abs=1e-12)
+    rng = np.random.default_rng(4)
+    P = rng.random((6, 7))
+    G = np.zeros((6, 7), bool)
+    G[2, 3] = True
+    assert np.isfinite(s_measure(P, G)) and np.isfinite(s_measure(P, ~G))
+
+
+def test_half_precision_tensors_score_as_their_float64_values():
+    """Predictions straight from an autocast model (torch bfloat16 / float16, which numpy cannot
+    hold) are scored as the same values in float64: every per-image score equals that of the
+    float64 numpy copy."""
+    rng = np.random.default_rng(3)
+    gt = ellipse(23, 31, rng)
+    values = torch.from_numpy(blur(gt, rng))
+    for dtype in (torch.bfloat16, torch.float16):
+        pred = values.to(dtype)
+        half, exact = SODMetric(), SODMetric()
+        half.update(pred, torch.from_numpy(gt))
+        exact.update(pred.double().numpy(), gt)
+        for key in half.scores:
+            assert half.scores[key] == exact.scores[key], (dtype, key)
+
+
 def test_input_errors():
     metric = SODMetric()
     gt = np.zeros((4, 5), np.uint8)

@@ -181,11 +181,15 @@ def test_train_resume_and_evaluate(m3fd, tmp_path, capsys):
     shutil.copytree(SAMPLE, data)
     (data / "test.txt").write_text("00471\n")
     metrics, vis = tmp_path / "m.json", tmp_path / "vis"
+    capsys.readouterr()
     result = evaluate.main(["--task", "det", "--checkpoint", full["last"], "--data", str(data),
                             "--split-dir", str(data), "--split", "test", "--json", str(metrics),
                             "--save-vis", str(vis), "--device", "cpu", "--workers", "0"])
     saved = json.loads(metrics.read_text())
     assert saved["task"] == "det" and saved["num_images"] == 1
+    assert "warning" not in capsys.readouterr().err    # --split and --split-dir are det flags
+    assert saved["max_dets"] == 100            # pycocotools' default limit (docs/data.md)
+    assert saved.keys() == result.keys()      # --json holds every returned entry
     for key in ("mAP", "mAP50", "mAP75", "mAP_s", "mAP_m", "mAP_l"):
         assert key in saved and saved[key] == pytest.approx(result[key], nan_ok=True)
     assert len(list(vis.glob("*.png"))) == 1

@@ -23,6 +23,7 @@ import train_seg  # noqa: E402
 from ivt import trainer
 from ivt.checkpoint import load_checkpoint
 from ivt.data.synthetic import write_mfnet
+from ivt.engine import TrainingDiverged  # noqa: E402
 from ivt.tasks.seg import SegTask, seg_loss
 from script_runs import (fake_validation_scores, read_log,  # noqa: E402
                          run_killed_after_first_checkpoint)
@@ -76,6 +77,10 @@ def test_help_explains_every_flag(capsys):
     assert "mmseg's CrossEntropyLoss default" in " ".join(text.split())
     for action in evaluate.get_parser()._actions:
         assert action.help, action.option_strings
+    # evaluate.py's documented defaults: the test split, and pycocotools' 100 detections per
+    # image (docs/data.md; mmdet's 1000 only when asked for)
+    defaults = evaluate.get_parser().parse_args(["--data", "d", "--checkpoint", "c.pt"])
+    assert (defaults.split, defaults.max_dets) == ("test", 100)
 
 
 def hand_ce_sum(logits, label):
@@ -373,7 +378,8 @@ def test_best_checkpoint_is_the_best_validation_score(data, tmp_path, monkeypatc
     assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt", "log.jsonl"]
 
 
-def test_evaluate_says_which_flags_a_segmentation_checkpoint_ignores(data, tmp_path, capsys):
+def test_evaluate_says_which_flags_a_segmentation_checkpoint_ignores(data, tmp_path, capsys,
+                                                                     monkeypatch):
     summary = train_seg.main(tiny_args(data, tmp_path / "run", 2, 2))
     capsys.readouterr()
     common = ["--data", str(data), "--checkpoint", summary["last"], "--split", "test",
@@ -384,6 +390,22 @@ def test_evaluate_says_which_flags_a_segmentation_checkpoint_ignores(data, tmp_p
     assert "warning: --split-dir applies to det" in err and "--split applies" not in err
     evaluate.main(common)
     assert "warning" not in capsys.readouterr().err
+    for task in ("sod", "det"):        # the checkpoint says its task: another --task is refused
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(common + ["--task", task])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"was trained for --task seg, not {task}" in err, err
+
+    class Diverged:                    # a model whose outputs are not finite: status 1, not 2
+        @staticmethod
+        def evaluate_checkpoint(*args):
+            raise TrainingDiverged("images/00001D.png: NaN or inf in the model's logits")
+
+    monkeypatch.setattr(evaluate, "task_module", lambda task: Diverged)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(common)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "error: images/00001D.png: NaN or inf" in err, err
 
 
 def test_evaluate_outputs(data, tmp_path):
