@@ -278,13 +278,14 @@ def check_output(path, flag: str, folder: bool) -> None:
 
 
 def jsonable(x):
-    """NaN/inf become null (JSON has no NaN); tuples become lists; tensors become numbers."""
+    """NaN/inf become null (JSON has no NaN); tuples become lists; tensors and numpy arrays
+    become numbers or (nested) lists of them."""
+    if isinstance(x, (torch.Tensor, np.ndarray)):
+        x = x.tolist()                      # a Python number for one element of 0 dimensions
     if isinstance(x, dict):
         return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [jsonable(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        x = x.item() if x.numel() == 1 else x.tolist()
     if isinstance(x, (float, np.floating)):
         return float(x) if math.isfinite(x) else None
     if isinstance(x, np.integer):

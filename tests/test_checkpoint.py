@@ -291,3 +291,25 @@ def test_resume_with_another_pretrained_fails(delta_run, tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert sha256_file(str(other)) in err and sha256_file(str(pretrained)) in err
+
+
+def test_saved_score_of_a_missing_file_is_none_without_a_warning(tmp_path):
+    """A folder without best.pt (a new --out) is no unreadable file: None, and no warning."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert saved_score(str(tmp_path / "best.pt")) is None
+
+
+def test_load_checkpoint_refuses_a_file_that_is_no_training_checkpoint(tmp_path):
+    """`load_checkpoint` reads only what `make_checkpoint` wrote: a visible-model file (a dict
+    of tensors, e.g. given to --resume by mistake) is a CheckpointError naming the expected
+    format, not a KeyError later; a folder or a missing file is named as such."""
+    path = write_pretrained(tmp_path / "pre.pt", 1)
+    with pytest.raises(CheckpointError, match=r"pre\.pt is not an ivt training checkpoint "
+                                              r"\(expected format 'ivt-checkpoint-1'\)"):
+        load_checkpoint(str(path))
+    with pytest.raises(FileNotFoundError, match="is a folder"):
+        load_checkpoint(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load_checkpoint(str(tmp_path / "no.pt"))

@@ -141,3 +141,18 @@ def test_batch_one_below_size_64_is_refused_before_any_work(tmp_path, capsys):
         args = parser.parse_args(["--data", data, "--backbone", "swin_nano", "--size", str(size),
                                   "--batch-size", str(batch), "--val-count", "2"])
         trainer.check_args(SODTask(), args)
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--lr", "0"], "--lr must be positive"),
+    (["--weight-decay", "-0.1"], "--weight-decay not negative"),
+    (["--save-every", "-1"], "--eval-every, --save-every and --workers must not be negative"),
+    (["--eval-every", "-1"], "--eval-every, --save-every and --workers must not be negative"),
+    (["--size", "16"], "--size must be at least 32, got 16")])
+def test_out_of_range_numbers_are_refused_before_the_run(tmp_path, flags, says):
+    """`check_args`: --lr must be positive (0 included: a run that never moves), --weight-decay
+    and the intervals must not be negative, --size at least 32."""
+    args = train_seg.get_parser().parse_args(["--data", str(tmp_path), "--out",
+                                              str(tmp_path / "out"), *flags])
+    with pytest.raises(ValueError, match=says):
+        trainer.check_args(TASKS["seg"], args)

@@ -135,3 +135,20 @@ def test_graphed_steps_equal_eager_steps(optim, options):
     other = next(batches(device, 1, size=(32, 96)))
     with pytest.raises(ValueError, match="vis"):
         graphed(other, 1e-3)
+
+
+def test_a_batch_unlike_the_captured_one_is_refused_by_name():
+    """After the capture, a batch is copied into the static buffers only when each tensor has
+    the captured shape and dtype and there is no other tensor; otherwise a ValueError naming
+    the tensor, on which the trainer continues with eager steps. Non-tensor values are not
+    inputs. On the CPU, without a capture (`_load` alone)."""
+    step = GraphedTrainStep.__new__(GraphedTrainStep)
+    step.static = {"vis": torch.zeros(2, 3), "name": ["a", "b"]}
+    step._load({"vis": torch.ones(2, 3), "name": ["c", "d"]})
+    assert torch.equal(step.static["vis"], torch.ones(2, 3))
+    for batch, says in [({"vis": torch.ones(2, 4)}, r"batch\['vis'\] has shape \(2, 4\)"),
+                        ({"vis": torch.ones(2, 3, dtype=torch.float64)}, r"torch\.float64"),
+                        ({"name": ["c", "d"]}, r"batch\['vis'\] is missing or not a tensor"),
+                        ({"vis": torch.ones(2, 3), "ir": torch.ones(2)}, r"\['ir'\] that the")]:
+        with pytest.raises(ValueError, match=says):
+            step._load(batch)

@@ -1000,3 +1000,357 @@ def test_flags_that_defeat_themselves_are_warned_about(data, tmp_path, capsys):
     assert {lr_at(it) for it in range(40)} == {1.0}                 # indeed never taken
     with_iters.lr_drop_epoch = [3]
     assert trainer.selection_warnings(DetTask(), with_iters) == []
+
+
+def test_train_loop_also_logs_before_each_evaluation_and_at_a_stop(tmp_path):
+    """A `train` record closes the window every `log_every` iterations, and also before every
+    evaluation and when a stop request ends the run (the loop's docstring), so no iteration's
+    loss goes unrecorded or unchecked before a checkpoint. log_every 10, an evaluation every 2
+    iterations, a SIGTERM during iteration 5. Reference: the window means by hand."""
+    path = tmp_path / "log.jsonl"
+    logger = engine.JSONLLogger(str(path), True)
+    losses, stop = iter([1.0, 3.0, 5.0, 7.0, 9.0]), FakeStop(5)
+
+    def step(batch, lr):
+        stop.step(batch, lr)
+        return torch.tensor(next(losses))
+
+    with pytest.raises(engine.RunInterrupted, match="SIGTERM after iteration 5"):
+        engine.train_loop(torch.nn.Linear(1, 1), iter(range(100)), step,
+                          dist=engine.DistInfo(0, 1, 0, torch.device("cpu")), start_iter=0,
+                          iters=8, lr_at=lambda it: 0.1, log_every=10, eval_every=2,
+                          evaluate=lambda it: {}, save=lambda it, r: None, logger=logger,
+                          stop=stop)
+    logger.close()
+    records = [r for r in map(json.loads, path.read_text().splitlines()) if r["event"] == "train"]
+    assert [(r["iter"], r["loss"]) for r in records] == [(2, (1 + 3) / 2), (4, (5 + 7) / 2),
+                                                         (5, 9.0)]
+
+
+def test_train_loop_averages_the_window_over_processes(monkeypatch, tmp_path):
+    """Under DDP a record's loss is the mean over every process's iterations of the window: the
+    window's sums are all-reduced, then divided by window * world_size. Two processes stood in
+    for by an all-reduce that doubles (the other process had the same losses): losses 1, 2 in
+    the window of 2 iterations give (1 + 2) * 2 / (2 * 2) = 1.5, the mean of 1, 2, 1, 2."""
+    monkeypatch.setattr(engine, "all_reduce_sum_", lambda t: t.mul_(2))
+    path = tmp_path / "log.jsonl"
+    logger = engine.JSONLLogger(str(path), True)
+    losses = iter([1.0, 2.0])
+    engine.train_loop(torch.nn.Linear(1, 1), iter(range(100)),
+                      lambda batch, lr: torch.tensor(next(losses)),
+                      dist=engine.DistInfo(0, 2, 0, torch.device("cpu")), start_iter=0,
+                      iters=2, lr_at=lambda it: 0.1, log_every=2, eval_every=0,
+                      evaluate=lambda it: {}, save=lambda it, r: None, logger=logger)
+    logger.close()
+    records = [r for r in map(json.loads, path.read_text().splitlines()) if r["event"] == "train"]
+    assert [(r["iter"], r["loss"]) for r in records] == [(2, 1.5)]
+
+
+def test_train_loop_times_iterations_without_evaluations_and_saves(monkeypatch, tmp_path):
+    """A `train` record's `time` is the mean wall time per iteration of its window, evaluation
+    and checkpoint writing left out ("keep evaluation out of `time`"), and `elapsed` the time
+    since the loop started. On a fake clock: a step takes 1 s, an evaluation 100 s, a save 10 s;
+    4 iterations, a record every 2, evaluated and saved at 2 and 4. By hand: iteration 2 at
+    t=2 (time 2/2, elapsed 2), then 110 s of evaluation and save, iteration 4 at t=114 (time
+    (114 - 112)/2, elapsed 114)."""
+    import types
+    clock = [0.0]
+
+    def spend(seconds):
+        clock[0] += seconds
+
+    monkeypatch.setattr(engine, "time", types.SimpleNamespace(perf_counter=lambda: clock[0],
+                                                              time=lambda: 0.0))
+    path = tmp_path / "log.jsonl"
+    logger = engine.JSONLLogger(str(path), True)
+    engine.train_loop(torch.nn.Linear(1, 1), iter(range(100)),
+                      lambda batch, lr: spend(1.0) or torch.tensor(1.0),
+                      dist=engine.DistInfo(0, 1, 0, torch.device("cpu")), start_iter=0,
+                      iters=4, lr_at=lambda it: 0.1, log_every=2, eval_every=2,
+                      evaluate=lambda it: spend(100.0) or {}, save=lambda it, r: spend(10.0),
+                      logger=logger)
+    logger.close()
+    records = [r for r in map(json.loads, path.read_text().splitlines()) if r["event"] == "train"]
+    assert [(r["iter"], r["time"], r["elapsed"]) for r in records] == [(2, 1.0, 2.0),
+                                                                       (4, 1.0, 114.0)]
+
+
+def test_stop_request_takes_the_first_signal_and_lets_the_next_act():
+    """`StopRequest`: the first SIGINT or SIGTERM only sets `signum`; the next acts as it would
+    without it (here: the SIGINT handler installed before); leaving the block restores the
+    previous handlers, also when no signal came; disabled (torchrun), it intercepts nothing."""
+    caught = []
+
+    def handler(signum, frame):
+        caught.append(signum)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    term = signal.getsignal(signal.SIGTERM)
+    try:
+        with engine.StopRequest():
+            assert signal.getsignal(signal.SIGINT) is not handler
+        assert signal.getsignal(signal.SIGINT) is handler
+        assert signal.getsignal(signal.SIGTERM) == term
+        with engine.StopRequest() as stop:
+            signal.raise_signal(signal.SIGTERM)        # recorded, not acted on
+            assert stop.signum == signal.SIGTERM and caught == []
+            signal.raise_signal(signal.SIGINT)         # the second: its own handler
+            assert caught == [signal.SIGINT] and stop.signum == signal.SIGTERM
+        assert signal.getsignal(signal.SIGINT) is handler
+        with engine.StopRequest(enabled=False) as stop:
+            signal.raise_signal(signal.SIGINT)
+        assert stop.signum is None and caught == [signal.SIGINT, signal.SIGINT]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_a_cuda_index_beyond_the_machines_devices_is_refused(monkeypatch):
+    """`--device cuda:N` needs N below the device count: cuda:2 on a machine with 2 GPUs (cuda:0
+    and cuda:1) is a ValueError naming the flag. On stand-ins for CUDA."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    with pytest.raises(ValueError, match="--device cuda:2: this machine has 2 CUDA"):
+        engine.select_device("cuda:2")
+
+
+def test_infinite_batches_split_an_epoch_between_processes_without_repeats():
+    """7 images on 2 processes in batches of 1: each process takes 3 per epoch (the 7th image is
+    left out, not one repeated to even out the processes), together 6 different images."""
+    items, seen = CountingItems(7), []
+    for rank in (0, 1):
+        stream = engine.InfiniteBatches(items, 1, engine.DistInfo(rank, 2, rank,
+                                                                  torch.device("cpu")), seed=0)
+        assert stream.per_epoch == 3
+        batches = iter(stream)
+        seen += [next(batches)["i"].item() for _ in range(3)]
+    assert len(set(seen)) == 6
+
+
+def test_evaluation_mode_evaluates_and_restores_the_previous_mode():
+    """`with evaluation_mode(model) as net:` net is the model in eval mode; afterwards the
+    model is back in the mode it was in, training or not."""
+    model = torch.nn.Sequential(torch.nn.Dropout(0.5))
+    for training in (True, False):
+        model.train(training)
+        with engine.evaluation_mode(model) as net:
+            assert net is model and not net.training and not net[0].training
+        assert model.training == training and model[0].training == training
+
+
+def test_jsonable_writes_non_finite_numbers_as_null():
+    """JSON has no NaN or inf: `jsonable` makes them null (float, numpy float, tensor and numpy
+    array elements), numpy integers ints, tensors and arrays numbers or nested lists, tuples
+    lists and keys strings, so that the record is strict JSON (`allow_nan=False` accepts it)."""
+    import numpy as np
+    record = {"loss": float("nan"), 3: (np.float32(np.inf), np.int64(7)),
+              "score": torch.tensor(2.5), "worst": torch.tensor(-float("inf")),
+              "per_class": torch.tensor([float("nan"), 0.5]),
+              "grid": np.array([[1.0, np.inf]], np.float32), "counts": np.array([2, 3])}
+    out = engine.jsonable(record)
+    assert out == {"loss": None, "3": [None, 7], "score": 2.5, "worst": None,
+                   "per_class": [None, 0.5], "grid": [[1.0, None]], "counts": [2, 3]}
+    assert json.loads(json.dumps(out, allow_nan=False)) == out
+
+
+def test_the_log_is_appended_to_and_written_by_the_main_process_only(tmp_path):
+    """log.jsonl is opened for appending: a resumed run continues the file of the run it
+    continues; a logger that is not enabled (another rank) writes nothing."""
+    path = tmp_path / "log.jsonl"
+    for event in ("start", "resume"):
+        logger = engine.JSONLLogger(str(path), True)
+        logger.log(event, iter=0)
+        logger.close()
+    engine.JSONLLogger(str(path), False).log("other", iter=1)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["event"] for r in records] == ["start", "resume"]
+    assert all(r["iter"] == 0 and "timestamp" in r for r in records)
+
+
+@pytest.mark.parametrize("start_iter", [0, 2])
+def test_train_loop_steps_with_the_lr_of_each_0_based_iteration(start_iter, tmp_path):
+    """Iteration it + 1 (0-based it) steps with `lr_at(it)` and its record names that lr, from
+    the first iteration of a new run or of a resumed one: the poly schedule's first step uses
+    the base lr. Here lr_at(it) = 10 + it."""
+    path = tmp_path / "log.jsonl"
+    logger = engine.JSONLLogger(str(path), True)
+    used = []
+    engine.train_loop(torch.nn.Linear(1, 1), iter(range(100)),
+                      lambda batch, lr: used.append(lr) or torch.tensor(1.0),
+                      dist=engine.DistInfo(0, 1, 0, torch.device("cpu")), start_iter=start_iter,
+                      iters=4, lr_at=lambda it: 10.0 + it, log_every=1, eval_every=0,
+                      evaluate=lambda it: {}, save=lambda it, r: None, logger=logger)
+    logger.close()
+    records = [r for r in map(json.loads, path.read_text().splitlines()) if r["event"] == "train"]
+    assert used == [10.0 + it for it in range(start_iter, 4)]
+    assert [(r["iter"], r["lr"]) for r in records] == [(it + 1, 10.0 + it)
+                                                       for it in range(start_iter, 4)]
+
+
+def test_a_tie_with_the_best_score_keeps_the_earlier_best_pt(data, tmp_path, monkeypatch):
+    """best.pt moves at a new best score only (`RunCheckpoints`: "at a new best validation
+    score"): a later evaluation that ties it (0.5 at iterations 2 and 4) leaves best.pt at
+    iteration 2, also when the run is resumed right after the tie (last.pt's own score then
+    equals best.pt's: it is no best.pt the run failed to link)."""
+    fake_validation_scores(monkeypatch, 0.5, 0.5, 0.1)
+    out = tmp_path / "run"
+    train_seg.main(tiny_args(data, out, 4))
+    assert load_checkpoint(str(out / "best.pt"))["iter"] == 2
+    train_seg.main(["--out", str(out), "--resume", "--iters", "6", "--allow-changes",
+                    "--device", "cpu", "--workers", "0"])
+    best = load_checkpoint(str(out / "best.pt"))
+    assert (best["iter"], best["best"]) == (2, 0.5)
+
+
+def test_a_checkpoint_written_between_evaluations_keeps_the_last_results(data, tmp_path,
+                                                                         monkeypatch):
+    """--save-every writes last.pt without evaluating: its `metrics` and `best` stay those of
+    the last evaluation ("None: no evaluation this time; the checkpoint then keeps the last
+    one"). Evaluations at 2 (0.5) and 4 (0.7), a save without one at 3."""
+    fake_validation_scores(monkeypatch, 0.5, 0.7)
+    written, save = [], trainer.atomic_save
+    monkeypatch.setattr(trainer, "atomic_save", lambda state, path: written.append(
+        (state["iter"], state["metrics"], state["best"])) or save(state, path))
+    train_seg.main(tiny_args(data, tmp_path / "run", 4, "--save-every", "3"))
+    assert written == [(2, {"mIoU": 0.5}, 0.5), (3, {"mIoU": 0.5}, 0.5),
+                       (4, {"mIoU": 0.7}, 0.7)]
+
+
+def test_a_batch_of_every_training_image_is_accepted(data, tmp_path):
+    """--batch-size may equal the number of training images (6 here: one batch an epoch); only
+    a larger one is refused (test_errors_before_the_model_is_built)."""
+    args = tiny_args(data, tmp_path / "run", 1)
+    args[args.index("--batch-size") + 1] = "6"
+    assert train_seg.main(args)["iters"] == 1
+
+
+def test_a_signal_in_the_last_iteration_says_the_run_is_complete(data, tmp_path, monkeypatch,
+                                                                 capsys):
+    """A SIGTERM caught during a run's last iteration: the run is evaluated and saved complete,
+    the script says so (no command to continue it) and exits with 128 + 15 = 143 (`main`)."""
+    loop = trainer.engine.train_loop
+
+    def signalled_in_the_last_iteration(net, batches, step, *, stop, start_iter, iters, **kw):
+        done = [start_iter]
+
+        def last_signalled(batch, lr):
+            done[0] += 1
+            stop.signum = signal.SIGTERM if done[0] == iters else None
+            return step(batch, lr)
+        return loop(net, batches, last_signalled, stop=stop, start_iter=start_iter, iters=iters,
+                    **kw)
+
+    monkeypatch.setattr(trainer.engine, "train_loop", signalled_in_the_last_iteration)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        train_seg.main(tiny_args(data, out, 2))
+    assert e.value.code == 143
+    said = capsys.readouterr().out
+    assert (f"stopped by SIGTERM after iteration 2; {out / 'last.pt'} is written: the run is "
+            f"complete") in said and "--resume" not in said
+    assert load_checkpoint(str(out / "last.pt"))["iter"] == 2
+
+
+def test_resume_never_changes_a_compared_methods_adapter_scale(data, tmp_path, capsys):
+    """--adapter-scale scales the adapters' outputs without changing a tensor's shape: changed
+    on resume, the saved weights would load silently into another model; so it is a setting of
+    the model, refused even with --allow-changes."""
+    out, method = tmp_path / "run", ["--tuning", "adaptformer", "--d2", "64"]
+    train_seg.main(tiny_args(data, out, 1, *method))
+    err = fails_with(tiny_args(data, out, 2, *method, "--resume", "--allow-changes",
+                               "--adapter-scale", "0.5"), capsys)
+    assert "adapter_scale: checkpoint 0.1 vs now 0.5" in err and "--allow-changes" not in err
+
+
+def test_a_run_whose_every_score_is_nan_has_no_best(data, tmp_path, monkeypatch):
+    """NaN is never best: a run whose evaluations score NaN writes last.pt but no best.pt, and
+    its summary's best is None (no score), not -inf."""
+    fake_validation_scores(monkeypatch, float("nan"))
+    summary = train_seg.main(tiny_args(data, tmp_path / "run", 1))
+    assert summary["best"] is None and summary["best_path"] is None
+    assert load_checkpoint(summary["last"])["iter"] == 1
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_an_evaluation_output_with_nan_or_inf_names_the_image(bad):
+    """`check_finite_output`: any non-finite value, NaN or an infinity of either sign (argmax
+    and thresholds would score either), is TrainingDiverged naming the image; a finite output
+    passes."""
+    dataset = type("Images", (), {"image_paths": ["a.png", "b.png"]})()
+    output = torch.zeros(1, 3, 4, 4)
+    engine.check_finite_output(output, dataset, 1, "class scores")
+    output[0, 2, 1, 3] = bad
+    with pytest.raises(engine.TrainingDiverged, match="b.png: NaN or inf in the model's class "
+                                                      "scores"):
+        engine.check_finite_output(output, dataset, 1, "class scores")
+
+
+@pytest.mark.filterwarnings("ignore:Grad strides do not match bucket view strides")
+def test_under_torchrun_a_signal_is_not_intercepted(data, tmp_path, monkeypatch):
+    """Under torchrun the processes would have to agree on the iteration to stop after, so the
+    run's StopRequest is disabled there (Ctrl-C then stops at once, from the last checkpoint).
+    A one-process torchrun job in this process (its environment, gloo)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)
+    made = []
+
+    class Recorded(engine.StopRequest):
+        def __init__(self, enabled=True):
+            super().__init__(enabled)
+            made.append(enabled)
+
+    monkeypatch.setattr(trainer.engine, "StopRequest", Recorded)
+    train_seg.main(tiny_args(data, tmp_path / "run", 1))
+    assert made == [False]
+    start = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
+    assert start["world_size"] == 1
+
+
+def test_after_the_cuda_graph_fallback_an_eager_error_is_raised_as_it_is(monkeypatch):
+    """--cuda-graph: a batch the graph refuses (ValueError) moves the run to eager steps, once,
+    with a message; a ValueError of an eager step after that is the step's own error: raised
+    at once, not taken for the graph's (no second message, the step not run again)."""
+    class Refusing:
+        def __init__(self, *args):
+            pass
+
+        def __call__(self, batch, lr):
+            raise ValueError("shapes differ")
+
+    monkeypatch.setattr("ivt.graph_step.GraphedTrainStep", Refusing)
+    calls, said = [], []
+
+    def eager(batch, lr):
+        calls.append(batch)
+        if batch == "bad":
+            raise ValueError("eager failed")
+        return "loss"
+
+    step = trainer.graphed_step(None, None, None, None, 0.0, 0.0, eager, said.append)
+    assert step("a", 0.1) == "loss"
+    assert said == ["--cuda-graph: shapes differ; continuing with eager steps"]
+    with pytest.raises(ValueError, match="eager failed"):
+        step("bad", 0.1)
+    assert calls == ["a", "bad"] and len(said) == 1
+
+
+def test_resume_may_change_how_often_the_run_evaluates_saves_and_logs(data, tmp_path, capsys):
+    """--eval-every, --save-every and --log-every say how a run executes, not what it computes
+    (`RUN_ONLY`): a resume may change them without --allow-changes, and none is a change. The
+    run resumed here is complete: nothing trains, and its summary gives the run's last
+    validation results, those last.pt holds."""
+    out = tmp_path / "run"
+    train_seg.main(tiny_args(data, out, 2))
+    capsys.readouterr()
+    summary = train_seg.main(tiny_args(data, out, 2, "--resume", "--eval-every", "1",
+                                       "--save-every", "1", "--log-every", "2"))
+    assert summary["iters"] == 2
+    assert "changed setting" not in capsys.readouterr().out
+    saved = load_checkpoint(str(out / "last.pt"))["metrics"]      # (per-class IoUs may be NaN)
+    assert summary["metrics"] is not None and summary["metrics"].keys() == saved.keys()
+    assert summary["metrics"]["mIoU"] == saved["mIoU"]
