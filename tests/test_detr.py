@@ -633,16 +633,16 @@ def test_denoising_queries_do_not_leak_into_matching_queries():
 
 
 def inverse_sigmoid(b):
-    """DINO's `inverse_sigmoid`: logit of the box clamped to [1e-3, 1 - 1e-3]."""
-    b = b.clamp(1e-3, 1 - 1e-3)
-    return torch.log(b / (1 - b))
+    """DINO's `inverse_sigmoid`: log(max(b, 1e-3) / max(1 - b, 1e-3)), b clamped to [0, 1]."""
+    b = b.clamp(0, 1)
+    return torch.log(b.clamp(min=1e-3) / (1 - b).clamp(min=1e-3))
 
 
 def run_decoder_recording_layers():
     """A seeded one-level decoder (box head and norm drawn away from their init) run on random
     queries, boxes (as logits) and memory. Returns the decoder, the boxes, its (logits, boxes) per
-    layer, and `seen`: layer 0's and 1's outputs (`out0`, `out1`) and the reference box layer 1
-    was given (`ref1`)."""
+    layer, and `seen`: layer 0's and 1's outputs (`out0`, `out1`) and the reference box and query
+    position layer 1 was given (`ref1`, `pos1`)."""
     torch.manual_seed(0)
     decoder = build_decoder(tiny_config(num_feature_levels=1)).eval()
     for p in [*decoder.box_head.parameters(), *decoder.norm.parameters()]:
@@ -651,7 +651,8 @@ def run_decoder_recording_layers():
     tgt, boxes_unact = torch.randn(1, 5, 32), torch.randn(1, 5, 4)
     seen = {}
     decoder.layers[0].register_forward_hook(lambda m, a, out: seen.update(out0=out))
-    decoder.layers[1].register_forward_hook(lambda m, a, out: seen.update(out1=out, ref1=a[2]))
+    decoder.layers[1].register_forward_hook(
+        lambda m, a, out: seen.update(out1=out, ref1=a[2], pos1=a[1]))
     return decoder, boxes_unact, decoder(tgt, boxes_unact, memory, shapes), seen
 
 
@@ -953,3 +954,349 @@ def test_deformable_attention_around_a_box_spreads_offsets_by_half_its_size():
     reference = torch.tensor([[[[cx, cy, w, h]]]], dtype=torch.float64)
     out = attn(torch.randn(1, 1, 1, dtype=torch.float64), reference, value, shapes)
     assert out.item() == pytest.approx(cx + 0.1, abs=1e-12)
+
+
+# -- gaps found by mutation testing --------------------------------------------------------------
+
+
+def test_inverse_sigmoid_clamps_at_dinos_eps():
+    """`inverse_sigmoid(x, eps=1e-3)` as DINO writes it: log(max(x, 1e-3) / max(1 - x, 1e-3)),
+    so a box on the border maps to -+log(1000) ~ -+6.9, not to an infinite logit, and values
+    outside [0, 1] are clamped into it first."""
+    from ivt.models.detr.box_ops import inverse_sigmoid as ours
+    got = ours(torch.tensor([-0.5, 0.0, 1e-4, 0.25, 1.0, 1.5], dtype=torch.float64))
+    want = [-math.log(1000.0), -math.log(1000.0), math.log(1e-3 / (1 - 1e-4)),
+            math.log(0.25 / 0.75), math.log(1000.0), math.log(1000.0)]
+    assert got.tolist() == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_matcher_weighs_class_against_box_costs_as_dino(seed):
+    """Queries of confident, varied classes whose boxes are all near the targets, so that the
+    focal class cost (weight 2, alpha 0.25 on the positive term and 1 - alpha on the negative
+    one) competes with the L1 (5) and GIoU (2) costs: the matcher's assignment must be optimal
+    under DINO's cost written out in float64 (`reference_cost`), found by brute force."""
+    g = torch.Generator().manual_seed(100 + seed)
+    for _ in range(8):
+        Q, n, K = 4, 3, 3
+        tgt = random_boxes(n, g)
+        pred = (tgt[torch.randint(0, n, (Q,), generator=g)]
+                + 0.03 * torch.randn(Q, 4, generator=g)).clamp(0.05, 0.95)
+        outputs = {"pred_logits": 4 * torch.randn(1, Q, K, generator=g),
+                   "pred_boxes": pred[None]}
+        labels = torch.randint(0, K, (n,), generator=g)
+        (q, t), = HungarianMatcher()(outputs, [{"labels": labels, "boxes": tgt}])
+        C = reference_cost(outputs["pred_logits"][0], pred, labels, tgt)
+        assert C[q, t].sum().item() == pytest.approx(brute_force_min(C).item(), abs=1e-6)
+
+
+def test_every_decoder_layer_and_the_proposals_get_their_own_matching():
+    """DETR / DINO match each set of predictions (the last layer, each auxiliary layer, the
+    encoder's proposals) to the targets separately: here the last layer and the auxiliary layer
+    both predict the two targets exactly (boxes, and logit +2 for the right class, -2 for the
+    other), in opposite query orders, and the proposals in a third order; each set's own optimal
+    matching makes every L1 and GIoU term 0 and the focal term (2 positives at +2, 4 negatives at
+    -2, over 2 boxes) the same for every set."""
+    from ivt.models.detr.criterion import SetCriterion
+    gt = torch.tensor([[8.0, 8.0, 40.0, 24.0], [48.0, 32.0, 88.0, 60.0]])   # xyxy in 64 x 96
+    norm = normalize_boxes(gt, (64, 96)).double()
+    far = torch.tensor([[0.1, 0.9, 0.05, 0.05]], dtype=torch.float64)
+    right = torch.tensor([[2.0, -2.0], [-2.0, 2.0]], dtype=torch.float64)   # labels 0 and 1
+    none = torch.full((1, 2), -2.0, dtype=torch.float64)
+
+    def preds(order, far_first=False):
+        parts = [(none, far), (right[order], norm[order])]
+        parts = parts if far_first else parts[::-1]
+        return {"pred_logits": torch.cat([p[0] for p in parts])[None],
+                "pred_boxes": torch.cat([p[1] for p in parts])[None]}
+
+    outputs = dict(preds([0, 1]), aux_outputs=[preds([1, 0])], image_size=(64, 96),
+                   enc_outputs=preds([1, 0], far_first=True))
+    criterion = SetCriterion(2, HungarianMatcher(), {"cls": 1.0, "l1": 5.0, "giou": 2.0})
+    losses = criterion(outputs, [{"boxes": gt, "labels": torch.tensor([0, 1])}])
+    cls = (2 * focal_by_hand(2.0, 1.0) + 4 * focal_by_hand(-2.0, 0.0)) / 2
+    for suffix in ("", "_0", "_enc"):
+        assert losses[f"loss_cls{suffix}"].item() == pytest.approx(cls, rel=1e-5), suffix
+        assert losses[f"loss_l1{suffix}"].item() == pytest.approx(0.0, abs=1e-6), suffix
+        assert losses[f"loss_giou{suffix}"].item() == pytest.approx(0.0, abs=1e-6), suffix
+
+
+def test_denoising_boxes_are_clamped_to_the_image():
+    """DINO (dn_components.py: `known_bbox_ = known_bbox_.clamp(min=0.0, max=1.0)`): the noised
+    corners are clamped to [0, 1] before going back to cxcywh, so a noised box never leaves the
+    image. A box touching the left and top borders, box noise 1.0: some corners are pushed
+    outside, yet every denoising box lies within the image (up to the logit clamp)."""
+    torch.manual_seed(0)
+    dn = Denoising(num_classes=2, dim=8, dn_number=50, label_noise_ratio=0.0, box_noise_scale=1.0)
+    gt = torch.tensor([[0.1, 0.15, 0.2, 0.3]])                 # corners (0, 0, 0.2, 0.3)
+    q = dn([{"labels": torch.tensor([1]), "boxes": gt}], num_queries=4)
+    xyxy = box_cxcywh_to_xyxy(q.boxes_unact.sigmoid()[0])
+    assert xyxy.min().item() >= -1e-6 and xyxy.max().item() <= 1 + 1e-6
+
+
+def test_denoising_module_masks_whole_groups_of_positives_and_negatives():
+    """DINO's mask from the module itself: a group is the 2 * max_n queries [n positives (padded),
+    n negatives (padded)] of one noising round; inside a group every query sees every other
+    (positives and negatives alike), groups do not see each other, and the matching queries do
+    not see any denoising query (which may see them). Written out element by element."""
+    torch.manual_seed(0)
+    dn = Denoising(num_classes=3, dim=8, dn_number=4)
+    boxes = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.6, 0.1, 0.2]])
+    q = dn([{"labels": torch.tensor([0, 1]), "boxes": boxes},
+            {"labels": torch.tensor([2]), "boxes": boxes[:1]}], num_queries=3)
+    G, size, pad = 2, 4, 8                                        # 4 // 2 groups of 2 + 2
+    assert q.meta == {"pad_size": pad, "num_groups": G, "group_size": size}
+    want = torch.zeros(pad + 3, pad + 3, dtype=torch.bool)
+    for i in range(pad + 3):
+        for j in range(pad):
+            want[i, j] = i >= pad or i // size != j // size
+    assert torch.equal(q.attn_mask, want)
+
+
+def test_query_selection_takes_the_best_valid_tokens_from_their_anchors():
+    """Two-stage selection (Deformable DETR, DINO): the num_queries valid tokens with the highest
+    class score (max over classes) are selected; with the box head at its zero init their
+    proposals are their anchors: centre of the token's pixel ((j + .5) / W, (i + .5) / H), side
+    0.05 * 2^level. Invalid anchors (a coordinate outside (0.01, 0.99): here the first and last
+    rows of a 60-row level) are never selected, even when every valid token is needed."""
+    torch.manual_seed(0)
+    shapes = [(60, 4), (3, 5), (2, 2)]
+    anchors, valid = [], []
+    for lvl, (h, w) in enumerate(shapes):
+        for i in range(h):
+            for j in range(w):
+                a = [(j + 0.5) / w, (i + 0.5) / h, 0.05 * 2 ** lvl, 0.05 * 2 ** lvl]
+                anchors.append(a)
+                valid.append(all(0.01 < v < 0.99 for v in a))
+    anchors, valid = torch.tensor(anchors), torch.tensor(valid)
+    S, K = len(anchors), 3
+    memory = torch.randn(2, S, 16)
+    for num_queries in (7, int(valid.sum())):
+        qs = QuerySelection(16, K, num_queries)
+        with torch.no_grad():
+            qs.class_head.weight.normal_()
+            token_logits = qs.class_head(qs.norm(qs.proj(memory)))          # (B, S, K)
+            _, _, out = qs(memory, shapes)
+        for b in range(2):
+            score = token_logits[b].max(-1).values.masked_fill(~valid, -math.inf)
+            want = set(score.argsort(descending=True)[:num_queries].tolist())
+            picked = [int((token_logits[b] - lo).abs().sum(-1).argmin())
+                      for lo in out["pred_logits"][b]]
+            assert set(picked) == want
+            torch.testing.assert_close(out["pred_boxes"][b], anchors[picked])
+
+
+def test_deformable_attention_initial_offsets_are_deformable_detrs():
+    """Deformable DETR's `_reset_parameters`: head h samples along (cos, sin)(2 pi h / M) scaled
+    so that its larger coordinate is 1, point p at p + 1 times that, on every level; zero offset
+    and attention weight matrices, zero attention bias. For M = 8 heads the directions are
+    (1, 0), (1, 1), (0, 1), (-1, 1), (-1, 0), (-1, -1), (0, -1), (1, -1)."""
+    attn = MultiScaleDeformableAttention(dim=16, num_heads=8, num_levels=2, num_points=3)
+    dirs = [(1, 0), (1, 1), (0, 1), (-1, 1), (-1, 0), (-1, -1), (0, -1), (1, -1)]
+    want = torch.tensor([[[[(p + 1) * dx, (p + 1) * dy] for p in range(3)] for _ in range(2)]
+                         for dx, dy in dirs], dtype=torch.float32)
+    torch.testing.assert_close(attn.sampling_offsets.bias.view(8, 2, 3, 2), want,
+                               atol=1e-5, rtol=0)
+    assert not attn.sampling_offsets.weight.any() and not attn.attention_weights.weight.any()
+    assert not attn.attention_weights.bias.any()
+
+
+def relu_ffn(ffn, x):
+    """DINO's FFN (post-norm, activation 'relu'): LN(x + W2 ReLU(W1 x + b1) + b2)."""
+    hidden = (x @ ffn.net[0].weight.T + ffn.net[0].bias).clamp(min=0)
+    return ffn.norm(x + hidden @ ffn.net[3].weight.T + ffn.net[3].bias)
+
+
+def test_encoder_layer_and_reference_points_are_dinos():
+    """DINO's DeformableTransformerEncoderLayer (post-norm): src = LN(src + MSDA(query = src +
+    pos, reference, value = src)), then the ReLU FFN; each token's reference is its own pixel centre
+    ((j + .5) / W_l, (i + .5) / H_l) (x first), the same on every level (no padding)."""
+    from ivt.models.detr.encoder import token_reference_points
+    shapes = [(2, 3), (1, 2)]
+    ref = token_reference_points(shapes, 2, "cpu")
+    pts = [[(j + 0.5) / w, (i + 0.5) / h] for h, w in shapes for i in range(h) for j in range(w)]
+    want = torch.tensor(pts)[None, :, None, :].expand(2, -1, 2, -1)
+    assert torch.equal(ref, want)
+
+    torch.manual_seed(0)
+    enc = build_encoder(DetectorConfig(num_classes=3, encoder="deformable", hidden_dim=8,
+                                       num_heads=2, num_points=2, ffn_dim=16, enc_layers=1,
+                                       num_feature_levels=2))
+    layer = enc.layers[0]
+    with torch.no_grad():                                # offsets that depend on the query
+        layer.self_attn.sampling_offsets.weight.normal_(0, 0.5)
+        layer.self_attn.attention_weights.weight.normal_(0, 0.5)
+    src, pos = torch.randn(2, 8, 8), torch.randn(1, 8, 8)
+    x = layer.norm(src + layer.self_attn(src + pos, want, src, shapes))
+    torch.testing.assert_close(enc(src, pos, shapes), relu_ffn(layer.ffn, x))
+
+
+def test_decoder_layer_is_dinos():
+    """DINO's DeformableTransformerDecoderLayer (post-norm, order sa, ca, ffn): self-attention with
+    q = k = tgt + query_pos and v = tgt, under the mask; deformable cross-attention with query
+    tgt + query_pos around the reference box (cx, cy, w, h) on every level; then the ReLU FFN."""
+    torch.manual_seed(0)
+    decoder = build_decoder(tiny_config(num_feature_levels=2))
+    layer = decoder.layers[0]
+    with torch.no_grad():
+        layer.cross_attn.sampling_offsets.weight.normal_(0, 0.5)
+    shapes = [(6, 4), (3, 2)]
+    memory, tgt, pos = torch.randn(1, 30, 32), torch.randn(1, 5, 32), torch.randn(1, 5, 32)
+    boxes = torch.rand(1, 5, 4) * 0.5 + 0.25
+    mask = torch.zeros(5, 5, dtype=torch.bool)
+    mask[3:, :2] = True
+    got = layer(tgt, pos, boxes, memory, shapes, mask)
+    q = tgt + pos
+    sa = layer.self_attn(q, q, tgt, attn_mask=mask, need_weights=False)[0]
+    x = layer.norm1(tgt + sa)
+    ref = boxes[:, :, None, :].expand(-1, -1, 2, -1)
+    x = layer.norm2(x + layer.cross_attn(x + pos, ref, memory, shapes))
+    torch.testing.assert_close(got, relu_ffn(layer.ffn, x))
+
+
+def test_decoder_query_position_comes_from_the_current_reference_box():
+    """DINO: each layer's query position is ref_point_head(gen_sineembed_for_position(reference))
+    of the reference box that layer attends around (the previous layer's refined box)."""
+    decoder, _, _, seen = run_decoder_recording_layers()
+    pos1 = decoder.query_pos_head(box_position_embedding(seen["ref1"], 32))
+    torch.testing.assert_close(seen["pos1"], pos1)
+
+
+def test_hybrid_encoder_follows_rt_detrs_forward():
+    """lyuwenyu/RT-DETR's HybridEncoder.forward, written out with the module's own blocks: AIFI
+    on the last level; top-down, the running map passes its lateral conv (and replaces itself
+    with that output), is upsampled x2 by nearest neighbour and fused as cat([up, finer]);
+    bottom-up, the finest map is downsampled and fused as cat([down, top-down map]). Random BN
+    statistics, so that no block is an identity in disguise."""
+    torch.manual_seed(0)
+    enc = HybridEncoder(num_levels=4, dim=8, num_heads=2, ffn_dim=16, dropout=0.0,
+                        num_blocks=1).eval()
+    with torch.no_grad():
+        for m in enc.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+    feats = [torch.randn(1, 8, h, w) for h, w in SWIN_LEVELS["64x96"]]
+    p = feats[:-1] + [enc.aifi(feats[-1])]
+    inner = [p[-1]]
+    for idx in range(3, 0, -1):
+        high = enc.lateral[3 - idx](inner[0])
+        inner[0] = high
+        up = F.interpolate(high, scale_factor=2.0, mode="nearest")
+        inner.insert(0, enc.fpn[3 - idx](torch.cat([up, p[idx - 1]], dim=1)))
+    want = [inner[0]]
+    for idx in range(3):
+        down = enc.downsample[idx](want[-1])
+        want.append(enc.pan[idx](torch.cat([down, inner[idx + 1]], dim=1)))
+    with torch.no_grad():
+        got = enc(feats)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_detector_wiring_of_levels_layers_and_denoising_targets():
+    """Detector.forward's glue, against DINO: the deformable encoder's position of level l is
+    the map embedding plus level_embed[l]; the denoising queries get the targets normalised by
+    the input's (H, W) = (64, 96); aux_outputs (and the denoising ones) are the earlier decoder
+    layers in order, the last layer being the main output, matching queries after the pad_size
+    denoising ones; the decoder gets the denoising attention mask."""
+    from ivt.models.detr.position_encoding import map_position_embedding
+    torch.manual_seed(0)
+    model = build_detector("swin_nano", tiny_config(dec_layers=3), tuning="ivt").train()
+    vis, ir, targets = batch()
+    seen = {}
+    model.encoder.register_forward_hook(lambda m, a, o: seen.update(pos=a[1], shapes=a[2]))
+    model.denoising.register_forward_hook(lambda m, a, o: seen.update(dn_in=a[0], dn=o))
+    model.decoder.register_forward_hook(lambda m, a, o: seen.update(mask=a[4], dec=o))
+    with torch.no_grad():
+        out = model(vis, ir, targets)
+    pos = torch.cat([map_position_embedding(s, 32, "cpu") + model.level_embed[lvl]
+                     for lvl, s in enumerate(seen["shapes"])])
+    torch.testing.assert_close(seen["pos"][0], pos)
+    x0, y0, x1, y1 = targets[0]["boxes"][0].tolist()
+    torch.testing.assert_close(seen["dn_in"][0]["boxes"][0], torch.tensor(
+        [(x0 + x1) / 2 / W, (y0 + y1) / 2 / H, (x1 - x0) / W, (y1 - y0) / H]))
+    assert torch.equal(seen["mask"], seen["dn"].attn_mask)
+    pad = seen["dn"].meta["pad_size"]
+    logits, boxes = seen["dec"]
+    main = [out] + [out["aux_outputs"][i] for i in (1, 0)]
+    dn = [out["dn_outputs"]] + [out["dn_outputs"]["aux_outputs"][i] for i in (1, 0)]
+    assert len(out["aux_outputs"]) == len(out["dn_outputs"]["aux_outputs"]) == 2
+    for layer, o, d in zip((2, 1, 0), main, dn):
+        assert torch.equal(o["pred_logits"], logits[layer][:, pad:])
+        assert torch.equal(o["pred_boxes"], boxes[layer][:, pad:])
+        assert torch.equal(d["pred_logits"], logits[layer][:, :pad])
+        assert torch.equal(d["pred_boxes"], boxes[layer][:, :pad])
+
+
+def test_denoising_label_noise_draws_from_every_class():
+    """DINO: a flipped label is `torch.randint_like(chosen_indice, 0, num_classes)`, uniform over
+    all K classes. Every label 0 and ratio 1 (half of them flipped): each other class k makes
+    about 1 / (2 K) = 1/8 of 4000 queries; all must occur (none would for a class left out)."""
+    torch.manual_seed(0)
+    K, n = 4, 500
+    dn = Denoising(K, 16, dn_number=2000, label_noise_ratio=1.0, box_noise_scale=0.0)
+    q = dn([{"labels": torch.zeros(n, dtype=torch.int64), "boxes": torch.rand(n, 4) * 0.5 + 0.25}],
+           num_queries=10)
+    got = torch.cdist(q.content[0], dn.label_embed.weight).argmin(-1)
+    counts = torch.bincount(got, minlength=K).tolist()
+    assert all(c > 0.1 * len(got) for c in counts[1:]), counts
+
+
+def test_denoising_indices_point_at_each_targets_positive_queries():
+    """The fixed assignment of the denoising loss, by hand for 2 groups of max_n = 3 (each group
+    [3 positive slots, 3 negative slots]): an image with 2 targets gets queries 0, 1 (group 0) and
+    6, 7 (group 1) for targets 0, 1, 0, 1. And it agrees with the module's layout: without noise
+    the query at each pair holds its target's box and label embedding."""
+    from ivt.models.detr.denoising import denoising_indices
+    boxes = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.6, 0.1, 0.2], [0.7, 0.4, 0.3, 0.1]])
+    targets = [{"labels": torch.tensor([2, 0]), "boxes": boxes[1:]},
+               {"labels": torch.tensor([1, 2, 0]), "boxes": boxes}]
+    meta = {"pad_size": 12, "num_groups": 2, "group_size": 6}
+    (q, t), _ = denoising_indices(meta, targets)
+    assert q.tolist() == [0, 1, 6, 7] and t.tolist() == [0, 1, 0, 1]
+    torch.manual_seed(0)
+    dn = Denoising(num_classes=3, dim=8, dn_number=6, label_noise_ratio=0.0, box_noise_scale=0.0)
+    out = dn(targets, num_queries=4)
+    assert out.meta == meta
+    for b, (q, t) in enumerate(denoising_indices(out.meta, targets)):
+        torch.testing.assert_close(out.boxes_unact[b, q].sigmoid(), targets[b]["boxes"][t])
+        torch.testing.assert_close(out.content[b, q], dn.label_embed(targets[b]["labels"][t]))
+
+
+def test_box_heads_start_at_zero_and_mlps_are_detrs():
+    """DINO zero-inits the last layer of each box head, weight AND bias (`nn.init.constant_(
+    _bbox_embed.layers[-1].weight / .bias, 0)`), so a layer starts by keeping its reference box.
+    DETR's MLP: Linear layers with ReLU between them, none after the last, written out."""
+    from ivt.models.detr.decoder import MLP
+    torch.manual_seed(0)
+    model = build_detector("swin_nano", tiny_config())
+    for head in (model.decoder.box_head, model.query_selection.box_head):
+        assert not head.layers[-1].weight.any() and not head.layers[-1].bias.any()
+    mlp = MLP(4, 8, 2, 3).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    (w0, b0), (w1, b1), (w2, b2) = [(m.weight, m.bias) for m in mlp.layers]
+    want = ((x @ w0.T + b0).clamp(min=0) @ w1.T + b1).clamp(min=0) @ w2.T + b2
+    torch.testing.assert_close(mlp(x), want)
+
+
+def test_zero_size_target_boxes_are_accepted():
+    """The target contract is xyxy with x1 >= x0 and y1 >= y0: a zero-width or zero-height box
+    (a clipped or degenerate annotation) is legal; only reversed corners are refused."""
+    from ivt.models.detr.criterion import check_targets
+    flat = {"boxes": torch.tensor([[5.0, 5.0, 5.0, 9.0], [1.0, 2.0, 4.0, 2.0]]),
+            "labels": torch.tensor([0, 2])}
+    check_targets([flat], 1, 3)
+    with pytest.raises(ValueError, match="x1 >= x0"):
+        check_targets([{"boxes": torch.tensor([[5.0, 5.0, 4.0, 9.0]]),
+                        "labels": torch.tensor([0])}], 1, 3)
+
+
+def test_predict_keeps_every_pair_when_the_model_has_fewer_than_max_dets():
+    """DINO's post-processing takes the top min(num_select, Q * K) (query, class) pairs: with
+    Q * K = 12 * 3 = 36 < 300 (the default max_dets) every pair comes back, best first."""
+    torch.manual_seed(0)
+    model = build_detector("swin_nano", tiny_config(), tuning="ivt").eval()
+    vis, ir, _ = batch()
+    for d in model.predict(vis, ir):
+        assert d["scores"].shape == (36,) and torch.all(d["scores"][:-1] >= d["scores"][1:])

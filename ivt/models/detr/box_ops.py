@@ -51,10 +51,10 @@ def generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
-    """logit(x) with x clamped to [eps, 1 - eps], so that boxes on the image border stay finite
-    (DINO's eps: at most +-6.9 in logit space)."""
-    x = x.clamp(min=eps, max=1 - eps)
-    return torch.log(x / (1 - x))
+    """log(x / (1 - x)) with x and 1 - x each clamped to at least `eps` (DINO's form and eps), so
+    that boxes on the image border stay finite: at most +-log(1000) ~ +-6.9 in logit space."""
+    x = x.clamp(min=0, max=1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
 def normalize_boxes(boxes_xyxy: torch.Tensor, size_hw: Tuple[int, int]) -> torch.Tensor:
