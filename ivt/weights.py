@@ -237,7 +237,7 @@ def renamed_into_place(tmp, dest):
     removed and `dest` untouched."""
     try:
         yield tmp
-        os.chmod(tmp, usual_file_mode())          # mkstemp creates 0600: use the usual mode
+        os.chmod(tmp, usual_file_mode())     # one from mkstemp (checkpoints) is 0600
         os.replace(tmp, dest)
     except BaseException:
         if os.path.exists(tmp):

@@ -172,3 +172,27 @@ def test_detector_checkpoint_errors_name_keys(source, tmp_path):
                                               r"layers\.2\.blocks\.1\.mlp\.fc2\.weight"):
         load_detector_backbone(build_backbone("swin_nano", tuning="ivt"),
                                str(tmp_path / "transposed.pth"))
+
+
+def test_mmdet_backbone_file_without_a_detector_loads(source, tmp_path):
+    """mmdet's converted Swin backbones (mmdet names, no `backbone.` prefix: what mmdet's
+    `swin_converter` gives before a detector wraps it) load as a pretrained file: renamed to the
+    release's names, patch merging reordered back from `nn.Unfold`'s order, and the per-output
+    norms norm0..3 into `out_norms.0..3`. Every weight is made distinct (a LayerNorm's (1, 0)
+    would hide a wrongly ordered patch-merging norm)."""
+    src, _ = source
+    g = torch.Generator().manual_seed(2)
+    params = dict(src.named_parameters())
+    own = {k: v + torch.randn(v.shape, generator=g) if k in params else v
+           for k, v in src.state_dict().items()}
+    sd = {k[len("backbone."):]: v for k, v in mmdet_swin_converter(release_layout(own)).items()}
+    assert any(k.startswith("stages.") for k in sd) and "patch_embed.projection.weight" in sd
+    norms = {k[len("backbone."):]: v for k, v in detector_extras(src.out_channels).items()
+             if k.startswith("backbone.norm")}
+    torch.save({"state_dict": {**sd, **norms}}, tmp_path / "mmdet_swin.pth")
+    model = build_backbone("swin_nano", tuning="ivt", out_norms=True,
+                           pretrained=str(tmp_path / "mmdet_swin.pth"))
+    check_loaded(model, own)
+    for i in range(4):
+        assert torch.equal(model.out_norms[i].weight, norms[f"norm{i}.weight"]), i
+        assert torch.equal(model.out_norms[i].bias, norms[f"norm{i}.bias"]), i

@@ -11,7 +11,7 @@ from ivt.checkpoint import atomic_save, load_checkpoint, load_model_state, make_
 from ivt.models import PETL_METHODS, PETLConfig, build_backbone, count_parameters
 from ivt.models.eva02 import EVA02Backbone, EVA02Config
 from ivt.models.petl.adaptformer import AdaptFormer
-from ivt.models.petl.bi_adaptformer import binarize
+from ivt.models.petl.bi_adaptformer import BiAdaptFormer, binarize
 from ivt.models.petl.rein import Rein
 from ivt.models.segmentor import build_segmentor
 
@@ -359,3 +359,93 @@ def test_each_method_starts_as_its_release(family):
             bound = math.sqrt(6 / (3 * patch * patch + p.shape[1]))
             assert p.abs().max() <= bound, name
             assert p.abs().max() > (0.95 if p.numel() >= 500 else 0.5) * bound, name
+
+
+# -- initialisations and wiring the counts cannot see ---------------------------------------------
+def test_adaptformer_down_projection_starts_as_the_releases_lora_init():
+    """AdaptFormer's "lora" init: W_down kaiming-uniform (a = sqrt 5, PyTorch's Linear default:
+    uniform in +-1/sqrt(C)), both biases zero. A zero W_down would leave the adapter dead (with
+    W_up = 0 neither projection's weight ever gets a gradient). The dropout a PETLConfig names
+    reaches every adapter."""
+    bb = build("swin", "adaptformer")
+    adapters = [m for m in bb.modules() if isinstance(m, AdaptFormer)]
+    assert adapters
+    for m in adapters:
+        bound = 1 / math.sqrt(m.down.in_features)
+        w = m.down.weight
+        assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
+        assert not m.down.bias.any() and not m.up.bias.any()
+    torch.manual_seed(0)
+    eva = EVA02Backbone("tiny", EVA02Config(embed_dim=64, depth=4, num_heads=2, mlp_hidden=170,
+                                            img_size=(64, 64)), "adaptformer", None)
+    eva.add_petl(PETLConfig(method="adaptformer", dropout=0.3))
+    assert {m.drop.p for m in eva.modules() if isinstance(m, AdaptFormer)} == {0.3}
+
+
+def test_rein_tokens_start_in_the_releases_bound_and_hooks_use_their_own_layer():
+    """Rein's release draws A and B uniform in +-sqrt(6 / (3 * 16^2 + sqrt(C r))) (patch 16 for
+    every backbone). Each block's hook refines the block's output (pos 1, z_out; after attention
+    it leaves the block alone) with the tokens of its own index in its stage's shared Rein;
+    `rein_tokens` and `rein_rank` set the token factorisation's shapes."""
+    bb = build_backbone("swin_nano", tuning="rein", rein_tokens=7, rein_rank=4)
+    for rein, stage in zip(bb.rein, bb.block_stages()):
+        assert rein.tokens_a.shape == (len(stage), 7, 4)
+        assert rein.tokens_b.shape == (len(stage), 4, rein.dim)
+    big = build("swin", "rein").rein[0]                          # 100 x 16 tokens per block
+    val = math.sqrt(6 / (3 * 16 * 16 + math.sqrt(big.dim * 16)))
+    for t in (big.tokens_a, big.tokens_b):
+        assert t.abs().max() <= val and t.abs().max() > 0.9 * val
+    torch.manual_seed(0)
+    for rein, stage in zip(bb.rein, bb.block_stages()):
+        with torch.no_grad():
+            rein.scale.fill_(0.5)
+            rein.mlp_delta_f.weight.normal_()
+        for layer, block in enumerate(stage):
+            hook = block.adapters
+            assert hook.rein is rein and hook.layer == layer
+            z_in = torch.randn(2, 5, rein.dim)
+            z_out = z_in + torch.randn(2, 5, rein.dim)
+            with torch.no_grad():
+                same, p = hook(0, z_in, z_out, None, (1, 5))
+                got, _ = hook(1, z_in, z_out, None, (1, 5))
+                t = rein.tokens_a[layer] @ rein.tokens_b[layer]
+                s = F.softmax(z_out @ t.T / math.sqrt(rein.dim), dim=-1)
+                d = s[..., 1:] @ rein.mlp_token2feat(t[1:])
+                want = z_out + 0.5 * rein.mlp_delta_f(d + z_out)
+            assert same is z_out and p is None
+            torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("family", ["swin", "eva02"])
+def test_ir_patch_embedding_is_freshly_initialised(family):
+    """Sec. 4.5's IR patch embedding has the visible one's architecture with its own fresh
+    weights (PyTorch's default conv init: uniform in +-1/sqrt(3 p^2)), not a copy of the
+    visible embedding's."""
+    bb = build(family, "vpt")
+    vis, ir = bb.patch_embed.proj, bb.ir_patch_embed.proj
+    assert type(bb.ir_patch_embed) is type(bb.patch_embed) and ir.weight.shape == vis.weight.shape
+    assert not torch.equal(ir.weight, vis.weight) and not torch.equal(ir.bias, vis.bias)
+    bound = 1 / math.sqrt(3 * bb.patch_embed.patch ** 2)
+    assert ir.weight.abs().max() <= bound and ir.weight.abs().max() > 0.9 * bound
+
+
+def test_bi_adaptformer_runs_on_binarised_weights():
+    """Bi-AdaptFormer's forward uses the 1-bit weights: x_l = x'_l + MLP(LN(x'_l))
+    + s Q(W_up) ReLU(Q(W_down) x'_l), no biases, with Q(w) = mean +- 0.6745 std by the sign of
+    w - mean (Binary Adapters' quantiser at 1 bit), written out in float64."""
+    torch.manual_seed(0)
+    bi = BiAdaptFormer(16, bottleneck=8, scale=0.5, dropout=0.0).double().eval()
+    with torch.no_grad():
+        bi.up.weight.normal_()
+
+    def q(w):
+        w = w.detach()
+        mean, std = w.mean(), w.std()
+        return torch.where(w > mean, mean + 0.6744897501960817 * std,
+                           mean - 0.6744897501960817 * std)
+
+    z_in = torch.randn(2, 6, 16, dtype=torch.float64)
+    z_out = z_in + torch.randn(2, 6, 16, dtype=torch.float64)
+    got, _ = bi(1, z_in, z_out, None, (2, 3))
+    want = z_out + 0.5 * F.relu(z_in @ q(bi.down.weight).T) @ q(bi.up.weight).T
+    torch.testing.assert_close(got.detach(), want)

@@ -505,3 +505,61 @@ def test_ten_iterations_of_each_task_with_dinov2_b(task, task_data, tmp_path):
     saved = torch.load(out / "last.pt", weights_only=False)
     assert saved["config"]["backbone"] == "dinov2_b"
     assert saved["config"]["normalization"]["mean"] == list(IMAGENET.mean)
+
+
+# -- what the releases' files and sizes need -----------------------------------------------------
+def test_family_sizes_are_the_releases():
+    """The sizes of the releases (dinov2/hub/backbones.py, MAE's models_vit.py): ViT-B 768 wide,
+    12 blocks, 12 heads; ViT-L 1024, 24, 16; MLP ratio 4; DINOv2 with LayerScale at timm's
+    random init 1e-5 and, in the `_reg` models, 4 registers; MAE without either. The heads do
+    not show in any parameter count."""
+    from ivt.models.dinov2 import DINOV2_CONFIGS
+    from ivt.models.mae import MAE_CONFIGS
+    sizes = {"b": (768, 12, 12), "l": (1024, 24, 16)}
+    for name, cfg in {**DINOV2_CONFIGS, **MAE_CONFIGS}.items():
+        width, depth, heads = sizes[name.split("_")[1]]
+        assert (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_hidden) == (
+            width, depth, heads, 4 * width), name
+        dinov2 = name.startswith("dinov2")
+        assert cfg.layer_scale == (1e-5 if dinov2 else None), name
+        assert cfg.registers == (4 if name.endswith("_reg") else 0), name
+        assert cfg.patch_size == 16 and cfg.qkv_fused and not cfg.swiglu, name
+
+
+def aa_bicubic_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_out, n_in) float64 weights of an antialiased bicubic resize written out by hand (PIL's
+    convolution resampling, which timm's `resample_abs_pos_embed` gets from PyTorch with
+    `antialias=True`): Keys' cubic with a = -0.5 stretched by the scale when shrinking, centred at
+    (i + 1/2) n_in / n_out, each row normalised to sum 1."""
+    scale = n_in / n_out
+    stretch = max(scale, 1.0)
+
+    def keys(x, a=-0.5):
+        x = abs(x)
+        if x < 1:
+            return (a + 2) * x ** 3 - (a + 3) * x ** 2 + 1
+        return a * x ** 3 - 5 * a * x ** 2 + 8 * a * x - 4 * a if x < 2 else 0.0
+    w = torch.tensor([[keys((j + 0.5 - (i + 0.5) * scale) / stretch) for j in range(n_in)]
+                      for i in range(n_out)], dtype=torch.float64)
+    return w / w.sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("family, img_from, img_to", [(MAEBackbone, 48, 80),
+                                                      (DINOv2Backbone, 80, 48)])
+def test_checkpoint_position_grid_is_resized_as_timm_does(tmp_path, family, img_from, img_to):
+    """A release's position embedding stored for another grid (MAE's 14 x 14 for 224 px into a
+    512 px model; here 3 x 3 -> 5 x 5, and DINOv2 5 x 5 -> 3 x 3) is resized on loading as timm
+    resizes it, antialiased bicubic (computed here by hand in float64), the cls entry kept."""
+    src = randomize(tiny(family, "freeze", registers=0, patch=16, img=img_from))
+    sd = visible_state(src)
+    torch.save({"model": sd} if family is MAEBackbone else sd, tmp_path / "release.pth")
+    model = tiny(family, "freeze", registers=0, patch=16, img=img_to)
+    model.load_pretrained(str(tmp_path / "release.pth"))
+    got = model.state_dict()["pos_embed"]
+    n_in, n_out = img_from // 16, img_to // 16
+    grid = sd["pos_embed"][0, 1:].double().reshape(n_in, n_in, -1)
+    w = aa_bicubic_matrix(n_in, n_out)
+    want = torch.einsum("ij,jkc,lk->ilc", w, grid, w).reshape(1, n_out * n_out, -1)
+    assert got.shape == (1, 1 + n_out * n_out, 32)
+    assert torch.equal(got[:, :1], sd["pos_embed"][:, :1])
+    torch.testing.assert_close(got[:, 1:].double(), want, rtol=1e-5, atol=1e-6)

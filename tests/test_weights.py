@@ -480,3 +480,58 @@ def test_a_truncated_safetensors_file_is_named(tmp_path):
     path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
     with pytest.raises(CheckpointError, match=f"cannot read pretrained checkpoint {path}"):
         read_state_dict(str(path))
+
+
+def test_url_forms_and_their_cached_paths():
+    """What `cache_path` promises, written out by hand for each URL form: the host (':' made
+    '_') and the percent-decoded folders and file name, the query and fragment ignored; a
+    literal '.' or '..' folder is refused (the cached copy must stay in the cache, as for an
+    encoded slash); a pinned hash is 8 to 64 hex digits, so a shorter prefix is an error."""
+    url = "https://h.example:8443/a%20b/resolve/main/x%20y.pth?download=true#frag"
+    assert weights.url_file_name(url) == "x y.pth"
+    assert cache_path(url) == weights.cache_dir() / "h.example_8443" / "a b" / "resolve" / \
+        "main" / "x y.pth"
+    for url in ("https://h/a/../../../escaped/f.pth", "https://h/./f.pth"):
+        with pytest.raises(WeightsError, match="no '.', '..'"):
+            cache_path(url)
+    pinned = weights.split_sha256("https://h/f.pth#sha256=0123ABCD")
+    assert pinned == ("https://h/f.pth", "0123abcd")
+    for short in ("0123abc", "a"):
+        with pytest.raises(WeightsError, match="8 to 64 hex digits"):
+            weights.split_sha256(f"https://h/f.pth#sha256={short}")
+
+
+def test_hand_placed_https_file_and_relative_paths_need_no_network(release, cache, tmp_path,
+                                                                   monkeypatch):
+    """An https URL (every release is one) whose file was put at its cache path by hand is
+    used from there without any request (the host does not exist); a local file given by a
+    relative path is returned absolute, so that a run resumes from any working directory."""
+    url = "https://no-such-host.invalid/models/swin_nano.pth"
+    dest = cache_path(url)
+    dest.parent.mkdir(parents=True)
+    dest.write_bytes(release[1])
+    assert resolve_pretrained(url, progress=False) == str(dest)
+    monkeypatch.chdir(tmp_path)
+    Path("rel.pth").write_bytes(release[1])
+    got = resolve_pretrained("rel.pth", progress=False)
+    assert os.path.isabs(got) and got == str(tmp_path / "rel.pth")
+
+
+def test_a_saved_run_finds_its_release_by_name_in_the_cache(release, cache, tmp_path,
+                                                            monkeypatch):
+    """A run trained with `--pretrained swin_t` records the file and the name: on a machine
+    where that file is not, the name is resolved again (here: the release's file already in
+    this cache, so no network); while the saved file exists it is used as it is."""
+    url = "https://no-such-host.invalid/storage/swin_tiny_patch4_window7_224.pth"
+    monkeypatch.setitem(weights.RELEASES, "swin_t",
+                        dataclasses.replace(weights.RELEASES["swin_t"], url=url))
+    dest = cache_path(url)
+    dest.parent.mkdir(parents=True)
+    dest.write_bytes(release[1])
+    elsewhere = {"pretrained": str(tmp_path / "gone" / "swin_tiny.pth"),
+                 "pretrained_source": "swin_t"}
+    assert weights.saved_pretrained(elsewhere, progress=False) == str(dest)
+    here = tmp_path / "swin_tiny.pth"
+    here.write_bytes(release[1])
+    assert weights.saved_pretrained({"pretrained": str(here), "pretrained_source": "swin_t"},
+                                    progress=False) == str(here)
