@@ -68,7 +68,7 @@ def set_backend(name: str) -> None:
 
 def triton_interpreter_on() -> bool:
     """Whether TRITON_INTERPRET asks Triton to run kernels on the CPU, as Triton reads it."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes", "y")
 
 
 # Triton reads TRITON_INTERPRET when a kernel is defined, i.e. when this package is imported:

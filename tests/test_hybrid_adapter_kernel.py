@@ -927,3 +927,40 @@ def test_fused_training_refuses_one_token_per_channel_as_the_reference(monkeypat
         model = make_fast(model, impl) if impl else model
         with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
             model(*x)
+
+
+def test_low_rank_extra_gelu_in_the_promoted_dtype_under_autocast():
+    """`LowRankExtra.dense` under bfloat16 autocast, as the reference IPA's SFT' makes its
+    output: the matmul in bfloat16 (autocast's, as a Linear's), the GELU in float32 (the
+    promoted dtype of that and the float32 weights), so the result is float32 and equals
+    gelu of the bfloat16 product taken to float32, not that GELU rounded to bfloat16."""
+    gen = torch.Generator().manual_seed(SEED)
+    h = torch.randn(6, 4, generator=gen)
+    w, b = torch.randn(4, 8, generator=gen), torch.randn(8, generator=gen)
+    pre = torch.addmm(b.bfloat16(), h.bfloat16(), w.bfloat16()).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dense = kernels.LowRankExtra(h, w, b).dense((2, 3, 8))
+    assert dense.dtype == torch.float32
+    torch.testing.assert_close(dense, F.gelu(pre).view(2, 3, 8), rtol=1e-6, atol=1e-6)
+
+
+def test_a_destination_with_strided_channels_is_refused():
+    """`out` must hold the result with contiguous channels (`kernels.utils.destination`; the
+    kernels write each token's channels at unit stride): a (B, N, C) view whose channels are
+    strided is refused with a ValueError naming it, not written."""
+    gen = torch.Generator().manual_seed(0)
+    w = random_weights(8, 16, gen)
+    x = torch.randn(1, 6, 8, generator=gen, dtype=torch.float64)
+    out = torch.empty(1, 8, 6, dtype=torch.float64).transpose(1, 2)        # (1, 6, 8)
+    with pytest.raises(ValueError, match="contiguous channels"):
+        hybrid_adapter_eval_reference(x, x, None, (2, 3), w, out=out)
+
+
+@pytest.mark.skipif(not kernels.TRITON_INSTALLED, reason="needs Triton")
+def test_channel_steps_of_64_only_where_64_divides_c():
+    """The channel step is 64 only where 64 divides C, 32 otherwise (`tile_sizes`): C = 96
+    (Swin-T/S's first stage), divisible by 32 but not by 64, takes 32; 128 takes 64."""
+    import kernels.hybrid_adapter as fused
+    cpu = torch.device("cpu")
+    assert fused.tile_sizes(1024, 96, cpu)[1] == 32
+    assert fused.tile_sizes(1024, 128, cpu)[1] == 64

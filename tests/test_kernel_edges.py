@@ -154,6 +154,8 @@ def test_forcing_triton_refuses_a_tensor_beyond_32_bit_offsets(monkeypatch):
     monkeypatch.setenv("IVT_KERNELS", "triton")
     huge = torch.zeros(1, 1, 1, 1).expand(2, 2 ** 15, 2 ** 8, 2 ** 7)
     assert huge.numel() == 2 ** 31
+    with pytest.raises(RuntimeError, match="32-bit offsets"):   # asked first: a missed limit
+        kernels.use_triton(huge)                                # fails here, not in a launch
     with pytest.raises(RuntimeError, match="32-bit offsets"):
         kernels.simam(huge)
     below = torch.zeros(1).expand(2 ** 31 - 1)
@@ -226,3 +228,27 @@ def test_forced_triton_that_cannot_run_is_refused_before_any_work(tmp_path, scri
     last = run.stderr.strip().splitlines()[-1]
     assert "--kernels triton: IVT_KERNELS=triton" in last and "Traceback" not in run.stderr, last
     assert not out.exists()
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_training_adapter_without_update_leaves_the_running_statistics(monkeypatch, impl):
+    """update=False (BatchNorm in training mode with its running statistics frozen, or a
+    checkpoint's recomputation): the batch's statistics normalise, but the running mean and
+    variance and the count of batches are left exactly as they were, by the reference and by
+    the kernels; with update=True the count goes up by one."""
+    if impl == "triton" and not kernels.interpreter_ready():
+        pytest.skip(f"needs {kernels.INTERPRETER_NEEDS}")
+    monkeypatch.setenv("IVT_KERNELS", "triton")
+    train = (kernels.hybrid_adapter_train_reference if impl == "reference"
+             else kernels.hybrid_adapter_train)
+    gen = torch.Generator().manual_seed(SEED)
+    B, H, W, C, d2 = 2, 3, 4, 16, 8
+    x = torch.randn(B, H * W, C, generator=gen, dtype=torch.float64)
+    w = adapter_weights(C, d2, gen)
+    before = (w.bn_mean.clone(), w.bn_var.clone())
+    batches = torch.tensor(5)
+    train(x, x, None, (H, W), w, None, 0.0, 0.1, False, batches)
+    assert torch.equal(w.bn_mean, before[0]) and torch.equal(w.bn_var, before[1])
+    assert batches.item() == 5
+    train(x, x, None, (H, W), w, None, 0.0, 0.1, True, batches)
+    assert not torch.equal(w.bn_mean, before[0]) and batches.item() == 6

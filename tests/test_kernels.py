@@ -98,7 +98,7 @@ def case_id(value):
 # (1, 16, 65, 65) runs in one pass; tests/test_simam_paths.py covers the chunked path.
 SIMAM_CASES = cases([(1, 4, 1, 9), (1, 3, 1, 1), (2, 5, 7, 9), (2, 8, 24, 24), (2, 64, 12, 12)],
                     [((2, 5, 7, 9), "hw_transposed"), ((2, 8, 24, 24), "hw_transposed"),
-                     ((1, 16, 65, 65), "channels_last")])
+                     ((1, 16, 65, 65), "channels_last"), ((2, 5, 7, 1), "hw_transposed")])
 
 
 @needs_triton
@@ -124,7 +124,8 @@ PARTIAL_CONV_CASES = cases([((1, 4, 1, 9), 1), ((1, 3, 1, 1), 0), ((2, 6, 5, 3),
                             ((2, 10, 7, 9), 2), ((1, 20, 9, 7), 17), ((2, 8, 24, 24), 2),
                             ((2, 64, 12, 12), 16)],
                            [(((2, 10, 7, 9), 2), "hw_transposed"),
-                            (((1, 20, 9, 7), 17), "hw_transposed")])
+                            (((1, 20, 9, 7), 17), "hw_transposed"),
+                            (((2, 5, 7, 1), 2), "hw_transposed")])
 
 
 @needs_triton
@@ -315,3 +316,127 @@ def test_kernels_on_fresh_random_shapes(draw, device, dtype, tol):
     assert max_rel_err(out.cpu(), ref_out) < tol, f"partial conv forward: {msg}"
     for name, (grad, ref_grad), scale in zip(("x", "weight", "bias"), grads, magnitudes):
         assert max_rel_err(grad, ref_grad, scale) < tol, f"partial conv grad {name}: {msg}"
+
+
+def test_backend_name_is_read_case_insensitively(monkeypatch):
+    """IVT_KERNELS is matched without regard to case (`backend` lowercases it): "Torch" forces
+    the reference as "torch" does, and a wrong name is refused whatever its case."""
+    monkeypatch.setenv("IVT_KERNELS", "Torch")
+    assert kernels.backend() == "torch"
+    monkeypatch.setenv("IVT_KERNELS", "TRITON")
+    assert kernels.backend() == "triton"
+    monkeypatch.setenv("IVT_KERNELS", "CUDA")
+    with pytest.raises(ValueError, match="IVT_KERNELS"):
+        kernels.backend()
+
+
+class CudaLike:
+    """Just what `use_triton` reads of a tensor, as a CUDA tensor of `numel` elements has it:
+    the dispatch rules for GPU tensors, checked on a machine without one."""
+    is_cuda = True
+    device = torch.device("cuda")
+
+    def __init__(self, numel):
+        self._numel = numel
+
+    def numel(self):
+        return self._numel
+
+
+def test_dispatch_rules_for_cuda_tensors(spy_triton, monkeypatch):
+    """The rules of `kernels`' docstring for CUDA tensors: `auto` takes Triton for them, but the
+    reference for one of 2**31 elements or more (no error: the 32-bit limit is `triton`'s to
+    refuse); forced Triton runs them without the CPU interpreter (which only CPU tensors
+    need), and refuses 2**31 elements."""
+    monkeypatch.setattr(kernels, "KERNELS_INTERPRETED", False)       # no CPU interpreter
+    assert kernels.use_triton(CudaLike(2 ** 31 - 1)) is True          # auto
+    assert kernels.use_triton(CudaLike(2 ** 31)) is False
+    monkeypatch.setenv("IVT_KERNELS", "triton")
+    assert kernels.use_triton(CudaLike(6)) is True
+    with pytest.raises(RuntimeError, match="32-bit offsets"):
+        kernels.use_triton(CudaLike(2 ** 31))
+    monkeypatch.setenv("IVT_KERNELS", "torch")
+    assert kernels.use_triton(CudaLike(6)) is False
+
+
+@pytest.mark.parametrize("value, on", [("1", True), ("true", True), ("On", True), ("YES", True),
+                                       ("y", True), ("0", False), ("false", False), ("off", False),
+                                       ("n", False), ("t", False), ("", False)])
+def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value, on):
+    """TRITON_INTERPRET counts as on for the values Triton's own boolean knobs accept (1, true,
+    on, yes, y, in any case), so that `kernels` and Triton agree on whether kernels run on the
+    CPU; where Triton has its knobs (3.6 and later), also against Triton's own reading."""
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert kernels.triton_interpreter_on() is on
+    knobs = getattr(sys.modules.get("triton"), "knobs", None)
+    if knobs is not None:
+        assert bool(knobs.runtime.interpret) is on
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if TARGETS else []))
+def test_simam_takes_its_lambda(monkeypatch, backend):
+    """`kernels.simam(x, lam)` computes with the lam it is given (SimAM's lambda, Eq. 12, a
+    constructor argument of the model's SimAM), on either backend: against Eq. 11-12 written
+    out in float64, with lam = 0.5, far from the default 1e-4."""
+    monkeypatch.setenv("IVT_KERNELS", backend)
+    device = TARGETS[0][0] if backend == "triton" else "cpu"
+    gen = torch.Generator().manual_seed(SEED)
+    x = random_map((2, 3, 4, 5), "contiguous", gen)
+    lam, n = 0.5, 4 * 5 - 1
+    d = (x - x.mean(dim=(2, 3), keepdim=True)) ** 2
+    expected = x * torch.sigmoid(d / (4 * (d.sum(dim=(2, 3), keepdim=True) / n + lam)) + 0.5)
+    got = kernels.simam(x.to(device), lam).cpu()
+    assert max_rel_err(got, expected) < 1e-10, f"KERNELS_TEST_SEED={SEED}"
+
+
+@needs_triton
+def test_backward_reads_gradients_in_any_layout():
+    """An output gradient whose H and W do not merge into one axis (here stored with H and W
+    transposed) gives the same input, weight and bias gradients as its contiguous copy: the
+    backward copies it to read it, as the forward does its input."""
+    device, dtype, tol = TARGETS[0]
+    gen = torch.Generator().manual_seed(SEED)
+    x = random_map((2, 6, 5, 7), "contiguous", gen).to(device, dtype)
+    weight = torch.randn(2, 1, 3, 3, generator=gen, dtype=torch.float64).to(device, dtype)
+    bias = torch.randn(2, generator=gen, dtype=torch.float64).to(device, dtype)
+    g = torch.randn(2, 6, 7, 5, generator=gen, dtype=torch.float64).to(device, dtype)
+    g = g.transpose(2, 3)                                           # (2, 6, 5, 7), not mergeable
+    assert kernels.utils.merged_hw_stride(g) is None
+    for op in (kernels.simam_triton,
+               lambda t, w, b: kernels.partial_conv_residual_triton(t, w, b, 2)):
+        grads = []
+        for grad in (g, g.contiguous()):
+            leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+            out = op(*leaves) if op is not kernels.simam_triton else op(leaves[0])
+            out.backward(grad)
+            grads.append([t.grad for t in leaves if t.grad is not None])
+        for a, b in zip(*grads):
+            assert max_rel_err(a, b.double()) < tol, f"KERNELS_TEST_SEED={SEED}"
+
+
+@needs_triton
+def test_partial_conv_reads_strided_weight_and_bias():
+    """The conv's weight and bias given as strided views (every other channel of larger
+    tensors, as a slice of a parameter would be) give the reference's output and gradients
+    (those of contiguous copies): the kernels index them as contiguous (cp, 9) and (cp,), so
+    the wrapper copies them."""
+    device, dtype, tol = TARGETS[0]
+    gen = torch.Generator().manual_seed(SEED)
+    x = random_map((2, 10, 7, 9), "contiguous", gen)
+    weight = torch.randn(6, 1, 3, 3, generator=gen, dtype=torch.float64)
+    bias = torch.randn(3, 2, generator=gen, dtype=torch.float64)
+    g = torch.randn(2, 10, 7, 9, generator=gen, dtype=torch.float64)
+    leaves = [t.clone().to(device, dtype).requires_grad_() for t in (x, weight, bias)]
+    w_view, b_view = leaves[1][::2], leaves[2][:, 0]                 # (3, 1, 3, 3), stride 2
+    assert not w_view.reshape(3, 9).is_contiguous() and b_view.stride(0) == 2
+    out = kernels.partial_conv_residual_triton(leaves[0], w_view, b_view, 3)
+    out.backward(g.to(device, dtype))
+    ref = [x.clone().requires_grad_(), weight[::2].clone().requires_grad_(),
+           bias[:, 0].clone().requires_grad_()]
+    expected = partial_conv_residual_reference(*ref, 3)
+    expected.backward(g)
+    msg = f"KERNELS_TEST_SEED={SEED}"
+    assert max_rel_err(out.detach().cpu(), expected) < tol, msg
+    assert max_rel_err(leaves[0].grad.cpu(), ref[0].grad) < tol, msg
+    assert max_rel_err(leaves[1].grad[::2].cpu(), ref[1].grad) < tol, msg
+    assert max_rel_err(leaves[2].grad[:, 0].cpu(), ref[2].grad) < tol, msg

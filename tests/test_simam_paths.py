@@ -74,3 +74,11 @@ def test_chunks_of_several_tiles_match_reference(monkeypatch, device, shape, max
     assert simam.one_pass_blocks(x) is None and simam.row_grid(x)[2] > 1
     assert_kernel_matches_reference(x, torch.randn(shape, generator=gen, dtype=torch.float64),
                                     device)
+
+
+def test_rows_of_exactly_one_row_tile_take_one_pass():
+    """"Rows of at most ROW_TILE elements take one launch a direction" (`kernels.simam`): a
+    row of exactly ROW_TILE elements is still one pass, one more element is not."""
+    simam = simam_module()
+    assert simam.one_pass_blocks(torch.empty(1, 1, 1, simam.ROW_TILE)) is not None
+    assert simam.one_pass_blocks(torch.empty(1, 1, 1, simam.ROW_TILE + 1)) is None
