@@ -500,3 +500,26 @@ def test_segmentation_and_detection_build_the_mmlab_swin():
     assert build_segmentor("swin_nano", 9, out_norms=False).backbone.out_norms is None
     assert build_detector("swin_nano", DetectorConfig(num_classes=6)).backbone.out_norms is not None
     assert not hasattr(build_segmentor("eva02_b", 9, img_size=32).backbone, "out_norms")
+
+
+def test_cached_attention_bias_is_the_position_bias_in_the_dtype_asked_for():
+    """With the bias table frozen (no grad), `attention_bias` is cached; asked in float32 and
+    then in bfloat16 for the same window, each answer has the dtype asked for, and both are the
+    relative position bias written out by hand: bias[h, i, j] = table[(yi - yj + w - 1) *
+    (2w - 1) + (xi - xj + w - 1), h] for tokens i, j of a w x w window in row-major order."""
+    from ivt.models.swin import WindowAttention
+    torch.manual_seed(0)
+    w, heads = 3, 2
+    attn = WindowAttention(8, heads, w)
+    torch.nn.init.normal_(attn.relative_position_bias_table)
+    table = attn.relative_position_bias_table.detach()
+    coords = [(y, x) for y in range(w) for x in range(w)]
+    want = torch.empty(heads, w * w, w * w)
+    for i, (yi, xi) in enumerate(coords):
+        for j, (yj, xj) in enumerate(coords):
+            want[:, i, j] = table[(yi - yj + w - 1) * (2 * w - 1) + (xi - xj + w - 1)]
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16, torch.float32):
+            bias = attn.attention_bias((w, w), None, None, dtype)
+            assert bias.dtype == dtype and bias.shape == (1, heads, w * w, w * w)
+            assert torch.equal(bias[0], want.to(dtype))
