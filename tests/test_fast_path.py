@@ -617,3 +617,65 @@ def test_fast_path_calls_other_hooks_as_usual(backbone):
     torch.manual_seed(0)
     vis, ir = (torch.randn(2, 3, *size, dtype=torch.float64) for _ in range(2))
     assert_same(run(ref, vis, ir), run(fast, vis, ir))
+
+
+def test_only_impl_fused_runs_the_hybrid_adapter_kernels(monkeypatch):
+    """impl="fast" keeps each Hybrid Adapter as its modules' forward (`FastHybridAdapter.branch`)
+    and only impl="fused" hands it, its residual and internal prompt to
+    `kernels.hybrid_adapter_eval` at inference; making a fused model fast again undoes it."""
+    import kernels
+    calls = []
+    original = kernels.hybrid_adapter_eval
+    monkeypatch.setattr(kernels, "hybrid_adapter_eval",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    model = build_backbone("swin_nano", "ivt", d2=16).eval()
+    vis, ir = torch.randn(1, 3, 32, 32), torch.randn(1, 3, 32, 32)
+    counts = []
+    for chosen in ("fast", "fused", "fast"):
+        calls.clear()
+        make_fast(model, chosen)
+        with torch.no_grad():
+            model(vis, ir)
+        counts.append(len(calls))
+    assert counts[0] == counts[2] == 0 and counts[1] > 0, counts
+
+
+def test_checkpoint_n_plus_recompute_recomputes_the_other_blocks_sublayers():
+    """memory="checkpoint:N+recompute": the first N blocks checkpointed, and the others
+    recompute their frozen sub-layers as memory="recompute" does (q/k/v and fc1 twice, the
+    output projections, fc2 and the adapters once); `parse_memory` says so: (N, True)."""
+    from ivt.fast import parse_memory
+    assert parse_memory("checkpoint:3+recompute") == (3, True)
+    assert parse_memory("checkpoint:3") == (3, False)
+    model = make_fast(build_backbone("swin_nano", "ivt", d2=16), "fast", "checkpoint:3+recompute")
+    later = [b for stage in model.layers for b in stage.blocks][3:]
+    names = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adapters.ha1.down"]
+    counts = dict.fromkeys(names, 0)
+    for block in later:
+        for name in names:
+            block.get_submodule(name).register_forward_hook(
+                lambda *_, n=name: counts.__setitem__(n, counts[n] + 1))
+    model.train()
+    vis, ir = torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64)
+    sum(o.sum() for o in model(vis, ir)).backward()
+    n = len(later)
+    assert counts == dict(zip(names, [2 * n, n, 2 * n, n, n])), counts
+
+
+def test_checkpoint_n_keeps_only_the_inputs_of_its_stages_ipas(monkeypatch):
+    """A stage's IPAs, computed together for all its blocks, are checkpointed with the stage's
+    first block: with memory="checkpoint:3" (swin_nano's stages of 2 blocks) those of stages 1
+    and 2, whose first blocks are checkpointed, run again in backward, those of stages 3 and 4
+    once."""
+    import ivt.fast.swin as fast_swin
+    calls = []
+    original = fast_swin.block_internal_prompts
+    monkeypatch.setattr(fast_swin, "block_internal_prompts",
+                        lambda hooks, *a: calls.append(id(hooks[0])) or original(hooks, *a))
+    model = make_fast(build_backbone("swin_nano", "ivt", d2=16), "fast", "checkpoint:3")
+    assert [len(stage.blocks) for stage in model.layers] == [2, 2, 2, 2]
+    model.train()
+    vis, ir = torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64)
+    sum(o.sum() for o in model(vis, ir)).backward()
+    firsts = [id(stage.blocks[0].adapters) for stage in model.layers]
+    assert [calls.count(first) for first in firsts] == [2, 2, 1, 1]

@@ -252,3 +252,121 @@ def test_training_adapter_without_update_leaves_the_running_statistics(monkeypat
     assert batches.item() == 5
     train(x, x, None, (H, W), w, None, 0.0, 0.1, True, batches)
     assert not torch.equal(w.bn_mean, before[0]) and batches.item() == 6
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("x_is_residual", [False, True], ids=["residual", "x-is-residual"])
+def test_training_adapter_lead_rows_are_the_residuals(monkeypatch, impl, x_is_residual):
+    """With lead > 0 (EVA02's cls token first), the result's first `lead` rows are residual's
+    as they are, not x's, and take the output gradient straight through to residual (x's
+    gradient there is zero, unless x is the residual); the other rows are the adapter on the
+    rows after `lead` (the reference with lead=0 on those rows, gradients included), and a
+    tokens extra takes their gradient. x differs from residual here, as it does not in the
+    model's blocks."""
+    if impl == "triton" and not kernels.interpreter_ready():
+        pytest.skip(f"needs {kernels.INTERPRETER_NEEDS}")
+    monkeypatch.setenv("IVT_KERNELS", "triton")
+    train = (kernels.hybrid_adapter_train_reference if impl == "reference"
+             else kernels.hybrid_adapter_train)
+    gen = torch.Generator().manual_seed(SEED)
+    B, H, W, C, d2, lead = 2, 3, 4, 16, 8, 2
+    x0, r0, g = (torch.randn(B, lead + H * W, C, generator=gen, dtype=torch.float64)
+                 for _ in range(3))
+    e0 = torch.randn(B, H * W, C, generator=gen, dtype=torch.float64)
+    keep = torch.rand(B * H * W, d2, generator=gen) > 0.2
+    w = random_weights(C, d2, gen)
+
+    def run(rows, train):
+        x, e = x0[:, rows].clone().requires_grad_(), e0.clone().requires_grad_()
+        r = x if x_is_residual else r0[:, rows].clone().requires_grad_()
+        out = train(x, r, e, (H, W), HybridAdapterWeights(*[t.clone() for t in w[:18]], *w[18:]),
+                    keep, 0.2, 0.1, True, **({"lead": lead} if rows.start == 0 else {}))
+        out.backward(g[:, rows])
+        return out.detach(), x.grad, None if x_is_residual else r.grad, e.grad
+
+    out, dx, dr, de = run(slice(0, None), train)
+    tokens, dx_t, dr_t, de_t = run(slice(lead, None), kernels.hybrid_adapter_train_reference)
+    residual_lead = x0[:, :lead] if x_is_residual else r0[:, :lead]
+    assert torch.equal(out[:, :lead], residual_lead)
+    torch.testing.assert_close(out[:, lead:], tokens, rtol=1e-10, atol=1e-10)
+    if x_is_residual:
+        assert torch.equal(dx[:, :lead], g[:, :lead])
+    else:
+        assert torch.equal(dx[:, :lead], torch.zeros_like(dx[:, :lead]))
+        assert torch.equal(dr[:, :lead], g[:, :lead])
+        torch.testing.assert_close(dr[:, lead:], dr_t, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(dx[:, lead:], dx_t, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(de, de_t, rtol=1e-10, atol=1e-10)
+
+
+def strided_copy(t: torch.Tensor) -> torch.Tensor:
+    """t's values in a non-contiguous layout: a 1-d tensor every other element of a buffer,
+    others with their last two dimensions stored transposed (as `weight.t()` would be)."""
+    if t.dim() == 1:
+        return torch.stack([t, t], 1)[:, 0]
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+def test_adapter_takes_its_weights_in_any_layout(monkeypatch, training):
+    """The adapter's weights (every tensor but the running statistics, which the training
+    kernels update in place) given as non-contiguous views, as a caller's `weight.t()` or a
+    sliced buffer would be: the kernels index them as row-major, so the entry point makes
+    contiguous copies, and the output and gradients equal the reference's on the same values."""
+    monkeypatch.setenv("IVT_KERNELS", "triton")
+    gen = torch.Generator().manual_seed(SEED)
+    B, H, W, C, d2 = 2, 3, 4, 24, 16
+    x = torch.randn(B, H * W, C, generator=gen, dtype=torch.float64)
+    g = torch.randn(B, H * W, C, generator=gen, dtype=torch.float64)
+    w = random_weights(C, d2, gen)
+
+    def run(fn, layout):
+        leaves = [t.clone().requires_grad_(training and i not in (10, 11))
+                  for i, t in enumerate(w[:18])]
+        given = [layout(t) if i not in (10, 11) else t for i, t in enumerate(leaves)]
+        assert layout is not strided_copy or not given[4].is_contiguous()
+        wts = HybridAdapterWeights(*given, *w[18:])
+        xl = x.clone().requires_grad_(training)
+        if not training:
+            return [fn(xl, xl, None, (H, W), wts)]
+        out = fn(xl, xl, None, (H, W), wts, None, 0.0, 0.1, True)
+        out.backward(g)
+        return [out.detach(), xl.grad] + [t.grad for t in leaves if t.requires_grad]
+
+    fns = ((kernels.hybrid_adapter_eval_reference, kernels.hybrid_adapter_eval) if not training
+           else (kernels.hybrid_adapter_train_reference, kernels.hybrid_adapter_train))
+    for i, (a, b) in enumerate(zip(run(fns[0], lambda t: t), run(fns[1], strided_copy))):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9, msg=f"tensor {i}, seed {SEED}")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+def test_float64_tokens_with_float32_weights_are_computed_in_float64(monkeypatch, training):
+    """The kernels compute in the tokens' accumulator dtype (`accumulator_dtype`: float64 for
+    float64 tokens) whatever the weights' dtype: float64 tokens through float32 weights give
+    the float64 reference on those weights' values to float64 rounding (the output, and in
+    training the tokens' gradient), not float32 arithmetic's 1e-7."""
+    monkeypatch.setenv("IVT_KERNELS", "triton")
+    gen = torch.Generator().manual_seed(SEED)
+    B, H, W, C, d2 = 2, 3, 4, 24, 16
+    x = torch.randn(B, H * W, C, generator=gen, dtype=torch.float64)
+    g = torch.randn(B, H * W, C, generator=gen, dtype=torch.float64)
+    w32 = [t.float() for t in random_weights(C, d2, gen)[:18]]
+    extras = random_weights(C, d2, gen)[18:]
+
+    def run(fn, dtype):
+        wts = HybridAdapterWeights(*[t.to(dtype) for t in w32], *extras)
+        xl = x.clone().requires_grad_(training)
+        if not training:
+            return [fn(xl, xl, None, (H, W), wts)]
+        out = fn(xl, xl, None, (H, W), wts, None, 0.0, 0.1, True)
+        out.backward(g)
+        return [out.detach(), xl.grad]
+
+    fns = ((kernels.hybrid_adapter_eval_reference, kernels.hybrid_adapter_eval) if not training
+           else (kernels.hybrid_adapter_train_reference, kernels.hybrid_adapter_train))
+    for name, a, b in zip(["out", "dx"], run(fns[0], torch.float64),
+                          run(fns[1], torch.float32)):
+        assert b.dtype == torch.float64, name
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10, msg=f"{name}, seed {SEED}")

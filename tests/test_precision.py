@@ -116,3 +116,31 @@ def test_adapters_keep_the_block_stream_dtype_under_autocast(impl):
         assert frozen_blocks == [torch.bfloat16] * 8 and frozen_maps == [torch.bfloat16] * 4
         assert maps == frozen_maps
         assert blocks == (frozen_blocks if training or impl != "fused" else [])
+
+
+def test_folded_sft_computes_bf16_tokens_in_the_parameters_float32():
+    """SFT folded into its LayerNorm (`_FoldedSFT`) given bfloat16 tokens under bf16 autocast:
+    as the reference's LayerNorm there, it computes in its float32 parameters' precision, forward
+    and backward: a float32 result, and the result and the parameters' gradients within float32
+    rounding of the float64 SFT on the same values (bf16 arithmetic errs by about 1e-3); the
+    tokens' gradient comes back in their dtype."""
+    import torch.nn.functional as F
+    from ivt.fast.adapters import _FoldedSFT
+    gen = torch.Generator().manual_seed(0)
+    C = 24
+    z = (torch.randn(2, 5, C, generator=gen) * 3 + 1).bfloat16().requires_grad_()
+    params = [(torch.randn(C, generator=gen) * 0.3 + offset).requires_grad_()
+              for offset in (1.0, 0.0, 1.0, 0.0)]                      # w, b, gamma, beta
+    grad = torch.randn(2, 5, C, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _FoldedSFT.apply(z, *params, 1e-5)
+    out.backward(grad)
+    z64, p64 = (z.detach().double().requires_grad_(),
+                [p.detach().double().requires_grad_() for p in params])
+    expected = F.layer_norm(z64, (C,), p64[0], p64[1], 1e-5) * p64[2] + p64[3]   # Eq. 14
+    expected.backward(grad.double())
+    assert out.dtype == torch.float32 and z.grad.dtype == torch.bfloat16
+    for name, got, exact in [("out", out, expected)] + [
+            (f"d{n}", p.grad, q.grad) for n, p, q in zip(["w", "b", "gamma", "beta"], params, p64)]:
+        err = ((got.double() - exact).abs().max() / exact.abs().max()).item()
+        assert err < 1e-5, f"{name}: relative error {err:.1e}"

@@ -87,3 +87,18 @@ def test_rope_tables_bounded_without_grad(name):
         for n in range(5, 12):
             model.rope_tables((n, n + 1), meta)
         assert len(model._rope.recent) == 2 and model.rope_tables((4, 4), meta) is train
+
+
+def test_cached_shift_mask_bias_follows_the_batch():
+    """The cached attention bias of shifted windows is (B*nW, heads, N, N) for one batch size:
+    inference on one image, then on a batch of two, gives each image the result it has alone."""
+    torch.manual_seed(0)
+    model = build_backbone("swin_nano", "ivt", d2=16).eval()
+    vis, ir = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        alone = model(vis[:1], ir[:1])
+        together = model(vis, ir)
+        second = model(vis[1:], ir[1:])
+    for a, b, c in zip(alone, together, second):
+        torch.testing.assert_close(b[:1], a, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b[1:], c, rtol=1e-5, atol=1e-5)
