@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ivt.models import BACKBONES, CheckpointError, build_backbone, count_parameters
+from ivt.models import (BACKBONES, CheckpointError, build_backbone, count_parameters,
+                        normalization_for)
 from ivt.models.eva02 import (EVA02Backbone, EVA02Config, apply_rope, eva_patch_conversion,
                               feature_blocks, rope_sin_cos)
 from ivt.models.ivtuning import VARIANTS, IVTConfig
@@ -97,6 +98,19 @@ def test_eva02_b_layers_subset_forward_backward():
         assert (p.grad is not None) == p.requires_grad, name
 
 
+def test_inputs_are_normalised_with_openai_clip_statistics():
+    """EVA02 was pre-trained on inputs normalised with OpenAI CLIP's mean and std (the EVA
+    release's OPENAI_DATASET_MEAN/STD, timm's `eva02_*.mim_*` pretrained_cfg), Swin with
+    ImageNet's: the published constants, written out."""
+    clip_mean, clip_std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    for name in ("eva02_b", "eva02_l"):
+        norm = normalization_for(name)
+        assert norm.mean == pytest.approx(clip_mean) and norm.std == pytest.approx(clip_std)
+    norm = normalization_for("swin_l")
+    assert norm.mean == pytest.approx((0.485, 0.456, 0.406))
+    assert norm.std == pytest.approx((0.229, 0.224, 0.225))
+
+
 # -- rotary embedding ---------------------------------------------------------------------------
 def test_rope_layout_and_relative_positions():
     sin, cos = rope_sin_cos((16, 16), 64)
@@ -115,6 +129,39 @@ def test_rope_layout_and_relative_positions():
     # other grids are scaled onto the reference grid: a 32-grid's row 2 is the 16-grid's row 1
     sin32, _ = rope_sin_cos((32, 8), 64)
     assert torch.allclose(sin32[2 * 8, :32], sin[1 * 16, :32], atol=1e-6)
+
+
+def test_released_sizes_rotate_on_the_reference_grid_of_16():
+    """EVA02-B/L as built: token (i, j) of an (H, W) grid is rotated by the angles
+    [i / H * 16 * f_k, j / W * 16 * f_k], f_k = 10000^(-k / (d/4)), k < d/4 (head dim d = 64),
+    each repeated for its interleaved pair: positions scaled onto the 16 x 16 pre-training grid
+    (224 / 14), as the EVA02 release's VisionRotaryEmbeddingFast and timm's `ref_feat_shape`.
+    Written out here in float64, on a non-square grid."""
+    f = 1.0 / 10000 ** (torch.arange(16, dtype=torch.float64) / 16)
+    for name in ("eva02_b", "eva02_l"):
+        with torch.device("meta"):
+            model = build_backbone(name, tuning="ivt")
+        sin, cos = model.rope_tables((8, 24), torch.device("cpu"))
+        assert sin.shape == (8 * 24, 64)
+        for i, j in ((3, 5), (7, 23), (1, 12)):
+            angles = torch.cat([i / 8 * 16 * f, j / 24 * 16 * f]).repeat_interleave(2)
+            torch.testing.assert_close(sin[i * 24 + j].double(), angles.sin(), rtol=0, atol=1e-5)
+            torch.testing.assert_close(cos[i * 24 + j].double(), angles.cos(), rtol=0, atol=1e-5)
+
+
+def test_visible_layer_norms_have_eps_1e_6():
+    """Every LayerNorm of the visible EVA02 (each block's norm1, norm2 and the SwiGLU's subln
+    norm) uses eps 1e-6 (spec sec. 5, timm's Eva, the EVA02 release); the IV-tuning modules keep
+    PyTorch's 1e-5 (spec sec. 1, SFT). A tiny model's golden outputs are too close to tell
+    1e-5 from 1e-6, so the modules are read."""
+    for name in ("eva02_b", "eva02_l"):
+        with torch.device("meta"):
+            model = build_backbone(name, tuning="ivt")
+        norms = {n: m.eps for n, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)}
+        visible = {n: eps for n, eps in norms.items() if not model.is_added_name(n)}
+        assert len(visible) == 3 * model.cfg.depth
+        assert set(visible.values()) == {1e-6}, visible
+        assert {eps for n, eps in norms.items() if model.is_added_name(n)} == {1e-5}
 
 
 # -- every variant, square and non-square ---------------------------------------------------------
@@ -258,17 +305,20 @@ def test_eva_patch_conversion_is_evas_plain_bicubic():
     assert abs(ratio - (16 / 14) ** 2) < 0.15, ratio
 
 
-def test_position_embedding_follows_the_input_grid_by_plain_bicubic():
+@pytest.mark.parametrize("img,stored", [(64, (4, 4)), ((32, 80), (2, 5))])
+def test_position_embedding_follows_the_input_grid_by_plain_bicubic(img, stored):
     """At an input grid other than the stored one, EVA02 adds its position embedding resized by
-    plain bicubic (EVA's and the authors' code), not timm's antialiased resize."""
-    model = randomize(tiny("freeze", img=64))                            # stored 4 x 4
+    plain bicubic (EVA's and the authors' code), not timm's antialiased resize. Also from a
+    non-square stored grid (img_size (32, 80): 2 rows of 5), whose entries are row-major."""
+    model = randomize(tiny("freeze", img=img))
     with torch.no_grad():
         model.patch_embed.proj.weight.zero_()
         model.patch_embed.proj.bias.zero_()
     z, hw, _ = model.embed(torch.randn(1, 3, 48, 112))                    # 3 x 7
     assert hw == (3, 7)
-    grid = model.pos_embed[0, 1:].detach().reshape(4, 4, 64).permute(2, 0, 1)
-    want = resize2d(grid, plain_bicubic(4, 3), plain_bicubic(4, 7)).permute(1, 2, 0)
+    grid = model.pos_embed[0, 1:].detach().reshape(*stored, 64).permute(2, 0, 1)
+    want = resize2d(grid, plain_bicubic(stored[0], 3), plain_bicubic(stored[1], 7))
+    want = want.permute(1, 2, 0)
     torch.testing.assert_close(z[0, 1:].double(), want.reshape(21, 64), rtol=1e-5, atol=1e-5)
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ivt.models import VARIANTS, CheckpointError, build_backbone
-from ivt.models.swin import SwinBlock, checkpoint_filter_fn
+from ivt.models.swin import PatchEmbed, PatchMerging, SwinBlock, checkpoint_filter_fn
 
 # The paper's #TP for Swin-L (Tables 2 and 5), as the exact counts of the spec's table
 # (../shared/spec/method.md, derived from the paper's modules), which round to the paper's
@@ -171,22 +171,29 @@ def brute_force_window_attention(block: SwinBlock, x: torch.Tensor, H: int, W: i
     """Full attention over all tokens of the grid zero-padded at the bottom and right to
     multiples of the window (as the mmseg/mmdet Swin pads before it shifts), where token pairs
     outside the same (shifted) window, or from different regions of the cyclic shift, are
-    excluded; bias from relative offsets. x: (H*W, C) normed tokens, H and W no smaller than the
-    window. Independent of partition/roll."""
+    excluded; bias from relative offsets. x: (H*W, C) normed tokens. Independent of
+    partition/roll.
+
+    Per axis, as timm decides it (`SwinTransformerBlock._calc_window_shift`): a side no larger
+    than the window is one window of that side's size and is not shifted; a longer side has the
+    full window and, in a shifted block, the shift w // 2. So a grid may be shifted along one
+    axis only."""
     attn, w = block.attn, block.window_size
-    s = w // 2 if block.shifted and min(H, W) > w else 0
     heads, C = attn.num_heads, x.shape[1]
     image = (H, W)
-    H, W = H + (-H) % w, W + (-W) % w
+    wh, ww = min(H, w), min(W, w)
+    sh = w // 2 if block.shifted and H > w else 0
+    sw = w // 2 if block.shifted and W > w else 0
+    H, W = H + (-H) % wh, W + (-W) % ww
     x = F.pad(x.view(*image, C), (0, 0, 0, W - image[1], 0, H - image[0])).view(H * W, C)
-    hh, ww = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
-    hh, ww = hh.flatten(), ww.flatten()
-    hs, ws = (hh - s) % H, (ww - s) % W                       # coordinates after the roll
-    win = (hs // w) * (W // w) + ws // w
+    hh, ww_ = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    hh, ww_ = hh.flatten(), ww_.flatten()
+    hs, ws = (hh - sh) % H, (ww_ - sw) % W                    # coordinates after the roll
+    win = (hs // wh) * (W // ww) + ws // ww
 
-    def region(c, n):
-        return (c >= n - w).long() + (c >= n - s).long() if s else torch.zeros_like(c)
-    reg = region(hs, H) * 3 + region(ws, W)
+    def region(c, n, size, s):
+        return (c >= n - size).long() + (c >= n - s).long() if s else torch.zeros_like(c)
+    reg = region(hs, H, wh, sh) * 3 + region(ws, W, ww, sw)
     allowed = (win[:, None] == win[None, :]) & (reg[:, None] == reg[None, :])
     dh = hs[:, None] - hs[None, :] + w - 1
     dw = ws[:, None] - ws[None, :] + w - 1
@@ -200,7 +207,8 @@ def brute_force_window_attention(block: SwinBlock, x: torch.Tensor, H: int, W: i
 
 @pytest.mark.parametrize("attention", ["sdpa", "math"])
 @pytest.mark.parametrize("shifted", [False, True])
-@pytest.mark.parametrize("hw", [(8, 12), (12, 8), (16, 16), (9, 14), (13, 6), (4, 4)])
+@pytest.mark.parametrize("hw", [(8, 12), (12, 8), (16, 16), (9, 14), (13, 6), (4, 4),
+                                (4, 12), (11, 3), (2, 9)])
 def test_window_attention_matches_brute_force(shifted, hw, attention):
     torch.manual_seed(1)
     block = SwinBlock(dim=16, num_heads=2, window_size=4, shifted=shifted, mlp_ratio=2,
@@ -248,10 +256,14 @@ def test_explicit_attention_equals_sdpa(tuning, options):
 
 
 def test_small_grid_uses_one_unshifted_window():
-    """A grid no larger than the window in both dimensions is plain attention with its bias."""
+    """A grid no larger than the window in both dimensions is plain attention with its bias,
+    read from the (2w - 1)^2 table at the tokens' row and column offsets (a 3 x 5 grid: rows and
+    columns told apart). The table is random: a block made alone starts with a zero table, which
+    would hide which entries are read."""
     torch.manual_seed(2)
     block = SwinBlock(dim=8, num_heads=2, window_size=7, shifted=True, mlp_ratio=2,
                       drop_path=0.0).double()
+    torch.nn.init.normal_(block.attn.relative_position_bias_table)
     x = torch.randn(1, 15, 8, dtype=torch.float64)
     ours = block.window_attention(x, (3, 5))[0]
     attn = block.attn
@@ -263,6 +275,43 @@ def test_small_grid_uses_one_unshifted_window():
         attn.relative_position_bias_table[idx].permute(2, 0, 1)
     ref = attn.proj((logits.softmax(-1) @ qkv[2]).transpose(0, 1).reshape(15, 8))
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_patch_embedding_pads_the_image_at_the_bottom_and_right():
+    """An image whose sides are not multiples of the patch is zero-padded at the bottom and
+    right (the Swin release's and mmseg's PatchEmbed), so pixel (0, 0) stays in the top-left
+    corner of patch (0, 0): a 10 x 13 image is embedded as the 12 x 16 image that has it in its
+    top-left corner and zeros elsewhere."""
+    torch.manual_seed(4)
+    embed = PatchEmbed(8, 4).double()
+    x = torch.randn(1, 3, 10, 13, dtype=torch.float64)
+    padded = torch.zeros(1, 3, 12, 16, dtype=torch.float64)
+    padded[:, :, :10, :13] = x
+    tokens, hw = embed(x)
+    assert hw == (3, 4)
+    want = F.conv2d(padded, embed.proj.weight, embed.proj.bias, stride=4)    # (1, 8, 3, 4)
+    want = embed.norm(want.flatten(2).transpose(1, 2))
+    torch.testing.assert_close(tokens, want, rtol=1e-12, atol=1e-12)
+
+
+def test_patch_merging_pads_odd_grids_at_the_bottom_and_right_in_release_order():
+    """Patch merging as the Swin release writes it: the (H, W) grid zero-padded at the bottom and
+    right to even sides, then x0 = x[0::2, 0::2], x1 = x[1::2, 0::2], x2 = x[0::2, 1::2],
+    x3 = x[1::2, 1::2] concatenated on channels, LayerNorm, Linear 4C -> 2C. On a 5 x 7 grid,
+    so both the order and the side of the padding show."""
+    torch.manual_seed(5)
+    merge = PatchMerging(4).double()
+    torch.nn.init.normal_(merge.norm.weight)
+    torch.nn.init.normal_(merge.norm.bias)
+    z = torch.randn(2, 5 * 7, 4, dtype=torch.float64)
+    out, hw = merge(z, (5, 7))
+    assert hw == (3, 4)
+    grid = torch.zeros(2, 6, 8, 4, dtype=torch.float64)
+    grid[:, :5, :7] = z.view(2, 5, 7, 4)
+    x = torch.cat([grid[:, 0::2, 0::2], grid[:, 1::2, 0::2], grid[:, 0::2, 1::2],
+                   grid[:, 1::2, 1::2]], dim=-1)                              # (2, 3, 4, 16)
+    want = merge.reduction(F.layer_norm(x, (16,), merge.norm.weight, merge.norm.bias))
+    torch.testing.assert_close(out, want.reshape(2, 12, 8), rtol=1e-12, atol=1e-12)
 
 
 # -- checkpoints --------------------------------------------------------------------------------
@@ -417,6 +466,18 @@ def nano():
 def test_ir_missing_is_an_error(nano):
     with pytest.raises(ValueError, match="needs the infrared image"):
         nano(torch.randn(1, 3, 32, 32))
+
+
+def test_one_channel_thermal_image_is_repeated_to_three():
+    """A (B, 1, H, W) thermal image is the (B, 3, H, W) one with its channel repeated (spec
+    sec. 1, IR patch embedding), for IV-tuning and for a PETL method's IR patch embedding."""
+    torch.manual_seed(0)
+    x, ir = torch.randn(2, 3, 24, 40), torch.randn(2, 1, 24, 40)
+    for tuning in ("ivt", "adaptformer"):
+        bb = build_backbone("swin_nano", tuning=tuning).eval()
+        with torch.no_grad():
+            for a, b in zip(bb(x, ir), bb(x, ir.repeat(1, 3, 1, 1))):
+                assert torch.equal(a, b), tuning
 
 
 def test_ir_missing_variant_uses_visible():
