@@ -230,17 +230,23 @@ def test_forced_triton_that_cannot_run_is_refused_before_any_work(tmp_path, scri
     assert not out.exists()
 
 
+def training_adapter(monkeypatch, impl: str):
+    """The training call of the fused Hybrid Adapter: its PyTorch reference, or the Triton
+    kernels forced (skipped where the interpreter cannot run them)."""
+    if impl == "triton" and not kernels.interpreter_ready():
+        pytest.skip(f"needs {kernels.INTERPRETER_NEEDS}")
+    monkeypatch.setenv("IVT_KERNELS", "triton")
+    return (kernels.hybrid_adapter_train_reference if impl == "reference"
+            else kernels.hybrid_adapter_train)
+
+
 @pytest.mark.parametrize("impl", ["reference", "triton"])
 def test_training_adapter_without_update_leaves_the_running_statistics(monkeypatch, impl):
     """update=False (BatchNorm in training mode with its running statistics frozen, or a
     checkpoint's recomputation): the batch's statistics normalise, but the running mean and
     variance and the count of batches are left exactly as they were, by the reference and by
     the kernels; with update=True the count goes up by one."""
-    if impl == "triton" and not kernels.interpreter_ready():
-        pytest.skip(f"needs {kernels.INTERPRETER_NEEDS}")
-    monkeypatch.setenv("IVT_KERNELS", "triton")
-    train = (kernels.hybrid_adapter_train_reference if impl == "reference"
-             else kernels.hybrid_adapter_train)
+    train = training_adapter(monkeypatch, impl)
     gen = torch.Generator().manual_seed(SEED)
     B, H, W, C, d2 = 2, 3, 4, 16, 8
     x = torch.randn(B, H * W, C, generator=gen, dtype=torch.float64)
@@ -263,11 +269,7 @@ def test_training_adapter_lead_rows_are_the_residuals(monkeypatch, impl, x_is_re
     rows after `lead` (the reference with lead=0 on those rows, gradients included), and a
     tokens extra takes their gradient. x differs from residual here, as it does not in the
     model's blocks."""
-    if impl == "triton" and not kernels.interpreter_ready():
-        pytest.skip(f"needs {kernels.INTERPRETER_NEEDS}")
-    monkeypatch.setenv("IVT_KERNELS", "triton")
-    train = (kernels.hybrid_adapter_train_reference if impl == "reference"
-             else kernels.hybrid_adapter_train)
+    train = training_adapter(monkeypatch, impl)
     gen = torch.Generator().manual_seed(SEED)
     B, H, W, C, d2, lead = 2, 3, 4, 16, 8, 2
     x0, r0, g = (torch.randn(B, lead + H * W, C, generator=gen, dtype=torch.float64)
