@@ -102,3 +102,24 @@ def test_cached_shift_mask_bias_follows_the_batch():
     for a, b, c in zip(alone, together, second):
         torch.testing.assert_close(b[:1], a, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(b[1:], c, rtol=1e-5, atol=1e-5)
+
+
+def test_entries_are_kept_per_device():
+    """The same shape on another device makes its own entries: a Swin model run on the CPU, then
+    moved to the meta device, runs there (a CPU mask or bias used with meta tensors would fail),
+    and the rotary tables asked for on the CPU and on meta lie on the device asked for."""
+    torch.manual_seed(0)
+    model = build_backbone("swin_nano", tuning="ivt").eval()
+    x = torch.randn(1, 3, 64, 64), torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        model(*x)
+        assert any(len(c) for c in caches(model))
+        model.to("meta")
+        outs = model(*(t.to("meta") for t in x))
+    assert all(o.device.type == "meta" for o in outs)
+
+    vit = build_backbone("eva02_b", tuning="ivt", img_size=64)
+    on_cpu = vit.rope_tables((4, 4), torch.device("cpu"))
+    on_meta = vit.rope_tables((4, 4), torch.device("meta"))
+    assert [t.device.type for t in on_cpu] == ["cpu", "cpu"]
+    assert [t.device.type for t in on_meta] == ["meta", "meta"]
