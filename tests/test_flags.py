@@ -67,6 +67,12 @@ def test_drop_path_flag_reaches_the_backbone(tmp_path):
     rates = drop_path_rates(build_backbone("swin_nano", **trainer.backbone_kwargs(vars(args))))
     assert rates[0] == 0 and rates[-1] == pytest.approx(0.3)      # linear in depth up to 0.3
     assert drop_path_rates(build_backbone("swin_nano"))[-1] == pytest.approx(0.1)   # own default
+    # --drop-path 0 is a rate like any other: no stochastic depth, not the model's default 0.1
+    args = parse(["--data", str(tmp_path), "--backbone", "swin_nano", "--drop-path", "0",
+                  "--out", str(tmp_path)])
+    trainer.check_args(TASKS["det"], args)
+    rates = drop_path_rates(build_backbone("swin_nano", **trainer.backbone_kwargs(vars(args))))
+    assert rates and all(rate == 0 for rate in rates)
     with pytest.raises(ValueError, match="--drop-path"):
         trainer.check_args(TASKS["det"], parse(["--data", str(tmp_path), "--drop-path", "1.0",
                                                 "--out", str(tmp_path)]))
@@ -148,11 +154,91 @@ def test_batch_one_below_size_64_is_refused_before_any_work(tmp_path, capsys):
     (["--weight-decay", "-0.1"], "--weight-decay not negative"),
     (["--save-every", "-1"], "--eval-every, --save-every and --workers must not be negative"),
     (["--eval-every", "-1"], "--eval-every, --save-every and --workers must not be negative"),
-    (["--size", "16"], "--size must be at least 32, got 16")])
+    (["--size", "16"], "--size must be at least 32, got 16"),
+    (["--iters", "0"], "--iters must be at least 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--log-every", "0"], "--log-every must be at least 1, got 0"),
+    (["--workers", "-1"], "--eval-every, --save-every and --workers must not be negative"),
+    (["--clip-grad", "-1"], "--clip-grad and --clip-grad-value must not be negative"),
+    (["--clip-grad-value", "-0.5"], "--clip-grad and --clip-grad-value must not be negative")])
 def test_out_of_range_numbers_are_refused_before_the_run(tmp_path, flags, says):
     """`check_args`: --lr must be positive (0 included: a run that never moves), --weight-decay
-    and the intervals must not be negative, --size at least 32."""
+    and the intervals must not be negative, --size at least 32; a run of no iterations, empty
+    batches, a log never written, a negative worker count or clipping threshold are refused."""
     args = train_seg.get_parser().parse_args(["--data", str(tmp_path), "--out",
                                               str(tmp_path / "out"), *flags])
     with pytest.raises(ValueError, match=says):
         trainer.check_args(TASKS["seg"], args)
+
+
+@pytest.mark.parametrize("task", ["sod", "det"])
+def test_epochs_below_one_are_refused(tmp_path, task):
+    """A schedule counted in --epochs (SOD, detection) needs at least one epoch."""
+    args = SCRIPTS[task][0].get_parser().parse_args(["--data", str(tmp_path), "--out",
+                                                     str(tmp_path / "out"), "--epochs", "0"])
+    with pytest.raises(ValueError, match="--epochs must be at least 1, got 0"):
+        trainer.check_args(TASKS[task], args)
+
+
+def test_zero_intervals_are_accepted(tmp_path):
+    """--eval-every 0 ("only at the end") and --save-every 0 ("only with evaluations") are the
+    documented off values of the intervals (their --help), not errors."""
+    args = train_seg.get_parser().parse_args(["--data", str(tmp_path), "--out",
+                                              str(tmp_path / "out"), "--eval-every", "0",
+                                              "--save-every", "0"])
+    trainer.check_args(TASKS["seg"], args)
+    assert (args.eval_every, args.save_every) == (0, 0)
+
+
+def test_cuda_graph_is_refused_without_cuda(tmp_path, monkeypatch):
+    """--cuda-graph's help: it needs CUDA; on a machine without it the run is refused up front."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = train_seg.get_parser().parse_args(["--data", str(tmp_path), "--out",
+                                              str(tmp_path / "out"), "--cuda-graph"])
+    with pytest.raises(ValueError, match="--cuda-graph needs a CUDA device"):
+        trainer.check_args(TASKS["seg"], args)
+
+
+@pytest.mark.parametrize("task", sorted(SCRIPTS))
+def test_model_defaults_are_the_papers(task):
+    """spec/method.md: IV-tuning on Swin-L with d1-d2-d3 = 8-64-8 and adapters in every block is
+    the paper's default model; the readable reference forward, float32, no memory trade-off."""
+    args = SCRIPTS[task][0].get_parser().parse_args(["--data", "x"])
+    assert (args.backbone, args.tuning, args.variant, args.d1, args.d2, args.d3, args.layers,
+            args.patch_size) == ("swin_l", "ivt", "ivt", 8, 64, 8, None, None)
+    assert (args.impl, args.memory, args.amp, args.cuda_graph) == ("reference", "keep", False,
+                                                                   False)
+
+
+def test_memory_flag_is_checked_when_parsed(capsys):
+    """--memory takes keep, recompute, checkpoint, checkpoint:N and checkpoint:N+recompute (its
+    metavar and help); anything else is an argparse error (exit 2) before any work."""
+    parser = train_seg.get_parser()
+    for value in ("keep", "recompute", "checkpoint", "checkpoint:2", "checkpoint:2+recompute"):
+        assert parser.parse_args(["--data", "x", "--memory", value]).memory == value
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(["--data", "x", "--memory", "everything"])
+    assert e.value.code == 2 and "--memory" in capsys.readouterr().err
+
+
+def test_patch_size_reaches_the_vit_backbone(tmp_path):
+    """--patch-size (EVA02, DINOv2, MAE) is a backbone option: a run's configuration hands it to
+    `build_backbone`; left out, the backbone gets none (its own 16)."""
+    parse = train_sod.get_parser().parse_args
+    for flags, expected in ((["--patch-size", "14"], 14), ([], None)):
+        args = parse(["--data", str(tmp_path), "--backbone", "eva02_b", "--size", "224",
+                      "--out", str(tmp_path), *flags])
+        trainer.check_args(TASKS["sod"], args)
+        assert trainer.backbone_kwargs(vars(args)).get("patch_size") == expected
+
+
+def test_an_ivt_configuration_holding_ir_embed_builds_ivt():
+    """IV-tuning always has its own infrared embedding (spec/method.md; `--ir-embed` is for
+    --tuning full / freeze): a saved IV-tuning configuration that holds ir_embed (check_args now
+    refuses the flag with --tuning ivt) still builds IV-tuning's model, as one without it."""
+    config = {"tuning": "ivt", "d2": 8, "ir_embed": True}
+    assert "ir_embed" not in trainer.backbone_kwargs(config)
+    built = build_backbone("swin_nano", "ivt", **trainer.backbone_kwargs(config))
+    plain = build_backbone("swin_nano", "ivt", d2=8)
+    assert [n for n, _ in built.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    assert trainer.backbone_kwargs({"tuning": "full", "ir_embed": True})["ir_embed"] is True

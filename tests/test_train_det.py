@@ -127,6 +127,22 @@ def test_every_backbone_parameter_that_trains_gets_the_backbone_lr_mult(tuning):
         assert mult[id(p)] == (0.1 if "backbone" in name else 1.0), name
 
 
+def test_a_frozen_backbone_leaves_its_group_empty_and_the_detector_trains():
+    """--tuning freeze (the paper's baseline: only the head trains): the backbone's parameter
+    group is empty, which is no error while any group has parameters; only a model with nothing
+    to train is refused."""
+    from ivt.trainer import build_optimizer
+    model = torch.nn.Module()
+    model.backbone = torch.nn.Linear(3, 2).requires_grad_(False)
+    model.head = torch.nn.Linear(2, 2)
+    args = train_det.get_parser().parse_args(["--data", "x"])
+    optimizer = build_optimizer(DetTask(), model, args)
+    assert [len(g["params"]) for g in optimizer.param_groups] == [2, 0]
+    model.head.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        build_optimizer(DetTask(), model, args)
+
+
 def test_ignored_boxes_are_not_training_targets():
     """`DetTask.loss` drops boxes marked ignore (VOC difficult, COCO iscrowd), as mmdet's
     PackDetInputs drops gt_ignore_flags instances: the loss equals that of the batch without

@@ -166,6 +166,36 @@ def test_lr_follows_mmseg_160k_poly_schedule():
             assert lr_at(it) == pytest.approx(want, rel=1e-12), (flags, it)
 
 
+def test_default_optimizer_is_sgd_with_momentum_and_coupled_weight_decay():
+    """docs/training.md's segmentation recipe (the paper's, run in mmseg, whose SGD is torch's):
+    SGD lr 1e-3, momentum 0.9, weight decay 1e-2, batch 2, 512 crops, 160k iterations. Three
+    steps of the trainer's own optimizer and step on a linear loss equal heavy-ball SGD with L2
+    weight decay added to the gradient, written out in float64 (no dampening, not Nesterov)."""
+    from contextlib import nullcontext
+
+    from ivt.engine import EagerStep
+    args = train_seg.get_parser().parse_args(["--data", "unused"])
+    assert (args.lr, args.momentum, args.weight_decay, args.batch_size, args.size,
+            args.iters, args.clip_grad, args.clip_grad_value) == \
+        (1e-3, 0.9, 1e-2, 2, 512, 160_000, 0.0, 0.0)
+    model = torch.nn.Module()
+    model.p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0, 0.5], dtype=torch.float64))
+    start = model.p.detach().numpy().copy()
+    optimizer = trainer.build_optimizer(SegTask(), model, args)
+    assert type(optimizer) is torch.optim.SGD
+    step = EagerStep(model, lambda m, b: (m.p * b["c"]).sum(), optimizer, nullcontext)
+    slopes = [np.array([2.0, -0.3, -1.5, 0.1]), np.array([0.2, 0.9, -0.6, -3.0]),
+              np.array([-1.0, 0.4, 0.25, 2.0])]
+    lr, mu, wd = 1e-3, 0.9, 1e-2
+    p, buf = start, None
+    for c in slopes:                                   # d loss / d p = c
+        step({"c": torch.from_numpy(c)}, lr)
+        d = c + wd * p
+        buf = d if buf is None else mu * buf + d
+        p = p - lr * buf
+    np.testing.assert_allclose(model.p.detach().numpy(), p, rtol=0, atol=1e-15)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(data, tmp_path_factory):
     """The 16-iteration run, in this process: (summary, {iter: loss}, its folder)."""

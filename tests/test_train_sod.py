@@ -211,6 +211,31 @@ def test_a_cuda_graph_runs_checkpoint_resumes_with_eager_steps(vt, tmp_path):
     assert all(isinstance(g["lr"], float) for g in groups)
 
 
+def test_weight_decay_flag_is_adams_coupled_l2():
+    """docs/training.md: `--weight-decay 0.1` gives the paper's literal reading, coupled L2 in
+    Adam: the decay term wd * p is added to the gradient before Adam's moments (torch.optim.Adam's
+    algorithm), written out in float64 for two steps; decoupled decay (AdamW: p (1 - lr wd)) or
+    none would leave p almost where it was."""
+    args = train_sod.get_parser().parse_args(["--data", "unused", "--weight-decay", "0.1",
+                                              "--clip-grad-value", "0"])
+    model = nn.Module()
+    model.p = nn.Parameter(torch.tensor([1.0, -2.0, 3.0, 0.5], dtype=torch.float64))
+    start = model.p.detach().numpy().copy()
+    optimizer = build_optimizer(SODTask(), model, args)
+    step = EagerStep(model, lambda m, b: (m.p * b["c"]).sum(), optimizer, contextlib.nullcontext,
+                     args.clip_grad, args.clip_grad_value)
+    slopes = [np.array([0.0, 0.0, 0.0, 0.0]), np.array([0.2, -0.4, 0.1, -0.05])]
+    b1, b2, eps, lr, wd = 0.9, 0.999, 1e-8, 5e-5, 0.1   # torch.optim.Adam's defaults
+    p, m, v = start, 0.0, 0.0
+    for t, c in enumerate(slopes, start=1):
+        step({"c": torch.from_numpy(c)}, lr)
+        g = c + wd * p
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        p = p - lr * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
+    np.testing.assert_allclose(model.p.detach().numpy(), p, rtol=0, atol=1e-15)
+
+
 def test_default_schedule_is_the_releases_epoch_loop():
     """SOD-IV-tuning/CPNet_train.py: `for epoch in range(1, opt.epoch)` with opt.epoch 200, each
     epoch at `adjust_lr`'s lr * decay_rate ** (epoch // decay_epoch), decay 0.1 every 100."""
