@@ -175,6 +175,53 @@ def test_swin_fast_inference_equals_reference(variant, fused):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11)
 
 
+def test_checkpointed_blocks_update_batchnorm_statistics_in_the_forward():
+    """memory="checkpoint" in training mode: the forward updates BatchNorm's running statistics
+    and batch count as the reference path's forward does, and the recomputation in backward
+    leaves them alone."""
+    ref, fast = pair(lambda f: make_fast(build_backbone("swin_nano", "ivt", d2=16),
+                                         impl(f), "checkpoint" if f else "keep"))
+    g = torch.Generator().manual_seed(0)
+    vis, ir = (torch.randn(2, 3, 36, 28, dtype=torch.float64, generator=g) for _ in range(2))
+    outs = {}
+    for name, model in (("ref", ref), ("fast", fast)):
+        model.train()
+        torch.manual_seed(1)
+        outs[name] = model(vis, ir)
+    assert_same_buffers(ref, fast)
+    after_forward = {n: b.clone() for n, b in fast.named_buffers()}
+    sum(o.sum() for o in outs["fast"]).backward()
+    for name, b in fast.named_buffers():
+        assert torch.equal(b, after_forward[name]), name
+
+
+def test_checkpointed_blocks_in_eval_mode_with_grad_equal_reference():
+    """Gradients through checkpointed blocks with the model in eval mode (BatchNorm on its
+    random running statistics, e.g. a BatchNorm-frozen step): the recomputation in backward
+    normalises as the forward did, so outputs and gradients equal the reference path's without
+    checkpointing, and no running statistic changes."""
+    ref, fast = eval_pair(lambda f: make_fast(build_backbone("swin_nano", "ivt", d2=16),
+                                              impl(f), "checkpoint" if f else "keep"))
+    before = {n: b.clone() for n, b in fast.named_buffers()}
+    g = torch.Generator().manual_seed(0)
+    vis, ir = (torch.randn(2, 3, 36, 28, dtype=torch.float64, generator=g) for _ in range(2))
+    results = []
+    for model in (ref, fast):
+        model.eval()
+        outs = model(vis, ir)
+        sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum()
+            for o in outs).backward()
+        results.append((outs, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (o1, g1), (o2, g2) = results
+    for a, b in zip(o1, o2):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11)
+    assert set(g1) == set(g2)
+    for name in g1:
+        torch.testing.assert_close(g2[name], g1[name], rtol=1e-8, atol=1e-11, msg=name)
+    for name, b in fast.named_buffers():
+        assert torch.equal(b, before[name]), name
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["fast", "fused"])
 @pytest.mark.parametrize("variant", ["ivt", "parallel", "ipa_deep", "ffn_only"])
 def test_eva02_fast_inference_equals_reference(variant, fused):

@@ -122,3 +122,76 @@ def test_an_unknown_image_format_or_a_log_without_records_is_refused(tmp_path, c
     with pytest.raises(SystemExit, match="no training or evaluation records in .*notes.txt"):
         plot.main([str(notes), "--out", str(tmp_path / "n.png")])
     assert not (tmp_path / "n.png").exists()
+
+
+def drawn_figure(monkeypatch):
+    """Patch `plot`'s matplotlib import so that the Figure it draws is kept for inspection."""
+    from matplotlib.figure import Figure
+    figures = []
+
+    class Kept(Figure):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            figures.append(self)
+
+    monkeypatch.setattr(plot, "import_matplotlib", lambda: Kept)
+    return figures
+
+
+def test_figure_panels_lines_styles_and_colours(tmp_path, monkeypatch):
+    """What the docstrings promise, read off the drawn Figure: a panel per metric (one with a
+    missing value included), every panel drawn and the spare axes hidden, one colour per run,
+    one line style per split with val solid, points in iteration order, --log-loss on the loss
+    axis only."""
+    from matplotlib.colors import to_rgba
+    figures = drawn_figure(monkeypatch)
+    nan = float("nan")
+    runs = {"a": {"loss": {2: 1.0, 1: 2.0}, "lr": {1: 0.1, 2: 0.05},
+                  "val/mIoU": {4: 20.0, 2: 10.0}, "test/mIoU": {2: 8.0},
+                  "val/S": {1: nan, 2: 0.5}},
+            "b": {"loss": {1: 3.0}, "lr": {1: 0.1}, "val/mIoU": {2: 12.0}}}
+    panels = plot.plot(runs, tmp_path / "c.png", log_loss=True)
+    assert panels == ["loss", "lr", "S", "mIoU"]
+    (fig,) = figures
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(fig.axes) == 6 and len(shown) == 4        # 3 columns, 2 rows
+    assert [ax.get_title() for ax in shown] == ["training loss", "learning rate", "S", "mIoU"]
+    assert [ax.get_yscale() for ax in shown] == ["log", "linear", "linear", "linear"]
+    lines = {line.get_label(): line for line in shown[3].get_lines()}
+    legend = shown[3].get_legend()                       # the lines are named in a legend
+    assert legend is not None and {t.get_text() for t in legend.get_texts()} == set(lines)
+    assert set(lines) == {"a (val)", "a (test)", "b (val)"}
+    assert lines["a (val)"].get_linestyle() == lines["b (val)"].get_linestyle() == "-"
+    assert lines["a (test)"].get_linestyle() == "--"
+    colour = {k: to_rgba(line.get_color()) for k, line in lines.items()}
+    assert colour["a (val)"] == colour["a (test)"] != colour["b (val)"]
+    assert list(lines["a (val)"].get_xdata()) == [2, 4]
+    assert list(lines["a (val)"].get_ydata()) == [10.0, 20.0]
+    loss = {line.get_label(): line for line in shown[0].get_lines()}
+    assert list(loss["a"].get_xdata()) == [1, 2] and list(loss["a"].get_ydata()) == [2.0, 1.0]
+
+
+def test_trainer_eval_records_are_the_validation_split(tmp_path, monkeypatch, capsys):
+    """The trainer logs its validation results as `eval` records without a split
+    (`logger.log("eval", iter=it, **task.evaluate(...))`): they are the val split's, one panel
+    each titled with it. Runs with the same folder name get a ' each, and the summary line counts
+    the iterations evaluated."""
+    from ivt.engine import JSONLLogger
+    figures = drawn_figure(monkeypatch)
+    for parent in ("x", "y", "z"):
+        (tmp_path / parent / "run").mkdir(parents=True)
+        logger = JSONLLogger(str(tmp_path / parent / "run" / "log.jsonl"), True)
+        logger.log("start", iter=0, config={})
+        logger.log("train", iter=2, loss=1.5, lr=0.1, time=0.1, elapsed=0.2)
+        logger.log("eval", iter=2, mIoU=10.0, mAcc=20.0, aAcc=30.0)
+        logger.log("eval", iter=4, mIoU=12.0, mAcc=22.0, aAcc=32.0)
+        logger.close()
+    assert "val/mIoU" in plot.curves(plot.read_log(tmp_path / "x" / "run" / "log.jsonl", []))
+    plot.main([str(tmp_path / p / "run") for p in "xyz"] + ["--out", str(tmp_path / "c.png")])
+    out = capsys.readouterr().out
+    for name in ("run", "run'", "run''"):
+        assert f"\n{name}: training logged up to iteration 2, 2 evaluation(s)\n" in "\n" + out
+    fig = figures[-1]                   # main's first Figure only lists the image formats
+    titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
+    assert titles == ["training loss", "learning rate", "aAcc (val)", "mAcc (val)", "mIoU (val)"]
+    assert [line.get_label() for line in fig.axes[0].get_lines()] == ["run", "run'", "run''"]

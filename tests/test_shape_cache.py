@@ -30,6 +30,22 @@ def test_kept_with_grad_bounded_without():
     assert get("train", stamp=1) is cache.kept["train"][1]
 
 
+def test_kept_entry_remade_without_grad_stays_kept():
+    """An entry once used with grad on stays kept for the module's life: when new weights (a new
+    stamp) make it again without grad, the new value replaces it among the kept entries (not
+    the bounded recent ones, and no stale copy is left), and inference at other shapes does not
+    evict it."""
+    cache = ShapeCache(inference_entries=1)
+    cache.get("train", lambda: "old", stamp=0)             # grad on: kept
+    with torch.no_grad():
+        assert cache.get("train", lambda: "new", stamp=1) == "new"
+        assert cache.kept == {"train": (1, "new")} and len(cache) == 1
+        for key in ("a", "b", "c"):
+            cache.get(key, object)
+        assert cache.get("train", lambda: "again", stamp=1) == "new"
+    assert len(cache) == 2
+
+
 def caches(model):
     for m in model.modules():
         if isinstance(m, WindowAttention):
