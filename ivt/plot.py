@@ -2,10 +2,11 @@
 
 Reads each run's `log.jsonl` (a RUN_DIR may also be the log file itself), as the training scripts
 write it (`ivt.engine.JSONLLogger`): a `start` or `resume` record {iter, config}, `train` records
-{iter, loss, lr, time, elapsed} and `eval` records {iter, split, <metrics>}. Draws, on one
-figure, the training loss and the learning rate against the iteration, then one panel per scalar
-validation metric the logs hold (mIoU, mAcc, S, MAE, mAP, ...; per-class dictionaries are left
-out), one line per run (named by its folder) and validation split.
+{iter, loss, lr, time, elapsed} and `eval` records {iter, <metrics>} of the validation split
+(an optional `split` field names another). Draws, on one figure, the training loss and the
+learning rate against the iteration, then one panel per scalar validation metric the logs hold
+(mIoU, mAcc, S, MAE, mAP, ...; per-class dictionaries are left out), one line per run (named by
+its folder) and validation split.
 
 Logs as they are found on disk:
 * a run still in progress: whatever has been written so far is plotted;

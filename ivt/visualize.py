@@ -45,10 +45,11 @@ def font(image_height: int) -> ImageFont.ImageFont:
 
 
 def colourise(label: np.ndarray, palette: Sequence[Colour] = PALETTE) -> np.ndarray:
-    """(H, W) class ids -> (H, W, 3) uint8 (ids without a colour, e.g. 255, are white)."""
+    """(H, W) class ids -> (H, W, 3) uint8 (ids without a colour, e.g. 255 or -1, are white)."""
     lut = np.tile(np.asarray(IGNORE_COLOUR, np.uint8), (256, 1))
     lut[:len(palette)] = np.asarray(palette, np.uint8)
-    return lut[np.asarray(label, np.int64).clip(0, 255)]
+    ids = np.asarray(label, np.int64)
+    return lut[np.where((ids < 0) | (ids > 255), 255, ids)]
 
 
 def grey_to_rgb(img: np.ndarray) -> np.ndarray:

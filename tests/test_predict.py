@@ -343,6 +343,9 @@ def test_drawing_helpers():
     label = np.array([[0, 1, 8], [255, 2, 0]])
     np.testing.assert_array_equal(colourise(label), [[(0, 0, 0), (64, 0, 128), (192, 64, 0)],
                                                      [(255, 255, 255), (64, 64, 0), (0, 0, 0)]])
+    # ids outside 0..255 have no colour either: white, not clipped onto class 0 or 255's
+    np.testing.assert_array_equal(colourise(np.array([[-1, 256, 3]])),
+                                  [[(255, 255, 255), (255, 255, 255), (0, 128, 192)]])
     vis = np.full((4, 1, 3), 100, np.uint8)
     sal = np.array([[0], [255], [128], [51]], np.uint8)
     out = np.asarray(overlay_saliency(vis, sal, alpha=0.5, colour=(200, 0, 100))).astype(float)
@@ -358,6 +361,83 @@ def test_drawing_helpers():
     from ivt.visualize import share
     assert [share(103, 640 * 480), share(0, 100), share(1, 1000), share(37, 200)] == \
         ["<0.1%", "0.0%", "0.1%", "18.5%"]
+
+
+def test_segmentation_overlay_blend_and_legend(monkeypatch):
+    """overlay_segmentation on a grey visible image: each labelled pixel is (1 - alpha) * visible
+    + alpha * its class colour (rounded), background pixels stay the visible image, and the
+    legend to the right lists every other class with its share of the pixels (written out by
+    hand), all inside the canvas even when the image is shorter than the legend."""
+    from PIL import ImageDraw
+
+    from ivt.visualize import overlay_segmentation
+    texts = []
+    real_text = ImageDraw.ImageDraw.text
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text",
+                        lambda self, xy, text, *a, **k: texts.append((xy, text))
+                        or real_text(self, xy, text, *a, **k))
+    names, palette = ("bg", "car", "person", "bike"), [(0, 0, 0), (200, 0, 0), (0, 200, 100),
+                                                       (10, 20, 30)]
+    label = np.array([[0, 1, 1, 2], [2, 2, 2, 0]])
+    vis = np.full((2, 4, 3), 101, np.uint8)
+    canvas = overlay_segmentation(vis, label, names, palette, alpha=0.3)
+    image = np.asarray(canvas)[:2, :4].astype(float)
+    colours = np.array(palette, float)[label]
+    want = np.where((label == 0)[..., None], 101.0, np.floor(0.7 * 101 + 0.3 * colours + 0.5))
+    np.testing.assert_array_equal(image, want)
+    assert [t for _, t in texts] == ["car 25.0%", "person 50.0%", "bike 0.0%"]
+    assert all(x >= 4 and 0 <= y < canvas.height for (x, y), _ in texts)
+
+
+def test_boxes_tags_stay_inside_with_readable_text():
+    """draw_boxes' tag: inside the box when there is no room above it, shifted left to stay
+    inside the image, black text on a bright colour and white on a dark one (luma); a box given
+    with its corners swapped is drawn as the same box."""
+    from ivt.visualize import draw_boxes
+    image = np.full((100, 200), 128, np.uint8)
+    for colour, text in (((0, 255, 0), 0), ((0, 0, 128), 255)):
+        canvas = np.asarray(draw_boxes(image, np.array([[160, 0, 198, 60]]), ["Motorcycle"],
+                                       [0.5], [colour])).astype(int)
+        tag = (canvas == colour).all(axis=-1)
+        rows, cols = np.nonzero(tag[:, :159])             # the tag reaches left of the box
+        assert len(cols) > 0 and rows.min() >= 1           # and starts inside it, below y0
+        region = canvas[rows.min():rows.max() + 1, cols.min():200]
+        assert (np.abs(region - text).sum(axis=-1) < 60).any(), colour
+        assert not (np.abs(region - (255 - text)).sum(axis=-1) < 60).any(), colour
+    forward = np.asarray(draw_boxes(image, np.array([[40, 50, 120, 90]]), ["Car"], [0.87]))
+    swapped = np.asarray(draw_boxes(image, np.array([[120, 90, 40, 50]]), ["Car"], [0.87]))
+    np.testing.assert_array_equal(swapped, forward)
+
+
+def test_saliency_overlay_end_points():
+    """overlay_saliency moves each pixel towards the colour by alpha * saliency / 255: saliency 0
+    leaves the visible pixel, saliency 255 with alpha 1 gives the colour itself."""
+    vis = np.array([[[10, 200, 30], [10, 200, 30]]], np.uint8)
+    out = np.asarray(overlay_saliency(vis, np.array([[0, 255]], np.uint8), alpha=1.0,
+                                      colour=(255, 32, 0)))
+    np.testing.assert_array_equal(out, [[[10, 200, 30], [255, 32, 0]]])
+
+
+def test_tag_font_size_follows_the_image_height():
+    """font(h): about h / 30 pixels, at least 10 (Pillow's scalable default font where FreeType
+    is available)."""
+    from ivt.visualize import font
+    big, small = font(600), font(90)
+    if not hasattr(big, "size"):
+        pytest.skip("Pillow without FreeType: one bitmap font size")
+    assert (big.size, small.size, font(12).size) == (20, 10, 10)
+
+
+def test_palettes_extend_mfnet_with_distinct_colours():
+    """palette_for(n): MFNet's first n colours (docs/data.md) for n <= 9, then colours that are
+    all different from each other and from MFNet's."""
+    from ivt.visualize import distinct_colours, palette_for
+    mfnet = [(0, 0, 0), (64, 0, 128), (64, 64, 0), (0, 128, 192), (0, 0, 192), (128, 128, 0),
+             (64, 64, 128), (192, 128, 128), (192, 64, 0)]
+    assert [tuple(c) for c in palette_for(5)] == mfnet[:5]
+    big = [tuple(c) for c in palette_for(30)]
+    assert big[:9] == mfnet and len(set(big)) == 30
+    assert len(set(distinct_colours(40))) == 40
 
 
 # -- salient object detection and detection ------------------------------------------------------
