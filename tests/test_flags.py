@@ -210,6 +210,14 @@ def test_model_defaults_are_the_papers(task):
                                                                    False)
 
 
+@pytest.mark.parametrize("task, optimizer", [("seg", "sgd"), ("sod", "adam"), ("det", "adamw")])
+def test_lr_help_names_the_tasks_optimizer(task, optimizer):
+    """docs/training.md's recipes: segmentation trains with SGD, SOD with Adam, detection with
+    AdamW; --lr's help says whose base learning rate it is."""
+    lr = next(a for a in SCRIPTS[task][0].get_parser()._actions if a.dest == "lr")
+    assert lr.help.startswith(f"{optimizer} base learning rate")
+
+
 def test_memory_flag_is_checked_when_parsed(capsys):
     """--memory takes keep, recompute, checkpoint, checkpoint:N and checkpoint:N+recompute (its
     metavar and help); anything else is an argparse error (exit 2) before any work."""

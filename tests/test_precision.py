@@ -88,6 +88,23 @@ def test_stored_weights_need_autocast():
         model(torch.randn(1, 3, 32, 32), torch.randn(1, 3, 32, 32))
 
 
+def test_only_wholly_frozen_linears_and_convolutions_are_cast():
+    """The module docstring's rule, on layers named here rather than through MATMUL_LAYERS (the
+    ops torch's autocast runs in bf16: linear, conv1d, conv2d, conv3d): each frozen one, weight
+    and bias, is cast and counted by its values; a frozen LayerNorm, a Linear whose bias trains
+    and a trainable Linear stay float32."""
+    frozen = nn.ModuleList([nn.Linear(3, 4), nn.Conv1d(2, 3, 3), nn.Conv2d(2, 3, 3),
+                            nn.Conv3d(2, 3, 3, bias=False)])
+    kept = nn.ModuleList([nn.LayerNorm(4), nn.Linear(4, 5), nn.Linear(5, 6)])
+    for p in [*frozen.parameters(), *kept[0].parameters(), kept[1].weight]:
+        p.requires_grad_(False)
+    model = nn.Sequential(frozen, kept)
+    assert store_frozen_weights(model, torch.bfloat16) == 3 * 4 + 4 + 2 * 3 * 3 + 3 + \
+        2 * 3 * 3 * 3 + 3 + 2 * 3 * 3 * 3 * 3
+    assert {p.dtype for p in frozen.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in kept.parameters()} == {torch.float32}
+
+
 @pytest.mark.parametrize("impl", ["reference", "fast", "fused"])
 def test_adapters_keep_the_block_stream_dtype_under_autocast(impl):
     """Under bf16 autocast every block of the IV-tuned Swin hands on its stream in the dtype the

@@ -85,6 +85,47 @@ def test_the_optimiser_decays_weights_decoupled_as_adamw():
                                    atol=0)
 
 
+def test_adamw_steps_are_torchs_published_algorithm_on_real_gradients():
+    """torch.optim.AdamW's documented algorithm (betas 0.9/0.999, eps 1e-8, no amsgrad) written
+    out in float64 over three steps of the trainer's own optimizer and step with non-zero
+    gradients: decoupled decay p (1 - lr wd) first, then Adam's bias-corrected moments; the
+    backbone at lr x --backbone-lr-mult. The gradients shrink after the first step so that
+    amsgrad's running maximum of the second moment would differ."""
+    from contextlib import nullcontext
+
+    from ivt.engine import EagerStep
+    from ivt.trainer import build_optimizer
+    model = torch.nn.Module()
+    model.backbone = torch.nn.Module()
+    model.backbone.p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+    model.head = torch.nn.Parameter(torch.tensor([3.0, -0.25], dtype=torch.float64))
+    args = train_det.get_parser().parse_args(["--data", "x", "--lr", "0.01",
+                                              "--weight-decay", "0.5",
+                                              "--backbone-lr-mult", "0.2"])
+    optimizer = build_optimizer(DetTask(), model, args)
+    step = EagerStep(model, lambda m, b: (m.backbone.p * b["a"]).sum() + (m.head * b["b"]).sum(),
+                     optimizer, nullcontext)
+    slopes = [([2.0, -1.0, 3.0], [4.0, -0.5]), ([0.01, 0.02, -0.03], [0.0, 0.001]),
+              ([-0.02, 0.0, 0.01], [0.03, -0.002])]
+    b1, b2, eps, lr, wd = 0.9, 0.999, 1e-8, 0.01, 0.5
+    want = {"a": (model.backbone.p.detach().clone(), 0.2), "b": (model.head.detach().clone(), 1.0)}
+    moments = {k: (0.0, 0.0) for k in want}
+    for t, (a, b) in enumerate(slopes, start=1):
+        grads = {"a": torch.tensor(a, dtype=torch.float64),
+                 "b": torch.tensor(b, dtype=torch.float64)}
+        step(grads, lr)
+        for k, g in grads.items():
+            p, mult = want[k]
+            m, v = moments[k]
+            p = p * (1 - lr * mult * wd)
+            m = b1 * m + (1 - b1) * g
+            v = b2 * v + (1 - b2) * g * g
+            p = p - lr * mult * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
+            want[k], moments[k] = (p, mult), (m, v)
+    torch.testing.assert_close(model.backbone.p.detach(), want["a"][0], rtol=0, atol=1e-15)
+    torch.testing.assert_close(model.head.detach(), want["b"][0], rtol=0, atol=1e-15)
+
+
 def test_detector_flags_reach_the_config():
     """Defaults: RT-DETR's hybrid encoder (6 deformable layers with --encoder deformable), and
     DINO's FFN 2048, 100 denoising queries, label noise 0.5, box noise 0.4; --no-denoising is

@@ -141,7 +141,7 @@ def test_torchrun_two_cpu_processes_gather_the_whole_validation_set(vt, tmp_path
 
 
 def test_default_optimizer_is_adam_without_weight_decay_on_clamped_gradients():
-    """The SOD defaults (SOD-IV-tuning/CPNet_train.py: `torch.optim.Adam(params, lr)`,
+    """The SOD defaults (SOD-IV-tuning/CPNet_train.py: `torch.optim.Adam(params, lr)`, batch 8,
     `clip_gradient(optimizer, 0.5)` before each step): two steps of the trainer's own optimizer
     and step on a linear loss whose gradient values lie on both sides of +-0.5 equal Adam written
     out in float64 on the clamped gradients, with no weight-decay term."""
@@ -149,6 +149,7 @@ def test_default_optimizer_is_adam_without_weight_decay_on_clamped_gradients():
     assert (args.lr, args.weight_decay, args.clip_grad_value, args.clip_grad) == \
         (5e-5, 0.0, 0.5, 0.0)
     assert (args.augment, args.taps) == ("release", "stages")
+    assert (args.batch_size, args.size) == (8, 384)          # docs/training.md's SOD recipe
     model = nn.Module()
     model.p = nn.Parameter(torch.tensor([1.0, -2.0, 3.0, 0.5, -0.25], dtype=torch.float64))
     start = model.p.detach().numpy().copy()

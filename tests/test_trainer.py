@@ -530,6 +530,12 @@ def test_verify_images_names_a_corrupt_training_file_before_training(data, tmp_p
     err = fails_with(tiny_args(bad, tmp_path / "run", 2, "--verify-images"), capsys)
     assert str(path) in err
     assert not (tmp_path / "run" / "log.jsonl").exists()
+    # validation images are decoded up front without --verify-images too (its help, the docs)
+    val = bad / "images" / f"{(bad / 'val.txt').read_text().split()[0]}.png"
+    val.write_bytes(val.read_bytes()[:200])
+    err = fails_with(tiny_args(bad, tmp_path / "run", 2), capsys)
+    assert str(val) in err
+    assert not (tmp_path / "run" / "log.jsonl").exists()
 
 
 def test_schedules():
@@ -627,6 +633,72 @@ def test_impl_memory_and_kernels_do_not_change_the_run():
     """A run resumes with another implementation, memory option or kernel backend: the same
     weights and results."""
     assert {"impl", "memory", "kernels"} <= set(trainer.RUN_ONLY)
+
+
+# docs/training.md, "Training runs": the flags of the run (how it executes), of the optimisation
+# and of the model (never changed on resume, even with --allow-changes), as argparse names; the
+# seg task's own model setting is its head's width.
+RUN_FLAGS = ("impl", "memory", "device", "kernels", "workers", "out", "resume", "eval_every",
+             "save_every", "log_every", "verify_images", "cuda_graph")
+TRAINING_SETTINGS = ("iters", "batch_size", "size", "lr", "weight_decay", "momentum",
+                     "clip_grad", "clip_grad_value", "amp", "seed", "world_size")
+MODEL_SETTINGS = ("backbone", "tuning", "variant", "d1", "d2", "d3", "layers", "patch_size",
+                  "prompt_length", "bottleneck", "adapter_scale", "rein_tokens", "rein_rank",
+                  "ir_embed", "head_dim")
+
+
+def resume_with_one_setting_changed(key, *flags):
+    """`resume_checkpoint` on a checkpoint whose configuration differs from this invocation's in
+    `key` alone: (accepted changes, logged lines)."""
+    task = SegTask()
+    args = trainer.get_parser(task).parse_args(["--data", "/data", "--out", "/run", "--resume",
+                                                *flags])
+    config = {"task": "seg", **vars(args), "world_size": 1}
+    logged = []
+    _, changes = trainer.resume_checkpoint(task, args, config, logged.append,
+                                           {"config": {**config, key: "old"}})
+    return changes, logged
+
+
+@pytest.mark.parametrize("key", RUN_FLAGS)
+def test_resume_accepts_another_way_of_running_as_no_change(key):
+    assert resume_with_one_setting_changed(key) == ([], [])
+
+
+@pytest.mark.parametrize("key", TRAINING_SETTINGS)
+def test_resume_refuses_a_changed_training_setting_unless_allowed(key):
+    with pytest.raises(ValueError, match=rf"differs \(pass --allow-changes.*: {key}: checkpoint"):
+        resume_with_one_setting_changed(key)
+    changes, logged = resume_with_one_setting_changed(key, "--allow-changes")
+    assert len(changes) == 1 and changes[0].startswith(f"{key}: checkpoint 'old' vs now")
+    assert logged == [f"resuming with a changed setting, {changes[0]}"]
+
+
+@pytest.mark.parametrize("key", MODEL_SETTINGS)
+def test_resume_never_changes_a_model_setting(key):
+    with pytest.raises(ValueError, match=rf"differs: {key}: checkpoint 'old' vs now"):
+        resume_with_one_setting_changed(key, "--allow-changes")
+
+
+def test_resume_takes_the_runs_flags_but_this_commands_own():
+    """docs/training.md: a flag left out takes the run's value, but --device, --workers,
+    --kernels, --cuda-graph and --verify-images are this command's; --epochs given drops the
+    run's --iters, --impl given drops the run's --memory."""
+    from ivt.tasks.sod import SODTask
+    saved = {"task": "sod", "device": "cuda:1", "workers": 3, "kernels": "triton",
+             "cuda_graph": True, "verify_images": True, "lr": 0.5, "iters": 7, "epochs": 9,
+             "impl": "fast", "memory": "recompute"}
+    for extra, taken in (([], ("lr", "iters", "epochs", "impl", "memory")),
+                         (["--epochs", "5"], ("lr", "impl", "memory")),
+                         (["--impl", "fused"], ("lr", "iters", "epochs"))):
+        parser = trainer.get_parser(SODTask())
+        argv = ["--out", "/run", "--resume", *extra]
+        args, default = parser.parse_args(argv), vars(parser.parse_args(argv))
+        trainer.flags_from_run(SODTask(), args, saved, trainer.given_flags(parser, argv),
+                               "/run/last.pt")
+        for key in set(saved) - {"task"}:
+            want = saved[key] if key in taken else default[key]
+            assert getattr(args, key) == want, (extra, key)
 
 
 def test_eva02_runs_get_clip_normalisation(data, tmp_path, monkeypatch):
@@ -1002,6 +1074,26 @@ def test_flags_that_defeat_themselves_are_warned_about(data, tmp_path, capsys):
     assert trainer.selection_warnings(DetTask(), with_iters) == []
 
 
+def test_a_validation_split_holding_test_images_or_an_lr_drop_at_the_last_epoch_is_warned():
+    """--val-split: 'never select on the test split' (its help), also when a combined split holds
+    it or it is one of MFNet's test subsets (test_day, test_night); an lr drop at epoch E of
+    --epochs E starts at iteration E x (iterations an epoch), the run's length, after its last
+    (0-based) iteration: never taken."""
+    import types
+
+    from ivt.tasks.det import DetTask
+    for split in ("val+test", "test_night"):
+        args = types.SimpleNamespace(val_split=split)
+        assert [w.split(";")[0] for w in trainer.selection_warnings(SegTask(), args)] == \
+            [f"warning: --val-split {split} chooses best.pt on test images"]
+    args = types.SimpleNamespace(val_split="val", iters=None, epochs=4, lr_drop_epoch=[3, 4],
+                                 lr=1.0)
+    assert [w.split(": the lr")[0] for w in trainer.selection_warnings(DetTask(), args)] == \
+        ["warning: --lr-drop-epoch 4 is at or after the last of --epochs 4"]
+    _, lr_at = trainer.schedule(DetTask(), args, per_epoch=10)
+    assert {lr_at(it) for it in range(30, 40)} == {0.1}              # drop 4 indeed never taken
+
+
 def test_train_loop_also_logs_before_each_evaluation_and_at_a_stop(tmp_path):
     """A `train` record closes the window every `log_every` iterations, and also before every
     evaluation and when a stop request ends the run (the loop's docstring), so no iteration's
@@ -1222,6 +1314,18 @@ def test_a_batch_of_every_training_image_is_accepted(data, tmp_path):
     args = tiny_args(data, tmp_path / "run", 1)
     args[args.index("--batch-size") + 1] = "6"
     assert train_seg.main(args)["iters"] == 1
+
+
+def test_a_batch_on_every_process_needs_that_many_training_images(data, tmp_path):
+    """--batch-size is images per iteration per process (its help): on 2 processes a batch of 4
+    takes 8 of the 6 training images, refused before any model is built."""
+    args = train_seg.get_parser().parse_args(tiny_args(data, tmp_path / "run", 1))
+    args.batch_size, args.pretrained = 3, None
+    two = engine.DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    trainer.prepare_run(SegTask(), args, two, None)
+    args.batch_size = 4
+    with pytest.raises(ValueError, match="--batch-size 4 on 2 process.* needs at least 8 .* has 6"):
+        trainer.prepare_run(SegTask(), args, two, None)
 
 
 def test_a_signal_in_the_last_iteration_says_the_run_is_complete(data, tmp_path, monkeypatch,

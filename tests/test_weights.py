@@ -373,9 +373,12 @@ def test_random_frozen_backbone_warns(data, tmp_path, capsys, monkeypatch):
             train_seg.main(args)
         err = capsys.readouterr().err
         assert warning in err and "mean nothing for the paper" in err, err
+    args = tiny_args(data, tmp_path / "full", 2, "--tuning", "full")
+    del args[args.index("--d2"):args.index("--d2") + 2]       # refused with --tuning full
     with pytest.raises(SystemExit):
-        train_seg.main(tiny_args(data, tmp_path / "full", 2, "--tuning", "full"))
-    assert warning not in capsys.readouterr().err
+        train_seg.main(args)
+    err = capsys.readouterr().err
+    assert "error: stop here" in err and warning not in err, err     # reached the model
 
 
 def test_mmdet_detector_checkpoint_through_the_pretrained_path(release, cache, tmp_path,
