@@ -313,7 +313,8 @@ def _optimisation_arguments(g, r: Recipe) -> None:
     g.add_argument("--iters", type=int, default=r.iters,
                    help="training iterations" + (" (default: %(default)s)" if r.iters else
                                                  "; overrides --epochs when given, the lr drop "
-                                                 "moves proportionally (default: from --epochs)"))
+                                                 "moves proportionally, to the nearest iteration "
+                                                 "(default: from --epochs)"))
     g.add_argument("--batch-size", type=int, default=r.batch_size,
                    help="images per iteration per process (default: %(default)s)")
     g.add_argument("--lr", type=float, default=r.lr,

@@ -1074,6 +1074,21 @@ def test_flags_that_defeat_themselves_are_warned_about(data, tmp_path, capsys):
     assert trainer.selection_warnings(DetTask(), with_iters) == []
 
 
+def test_iters_moves_the_lr_drop_to_the_nearest_iteration():
+    """--iters with a step schedule: "the lr drop moves proportionally, to the nearest
+    iteration" (its help). A drop at epoch 1 of 3 epochs of 10 iterations lies at 1/3 of the
+    run: iteration 7/3 = 2.33 -> 2 of a 7-iteration run, 8/3 = 2.67 -> 3 of an 8-iteration one."""
+    import types
+
+    from ivt.tasks.det import DetTask
+    for iters, first_dropped in ((7, 2), (8, 3)):
+        args = types.SimpleNamespace(iters=iters, epochs=3, lr_drop_epoch=[1], lr=1.0)
+        total, lr_at = trainer.schedule(DetTask(), args, per_epoch=10)
+        assert total == iters
+        assert [lr_at(it) for it in range(iters)] == \
+            [1.0] * first_dropped + [pytest.approx(0.1)] * (iters - first_dropped)
+
+
 def test_a_validation_split_holding_test_images_or_an_lr_drop_at_the_last_epoch_is_warned():
     """--val-split: 'never select on the test split' (its help), also when a combined split holds
     it or it is one of MFNet's test subsets (test_day, test_night); an lr drop at epoch E of
