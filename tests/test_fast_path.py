@@ -223,8 +223,11 @@ def test_checkpointed_blocks_in_eval_mode_with_grad_equal_reference():
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["fast", "fused"])
-@pytest.mark.parametrize("variant", ["ivt", "parallel", "ipa_deep", "ffn_only"])
+@pytest.mark.parametrize("variant", ["ivt", "parallel", "ipa_deep", "ffn_only",
+                                     "ipa_wo_projection"])
 def test_eva02_fast_inference_equals_reference(variant, fused):
+    """At inference; with impl="fused" the internal prompts of all blocks are folded at once,
+    as factors where they have projections (`fold_block_ipas`), as SFTs where not (Fig. 4(f))."""
     ref, fast = eval_pair(lambda f: tiny_eva(f, variant, fused=fused))
     vis = torch.randn(2, 3, 24, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     ir = torch.randn(2, 3, 24, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
@@ -275,6 +278,20 @@ def test_checkpoint_n_recomputes_the_first_blocks(memory, count, monkeypatch):
     vis, ir = torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64)
     sum(o.sum() for o in model(vis, ir)).backward()
     assert [sum(c is b for c in calls) for b in blocks] == [2] * count + [1] * (8 - count)
+
+
+@pytest.mark.parametrize("memory, count", [("keep", 0), ("checkpoint:2", 2), ("checkpoint", 3)])
+def test_eva02_checkpoint_n_recomputes_the_first_blocks(memory, count, monkeypatch):
+    """The same on the ViT path (`FastViTBlock`): with memory="checkpoint:n" the first n of
+    the 3 blocks run their forward again in backward, the others once."""
+    from ivt.fast.vit import FastViTBlock
+    calls = []
+    original = FastViTBlock.body
+    monkeypatch.setattr(FastViTBlock, "body",
+                        lambda self, *a: calls.append(self) or original(self, *a))
+    model = tiny_eva(True, memory=memory).train()
+    sum(o.sum() for o in model(torch.randn(1, 3, 24, 32), torch.randn(1, 3, 24, 32))).backward()
+    assert [sum(c is b for c in calls) for b in model.blocks] == [2] * count + [1] * (3 - count)
 
 
 def forward_counts(model, names):
@@ -726,3 +743,63 @@ def test_checkpoint_n_keeps_only_the_inputs_of_its_stages_ipas(monkeypatch):
     sum(o.sum() for o in model(vis, ir)).backward()
     firsts = [id(stage.blocks[0].adapters) for stage in model.layers]
     assert [calls.count(first) for first in firsts] == [2, 2, 1, 1]
+
+
+@pytest.mark.parametrize("backbone", ["swin", "eva02"])
+def test_fused_inference_reads_the_handed_layer_norms(backbone):
+    """At fused inference each adapter's kernel hands the next sub-layer the LayerNorm of its
+    patch tokens (`ivt.fast.swin.fused_eval_block`, `ivt.fast.vit.fused_eval_block`), which
+    that sub-layer reads instead of normalising again: norm1 and norm2 see the patch tokens only
+    in the first block of each stage (Swin: after patch merging; EVA02: after the embedding),
+    and there norm1 only; elsewhere at most EVA02's cls row."""
+    if backbone == "swin":
+        model = make_fast(build_backbone("swin_nano", "ivt", d2=16), "fused")
+        firsts = [id(stage.blocks[0]) for stage in model.layers]
+        blocks, size = [b for stage in model.layers for b in stage.blocks], (32, 48)
+    else:
+        model = tiny_eva(True, fused=True)
+        blocks, size = list(model.blocks), (24, 32)
+        firsts = [id(blocks[0])]
+    calls = []
+    for block in blocks:
+        for name in ("norm1", "norm2"):
+            getattr(block, name).register_forward_hook(
+                lambda _m, args, _out, b=block, n=name: calls.append((id(b), n, args[0].shape[1])))
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(1, 3, *size), torch.randn(1, 3, *size))
+    prefix = getattr(model, "prefix", 0)
+    assert sorted((b, n) for b, n, tokens in calls if tokens > prefix) == sorted(
+        (b, "norm1") for b in firsts)
+
+
+@pytest.mark.parametrize("backbone", ["swin", "eva02"])
+def test_fused_inference_with_adapters_on_some_blocks(backbone):
+    """Fused inference where only some blocks have adapters (`layers`): the blocks without take
+    their plain forward, the stage or backbone without fused LayerNorm hand-overs where a block
+    has none; outputs equal the reference path's."""
+    if backbone == "swin":
+        ref, fast = eval_pair(lambda f: make_fast(build_backbone("swin_nano", "ivt", d2=16,
+                                                                 layers=[0, 3, 5]),
+                                                  impl(f, True)))
+        size = (44, 60)
+    else:
+        ref, fast = eval_pair(lambda f: tiny_eva(f, layers=[1], fused=True))
+        size = (24, 40)
+    gen = torch.Generator().manual_seed(0)
+    vis, ir = (torch.randn(2, 3, *size, dtype=torch.float64, generator=gen) for _ in range(2))
+    for a, b in zip(run_eval(ref, vis, ir), run_eval(fast, vis, ir)):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11)
+
+
+def test_eva02_fast_rotary_turns_follow_the_grid():
+    """The fast path's rotary turns (`with_cls_row`, cached per grid) are those of each input's
+    own grid: a 3 x 4 then a 4 x 3 patch grid (the same 12 tokens), each equal to the reference
+    path's outputs, in training (tables kept) and at inference."""
+    ref, fast = pair(lambda f: tiny_eva(f))
+    gen = torch.Generator().manual_seed(0)
+    for size in ((24, 32), (32, 24), (24, 32)):
+        vis, ir = (torch.randn(1, 3, *size, dtype=torch.float64, generator=gen) for _ in range(2))
+        assert_same(run(ref, vis, ir), run(fast, vis, ir))
+        for a, b in zip(run_eval(ref, vis, ir), run_eval(fast, vis, ir)):
+            torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11)

@@ -929,6 +929,72 @@ def test_fused_training_refuses_one_token_per_channel_as_the_reference(monkeypat
             model(*x)
 
 
+# (ha1, ha2, their BatchNorms: mode or None for momentum None, autograd, position, the SFT
+# LayerNorm's and the BatchNorm's eps or None for their defaults)
+ADAPTER_MODES = {
+    "inference, eps of their own": ("eval", "eval", "eval", False, 1, (1e-2, 0.3)),
+    "eval, with autograd": ("eval", "eval", "eval", True, 0, None),
+    "ha2 training, ha1 eval, no autograd": ("eval", "train", "train", False, 1, None),
+    "training, cumulative BatchNorm": ("train", "train", None, True, 0, None),
+    "training, frozen BatchNorm": ("train", "train", "eval", True, 0, None),
+}
+
+
+@pytest.mark.skipif(not kernels.interpreter_ready(),
+                    reason=f"needs {kernels.INTERPRETER_NEEDS}")
+@pytest.mark.parametrize("case", list(ADAPTER_MODES))
+def test_fused_block_adapters_follow_each_adapters_mode(case, monkeypatch):
+    """One block's fused adapters (`FastBlockAdapters` with `fused`, every kernel in the
+    interpreter) equal the reference `BlockAdapters` in float64 (output, gradients, BatchNorm
+    buffers) at inference with LayerNorm and BatchNorm eps of their own, and in the modes the
+    fused kernels do not cover: eval mode with autograd on (the inference kernel makes no
+    gradients), one adapter training while the other is in eval mode (it normalises by its
+    batch's statistics and updates them), BatchNorm's cumulative average (momentum None) and a
+    frozen BatchNorm in a training adapter."""
+    import copy
+    from ivt.fast import FAST
+    from ivt.models.ivtuning import BlockAdapters, IVTConfig
+    ha1_mode, ha2_mode, bn_mode, grad, pos, eps = ADAPTER_MODES[case]
+    gen = torch.Generator().manual_seed(SEED)
+    reference = BlockAdapters(16, IVTConfig(d2=8, d3=4, dropout=0.0)).double()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.2)
+    draw_running_statistics(reference)
+    fused = copy.deepcopy(reference)
+    for m in fused.modules():
+        m.__class__ = FAST.get(type(m), type(m))
+    fused.fused = True
+    inputs = [torch.randn(2, 15, 16, generator=gen, dtype=torch.float64) for _ in range(3)]
+    r = torch.randn(2, 15, 16, generator=gen, dtype=torch.float64)
+    monkeypatch.setenv("IVT_KERNELS", "triton")
+    results = []
+    for model in (reference, fused):
+        model.ha1.train(ha1_mode == "train")
+        model.ha2.train(ha2_mode == "train")
+        for ha in (model.ha1, model.ha2):
+            if bn_mode is None:
+                ha.ho.bn.momentum = None
+            else:
+                ha.ho.bn.train(bn_mode == "train")
+            if eps is not None:
+                ha.sft.norm.eps, ha.ho.bn.eps = eps
+        xs = [t.clone().requires_grad_(grad) for t in inputs]           # z_in, z_out, prompt
+        ha, ipa = (model.ha1, model.ipa1) if pos == 0 else (model.ha2, model.ipa2)
+        with torch.set_grad_enabled(grad):
+            out, _ = model(pos, *xs, (3, 5))                            # 3 x 5 tokens
+        grads = (torch.autograd.grad((out * r).sum(), xs[1:] + list(ha.parameters())
+                                     + list(ipa.parameters())) if grad else [])
+        results.append((out, grads, [b.clone() for b in model.buffers()]))
+    (o1, g1, b1), (o2, g2, b2) = results
+    torch.testing.assert_close(o2, o1, rtol=1e-6, atol=1e-6 * o1.abs().max().item())
+    scale = max([g.abs().max().item() for g in g1], default=0.0)   # pw1's bias: 0 + rounding
+    for a, e in zip(g2, g1):
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6 * scale)
+    for a, e in zip(b2, b1):
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+
+
 def test_low_rank_extra_gelu_in_the_promoted_dtype_under_autocast():
     """`LowRankExtra.dense` under bfloat16 autocast, as the reference IPA's SFT' makes its
     output: the matmul in bfloat16 (autocast's, as a Linear's), the GELU in float32 (the
